@@ -1,0 +1,463 @@
+"""Load and validate the one TOML config file into typed objects.
+
+Every error names the file, the dotted key and what is wrong, in one line, and
+the daemon does not start (or, on SIGHUP, keeps its old config).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from broker.backend import MountSpec, PluginConfigError, RoleSpec, load_plugin
+from broker.durations import parse_duration
+from broker.templating import template_names
+
+__all__ = [
+    "AuditConfig",
+    "Config",
+    "ConfigError",
+    "LeaseConfig",
+    "ServerConfig",
+    "StorageConfig",
+    "dev_config_path",
+    "is_loopback",
+    "load_config",
+    "parse_listen",
+]
+
+CAPABILITIES = frozenset({"create", "read", "update", "delete", "list", "sudo", "deny"})
+_ROLE_COMMON = {
+    "creation_statements",
+    "renew_statements",
+    "revocation_statements",
+    "rollback_statements",
+    "username_template",
+    "default_ttl",
+    "max_ttl",
+}
+_STATEMENT_VARS = {"name", "password", "expiration", "database", "username"}
+
+
+class ConfigError(Exception):
+    """``FILE: KEY: what is wrong`` - one line."""
+
+    def __init__(self, source: str, key: str, message: str) -> None:
+        super().__init__(f"{source}: {key}: {message}" if key else f"{source}: {message}")
+        self.source = source
+        self.key = key
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8200
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    #: request bodies larger than this answer 413.
+    max_request_size: int = 1024 * 1024
+    #: on SIGTERM, how long in-flight issues and revocations may take.
+    shutdown_grace: int = 30
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert_file and self.tls_key_file)
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    url: str = "sqlite:///var/lib/broker/broker.db"
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    path: str = "/var/log/broker/audit.jsonl"
+    hmac_key_file: str = "/etc/broker/audit.key"
+    #: fsync every line (slower; survives power loss, not only a crash).
+    fsync: bool = False
+
+
+@dataclass(frozen=True)
+class LeaseConfig:
+    """``[leases]``: engine-wide limits and the revocation retry policy."""
+
+    #: used when a role sets no default_ttl / max_ttl.
+    default_ttl: int = 3600
+    max_ttl: int = 86400
+    #: failed revocations retry with jittered exponential backoff, then go irrevocable.
+    revoke_max_attempts: int = 6
+    revoke_backoff_base: float = 1.0
+    revoke_backoff_max: float = 300.0
+    #: how often irrevocable leases get one more try.
+    irrevocable_retry_interval: int = 3600
+    #: dead leases stay as tombstones this long, so reuse is recognised.
+    tombstone_retention: int = 7 * 86400
+    #: a pending row older than this is an interrupted issue: rolled back.
+    pending_timeout: int = 120
+    #: how long a sweeper's claim on a lease lasts before another may take it.
+    claim_timeout: int = 60
+    sweeper_batch: int = 500
+    revoke_workers: int = 16
+    #: at most this many concurrent revocations against one mount (fairness).
+    per_mount_workers: int = 8
+    #: a backend call taking longer than this fails (and is retried).
+    backend_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class Config:
+    source: str
+    server: ServerConfig
+    storage: StorageConfig
+    audit: AuditConfig
+    leases: LeaseConfig
+    mounts: Mapping[str, MountSpec]
+    #: policy name -> path pattern -> capabilities.
+    policies: Mapping[str, Mapping[str, tuple[str, ...]]]
+    #: ``[auth.*]`` sections, validated by the auth methods that use them.
+    auth: Mapping[str, Any] = field(default_factory=dict)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``"127.0.0.1:8200"`` / ``"[::1]:8200"`` -> (host, port); ValueError if malformed."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    host = host.strip("[]")
+    if not 0 < int(port) < 65536:
+        raise ValueError(f"port out of range in {value!r}")
+    return host, int(port)
+
+
+def dev_config_path() -> Path:
+    """The embedded ``config/dev.toml``: from the wheel's data, else the source tree."""
+    packaged = resources.files("broker").joinpath("data/dev.toml")
+    if packaged.is_file():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parent.parent / "config" / "dev.toml"
+
+
+class _Reader:
+    """Pulls typed values out of one TOML table, naming the dotted key on error."""
+
+    def __init__(self, source: str, prefix: str, table: Mapping[str, Any]) -> None:
+        self.source, self.prefix, self.table = source, prefix, table
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def error(self, name: str, message: str) -> ConfigError:
+        return ConfigError(self.source, self.key(name), message)
+
+    def get(self, name: str, typ: type | tuple[type, ...], default: Any = None) -> Any:
+        self.used.add(name)
+        if name not in self.table:
+            return default
+        value = self.table[name]
+        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+            want = typ.__name__ if isinstance(typ, type) else " or ".join(t.__name__ for t in typ)
+            raise self.error(name, f"expected {want}, got {type(value).__name__} {value!r}")
+        return value
+
+    def duration(self, name: str, default: int) -> int:
+        value = self.get(name, (str, int), None)
+        if value is None:
+            return default
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            raise self.error(name, str(exc)) from None
+
+    def strings(self, name: str) -> tuple[str, ...]:
+        value = self.get(name, (list, str), [])
+        items = [value] if isinstance(value, str) else value
+        if not all(isinstance(v, str) for v in items):
+            raise self.error(name, "expected a list of strings")
+        return tuple(items)
+
+    def reject_unknown(self, allowed: set[str] | None = None) -> None:
+        known = self.used if allowed is None else allowed
+        for name in self.table:
+            if name not in known:
+                raise self.error(name, "unknown key")
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate ``path``; raise ConfigError naming file, key and problem."""
+    source = str(path)
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(source, "", "file not found") from None
+    except PermissionError:
+        raise ConfigError(source, "", "permission denied reading the file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, "", f"invalid TOML: {exc}") from None
+    base = Path(source).resolve().parent
+    return _build(source, raw, base)
+
+
+def _path(base: Path, value: str) -> str:
+    # Relative paths in a config file are relative to the file, not the cwd.
+    expanded = os.path.expandvars(os.path.expanduser(value))
+    return str((base / expanded) if not os.path.isabs(expanded) else Path(expanded))
+
+
+def _build(source: str, raw: Mapping[str, Any], base: Path) -> Config:
+    top = _Reader(source, "", raw)
+    for name in raw:
+        if name not in {"server", "storage", "audit", "leases", "mounts", "policies", "auth"}:
+            raise top.error(name, "unknown section")
+    server = _server(_Reader(source, "server", _table(top, "server")), base)
+    storage = _storage(_Reader(source, "storage", _table(top, "storage")), base)
+    audit = _audit(_Reader(source, "audit", _table(top, "audit")), base)
+    leases = _leases(_Reader(source, "leases", _table(top, "leases")))
+    mounts = {
+        name: _mount(source, name, table, leases, base)
+        for name, table in _table(top, "mounts").items()
+    }
+    policies = _policies(source, _table(top, "policies"))
+    auth = _table(top, "auth")
+    return Config(source, server, storage, audit, leases, mounts, policies, auth)
+
+
+def _table(reader: _Reader, name: str) -> dict[str, Any]:
+    value: dict[str, Any] = reader.get(name, dict, {})
+    return value
+
+
+def _server(r: _Reader, base: Path) -> ServerConfig:
+    listen = r.get("listen", str, "127.0.0.1:8200")
+    try:
+        host, port = parse_listen(listen)
+    except ValueError as exc:
+        raise r.error("listen", str(exc)) from None
+    cert = r.get("tls_cert_file", str)
+    key = r.get("tls_key_file", str)
+    if bool(cert) != bool(key):
+        raise r.error("tls_key_file" if cert else "tls_cert_file", "set both TLS files or neither")
+    for name, value in (("tls_cert_file", cert), ("tls_key_file", key)):
+        if value and not os.path.isfile(_path(base, value)):
+            raise r.error(name, f"file not found: {_path(base, value)}")
+    if not cert and not is_loopback(host):
+        raise r.error(
+            "listen",
+            f"{listen} is not a loopback address: set tls_cert_file and tls_key_file "
+            "(plain HTTP is only allowed on 127.0.0.1/::1)",
+        )
+    size = r.get("max_request_size", int, 1024 * 1024)
+    grace = r.duration("shutdown_grace", 30)
+    r.reject_unknown()
+    return ServerConfig(
+        host=host,
+        port=port,
+        tls_cert_file=_path(base, cert) if cert else None,
+        tls_key_file=_path(base, key) if key else None,
+        max_request_size=size,
+        shutdown_grace=grace,
+    )
+
+
+def _storage(r: _Reader, base: Path) -> StorageConfig:
+    url = r.get("url", str, "sqlite:////var/lib/broker/broker.db")
+    if url.startswith("sqlite:///"):
+        # sqlite:///relative.db is relative to the config file; sqlite:////abs is absolute.
+        path = url[len("sqlite:///") :]
+        if path != ":memory:":
+            url = "sqlite:///" + _path(base, path)
+    elif not url.startswith(("postgresql://", "postgres://")):
+        raise r.error("url", f"expected sqlite:///PATH or postgresql://..., got {url!r}")
+    r.reject_unknown()
+    return StorageConfig(url=url)
+
+
+def _audit(r: _Reader, base: Path) -> AuditConfig:
+    path = r.get("path", str, "/var/log/broker/audit.jsonl")
+    key = r.get("hmac_key_file", str, "/etc/broker/audit.key")
+    fsync = r.get("fsync", bool, False)
+    r.reject_unknown()
+    return AuditConfig(path=_path(base, path), hmac_key_file=_path(base, key), fsync=fsync)
+
+
+def _leases(r: _Reader) -> LeaseConfig:
+    d = LeaseConfig()
+    cfg = LeaseConfig(
+        default_ttl=r.duration("default_ttl", d.default_ttl),
+        max_ttl=r.duration("max_ttl", d.max_ttl),
+        revoke_max_attempts=r.get("revoke_max_attempts", int, d.revoke_max_attempts),
+        revoke_backoff_base=float(r.duration("revoke_backoff_base", int(d.revoke_backoff_base))),
+        revoke_backoff_max=float(r.duration("revoke_backoff_max", int(d.revoke_backoff_max))),
+        irrevocable_retry_interval=r.duration(
+            "irrevocable_retry_interval", d.irrevocable_retry_interval
+        ),
+        tombstone_retention=r.duration("tombstone_retention", d.tombstone_retention),
+        pending_timeout=r.duration("pending_timeout", d.pending_timeout),
+        claim_timeout=r.duration("claim_timeout", d.claim_timeout),
+        sweeper_batch=r.get("sweeper_batch", int, d.sweeper_batch),
+        revoke_workers=r.get("revoke_workers", int, d.revoke_workers),
+        per_mount_workers=r.get("per_mount_workers", int, d.per_mount_workers),
+        backend_timeout=float(r.duration("backend_timeout", int(d.backend_timeout))),
+    )
+    r.reject_unknown()
+    if cfg.default_ttl > cfg.max_ttl:
+        raise r.error("default_ttl", "must not be longer than max_ttl")
+    for name in ("revoke_max_attempts", "sweeper_batch", "revoke_workers", "per_mount_workers"):
+        if getattr(cfg, name) < 1:
+            raise r.error(name, "must be at least 1")
+    if cfg.claim_timeout <= cfg.backend_timeout:
+        raise r.error("claim_timeout", "must be longer than backend_timeout")
+    return cfg
+
+
+def _secret(r: _Reader) -> str | None:
+    pfile = r.get("password_file", str)
+    penv = r.get("password_env", str)
+    if pfile and penv:
+        raise r.error("password_env", "set password_file or password_env, not both")
+    if "password" in r.table:
+        raise r.error(
+            "password",
+            "inline passwords are not allowed; use password_file or password_env",
+        )
+    if pfile:
+        try:
+            return Path(pfile).read_text().rstrip("\r\n")
+        except OSError as exc:
+            raise r.error("password_file", f"cannot read {pfile}: {exc.strerror}") from None
+    if penv:
+        value = os.environ.get(penv)
+        if value is None:
+            raise r.error("password_env", f"environment variable {penv} is not set")
+        return value
+    return None
+
+
+def _mount(
+    source: str, name: str, table: Any, leases: LeaseConfig, base: Path
+) -> MountSpec:
+    prefix = f"mounts.{name}"
+    if not isinstance(table, dict):
+        raise ConfigError(source, prefix, "expected a table")
+    if not name or "/" in name or name in {"sys", "auth"}:
+        raise ConfigError(source, prefix, "mount names must be one path segment, not sys/auth")
+    r = _Reader(source, prefix, table)
+    plugin = r.get("plugin", str)
+    if not plugin:
+        raise r.error("plugin", "missing (e.g. plugin = \"postgres\")")
+    try:
+        factory = load_plugin(plugin)
+    except KeyError as exc:
+        raise r.error("plugin", str(exc.args[0])) from None
+    secret = _secret(r)
+    url = r.get("connection_url", str)
+    if url and urlsplit(url).password:
+        raise r.error(
+            "connection_url",
+            "must not contain a password; use password_file or password_env",
+        )
+    roles_raw = r.get("roles", dict, {})
+    options = {k: v for k, v in table.items() if k not in {"plugin", "roles", "password_file",
+                                                         "password_env"}}
+    roles = {
+        role: _role(source, f"{prefix}.roles.{role}", role, rtable, leases)
+        for role, rtable in roles_raw.items()
+    }
+    mount = MountSpec(name=name, plugin=plugin, roles=roles, secret=secret, options=options,
+                      source=source)
+    try:
+        for role_spec in roles.values():
+            factory.validate_role(role_spec)
+        factory.from_config(mount)
+    except PluginConfigError as exc:
+        raise ConfigError(source, f"{prefix}.{exc.key}", exc.message) from None
+    return mount
+
+
+def _role(source: str, prefix: str, name: str, table: Any, leases: LeaseConfig) -> RoleSpec:
+    if not isinstance(table, dict):
+        raise ConfigError(source, prefix, "expected a table")
+    if "/" in name or not name:
+        raise ConfigError(source, prefix, "role names must be one path segment")
+    r = _Reader(source, prefix, table)
+    default_ttl = r.duration("default_ttl", leases.default_ttl)
+    max_ttl = r.duration("max_ttl", max(leases.max_ttl, default_ttl))
+    if max_ttl > leases.max_ttl:
+        raise r.error("max_ttl", f"longer than the engine-wide [leases] max_ttl ({leases.max_ttl}s)")
+    if default_ttl > max_ttl:
+        raise r.error("default_ttl", f"longer than max_ttl ({max_ttl}s)")
+    statements = {}
+    for key in ("creation_statements", "renew_statements", "revocation_statements",
+                "rollback_statements"):
+        statements[key] = r.strings(key)
+        for stmt in statements[key]:
+            unknown = template_names(stmt) - _STATEMENT_VARS
+            if unknown:
+                raise r.error(key, f"unknown template variable(s): {', '.join(sorted(unknown))}")
+    template = r.get("username_template", str)
+    if template is not None:
+        unknown = template_names(template) - {"mount", "role", "display_name", "random",
+                                              "unix_time"}
+        if unknown:
+            raise r.error("username_template", f"unknown variable(s): {', '.join(sorted(unknown))}")
+    options = {k: v for k, v in table.items() if k not in _ROLE_COMMON}
+    return RoleSpec(
+        name=name,
+        default_ttl=default_ttl,
+        max_ttl=max_ttl,
+        creation_statements=statements["creation_statements"],
+        renew_statements=statements["renew_statements"],
+        revocation_statements=statements["revocation_statements"],
+        rollback_statements=statements["rollback_statements"],
+        username_template=template,
+        options=options,
+    )
+
+
+def _policies(source: str, table: Mapping[str, Any]) -> dict[str, dict[str, tuple[str, ...]]]:
+    policies: dict[str, dict[str, tuple[str, ...]]] = {}
+    for name, rules in table.items():
+        prefix = f"policies.{name}"
+        if name == "root":
+            raise ConfigError(source, prefix, "'root' is built in and cannot be redefined")
+        if not isinstance(rules, dict):
+            raise ConfigError(source, prefix, "expected a table of path = [capabilities]")
+        parsed: dict[str, tuple[str, ...]] = {}
+        for path, caps in rules.items():
+            key = f'{prefix}."{path}"'
+            if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
+                raise ConfigError(source, key, "expected a list of capabilities")
+            bad = [c for c in caps if c not in CAPABILITIES]
+            if bad:
+                raise ConfigError(
+                    source, key,
+                    f"unknown capability {bad[0]!r}; use {', '.join(sorted(CAPABILITIES))}",
+                )
+            if "*" in path[:-1]:
+                raise ConfigError(source, key, "'*' is only allowed at the end of a path")
+            parsed[path.lstrip("/")] = tuple(caps)
+        policies[name] = parsed
+    return policies

@@ -1,0 +1,49 @@
+"""Durations as users write them: ``"90s"``, ``"15m"``, ``"1h"``, ``"7d"``, or a number of seconds."""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["format_duration", "parse_duration"]
+
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+
+
+def parse_duration(value: str | int | float) -> int:
+    """Return whole seconds for ``value``; raise ValueError with a one-line reason.
+
+    Accepts an int (seconds), a digit string (seconds, as Vault does for ``ttl``)
+    or unit strings that may be combined (``"1h30m"``).
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration like '90s', '15m', '1h', got {value!r}")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError(f"duration must not be negative, got {value!r}")
+        return int(value)
+    text = str(value).strip().lower()
+    if text.isdigit():
+        return int(text)
+    pos = 0
+    total = 0.0
+    for match in _PART.finditer(text):
+        if match.start() != pos:
+            break
+        total += float(match.group(1)) * _UNITS[match.group(2)]
+        pos = match.end()
+    if not text or pos != len(text):
+        raise ValueError(f"expected a duration like '90s', '15m', '1h' or '7d', got {value!r}")
+    return int(total)
+
+
+def format_duration(seconds: int) -> str:
+    """Render seconds compactly (``3600`` -> ``"1h"``, ``5400`` -> ``"1h30m"``)."""
+    if seconds <= 0:
+        return "0s"
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        count, seconds = divmod(seconds, size)
+        if count:
+            parts.append(f"{count}{unit}")
+    return "".join(parts)

@@ -1,0 +1,48 @@
+"""Errors that map onto HTTP statuses; every message is one line a user can act on."""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendUnavailable",
+    "BadRequest",
+    "BrokerError",
+    "Conflict",
+    "NotFound",
+    "PermissionDenied",
+    "ReuseAttempt",
+    "ServiceUnavailable",
+]
+
+
+class BrokerError(Exception):
+    """Base class: ``status`` is the HTTP status the API answers with."""
+
+    status = 500
+
+
+class BadRequest(BrokerError):
+    status = 400
+
+
+class PermissionDenied(BrokerError):
+    status = 403
+
+
+class NotFound(BrokerError):
+    status = 404
+
+
+class Conflict(BrokerError):
+    status = 409
+
+
+class ServiceUnavailable(BrokerError):
+    status = 503
+
+
+class BackendUnavailable(ServiceUnavailable):
+    """The mount's backend cannot be reached; issuing answers 503 until it is back."""
+
+
+class ReuseAttempt(BadRequest):
+    """A dead lease (expired or revoked) or dead token was presented again."""

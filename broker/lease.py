@@ -1,0 +1,166 @@
+"""The lease and token records, their states, and Vault's TTL math.
+
+Times are float UNIX seconds (UTC) everywhere inside the broker; the API turns
+them into RFC 3339 strings at the edge.
+"""
+
+from __future__ import annotations
+
+import secrets
+import string
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from broker.errors import BadRequest
+
+__all__ = [
+    "DEAD_STATES",
+    "Lease",
+    "LeaseFilter",
+    "LeaseState",
+    "Token",
+    "TokenState",
+    "new_lease_id",
+    "renew_expiry",
+    "issue_ttl",
+]
+
+
+class LeaseState(StrEnum):
+    #: intent written, backend not yet confirmed; rolled back if it goes stale.
+    PENDING = "pending"
+    #: the credential exists and is tracked for expiry.
+    ACTIVE = "active"
+    #: queued or being revoked (expiry, revoke, prefix, token cascade); retried on failure.
+    REVOKING = "revoking"
+    #: tombstone: revoked before its expiry.
+    REVOKED = "revoked"
+    #: tombstone: revoked because it expired.
+    EXPIRED = "expired"
+    #: revocation failed too often; listed, counted, retried rarely, can be forced.
+    IRREVOCABLE = "irrevocable"
+
+
+#: States in which a lease is dead: any later use is a reuse attempt.
+DEAD_STATES = frozenset({LeaseState.REVOKED, LeaseState.EXPIRED})
+
+
+class TokenState(StrEnum):
+    ACTIVE = "active"
+    REVOKED = "revoked"
+    EXPIRED = "expired"
+
+
+@dataclass
+class Lease:
+    id: str
+    mount: str
+    role: str
+    #: accessor of the token that created the lease.
+    owner: str
+    issue_time: float
+    expire_time: float
+    #: issue_time + max_ttl: renewals cannot pass it.
+    max_expire_time: float
+    renewable: bool = True
+    state: LeaseState = LeaseState.PENDING
+    last_renewal: float | None = None
+    revoke_attempts: int = 0
+    #: why it is (being) revoked: "expire", "revoke", "prefix", "token", "force", "rollback".
+    revoke_reason: str | None = None
+    #: when it died (tombstones) - purge uses it.
+    ended_at: float | None = None
+    #: what the backend needs to revoke it (username, access key id); never a password.
+    revocation: dict[str, Any] = field(default_factory=dict)
+    #: free metadata, e.g. the CI run id copied from the token.
+    metadata: dict[str, str] = field(default_factory=dict)
+    #: last revocation error (redacted), for operators.
+    last_error: str | None = None
+
+    @property
+    def username(self) -> str:
+        return str(self.revocation.get("username", ""))
+
+    def ttl(self, now: float) -> int:
+        return max(0, int(self.expire_time - now))
+
+
+@dataclass(frozen=True)
+class LeaseFilter:
+    """Which leases an operation applies to; all given parts must match."""
+
+    #: lease id prefix: "" (everything), "pg/", "pg/creds/readonly/".
+    prefix: str = ""
+    #: token accessors that own the leases.
+    owners: tuple[str, ...] = ()
+    #: exact metadata matches, e.g. {"run_id": "1234"}.
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Token:
+    accessor: str
+    #: sha256 of the token; the token itself is never stored.
+    token_hash: str
+    policies: list[str]
+    created: float
+    #: None: never expires (root tokens).
+    expire_time: float | None
+    display_name: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+    #: accessor of the parent token; revoking a parent revokes its children.
+    parent: str | None = None
+    state: TokenState = TokenState.ACTIVE
+    #: renewals cannot pass this (None: no cap).
+    max_expire_time: float | None = None
+    renewable: bool = True
+    ended_at: float | None = None
+
+    @property
+    def is_root(self) -> bool:
+        return "root" in self.policies
+
+
+_ID_ALPHABET = string.ascii_letters + string.digits
+
+
+def new_lease_id(mount: str, role: str) -> str:
+    """``{mount}/creds/{role}/{random}``, as Vault shapes them."""
+    rand = "".join(secrets.choice(_ID_ALPHABET) for _ in range(24))
+    return f"{mount}/creds/{role}/{rand}"
+
+
+def issue_ttl(requested: int | None, default_ttl: int, max_ttl: int) -> int:
+    """TTL of a new lease: the request, else the role default, capped at max_ttl.
+
+    Vault caps an over-long request on issue (it warns); only renewals past
+    the cap are refused.
+    """
+    if requested is not None and requested < 0:
+        raise BadRequest("ttl must not be negative")
+    ttl = requested if requested else default_ttl
+    return min(ttl, max_ttl)
+
+
+def renew_expiry(
+    lease: Lease, increment: int | None, default_ttl: int, now: float
+) -> float:
+    """New expiry for a renewal: increment counts from now, capped at max expiry.
+
+    Renewing past ``issue_time + max_ttl`` is an error, not a silent cap: the
+    caller must know its credential will die sooner than it asked.
+    """
+    if increment is not None and increment < 0:
+        raise BadRequest("increment must not be negative")
+    if not lease.renewable:
+        raise BadRequest(f"lease {lease.id} is not renewable")
+    wanted = now + (increment if increment else default_ttl)
+    if wanted > lease.max_expire_time + 0.5:  # half a second of clock slack
+        remaining = max(0, int(lease.max_expire_time - now))
+        raise BadRequest(
+            f"increment would extend lease {lease.id} past its max TTL; "
+            f"it can live {remaining}s more at most (ask for increment <= {remaining})"
+        )
+    return min(wanted, lease.max_expire_time)

@@ -1,0 +1,150 @@
+"""The LeaseStore protocol: the one durable source of truth for leases and tokens.
+
+Design points every implementation keeps:
+
+- Each lease row has a ``due_at`` column: for an active lease its expiry, for a
+  lease being revoked the time of its next attempt, or the end of its claim
+  while a sweeper holds it. Dead, pending and irrevocable leases have none.
+  One index on ``due_at`` makes "what is due next" cheap, and a claim is just
+  moving ``due_at`` forward: a replica that dies mid-revocation leaves the row
+  due again when its claim runs out, for another to pick up.
+- Nothing loads all leases: every query is bounded by a ``limit`` or answered
+  by an index. Start-up cost must not grow with the number of leases.
+- A write returns only once it is durable (committed, fsync'd per the store's
+  durability setting): a credential never leaves before its lease row is safe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from broker.lease import Lease, LeaseFilter, LeaseState, Token
+
+__all__ = ["LeaseStore"]
+
+
+class LeaseStore(Protocol):
+    # -- lifecycle -------------------------------------------------------
+    async def open(self) -> None:
+        """Connect, create or migrate the schema (versioned), enable WAL etc."""
+
+    async def close(self) -> None: ...
+
+    # -- leases: issue path ---------------------------------------------
+    async def insert_pending(self, lease: Lease) -> None:
+        """Durably write a ``pending`` row (before the backend is asked)."""
+
+    async def activate(
+        self,
+        lease_id: str,
+        *,
+        revocation: dict[str, Any],
+        expire_time: float,
+        renewable: bool,
+    ) -> None:
+        """pending -> active; ``due_at`` = expire_time."""
+
+    async def delete(self, lease_id: str) -> None:
+        """Remove a row entirely (a rolled-back pending lease, after the backend confirmed)."""
+
+    # -- leases: reads ----------------------------------------------------
+    async def get(self, lease_id: str) -> Lease | None: ...
+
+    async def list_ids(
+        self,
+        flt: LeaseFilter,
+        *,
+        states: Sequence[LeaseState] = (),
+        limit: int = 1000,
+        after: str = "",
+    ) -> list[str]:
+        """Lease ids matching ``flt`` (and ``states`` when given), sorted, > ``after``."""
+
+    async def list_leases(
+        self,
+        flt: LeaseFilter,
+        *,
+        states: Sequence[LeaseState] = (),
+        limit: int = 1000,
+        after: str = "",
+    ) -> list[Lease]:
+        """Like list_ids but whole rows (for irrevocable listings, CLI tables)."""
+
+    async def count_by_state(self) -> dict[str, int]: ...
+
+    async def count_matching(
+        self, flt: LeaseFilter, *, states: Sequence[LeaseState] = ()
+    ) -> int: ...
+
+    # -- leases: renew --------------------------------------------------
+    async def renew(self, lease_id: str, *, expire_time: float, now: float) -> bool:
+        """Set a new expiry on an ACTIVE lease (and due_at); False if it is not active."""
+
+    # -- leases: revocation ----------------------------------------------
+    async def queue_revoke(
+        self, lease_id: str, *, reason: str, now: float
+    ) -> Lease | None:
+        """active/irrevocable -> revoking, due now, unclaimed. Returns the row as
+        updated, or None when the lease is not in a revocable state."""
+
+    async def queue_revoke_matching(
+        self, flt: LeaseFilter, *, reason: str, now: float
+    ) -> int:
+        """The same for every active/irrevocable lease matching ``flt``, in one
+        statement (fast for 100k rows). Returns how many were queued."""
+
+    async def next_due(self) -> float | None:
+        """The smallest ``due_at``, or None when nothing is due ever."""
+
+    async def claim_due(
+        self, *, now: float, limit: int, claimer: str, claim_timeout: float
+    ) -> list[Lease]:
+        """Atomically claim up to ``limit`` rows with ``due_at <= now``, oldest first:
+        active ones become ``revoking`` with reason "expire"; every claimed row
+        gets ``due_at = now + claim_timeout`` so no one else takes it meanwhile.
+        Two concurrent callers never get the same row."""
+
+    async def finish_revoke(self, lease_id: str, *, state: LeaseState, now: float) -> None:
+        """revoking -> revoked/expired tombstone; ``ended_at`` = now, ``due_at`` = NULL."""
+
+    async def fail_revoke(
+        self,
+        lease_id: str,
+        *,
+        error: str,
+        next_attempt: float | None,
+        now: float,
+    ) -> int:
+        """Record a failed attempt (attempts += 1, last_error). ``next_attempt`` set:
+        stays revoking, due then. None: becomes irrevocable. Returns attempts."""
+
+    async def requeue_irrevocable(self, *, now: float, limit: int) -> int:
+        """irrevocable -> revoking due now (one more try each)."""
+
+    async def stale_pending(self, *, before: float, limit: int) -> list[Lease]:
+        """Pending rows issued before ``before``: interrupted issues to roll back."""
+
+    async def purge_tombstones(self, *, before: float, limit: int) -> int:
+        """Delete revoked/expired rows that ended before ``before``."""
+
+    # -- tokens ----------------------------------------------------------
+    async def insert_token(self, token: Token) -> None: ...
+
+    async def token_by_hash(self, token_hash: str) -> Token | None: ...
+
+    async def token_by_accessor(self, accessor: str) -> Token | None: ...
+
+    async def child_tokens(self, accessor: str) -> list[str]:
+        """Accessors of active tokens whose parent is ``accessor``."""
+
+    async def end_token(self, accessor: str, *, state: str, now: float) -> bool:
+        """active -> revoked/expired; False if it was not active."""
+
+    async def renew_token(self, accessor: str, *, expire_time: float) -> bool: ...
+
+    async def expired_tokens(self, *, now: float, limit: int) -> list[str]:
+        """Accessors of active tokens whose expire_time has passed."""
+
+    async def delete_tokens_by_display_name(self, display_name: str) -> int:
+        """Dev mode: forget earlier dev root tokens."""

@@ -1,0 +1,107 @@
+"""Statement and username templates: ``{{name}}``, ``{{password}}``, ``{{expiration}}``, ...
+
+Only values the broker itself generates reach a template (usernames from a
+restricted alphabet, alphanumeric passwords, ISO timestamps), and plugins quote
+identifiers and literals on top: nothing a client sends reaches SQL unquoted.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import string
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+
+__all__ = [
+    "DEFAULT_USERNAME_TEMPLATE",
+    "format_expiration",
+    "generate_password",
+    "render",
+    "render_username",
+    "template_names",
+]
+
+#: In the spirit of Vault's ``v-{role}-{random}-{unix}``.
+DEFAULT_USERNAME_TEMPLATE = "v-{{mount}}-{{role}}-{{random 10}}-{{unix_time}}"
+
+_PLACEHOLDER = re.compile(r"\{\{\s*([a-z_]+)(?:\s+(\d+))?\s*\}\}")
+_ALNUM = string.ascii_letters + string.digits
+_LOWER_ALNUM = string.ascii_lowercase + string.digits
+# What may survive in a username: safe inside quoted identifiers of every backend.
+_USERNAME_UNSAFE = re.compile(r"[^a-z0-9_-]")
+
+
+def template_names(template: str) -> set[str]:
+    """The placeholder names used in ``template`` (for config validation)."""
+    return {m.group(1) for m in _PLACEHOLDER.finditer(template)}
+
+
+def render(template: str, values: Mapping[str, str]) -> str:
+    """Replace every ``{{key}}`` with ``values[key]``; an unknown key is a ValueError."""
+
+    def sub(match: re.Match[str]) -> str:
+        key = match.group(1)
+        if key not in values:
+            raise ValueError(f"unknown template variable {{{{{key}}}}}")
+        return values[key]
+
+    return _PLACEHOLDER.sub(sub, template)
+
+
+def render_username(
+    template: str | None,
+    *,
+    mount: str,
+    role: str,
+    display_name: str = "",
+    max_length: int = 63,
+    now: float | None = None,
+) -> str:
+    """Build a fresh username: lowercase, ``[a-z0-9_-]`` only, at most ``max_length``.
+
+    When the template renders longer than the backend allows, the fixed parts
+    are cut but the random part is kept whole, so names stay unique.
+    """
+    unix = str(int(now if now is not None else time.time()))
+    randoms: list[str] = []
+
+    def sub(match: re.Match[str]) -> str:
+        key, arg = match.group(1), match.group(2)
+        if key == "random":
+            part = "".join(secrets.choice(_LOWER_ALNUM) for _ in range(int(arg or 8)))
+            randoms.append(part)
+            return part
+        fixed = {"mount": mount, "role": role, "display_name": display_name, "unix_time": unix}
+        if key not in fixed:
+            raise ValueError(f"unknown username template variable {{{{{key}}}}}")
+        return _USERNAME_UNSAFE.sub("-", fixed[key].lower())[: int(arg) if arg else None]
+
+    name = _PLACEHOLDER.sub(sub, template or DEFAULT_USERNAME_TEMPLATE)
+    name = _USERNAME_UNSAFE.sub("-", name.lower())
+    if len(name) > max_length:
+        # Keep the random part: shorten to "<head>-<random>" within the limit.
+        rand = randoms[0] if randoms else ""
+        head = name[: max(0, max_length - len(rand) - 1)]
+        name = f"{head}-{rand}" if rand else name[:max_length]
+        name = name[:max_length]
+    if not name or not name[0].isalpha():
+        name = ("v" + name)[:max_length]
+    return name
+
+
+def generate_password(length: int = 32) -> str:
+    """A random alphanumeric password (no quotes or backslashes to escape) from ``secrets``."""
+    # Guarantee each class once so server password policies are satisfied.
+    while True:
+        pw = "".join(secrets.choice(_ALNUM) for _ in range(length))
+        if any(c.islower() for c in pw) and any(c.isupper() for c in pw) and any(
+            c.isdigit() for c in pw
+        ):
+            return pw
+
+
+def format_expiration(when: datetime) -> str:
+    """UTC timestamp as PostgreSQL's VALID UNTIL and most SQL dialects read it."""
+    return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S+00:00")

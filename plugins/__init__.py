@@ -1,0 +1,1 @@
+"""The built-in backends, registered under the ``broker.plugins`` entry-point group."""
