@@ -1,0 +1,223 @@
+"""Request plumbing shared by the handlers: auth, policy checks, bodies, audit, errors.
+
+Every authenticated request writes a ``request`` audit line before anything
+happens and a response line (typed by what happened) before the answer
+leaves. If either cannot be written, the client gets 503: no audit, no action.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from broker.audit import event
+from broker.durations import parse_duration
+from broker.errors import BadRequest, BrokerError, PermissionDenied
+from broker.lease import Token
+from broker.state import BrokerState
+from broker.tokens import DeadToken
+
+__all__ = [
+    "STATE",
+    "Call",
+    "error_middleware",
+    "json_response",
+    "method_capability",
+]
+
+log = logging.getLogger(__name__)
+
+STATE = web.AppKey("broker_state", BrokerState)
+CALL = "broker_call"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_response(body: Mapping[str, Any] | None, status: int = 200) -> web.Response:
+    if body is None:
+        return web.Response(status=204)
+    return web.json_response(body, status=status, dumps=lambda o: json.dumps(o, default=str))
+
+
+def error_response(status: int, *messages: str) -> web.Response:
+    return web.json_response({"errors": list(messages)}, status=status)
+
+
+def method_capability(method: str) -> str:
+    """Vault's mapping of HTTP methods to policy capabilities."""
+    return {
+        "GET": "read",
+        "HEAD": "read",
+        "LIST": "list",
+        "DELETE": "delete",
+        "POST": "update",
+        "PUT": "update",
+    }.get(method, "update")
+
+
+@dataclass
+class Call:
+    """One API call: who, what, and the audit trail it leaves."""
+
+    request: web.Request
+    state: BrokerState
+    request_id: str
+    path: str
+    token: Token | None = None
+    body: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def operation(self) -> str:
+        return method_capability(self.request.method)
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What templated policy paths may refer to (``{{identity.metadata.KEY}}``)."""
+        if self.token is None:
+            return {}
+        return {
+            "metadata": self.token.metadata,
+            "display_name": self.token.display_name,
+            "entity": {"name": self.token.display_name},
+        }
+
+    def auth_block(self) -> dict[str, Any] | None:
+        if self.token is None:
+            return None
+        return {
+            "accessor": self.token.accessor,
+            "display_name": self.token.display_name or None,
+            "policies": self.token.policies,
+            "metadata": self.token.metadata or None,
+        }
+
+    def request_block(self) -> dict[str, Any]:
+        return {
+            "id": self.request_id,
+            "path": self.path,
+            "method": self.request.method,
+            "operation": self.operation,
+            "remote_addr": self.request.remote,
+        }
+
+    async def audit(self, type_: str, *, outcome: str = "ok", **fields: Any) -> None:
+        await self.state.audit.write(event(
+            type_, outcome=outcome, auth=self.auth_block(), request=self.request_block(),
+            **fields))
+
+    # -- authentication & authorisation -------------------------------------------
+    async def authenticate(self) -> Token:
+        """Resolve the caller's token; audit and refuse a missing, unknown or dead one."""
+        raw = self.request.headers.get("X-Vault-Token")
+        if not raw:
+            header = self.request.headers.get("Authorization", "")
+            if header.lower().startswith("bearer "):
+                raw = header[7:].strip()
+        await self.audit("request")
+        try:
+            self.token = await self.state.tokens.resolve(raw)
+        except DeadToken as exc:
+            await self.audit("reuse_attempt", outcome="denied", error=str(exc),
+                             token_accessor=exc.token.accessor, token_state=exc.token.state.value)
+            raise
+        except PermissionDenied as exc:
+            await self.audit("auth_failure", outcome="denied", error=str(exc))
+            raise
+        return self.token
+
+    def allowed(self, path: str, capability: str) -> bool:
+        assert self.token is not None
+        return self.state.policies.allows(self.token.policies, path, capability,
+                                          identity=self.identity)
+
+    async def require(self, path: str, *capabilities: str) -> None:
+        """Allow if any of ``capabilities`` is granted on ``path``; else audit and 403."""
+        if any(self.allowed(path, cap) for cap in capabilities):
+            return
+        await self.audit("policy_denied", outcome="denied", checked_path=path,
+                         capabilities=list(capabilities))
+        raise PermissionDenied(f"permission denied: {capabilities[0]} on {path}")
+
+    # -- input --------------------------------------------------------------------
+    async def read_body(self) -> dict[str, Any]:
+        """The JSON body (or query parameters for GET/LIST); 400 if it is not an object."""
+        data: dict[str, Any] = dict(self.request.query)
+        if self.request.body_exists and self.request.method not in {"GET", "HEAD"}:
+            raw = await self.request.read()
+            if raw.strip():
+                try:
+                    parsed = json.loads(raw)
+                except (ValueError, UnicodeDecodeError):
+                    raise BadRequest("request body is not valid JSON") from None
+                if not isinstance(parsed, dict):
+                    raise BadRequest("request body must be a JSON object")
+                data.update(parsed)
+        self.body = data
+        return data
+
+    def duration(self, name: str) -> int | None:
+        value = self.body.get(name)
+        if value in (None, ""):
+            return None
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            raise BadRequest(f"{name}: {exc}") from None
+
+    def string(self, name: str, *, required: bool = False) -> str | None:
+        value = self.body.get(name)
+        if value is None or value == "":
+            if required:
+                raise BadRequest(f"missing required parameter {name!r}")
+            return None
+        if not isinstance(value, str):
+            raise BadRequest(f"{name} must be a string")
+        return value
+
+    def flag(self, name: str, default: bool = False) -> bool:
+        value = self.body.get(name, default)
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in {"true", "1", "yes"}:
+            return True
+        if isinstance(value, str) and value.lower() in {"false", "0", "no", ""}:
+            return False
+        raise BadRequest(f"{name} must be a boolean")
+
+
+def new_call(request: web.Request, path: str) -> Call:
+    call: Call = request[CALL]
+    call.path = path
+    return call
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn every failure into ``{"errors": [...]}`` with the right status."""
+    from broker.engine import new_request_id
+
+    state = request.app[STATE]
+    request[CALL] = Call(request=request, state=state, request_id=new_request_id(),
+                         path=request.path.removeprefix("/v1/"))
+    if not state.serving and request.path != "/v1/sys/health":
+        return error_response(503, "broker is shutting down")
+    try:
+        return await handler(request)
+    except BrokerError as exc:
+        return error_response(exc.status, str(exc))
+    except web.HTTPRequestEntityTooLarge:
+        return error_response(413, "request body too large "
+                              f"(limit {state.config.server.max_request_size} bytes)")
+    except web.HTTPException as exc:
+        if exc.status >= 400:
+            text = {404: "unsupported path", 405: f"method {request.method} not allowed here"}
+            return error_response(exc.status, text.get(exc.status, exc.reason))
+        raise
+    except Exception:
+        log.exception("internal error on %s %s", request.method, request.path)
+        return error_response(500, "internal error; see the broker log")

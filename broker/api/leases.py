@@ -1,0 +1,252 @@
+"""``/v1/sys/leases/*``: renew, revoke, lookup, list, revoke-prefix/force, and extensions."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+from broker.api.common import CALL, Call, json_response
+from broker.engine import lease_ref
+from broker.errors import BadRequest, PermissionDenied
+from broker.lease import Lease, LeaseFilter, LeaseState
+
+__all__ = ["routes", "rfc3339"]
+
+routes = web.RouteTableDef()
+
+LIVE_STATES = (LeaseState.ACTIVE, LeaseState.REVOKING, LeaseState.IRREVOCABLE)
+#: How long a revoke request waits for the first attempt before answering "queued".
+REVOKE_WAIT = 30.0
+#: How long ``sync=true`` on revoke-prefix waits at most.
+SYNC_WAIT = 600.0
+
+
+def rfc3339(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="microseconds").replace(
+        "+00:00", "Z")
+
+
+def _only(request: web.Request, *methods: str) -> None:
+    if request.method not in methods:
+        raise web.HTTPMethodNotAllowed(request.method, list(methods))
+
+
+async def _lease_for(call: Call, op: str) -> Lease:
+    """Load the lease named in the body and check the caller may ``op`` it.
+
+    The owner passes with the endpoint capability (granted by the built-in
+    default policy); anyone else needs the capability on
+    ``sys/leases/{op}/{lease_id}``.
+    """
+    await call.authenticate()
+    await call.read_body()
+    lease_id = call.string("lease_id") or call.request.match_info.get("lease_id", "")
+    if not lease_id:
+        raise BadRequest("missing required parameter 'lease_id'")
+    endpoint = f"sys/leases/{op}"
+    await call.require(endpoint, "update")
+    lease = await call.state.engine.get_live(lease_id, caller=call.token,  # type: ignore[arg-type]
+                                             op=op)
+    token = call.token
+    assert token is not None
+    if lease.owner != token.accessor and not call.allowed(f"{endpoint}/{lease.id}", "update"):
+        await call.audit("policy_denied", outcome="denied", lease=lease_ref(lease),
+                         checked_path=f"{endpoint}/{lease.id}", capabilities=["update"])
+        raise PermissionDenied(f"permission denied: lease {lease.id} belongs to another token")
+    return lease
+
+
+@routes.route("*", "/v1/sys/leases/renew")
+@routes.route("*", "/v1/sys/renew/{lease_id:.+}")
+async def renew(request: web.Request) -> web.Response:
+    _only(request, "PUT", "POST")
+    call: Call = request[CALL]
+    lease = await _lease_for(call, "renew")
+    increment = call.duration("increment")
+    try:
+        lease = await call.state.engine.renew(lease, increment)
+    except Exception as exc:
+        await call.audit("renew", outcome="error", lease=lease_ref(lease), error=str(exc))
+        raise
+    now = call.state.engine.clock()
+    await call.audit("renew", lease=lease_ref(lease), increment=increment,
+                     expire_time=rfc3339(lease.expire_time))
+    return json_response({
+        "request_id": call.request_id,
+        "lease_id": lease.id,
+        "renewable": lease.renewable,
+        "lease_duration": lease.ttl(now),
+        "data": None,
+        "warnings": None,
+    })
+
+
+@routes.route("*", "/v1/sys/leases/revoke")
+@routes.route("*", "/v1/sys/revoke/{lease_id:.+}")
+async def revoke(request: web.Request) -> web.Response:
+    _only(request, "PUT", "POST")
+    call: Call = request[CALL]
+    lease = await _lease_for(call, "revoke")
+    sync = call.flag("sync", True)
+    outcome = await call.state.engine.revoke(lease, wait=REVOKE_WAIT if sync else 0)
+    await call.audit("revoke_request", lease=lease_ref(lease),
+                     outcome="ok" if outcome.done else "queued", error=outcome.error)
+    if outcome.done:
+        return json_response(None)
+    # Not lost: it stays revoking and is retried with backoff until done or irrevocable.
+    return json_response({"request_id": call.request_id, "data": {"queued": 1},
+                          "warnings": [f"revocation queued: {outcome.error}"]}, status=202)
+
+
+@routes.route("*", "/v1/sys/leases/lookup")
+async def lookup(request: web.Request) -> web.Response:
+    _only(request, "PUT", "POST")
+    call: Call = request[CALL]
+    lease = await _lease_for(call, "lookup")
+    now = call.state.engine.clock()
+    await call.audit("lookup", lease=lease_ref(lease))
+    return json_response({
+        "request_id": call.request_id,
+        "data": {
+            "id": lease.id,
+            "issue_time": rfc3339(lease.issue_time),
+            "expire_time": rfc3339(lease.expire_time),
+            "last_renewal": rfc3339(lease.last_renewal),
+            "renewable": lease.renewable and lease.state is LeaseState.ACTIVE,
+            "ttl": lease.ttl(now),
+            # Extensions (Vault clients ignore unknown keys):
+            "state": lease.state.value,
+            "max_expire_time": rfc3339(lease.max_expire_time),
+            "metadata": lease.metadata,
+        },
+    })
+
+
+@routes.route("*", "/v1/sys/leases/lookup/{prefix:.*}")
+async def list_leases(request: web.Request) -> web.Response:
+    call: Call = request[CALL]
+    is_list = request.method == "LIST" or (
+        request.method == "GET" and request.query.get("list") in {"true", "1"})
+    if not is_list:
+        raise web.HTTPMethodNotAllowed(request.method, ["LIST", "GET"])
+    prefix = request.match_info["prefix"]
+    await call.authenticate()
+    await call.read_body()
+    await call.require(f"sys/leases/lookup/{prefix}", "list", "sudo")
+    limit = _int(call.body.get("limit"), 10000)
+    keys = await _list_level(call, prefix, limit)
+    await call.audit("list", prefix=prefix, count=len(keys))
+    if not keys:
+        raise web.HTTPNotFound()  # Vault answers 404 for an empty listing
+    return json_response({"request_id": call.request_id, "data": {"keys": keys}})
+
+
+async def _list_level(call: Call, prefix: str, limit: int) -> list[str]:
+    """Keys one level below ``prefix`` (``creds/``, ``readonly/``, random parts).
+
+    Skip-scans the id index: after seeing ``a/...`` it jumps past every id
+    under ``a/``, so listing a mount with 100k leases reads only a few rows.
+    """
+    store = call.state.store
+    flt = LeaseFilter(prefix=prefix)
+    keys: list[str] = []
+    after = ""
+    while len(keys) < limit:
+        ids = await store.list_ids(flt, states=LIVE_STATES, limit=256, after=after)
+        if not ids:
+            break
+        for lease_id in ids:
+            seg, slash, _ = lease_id[len(prefix):].partition("/")
+            if slash:
+                keys.append(seg + "/")
+                after = f"{prefix}{seg}/\U0010ffff"
+                break
+            keys.append(seg)
+            after = lease_id
+            if len(keys) >= limit:
+                break
+    return keys
+
+
+def _int(value: Any, default: int) -> int:
+    if value in (None, ""):
+        return default
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise BadRequest(f"expected a whole number, got {value!r}") from None
+    if number < 1:
+        raise BadRequest("limit must be at least 1")
+    return number
+
+
+async def _revoke_many(request: web.Request, *, force: bool) -> web.Response:
+    _only(request, "PUT", "POST")
+    call: Call = request[CALL]
+    prefix = request.match_info["prefix"]
+    op = "revoke-force" if force else "revoke-prefix"
+    await call.authenticate()
+    await call.read_body()
+    await call.require(f"sys/leases/{op}/{prefix}", "update", "sudo")
+    if not prefix and not call.flag("all", False):
+        raise BadRequest(f"an empty prefix would revoke every lease; pass all=true to {op} ''")
+    flt = LeaseFilter(prefix=prefix)
+    queued = await call.state.engine.revoke_matching(flt, force=force)
+    await call.audit("admin", action=op, prefix=prefix, queued=queued)
+    left = 0
+    if call.flag("sync", False):
+        left = await call.state.engine.wait_drained(flt, SYNC_WAIT)
+    return json_response({"request_id": call.request_id,
+                          "data": {"queued": queued, "still_revoking": left}})
+
+
+@routes.route("*", "/v1/sys/leases/revoke-prefix/{prefix:.*}")
+async def revoke_prefix(request: web.Request) -> web.Response:
+    return await _revoke_many(request, force=False)
+
+
+@routes.route("*", "/v1/sys/leases/revoke-force/{prefix:.*}")
+async def revoke_force(request: web.Request) -> web.Response:
+    return await _revoke_many(request, force=True)
+
+
+@routes.route("*", "/v1/sys/leases/irrevocable")
+async def irrevocable(request: web.Request) -> web.Response:
+    _only(request, "GET")
+    call: Call = request[CALL]
+    await call.authenticate()
+    await call.read_body()
+    await call.require("sys/leases/irrevocable", "read")
+    prefix = call.string("prefix") or ""
+    rows = await call.state.store.list_leases(
+        LeaseFilter(prefix=prefix), states=(LeaseState.IRREVOCABLE,),
+        limit=_int(call.body.get("limit"), 1000), after=call.string("after") or "")
+    await call.audit("list", prefix=prefix, state="irrevocable", count=len(rows))
+    return json_response({"request_id": call.request_id, "data": {"leases": [
+        {"lease_id": r.id, "mount": r.mount, "role": r.role, "owner": r.owner,
+         "revoke_attempts": r.revoke_attempts, "last_error": r.last_error,
+         "expire_time": rfc3339(r.expire_time), "username": r.username}
+        for r in rows]}})
+
+
+@routes.route("*", "/v1/sys/leases/stats")
+async def stats(request: web.Request) -> web.Response:
+    _only(request, "GET")
+    call: Call = request[CALL]
+    await call.authenticate()
+    await call.read_body()
+    await call.require("sys/leases/stats", "read")
+    prefix = call.string("prefix") or ""
+    store = call.state.store
+    counts: dict[str, int] = {}
+    if prefix:
+        for state in LeaseState:
+            counts[state.value] = await store.count_matching(LeaseFilter(prefix=prefix),
+                                                             states=(state,))
+    else:
+        counts = {s.value: 0 for s in LeaseState} | await store.count_by_state()
+    return json_response({"request_id": call.request_id, "data": counts})

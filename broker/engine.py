@@ -1,0 +1,480 @@
+"""The lease engine: issue, renew, look up and revoke, with the crash-safety protocol.
+
+Issue: pick username and password, durably write a ``pending`` row, ask the
+backend, then mark it ``active``. A crash between the two writes leaves a
+pending row that the stale-pending job rolls back (an idempotent delete in the
+backend), so no credential ever exists that the store does not know about.
+
+Revocation never happens inline in a request: every path (expiry, revoke,
+revoke-prefix, token cascade, force) moves leases to ``revoking`` in the
+store and the sweeper's workers carry it out. A request that wants to wait
+(``sync``) waits for the worker's outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import secrets
+import time
+import uuid
+from datetime import UTC, datetime
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from broker.audit import AuditLog, event
+from broker.backend import (
+    BackendError,
+    DeleteUserRequest,
+    NewUserRequest,
+    RenewUserRequest,
+    RoleSpec,
+    load_plugin,
+)
+from broker.config import Config, LeaseConfig
+from broker.errors import BackendUnavailable, BadRequest, NotFound, ReuseAttempt
+from broker.lease import (
+    DEAD_STATES,
+    Lease,
+    LeaseFilter,
+    LeaseState,
+    Token,
+    issue_ttl,
+    new_lease_id,
+    renew_expiry,
+)
+from broker.middleware import MountRuntime
+from broker.store.base import LeaseStore
+from broker.templating import generate_password, render_username
+
+__all__ = ["Issued", "LeaseEngine", "RevokeOutcome"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Issued:
+    lease: Lease
+    data: Mapping[str, Any]
+    warnings: list[str]
+
+
+@dataclass(frozen=True)
+class RevokeOutcome:
+    """What one revocation attempt did, for a waiting request."""
+
+    done: bool
+    error: str | None = None
+
+
+def lease_ref(lease: Lease) -> dict[str, Any]:
+    """The audit ``lease`` block: never the revocation data's secrets (it has none)."""
+    return {
+        "id": lease.id,
+        "mount": lease.mount,
+        "role": lease.role,
+        "owner": lease.owner,
+        "username": lease.username or None,
+        "metadata": lease.metadata or None,
+    }
+
+
+class LeaseEngine:
+    def __init__(
+        self,
+        store: LeaseStore,
+        audit: AuditLog,
+        config: Config,
+        *,
+        node_id: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.audit = audit
+        self.config = config
+        self.node_id = node_id or uuid.uuid4().hex[:12]
+        self.clock = clock
+        self.mounts: dict[str, MountRuntime] = {}
+        #: set by the sweeper: called when a lease becomes due earlier than expected.
+        self.wake: Callable[[float | None], None] = lambda at=None: None
+        self._waiters: dict[str, list[asyncio.Future[RevokeOutcome]]] = {}
+        self._inflight_issues = 0
+        self._issues_idle = asyncio.Event()
+        self._issues_idle.set()
+        self.accepting = True
+
+    @property
+    def leases_cfg(self) -> LeaseConfig:
+        return self.config.leases
+
+    # -- mounts --------------------------------------------------------------
+    def _build_mount(self, name: str, config: Config) -> MountRuntime:
+        spec = config.mounts[name]
+        backend = load_plugin(spec.plugin).from_config(spec)
+        return MountRuntime(spec=spec, backend=backend, timeout=config.leases.backend_timeout)
+
+    async def start_mounts(self) -> None:
+        """Build every mount and connect; an unreachable backend leaves its mount unhealthy."""
+        for name in self.config.mounts:
+            self.mounts[name] = self._build_mount(name, self.config)
+        await asyncio.gather(*(m.ensure_initialized() for m in self.mounts.values()))
+
+    async def check_mounts(self) -> None:
+        await asyncio.gather(*(m.check() for m in list(self.mounts.values())))
+
+    async def reload(self, config: Config) -> list[str]:
+        """Swap in a new config. Unchanged mounts keep their live backend; leases are untouched.
+
+        Returns what changed, for the log. Leases of a removed mount stay in the
+        store: their revocations fail (and are retried) until the mount comes
+        back or an operator forces them.
+        """
+        changes: list[str] = []
+        old = self.mounts
+        new: dict[str, MountRuntime] = {}
+        for name, spec in config.mounts.items():
+            current = old.get(name)
+            if current is not None and current.spec == spec:
+                new[name] = current
+                continue
+            new[name] = self._build_mount(name, config)
+            changes.append(f"mount {name} {'changed' if current else 'added'}")
+        await asyncio.gather(*(m.ensure_initialized() for n, m in new.items() if n not in old
+                               or old[n] is not m))
+        self.mounts, self.config = new, config
+        for name, runtime in old.items():
+            if new.get(name) is not runtime:
+                if name not in new:
+                    changes.append(f"mount {name} removed")
+                await runtime.close()
+        return changes
+
+    def mount(self, name: str) -> MountRuntime:
+        runtime = self.mounts.get(name)
+        if runtime is None:
+            raise NotFound(f"no mount named {name!r}")
+        return runtime
+
+    def role(self, mount: str, role: str) -> RoleSpec:
+        spec = self.mount(mount).spec.roles.get(role)
+        if spec is None:
+            raise NotFound(f"no role {role!r} on mount {mount!r}")
+        return spec
+
+    async def close(self) -> None:
+        await asyncio.gather(*(m.close() for m in self.mounts.values()))
+
+    # -- issue ---------------------------------------------------------------
+    async def issue(
+        self,
+        mount_name: str,
+        role_name: str,
+        *,
+        token: Token,
+        ttl: int | None = None,
+        request: Mapping[str, Any] | None = None,
+    ) -> Issued:
+        if not self.accepting:
+            raise BackendUnavailable("broker is shutting down")
+        runtime = self.mount(mount_name)
+        role = self.role(mount_name, role_name)
+        if not runtime.healthy and not await runtime.ensure_initialized():
+            raise BackendUnavailable(f"mount {mount_name!r} is unavailable: {runtime.error}")
+        self._inflight_issues += 1
+        self._issues_idle.clear()
+        try:
+            return await self._issue(runtime, role, token, ttl, request or {})
+        finally:
+            self._inflight_issues -= 1
+            if self._inflight_issues == 0:
+                self._issues_idle.set()
+
+    async def _issue(
+        self,
+        runtime: MountRuntime,
+        role: RoleSpec,
+        token: Token,
+        ttl: int | None,
+        request: Mapping[str, Any],
+    ) -> Issued:
+        warnings: list[str] = []
+        now = self.clock()
+        lease_ttl = issue_ttl(ttl, role.default_ttl, role.max_ttl)
+        if ttl and ttl > role.max_ttl:
+            warnings.append(f"ttl {ttl}s is longer than the role's max_ttl; capped at {role.max_ttl}s")
+        max_expire = now + role.max_ttl
+        if token.expire_time is not None and token.expire_time < max_expire:
+            # A lease never outlives the token that created it.
+            max_expire = token.expire_time
+            if now + lease_ttl > max_expire:
+                warnings.append("lease TTL capped at the token's expiry")
+        expire = min(now + lease_ttl, max_expire)
+        caps = runtime.capabilities
+        username = render_username(
+            role.username_template,
+            mount=runtime.name,
+            role=role.name,
+            display_name=token.display_name,
+            max_length=caps.max_username_length,
+            now=now,
+        )
+        lease = Lease(
+            id=new_lease_id(runtime.name, role.name),
+            mount=runtime.name,
+            role=role.name,
+            owner=token.accessor,
+            issue_time=now,
+            expire_time=expire,
+            max_expire_time=max_expire,
+            renewable=caps.can_renew,
+            revocation={"username": username},
+            metadata=dict(token.metadata),
+        )
+        # Crash safety: the intent is durable before the backend creates anything.
+        await self.store.insert_pending(lease)
+        password = generate_password()
+        try:
+            resp = await runtime.new_user(
+                NewUserRequest(
+                    role=role,
+                    username=username,
+                    password=password,
+                    expiration=datetime.fromtimestamp(expire, UTC),
+                    lease_id=lease.id,
+                    metadata=lease.metadata,
+                )
+            )
+        except BackendError as exc:
+            await self._rollback(lease, role, reason=str(exc), request=request)
+            if exc.retryable:
+                raise BackendUnavailable(f"mount {runtime.name!r}: {exc}") from None
+            raise BadRequest(f"mount {runtime.name!r} role {role.name!r}: {exc}") from None
+        except BaseException:
+            # Cancelled mid-call (client gone, shutdown): the user may exist; undo it.
+            await asyncio.shield(self._rollback(lease, role, reason="cancelled", request=request))
+            raise
+        if resp.expiration is not None:
+            lease.expire_time = min(resp.expiration.timestamp(), max_expire)
+        if resp.renewable is not None:
+            lease.renewable = resp.renewable and caps.can_renew
+        lease.revocation = {"username": username, **dict(resp.revocation)}
+        lease.state = LeaseState.ACTIVE
+        await self.store.activate(
+            lease.id,
+            revocation=lease.revocation,
+            expire_time=lease.expire_time,
+            renewable=lease.renewable,
+        )
+        self.wake(lease.expire_time)
+        return Issued(lease=lease, data=dict(resp.data), warnings=warnings)
+
+    async def _rollback(
+        self, lease: Lease, role: RoleSpec | None, *, reason: str, request: Mapping[str, Any]
+    ) -> bool:
+        """Undo an interrupted issue: delete the user in the backend, then the row."""
+        runtime = self.mounts.get(lease.mount)
+        try:
+            if runtime is None:
+                raise BackendError(f"mount {lease.mount!r} is not configured")
+            await runtime.delete_user(
+                DeleteUserRequest(role=role, username=lease.username,
+                                  revocation=lease.revocation, reason="rollback")
+            )
+        except BackendError as exc:
+            # Leave the pending row: the stale-pending job tries again later.
+            log.warning("rollback of %s failed, will retry: %s", lease.id, exc)
+            await self._audit_quietly(event("rollback", outcome="error", lease=lease_ref(lease),
+                                            error=str(exc), request=dict(request) or None))
+            return False
+        await self.store.delete(lease.id)
+        await self._audit_quietly(event("rollback", lease=lease_ref(lease), reason=reason,
+                                        request=dict(request) or None))
+        return True
+
+    async def rollback_stale_pending(self, *, older_than: float | None = None) -> int:
+        """Roll back pending rows older than ``older_than`` seconds (default pending_timeout)."""
+        age = self.leases_cfg.pending_timeout if older_than is None else older_than
+        before = self.clock() - age
+        done = 0
+        while True:
+            rows = await self.store.stale_pending(before=before, limit=200)
+            if not rows:
+                return done
+            progressed = False
+            for lease in rows:
+                runtime = self.mounts.get(lease.mount)
+                role = runtime.spec.roles.get(lease.role) if runtime else None
+                if await self._rollback(lease, role, reason="stale pending", request={}):
+                    done += 1
+                    progressed = True
+            if not progressed:
+                return done
+
+    # -- lookup / renew ------------------------------------------------------
+    async def get_live(self, lease_id: str, *, caller: Token, op: str) -> Lease:
+        """The lease, or NotFound; a dead one is audited as a reuse attempt and refused."""
+        if not lease_id or not isinstance(lease_id, str):
+            raise BadRequest("missing lease_id")
+        lease = await self.store.get(lease_id)
+        if lease is None or lease.state is LeaseState.PENDING:
+            raise BadRequest(f"invalid lease: {lease_id} is not known")
+        if lease.state in DEAD_STATES:
+            await self.audit.write(event(
+                "reuse_attempt", outcome="denied", operation=op, lease=lease_ref(lease),
+                lease_state=lease.state.value, caller=caller.accessor,
+                original_owner=lease.owner,
+            ))
+            raise ReuseAttempt(f"lease {lease_id} is {lease.state.value}; it cannot be {op}ed")
+        return lease
+
+    async def renew(self, lease: Lease, increment: int | None) -> Lease:
+        if lease.state is not LeaseState.ACTIVE:
+            raise BadRequest(f"lease {lease.id} is {lease.state.value}; it cannot be renewed")
+        runtime = self.mount(lease.mount)
+        role = runtime.spec.roles.get(lease.role)
+        default_ttl = role.default_ttl if role else self.leases_cfg.default_ttl
+        now = self.clock()
+        expire = renew_expiry(lease, increment, default_ttl, now)
+        if runtime.capabilities.can_renew and role is not None:
+            try:
+                resp = await runtime.renew_user(RenewUserRequest(
+                    role=role, username=lease.username, revocation=lease.revocation,
+                    expiration=datetime.fromtimestamp(expire, UTC)))
+            except BackendError as exc:
+                raise BackendUnavailable(f"mount {lease.mount!r}: renew failed: {exc}") from None
+            if resp.expiration is not None:
+                expire = min(expire, resp.expiration.timestamp())
+        if not await self.store.renew(lease.id, expire_time=expire, now=now):
+            raise BadRequest(f"lease {lease.id} is no longer active")
+        lease.expire_time, lease.last_renewal = expire, now
+        return lease
+
+    # -- revocation ------------------------------------------------------------
+    async def revoke(self, lease: Lease, *, reason: str = "revoke", wait: float = 30.0
+                     ) -> RevokeOutcome:
+        """Queue one lease for revocation and wait (up to ``wait``s) for the first attempt."""
+        fut: asyncio.Future[RevokeOutcome] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(lease.id, []).append(fut)
+        try:
+            queued = await self.store.queue_revoke(lease.id, reason=reason, now=self.clock())
+            if queued is None:
+                current = await self.store.get(lease.id)
+                state = current.state.value if current else "gone"
+                if current is None or current.state is not LeaseState.REVOKING:
+                    raise BadRequest(f"lease {lease.id} is {state}; it cannot be revoked")
+            self.wake(None)
+            try:
+                return await asyncio.wait_for(asyncio.shield(fut), timeout=wait)
+            except TimeoutError:
+                return RevokeOutcome(done=False, error="revocation still in progress")
+        finally:
+            waiters = self._waiters.get(lease.id, [])
+            if fut in waiters:
+                waiters.remove(fut)
+            if not waiters:
+                self._waiters.pop(lease.id, None)
+
+    async def revoke_matching(self, flt: LeaseFilter, *, force: bool = False) -> int:
+        reason = "force" if force else ("prefix" if flt.prefix else "selector")
+        count = await self.store.queue_revoke_matching(flt, reason=reason, now=self.clock())
+        if count:
+            self.wake(None)
+        return count
+
+    async def wait_drained(self, flt: LeaseFilter, timeout: float) -> int:
+        """Wait until no lease matching ``flt`` is still revoking; returns how many still are."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = await self.store.count_matching(flt, states=(LeaseState.REVOKING,))
+            if left == 0 or time.monotonic() >= deadline:
+                return left
+            await asyncio.sleep(0.2)
+
+    async def revoke_token_leases(self, accessors: list[str]) -> int:
+        if not accessors:
+            return 0
+        return await self.revoke_matching(LeaseFilter(owners=tuple(accessors)))
+
+    def backoff(self, attempts: int) -> float:
+        """Jittered exponential backoff: base * 2^(n-1), capped, times 0.5..1."""
+        cfg = self.leases_cfg
+        delay = min(cfg.revoke_backoff_max, cfg.revoke_backoff_base * 2 ** max(0, attempts - 1))
+        return delay * (0.5 + random.random() / 2)  # noqa: S311 - jitter, not a secret
+
+    async def revoke_claimed(self, lease: Lease) -> None:
+        """Carry out one claimed revocation (a sweeper worker). Never raises."""
+        reason = lease.revoke_reason or "expire"
+        runtime = self.mounts.get(lease.mount)
+        role = runtime.spec.roles.get(lease.role) if runtime else None
+        now = self.clock()
+        try:
+            if runtime is None:
+                raise BackendError(f"mount {lease.mount!r} is not configured", retryable=True)
+            await runtime.delete_user(DeleteUserRequest(
+                role=role, username=lease.username, revocation=lease.revocation, reason=reason))
+        except BackendError as exc:
+            await self._revoke_failed(lease, reason, str(exc))
+            return
+        except Exception as exc:  # a store or engine bug must not kill the worker
+            log.exception("revoking %s", lease.id)
+            await self._revoke_failed(lease, reason, f"internal error: {type(exc).__name__}")
+            return
+        final = LeaseState.EXPIRED if reason == "expire" else LeaseState.REVOKED
+        try:
+            await self.store.finish_revoke(lease.id, state=final, now=self.clock())
+        except Exception:
+            log.exception("recording revocation of %s (the claim will run out and retry)", lease.id)
+            return
+        kind = "expire" if reason == "expire" else "revoke"
+        await self._audit_quietly(event(kind, lease=lease_ref(lease), reason=reason,
+                                        lag_seconds=round(now - lease.expire_time, 3)
+                                        if reason == "expire" else None))
+        self._notify(lease.id, RevokeOutcome(done=True))
+
+    async def _revoke_failed(self, lease: Lease, reason: str, error: str) -> None:
+        now = self.clock()
+        if reason == "force":
+            # Break-glass: the operator accepted that the backend may still hold it.
+            await self.store.finish_revoke(lease.id, state=LeaseState.REVOKED, now=now)
+            await self._audit_quietly(event("admin", action="revoke_force", outcome="forced",
+                                            lease=lease_ref(lease), error=error))
+            self._notify(lease.id, RevokeOutcome(done=True, error=error))
+            return
+        attempts = lease.revoke_attempts + 1
+        give_up = attempts >= self.leases_cfg.revoke_max_attempts
+        next_attempt = None if give_up else now + self.backoff(attempts)
+        try:
+            await self.store.fail_revoke(lease.id, error=error, next_attempt=next_attempt, now=now)
+        except Exception:
+            log.exception("recording failed revocation of %s", lease.id)
+        log.warning("revoking %s failed (attempt %d): %s", lease.id, attempts, error)
+        await self._audit_quietly(event(
+            "irrevocable" if give_up else "revoke_failed", outcome="error",
+            lease=lease_ref(lease), reason=reason, attempts=attempts, error=error,
+            next_attempt=next_attempt))
+        self._notify(lease.id, RevokeOutcome(done=False, error=error))
+
+    def _notify(self, lease_id: str, outcome: RevokeOutcome) -> None:
+        for fut in self._waiters.pop(lease_id, []):
+            if not fut.done():
+                fut.set_result(outcome)
+
+    async def wait_issues_idle(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._issues_idle.wait(), timeout=timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    async def _audit_quietly(self, ev: dict[str, Any]) -> None:
+        """Audit from background work: a failure is logged (there is no response to refuse)."""
+        try:
+            await self.audit.write(ev)
+        except Exception as exc:
+            log.error("audit write failed for %s event: %s", ev.get("type"), exc)
+
+
+def new_request_id() -> str:
+    return str(uuid.UUID(bytes=secrets.token_bytes(16), version=4))

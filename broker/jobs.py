@@ -1,0 +1,79 @@
+"""Periodic housekeeping on APScheduler; the expiry sweeper itself is event-driven.
+
+- stale-pending rollback: issues interrupted by a crash or a lost backend call;
+- irrevocable retry: one more try for leases that gave up;
+- tombstone purge: dead leases past their retention;
+- token expiry: mark expired tokens and queue their leases (belt and braces:
+  leases are already capped at their token's expiry);
+- mount health: reconnect unhealthy backends so issuing resumes by itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler  # type: ignore[import-untyped]
+
+from broker.lease import TokenState
+from broker.state import BrokerState
+
+__all__ = ["start_jobs"]
+
+log = logging.getLogger(__name__)
+
+#: How often unhealthy backends are retried and healthy ones verified.
+HEALTH_INTERVAL = 10
+TOKEN_SWEEP_INTERVAL = 30
+PURGE_INTERVAL = 3600
+
+
+def _guarded(name: str, fn: Callable[[], Awaitable[object]]) -> Callable[[], Awaitable[None]]:
+    async def job() -> None:
+        try:
+            result = await fn()
+            if result:
+                log.info("%s: %s", name, result)
+        except Exception:
+            log.exception("periodic job %s failed; it runs again at its next interval", name)
+
+    return job
+
+
+def start_jobs(state: BrokerState) -> AsyncIOScheduler:
+    cfg = state.config.leases
+    engine, store = state.engine, state.store
+
+    async def rollback() -> int:
+        return await engine.rollback_stale_pending()
+
+    async def retry_irrevocable() -> int:
+        count = await store.requeue_irrevocable(now=engine.clock(), limit=1000)
+        if count:
+            engine.wake(None)
+        return count
+
+    async def purge() -> int:
+        return await store.purge_tombstones(before=engine.clock() - cfg.tombstone_retention,
+                                            limit=10000)
+
+    async def expire_tokens() -> int:
+        accessors = await store.expired_tokens(now=engine.clock(), limit=1000)
+        for accessor in accessors:
+            await store.end_token(accessor, state=TokenState.EXPIRED, now=engine.clock())
+        await engine.revoke_token_leases(accessors)
+        return len(accessors)
+
+    scheduler = AsyncIOScheduler(job_defaults={"coalesce": True, "max_instances": 1,
+                                               "misfire_grace_time": 60})
+    jobs = [
+        ("stale-pending rollback", rollback, max(5, cfg.pending_timeout // 2)),
+        ("irrevocable retry", retry_irrevocable, cfg.irrevocable_retry_interval),
+        ("tombstone purge", purge, PURGE_INTERVAL),
+        ("token expiry", expire_tokens, TOKEN_SWEEP_INTERVAL),
+        ("mount health", engine.check_mounts, HEALTH_INTERVAL),
+    ]
+    for name, fn, seconds in jobs:
+        scheduler.add_job(_guarded(name, fn), "interval", seconds=seconds, id=name, name=name)
+    scheduler.start()
+    return scheduler

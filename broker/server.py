@@ -1,0 +1,300 @@
+"""Run the daemon: wire the parts, serve HTTP, handle signals, shut down gracefully.
+
+Start-up order matters for crash safety: the store opens first, interrupted
+issues from a previous run are rolled back before any new one is taken, then
+the sweeper starts (overdue leases are revoked right away), then the listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import signal
+import ssl
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from broker import __version__
+from broker.api import create_app
+from broker.audit import AuditLog
+from broker.config import Config, ConfigError, dev_config_path, is_loopback, load_config, parse_listen
+from broker.engine import LeaseEngine
+from broker.policy import PolicySet
+from broker.state import BrokerState
+from broker.store import open_store
+from broker.store.base import LeaseStore
+from broker.sweeper import Sweeper
+from broker.tokens import TokenManager
+
+__all__ = ["build_state", "dev_data_dir", "load_server_config", "operator_init", "run_server"]
+
+log = logging.getLogger("broker")
+
+#: Accessor of the root token created by ``broker operator init``: a fixed
+#: name makes "already initialised" a primary-key lookup.
+INIT_ROOT_ACCESSOR = "root-init"
+DEV_ROOT_NAME = "dev-root"
+
+
+def dev_data_dir() -> Path:
+    """Where ``--dev`` keeps its store, audit log and key between runs."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(Path.home(), ".local", "state")
+    return Path(base) / "broker" / "dev"
+
+
+def load_server_config(config_path: str | None, *, dev: bool, listen: str | None) -> Config:
+    """The config to run with; ``--dev`` uses the embedded dev config and a private data dir."""
+    if dev and config_path is None:
+        config = load_config(dev_config_path())
+        data = dev_data_dir()
+        data.mkdir(parents=True, exist_ok=True, mode=0o700)
+        config = dataclasses.replace(
+            config,
+            storage=dataclasses.replace(config.storage, url=f"sqlite:///{data / 'broker.db'}"),
+            audit=dataclasses.replace(config.audit, path=str(data / "audit.jsonl"),
+                                      hmac_key_file=str(data / "audit.key")),
+        )
+    elif config_path is None:
+        raise ConfigError("broker", "", "pass --config FILE, or --dev for a local dev server")
+    else:
+        config = load_config(config_path)
+    if listen:
+        try:
+            host, port = parse_listen(listen)
+        except ValueError as exc:
+            raise ConfigError("--listen", "", str(exc)) from None
+        config = dataclasses.replace(config, server=dataclasses.replace(
+            config.server, host=host, port=port))
+    server = config.server
+    if dev and not is_loopback(server.host):
+        raise ConfigError("--listen", "", "--dev only listens on a loopback address")
+    if not server.tls and not is_loopback(server.host):
+        raise ConfigError(config.source, "server.listen",
+                          f"{server.host} is not loopback: TLS (tls_cert_file/tls_key_file) "
+                          "is required")
+    return config
+
+
+async def build_state(config: Config, *, dev: bool = False) -> BrokerState:
+    """Open store and audit log and build the engine; the caller starts and stops it."""
+    store = open_store(config.storage.url)
+    await store.open()
+    try:
+        audit = await AuditLog.open(config.audit.path, config.audit.hmac_key_file,
+                                    fsync=config.audit.fsync, create_key=True)
+    except Exception:
+        await store.close()
+        raise
+    engine = LeaseEngine(store, audit, config)
+    sweeper = Sweeper(store, engine.revoke_claimed, config.leases, node_id=engine.node_id,
+                      clock=engine.clock)
+    engine.wake = sweeper.wake
+    return BrokerState(
+        config=config,
+        store=store,
+        audit=audit,
+        engine=engine,
+        sweeper=sweeper,
+        tokens=TokenManager(store, engine.clock),
+        policies=PolicySet(config.policies),
+        dev=dev,
+    )
+
+
+def _single_node(store: LeaseStore) -> bool:
+    # With an embedded store no other process can have an issue in flight, so
+    # every pending row found at start-up is from a crash: roll back at once.
+    return type(store).__name__.startswith("SQLite")
+
+
+async def start(state: BrokerState) -> None:
+    await state.engine.start_mounts()
+    await state.engine.rollback_stale_pending(
+        older_than=0 if _single_node(state.store) else None)
+    state.sweeper.start()
+
+
+async def stop(state: BrokerState, grace: float) -> None:
+    state.serving = False
+    state.engine.accepting = False
+    if not await state.engine.wait_issues_idle(grace):
+        log.warning("issues still in flight after %ss; their pending rows will be rolled back", grace)
+    await state.sweeper.stop(grace)
+    await state.engine.close()
+    await state.audit.close()
+    await state.store.close()
+
+
+def _ssl_context(config: Config) -> ssl.SSLContext | None:
+    if not config.server.tls:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(config.server.tls_cert_file or "", config.server.tls_key_file or "")
+    return ctx
+
+
+def _banner(state: BrokerState, root_token: str | None) -> str:
+    addr = state.config.server.address
+    lines = [
+        f"==> broker {__version__} server started{' in DEV mode' if state.dev else ''}.",
+        f"    Address:  {addr}",
+        f"    Storage:  {state.config.storage.url}",
+        f"    Audit:    {state.config.audit.path}",
+    ]
+    for name, m in state.engine.mounts.items():
+        health = "healthy" if m.healthy else f"UNHEALTHY: {m.error}"
+        lines.append(f"    Mount:    {name}/ ({m.spec.plugin}, roles: "
+                     f"{', '.join(sorted(m.spec.roles)) or 'none'}) {health}")
+    if root_token:
+        example = next(
+            (f"{n}/{r}" for n, m in state.engine.mounts.items() for r in sorted(m.spec.roles)),
+            "MOUNT/ROLE")
+        lines += [
+            "",
+            "WARNING! dev mode: in-process data under " + str(dev_data_dir()) + ",",
+            "loopback only, and a root token printed below. Do not run it in production.",
+            "",
+            "You may need to set the following environment variables:",
+            "",
+            f"    export BROKER_ADDR='{addr}'",
+            f"    export BROKER_TOKEN='{root_token}'",
+            "",
+            f"Root Token: {root_token}",
+            "",
+            "Try it:",
+            f"    broker creds {example}",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+async def _serve(config: Config, *, dev: bool, dev_root_token_id: str | None) -> int:
+    state = await build_state(config, dev=dev)
+    root_token: str | None = None
+    from broker.jobs import start_jobs
+
+    try:
+        if dev:
+            await state.store.delete_tokens_by_display_name(DEV_ROOT_NAME)
+            root_token, _ = await state.tokens.create(
+                policies=["root"], ttl=None, display_name=DEV_ROOT_NAME,
+                token_id=dev_root_token_id)
+        await start(state)
+    except BaseException:
+        await stop(state, 0)
+        raise
+    scheduler = start_jobs(state)
+    runner = web.AppRunner(create_app(state), access_log=None,
+                           shutdown_timeout=config.server.shutdown_grace)
+    await runner.setup()
+    site = web.TCPSite(runner, config.server.host, config.server.port,
+                       ssl_context=_ssl_context(config))
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        scheduler.shutdown(wait=False)
+        await stop(state, 0)
+        print(f"broker: error: cannot listen on {config.server.host}:{config.server.port}: "
+              f"{exc.strerror}", file=sys.stderr)
+        return 1
+    print(_banner(state, root_token), flush=True)
+
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    reload_requested = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    loop.add_signal_handler(signal.SIGHUP, reload_requested.set)
+
+    async def reloader() -> None:
+        while True:
+            await reload_requested.wait()
+            reload_requested.clear()
+            await reload(state, dev=dev)
+
+    reload_task = asyncio.create_task(reloader())
+    await stopping.wait()
+    log.info("shutting down: no new requests; finishing in-flight work (grace %ss)",
+             config.server.shutdown_grace)
+    reload_task.cancel()
+    state.serving = False
+    state.engine.accepting = False
+    scheduler.shutdown(wait=False)
+    await runner.cleanup()  # stops listening, waits for in-flight handlers
+    await stop(state, config.server.shutdown_grace)
+    return 0
+
+
+async def reload(state: BrokerState, *, dev: bool) -> bool:
+    """SIGHUP: re-read the config; a bad one is rejected and the old one stays."""
+    source = state.config.source
+    try:
+        if dev:
+            new = load_config(source)
+            new = dataclasses.replace(new, storage=state.config.storage, audit=state.config.audit,
+                                      server=state.config.server)
+        else:
+            new = load_config(source)
+            # Listener, store and audit log need a restart; keep the running ones.
+            new = dataclasses.replace(new, storage=state.config.storage, audit=state.config.audit,
+                                      server=state.config.server)
+    except ConfigError as exc:
+        log.error("reload rejected, keeping the running config: %s", exc)
+        return False
+    changes = await state.engine.reload(new)
+    state.policies = PolicySet(new.policies)
+    state.config = new
+    await state.audit.reopen()
+    log.info("config reloaded from %s: %s", source, "; ".join(changes) or "mounts unchanged")
+    return True
+
+
+def _setup_logging() -> None:
+    level = os.environ.get("BROKER_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s [%(levelname)s] %(name)s: %(message)s")
+    # Third-party libraries log at INFO about every job run; keep the log about leases.
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
+def run_server(config_path: str | None, *, dev: bool, dev_root_token_id: str | None,
+               listen: str | None) -> int:
+    """``broker server``: blocks until SIGTERM/SIGINT; returns the exit code."""
+    _setup_logging()
+    try:
+        config = load_server_config(config_path, dev=dev, listen=listen)
+    except ConfigError as exc:
+        print(f"broker: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(_serve(config, dev=dev, dev_root_token_id=dev_root_token_id))
+    except (OSError, ValueError, RuntimeError) as exc:
+        print(f"broker: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def operator_init(config_path: str) -> str:
+    """Create the root token in the configured store; returns it (shown once)."""
+    config = load_config(config_path)
+
+    async def init() -> str:
+        store = open_store(config.storage.url)
+        await store.open()
+        try:
+            if await store.token_by_accessor(INIT_ROOT_ACCESSOR) is not None:
+                raise RuntimeError("already initialised: a root token exists "
+                                   "(revoke it with a root token to initialise again)")
+            tokens = TokenManager(store)
+            token, _ = await tokens.create(policies=["root"], ttl=None, display_name="root",
+                                           accessor=INIT_ROOT_ACCESSOR)
+            return token
+        finally:
+            await store.close()
+
+    return asyncio.run(init())

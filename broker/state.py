@@ -1,0 +1,31 @@
+"""What a running broker holds: the parts the API handlers and jobs share."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from broker.audit import AuditLog
+from broker.config import Config
+from broker.engine import LeaseEngine
+from broker.policy import PolicySet
+from broker.store.base import LeaseStore
+from broker.sweeper import Sweeper
+from broker.tokens import TokenManager
+
+__all__ = ["BrokerState"]
+
+
+@dataclass
+class BrokerState:
+    config: Config
+    store: LeaseStore
+    audit: AuditLog
+    engine: LeaseEngine
+    sweeper: Sweeper
+    tokens: TokenManager
+    policies: PolicySet
+    dev: bool = False
+    started: float = field(default_factory=time.time)
+    #: false while shutting down: new requests get 503.
+    serving: bool = True

@@ -1,0 +1,177 @@
+"""The expiry sweeper: event-driven, store-driven, bounded, fair across mounts.
+
+It keeps no per-lease timers. It asks the store for the earliest ``due_at``,
+sleeps until then or until woken (a new lease expiring sooner, a revoke
+queued), claims due leases in batches, and hands them to a bounded pool of
+workers. Per-mount queues served round-robin, with a per-mount cap, keep one
+slow or dead backend from starving the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+from broker.config import LeaseConfig
+from broker.lease import Lease
+from broker.store.base import LeaseStore
+
+__all__ = ["Sweeper"]
+
+log = logging.getLogger(__name__)
+
+#: When a claim comes back empty although something is due (another replica
+#: holds it), wait at least this long before asking again.
+_IDLE_BACKOFF = 0.05
+
+
+class Sweeper:
+    def __init__(
+        self,
+        store: LeaseStore,
+        revoke: Callable[[Lease], Awaitable[None]],
+        config: LeaseConfig,
+        *,
+        node_id: str,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.revoke = revoke
+        self.config = config
+        self.node_id = node_id
+        self.clock = clock
+        self._wakeup = asyncio.Event()
+        self._queues: dict[str, deque[Lease]] = {}
+        self._inflight: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._rr: deque[str] = deque()
+        self._next_wake: float | None = None
+        self._stopping = False
+        self._main: asyncio.Task[None] | None = None
+
+    # -- public ---------------------------------------------------------------
+    def wake(self, at: float | None = None) -> None:
+        """Something may be due earlier than planned (``at``), or right now (None)."""
+        if at is None or self._next_wake is None or at < self._next_wake:
+            self._wakeup.set()
+
+    def start(self) -> None:
+        self._main = asyncio.create_task(self._run(), name="broker-sweeper")
+
+    async def stop(self, grace: float) -> None:
+        """Stop claiming; let in-flight revocations finish within ``grace``, then cancel.
+
+        Leases still queued locally keep their claim in the store and become
+        due again when it runs out, so nothing is lost.
+        """
+        self._stopping = True
+        self._wakeup.set()
+        if self._main is not None:
+            await asyncio.gather(self._main, return_exceptions=True)
+        self._queues.clear()
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    @property
+    def busy(self) -> int:
+        return len(self._tasks) + sum(len(q) for q in self._queues.values())
+
+    # -- loop -----------------------------------------------------------------
+    async def _run(self) -> None:
+        while not self._stopping:
+            try:
+                await self._tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # The store may be briefly unavailable; never let the sweeper die.
+                log.exception("sweeper iteration failed; retrying in 1s")
+                await self._sleep(1.0)
+
+    async def _tick(self) -> None:
+        self._wakeup.clear()
+        room = self.config.sweeper_batch * 2 - self.busy
+        claimed: list[Lease] = []
+        if room > 0:
+            claimed = await self.store.claim_due(
+                now=self.clock(),
+                limit=min(room, self.config.sweeper_batch),
+                claimer=self.node_id,
+                claim_timeout=self.config.claim_timeout,
+            )
+            for lease in claimed:
+                self._enqueue(lease)
+            self._pump()
+            if len(claimed) == min(room, self.config.sweeper_batch):
+                await asyncio.sleep(0)  # more may be due: claim again, let workers run
+                return
+        due = await self.store.next_due()
+        now = self.clock()
+        if room <= 0:
+            timeout: float | None = None  # full: a finishing worker wakes us
+        elif due is None:
+            timeout = None
+        elif due <= now:
+            timeout = 0.0 if claimed else _IDLE_BACKOFF
+        else:
+            timeout = due - now
+        self._next_wake = None if timeout is None else now + timeout
+        await self._sleep(timeout)
+        self._next_wake = None
+
+    async def _sleep(self, timeout: float | None) -> None:
+        if timeout is not None and timeout <= 0:
+            return
+        try:
+            await asyncio.wait_for(self._wakeup.wait(), timeout=timeout)
+        except TimeoutError:
+            pass
+
+    # -- workers ----------------------------------------------------------------
+    def _enqueue(self, lease: Lease) -> None:
+        queue = self._queues.get(lease.mount)
+        if queue is None:
+            queue = self._queues[lease.mount] = deque()
+            self._rr.append(lease.mount)
+        queue.append(lease)
+
+    def _pump(self) -> None:
+        """Start workers round-robin over mounts, within the global and per-mount caps."""
+        idle_rounds = 0
+        while len(self._tasks) < self.config.revoke_workers and self._rr and idle_rounds < len(
+            self._rr
+        ):
+            mount = self._rr[0]
+            self._rr.rotate(-1)
+            queue = self._queues.get(mount)
+            if not queue:
+                self._queues.pop(mount, None)
+                self._rr.remove(mount)
+                idle_rounds = 0
+                continue
+            if self._inflight.get(mount, 0) >= self.config.per_mount_workers:
+                idle_rounds += 1
+                continue
+            idle_rounds = 0
+            lease = queue.popleft()
+            self._inflight[mount] = self._inflight.get(mount, 0) + 1
+            task = asyncio.create_task(self._work(lease), name=f"revoke {lease.id}")
+            self._tasks.add(task)
+
+    async def _work(self, lease: Lease) -> None:
+        try:
+            await self.revoke(lease)
+        finally:
+            self._inflight[lease.mount] -= 1
+            task = asyncio.current_task()
+            if task is not None:
+                self._tasks.discard(task)  # type: ignore[arg-type]
+            if not self._stopping:
+                self._pump()
+                self._wakeup.set()
