@@ -1,0 +1,127 @@
+"""IAM users as credentials, and the mount's own access key rotation (blocking; run in threads)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from botocore.exceptions import ClientError
+
+from broker.backend import BackendError
+
+if TYPE_CHECKING:
+    from plugins.aws import AWSRole
+
+__all__ = ["INLINE_POLICY_NAME", "create_root_key", "create_user", "delete_key", "delete_user"]
+
+log = logging.getLogger(__name__)
+
+#: the inline policy put on each user from the role's policy_document.
+INLINE_POLICY_NAME = "broker-policy"
+
+
+def _missing(exc: ClientError) -> bool:
+    return bool(exc.response.get("Error", {}).get("Code") == "NoSuchEntity")
+
+
+def _ignore_missing(fn: Callable[..., Any], **kwargs: Any) -> None:
+    try:
+        fn(**kwargs)
+    except ClientError as exc:
+        if not _missing(exc):
+            raise
+
+
+def _each(iam: Any, op: str, key: str, **kwargs: Any) -> list[Any]:
+    """All items of a paginated IAM list call (a missing user lists nothing)."""
+    items: list[Any] = []
+    try:
+        for page in iam.get_paginator(op).paginate(**kwargs):
+            items.extend(page.get(key, []))
+    except ClientError as exc:
+        if not _missing(exc):
+            raise
+    return items
+
+
+def create_user(iam: Any, name: str, path: str, role: AWSRole,
+                tags: list[dict[str, str]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Create the user with its permissions and one access key: (client data, revocation)."""
+    args: dict[str, Any] = {"UserName": name, "Path": path, "Tags": tags}
+    if role.permissions_boundary_arn:
+        args["PermissionsBoundary"] = role.permissions_boundary_arn
+    user = iam.create_user(**args)["User"]
+    try:
+        for arn in role.policy_arns:
+            iam.attach_user_policy(UserName=name, PolicyArn=arn)
+        if role.policy_document:
+            iam.put_user_policy(UserName=name, PolicyName=INLINE_POLICY_NAME,
+                                PolicyDocument=role.policy_document)
+        for group in role.iam_groups:
+            iam.add_user_to_group(GroupName=group, UserName=name)
+        key = iam.create_access_key(UserName=name)["AccessKey"]
+    except Exception:
+        # Do not leave a half-built user; if this fails too, the engine's rollback retries.
+        try:
+            delete_user(iam, name, path)
+        except Exception as cleanup:  # the original error is the one to report
+            log.warning("cleaning up IAM user %s after a failed issue: %s", name,
+                        type(cleanup).__name__)
+        raise
+    data = {"access_key": key["AccessKeyId"], "secret_key": key["SecretAccessKey"],
+            "security_token": None, "arn": user["Arn"]}
+    revocation = {"credential_type": "iam_user", "username": name,
+                  "access_key_id": key["AccessKeyId"]}
+    return data, revocation
+
+
+def delete_user(iam: Any, name: str, path: str) -> None:
+    """Remove everything IAM requires gone first, then the user; a missing user is success."""
+    try:
+        user = iam.get_user(UserName=name)["User"]
+    except ClientError as exc:
+        if _missing(exc):
+            return
+        raise
+    if user.get("Path") != path:
+        # Revocation data comes from the store; never let it delete someone else's user.
+        raise BackendError(f"refusing to delete IAM user {name}: its path {user.get('Path')} "
+                           f"is outside the mount's iam_path {path}", retryable=False)
+    for key in _each(iam, "list_access_keys", "AccessKeyMetadata", UserName=name):
+        _ignore_missing(iam.delete_access_key, UserName=name, AccessKeyId=key["AccessKeyId"])
+    for policy in _each(iam, "list_user_policies", "PolicyNames", UserName=name):
+        _ignore_missing(iam.delete_user_policy, UserName=name, PolicyName=policy)
+    for policy in _each(iam, "list_attached_user_policies", "AttachedPolicies", UserName=name):
+        _ignore_missing(iam.detach_user_policy, UserName=name, PolicyArn=policy["PolicyArn"])
+    for group in _each(iam, "list_groups_for_user", "Groups", UserName=name):
+        _ignore_missing(iam.remove_user_from_group, UserName=name, GroupName=group["GroupName"])
+    _ignore_missing(iam.delete_login_profile, UserName=name)
+    # Nothing the broker adds, but IAM refuses to delete a user that still has them.
+    for device in _each(iam, "list_mfa_devices", "MFADevices", UserName=name):
+        _ignore_missing(iam.deactivate_mfa_device, UserName=name,
+                        SerialNumber=device["SerialNumber"])
+    for cert in _each(iam, "list_signing_certificates", "Certificates", UserName=name):
+        _ignore_missing(iam.delete_signing_certificate, UserName=name,
+                        CertificateId=cert["CertificateId"])
+    for ssh in _each(iam, "list_ssh_public_keys", "SSHPublicKeys", UserName=name):
+        _ignore_missing(iam.delete_ssh_public_key, UserName=name,
+                        SSHPublicKeyId=ssh["SSHPublicKeyId"])
+    _ignore_missing(iam.delete_user, UserName=name)
+
+
+def create_root_key(iam: Any, current_key_id: str) -> tuple[str, str, str]:
+    """A second access key for the mount's own IAM user: (user name, key id, secret)."""
+    user = iam.get_user()["User"]["UserName"]
+    keys = iam.list_access_keys(UserName=user)["AccessKeyMetadata"]
+    others = [k["AccessKeyId"] for k in keys if k["AccessKeyId"] != current_key_id]
+    if others:
+        raise BackendError(f"IAM user {user} already has a second access key ({others[0]}); "
+                           "AWS allows two, delete the unused one before rotating",
+                           retryable=False)
+    key = iam.create_access_key(UserName=user)["AccessKey"]
+    return user, key["AccessKeyId"], key["SecretAccessKey"]
+
+
+def delete_key(iam: Any, user: str, key_id: str) -> None:
+    _ignore_missing(iam.delete_access_key, UserName=user, AccessKeyId=key_id)
