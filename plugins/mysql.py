@@ -1,0 +1,655 @@
+"""MySQL / MariaDB backend: short-lived database users through aiomysql.
+
+Mount options (``[mounts.NAME]``)::
+
+    plugin = "mysql"
+    connection_url = "mysql://admin@db:3306/app"   # no password: password_file / password_env
+    max_open_connections = 4     # admin connection pool size
+    username_max_length = 32     # MySQL 5.7+ / MariaDB; 16 for MySQL <= 5.6 (8..80)
+    host = "%"                   # host part of created accounts ('user'@'host')
+
+Role options: ``database`` (defaults to the connection URL's database) and
+``host`` (overrides the mount's). Statements are templates with ``{{name}}``
+(alias ``{{username}}``), ``{{password}}``, ``{{expiration}}`` and
+``{{database}}``. Without ``creation_statements`` a role gets least privilege
+on one database::
+
+    CREATE USER '{{name}}'@'%' IDENTIFIED BY '{{password}}'
+    GRANT SELECT ON `{{database}}`.* TO '{{name}}'@'%'
+
+A creation statement granting ``ALL [PRIVILEGES] ON *.*`` is refused at config
+load: every lease would then be a server administrator able to create its own
+users, which no revocation can take back.
+
+Quoting: the broker only ever substitutes values it generated itself
+(usernames ``[a-z0-9_-]``, alphanumeric passwords, fixed-format timestamps) or
+operator-configured names checked against a strict alphabet; each value is
+validated again here before rendering, so it is inert inside ``'...'``,
+```...``` and ``"..."`` alike. Statements the plugin writes itself quote
+identifiers in backticks (backticks doubled) and literals with quotes doubled
+(mode-independent: valid with and without ``NO_BACKSLASH_ESCAPES``).
+
+Expiry trade-off (``server_side_expiry = False``): MySQL and MariaDB have no
+``VALID UNTIL`` for accounts (``PASSWORD EXPIRE INTERVAL`` counts whole days
+and only forces a password change), so the broker's own expiry sweeper is the
+only thing that ends a credential. If the broker is down past a lease's
+expiry, the account keeps working until the broker is back and revokes it.
+Keep the broker highly available (several replicas on the PostgreSQL store)
+and TTLs short for MySQL mounts.
+
+Renewal (``can_renew = True``): with no server-side expiry, the broker's
+expiry is the credential's real lifetime, so renewing the lease in the store
+genuinely keeps the account alive longer (the sweeper drops it later) - the
+opposite of an STS token whose renewal would be a pretence. Nothing needs
+pushing to the server: ``renew_user`` runs the role's ``renew_statements`` if
+any, else does nothing, and returns the requested expiration. (Declaring
+False would make every MySQL lease non-renewable, which Vault clients do not
+expect of database credentials.)
+
+Revocation, in an order that leaves no window for a live session:
+
+1. ``ALTER USER ... ACCOUNT LOCK`` for every host of the user: no new logins;
+2. ``KILL CONNECTION`` for every ``information_schema.PROCESSLIST`` row of the
+   user (a session that ended meanwhile is fine) - a dropped account's open
+   connections otherwise keep all their privileges;
+3. the role's ``revocation_statements`` (``rollback_statements`` for a
+   rollback), if any;
+4. ``DROP USER IF EXISTS`` for every host, then a last check that no session
+   of the user survived (retryable error if one did).
+
+The admin account needs ``CREATE USER``, the grants it hands out ``WITH GRANT
+OPTION``, ``SELECT`` on ``mysql.user`` (to find every host of a user) and
+``PROCESS`` plus ``CONNECTION ADMIN``/``SUPER`` to see and kill other users'
+sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from datetime import datetime
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import aiomysql
+import pymysql
+
+from broker.backend import (
+    BackendError,
+    Capabilities,
+    DeleteUserRequest,
+    DeleteUserResponse,
+    MountSpec,
+    NewUserRequest,
+    NewUserResponse,
+    PluginConfigError,
+    RenewUserRequest,
+    RenewUserResponse,
+    RoleSpec,
+    RotateRootRequest,
+    RotateRootResponse,
+)
+from broker.templating import generate_password, render, template_names
+from plugins._sql import (
+    check_expiration,
+    check_password,
+    check_username,
+    quote_literal,
+    redact,
+    split_statements,
+)
+
+__all__ = ["MySQLBackend"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 3306
+DEFAULT_HOST_PART = "%"
+DEFAULT_MAX_OPEN = 4
+DEFAULT_USERNAME_MAX = 32
+USERNAME_MAX_RANGE = (8, 80)
+CONNECT_TIMEOUT = 10
+
+_MOUNT_KEYS = frozenset({"connection_url", "max_open_connections", "username_max_length", "host"})
+_ROLE_KEYS = frozenset({"database", "host"})
+
+# Database names we accept: safe inside backticks, quotes and bare. Real MySQL
+# allows more, but an operator can rename a database far more easily than we
+# can prove every quoting context of a hand-written template safe.
+_DATABASE_OK = re.compile(r"[A-Za-z0-9_$-]{1,64}")
+# Host part of an account: names, IPv4/IPv6, wildcards % and _, netmasks.
+_HOST_OK = re.compile(r"[A-Za-z0-9.%_:/-]{1,255}")
+_GRANT_ALL_GLOBAL = re.compile(
+    r"\bGRANT\s+ALL(?:\s+PRIVILEGES)?\s+ON\s+(?:\*|`\*`)\s*\.\s*(?:\*|`\*`)",
+    re.IGNORECASE,
+)
+# Belt and braces for redaction: whatever follows IDENTIFIED BY / PASSWORD is a secret.
+_SECRET_SQL = re.compile(
+    r"(IDENTIFIED\s+(?:VIA\s+\w+\s+USING|WITH\s+\w+\s+BY|BY)(?:\s+PASSWORD)?|PASSWORD\s*\(?)"
+    r"\s*'(?:[^'\\]|\\.|'')*'?",
+    re.IGNORECASE,
+)
+# Server/client error codes that mean "the connection or server is in trouble, try later".
+_RETRYABLE_CODES = frozenset({
+    1040,  # too many connections
+    1053,  # server shutdown in progress
+    1205,  # lock wait timeout
+    1213,  # deadlock
+    1927,  # connection was killed
+    2002, 2003, 2006, 2013, 2055,  # can't connect / gone away / lost connection
+})
+_ER_PARSE_ERROR = 1064
+_ER_NO_SUCH_THREAD = 1094
+_ER_CANNOT_USER = 1396
+_ACCESS_DENIED = frozenset({1044, 1045, 1142, 1143, 1227})
+
+
+class _QuietCursor(aiomysql.Cursor):  # type: ignore[misc]
+    """A cursor that does not turn server notes into Python warnings.
+
+    aiomysql re-raises every server warning (e.g. the note of ``DROP USER IF
+    EXISTS`` for a missing user) through ``warnings.warn``, which is noise in
+    the daemon's log and an exception under ``-W error``.
+    """
+
+    async def _show_warnings(self, conn: Any) -> None:
+        return None
+
+
+def _redact(text: str, secrets: Iterable[str | None]) -> str:
+    """Shared redaction, plus what follows IDENTIFIED BY / PASSWORD even when cut off."""
+    return _SECRET_SQL.sub(lambda m: m.group(1) + " '[redacted]'", redact(text, secrets))
+
+
+def _error_code(exc: BaseException) -> int | None:
+    if isinstance(exc, pymysql.err.MySQLError) and exc.args and isinstance(exc.args[0], int):
+        return exc.args[0]
+    return None
+
+
+def _parse_url(url: str) -> tuple[str, int, str, str | None]:
+    """``mysql://user@host:port/db`` -> (host, port, user, db); ValueError if malformed."""
+    parts = urlsplit(url)
+    if parts.scheme not in {"mysql", "mariadb"}:
+        raise ValueError(f"expected mysql://user@host:port/db, got scheme {parts.scheme!r}")
+    if parts.password is not None:
+        raise ValueError("must not contain a password; use password_file or password_env")
+    if not parts.hostname:
+        raise ValueError("missing host (mysql://user@host:port/db)")
+    if not parts.username:
+        raise ValueError("missing user (mysql://user@host:port/db)")
+    if parts.query or parts.fragment:
+        raise ValueError("query parameters are not supported")
+    try:
+        port = parts.port or DEFAULT_PORT
+    except ValueError:
+        raise ValueError("port is not a number in 1..65535") from None
+    db = unquote(parts.path.lstrip("/")) or None
+    if db is not None and not _DATABASE_OK.fullmatch(db):
+        raise ValueError(f"database name {db!r} must match [A-Za-z0-9_$-], at most 64 characters")
+    return parts.hostname, port, unquote(parts.username), db
+
+
+class MySQLBackend:
+    """One ``plugin = "mysql"`` mount: a small admin pool creating and dropping users."""
+
+    def __init__(
+        self,
+        *,
+        mount: str,
+        host: str,
+        port: int,
+        user: str,
+        password: str | None,
+        database: str | None,
+        max_open_connections: int = DEFAULT_MAX_OPEN,
+        username_max_length: int = DEFAULT_USERNAME_MAX,
+        host_part: str = DEFAULT_HOST_PART,
+    ) -> None:
+        self.mount = mount
+        self._host = host
+        self._port = port
+        self._user = user
+        self._password = password
+        self._database = database
+        self._max_open = max_open_connections
+        self._host_part = host_part
+        self._pool: aiomysql.Pool | None = None
+        self._pool_lock = asyncio.Lock()
+        self.capabilities = Capabilities(
+            can_renew=True,  # see "Renewal" in the module docs
+            can_revoke=True,
+            server_side_expiry=False,
+            max_username_length=username_max_length,
+            env_names={"username": "MYSQL_USER", "password": "MYSQL_PWD"},
+        )
+
+    # -- configuration (no I/O) -------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, mount: MountSpec) -> MySQLBackend:
+        """Validate the mount's options and roles; open nothing (see initialize)."""
+        opts = mount.options
+        for key in opts:
+            if key not in _MOUNT_KEYS:
+                raise PluginConfigError(
+                    key, f"unknown option; the mysql plugin knows {', '.join(sorted(_MOUNT_KEYS))}"
+                )
+        url = opts.get("connection_url")
+        if not isinstance(url, str) or not url:
+            raise PluginConfigError("connection_url", "missing (e.g. mysql://admin@db:3306/app)")
+        try:
+            host, port, user, database = _parse_url(url)
+        except ValueError as exc:
+            raise PluginConfigError("connection_url", str(exc)) from None
+        max_open = _int_option(opts, "max_open_connections", DEFAULT_MAX_OPEN, 1, 1000)
+        lo, hi = USERNAME_MAX_RANGE
+        max_len = _int_option(opts, "username_max_length", DEFAULT_USERNAME_MAX, lo, hi)
+        host_part = _host_option(opts, "host", DEFAULT_HOST_PART)
+        for role in mount.roles.values():
+            cls.validate_role(role)
+            db = role.options.get("database", database)
+            uses_db = not role.creation_statements or any(
+                "database" in template_names(s)
+                for s in (*role.creation_statements, *role.renew_statements,
+                          *role.revocation_statements, *role.rollback_statements)
+            )
+            if uses_db and db is None:
+                raise PluginConfigError(
+                    f"roles.{role.name}.database",
+                    "no database to grant on: set database on the role or put one in "
+                    "connection_url (mysql://user@host:port/DB)",
+                )
+        return cls(
+            mount=mount.name,
+            host=host,
+            port=port,
+            user=user,
+            password=mount.secret,
+            database=database,
+            max_open_connections=max_open,
+            username_max_length=max_len,
+            host_part=host_part,
+        )
+
+    @classmethod
+    def validate_role(cls, role: RoleSpec) -> None:
+        """Refuse unknown options, unsafe names and statements granting ALL ON *.*."""
+        prefix = f"roles.{role.name}"
+        for key in role.options:
+            if key not in _ROLE_KEYS:
+                raise PluginConfigError(
+                    f"{prefix}.{key}",
+                    f"unknown option; mysql roles know {', '.join(sorted(_ROLE_KEYS))}",
+                )
+        db = role.options.get("database")
+        if db is not None and (not isinstance(db, str) or not _DATABASE_OK.fullmatch(db)):
+            raise PluginConfigError(
+                f"{prefix}.database",
+                f"{db!r} must be a name of [A-Za-z0-9_$-], at most 64 characters",
+            )
+        _host_option(role.options, "host", DEFAULT_HOST_PART, prefix=f"{prefix}.")
+        for i, stmt in enumerate(role.creation_statements):
+            if _GRANT_ALL_GLOBAL.search(stmt):
+                raise PluginConfigError(
+                    f"{prefix}.creation_statements[{i}]",
+                    "GRANT ALL ON *.* makes every lease a server administrator that can "
+                    "create its own users and outlive revocation; grant only what the role "
+                    "needs on one database, e.g. GRANT SELECT ON `app`.* TO '{{name}}'@'%'",
+                )
+        if role.creation_statements and not any(
+            template_names(s) & {"name", "username"} for s in role.creation_statements
+        ):
+            raise PluginConfigError(
+                f"{prefix}.creation_statements",
+                "no statement uses {{name}}: the leased user would never be created",
+            )
+        later = {
+            "renew_statements": {"name", "username", "database", "expiration"},
+            "revocation_statements": {"name", "username", "database"},
+            "rollback_statements": {"name", "username", "database"},
+        }
+        for key, allowed in later.items():
+            for stmt in getattr(role, key):
+                unknown = template_names(stmt) - allowed
+                if unknown:
+                    raise PluginConfigError(
+                        f"{prefix}.{key}",
+                        f"{{{{{sorted(unknown)[0]}}}}} is not known when these run "
+                        "(passwords are never stored); use "
+                        + ", ".join(f"{{{{{n}}}}}" for n in sorted(allowed)),
+                    )
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def initialize(self) -> None:
+        """Create the admin pool; connections are opened on first use (verify checks them)."""
+        async with self._pool_lock:
+            if self._pool is None:
+                self._pool = await self._new_pool(self._password)
+
+    async def _new_pool(self, password: str | None) -> aiomysql.Pool:
+        try:
+            # minsize=0: a server that is down at start-up must not stop the
+            # broker; the mount shows unhealthy through verify() until it is back.
+            return await aiomysql.create_pool(
+                minsize=0,
+                maxsize=self._max_open,
+                host=self._host,
+                port=self._port,
+                user=self._user,
+                password=password or "",
+                db=self._database,
+                autocommit=True,
+                connect_timeout=CONNECT_TIMEOUT,
+                pool_recycle=300,
+                cursorclass=_QuietCursor,
+            )
+        except Exception as exc:  # wrapped, never leaked with its secret
+            err = self._wrap("opening the admin pool", exc, connecting=True)
+        raise err
+
+    async def verify(self) -> None:
+        async with self._cursor("verify") as cur:
+            await self._run(cur, "verify", "SELECT 1")
+
+    async def close(self) -> None:
+        async with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
+            await pool.wait_closed()
+
+    # -- users ------------------------------------------------------------------------
+
+    async def new_user(self, req: NewUserRequest) -> NewUserResponse:
+        name = self._check_username(req.username)
+        password = check_password(req.password)
+        host = self._role_host(req.role)
+        values = self._values(req.role, name, expiration=req.expiration)
+        values["password"] = password
+        templates = req.role.creation_statements or self._default_creation(host)
+        statements = self._render_all(templates, values, "creation_statements", [password])
+        async with self._cursor("creating user", password) as cur:
+            try:
+                for stmt in statements:
+                    await self._run(cur, "creating user", stmt, password)
+            except BackendError:
+                # Leave nothing half-made behind: the user may exist without its grants.
+                await self._drop_quietly(cur, name, host)
+                raise
+        return NewUserResponse(
+            data={"username": name, "password": password},
+            revocation={"host": host},
+        )
+
+    async def renew_user(self, req: RenewUserRequest) -> RenewUserResponse:
+        name = self._check_username(req.username)
+        if req.role is not None and req.role.renew_statements:
+            values = self._values(req.role, name, expiration=req.expiration)
+            statements = self._render_all(req.role.renew_statements, values, "renew_statements")
+            async with self._cursor("renewing user") as cur:
+                for stmt in statements:
+                    await self._run(cur, "renewing user", stmt)
+        # Nothing to push otherwise: MySQL accounts have no expiry (see module docs).
+        return RenewUserResponse(expiration=req.expiration)
+
+    async def delete_user(self, req: DeleteUserRequest) -> DeleteUserResponse:
+        name = self._check_username(req.username)
+        role = req.role
+        custom: Sequence[str] = ()
+        if role is not None:
+            use_rollback = req.reason == "rollback" and role.rollback_statements
+            key = "rollback_statements" if use_rollback else "revocation_statements"
+            templates = role.rollback_statements if use_rollback else role.revocation_statements
+            custom = self._render_all(templates, self._values(role, name), key)
+        hosts = self._candidate_hosts(req)
+        async with self._cursor("revoking user") as cur:
+            hosts |= await self._user_hosts(cur, name)
+            for host in sorted(hosts):
+                await self._lock_account(cur, name, host)
+            await self._kill_sessions(cur, name)
+            for stmt in custom:
+                await self._run(cur, "revoking user", stmt)
+            for host in sorted(hosts):
+                stmt = f"DROP USER IF EXISTS {quote_literal(name)}@{quote_literal(host)}"
+                await self._run(cur, "revoking user", stmt)
+            # A session that slipped in before the lock took hold dies here.
+            await self._kill_sessions(cur, name, final=True)
+        return DeleteUserResponse()
+
+    async def rotate_root(self, req: RotateRootRequest) -> RotateRootResponse:
+        """ALTER the admin account's own password, then reopen the pool with it.
+
+        The account is named explicitly: MariaDB 10.11 accepts ``ALTER USER
+        CURRENT_USER() IDENTIFIED BY ...`` and silently changes nothing.
+        """
+        what = "rotating the admin password"
+        new = req.new_password or generate_password()
+        async with self._cursor(what, new) as cur:
+            await self._run(cur, what, "SELECT CURRENT_USER()")
+            row = await cur.fetchone()
+            user, _, host = str(row[0]).rpartition("@")
+            # Parameters: pymysql escapes them for the session's sql_mode.
+            await self._run(
+                cur, what, "ALTER USER %s@%s IDENTIFIED BY %s", new, params=(user, host, new)
+            )
+        # Prove the new password logs in before anything relies on it.
+        pool = await self._new_pool(new)
+        try:
+            async with self._cursor_on(pool, what, new) as cur:
+                await self._run(cur, what, "SELECT 1", new)
+        except BackendError:
+            pool.close()
+            await pool.wait_closed()
+            raise
+        # Pooled connections stay logged in; new ones must use the new password.
+        old_pool, self._pool, self._password = self._pool, pool, new
+        if old_pool is not None:
+            old_pool.close()
+            await old_pool.wait_closed()
+        return RotateRootResponse(new_password=new)
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def _check_username(self, name: str) -> str:
+        return check_username(name, self.capabilities.max_username_length)
+
+    def _role_host(self, role: RoleSpec | None) -> str:
+        if role is not None and isinstance(role.options.get("host"), str):
+            return str(role.options["host"])
+        return self._host_part
+
+    def _role_database(self, role: RoleSpec | None) -> str | None:
+        if role is not None and isinstance(role.options.get("database"), str):
+            return str(role.options["database"])
+        return self._database
+
+    def _values(
+        self, role: RoleSpec | None, name: str, *, expiration: datetime | None = None
+    ) -> dict[str, str]:
+        values = {"name": name, "username": name}
+        db = self._role_database(role)
+        if db is not None:
+            values["database"] = db
+        if expiration is not None:
+            values["expiration"] = check_expiration(expiration)
+        return values
+
+    def _default_creation(self, host: str) -> tuple[str, ...]:
+        h = quote_literal(host)
+        return (
+            f"CREATE USER '{{{{name}}}}'@{h} IDENTIFIED BY '{{{{password}}}}'",
+            f"GRANT SELECT ON `{{{{database}}}}`.* TO '{{{{name}}}}'@{h}",
+        )
+
+    def _render_all(
+        self,
+        templates: Sequence[str],
+        values: Mapping[str, str],
+        key: str,
+        secrets: Sequence[str] = (),
+    ) -> list[str]:
+        try:
+            # One list entry may hold several statements; aiomysql sends one per call.
+            return [stmt for t in templates for stmt in split_statements(render(t, values))]
+        except ValueError as exc:
+            message = _redact(str(exc), secrets)
+        raise BackendError(f"mysql {key}: {message}", retryable=False)
+
+    def _candidate_hosts(self, req: DeleteUserRequest) -> set[str]:
+        hosts = {self._role_host(req.role)}
+        stored = req.revocation.get("host")
+        if isinstance(stored, str) and _HOST_OK.fullmatch(stored):
+            hosts.add(stored)
+        return hosts
+
+    async def _user_hosts(self, cur: Any, name: str) -> set[str]:
+        """Every host part the user exists with (custom statements may pick their own)."""
+        try:
+            await cur.execute("SELECT Host FROM mysql.user WHERE User = %s", (name,))
+        except pymysql.err.MySQLError as exc:
+            if _error_code(exc) in _ACCESS_DENIED:
+                log.debug("cannot read mysql.user; dropping the configured host only")
+                return set()
+            raise self._wrap("revoking user", exc) from None
+        rows = await cur.fetchall()
+        return {str(row[0]) for row in rows if _HOST_OK.fullmatch(str(row[0]))}
+
+    async def _lock_account(self, cur: Any, name: str, host: str) -> None:
+        stmt = f"ALTER USER IF EXISTS {quote_literal(name)}@{quote_literal(host)} ACCOUNT LOCK"
+        try:
+            await cur.execute(stmt)
+        except pymysql.err.MySQLError as exc:
+            # Servers before MySQL 5.7.6 / MariaDB 10.4 have no ACCOUNT LOCK: the
+            # kill-then-drop below still revokes, only the window is wider.
+            if _error_code(exc) not in {_ER_PARSE_ERROR, _ER_CANNOT_USER}:
+                raise self._wrap("revoking user", exc) from None
+
+    async def _kill_sessions(self, cur: Any, name: str, *, final: bool = False) -> None:
+        """KILL every live session of ``name``; with ``final``, insist until none is left."""
+        rounds = 5 if final else 1
+        for attempt in range(rounds):
+            await self._run(
+                cur,
+                "listing sessions",
+                "SELECT ID FROM information_schema.PROCESSLIST "
+                "WHERE USER = %s AND COMMAND <> 'Killed'",
+                params=(name,),
+            )
+            ids = [int(row[0]) for row in await cur.fetchall()]
+            if not ids:
+                return
+            for thread_id in ids:
+                try:
+                    await cur.execute(f"KILL CONNECTION {thread_id:d}")
+                except pymysql.err.MySQLError as exc:
+                    if _error_code(exc) != _ER_NO_SUCH_THREAD:  # ended meanwhile: fine
+                        raise self._wrap("killing sessions", exc) from None
+            if attempt + 1 < rounds:
+                await asyncio.sleep(0.05 * (attempt + 1))
+        if final:
+            raise BackendError(
+                f"mysql: sessions of {name!r} are still alive after KILL; will retry",
+                retryable=True,
+            )
+
+    async def _drop_quietly(self, cur: Any, name: str, host: str) -> None:
+        try:
+            await cur.execute(
+                f"DROP USER IF EXISTS {quote_literal(name)}@{quote_literal(host)}"
+            )
+        except Exception:  # the engine's rollback retries the delete
+            log.warning("mysql: could not drop half-created user %s@%s", name, host)
+
+    async def _run(
+        self,
+        cur: Any,
+        what: str,
+        stmt: str,
+        *secrets: str,
+        params: tuple[Any, ...] | None = None,
+    ) -> None:
+        try:
+            await cur.execute(stmt, params)
+        except Exception as exc:  # wrapped without secrets below
+            err = self._wrap(what, exc, secrets=secrets)
+        else:
+            return
+        # Raised outside the except block so the driver's error (which may echo
+        # the statement and its password) is not chained as __context__.
+        raise err
+
+    def _cursor(self, what: str, *secrets: str) -> AbstractAsyncContextManager[Any]:
+        pool = self._pool
+        if pool is None:
+            raise BackendError(f"mysql mount {self.mount!r} is not initialized", retryable=True)
+        return self._cursor_on(pool, what, *secrets)
+
+    @asynccontextmanager
+    async def _cursor_on(self, pool: aiomysql.Pool, what: str, *secrets: str
+                         ) -> AsyncIterator[Any]:
+        conn = await self._acquire(pool, what, secrets)
+        try:
+            async with conn.cursor() as cur:
+                yield cur
+        except BaseException as exc:
+            if not isinstance(exc, BackendError):
+                # Cancelled or broken mid-statement: the session state is unknown,
+                # so it must not go back to the pool.
+                conn.close()
+            raise
+        finally:
+            await pool.release(conn)
+
+    async def _acquire(self, pool: aiomysql.Pool, what: str, secrets: Sequence[str]) -> Any:
+        try:
+            return await pool.acquire()
+        except Exception as exc:  # wrapped without secrets below
+            err = self._wrap(what, exc, secrets=secrets, connecting=True)
+        raise err
+
+    def _wrap(
+        self,
+        what: str,
+        exc: BaseException,
+        *,
+        secrets: Iterable[str | None] = (),
+        connecting: bool = False,
+    ) -> BackendError:
+        """A BackendError saying what failed, with every secret removed."""
+        code = _error_code(exc)
+        if isinstance(exc, pymysql.err.MySQLError) and len(exc.args) >= 2:
+            detail = f"({code}) {exc.args[1]}"
+        else:
+            detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        retryable = (
+            connecting
+            or code in _RETRYABLE_CODES
+            or isinstance(exc, OSError | asyncio.TimeoutError | pymysql.err.InterfaceError)
+        )
+        detail = _redact(detail, [*secrets, self._password])
+        where = f"{self._host}:{self._port}"
+        return BackendError(f"mysql {where}: {what} failed: {detail}", retryable=retryable)
+
+
+def _int_option(opts: Mapping[str, Any], key: str, default: int, lo: int, hi: int) -> int:
+    value = opts.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise PluginConfigError(key, f"expected an integer, got {type(value).__name__} {value!r}")
+    if not lo <= value <= hi:
+        raise PluginConfigError(key, f"must be in {lo}..{hi}, got {value}")
+    return value
+
+
+def _host_option(opts: Mapping[str, Any], key: str, default: str, *, prefix: str = "") -> str:
+    value = opts.get(key, default)
+    if not isinstance(value, str) or not _HOST_OK.fullmatch(value):
+        raise PluginConfigError(
+            f"{prefix}{key}",
+            f"{value!r} is not an account host part (a name, an IP, % or _ wildcards)",
+        )
+    return value

@@ -1,0 +1,587 @@
+"""The MySQL/MariaDB plugin against a real server: issue, use, renew, revoke, refuse."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import socket
+import traceback
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiomysql
+import pymysql
+import pytest
+
+from broker.backend import (
+    Backend,
+    BackendError,
+    DeleteUserRequest,
+    MountSpec,
+    NewUserRequest,
+    NewUserResponse,
+    PluginConfigError,
+    RenewUserRequest,
+    RoleSpec,
+    RotateRootRequest,
+    load_plugin,
+)
+from broker.templating import generate_password, render_username
+from plugins.mysql import MySQLBackend
+
+pytestmark = pytest.mark.integration
+
+Admin = Callable[[str], Awaitable[list[tuple[Any, ...]]]]
+
+
+def _parts(dsn: str) -> dict[str, Any]:
+    url = urlsplit(dsn)
+    return {
+        "host": url.hostname or "127.0.0.1",
+        "port": url.port or 3306,
+        "user": url.username or "root",
+        "password": url.password or "",
+        "db": url.path.lstrip("/") or None,
+    }
+
+
+def _url(dsn: str, db: str | None = None) -> str:
+    p = _parts(dsn)
+    return f"mysql://{p['user']}@{p['host']}:{p['port']}/{db if db is not None else p['db'] or ''}"
+
+
+def _role(name: str = "ro", **kw: Any) -> RoleSpec:
+    options = kw.pop("options", {})
+    return RoleSpec(name=name, default_ttl=60, max_ttl=600, options=options, **kw)
+
+
+def _name(limit: int = 32) -> str:
+    return render_username(None, mount="it", role="my", max_length=limit)
+
+
+def _exp() -> datetime:
+    return datetime.now(UTC) + timedelta(minutes=5)
+
+
+async def _connect_as(dsn: str, user: str, password: str, db: str | None) -> aiomysql.Connection:
+    p = _parts(dsn)
+    return await aiomysql.connect(
+        host=p["host"], port=p["port"], user=user, password=password, db=db, autocommit=True,
+        connect_timeout=5,
+    )
+
+
+@pytest.fixture
+async def admin(mysql_dsn: str) -> AsyncIterator[Admin]:
+    """Run SQL as the admin: a separate connection, not the plugin's pool."""
+    p = _parts(mysql_dsn)
+    conn = await aiomysql.connect(
+        host=p["host"], port=p["port"], user=p["user"], password=p["password"], autocommit=True
+    )
+
+    async def run(sql: str) -> list[tuple[Any, ...]]:
+        async with conn.cursor() as cur:
+            await cur.execute(sql)
+            return list(await cur.fetchall())
+
+    try:
+        yield run
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+async def database(admin: Admin) -> AsyncIterator[str]:
+    """A throwaway database with one table holding one row."""
+    db = f"broker_it_{secrets.token_hex(4)}"
+    await admin(f"CREATE DATABASE `{db}`")
+    await admin(f"CREATE TABLE `{db}`.items (id INT PRIMARY KEY, label VARCHAR(20))")
+    await admin(f"INSERT INTO `{db}`.items VALUES (1, 'one')")
+    await admin(f"CREATE TABLE `{db}`.revlog (username VARCHAR(80))")
+    try:
+        yield db
+    finally:
+        await admin(f"DROP DATABASE IF EXISTS `{db}`")
+
+
+@pytest.fixture
+async def make_backend(
+    mysql_dsn: str, admin: Admin
+) -> AsyncIterator[Callable[..., Awaitable[MySQLBackend]]]:
+    """Build initialized backends; drop every user whose name starts with v-it- afterwards."""
+    made: list[MySQLBackend] = []
+
+    async def make(roles: dict[str, RoleSpec] | None = None, **options: Any) -> MySQLBackend:
+        options.setdefault("connection_url", _url(mysql_dsn))
+        mount = MountSpec(
+            name="my", plugin="mysql", roles=roles or {}, options=options,
+            secret=_parts(mysql_dsn)["password"] or None,
+        )
+        backend = MySQLBackend.from_config(mount)
+        await backend.initialize()
+        made.append(backend)
+        return backend
+
+    try:
+        yield make
+    finally:
+        for backend in made:
+            await backend.close()
+        for user, host in await admin(
+            "SELECT User, Host FROM mysql.user WHERE User LIKE 'v-it-%'"
+        ):
+            await admin(f"DROP USER IF EXISTS '{user}'@'{host}'")
+
+
+async def _issue(backend: MySQLBackend, role: RoleSpec, name: str | None = None,
+                 password: str | None = None) -> NewUserResponse:
+    return await backend.new_user(NewUserRequest(
+        role=role,
+        username=name if name is not None else _name(backend.capabilities.max_username_length),
+        password=password if password is not None else generate_password(),
+        expiration=_exp(), lease_id="my/creds/ro/x",
+    ))
+
+
+async def _users(admin: Admin, name: str) -> list[str]:
+    return [str(r[0]) for r in await admin(f"SELECT Host FROM mysql.user WHERE User = '{name}'")]
+
+
+async def test_entry_point_and_protocol(make_backend: Callable[..., Awaitable[MySQLBackend]]
+                                        ) -> None:
+    """The mysql entry point loads this class and an instance satisfies the Backend protocol."""
+    assert load_plugin("mysql") is MySQLBackend
+    backend = await make_backend()
+    assert isinstance(backend, Backend)
+    caps = backend.capabilities
+    assert (caps.can_revoke, caps.server_side_expiry, caps.max_username_length) == (
+        True, False, 32)
+    assert dict(caps.env_names) == {"username": "MYSQL_USER", "password": "MYSQL_PWD"}
+    await backend.verify()
+
+
+async def test_issue_select_but_not_write(
+    make_backend: Callable[..., Awaitable[MySQLBackend]], database: str, mysql_dsn: str,
+    admin: Admin,
+) -> None:
+    """The default role can SELECT from its one database and nothing more."""
+    role = _role(options={"database": database})
+    backend = await make_backend({"ro": role})
+    resp = await _issue(backend, role)
+    user, pw = resp.data["username"], resp.data["password"]
+    assert set(resp.data) == {"username", "password"}
+    assert resp.revocation == {"host": "%"}
+    conn = await _connect_as(mysql_dsn, user, pw, database)
+    try:
+        async with conn.cursor() as cur:
+            await cur.execute("SELECT label FROM items WHERE id = 1")
+            assert await cur.fetchall() == (("one",),)
+            with pytest.raises(pymysql.err.OperationalError) as denied:
+                await cur.execute("INSERT INTO items VALUES (2, 'two')")
+            assert denied.value.args[0] == 1142  # command denied
+    finally:
+        conn.close()
+    grants = " ".join(str(r[0]) for r in await admin(f"SHOW GRANTS FOR '{user}'@'%'"))
+    assert f"GRANT SELECT ON `{database}`.*" in grants
+    assert "ALL PRIVILEGES" not in grants
+
+
+async def test_renew_keeps_the_user_working(
+    make_backend: Callable[..., Awaitable[MySQLBackend]], database: str, mysql_dsn: str,
+) -> None:
+    """renew_user returns the requested expiration and the credential still logs in."""
+    role = _role(options={"database": database})
+    backend = await make_backend({"ro": role})
+    resp = await _issue(backend, role)
+    later = _exp() + timedelta(hours=1)
+    renewed = await backend.renew_user(RenewUserRequest(
+        role=role, username=resp.data["username"], revocation=resp.revocation, expiration=later))
+    assert renewed.expiration == later
+    conn = await _connect_as(mysql_dsn, resp.data["username"], resp.data["password"], database)
+    conn.close()
+
+
+async def test_renew_statements_run(
+    make_backend: Callable[..., Awaitable[MySQLBackend]], database: str, admin: Admin,
+) -> None:
+    """A role's renew_statements run with {{name}} and {{expiration}} on renew."""
+    role = _role(options={"database": database}, renew_statements=(
+        f"INSERT INTO `{database}`.revlog VALUES ('renew {{{{name}}}} {{{{expiration}}}}')",))
+    backend = await make_backend({"ro": role})
+    resp = await _issue(backend, role)
+    when = datetime(2031, 1, 2, 3, 4, 5, tzinfo=UTC)
+    await backend.renew_user(RenewUserRequest(
+        role=role, username=resp.data["username"], revocation=resp.revocation, expiration=when))
+    rows = await admin(f"SELECT username FROM `{database}`.revlog")
+    assert rows == [(f"renew {resp.data['username']} 2031-01-02 03:04:05+00:00",)]
+
+
+async def test_revoke_kills_open_session(
+    make_backend: Callable[..., Awaitable[MySQLBackend]], database: str, mysql_dsn: str,
+    admin: Admin,
+) -> None:
+    """An open connection of the user is dead after delete_user, and the user is gone."""
+    role = _role(options={"database": database})
+    backend = await make_backend({"ro": role})
+    resp = await _issue(backend, role)
+    user, pw = resp.data["username"], resp.data["password"]
+    conn = await _connect_as(mysql_dsn, user, pw, database)
+    try:
+        async with conn.cursor() as cur:
+            await cur.execute("SELECT 1")
+        await backend.delete_user(DeleteUserRequest(
+            role=role, username=user, revocation={"username": user, **resp.revocation}))
+        with pytest.raises((pymysql.err.OperationalError, pymysql.err.InterfaceError)):
+            async with conn.cursor() as cur:
+                await cur.execute("SELECT label FROM items")
+    finally:
+        conn.close()
+    assert await _users(admin, user) == []
+    rows = await admin(
+        f"SELECT ID FROM information_schema.PROCESSLIST WHERE USER = '{user}' "
+        "AND COMMAND <> 'Killed'")
+    assert rows == []
+    with pytest.raises(pymysql.err.OperationalError) as denied:
+        await _connect_as(mysql_dsn, user, pw, database)
+    assert denied.value.args[0] == 1045
+
+
+async def test_revoke_kills_a_session_in_a_long_query(
+    make_backend: Callable[..., Awaitable[MySQLBackend]], database: str, mysql_dsn: str,
+) -> None:
+    """A session busy in a running query is killed too, not only idle ones."""
+    role = _role(options={"database": database})
+    backend = await make_backend({"ro": role})
+    resp = await _issue(backend, role)
+    user, pw = resp.data["username"], resp.data["password"]
+    conn = await _connect_as(mysql_dsn, user, pw, database)
+
+    async def sleeper() -> None:
+        async with conn.cursor() as cur:
+            await cur.execute("SELECT SLEEP(30)")
+            await cur.fetchall()
+            await cur.execute("SELECT 1")
+
+    task = asyncio.create_task(sleeper())
+    try:
+        await asyncio.sleep(0.5)
+        await backend.delete_user(DeleteUserRequest(
+            role=role, username=user, revocation=resp.revocation))
+        with pytest.raises((pymysql.err.OperationalError, pymysql.err.InterfaceError)):
+            await asyncio.wait_for(task, 10)
+    finally:
+        conn.close()
+
+
+async def test_custom_revocation_statements_run_after_kill(
+    make_backend: Callable[..., Awaitable[MySQLBackend]], database: str, admin: Admin,
+) -> None:
+    """revocation_statements run, and the user is still dropped afterwards."""
+    role = _role(options={"database": database}, revocation_statements=(
+        f"INSERT INTO `{database}`.revlog VALUES ('{{{{name}}}}')",))
+    backend = await make_backend({"ro": role})
+    resp = await _issue(backend, role)
+    user = resp.data["username"]
+    await backend.delete_user(DeleteUserRequest(role=role, username=user,
+                                                revocation=resp.revocation))
+    assert await admin(f"SELECT username FROM `{database}`.revlog") == [(user,)]
+    assert await _users(admin, user) == []
+
+
+async def test_delete_is_idempotent(
+    make_backend: Callable[..., Awaitable[MySQLBackend]], database: str, admin: Admin,
+) -> None:
+    """Deleting twice, or deleting a user that never existed, succeeds."""
+    role = _role(options={"database": database})
+    backend = await make_backend({"ro": role})
+    resp = await _issue(backend, role)
+    user = resp.data["username"]
+    req = DeleteUserRequest(role=role, username=user, revocation=resp.revocation)
+    await backend.delete_user(req)
+    await backend.delete_user(req)
+    await backend.delete_user(DeleteUserRequest(role=None, username=_name(), revocation={}))
+    assert await _users(admin, user) == []
+
+
+async def test_delete_finds_every_host(
+    make_backend: Callable[..., Awaitable[MySQLBackend]], database: str, admin: Admin,
+) -> None:
+    """A user created under another host part by custom statements is still dropped."""
+    role = _role(options={"database": database}, creation_statements=(
+        "CREATE USER '{{name}}'@'10.9.8.7' IDENTIFIED BY '{{password}}'",
+        "CREATE USER '{{name}}'@'%' IDENTIFIED BY '{{password}}'",
+    ))
+    backend = await make_backend({"ro": role})
+    resp = await _issue(backend, role)
+    user = resp.data["username"]
+    assert sorted(await _users(admin, user)) == ["%", "10.9.8.7"]
+    await backend.delete_user(DeleteUserRequest(role=None, username=user, revocation={}))
+    assert await _users(admin, user) == []
+
+
+async def test_role_host_option(
+    make_backend: Callable[..., Awaitable[MySQLBackend]], database: str, admin: Admin,
+) -> None:
+    """A role's host option becomes the account's host part and its revocation data."""
+    role = _role(options={"database": database, "host": "127.0.0.1"})
+    backend = await make_backend({"ro": role}, host="10.0.0.%")
+    resp = await _issue(backend, role)
+    user = resp.data["username"]
+    assert resp.revocation == {"host": "127.0.0.1"}
+    assert await _users(admin, user) == ["127.0.0.1"]
+    await backend.delete_user(DeleteUserRequest(role=role, username=user,
+                                                revocation=resp.revocation))
+    assert await _users(admin, user) == []
+
+
+async def test_thirty_concurrent_issues(
+    make_backend: Callable[..., Awaitable[MySQLBackend]], database: str, admin: Admin,
+) -> None:
+    """30 concurrent new_user calls of one role all succeed through a pool of 4."""
+    role = _role(options={"database": database})
+    backend = await make_backend({"ro": role})
+    results = await asyncio.gather(*(_issue(backend, role) for _ in range(30)))
+    names = {r.data["username"] for r in results}
+    assert len(names) == 30
+    rows = await admin("SELECT COUNT(*) FROM mysql.user WHERE User LIKE 'v-it-%'")
+    assert rows[0][0] >= 30
+    await asyncio.gather(*(
+        backend.delete_user(DeleteUserRequest(role=role, username=n, revocation={}))
+        for n in names
+    ))
+    for n in names:
+        assert await _users(admin, n) == []
+
+
+@pytest.mark.parametrize("limit", [16, 32])
+async def test_username_limit_honoured(
+    make_backend: Callable[..., Awaitable[MySQLBackend]], database: str, admin: Admin,
+    limit: int,
+) -> None:
+    """A name of exactly username_max_length works; one character more is refused unsent."""
+    role = _role(options={"database": database})
+    options = {} if limit == 32 else {"username_max_length": limit}
+    backend = await make_backend({"ro": role}, **options)
+    assert backend.capabilities.max_username_length == limit
+    fitting = ("v-it-" + secrets.token_hex(40))[:limit]
+    resp = await _issue(backend, role, name=fitting)
+    assert await _users(admin, resp.data["username"]) == ["%"]
+    too_long = ("v-it-" + secrets.token_hex(40))[: limit + 1]
+    with pytest.raises(BackendError) as err:
+        await _issue(backend, role, name=too_long)
+    assert err.value.retryable is False
+    assert await _users(admin, too_long) == []
+    generated = _name(limit)
+    assert len(generated) <= limit
+
+
+@pytest.mark.parametrize("name", ["v-it-x'; DROP DATABASE test; --", "v-it-`x`", "V-IT-UPPER",
+                                  "v-it-x\\", "", "v-it-x y"])
+async def test_unquotable_username_refused(
+    make_backend: Callable[..., Awaitable[MySQLBackend]], database: str, admin: Admin, name: str,
+) -> None:
+    """A username outside [a-z0-9_-] is refused before any SQL runs."""
+    role = _role(options={"database": database})
+    backend = await make_backend({"ro": role})
+    with pytest.raises(BackendError) as err:
+        await _issue(backend, role, name=name)
+    assert err.value.retryable is False
+    with pytest.raises(BackendError):
+        await backend.delete_user(DeleteUserRequest(role=role, username=name, revocation={}))
+    assert await admin("SELECT User FROM mysql.user WHERE User LIKE 'v-it-x%'") == []
+
+
+@pytest.mark.parametrize("password", ["abc'def", "abc\\'; DROP USER root; --", "pass word", ""])
+async def test_unquotable_password_refused(
+    make_backend: Callable[..., Awaitable[MySQLBackend]], database: str, password: str,
+) -> None:
+    """A password that is not alphanumeric is refused, and not echoed in the error."""
+    role = _role(options={"database": database})
+    backend = await make_backend({"ro": role})
+    with pytest.raises(BackendError) as err:
+        await _issue(backend, role, password=password)
+    assert err.value.retryable is False
+    if password:
+        assert password not in str(err.value)
+
+
+async def test_password_never_in_error_text(
+    make_backend: Callable[..., Awaitable[MySQLBackend]], database: str, admin: Admin,
+) -> None:
+    """A failing statement that echoes the password gives a redacted, non-retryable error."""
+    role = _role(options={"database": database}, creation_statements=(
+        "CREATE USER '{{name}}'@'%' IDENTIFIED BY '{{password}}'",
+        "GRANT SELEKT ON x TO '{{name}}'@'%' IDENTIFIED BY '{{password}}' oops",
+    ))
+    backend = await make_backend({"ro": role})
+    password = generate_password()
+    name = _name()
+    with pytest.raises(BackendError) as err:
+        await _issue(backend, role, name=name, password=password)
+    text = "".join(traceback.format_exception(err.value))
+    assert "1064" in str(err.value)  # the server's syntax error came through...
+    assert password not in text  # ...but not the password it echoed
+    assert password[:8] not in text and password[-8:] not in text
+    assert err.value.retryable is False
+    # The half-created user (first statement succeeded) was cleaned up.
+    assert await _users(admin, name) == []
+
+
+async def test_connection_error_is_retryable_and_redacted(mysql_dsn: str) -> None:
+    """An unreachable server gives a retryable BackendError without the admin secret."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    secret = "Sup3rS3cretAdminPw"
+    backend = MySQLBackend.from_config(MountSpec(
+        name="my", plugin="mysql", roles={}, secret=secret,
+        options={"connection_url": f"mysql://root@127.0.0.1:{port}/test"}))
+    await backend.initialize()
+    try:
+        with pytest.raises(BackendError) as err:
+            await backend.verify()
+        assert err.value.retryable is True
+        assert secret not in "".join(traceback.format_exception(err.value))
+    finally:
+        await backend.close()
+
+
+async def test_wrong_admin_password_is_retryable_and_redacted(mysql_dsn: str) -> None:
+    """A refused admin login is a retryable connection error that hides the secret."""
+    p = _parts(mysql_dsn)
+    secret = "WrongAdminPassw0rd"
+    backend = MySQLBackend.from_config(MountSpec(
+        name="my", plugin="mysql", roles={}, secret=secret,
+        options={"connection_url": f"mysql://v-it-nobody@{p['host']}:{p['port']}/"}))
+    await backend.initialize()
+    try:
+        with pytest.raises(BackendError) as err:
+            await backend.verify()
+        assert err.value.retryable is True
+        assert "1045" in str(err.value)
+        assert secret not in "".join(traceback.format_exception(err.value))
+    finally:
+        await backend.close()
+
+
+async def test_rotate_root(mysql_dsn: str, admin: Admin) -> None:
+    """rotate_root changes the admin's own password; the old one stops working, the backend not."""
+    p = _parts(mysql_dsn)
+    user, old = f"v-it-admin{secrets.token_hex(3)}", generate_password()
+    await admin(f"CREATE USER '{user}'@'%' IDENTIFIED BY '{old}'")
+    # A broker admin has CREATE USER anyway, and MariaDB wants it for ALTER USER.
+    await admin(f"GRANT CREATE USER ON *.* TO '{user}'@'%'")
+    try:
+        backend = MySQLBackend.from_config(MountSpec(
+            name="my", plugin="mysql", roles={}, secret=old,
+            options={"connection_url": f"mysql://{user}@{p['host']}:{p['port']}/"}))
+        await backend.initialize()
+        try:
+            await backend.verify()
+            resp = await backend.rotate_root(RotateRootRequest())
+            new = resp.new_password
+            assert new and new != old
+            await backend.verify()  # the fresh pool logs in with the new password
+            conn = await _connect_as(mysql_dsn, user, new, None)
+            conn.close()
+            with pytest.raises(pymysql.err.OperationalError):
+                await _connect_as(mysql_dsn, user, old, None)
+        finally:
+            await backend.close()
+    finally:
+        await admin(f"DROP USER IF EXISTS '{user}'@'%'")
+
+
+async def test_uninitialized_backend_is_a_retryable_error(mysql_dsn: str) -> None:
+    """Calls before initialize() raise BackendError instead of crashing."""
+    backend = MySQLBackend.from_config(MountSpec(
+        name="my", plugin="mysql", roles={}, options={"connection_url": _url(mysql_dsn)}))
+    with pytest.raises(BackendError) as err:
+        await backend.verify()
+    assert err.value.retryable is True
+
+
+# -- configuration (no server needed, but cheap enough to keep beside the rest) ------------
+
+
+def _mount(roles: dict[str, RoleSpec] | None = None, **options: Any) -> MountSpec:
+    options.setdefault("connection_url", "mysql://admin@db:3306/app")
+    return MountSpec(name="my", plugin="mysql", roles=roles or {}, options=options)
+
+
+@pytest.mark.parametrize(("options", "key"), [
+    ({"username_max_length": 7}, "username_max_length"),
+    ({"username_max_length": 81}, "username_max_length"),
+    ({"username_max_length": "32"}, "username_max_length"),
+    ({"max_open_connections": 0}, "max_open_connections"),
+    ({"connection_url": "mysql://admin:pw@db:3306/app"}, "connection_url"),
+    ({"connection_url": "postgresql://admin@db/app"}, "connection_url"),
+    ({"connection_url": "mysql://db:3306/app"}, "connection_url"),
+    ({"connection_url": "mysql://admin@db/ap`p"}, "connection_url"),
+    ({"host": "x'y"}, "host"),
+    ({"password": "x"}, "password"),
+])
+def test_from_config_refuses(options: dict[str, Any], key: str) -> None:
+    """Bad mount options are a PluginConfigError naming the key."""
+    with pytest.raises(PluginConfigError) as err:
+        MySQLBackend.from_config(_mount(**options))
+    assert err.value.key == key
+
+
+def test_from_config_defaults() -> None:
+    """Defaults: 32-character usernames; 16 and 80 are accepted."""
+    assert MySQLBackend.from_config(_mount()).capabilities.max_username_length == 32
+    for limit in (16, 80):
+        caps = MySQLBackend.from_config(_mount(username_max_length=limit)).capabilities
+        assert caps.max_username_length == limit
+
+
+def test_default_role_needs_a_database() -> None:
+    """A role on default statements with no database anywhere is refused at load."""
+    with pytest.raises(PluginConfigError) as err:
+        MySQLBackend.from_config(_mount({"ro": _role()}, connection_url="mysql://admin@db"))
+    assert err.value.key == "roles.ro.database"
+    MySQLBackend.from_config(_mount({"ro": _role(options={"database": "app"})},
+                                    connection_url="mysql://admin@db"))
+
+
+@pytest.mark.parametrize("stmt", [
+    "GRANT ALL ON *.* TO '{{name}}'@'%'",
+    "grant all privileges on *.* to '{{name}}'@'%'",
+    "GRANT ALL PRIVILEGES ON `*`.`*` TO '{{name}}'@'%' WITH GRANT OPTION",
+])
+def test_grant_all_on_everything_refused(stmt: str) -> None:
+    """A creation statement granting ALL ON *.* is refused with the reason."""
+    role = _role(creation_statements=("CREATE USER '{{name}}'@'%' IDENTIFIED BY '{{password}}'",
+                                      stmt))
+    with pytest.raises(PluginConfigError) as err:
+        MySQLBackend.validate_role(role)
+    assert "server administrator" in err.value.message
+    assert err.value.key == "roles.ro.creation_statements[1]"
+
+
+def test_grant_all_on_one_database_allowed() -> None:
+    """ALL on one database is the operator's choice and is accepted."""
+    MySQLBackend.validate_role(_role(creation_statements=(
+        "CREATE USER '{{name}}'@'%' IDENTIFIED BY '{{password}}'",
+        "GRANT ALL ON `app`.* TO '{{name}}'@'%'",
+    )))
+
+
+@pytest.mark.parametrize(("role", "key"), [
+    (_role(options={"database": "a`b"}), "roles.ro.database"),
+    (_role(options={"database": "a'b"}), "roles.ro.database"),
+    (_role(options={"host": "%' OR '1"}), "roles.ro.host"),
+    (_role(options={"schema": "x"}), "roles.ro.schema"),
+    (_role(creation_statements=("GRANT SELECT ON app.* TO someone",)),
+     "roles.ro.creation_statements"),
+    (_role(revocation_statements=("SELECT '{{password}}'",)), "roles.ro.revocation_statements"),
+    (_role(rollback_statements=("SELECT '{{expiration}}'",)), "roles.ro.rollback_statements"),
+])
+def test_validate_role_refuses(role: RoleSpec, key: str) -> None:
+    """Unquotable names, unknown options and impossible templates are refused at load."""
+    with pytest.raises(PluginConfigError) as err:
+        MySQLBackend.validate_role(role)
+    assert err.value.key == key
