@@ -1,0 +1,156 @@
+"""Run a real broker for tests: in-process in a thread (for hvac), or as a subprocess.
+
+The in-process server is the same wiring as ``broker server`` (store, audit,
+engine, sweeper, jobs, aiohttp on a real TCP port); only the process differs,
+so tests can also peek at the store through ``call()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from broker.api import create_app
+from broker.config import Config, load_config
+from broker.jobs import start_jobs
+from broker.server import build_state, start, stop
+from broker.state import BrokerState
+
+T = TypeVar("T")
+ROOT_TOKEN = "root-token-for-tests"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(tmp: Path, body: str, *, port: int | None = None) -> Path:
+    """A config file under ``tmp`` with storage and audit inside it, plus ``body``."""
+    port = port or free_port()
+    path = tmp / "broker.toml"
+    path.write_text(
+        f"""
+[server]
+listen = "127.0.0.1:{port}"
+shutdown_grace = "5s"
+
+[storage]
+url = "sqlite:///{tmp / 'broker.db'}"
+
+[audit]
+path = "{tmp / 'audit.jsonl'}"
+hmac_key_file = "{tmp / 'audit.key'}"
+"""
+        + body
+    )
+    return path
+
+
+@dataclass
+class BrokerThread:
+    """A broker running on its own event loop in a background thread."""
+
+    config: Config
+    root_token: str = ROOT_TOKEN
+    state: BrokerState | None = None
+    loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
+    _thread: threading.Thread | None = None
+    _stopped: asyncio.Event | None = None
+    _ready: threading.Event = field(default_factory=threading.Event)
+    _error: BaseException | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.config.server.port}"
+
+    @property
+    def audit_path(self) -> str:
+        return self.config.audit.path
+
+    def start(self) -> BrokerThread:
+        self._thread = threading.Thread(target=self._main, daemon=True)
+        self._thread.start()
+        if not self._ready.wait(60):
+            raise RuntimeError("broker did not start within 60s")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self._serve())
+        self.loop.close()
+
+    async def _serve(self) -> None:
+        try:
+            self.state = await build_state(self.config)
+            if await self.state.store.token_by_accessor("test-root") is None:
+                await self.state.tokens.create(policies=["root"], ttl=None, display_name="root",
+                                               token_id=self.root_token, accessor="test-root")
+            await start(self.state)
+            scheduler = start_jobs(self.state)
+            runner = web.AppRunner(create_app(self.state), shutdown_timeout=5)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", self.config.server.port).start()
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+            return
+        self._stopped = asyncio.Event()
+        self._ready.set()
+        await self._stopped.wait()
+        scheduler.shutdown(wait=False)
+        self.state.serving = False
+        await runner.cleanup()
+        await stop(self.state, 5)
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
+        """Run ``coro`` on the broker's loop (e.g. a store query) and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        if self._stopped is not None and self._thread is not None:
+            self.loop.call_soon_threadsafe(self._stopped.set)
+            self._thread.join(30)
+
+
+def start_broker(config_path: Path) -> BrokerThread:
+    return BrokerThread(load_config(config_path)).start()
+
+
+def wait_healthy(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/v1/sys/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"broker at {url} not healthy after {timeout}s")
+
+
+def spawn_broker(config_path: Path, *extra: str, env: dict[str, str] | None = None
+                 ) -> subprocess.Popen[bytes]:
+    """``broker server --config FILE`` as a real subprocess (for kill -9 tests)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "broker.cli", "server", "--config", str(config_path), *extra],
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )

@@ -1,0 +1,267 @@
+"""End to end: hvac against a real broker issuing real PostgreSQL roles."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import hvac
+import hvac.exceptions
+import pytest
+import requests
+
+from broker.lease import LeaseState
+from tests.conftest import run
+from tests.integration.broker_harness import BrokerThread, start_broker, write_config
+
+pytestmark = pytest.mark.integration
+
+
+def pg_mount(dsn: str, name: str = "pg") -> str:
+    return f"""
+[leases]
+revoke_backoff_base = "1s"
+revoke_max_attempts = 3
+
+[mounts.{name}]
+plugin = "postgres"
+connection_url = "{dsn}"
+
+[mounts.{name}.roles.readonly]
+creation_statements = [
+  "CREATE ROLE \\"{{{{name}}}}\\" WITH LOGIN PASSWORD '{{{{password}}}}' VALID UNTIL '{{{{expiration}}}}'",
+  "GRANT SELECT ON ALL TABLES IN SCHEMA public TO \\"{{{{name}}}}\\"",
+]
+default_ttl = "1h"
+max_ttl = "2h"
+
+[mounts.{name}.roles.short]
+default_ttl = "2s"
+max_ttl = "10s"
+
+[policies.app]
+"{name}/creds/readonly" = ["read"]
+"""
+
+
+async def role_exists(dsn: str, name: str) -> bool:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return bool(await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", name))
+    finally:
+        await conn.close()
+
+
+async def connect_as(dsn: str, user: str, password: str) -> asyncpg.Connection:
+    host_part = dsn.split("@", 1)[1]
+    return await asyncpg.connect(f"postgresql://{user}:{password}@{host_part}")
+
+
+@pytest.fixture
+def broker(tmp_path: Path, postgres_dsn: str) -> Iterator[BrokerThread]:
+    server = start_broker(write_config(tmp_path, pg_mount(postgres_dsn)))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def client(broker: BrokerThread) -> hvac.Client:
+    return hvac.Client(url=broker.url, token=broker.root_token)
+
+
+def audit_events(broker: BrokerThread) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(broker.audit_path).read_text().splitlines()]
+
+
+def test_issue_connect_renew_revoke(client: hvac.Client, broker: BrokerThread,
+                                    postgres_dsn: str) -> None:
+    """A credential from hvac logs in to PostgreSQL, renews, and stops working once revoked."""
+    resp = client.secrets.database.generate_credentials("readonly", mount_point="pg")
+    user, password = resp["data"]["username"], resp["data"]["password"]
+    assert resp["lease_id"].startswith("pg/creds/readonly/")
+    assert resp["lease_duration"] == 3600 and resp["renewable"] is True
+
+    async def use() -> int:
+        conn = await connect_as(postgres_dsn, user, password)
+        try:
+            return int(await conn.fetchval("SELECT 1"))
+        finally:
+            await conn.close()
+
+    assert run(use()) == 1
+    renewed = client.sys.renew_lease(resp["lease_id"], increment=600)
+    assert renewed["lease_id"] == resp["lease_id"] and 590 <= renewed["lease_duration"] <= 600
+    looked = client.sys.read_lease(resp["lease_id"])
+    assert looked["data"]["id"] == resp["lease_id"] and looked["data"]["ttl"] <= 600
+
+    client.sys.revoke_lease(resp["lease_id"])
+    assert not run(role_exists(postgres_dsn, user))
+    with pytest.raises(asyncpg.PostgresError):
+        run(use())
+    events = [e["type"] for e in audit_events(broker)]
+    assert {"issue", "renew", "revoke"} <= set(events)
+    # The password reaches the audit log only as an HMAC.
+    assert password not in Path(broker.audit_path).read_text()
+
+
+def test_renew_past_max_ttl_is_an_error(client: hvac.Client) -> None:
+    """Renewing beyond issue time + max_ttl answers 400 instead of silently capping."""
+    resp = client.secrets.database.generate_credentials("readonly", mount_point="pg")
+    with pytest.raises(hvac.exceptions.InvalidRequest, match="max TTL"):
+        client.sys.renew_lease(resp["lease_id"], increment=3 * 3600)
+    client.sys.revoke_lease(resp["lease_id"])
+
+
+def test_expiry_ends_open_sessions(client: hvac.Client, broker: BrokerThread,
+                                   postgres_dsn: str) -> None:
+    """A short-TTL lease is revoked about when it expires, and its open session is killed."""
+    resp = client.secrets.database.generate_credentials("short", mount_point="pg")
+    user, password = resp["data"]["username"], resp["data"]["password"]
+
+    async def scenario() -> tuple[bool, float]:
+        conn = await connect_as(postgres_dsn, user, password)
+        start = time.monotonic()
+        try:
+            while time.monotonic() - start < 10:
+                try:
+                    await conn.fetchval("SELECT 1")
+                except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                    return True, time.monotonic() - start
+                await asyncio_sleep(0.1)
+            return False, time.monotonic() - start
+        finally:
+            conn.terminate()
+
+    killed, after = run(scenario())
+    assert killed, "the open session survived the lease's expiry"
+    assert after < 2 + 2.5, f"session lived {after:.1f}s past issue; TTL was 2s"
+    assert not run(role_exists(postgres_dsn, user))
+    lease = broker.call(broker.state.store.get(resp["lease_id"]))  # type: ignore[union-attr]
+    assert lease is not None and lease.state is LeaseState.EXPIRED
+
+
+async def asyncio_sleep(seconds: float) -> None:
+    import asyncio
+
+    await asyncio.sleep(seconds)
+
+
+def test_fifty_concurrent_issues_of_one_role(client: hvac.Client, broker: BrokerThread,
+                                              postgres_dsn: str) -> None:
+    """50 simultaneous issues of a role with a GRANT all succeed (no 'tuple concurrently updated')."""
+    def one(_: int) -> dict[str, Any]:
+        c = hvac.Client(url=broker.url, token=broker.root_token)
+        return c.secrets.database.generate_credentials("readonly", mount_point="pg")
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=50) as pool:
+        results = list(pool.map(one, range(50)))
+    users = {r["data"]["username"] for r in results}
+    assert len(users) == 50
+    assert all(run(role_exists(postgres_dsn, u)) for u in list(users)[:5])
+    resp = client.sys.revoke_prefix("pg/creds/readonly/")
+    assert resp.status_code == 200 or resp.get("data", {}).get("queued") == 50
+
+
+def test_revoke_prefix_revokes_everything_under_it(client: hvac.Client, broker: BrokerThread,
+                                                   postgres_dsn: str) -> None:
+    """revoke-prefix returns at once with the count, and every role under it is dropped."""
+    users = [client.secrets.database.generate_credentials("readonly", mount_point="pg")
+             ["data"]["username"] for _ in range(10)]
+    keep = client.secrets.database.generate_credentials("short", mount_point="pg")
+    listed = client.sys.list_leases("pg/creds/readonly/")
+    assert len(listed["data"]["keys"]) == 10
+    resp = requests.put(f"{broker.url}/v1/sys/leases/revoke-prefix/pg/creds/readonly/",
+                        headers={"X-Vault-Token": broker.root_token}, json={"sync": True},
+                        timeout=60)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["data"] == {"queued": 10, "still_revoking": 0}
+    assert not any(run(role_exists(postgres_dsn, u)) for u in users)
+    assert run(role_exists(postgres_dsn, keep["data"]["username"]))
+
+
+def test_token_revocation_cascades_to_leases(client: hvac.Client, broker: BrokerThread,
+                                             postgres_dsn: str) -> None:
+    """Revoking a token (revoke-self) revokes its child tokens and all their leases."""
+    parent = client.auth.token.create(policies=["app"], ttl="1h")["auth"]["client_token"]
+    app = hvac.Client(url=broker.url, token=parent)
+    child = app.auth.token.create(policies=["app"], ttl="30m")["auth"]["client_token"]
+    kid = hvac.Client(url=broker.url, token=child)
+    users = [app.secrets.database.generate_credentials("readonly", mount_point="pg"),
+             kid.secrets.database.generate_credentials("readonly", mount_point="pg")]
+    app.auth.token.revoke_self()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(
+            run(role_exists(postgres_dsn, u["data"]["username"])) for u in users):
+        time.sleep(0.2)
+    assert not any(run(role_exists(postgres_dsn, u["data"]["username"])) for u in users)
+    with pytest.raises(hvac.exceptions.Forbidden):
+        kid.secrets.database.generate_credentials("readonly", mount_point="pg")
+
+
+def test_policy_limits_roles_and_lease_ownership(client: hvac.Client, broker: BrokerThread
+                                                 ) -> None:
+    """An app token reaches only its policy's role, and cannot touch another token's lease."""
+    tok = client.auth.token.create(policies=["app"], ttl="1h")["auth"]["client_token"]
+    app = hvac.Client(url=broker.url, token=tok)
+    with pytest.raises(hvac.exceptions.Forbidden):
+        app.secrets.database.generate_credentials("short", mount_point="pg")
+    mine = app.secrets.database.generate_credentials("readonly", mount_point="pg")
+    app.sys.renew_lease(mine["lease_id"], increment=60)
+    theirs = client.secrets.database.generate_credentials("readonly", mount_point="pg")
+    with pytest.raises(hvac.exceptions.Forbidden):
+        app.sys.revoke_lease(theirs["lease_id"])
+    with pytest.raises(hvac.exceptions.Forbidden):
+        app.sys.read_lease(theirs["lease_id"])
+    assert "policy_denied" in {e["type"] for e in audit_events(broker)}
+    client.sys.revoke_lease(theirs["lease_id"])
+    app.sys.revoke_lease(mine["lease_id"])
+
+
+def test_reuse_of_dead_lease_and_token_is_refused_and_audited(client: hvac.Client,
+                                                              broker: BrokerThread) -> None:
+    """Renew/lookup/revoke of a revoked lease and use of a revoked token are 4xx + reuse_attempt."""
+    tok = client.auth.token.create(policies=["app"], ttl="1h")["auth"]
+    app = hvac.Client(url=broker.url, token=tok["client_token"])
+    lease = app.secrets.database.generate_credentials("readonly", mount_point="pg")
+    app.sys.revoke_lease(lease["lease_id"])
+    for attempt in (lambda: app.sys.renew_lease(lease["lease_id"]),
+                    lambda: app.sys.read_lease(lease["lease_id"]),
+                    lambda: app.sys.revoke_lease(lease["lease_id"])):
+        with pytest.raises(hvac.exceptions.InvalidRequest, match="revoked"):
+            attempt()
+    app.auth.token.revoke_self()
+    with pytest.raises(hvac.exceptions.Forbidden, match="revoked"):
+        app.secrets.database.generate_credentials("readonly", mount_point="pg")
+    reuse = [e for e in audit_events(broker) if e["type"] == "reuse_attempt"]
+    lease_reuse = [e for e in reuse if (e.get("lease") or {}).get("id") == lease["lease_id"]]
+    assert len(lease_reuse) == 3
+    assert all(e["original_owner"] == tok["accessor"] for e in lease_reuse)
+    assert any(e.get("token_accessor") == tok["accessor"] for e in reuse)
+
+
+def test_errors_are_vault_shaped(broker: BrokerThread) -> None:
+    """Bad input, unknown paths, wrong methods and oversized bodies get {"errors": [...]}."""
+    h = {"X-Vault-Token": broker.root_token}
+    cases = [
+        (requests.get(f"{broker.url}/v1/nope/creds/x", headers=h, timeout=10), 404),
+        (requests.get(f"{broker.url}/v1/pg/creds/nope", headers=h, timeout=10), 404),
+        (requests.delete(f"{broker.url}/v1/pg/creds/readonly", headers=h, timeout=10), 405),
+        (requests.put(f"{broker.url}/v1/sys/leases/renew", headers=h, data="{not json",
+                      timeout=10), 400),
+        (requests.put(f"{broker.url}/v1/sys/leases/renew", headers=h, json={"lease_id": "x/y"},
+                      timeout=10), 400),
+        (requests.get(f"{broker.url}/v1/pg/creds/readonly", params={"ttl": "soon"}, headers=h,
+                      timeout=10), 400),
+        (requests.get(f"{broker.url}/v1/pg/creds/readonly", timeout=10), 403),
+        (requests.put(f"{broker.url}/v1/sys/leases/renew", headers=h,
+                      data="x" * (2 * 1024 * 1024), timeout=10), 413),
+    ]
+    for resp, status in cases:
+        assert resp.status_code == status, (resp.request.method, resp.url, resp.text)
+        errors = resp.json()["errors"]
+        assert isinstance(errors, list) and errors and all(isinstance(e, str) for e in errors)

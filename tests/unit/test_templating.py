@@ -1,0 +1,71 @@
+"""Statement and username templates."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from broker.durations import format_duration, parse_duration
+from broker.templating import generate_password, render, render_username
+
+
+def test_render_replaces_known_placeholders() -> None:
+    """{{name}} and friends are substituted, with or without inner spaces."""
+    out = render('CREATE ROLE "{{name}}" PASSWORD \'{{ password }}\'', {"name": "u", "password": "p"})
+    assert out == 'CREATE ROLE "u" PASSWORD \'p\''
+
+
+def test_render_refuses_unknown_placeholders() -> None:
+    """A typo in a template is an error, not an empty string in SQL."""
+    with pytest.raises(ValueError, match="nmae"):
+        render("DROP ROLE {{nmae}}", {"name": "u"})
+
+
+def test_username_default_shape_and_alphabet() -> None:
+    """Default usernames look like v-mount-role-random-unix and use a safe alphabet."""
+    name = render_username(None, mount="pg", role="Read Only!", now=1700000000)
+    assert re.fullmatch(r"v-pg-read-only--[a-z0-9]{10}-1700000000", name), name
+
+
+def test_username_is_cut_to_backend_limit_keeping_random_part() -> None:
+    """A long template is cut to the limit but the random part stays whole (uniqueness)."""
+    names = {render_username("{{role}}-{{random 8}}", mount="m", role="r" * 40, max_length=16)
+             for _ in range(200)}
+    assert len(names) == 200
+    assert all(len(n) <= 16 for n in names)
+
+
+def test_username_never_starts_with_a_digit() -> None:
+    """Identifiers start with a letter so every backend accepts them unquoted too."""
+    name = render_username("{{unix_time}}-{{random}}", mount="m", role="r", now=1)
+    assert name[0].isalpha()
+
+
+def test_passwords_are_random_alphanumeric() -> None:
+    """Passwords have no quote or backslash and mix classes."""
+    pws = {generate_password() for _ in range(100)}
+    assert len(pws) == 100
+    assert all(re.fullmatch(r"[A-Za-z0-9]{32}", p) for p in pws)
+
+
+@pytest.mark.parametrize(("text", "seconds"), [
+    ("90s", 90), ("15m", 900), ("1h", 3600), ("7d", 604800), ("1h30m", 5400), ("120", 120),
+    (45, 45), ("500ms", 0),
+])
+def test_durations_parse(text: str | int, seconds: int) -> None:
+    """Durations accept Vault's forms."""
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("bad", ["", "1x", "h", "-5s", "1h 2", True])
+def test_bad_durations_are_refused(bad: object) -> None:
+    """Malformed durations raise ValueError with the value in the message."""
+    with pytest.raises(ValueError):
+        parse_duration(bad)  # type: ignore[arg-type]
+
+
+def test_format_duration_round_trips() -> None:
+    """format_duration renders what parse_duration reads."""
+    for s in (1, 59, 61, 3600, 5400, 90061):
+        assert parse_duration(format_duration(s)) == s
