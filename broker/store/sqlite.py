@@ -356,6 +356,7 @@ class SQLiteStore:
         except BaseException:
             await self._stop_threads()
             raise
+        self._queue = asyncio.Queue()  # bound to this loop: a store may be reopened in another
         self._writer_task = asyncio.create_task(self._write_loop(), name="sqlite-writer")
 
     async def close(self) -> None:
