@@ -1,0 +1,316 @@
+"""The harnesses the conformance suite runs over: name -> factory (or "module:attribute").
+
+Adding a backend is one line in ``HARNESSES`` plus a ``BackendHarness``
+subclass, here or in any importable module::
+
+    HARNESSES["mysql"] = "tests.conformance.mysql_harness:MySQLHarness.factory"
+
+A factory takes the fixture lookup (``request.getfixturevalue``), so a harness
+asks for exactly the server fixture it needs and nothing starts for the
+others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import glob
+import os
+import pwd
+import secrets
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import asyncpg
+
+from broker.backend import MountSpec, RoleSpec
+from broker.templating import generate_password
+from tests.conformance.kit import BROKEN_ROLE, ROLE, BackendHarness, FixtureLookup, HarnessFactory
+from tests.conftest import free_port, server_missing
+
+__all__ = ["HARNESSES", "PostgresHarness", "password_checking_postgres"]
+
+
+# -- PostgreSQL ----------------------------------------------------------------
+
+_checked: dict[str, str | None] = {}
+
+
+async def password_checking_postgres(dsn: str) -> str | None:
+    """A superuser DSN for a PostgreSQL that checks passwords and VALID UNTIL.
+
+    ``dsn`` itself when its server does. A server with ``trust`` in pg_hba
+    (the local dev server) lets any password in and ignores VALID UNTIL, so
+    login checks would prove nothing: then a throwaway cluster with
+    scram-sha-256 is started from the local binaries, once per test session.
+    None when neither is possible.
+    """
+    if dsn not in _checked:
+        if await _checks_passwords(dsn):
+            _checked[dsn] = dsn
+        else:
+            _checked[dsn] = await asyncio.to_thread(_start_private_cluster)
+    return _checked[dsn]
+
+
+async def _checks_passwords(dsn: str) -> bool:
+    probe = f"broker_probe_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(dsn)
+    try:
+        await admin.execute(f"CREATE ROLE \"{probe}\" LOGIN PASSWORD '{generate_password()}'")
+        try:
+            parts = urlsplit(dsn)
+            conn = await asyncpg.connect(
+                host=parts.hostname, port=parts.port or 5432, user=probe,
+                password="not-the-password", database=_database(dsn), timeout=5,
+            )
+        except (asyncpg.PostgresError, OSError):
+            return True
+        await conn.close()
+        return False
+    finally:
+        await admin.execute(f'DROP ROLE IF EXISTS "{probe}"')
+        await admin.close()
+
+
+def _initdb() -> str | None:
+    found = shutil.which("initdb")
+    if found:
+        return found
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), reverse=True)
+    return candidates[0] if candidates else None
+
+
+def _start_private_cluster() -> str | None:
+    initdb = _initdb()
+    if initdb is None:
+        return None
+    bindir = os.path.dirname(initdb)
+    # initdb refuses to run as root: run the cluster as the postgres OS user then.
+    user: str | None = None
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            return None
+        user = "postgres"
+    root = tempfile.mkdtemp(prefix="broker-kit-pg-")
+    password = generate_password()
+    pwfile = os.path.join(root, "pw")
+    with open(pwfile, "w") as fh:
+        fh.write(password + "\n")
+    if user:
+        entry = pwd.getpwnam(user)
+        for path in (root, pwfile):
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+    data = os.path.join(root, "data")
+    run = {"user": user, "check": True, "capture_output": True, "timeout": 120}
+    subprocess.run(
+        [initdb, "-D", data, "-A", "scram-sha-256", "-U", "postgres",
+         f"--pwfile={pwfile}", "-N", "-E", "UTF8", "--no-locale"],
+        **run,  # type: ignore[call-overload]
+    )
+    port = free_port()
+    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+    pg_ctl = os.path.join(bindir, "pg_ctl")
+    subprocess.run(
+        [pg_ctl, "-D", data, "-l", os.path.join(root, "log"), "-w", "-o", options, "start"],
+        **run,  # type: ignore[call-overload]
+    )
+
+    def stop() -> None:
+        subprocess.run([pg_ctl, "-D", data, "-m", "immediate", "-w", "stop"], user=user,
+                       capture_output=True, timeout=60, check=False)
+        shutil.rmtree(root, ignore_errors=True)
+
+    atexit.register(stop)
+    return f"postgresql://postgres:{password}@127.0.0.1:{port}/postgres"
+
+
+def _database(dsn: str) -> str:
+    parts = urlsplit(dsn)
+    return unquote(parts.path.lstrip("/")) or unquote(parts.username or "postgres")
+
+
+class PostgresHarness(BackendHarness):
+    """The postgres plugin against a real server, in a schema of its own with a few tables."""
+
+    TABLES = ("items", "orders", "events")
+
+    def __init__(self, dsn: str) -> None:
+        self._source_dsn = dsn
+        self.dsn = dsn
+        tag = secrets.token_hex(3)
+        self.mount_name = f"kit{tag}"
+        self.schema = f"broker_kit_{tag}"
+        self._admin: asyncpg.Connection | None = None
+
+    @classmethod
+    def factory(cls, fixture: FixtureLookup) -> PostgresHarness:
+        return cls(fixture("postgres_dsn"))
+
+    # -- server coordinates --------------------------------------------------
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.dsn).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        return urlsplit(self.dsn).port or 5432
+
+    @property
+    def database(self) -> str:
+        return _database(self.dsn)
+
+    @property
+    def admin_user(self) -> str:
+        return unquote(urlsplit(self.dsn).username or "postgres")
+
+    @property
+    def admin_password(self) -> str | None:
+        password = urlsplit(self.dsn).password
+        return unquote(password) if password else None
+
+    @property
+    def admin(self) -> asyncpg.Connection:
+        assert self._admin is not None, "setup() not run"
+        return self._admin
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def setup(self) -> None:
+        dsn = await password_checking_postgres(self._source_dsn)
+        if dsn is None:
+            server_missing(
+                "a PostgreSQL that checks passwords (the given server trusts every login "
+                "and no local initdb was found to start one)"
+            )
+        assert dsn is not None
+        self.dsn = dsn
+        self._admin = await asyncpg.connect(dsn)
+        await self.admin.execute(f'CREATE SCHEMA "{self.schema}"')
+        for table in self.TABLES:
+            await self.admin.execute(
+                f'CREATE TABLE "{self.schema}".{table} (id int PRIMARY KEY, note text);'
+                f'INSERT INTO "{self.schema}".{table} VALUES (1, \'one\'), (2, \'two\')'
+            )
+
+    async def teardown(self) -> None:
+        if self._admin is None:
+            return
+        try:
+            for name in await self.leftover_roles():
+                await self.drop_role(name)
+            await self.admin.execute(f'DROP SCHEMA IF EXISTS "{self.schema}" CASCADE')
+        finally:
+            await self.admin.close()
+            self._admin = None
+
+    async def leftover_roles(self) -> list[str]:
+        rows = await self.admin.fetch(
+            "SELECT rolname FROM pg_roles WHERE strpos(rolname, $1) > 0", self.mount_name
+        )
+        return [r["rolname"] for r in rows]
+
+    async def drop_role(self, name: str) -> None:
+        """Out-of-band cleanup, independent of the plugin under test."""
+        await self.admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", name
+        )
+        await self.admin.execute(
+            f'REASSIGN OWNED BY "{name}" TO CURRENT_USER; DROP OWNED BY "{name}"; '
+            f'DROP ROLE IF EXISTS "{name}"'
+        )
+
+    # -- BackendHarness -------------------------------------------------------
+
+    def role_spec(self, name: str = ROLE, **statements: tuple[str, ...]) -> RoleSpec:
+        return RoleSpec(name=name, default_ttl=3600, max_ttl=86400, **statements)
+
+    def make_mount(self, *, reachable: bool = True, **options: Any) -> MountSpec:
+        port = self.port
+        if not reachable:
+            port = free_port()  # nothing listens there
+        schema = self.schema
+        roles = {
+            ROLE: self.role_spec(
+                ROLE,
+                creation_statements=(
+                    "CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' "
+                    "VALID UNTIL '{{expiration}}'",
+                    f'GRANT USAGE ON SCHEMA "{schema}" TO "{{{{name}}}}"',
+                    f'GRANT SELECT ON ALL TABLES IN SCHEMA "{schema}" TO "{{{{name}}}}"',
+                ),
+            ),
+            BROKEN_ROLE: self.role_spec(
+                BROKEN_ROLE,
+                creation_statements=(
+                    "CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}'",
+                    # The server echoes the value: "invalid input syntax ...: "<password>"".
+                    "SELECT '{{password}}'::integer",
+                ),
+            ),
+        }
+        return MountSpec(
+            name=self.mount_name,
+            plugin="postgres",
+            roles=roles,
+            secret=self.admin_password,
+            options={
+                "connection_url": f"postgresql://{self.admin_user}@{self.host}:{port}/"
+                f"{self.database}",
+                "connect_timeout": "5s",
+                **options,
+            },
+        )
+
+    async def connect_as(self, data: Mapping[str, Any]) -> asyncpg.Connection:
+        return await asyncpg.connect(
+            host=self.host,
+            port=self.port,
+            user=data["username"],
+            password=data["password"],
+            database=self.database,
+            timeout=5,
+        )
+
+    async def exercise(self, session: asyncpg.Connection) -> None:
+        for table in self.TABLES:
+            count = await session.fetchval(f'SELECT count(*) FROM "{self.schema}".{table}')
+            assert count == 2
+
+    async def session_alive(self, session: asyncpg.Connection) -> bool:
+        try:
+            return bool(await session.fetchval("SELECT 1", timeout=5))
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
+            return False
+
+    async def close_session(self, session: asyncpg.Connection) -> None:
+        try:
+            await session.close(timeout=5)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
+            session.terminate()
+
+    async def user_exists(self, username: str) -> bool:
+        return bool(await self.admin.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", username))
+
+    async def server_expiry(self, username: str) -> datetime | None:
+        value: datetime | None = await self.admin.fetchval(
+            "SELECT rolvaliduntil FROM pg_roles WHERE rolname = $1", username
+        )
+        return value
+
+    def secret_values(self) -> list[str]:
+        return [p for p in (self.admin_password,) if p]
+
+
+#: name -> factory or "module:attribute". One line per backend.
+HARNESSES: dict[str, HarnessFactory | str] = {
+    "postgres": PostgresHarness.factory,
+}
