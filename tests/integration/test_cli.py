@@ -1,0 +1,343 @@
+"""The ``broker`` command line against a live ``broker server --dev`` (a real subprocess).
+
+The server runs the embedded dev config (mount ``pg``, role ``readonly``, on the
+local PostgreSQL) with HOME and XDG_STATE_HOME in a temporary directory, so
+its store, audit log and key are private to this module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import free_port, server_missing
+
+pytestmark = pytest.mark.integration
+
+
+def _why_no_server() -> str | None:
+    try:
+        import broker.server
+    except ImportError as exc:
+        return f"broker.server does not import yet ({exc})"
+    if not hasattr(broker.server, "run_server"):
+        return "broker.server has no run_server yet"
+    return None
+
+
+_NO_SERVER = _why_no_server()
+if _NO_SERVER:
+    pytest.skip(_NO_SERVER, allow_module_level=True)
+
+#: the dev server's root token (--dev-root-token-id).
+ROOT = "root"
+_ONE_LINE_ERROR = re.compile(r"\Abroker: error: [^\n]+\n\Z")
+
+
+def _broker_argv() -> list[str]:
+    script = Path(sys.executable).with_name("broker")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "broker.cli"]
+
+
+def _clean_env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BROKER_", "VAULT_"))}
+    env.update(HOME=str(home), XDG_STATE_HOME=str(home / "state"), PYTHONUNBUFFERED="1")
+    return env
+
+
+@dataclass
+class Live:
+    """A running dev server and how to run the CLI against it."""
+
+    address: str
+    env: dict[str, str]
+    state_dir: Path
+    tmp: Path
+
+    def cli(
+        self, *args: str, token: str | None = ROOT, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        env = dict(self.env, BROKER_ADDR=self.address)
+        if token:
+            env["BROKER_TOKEN"] = token
+        return subprocess.run(
+            [*_broker_argv(), *args], env=env, capture_output=True, text=True, timeout=timeout
+        )
+
+    def ok(self, *args: str, token: str | None = ROOT) -> str:
+        done = self.cli(*args, token=token)
+        assert done.returncode == 0, f"broker {' '.join(args)}: {done.stderr}"
+        return done.stdout
+
+    def json(self, *args: str, token: str | None = ROOT) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads(self.ok(*args, "--format", "json", token=token))
+        return data
+
+
+def _healthy(address: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{address}/v1/sys/health", timeout=2) as resp:  # noqa: S310
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    """`broker server --dev --dev-root-token-id root` on a free port, stopped with SIGTERM."""
+    try:
+        socket.create_connection(("127.0.0.1", 5432), timeout=2).close()
+    except OSError:
+        server_missing("PostgreSQL at 127.0.0.1:5432 (the dev config's pg mount)")
+    home = tmp_path_factory.mktemp("broker-home")
+    env = _clean_env(home)
+    address = f"http://127.0.0.1:{free_port()}"
+    listen = address.removeprefix("http://")
+    log_path = home / "server.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [*_broker_argv(), "server", "--dev", "--dev-root-token-id", ROOT, "--listen", listen],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 60
+    while not _healthy(address):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            tail = log_path.read_text(errors="replace")[-3000:]
+            pytest.fail(f"broker server did not become healthy:\n{tail}", pytrace=False)
+        time.sleep(0.1)
+    try:
+        yield Live(address, env, home / "state" / "broker" / "dev", home)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _psql(sql: str, env: dict[str, str] | None = None) -> str:
+    if shutil.which("psql") is None:
+        pytest.skip("psql not installed")
+    done = subprocess.run(
+        ["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-tAc", sql],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+        timeout=30,
+    )
+    return done.stdout.strip()
+
+
+def _role_exists(name: str) -> bool:
+    return _psql(f"SELECT count(*) FROM pg_roles WHERE rolname = '{name}'") == "1"
+
+
+# --------------------------------------------------------------------------- creds
+
+
+def test_creds_env_is_usable_by_psql_in_a_shell(live: Live) -> None:
+    """`eval "$(broker creds pg/readonly --format env)"` gives psql a working login."""
+    if shutil.which("psql") is None:
+        pytest.skip("psql not installed")
+    out = live.ok("creds", "pg/readonly", "--format", "env")
+    names = [line.split("=", 1)[0] for line in out.splitlines()]
+    assert names == ["export PGUSER", "export PGPASSWORD", "export BROKER_LEASE_ID"]
+    script = (
+        'eval "$(broker creds pg/readonly --format env --ttl 10m)" && '
+        'printf "%s|%s|" "$PGUSER" "$BROKER_LEASE_ID" && '
+        'psql -h 127.0.0.1 -d postgres -tAc "SELECT current_user"'
+    )
+    env = dict(live.env, BROKER_ADDR=live.address, BROKER_TOKEN=ROOT)
+    env["PATH"] = f"{Path(_broker_argv()[0]).parent}{os.pathsep}{env.get('PATH', '')}"
+    done = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    user, lease_id, current = done.stdout.strip().split("|")
+    assert current == user
+    assert lease_id.startswith("pg/creds/readonly/")
+
+
+def test_lease_lookup_renew_list_revoke(live: Live) -> None:
+    """A lease goes through lookup, renew, list and revoke; afterwards its role is gone."""
+    creds = live.json("creds", "pg/readonly")
+    lease_id, user = creds["lease_id"], creds["data"]["username"]
+    assert lease_id.startswith("pg/creds/readonly/")
+    assert _role_exists(user)
+
+    looked = live.json("lease", "lookup", lease_id)
+    assert looked["data"]["id"] == lease_id
+
+    renewed = live.json("lease", "renew", lease_id, "--increment", "10m")
+    assert renewed["lease_id"] == lease_id
+    assert 590 <= renewed["lease_duration"] <= 600
+
+    random_part = lease_id.rsplit("/", 1)[1]
+    assert random_part in live.ok("lease", "list", "pg/creds/readonly/").splitlines()
+    assert "creds/" in live.ok("lease", "list", "pg").splitlines()
+    assert lease_id in live.ok("lease", "list", "pg/", "--recursive").splitlines()
+
+    assert live.ok("lease", "revoke", lease_id) == f"revoked {lease_id}\n"
+    assert not _role_exists(user)
+    again = live.cli("lease", "lookup", lease_id)
+    assert again.returncode == 1
+    assert _ONE_LINE_ERROR.match(again.stderr), again.stderr
+    assert "revoked" in again.stderr
+
+
+def test_revoke_prefix_waits_and_prints_a_summary(live: Live) -> None:
+    """`lease revoke --prefix` waits for the revocations and reports what happened."""
+    users = [live.json("creds", "pg/readonly")["data"]["username"] for _ in range(5)]
+    done = live.cli("lease", "revoke", "--prefix", "pg/creds/readonly/")
+    assert done.returncode == 0, done.stderr
+    match = re.fullmatch(r"revoked (\d+), irrevocable 0, in \d+\.\d s\n", done.stdout)
+    assert match, done.stdout
+    assert int(match.group(1)) >= len(users)
+    assert not any(_role_exists(u) for u in users)
+    assert live.ok("lease", "list", "pg/creds/readonly/") == ""
+    stats = live.json("lease", "irrevocable", "pg/")
+    assert stats["data"]["leases"] == []
+
+
+def test_revoke_prefix_force_sync(live: Live) -> None:
+    """--force --sync: the server answers when done and the summary counts every lease."""
+    users = [live.json("creds", "pg/readonly")["data"]["username"] for _ in range(3)]
+    done = live.cli("lease", "revoke", "--prefix", "pg/", "--force", "--sync")
+    assert done.returncode == 0, done.stderr
+    match = re.fullmatch(r"revoked (\d+), irrevocable 0, in \d+\.\d s\n", done.stdout)
+    assert match and int(match.group(1)) >= len(users), done.stdout
+    assert not any(_role_exists(u) for u in users)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_server_errors_are_one_line(live: Live) -> None:
+    """Unknown role (404) and a bad token (403) end in one stderr line, exit 1."""
+    unknown = live.cli("creds", "pg/no-such-role")
+    assert unknown.returncode == 1
+    assert _ONE_LINE_ERROR.match(unknown.stderr) and "(HTTP 404)" in unknown.stderr
+    denied = live.cli("creds", "pg/readonly", token="not-a-token")
+    assert denied.returncode == 1
+    assert _ONE_LINE_ERROR.match(denied.stderr) and "(HTTP 403)" in denied.stderr
+
+
+def test_server_with_a_missing_config_fails_in_one_line(tmp_path: Path) -> None:
+    """`broker server --config MISSING` exits non-zero with one error line, no traceback."""
+    done = subprocess.run(
+        [*_broker_argv(), "server", "--config", str(tmp_path / "missing.toml")],
+        env=_clean_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    assert _ONE_LINE_ERROR.match(done.stderr), done.stderr
+    assert "missing.toml" in done.stderr
+
+
+# --------------------------------------------------------------------------- tokens
+
+
+def test_token_create_lookup_and_revoke_self(live: Live) -> None:
+    """A child token gets its policy and metadata, can issue, and dies on revoke-self."""
+    created = live.json(
+        "token",
+        "create",
+        "--policy",
+        "app",
+        "--ttl",
+        "30m",
+        "--display-name",
+        "cli-test",
+        "--meta",
+        "team=platform",
+    )
+    child = created["auth"]["client_token"]
+    assert "app" in created["auth"]["policies"]
+
+    looked = live.json("token", "lookup", token=child)
+    assert "app" in looked["data"]["policies"]
+    assert looked["data"]["meta"] == {"team": "platform"}
+
+    assert live.json("creds", "pg/readonly", token=child)["lease_id"].startswith("pg/creds/")
+    live.ok("token", "revoke", token=child)
+    dead = live.cli("token", "lookup", token=child)
+    assert dead.returncode == 1
+    assert _ONE_LINE_ERROR.match(dead.stderr) and "(HTTP 403)" in dead.stderr
+
+
+# --------------------------------------------------------------------------- operator init
+
+
+def test_operator_init_prints_the_token_once(tmp_path: Path) -> None:
+    """init prints only the token on stdout (warning on stderr); a second init fails."""
+    config = tmp_path / "broker.toml"
+    config.write_text(f'[storage]\nurl = "sqlite:///{tmp_path / "broker.db"}"\n')
+    argv = [*_broker_argv(), "operator", "init", "--config", str(config)]
+    env = _clean_env(tmp_path)
+    first = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert first.returncode == 0, first.stderr
+    assert re.fullmatch(r"\S{16,}\n", first.stdout), first.stdout
+    assert "shown ONCE" in first.stderr
+    second = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert second.returncode == 1
+    assert _ONE_LINE_ERROR.match(second.stderr) and "already initialised" in second.stderr
+
+
+# --------------------------------------------------------------------------- audit
+
+
+def test_audit_verify_accepts_the_log_and_finds_a_dropped_line(live: Live) -> None:
+    """The dev server's audit log verifies (with and without key); a dropped line is named."""
+    live.ok("creds", "pg/readonly")  # at least a few events
+    log = live.state_dir / "audit.jsonl"
+    key = live.state_dir / "audit.key"
+    copy = live.tmp / "audit-copy.jsonl"
+    shutil.copyfile(log, copy)  # a snapshot: the server keeps appending to the original
+    lines = copy.read_text().splitlines(keepends=True)
+    assert len(lines) >= 3
+
+    with_key = live.cli("audit", "verify", str(copy), "--key-file", str(key), token=None)
+    assert (with_key.returncode, with_key.stdout) == (0, f"ok: {len(lines)} lines\n")
+    without_key = live.cli("audit", "verify", str(copy), token=None)
+    assert (without_key.returncode, without_key.stdout) == (0, f"ok: {len(lines)} lines\n")
+
+    tampered = live.tmp / "audit-tampered.jsonl"
+    tampered.write_text("".join(lines[:1] + lines[2:]))
+    bad = live.cli("audit", "verify", str(tampered), "--key-file", str(key), token=None)
+    assert bad.returncode == 1
+    assert bad.stdout.startswith(f"{tampered}:2: "), bad.stdout
+    assert bad.stdout.count("\n") == 1
+
+
+def test_audit_verify_missing_file_is_one_line(tmp_path: Path) -> None:
+    """A missing audit file is a one-line error, exit 1."""
+    done = subprocess.run(
+        [*_broker_argv(), "audit", "verify", str(tmp_path / "nope.jsonl")],
+        env=_clean_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert _ONE_LINE_ERROR.match(done.stderr), done.stderr
