@@ -262,7 +262,11 @@ class AWSBackend:
 
     @classmethod
     def validate_role(cls, role: RoleSpec) -> None:
-        parse_role(role)
+        """Raise PluginConfigError keyed ``roles.NAME.KEY`` (the loader adds the mount prefix)."""
+        try:
+            parse_role(role)
+        except PluginConfigError as exc:
+            raise PluginConfigError(f"roles.{role.name}.{exc.key}", exc.message) from None
 
     @classmethod
     def from_config(cls, mount: MountSpec) -> AWSBackend:
