@@ -408,6 +408,11 @@ class AWSBackend:
             await self._run("deleting IAM user", aws_iam.delete_user, iam, username,
                             self.iam_path)
             return DeleteUserResponse()
+        if req.reason == "rollback":
+            # An issue that never completed: the STS secret never left the broker's
+            # memory, so nobody can use it. (Writing a deny policy here would also make
+            # every failed AssumeRole need IAM write access to roll back.)
+            return DeleteUserResponse()
         if ctype == "assumed_role":
             await self._revoke_assumed_role(req)
             return DeleteUserResponse()
@@ -431,30 +436,25 @@ class AWSBackend:
             "the token off now", retryable=False)
 
     async def _revoke_assumed_role(self, req: DeleteUserRequest) -> None:
-        _sts, iam = await self._clients()
+        _, iam = await self._clients()
         now = self.clock()
         rev = req.revocation
-        if "role_arn" in rev:
-            targets = [(str(rev["role_arn"]), str(rev["session_name"]),
-                        rev.get("assumed_role_id"), float(rev["expires_at"]))]
-        else:
-            # Rollback of a pending row: the session may exist on any of the role's ARNs.
-            if req.role is None:
-                return
-            role = self._role(req.role)
-            targets = [(arn, aws_name(req.username, 64), None, now + role.max_sts_ttl)
-                       for arn in role.role_arns]
-        for role_arn, session, role_user_id, expires_at in targets:
-            if expires_at <= now + _EXPIRY_SLACK:
-                # AWS ended it already: only take the chance to prune, if any entry is due.
-                if self._prune_due.get(role_arn, math.inf) <= now:
-                    due = await self._run("pruning deny policy", self._prune_locked, iam,
-                                          role_arn, now)
-                    self._set_due(role_arn, due)
-                continue
-            due = await self._run("denying revoked session", self._deny_locked, iam, role_arn,
-                                  session, role_user_id, expires_at, now)
-            self._set_due(role_arn, due)
+        if "role_arn" not in rev:
+            raise BackendError(f"lease of {req.username} lacks role_arn/session_name in its "
+                               "revocation data; cannot revoke", retryable=False)
+        role_arn, expires_at = str(rev["role_arn"]), float(rev["expires_at"])
+        if expires_at <= now + _EXPIRY_SLACK:
+            # AWS ended it already: only take the chance to prune, if an entry is due.
+            if self._prune_due.get(role_arn, math.inf) <= now:
+                due = await self._run("pruning deny policy", self._prune_locked, iam,
+                                      role_arn, now)
+                self._set_due(role_arn, due)
+            return
+        # Also on reason "expire": if AWS's session outlives the lease, it must still end.
+        due = await self._run("denying revoked session", self._deny_locked, iam, role_arn,
+                              str(rev["session_name"]), rev.get("assumed_role_id"),
+                              expires_at, now)
+        self._set_due(role_arn, due)
 
     def _set_due(self, role_arn: str, due: float | None) -> None:
         if due is None:

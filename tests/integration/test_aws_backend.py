@@ -469,6 +469,33 @@ async def test_assumed_role_expiry_writes_nothing(moto_endpoint: str, backend_fo
     assert deny_doc(moto_endpoint, role_name) is None
 
 
+async def test_assumed_role_rollback_writes_nothing(moto_endpoint: str, backend_for: Any) -> None:
+    """Rolling back an unfinished issue (secret never delivered) leaves the role untouched."""
+    role_name, role_arn, _ = make_role(moto_endpoint)
+    role = role_spec(credential_type="assumed_role", role_arns=[role_arn])
+    backend = await backend_for({"r": role})
+    req = new_request(role)
+    resp = await backend.new_user(req)
+    await backend.delete_user(DeleteUserRequest(role=role, username=req.username,
+                                                revocation={"username": req.username},
+                                                reason="rollback"))
+    await backend.delete_user(delete_request(role, req, resp, "rollback"))
+    assert deny_doc(moto_endpoint, role_name) is None
+
+
+async def test_assumed_role_outliving_its_lease_is_denied_on_expiry(
+    moto_endpoint: str, backend_for: Any
+) -> None:
+    """If the lease ends while AWS's session still runs, expiry denies the session too."""
+    role_name, role_arn, role_id = make_role(moto_endpoint)
+    role = role_spec(credential_type="assumed_role", role_arns=[role_arn])
+    backend = await backend_for({"r": role})
+    req = new_request(role)
+    resp = await backend.new_user(req)
+    await backend.delete_user(delete_request(role, req, resp, "expire"))
+    assert userids(deny_doc(moto_endpoint, role_name)) == {f"{role_id}:{req.username}"}
+
+
 async def test_deny_policy_prunes_expired_entries(moto_endpoint: str, backend_for: Any) -> None:
     """Each update drops entries whose sessions have expired; an empty policy is deleted."""
     role_name, role_arn, role_id = make_role(moto_endpoint)
