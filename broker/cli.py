@@ -406,7 +406,9 @@ def cmd_lease_revoke(args: argparse.Namespace) -> int:
 
 def _list(client: Client, prefix: str) -> list[str]:
     try:
-        resp = client.request("LIST", f"sys/leases/lookup/{prefix}")
+        # GET ?list=true rather than the LIST verb: same answer, and it passes
+        # proxies and HTTP parsers that only accept the standard methods.
+        resp = client.request("GET", f"sys/leases/lookup/{prefix}", params={"list": True})
     except ClientError as exc:
         if exc.status == 404:  # Vault's answer to an empty listing
             return []
@@ -495,7 +497,11 @@ class _Progress:
             bar = "#" * filled + "." * (self.WIDTH - filled)
             self.stream.write(f"\r[{bar}] {done}/{self.total}")
             self.stream.flush()
-        elif done != self.shown and time.monotonic() - self.last_line >= self.LINE_EVERY:
+        elif (
+            done != self.shown
+            and done < self.total  # the summary line says it when all are done
+            and time.monotonic() - self.last_line >= self.LINE_EVERY
+        ):
             self.stream.write(f"revoking: {done}/{self.total}\n")
             self.stream.flush()
             self.last_line = time.monotonic()

@@ -484,16 +484,17 @@ def test_lease_list_recursive_walks_to_full_ids(
 ) -> None:
     """--recursive follows every key ending in '/' and prints full lease ids; 404 is empty."""
     base = "/v1/sys/leases/lookup/"
-    canned.on("LIST", base + "pg/", body={"data": {"keys": ["creds/"]}})
-    canned.on("LIST", base + "pg/creds/", body={"data": {"keys": ["ro/", "rw/"]}})
-    canned.on("LIST", base + "pg/creds/ro/", body={"data": {"keys": ["a", "b"]}})
-    canned.on("LIST", base + "pg/creds/rw/", 404, {"errors": []})
+    canned.on("GET", base + "pg/", body={"data": {"keys": ["creds/"]}})
+    canned.on("GET", base + "pg/creds/", body={"data": {"keys": ["ro/", "rw/"]}})
+    canned.on("GET", base + "pg/creds/ro/", body={"data": {"keys": ["a", "b"]}})
+    canned.on("GET", base + "pg/creds/rw/", 404, {"errors": []})
     args = ["--address", canned.address, "--token", "t"]
     code, out, _ = run(capsys, "lease", "list", "pg", "-r", *args)
     assert code == 0
     assert out == "pg/creds/ro/a\npg/creds/ro/b\n"
     code, out, _ = run(capsys, "lease", "list", "pg/creds/", *args)
     assert out == "ro/\nrw/\n"
+    assert all(s.query == {"list": ["true"]} for s in canned.seen)
 
 
 def _revoking_server(canned: Canned, queued: int, timeline: list[dict[str, int]]) -> None:
@@ -632,6 +633,8 @@ def test_progress_bar_on_a_tty_and_lines_elsewhere() -> None:
     lines = cli._Progress(10, pipe)
     lines.update(4)
     lines.update(5)  # within LINE_EVERY of the previous line: not printed
+    lines.last_line = 0.0
+    lines.update(10)  # all done: the summary line follows, no progress line
     lines.close()
     assert pipe.getvalue() == "revoking: 4/10\n"
 
