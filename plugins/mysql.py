@@ -37,14 +37,13 @@ expiry, the account keeps working until the broker is back and revokes it.
 Keep the broker highly available (several replicas on the PostgreSQL store)
 and TTLs short for MySQL mounts.
 
-Renewal (``can_renew = True``): with no server-side expiry, the broker's
-expiry is the credential's real lifetime, so renewing the lease in the store
-genuinely keeps the account alive longer (the sweeper drops it later) - the
-opposite of an STS token whose renewal would be a pretence. Nothing needs
-pushing to the server: ``renew_user`` runs the role's ``renew_statements`` if
-any, else does nothing, and returns the requested expiration. (Declaring
-False would make every MySQL lease non-renewable, which Vault clients do not
-expect of database credentials.)
+Renewal (``can_renew = False``): there is no server-side expiry to push, so
+the plugin does not claim to renew anything. The broker's own expiry is the
+credential's real lifetime: the engine still extends a lease in its store on
+renew (and the sweeper drops the account later), it just does not call the
+backend. ``renew_user`` is therefore a no-op that returns the requested
+expiration, and ``renew_statements`` are refused at config load rather than
+silently never run.
 
 Revocation, in an order that leaves no window for a live session:
 
@@ -220,7 +219,7 @@ class MySQLBackend:
         self._pool: aiomysql.Pool | None = None
         self._pool_lock = asyncio.Lock()
         self.capabilities = Capabilities(
-            can_renew=True,  # see "Renewal" in the module docs
+            can_renew=False,  # no server-side expiry to push: see "Renewal" above
             can_revoke=True,
             server_side_expiry=False,
             max_username_length=username_max_length,
@@ -307,8 +306,13 @@ class MySQLBackend:
                 f"{prefix}.creation_statements",
                 "no statement uses {{name}}: the leased user would never be created",
             )
+        if role.renew_statements:
+            raise PluginConfigError(
+                f"{prefix}.renew_statements",
+                "MySQL accounts have no expiry to push, so the broker never runs renew "
+                "statements for mysql mounts; remove them (the lease's own expiry still moves)",
+            )
         later = {
-            "renew_statements": {"name", "username", "database", "expiration"},
             "revocation_statements": {"name", "username", "database"},
             "rollback_statements": {"name", "username", "database"},
         }
@@ -387,14 +391,8 @@ class MySQLBackend:
         )
 
     async def renew_user(self, req: RenewUserRequest) -> RenewUserResponse:
-        name = self._check_username(req.username)
-        if req.role is not None and req.role.renew_statements:
-            values = self._values(req.role, name, expiration=req.expiration)
-            statements = self._render_all(req.role.renew_statements, values, "renew_statements")
-            async with self._cursor("renewing user") as cur:
-                for stmt in statements:
-                    await self._run(cur, "renewing user", stmt)
-        # Nothing to push otherwise: MySQL accounts have no expiry (see module docs).
+        """Nothing to push: MySQL accounts have no expiry (see "Renewal" in the module docs)."""
+        self._check_username(req.username)
         return RenewUserResponse(expiration=req.expiration)
 
     async def delete_user(self, req: DeleteUserRequest) -> DeleteUserResponse:

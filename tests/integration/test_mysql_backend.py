@@ -156,8 +156,8 @@ async def test_entry_point_and_protocol(make_backend: Callable[..., Awaitable[My
     backend = await make_backend()
     assert isinstance(backend, Backend)
     caps = backend.capabilities
-    assert (caps.can_revoke, caps.server_side_expiry, caps.max_username_length) == (
-        True, False, 32)
+    assert (caps.can_renew, caps.can_revoke, caps.server_side_expiry) == (False, True, False)
+    assert caps.max_username_length == 32
     assert dict(caps.env_names) == {"username": "MYSQL_USER", "password": "MYSQL_PWD"}
     await backend.verify()
 
@@ -191,7 +191,7 @@ async def test_issue_select_but_not_write(
 async def test_renew_keeps_the_user_working(
     make_backend: Callable[..., Awaitable[MySQLBackend]], database: str, mysql_dsn: str,
 ) -> None:
-    """renew_user returns the requested expiration and the credential still logs in."""
+    """renew_user (nothing to push) returns the requested expiration; the login still works."""
     role = _role(options={"database": database})
     backend = await make_backend({"ro": role})
     resp = await _issue(backend, role)
@@ -201,21 +201,6 @@ async def test_renew_keeps_the_user_working(
     assert renewed.expiration == later
     conn = await _connect_as(mysql_dsn, resp.data["username"], resp.data["password"], database)
     conn.close()
-
-
-async def test_renew_statements_run(
-    make_backend: Callable[..., Awaitable[MySQLBackend]], database: str, admin: Admin,
-) -> None:
-    """A role's renew_statements run with {{name}} and {{expiration}} on renew."""
-    role = _role(options={"database": database}, renew_statements=(
-        f"INSERT INTO `{database}`.revlog VALUES ('renew {{{{name}}}} {{{{expiration}}}}')",))
-    backend = await make_backend({"ro": role})
-    resp = await _issue(backend, role)
-    when = datetime(2031, 1, 2, 3, 4, 5, tzinfo=UTC)
-    await backend.renew_user(RenewUserRequest(
-        role=role, username=resp.data["username"], revocation=resp.revocation, expiration=when))
-    rows = await admin(f"SELECT username FROM `{database}`.revlog")
-    assert rows == [(f"renew {resp.data['username']} 2031-01-02 03:04:05+00:00",)]
 
 
 async def test_revoke_kills_open_session(
@@ -245,7 +230,8 @@ async def test_revoke_kills_open_session(
     assert rows == []
     with pytest.raises(pymysql.err.OperationalError) as denied:
         await _connect_as(mysql_dsn, user, pw, database)
-    assert denied.value.args[0] == 1045
+    # 1698: MariaDB fakes a random auth plugin for unknown users, so either denial may come.
+    assert denied.value.args[0] in {1045, 1698}
 
 
 async def test_revoke_kills_a_session_in_a_long_query(
@@ -578,6 +564,7 @@ def test_grant_all_on_one_database_allowed() -> None:
     (_role(creation_statements=("GRANT SELECT ON app.* TO someone",)),
      "roles.ro.creation_statements"),
     (_role(revocation_statements=("SELECT '{{password}}'",)), "roles.ro.revocation_statements"),
+    (_role(renew_statements=("SELECT '{{name}}'",)), "roles.ro.renew_statements"),
     (_role(rollback_statements=("SELECT '{{expiration}}'",)), "roles.ro.rollback_statements"),
 ])
 def test_validate_role_refuses(role: RoleSpec, key: str) -> None:
