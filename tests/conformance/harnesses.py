@@ -109,18 +109,19 @@ def _start_private_cluster() -> str | None:
         for path in (root, pwfile):
             os.chown(path, entry.pw_uid, entry.pw_gid)
     data = os.path.join(root, "data")
-    run = {"user": user, "check": True, "capture_output": True, "timeout": 120}
     subprocess.run(
         [initdb, "-D", data, "-A", "scram-sha-256", "-U", "postgres",
          f"--pwfile={pwfile}", "-N", "-E", "UTF8", "--no-locale"],
-        **run,  # type: ignore[call-overload]
+        user=user, check=True, capture_output=True, timeout=120,
     )
     port = free_port()
-    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+    options = (
+        f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+    )
     pg_ctl = os.path.join(bindir, "pg_ctl")
     subprocess.run(
         [pg_ctl, "-D", data, "-l", os.path.join(root, "log"), "-w", "-o", options, "start"],
-        **run,  # type: ignore[call-overload]
+        user=user, check=True, capture_output=True, timeout=120,
     )
 
     def stop() -> None:
@@ -230,7 +231,7 @@ class PostgresHarness(BackendHarness):
 
     # -- BackendHarness -------------------------------------------------------
 
-    def role_spec(self, name: str = ROLE, **statements: tuple[str, ...]) -> RoleSpec:
+    def role_spec(self, name: str = ROLE, **statements: Any) -> RoleSpec:
         return RoleSpec(name=name, default_ttl=3600, max_ttl=86400, **statements)
 
     def make_mount(self, *, reachable: bool = True, **options: Any) -> MountSpec:
@@ -298,7 +299,8 @@ class PostgresHarness(BackendHarness):
             session.terminate()
 
     async def user_exists(self, username: str) -> bool:
-        return bool(await self.admin.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", username))
+        found = await self.admin.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", username)
+        return bool(found)
 
     async def server_expiry(self, username: str) -> datetime | None:
         value: datetime | None = await self.admin.fetchval(
@@ -313,5 +315,4 @@ class PostgresHarness(BackendHarness):
 #: name -> factory or "module:attribute". One line per backend.
 HARNESSES: dict[str, HarnessFactory | str] = {
     "postgres": PostgresHarness.factory,
-    "mysql": "tests.conformance.mysql_harness:mysql_harness",
 }

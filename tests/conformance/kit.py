@@ -197,7 +197,7 @@ class Kit:
         return username, password, resp.data
 
     async def delete_user(
-        self, username: str, *, reason: str = "revoke", role: RoleSpec | None | str = ROLE
+        self, username: str, *, reason: str = "revoke", role: RoleSpec | str | None = ROLE
     ) -> None:
         spec = self.role(role) if isinstance(role, str) else role
         await self.backend.delete_user(

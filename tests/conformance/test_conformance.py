@@ -20,5 +20,5 @@ class TestConformance(ConformanceSuite):
     """Every built-in backend passes the same suite."""
 
     @pytest.fixture
-    def harness_factory(self, harness_factory: HarnessFactory) -> HarnessFactory:  # type: ignore[override]
+    def harness_factory(self, harness_factory: HarnessFactory) -> HarnessFactory:
         return harness_factory

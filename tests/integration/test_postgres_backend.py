@@ -1,0 +1,434 @@
+"""PostgreSQL-specific behaviour of plugins.postgres, beyond the conformance kit."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import pytest
+
+from broker.backend import (
+    BackendError,
+    DeleteUserRequest,
+    MountSpec,
+    NewUserRequest,
+    PluginConfigError,
+    RenewUserRequest,
+    RoleSpec,
+    RotateRootRequest,
+)
+from broker.templating import generate_password, render_username
+from plugins.postgres import PostgresBackend
+from tests.conformance.harnesses import PostgresHarness
+
+pytestmark = pytest.mark.integration
+
+MakeBackend = Callable[..., Awaitable[PostgresBackend]]
+
+
+@pytest.fixture
+async def harness(postgres_dsn: str) -> AsyncIterator[PostgresHarness]:
+    h = PostgresHarness(postgres_dsn)
+    await h.setup()
+    try:
+        yield h
+    finally:
+        await h.teardown()
+
+
+@pytest.fixture
+async def make_backend(harness: PostgresHarness) -> AsyncIterator[MakeBackend]:
+    """Build initialized backends on the harness server; close them afterwards."""
+    made: list[PostgresBackend] = []
+
+    async def make(roles: dict[str, RoleSpec] | None = None, **options: Any) -> PostgresBackend:
+        mount = harness.make_mount(**options)
+        if roles:
+            mount = dataclasses.replace(mount, roles={**mount.roles, **roles})
+        backend = PostgresBackend.from_config(mount)
+        await backend.initialize()
+        made.append(backend)
+        return backend
+
+    yield make
+    for backend in made:
+        await backend.close()
+
+
+def role(name: str = "r", **statements: Any) -> RoleSpec:
+    return RoleSpec(name=name, default_ttl=3600, max_ttl=86400, **statements)
+
+
+def username(harness: PostgresHarness) -> str:
+    return render_username(None, mount=harness.mount_name, role="it")
+
+
+def new_req(
+    spec: RoleSpec,
+    name: str,
+    *,
+    password: str | None = None,
+    expires: datetime | None = None,
+) -> NewUserRequest:
+    return NewUserRequest(
+        role=spec,
+        username=name,
+        password=password or generate_password(),
+        expiration=expires or datetime.now(UTC) + timedelta(minutes=10),
+        lease_id="pg/creds/r/x",
+    )
+
+
+def delete_req(spec: RoleSpec | None, name: str, reason: str = "revoke") -> DeleteUserRequest:
+    return DeleteUserRequest(role=spec, username=name, revocation={}, reason=reason)
+
+
+def grant_role(schema: str) -> RoleSpec:
+    return role(
+        "grant",
+        creation_statements=(
+            "CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' "
+            "VALID UNTIL '{{expiration}}'",
+            f'GRANT USAGE ON SCHEMA "{schema}" TO "{{{{name}}}}"',
+            f'GRANT SELECT ON ALL TABLES IN SCHEMA "{schema}" TO "{{{{name}}}}"',
+        ),
+    )
+
+
+# -- creation -----------------------------------------------------------------
+
+
+async def test_default_creation_sets_valid_until_and_nothing_else(
+    harness: PostgresHarness, make_backend: MakeBackend
+) -> None:
+    """Default statements make a plain LOGIN role whose VALID UNTIL is the lease expiry."""
+    backend = await make_backend()
+    name = username(harness)
+    expires = datetime.now(UTC).replace(microsecond=0) + timedelta(minutes=7)
+    resp = await backend.new_user(new_req(role(), name, expires=expires))
+    assert set(resp.data) == {"username", "password"}
+    row = await harness.admin.fetchrow("SELECT * FROM pg_roles WHERE rolname = $1", name)
+    assert row is not None
+    assert row["rolvaliduntil"] == expires
+    assert row["rolcanlogin"]
+    for flag in ("rolsuper", "rolcreaterole", "rolcreatedb", "rolreplication", "rolbypassrls"):
+        assert not row[flag], flag
+    members = await harness.admin.fetchval(
+        "SELECT count(*) FROM pg_auth_members WHERE member = $1", row["oid"]
+    )
+    assert members == 0
+    await backend.delete_user(delete_req(None, name))
+
+
+async def test_custom_creation_still_gets_valid_until(
+    harness: PostgresHarness, make_backend: MakeBackend
+) -> None:
+    """Custom statements without VALID UNTIL still leave the server-side expiry set."""
+    spec = role(creation_statements=("CREATE ROLE \"{{name}}\" LOGIN PASSWORD '{{password}}'",))
+    backend = await make_backend({"r": spec})
+    name = username(harness)
+    expires = datetime.now(UTC).replace(microsecond=0) + timedelta(minutes=3)
+    await backend.new_user(new_req(spec, name, expires=expires))
+    assert await harness.server_expiry(name) == expires
+    later = expires + timedelta(hours=1)
+    await backend.renew_user(
+        RenewUserRequest(
+            role=role(renew_statements=('COMMENT ON ROLE "{{name}}" IS \'renewed\'',)),
+            username=name,
+            revocation={},
+            expiration=later,
+        )
+    )
+    assert await harness.server_expiry(name) == later
+    await backend.delete_user(delete_req(spec, name))
+
+
+async def test_hyphenated_username_is_quoted(
+    harness: PostgresHarness, make_backend: MakeBackend
+) -> None:
+    """A name with hyphens and underscores is created, logs in, and is dropped."""
+    backend = await make_backend({"grant": grant_role(harness.schema)})
+    name = f"v-{harness.mount_name}-a-b_c--d-"
+    resp = await backend.new_user(new_req(grant_role(harness.schema), name))
+    session = await harness.connect_as(resp.data)
+    assert await session.fetchval("SELECT current_user") == name
+    await harness.exercise(session)
+    await backend.delete_user(delete_req(grant_role(harness.schema), name))
+    assert not await harness.session_alive(session)
+    await harness.close_session(session)
+    assert not await harness.user_exists(name)
+
+
+@pytest.mark.parametrize(
+    ("name", "password"),
+    [
+        ('x"; ALTER ROLE postgres NOLOGIN; --', None),
+        ("Upper", None),
+        ("v" * 64, None),
+        ("ok-name", "pw' SUPERUSER '"),
+        ("ok-name", "pw\\"),
+    ],
+)
+async def test_values_outside_the_alphabets_are_refused(
+    harness: PostgresHarness, make_backend: MakeBackend, name: str, password: str | None
+) -> None:
+    """A username or password outside the generated alphabets never reaches SQL."""
+    backend = await make_backend()
+    before = await harness.admin.fetchval("SELECT count(*) FROM pg_roles")
+    with pytest.raises(BackendError) as info:
+        await backend.new_user(new_req(role(), name, password=password or generate_password()))
+    assert not info.value.retryable
+    assert await harness.admin.fetchval("SELECT count(*) FROM pg_roles") == before
+    if password:
+        assert password not in str(info.value)
+
+
+# -- concurrency ----------------------------------------------------------------
+
+
+async def test_concurrent_grants_fail_without_the_plugin(harness: PostgresHarness) -> None:
+    """Control: plain concurrent GRANT ON ALL TABLES does hit "tuple concurrently updated"."""
+    conns = [await asyncpg.connect(harness.dsn) for _ in range(16)]
+    names = [f"v-{harness.mount_name}-raw-{i}" for i in range(len(conns))]
+    errors: list[str] = []
+
+    async def grant(conn: asyncpg.Connection, name: str) -> None:
+        try:
+            async with conn.transaction():
+                await conn.execute(
+                    f'CREATE ROLE "{name}"; '
+                    f'GRANT USAGE ON SCHEMA "{harness.schema}" TO "{name}"; '
+                    f'GRANT SELECT ON ALL TABLES IN SCHEMA "{harness.schema}" TO "{name}"'
+                )
+        except asyncpg.PostgresError as exc:
+            errors.append(f"{exc.sqlstate} {exc}")
+
+    try:
+        for _ in range(5):  # the race is very likely per round; a few rounds make it certain
+            await asyncio.gather(*(grant(c, n) for c, n in zip(conns, names, strict=True)))
+            if errors:
+                break
+            for name in names:
+                await harness.drop_role(name)
+    finally:
+        for conn in conns:
+            await conn.close()
+    assert any(e.startswith("XX000") and "concurrently" in e for e in errors), errors
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"serialize_ddl": False, "max_open_connections": 8}],
+    ids=["advisory-lock", "retry-only"],
+)
+async def test_fifty_concurrent_new_user_with_grant_all_succeed(
+    harness: PostgresHarness, make_backend: MakeBackend, options: dict[str, Any]
+) -> None:
+    """50 simultaneous new_user calls with GRANT ON ALL TABLES succeed (lock, or retries alone)."""
+    spec = grant_role(harness.schema)
+    backend = await make_backend({"grant": spec}, **options)
+    names = [username(harness) for _ in range(50)]
+    results = await asyncio.gather(
+        *(backend.new_user(new_req(spec, n)) for n in names), return_exceptions=True
+    )
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert not errors, f"{len(errors)} failed, e.g. {errors[0]!r}"
+    granted = await harness.admin.fetchval(
+        "SELECT count(*) FROM pg_roles WHERE rolname = ANY($1::text[]) AND "
+        "has_table_privilege(oid, $2, 'SELECT')",
+        names,
+        f'"{harness.schema}".items',
+    )
+    assert granted == 50
+    deleted = await asyncio.gather(
+        *(backend.delete_user(delete_req(spec, n)) for n in names), return_exceptions=True
+    )
+    assert not [r for r in deleted if isinstance(r, BaseException)]
+
+
+# -- revocation -----------------------------------------------------------------
+
+
+async def test_revocation_with_open_session_owning_a_locked_table(
+    harness: PostgresHarness, make_backend: MakeBackend
+) -> None:
+    """A role whose open session owns and locks a table is terminated, reassigned and dropped."""
+    spec = role(
+        creation_statements=(
+            "CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' "
+            "VALID UNTIL '{{expiration}}'",
+            f'GRANT USAGE, CREATE ON SCHEMA "{harness.schema}" TO "{{{{name}}}}"',
+        )
+    )
+    backend = await make_backend({"r": spec})
+    name = username(harness)
+    resp = await backend.new_user(new_req(spec, name))
+    session = await harness.connect_as(resp.data)
+    table = f'"{harness.schema}".made_by_lease'
+    await session.execute(f"CREATE TABLE {table} (x int); INSERT INTO {table} VALUES (42)")
+    # Idle in a transaction holding ACCESS EXCLUSIVE: DROP OWNED would wait forever.
+    await session.execute(f"BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+    await asyncio.wait_for(backend.delete_user(delete_req(spec, name)), timeout=30)
+    assert not await harness.session_alive(session)
+    await harness.close_session(session)
+    assert not await harness.user_exists(name)
+    owner = await harness.admin.fetchval(
+        "SELECT tableowner FROM pg_tables WHERE schemaname = $1 AND tablename = 'made_by_lease'",
+        harness.schema,
+    )
+    assert owner == harness.admin_user  # data kept, handed to the admin
+    assert await harness.admin.fetchval(f"SELECT x FROM {table}") == 42
+
+
+async def test_custom_revocation_still_ends_sessions(
+    harness: PostgresHarness, make_backend: MakeBackend
+) -> None:
+    """Custom revocation statements run after logins are blocked and sessions ended."""
+    spec = role(revocation_statements=('DROP ROLE "{{name}}"',))
+    backend = await make_backend({"r": spec})
+    name = username(harness)
+    resp = await backend.new_user(new_req(spec, name))
+    session = await harness.connect_as(resp.data)
+    await backend.delete_user(delete_req(spec, name))
+    assert not await harness.session_alive(session)
+    await harness.close_session(session)
+    assert not await harness.user_exists(name)
+    # Idempotent even though the custom statement has no IF EXISTS.
+    await backend.delete_user(delete_req(spec, name))
+
+
+async def test_rollback_statements_used_for_rollback(
+    harness: PostgresHarness, make_backend: MakeBackend
+) -> None:
+    """reason="rollback" runs the role's rollback_statements instead of revocation ones."""
+    spec = role(
+        revocation_statements=("SELECT 1/0",),  # would fail: proves it is not used
+        rollback_statements=('DROP ROLE "{{name}}"',),
+    )
+    backend = await make_backend({"r": spec})
+    name = username(harness)
+    await backend.new_user(new_req(spec, name))
+    await backend.delete_user(delete_req(spec, name, reason="rollback"))
+    assert not await harness.user_exists(name)
+
+
+# -- secrets --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "SELECT '{{password}}'::integer",
+        "DO $$ BEGIN RAISE EXCEPTION 'failed for %', '{{password}}'; END $$",
+        "ALTER ROLE \"{{name}}\" PASSWORD '{{password}}' NOT A KEYWORD",
+        "SELECT * FROM \"{{password}}\"",
+    ],
+    ids=["cast", "raise", "syntax", "identifier"],
+)
+async def test_password_redacted_from_failing_custom_statement(
+    harness: PostgresHarness,
+    make_backend: MakeBackend,
+    caplog: pytest.LogCaptureFixture,
+    statement: str,
+) -> None:
+    """The server echoes the password in its error; the BackendError and logs do not."""
+    caplog.set_level(logging.DEBUG)
+    spec = role(
+        creation_statements=("CREATE ROLE \"{{name}}\" LOGIN PASSWORD '{{password}}'", statement)
+    )
+    backend = await make_backend({"r": spec})
+    name = username(harness)
+    password = generate_password()
+    with pytest.raises(BackendError) as info:
+        await backend.new_user(new_req(spec, name, password=password))
+    err = info.value
+    assert not err.retryable
+    assert "postgres new_user failed" in str(err)
+    for text in (str(err), repr(err), repr(err.args)):
+        assert password not in text
+        assert password[:12] not in text
+    assert err.__cause__ is None and err.__context__ is None
+    assert all(password not in r.getMessage() for r in caplog.records)
+    assert not await harness.user_exists(name), "the failed transaction was rolled back"
+
+
+# -- root rotation --------------------------------------------------------------
+
+
+async def test_rotate_root_changes_admin_password(harness: PostgresHarness) -> None:
+    """rotate_root sets a new admin password: the old one stops working, the new one works."""
+    admin = f"kitadmin_{harness.mount_name}"
+    old = generate_password()
+    await harness.admin.execute(f"CREATE ROLE \"{admin}\" LOGIN SUPERUSER PASSWORD '{old}'")
+    try:
+        mount = harness.make_mount()
+        url = mount.options["connection_url"].replace(f"{harness.admin_user}@", f"{admin}@", 1)
+        mount = dataclasses.replace(mount, secret=old, options={**mount.options,
+                                                                "connection_url": url})
+        backend = PostgresBackend.from_config(mount)
+        await backend.initialize()
+        try:
+            resp = await backend.rotate_root(RotateRootRequest())
+            new = resp.new_password
+            assert new and new != old
+            login = {"username": admin, "password": old}
+            with pytest.raises(asyncpg.PostgresError):
+                await harness.connect_as(login)
+            await harness.close_session(await harness.connect_as({**login, "password": new}))
+            await backend.close()
+            await backend.initialize()  # reconnects with the rotated password
+            await backend.verify()
+        finally:
+            await backend.close()
+    finally:
+        await harness.admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", admin
+        )
+        await harness.admin.execute(f'DROP ROLE IF EXISTS "{admin}"')
+
+
+# -- configuration (no server needed, kept here with the plugin's other tests) ---
+
+
+def mount(**options: Any) -> MountSpec:
+    return MountSpec(name="pg", plugin="postgres", roles={}, options=options)
+
+
+@pytest.mark.parametrize(
+    ("options", "key"),
+    [
+        ({}, "connection_url"),
+        ({"connection_url": "mysql://a@b/c"}, "connection_url"),
+        ({"connection_url": "postgresql://a:pw@b/c"}, "connection_url"),
+        ({"connection_url": "postgresql://b/c"}, "connection_url"),
+        ({"connection_url": "postgresql://a@b/c\"d"}, "connection_url"),
+        ({"connection_url": "postgresql://a@b/c", "max_open_connections": 0},
+         "max_open_connections"),
+        ({"connection_url": "postgresql://a@b/c", "connect_timeout": "soon"}, "connect_timeout"),
+        ({"connection_url": "postgresql://a@b/c", "password": "x"}, "password"),
+    ],
+)
+def test_from_config_rejects_bad_options(options: dict[str, Any], key: str) -> None:
+    """Bad mount options name the offending key."""
+    with pytest.raises(PluginConfigError) as info:
+        PostgresBackend.from_config(mount(**options))
+    assert info.value.key == key
+
+
+def test_validate_role_rejects_bad_roles() -> None:
+    """Unknown role keys, nameless creation and {{password}} outside creation are refused."""
+    bad = [
+        (dataclasses.replace(role(), options={"grants": "all"}), "grants"),
+        (role(creation_statements=("SELECT 1",)), "creation_statements"),
+        (role(revocation_statements=("SELECT '{{password}}'",)), "revocation_statements"),
+    ]
+    for spec, key in bad:
+        with pytest.raises(PluginConfigError) as info:
+            PostgresBackend.validate_role(spec)
+        assert info.value.key == key
+    PostgresBackend.validate_role(role())
