@@ -315,4 +315,5 @@ class PostgresHarness(BackendHarness):
 #: name -> factory or "module:attribute". One line per backend.
 HARNESSES: dict[str, HarnessFactory | str] = {
     "postgres": PostgresHarness.factory,
+    "mysql": "tests.conformance.mysql_harness:mysql_harness",
 }
