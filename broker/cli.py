@@ -647,13 +647,13 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     try:
-        from broker.audit import load_key, verify_file
+        from broker import audit
     except ImportError as exc:
         raise OperationError(
             f"audit verification is not available in this installation: {exc}"
         ) from None
     try:
-        key = load_key(args.key_file) if args.key_file else None
+        key = audit.load_key(args.key_file) if args.key_file else None
     except OSError as exc:
         raise OperationError(
             f"cannot read key file {args.key_file}: {exc.strerror or exc}"
@@ -661,15 +661,26 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise OperationError(f"{args.key_file}: {exc}") from None
     try:
-        result = verify_file(args.file, key)
+        if len(args.files) == 1:
+            results = [(args.files[0], audit.verify_file(args.files[0], key))]
+        else:
+            # Rotated files, oldest first: each must link to the previous one's last line.
+            results = audit.verify_files(args.files, key)
     except OSError as exc:
-        raise OperationError(f"cannot read {args.file}: {exc.strerror or exc}") from None
-    if result.ok:
-        sys.stdout.write(f"ok: {result.lines} lines\n")
-        return 0
-    where = f"{args.file}:{result.first_bad_line}" if result.first_bad_line else args.file
-    sys.stdout.write(f"{where}: {' '.join(str(result.reason).split())}\n")
-    return 1
+        raise OperationError(f"cannot read {exc.filename}: {exc.strerror or exc}") from None
+    code = 0
+    for path, result in results:
+        if result.ok:
+            prefix = f"{path}: " if len(results) > 1 else ""
+            sys.stdout.write(f"{prefix}ok: {result.lines} lines\n")
+            continue
+        code = 1
+        where = f"{path}:{result.first_bad_line}" if result.first_bad_line else path
+        sys.stdout.write(f"{where}: {' '.join(str(result.reason).split())}\n")
+    if key is None and code == 0:
+        # Without the key an edit of the last line cannot be seen: say so.
+        sys.stderr.write("note: hash chain checked; pass --key-file to check every HMAC too\n")
+    return code
 
 
 # --------------------------------------------------------------------------- parser
@@ -823,7 +834,9 @@ def build_parser() -> argparse.ArgumentParser:
         "check the hash chain (and HMACs) of an audit log",
         remote=False,
     )
-    p.add_argument("file", metavar="FILE")
+    p.add_argument(
+        "files", metavar="FILE", nargs="+", help="audit log(s); rotated ones oldest first"
+    )
     p.add_argument("--key-file", metavar="K", help="HMAC key file of the broker")
     return parser
 

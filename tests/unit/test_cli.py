@@ -15,6 +15,7 @@ import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -698,3 +699,66 @@ def test_token_revoke_self_or_other(
         "/v1/auth/token/revoke",
     ]
     assert canned.seen[1].body == {"token": "other"}
+
+
+# --------------------------------------------------------------------------- audit verify
+
+
+async def _write_audit_log(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """Three events, a rotation (rename + reopen), two more: (old file, new file, key file)."""
+    audit = pytest.importorskip("broker.audit")
+    log, key = tmp_path / "audit.jsonl", tmp_path / "audit.key"
+    writer = await audit.AuditLog.open(str(log), str(key), create_key=True)
+    for i in range(3):
+        await writer.write(audit.event("issue", lease={"id": f"pg/creds/ro/{i}"}))
+    old = tmp_path / "audit.jsonl.1"
+    log.rename(old)
+    await writer.reopen()
+    for i in range(2):
+        await writer.write(audit.event("revoke", lease={"id": f"pg/creds/ro/{i}"}))
+    await writer.close()
+    return old, log, key
+
+
+async def test_audit_verify_ok_single_and_rotated(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A real log verifies: 'ok: N lines' for one file, per-file lines for a rotated set."""
+    old, new, key = await _write_audit_log(tmp_path)
+    code, out, err = run(capsys, "audit", "verify", str(old), "--key-file", str(key))
+    assert (code, out, err) == (0, "ok: 3 lines\n", "")
+    code, out, err = run(capsys, "audit", "verify", str(old), str(new), "--key-file", str(key))
+    assert (code, out) == (0, f"{old}: ok: 3 lines\n{new}: ok: 2 lines\n")
+    code, out, err = run(capsys, "audit", "verify", str(new))
+    assert (code, out) == (0, "ok: 2 lines\n")
+    assert "pass --key-file" in err  # without the key, the user is told what was not checked
+
+
+async def test_audit_verify_names_the_bad_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An edited last line is found with the key and reported as FILE:LINE: reason, exit 1."""
+    old, _, key = await _write_audit_log(tmp_path)
+    lines = old.read_text().splitlines(keepends=True)
+    lines[2] = lines[2].replace("pg/creds/ro/2", "pg/creds/ro/X")
+    old.write_text("".join(lines))
+    code, out, _ = run(capsys, "audit", "verify", str(old), "--key-file", str(key))
+    assert code == 1
+    assert out.startswith(f"{old}:3: ") and out.count("\n") == 1
+
+
+def test_audit_verify_unreadable_inputs_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A missing log or key file is one error line, exit 1."""
+    pytest.importorskip("broker.audit")
+    log = tmp_path / "audit.jsonl"
+    log.write_text("")
+    code, _, err = run(capsys, "audit", "verify", str(log), "--key-file", str(tmp_path / "k"))
+    assert code == 1 and err.startswith("broker: error: cannot read key file ")
+    code, _, err = run(capsys, "audit", "verify", str(tmp_path / "missing.jsonl"))
+    assert code == 1
+    assert (
+        err
+        == f"broker: error: cannot read {tmp_path / 'missing.jsonl'}: No such file or directory\n"
+    )
