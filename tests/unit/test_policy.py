@@ -155,7 +155,7 @@ def test_leading_slash_is_ignored() -> None:
 def test_policies_as_one_string_is_rejected() -> None:
     """Passing 'ci' instead of ['ci'] is a programming error, not a set of letters."""
     with pytest.raises(TypeError):
-        PolicySet({}).capabilities("ci", "x")  # type: ignore[arg-type]
+        PolicySet({}).capabilities("ci", "x")
 
 
 @pytest.mark.parametrize(

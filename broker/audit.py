@@ -1,0 +1,633 @@
+"""The tamper-evident, fail-closed audit log: one chained, HMAC'd JSON object per line.
+
+Each line is compact JSON with sorted keys, and the log adds four fields:
+
+- ``time``: UTC RFC 3339 with microseconds (``2024-05-01T12:00:00.000000Z``), if absent;
+- ``seq``: 1, 2, 3, ... within one file, continuing across restarts;
+- ``prev``: ``sha256:<hex>`` of the previous line's bytes (newline excluded), or
+  :data:`GENESIS` on a file's first line, so an edited, removed, inserted or
+  moved line breaks the chain;
+- ``mac``: ``hmac-sha256:<hex>`` of the line serialized without ``mac``, under the
+  broker's key, so the last line (which no ``prev`` covers) cannot be edited and
+  no line can be forged without the key.
+
+A file that starts after rotation (moved away, deleted, or truncated under us,
+or a SIGHUP :meth:`AuditLog.reopen` onto a new file) carries ``prev_file``: the
+hash of the old file's last line, linking the files. Removing whole lines from
+the END of a file is invisible in that file alone; compare ``last_seq`` /
+``last_hash`` of :func:`verify_file` with a copy kept elsewhere.
+
+Secrets never reach disk: every value under a key in :data:`SECRET_KEYS`, at any
+depth, is replaced by its HMAC (see :func:`redact`), so equal tokens can still
+be correlated across lines by whoever holds the key.
+
+Fail-closed: :meth:`AuditLog.write` returns only after its line was handed to
+the kernel (and fsync'd when configured); otherwise it raises
+:class:`AuditError`, which the API answers with 503. Concurrent writers are
+group-committed: whoever holds the lock writes every queued line in one
+``write()``, so an fsync is shared by all lines that arrived while the previous
+one ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac as _hmac
+import json
+import logging
+import math
+import os
+import secrets
+import stat
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from broker.errors import ServiceUnavailable
+
+__all__ = [
+    "EVENT_TYPES",
+    "GENESIS",
+    "SECRET_KEYS",
+    "AuditError",
+    "AuditLog",
+    "VerifyResult",
+    "event",
+    "load_key",
+    "redact",
+    "verify_file",
+    "verify_files",
+]
+
+log = logging.getLogger(__name__)
+
+#: ``prev`` of the first line of every file.
+GENESIS = "sha256:" + "0" * 64
+
+#: values under these keys (case-insensitive, at any depth) are written as HMACs.
+SECRET_KEYS = frozenset({
+    "password", "secret_key", "security_token", "client_token", "token", "secret",
+    "jwt", "private_key",
+    # the same secrets under the names other layers use for them
+    "secret_access_key", "session_token", "client_secret", "authorization", "x-vault-token",
+})
+
+#: the standard event types (others are allowed; these are what operators grep for).
+EVENT_TYPES = frozenset({
+    "request", "response", "issue", "renew", "revoke", "expire", "revoke_failed",
+    "irrevocable", "rollback", "reuse_attempt", "auth_failure", "policy_denied",
+    "token_create", "token_revoke", "admin",
+})
+
+_MAC_PREFIX = "hmac-sha256:"
+_RESERVED = ("seq", "prev", "mac", "prev_file")
+_REDACTED = "[redacted]"
+_MIN_KEY_BYTES = 16
+_MAX_LINE = 16 * 1024 * 1024  # the tail scan on open gives up beyond this
+_CHUNK = 64 * 1024
+
+
+class AuditError(ServiceUnavailable):
+    """The audit line could not be written: the request must not proceed (503)."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _now() -> str:
+    # isoformat of an aware UTC time ends in "+00:00"; RFC 3339 with Z is shorter.
+    return datetime.now(UTC).isoformat(timespec="microseconds")[:-6] + "Z"
+
+
+def _canonical(obj: Any) -> bytes:
+    # One serialization for writing and verifying; default=str makes odd types
+    # (datetime, UUID, enums) strings, which then round-trip byte-identically.
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False,
+        default=str,
+    ).encode("ascii")
+
+
+def _sha(line: bytes) -> str:
+    return "sha256:" + hashlib.sha256(line).hexdigest()
+
+
+def _mac(key: bytes, data: bytes) -> str:
+    return _MAC_PREFIX + _hmac.digest(key, data, "sha256").hex()
+
+
+def _is_mac(value: str) -> bool:
+    return (
+        len(value) == len(_MAC_PREFIX) + 64
+        and value.startswith(_MAC_PREFIX)
+        and all(c in "0123456789abcdef" for c in value[len(_MAC_PREFIX):])
+    )
+
+
+_SCALARS = (str, int, bool, type(None))
+
+
+def _walk(obj: Any, hide: Callable[[str], str]) -> Any:
+    """Copy ``obj`` into JSON-safe shapes, hiding secrets (the caller's object is untouched)."""
+    # Exact type checks first: this runs on every field of every line, and
+    # isinstance against the ABCs is several times slower.
+    kind = type(obj)
+    if kind in _SCALARS:
+        return obj
+    if kind is dict or isinstance(obj, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            name = k if type(k) is str else str(k)
+            if v is not None and name.lower() in SECRET_KEYS:
+                if isinstance(v, str):
+                    # Already an HMAC (a caller pre-redacted it): keep, so redaction is idempotent.
+                    out[name] = v if _is_mac(v) else hide(v)
+                else:
+                    out[name] = hide(_canonical(_walk(v, hide)).decode("ascii"))
+            else:
+                out[name] = v if type(v) in _SCALARS else _walk(v, hide)
+        return out
+    if kind is list or isinstance(obj, list | tuple | set | frozenset):
+        return [_walk(v, hide) for v in obj]
+    if kind is float and not math.isfinite(obj):
+        return str(obj)
+    return obj
+
+
+def redact(obj: Any, key: bytes | None = None) -> Any:
+    """A copy of ``obj`` with every secret-named value (see SECRET_KEYS) hidden, recursively.
+
+    With ``key`` a secret becomes ``hmac-sha256:<hex>`` (what the audit log writes);
+    without, ``[redacted]`` (for debug logs and error messages).
+    """
+    if key is None:
+        return _walk(obj, lambda _v: _REDACTED)
+    return _walk(obj, lambda v: _mac(key, v.encode("utf-8", "surrogatepass")))
+
+
+def event(type: str, *, outcome: str = "ok", **fields: Any) -> dict[str, Any]:
+    """The standard event shape; fields whose value is None are left out.
+
+    Usual fields: ``auth={accessor, display_name, policies, metadata}``,
+    ``request={id, path, operation, remote_addr}``, ``lease={id, mount, role, owner}``,
+    ``error="..."``. See :data:`EVENT_TYPES`.
+    """
+    ev: dict[str, Any] = {"type": type, "outcome": outcome, "time": _now()}
+    ev.update((k, v) for k, v in fields.items() if v is not None)
+    return ev
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def load_key(path: str) -> bytes:
+    """Read an HMAC key file: hex text (``openssl rand -hex 32``) or raw bytes.
+
+    Raises OSError when unreadable, ValueError when shorter than 16 bytes.
+    """
+    with open(path, "rb") as fh:
+        data = fh.read()
+    text = data.strip()
+    key = data
+    if len(text) % 2 == 0 and len(text) >= 2 * _MIN_KEY_BYTES:
+        try:
+            key = bytes.fromhex(text.decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            key = data  # not hex: raw key bytes
+    if len(key) < _MIN_KEY_BYTES:
+        raise ValueError(f"key is too short ({len(key)} bytes); use at least 32 random bytes")
+    return key
+
+
+def _load_or_create_key(path: str, create: bool) -> bytes:
+    try:
+        key = load_key(path)
+    except FileNotFoundError:
+        if not create:
+            raise
+    else:
+        if os.stat(path).st_mode & 0o077:
+            log.warning("audit key file %s is readable by group/others; chmod 600 it", path)
+        return key
+    parent = os.path.dirname(path)
+    if parent:
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+    key = secrets.token_bytes(32)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        return load_key(path)  # another process created it first: use theirs
+    try:
+        os.fchmod(fd, 0o600)  # the umask can only narrow the mode; make it exact
+        os.write(fd, key.hex().encode("ascii") + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    log.info("created audit HMAC key %s", path)
+    return key
+
+
+# --------------------------------------------------------------------------- the log
+
+
+class AuditLog:
+    """An append-only, hash-chained audit file. Create with :meth:`open`."""
+
+    def __init__(self, path: str, key: bytes, *, fsync: bool = False) -> None:
+        self.path = path
+        self._key = key
+        self._fsync = fsync
+        self._fd = -1
+        self._ident: tuple[int, int] = (0, 0)
+        self._size = 0  # bytes of complete lines in the file, as far as we know
+        self._dirty = False  # a failed write left a partial line past _size
+        self._seq = 0
+        self._prev = GENESIS
+        self._link: str | None = None  # prev_file for the next line (first of a new file)
+        self._lock = asyncio.Lock()
+        self._queue: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+        self._closed = False
+        self._ok = True
+        self.last_error: str | None = None
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls, path: str, hmac_key_file: str, *, fsync: bool = False, create_key: bool = False
+    ) -> AuditLog:
+        """Open (or create) the log at ``path``, continuing the chain of its last line."""
+        try:
+            key = await asyncio.to_thread(_load_or_create_key, hmac_key_file, create_key)
+        except FileNotFoundError:
+            raise AuditError(
+                f"audit key file {hmac_key_file} not found; create it "
+                f"(openssl rand -hex 32 > {hmac_key_file}; chmod 600) or allow create_key"
+            ) from None
+        except OSError as exc:
+            raise AuditError(
+                f"audit key file {hmac_key_file}: cannot read it ({exc.strerror or exc})"
+            ) from None
+        except ValueError as exc:
+            raise AuditError(f"audit key file {hmac_key_file}: {exc}") from None
+        self = cls(path, key, fsync=fsync)
+        try:
+            await asyncio.to_thread(self._switch, None)
+        except OSError as exc:
+            raise self._error("cannot open", exc) from None
+        return self
+
+    async def close(self) -> None:
+        """Write what is queued, then close; later writes raise AuditError."""
+        async with self._lock:
+            if self._closed:
+                return
+            if self._queue:
+                batch, self._queue = self._queue, []
+                await self._flush(batch)
+            self._closed = True
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+    async def reopen(self) -> None:
+        """Reopen the path (SIGHUP after log rotation).
+
+        An existing non-empty file continues its own chain; a new or empty one
+        starts a fresh chain whose first line links to the old file (``prev_file``).
+        Raises AuditError if the path cannot be opened; the old file stays in use.
+        """
+        async with self._lock:
+            if self._closed:
+                raise AuditError(f"audit log {self.path}: closed")
+            try:
+                await asyncio.to_thread(self._switch, self._chain_link())
+            except OSError as exc:
+                raise self._error("cannot reopen", exc) from None
+
+    @property
+    def healthy(self) -> bool:
+        """False when closed or when the last write failed (until one succeeds)."""
+        return self._ok and not self._closed
+
+    def hmac(self, value: str) -> str:
+        """``hmac-sha256:<hex>`` of ``value`` under the broker's audit key."""
+        return _mac(self._key, value.encode("utf-8", "surrogatepass"))
+
+    def redact(self, obj: Any) -> Any:
+        """:func:`redact` under this log's key."""
+        return _walk(obj, self.hmac)
+
+    # -- writing --------------------------------------------------------------------
+
+    async def write(self, event: Mapping[str, Any]) -> None:
+        """Append one event; returns once written (and fsync'd if configured).
+
+        Raises AuditError when the line could not be written: the caller must not
+        go on as if the action had been recorded.
+        """
+        if self._closed:
+            raise AuditError(f"audit log {self.path}: closed")
+        record = self.redact(event)
+        for name in _RESERVED:
+            record.pop(name, None)
+        record.setdefault("time", _now())
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append((record, fut))
+        try:
+            async with self._lock:
+                # A previous holder may already have written our line with its batch.
+                if self._queue:
+                    batch, self._queue = self._queue, []
+                    await self._flush(batch)
+            await fut
+        finally:
+            if not fut.done():
+                fut.cancel()  # cancelled while queued: the line may still be written
+            elif not fut.cancelled():
+                fut.exception()  # mark retrieved; we raised it above if it was ours
+
+    async def _flush(self, batch: list[tuple[dict[str, Any], asyncio.Future[None]]]) -> None:
+        """Write one batch under the lock; resolve every future in it, whatever happens."""
+        try:
+            if self._closed:
+                raise AuditError(f"audit log {self.path}: closed")
+            try:
+                written = self._commit(batch)
+                if self._fsync and written:
+                    # fsync a duplicate so a concurrent close() cannot pull the fd away.
+                    await asyncio.to_thread(_fsync_and_close, os.dup(self._fd))
+            except OSError as exc:
+                self._ok = False
+                self.last_error = exc.strerror or str(exc)
+                raise self._error("cannot write", exc) from None
+            except AuditError as exc:
+                self._ok = False
+                self.last_error = str(exc)
+                raise
+            self._ok = True
+            self.last_error = None
+            for fut in written:
+                if not fut.done():
+                    fut.set_result(None)
+        except AuditError as exc:
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(AuditError(str(exc)))
+        finally:
+            for _, fut in batch:
+                if not fut.done():  # cancelled mid-fsync: not known to be durable
+                    fut.set_exception(AuditError(f"audit log {self.path}: write interrupted"))
+
+    def _commit(self, batch: list[tuple[dict[str, Any], asyncio.Future[None]]]
+                ) -> list[asyncio.Future[None]]:
+        """Chain, sign and write the batch in one write(); runs on the loop, never awaits."""
+        self._check_file()
+        seq, prev, link = self._seq, self._prev, self._link
+        lines: list[bytes] = []
+        written: list[asyncio.Future[None]] = []
+        for record, fut in batch:
+            record["seq"] = seq + 1
+            record["prev"] = prev
+            if link is not None:
+                record["prev_file"] = link
+            try:
+                line = self._sign(record)
+            except (TypeError, ValueError) as exc:
+                # One malformed event must not sink the batch; it does not take a seq.
+                if not fut.done():
+                    fut.set_exception(AuditError(f"audit event cannot be serialized: {exc}"))
+                continue
+            seq, prev, link = seq + 1, _sha(line), None
+            lines.append(line)
+            written.append(fut)
+        if not lines:
+            return written
+        data = b"\n".join(lines) + b"\n"
+        view = memoryview(data)
+        done = 0
+        try:
+            while done < len(data):
+                done += os.write(self._fd, view[done:])
+        except OSError:
+            if done:
+                # Disk full mid-line: cut the partial line so the chain stays parseable.
+                self._dirty = True
+                self._repair()
+            raise
+        self._size += len(data)
+        self._seq, self._prev, self._link = seq, prev, None
+        return written
+
+    def _sign(self, record: dict[str, Any]) -> bytes:
+        """The canonical line with ``mac`` over the line without it, in one serialization.
+
+        Keys are sorted, so the line is the keys before "mac", then mac, then the
+        rest; serializing the two halves separately gives exactly the bytes of
+        the whole object.
+        """
+        left = _canonical({k: v for k, v in record.items() if k < "mac"})[1:-1]
+        right = _canonical({k: v for k, v in record.items() if k > "mac"})[1:-1]
+        body = b"{" + left + (b"," if left and right else b"") + right + b"}"
+        mac = b'"mac":"' + _mac(self._key, body).encode("ascii") + b'"'
+        return b"{" + b",".join(part for part in (left, mac, right) if part) + b"}"
+
+    def _repair(self) -> None:
+        try:
+            os.ftruncate(self._fd, self._size)
+            self._dirty = False
+        except OSError as exc:
+            log.error("audit log %s: cannot cut a partial line: %s", self.path, exc.strerror)
+
+    def _check_file(self) -> None:
+        """Follow rotation: a moved, deleted or truncated file means a new chain."""
+        if self._fd < 0:
+            raise OSError(9, "audit file is not open")
+        if self._dirty:
+            os.ftruncate(self._fd, self._size)  # still failing -> OSError -> AuditError
+            self._dirty = False
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            st = None
+        if st is None or (st.st_dev, st.st_ino) != self._ident:
+            log.warning("audit log %s was moved or deleted; starting a new file", self.path)
+            self._switch(self._chain_link())
+            return
+        if stat.S_ISREG(st.st_mode) and st.st_size != self._size:
+            log.warning("audit log %s changed size under us (%d bytes, expected %d); "
+                        "continuing from its last line", self.path, st.st_size, self._size)
+            link = self._chain_link() if st.st_size == 0 else None
+            self._seq, self._prev, self._size = self._read_tail(self._fd, st.st_size)
+            if self._size == 0:
+                self._link = link
+
+    def _chain_link(self) -> str | None:
+        # An old file with no line of its own passes on the link it was given.
+        return self._prev if self._seq else self._link
+
+    def _switch(self, link: str | None) -> None:
+        """Open the path and adopt it; the old fd is closed only once that worked."""
+        parent = os.path.dirname(self.path)
+        if parent:
+            os.makedirs(parent, mode=0o700, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            st = os.fstat(fd)
+            seq, prev, size = self._read_tail(fd, st.st_size if stat.S_ISREG(st.st_mode) else 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd, self._ident = fd, (st.st_dev, st.st_ino)
+        self._seq, self._prev, self._size, self._dirty = seq, prev, size, False
+        self._link = link if size == 0 else None
+
+    def _read_tail(self, fd: int, size: int) -> tuple[int, str, int]:
+        """(seq, hash, size) of the last complete line, reading only the file's end.
+
+        A torn last line (crash or disk full mid-write; never acknowledged to
+        anyone) is cut off so that new lines start on a line boundary.
+        """
+        pos, buf, newlines = size, b"", 0
+        while pos > 0 and newlines < 2:
+            step = min(_CHUNK, pos)
+            pos -= step
+            chunk = os.pread(fd, step, pos)
+            newlines += chunk.count(b"\n")
+            buf = chunk + buf
+            if len(buf) > _MAX_LINE and newlines < 2:
+                raise AuditError(f"audit log {self.path}: last line longer than {_MAX_LINE} "
+                                 "bytes; move the file aside")
+        last_nl = buf.rfind(b"\n")
+        torn = len(buf) - last_nl - 1
+        if torn:
+            log.warning("audit log %s: cutting a torn last line (%d bytes)", self.path, torn)
+            os.ftruncate(fd, size - torn)
+            size -= torn
+        if last_nl < 0:
+            return 0, GENESIS, size
+        line = buf[buf.rfind(b"\n", 0, last_nl) + 1 : last_nl]
+        try:
+            obj = json.loads(line)
+            seq = obj["seq"]
+            if type(seq) is not int or seq < 1:
+                raise ValueError
+        except (ValueError, TypeError, KeyError):
+            raise AuditError(
+                f"audit log {self.path}: its last line is not a broker audit record; "
+                "move the file aside to start a new one"
+            ) from None
+        mac = obj.pop("mac", None)
+        try:
+            mac_ok = isinstance(mac, str) and _hmac.compare_digest(
+                mac, _mac(self._key, _canonical(obj)))
+        except ValueError:
+            mac_ok = False
+        if not mac_ok:
+            log.warning("audit log %s: the last line's HMAC does not match the key "
+                        "(edited line or changed key); run `broker audit verify`", self.path)
+        return seq, _sha(line), size
+
+    def _error(self, what: str, exc: OSError) -> AuditError:
+        return AuditError(f"audit log {self.path}: {what} ({exc.strerror or exc}); "
+                          "requests are refused until it is writable")
+
+
+def _fsync_and_close(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- verify
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """What :func:`verify_file` found."""
+
+    ok: bool
+    #: lines read: all of them when ok, else up to and including the bad one.
+    lines: int
+    #: 1-based number of the first line that fails, or None.
+    first_bad_line: int | None
+    reason: str
+    #: seq and hash of the last good line: keep them elsewhere to detect truncation,
+    #: and compare ``last_hash`` with the next file's ``prev_file``.
+    last_seq: int = 0
+    last_hash: str = GENESIS
+    #: the first line's link to the previous file, if it has one.
+    prev_file: str | None = None
+
+
+def verify_file(path: str, key: bytes | None) -> VerifyResult:
+    """Check the chain of one file line by line (streaming; fine on huge files).
+
+    Without ``key`` only the chain is checked, so an edit of the LAST line goes
+    unnoticed; with it every line's HMAC and canonical form are checked too.
+    """
+    seq, prev, n = 0, GENESIS, 0
+    prev_file: str | None = None
+
+    def bad(reason: str) -> VerifyResult:
+        return VerifyResult(False, n, n, reason, seq, prev, prev_file)
+
+    with open(path, "rb") as fh:
+        for raw in fh:
+            n += 1
+            if not raw.endswith(b"\n"):
+                return bad("incomplete last line (no newline): a torn write or a truncation")
+            line = raw[:-1]
+            try:
+                obj = json.loads(line)
+            except (ValueError, UnicodeDecodeError):
+                return bad("not JSON")
+            if not isinstance(obj, dict):
+                return bad("not a JSON object")
+            if n == 1 and isinstance(obj.get("prev_file"), str):
+                prev_file = obj["prev_file"]
+            got = obj.get("seq")
+            if type(got) is not int:
+                return bad("no integer seq: not an audit record")
+            if got != seq + 1:
+                return bad(f"seq is {got}, expected {seq + 1}: "
+                           "lines were removed, inserted or reordered")
+            if obj.get("prev") != prev:
+                if n == 1:
+                    return bad("prev is not the genesis hash: lines before it were removed")
+                return bad(f"prev does not match line {n - 1}: that line was edited, "
+                           "or lines were removed, inserted or reordered")
+            if key is not None:
+                mac = obj.pop("mac", None)
+                try:
+                    body = _canonical(obj)
+                    canonical = _canonical({**obj, "mac": mac})
+                except ValueError:
+                    return bad("not in canonical form")
+                if not isinstance(mac, str) or not _hmac.compare_digest(mac, _mac(key, body)):
+                    return bad("HMAC mismatch: the line was edited (or the key is wrong)")
+                if canonical != line:
+                    return bad("not in canonical form: the line was reformatted")
+            seq, prev = got, _sha(line)
+    return VerifyResult(True, n, None, "ok", seq, prev, prev_file)
+
+
+def verify_files(paths: Iterable[str], key: bytes | None) -> list[tuple[str, VerifyResult]]:
+    """Verify rotated files oldest first; a broken ``prev_file`` link fails that file."""
+    results: list[tuple[str, VerifyResult]] = []
+    last: VerifyResult | None = None
+    for path in paths:
+        result = verify_file(path, key)
+        if (result.ok and last is not None and result.lines
+                and result.prev_file != last.last_hash):
+            result = VerifyResult(False, result.lines, 1,
+                                  "prev_file does not match the previous file's last line",
+                                  result.last_seq, result.last_hash, result.prev_file)
+        results.append((path, result))
+        last = result
+    return results
