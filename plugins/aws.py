@@ -80,7 +80,7 @@ _NAME_UNSAFE = re.compile(r"[^\w+=,.@-]", re.ASCII)
 _NOT_RETRYABLE = frozenset({
     "ValidationError", "MalformedPolicyDocument", "InvalidInput", "InvalidParameterValue",
     "InvalidParameterCombination", "PackedPolicyTooLarge", "LimitExceeded",
-    "RegionDisabledException", "EntityAlreadyExists",
+    "RegionDisabledException", "EntityAlreadyExists", "NoSuchEntity",
 })
 #: deny policies must outlive the session by this much to count as needed (clock skew).
 _EXPIRY_SLACK = 5.0

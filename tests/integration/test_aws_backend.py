@@ -390,6 +390,7 @@ async def test_failed_iam_user_issue_leaves_no_user(moto_endpoint: str, backend_
     with pytest.raises(BackendError) as info:
         await backend.new_user(req)
     assert "NoSuchEntity" in str(info.value)
+    assert not info.value.retryable  # a config problem: the client gets a 400, not a 503
     with pytest.raises(ClientError):
         iam.get_user(UserName=req.username)
 
