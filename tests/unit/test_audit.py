@@ -575,3 +575,14 @@ async def test_truncated_under_us_starts_linked_chain(
     [rec] = records(paths[0])
     assert rec["seq"] == 1 and rec["prev"] == GENESIS and rec["prev_file"] == sha(last)
     assert verify_file(paths[0], load_key(paths[1])).ok
+
+
+async def test_replaced_file_is_followed(alog: AuditLog, paths: tuple[str, str]) -> None:
+    """logrotate 'create' (move, then a new empty file at the path) is followed at once."""
+    await write_n(alog, 2)
+    os.rename(paths[0], paths[0] + ".1")
+    put(paths[0], b"")
+    await write_n(alog, 1)
+    assert len(lines(paths[0] + ".1")) == 2
+    [rec] = records(paths[0])
+    assert rec["seq"] == 1 and rec["prev_file"] == sha(lines(paths[0] + ".1")[-1])
