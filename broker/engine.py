@@ -228,7 +228,9 @@ class LeaseEngine:
             issue_time=now,
             expire_time=expire,
             max_expire_time=max_expire,
-            renewable=caps.can_renew,
+            # Renewal moves the broker's expiry even where the backend has none
+            # to push (MySQL); only a backend that says so (STS) is not renewable.
+            renewable=True,
             revocation={"username": username},
             metadata=dict(token.metadata),
         )
@@ -258,7 +260,7 @@ class LeaseEngine:
         if resp.expiration is not None:
             lease.expire_time = min(resp.expiration.timestamp(), max_expire)
         if resp.renewable is not None:
-            lease.renewable = resp.renewable and caps.can_renew
+            lease.renewable = resp.renewable
         lease.revocation = {"username": username, **dict(resp.revocation)}
         lease.state = LeaseState.ACTIVE
         await self.store.activate(

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from aiohttp import web
+from aiohttp import http_parser, web, web_protocol
 
 from broker.api import creds, leases, system, tokens
 from broker.api.common import STATE, error_middleware
 from broker.state import BrokerState
 
 __all__ = ["STATE", "create_app"]
+
+# Vault clients (hvac, the vault CLI) send the non-standard LIST method. aiohttp's
+# C request parser rejects methods outside its built-in table with "400 Invalid
+# method"; the pure-Python parser accepts any RFC 9110 token. Use it for the
+# broker's server (requests here are small; the cost is negligible).
+web_protocol.HttpRequestParser = http_parser.HttpRequestParserPy  # type: ignore[misc]
 
 
 def create_app(state: BrokerState) -> web.Application:

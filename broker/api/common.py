@@ -33,7 +33,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 STATE = web.AppKey("broker_state", BrokerState)
-CALL = "broker_call"
+CALL = web.RequestKey("broker_call", "Call")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

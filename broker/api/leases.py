@@ -134,6 +134,8 @@ async def list_leases(request: web.Request) -> web.Response:
     if not is_list:
         raise web.HTTPMethodNotAllowed(request.method, ["LIST", "GET"])
     prefix = request.match_info["prefix"]
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"  # a LIST always names a folder (hvac drops the trailing slash)
     await call.authenticate()
     await call.read_body()
     await call.require(f"sys/leases/lookup/{prefix}", "list", "sudo")

@@ -16,7 +16,6 @@ routes = web.RouteTableDef()
 
 
 @routes.get("/v1/sys/health")
-@routes.head("/v1/sys/health", allow_head=False)
 async def health(request: web.Request) -> web.Response:
     """Vault's health shape plus each mount's backend health. No token needed."""
     state = request.app[STATE]
