@@ -135,7 +135,11 @@ class _Compiled:
     """The merged rules of one combination of policy names."""
 
     exact: Mapping[str, _Rule]
-    wild: tuple[_Rule, ...]  # sorted best first: the first match wins
+    # Wildcard rules sorted best first (the first match wins), bucketed by a
+    # fixed first path segment so a check only tries rules that could match;
+    # rules without one (``+/...``, ``pg*``) are in every bucket and in ``anywhere``.
+    buckets: Mapping[str, tuple[_Rule, ...]]
+    anywhere: tuple[_Rule, ...]
     templates: tuple[_Template, ...]
 
 
@@ -169,6 +173,14 @@ def _rule(key: _Resolved, caps: frozenset[str]) -> _Rule:
     if not is_prefix and None not in segs:
         return _Rule(key, _priority(key), "/".join(s for s in segs if s is not None), None, caps)
     return _Rule(key, _priority(key), None, _regex(key), caps)
+
+
+def _first_segment(key: _Resolved) -> str | None:
+    """The literal first path segment every match must have, if the pattern fixes one."""
+    is_prefix, segs = key
+    if segs[0] is None or (is_prefix and len(segs) == 1):
+        return None
+    return segs[0]
 
 
 def _parse_var(name: str, pattern: str) -> _Var:
@@ -274,10 +286,16 @@ class PolicySet:
             for tkey, caps in self._templates.get(name, {}).items():
                 templates[tkey] = templates.get(tkey, frozenset()) | caps
         rules = [_rule(k, caps) for k, caps in static.items()]
+        wild = sorted((r for r in rules if r.exact is None),
+                      key=lambda r: r.priority, reverse=True)
+        firsts = {_first_segment(r.key) for r in wild} - {None}
         compiled = _Compiled(
             exact={r.exact: r for r in rules if r.exact is not None},
-            wild=tuple(sorted((r for r in rules if r.exact is None),
-                              key=lambda r: r.priority, reverse=True)),
+            buckets={
+                first: tuple(r for r in wild if _first_segment(r.key) in (first, None))
+                for first in firsts if first is not None
+            },
+            anywhere=tuple(r for r in wild if _first_segment(r.key) is None),
             templates=tuple(_Template(p, s, caps) for (p, s), caps in templates.items()),
         )
         if len(self._cache) >= _NAMES_CACHE_SIZE:
@@ -303,7 +321,8 @@ class PolicySet:
         compiled = self._compiled(names)
         best = compiled.exact.get(path)
         if best is None:
-            for rule in compiled.wild:
+            first = path.partition("/")[0]
+            for rule in compiled.buckets.get(first, compiled.anywhere):
                 if rule.matches(path):
                     best = rule
                     break

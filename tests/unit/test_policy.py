@@ -248,3 +248,13 @@ def test_long_adversarial_path_is_cheap() -> None:
     ps = PolicySet({"p": {"a/+/+/+/+/+/+/b": ["read"], "a/+/+/+/+/+/+/c*": ["read"]}})
     path = "a/" + "x/" * 5000 + "y"
     assert ps.capabilities(["p"], path) == frozenset()
+
+
+def test_patterns_without_fixed_first_segment_compete_everywhere() -> None:
+    """'+/x' and 'f*' apply under every first segment and still rank by priority."""
+    rules = {"+/x": ["read"], "foo/*": ["deny"], "f*": ["list"], "foo/+/y": ["update"]}
+    assert caps(rules, "bar/x") == {"read"}
+    assert caps(rules, "foo/x") == frozenset()  # foo/* (wildcard at 4) beats +/x (at 0)
+    assert caps(rules, "fab/z") == {"list"}
+    assert caps(rules, "foo/a/y") == {"update"}
+    assert caps(rules, "f") == {"list"}
