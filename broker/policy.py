@@ -54,6 +54,9 @@ ALL_CAPABILITIES = frozenset({"create", "read", "update", "delete", "list", "sud
 #: owner); this policy only lets the request reach that check.
 DEFAULT_POLICY: Mapping[str, tuple[str, ...]] = {
     "auth/token/lookup-self": ("read",),
+    # Which plugin backs a mount: `broker creds --format env` needs it for the
+    # variable names; it reveals no secret.
+    "sys/mounts": ("read",),
     "auth/token/renew-self": ("update",),
     "auth/token/revoke-self": ("update",),
     "sys/leases/renew": ("update",),

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from broker import __version__
 from broker.api import create_app
-from broker.audit import AuditLog
+from broker.audit import AuditError, AuditLog
 from broker.config import Config, ConfigError, dev_config_path, is_loopback, load_config, parse_listen
 from broker.engine import LeaseEngine
 from broker.policy import PolicySet
@@ -250,7 +250,10 @@ async def reload(state: BrokerState, *, dev: bool) -> bool:
     changes = await state.engine.reload(new)
     state.policies = PolicySet(new.policies)
     state.config = new
-    await state.audit.reopen()
+    try:
+        await state.audit.reopen()
+    except AuditError as exc:
+        log.error("reload: could not reopen the audit log, still writing the old file: %s", exc)
     log.info("config reloaded from %s: %s", source, "; ".join(changes) or "mounts unchanged")
     return True
 

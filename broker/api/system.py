@@ -23,7 +23,10 @@ async def health(request: web.Request) -> web.Response:
         name: {"plugin": m.spec.plugin, "healthy": m.healthy, "error": m.error}
         for name, m in state.engine.mounts.items()
     }
-    status = 200 if state.serving else 503
+    audit_ok = state.audit.healthy
+    # An instance that cannot audit cannot issue anything (fail-closed): tell
+    # load balancers to send traffic elsewhere.
+    status = 200 if state.serving and audit_ok else 503
     return json_response({
         "initialized": True,
         "sealed": False,
@@ -33,6 +36,7 @@ async def health(request: web.Request) -> web.Response:
         "version": __version__,
         "cluster_name": "broker",
         "mounts": mounts,
+        "audit": {"healthy": audit_ok, "error": getattr(state.audit, "last_error", None)},
     }, status=status)
 
 

@@ -147,10 +147,15 @@ def wait_healthy(url: str, timeout: float = 30) -> None:
 
 def spawn_broker(config_path: Path, *extra: str, env: dict[str, str] | None = None
                  ) -> subprocess.Popen[bytes]:
-    """``broker server --config FILE`` as a real subprocess (for kill -9 tests)."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "broker.cli", "server", "--config", str(config_path), *extra],
-        env={**os.environ, **(env or {})},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    """``broker server --config FILE`` as a real subprocess (for kill -9 tests).
+
+    Its output goes to ``server.log`` beside the config (appended across restarts).
+    """
+    log_path = config_path.parent / "server.log"
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "broker.cli", "server", "--config", str(config_path), *extra],
+            env={**os.environ, **(env or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )

@@ -1,0 +1,363 @@
+"""The daemon as a process: crash safety, start-up checks, reload, shutdown, outages."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import hvac
+import hvac.exceptions
+import pytest
+import requests
+
+from tests.conftest import run
+from tests.integration.broker_harness import (
+    BrokerThread,
+    free_port,
+    spawn_broker,
+    start_broker,
+    wait_healthy,
+    write_config,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def pg_roles_like(dsn: str, prefix: str) -> set[str]:
+    async def query() -> set[str]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            rows = await conn.fetch("SELECT rolname FROM pg_roles WHERE rolname LIKE $1",
+                                    prefix + "%")
+            return {r["rolname"] for r in rows}
+        finally:
+            await conn.close()
+
+    return run(query())
+
+
+def mount_config(dsn: str, template: str, extra: str = "") -> str:
+    return f"""
+[leases]
+revoke_backoff_base = "1s"
+revoke_backoff_max = "2s"
+revoke_max_attempts = 3
+{extra}
+[mounts.pg]
+plugin = "postgres"
+connection_url = "{dsn}"
+connect_timeout = 2
+
+[mounts.pg.roles.app]
+username_template = "{template}-{{{{random 10}}}}"
+creation_statements = [
+  "CREATE ROLE \\"{{{{name}}}}\\" WITH LOGIN PASSWORD '{{{{password}}}}' VALID UNTIL '{{{{expiration}}}}'",
+  "GRANT SELECT ON ALL TABLES IN SCHEMA public TO \\"{{{{name}}}}\\"",
+]
+default_ttl = "1h"
+max_ttl = "2h"
+"""
+
+
+def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60
+        ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "broker.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_kill_9_during_issue_burst_leaves_no_unknown_role(tmp_path: Path, postgres_dsn: str
+                                                          ) -> None:
+    """kill -9 mid-burst: after restart every role in PostgreSQL is a lease the broker revokes."""
+    template = f"k9{os.getpid() % 1000}"
+    config = write_config(tmp_path, mount_config(postgres_dsn, template))
+    init = cli("operator", "init", "--config", str(config))
+    assert init.returncode == 0, init.stderr
+    token = init.stdout.strip().splitlines()[-1]
+    proc = spawn_broker(config)
+    url = f"http://127.0.0.1:{_port(config)}"
+    try:
+        wait_healthy(url)
+        stop = threading.Event()
+
+        def hammer() -> int:
+            done = 0
+            client = hvac.Client(url=url, token=token)
+            while not stop.is_set():
+                try:
+                    client.secrets.database.generate_credentials("app", mount_point="pg")
+                    done += 1
+                except Exception:
+                    return done
+            return done
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+            futures = [pool.submit(hammer) for _ in range(16)]
+            time.sleep(1.5)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+            stop.set()
+            issued = sum(f.result() for f in futures)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert issued > 0
+    before_restart = pg_roles_like(postgres_dsn, template)
+    assert before_restart, "the burst created no roles at all"
+
+    proc = spawn_broker(config)
+    try:
+        wait_healthy(url)
+        # Start-up rolled back interrupted issues; everything left is a tracked lease.
+        resp = requests.put(f"{url}/v1/sys/leases/revoke-prefix/pg/", json={"sync": True},
+                            headers={"X-Vault-Token": token}, timeout=120)
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["data"]["still_revoking"] == 0
+        assert pg_roles_like(postgres_dsn, template) == set()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+def _port(config: Path) -> int:
+    for line in config.read_text().splitlines():
+        if line.startswith("listen"):
+            return int(line.split(":")[-1].strip().strip('"'))
+    raise AssertionError("no listen line")
+
+
+def test_bad_config_is_refused_with_one_line(tmp_path: Path) -> None:
+    """A bad config stops the daemon before it starts: exit 2, file and key named, one line."""
+    config = write_config(tmp_path, '[mounts.pg]\nplugin = "postgres"\nmax_open_connections = "x"\n')
+    result = cli("server", "--config", str(config), timeout=30)
+    assert result.returncode == 2
+    message = result.stderr.strip()
+    assert str(config) in message and "mounts.pg" in message, message
+    assert len(message.splitlines()) == 1, message
+
+
+def test_non_loopback_listener_without_tls_is_refused(tmp_path: Path) -> None:
+    """--listen on a public address without TLS is refused at start."""
+    config = write_config(tmp_path, "")
+    result = cli("server", "--config", str(config), "--listen", "0.0.0.0:8200", timeout=30)
+    assert result.returncode == 2 and "TLS" in result.stderr
+
+
+class TcpProxy:
+    """A loopback TCP proxy to a real server that tests can cut and restore (a backend outage)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self.loop = asyncio.new_event_loop()
+        self.server: asyncio.AbstractServer | None = None
+        self.conns: set[asyncio.StreamWriter] = set()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.up()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+        self.conns |= {writer, up_w}
+        await asyncio.gather(self._pipe(reader, up_w), self._pipe(up_r, writer))
+
+    def up(self) -> None:
+        async def start() -> None:
+            self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        asyncio.run_coroutine_threadsafe(start(), self.loop).result(10)
+
+    def down(self) -> None:
+        async def stop() -> None:
+            assert self.server is not None
+            self.server.close()
+            for w in self.conns:
+                w.close()
+            self.conns.clear()
+        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
+
+    def close(self) -> None:
+        self.down()
+
+        async def drain() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if self.server is not None:
+                await self.server.wait_closed()
+        asyncio.run_coroutine_threadsafe(drain(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture
+def proxy(postgres_dsn: str) -> Iterator[TcpProxy]:
+    port = int(postgres_dsn.rsplit(":", 1)[1].split("/")[0]) if postgres_dsn.count(":") > 2 \
+        else 5432
+    p = TcpProxy(port)
+    yield p
+    p.close()
+
+
+def _via(dsn: str, port: int) -> str:
+    user_host, db = dsn.split("://", 1)[1].rsplit("/", 1)
+    user = user_host.split("@")[0]
+    return f"postgresql://{user}@127.0.0.1:{port}/{db}"
+
+
+def test_outage_loses_no_lease_and_irrevocable_can_be_forced(
+        tmp_path: Path, postgres_dsn: str, proxy: TcpProxy) -> None:
+    """Backend down: issuing answers 503, revocation retries then goes irrevocable, nothing is lost."""
+    template = f"out{os.getpid() % 1000}"
+    broker = start_broker(write_config(tmp_path, mount_config(
+        _via(postgres_dsn, proxy.port), template)))
+    client = hvac.Client(url=broker.url, token=broker.root_token)
+    try:
+        lease = client.secrets.database.generate_credentials("app", mount_point="pg")
+        user = lease["data"]["username"]
+        proxy.down()
+        with pytest.raises(hvac.exceptions.VaultDown):
+            client.secrets.database.generate_credentials("app", mount_point="pg")
+        resp = requests.put(f"{broker.url}/v1/sys/leases/revoke",
+                            json={"lease_id": lease["lease_id"]},
+                            headers={"X-Vault-Token": broker.root_token}, timeout=60)
+        assert resp.status_code == 202 and "queued" in resp.json()["warnings"][0]
+        deadline = time.monotonic() + 30
+        listed: list[dict[str, Any]] = []
+        while time.monotonic() < deadline and not listed:
+            listed = requests.get(f"{broker.url}/v1/sys/leases/irrevocable",
+                                  headers={"X-Vault-Token": broker.root_token},
+                                  timeout=10).json()["data"]["leases"]
+            time.sleep(0.3)
+        assert [x["lease_id"] for x in listed] == [lease["lease_id"]]
+        assert listed[0]["revoke_attempts"] == 3 and listed[0]["last_error"]
+        assert user in pg_roles_like(postgres_dsn, template)  # not lost, not pretended
+
+        proxy.up()
+        resp = requests.put(f"{broker.url}/v1/sys/leases/revoke-force/pg/", json={"sync": True},
+                            headers={"X-Vault-Token": broker.root_token}, timeout=60)
+        assert resp.json()["data"]["queued"] == 1
+        assert user not in pg_roles_like(postgres_dsn, template)
+    finally:
+        broker.stop()
+
+
+def test_unreachable_backend_at_start_is_unhealthy_then_recovers(
+        tmp_path: Path, postgres_dsn: str, proxy: TcpProxy) -> None:
+    """The broker starts with its backend down: health shows it, issue is 503, then it recovers."""
+    proxy.down()
+    broker = start_broker(write_config(tmp_path, mount_config(
+        _via(postgres_dsn, proxy.port), f"hl{os.getpid() % 1000}")))
+    client = hvac.Client(url=broker.url, token=broker.root_token)
+    try:
+        health = requests.get(f"{broker.url}/v1/sys/health", timeout=10).json()
+        assert health["mounts"]["pg"]["healthy"] is False and health["mounts"]["pg"]["error"]
+        resp = requests.get(f"{broker.url}/v1/pg/creds/app",
+                            headers={"X-Vault-Token": broker.root_token}, timeout=30)
+        assert resp.status_code == 503 and "unavailable" in resp.json()["errors"][0]
+        proxy.up()
+        lease = client.secrets.database.generate_credentials("app", mount_point="pg")
+        assert lease["data"]["username"]
+        client.sys.revoke_lease(lease["lease_id"])
+        health = requests.get(f"{broker.url}/v1/sys/health", timeout=10).json()
+        assert health["mounts"]["pg"]["healthy"] is True
+    finally:
+        broker.stop()
+
+
+def test_sighup_reloads_roles_and_keeps_leases(tmp_path: Path, postgres_dsn: str) -> None:
+    """SIGHUP adds a role and a policy without dropping leases; a bad config is rejected."""
+    template = f"hup{os.getpid() % 1000}"
+    config = write_config(tmp_path, mount_config(postgres_dsn, template))
+    token = cli("operator", "init", "--config", str(config)).stdout.strip().splitlines()[-1]
+    proc = spawn_broker(config)
+    url = f"http://127.0.0.1:{_port(config)}"
+    try:
+        wait_healthy(url)
+        client = hvac.Client(url=url, token=token)
+        lease = client.secrets.database.generate_credentials("app", mount_point="pg")
+        with pytest.raises(hvac.exceptions.InvalidPath):
+            client.secrets.database.generate_credentials("extra", mount_point="pg")
+        good = config.read_text() + '\n[mounts.pg.roles.extra]\ndefault_ttl = "5m"\n'
+        config.write_text(good + "\n[policies.bad]\n\"x\" = [\"fly\"]\n")
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1.5)
+        with pytest.raises(hvac.exceptions.InvalidPath):  # bad config rejected, old one kept
+            client.secrets.database.generate_credentials("extra", mount_point="pg")
+        config.write_text(good)
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                extra = client.secrets.database.generate_credentials("extra", mount_point="pg")
+                break
+            except hvac.exceptions.InvalidPath:
+                assert time.monotonic() < deadline, "reload did not add the role"
+                time.sleep(0.2)
+        assert client.sys.read_lease(lease["lease_id"])["data"]["ttl"] > 0
+        client.sys.revoke_lease(extra["lease_id"])
+        client.sys.revoke_lease(lease["lease_id"])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    out = (config.parent / "server.log").read_text()
+    assert "reload rejected" in out and "policies.bad" in out
+    assert proc.returncode == 0
+    assert pg_roles_like(postgres_dsn, template) == set()
+
+
+def test_sigterm_shuts_down_gracefully(tmp_path: Path, postgres_dsn: str) -> None:
+    """SIGTERM: the daemon stops accepting, finishes, and exits 0 with its store consistent."""
+    config = write_config(tmp_path, mount_config(postgres_dsn, f"tm{os.getpid() % 1000}"))
+    token = cli("operator", "init", "--config", str(config)).stdout.strip().splitlines()[-1]
+    proc = spawn_broker(config)
+    url = f"http://127.0.0.1:{_port(config)}"
+    wait_healthy(url)
+    client = hvac.Client(url=url, token=token)
+    lease = client.secrets.database.generate_credentials("app", mount_point="pg")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    # The lease survived the restart and is still tracked.
+    proc = spawn_broker(config)
+    try:
+        wait_healthy(url)
+        assert client.sys.read_lease(lease["lease_id"])["data"]["id"] == lease["lease_id"]
+        client.sys.revoke_lease(lease["lease_id"])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+def test_broker_thread_serves_health(tmp_path: Path) -> None:
+    """A broker with no mounts is healthy and says so in Vault's shape."""
+    broker: BrokerThread = start_broker(write_config(tmp_path, ""))
+    try:
+        health = requests.get(f"{broker.url}/v1/sys/health", timeout=10).json()
+        assert health["initialized"] is True and health["sealed"] is False
+        assert health["audit"]["healthy"] is True
+    finally:
+        broker.stop()
