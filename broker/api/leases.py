@@ -1,9 +1,15 @@
-"""``/v1/sys/leases/*``: renew, revoke, lookup, list, revoke-prefix/force, and extensions."""
+"""``/v1/sys/leases/*``: renew, revoke, lookup, list, revoke-prefix/force, and extensions.
+
+Extensions select leases by the metadata they carry (copied from the token
+that issued them, e.g. a CI ``run_id``): ``revoke-by``, ``search``, and
+``meta.KEY=VALUE`` query parameters on ``stats`` and the listing.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -12,15 +18,20 @@ from broker.engine import lease_ref
 from broker.errors import BadRequest, PermissionDenied
 from broker.lease import Lease, LeaseFilter, LeaseState
 
-__all__ = ["routes", "rfc3339"]
+__all__ = ["meta_params", "rfc3339", "routes", "store_call"]
 
 routes = web.RouteTableDef()
+
+T = TypeVar("T")
 
 LIVE_STATES = (LeaseState.ACTIVE, LeaseState.REVOKING, LeaseState.IRREVOCABLE)
 #: How long a revoke request waits for the first attempt before answering "queued".
 REVOKE_WAIT = 30.0
 #: How long ``sync=true`` on revoke-prefix waits at most.
 SYNC_WAIT = 600.0
+#: most rows one ``search`` answer carries.
+SEARCH_MAX = 1000
+_META_PARAM = "meta."
 
 
 def rfc3339(ts: float | None) -> str | None:
@@ -140,21 +151,22 @@ async def list_leases(request: web.Request) -> web.Response:
     await call.read_body()
     await call.require(f"sys/leases/lookup/{prefix}", "list", "sudo")
     limit = _int(call.body.get("limit"), 10000)
-    keys = await _list_level(call, prefix, limit)
-    await call.audit("list", prefix=prefix, count=len(keys))
+    meta = meta_params(request)
+    keys = await store_call(_list_level(call, LeaseFilter(prefix=prefix, metadata=meta), limit))
+    await call.audit("list", prefix=prefix, metadata=meta or None, count=len(keys))
     if not keys:
         raise web.HTTPNotFound()  # Vault answers 404 for an empty listing
     return json_response({"request_id": call.request_id, "data": {"keys": keys}})
 
 
-async def _list_level(call: Call, prefix: str, limit: int) -> list[str]:
+async def _list_level(call: Call, flt: LeaseFilter, limit: int) -> list[str]:
     """Keys one level below ``prefix`` (``creds/``, ``readonly/``, random parts).
 
     Skip-scans the id index: after seeing ``a/...`` it jumps past every id
     under ``a/``, so listing a mount with 100k leases reads only a few rows.
     """
     store = call.state.store
-    flt = LeaseFilter(prefix=prefix)
+    prefix = flt.prefix
     keys: list[str] = []
     after = ""
     while len(keys) < limit:
@@ -184,6 +196,51 @@ def _int(value: Any, default: int) -> int:
     if number < 1:
         raise BadRequest("limit must be at least 1")
     return number
+
+
+def meta_params(request: web.Request) -> dict[str, str]:
+    """The ``meta.KEY=VALUE`` query parameters as a metadata filter.
+
+    A key given twice is a 400: "either value" or "both values" would both be
+    plausible readings, and a selector that revokes must not be guessed.
+    """
+    meta: dict[str, str] = {}
+    for name, value in request.query.items():
+        if not name.startswith(_META_PARAM):
+            continue
+        key = name[len(_META_PARAM):]
+        if not key:
+            raise BadRequest("empty metadata key: use meta.KEY=VALUE")
+        if key in meta:
+            raise BadRequest(f"metadata key {key!r} given more than once")
+        meta[key] = value
+    return meta
+
+
+def _meta_body(value: Any) -> dict[str, str]:
+    """The ``metadata`` object of a JSON body: string (or whole number) values only."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise BadRequest("metadata must be an object, e.g. {\"run_id\": \"1234\"}")
+    meta: dict[str, str] = {}
+    for key, item in value.items():
+        if isinstance(item, bool) or not isinstance(item, str | int):
+            raise BadRequest(f"metadata value of {key!r} must be a string")
+        meta[str(key)] = str(item)
+    return meta
+
+
+async def store_call(aw: Awaitable[T]) -> T:
+    """Await a store query whose filter came from the client: a bad key is a 400.
+
+    The stores validate metadata keys (they end up in a JSON path) and raise
+    ValueError with a message safe to show.
+    """
+    try:
+        return await aw
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
 
 
 async def _revoke_many(request: web.Request, *, force: bool) -> web.Response:
@@ -216,6 +273,70 @@ async def revoke_force(request: web.Request) -> web.Response:
     return await _revoke_many(request, force=True)
 
 
+@routes.route("*", "/v1/sys/leases/revoke-by")
+async def revoke_by(request: web.Request) -> web.Response:
+    """Revoke every lease whose metadata (and optionally id prefix) matches: one CI run."""
+    _only(request, "PUT", "POST")
+    call: Call = request[CALL]
+    await call.authenticate()
+    await call.read_body()
+    await call.require("sys/leases/revoke-by", "update", "sudo")
+    meta = _meta_body(call.body.get("metadata"))
+    prefix = (call.string("prefix") or "").lstrip("/")
+    if not meta and not prefix:
+        raise BadRequest("an empty selector would revoke every lease; give metadata "
+                         "and/or prefix (use revoke-prefix with all=true for everything)")
+    force = call.flag("force", False)
+    flt = LeaseFilter(prefix=prefix, metadata=meta)
+    queued = await store_call(call.state.engine.revoke_matching(flt, force=force))
+    await call.audit("admin", action="revoke-by", prefix=prefix or None, metadata=meta or None,
+                     force=force, queued=queued)
+    left = 0
+    if call.flag("sync", False):
+        left = await call.state.engine.wait_drained(flt, SYNC_WAIT)
+    return json_response({"request_id": call.request_id,
+                          "data": {"queued": queued, "still_revoking": left}})
+
+
+@routes.route("*", "/v1/sys/leases/search")
+async def search(request: web.Request) -> web.Response:
+    """Whole lease rows matching a prefix and/or metadata, paged by id, for operators."""
+    _only(request, "GET")
+    call: Call = request[CALL]
+    await call.authenticate()
+    await call.read_body()
+    await call.require("sys/leases/search", "read")
+    prefix = call.string("prefix") or ""
+    meta = meta_params(request)
+    limit = min(_int(call.body.get("limit"), 100), SEARCH_MAX)
+    states = _states(call.string("state"))
+    rows = await store_call(call.state.store.list_leases(
+        LeaseFilter(prefix=prefix, metadata=meta), states=states, limit=limit,
+        after=call.string("after") or ""))
+    await call.audit("list", action="search", prefix=prefix or None, metadata=meta or None,
+                     count=len(rows))
+    return json_response({"request_id": call.request_id, "data": {
+        "leases": [
+            {"lease_id": r.id, "mount": r.mount, "role": r.role, "owner": r.owner,
+             "state": r.state.value, "issue_time": rfc3339(r.issue_time),
+             "expire_time": rfc3339(r.expire_time), "metadata": r.metadata}
+            for r in rows],
+        # Page on with after=next_after; null when this page was the last.
+        "next_after": rows[-1].id if len(rows) == limit else None,
+    }})
+
+
+def _states(text: str | None) -> tuple[LeaseState, ...]:
+    """``state=active,revoking`` -> the states; empty means every state (tombstones too)."""
+    if not text:
+        return ()
+    try:
+        return tuple(LeaseState(part.strip()) for part in text.split(",") if part.strip())
+    except ValueError:
+        names = ", ".join(s.value for s in LeaseState)
+        raise BadRequest(f"state must be a comma-separated list of: {names}") from None
+
+
 @routes.route("*", "/v1/sys/leases/irrevocable")
 async def irrevocable(request: web.Request) -> web.Response:
     _only(request, "GET")
@@ -243,12 +364,13 @@ async def stats(request: web.Request) -> web.Response:
     await call.read_body()
     await call.require("sys/leases/stats", "read")
     prefix = call.string("prefix") or ""
+    meta = meta_params(request)
     store = call.state.store
     counts: dict[str, int] = {}
-    if prefix:
+    if prefix or meta:
+        flt = LeaseFilter(prefix=prefix, metadata=meta)
         for state in LeaseState:
-            counts[state.value] = await store.count_matching(LeaseFilter(prefix=prefix),
-                                                             states=(state,))
+            counts[state.value] = await store_call(store.count_matching(flt, states=(state,)))
     else:
         counts = {s.value: 0 for s in LeaseState} | await store.count_by_state()
     return json_response({"request_id": call.request_id, "data": counts})
