@@ -14,9 +14,7 @@ def open_store(url: str) -> LeaseStore:
 
         return SQLiteStore.from_url(url)
     if url.startswith(("postgresql://", "postgres://")):
-        try:
-            from broker.store.postgres import PostgresStore  # type: ignore[import-not-found]
-        except ImportError as exc:  # pragma: no cover - until the PG store lands
-            raise ValueError("the PostgreSQL lease store is not available yet") from exc
-        return PostgresStore.from_url(url)  # type: ignore[no-any-return]
+        from broker.store.postgres import PostgresStore
+
+        return PostgresStore.from_url(url)
     raise ValueError(f"unsupported storage url {url!r}: use sqlite:///PATH or postgresql://...")

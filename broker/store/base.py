@@ -12,11 +12,14 @@ Design points every implementation keeps:
   by an index. Start-up cost must not grow with the number of leases.
 - A write returns only once it is durable (committed, fsync'd per the store's
   durability setting): a credential never leaves before its lease row is safe.
+- Several broker replicas may share one store (PostgreSQL). Claims keep them
+  from revoking a lease twice; wake listeners tell each replica's sweeper when
+  another one made something due earlier than it planned for.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from broker.lease import Lease, LeaseFilter, LeaseState, Token
@@ -31,6 +34,14 @@ class LeaseStore(Protocol):
 
     async def close(self) -> None: ...
 
+    def add_wake_listener(self, callback: Callable[[float | None], None]) -> None:
+        """Call ``callback(due_time)`` when ANOTHER replica made a lease due at
+        ``due_time`` (a lease issued, a revoke queued), or ``callback(None)`` when
+        anything may have become due (e.g. notifications may have been missed
+        while reconnecting). Called on the event loop; it must not block. Changes
+        made through this store object are not reported: the caller knows them.
+        A store that no other process shares never calls it."""
+
     # -- leases: issue path ---------------------------------------------
     async def insert_pending(self, lease: Lease) -> None:
         """Durably write a ``pending`` row (before the backend is asked)."""
@@ -43,7 +54,10 @@ class LeaseStore(Protocol):
         expire_time: float,
         renewable: bool,
     ) -> None:
-        """pending -> active; ``due_at`` = expire_time."""
+        """pending -> active; ``due_at`` = expire_time.
+
+        Raises ``broker.errors.Conflict`` when the row is no longer pending (rolled
+        back meanwhile, or gone): the credential must then not be handed out."""
 
     async def delete(self, lease_id: str) -> None:
         """Remove a row entirely (a rolled-back pending lease, after the backend confirmed)."""
@@ -92,7 +106,11 @@ class LeaseStore(Protocol):
         self, flt: LeaseFilter, *, reason: str, now: float
     ) -> int:
         """The same for every active/irrevocable lease matching ``flt``, in one
-        statement (fast for 100k rows). Returns how many were queued."""
+        statement (fast for 100k rows). Returns how many were queued.
+
+        With ``reason == "force"`` leases already ``revoking`` under another reason
+        (say, waiting in retry backoff) are taken over too: reason "force", due
+        now. Other reasons leave revoking leases as they are."""
 
     async def next_due(self) -> float | None:
         """The smallest ``due_at``, or None when nothing is due ever."""

@@ -326,6 +326,7 @@ class SQLiteStore:
         self._reader: _Thread | None = None
         self._queue: asyncio.Queue[_Write | None] = asyncio.Queue()
         self._writer_task: asyncio.Task[None] | None = None
+        self._wake_listeners: list[Callable[[float | None], None]] = []
 
     @classmethod
     def from_url(cls, url: str) -> SQLiteStore:
@@ -365,6 +366,11 @@ class SQLiteStore:
             self._queue.put_nowait(None)  # behind every queued write: they all finish first
             await task
         await self._stop_threads()
+
+    def add_wake_listener(self, callback: Callable[[float | None], None]) -> None:
+        # One process owns the file: every change is made here and the caller
+        # wakes its own sweeper, so there is nothing to report. Kept for parity.
+        self._wake_listeners.append(callback)
 
     async def _stop_threads(self) -> None:
         reader, writer = self._reader, self._writer
@@ -506,9 +512,15 @@ class SQLiteStore:
 
     async def queue_revoke_matching(self, flt: LeaseFilter, *, reason: str, now: float) -> int:
         cond, params = _where(flt)
+        state = _state_col(flt)
+        live = f"{state} IN {_REVOCABLE_STATES}"
+        if reason == "force":
+            # Force also takes over leases stuck in retry backoff; one already
+            # forced is left alone (it may be in flight right now).
+            live = f"({live} OR ({state} = 'revoking' AND revoke_reason IS NOT 'force'))"
         return await self._write(_rowcount(
             f"UPDATE leases SET state = 'revoking', due_at = ?, revoke_reason = ?"
-            f" WHERE {_state_col(flt)} IN {_REVOCABLE_STATES} AND {cond}",
+            f" WHERE {live} AND {cond}",
             [now, reason, *params],
         ))
 

@@ -9,23 +9,31 @@ against a new store, add its factory to ``STORE_KINDS``.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import sqlite3
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import pytest
 
 from broker.lease import Lease, LeaseState, Token
+from broker.store import postgres as pg_store
+from broker.store import sqlite as sqlite_store
 from broker.store.base import LeaseStore
+from broker.store.postgres import PostgresStore
 from broker.store.sqlite import SQLiteStore
 
 __all__ = [
     "STORE_KINDS",
     "T0",
     "StoreMaker",
+    "fresh_postgres_database",
     "make_lease",
     "make_token",
     "put_active",
@@ -43,6 +51,8 @@ class StoreMaker:
     build: Callable[[], LeaseStore]
     #: reads the recorded schema version straight from the database.
     schema_version: Callable[[], Any]
+    #: the newest schema version this store kind knows.
+    latest_version: int
 
 
 @asynccontextmanager
@@ -61,13 +71,79 @@ async def sqlite_kind(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIt
         return await asyncio.to_thread(read)
 
     yield StoreMaker(build=lambda: SQLiteStore.from_url(f"sqlite:///{path}"),
-                     schema_version=schema_version)
+                     schema_version=schema_version,
+                     latest_version=len(sqlite_store.MIGRATIONS))
+
+
+#: admin DSN -> DSN of the database this test session created on that server.
+_PG_DATABASES: dict[str, str] = {}
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _drop_database(admin_dsn: str, name: str) -> None:
+    async def drop() -> None:
+        conn = await asyncpg.connect(admin_dsn)
+        try:
+            # FORCE: a store a failed test left open must not keep the database alive.
+            await conn.execute(f"DROP DATABASE IF EXISTS {_quote_ident(name)} WITH (FORCE)")
+        finally:
+            await conn.close()
+
+    # Session clean-up is synchronous; its own thread is sure to have no running loop.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pool.submit(asyncio.run, drop()).result()
+
+
+async def fresh_postgres_database(request: pytest.FixtureRequest) -> str:
+    """DSN of this session's own test database, with every broker table dropped.
+
+    The database (``broker_store_test_<random>``) is created on the server of the
+    ``postgres_dsn`` fixture on first use and dropped when the session ends, so
+    other work on the same server is never touched. Dropping the tables before
+    each test gives it an empty, not yet migrated database, as a new SQLite file.
+    """
+    admin = request.getfixturevalue("postgres_dsn")
+    dsn = _PG_DATABASES.get(admin)
+    if dsn is None:
+        name = f"broker_store_test_{secrets.token_hex(6)}"
+        conn = await asyncpg.connect(admin)
+        try:
+            await conn.execute(f"CREATE DATABASE {_quote_ident(name)}")
+        finally:
+            await conn.close()
+        request.config.add_cleanup(lambda: _drop_database(admin, name))
+        dsn = _PG_DATABASES[admin] = urlunsplit(urlsplit(admin)._replace(path=f"/{name}"))
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("DROP TABLE IF EXISTS leases, tokens, schema_version")
+    finally:
+        await conn.close()
+    return dsn
+
+
+@asynccontextmanager
+async def postgres_kind(request: pytest.FixtureRequest, tmp_path: Path
+                        ) -> AsyncIterator[StoreMaker]:
+    dsn = await fresh_postgres_database(request)
+
+    async def schema_version() -> int:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return int(await conn.fetchval("SELECT max(version) FROM schema_version"))
+        finally:
+            await conn.close()
+
+    yield StoreMaker(build=lambda: PostgresStore.from_url(dsn), schema_version=schema_version,
+                     latest_version=len(pg_store.MIGRATIONS))
 
 
 StoreKind = Callable[[pytest.FixtureRequest, Path], AbstractAsyncContextManager[StoreMaker]]
 
-#: kind name -> factory. A "postgres" kind goes here once its store exists.
-STORE_KINDS: dict[str, StoreKind] = {"sqlite": sqlite_kind}
+#: kind name -> factory; the whole suite in test_lease_store.py runs once per kind.
+STORE_KINDS: dict[str, StoreKind] = {"sqlite": sqlite_kind, "postgres": postgres_kind}
 
 
 def make_lease(

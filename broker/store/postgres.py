@@ -1,0 +1,777 @@
+"""The shared lease store: PostgreSQL, so several broker replicas can use one database.
+
+The logical schema and the ``due_at`` design are SQLite's (see base.py). What
+changes with several writers:
+
+- Claims use ``FOR UPDATE SKIP LOCKED``: concurrent sweepers on different
+  replicas each take different due rows, and never wait on one another. A
+  claim moves ``due_at`` to the claim's end, so the rows of a replica that
+  dies mid-revocation become due again and another replica takes them.
+- Cross-replica wake-ups go over LISTEN/NOTIFY on ``broker_wake``. A write
+  that makes something due sooner (issue, revoke, force, requeue) is followed,
+  once committed, by a NOTIFY carrying the due time (coalesced: see
+  ``_Notifier`` for why not in the same transaction). One dedicated connection
+  per store listens, and reconnects with backoff when it drops.
+- Migrations run under a transaction-scoped advisory lock, so replicas
+  starting together migrate one after the other.
+
+Each call is one statement in its own implicit transaction, committed before
+it returns under PostgreSQL's ``synchronous_commit`` (forced back ``on`` if the
+server or database default turned it off). asyncpg prepares and caches every
+statement per connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import asyncpg
+
+from broker.errors import Conflict
+from broker.lease import Lease, LeaseFilter, LeaseState, Token, TokenState
+from broker.store.sqlite import StoreSchemaError
+
+__all__ = ["MIGRATIONS", "WAKE_CHANNEL", "PostgresStore", "StoreSchemaError"]
+
+log = logging.getLogger(__name__)
+
+#: Schema migrations; version N is ``MIGRATIONS[N - 1]``. Append, never edit.
+MIGRATIONS: list[tuple[str, ...]] = [
+    (
+        # COLLATE "C": ids compare byte-wise, as in SQLite, so a prefix is the
+        # range ``id >= prefix AND id < upper`` on the primary key index.
+        """CREATE TABLE leases (
+            id TEXT COLLATE "C" PRIMARY KEY,
+            mount TEXT NOT NULL,
+            role TEXT NOT NULL,
+            owner TEXT NOT NULL,
+            issue_time DOUBLE PRECISION NOT NULL,
+            expire_time DOUBLE PRECISION NOT NULL,
+            max_expire_time DOUBLE PRECISION NOT NULL,
+            renewable BOOLEAN NOT NULL,
+            state TEXT NOT NULL,
+            last_renewal DOUBLE PRECISION,
+            revoke_attempts INTEGER NOT NULL DEFAULT 0,
+            revoke_reason TEXT,
+            ended_at DOUBLE PRECISION,
+            due_at DOUBLE PRECISION,
+            claimed_by TEXT,
+            revocation JSONB NOT NULL DEFAULT '{}',
+            metadata JSONB NOT NULL DEFAULT '{}',
+            last_error TEXT
+        )""",
+        # id breaks ties among rows due at the same time, in index order.
+        "CREATE INDEX leases_due ON leases (due_at, id) WHERE due_at IS NOT NULL",
+        "CREATE INDEX leases_state ON leases (state, issue_time)",
+        "CREATE INDEX leases_owner ON leases (owner)",
+        "CREATE INDEX leases_ended ON leases (ended_at) WHERE ended_at IS NOT NULL",
+        # Selectors (``metadata @> '{"run_id": "42"}'``) revoke one CI run's leases.
+        "CREATE INDEX leases_metadata ON leases USING gin (metadata jsonb_path_ops)",
+        """CREATE TABLE tokens (
+            accessor TEXT COLLATE "C" PRIMARY KEY,
+            token_hash TEXT NOT NULL UNIQUE,
+            policies JSONB NOT NULL,
+            created DOUBLE PRECISION NOT NULL,
+            expire_time DOUBLE PRECISION,
+            display_name TEXT NOT NULL DEFAULT '',
+            metadata JSONB NOT NULL DEFAULT '{}',
+            parent TEXT,
+            state TEXT NOT NULL,
+            max_expire_time DOUBLE PRECISION,
+            renewable BOOLEAN NOT NULL,
+            ended_at DOUBLE PRECISION
+        )""",
+        "CREATE INDEX tokens_parent ON tokens (parent) WHERE parent IS NOT NULL",
+        "CREATE INDEX tokens_display_name ON tokens (display_name)",
+        """CREATE INDEX tokens_expiry ON tokens (expire_time)
+            WHERE state = 'active' AND expire_time IS NOT NULL""",
+    ),
+]
+
+#: The NOTIFY channel for cross-replica wake-ups. Payload: "<origin> <due time>".
+WAKE_CHANNEL = "broker_wake"
+#: pg_advisory_xact_lock key serialising migrations ("broker" in ASCII).
+_MIGRATION_LOCK = 0x62726F6B6572
+_MAX_ERROR_LEN = 2000
+_META_KEY = re.compile(r"[A-Za-z0-9_.-]+")
+_LEASE_COL_NAMES = (
+    "id", "mount", "role", "owner", "issue_time", "expire_time", "max_expire_time", "renewable",
+    "state", "last_renewal", "revoke_attempts", "revoke_reason", "ended_at", "revocation",
+    "metadata", "last_error",
+)
+_LEASE_COLS = ", ".join(_LEASE_COL_NAMES)
+#: Columns of the tokens table (named so ruff does not take it for a hard-coded token).
+_TK_COLS = (
+    "accessor, token_hash, policies, created, expire_time, display_name, metadata, parent,"
+    " state, max_expire_time, renewable, ended_at"
+)
+_REVOCABLE = "state IN ('active', 'irrevocable')"
+#: Force takes over leases in retry backoff too, but not one already forced
+#: (it may be in flight right now).
+_FORCEABLE = (
+    "(state IN ('active', 'irrevocable')"
+    " OR (state = 'revoking' AND revoke_reason IS DISTINCT FROM 'force'))"
+)
+_DEAD_STATES = "('revoked', 'expired')"
+#: URL query parameters the store takes for itself; the rest go to asyncpg.
+_STORE_PARAMS = {"pool_min_size", "pool_max_size", "command_timeout"}
+#: Listener: how often an idle connection is checked, and the reconnect backoff.
+_KEEPALIVE = 30.0
+_RECONNECT_FIRST, _RECONNECT_MAX = 0.5, 30.0
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, fit for an error message."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")
+    user = (parts.username or "") + ":***"
+    return urlunsplit(parts._replace(netloc=f"{user}@{netloc[2]}"))
+
+
+def _prefix_upper(prefix: str) -> str | None:
+    """The smallest string above every string that starts with ``prefix``.
+
+    Byte order of UTF-8 (collation "C") is code point order, so bumping the last
+    character gives the bound; ``%`` or ``_`` in a prefix mean nothing special.
+    """
+    chars = list(prefix)
+    while chars:
+        point = ord(chars.pop()) + 1
+        if 0xD800 <= point <= 0xDFFF:  # surrogates cannot be stored: skip over them
+            point = 0xE000
+        if point <= 0x10FFFF:
+            return "".join(chars) + chr(point)
+    return None
+
+
+class _Args:
+    """Collects query parameters and hands out their ``$n`` placeholders."""
+
+    def __init__(self, *values: Any) -> None:
+        self.values: list[Any] = list(values)
+
+    def __call__(self, value: Any) -> str:
+        self.values.append(value)
+        return f"${len(self.values)}"
+
+
+def _where(flt: LeaseFilter, args: _Args, states: Sequence[LeaseState] = ()) -> str:
+    """SQL conditions for ``flt`` (joined with AND, TRUE when none); values go to ``args``."""
+    clauses: list[str] = []
+    if flt.prefix:
+        clauses.append(f"id >= {args(flt.prefix)}")
+        upper = _prefix_upper(flt.prefix)
+        if upper is not None:
+            clauses.append(f"id < {args(upper)}")
+    if flt.owners:
+        clauses.append(f"owner = ANY({args(list(flt.owners))}::text[])")
+    if flt.metadata:
+        for key in flt.metadata:
+            # jsonb would take any key; we keep SQLite's rule so both stores agree.
+            if not _META_KEY.fullmatch(key):
+                raise ValueError(
+                    f"metadata key {key!r} may hold only letters, digits, '_', '.', '-'")
+        wanted = {key: str(value) for key, value in flt.metadata.items()}
+        clauses.append(f"metadata @> {args(json.dumps(wanted))}::jsonb")
+    if states:
+        clauses.append(f"state = ANY({args([str(s) for s in states])}::text[])")
+    return " AND ".join(clauses) or "TRUE"
+
+
+def _lease(row: Any) -> Lease:
+    return Lease(
+        id=row["id"],
+        mount=row["mount"],
+        role=row["role"],
+        owner=row["owner"],
+        issue_time=row["issue_time"],
+        expire_time=row["expire_time"],
+        max_expire_time=row["max_expire_time"],
+        renewable=bool(row["renewable"]),
+        state=LeaseState(row["state"]),
+        last_renewal=row["last_renewal"],
+        revoke_attempts=row["revoke_attempts"],
+        revoke_reason=row["revoke_reason"],
+        ended_at=row["ended_at"],
+        revocation=json.loads(row["revocation"]),
+        metadata=json.loads(row["metadata"]),
+        last_error=row["last_error"],
+    )
+
+
+def _token(row: Any) -> Token:
+    return Token(
+        accessor=row["accessor"],
+        token_hash=row["token_hash"],
+        policies=json.loads(row["policies"]),
+        created=row["created"],
+        expire_time=row["expire_time"],
+        display_name=row["display_name"],
+        metadata=json.loads(row["metadata"]),
+        parent=row["parent"],
+        state=TokenState(row["state"]),
+        max_expire_time=row["max_expire_time"],
+        renewable=bool(row["renewable"]),
+        ended_at=row["ended_at"],
+    )
+
+
+def _count(status: str) -> int:
+    """Rows changed, from a command tag such as ``UPDATE 3``."""
+    return int(status.rsplit(" ", 1)[-1])
+
+
+def _dead_state(state: LeaseState | TokenState | str) -> str:
+    if str(state) not in {"revoked", "expired"}:
+        raise ValueError(f"final state must be 'revoked' or 'expired', not {str(state)!r}")
+    return str(state)
+
+
+async def _migrate(conn: Any) -> None:
+    async with conn.transaction():
+        # Held until COMMIT: a second replica waits here, then finds nothing to do.
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version"
+            " (version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)"
+        )
+        current = int(await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_version"))
+        if current > len(MIGRATIONS):
+            raise StoreSchemaError(
+                f"the lease database has schema version {current} but this broker knows only "
+                f"up to {len(MIGRATIONS)}: run a newer broker (or restore an older backup)"
+            )
+        for version in range(current + 1, len(MIGRATIONS) + 1):
+            for statement in MIGRATIONS[version - 1]:
+                await conn.execute(statement)
+            await conn.execute("INSERT INTO schema_version VALUES ($1, $2)", version, time.time())
+
+
+class _Notifier:
+    """Sends this store's wake-ups: after the write's commit, coalesced.
+
+    Why not NOTIFY inside the write's own transaction: PostgreSQL serialises
+    the commits of every notifying transaction in the database on one lock,
+    so a NOTIFY in each activate halves issue throughput here and makes every
+    replica's issues queue behind one another. Instead at most one NOTIFY per
+    store is in flight; signals arriving meanwhile are folded into the next one,
+    which carries the earliest due time. It is sent only once the write has
+    committed, so a woken replica always finds the row.
+    """
+
+    def __init__(self, origin: str) -> None:
+        self._origin = origin
+        self._pool: Any = None
+        self._pending: float | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self, pool: Any) -> None:
+        self._pool = pool
+
+    def signal(self, at: float) -> None:
+        if self._pool is None:
+            return
+        self._pending = at if self._pending is None else min(self._pending, at)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._send(), name="pg-wake-notify")
+
+    async def _send(self) -> None:
+        while self._pending is not None and self._pool is not None:
+            at, self._pending = self._pending, None
+            try:
+                await self._pool.execute("SELECT pg_notify($1, $2)", WAKE_CHANNEL,
+                                         f"{self._origin} {at!r}")
+            except Exception as exc:
+                # Only a delay: other replicas find the lease when they next look.
+                log.warning("could not send a lease store wake-up (%s: %s)",
+                            type(exc).__name__, exc)
+
+    async def stop(self) -> None:
+        """Send what is still pending (briefly), then stop."""
+        task = self._task
+        if task is not None and not task.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(task), timeout=5)
+            except TimeoutError:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._pool = None
+        self._task = None
+
+
+class _WakeListener:
+    """LISTENs on one dedicated connection, and keeps it alive.
+
+    A dropped connection is found by asyncpg's termination callback or by a
+    periodic ping; it is reconnected with exponential backoff, and every
+    callback then gets ``None``: notifications sent meanwhile are lost.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        settings: dict[str, str],
+        origin: str,
+        callbacks: list[Callable[[float | None], None]],
+        *,
+        keepalive: float = _KEEPALIVE,
+    ) -> None:
+        self._dsn = dsn
+        self._settings = settings
+        self._origin = origin
+        self._callbacks = callbacks
+        self._keepalive = keepalive
+        self._conn: Any = None
+        self._lost = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        #: how many times the connection was re-established (for tests and metrics).
+        self.reconnects = 0
+
+    @property
+    def backend_pid(self) -> int | None:
+        conn = self._conn
+        return None if conn is None or conn.is_closed() else int(conn.get_server_pid())
+
+    async def start(self) -> None:
+        await self._connect()
+        self._task = asyncio.create_task(self._supervise(), name="pg-wake-listener")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await self._drop()
+
+    async def _connect(self) -> None:
+        conn = await asyncpg.connect(self._dsn, server_settings=self._settings)
+        try:
+            lost = asyncio.Event()
+            conn.add_termination_listener(lambda _conn: lost.set())
+            await conn.add_listener(WAKE_CHANNEL, self._on_notify)
+        except BaseException:
+            await conn.close()
+            raise
+        self._conn, self._lost = conn, lost
+
+    async def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.is_closed():
+            try:
+                await asyncio.wait_for(conn.close(), timeout=5)
+            except Exception:
+                conn.terminate()
+
+    async def _supervise(self) -> None:
+        while True:
+            await self._until_lost()
+            await self._drop()
+            log.warning("lease store wake-up listener lost its connection; reconnecting")
+            delay = _RECONNECT_FIRST
+            while True:
+                try:
+                    await self._connect()
+                    break
+                except Exception as exc:  # the server may be down for a while: keep trying
+                    log.warning("lease store wake-up listener cannot reconnect (%s: %s); "
+                                "retrying in %.1fs", type(exc).__name__, exc, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, _RECONNECT_MAX)
+            self.reconnects += 1
+            log.info("lease store wake-up listener reconnected")
+            self._fire(None)  # a notification may have been sent while we were away
+
+    async def _until_lost(self) -> None:
+        """Return once the connection is gone: closed by the server, or not answering."""
+        while not self._lost.is_set():
+            try:
+                await asyncio.wait_for(self._lost.wait(), timeout=self._keepalive)
+            except TimeoutError:
+                try:
+                    # A half-open TCP connection (peer gone, no RST) only shows on use.
+                    await self._conn.execute("SELECT 1", timeout=10)
+                except Exception:
+                    return
+
+    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        origin, _, due = payload.partition(" ")
+        if origin == self._origin:
+            return  # our own write: the caller woke its sweeper already
+        try:
+            at: float | None = float(due)
+        except ValueError:
+            at = None
+        self._fire(at)
+
+    def _fire(self, at: float | None) -> None:
+        for callback in list(self._callbacks):
+            try:
+                callback(at)
+            except Exception:
+                log.exception("lease store wake-up listener callback failed")
+
+
+class PostgresStore:
+    """The LeaseStore protocol on a PostgreSQL database shared by broker replicas."""
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        pool_min_size: int = 1,
+        pool_max_size: int = 10,
+        command_timeout: float | None = 60.0,
+    ) -> None:
+        self.dsn = dsn
+        self.pool_min_size = pool_min_size
+        self.pool_max_size = pool_max_size
+        self.command_timeout = command_timeout
+        #: tells this store's own NOTIFYs from other replicas'.
+        self.origin = uuid.uuid4().hex
+        self._pool: Any = None
+        self._listener: _WakeListener | None = None
+        self._notifier = _Notifier(self.origin)
+        self._wake_callbacks: list[Callable[[float | None], None]] = []
+
+    @classmethod
+    def from_url(cls, url: str) -> PostgresStore:
+        """``postgresql://user[:password]@host[:port]/database[?param=value...]``.
+
+        ``pool_min_size``, ``pool_max_size`` and ``command_timeout`` (seconds) are
+        the store's own parameters; any other (``sslmode``...) goes to asyncpg.
+        Does no I/O.
+        """
+        parts = urlsplit(url)
+        if parts.scheme not in {"postgresql", "postgres"}:
+            raise ValueError(f"unsupported PostgreSQL url {_redact(url)!r}: "
+                             "use postgresql://USER@HOST:PORT/DATABASE")
+        if not parts.path.strip("/"):
+            raise ValueError(f"PostgreSQL url {_redact(url)!r} names no database")
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        own = {key: value for key, value in query if key in _STORE_PARAMS}
+        rest = [(key, value) for key, value in query if key not in _STORE_PARAMS]
+        dsn = urlunsplit(parts._replace(query=urlencode(rest)))
+        try:
+            min_size = int(own.get("pool_min_size", 1))
+            max_size = int(own.get("pool_max_size", 10))
+            timeout = float(own.get("command_timeout", 60))
+        except ValueError:
+            raise ValueError(f"PostgreSQL url {_redact(url)!r}: pool_min_size, pool_max_size "
+                             "and command_timeout must be numbers") from None
+        if not 0 <= min_size <= max_size or max_size < 1 or timeout <= 0:
+            raise ValueError(f"PostgreSQL url {_redact(url)!r}: need 0 <= pool_min_size <= "
+                             "pool_max_size, pool_max_size >= 1 and command_timeout > 0")
+        return cls(dsn, pool_min_size=min_size, pool_max_size=max_size, command_timeout=timeout)
+
+    # -- lifecycle -------------------------------------------------------
+    async def open(self) -> None:
+        if self._pool is not None:
+            raise RuntimeError("the PostgreSQL lease store is already open")
+        settings = {"application_name": "broker"}
+        conn = await asyncpg.connect(self.dsn, server_settings=settings)
+        try:
+            if await conn.fetchval("SELECT current_setting('synchronous_commit')") == "off":
+                # A startup setting, so the pool's RESET ALL between uses keeps it.
+                log.warning("synchronous_commit is off for the lease database; the broker "
+                            "turns it on for its own sessions (a lease must be durable)")
+                settings["synchronous_commit"] = "on"
+            await _migrate(conn)
+        finally:
+            await conn.close()
+        pool = await asyncpg.create_pool(
+            self.dsn,
+            min_size=self.pool_min_size,
+            max_size=self.pool_max_size,
+            command_timeout=self.command_timeout,
+            server_settings=settings,
+        )
+        listener = _WakeListener(self.dsn, settings, self.origin, self._wake_callbacks)
+        try:
+            await listener.start()
+        except BaseException:
+            await pool.close()
+            raise
+        self._pool, self._listener = pool, listener
+        self._notifier = _Notifier(self.origin)
+        self._notifier.start(pool)
+
+    async def close(self) -> None:
+        await self._notifier.stop()
+        pool, self._pool = self._pool, None
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            await listener.stop()
+        if pool is not None:
+            await pool.close()
+
+    def add_wake_listener(self, callback: Callable[[float | None], None]) -> None:
+        self._wake_callbacks.append(callback)
+
+    @property
+    def pool(self) -> Any:
+        if self._pool is None:
+            raise RuntimeError("the PostgreSQL lease store is not open")
+        return self._pool
+
+
+    # -- leases: issue path ---------------------------------------------
+    async def insert_pending(self, lease: Lease) -> None:
+        await self.pool.execute(
+            f"INSERT INTO leases ({_LEASE_COLS}, due_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8,"
+            " 'pending', $9, $10, $11, $12, $13::jsonb, $14::jsonb, $15, NULL)",
+            lease.id, lease.mount, lease.role, lease.owner, lease.issue_time,
+            lease.expire_time, lease.max_expire_time, lease.renewable,
+            lease.last_renewal, lease.revoke_attempts, lease.revoke_reason, lease.ended_at,
+            json.dumps(lease.revocation), json.dumps(dict(lease.metadata)), lease.last_error,
+        )
+
+    async def activate(
+        self, lease_id: str, *, revocation: dict[str, Any], expire_time: float, renewable: bool
+    ) -> None:
+        status = await self.pool.execute(
+            "UPDATE leases SET state = 'active', revocation = $1::jsonb,"
+            " expire_time = $2, renewable = $3, due_at = $2"
+            " WHERE id = $4 AND state = 'pending'",
+            json.dumps(revocation), expire_time, renewable, lease_id,
+        )
+        if _count(status) != 1:
+            # Rolled back meanwhile (stale-pending job): the credential must not be handed out.
+            raise Conflict(f"lease {lease_id} is no longer pending; it cannot be activated")
+        self._notifier.signal(expire_time)
+
+    async def delete(self, lease_id: str) -> None:
+        await self.pool.execute("DELETE FROM leases WHERE id = $1", lease_id)
+
+    # -- leases: reads ----------------------------------------------------
+    async def get(self, lease_id: str) -> Lease | None:
+        row = await self.pool.fetchrow(f"SELECT {_LEASE_COLS} FROM leases WHERE id = $1",
+                                       lease_id)
+        return None if row is None else _lease(row)
+
+    async def list_ids(
+        self, flt: LeaseFilter, *, states: Sequence[LeaseState] = (), limit: int = 1000,
+        after: str = "",
+    ) -> list[str]:
+        args = _Args()
+        cond = _where(flt, args, states)
+        rows = await self.pool.fetch(
+            f"SELECT id FROM leases WHERE {cond} AND id > {args(after)}"
+            f" ORDER BY id LIMIT {args(limit)}",
+            *args.values,
+        )
+        return [str(row[0]) for row in rows]
+
+    async def list_leases(
+        self, flt: LeaseFilter, *, states: Sequence[LeaseState] = (), limit: int = 1000,
+        after: str = "",
+    ) -> list[Lease]:
+        args = _Args()
+        cond = _where(flt, args, states)
+        rows = await self.pool.fetch(
+            f"SELECT {_LEASE_COLS} FROM leases WHERE {cond} AND id > {args(after)}"
+            f" ORDER BY id LIMIT {args(limit)}",
+            *args.values,
+        )
+        return [_lease(row) for row in rows]
+
+    async def count_by_state(self) -> dict[str, int]:
+        rows = await self.pool.fetch("SELECT state, count(*) FROM leases GROUP BY state")
+        counts = {str(state): 0 for state in LeaseState}
+        counts.update({str(row[0]): int(row[1]) for row in rows})
+        return counts
+
+    async def count_matching(
+        self, flt: LeaseFilter, *, states: Sequence[LeaseState] = ()
+    ) -> int:
+        args = _Args()
+        cond = _where(flt, args, states)
+        return int(await self.pool.fetchval(f"SELECT count(*) FROM leases WHERE {cond}",
+                                            *args.values))
+
+    # -- leases: renew --------------------------------------------------
+    async def renew(self, lease_id: str, *, expire_time: float, now: float) -> bool:
+        # No NOTIFY: a renewal only ever moves the due time later.
+        status = await self.pool.execute(
+            "UPDATE leases SET expire_time = $1, due_at = $1, last_renewal = $2"
+            " WHERE id = $3 AND state = 'active'",
+            expire_time, now, lease_id,
+        )
+        return _count(status) == 1
+
+    # -- leases: revocation ----------------------------------------------
+    async def queue_revoke(self, lease_id: str, *, reason: str, now: float) -> Lease | None:
+        row = await self.pool.fetchrow(
+            "UPDATE leases SET state = 'revoking', due_at = $1, revoke_reason = $2"
+            f" WHERE id = $3 AND {_REVOCABLE} RETURNING {_LEASE_COLS}",
+            now, reason, lease_id,
+        )
+        if row is None:
+            return None
+        self._notifier.signal(now)
+        return _lease(row)
+
+    async def queue_revoke_matching(self, flt: LeaseFilter, *, reason: str, now: float) -> int:
+        args = _Args(now, reason)
+        cond = _where(flt, args)
+        live = _FORCEABLE if reason == "force" else _REVOCABLE
+        status = await self.pool.execute(
+            f"UPDATE leases SET state = 'revoking', due_at = $1, revoke_reason = $2"
+            f" WHERE {live} AND {cond}",
+            *args.values,
+        )
+        count = _count(status)
+        if count:
+            self._notifier.signal(now)
+        return count
+
+    async def next_due(self) -> float | None:
+        due = await self.pool.fetchval(
+            "SELECT due_at FROM leases WHERE due_at IS NOT NULL ORDER BY due_at LIMIT 1"
+        )
+        return None if due is None else float(due)
+
+    async def claim_due(
+        self, *, now: float, limit: int, claimer: str, claim_timeout: float
+    ) -> list[Lease]:
+        if limit <= 0:
+            return []
+        # SKIP LOCKED: a row another replica is claiming right now is left to it,
+        # and the scan goes on to the next due row instead of waiting.
+        # MATERIALIZED: the locking SELECT runs exactly once; were the planner to
+        # rescan it (say, inside a join), rows we already locked would come back
+        # and the statement would claim more than ``limit``.
+        rows = await self.pool.fetch(
+            "WITH c AS MATERIALIZED (SELECT id, due_at FROM leases"
+            "  WHERE due_at IS NOT NULL AND due_at <= $3 AND state IN ('active', 'revoking')"
+            "  ORDER BY due_at, id LIMIT $4 FOR UPDATE SKIP LOCKED)"
+            " UPDATE leases AS l SET state = 'revoking', due_at = $1, claimed_by = $2,"
+            " revoke_reason = coalesce(l.revoke_reason, 'expire')"
+            " FROM c WHERE l.id = c.id RETURNING c.due_at AS claimed_due,"
+            f" {', '.join('l.' + col for col in _LEASE_COL_NAMES)}",
+            now + claim_timeout, claimer, now, limit,
+        )
+        rows = sorted(rows, key=lambda row: (row["claimed_due"], row["id"]))
+        return [_lease(row) for row in rows]
+
+    async def finish_revoke(self, lease_id: str, *, state: LeaseState, now: float) -> None:
+        # Any live state may end here: a forced revocation finishes an irrevocable lease.
+        await self.pool.execute(
+            f"UPDATE leases SET state = $1, ended_at = $2, due_at = NULL"
+            f" WHERE id = $3 AND state NOT IN {_DEAD_STATES} AND state != 'pending'",
+            _dead_state(state), now, lease_id,
+        )
+
+    async def fail_revoke(
+        self, lease_id: str, *, error: str, next_attempt: float | None, now: float
+    ) -> int:
+        """Returns the attempts so far, or 0 when the lease was no longer revoking."""
+        state = "irrevocable" if next_attempt is None else "revoking"
+        attempts = await self.pool.fetchval(
+            "UPDATE leases SET revoke_attempts = revoke_attempts + 1, last_error = $1,"
+            " state = $2, due_at = $3 WHERE id = $4 AND state = 'revoking'"
+            " RETURNING revoke_attempts",
+            # PostgreSQL text cannot hold NUL; a backend's message might.
+            error[:_MAX_ERROR_LEN].replace("\x00", ""), state, next_attempt, lease_id,
+        )
+        return 0 if attempts is None else int(attempts)
+
+    async def requeue_irrevocable(self, *, now: float, limit: int) -> int:
+        # Fewest attempts first: a retried lease gains one, so a limit smaller than
+        # the backlog still gets round to every lease in turn. The outer state test
+        # is checked again on the latest row version, so two replicas running this
+        # job at once never requeue a lease the other already requeued and claimed.
+        status = await self.pool.execute(
+            "WITH c AS MATERIALIZED (SELECT id FROM leases WHERE state = 'irrevocable'"
+            "  ORDER BY revoke_attempts, issue_time LIMIT $2 FOR UPDATE SKIP LOCKED)"
+            " UPDATE leases AS l SET state = 'revoking', due_at = $1 FROM c"
+            " WHERE l.id = c.id AND l.state = 'irrevocable'",
+            now, limit,
+        )
+        count = _count(status)
+        if count:
+            self._notifier.signal(now)
+        return count
+
+    async def stale_pending(self, *, before: float, limit: int) -> list[Lease]:
+        rows = await self.pool.fetch(
+            f"SELECT {_LEASE_COLS} FROM leases WHERE state = 'pending' AND issue_time < $1"
+            " ORDER BY issue_time LIMIT $2",
+            before, limit,
+        )
+        return [_lease(row) for row in rows]
+
+    async def purge_tombstones(self, *, before: float, limit: int) -> int:
+        status = await self.pool.execute(
+            "WITH c AS MATERIALIZED (SELECT id FROM leases"
+            f"  WHERE ended_at IS NOT NULL AND ended_at < $1 AND state IN {_DEAD_STATES}"
+            "  ORDER BY ended_at LIMIT $2 FOR UPDATE SKIP LOCKED)"
+            " DELETE FROM leases AS l USING c WHERE l.id = c.id",
+            before, limit,
+        )
+        return _count(status)
+
+    # -- tokens ----------------------------------------------------------
+    async def insert_token(self, token: Token) -> None:
+        await self.pool.execute(
+            f"INSERT INTO tokens ({_TK_COLS}) VALUES"
+            " ($1, $2, $3::jsonb, $4, $5, $6, $7::jsonb, $8, $9, $10, $11, $12)",
+            token.accessor, token.token_hash, json.dumps(list(token.policies)), token.created,
+            token.expire_time, token.display_name, json.dumps(dict(token.metadata)),
+            token.parent, str(token.state), token.max_expire_time, token.renewable,
+            token.ended_at,
+        )
+
+    async def token_by_hash(self, token_hash: str) -> Token | None:
+        row = await self.pool.fetchrow(f"SELECT {_TK_COLS} FROM tokens WHERE token_hash = $1",
+                                       token_hash)
+        return None if row is None else _token(row)
+
+    async def token_by_accessor(self, accessor: str) -> Token | None:
+        row = await self.pool.fetchrow(f"SELECT {_TK_COLS} FROM tokens WHERE accessor = $1",
+                                       accessor)
+        return None if row is None else _token(row)
+
+    async def child_tokens(self, accessor: str) -> list[str]:
+        rows = await self.pool.fetch(
+            "SELECT accessor FROM tokens WHERE parent = $1 AND state = 'active'"
+            " ORDER BY accessor",
+            accessor,
+        )
+        return [str(row[0]) for row in rows]
+
+    async def end_token(self, accessor: str, *, state: str, now: float) -> bool:
+        status = await self.pool.execute(
+            "UPDATE tokens SET state = $1, ended_at = $2 WHERE accessor = $3 AND state = 'active'",
+            _dead_state(state), now, accessor,
+        )
+        return _count(status) == 1
+
+    async def renew_token(self, accessor: str, *, expire_time: float) -> bool:
+        status = await self.pool.execute(
+            "UPDATE tokens SET expire_time = $1 WHERE accessor = $2 AND state = 'active'",
+            expire_time, accessor,
+        )
+        return _count(status) == 1
+
+    async def expired_tokens(self, *, now: float, limit: int) -> list[str]:
+        rows = await self.pool.fetch(
+            "SELECT accessor FROM tokens WHERE state = 'active' AND expire_time IS NOT NULL"
+            " AND expire_time <= $1 ORDER BY expire_time LIMIT $2",
+            now, limit,
+        )
+        return [str(row[0]) for row in rows]
+
+    async def delete_tokens_by_display_name(self, display_name: str) -> int:
+        status = await self.pool.execute("DELETE FROM tokens WHERE display_name = $1",
+                                         display_name)
+        return _count(status)
