@@ -218,7 +218,7 @@ _EXTRA: dict[str, BackendFactory] = {}
 
 
 def register_plugin(name: str, factory: BackendFactory) -> None:
-    """Register a backend factory in-process (the bench's no-op backend, test doubles of plugins)."""
+    """Register a backend factory in-process (e.g. the bench's no-op backend)."""
     _EXTRA[name] = factory
 
 

@@ -406,7 +406,7 @@ def _role(source: str, prefix: str, name: str, table: Any, leases: LeaseConfig) 
     default_ttl = r.duration("default_ttl", leases.default_ttl)
     max_ttl = r.duration("max_ttl", max(leases.max_ttl, default_ttl))
     if max_ttl > leases.max_ttl:
-        raise r.error("max_ttl", f"longer than the engine-wide [leases] max_ttl ({leases.max_ttl}s)")
+        raise r.error("max_ttl", f"longer than [leases] max_ttl ({leases.max_ttl}s)")
     if default_ttl > max_ttl:
         raise r.error("default_ttl", f"longer than max_ttl ({max_ttl}s)")
     statements = {}

@@ -1,4 +1,4 @@
-"""Durations as users write them: ``"90s"``, ``"15m"``, ``"1h"``, ``"7d"``, or a number of seconds."""
+"""Durations as users write them: ``"90s"``, ``"15m"``, ``"1h"``, ``"7d"``, or seconds."""
 
 from __future__ import annotations
 

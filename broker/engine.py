@@ -19,9 +19,9 @@ import random
 import secrets
 import time
 import uuid
-from datetime import UTC, datetime
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from broker.audit import AuditLog, event
@@ -69,6 +69,10 @@ class RevokeOutcome:
     error: str | None = None
 
 
+def _no_wake(at: float | None) -> None:
+    """Until a sweeper is attached, wake-ups go nowhere."""
+
+
 def lease_ref(lease: Lease) -> dict[str, Any]:
     """The audit ``lease`` block: never the revocation data's secrets (it has none)."""
     return {
@@ -98,7 +102,7 @@ class LeaseEngine:
         self.clock = clock
         self.mounts: dict[str, MountRuntime] = {}
         #: set by the sweeper: called when a lease becomes due earlier than expected.
-        self.wake: Callable[[float | None], None] = lambda at=None: None
+        self.wake: Callable[[float | None], None] = _no_wake
         self._waiters: dict[str, list[asyncio.Future[RevokeOutcome]]] = {}
         self._inflight_issues = 0
         self._issues_idle = asyncio.Event()
@@ -203,7 +207,8 @@ class LeaseEngine:
         now = self.clock()
         lease_ttl = issue_ttl(ttl, role.default_ttl, role.max_ttl)
         if ttl and ttl > role.max_ttl:
-            warnings.append(f"ttl {ttl}s is longer than the role's max_ttl; capped at {role.max_ttl}s")
+            warnings.append(
+                f"ttl {ttl}s is longer than the role's max_ttl; capped at {role.max_ttl}s")
         max_expire = now + role.max_ttl
         if token.expire_time is not None and token.expire_time < max_expire:
             # A lease never outlives the token that created it.
@@ -402,7 +407,8 @@ class LeaseEngine:
     def backoff(self, attempts: int) -> float:
         """Jittered exponential backoff: base * 2^(n-1), capped, times 0.5..1."""
         cfg = self.leases_cfg
-        delay = min(cfg.revoke_backoff_max, cfg.revoke_backoff_base * 2 ** max(0, attempts - 1))
+        delay = min(cfg.revoke_backoff_max,
+                    cfg.revoke_backoff_base * 2.0 ** max(0, attempts - 1))
         return delay * (0.5 + random.random() / 2)  # noqa: S311 - jitter, not a secret
 
     async def revoke_claimed(self, lease: Lease) -> None:

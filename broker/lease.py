@@ -22,9 +22,9 @@ __all__ = [
     "LeaseState",
     "Token",
     "TokenState",
+    "issue_ttl",
     "new_lease_id",
     "renew_expiry",
-    "issue_ttl",
 ]
 
 

@@ -116,13 +116,15 @@ class MountRuntime:
         return await self._call("delete_user", self.backend.delete_user, (req,))
 
     async def rotate_root(self, req: RotateRootRequest) -> RotateRootResponse:
-        return await self._call("rotate_root", self.backend.rotate_root, (req,), (req.new_password,))
+        return await self._call("rotate_root", self.backend.rotate_root, (req,),
+                                (req.new_password,))
 
     async def close(self) -> None:
         try:
             await asyncio.wait_for(self.backend.close(), timeout=self.timeout)
         except Exception as exc:  # closing must not stop shutdown
-            log.warning("closing mount %s: %s", self.name, redact_text(str(exc), [self.spec.secret]))
+            log.warning("closing mount %s: %s", self.name,
+                        redact_text(str(exc), [self.spec.secret]))
 
     async def _call(
         self,

@@ -21,7 +21,14 @@ from aiohttp import web
 from broker import __version__
 from broker.api import create_app
 from broker.audit import AuditError, AuditLog
-from broker.config import Config, ConfigError, dev_config_path, is_loopback, load_config, parse_listen
+from broker.config import (
+    Config,
+    ConfigError,
+    dev_config_path,
+    is_loopback,
+    load_config,
+    parse_listen,
+)
 from broker.engine import LeaseEngine
 from broker.policy import PolicySet
 from broker.state import BrokerState
@@ -122,7 +129,8 @@ async def stop(state: BrokerState, grace: float) -> None:
     state.serving = False
     state.engine.accepting = False
     if not await state.engine.wait_issues_idle(grace):
-        log.warning("issues still in flight after %ss; their pending rows will be rolled back", grace)
+        log.warning("issues still in flight after %ss; their pending rows will be rolled back",
+                    grace)
     await state.sweeper.stop(grace)
     await state.engine.close()
     await state.audit.close()

@@ -171,7 +171,7 @@ class Sweeper:
             self._inflight[lease.mount] -= 1
             task = asyncio.current_task()
             if task is not None:
-                self._tasks.discard(task)  # type: ignore[arg-type]
+                self._tasks.discard(task)
             if not self._stopping:
                 self._pump()
                 self._wakeup.set()

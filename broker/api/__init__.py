@@ -14,7 +14,7 @@ __all__ = ["STATE", "create_app"]
 # C request parser rejects methods outside its built-in table with "400 Invalid
 # method"; the pure-Python parser accepts any RFC 9110 token. Use it for the
 # broker's server (requests here are small; the cost is negligible).
-web_protocol.HttpRequestParser = http_parser.HttpRequestParserPy  # type: ignore[misc]
+web_protocol.HttpRequestParser = http_parser.HttpRequestParserPy  # type: ignore[attr-defined]
 
 
 def create_app(state: BrokerState) -> web.Application:

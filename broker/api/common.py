@@ -33,7 +33,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 STATE = web.AppKey("broker_state", BrokerState)
-CALL = web.RequestKey("broker_call", "Call")
+CALL: web.RequestKey[Call] = web.RequestKey("broker_call")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -47,7 +47,7 @@ async def issue(request: web.Request) -> web.Response:
     body: dict[str, Any] = {
         "request_id": call.request_id,
         "lease_id": lease.id,
-        "lease_duration": int(round(lease.expire_time - lease.issue_time)),
+        "lease_duration": round(lease.expire_time - lease.issue_time),
         "renewable": lease.renewable,
         "data": issued.data,
         "wrap_info": None,

@@ -97,7 +97,7 @@ async def create(request: web.Request) -> web.Response:
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise BadRequest("meta must be an object of string values")
     ttl = call.duration("ttl")
-    if ttl is None and not ("root" in policies):
+    if ttl is None and "root" not in policies:
         ttl = 32 * 86400 if parent.expire_time is None else None
     orphan = call.path.endswith("create-orphan") or call.flag("no_parent", False)
     token, record = await call.state.tokens.create(
