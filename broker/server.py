@@ -100,6 +100,8 @@ async def build_state(config: Config, *, dev: bool = False) -> BrokerState:
     sweeper = Sweeper(store, engine.revoke_claimed, config.leases, node_id=engine.node_id,
                       clock=engine.clock)
     engine.wake = sweeper.wake
+    # Another replica issued or queued something due sooner: wake our sweeper too.
+    store.add_wake_listener(sweeper.wake)
     return BrokerState(
         config=config,
         store=store,
