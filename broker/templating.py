@@ -81,10 +81,13 @@ def render_username(
     name = _PLACEHOLDER.sub(sub, template or DEFAULT_USERNAME_TEMPLATE)
     name = _USERNAME_UNSAFE.sub("-", name.lower())
     if len(name) > max_length:
-        # Keep the random part: shorten to "<head>-<random>" within the limit.
+        # Keep the random part whole (uniqueness): cut the fixed parts around it
+        # and put it last, "<head>-<random>".
         rand = randoms[0] if randoms else ""
-        head = name[: max(0, max_length - len(rand) - 1)]
-        name = f"{head}-{rand}" if rand else name[:max_length]
+        if rand:
+            rest = re.sub(r"-{2,}", "-", name.replace(rand, "", 1)).strip("-")
+            head = rest[: max(0, max_length - len(rand) - 1)].rstrip("-")
+            name = f"{head}-{rand}" if head else rand
         name = name[:max_length]
     if not name or not name[0].isalpha():
         name = ("v" + name)[:max_length]
