@@ -1,0 +1,91 @@
+"""``POST /v1/auth/{NAME}/login``: trade a CI system's signed JWT for a broker token.
+
+Same request and answer as Vault's JWT auth method, so ``hvac``'s
+``client.auth.jwt.jwt_login(role=..., jwt=..., path=NAME)`` works unchanged.
+No broker token is needed. Every refusal is audited as ``auth_failure`` with
+the reason and the (unverified) issuer, subject and key id, never the JWT;
+a success is audited as ``login`` with the new token's accessor (the token
+itself only as an HMAC).
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+from aiohttp import web
+
+from broker.api.common import CALL, Call, json_response
+from broker.api.tokens import auth_block
+from broker.auth import JWTAuthMethod, build_auth_methods, describe_token
+from broker.config import Config
+from broker.errors import BrokerError, NotFound
+from broker.state import BrokerState
+
+__all__ = ["auth_methods", "routes"]
+
+routes = web.RouteTableDef()
+
+# Methods built from a config that the server did not build them for (see
+# auth_methods), by id(config). The weak reference drops the entry, and with
+# it the cached keys, when a reload replaces the config.
+_lazy: dict[int, tuple[weakref.ref[Config], dict[str, JWTAuthMethod]]] = {}
+
+
+def auth_methods(state: BrokerState) -> dict[str, JWTAuthMethod]:
+    """The auth methods of ``state``: the server's, else built once per config object."""
+    if state.auth_methods:
+        return state.auth_methods
+    config = state.config
+    entry = _lazy.get(id(config))
+    if entry is not None and entry[0]() is config:
+        return entry[1]
+    methods = build_auth_methods(config)
+    key = id(config)
+    _lazy[key] = (weakref.ref(config, lambda _ref: _lazy.pop(key, None)), methods)
+    return methods
+
+
+@routes.post("/v1/auth/{method}/login")
+@routes.put("/v1/auth/{method}/login")
+async def login(request: web.Request) -> web.Response:
+    call: Call = request[CALL]
+    name = request.match_info["method"]
+    # Written before anything happens, as for every request: no audit, no login.
+    await call.audit("request")
+    body: dict[str, Any] = {}
+    try:
+        body = await call.read_body()
+        method = auth_methods(call.state).get(name)
+        if method is None:
+            raise NotFound(f"no auth method {name!r} is configured ([auth.jwt.{name}])")
+        result = await method.login(body.get("role"), body.get("jwt"))
+    except BrokerError as exc:
+        role = body.get("role")
+        await call.audit("auth_failure", outcome="denied", error=str(exc), auth_method=name,
+                         role=role if isinstance(role, str) else None,
+                         **describe_token(body.get("jwt")))
+        raise
+    token, record = await call.state.tokens.create(
+        policies=result.policies,
+        ttl=result.ttl,
+        max_ttl=result.max_ttl,
+        display_name=result.display_name,
+        metadata=result.metadata,
+        parent=None,  # a login token is an orphan: nothing above it revokes it
+        renewable=True,
+    )
+    call.token = record
+    await call.audit("login", auth_method=name, role=result.role.name,
+                     created={"accessor": record.accessor, "policies": record.policies,
+                              "client_token": token})
+    return json_response({
+        "request_id": call.request_id,
+        "lease_id": "",
+        "renewable": False,
+        "lease_duration": 0,
+        "data": None,
+        "wrap_info": None,
+        "warnings": None,
+        "auth": auth_block(token, record, call.state.engine.clock()),
+    })

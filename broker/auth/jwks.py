@@ -1,0 +1,275 @@
+"""Where a JWT auth method gets its verification keys: PEM keys, a JWKS URL or OIDC discovery.
+
+Remote key sets are cached for ``jwks_cache_ttl``. A token whose ``kid`` is not
+in the cache triggers one refresh (the issuer may have rotated its keys), but
+refreshes of one method are at least :data:`MIN_REFRESH_INTERVAL` apart
+whatever triggers them: otherwise anyone could make the broker hammer the
+issuer by sending tokens with made-up key ids. When a refresh fails the last
+good key set stays in use (an issuer outage must not lock every pipeline out);
+with no key set at all the login answers 503.
+
+Only public key material is ever read from a JWKS: symmetric (``oct``) keys,
+keys for encryption, unsupported curves and RSA keys under 2048 bits are
+skipped. Keys named in a token's header (``jku``, ``jwk``, ``x5u``) are never
+fetched or used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import aiohttp
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+from jwt.exceptions import InvalidKeyError
+
+from broker.auth.jwt_config import ALLOWED_ALGORITHMS, PublicKey, check_fetch_url
+from broker.errors import ServiceUnavailable
+
+__all__ = [
+    "MIN_REFRESH_INTERVAL",
+    "FetchError",
+    "JWKSKeys",
+    "KeySource",
+    "StaticKeys",
+    "VerificationKey",
+    "fetch_json",
+    "parse_jwks",
+]
+
+log = logging.getLogger(__name__)
+
+#: seconds between two fetches of one method's keys, whatever asks for them.
+MIN_REFRESH_INTERVAL = 10.0
+#: a JWKS or discovery document larger than this is refused (real ones are a few KiB).
+MAX_DOCUMENT_BYTES = 1024 * 1024
+MAX_KEYS = 100
+_MIN_RSA_BITS = 2048
+_CURVES = {"ES256": ec.SECP256R1, "ES384": ec.SECP384R1}
+_JWK_CURVES = {"P-256", "P-384"}
+
+FetchJSON = Callable[[str], Awaitable[Any]]
+
+
+class FetchError(Exception):
+    """A key document could not be fetched or understood; the message is one line."""
+
+
+@dataclass(frozen=True)
+class VerificationKey:
+    """A public key that may verify a token's signature."""
+
+    kid: str | None
+    key: PublicKey
+    #: the JWK's own ``alg``, when it names one: then only that algorithm may use it.
+    alg: str | None = None
+
+    def fits(self, alg: str) -> bool:
+        """Whether this key may verify a signature made with ``alg``."""
+        if self.alg is not None and self.alg != alg:
+            return False
+        if alg.startswith(("RS", "PS")):
+            return isinstance(self.key, rsa.RSAPublicKey)
+        curve = _CURVES.get(alg)
+        return (curve is not None and isinstance(self.key, ec.EllipticCurvePublicKey)
+                and isinstance(self.key.curve, curve))
+
+
+class KeySource(Protocol):
+    async def candidates(self, kid: str | None, alg: str) -> list[VerificationKey]:
+        """Keys that may have signed a token with this ``kid`` and ``alg`` (maybe none)."""
+        ...
+
+
+class StaticKeys:
+    """``jwt_validation_pubkeys``: PEM keys from the config, tried in order (they have no kid)."""
+
+    def __init__(self, keys: Sequence[PublicKey]) -> None:
+        self.keys = [VerificationKey(None, k) for k in keys]
+
+    async def candidates(self, kid: str | None, alg: str) -> list[VerificationKey]:
+        return [k for k in self.keys if k.fits(alg)]
+
+
+def _public_jwk(jwk: dict[str, Any]) -> PublicKey:
+    """The public key of one JWK, read from its public members only."""
+    kty = jwk.get("kty")
+    if kty == "RSA":
+        key = RSAAlgorithm.from_jwk({"kty": "RSA", "n": jwk.get("n"), "e": jwk.get("e")})
+        if not isinstance(key, rsa.RSAPublicKey):
+            raise InvalidKeyError("not an RSA public key")
+        if key.key_size < _MIN_RSA_BITS:
+            raise InvalidKeyError(f"RSA key of {key.key_size} bits is too small")
+        return key
+    if kty == "EC":
+        if jwk.get("crv") not in _JWK_CURVES:
+            raise InvalidKeyError(f"curve {jwk.get('crv')!r} is not supported")
+        ec_key = ECAlgorithm.from_jwk({"kty": "EC", "crv": jwk["crv"], "x": jwk.get("x"),
+                                       "y": jwk.get("y")})
+        if not isinstance(ec_key, ec.EllipticCurvePublicKey):
+            raise InvalidKeyError("not an EC public key")
+        return ec_key
+    raise InvalidKeyError(f"key type {kty!r} is not accepted (RSA and EC only)")
+
+
+def parse_jwks(doc: Any, source: str) -> list[VerificationKey]:
+    """The usable signing keys of a JWKS document; FetchError when there are none."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
+        raise FetchError(f"{source}: not a JWKS document (no 'keys' list)")
+    keys: list[VerificationKey] = []
+    for i, jwk in enumerate(doc["keys"][:MAX_KEYS]):
+        if not isinstance(jwk, dict):
+            continue
+        kid = jwk.get("kid")
+        alg = jwk.get("alg")
+        label = f"{source} key {kid if isinstance(kid, str) else i!r}"
+        if kid is not None and not isinstance(kid, str):
+            log.warning("%s: skipped, kid is not a string", label)
+            continue
+        if jwk.get("use") not in (None, "sig"):
+            continue  # an encryption key: never for signatures
+        if alg is not None and alg not in ALLOWED_ALGORITHMS:
+            log.info("%s: skipped, algorithm %r is not accepted", label, alg)
+            continue
+        try:
+            keys.append(VerificationKey(kid, _public_jwk(jwk), alg))
+        except (InvalidKeyError, ValueError, TypeError, KeyError) as exc:
+            log.warning("%s: skipped, %s", label, str(exc)[:200])
+    if not keys:
+        raise FetchError(f"{source}: no usable signing key (RSA >= 2048 bits or EC P-256/P-384)")
+    return keys
+
+
+async def fetch_json(url: str, *, timeout: float, ca_pem: str | None = None) -> Any:
+    """GET ``url`` and parse its JSON body; FetchError with a one-line reason otherwise.
+
+    Redirects are not followed: the configured URL (over TLS) is what is trusted.
+    """
+    ctx: ssl.SSLContext | bool = ssl.create_default_context(cadata=ca_pem) if ca_pem else True
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as s:
+            async with s.get(url, ssl=ctx, allow_redirects=False,
+                             headers={"Accept": "application/json"}) as resp:
+                if resp.status != 200:
+                    raise FetchError(f"{url}: HTTP {resp.status}")
+                body = await resp.content.read(MAX_DOCUMENT_BYTES + 1)
+    except TimeoutError:
+        raise FetchError(f"{url}: no answer within {timeout:g}s") from None
+    except aiohttp.ClientError as exc:
+        raise FetchError(f"{url}: {type(exc).__name__}: {str(exc)[:200]}") from None
+    if len(body) > MAX_DOCUMENT_BYTES:
+        raise FetchError(f"{url}: document larger than {MAX_DOCUMENT_BYTES} bytes")
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise FetchError(f"{url}: not JSON") from None
+
+
+class JWKSKeys:
+    """Keys from ``jwks_url``, or from the ``jwks_uri`` of an OIDC discovery document."""
+
+    def __init__(
+        self,
+        *,
+        issuer: str,
+        jwks_url: str | None = None,
+        discovery_url: str | None = None,
+        ca_pem: str | None = None,
+        timeout: float = 5.0,
+        cache_ttl: float = 600.0,
+        fetch: FetchJSON | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+        min_refresh_interval: float = MIN_REFRESH_INTERVAL,
+    ) -> None:
+        if (jwks_url is None) == (discovery_url is None):
+            raise ValueError("give exactly one of jwks_url and discovery_url")
+        self.issuer = issuer
+        self.jwks_url = jwks_url
+        self.discovery_url = discovery_url
+        self.cache_ttl = cache_ttl
+        self.min_refresh_interval = min_refresh_interval
+        self._fetch = fetch or (lambda url: fetch_json(url, timeout=timeout, ca_pem=ca_pem))
+        self._monotonic = monotonic
+        self._keys: list[VerificationKey] = []
+        self._fetched_at: float | None = None
+        self._attempted_at: float | None = None
+        self._last_error: str | None = None
+        self._lock = asyncio.Lock()
+        #: how many times the key set was fetched (successfully or not).
+        self.fetches = 0
+
+    @property
+    def source(self) -> str:
+        return self.jwks_url or f"{self.discovery_url} (OIDC discovery)"
+
+    def _stale(self) -> bool:
+        return self._fetched_at is None or (
+            self._monotonic() - self._fetched_at >= self.cache_ttl)
+
+    def _may_fetch(self) -> bool:
+        return self._attempted_at is None or (
+            self._monotonic() - self._attempted_at >= self.min_refresh_interval)
+
+    def _known(self, kid: str | None) -> bool:
+        return any(k.kid == kid for k in self._keys)
+
+    async def _jwks_url(self) -> str:
+        if self.jwks_url is not None:
+            return self.jwks_url
+        assert self.discovery_url is not None
+        url = self.discovery_url.rstrip("/") + "/.well-known/openid-configuration"
+        doc = await self._fetch(url)
+        if not isinstance(doc, dict):
+            raise FetchError(f"{url}: not an OpenID configuration document")
+        if doc.get("issuer") != self.issuer:
+            # OIDC Discovery 4.3: the document's issuer must be the one we trust.
+            raise FetchError(f"{url}: issuer {str(doc.get('issuer'))[:200]!r} is not the "
+                             f"bound issuer {self.issuer!r}")
+        jwks_uri = doc.get("jwks_uri")
+        if not isinstance(jwks_uri, str):
+            raise FetchError(f"{url}: no jwks_uri")
+        problem = check_fetch_url(jwks_uri)
+        if problem:
+            raise FetchError(f"{url}: jwks_uri {problem}")
+        return jwks_uri
+
+    async def _refresh(self, want: Callable[[], bool]) -> None:
+        """Fetch the key set if ``want()`` still holds once we hold the lock and may fetch."""
+        async with self._lock:
+            if not want() or not self._may_fetch():
+                return
+            self._attempted_at = self._monotonic()
+            self.fetches += 1
+            try:
+                url = await self._jwks_url()
+                keys = parse_jwks(await self._fetch(url), url)
+            except FetchError as exc:
+                self._last_error = str(exc)
+                if self._keys:
+                    log.warning("keeping the cached keys: refresh failed: %s", exc)
+                else:
+                    log.error("cannot load signing keys: %s", exc)
+                return
+            self._keys = keys
+            self._fetched_at = self._monotonic()
+            self._last_error = None
+            log.info("loaded %d signing key(s) from %s: %s", len(keys), url,
+                     ", ".join(str(k.kid) for k in keys))
+
+    async def candidates(self, kid: str | None, alg: str) -> list[VerificationKey]:
+        if self._stale():
+            await self._refresh(self._stale)
+        if kid is not None and not self._known(kid) and self._keys:
+            # Maybe the issuer rotated its keys since we cached them.
+            await self._refresh(lambda: not self._known(kid))
+        if not self._keys:
+            raise ServiceUnavailable(
+                f"cannot load the signing keys: {self._last_error or 'not fetched yet'}")
+        return [k for k in self._keys if (kid is None or k.kid == kid) and k.fits(alg)]
