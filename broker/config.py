@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from broker.auth.jwt_config import AuthConfigError, parse_jwt_methods
 from broker.backend import MountSpec, PluginConfigError, RoleSpec, load_plugin
 from broker.durations import parse_duration
 from broker.templating import template_names
@@ -242,6 +243,11 @@ def _build(source: str, raw: Mapping[str, Any], base: Path) -> Config:
     }
     policies = _policies(source, _table(top, "policies"))
     auth = _table(top, "auth")
+    try:
+        # Checked now so a bad [auth.jwt.NAME] names its key; kept raw in Config.auth.
+        parse_jwt_methods(auth.get("jwt"), policies=policies.keys())
+    except AuthConfigError as exc:
+        raise ConfigError(source, f"auth.{exc.key}", exc.message) from None
     return Config(source, server, storage, audit, leases, mounts, policies, auth)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from broker.audit import AuditLog
 from broker.config import Config
@@ -29,3 +30,5 @@ class BrokerState:
     started: float = field(default_factory=time.time)
     #: false while shutting down: new requests get 503.
     serving: bool = True
+    #: ``[auth.jwt.NAME]`` methods by NAME (see broker.auth.build_auth_methods).
+    auth_methods: dict[str, Any] = field(default_factory=dict)
