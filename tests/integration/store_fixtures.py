@@ -111,7 +111,13 @@ async def fresh_postgres_database(request: pytest.FixtureRequest) -> str:
         name = f"broker_store_test_{secrets.token_hex(6)}"
         conn = await asyncpg.connect(admin)
         try:
-            await conn.execute(f"CREATE DATABASE {_quote_ident(name)}")
+            try:
+                # A locale-aware default collation ("b" < "B"), as most servers have: the
+                # store must still sort and match id prefixes byte-wise, like SQLite.
+                await conn.execute(f"CREATE DATABASE {_quote_ident(name)} TEMPLATE template0"
+                                   " LOCALE_PROVIDER icu ICU_LOCALE 'en-US'")
+            except asyncpg.PostgresError:  # before PostgreSQL 15, or built without ICU
+                await conn.execute(f"CREATE DATABASE {_quote_ident(name)}")
         finally:
             await conn.close()
         request.config.add_cleanup(lambda: _drop_database(admin, name))

@@ -1,6 +1,6 @@
 """The LeaseStore suite: every store kind in STORE_KINDS must pass it unchanged.
 
-Written against the protocol only; the SQLite specifics are at the end.
+Written against the protocol only; the SQLite and PostgreSQL specifics are at the end.
 """
 
 from __future__ import annotations
@@ -11,16 +11,21 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from broker.errors import Conflict
 from broker.lease import Lease, LeaseFilter, LeaseState, TokenState
+from broker.store import open_store
 from broker.store.base import LeaseStore
+from broker.store.postgres import MIGRATIONS as PG_MIGRATIONS
+from broker.store.postgres import PostgresStore
 from broker.store.sqlite import MIGRATIONS, SQLiteStore, StoreSchemaError
 from tests.integration.store_fixtures import (
     STORE_KINDS,
     T0,
     StoreMaker,
+    fresh_postgres_database,
     make_lease,
     make_token,
     put_active,
@@ -650,3 +655,208 @@ async def test_sqlite_cancelled_write_does_not_disturb_others(tmp_path: Path) ->
         assert await store.count_matching(LeaseFilter(), states=[LeaseState.ACTIVE]) >= 49
     finally:
         await store.close()
+
+
+# -- added with the PostgreSQL store: both kinds -----------------------------------
+
+
+async def test_force_takes_over_revoking_leases(store: LeaseStore) -> None:
+    """Force queues leases stuck in retry backoff too, due now; other reasons leave them be."""
+    await put_many_active(store, [make_lease(lid(n), ttl=1) for n in range(4)])
+    for lease in await store.claim_due(now=T0 + 2, limit=3, claimer="a", claim_timeout=30):
+        await store.fail_revoke(lease.id, error="down", next_attempt=T0 + 500, now=T0 + 3)
+    # lid(0..2) wait in backoff until T0 + 500; lid(3) is still active (and overdue).
+    assert await store.queue_revoke_matching(LeaseFilter(prefix="pg/"), reason="prefix",
+                                             now=T0 + 10) == 1
+    got = await store.get(lid(0))
+    assert got is not None and got.revoke_reason == "expire"
+    [in_flight] = await store.claim_due(now=T0 + 11, limit=10, claimer="a", claim_timeout=30)
+    assert in_flight.id == lid(3)
+    assert await store.queue_revoke_matching(LeaseFilter(owners=("acc-1",)), reason="force",
+                                             now=T0 + 20) == 4
+    assert await store.next_due() == T0 + 20
+    claimed = await store.claim_due(now=T0 + 20, limit=10, claimer="b", claim_timeout=30)
+    assert sorted(c.id for c in claimed) == [lid(n) for n in range(4)]
+    assert {c.revoke_reason for c in claimed} == {"force"}
+    assert [c.revoke_attempts for c in sorted(claimed, key=lambda c: c.id)] == [1, 1, 1, 0]
+    # Already forced (and now claimed, maybe in flight): a second force leaves them alone.
+    assert await store.queue_revoke_matching(LeaseFilter(), reason="force", now=T0 + 21) == 0
+    assert await store.next_due() == T0 + 50
+
+
+async def test_ids_sort_byte_wise(store: LeaseStore) -> None:
+    """Ids sort and page by code point (byte-wise), not by a locale's collation."""
+    ids = ["m/creds/r/b", "m/creds/r/B", "m/creds/r/_", "m/creds/r/a-1", "m/creds/r/a1",
+           "m/creds/r/\u00e9", "m/creds/r/z"]
+    for lease_id in ids:
+        await put_active(store, make_lease(lease_id))
+    assert await store.list_ids(LeaseFilter(prefix="m/creds/r/")) == sorted(ids)
+    assert await store.list_ids(LeaseFilter(prefix="m/creds/r/"), after="m/creds/r/_",
+                                limit=2) == ["m/creds/r/a-1", "m/creds/r/a1"]
+    assert await store.list_ids(LeaseFilter(prefix="m/creds/r/B")) == ["m/creds/r/B"]
+
+
+async def test_own_writes_do_not_call_wake_listeners(store: LeaseStore) -> None:
+    """A store reports only other replicas' wake-ups: its own caller knows its own writes."""
+    calls: list[float | None] = []
+    store.add_wake_listener(calls.append)
+    await put_active(store, make_lease(lid(1)))
+    await store.queue_revoke(lid(1), reason="revoke", now=T0)
+    await put_active(store, make_lease(lid(2)))
+    await store.queue_revoke_matching(LeaseFilter(), reason="force", now=T0 + 1)
+    await asyncio.sleep(0.3)  # a NOTIFY echoed back would have arrived by now
+    assert calls == []
+
+
+# -- PostgreSQL specifics ------------------------------------------------------------
+
+
+@pytest.fixture
+async def pg_dsn(request: pytest.FixtureRequest) -> str:
+    """This session's PostgreSQL test database, empty."""
+    return await fresh_postgres_database(request)
+
+
+async def _pg(dsn: str) -> asyncpg.Connection:
+    return await asyncpg.connect(dsn)
+
+
+def test_pg_from_url_takes_its_own_parameters() -> None:
+    """from_url does no I/O, keeps driver parameters and takes the pool settings for itself."""
+    store = PostgresStore.from_url(
+        "postgresql://broker:s3cret@db.invalid:6543/leases?sslmode=require&pool_max_size=25"
+        "&pool_min_size=2&command_timeout=15")
+    assert store.dsn == "postgresql://broker:s3cret@db.invalid:6543/leases?sslmode=require"
+    assert (store.pool_min_size, store.pool_max_size, store.command_timeout) == (2, 25, 15.0)
+    assert isinstance(open_store("postgres://u@h/db"), PostgresStore)
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql://u:s3cret@host:5432/",
+    "mysql://u:s3cret@host/db",
+    "postgresql://u:s3cret@host/db?pool_max_size=lots",
+    "postgresql://u:s3cret@host/db?pool_min_size=5&pool_max_size=2",
+])
+def test_pg_from_url_rejects_bad_urls_without_the_password(url: str) -> None:
+    """A bad URL is refused with a clear error that never repeats the password."""
+    with pytest.raises(ValueError, match="url") as info:
+        PostgresStore.from_url(url)
+    assert "s3cret" not in str(info.value)
+
+
+async def test_pg_refuses_a_newer_schema(pg_dsn: str) -> None:
+    """A database migrated by a newer broker is refused, and the failed open leaves no pool."""
+    store = PostgresStore.from_url(pg_dsn)
+    await store.open()
+    await store.close()
+    conn = await _pg(pg_dsn)
+    try:
+        await conn.execute("INSERT INTO schema_version VALUES ($1, 0)", len(PG_MIGRATIONS) + 1)
+    finally:
+        await conn.close()
+    newer = PostgresStore.from_url(pg_dsn)
+    with pytest.raises(StoreSchemaError, match="newer broker"):
+        await newer.open()
+    with pytest.raises(RuntimeError, match="not open"):
+        await newer.get(lid(1))
+
+
+async def test_pg_replicas_starting_together_migrate_once(pg_dsn: str) -> None:
+    """Several stores opening at once on an empty database all succeed; the schema is made once."""
+    stores = [PostgresStore.from_url(pg_dsn) for _ in range(4)]
+    try:
+        await asyncio.gather(*(s.open() for s in stores))
+        await put_active(stores[0], make_lease(lid(1)))
+        assert await stores[3].get(lid(1)) is not None
+    finally:
+        await asyncio.gather(*(s.close() for s in stores))
+    conn = await _pg(pg_dsn)
+    try:
+        rows = await conn.fetch("SELECT version FROM schema_version")
+    finally:
+        await conn.close()
+    assert [r["version"] for r in rows] == list(range(1, len(PG_MIGRATIONS) + 1))
+
+
+async def test_pg_turns_synchronous_commit_back_on(pg_dsn: str) -> None:
+    """A database defaulting to synchronous_commit=off still gets durable commits from the store."""
+    db = pg_dsn.rsplit("/", 1)[1]
+    conn = await _pg(pg_dsn)
+    await conn.execute(f'ALTER DATABASE "{db}" SET synchronous_commit = off')
+    store = PostgresStore.from_url(pg_dsn)
+    try:
+        probe = await _pg(pg_dsn)
+        try:  # the setting really is off for a new session
+            assert await probe.fetchval("SHOW synchronous_commit") == "off"
+        finally:
+            await probe.close()
+        await store.open()
+        # Every pool connection, also after the pool's RESET ALL between uses.
+        for _ in range(3):
+            async with store.pool.acquire() as pooled:
+                assert await pooled.fetchval("SHOW synchronous_commit") == "on"
+    finally:
+        await store.close()
+        await conn.execute(f'ALTER DATABASE "{db}" RESET synchronous_commit')
+        await conn.close()
+
+
+async def test_pg_prefix_is_an_index_range(store_pg: PostgresStore) -> None:
+    """A prefix filter is a range on the primary key (collation "C"), not a scan."""
+    async with store_pg.pool.acquire() as conn:
+        async with conn.transaction():
+            await conn.execute("SET LOCAL enable_seqscan = off")
+            plan = "\n".join(r[0] for r in await conn.fetch(
+                "EXPLAIN SELECT id FROM leases WHERE id >= $1 AND id < $2 ORDER BY id LIMIT 10",
+                "pg/creds/", "pg/creds0"))
+    assert "leases_pkey" in plan and "Index Cond" in plan and "Sort" not in plan, plan
+
+
+@pytest.fixture
+async def store_pg(pg_dsn: str) -> AsyncIterator[PostgresStore]:
+    s = PostgresStore.from_url(pg_dsn)
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+async def test_pg_revoke_100k_matching_is_one_fast_statement(store_pg: PostgresStore) -> None:
+    """queue_revoke_matching over 100,000 leases is one UPDATE (one transaction), in seconds."""
+    n = 100_000
+    async with store_pg.pool.acquire() as conn:
+        # Filled in SQL: the subject here is the revoke, not 200k issue round trips.
+        await conn.execute(
+            "INSERT INTO leases (id, mount, role, owner, issue_time, expire_time,"
+            " max_expire_time, renewable, state, due_at, revocation, metadata)"
+            " SELECT 'bulk/creds/ro/' || lpad(g::text, 6, '0'), 'bulk', 'ro', 'acc-' || g % 7,"
+            " $1::float8, $1::float8 + 3600 + g, $1::float8 + 36000, true, 'active',"
+            " $1::float8 + 3600 + g,"
+            " jsonb_build_object('username', 'u' || g), jsonb_build_object('run_id', '7')"
+            " FROM generate_series(1, $2) g",
+            T0, n)
+        await conn.execute("ANALYZE leases")
+    await put_active(store_pg, make_lease(lid(1), metadata={"run_id": "7"}))
+
+    started = time.perf_counter()
+    queued = await store_pg.queue_revoke_matching(LeaseFilter(prefix="bulk/"), reason="prefix",
+                                                  now=T0 + 1)
+    t_prefix = time.perf_counter() - started
+    started = time.perf_counter()
+    forced = await store_pg.queue_revoke_matching(LeaseFilter(metadata={"run_id": "7"}),
+                                                  reason="force", now=T0 + 2)
+    t_force = time.perf_counter() - started
+    print(f"\nPostgreSQL: revoke-prefix of {n} leases {t_prefix:.2f}s, "
+          f"force by metadata over {forced} leases {t_force:.2f}s")
+
+    assert queued == n and forced == n + 1
+    async with store_pg.pool.acquire() as conn:
+        # One statement, one transaction: every row has the same xmin.
+        xmins = await conn.fetchval(
+            "SELECT count(DISTINCT xmin::text) FROM leases WHERE id LIKE 'bulk/%'")
+    assert xmins == 1
+    assert await store_pg.count_matching(LeaseFilter(prefix="bulk/"),
+                                         states=[LeaseState.REVOKING]) == n
+    assert await store_pg.next_due() == T0 + 2
+    assert t_prefix < 10 and t_force < 10
