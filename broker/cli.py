@@ -384,6 +384,10 @@ def cmd_lease_renew(args: argparse.Namespace) -> int:
 
 
 def cmd_lease_revoke(args: argparse.Namespace) -> int:
+    if args.meta:
+        if args.lease_id:
+            raise UsageError("give a LEASE_ID or --meta KEY=VALUE, not both")
+        return _revoke_by_meta(_client(args), args)
     if args.prefix is not None:
         if args.lease_id:
             raise UsageError("give a LEASE_ID or --prefix PREFIX, not both")
@@ -398,7 +402,7 @@ def cmd_lease_revoke(args: argparse.Namespace) -> int:
         ("--no-wait", args.no_wait),
     ):
         if given:
-            raise UsageError(f"{flag} only applies with --prefix")
+            raise UsageError(f"{flag} only applies with --prefix or --meta")
     _client(args).request("PUT", "sys/leases/revoke", json={"lease_id": args.lease_id})
     sys.stdout.write(f"revoked {args.lease_id}\n")
     return 0
@@ -425,8 +429,42 @@ def _walk(client: Client, prefix: str) -> Iterable[str]:
             yield prefix + key
 
 
+def _search(client: Client, params: Mapping[str, str]) -> Iterable[dict[str, Any]]:
+    after = ""
+    while True:
+        resp = client.request("GET", "sys/leases/search", params={**params, "after": after or None})
+        data = (resp or {}).get("data") or {}
+        yield from data.get("leases") or []
+        after = data.get("next_after") or ""
+        if not after:
+            return
+
+
+def _list_by_meta(client: Client, args: argparse.Namespace) -> int:
+    _, params, _ = _meta_selector(args.meta, args.prefix)
+    if not args.all:
+        params["state"] = "active,revoking,irrevocable"
+    rows = list(_search(client, params))
+    if args.format == "json":
+        _print_json(rows)
+    elif args.format == "table":
+        if rows:
+            cells = [[str(r.get(k) or "-") for k in ("lease_id", "state", "expire_time")]
+                     + [_cell("metadata", r.get("metadata"))] for r in rows]
+            sys.stdout.write(_columns(["LEASE_ID", "STATE", "EXPIRE_TIME", "METADATA"], cells))
+    else:
+        sys.stdout.writelines(f"{r.get('lease_id')}\n" for r in rows)
+    return 0
+
+
 def cmd_lease_list(args: argparse.Namespace) -> int:
     client = _client(args)
+    if args.meta:
+        return _list_by_meta(client, args)
+    if args.format or args.all:
+        raise UsageError("--format and --all only apply with --meta")
+    if not args.prefix:
+        raise UsageError("give the PREFIX to list (or --meta KEY=VALUE)")
     prefix = args.prefix if args.prefix.endswith("/") else args.prefix + "/"
     keys = _walk(client, prefix) if args.recursive else _list(client, prefix)
     for key in keys:
@@ -475,8 +513,8 @@ class _Stats:
         return cls(**{k: int(data.get(k) or 0) for k in cls.__dataclass_fields__})
 
 
-def _stats(client: Client, prefix: str) -> _Stats:
-    return _Stats.from_answer(client.request("GET", "sys/leases/stats", params={"prefix": prefix}))
+def _stats(client: Client, params: Mapping[str, str]) -> _Stats:
+    return _Stats.from_answer(client.request("GET", "sys/leases/stats", params=params))
 
 
 class _Progress:
@@ -524,33 +562,70 @@ def _revoke_prefix(
     sleep: Callable[[float], None] = time.sleep,
 ) -> int:
     kind = "revoke-force" if force else "revoke-prefix"
+    return _revoke_selected(
+        client, f"sys/leases/{kind}/{prefix}", {"sync": sync}, {"prefix": prefix},
+        where=f"under {prefix}", hint=prefix, sync=sync, wait=wait, poll=poll, sleep=sleep,
+    )
+
+
+def _meta_selector(meta: Sequence[tuple[str, str]], prefix: str | None) -> tuple[
+        dict[str, str], dict[str, str], str]:
+    """(metadata, query params for stats/search, words for messages) of ``--meta`` flags."""
+    selected: dict[str, str] = {}
+    for key, value in meta:
+        if selected.get(key, value) != value:
+            raise UsageError(f"--meta {key}= given twice with different values")
+        selected[key] = value
+    params = {f"meta.{k}": v for k, v in selected.items()} | ({"prefix": prefix} if prefix else {})
+    where = "matching " + " ".join(f"{k}={v}" for k, v in selected.items())
+    return selected, params, where + (f" under {prefix}" if prefix else "")
+
+
+def _revoke_by_meta(client: Client, args: argparse.Namespace) -> int:
+    meta, params, where = _meta_selector(args.meta, args.prefix)
+    body: dict[str, Any] = {"metadata": meta, "sync": args.sync, "force": args.force}
+    if args.prefix:
+        body["prefix"] = args.prefix
+    return _revoke_selected(client, "sys/leases/revoke-by", body, params, where=where,
+                            hint=args.prefix or "", sync=args.sync, wait=not args.no_wait)
+
+
+def _revoke_selected(
+    client: Client,
+    path: str,
+    body: Mapping[str, Any],
+    stats_params: Mapping[str, str],
+    *,
+    where: str,
+    hint: str,
+    sync: bool,
+    wait: bool,
+    poll: float = _POLL_INTERVAL,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
+    """Queue a revocation of many leases; show progress from stats with the same selector."""
     before: _Stats | None = None
     if wait:
         try:
-            before = _stats(client, prefix)
+            before = _stats(client, stats_params)
         except ClientError as exc:
             if exc.status not in {403, 404, 405}:
                 raise
             _warn(f"cannot read sys/leases/stats ({exc}); not waiting for the revocations")
     started = time.monotonic()
-    resp = client.request(
-        "PUT",
-        f"sys/leases/{kind}/{prefix}",
-        json={"sync": sync},
-        timeout=_SYNC_TIMEOUT if sync else None,
-    )
+    resp = client.request("PUT", path, json=body, timeout=_SYNC_TIMEOUT if sync else None)
     _show_warnings(resp)
     queued = int(((resp or {}).get("data") or {}).get("queued") or 0)
     if before is None:
         state = "revoked or irrevocable" if sync else "queued for revocation"
-        sys.stdout.write(f"{queued} lease(s) under {prefix} {state}\n")
+        sys.stdout.write(f"{queued} lease(s) {where} {state}\n")
         return 0
     progress = None if sync else _Progress(queued, sys.stderr)
     previous: _Stats | None = None
     still = revoked = irrevocable = 0
     try:
         while True:
-            now = _stats(client, prefix)
+            now = _stats(client, stats_params)
             revoked = max(0, now.revoked - before.revoked)
             irrevocable = max(0, now.irrevocable - before.irrevocable)
             done = min(queued, revoked + irrevocable + max(0, now.expired - before.expired))
@@ -567,7 +642,7 @@ def _revoke_prefix(
     except KeyboardInterrupt:
         if progress is not None:
             progress.close()
-        sys.stderr.write(f"broker: stopped waiting; the server keeps revoking under {prefix}\n")
+        sys.stderr.write(f"broker: stopped waiting; the server keeps revoking {where}\n")
         return 130
     if progress is not None:
         progress.close()
@@ -575,7 +650,7 @@ def _revoke_prefix(
     sys.stdout.write(f"revoked {revoked}, irrevocable {irrevocable}, in {elapsed:.1f} s\n")
     if irrevocable:
         raise OperationError(
-            f"{irrevocable} lease(s) could not be revoked; see 'broker lease irrevocable {prefix}'"
+            f"{irrevocable} lease(s) could not be revoked; see 'broker lease irrevocable {hint}'"
         )
     return 0
 
@@ -766,6 +841,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ttl", type=_duration, help="requested lifetime, e.g. 15m (capped at max_ttl)")
     _format_option(p, ["json", "env", "table"])
 
+    from broker import exec as exec_cmd  # imports this module: load it only once we are loaded
+
+    p = leaf(commands, "exec", exec_cmd.cmd_exec,
+             "run a command with fresh credentials in its environment; revoke them after")
+    p.usage = "broker exec [OPTIONS] MOUNT/ROLE [MOUNT/ROLE ...] -- COMMAND [ARG ...]"
+    exec_cmd.configure_parser(p, _mount_role, _duration)
+
     lease = commands.add_parser("lease", help="look up, renew, list and revoke leases")
     leases = lease.add_subparsers(dest="lease_command", metavar="COMMAND", required=True)
     p = leaf(leases, "lookup", cmd_lease_lookup, "show a lease")
@@ -784,21 +866,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="revoke every lease whose id starts with PREFIX (e.g. pg/creds/readonly/)",
     )
     p.add_argument(
-        "--force",
-        action="store_true",
-        help="with --prefix: break-glass, mark revoked whatever the backend answers",
+        "--meta",
+        action="append",
+        type=_key_value,
+        metavar="K=V",
+        default=[],
+        help="revoke every lease whose metadata has K=V, e.g. run_id=1234 (repeatable; "
+        "all must match; --prefix narrows it further)",
     )
     p.add_argument(
-        "--sync", action="store_true", help="with --prefix: the server answers when done"
+        "--force",
+        action="store_true",
+        help="with --prefix/--meta: break-glass, mark revoked whatever the backend answers",
+    )
+    p.add_argument(
+        "--sync", action="store_true", help="with --prefix/--meta: the server answers when done"
     )
     p.add_argument(
         "--no-wait",
         action="store_true",
-        help="with --prefix: return once queued, without progress or summary",
+        help="with --prefix/--meta: return once queued, without progress or summary",
     )
-    p = leaf(leases, "list", cmd_lease_list, "list lease ids one level below PREFIX")
-    p.add_argument("prefix", metavar="PREFIX", type=_prefix)
+    p = leaf(leases, "list", cmd_lease_list,
+             "list lease ids one level below PREFIX, or every lease with --meta K=V")
+    p.add_argument("prefix", metavar="PREFIX", type=_prefix, nargs="?")
     p.add_argument("--recursive", "-r", action="store_true", help="walk down to full lease ids")
+    p.add_argument("--meta", action="append", type=_key_value, metavar="K=V", default=[],
+                   help="leases whose metadata has K=V (repeatable; all must match)")
+    p.add_argument("--all", action="store_true", help="with --meta: dead leases (tombstones) too")
+    p.add_argument("--format", choices=["ids", "table", "json"], default=None,
+                   help="with --meta: output (default ids, one per line)")
     p = leaf(leases, "irrevocable", cmd_lease_irrevocable, "list leases that could not be revoked")
     p.add_argument("prefix", metavar="PREFIX", nargs="?", default="")
     p.add_argument("--limit", type=int, default=None, help="at most this many")
@@ -853,7 +950,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Console-script entry point; returns the exit code."""
     parser = build_parser()  # sub-parsers inherit _Parser (argparse uses type(parent))
     try:
-        args = parser.parse_args(argv)
+        args = _parse(parser, list(sys.argv[1:] if argv is None else argv))
         func: Callable[[argparse.Namespace], int] = args.func
         return func(args)
     except UsageError as exc:
@@ -870,6 +967,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 0
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """parse_args, except that ``broker exec ... -- CMD ARGS`` keeps CMD ARGS apart."""
+    from broker.exec import split_command
+
+    head, command = split_command(argv)
+    if command is not None and "exec" in head:
+        args = parser.parse_args(head)
+        if args.command == "exec":
+            args.command_argv = command
+            return args
+    return parser.parse_args(argv)
+
+
 def _silence_stdout() -> None:
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -879,4 +989,8 @@ def _silence_stdout() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m broker.cli`: run the importable module, not this __main__ copy, so
+    # modules that import broker.cli (broker.exec) share its exception classes.
+    from broker.cli import main as _main
+
+    sys.exit(_main())
