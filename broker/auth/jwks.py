@@ -87,6 +87,10 @@ class KeySource(Protocol):
         """Keys that may have signed a token with this ``kid`` and ``alg`` (maybe none)."""
         ...
 
+    def why_none(self, kid: str | None, alg: str) -> str:
+        """Why :meth:`candidates` found no key, for the refusal message."""
+        ...
+
 
 class StaticKeys:
     """``jwt_validation_pubkeys``: PEM keys from the config, tried in order (they have no kid)."""
@@ -96,6 +100,9 @@ class StaticKeys:
 
     async def candidates(self, kid: str | None, alg: str) -> list[VerificationKey]:
         return [k for k in self.keys if k.fits(alg)]
+
+    def why_none(self, kid: str | None, alg: str) -> str:
+        return f"no configured key can verify {alg} signatures"
 
 
 def _public_jwk(jwk: dict[str, Any]) -> PublicKey:
@@ -273,3 +280,10 @@ class JWKSKeys:
             raise ServiceUnavailable(
                 f"cannot load the signing keys: {self._last_error or 'not fetched yet'}")
         return [k for k in self._keys if (kid is None or k.kid == kid) and k.fits(alg)]
+
+    def why_none(self, kid: str | None, alg: str) -> str:
+        if kid is None:
+            return f"the JWT names no key id and no key of the issuer can verify {alg}"
+        if not self._known(kid):
+            return f"unknown signing key id {kid[:200]!r} (not in the issuer's keys)"
+        return f"key id {kid[:200]!r} cannot verify {alg} signatures"

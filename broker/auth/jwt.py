@@ -271,9 +271,7 @@ class JWTAuthMethod:
             raise _deny("malformed JWT: kid is not a string")
         candidates = await self.keys.candidates(kid, alg)
         if not candidates:
-            if kid is not None:
-                raise _deny(f"unknown signing key id {_shown(kid)} (not in the issuer's keys)")
-            raise _deny(f"no configured key can verify {alg} signatures")
+            raise _deny(self.keys.why_none(kid, alg))
         payload: bytes | None = None
         for candidate in candidates:
             try:
