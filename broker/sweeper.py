@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 #: When a claim comes back empty although something is due (another replica
 #: holds it), wait at least this long before asking again.
 _IDLE_BACKOFF = 0.05
+#: The longest the sweeper sleeps without looking at the store.
+_MAX_SLEEP = 30.0
 
 
 class Sweeper:
@@ -121,7 +123,11 @@ class Sweeper:
             timeout = 0.0 if claimed else _IDLE_BACKOFF
         else:
             timeout = due - now
-        self._next_wake = None if timeout is None else now + timeout
+        # Never sleep unbounded: with several replicas a wake-up can be lost (a
+        # replica dying between its commit and its NOTIFY); a periodic look at
+        # the store bounds how late such a lease can be.
+        timeout = _MAX_SLEEP if timeout is None else min(timeout, _MAX_SLEEP)
+        self._next_wake = now + timeout
         await self._sleep(timeout)
         self._next_wake = None
 
