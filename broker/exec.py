@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from types import FrameType
 from typing import Any
 
@@ -274,7 +274,8 @@ def _say(message: str) -> None:
 
 
 def _when(ts: float) -> str:
-    return datetime.fromtimestamp(ts).strftime("%H:%M:%S")
+    # UTC: CI logs and the broker's audit log both are.
+    return datetime.fromtimestamp(ts, UTC).strftime("%H:%M:%SZ")
 
 
 # --------------------------------------------------------------------------- heartbeat

@@ -1,0 +1,333 @@
+"""``broker exec`` as a real subprocess against a real broker issuing real PostgreSQL roles.
+
+The command run under exec is a small Python script (``CHILD``) that reports
+what it saw (its environment, whether it could log in) into a JSON file, so
+the tests can check both sides: what the command got, and that the role is
+gone from PostgreSQL when exec is done with it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import requests
+
+from broker.lease import LeaseFilter, LeaseState
+from tests.conftest import run
+from tests.integration.broker_harness import BrokerThread, start_broker, write_config
+from tests.integration.test_api_postgres import pg_mount, role_exists
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+
+#: The command exec runs. argv: OUT MODE [SECONDS EXIT_CODE].
+#: ok:   sleep SECONDS, log in with PGUSER/PGPASSWORD (and the PG2 pair if set),
+#:       report, exit EXIT_CODE.
+#: wait: report "ready", then sleep; on SIGTERM/SIGINT write OUT.signal and die of it.
+CHILD = r'''
+import asyncio, json, os, signal, sys, time
+import asyncpg
+
+out, mode = sys.argv[1], sys.argv[2]
+host, port = os.environ["TEST_PG_HOST"], int(os.environ["TEST_PG_PORT"])
+
+
+def report(path, **fields):
+    with open(path + ".tmp", "w") as fh:
+        json.dump(fields, fh)
+    os.replace(path + ".tmp", path)
+
+
+async def login(user, password):
+    try:
+        conn = await asyncpg.connect(host=host, port=port, database="postgres",
+                                     user=user, password=password)
+    except Exception as exc:
+        return "failed: " + type(exc).__name__
+    try:
+        return await conn.fetchval("SELECT current_user")
+    finally:
+        await conn.close()
+
+
+def seen():
+    return {k: v for k, v in os.environ.items()
+            if k.startswith(("PG", "BROKER_LEASE")) and "PASSWORD" not in k}
+
+
+if mode == "ok":
+    time.sleep(float(sys.argv[3]))
+    logins = {"PGUSER": asyncio.run(login(os.environ["PGUSER"], os.environ["PGPASSWORD"]))}
+    if "PGUSER_PG2_READONLY" in os.environ:
+        logins["PGUSER_PG2_READONLY"] = asyncio.run(login(
+            os.environ["PGUSER_PG2_READONLY"], os.environ["PGPASSWORD_PG2_READONLY"]))
+    report(out, env=seen(), logins=logins, has_password=bool(os.environ.get("PGPASSWORD")))
+    sys.exit(int(sys.argv[4]))
+
+def on_signal(signum, _frame):
+    report(out + ".signal", signum=signum)
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+signal.signal(signal.SIGTERM, on_signal)
+signal.signal(signal.SIGINT, on_signal)
+report(out, env=seen(), pid=os.getpid())
+time.sleep(120)
+'''
+
+
+def mounts(dsn: str) -> str:
+    """The shared pg mount (roles readonly, short) plus a second postgres mount, pg2."""
+    return pg_mount(dsn) + f"""
+[mounts.pg2]
+plugin = "postgres"
+connection_url = "{dsn}"
+
+[mounts.pg2.roles.readonly]
+default_ttl = "1h"
+max_ttl = "2h"
+"""
+
+
+@dataclass
+class Env:
+    broker: BrokerThread
+    tmp: Path
+    dsn: str
+
+    @property
+    def child(self) -> Path:
+        return self.tmp / "child.py"
+
+    def environ(self, token: str | None = None) -> dict[str, str]:
+        parts = urlsplit(self.dsn)
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("BROKER_", "VAULT_", "PG"))}
+        return env | {
+            "BROKER_ADDR": self.broker.url,
+            "BROKER_TOKEN": token or self.broker.root_token,
+            "TEST_PG_HOST": parts.hostname or "127.0.0.1",
+            "TEST_PG_PORT": str(parts.port or 5432),
+            "PYTHONPATH": str(REPO),
+        }
+
+    def argv(self, *exec_args: str, child: tuple[str, ...]) -> list[str]:
+        return [sys.executable, "-m", "broker.cli", "exec", *exec_args, "--",
+                sys.executable, str(self.child), *child]
+
+    def run(self, *exec_args: str, child: tuple[str, ...], token: str | None = None,
+            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.argv(*exec_args, child=child), env=self.environ(token),
+                              capture_output=True, text=True, timeout=timeout, cwd=self.tmp)
+
+    @property
+    def stderr(self) -> str:
+        """What a ``start()``ed exec wrote to stderr so far."""
+        path = self.tmp / "exec.stderr"
+        return path.read_text() if path.exists() else ""
+
+    def start(self, *exec_args: str, child: tuple[str, ...]) -> subprocess.Popen[bytes]:
+        # A session of its own: no terminal, and the test can kill the whole group after.
+        with open(self.tmp / "exec.stderr", "wb") as err:
+            return subprocess.Popen(self.argv(*exec_args, child=child), env=self.environ(),
+                                    stdout=subprocess.DEVNULL, stderr=err, cwd=self.tmp,
+                                    start_new_session=True)
+
+    def lease_state(self, lease_id: str) -> LeaseState | None:
+        assert self.broker.state is not None
+        lease = self.broker.call(self.broker.state.store.get(lease_id))
+        return lease.state if lease else None
+
+    def role_exists(self, user: str) -> bool:
+        return bool(run(role_exists(self.dsn, user)))
+
+
+@pytest.fixture
+def env(tmp_path: Path, postgres_dsn: str) -> Iterator[Env]:
+    server = start_broker(write_config(tmp_path, mounts(postgres_dsn)))
+    (tmp_path / "child.py").write_text(CHILD)
+    yield Env(server, tmp_path, postgres_dsn)
+    # Leave no role behind on the shared server.
+    for prefix in ("pg/", "pg2/"):
+        requests.put(f"{server.url}/v1/sys/leases/revoke-prefix/{prefix}", json={"sync": True},
+                     headers={"X-Vault-Token": server.root_token}, timeout=120)
+    server.stop()
+
+
+def wait_for(env: Env, path: Path, proc: subprocess.Popen[bytes], timeout: float = 30
+             ) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"exec ended early ({proc.returncode}): {env.stderr}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path.name} did not appear within {timeout}s")
+        time.sleep(0.05)
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+def kill_group(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(10)
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_child_gets_working_credentials_and_exec_revokes_them_on_exit(env: Env) -> None:
+    """The command sees PGUSER/PGPASSWORD/BROKER_LEASE_IDS, can log in after several
+    heartbeats (renewals work), and the role is gone as soon as exec returns."""
+    out = env.tmp / "out.json"
+    done = env.run("--heartbeat", "1s", "pg/readonly", child=(str(out), "ok", "3.5", "0"))
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(out.read_text())
+    user = seen["env"]["PGUSER"]
+    lease_id = seen["env"]["BROKER_LEASE_IDS"]
+    assert seen["has_password"] and lease_id.startswith("pg/creds/readonly/")
+    # 3.5 s > 2 heartbeats: without renewals the lease would have expired by now.
+    assert seen["logins"] == {"PGUSER": user}
+    assert not env.role_exists(user)
+    assert env.lease_state(lease_id) is LeaseState.REVOKED
+    # Nothing secret on exec's own output: the lease id, yes; the password, no.
+    assert lease_id in done.stderr and "PGPASSWORD" not in done.stderr
+
+
+def test_exit_code_is_passed_through_and_leases_revoked(env: Env) -> None:
+    """A failing command's exit code is exec's exit code; its credential is revoked anyway."""
+    out = env.tmp / "out.json"
+    done = env.run("pg/readonly", child=(str(out), "ok", "0", "7"))
+    assert done.returncode == 7, done.stderr
+    seen = json.loads(out.read_text())
+    assert not env.role_exists(seen["env"]["PGUSER"])
+    assert env.lease_state(seen["env"]["BROKER_LEASE_IDS"]) is LeaseState.REVOKED
+
+
+def test_two_postgres_mounts_get_suffixed_names(env: Env) -> None:
+    """A second credential with the same variable names gets NAME_<MOUNT>_<ROLE>; both work."""
+    out = env.tmp / "out.json"
+    done = env.run("pg/readonly", "pg2/readonly", child=(str(out), "ok", "0", "0"))
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(out.read_text())
+    first, second = seen["env"]["PGUSER"], seen["env"]["PGUSER_PG2_READONLY"]
+    assert seen["logins"] == {"PGUSER": first, "PGUSER_PG2_READONLY": second}
+    ids = seen["env"]["BROKER_LEASE_IDS"].split(",")
+    assert [i.rsplit("/", 1)[0] for i in ids] == ["pg/creds/readonly", "pg2/creds/readonly"]
+    assert not env.role_exists(first) and not env.role_exists(second)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_to_exec_reaches_the_child_then_leases_are_revoked(env: Env, sig: int) -> None:
+    """SIGTERM/SIGINT to exec is forwarded; exec waits for the command, answers 128+N
+    like a shell, and revokes the roles."""
+    out = env.tmp / "out.json"
+    proc = env.start("pg/readonly", child=(str(out), "wait"))
+    try:
+        ready = wait_for(env, out, proc)
+        os.kill(proc.pid, sig)
+        assert proc.wait(30) == 128 + sig, env.stderr
+        assert json.loads((env.tmp / "out.json.signal").read_text()) == {"signum": sig}
+        assert not env.role_exists(ready["env"]["PGUSER"])
+        assert env.lease_state(ready["env"]["BROKER_LEASE_IDS"]) is LeaseState.REVOKED
+    finally:
+        kill_group(proc)
+
+
+def test_sigkill_of_exec_lets_the_leases_expire_within_two_heartbeats(env: Env) -> None:
+    """With exec SIGKILLed (no cleanup possible), the heartbeat stops and the broker
+    revokes the role within 2 x heartbeat plus sweeper slack."""
+    heartbeat = 1.0
+    out = env.tmp / "out.json"
+    proc = env.start("--heartbeat", "1s", "pg/readonly", child=(str(out), "wait"))
+    try:
+        ready = wait_for(env, out, proc)
+        user = ready["env"]["PGUSER"]
+        time.sleep(3 * heartbeat)  # past 2 heartbeats: alive only because it is renewed
+        assert env.role_exists(user)
+        os.kill(proc.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        while env.role_exists(user) and time.monotonic() - killed < 20:
+            time.sleep(0.1)
+        gone_after = time.monotonic() - killed
+        assert not env.role_exists(user)
+        assert gone_after <= 2 * heartbeat + 2, f"role lived {gone_after:.1f}s after SIGKILL"
+        assert env.lease_state(ready["env"]["BROKER_LEASE_IDS"]) is LeaseState.EXPIRED
+    finally:
+        kill_group(proc)  # the orphaned child
+
+
+def test_ttl_budget_ends_renewals(env: Env) -> None:
+    """--ttl is the overall budget: renewals stop there and the role dies at --ttl,
+    even while the command still runs."""
+    out = env.tmp / "out.json"
+    started = time.monotonic()
+    done = env.run("--ttl", "3s", "--heartbeat", "1s", "pg/readonly",
+                   child=(str(out), "ok", "6", "0"))
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(out.read_text())
+    assert seen["logins"]["PGUSER"].startswith("failed")  # the role died at 3 s
+    assert not env.role_exists(seen["env"]["PGUSER"])
+    assert time.monotonic() - started >= 6
+    assert "end of its budget" in done.stderr
+
+
+def test_no_revoke_leaves_the_lease_until_its_ttl(env: Env) -> None:
+    """--no-revoke extends the lease to the end of --ttl and leaves it alive after exec."""
+    out = env.tmp / "out.json"
+    done = env.run("--ttl", "30s", "--heartbeat", "1s", "--no-revoke", "pg/readonly",
+                   child=(str(out), "ok", "0", "0"))
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(out.read_text())
+    lease_id = seen["env"]["BROKER_LEASE_IDS"]
+    assert env.role_exists(seen["env"]["PGUSER"])
+    assert env.lease_state(lease_id) is LeaseState.ACTIVE
+    assert env.broker.state is not None
+    lease = env.broker.call(env.broker.state.store.get(lease_id))
+    assert lease is not None and 20 < lease.expire_time - time.time() <= 30
+
+
+def test_unreachable_broker_fails_before_running_the_command(env: Env) -> None:
+    """No broker: one error line, exit 1, and the command never runs."""
+    out = env.tmp / "out.json"
+    argv = env.argv("pg/readonly", child=(str(out), "ok", "0", "0"))
+    done = subprocess.run(argv, env=env.environ() | {"BROKER_ADDR": "http://127.0.0.1:9"},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.startswith("broker: error: cannot connect to http://127.0.0.1:9")
+    assert len(done.stderr.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_refused_credential_fails_and_revokes_what_was_issued(env: Env) -> None:
+    """A creds request the policy refuses stops exec before the command; the lease
+    issued just before it is revoked."""
+    resp = requests.post(f"{env.broker.url}/v1/auth/token/create",
+                         json={"policies": ["app"]},
+                         headers={"X-Vault-Token": env.broker.root_token}, timeout=30)
+    token = resp.json()["auth"]["client_token"]
+    out = env.tmp / "out.json"
+    done = env.run("pg/readonly", "pg2/readonly", child=(str(out), "ok", "0", "0"), token=token)
+    assert done.returncode == 1
+    assert "broker: error: pg2/readonly: permission denied" in done.stderr
+    assert "(HTTP 403)" in done.stderr
+    assert not out.exists()
+    assert env.broker.state is not None
+    rows = env.broker.call(env.broker.state.store.list_leases(
+        LeaseFilter(prefix="pg/")))
+    assert len(rows) == 1 and rows[0].state is LeaseState.REVOKED
+    assert not env.role_exists(rows[0].username)
