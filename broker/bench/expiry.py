@@ -1,0 +1,136 @@
+"""Scenario ``expiry``: N leases expiring in the same second; how late is each revoked?
+
+No-op backend on a SQLite store: N leases (default 10,000) are written
+straight into the store, all due at one instant T a few seconds ahead, and a
+broker process is started. Lag = ``ended_at - expire_time`` of each lease, read
+back from the store; throughput = N / (last ended_at - T).
+
+PostgreSQL backend: the same with real roles (created raw first), so the
+broker's revocation protocol (NOLOGIN, terminate sessions, REASSIGN/DROP OWNED,
+DROP ROLE) runs for each; the baseline is raw ``DROP ROLE`` of as many roles at
+the broker's per-mount revocation concurrency, on as many connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from broker.bench.harness import Bench, BrokerProcess, broker_config
+from broker.bench.pg import count_roles, create_roles, drop_roles, pg_mount, raw_load
+from broker.bench.report import Row, Target, percentile
+from broker.bench.seed import count_ended, outcomes, seed_leases, set_due
+
+__all__ = ["run", "wait_all_ended"]
+
+NAME = "expiry"
+LAG_TARGET = Target("<=", 1.0, "<= 1 s")
+PG_TARGET = Target("ratio>=", 0.85, ">= 0.85 x raw")
+#: the broker's default per-mount revocation concurrency (LeaseConfig.per_mount_workers).
+PER_MOUNT_WORKERS = 8
+
+
+async def wait_all_ended(bench: Bench, store_url: str, prefix: str, total: int,
+                         deadline: float, what: str,
+                         progress: list[tuple[float, int]] | None = None) -> int:
+    """Poll until every lease under ``prefix`` has ended or ``deadline``; returns how many did.
+
+    Logs progress every few seconds; ``progress`` collects (seconds, ended) once a second.
+    """
+    ended = 0
+    started = last_log = last_point = time.monotonic()
+    while time.time() < deadline:
+        ended, _ = await count_ended(store_url, prefix)
+        now = time.monotonic()
+        if progress is not None and (now - last_point >= 1 or ended >= total):
+            progress.append((round(now - started, 2), ended))
+            last_point = now
+        if ended >= total:
+            break
+        if now - last_log >= 5:
+            bench.log(f"{what}: {ended:,}/{total:,} revoked after {now - started:.0f}s")
+            last_log = now
+        await asyncio.sleep(0.1)
+    return ended
+
+
+async def _burst(bench: Bench, *, tag: str, store_url: str, config_mounts: str,
+                 env: dict[str, str], n: int, mount: str, role: str,
+                 usernames: list[str] | None) -> tuple[list[float], float, str]:
+    """Seed ``n`` leases due together, run a broker through the burst; (lags, rate, note)."""
+    tmp = bench.subdir(f"{NAME}-{tag}")
+    store_url = store_url.replace("{tmp}", str(tmp))
+    await seed_leases(store_url, n, mount=mount, role=role, expire=time.time() + 86400,
+                      username=(lambda i: usernames[i]) if usernames else None)
+    prefix = f"{mount}/creds/{role}/"
+    lead = 3.0 if bench.quick else 5.0
+    due = time.time() + lead
+    await set_due(store_url, prefix, due)
+    broker = BrokerProcess(broker_config(tmp, store_url=store_url, mounts=config_mounts),
+                           env).start()
+    note = ""
+    try:
+        await broker.wait_healthy()
+        if time.time() > due:
+            note = "broker became healthy after the leases were due"
+        ended = await wait_all_ended(bench, store_url, prefix, n,
+                                     due + max(60.0, n / 20), f"{NAME} {tag}")
+    finally:
+        await broker.stop()
+    rows = await outcomes(store_url, prefix)
+    lags = sorted(o.ended_at - o.expire_time for o in rows if o.ended_at is not None)
+    last = max((o.ended_at for o in rows if o.ended_at is not None), default=due)
+    rate = len(lags) / (last - due) if last > due else 0.0
+    if ended < n:
+        note = (note + "; " if note else "") + f"{n - ended} never revoked"
+    return lags, rate, note
+
+
+def _lag_rows(tag: str, lags: list[float], rate: float | None, note: str, judged: bool
+             ) -> list[Row | None]:
+    return [
+        Row(NAME, f"lag p50, {tag}", percentile(lags, 0.5), "s"),
+        Row(NAME, f"lag p99, {tag}", percentile(lags, 0.99), "s", None,
+            LAG_TARGET if judged else None, note=note),
+        Row(NAME, f"lag max, {tag}", lags[-1] if lags else None, "s"),
+        Row(NAME, f"revocations/s, {tag}", rate, "/s") if rate is not None else None,
+    ]
+
+
+async def run(bench: Bench) -> list[Row]:
+    n = bench.leases
+    rows: list[Row | None] = []
+    bench.log(f"{NAME}: {n:,} leases due at once, no-op backend, SQLite store")
+    lags, rate, note = await _burst(bench, tag="noop", store_url="sqlite:///{tmp}/broker.db",
+                                    config_mounts="", env={}, n=n, mount="bench", role="r",
+                                    usernames=None)
+    rows += _lag_rows(f"no-op, N={n}", lags, rate, note, judged=True)
+
+    if bench.pg_dsn is None:
+        rows.append(Row(NAME, "PostgreSQL backend", None, skipped=True,
+                        note="no PostgreSQL (--postgres-dsn)"))
+        return [r for r in rows if r is not None]
+    n_pg = 40 if bench.quick else min(n, 2000)
+    await drop_roles(bench.pg_dsn)
+    bench.log(f"{NAME}: raw DROP ROLE baseline, {n_pg:,} roles, c={PER_MOUNT_WORKERS}")
+    names = await create_roles(bench.pg_dsn, "raw", n_pg)
+    raw = await raw_load(
+        bench.pg_dsn,
+        lambda i: f'DROP ROLE "{names[i]}"' if i < len(names) else None,
+        concurrency=PER_MOUNT_WORKERS, seconds=3600, max_ops=len(names))
+    bench.log(f"{NAME}: {n_pg:,} PostgreSQL roles due at once through the broker")
+    names = await create_roles(bench.pg_dsn, "exp", n_pg)
+    toml, env = pg_mount(bench, max_open=PER_MOUNT_WORKERS)
+    lags, rate, note = await _burst(bench, tag="pg", store_url="sqlite:///{tmp}/broker.db",
+                                    config_mounts=toml, env=env, n=n_pg, mount="pg",
+                                    role="bench", usernames=names)
+    left = await count_roles(bench.pg_dsn, names[0].rsplit("-", 1)[0])
+    if left:
+        note = (note + "; " if note else "") + f"{left} roles still exist"
+    await drop_roles(bench.pg_dsn)
+    if raw.errors:
+        note = (note + "; " if note else "") + f"raw: {raw.errors} errors: {raw.first_error}"
+    rows += _lag_rows(f"postgres, N={n_pg}", lags, None, "", judged=False)
+    rows.append(Row(NAME, f"revocations/s, postgres, N={n_pg}", rate, "/s", raw.rate, PG_TARGET,
+                    note=note))
+    return [r for r in rows if r is not None]

@@ -1,0 +1,107 @@
+"""Scenario ``ha``: two replicas on one PostgreSQL store, one SIGKILLed mid-burst.
+
+N leases (no-op backend) are written straight into a fresh PostgreSQL store,
+all due at one instant; two broker processes share the store. Each replica's
+no-op backend appends every revoked username to its own file. Once about a
+third of the burst is revoked, replica A gets SIGKILL; B must pick up what A
+had claimed once A's claims run out (``claim_timeout``, short here).
+
+Counted per lease: revoked once, twice (a delete_user in both replicas'
+files, or twice in one), never (still not ended in the store at the end), and
+"ended without a delete" (marked done in the store but never revoked).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from pathlib import Path
+
+from broker.bench.expiry import wait_all_ended
+from broker.bench.harness import Bench, BrokerProcess, broker_config
+from broker.bench.noop import REVOKE_LOG_ENV
+from broker.bench.report import Row, Target
+from broker.bench.seed import outcomes, seed_leases, set_due
+
+__all__ = ["run"]
+
+NAME = "ha"
+ZERO = Target("<=", 0, "0")
+KILL_AT = 0.3
+PREFIX = "bench/creds/r/"
+
+
+def _lines(path: Path) -> list[str]:
+    try:
+        return path.read_text().split()
+    except FileNotFoundError:
+        return []
+
+
+async def run(bench: Bench) -> list[Row]:
+    if bench.pg_dsn is None:
+        return [Row(NAME, "two replicas", None, skipped=True,
+                    note="needs a PostgreSQL store (--postgres-dsn)")]
+    n = bench.leases
+    claim_timeout, backend_timeout, lead = (2, 1, 4.0) if bench.quick else (10, 5, 8.0)
+    tmp = bench.subdir(NAME)
+    url = await bench.fresh_database("broker_bench_ha")
+    bench.log(f"{NAME}: seeding {n:,} leases in a PostgreSQL store")
+    await seed_leases(url, n, expire=time.time() + 86400)
+    due = time.time() + lead
+    await set_due(url, PREFIX, due)
+    logs = {name: tmp / f"revoked-{name}.log" for name in ("a", "b")}
+    leases = {"claim_timeout": f"{claim_timeout}s", "backend_timeout": f"{backend_timeout}s"}
+    replicas = {
+        name: BrokerProcess(broker_config(tmp, store_url=url, leases=leases, name=name),
+                            {REVOKE_LOG_ENV: str(logs[name])}).start()
+        for name in ("a", "b")
+    }
+    note = ""
+    killed_at: tuple[float, int] | None = None
+    progress: list[tuple[float, int]] = []
+    try:
+        await asyncio.gather(*(r.wait_healthy() for r in replicas.values()))
+        if time.time() > due:
+            note = "replicas became healthy after the leases were due"
+        # Kill A once about KILL_AT of the burst is revoked (both files, read cheaply).
+        deadline = due + 60
+        while time.time() < deadline:
+            done = sum(len(_lines(p)) for p in logs.values())
+            if done >= KILL_AT * n:
+                replicas["a"].kill()
+                killed_at = (time.time() - due, done)
+                bench.log(f"{NAME}: SIGKILL replica A at {done:,}/{n:,} revoked")
+                break
+            await asyncio.sleep(0.005)
+        ended = await wait_all_ended(bench, url, PREFIX, n,
+                                     time.time() + claim_timeout + (20 if bench.quick else 60),
+                                     NAME, progress)
+        finished = time.time() - due
+    finally:
+        for replica in replicas.values():
+            await replica.stop()
+    if killed_at is None:
+        note = (note + "; " if note else "") + "the kill came too late (burst already over)"
+    rows_out = await outcomes(url, PREFIX)
+    await bench.drop_database("broker_bench_ha")
+    per_replica = {name: collections.Counter(_lines(path)) for name, path in logs.items()}
+    total = per_replica["a"] + per_replica["b"]
+    twice = sum(1 for c in total.values() if c >= 2)
+    never = sum(1 for o in rows_out if o.ended_at is None)
+    no_delete = sum(1 for o in rows_out if o.ended_at is not None and o.username not in total)
+    once = sum(1 for c in total.values() if c == 1)
+    extra = {"killed_after_s": killed_at[0] if killed_at else None,
+             "revoked_at_kill": killed_at[1] if killed_at else None,
+             "by_a": sum(per_replica["a"].values()), "by_b": sum(per_replica["b"].values()),
+             "progress": progress}
+    return [
+        Row(NAME, f"revoked once, N={n}", once, "", None, None, note=note, extra=extra),
+        Row(NAME, "revoked twice", twice, "", None, ZERO),
+        Row(NAME, "never revoked", never, "", None, ZERO),
+        Row(NAME, "ended without a delete", no_delete, "", None, ZERO),
+        Row(NAME, "revoked by A (killed) / by B", extra["by_a"], "", extra["by_b"]),
+        Row(NAME, f"all revoked after due (claim_timeout {claim_timeout}s)",
+            finished if ended >= n else None, "s"),
+    ]

@@ -1,0 +1,144 @@
+"""Scenario ``overhead``: the broker's own cost per call, with a backend that does nothing.
+
+Issue, renew and revoke through the HTTP API at concurrency 32, on a SQLite
+store (durable group commits) and on a PostgreSQL store. The baseline is the
+same store's writes for that call made directly, at the same concurrency, in
+the bench process: what the HTTP path would reach if the API, auth, audit and
+engine cost nothing.
+
+- issue  = insert_pending + activate (two durable writes)
+- renew  = renew (one write)
+- revoke = queue_revoke + finish_revoke (the API also waits for a sweeper claim)
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+from broker.bench.harness import (
+    ApiClient,
+    Bench,
+    Exhausted,
+    LoadResult,
+    broker_config,
+    create_root_token,
+    run_load,
+    running,
+)
+from broker.bench.report import Row, Target
+from broker.lease import Lease, LeaseState, new_lease_id
+from broker.store import open_store
+
+__all__ = ["run"]
+
+NAME = "overhead"
+CONCURRENCY = 32
+TARGETS = {
+    "issue": Target(">=", 2000, ">= 2000/s"),
+    "renew": Target(">=", 3000, ">= 3000/s"),
+}
+P99_TARGET = Target("<=", 50, "<= 50 ms")
+
+
+async def _http_phases(url: str, seconds: float, warmup: float) -> dict[str, LoadResult]:
+    ids: list[str] = []
+    async with ApiClient(url, concurrency=CONCURRENCY) as api:
+        async def issue(_w: int) -> None:
+            ids.append(await api.issue("bench", "r"))
+
+        async def renew(_w: int) -> None:
+            await api.renew(random.choice(ids))  # noqa: S311 - load pattern, not a secret
+
+        async def revoke(_w: int) -> None:
+            if not ids:
+                raise Exhausted
+            await api.revoke(ids.pop())
+
+        await run_load(issue, concurrency=CONCURRENCY, seconds=warmup)
+        results = {"issue": await run_load(issue, concurrency=CONCURRENCY, seconds=seconds)}
+        results["renew"] = await run_load(renew, concurrency=CONCURRENCY, seconds=seconds)
+        results["revoke"] = await run_load(revoke, concurrency=CONCURRENCY, seconds=seconds)
+    return results
+
+
+async def _store_phases(store_url: str, seconds: float) -> dict[str, LoadResult]:
+    store = open_store(store_url)
+    await store.open()
+    ids: list[str] = []
+    try:
+        async def issue(_w: int) -> None:
+            now = time.time()
+            lease = Lease(id=new_lease_id("raw", "r"), mount="raw", role="r", owner="bench-root",
+                          issue_time=now, expire_time=now + 3600, max_expire_time=now + 86400,
+                          revocation={"username": "x"}, metadata={})
+            await store.insert_pending(lease)
+            await store.activate(lease.id, revocation={"username": "x"},
+                                 expire_time=lease.expire_time, renewable=True)
+            ids.append(lease.id)
+
+        async def renew(_w: int) -> None:
+            now = time.time()
+            if not await store.renew(random.choice(ids), expire_time=now + 3600,  # noqa: S311
+                                     now=now):
+                raise RuntimeError("store renew changed nothing")
+
+        async def revoke(_w: int) -> None:
+            if not ids:
+                raise Exhausted
+            lease_id = ids.pop()
+            now = time.time()
+            if await store.queue_revoke(lease_id, reason="revoke", now=now) is None:
+                raise RuntimeError("store queue_revoke found nothing")
+            await store.finish_revoke(lease_id, state=LeaseState.REVOKED, now=time.time())
+
+        results = {"issue": await run_load(issue, concurrency=CONCURRENCY, seconds=seconds)}
+        results["renew"] = await run_load(renew, concurrency=CONCURRENCY, seconds=seconds)
+        results["revoke"] = await run_load(revoke, concurrency=CONCURRENCY, seconds=seconds)
+        return results
+    finally:
+        await store.close()
+
+
+def _rows(store: str, http: dict[str, LoadResult], raw: dict[str, LoadResult],
+          rss: float | None) -> list[Row]:
+    rows: list[Row] = []
+    judged = store == "sqlite"
+    for op in ("issue", "renew", "revoke"):
+        h, r = http[op], raw[op]
+        note = f"{h.errors} errors: {h.first_error}" if h.errors else ""
+        rows.append(Row(NAME, f"{op} rate, {store}, c={CONCURRENCY}", h.rate, "/s", r.rate,
+                        TARGETS.get(op) if judged else None, note=note,
+                        extra={"ops": h.ok, "seconds": h.seconds, "raw_ops": r.ok}))
+        rows.append(Row(NAME, f"{op} p50, {store}", h.p(0.5), "ms", r.p(0.5)))
+        rows.append(Row(NAME, f"{op} p99, {store}", h.p(0.99), "ms", r.p(0.99),
+                        P99_TARGET if judged and op in TARGETS else None))
+    if rss is not None:
+        rows.append(Row(NAME, f"broker peak RSS, {store}", rss, "MB"))
+    return rows
+
+
+async def run(bench: Bench) -> list[Row]:
+    seconds, warmup = (0.4, 0.1) if bench.quick else (5.0, 1.0)
+    rows: list[Row] = []
+    for store in ("sqlite", "postgresql"):
+        if store == "postgresql" and bench.pg_dsn is None:
+            rows.append(Row(NAME, "postgresql store", None, skipped=True,
+                            note="no PostgreSQL (--postgres-dsn)"))
+            continue
+        tmp = bench.subdir(f"{NAME}-{store}")
+        if store == "sqlite":
+            store_url = f"sqlite:///{tmp / 'broker.db'}"
+        else:
+            store_url = await bench.fresh_database("broker_bench_overhead")
+        await create_root_token(store_url)
+        bench.log(f"{NAME}: {store} store, HTTP phases ({seconds:g}s each)")
+        async with running(broker_config(tmp, store_url=store_url)) as broker:
+            http = await _http_phases(broker.url, seconds, warmup)
+            rss = broker.peak_rss_mb()
+        bench.log(f"{NAME}: {store} store, direct store baseline")
+        raw = await _store_phases(store_url, seconds)
+        rows += _rows(store, http, raw, rss)
+        if store == "postgresql":
+            await bench.drop_database("broker_bench_overhead")
+    return rows

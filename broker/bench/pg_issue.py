@@ -1,0 +1,76 @@
+"""Scenario ``pg-issue``: issuing PostgreSQL roles through the broker vs raw asyncpg DDL.
+
+The broker side is ``POST /v1/pg/creds/bench`` against a broker process (SQLite
+store, durable commits) whose ``postgres`` mount has as many admin connections
+as there are clients. The baseline runs the same creation statement (the
+plugin's default ``CREATE ROLE ... LOGIN PASSWORD ... VALID UNTIL ...``) on an
+asyncpg pool of the same size, one statement per call. Roles are dropped after
+each run so every run starts with the same catalog. A third, unjudged run at
+c=8 with ``serialize_ddl = false`` shows what the plugin's DDL advisory lock costs.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+from broker.bench.harness import (
+    ApiClient,
+    Bench,
+    broker_config,
+    create_root_token,
+    run_load,
+    running,
+)
+from broker.bench.pg import ROLE_PREFIX, create_role_sql, drop_roles, pg_mount, raw_load
+from broker.bench.report import Row, Target
+
+__all__ = ["run"]
+
+NAME = "pg-issue"
+TARGET = Target("ratio>=", 0.85, ">= 0.85 x raw")
+
+
+async def run(bench: Bench) -> list[Row]:
+    if bench.pg_dsn is None:
+        return [Row(NAME, "PostgreSQL backend", None, skipped=True,
+                    note="no PostgreSQL (--postgres-dsn)")]
+    seconds = 0.4 if bench.quick else 5.0
+    rows: list[Row] = []
+    tmp = bench.subdir(NAME)
+    store_url = f"sqlite:///{tmp / 'broker.db'}"
+    await create_root_token(store_url)
+    await drop_roles(bench.pg_dsn)
+    runs: list[tuple[int, bool]] = [(1, True), (8, True), (8, False)]
+    for concurrency, serialize in runs:
+        if serialize:  # the raw baseline does not depend on the plugin's setting
+            bench.log(f"{NAME}: raw asyncpg CREATE ROLE, c={concurrency}")
+            raw = await raw_load(
+                bench.pg_dsn,
+                lambda _i: create_role_sql(f"{ROLE_PREFIX}raw-{secrets.token_hex(8)}"),
+                concurrency=concurrency, seconds=seconds)
+            await drop_roles(bench.pg_dsn)
+        label = f"c={concurrency}" + ("" if serialize else ", serialize_ddl=false")
+        bench.log(f"{NAME}: broker HTTP issue, {label}")
+        toml, env = pg_mount(bench, max_open=concurrency, serialize_ddl=serialize)
+        config = broker_config(tmp, store_url=store_url, mounts=toml,
+                               name=f"broker-c{concurrency}-{int(serialize)}")
+        async with running(config, env) as broker, ApiClient(broker.url,
+                                                             concurrency=concurrency) as api:
+            async def issue(_w: int, api: ApiClient = api) -> None:
+                await api.issue("pg", "bench")
+
+            await run_load(issue, concurrency=concurrency, seconds=min(0.5, seconds))  # warm-up
+            http = await run_load(issue, concurrency=concurrency, seconds=seconds)
+        await drop_roles(bench.pg_dsn)
+        note = f"{http.errors} errors: {http.first_error}" if http.errors else ""
+        if raw.errors:
+            note += f" raw: {raw.errors} errors: {raw.first_error}"
+        rows += [
+            # serialize_ddl=false is a diagnosis (what the advisory lock costs), not the default.
+            Row(NAME, f"issue rate, {label}", http.rate, "/s", raw.rate,
+                TARGET if serialize else None, note=note.strip(),
+                extra={"ops": http.ok, "raw_ops": raw.ok}),
+            Row(NAME, f"issue p50, {label}", http.p(0.5), "ms", raw.p(0.5)),
+            Row(NAME, f"issue p99, {label}", http.p(0.99), "ms", raw.p(0.99)),
+        ]
+    return rows

@@ -1,0 +1,85 @@
+"""Scenario ``startup``: time to a healthy /v1/sys/health, and peak RSS, vs leases in the store.
+
+A broker process is started on a store with no lease, then on one with
+1,000,000 active leases (written straight into the store, due over the next
+day), on SQLite and, when there is one, on PostgreSQL. Time runs from the
+``exec`` of the process (interpreter start and imports included) to the first
+200 from /v1/sys/health; peak RSS is the process's VmHWM a moment later, when
+the sweeper and the start-up jobs have run. Each figure is the median of a few
+starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+
+from broker.bench.harness import Bench, BrokerProcess, broker_config
+from broker.bench.report import Row, Target
+from broker.bench.seed import seed_leases
+
+__all__ = ["run"]
+
+NAME = "startup"
+FULL_LEASES = 1_000_000
+TIME_TARGET = Target("<=", 2.0, "<= 2 s")
+RSS_TARGET = Target("<=", 150, "<= 150 MB")
+GROWTH_TARGET = Target("ratio<=", 1.2, "<= 1.2 x empty")
+
+
+async def _measure(bench: Bench, config_path: object, runs: int, settle: float
+                   ) -> tuple[float, float]:
+    times: list[float] = []
+    rss: list[float] = []
+    for _ in range(runs):
+        broker = BrokerProcess(config_path).start()  # type: ignore[arg-type]
+        try:
+            times.append(await broker.wait_healthy())
+            await asyncio.sleep(settle)
+            rss.append(broker.peak_rss_mb() or float("nan"))
+        finally:
+            await broker.stop()
+    return statistics.median(times), statistics.median(rss)
+
+
+async def run(bench: Bench) -> list[Row]:
+    n = 2_000 if bench.quick else FULL_LEASES
+    runs, settle = (1, 0.2) if bench.quick else (3, 1.0)
+    rows: list[Row] = []
+    for store in ("sqlite", "postgresql"):
+        if store == "postgresql" and bench.pg_dsn is None:
+            rows.append(Row(NAME, "postgresql store", None, skipped=True,
+                            note="no PostgreSQL (--postgres-dsn)"))
+            continue
+        figures: dict[int, tuple[float, float]] = {}
+        for leases in (0, n):
+            tmp = bench.subdir(f"{NAME}-{store}-{leases}")
+            if store == "sqlite":
+                url = f"sqlite:///{tmp / 'broker.db'}"
+            else:
+                url = await bench.fresh_database("broker_bench_startup")
+            bench.log(f"{NAME}: seeding {leases:,} leases ({store})")
+            seconds = await seed_leases(url, leases, expire=lambda i, k=leases: _spread(i, k))
+            bench.log(f"{NAME}: seeded in {seconds:.1f}s; starting {runs}x")
+            figures[leases] = await _measure(bench, broker_config(tmp, store_url=url),
+                                             runs, settle)
+            if store == "sqlite" and leases:
+                (tmp / "broker.db").unlink(missing_ok=True)
+        if store == "postgresql":
+            await bench.drop_database("broker_bench_startup")
+        (t0, r0), (tn, rn) = figures[0], figures[n]
+        rows += [
+            Row(NAME, f"to healthy, {store}, 0 leases", t0, "s"),
+            Row(NAME, f"to healthy, {store}, {n:,} leases", tn, "s", None, TIME_TARGET),
+            Row(NAME, f"to healthy vs empty, {store}", tn, "s", t0, GROWTH_TARGET),
+            Row(NAME, f"peak RSS, {store}, 0 leases", r0, "MB"),
+            Row(NAME, f"peak RSS, {store}, {n:,} leases", rn, "MB", r0, RSS_TARGET),
+        ]
+    return rows
+
+
+def _spread(i: int, n: int) -> float:
+    import time
+
+    # Due over the next day, so nothing expires during the measurement.
+    return time.time() + 3600 + (i / max(n, 1)) * 82800
