@@ -285,6 +285,13 @@ def cmd_server(args: argparse.Namespace) -> int:
         return 130
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    # Imported here: the bench pulls in the server, asyncpg and the scenarios.
+    from broker.bench import main as bench_main
+
+    return bench_main(args)
+
+
 def cmd_operator_init(args: argparse.Namespace) -> int:
     if not args.config:
         raise UsageError("pass --config FILE (the config of the broker to initialise)")
@@ -935,6 +942,16 @@ def build_parser() -> argparse.ArgumentParser:
         "files", metavar="FILE", nargs="+", help="audit log(s); rotated ones oldest first"
     )
     p.add_argument("--key-file", metavar="K", help="HMAC key file of the broker")
+
+    p = leaf(commands, "bench", cmd_bench, "measure speed and scale (docs/performance.md)",
+             remote=False)
+    p.add_argument("--scenario", action="append", metavar="NAME",
+                   help="pg-issue, overhead, expiry, startup, revoke-prefix, ha (repeatable)")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: checks the bench runs")
+    p.add_argument("--postgres-dsn", metavar="DSN", help="admin DSN of a PostgreSQL server")
+    p.add_argument("--leases", type=int, metavar="N", help="leases expiring at once (10000)")
+    p.add_argument("--keep", action="store_true", help="keep the work directory")
     return parser
 
 
