@@ -27,6 +27,7 @@ from broker.lease import LeaseFilter, LeaseState
 from tests.conftest import run
 from tests.integration.broker_harness import BrokerThread, start_broker, write_config
 from tests.integration.test_api_postgres import pg_mount, role_exists
+from tests.oidc_issuer import OIDCIssuer
 
 pytestmark = pytest.mark.integration
 
@@ -112,6 +113,7 @@ class Env:
         return self.tmp / "child.py"
 
     def environ(self, token: str | None = None) -> dict[str, str]:
+        """exec's environment: the broker's address and (root unless given) token."""
         parts = urlsplit(self.dsn)
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("BROKER_", "VAULT_", "PG"))}
@@ -154,9 +156,30 @@ class Env:
         return bool(run(role_exists(self.dsn, user)))
 
 
+def github_auth(issuer: OIDCIssuer) -> str:
+    """A GitHub-shaped JWT login whose tokens may read pg/creds/readonly, run_id mapped."""
+    return f"""
+[auth.jwt.github]
+oidc_discovery_url = "{issuer.url}"
+
+[auth.jwt.github.roles.deploy]
+bound_audiences = ["broker"]
+bound_claims = {{ repository = "acme/*" }}
+claim_mappings = {{ run_id = "run_id" }}
+token_policies = ["app"]
+token_ttl = "30m"
+"""
+
+
+@pytest.fixture(scope="module")
+def issuer() -> Iterator[OIDCIssuer]:
+    with OIDCIssuer() as oidc:
+        yield oidc
+
+
 @pytest.fixture
-def env(tmp_path: Path, postgres_dsn: str) -> Iterator[Env]:
-    server = start_broker(write_config(tmp_path, mounts(postgres_dsn)))
+def env(tmp_path: Path, postgres_dsn: str, issuer: OIDCIssuer) -> Iterator[Env]:
+    server = start_broker(write_config(tmp_path, mounts(postgres_dsn) + github_auth(issuer)))
     (tmp_path / "child.py").write_text(CHILD)
     yield Env(server, tmp_path, postgres_dsn)
     # Leave no role behind on the shared server.
@@ -331,3 +354,28 @@ def test_refused_credential_fails_and_revokes_what_was_issued(env: Env) -> None:
         LeaseFilter(prefix="pg/")))
     assert len(rows) == 1 and rows[0].state is LeaseState.REVOKED
     assert not env.role_exists(rows[0].username)
+
+
+def test_exec_logs_in_with_a_ci_jwt_and_revokes_the_login_token(env: Env,
+                                                                 issuer: OIDCIssuer) -> None:
+    """--jwt-env/--auth-role: exec logs in itself (no BROKER_TOKEN), the lease carries the
+    run id from the JWT, and both the lease and the login token are revoked at the end."""
+    out = env.tmp / "out.json"
+    argv = env.argv("--jwt-env", "CI_JWT", "--auth-role", "deploy", "--auth-path", "github",
+                    "pg/readonly", child=(str(out), "ok", "0", "0"))
+    jwt = issuer.github_token(repository="acme/app", run_id="4711")
+    environ = {k: v for k, v in env.environ().items() if k != "BROKER_TOKEN"}
+    done = subprocess.run(argv, env=environ | {"CI_JWT": jwt}, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert jwt not in done.stderr
+    seen = json.loads(out.read_text())
+    assert seen["logins"] == {"PGUSER": seen["env"]["PGUSER"]}
+    assert not env.role_exists(seen["env"]["PGUSER"])
+    assert env.broker.state is not None
+    store = env.broker.state.store
+    lease = env.broker.call(store.get(seen["env"]["BROKER_LEASE_IDS"]))
+    assert lease is not None and lease.state is LeaseState.REVOKED
+    assert lease.metadata["run_id"] == "4711"
+    token = env.broker.call(store.token_by_accessor(lease.owner))
+    assert token is not None and token.state.value == "revoked"
