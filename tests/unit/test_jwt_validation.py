@@ -509,3 +509,15 @@ jwt_validation_pubkeys = ["{pem}"]
     assert role.token_ttl == 1800 and role.token_cap == 86400
     assert role.bound_claims == {"repository": ("acme/*",)}
     assert len(parsed["pinned"].public_keys) == 1
+
+
+async def test_a_jwks_key_is_used_only_for_its_own_algorithm() -> None:
+    """A kid naming an RSA key cannot carry an ES256 token, nor an RS256 key sign PS256."""
+    issuer, log, clock = OIDCIssuer(), [], FakeClock()
+    method, _ = jwks_method(issuer, served(issuer, log), clock)
+    ec_signed_as_rsa = issuer.mint(issuer.github_claims(), key=issuer.ec_key, kid="rsa-1")
+    assert "key id 'rsa-1' cannot verify ES256" in await denied(method, ec_signed_as_rsa)
+    pss = SigningKey("rsa-1", "PS256", issuer.rsa_key.private)  # the JWK says alg RS256
+    assert "key id 'rsa-1' cannot verify PS256" in await denied(
+        method, issuer.github_token(key=pss))
+    assert len(log) == 1  # a known kid never triggers a refresh
