@@ -44,7 +44,7 @@ async def run(bench: Bench) -> list[Row]:
         return [Row(NAME, "two replicas", None, skipped=True,
                     note="needs a PostgreSQL store (--postgres-dsn)")]
     n = bench.leases
-    claim_timeout, backend_timeout, lead = (2, 1, 4.0) if bench.quick else (10, 5, 8.0)
+    claim_timeout, backend_timeout, lead = (2, 1, 3.0) if bench.quick else (10, 5, 8.0)
     tmp = bench.subdir(NAME)
     url = await bench.fresh_database("broker_bench_ha")
     bench.log(f"{NAME}: seeding {n:,} leases in a PostgreSQL store")

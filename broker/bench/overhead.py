@@ -119,7 +119,7 @@ def _rows(store: str, http: dict[str, LoadResult], raw: dict[str, LoadResult],
 
 
 async def run(bench: Bench) -> list[Row]:
-    seconds, warmup = (0.4, 0.1) if bench.quick else (5.0, 1.0)
+    seconds, warmup = (0.25, 0.05) if bench.quick else (5.0, 1.0)
     rows: list[Row] = []
     for store in ("sqlite", "postgresql"):
         if store == "postgresql" and bench.pg_dsn is None:

@@ -34,7 +34,7 @@ async def run(bench: Bench) -> list[Row]:
     if bench.pg_dsn is None:
         return [Row(NAME, "PostgreSQL backend", None, skipped=True,
                     note="no PostgreSQL (--postgres-dsn)")]
-    seconds = 0.4 if bench.quick else 5.0
+    seconds = 0.25 if bench.quick else 5.0
     rows: list[Row] = []
     tmp = bench.subdir(NAME)
     store_url = f"sqlite:///{tmp / 'broker.db'}"

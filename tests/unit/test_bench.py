@@ -1,0 +1,88 @@
+"""Smoke test of ``broker bench``: every scenario runs end to end at --quick sizes.
+
+The figures at these sizes mean nothing; what is checked is that each scenario
+still starts its brokers, drives them, and reads back outcomes that are right
+(every lease revoked, nothing marked done without a delete).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from broker.bench.harness import Bench
+from broker.bench.noop import register
+from broker.bench.report import Row
+from broker.bench.runner import SCENARIOS, run_bench
+from broker.cli import main as cli_main
+
+
+def _by_metric(rows: list[Row]) -> dict[str, Row]:
+    return {r.metric: r for r in rows}
+
+
+@pytest.fixture
+def bench(tmp_path: Path, postgres_dsn: str) -> Bench:
+    register()
+    return Bench(workdir=tmp_path, quick=True, pg_dsn=postgres_dsn, leases=200,
+                 log=lambda _msg: None)
+
+
+def _check(name: str, rows: list[Row]) -> None:
+    assert rows, f"{name} produced no rows"
+    failed = [r.note for r in rows if r.metric == "scenario failed"]
+    assert not failed, failed
+    assert not [r for r in rows if r.skipped], "PostgreSQL was given: nothing may be skipped"
+    by = _by_metric(rows)
+    if name == "overhead":
+        for op in ("issue", "renew", "revoke"):
+            row = by[f"{op} rate, sqlite, c=32"]
+            assert row.value and row.baseline and not row.note, row
+    elif name == "pg-issue":
+        row = by["issue rate, c=8"]
+        assert row.value and row.baseline and not row.note, row
+    elif name == "expiry":
+        assert by["lag p99, no-op, N=200"].note == ""
+        assert by["revocations/s, postgres, N=40"].note == "", "roles left or leases not revoked"
+    elif name == "startup":
+        assert by["peak RSS, sqlite, 2,000 leases"].value
+        assert by["to healthy, postgresql, 2,000 leases"].value
+    elif name == "revoke-prefix":
+        assert by["all revoked, sqlite, 1,000 leases"].value is not None
+        assert by["all revoked, postgresql, 1,000 leases"].value is not None
+    elif name == "ha":
+        assert by["never revoked"].value == 0
+        assert by["ended without a delete"].value == 0
+        assert by["revoked once, N=200"].note == "", "the kill did not land mid-burst"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name", list(SCENARIOS))
+async def test_scenario_runs_at_quick_size(bench: Bench, name: str) -> None:
+    """Each scenario runs at tiny sizes against real brokers and reads back correct outcomes."""
+    _check(name, await run_bench(bench, [name]))
+
+
+@pytest.mark.timeout(60)
+def test_cli_prints_table_and_writes_json(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """``broker bench --quick --json`` prints the table, writes JSON, skips a missing PostgreSQL."""
+    out = tmp_path / "bench.json"
+    # Nothing listens on port 1: the PostgreSQL half is reported as skipped, not failed.
+    code = cli_main(["bench", "--quick", "--scenario", "revoke-prefix", "--json", str(out),
+                     "--postgres-dsn", "postgresql://postgres@127.0.0.1:1/postgres"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "revoke-prefix" in printed and "PASS" in printed and "SKIP" in printed
+    doc = json.loads(out.read_text())
+    assert doc["quick"] is True and doc["machine"]["cpus"]
+    assert {r["status"] for r in doc["rows"]} == {"PASS", "-", "SKIP"}
+    assert any(r["extra"].get("progress") for r in doc["rows"])
+
+
+def test_cli_rejects_unknown_scenario(capsys: pytest.CaptureFixture[str]) -> None:
+    """An unknown scenario name is a usage error (exit 2) naming the valid ones."""
+    assert cli_main(["bench", "--scenario", "nope"]) == 2
+    assert "overhead" in capsys.readouterr().err
