@@ -119,7 +119,8 @@ def configure_parser(p: argparse.ArgumentParser, mount_role: Callable[[str], Any
                    "soon after exec is killed (default 30s; 0: off, leases get the whole --ttl)")
     p.add_argument("--no-revoke", action="store_true",
                    help="leave the leases (and a login token) alive when the command ends: "
-                   "each lives on until the end of its --ttl")
+                   "each lives on until the end of --ttl (without --ttl: the role's default "
+                   "TTL)")
     jwt = p.add_mutually_exclusive_group()
     jwt.add_argument("--jwt-file", metavar="FILE", help="log in with the JWT in FILE")
     jwt.add_argument("--jwt-env", metavar="VAR", help="log in with the JWT in variable VAR")
@@ -377,14 +378,20 @@ def _terminal_sent_it() -> bool:
 
 
 class _Forwarder:
-    """Signal handler: before the command runs and during cleanup it interrupts
-    (``_Signalled``); while the command runs it forwards the signal to it."""
+    """The signal handler, by phase.
+
+    setup: interrupt (``_Signalled``): nothing runs yet; issued leases are revoked.
+    running: forward the signal to the command; exec keeps waiting for it.
+    cleanup: the first signal is noted and ignored (it is often the same one that
+    just ended the command, sent to the whole process group); a second one
+    interrupts the cleanup.
+    """
 
     def __init__(self) -> None:
         self.child: subprocess.Popen[bytes] | None = None
-        self.running = False
+        self.phase = "setup"
         self.pending: list[int] = []
-        self.last: int | None = None
+        self._noted = False
         self._old: dict[int, Any] = {}
 
     def install(self) -> None:
@@ -396,13 +403,17 @@ class _Forwarder:
             signal.signal(sig, old)
 
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
-        if not self.running:
-            raise _Signalled(signum)
-        self.last = signum
-        if self.child is None:  # between "running" and Popen returning
-            self.pending.append(signum)
+        if self.phase == "running":
+            if self.child is None:  # between "running" and Popen returning
+                self.pending.append(signum)
+            else:
+                self.forward(signum)
+        elif self.phase == "cleanup" and not self._noted:
+            self._noted = True
+            _say(f"got {signal.Signals(signum).name} while revoking the leases; "
+                 "send it again to stop revoking")
         else:
-            self.forward(signum)
+            raise _Signalled(signum)
 
     def forward(self, signum: int) -> None:
         assert self.child is not None
@@ -439,7 +450,7 @@ class Exec:
             code = 128 + sig.signum
         finally:
             # Whatever happened (a bug included), nothing issued is left running.
-            fwd.running = False
+            fwd.phase = "cleanup"
             try:
                 if self.heartbeat is not None:
                     self.heartbeat.stop()
@@ -548,11 +559,11 @@ class Exec:
 
     # -- the command --------------------------------------------------------------
     def _run_command(self, env: dict[str, str], fwd: _Forwarder) -> int:
-        fwd.running = True
+        fwd.phase = "running"
         try:
             proc = subprocess.Popen(list(self.opts.command), env=env)  # noqa: S603 - the user's
         except OSError as exc:
-            fwd.running = False
+            fwd.phase = "cleanup"
             _say(f"error: cannot run {self.opts.command[0]}: {exc.strerror or exc}")
             return 127 if isinstance(exc, FileNotFoundError) else 126
         fwd.child = proc
@@ -566,13 +577,17 @@ class Exec:
             self._leave_alive()
             return
         for cred in self.held:
+            if cred.dead or (cred.final and time.time() >= cred.expire_at):
+                # Ended already: revoking it again would be audited as a reuse attempt.
+                continue
             try:
                 resp = self.client.request("PUT", "sys/leases/revoke",
                                            json={"lease_id": cred.lease_id},
                                            timeout=_REVOKE_TIMEOUT)
             except ClientError as exc:
-                if exc.status == 400 and cred.dead:
-                    continue  # already dead, and already reported
+                if exc.status == 400:
+                    _say(f"{cred.lease_id} had ended already: {exc}")
+                    continue
                 _say(f"warning: could not revoke {cred.lease_id}: {exc}; it expires on its "
                      f"own at {_when(cred.expire_at)}")
                 continue
@@ -586,12 +601,13 @@ class Exec:
                 _say(f"warning: could not revoke the login token: {exc}")
 
     def _leave_alive(self) -> None:
-        """--no-revoke: one last renewal to the end of the budget, then let them be."""
+        """--no-revoke: one last renewal to the end of the --ttl budget (without --ttl:
+        the role's default TTL from now), then let them be."""
         for cred in self.held:
             if not cred.renewable or cred.final or cred.dead:
                 continue
             now = time.time()
-            increment = int(cred.end - now) if cred.end is not None else None
+            increment = int(cred.end - now) if self.opts.ttl and cred.end is not None else None
             if increment is not None and increment < 1:
                 continue
             try:

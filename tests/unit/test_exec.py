@@ -4,7 +4,11 @@ and the login/issue/revoke conversation against a canned HTTP server (real socke
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -260,3 +264,31 @@ def test_missing_command_exits_127_and_revokes(
     assert "cannot run" in capsys.readouterr().err
     assert [s.path for s in canned.seen][-1] == "/v1/sys/leases/revoke"
 
+
+
+def test_signal_before_the_command_runs_revokes_what_was_issued(
+    canned: Canned, env: pytest.MonkeyPatch, tmp_path: Path,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """SIGTERM while exec is still issuing: no command, the issued lease is revoked, 143."""
+    _broker(canned, tmp_path)
+
+    def slow(_req: Any) -> tuple[int, Any]:
+        time.sleep(1.0)
+        return 403, {"errors": ["too late"]}
+
+    canned.routes[("GET", "/v1/pg/creds/denied")] = slow
+    out = tmp_path / "seen.json"
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        code = main(["exec", "--address", canned.address, "--token", "t", "pg/readonly",
+                     "pg/denied", "--", *_child(out)])
+    finally:
+        timer.join()
+    assert code == 128 + signal.SIGTERM
+    assert not out.exists()
+    assert "interrupted (SIGTERM) before the command ran" in capsys.readouterr().err
+    revoked = [s.body for s in canned.seen if s.path == "/v1/sys/leases/revoke"]
+    assert revoked == [{"lease_id": "pg/creds/readonly/L1"}]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
