@@ -336,10 +336,13 @@ def _leases(r: _Reader) -> LeaseConfig:
             raise r.error(name, "must be at least 1")
     if cfg.claim_timeout <= cfg.backend_timeout:
         raise r.error("claim_timeout", "must be longer than backend_timeout")
+    if cfg.pending_timeout <= cfg.backend_timeout:
+        # Otherwise the stale-pending job could roll back an issue still in flight.
+        raise r.error("pending_timeout", "must be longer than backend_timeout")
     return cfg
 
 
-def _secret(r: _Reader) -> str | None:
+def _secret(r: _Reader, base: Path) -> str | None:
     pfile = r.get("password_file", str)
     penv = r.get("password_env", str)
     if pfile and penv:
@@ -350,6 +353,7 @@ def _secret(r: _Reader) -> str | None:
             "inline passwords are not allowed; use password_file or password_env",
         )
     if pfile:
+        pfile = _path(base, pfile)  # relative to the config file, like every other path
         try:
             return Path(pfile).read_text().rstrip("\r\n")
         except OSError as exc:
@@ -378,7 +382,7 @@ def _mount(
         factory = load_plugin(plugin)
     except KeyError as exc:
         raise r.error("plugin", str(exc.args[0])) from None
-    secret = _secret(r)
+    secret = _secret(r, base)
     url = r.get("connection_url", str)
     if url and urlsplit(url).password:
         raise r.error(
@@ -394,9 +398,14 @@ def _mount(
     }
     mount = MountSpec(name=name, plugin=plugin, roles=roles, secret=secret, options=options,
                       source=source)
-    try:
-        for role_spec in roles.values():
+    for role_spec in roles.values():
+        try:
             factory.validate_role(role_spec)
+        except PluginConfigError as exc:
+            # Plugins may name the key inside the role or the whole "roles.R.key".
+            key = exc.key if exc.key.startswith("roles.") else f"roles.{role_spec.name}.{exc.key}"
+            raise ConfigError(source, f"{prefix}.{key}", exc.message) from None
+    try:
         factory.from_config(mount)
     except PluginConfigError as exc:
         raise ConfigError(source, f"{prefix}.{exc.key}", exc.message) from None

@@ -268,12 +268,20 @@ class LeaseEngine:
             lease.renewable = resp.renewable
         lease.revocation = {"username": username, **dict(resp.revocation)}
         lease.state = LeaseState.ACTIVE
-        await self.store.activate(
-            lease.id,
-            revocation=lease.revocation,
-            expire_time=lease.expire_time,
-            renewable=lease.renewable,
-        )
+        try:
+            await self.store.activate(
+                lease.id,
+                revocation=lease.revocation,
+                expire_time=lease.expire_time,
+                renewable=lease.renewable,
+            )
+        except BaseException:
+            # The row is gone or not pending any more (rolled back meanwhile) or the
+            # store failed: the user exists but no live row tracks it. Undo it now;
+            # if that fails too, the pending row (if any) is retried by the job.
+            await asyncio.shield(self._rollback(lease, role, reason="activate failed",
+                                                request=request))
+            raise
         self.wake(lease.expire_time)
         return Issued(lease=lease, data=dict(resp.data), warnings=warnings)
 
@@ -423,11 +431,12 @@ class LeaseEngine:
             await runtime.delete_user(DeleteUserRequest(
                 role=role, username=lease.username, revocation=lease.revocation, reason=reason))
         except BackendError as exc:
-            await self._revoke_failed(lease, reason, str(exc))
+            await self._revoke_failed(lease, reason, str(exc), retryable=exc.retryable)
             return
         except Exception as exc:  # a store or engine bug must not kill the worker
             log.exception("revoking %s", lease.id)
-            await self._revoke_failed(lease, reason, f"internal error: {type(exc).__name__}")
+            await self._revoke_failed(lease, reason, f"internal error: {type(exc).__name__}",
+                                      retryable=True)
             return
         final = LeaseState.EXPIRED if reason == "expire" else LeaseState.REVOKED
         try:
@@ -441,7 +450,8 @@ class LeaseEngine:
                                         if reason == "expire" else None))
         self._notify(lease.id, RevokeOutcome(done=True))
 
-    async def _revoke_failed(self, lease: Lease, reason: str, error: str) -> None:
+    async def _revoke_failed(self, lease: Lease, reason: str, error: str, *,
+                             retryable: bool) -> None:
         now = self.clock()
         if reason == "force":
             # Break-glass: the operator accepted that the backend may still hold it.
@@ -451,7 +461,10 @@ class LeaseEngine:
             self._notify(lease.id, RevokeOutcome(done=True, error=error))
             return
         attempts = lease.revoke_attempts + 1
-        give_up = attempts >= self.leases_cfg.revoke_max_attempts
+        # A backend that says retrying cannot help (an STS token revoked early, a
+        # broken custom statement) goes irrevocable at once: listed, and retried
+        # only by the periodic irrevocable job or forced by an operator.
+        give_up = not retryable or attempts >= self.leases_cfg.revoke_max_attempts
         next_attempt = None if give_up else now + self.backoff(attempts)
         try:
             await self.store.fail_revoke(lease.id, error=error, next_attempt=next_attempt, now=now)

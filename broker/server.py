@@ -20,7 +20,7 @@ from aiohttp import web
 
 from broker import __version__
 from broker.api import create_app
-from broker.audit import AuditError, AuditLog
+from broker.audit import AuditError, AuditLog, event
 from broker.config import (
     Config,
     ConfigError,
@@ -30,6 +30,7 @@ from broker.config import (
     parse_listen,
 )
 from broker.engine import LeaseEngine
+from broker.lease import TokenState
 from broker.policy import PolicySet
 from broker.state import BrokerState
 from broker.store import open_store
@@ -293,19 +294,39 @@ def run_server(config_path: str | None, *, dev: bool, dev_root_token_id: str | N
 
 
 def operator_init(config_path: str) -> str:
-    """Create the root token in the configured store; returns it (shown once)."""
+    """Create a root token in the configured store; returns it (shown once).
+
+    Refused while a root token made by an earlier init is still active. Once
+    that one is revoked (by itself or another root token), init may run again:
+    the break-glass path for a lost root token is to revoke it through the API
+    with any other root token, or by hand in the store (docs/operations.md).
+    """
     config = load_config(config_path)
 
     async def init() -> str:
         store = open_store(config.storage.url)
         await store.open()
         try:
-            if await store.token_by_accessor(INIT_ROOT_ACCESSOR) is not None:
-                raise RuntimeError("already initialised: a root token exists "
-                                   "(revoke it with a root token to initialise again)")
-            tokens = TokenManager(store)
-            token, _ = await tokens.create(policies=["root"], ttl=None, display_name="root",
-                                           accessor=INIT_ROOT_ACCESSOR)
+            accessor = INIT_ROOT_ACCESSOR
+            for n in range(1, 1000):
+                accessor = INIT_ROOT_ACCESSOR if n == 1 else f"{INIT_ROOT_ACCESSOR}-{n}"
+                existing = await store.token_by_accessor(accessor)
+                if existing is None:
+                    break
+                if existing.state is TokenState.ACTIVE:
+                    raise RuntimeError(
+                        f"already initialised: root token {accessor} is active "
+                        "(revoke it with a root token to initialise again)")
+            # Open the audit log first: no audit, no root token (fail-closed).
+            audit = await AuditLog.open(config.audit.path, config.audit.hmac_key_file,
+                                        fsync=config.audit.fsync, create_key=True)
+            try:
+                token, _ = await TokenManager(store).create(
+                    policies=["root"], ttl=None, display_name="root", accessor=accessor)
+                await audit.write(event("admin", action="operator_init",
+                                        created={"accessor": accessor, "client_token": token}))
+            finally:
+                await audit.close()
             return token
         finally:
             await store.close()
