@@ -32,6 +32,7 @@ one ran.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac as _hmac
 import json
@@ -129,6 +130,17 @@ def _is_mac(value: str) -> bool:
 _SCALARS = (str, int, bool, type(None))
 
 
+#: Suffixes that mark a secret whatever the prefix (``new_password``,
+#: ``admin_password``, ``refresh_token``): a new field name must not leak.
+_SECRET_SUFFIXES = ("password", "_secret", "secret_key", "_token", "private_key")
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_secret_key(name: str) -> bool:
+    lowered = name.lower()
+    return lowered in SECRET_KEYS or lowered.endswith(_SECRET_SUFFIXES)
+
+
 def _walk(obj: Any, hide: Callable[[str], str]) -> Any:
     """Copy ``obj`` into JSON-safe shapes, hiding secrets (the caller's object is untouched)."""
     # Exact type checks first: this runs on every field of every line, and
@@ -140,7 +152,7 @@ def _walk(obj: Any, hide: Callable[[str], str]) -> Any:
         out: dict[str, Any] = {}
         for k, v in obj.items():
             name = k if type(k) is str else str(k)
-            if v is not None and name.lower() in SECRET_KEYS:
+            if v is not None and _is_secret_key(name):
                 if isinstance(v, str):
                     # Already an HMAC (a caller pre-redacted it): keep, so redaction is idempotent.
                     out[name] = v if _is_mac(v) else hide(v)

@@ -36,7 +36,14 @@ from datetime import UTC, datetime
 from types import FrameType
 from typing import Any
 
-from broker.cli import OperationError, UsageError, _env_key, env_for, resolve_settings
+from broker.cli.common import (
+    OperationError,
+    UsageError,
+    _env_key,
+    env_for,
+    remember_env_names,
+    resolve_settings,
+)
 from broker.client import Client, ClientError
 from broker.durations import format_duration, parse_duration
 
@@ -532,6 +539,7 @@ class Exec:
                 return {}
             raise
         data = (resp or {}).get("data") or {}
+        remember_env_names(data)
         return {str(k).rstrip("/"): str(v.get("type", "")) for k, v in data.items()
                 if isinstance(v, dict)}
 

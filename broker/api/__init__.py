@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import http_parser, web, web_protocol
 
-from broker.api import creds, leases, login, system, tokens
+from broker.api import creds, leases, login, mounts, system, tokens
 from broker.api.common import STATE, error_middleware
 from broker.state import BrokerState
 
@@ -29,5 +29,6 @@ def create_app(state: BrokerState) -> web.Application:
     app.add_routes(leases.routes)
     app.add_routes(tokens.routes)
     app.add_routes(login.routes)
+    app.add_routes(mounts.routes)
     app.add_routes(creds.routes)
     return app

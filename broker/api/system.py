@@ -48,7 +48,8 @@ async def mounts(request: web.Request) -> web.Response:
     state = call.state
     data = {
         f"{name}/": {"type": m.spec.plugin, "description": "", "healthy": m.healthy,
-                     "roles": sorted(m.spec.roles)}
+                     "roles": sorted(m.spec.roles),
+                     "env_names": dict(m.capabilities.env_names)}
         for name, m in state.engine.mounts.items()
     }
     return json_response({"request_id": call.request_id, "data": data})

@@ -279,3 +279,41 @@ def test_errors_are_vault_shaped(broker: BrokerThread) -> None:
         assert resp.status_code == status, (resp.request.method, resp.url, resp.text)
         errors = resp.json()["errors"]
         assert isinstance(errors, list) and errors and all(isinstance(e, str) for e in errors)
+
+
+def test_rotate_root_changes_the_admin_password(tmp_path: Path, postgres_dsn: str) -> None:
+    """rotate-root replaces the mount's admin password, returns it once, and audits an HMAC."""
+    admin = f"rot_admin_{int(time.time() * 1000) % 100000}"
+
+    async def setup(sql: str) -> Any:
+        conn = await asyncpg.connect(postgres_dsn)
+        try:
+            return await conn.fetchval(sql)
+        finally:
+            await conn.close()
+
+    run(setup(f"CREATE ROLE {admin} WITH LOGIN CREATEROLE PASSWORD 'initial-secret-1'"))
+    try:
+        (tmp_path / "admin.pw").write_text("initial-secret-1\n")
+        user_part, rest = postgres_dsn.split("://", 1)[1].split("@", 1)
+        body = pg_mount(f"postgresql://{admin}@{rest}").replace(
+            'plugin = "postgres"', 'plugin = "postgres"\npassword_file = "admin.pw"', 1)
+        server = start_broker(write_config(tmp_path, body))
+        try:
+            before = run(setup(f"SELECT rolpassword FROM pg_authid WHERE rolname = '{admin}'"))
+            resp = requests.post(f"{server.url}/v1/pg/rotate-root",
+                                 headers={"X-Vault-Token": server.root_token}, timeout=30)
+            assert resp.status_code == 200, resp.text
+            new = resp.json()["data"]["new_password"]
+            assert new and new != "initial-secret-1"
+            after = run(setup(f"SELECT rolpassword FROM pg_authid WHERE rolname = '{admin}'"))
+            assert after != before
+            assert new not in Path(server.audit_path).read_text()
+            # The running mount keeps working with the new secret.
+            client = hvac.Client(url=server.url, token=server.root_token)
+            lease = client.secrets.database.generate_credentials("short", mount_point="pg")
+            client.sys.revoke_lease(lease["lease_id"])
+        finally:
+            server.stop()
+    finally:
+        run(setup(f"DROP ROLE IF EXISTS {admin}"))

@@ -586,3 +586,14 @@ async def test_replaced_file_is_followed(alog: AuditLog, paths: tuple[str, str])
     assert len(lines(paths[0] + ".1")) == 2
     [rec] = records(paths[0])
     assert rec["seq"] == 1 and rec["prev_file"] == sha(lines(paths[0] + ".1")[-1])
+
+
+def test_redaction_covers_secret_suffixes() -> None:
+    """Keys ending like a secret (new_password, refresh_token) are hidden too; accessors are not."""
+    from broker.audit import redact
+
+    out = redact({"new_password": "p1", "refresh_token": "t1", "db_secret": "s1",
+                  "token_accessor": "acc", "token_policies": ["a"]}, b"k" * 32)
+    assert all(out[k].startswith("hmac-sha256:") for k in ("new_password", "refresh_token",
+                                                           "db_secret"))
+    assert out["token_accessor"] == "acc" and out["token_policies"] == ["a"]

@@ -21,7 +21,6 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from broker import cli
 from broker.cli import (
     build_parser,
     creds_env,
@@ -31,6 +30,7 @@ from broker.cli import (
     main,
     resolve_settings,
 )
+from broker.cli import leases as cli_leases
 from broker.client import Client, ClientError, _errors_from
 from tests.conftest import free_port
 
@@ -603,7 +603,7 @@ def test_revoke_stops_waiting_when_nothing_moves(
 ) -> None:
     """If counts never reach `queued` but nothing is in flight, the wait still ends."""
     _revoking_server(canned, 4, [_stats(4, 0, 0), _stats(1, 0, 3)])
-    code = cli._revoke_prefix(
+    code = cli_leases._revoke_prefix(
         Client(canned.address, "t"),
         "pg/",
         force=False,
@@ -623,7 +623,7 @@ class _Tty(io.StringIO):
 def test_progress_bar_on_a_tty_and_lines_elsewhere() -> None:
     """A TTY gets a redrawn `[###...] n/total` bar; a pipe gets plain lines, not \\r."""
     tty = _Tty()
-    bar = cli._Progress(1000, tty)
+    bar = cli_leases._Progress(1000, tty)
     bar.update(512)
     bar.update(1000)
     bar.close()
@@ -631,7 +631,7 @@ def test_progress_bar_on_a_tty_and_lines_elsewhere() -> None:
         "\r[###############...............] 512/1000\r[##############################] 1000/1000\n"
     )
     pipe = io.StringIO()
-    lines = cli._Progress(10, pipe)
+    lines = cli_leases._Progress(10, pipe)
     lines.update(4)
     lines.update(5)  # within LINE_EVERY of the previous line: not printed
     lines.last_line = 0.0

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from broker.cli import _parse as parse_cli
 from broker.cli import build_parser, main
+from broker.cli.app import _parse as parse_cli
 from broker.exec import (
     Held,
     build_env,

@@ -1,0 +1,228 @@
+"""``broker server|bench|operator|creds|token|audit``: the commands that are not about leases."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from broker.cli.common import (
+    OperationError,
+    UsageError,
+    _client,
+    _need,
+    _output_format,
+    _print_json,
+    _show_warnings,
+    _warn,
+    creds_env,
+    format_env,
+    format_table,
+    remember_env_names,
+)
+from broker.cli.leases import (
+    _print_record,
+)
+from broker.client import Client, ClientError
+
+# --------------------------------------------------------------------------- commands: daemon
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    if not args.config and not args.dev:
+        raise UsageError("pass --config FILE, or --dev for a throw-away local server")
+    if args.dev_root_token_id and not args.dev:
+        raise UsageError("--dev-root-token-id only applies with --dev")
+    from broker.config import ConfigError
+
+    try:
+        from broker.server import run_server
+    except ImportError as exc:
+        raise OperationError(f"the server is not available in this installation: {exc}") from None
+    try:
+        code: int = run_server(
+            args.config, dev=args.dev, dev_root_token_id=args.dev_root_token_id, listen=args.listen
+        )
+        return code
+    except ConfigError as exc:
+        raise OperationError(str(exc)) from None
+    except KeyboardInterrupt:
+        return 130
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    # Imported here: the bench pulls in the server, asyncpg and the scenarios.
+    from broker.bench import main as bench_main
+
+    return bench_main(args)
+
+
+def cmd_operator_init(args: argparse.Namespace) -> int:
+    if not args.config:
+        raise UsageError("pass --config FILE (the config of the broker to initialise)")
+    from broker.config import ConfigError
+
+    try:
+        from broker.server import operator_init
+    except ImportError as exc:
+        raise OperationError(f"the server is not available in this installation: {exc}") from None
+    try:
+        token = operator_init(args.config)
+    except (ConfigError, RuntimeError) as exc:
+        raise OperationError(str(exc)) from None
+    # The warning goes to stderr so `TOKEN=$(broker operator init ...)` captures only the token.
+    sys.stderr.write(
+        "Root token below. It is shown ONCE and grants every permission: store it in a\n"
+        "password manager or secret store now, and use it only to create less powerful tokens.\n"
+    )
+    sys.stdout.write(token + "\n")
+    return 0
+
+
+# --------------------------------------------------------------------------- commands: creds
+
+
+def _mount_plugin(client: Client, mount: str) -> str | None:
+    """The plugin type of ``mount`` from ``sys/mounts``, or None if we may not read it."""
+    try:
+        resp = client.request("GET", "sys/mounts")
+    except ClientError as exc:
+        if exc.status in {403, 404, 405}:
+            _warn(f"cannot read sys/mounts ({exc}); using BROKER_* variable names")
+            return None
+        raise
+    mounts = (resp or {}).get("data") or {}
+    remember_env_names(mounts)
+    entry = mounts.get(mount.rstrip("/") + "/")
+    if not isinstance(entry, dict) or "type" not in entry:
+        raise OperationError(f"no mount named {mount!r} (see GET /v1/sys/mounts)")
+    return str(entry["type"])
+
+
+def cmd_creds(args: argparse.Namespace) -> int:
+    mount, role = args.path
+    fmt = _output_format(args)
+    client = _client(args)
+    # Ask for the plugin type BEFORE issuing, so a failure here does not leave
+    # an unused credential behind.
+    plugin = _mount_plugin(client, mount) if fmt == "env" else None
+    params = {"ttl": args.ttl} if args.ttl is not None else None
+    resp = _need(client.request("GET", f"{mount}/creds/{role}", params=params), "creds")
+    _show_warnings(resp)
+    if fmt == "json":
+        _print_json(resp)
+    elif fmt == "env":
+        sys.stdout.write(format_env(creds_env(plugin or "", resp)))
+    else:
+        rows = [
+            ("lease_id", resp.get("lease_id")),
+            ("lease_duration", resp.get("lease_duration")),
+            ("lease_renewable", resp.get("renewable")),
+            *(resp.get("data") or {}).items(),
+        ]
+        sys.stdout.write(format_table(rows))
+    return 0
+
+
+# --------------------------------------------------------------------------- commands: tokens
+
+
+def _auth_rows(auth: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    return [
+        ("token", auth.get("client_token")),
+        ("token_accessor", auth.get("accessor")),
+        ("token_duration", auth.get("lease_duration")),
+        ("token_renewable", auth.get("renewable")),
+        ("token_policies", auth.get("token_policies")),
+        ("policies", auth.get("policies")),
+        ("token_meta", auth.get("metadata")),
+    ]
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {}
+    if args.policy:
+        body["policies"] = args.policy
+    if args.ttl is not None:
+        body["ttl"] = args.ttl
+    if args.explicit_max_ttl is not None:
+        body["explicit_max_ttl"] = args.explicit_max_ttl
+    if args.display_name:
+        body["display_name"] = args.display_name
+    if args.meta:
+        body["meta"] = dict(args.meta)
+    if args.orphan:
+        body["no_parent"] = True
+    resp = _need(_client(args).request("POST", "auth/token/create", json=body), "token create")
+    _show_warnings(resp)
+    _print_record(args, resp, _auth_rows(resp.get("auth") or {}))
+    return 0
+
+
+def cmd_token_lookup(args: argparse.Namespace) -> int:
+    client = _client(args)
+    if args.token_arg:
+        resp = client.request("POST", "auth/token/lookup", json={"token": args.token_arg})
+    else:
+        resp = client.request("GET", "auth/token/lookup-self")
+    resp = _need(resp, "token lookup")
+    _print_record(args, resp, sorted((resp.get("data") or {}).items()))
+    return 0
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    client = _client(args)
+    if args.accessor:
+        if not args.token_arg:
+            raise UsageError("--accessor needs the ACCESSOR as argument")
+        client.request("POST", "auth/token/revoke-accessor", json={"accessor": args.token_arg})
+        sys.stdout.write("revoked the token with that accessor\n")
+    elif args.token_arg:
+        client.request("POST", "auth/token/revoke", json={"token": args.token_arg})
+        sys.stdout.write("revoked the token and its children\n")
+    else:
+        client.request("POST", "auth/token/revoke-self")
+        sys.stdout.write("revoked this token (and its children)\n")
+    return 0
+
+
+# --------------------------------------------------------------------------- commands: audit
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    try:
+        from broker import audit
+    except ImportError as exc:
+        raise OperationError(
+            f"audit verification is not available in this installation: {exc}"
+        ) from None
+    try:
+        key = audit.load_key(args.key_file) if args.key_file else None
+    except OSError as exc:
+        raise OperationError(
+            f"cannot read key file {args.key_file}: {exc.strerror or exc}"
+        ) from None
+    except ValueError as exc:
+        raise OperationError(f"{args.key_file}: {exc}") from None
+    try:
+        if len(args.files) == 1:
+            results = [(args.files[0], audit.verify_file(args.files[0], key))]
+        else:
+            # Rotated files, oldest first: each must link to the previous one's last line.
+            results = audit.verify_files(args.files, key)
+    except OSError as exc:
+        raise OperationError(f"cannot read {exc.filename}: {exc.strerror or exc}") from None
+    code = 0
+    for path, result in results:
+        if result.ok:
+            prefix = f"{path}: " if len(results) > 1 else ""
+            sys.stdout.write(f"{prefix}ok: {result.lines} lines\n")
+            continue
+        code = 1
+        where = f"{path}:{result.first_bad_line}" if result.first_bad_line else path
+        sys.stdout.write(f"{where}: {' '.join(str(result.reason).split())}\n")
+    if key is None and code == 0:
+        # Without the key an edit of the last line cannot be seen: say so.
+        sys.stderr.write("note: hash chain checked; pass --key-file to check every HMAC too\n")
+    return code

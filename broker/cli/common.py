@@ -1,0 +1,253 @@
+"""Shared parts of the command line: settings, errors, output formats, argument types."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from broker.client import DEFAULT_ADDRESS, Client
+from broker.durations import format_duration, parse_duration
+
+#: the variable names each backend's own tools read, so ``eval "$(broker creds
+#: pg/ro --format env)"; psql`` works. Keyed by plugin type (``sys/mounts``).
+ENV_NAMES: Mapping[str, Mapping[str, str]] = {
+    "postgres": {"username": "PGUSER", "password": "PGPASSWORD"},
+    "mysql": {"username": "MYSQL_USER", "password": "MYSQL_PWD"},
+    "aws": {
+        "access_key": "AWS_ACCESS_KEY_ID",
+        "secret_key": "AWS_SECRET_ACCESS_KEY",
+        "security_token": "AWS_SESSION_TOKEN",
+    },
+}
+LEASE_ID_ENV = "BROKER_LEASE_ID"
+#: fields shown as durations ("1h") rather than seconds in tables.
+_DURATION_FIELDS = {"lease_duration", "ttl", "token_duration", "creation_ttl", "explicit_max_ttl"}
+_POLL_INTERVAL = 0.5
+#: how long revocation may sit with nothing in flight and no progress before we stop waiting.
+_STALL_POLLS = 4
+_SYNC_TIMEOUT = 3600.0
+
+
+class UsageError(Exception):
+    """The command line is wrong: exit 2."""
+
+
+class OperationError(Exception):
+    """The command ran but failed: exit 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse prints the whole usage block and names the sub-parser
+    # ("broker creds: error:"); we want one line, always "broker: error:".
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where the server is and who we are, after flags and environment are merged."""
+
+    address: str
+    token: str | None
+    ca_file: str | None
+    skip_verify: bool
+
+
+def _first(*values: str | None) -> str | None:
+    # An exported-but-empty variable counts as unset, as in the vault CLI.
+    return next((v for v in values if v), None)
+
+
+def resolve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
+    """Flags win, then ``BROKER_*``, then ``VAULT_*`` (so existing Vault setups work)."""
+    return Settings(
+        address=_first(
+            getattr(args, "address", None), environ.get("BROKER_ADDR"), environ.get("VAULT_ADDR")
+        )
+        or DEFAULT_ADDRESS,
+        token=_first(
+            getattr(args, "token", None), environ.get("BROKER_TOKEN"), environ.get("VAULT_TOKEN")
+        ),
+        ca_file=_first(
+            getattr(args, "tls_ca", None), environ.get("BROKER_CACERT"), environ.get("VAULT_CACERT")
+        ),
+        skip_verify=bool(getattr(args, "tls_skip_verify", False)),
+    )
+
+
+def _client(args: argparse.Namespace, *, need_token: bool = True) -> Client:
+    settings = resolve_settings(args, os.environ)
+    if need_token and not settings.token:
+        raise UsageError("no token: pass --token TOKEN or set BROKER_TOKEN")
+    if settings.ca_file and not os.path.isfile(settings.ca_file):
+        raise UsageError(f"CA file not found: {settings.ca_file}")
+    try:
+        return Client(
+            settings.address,
+            settings.token,
+            ca_file=settings.ca_file,
+            skip_verify=settings.skip_verify,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+#: env names the server declared per plugin type (``sys/mounts`` answers carry each
+#: backend's ``capabilities.env_names``): third-party plugins get their own names.
+SERVER_ENV_NAMES: dict[str, Mapping[str, str]] = {}
+
+
+def remember_env_names(mounts: Mapping[str, Any]) -> None:
+    """Record the ``env_names`` of every mount in a ``sys/mounts`` ``data`` block."""
+    for entry in mounts.values():
+        if isinstance(entry, dict) and isinstance(entry.get("env_names"), dict) \
+                and entry["env_names"]:
+            SERVER_ENV_NAMES[str(entry.get("type", ""))] = {
+                str(k): str(v) for k, v in entry["env_names"].items()}
+
+
+def env_for(plugin: str, data: Mapping[str, Any]) -> dict[str, str]:
+    """Map a credential's ``data`` to environment variables for ``plugin``.
+
+    Known fields get the names the backend's tools read (``PGPASSWORD``);
+    anything else becomes ``BROKER_<KEY>``. Empty (None) fields are left out.
+    """
+    names = SERVER_ENV_NAMES.get(plugin) or ENV_NAMES.get(plugin, {})
+    env: dict[str, str] = {}
+    for key, value in data.items():
+        if value is None:
+            continue
+        name = names.get(key) or "BROKER_" + _env_key(key)
+        env[name] = value if isinstance(value, str) else json.dumps(value)
+    return env
+
+
+def _env_key(key: str) -> str:
+    name = re.sub(r"[^A-Z0-9_]", "_", key.upper())
+    return name if name and not name[0].isdigit() else "_" + name
+
+
+def creds_env(plugin: str, response: Mapping[str, Any]) -> dict[str, str]:
+    """``env_for`` of a creds answer, plus ``BROKER_LEASE_ID`` for a later renew/revoke."""
+    env = env_for(plugin, response.get("data") or {})
+    if response.get("lease_id"):
+        env[LEASE_ID_ENV] = str(response["lease_id"])
+    return env
+
+
+def format_env(env: Mapping[str, str]) -> str:
+    """``export NAME=VALUE`` lines, each value quoted for a POSIX shell."""
+    return "".join(f"export {name}={shlex.quote(value)}\n" for name, value in env.items())
+
+
+def _cell(key: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if key in _DURATION_FIELDS and isinstance(value, int):
+        return format_duration(value)
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value) or "-"
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True) if value else "-"
+    return str(value)
+
+
+def format_table(
+    rows: Iterable[tuple[str, Any]], header: tuple[str, str] = ("Key", "Value")
+) -> str:
+    """A two-column key/value table, as the vault CLI prints it."""
+    cells = [(k, _cell(k, v)) for k, v in rows]
+    width = max([len(header[0]), *(len(k) for k, _ in cells)])
+    lines = [f"{header[0]:<{width}}    {header[1]}", f"{'-' * len(header[0]):<{width}}    -----"]
+    lines += [f"{k:<{width}}    {v}" for k, v in cells]
+    return "\n".join(lines) + "\n"
+
+
+def _columns(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(out) + "\n"
+
+
+def _output_format(args: argparse.Namespace) -> str:
+    chosen: str | None = getattr(args, "format", None)
+    # A human at a terminal reads a table; a pipe or a script gets JSON.
+    return chosen or ("table" if sys.stdout.isatty() else "json")
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2) + "\n")
+
+
+def _warn(message: str) -> None:
+    sys.stderr.write(f"broker: warning: {message}\n")
+
+
+def _show_warnings(resp: Mapping[str, Any] | None) -> None:
+    for warning in (resp or {}).get("warnings") or []:
+        _warn(" ".join(str(warning).split()))
+
+
+def _need(resp: dict[str, Any] | None, what: str) -> dict[str, Any]:
+    if not isinstance(resp, dict):
+        raise OperationError(f"the server sent an empty answer to {what}")
+    return resp
+
+
+# --------------------------------------------------------------------------- argument types
+
+
+def _duration(text: str) -> int:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def _mount_role(text: str) -> tuple[str, str]:
+    mount, _, role = text.strip("/").rpartition("/")
+    if not mount or not role:
+        raise argparse.ArgumentTypeError(f"expected MOUNT/ROLE (e.g. pg/readonly), got {text!r}")
+    return mount, role
+
+
+def _listen(text: str) -> str:
+    from broker.config import parse_listen
+
+    try:
+        parse_listen(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _prefix(text: str) -> str:
+    text = text.lstrip("/")
+    if not text:
+        raise argparse.ArgumentTypeError(
+            "the prefix must not be empty (e.g. pg/ or pg/creds/readonly/)"
+        )
+    return text
