@@ -295,7 +295,7 @@ def test_rotate_root_changes_the_admin_password(tmp_path: Path, postgres_dsn: st
     run(setup(f"CREATE ROLE {admin} WITH LOGIN CREATEROLE PASSWORD 'initial-secret-1'"))
     try:
         (tmp_path / "admin.pw").write_text("initial-secret-1\n")
-        user_part, rest = postgres_dsn.split("://", 1)[1].split("@", 1)
+        rest = postgres_dsn.split("://", 1)[1].split("@", 1)[1]
         body = pg_mount(f"postgresql://{admin}@{rest}").replace(
             'plugin = "postgres"', 'plugin = "postgres"\npassword_file = "admin.pw"', 1)
         server = start_broker(write_config(tmp_path, body))
