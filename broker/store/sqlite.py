@@ -196,7 +196,10 @@ def _migrate(conn: sqlite3.Connection) -> None:
 
 def _connect(path: str, *, writer: bool) -> sqlite3.Connection:
     if writer and path != ":memory:":
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+        # The store holds token hashes and lease metadata: owner-only from the
+        # start (SQLite gives its -wal and -shm files the database's mode).
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
     # isolation_level=None: we issue BEGIN/COMMIT ourselves, sqlite3 adds none of its own.
     conn = sqlite3.connect(path, isolation_level=None)
     try:
