@@ -37,6 +37,7 @@ import asyncpg
 
 from broker.errors import Conflict
 from broker.lease import Lease, LeaseFilter, LeaseState, Token, TokenState
+from broker.store.rows import lease_from_row, token_from_row
 from broker.store.sqlite import StoreSchemaError
 
 __all__ = ["MIGRATIONS", "WAKE_CHANNEL", "PostgresStore", "StoreSchemaError"]
@@ -188,42 +189,8 @@ def _where(flt: LeaseFilter, args: _Args, states: Sequence[LeaseState] = ()) -> 
     return " AND ".join(clauses) or "TRUE"
 
 
-def _lease(row: Any) -> Lease:
-    return Lease(
-        id=row["id"],
-        mount=row["mount"],
-        role=row["role"],
-        owner=row["owner"],
-        issue_time=row["issue_time"],
-        expire_time=row["expire_time"],
-        max_expire_time=row["max_expire_time"],
-        renewable=bool(row["renewable"]),
-        state=LeaseState(row["state"]),
-        last_renewal=row["last_renewal"],
-        revoke_attempts=row["revoke_attempts"],
-        revoke_reason=row["revoke_reason"],
-        ended_at=row["ended_at"],
-        revocation=json.loads(row["revocation"]),
-        metadata=json.loads(row["metadata"]),
-        last_error=row["last_error"],
-    )
 
 
-def _token(row: Any) -> Token:
-    return Token(
-        accessor=row["accessor"],
-        token_hash=row["token_hash"],
-        policies=json.loads(row["policies"]),
-        created=row["created"],
-        expire_time=row["expire_time"],
-        display_name=row["display_name"],
-        metadata=json.loads(row["metadata"]),
-        parent=row["parent"],
-        state=TokenState(row["state"]),
-        max_expire_time=row["max_expire_time"],
-        renewable=bool(row["renewable"]),
-        ended_at=row["ended_at"],
-    )
 
 
 def _count(status: str) -> int:
@@ -556,7 +523,7 @@ class PostgresStore:
     async def get(self, lease_id: str) -> Lease | None:
         row = await self.pool.fetchrow(f"SELECT {_LEASE_COLS} FROM leases WHERE id = $1",
                                        lease_id)
-        return None if row is None else _lease(row)
+        return None if row is None else lease_from_row(row)
 
     async def list_ids(
         self, flt: LeaseFilter, *, states: Sequence[LeaseState] = (), limit: int = 1000,
@@ -582,7 +549,7 @@ class PostgresStore:
             f" ORDER BY id LIMIT {args(limit)}",
             *args.values,
         )
-        return [_lease(row) for row in rows]
+        return [lease_from_row(row) for row in rows]
 
     async def count_by_state(self) -> dict[str, int]:
         rows = await self.pool.fetch("SELECT state, count(*) FROM leases GROUP BY state")
@@ -618,7 +585,7 @@ class PostgresStore:
         if row is None:
             return None
         self._notifier.signal(now)
-        return _lease(row)
+        return lease_from_row(row)
 
     async def queue_revoke_matching(self, flt: LeaseFilter, *, reason: str, now: float) -> int:
         args = _Args(now, reason)
@@ -661,7 +628,7 @@ class PostgresStore:
             now + claim_timeout, claimer, now, limit,
         )
         rows = sorted(rows, key=lambda row: (row["claimed_due"], row["id"]))
-        return [_lease(row) for row in rows]
+        return [lease_from_row(row) for row in rows]
 
     async def finish_revoke(self, lease_id: str, *, state: LeaseState, now: float) -> None:
         # Any live state may end here: a forced revocation finishes an irrevocable lease.
@@ -708,7 +675,7 @@ class PostgresStore:
             " ORDER BY issue_time LIMIT $2",
             before, limit,
         )
-        return [_lease(row) for row in rows]
+        return [lease_from_row(row) for row in rows]
 
     async def purge_tombstones(self, *, before: float, limit: int) -> int:
         status = await self.pool.execute(
@@ -734,12 +701,12 @@ class PostgresStore:
     async def token_by_hash(self, token_hash: str) -> Token | None:
         row = await self.pool.fetchrow(f"SELECT {_TK_COLS} FROM tokens WHERE token_hash = $1",
                                        token_hash)
-        return None if row is None else _token(row)
+        return None if row is None else token_from_row(row)
 
     async def token_by_accessor(self, accessor: str) -> Token | None:
         row = await self.pool.fetchrow(f"SELECT {_TK_COLS} FROM tokens WHERE accessor = $1",
                                        accessor)
-        return None if row is None else _token(row)
+        return None if row is None else token_from_row(row)
 
     async def child_tokens(self, accessor: str) -> list[str]:
         rows = await self.pool.fetch(

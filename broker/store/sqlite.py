@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 
 from broker.errors import Conflict
 from broker.lease import Lease, LeaseFilter, LeaseState, Token, TokenState
+from broker.store.rows import lease_from_row, token_from_row
 
 __all__ = ["MIGRATIONS", "SQLiteStore", "StoreSchemaError"]
 
@@ -268,42 +269,8 @@ def _where(flt: LeaseFilter, states: Sequence[LeaseState] = ()) -> tuple[str, li
     return " AND ".join(clauses) or "1", params
 
 
-def _lease(row: sqlite3.Row) -> Lease:
-    return Lease(
-        id=row["id"],
-        mount=row["mount"],
-        role=row["role"],
-        owner=row["owner"],
-        issue_time=row["issue_time"],
-        expire_time=row["expire_time"],
-        max_expire_time=row["max_expire_time"],
-        renewable=bool(row["renewable"]),
-        state=LeaseState(row["state"]),
-        last_renewal=row["last_renewal"],
-        revoke_attempts=row["revoke_attempts"],
-        revoke_reason=row["revoke_reason"],
-        ended_at=row["ended_at"],
-        revocation=json.loads(row["revocation"]),
-        metadata=json.loads(row["metadata"]),
-        last_error=row["last_error"],
-    )
 
 
-def _token(row: sqlite3.Row) -> Token:
-    return Token(
-        accessor=row["accessor"],
-        token_hash=row["token_hash"],
-        policies=json.loads(row["policies"]),
-        created=row["created"],
-        expire_time=row["expire_time"],
-        display_name=row["display_name"],
-        metadata=json.loads(row["metadata"]),
-        parent=row["parent"],
-        state=TokenState(row["state"]),
-        max_expire_time=row["max_expire_time"],
-        renewable=bool(row["renewable"]),
-        ended_at=row["ended_at"],
-    )
 
 
 def _rowcount(sql: str, params: Sequence[Any]) -> Op[int]:
@@ -458,7 +425,7 @@ class SQLiteStore:
     async def get(self, lease_id: str) -> Lease | None:
         rows = await self._read(_rows(f"SELECT {_LEASE_COLS} FROM leases WHERE id = ?",
                                       (lease_id,)))
-        return _lease(rows[0]) if rows else None
+        return lease_from_row(rows[0]) if rows else None
 
     async def list_ids(
         self, flt: LeaseFilter, *, states: Sequence[LeaseState] = (), limit: int = 1000,
@@ -480,7 +447,7 @@ class SQLiteStore:
             f"SELECT {_LEASE_COLS} FROM leases WHERE {cond} AND id > ? ORDER BY id LIMIT ?",
             [*params, after, limit],
         ))
-        return [_lease(row) for row in rows]
+        return [lease_from_row(row) for row in rows]
 
     async def count_by_state(self) -> dict[str, int]:
         rows = await self._read(_rows("SELECT state, count(*) FROM leases GROUP BY state", ()))
@@ -511,7 +478,7 @@ class SQLiteStore:
             f" WHERE id = ? AND state IN {_REVOCABLE_STATES} RETURNING {_LEASE_COLS}",
             (now, reason, lease_id),
         ))
-        return _lease(rows[0]) if rows else None
+        return lease_from_row(rows[0]) if rows else None
 
     async def queue_revoke_matching(self, flt: LeaseFilter, *, reason: str, now: float) -> int:
         cond, params = _where(flt)
@@ -560,7 +527,7 @@ class SQLiteStore:
             order = {lease_id: n for n, lease_id in enumerate(ids)}
             return sorted(rows, key=lambda row: order[row["id"]])
 
-        return [_lease(row) for row in await self._write(claim)]
+        return [lease_from_row(row) for row in await self._write(claim)]
 
     async def finish_revoke(self, lease_id: str, *, state: LeaseState, now: float) -> None:
         # Any live state may end here: a forced revocation finishes an irrevocable lease.
@@ -599,7 +566,7 @@ class SQLiteStore:
             " ORDER BY issue_time LIMIT ?",
             (before, limit),
         ))
-        return [_lease(row) for row in rows]
+        return [lease_from_row(row) for row in rows]
 
     async def purge_tombstones(self, *, before: float, limit: int) -> int:
         return await self._write(_rowcount(
@@ -623,13 +590,13 @@ class SQLiteStore:
         rows = await self._read(_rows(
             f"SELECT {_TK_COLS} FROM tokens WHERE token_hash = ?", (token_hash,)
         ))
-        return _token(rows[0]) if rows else None
+        return token_from_row(rows[0]) if rows else None
 
     async def token_by_accessor(self, accessor: str) -> Token | None:
         rows = await self._read(_rows(
             f"SELECT {_TK_COLS} FROM tokens WHERE accessor = ?", (accessor,)
         ))
-        return _token(rows[0]) if rows else None
+        return token_from_row(rows[0]) if rows else None
 
     async def child_tokens(self, accessor: str) -> list[str]:
         rows = await self._read(_rows(
