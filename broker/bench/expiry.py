@@ -63,7 +63,7 @@ async def _burst(bench: Bench, *, tag: str, store_url: str, config_mounts: str,
     await seed_leases(store_url, n, mount=mount, role=role, expire=time.time() + 86400,
                       username=(lambda i: usernames[i]) if usernames else None)
     prefix = f"{mount}/creds/{role}/"
-    lead = 2.0 if bench.quick else 5.0
+    lead = 1.5 if bench.quick else 5.0
     due = time.time() + lead
     await set_due(store_url, prefix, due)
     broker = BrokerProcess(broker_config(tmp, store_url=store_url, mounts=config_mounts),

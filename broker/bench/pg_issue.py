@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import secrets
 
+import asyncpg
+
 from broker.bench.harness import (
     ApiClient,
     Bench,
+    LoadResult,
     broker_config,
     create_root_token,
     run_load,
@@ -23,11 +26,26 @@ from broker.bench.harness import (
 )
 from broker.bench.pg import ROLE_PREFIX, create_role_sql, drop_roles, pg_mount, raw_load
 from broker.bench.report import Row, Target
+from plugins.postgres import _DDL_LOCK_KEY
 
 __all__ = ["run"]
 
 NAME = "pg-issue"
 TARGET = Target("ratio>=", 0.85, ">= 0.85 x raw")
+
+
+async def _plugin_transaction_load(dsn: str, concurrency: int, seconds: float) -> LoadResult:
+    pool = await asyncpg.create_pool(dsn, min_size=concurrency, max_size=concurrency)
+    try:
+        async def op(_w: int) -> None:
+            sql = create_role_sql(f"{ROLE_PREFIX}tx-{secrets.token_hex(8)}")
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", _DDL_LOCK_KEY)
+                await conn.execute(sql)
+
+        return await run_load(op, concurrency=concurrency, seconds=seconds)
+    finally:
+        await pool.close()
 
 
 async def run(bench: Bench) -> list[Row]:
@@ -40,7 +58,7 @@ async def run(bench: Bench) -> list[Row]:
     store_url = f"sqlite:///{tmp / 'broker.db'}"
     await create_root_token(store_url)
     await drop_roles(bench.pg_dsn)
-    runs: list[tuple[int, bool]] = [(1, True), (8, True), (8, False)]
+    runs: list[tuple[int, bool]] = [(1, True), (8, True)] + ([] if bench.quick else [(8, False)])
     for concurrency, serialize in runs:
         if serialize:  # the raw baseline does not depend on the plugin's setting
             bench.log(f"{NAME}: raw asyncpg CREATE ROLE, c={concurrency}")
@@ -49,6 +67,13 @@ async def run(bench: Bench) -> list[Row]:
                 lambda _i: create_role_sql(f"{ROLE_PREFIX}raw-{secrets.token_hex(8)}"),
                 concurrency=concurrency, seconds=seconds)
             await drop_roles(bench.pg_dsn)
+            # Diagnosis: the plugin's own transaction shape (BEGIN, advisory lock,
+            # CREATE ROLE, COMMIT: four round trips), without the broker around it.
+            plugin_tx = await _plugin_transaction_load(bench.pg_dsn, concurrency, seconds)
+            await drop_roles(bench.pg_dsn)
+            rows.append(Row(NAME, f"raw in the plugin's transaction, c={concurrency}",
+                            plugin_tx.rate, "/s", raw.rate,
+                            note="diagnosis: the plugin's DDL lock and round trips"))
         label = f"c={concurrency}" + ("" if serialize else ", serialize_ddl=false")
         bench.log(f"{NAME}: broker HTTP issue, {label}")
         toml, env = pg_mount(bench, max_open=concurrency, serialize_ddl=serialize)

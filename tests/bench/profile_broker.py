@@ -1,0 +1,126 @@
+"""Profile a bench broker under load: py-spy records the server while the bench drives it.
+
+    python tests/bench/profile_broker.py --op issue [--store sqlite|postgresql]
+        [--seconds 10] [--concurrency 32] [--out /tmp/prof]
+
+Writes ``OUT.collapsed`` (py-spy raw stacks, for flamegraph tools) and prints
+the hottest functions by self and by inclusive samples, plus the CPU time the
+server and this client each used (a client pegging its core would cap the
+figures, not the broker). py-spy is a profiling tool, not a project
+dependency: ``pip install py-spy``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from broker.bench.harness import (
+    ApiClient,
+    Bench,
+    broker_config,
+    create_root_token,
+    run_load,
+    running,
+)
+
+__all__ = ["main"]
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def summarize(collapsed: Path, top: int = 25) -> str:
+    self_count: collections.Counter[str] = collections.Counter()
+    incl: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count_s = line.rpartition(" ")
+        count = int(count_s)
+        frames = [f for f in stack.split(";") if f]
+        if not frames:
+            continue
+        total += count
+        self_count[frames[-1]] += count
+        for frame in set(frames):
+            incl[frame] += count
+    out = [f"{total} samples", "", "self:"]
+    out += [f"  {100 * c / total:5.1f}%  {f}" for f, c in self_count.most_common(top)]
+    out += ["", "inclusive:"]
+    out += [f"  {100 * c / total:5.1f}%  {f}" for f, c in incl.most_common(top * 2)]
+    return "\n".join(out)
+
+
+async def run(args: argparse.Namespace) -> None:
+    from broker.bench.noop import register
+
+    register()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-profile-"))
+    bench = Bench(workdir=tmp, pg_dsn="postgresql://postgres@127.0.0.1:5432/postgres")
+    try:
+        if args.store == "sqlite":
+            url = f"sqlite:///{tmp / 'broker.db'}"
+        else:
+            url = await bench.fresh_database("broker_bench_profile")
+        await create_root_token(url)
+        async with running(broker_config(tmp, store_url=url)) as broker, \
+                ApiClient(broker.url, concurrency=args.concurrency) as api:
+            ids: list[str] = []
+
+            async def issue(_w: int) -> None:
+                ids.append(await api.issue("bench", "r"))
+
+            async def renew(_w: int) -> None:
+                await api.renew(random.choice(ids))
+
+            async def revoke(_w: int) -> None:
+                await api.revoke(ids.pop())
+
+            ops = {"issue": issue, "renew": renew, "revoke": revoke}
+            await run_load(issue, concurrency=args.concurrency,
+                           seconds=args.seconds + 2 if args.op != "issue" else 1)
+            spy = await asyncio.create_subprocess_exec(
+                shutil.which("py-spy") or "py-spy", "record", "-p", str(broker.pid), "-d",
+                str(int(args.seconds)), "-r", "200", "-f", "raw", "-o", f"{args.out}.collapsed",
+                *(["--gil"] if args.gil else []), "--nonblocking",
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.STDOUT)
+            cpu0, own0, t0 = _cpu_seconds(broker.pid), time.process_time(), time.perf_counter()
+            result = await run_load(ops[args.op], concurrency=args.concurrency,
+                                    seconds=args.seconds)
+            wall = time.perf_counter() - t0
+            server_cpu = (_cpu_seconds(broker.pid) - cpu0) / wall
+            client_cpu = (time.process_time() - own0) / wall
+            await asyncio.wait_for(spy.wait(), 60)
+        print(f"{args.op}: {result.rate:.0f}/s p50 {result.p(0.5):.1f} ms p99 "
+              f"{result.p(0.99):.1f} ms; server CPU {100 * server_cpu:.0f}%, "
+              f"client CPU {100 * client_cpu:.0f}% of one core")
+        print(summarize(Path(f"{args.out}.collapsed")))
+    finally:
+        if args.store != "sqlite":
+            await bench.drop_database("broker_bench_profile")
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--op", choices=["issue", "renew", "revoke"], default="issue")
+    parser.add_argument("--store", choices=["sqlite", "postgresql"], default="sqlite")
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--gil", action="store_true", help="only samples holding the GIL")
+    parser.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "broker-profile"))
+    asyncio.run(run(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
