@@ -316,4 +316,5 @@ class PostgresHarness(BackendHarness):
 HARNESSES: dict[str, HarnessFactory | str] = {
     "postgres": PostgresHarness.factory,
     "mysql": "tests.conformance.mysql_harness:mysql_harness",
+    "aws": "tests.conformance.aws_harness:aws_harness",
 }
