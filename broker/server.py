@@ -275,6 +275,12 @@ def _setup_logging() -> None:
                         format="%(asctime)s [%(levelname)s] %(name)s: %(message)s")
     # Third-party libraries log at INFO about every job run; keep the log about leases.
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # At DEBUG, botocore logs whole response bodies: CreateAccessKey and
+    # AssumeRole answers carry the secret keys the broker is issuing. Those
+    # loggers never go below INFO, whatever BROKER_LOG_LEVEL says.
+    floor = max(logging.INFO, logging.getLogger().getEffectiveLevel())
+    for name in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(name).setLevel(floor)
 
 
 def run_server(config_path: str | None, *, dev: bool, dev_root_token_id: str | None,

@@ -92,16 +92,17 @@ async def run(bench: Bench) -> list[Row]:
     never = sum(1 for o in rows_out if o.ended_at is None)
     no_delete = sum(1 for o in rows_out if o.ended_at is not None and o.username not in total)
     once = sum(1 for c in total.values() if c == 1)
-    extra = {"killed_after_s": killed_at[0] if killed_at else None,
+    by_a, by_b = sum(per_replica["a"].values()), sum(per_replica["b"].values())
+    extra: dict[str, object] = {"killed_after_s": killed_at[0] if killed_at else None,
              "revoked_at_kill": killed_at[1] if killed_at else None,
-             "by_a": sum(per_replica["a"].values()), "by_b": sum(per_replica["b"].values()),
+             "by_a": by_a, "by_b": by_b,
              "progress": progress}
     return [
         Row(NAME, f"revoked once, N={n}", once, "", None, None, note=note, extra=extra),
         Row(NAME, "revoked twice", twice, "", None, ZERO),
         Row(NAME, "never revoked", never, "", None, ZERO),
         Row(NAME, "ended without a delete", no_delete, "", None, ZERO),
-        Row(NAME, "revocations by A (killed)", extra["by_a"], "", note=f"by B: {extra['by_b']}"),
+        Row(NAME, "revocations by A (killed)", by_a, "", note=f"by B: {by_b}"),
         Row(NAME, f"all revoked after due (claim_timeout {claim_timeout}s)",
             finished if ended >= n else None, "s"),
     ]

@@ -12,6 +12,7 @@ starts.
 from __future__ import annotations
 
 import asyncio
+import functools
 import statistics
 
 from broker.bench.harness import Bench, BrokerProcess, broker_config
@@ -59,7 +60,7 @@ async def run(bench: Bench) -> list[Row]:
             else:
                 url = await bench.fresh_database("broker_bench_startup")
             bench.log(f"{NAME}: seeding {leases:,} leases ({store})")
-            seconds = await seed_leases(url, leases, expire=lambda i, k=leases: _spread(i, k))
+            seconds = await seed_leases(url, leases, expire=functools.partial(_spread, n=leases))
             bench.log(f"{NAME}: seeded in {seconds:.1f}s; starting {runs}x")
             figures[leases] = await _measure(bench, broker_config(tmp, store_url=url),
                                              runs, settle)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,7 +21,13 @@ import pytest
 from botocore.exceptions import ClientError
 
 from tests.conftest import run
-from tests.integration.broker_harness import BrokerThread, start_broker, write_config
+from tests.integration.broker_harness import (
+    BrokerThread,
+    spawn_broker,
+    start_broker,
+    wait_healthy,
+    write_config,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -185,3 +193,43 @@ async def asyncio_to_thread(fn: Any, *args: Any) -> Any:
     import asyncio
 
     return await asyncio.to_thread(fn, *args)
+
+
+def test_debug_logging_never_prints_issued_aws_secrets(tmp_path: Path, moto_endpoint: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """BROKER_LOG_LEVEL=DEBUG on a real daemon: the SDK's response bodies stay out of the log."""
+    monkeypatch.setenv("BROKER_TEST_AWS_SECRET", "testing")
+    config = write_config(tmp_path, f"""
+[mounts.aws]
+plugin = "aws"
+region = "us-east-1"
+endpoint_url = "{moto_endpoint}"
+access_key = "testing"
+password_env = "BROKER_TEST_AWS_SECRET"
+
+[mounts.aws.roles.ci-user]
+credential_type = "iam_user"
+policy_document = '{{"Version": "2012-10-17", "Statement": [{{"Effect": "Allow", "Action": "s3:List*", "Resource": "*"}}]}}'
+default_ttl = "15m"
+max_ttl = "1h"
+""")
+    init = subprocess.run([sys.executable, "-m", "broker.cli", "operator", "init", "--config",
+                           str(config)], capture_output=True, text=True, timeout=60)
+    assert init.returncode == 0, init.stderr
+    token = init.stdout.strip().splitlines()[-1]
+    port = next(int(line.split(":")[-1].strip().strip('"'))
+                for line in config.read_text().splitlines() if line.startswith("listen"))
+    url = f"http://127.0.0.1:{port}"
+    proc = spawn_broker(config, env={"BROKER_LOG_LEVEL": "DEBUG"})
+    try:
+        wait_healthy(url)
+        client = hvac.Client(url=url, token=token)
+        resp = client.secrets.aws.generate_credentials("ci-user", mount_point="aws")
+        client.sys.revoke_lease(resp["lease_id"])
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    log = (tmp_path / "server.log").read_text()
+    assert "[DEBUG]" in log, "the daemon did not log at DEBUG at all"
+    assert resp["data"]["secret_key"] not in log
+    assert token not in log
