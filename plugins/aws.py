@@ -216,14 +216,21 @@ def _policy_document(opts: Mapping[str, Any]) -> str | None:
 
 
 def _capabilities(types: set[str]) -> Capabilities:
-    """One Capabilities per mount: a mixed mount declares the weakest promise."""
+    """One Capabilities per mount: a mixed mount declares the weakest promise.
+
+    ``can_renew`` is false for every mount: it means "renew_user pushes a new
+    expiry to the backend", and neither kind has one to push. IAM users have no
+    expiry at AWS (the broker's expiry deletes them; their leases stay renewable
+    in the broker, like MySQL's), and STS credentials cannot be extended at all
+    (their leases say ``renewable: false`` via NewUserResponse.renewable).
+    """
     max_name = 32 if "federation_token" in types else 64
     if types <= {"iam_user"}:  # (also a mount without roles)
-        return Capabilities(can_renew=True, can_revoke=True, server_side_expiry=False,
+        return Capabilities(can_renew=False, can_revoke=True, server_side_expiry=False,
                             max_username_length=max_name, env_names=ENV_NAMES)
     # STS credentials live until AWS expires them; IAM users in a mixed mount are
-    # still revoked for real (and renewable per lease via NewUserResponse.renewable).
-    return Capabilities(can_renew="iam_user" in types, can_revoke=False,
+    # still revoked for real.
+    return Capabilities(can_renew=False, can_revoke=False,
                         server_side_expiry=types <= STS_TYPES,
                         max_username_length=max_name, env_names=ENV_NAMES)
 

@@ -78,12 +78,14 @@ async def renew(request: web.Request) -> web.Response:
     call: Call = request[CALL]
     lease = await _lease_for(call, "renew")
     increment = call.duration("increment")
+    # Taken before the renew (which reads the clock again): an honoured increment
+    # of 1800 reads back as 1800, not 1799 after the audit write.
+    now = call.state.engine.clock()
     try:
         lease = await call.state.engine.renew(lease, increment)
     except Exception as exc:
         await call.audit("renew", outcome="error", lease=lease_ref(lease), error=str(exc))
         raise
-    now = call.state.engine.clock()
     await call.audit("renew", lease=lease_ref(lease), increment=increment,
                      expire_time=rfc3339(lease.expire_time))
     return json_response({

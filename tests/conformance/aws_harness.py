@@ -35,7 +35,7 @@ import boto3
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import ClientError
 
-from broker.backend import MountSpec, RoleSpec, load_plugin
+from broker.backend import MountSpec, RoleSpec
 from tests.conformance.kit import BROKEN_ROLE, ROLE, BackendHarness, FixtureLookup
 from tests.conftest import free_port, server_missing
 
@@ -46,7 +46,6 @@ __all__ = [
     "AWSSession",
     "MotoAuth",
     "aws_harness",
-    "declares_renew_without_server_expiry",
     "moto_with_auth",
 ]
 
@@ -170,19 +169,6 @@ class AWSSession:
 def _role(name: str, **options: Any) -> RoleSpec:
     return RoleSpec(name=name, default_ttl=3600, max_ttl=86400,
                     options={"credential_type": "iam_user", **options})
-
-
-def declares_renew_without_server_expiry() -> bool:
-    """Whether an iam_user mount of the aws plugin declares can_renew (built without I/O).
-
-    ``Capabilities.can_renew`` means "renew_user pushes a new expiry to the
-    backend"; IAM users have no expiry at AWS, so there is nothing to push and
-    no ``server_expiry`` this harness could honestly report.
-    """
-    mount = MountSpec(name="probe", plugin="aws",
-                      roles={ROLE: _role(ROLE, policy_document=ROLE_POLICY)},
-                      options={"region": REGION})
-    return bool(load_plugin("aws").from_config(mount).capabilities.can_renew)
 
 
 class AWSHarness(BackendHarness):

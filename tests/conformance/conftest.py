@@ -23,32 +23,3 @@ def moto_auth() -> Iterator[MotoAuth]:
 
     with moto_with_auth() as auth:
         yield auth
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark the aws renew check as a known failure while the plugin declares can_renew.
-
-    ``can_renew`` means "renew_user pushes a new expiry to the backend"; IAM users
-    have none, and the aws plugin's renew_user is a no-op, so the kit's check
-    cannot pass. strict: once it passes, the marker must go.
-    """
-    wanted = [
-        item for item in items
-        if getattr(item, "originalname", "") == "test_renew_pushes_server_expiry"
-        and getattr(getattr(item, "callspec", None), "params", {}).get("harness_factory") == "aws"
-    ]
-    if not wanted:
-        return
-    from tests.conformance.aws_harness import declares_renew_without_server_expiry
-
-    if declares_renew_without_server_expiry():
-        for item in wanted:
-            item.add_marker(pytest.mark.xfail(
-                strict=True,
-                # Only the kit's "must implement server_expiry" failure is expected;
-                # a setup error or any other failure still shows as one.
-                raises=pytest.fail.Exception,
-                reason="plugins/aws.py declares can_renew=True for iam_user, but IAM users "
-                       "have no server-side expiry and renew_user pushes nothing "
-                       "(Capabilities.can_renew; mysql declares False for the same reason)",
-            ))

@@ -168,12 +168,16 @@ def test_aws_assumed_role_via_api(broker: BrokerThread, moto_endpoint: str) -> N
 
 
 def test_aws_iam_user_revoked_through_api(broker: BrokerThread, moto_endpoint: str) -> None:
-    """An iam_user credential is a real IAM user; revoking the lease deletes it."""
+    """An iam_user credential is a real IAM user, renewable in the broker; revoking deletes it."""
     client = hvac.Client(url=broker.url, token=broker.root_token)
     resp = client.secrets.aws.generate_credentials("ci-user", mount_point="aws")
+    assert resp["renewable"] is True
     iam = aws_client(moto_endpoint, "iam")
     user = _user_for_key(iam, resp["data"]["access_key"])
     assert user is not None
+    renewed = client.sys.renew_lease(resp["lease_id"], increment=1800)
+    assert renewed["lease_duration"] == 1800
+    iam.get_user(UserName=user)  # renewing sent nothing to AWS that could harm the user
     client.sys.revoke_lease(resp["lease_id"])
     with pytest.raises(ClientError, match="NoSuchEntity"):
         iam.get_user(UserName=user)

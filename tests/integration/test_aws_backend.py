@@ -162,10 +162,12 @@ def test_backend_satisfies_protocol(moto_endpoint: str) -> None:
 
 
 def test_capabilities_follow_the_credential_types(moto_endpoint: str) -> None:
-    """IAM-only mounts can revoke; any STS role makes the mount declare it cannot."""
+    """IAM-only mounts can revoke; any STS role makes the mount declare it cannot; none push renewals."""
     iam_only = AWSBackend.from_config(mount_spec(moto_endpoint, {
         "u": role_spec("u", credential_type="iam_user", policy_document=READ_ONLY)}))
-    assert iam_only.capabilities.can_revoke and iam_only.capabilities.can_renew
+    assert iam_only.capabilities.can_revoke
+    # IAM users have no expiry at AWS to push: renewal happens in the broker only.
+    assert not iam_only.capabilities.can_renew
     assert not iam_only.capabilities.server_side_expiry
     sts_only = AWSBackend.from_config(mount_spec(moto_endpoint, {
         "s": role_spec("s", credential_type="session_token")}))
