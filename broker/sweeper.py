@@ -5,6 +5,13 @@ sleeps until then or until woken (a new lease expiring sooner, a revoke
 queued), claims due leases in batches, and hands them to a bounded pool of
 workers. Per-mount queues served round-robin, with a per-mount cap, keep one
 slow or dead backend from starving the others.
+
+A claim lasts ``claim_timeout``; after that another replica may take the
+lease. So a queued lease is started only while its revocation can still finish
+inside the claim (``backend_timeout`` before it runs out); one that waited too
+long is dropped from the queue and claimed again later, by whichever replica
+gets there first. Without that check, a replica behind on a slow backend would
+revoke leases another replica had already taken over.
 """
 
 from __future__ import annotations
@@ -46,12 +53,15 @@ class Sweeper:
         self.node_id = node_id
         self.clock = clock
         self._wakeup = asyncio.Event()
-        self._queues: dict[str, deque[Lease]] = {}
+        #: per mount: (lease, when our claim on it runs out).
+        self._queues: dict[str, deque[tuple[Lease, float]]] = {}
         self._inflight: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._rr: deque[str] = deque()
         self._next_wake: float | None = None
         self._stopping = False
+        #: queued leases given up because their claim ran short (see module doc).
+        self.dropped_claims = 0
         self._main: asyncio.Task[None] | None = None
 
     # -- public ---------------------------------------------------------------
@@ -101,14 +111,15 @@ class Sweeper:
         room = self.config.sweeper_batch * 2 - self.busy
         claimed: list[Lease] = []
         if room > 0:
+            claimed_at = self.clock()
             claimed = await self.store.claim_due(
-                now=self.clock(),
+                now=claimed_at,
                 limit=min(room, self.config.sweeper_batch),
                 claimer=self.node_id,
                 claim_timeout=self.config.claim_timeout,
             )
             for lease in claimed:
-                self._enqueue(lease)
+                self._enqueue(lease, claimed_at + self.config.claim_timeout)
             self._pump()
             if len(claimed) == min(room, self.config.sweeper_batch):
                 await asyncio.sleep(0)  # more may be due: claim again, let workers run
@@ -140,12 +151,12 @@ class Sweeper:
             pass
 
     # -- workers ----------------------------------------------------------------
-    def _enqueue(self, lease: Lease) -> None:
+    def _enqueue(self, lease: Lease, claim_ends: float) -> None:
         queue = self._queues.get(lease.mount)
         if queue is None:
             queue = self._queues[lease.mount] = deque()
             self._rr.append(lease.mount)
-        queue.append(lease)
+        queue.append((lease, claim_ends))
 
     def _pump(self) -> None:
         """Start workers round-robin over mounts, within the global and per-mount caps."""
@@ -165,7 +176,12 @@ class Sweeper:
                 idle_rounds += 1
                 continue
             idle_rounds = 0
-            lease = queue.popleft()
+            lease, claim_ends = queue.popleft()
+            if self.clock() + self.config.backend_timeout >= claim_ends:
+                # Too late to finish inside our claim: leave it to the next claim.
+                self.dropped_claims += 1
+                log.debug("lease %s waited past its claim; left for a new claim", lease.id)
+                continue
             self._inflight[mount] = self._inflight.get(mount, 0) + 1
             task = asyncio.create_task(self._work(lease), name=f"revoke {lease.id}")
             self._tasks.add(task)

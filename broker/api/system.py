@@ -72,6 +72,7 @@ async def metrics(request: web.Request) -> web.Response:
     return json_response({"request_id": call.request_id, "data": {
         "leases": await state.store.count_by_state(),
         "sweeper_busy": state.sweeper.busy,
+        "sweeper_dropped_claims": state.sweeper.dropped_claims,
         "backends": backends,
         "started": rfc3339(state.started),
     }})

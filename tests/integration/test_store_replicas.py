@@ -7,8 +7,10 @@ replicas, each with its own pool and its own wake-up listener connection.
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import pytest
@@ -229,3 +231,53 @@ async def test_an_idle_sweeper_is_woken_by_another_replicas_issue(
     assert at >= lease.expire_time  # not before it was due
     got = await a.get(lid(1))
     assert got is not None and got.state is LeaseState.EXPIRED
+
+
+async def test_a_slow_replica_does_not_revoke_leases_whose_claim_ran_short(
+    replicas: tuple[PostgresStore, PostgresStore],
+) -> None:
+    """A claims 4 due leases but revokes one at a time, slowly; those it could not
+    finish inside its 2 s claim are given up and claimed again, and no lease is
+    revoked twice although B stands ready to take any claim that runs out."""
+    a, b = replicas
+    now = time.time()
+    for n in range(4):
+        await put_active(a, make_lease(lid(n), issue_time=now - 10, ttl=1))
+    revoked: list[tuple[str, str]] = []
+
+    def revoker(name: str, store: PostgresStore, seconds: float) -> Any:
+        async def revoke(lease: Lease) -> None:
+            await asyncio.sleep(seconds)  # a slow backend call
+            revoked.append((name, lease.id))
+            await store.finish_revoke(lease.id, state=LeaseState.EXPIRED, now=time.time())
+        return revoke
+
+    config = LeaseConfig(claim_timeout=2, backend_timeout=1.0, revoke_workers=1,
+                         per_mount_workers=1)
+    slow = Sweeper(a, revoker("a", a, 0.7), config, node_id="a")
+    fast = Sweeper(b, revoker("b", b, 0.0), config, node_id="b")
+    slow.start()
+    try:
+        # B starts once A holds every claim, so B can only get what A gives up.
+        assert await _until(lambda: slow.busy == 4, 5), "A did not claim all four leases"
+        fast.start()
+        await _until(lambda: len({lease_id for _, lease_id in revoked}) == 4, 10)
+        await asyncio.sleep(1.0)  # room for a late second revocation to show up
+    finally:
+        await slow.stop(grace=2.0)
+        await fast.stop(grace=2.0)
+    by_lease = collections.Counter(lease_id for _, lease_id in revoked)
+    assert set(by_lease) == {lid(n) for n in range(4)}, revoked
+    assert max(by_lease.values()) == 1, f"revoked twice: {revoked}"
+    # A started only what it could finish in time (0 s and 0.7 s into a 2 s
+    # claim with a 1 s backend_timeout) and gave the other two up; who then
+    # claimed them again, A or B, is a race and does not matter.
+    assert slow.dropped_claims >= 2
+
+
+async def _until(predicate: Any, timeout: float) -> bool:
+    """Poll ``predicate`` (state of a sweeper, which has no event to wait on)."""
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+    return bool(predicate())
