@@ -9,16 +9,27 @@ Revocation is built so that a revoked credential is really dead:
 
 1. ``ALTER ROLE ... NOLOGIN`` is committed first, so no new session can start;
 2. every session of the role is terminated (and waited for);
-3. the role's objects are handed to the admin and its privileges dropped
-   (``REASSIGN OWNED``/``DROP OWNED``), then the role is dropped;
-4. sessions are swept once more by role oid, for a login that passed
-   authentication just before step 1 committed.
+3. in one transaction: sessions are swept once more by role oid (a login that
+   passed authentication just before step 1 committed), then the role's
+   objects are handed to the admin and its privileges dropped
+   (``REASSIGN OWNED``/``DROP OWNED``), then the role is dropped.
 
-Custom ``revocation_statements`` replace step 3 only. DDL from the broker is
-serialized per database with a transaction-level advisory lock (concurrent
-``GRANT ... ON ALL TABLES`` otherwise fails with "tuple concurrently updated"),
-and that error, serialization failures and deadlocks are retried with jittered
-backoff for writers outside the broker.
+Custom ``revocation_statements`` replace the statements of step 3 only. The
+whole revocation runs on one pooled connection in three round trips.
+
+Every transaction is ONE simple-protocol query: the statements joined by
+``;``, which PostgreSQL runs as one implicit transaction (all or nothing; a
+failing statement rolls it back and leaves the connection idle). DDL cannot
+take bind parameters anyway; values are checked and quoted literals.
+
+Concurrent statements that rewrite the same catalog row (``GRANT ... ON``
+a table, schema or database, ``ALTER DEFAULT PRIVILEGES``, and ``DROP OWNED``
+of roles holding such grants) fail with "tuple concurrently updated". With
+``serialize_ddl = "auto"`` (the default) only those transactions take a
+per-database advisory lock (see ``_needs_lock``); ``true`` locks every
+transaction, ``false`` none. That error, serialization failures and deadlocks
+are retried with jittered backoff in every mode (writers outside the broker
+do not take the lock).
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
@@ -92,6 +104,46 @@ _RETRY_STATES = {"40001", "40P01"}
 # Classes that mean "the server or the connection", not "the statement".
 _CONNECTION_CLASSES = ("08", "53", "57", "28", "3D")
 _TERMINATE_WAIT_MS = 5000
+_SERIALIZE_MODES = {True: True, False: False, "auto": None}
+# Statements that rewrite a catalog row other transactions may rewrite too: a
+# GRANT/REVOKE of privileges ON an object (not role membership, which inserts
+# its own pg_auth_members row), ALTER DEFAULT PRIVILEGES, and code we cannot
+# see into (DO blocks, dollar-quoted bodies). Matched on the unrendered
+# template, so a username cannot change the decision.
+_SHARED_ROW_DDL = re.compile(
+    r"\b(?:GRANT|REVOKE)\b[^;]*?\bON\b|\bDEFAULT\s+PRIVILEGES\b|\bDO\b|\$\w*\$",
+    re.IGNORECASE | re.DOTALL,
+)
+# Step 2 of revocation. pg_terminate_backend stays in a target list, so it only
+# ever runs for rows the WHERE clause kept. Also reports whether the role holds
+# privileges on objects (ACL dependencies): DROP OWNED then rewrites those
+# objects' ACLs, which is what needs the DDL lock.
+_END_SESSIONS_14 = """
+SELECT r.oid,
+       (SELECT count(*) FILTER (WHERE NOT t.ended)
+          FROM (SELECT pg_terminate_backend(a.pid, $2) AS ended
+                  FROM pg_stat_activity a
+                 WHERE a.usesysid = r.oid AND a.pid <> pg_backend_pid()) t) AS left_,
+       EXISTS (SELECT 1 FROM pg_shdepend d
+                WHERE d.refclassid = 'pg_authid'::regclass AND d.refobjid = r.oid
+                  AND d.deptype = 'a') AS granted
+  FROM pg_roles r WHERE r.rolname = $1
+"""
+# PostgreSQL 12/13: no waiting terminate; every signalled session counts as left.
+_END_SESSIONS_12 = """
+SELECT r.oid,
+       (SELECT count(*)
+          FROM (SELECT pg_terminate_backend(a.pid) AS ended
+                  FROM pg_stat_activity a
+                 WHERE a.usesysid = r.oid AND a.pid <> pg_backend_pid()) t) AS left_,
+       EXISTS (SELECT 1 FROM pg_shdepend d
+                WHERE d.refclassid = 'pg_authid'::regclass AND d.refobjid = r.oid
+                  AND d.deptype = 'a') AS granted
+  FROM pg_roles r WHERE r.rolname = $1 AND $2::int IS NOT NULL
+"""
+_COUNT_SESSIONS = (
+    "SELECT count(*) FROM pg_stat_activity WHERE usesysid = $1 AND pid <> pg_backend_pid()"
+)
 
 
 class PostgresBackend:
@@ -114,7 +166,7 @@ class PostgresBackend:
         database: str,
         max_open_connections: int = 4,
         connect_timeout: float = 10.0,
-        serialize_ddl: bool = True,
+        serialize_ddl: bool | None = None,
     ) -> None:
         self._mount = mount
         self._dsn = dsn
@@ -122,6 +174,7 @@ class PostgresBackend:
         self._database = database
         self._max_open = max_open_connections
         self._connect_timeout = connect_timeout
+        # True: lock every transaction; False: never; None ("auto"): see _needs_lock.
         self._serialize_ddl = serialize_ddl
         self._pool: asyncpg.Pool | None = None
         self._pool_lock = asyncio.Lock()
@@ -170,9 +223,9 @@ class PostgresBackend:
             raise PluginConfigError("connect_timeout", str(exc)) from None
         if timeout < 1:
             raise PluginConfigError("connect_timeout", "must be at least 1s")
-        serialize = opts.get("serialize_ddl", True)
-        if not isinstance(serialize, bool):
-            raise PluginConfigError("serialize_ddl", "expected true or false")
+        serialize = opts.get("serialize_ddl", "auto")
+        if not isinstance(serialize, (bool, str)) or serialize not in _SERIALIZE_MODES:
+            raise PluginConfigError("serialize_ddl", 'expected "auto", true or false')
         return cls(
             mount=mount.name,
             dsn=url,
@@ -180,7 +233,7 @@ class PostgresBackend:
             database=database,
             max_open_connections=max_open,
             connect_timeout=float(timeout),
-            serialize_ddl=serialize,
+            serialize_ddl=_SERIALIZE_MODES[serialize],
         )
 
     @classmethod
@@ -227,7 +280,14 @@ class PostgresBackend:
         templates: Sequence[str] = req.role.creation_statements or DEFAULT_CREATION_STATEMENTS
         if req.role.creation_statements:
             templates = (*templates, _VALID_UNTIL)
-        await self._transaction("new_user", self._render(templates, values, [password]), [password])
+        statements = self._render(templates, values, [password])
+        await self._run(
+            "new_user",
+            lambda conn: self._transaction(
+                conn, "new_user", statements, [password], lock=self._needs_lock(templates)
+            ),
+            [password],
+        )
         return NewUserResponse(data={"username": name, "password": password})
 
     async def renew_user(self, req: RenewUserRequest) -> RenewUserResponse:
@@ -236,7 +296,13 @@ class PostgresBackend:
         templates: Sequence[str] = req.role.renew_statements or DEFAULT_RENEW_STATEMENTS
         if req.role.renew_statements:
             templates = (*templates, _VALID_UNTIL)
-        await self._transaction("renew_user", self._render(templates, values, []), [])
+        statements = self._render(templates, values, [])
+        await self._run(
+            "renew_user",
+            lambda conn: self._transaction(
+                conn, "renew_user", statements, [], lock=self._needs_lock(templates)
+            ),
+        )
         return RenewUserResponse(expiration=req.expiration)
 
     async def delete_user(self, req: DeleteUserRequest) -> DeleteUserResponse:
@@ -248,27 +314,27 @@ class PostgresBackend:
         elif role is not None and role.revocation_statements:
             templates = role.revocation_statements
         statements = self._render(templates, self._values(name), [])
-        oid = await self._role_oid(name)
-        if oid is None:
+
+        async def body(conn: asyncpg.Connection) -> bool:
+            return await self._revoke(conn, name, templates, statements)
+
+        if await self._run("delete_user", body):
+            log.debug("delete_user: revoked role %s (%s)", name, req.reason)
+        else:
             log.debug("delete_user: role %s does not exist; nothing to revoke", name)
-            return DeleteUserResponse()
-        quoted = escape_identifier(name)
-        # Committed on its own: a login racing the terminate below must already see it.
-        await self._transaction(
-            "delete_user", [f'ALTER ROLE "{quoted}" NOLOGIN'], [], role_oid=oid
-        )
-        await self._terminate(oid)
-        await self._transaction("delete_user", statements, [], role_oid=oid)
-        await self._terminate(oid)
-        log.debug("delete_user: revoked role %s (%s)", name, req.reason)
         return DeleteUserResponse()
 
     async def rotate_root(self, req: RotateRootRequest) -> RotateRootResponse:
         """Give the admin role a new password, then use it for new pool connections."""
         new = check_password(req.new_password or generate_password(32))
         secrets_ = [new, self._secret]
-        await self._transaction(
-            "rotate_root", [f"ALTER ROLE CURRENT_USER PASSWORD '{escape_literal(new)}'"], secrets_
+        statement = f"ALTER ROLE CURRENT_USER PASSWORD '{escape_literal(new)}'"
+        await self._run(
+            "rotate_root",
+            lambda conn: self._transaction(
+                conn, "rotate_root", [statement], secrets_, lock=self._serialize_ddl is True
+            ),
+            secrets_,
         )
         self._secret = new
         if self._pool is not None:
@@ -350,99 +416,118 @@ class PostgresBackend:
         # the statement) is neither the cause nor the context of what we raise.
         raise error
 
+    def _needs_lock(self, templates: Iterable[str]) -> bool:
+        """Whether a transaction of ``templates`` takes the DDL advisory lock.
+
+        "auto" locks only templates that may rewrite a catalog row shared with
+        other credentials' transactions (``_SHARED_ROW_DDL``): the default
+        CREATE ROLE / ALTER ROLE statements touch only their own role's row.
+        """
+        if self._serialize_ddl is not None:
+            return self._serialize_ddl
+        return any(_SHARED_ROW_DDL.search(t) for t in templates)
+
     async def _transaction(
         self,
+        conn: asyncpg.Connection,
         op: str,
         statements: Sequence[str],
         secret_values: Sequence[str | None],
         *,
+        lock: bool,
         role_oid: int | None = None,
-    ) -> None:
-        """Run ``statements`` in one transaction, retrying transient conflicts.
+    ) -> bool:
+        """Run ``statements`` as one transaction in one round trip, retrying transient conflicts.
+
+        The statements go as one simple-protocol query (no bind parameters; one
+        template may itself hold several statements separated by ";"), which
+        the server runs as one implicit transaction: a failing statement rolls
+        back all of them and the connection is idle again, ready for a retry
+        or the next user of the pool.
 
         With ``role_oid`` (revocation), "role does not exist" is success when
         the role is really gone: a concurrent revocation got there first.
+        Returns False in that case, True when the statements ran.
         """
-
-        async def body(conn: asyncpg.Connection) -> None:
-            async with conn.transaction():
-                if self._serialize_ddl:
-                    await conn.execute("SELECT pg_advisory_xact_lock($1)", _DDL_LOCK_KEY)
-                for statement in statements:
-                    # No arguments: the simple protocol, so one template may
-                    # hold several statements separated by ";".
-                    await conn.execute(statement)
-
+        parts = [*([f"SELECT pg_advisory_xact_lock({_DDL_LOCK_KEY})"] if lock else []),
+                 *statements]
+        # A newline before each ";" ends a trailing "--" comment of a template.
+        script = "\n;\n".join(parts)
+        secrets_ = [*secret_values, self._secret]
         for attempt in range(_ATTEMPTS):
             error: BackendError
             try:
-                await self._run(op, body, secret_values)
-                return
-            except _Transient as exc:
-                error = exc.error
-            except _Missing as exc:
-                if role_oid is not None and not await self._role_exists(role_oid):
-                    return
-                error = BackendError(str(exc), retryable=False)
-            if not error.retryable or attempt == _ATTEMPTS - 1:
-                raise error
+                await conn.execute(script)
+                return True
+            except asyncpg.PostgresError as exc:
+                error = _wrap(op, exc, secrets_)
+            # Handled outside the except block: the driver error (which may quote
+            # the statement) must be neither the cause nor the context of ours.
+            if isinstance(error, _Missing) and role_oid is not None:
+                if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE oid = $1", role_oid):
+                    return False
+                error = BackendError(str(error), retryable=False)
+            if not isinstance(error, _Transient) or attempt == _ATTEMPTS - 1:
+                raise error.error if isinstance(error, _Transient) else error
             delay = backoff_delay(attempt)
             log.debug("%s: transient conflict (%s), retry in %.3fs", op, error, delay)
             await asyncio.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _role_oid(self, name: str) -> int | None:
-        async def body(conn: asyncpg.Connection) -> int | None:
-            oid: int | None = await conn.fetchval(
-                "SELECT oid FROM pg_roles WHERE rolname = $1", name
+    async def _revoke(
+        self,
+        conn: asyncpg.Connection,
+        name: str,
+        templates: Sequence[str],
+        statements: Sequence[str],
+    ) -> bool:
+        """The revocation protocol on one connection; False if the role did not exist."""
+        quoted = escape_identifier(name)
+        # 1. Committed on its own: a login racing step 2 must already see it.
+        try:
+            await self._transaction(
+                conn, "delete_user", [f'ALTER ROLE "{quoted}" NOLOGIN'], [],
+                lock=self._serialize_ddl is True,
             )
-            return oid
+        except _Missing:
+            return False
+        # 2. End every session (PostgreSQL 14+ waits for each to exit, so its
+        #    locks are gone before DROP OWNED).
+        new_server = conn.get_server_version().major >= 14
+        row = await conn.fetchrow(
+            _END_SESSIONS_14 if new_server else _END_SESSIONS_12, name, _TERMINATE_WAIT_MS
+        )
+        if row is None:  # dropped by a concurrent revocation since step 1
+            return False
+        oid = int(row["oid"])
+        if row["left_"]:
+            await self._wait_sessions_gone(conn, oid)
+        # 3. The last sweep runs first in the dropping transaction: a session
+        #    that authenticated just before step 1 committed may only now show
+        #    in pg_stat_activity (its snapshot is taken per transaction, so
+        #    this must be the transaction's first look at it).
+        wait = f", {_TERMINATE_WAIT_MS}" if new_server else ""
+        sweep = (
+            f"SELECT pg_terminate_backend(pid{wait}) FROM pg_stat_activity "
+            f"WHERE usesysid = {oid} AND pid <> pg_backend_pid()"
+        )
+        lock = self._needs_lock(templates) or (self._serialize_ddl is None and row["granted"])
+        return await self._transaction(
+            conn, "delete_user", [sweep, *statements], [], lock=lock, role_oid=oid
+        )
 
-        return await self._run("delete_user", body)
-
-    async def _role_exists(self, oid: int) -> bool:
-        async def body(conn: asyncpg.Connection) -> bool:
-            return bool(await conn.fetchval("SELECT 1 FROM pg_roles WHERE oid = $1", oid))
-
-        return await self._run("delete_user", body)
-
-    async def _terminate(self, oid: int) -> None:
-        """End every session of role ``oid`` and wait until they are gone."""
-
-        async def body(conn: asyncpg.Connection) -> int:
-            if conn.get_server_version().major >= 14:
-                # Waits for each backend to exit, so its locks are gone before DROP OWNED.
-                await conn.execute(
-                    "SELECT pg_terminate_backend(pid, $2) FROM pg_stat_activity "
-                    "WHERE usesysid = $1 AND pid <> pg_backend_pid()",
-                    oid,
-                    _TERMINATE_WAIT_MS,
-                )
-            else:  # pragma: no cover - PostgreSQL 12/13
-                await conn.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE usesysid = $1 AND pid <> pg_backend_pid()",
-                    oid,
-                )
-            left = 0
-            for _ in range(50):
-                left = int(
-                    await conn.fetchval(
-                        "SELECT count(*) FROM pg_stat_activity "
-                        "WHERE usesysid = $1 AND pid <> pg_backend_pid()",
-                        oid,
-                    )
-                )
-                if not left:
-                    break
-                await asyncio.sleep(0.1)
-            return left
-
-        left = await self._run("delete_user", body)
-        if left:
-            raise BackendError(
-                f"postgres delete_user: {left} session(s) of the role did not end; will retry",
-                retryable=True,
-            )
+    async def _wait_sessions_gone(self, conn: asyncpg.Connection, oid: int) -> None:
+        """Poll (with growing pauses, ~5 s in all) until role ``oid`` has no session."""
+        left = 0
+        for pause in (0.01, 0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0, 0.5):
+            await asyncio.sleep(pause)
+            left = int(await conn.fetchval(_COUNT_SESSIONS, oid))
+            if not left:
+                return
+        raise BackendError(
+            f"postgres delete_user: {left} session(s) of the role did not end; will retry",
+            retryable=True,
+        )
 
 
 class _Transient(BackendError):

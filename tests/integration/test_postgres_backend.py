@@ -23,7 +23,7 @@ from broker.backend import (
     RotateRootRequest,
 )
 from broker.templating import generate_password, render_username
-from plugins.postgres import PostgresBackend
+from plugins.postgres import _DDL_LOCK_KEY, DEFAULT_CREATION_STATEMENTS, PostgresBackend
 from tests.conformance.harnesses import PostgresHarness
 
 pytestmark = pytest.mark.integration
@@ -223,13 +223,21 @@ async def test_concurrent_grants_fail_without_the_plugin(harness: PostgresHarnes
 
 @pytest.mark.parametrize(
     "options",
-    [{}, {"serialize_ddl": False, "max_open_connections": 8}],
-    ids=["advisory-lock", "retry-only"],
+    [
+        {"max_open_connections": 8},
+        {"serialize_ddl": True, "max_open_connections": 8},
+        {"serialize_ddl": False, "max_open_connections": 8},
+    ],
+    ids=["auto", "always", "retry-only"],
 )
 async def test_fifty_concurrent_new_user_with_grant_all_succeed(
     harness: PostgresHarness, make_backend: MakeBackend, options: dict[str, Any]
 ) -> None:
-    """50 simultaneous new_user calls with GRANT ON ALL TABLES succeed (lock, or retries alone)."""
+    """50 simultaneous new_user/delete_user with GRANT ON ALL TABLES succeed in every mode.
+
+    "auto" takes the DDL lock for this template (and for revoking roles that
+    hold grants); "retry-only" shows the retry of "tuple concurrently updated".
+    """
     spec = grant_role(harness.schema)
     backend = await make_backend({"grant": spec}, **options)
     names = [username(harness) for _ in range(50)]
@@ -251,7 +259,177 @@ async def test_fifty_concurrent_new_user_with_grant_all_succeed(
     assert not [r for r in deleted if isinstance(r, BaseException)]
 
 
+LOCK_KEY_SQL = "SELECT pg_advisory_lock($1)"
+
+
+async def finishes_while_ddl_lock_held(harness: PostgresHarness, call: Awaitable[Any]) -> bool:
+    """Whether ``call`` completes while another session holds the broker's DDL lock.
+
+    The lock is released afterwards either way, so a blocked call then finishes.
+    """
+    holder = await asyncpg.connect(harness.dsn)
+    try:
+        await holder.execute(LOCK_KEY_SQL, _DDL_LOCK_KEY)
+        task = asyncio.ensure_future(call)
+        done, _ = await asyncio.wait({task}, timeout=1.5)
+        await holder.execute("SELECT pg_advisory_unlock($1)", _DDL_LOCK_KEY)
+        await asyncio.wait_for(task, timeout=30)
+        return bool(done)
+    finally:
+        await holder.close()
+
+
+async def test_auto_takes_the_ddl_lock_only_for_shared_row_ddl(
+    harness: PostgresHarness, make_backend: MakeBackend
+) -> None:
+    """serialize_ddl = "auto": plain CREATE/ALTER/DROP ROLE run without the lock, GRANT ON waits.
+
+    Revocation waits too for a role that holds grants (DROP OWNED rewrites the
+    tables' ACLs), not for one that holds none.
+    """
+    grant = grant_role(harness.schema)
+    backend = await make_backend({"grant": grant})
+    plain, granted = username(harness), username(harness)
+    assert await finishes_while_ddl_lock_held(harness, backend.new_user(new_req(role(), plain)))
+    assert not await finishes_while_ddl_lock_held(
+        harness, backend.new_user(new_req(grant, granted))
+    )
+    assert await harness.user_exists(granted)
+    assert await finishes_while_ddl_lock_held(
+        harness, backend.delete_user(delete_req(None, plain))
+    )
+    assert not await finishes_while_ddl_lock_held(
+        harness, backend.delete_user(delete_req(None, granted))
+    )
+    assert not await harness.user_exists(plain)
+    assert not await harness.user_exists(granted)
+
+
+async def test_serialize_ddl_true_locks_every_transaction(
+    harness: PostgresHarness, make_backend: MakeBackend
+) -> None:
+    """serialize_ddl = true: even the default CREATE ROLE waits for the DDL lock."""
+    backend = await make_backend(serialize_ddl=True)
+    name = username(harness)
+    assert not await finishes_while_ddl_lock_held(harness, backend.new_user(new_req(role(), name)))
+    await backend.delete_user(delete_req(None, name))
+    assert not await harness.user_exists(name)
+
+
+@pytest.mark.parametrize(
+    ("template", "locks"),
+    [
+        (DEFAULT_CREATION_STATEMENTS[0], False),
+        ('GRANT "readers" TO "{{name}}"', False),
+        ('COMMENT ON ROLE "{{name}}" IS \'lease\'', False),
+        ('GRANT SELECT ON ALL TABLES IN SCHEMA public TO "{{name}}"', True),
+        ('grant usage on schema app to "{{name}}"', True),
+        ('GRANT CONNECT\n  ON DATABASE "{{database}}" TO "{{name}}"', True),
+        ('REVOKE ALL ON t FROM "{{name}}"', True),
+        ('ALTER DEFAULT PRIVILEGES GRANT SELECT ON TABLES TO "{{name}}"', True),
+        ("DO $$ BEGIN EXECUTE 'SELECT 1'; END $$", True),
+    ],
+)
+def test_auto_lock_rule(template: str, locks: bool) -> None:
+    """The "auto" rule, on unrendered templates: GRANT/REVOKE ... ON, default privileges, code."""
+    backend = PostgresBackend.from_config(mount(connection_url="postgresql://a@b/c"))
+    assert backend._needs_lock([template]) is locks
+
+
+# -- one round trip per transaction ---------------------------------------------
+
+
+@pytest.mark.parametrize("lock", [False, True], ids=["no-lock", "lock"])
+async def test_failing_statement_leaves_the_pooled_connection_clean(
+    harness: PostgresHarness, make_backend: MakeBackend, lock: bool
+) -> None:
+    """A statement failing mid-batch rolls the batch back; the one pooled connection works on."""
+    failing = role(
+        creation_statements=(
+            "CREATE ROLE \"{{name}}\" LOGIN PASSWORD '{{password}}' -- a trailing comment",
+            "COMMENT ON ROLE \"{{name}}\" IS 'first'",
+            "SELECT 1/0",
+            "COMMENT ON ROLE \"{{name}}\" IS 'never'",
+        )
+    )
+    backend = await make_backend({"r": failing}, max_open_connections=1, serialize_ddl=lock)
+    bad, good = username(harness), username(harness)
+    with pytest.raises(BackendError) as info:
+        await backend.new_user(new_req(failing, bad))
+    assert "division by zero" in str(info.value)
+    assert not info.value.retryable
+    assert not await harness.user_exists(bad), "the batch was rolled back"
+    # The advisory lock went with the rolled-back transaction.
+    assert await harness.admin.fetchval("SELECT pg_try_advisory_xact_lock($1)", _DDL_LOCK_KEY)
+    await backend.new_user(new_req(role(), good))  # same (only) connection
+    assert await harness.user_exists(good)
+    pool = backend._pool
+    assert pool is not None and pool.get_size() == 1
+    async with pool.acquire() as conn:
+        assert not conn.is_in_transaction()
+        assert await conn.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                                   "AND pid = pg_backend_pid()") == 0
+    await backend.delete_user(delete_req(None, good))
+
+
+async def test_several_statements_in_one_entry_and_across_entries(
+    harness: PostgresHarness, make_backend: MakeBackend
+) -> None:
+    """Entries and ";"-separated statements inside one entry all run, in order, in one go."""
+    spec = role(
+        creation_statements=(
+            "CREATE ROLE \"{{name}}\" LOGIN PASSWORD '{{password}}'; "
+            "COMMENT ON ROLE \"{{name}}\" IS 'one';",
+            "COMMENT ON ROLE \"{{name}}\" IS 'two'",
+        )
+    )
+    backend = await make_backend({"r": spec})
+    name = username(harness)
+    await backend.new_user(new_req(spec, name))
+    comment = await harness.admin.fetchval(
+        "SELECT shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = $1", name
+    )
+    assert comment == "two"
+    await backend.delete_user(delete_req(spec, name))
+
+
 # -- revocation -----------------------------------------------------------------
+
+
+async def test_revocation_kills_open_sessions_of_a_default_role(
+    harness: PostgresHarness, make_backend: MakeBackend
+) -> None:
+    """Two open sessions (one idle in a transaction) die; the role is gone; logins fail."""
+    backend = await make_backend()
+    name = username(harness)
+    resp = await backend.new_user(new_req(role(), name))
+    idle = await harness.connect_as(resp.data)
+    in_tx = await harness.connect_as(resp.data)
+    await in_tx.execute("BEGIN; SELECT 1")
+    await asyncio.wait_for(backend.delete_user(delete_req(None, name)), timeout=30)
+    for session in (idle, in_tx):
+        assert not await harness.session_alive(session)
+        await harness.close_session(session)
+    assert not await harness.user_exists(name)
+    with pytest.raises(asyncpg.PostgresError):
+        await harness.connect_as(resp.data)
+    await backend.delete_user(delete_req(None, name))  # idempotent
+
+
+async def test_concurrent_revocations_of_the_same_role(
+    harness: PostgresHarness, make_backend: MakeBackend
+) -> None:
+    """Revoking one role from several calls at once: all succeed, the role is gone."""
+    spec = grant_role(harness.schema)
+    backend = await make_backend({"grant": spec}, max_open_connections=4)
+    name = username(harness)
+    resp = await backend.new_user(new_req(spec, name))
+    session = await harness.connect_as(resp.data)
+    await asyncio.gather(*(backend.delete_user(delete_req(spec, name)) for _ in range(4)))
+    assert not await harness.session_alive(session)
+    await harness.close_session(session)
+    assert not await harness.user_exists(name)
+
 
 
 async def test_revocation_with_open_session_owning_a_locked_table(
@@ -411,6 +589,8 @@ def mount(**options: Any) -> MountSpec:
          "max_open_connections"),
         ({"connection_url": "postgresql://a@b/c", "connect_timeout": "soon"}, "connect_timeout"),
         ({"connection_url": "postgresql://a@b/c", "password": "x"}, "password"),
+        ({"connection_url": "postgresql://a@b/c", "serialize_ddl": "yes"}, "serialize_ddl"),
+        ({"connection_url": "postgresql://a@b/c", "serialize_ddl": 1}, "serialize_ddl"),
     ],
 )
 def test_from_config_rejects_bad_options(options: dict[str, Any], key: str) -> None:
