@@ -8,7 +8,10 @@ back from the store; throughput = N / (last ended_at - T).
 PostgreSQL backend: the same with real roles (created raw first), so the
 broker's revocation protocol (NOLOGIN, terminate sessions, REASSIGN/DROP OWNED,
 DROP ROLE) runs for each; the baseline is raw ``DROP ROLE`` of as many roles at
-the broker's per-mount revocation concurrency, on as many connections.
+the broker's per-mount revocation concurrency, on as many connections. A bare
+``DROP ROLE`` skips every step that makes a revoked credential dead, so a
+diagnosis row runs the plugin's protocol raw too (its three round trips on an
+asyncpg pool, no broker) and sets the broker against it.
 """
 
 from __future__ import annotations
@@ -16,10 +19,20 @@ from __future__ import annotations
 import asyncio
 import time
 
-from broker.bench.harness import Bench, BrokerProcess, broker_config
+import asyncpg
+
+from broker.bench.harness import (
+    Bench,
+    BrokerProcess,
+    Exhausted,
+    LoadResult,
+    broker_config,
+    run_load,
+)
 from broker.bench.pg import count_roles, create_roles, drop_roles, pg_mount, raw_load
 from broker.bench.report import Row, Target, percentile
 from broker.bench.seed import count_ended, outcomes, seed_leases, set_due
+from plugins.postgres import _END_SESSIONS_14, _TERMINATE_WAIT_MS, DEFAULT_REVOCATION_STATEMENTS
 
 __all__ = ["run", "wait_all_ended"]
 
@@ -52,6 +65,34 @@ async def wait_all_ended(bench: Bench, store_url: str, prefix: str, total: int,
             last_log = now
         await asyncio.sleep(0.1)
     return ended
+
+
+async def _raw_protocol_load(dsn: str, names: list[str], concurrency: int) -> LoadResult:
+    """The plugin's revocation protocol (PostgreSQL 14+ form) run raw: three round trips.
+
+    NOLOGIN committed; terminate the sessions (waiting) and look up the oid;
+    one batch with the last sweep, REASSIGN OWNED, DROP OWNED, DROP ROLE.
+    """
+    pool = await asyncpg.create_pool(dsn, min_size=concurrency, max_size=concurrency)
+    counter = iter(range(10**9))
+    try:
+        async def op(_w: int) -> None:
+            i = next(counter)
+            if i >= len(names):
+                raise Exhausted
+            name = names[i]
+            async with pool.acquire() as conn:
+                await conn.execute(f'ALTER ROLE "{name}" NOLOGIN')
+                row = await conn.fetchrow(_END_SESSIONS_14, name, _TERMINATE_WAIT_MS)
+                sweep = (f"SELECT pg_terminate_backend(pid, {_TERMINATE_WAIT_MS}) "
+                         f"FROM pg_stat_activity WHERE usesysid = {int(row['oid'])} "
+                         "AND pid <> pg_backend_pid()")
+                drop = [s.replace("{{name}}", name) for s in DEFAULT_REVOCATION_STATEMENTS]
+                await conn.execute("\n;\n".join([sweep, *drop]))
+
+        return await run_load(op, concurrency=concurrency, seconds=3600, max_ops=len(names))
+    finally:
+        await pool.close()
 
 
 async def _burst(bench: Bench, *, tag: str, store_url: str, config_mounts: str,
@@ -118,6 +159,9 @@ async def run(bench: Bench) -> list[Row]:
         bench.pg_dsn,
         lambda i: f'DROP ROLE "{names[i]}"' if i < len(names) else None,
         concurrency=PER_MOUNT_WORKERS, seconds=3600, max_ops=len(names))
+    bench.log(f"{NAME}: the plugin's revocation protocol raw, {n_pg:,} roles")
+    names = await create_roles(bench.pg_dsn, "rawp", n_pg)
+    raw_protocol = await _raw_protocol_load(bench.pg_dsn, names, PER_MOUNT_WORKERS)
     bench.log(f"{NAME}: {n_pg:,} PostgreSQL roles due at once through the broker")
     names = await create_roles(bench.pg_dsn, "exp", n_pg)
     toml, env = pg_mount(bench, max_open=PER_MOUNT_WORKERS)
@@ -133,4 +177,13 @@ async def run(bench: Bench) -> list[Row]:
     rows += _lag_rows(f"postgres, N={n_pg}", lags, None, "", judged=False)
     rows.append(Row(NAME, f"revocations/s, postgres, N={n_pg}", rate, "/s", raw.rate, PG_TARGET,
                     note=note))
+    protocol_note = (f"{raw_protocol.errors} errors: {raw_protocol.first_error}"
+                     if raw_protocol.errors else "")
+    rows += [
+        # Diagnosis: what the protocol costs in the database, and the broker against it.
+        Row(NAME, f"raw, same protocol, postgres, N={n_pg}", raw_protocol.rate, "/s", raw.rate,
+            note=("diagnosis: vs raw DROP ROLE " + protocol_note).strip()),
+        Row(NAME, f"revocations/s vs raw same protocol, postgres, N={n_pg}", rate, "/s",
+            raw_protocol.rate, note="diagnosis"),
+    ]
     return [r for r in rows if r is not None]

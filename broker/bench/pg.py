@@ -40,9 +40,11 @@ async def pg_available(dsn: str) -> bool:
     return True
 
 
-def pg_mount(bench: Bench, *, max_open: int = 8, serialize_ddl: bool = True
+def pg_mount(bench: Bench, *, max_open: int = 8, serialize_ddl: bool | None = None
              ) -> tuple[str, dict[str, str]]:
     """TOML of mount ``pg`` (role ``bench``) on the bench's server, and the env it needs.
+
+    ``serialize_ddl`` None leaves the plugin's default ("auto").
 
     The plugin refuses a password inside connection_url: one in the DSN goes
     through ``password_env`` instead.
@@ -57,12 +59,14 @@ def pg_mount(bench: Bench, *, max_open: int = 8, serialize_ddl: bool = True
         host = parts.netloc.rpartition("@")[2]
         parts = parts._replace(netloc=f"{parts.username}@{host}")
     url = urlunsplit(parts._replace(query=""))
+    serialize_line = "" if serialize_ddl is None else (
+        f"serialize_ddl = {'true' if serialize_ddl else 'false'}")
     toml = f"""
 [mounts.pg]
 plugin = "postgres"
 connection_url = "{url}"
 max_open_connections = {max_open}
-serialize_ddl = {"true" if serialize_ddl else "false"}
+{serialize_line}
 {secret_line}
 
 [mounts.pg.roles.bench]
