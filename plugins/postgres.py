@@ -146,6 +146,30 @@ _COUNT_SESSIONS = (
 )
 
 
+class _AdminConnection(asyncpg.Connection):  # type: ignore[misc]  # untyped
+    """A pooled admin connection that skips the pool's reset unless it may need one.
+
+    On release the pool sends ``RESET ALL``, ``UNLISTEN *``, ``CLOSE ALL`` and
+    ``pg_advisory_unlock_all()``: a round trip per call. The plugin's own
+    statements leave no session state behind (the advisory lock is
+    transaction-level, a failed batch rolls back), so the reset runs only after
+    a custom template, which could ``SET`` something for the session.
+    """
+
+    _broker_dirty = False
+
+    def mark_dirty(self) -> None:
+        """Reset this connection on its next release."""
+        self._broker_dirty = True
+
+    def get_reset_query(self) -> str:
+        if not self._broker_dirty:
+            return ""
+        self._broker_dirty = False
+        query: str = super().get_reset_query()
+        return query
+
+
 class PostgresBackend:
     """A ``broker.plugins`` backend for PostgreSQL 12+ (asyncpg pool of admin connections)."""
 
@@ -284,7 +308,8 @@ class PostgresBackend:
         await self._run(
             "new_user",
             lambda conn: self._transaction(
-                conn, "new_user", statements, [password], lock=self._needs_lock(templates)
+                conn, "new_user", statements, [password], lock=self._needs_lock(templates),
+                custom=bool(req.role.creation_statements),
             ),
             [password],
         )
@@ -300,7 +325,8 @@ class PostgresBackend:
         await self._run(
             "renew_user",
             lambda conn: self._transaction(
-                conn, "renew_user", statements, [], lock=self._needs_lock(templates)
+                conn, "renew_user", statements, [], lock=self._needs_lock(templates),
+                custom=bool(req.role.renew_statements),
             ),
         )
         return RenewUserResponse(expiration=req.expiration)
@@ -315,8 +341,10 @@ class PostgresBackend:
             templates = role.revocation_statements
         statements = self._render(templates, self._values(name), [])
 
+        custom = templates is not DEFAULT_REVOCATION_STATEMENTS
+
         async def body(conn: asyncpg.Connection) -> bool:
-            return await self._revoke(conn, name, templates, statements)
+            return await self._revoke(conn, name, templates, statements, custom=custom)
 
         if await self._run("delete_user", body):
             log.debug("delete_user: revoked role %s (%s)", name, req.reason)
@@ -389,6 +417,7 @@ class PostgresBackend:
                         self._dsn,
                         min_size=1,
                         max_size=self._max_open,
+                        connection_class=_AdminConnection,
                         **self._connect_kwargs(),
                     )
                 except Exception as exc:  # classified into a BackendError below
@@ -435,6 +464,7 @@ class PostgresBackend:
         secret_values: Sequence[str | None],
         *,
         lock: bool,
+        custom: bool = False,
         role_oid: int | None = None,
     ) -> bool:
         """Run ``statements`` as one transaction in one round trip, retrying transient conflicts.
@@ -445,6 +475,9 @@ class PostgresBackend:
         back all of them and the connection is idle again, ready for a retry
         or the next user of the pool.
 
+        ``custom``: the statements come from the role's templates, so the
+        connection gets the pool's full reset on release.
+
         With ``role_oid`` (revocation), "role does not exist" is success when
         the role is really gone: a concurrent revocation got there first.
         Returns False in that case, True when the statements ran.
@@ -454,6 +487,8 @@ class PostgresBackend:
         # A newline before each ";" ends a trailing "--" comment of a template.
         script = "\n;\n".join(parts)
         secrets_ = [*secret_values, self._secret]
+        if custom:
+            conn.mark_dirty()
         for attempt in range(_ATTEMPTS):
             error: BackendError
             try:
@@ -480,6 +515,8 @@ class PostgresBackend:
         name: str,
         templates: Sequence[str],
         statements: Sequence[str],
+        *,
+        custom: bool,
     ) -> bool:
         """The revocation protocol on one connection; False if the role did not exist."""
         quoted = escape_identifier(name)
@@ -513,7 +550,7 @@ class PostgresBackend:
         )
         lock = self._needs_lock(templates) or (self._serialize_ddl is None and row["granted"])
         return await self._transaction(
-            conn, "delete_user", [sweep, *statements], [], lock=lock, role_oid=oid
+            conn, "delete_user", [sweep, *statements], [], lock=lock, custom=custom, role_oid=oid
         )
 
     async def _wait_sessions_gone(self, conn: asyncpg.Connection, oid: int) -> None:

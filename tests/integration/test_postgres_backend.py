@@ -372,6 +372,37 @@ async def test_failing_statement_leaves_the_pooled_connection_clean(
     await backend.delete_user(delete_req(None, good))
 
 
+async def test_session_state_from_a_custom_template_is_reset(
+    harness: PostgresHarness, make_backend: MakeBackend
+) -> None:
+    """A custom template's session-level SET does not leak into the pooled connection.
+
+    The plugin skips the pool's reset query after its own statements only.
+    """
+    spec = role(
+        creation_statements=(
+            "CREATE ROLE \"{{name}}\" LOGIN PASSWORD '{{password}}'",
+            "SET search_path TO pg_catalog",
+            "SET statement_timeout = 1",
+        )
+    )
+    backend = await make_backend({"r": spec}, max_open_connections=1)
+    pool = backend._pool
+    assert pool is not None
+    async with pool.acquire() as conn:
+        expected = await conn.fetchval("SHOW search_path")
+    name, other = username(harness), username(harness)
+    await backend.new_user(new_req(spec, name))
+    async with pool.acquire() as conn:
+        assert await conn.fetchval("SHOW search_path") == expected
+        assert await conn.fetchval("SHOW statement_timeout") == "0"
+    await backend.new_user(new_req(role(), other))  # default template: no reset needed
+    await backend.delete_user(delete_req(spec, name))
+    await backend.delete_user(delete_req(None, other))
+    assert not await harness.user_exists(name)
+    assert not await harness.user_exists(other)
+
+
 async def test_several_statements_in_one_entry_and_across_entries(
     harness: PostgresHarness, make_backend: MakeBackend
 ) -> None:
