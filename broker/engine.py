@@ -19,6 +19,7 @@ import random
 import secrets
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -49,7 +50,7 @@ from broker.middleware import MountRuntime
 from broker.store.base import LeaseStore
 from broker.templating import generate_password, render_username
 
-__all__ = ["Issued", "LeaseEngine", "RevokeOutcome"]
+__all__ = ["EndingRecorder", "Issued", "LeaseEngine", "RevokeOutcome"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,67 @@ class RevokeOutcome:
 
 def _no_wake(at: float | None) -> None:
     """Until a sweeper is attached, wake-ups go nowhere."""
+
+
+def _no_release() -> None:
+    """A caller of revoke_claimed that holds no worker slot."""
+
+
+#: Most endings one ``finish_revoke_many`` write carries.
+RECORD_BATCH = 256
+
+
+class EndingRecorder:
+    """Records the endings of successful revocations in batches.
+
+    A sweeper worker's slot limits backend calls only; once ``delete_user`` has
+    returned, the ending waits here and the slot goes to the next lease. One
+    flusher task writes what has gathered with ``finish_revoke_many`` (one
+    statement, one commit), up to ``RECORD_BATCH`` at a time. It starts as
+    soon as something is waiting (after one loop turn, so endings completing
+    together share a write) and, while a write is in flight, the next batch
+    gathers: under load batches grow, when idle an ending waits one commit.
+
+    ``record`` returns only once the ending is durable, so a waiter told
+    "done" never sees it undone. A crash before that leaves the lease claimed
+    in the store; it is revoked again (idempotently) once the claim runs out.
+    """
+
+    def __init__(self, store: LeaseStore, clock: Callable[[], float]) -> None:
+        self._store = store
+        self._clock = clock
+        #: batches not yet being written: (endings, outcome: None or the write's error).
+        self._open: deque[tuple[list[tuple[str, LeaseState]],
+                                asyncio.Future[Exception | None]]] = deque()
+        self._task: asyncio.Task[None] | None = None
+
+    async def record(self, lease_id: str, state: LeaseState) -> Exception | None:
+        """Queue one ending; returns once it is committed (None) or the write failed."""
+        if not self._open or len(self._open[-1][0]) >= RECORD_BATCH:
+            self._open.append(([], asyncio.get_running_loop().create_future()))
+        endings, outcome = self._open[-1]
+        endings.append((lease_id, state))
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._flush(), name="broker-record-endings")
+        # shield: a cancelled waiter (shutdown past its grace) leaves the write to finish.
+        return await asyncio.shield(outcome)
+
+    async def _flush(self) -> None:
+        await asyncio.sleep(0)  # let endings of this loop turn join the first batch
+        while self._open:
+            endings, outcome = self._open.popleft()
+            error: Exception | None = None
+            try:
+                await self._store.finish_revoke_many(endings, now=self._clock())
+            except Exception as exc:
+                error = exc
+            if not outcome.done():
+                outcome.set_result(error)
+
+    async def drain(self) -> None:
+        """Wait until every queued ending has been written (or has failed)."""
+        while self._task is not None and not self._task.done():
+            await asyncio.shield(self._task)
 
 
 def lease_ref(lease: Lease) -> dict[str, Any]:
@@ -108,6 +170,7 @@ class LeaseEngine:
         self._issues_idle = asyncio.Event()
         self._issues_idle.set()
         self.accepting = True
+        self._endings = EndingRecorder(store, clock)
 
     @property
     def leases_cfg(self) -> LeaseConfig:
@@ -168,6 +231,8 @@ class LeaseEngine:
         return spec
 
     async def close(self) -> None:
+        # Endings already confirmed by a backend are written before anything closes.
+        await self._endings.drain()
         await asyncio.gather(*(m.close() for m in self.mounts.values()))
 
     # -- issue ---------------------------------------------------------------
@@ -419,17 +484,28 @@ class LeaseEngine:
                     cfg.revoke_backoff_base * 2.0 ** max(0, attempts - 1))
         return delay * (0.5 + random.random() / 2)  # noqa: S311 - jitter, not a secret
 
-    async def revoke_claimed(self, lease: Lease) -> None:
-        """Carry out one claimed revocation (a sweeper worker). Never raises."""
+    async def revoke_claimed(self, lease: Lease, release: Callable[[], None] = _no_release
+                             ) -> None:
+        """Carry out one claimed revocation (a sweeper worker). Never raises.
+
+        ``release()`` is called as soon as the backend call has returned (or
+        failed): the caller's worker slot bounds backend calls, not the wait for
+        the ending's batched commit that follows.
+        """
         reason = lease.revoke_reason or "expire"
         runtime = self.mounts.get(lease.mount)
         role = runtime.spec.roles.get(lease.role) if runtime else None
         now = self.clock()
         try:
-            if runtime is None:
-                raise BackendError(f"mount {lease.mount!r} is not configured", retryable=True)
-            await runtime.delete_user(DeleteUserRequest(
-                role=role, username=lease.username, revocation=lease.revocation, reason=reason))
+            try:
+                if runtime is None:
+                    raise BackendError(f"mount {lease.mount!r} is not configured",
+                                       retryable=True)
+                await runtime.delete_user(DeleteUserRequest(
+                    role=role, username=lease.username, revocation=lease.revocation,
+                    reason=reason))
+            finally:
+                release()
         except BackendError as exc:
             await self._revoke_failed(lease, reason, str(exc), retryable=exc.retryable)
             return
@@ -439,11 +515,12 @@ class LeaseEngine:
                                       retryable=True)
             return
         final = LeaseState.EXPIRED if reason == "expire" else LeaseState.REVOKED
-        try:
-            await self.store.finish_revoke(lease.id, state=final, now=self.clock())
-        except Exception:
-            log.exception("recording revocation of %s (the claim will run out and retry)", lease.id)
+        error = await self._endings.record(lease.id, final)
+        if error is not None:
+            log.error("recording revocation of %s (the claim will run out and retry)",
+                      lease.id, exc_info=error)
             return
+        # Audit and tell waiters only now: the ending is durable.
         kind = "expire" if reason == "expire" else "revoke"
         await self._audit_quietly(event(kind, lease=lease_ref(lease), reason=reason,
                                         lag_seconds=round(now - lease.expire_time, 3)
