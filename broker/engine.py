@@ -80,18 +80,25 @@ def _no_release() -> None:
 
 #: Most endings one ``finish_revoke_many`` write carries.
 RECORD_BATCH = 256
+#: Most ``finish_revoke_many`` writes in flight at once.
+RECORD_WRITES = 4
+
+_Batch = tuple[list[tuple[str, LeaseState]], "asyncio.Future[Exception | None]"]
 
 
 class EndingRecorder:
     """Records the endings of successful revocations in batches.
 
     A sweeper worker's slot limits backend calls only; once ``delete_user`` has
-    returned, the ending waits here and the slot goes to the next lease. One
-    flusher task writes what has gathered with ``finish_revoke_many`` (one
-    statement, one commit), up to ``RECORD_BATCH`` at a time. It starts as
-    soon as something is waiting (after one loop turn, so endings completing
-    together share a write) and, while a write is in flight, the next batch
-    gathers: under load batches grow, when idle an ending waits one commit.
+    returned, the ending waits here and the slot goes to the next lease. The
+    endings that arrive in one loop turn are written together with one
+    ``finish_revoke_many`` (one statement, one commit), up to ``RECORD_BATCH``
+    per write and ``RECORD_WRITES`` writes in flight; while all are busy the
+    next batch gathers, so under load batches grow and when idle an ending
+    waits one commit. Why not fewer, bigger writes: the time between a
+    backend's delete and its durable ending is the window in which a crash
+    makes another replica revoke the lease a second time, so an ending should
+    not wait behind another batch's commit.
 
     ``record`` returns only once the ending is durable, so a waiter told
     "done" never sees it undone. A crash before that leaves the lease claimed
@@ -102,37 +109,52 @@ class EndingRecorder:
         self._store = store
         self._clock = clock
         #: batches not yet being written: (endings, outcome: None or the write's error).
-        self._open: deque[tuple[list[tuple[str, LeaseState]],
-                                asyncio.Future[Exception | None]]] = deque()
-        self._task: asyncio.Task[None] | None = None
+        self._open: deque[_Batch] = deque()
+        self._writes: set[asyncio.Task[None]] = set()
+        self._kick_scheduled = False
 
     async def record(self, lease_id: str, state: LeaseState) -> Exception | None:
         """Queue one ending; returns once it is committed (None) or the write failed."""
+        loop = asyncio.get_running_loop()
         if not self._open or len(self._open[-1][0]) >= RECORD_BATCH:
-            self._open.append(([], asyncio.get_running_loop().create_future()))
+            self._open.append(([], loop.create_future()))
         endings, outcome = self._open[-1]
         endings.append((lease_id, state))
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._flush(), name="broker-record-endings")
+        if not self._kick_scheduled:
+            # After this loop turn: endings completing together share a write.
+            self._kick_scheduled = True
+            loop.call_soon(self._kick)
         # shield: a cancelled waiter (shutdown past its grace) leaves the write to finish.
         return await asyncio.shield(outcome)
 
-    async def _flush(self) -> None:
-        await asyncio.sleep(0)  # let endings of this loop turn join the first batch
-        while self._open:
-            endings, outcome = self._open.popleft()
-            error: Exception | None = None
-            try:
-                await self._store.finish_revoke_many(endings, now=self._clock())
-            except Exception as exc:
-                error = exc
+    def _kick(self) -> None:
+        self._kick_scheduled = False
+        while self._open and len(self._writes) < RECORD_WRITES:
+            task = asyncio.create_task(self._write(self._open.popleft()),
+                                       name="broker-record-endings")
+            self._writes.add(task)
+
+    async def _write(self, batch: _Batch) -> None:
+        endings, outcome = batch
+        error: Exception | None = RuntimeError("recording interrupted")
+        try:
+            await self._store.finish_revoke_many(endings, now=self._clock())
+            error = None
+        except Exception as exc:
+            error = exc
+        finally:
+            task = asyncio.current_task()
+            if task is not None:
+                self._writes.discard(task)
             if not outcome.done():
                 outcome.set_result(error)
+            self._kick()
 
     async def drain(self) -> None:
         """Wait until every queued ending has been written (or has failed)."""
-        while self._task is not None and not self._task.done():
-            await asyncio.shield(self._task)
+        while self._open or self._writes:
+            self._kick()
+            await asyncio.wait(set(self._writes))
 
 
 def lease_ref(lease: Lease) -> dict[str, Any]:
