@@ -19,6 +19,7 @@ import random
 import secrets
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -49,7 +50,7 @@ from broker.middleware import MountRuntime
 from broker.store.base import LeaseStore
 from broker.templating import generate_password, render_username
 
-__all__ = ["Issued", "LeaseEngine", "RevokeOutcome"]
+__all__ = ["EndingRecorder", "Issued", "LeaseEngine", "RevokeOutcome"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,89 @@ class RevokeOutcome:
 
 def _no_wake(at: float | None) -> None:
     """Until a sweeper is attached, wake-ups go nowhere."""
+
+
+def _no_release() -> None:
+    """A caller of revoke_claimed that holds no worker slot."""
+
+
+#: Most endings one ``finish_revoke_many`` write carries.
+RECORD_BATCH = 256
+#: Most ``finish_revoke_many`` writes in flight at once.
+RECORD_WRITES = 4
+
+_Batch = tuple[list[tuple[str, LeaseState]], "asyncio.Future[Exception | None]"]
+
+
+class EndingRecorder:
+    """Records the endings of successful revocations in batches.
+
+    A sweeper worker's slot limits backend calls only; once ``delete_user`` has
+    returned, the ending waits here and the slot goes to the next lease. The
+    endings that arrive in one loop turn are written together with one
+    ``finish_revoke_many`` (one statement, one commit), up to ``RECORD_BATCH``
+    per write and ``RECORD_WRITES`` writes in flight; while all are busy the
+    next batch gathers, so under load batches grow and when idle an ending
+    waits one commit. Why not fewer, bigger writes: the time between a
+    backend's delete and its durable ending is the window in which a crash
+    makes another replica revoke the lease a second time, so an ending should
+    not wait behind another batch's commit.
+
+    ``record`` returns only once the ending is durable, so a waiter told
+    "done" never sees it undone. A crash before that leaves the lease claimed
+    in the store; it is revoked again (idempotently) once the claim runs out.
+    """
+
+    def __init__(self, store: LeaseStore, clock: Callable[[], float]) -> None:
+        self._store = store
+        self._clock = clock
+        #: batches not yet being written: (endings, outcome: None or the write's error).
+        self._open: deque[_Batch] = deque()
+        self._writes: set[asyncio.Task[None]] = set()
+        self._kick_scheduled = False
+
+    async def record(self, lease_id: str, state: LeaseState) -> Exception | None:
+        """Queue one ending; returns once it is committed (None) or the write failed."""
+        loop = asyncio.get_running_loop()
+        if not self._open or len(self._open[-1][0]) >= RECORD_BATCH:
+            self._open.append(([], loop.create_future()))
+        endings, outcome = self._open[-1]
+        endings.append((lease_id, state))
+        if not self._kick_scheduled:
+            # After this loop turn: endings completing together share a write.
+            self._kick_scheduled = True
+            loop.call_soon(self._kick)
+        # shield: a cancelled waiter (shutdown past its grace) leaves the write to finish.
+        return await asyncio.shield(outcome)
+
+    def _kick(self) -> None:
+        self._kick_scheduled = False
+        while self._open and len(self._writes) < RECORD_WRITES:
+            task = asyncio.create_task(self._write(self._open.popleft()),
+                                       name="broker-record-endings")
+            self._writes.add(task)
+
+    async def _write(self, batch: _Batch) -> None:
+        endings, outcome = batch
+        error: Exception | None = RuntimeError("recording interrupted")
+        try:
+            await self._store.finish_revoke_many(endings, now=self._clock())
+            error = None
+        except Exception as exc:
+            error = exc
+        finally:
+            task = asyncio.current_task()
+            if task is not None:
+                self._writes.discard(task)
+            if not outcome.done():
+                outcome.set_result(error)
+            self._kick()
+
+    async def drain(self) -> None:
+        """Wait until every queued ending has been written (or has failed)."""
+        while self._open or self._writes:
+            self._kick()
+            await asyncio.wait(set(self._writes))
 
 
 def lease_ref(lease: Lease) -> dict[str, Any]:
@@ -108,6 +192,7 @@ class LeaseEngine:
         self._issues_idle = asyncio.Event()
         self._issues_idle.set()
         self.accepting = True
+        self._endings = EndingRecorder(store, clock)
 
     @property
     def leases_cfg(self) -> LeaseConfig:
@@ -168,6 +253,8 @@ class LeaseEngine:
         return spec
 
     async def close(self) -> None:
+        # Endings already confirmed by a backend are written before anything closes.
+        await self._endings.drain()
         await asyncio.gather(*(m.close() for m in self.mounts.values()))
 
     # -- issue ---------------------------------------------------------------
@@ -419,17 +506,28 @@ class LeaseEngine:
                     cfg.revoke_backoff_base * 2.0 ** max(0, attempts - 1))
         return delay * (0.5 + random.random() / 2)  # noqa: S311 - jitter, not a secret
 
-    async def revoke_claimed(self, lease: Lease) -> None:
-        """Carry out one claimed revocation (a sweeper worker). Never raises."""
+    async def revoke_claimed(self, lease: Lease, release: Callable[[], None] = _no_release
+                             ) -> None:
+        """Carry out one claimed revocation (a sweeper worker). Never raises.
+
+        ``release()`` is called as soon as the backend call has returned (or
+        failed): the caller's worker slot bounds backend calls, not the wait for
+        the ending's batched commit that follows.
+        """
         reason = lease.revoke_reason or "expire"
         runtime = self.mounts.get(lease.mount)
         role = runtime.spec.roles.get(lease.role) if runtime else None
         now = self.clock()
         try:
-            if runtime is None:
-                raise BackendError(f"mount {lease.mount!r} is not configured", retryable=True)
-            await runtime.delete_user(DeleteUserRequest(
-                role=role, username=lease.username, revocation=lease.revocation, reason=reason))
+            try:
+                if runtime is None:
+                    raise BackendError(f"mount {lease.mount!r} is not configured",
+                                       retryable=True)
+                await runtime.delete_user(DeleteUserRequest(
+                    role=role, username=lease.username, revocation=lease.revocation,
+                    reason=reason))
+            finally:
+                release()
         except BackendError as exc:
             await self._revoke_failed(lease, reason, str(exc), retryable=exc.retryable)
             return
@@ -439,11 +537,12 @@ class LeaseEngine:
                                       retryable=True)
             return
         final = LeaseState.EXPIRED if reason == "expire" else LeaseState.REVOKED
-        try:
-            await self.store.finish_revoke(lease.id, state=final, now=self.clock())
-        except Exception:
-            log.exception("recording revocation of %s (the claim will run out and retry)", lease.id)
+        error = await self._endings.record(lease.id, final)
+        if error is not None:
+            log.error("recording revocation of %s (the claim will run out and retry)",
+                      lease.id, exc_info=error)
             return
+        # Audit and tell waiters only now: the ending is durable.
         kind = "expire" if reason == "expire" else "revoke"
         await self._audit_quietly(event(kind, lease=lease_ref(lease), reason=reason,
                                         lag_seconds=round(now - lease.expire_time, 3)

@@ -6,6 +6,12 @@ queued), claims due leases in batches, and hands them to a bounded pool of
 workers. Per-mount queues served round-robin, with a per-mount cap, keep one
 slow or dead backend from starving the others.
 
+Those caps bound backend calls only. A worker is handed a ``release``
+callback and calls it once its backend call has returned; the slot then goes
+to the next lease while the worker waits for its ending to be recorded (the
+engine writes endings in batches, see ``broker.engine.EndingRecorder``). So a
+mount's revocations are not limited to ``per_mount_workers`` per commit.
+
 A claim lasts ``claim_timeout``; after that another replica may take the
 lease. So a queued lease is started only while its revocation can still finish
 inside the claim (``backend_timeout`` before it runs out); one that waited too
@@ -41,7 +47,7 @@ class Sweeper:
     def __init__(
         self,
         store: LeaseStore,
-        revoke: Callable[[Lease], Awaitable[None]],
+        revoke: Callable[[Lease, Callable[[], None]], Awaitable[None]],
         config: LeaseConfig,
         *,
         node_id: str,
@@ -55,7 +61,11 @@ class Sweeper:
         self._wakeup = asyncio.Event()
         #: per mount: (lease, when our claim on it runs out).
         self._queues: dict[str, deque[tuple[Lease, float]]] = {}
+        #: per mount: backend calls in flight (the per-mount cap).
         self._inflight: dict[str, int] = {}
+        #: backend calls in flight on all mounts (the global cap).
+        self._calling = 0
+        #: every worker, from its backend call until its ending is recorded.
         self._tasks: set[asyncio.Task[None]] = set()
         self._rr: deque[str] = deque()
         self._next_wake: float | None = None
@@ -161,7 +171,7 @@ class Sweeper:
     def _pump(self) -> None:
         """Start workers round-robin over mounts, within the global and per-mount caps."""
         idle_rounds = 0
-        while len(self._tasks) < self.config.revoke_workers and self._rr and idle_rounds < len(
+        while self._calling < self.config.revoke_workers and self._rr and idle_rounds < len(
             self._rr
         ):
             mount = self._rr[0]
@@ -183,17 +193,30 @@ class Sweeper:
                 log.debug("lease %s waited past its claim; left for a new claim", lease.id)
                 continue
             self._inflight[mount] = self._inflight.get(mount, 0) + 1
+            self._calling += 1
             task = asyncio.create_task(self._work(lease), name=f"revoke {lease.id}")
             self._tasks.add(task)
 
     async def _work(self, lease: Lease) -> None:
-        try:
-            await self.revoke(lease)
-        finally:
+        released = False
+
+        def release() -> None:
+            """The backend call is over: its slots go to the next queued lease."""
+            nonlocal released
+            if released:
+                return
+            released = True
             self._inflight[lease.mount] -= 1
+            self._calling -= 1
+            if not self._stopping:
+                self._pump()
+
+        try:
+            await self.revoke(lease, release)
+        finally:
+            release()  # a revoke that returned or failed without calling it
             task = asyncio.current_task()
             if task is not None:
                 self._tasks.discard(task)
             if not self._stopping:
-                self._pump()
-                self._wakeup.set()
+                self._wakeup.set()  # room to claim more

@@ -126,6 +126,15 @@ class LeaseStore(Protocol):
     async def finish_revoke(self, lease_id: str, *, state: LeaseState, now: float) -> None:
         """revoking -> revoked/expired tombstone; ``ended_at`` = now, ``due_at`` = NULL."""
 
+    async def finish_revoke_many(
+        self, items: Sequence[tuple[str, LeaseState]], *, now: float
+    ) -> None:
+        """End many revocations in one durable write: each ``(lease_id, state)`` row
+        that is still ``revoking`` becomes ``state`` (revoked/expired) with
+        ``ended_at`` = now, ``due_at`` = NULL; any other row is left alone. The
+        sweeper's workers record successful revocations this way, so one commit
+        carries many endings instead of one each."""
+
     async def fail_revoke(
         self,
         lease_id: str,

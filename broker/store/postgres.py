@@ -638,6 +638,19 @@ class PostgresStore:
             _dead_state(state), now, lease_id,
         )
 
+    async def finish_revoke_many(
+        self, items: Sequence[tuple[str, LeaseState]], *, now: float
+    ) -> None:
+        if not items:
+            return
+        # One statement, one commit (one WAL flush) for the whole batch.
+        await self.pool.execute(
+            "UPDATE leases AS l SET state = e.state, ended_at = $3, due_at = NULL"
+            " FROM unnest($1::text[], $2::text[]) AS e(id, state)"
+            " WHERE l.id = e.id AND l.state = 'revoking'",
+            [lease_id for lease_id, _ in items], [_dead_state(state) for _, state in items], now,
+        )
+
     async def fail_revoke(
         self, lease_id: str, *, error: str, next_attempt: float | None, now: float
     ) -> int:

@@ -537,6 +537,20 @@ class SQLiteStore:
             (_dead_state(state), now, lease_id),
         ))
 
+    async def finish_revoke_many(
+        self, items: Sequence[tuple[str, LeaseState]], *, now: float
+    ) -> None:
+        if not items:
+            return
+        # One statement (one write op of the group commit) whatever the batch size:
+        # a JSON object {lease id: final state} joined on the primary key.
+        endings = json.dumps({lease_id: _dead_state(state) for lease_id, state in items})
+        await self._write(_rowcount(
+            "UPDATE leases SET state = e.value, ended_at = ?, due_at = NULL"
+            " FROM json_each(?) AS e WHERE leases.id = e.key AND leases.state = 'revoking'",
+            (now, endings),
+        ))
+
     async def fail_revoke(
         self, lease_id: str, *, error: str, next_attempt: float | None, now: float
     ) -> int:

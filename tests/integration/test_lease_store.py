@@ -246,6 +246,59 @@ async def test_finish_revoke_leaves_a_tombstone(store: LeaseStore) -> None:
         await store.finish_revoke(lid(1), state=LeaseState.ACTIVE, now=T0 + 5)
 
 
+async def test_finish_revoke_many_ends_each_revoking_row(store: LeaseStore) -> None:
+    """One call ends every listed revoking lease with its own final state; rows not
+    listed, or no longer revoking (irrevocable, already ended, active, pending,
+    unknown), are left exactly as they were."""
+    await put_many_active(store, [make_lease(lid(n), ttl=1) for n in range(6)])
+    await store.claim_due(now=T0 + 2, limit=4, claimer="a", claim_timeout=30)  # 0..3
+    await store.fail_revoke(lid(2), error="down", next_attempt=None, now=T0 + 3)
+    await store.finish_revoke(lid(3), state=LeaseState.REVOKED, now=T0 + 3)
+    pending = make_lease(lid(9))
+    await store.insert_pending(pending)
+
+    await store.finish_revoke_many(
+        [(lid(0), LeaseState.EXPIRED), (lid(1), LeaseState.REVOKED),
+         (lid(2), LeaseState.EXPIRED), (lid(3), LeaseState.EXPIRED),
+         (lid(4), LeaseState.EXPIRED), (lid(9), LeaseState.EXPIRED),
+         ("pg/creds/ro/unknown", LeaseState.EXPIRED)],
+        now=T0 + 5,
+    )
+    got = {n: await store.get(lid(n)) for n in (0, 1, 2, 3, 4, 5, 9)}
+    assert all(lease is not None for lease in got.values())
+    states = {n: (lease.state, lease.ended_at) for n, lease in got.items() if lease}
+    assert states == {
+        0: (LeaseState.EXPIRED, T0 + 5),
+        1: (LeaseState.REVOKED, T0 + 5),
+        2: (LeaseState.IRREVOCABLE, None),  # no longer revoking: left alone
+        3: (LeaseState.REVOKED, T0 + 3),  # already ended: keeps its first ending
+        4: (LeaseState.ACTIVE, None),  # never claimed: not revoking
+        5: (LeaseState.ACTIVE, None),  # not listed
+        9: (LeaseState.PENDING, None),
+    }
+    # Ended rows are never due again; the active ones still are.
+    assert await store.next_due() == T0 + 1
+    claimed = await store.claim_due(now=T0 + 100, limit=10, claimer="a", claim_timeout=30)
+    assert sorted(c.id for c in claimed) == [lid(4), lid(5)]
+    await store.finish_revoke_many([], now=T0 + 6)  # nothing to do is fine
+    with pytest.raises(ValueError, match="final state"):
+        await store.finish_revoke_many([(lid(4), LeaseState.ACTIVE)], now=T0 + 7)
+    got4 = await store.get(lid(4))
+    assert got4 is not None and got4.state is LeaseState.REVOKING
+
+
+async def test_finish_revoke_many_large_batch(store: LeaseStore) -> None:
+    """A batch far larger than the sweeper's ends every row in one call."""
+    n = 1200
+    await put_many_active(store, [make_lease(lid(i), ttl=1) for i in range(n)])
+    claimed = await store.claim_due(now=T0 + 2, limit=n, claimer="a", claim_timeout=30)
+    assert len(claimed) == n
+    await store.finish_revoke_many([(c.id, LeaseState.EXPIRED) for c in claimed], now=T0 + 3)
+    counts = await store.count_by_state()
+    assert counts["expired"] == n and counts["revoking"] == 0
+    assert await store.next_due() is None
+
+
 async def test_fail_revoke_backs_off_then_goes_irrevocable(store: LeaseStore) -> None:
     """A failed attempt is due again at next_attempt; with none left the lease is irrevocable."""
     await put_active(store, make_lease(lid(1), ttl=1))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import asyncpg
@@ -211,7 +211,8 @@ async def test_an_idle_sweeper_is_woken_by_another_replicas_issue(
     revoked: list[tuple[str, float]] = []
     done = asyncio.Event()
 
-    async def revoke(lease: Lease) -> None:
+    async def revoke(lease: Lease, release: Callable[[], None]) -> None:
+        release()
         await b.finish_revoke(lease.id, state=LeaseState.EXPIRED, now=time.time())
         revoked.append((lease.id, time.time()))
         done.set()
@@ -246,8 +247,9 @@ async def test_a_slow_replica_does_not_revoke_leases_whose_claim_ran_short(
     revoked: list[tuple[str, str]] = []
 
     def revoker(name: str, store: PostgresStore, seconds: float) -> Any:
-        async def revoke(lease: Lease) -> None:
+        async def revoke(lease: Lease, release: Callable[[], None]) -> None:
             await asyncio.sleep(seconds)  # a slow backend call
+            release()
             revoked.append((name, lease.id))
             await store.finish_revoke(lease.id, state=LeaseState.EXPIRED, now=time.time())
         return revoke

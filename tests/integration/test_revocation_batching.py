@@ -1,0 +1,258 @@
+"""Revocation endings are recorded in batches, after the worker slot is freed.
+
+A real broker state (``server.build_state``: SQLite store, audit log, engine,
+sweeper) with the bench's no-op backend. The store is real; a few tests wrap
+its ``finish_revoke_many`` (or the backend's ``delete_user``) to watch the
+calls, hold a write back, or fail one, then call through to the real thing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker import server
+from broker.bench import noop
+from broker.bench.harness import broker_config
+from broker.config import load_config
+from broker.lease import Lease, LeaseState
+from broker.state import BrokerState
+from broker.store import open_store
+from tests.integration.store_fixtures import make_lease, put_active, put_many_active
+
+pytestmark = pytest.mark.integration
+
+Write = Callable[..., Awaitable[None]]
+
+
+def lid(n: int) -> str:
+    return f"bench/creds/r/{n:06d}"
+
+
+class Brokers:
+    """Builds broker states in a temporary directory; stops whatever a test left running."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.running: list[BrokerState] = []
+
+    async def make(self, **leases: Any) -> BrokerState:
+        noop.register()
+        config = load_config(broker_config(self.tmp_path, leases=leases))
+        state = await server.build_state(config)
+        self.running.append(state)
+        return state
+
+    async def stop(self, state: BrokerState, grace: float) -> None:
+        self.running.remove(state)
+        await server.stop(state, grace)
+
+
+@pytest.fixture
+async def brokers(tmp_path: Path) -> AsyncIterator[Brokers]:
+    made = Brokers(tmp_path)
+    yield made
+    for state in list(made.running):
+        await made.stop(state, grace=5.0)
+
+
+class Writes:
+    """Watches finish_revoke_many: each batch's ids when the write starts, and the
+    ids of writes that committed. ``before(call number)`` runs before each write."""
+
+    def __init__(self, state: BrokerState,
+                 before: Callable[[int], Awaitable[None]] | None = None) -> None:
+        self.batches: list[list[str]] = []
+        self.committed: list[str] = []
+        real: Write = state.store.finish_revoke_many
+
+        async def spy(items: Sequence[tuple[str, LeaseState]], *, now: float) -> None:
+            ids = [lease_id for lease_id, _ in items]
+            self.batches.append(ids)
+            if before is not None:
+                await before(len(self.batches))
+            await real(items, now=now)
+            self.committed += ids
+
+        state.store.finish_revoke_many = spy  # type: ignore[method-assign]
+
+    @staticmethod
+    def ids(batches: list[list[str]]) -> list[str]:
+        return [lease_id for batch in batches for lease_id in batch]
+
+
+def watch_deletes(state: BrokerState) -> list[str]:
+    """Usernames whose delete_user returned, in order."""
+    deleted: list[str] = []
+    backend = state.engine.mounts["bench"].backend
+    real = backend.delete_user
+
+    async def spy(req: Any) -> Any:
+        resp = await real(req)
+        deleted.append(req.username)
+        return resp
+
+    backend.delete_user = spy
+    return deleted
+
+
+async def seed_due(state: BrokerState, n: int, *, due: float) -> list[Lease]:
+    leases = [make_lease(lid(i), issue_time=due - 60, ttl=60) for i in range(n)]
+    await put_many_active(state.store, leases)
+    return leases
+
+
+async def until(predicate: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+    return predicate()
+
+
+async def ended(state: BrokerState, ids: Sequence[str]) -> dict[str, LeaseState]:
+    out = {}
+    for lease_id in ids:
+        lease = await state.store.get(lease_id)
+        assert lease is not None
+        out[lease_id] = lease.state
+    return out
+
+
+def audit_types(state: BrokerState) -> list[str]:
+    with open(state.config.audit.path) as f:
+        return [json.loads(line)["type"] for line in f if line.strip()]
+
+
+async def test_a_burst_commits_many_endings_per_write(
+    brokers: Brokers,
+) -> None:
+    """2,000 leases due at once on one mount with per_mount_workers = 8: the
+    endings go out in far fewer writes than 2,000 / 8, each audited once."""
+    state = await brokers.make(per_mount_workers=8)
+    n = 2000
+    leases = await seed_due(state, n, due=time.time())
+    writes = Writes(state)
+    batches = writes.batches
+    await server.start(state)
+    await until(lambda: len(writes.committed) == n, 30)
+    counts = await state.store.count_by_state()
+    assert counts["expired"] == n, counts
+    assert sorted(Writes.ids(batches)) == sorted(x.id for x in leases)
+    assert max(len(b) for b in batches) > 8, [len(b) for b in batches]
+    assert len(batches) < n / 8 / 2, [len(b) for b in batches]
+    await until(lambda: audit_types(state).count("expire") == n, 5)
+    assert audit_types(state).count("expire") == n
+    got = await state.store.get(lid(0))
+    assert got is not None and got.ended_at is not None and got.ended_at >= got.expire_time
+
+
+async def test_slot_is_freed_before_the_ending_is_durable_and_waiter_waits_for_it(
+    brokers: Brokers,
+) -> None:
+    """With one slot per mount, lease B's backend call runs while A's ending is
+    still held back, and B's ending does not wait behind A's write; A's revoke
+    call answers "done" only once its ending is committed, and its audit line
+    comes after the commit."""
+    state = await brokers.make(per_mount_workers=1, revoke_workers=1)
+    gate = asyncio.Event()
+
+    async def hold_first(call: int) -> None:
+        if call == 1:
+            await gate.wait()
+
+    batches = Writes(state, hold_first).batches
+    await server.start(state)
+    deleted = watch_deletes(state)
+    a = await put_active(state.store, make_lease(lid(1), issue_time=time.time(), ttl=3600))
+    b = await put_active(state.store, make_lease(lid(2), issue_time=time.time(), ttl=3600))
+    try:
+        first = asyncio.create_task(state.engine.revoke(a, wait=10))
+        assert await until(lambda: len(batches) == 1, 5), "A's ending was never written"
+        # B's delete_user runs although A's ending is not committed: the slot was free.
+        assert (await state.engine.revoke(b, wait=10)).done
+        assert len(deleted) == 2
+        await asyncio.sleep(0.1)
+        assert not first.done()
+        assert (await ended(state, [a.id, b.id])) == {a.id: LeaseState.REVOKING,
+                                                      b.id: LeaseState.REVOKED}
+        assert audit_types(state).count("revoke") == 1
+    finally:
+        gate.set()
+    assert (await first).done
+    assert (await ended(state, [a.id])) == {a.id: LeaseState.REVOKED}
+    assert audit_types(state).count("revoke") == 2
+    assert batches == [[a.id], [b.id]]
+
+
+async def test_a_lost_ending_is_revoked_again_after_the_claim(
+    brokers: Brokers,
+) -> None:
+    """The write of an ending fails (as if the broker died after delete_user):
+    the lease stays claimed, is not reported done, and once the claim runs out
+    it is revoked again and recorded."""
+    state = await brokers.make(claim_timeout="3s", backend_timeout="1s")
+
+    async def fail_first(call: int) -> None:
+        if call == 1:
+            raise OSError("disk gone")
+
+    batches = Writes(state, fail_first).batches
+    await server.start(state)
+    deleted = watch_deletes(state)
+    lease = await put_active(state.store, make_lease(lid(1), issue_time=time.time() - 60,
+                                                     ttl=59))
+    username = f"u-{lease.id[-6:]}"  # what put_active gives it
+    started = time.time()
+    state.sweeper.wake(None)  # written behind the engine's back: tell the sweeper
+    assert await until(lambda: len(batches) == 1, 5)
+    await asyncio.sleep(0.2)
+    got = await state.store.get(lease.id)
+    assert got is not None and got.state is LeaseState.REVOKING
+    assert "expire" not in audit_types(state)
+
+    assert await until(lambda: len(batches) == 2, 10), "not retried after the claim ran out"
+    assert time.time() - started >= 2.5  # not before the claim ran out
+    assert deleted == [username, username]
+    assert await until(lambda: "expire" in audit_types(state), 5)
+    got = await state.store.get(lease.id)
+    assert got is not None and got.state is LeaseState.EXPIRED
+
+
+@pytest.mark.parametrize("grace", [5.0, 0.0])
+async def test_shutdown_writes_endings_already_confirmed(brokers: Brokers, grace: float) -> None:
+    """Stopping while endings wait for slow writes: every ending handed over for
+    recording is in the store afterwards, even when the grace is spent (workers
+    cancelled) before the writes finish. The rest stay claimed, not lost."""
+    state = await brokers.make()
+
+    async def slow(call: int) -> None:
+        await asyncio.sleep(0.3)
+
+    writes = Writes(state, slow)
+    leases = await seed_due(state, 300, due=time.time())
+    await server.start(state)
+    assert await until(lambda: len(writes.batches) >= 2, 10)
+    committed_at_stop = len(writes.committed)
+    await brokers.stop(state, grace=grace)
+    recorded = set(Writes.ids(writes.batches))
+    assert len(recorded) > committed_at_stop  # endings were still waiting at the stop
+    assert set(writes.committed) == recorded
+
+    store = open_store(state.config.storage.url)
+    await store.open()
+    try:
+        for lease in leases:
+            got = await store.get(lease.id)
+            assert got is not None
+            if lease.id in recorded:
+                assert got.state is LeaseState.EXPIRED, lease.id
+            else:  # never started, or its backend call was cut short: claimed, due again
+                assert got.state is LeaseState.REVOKING and got.id not in recorded
+    finally:
+        await store.close()
