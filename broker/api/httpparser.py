@@ -10,15 +10,16 @@ Moving must happen exactly at a message boundary, or the two parsers would
 disagree on where requests start (request smuggling). The C parser does not
 expose its byte position, so:
 
-- incoming bytes are split before every ``LIST `` that starts a line (follows
-  CRLF, or starts the stream; a ``LIST`` cut by a TCP read counts: the start
+- incoming bytes are split before every ``LIST `` (a request may follow a
+  body directly, so anywhere; a ``LIST`` cut by a TCP read counts: the start
   already fed is remembered), and fed to the C parser piece by piece;
 - a piece whose first line the C parser rejects with *invalid method* proves
-  the C parser was between messages when it started: after a CRLF, llhttp is
-  either between messages, in headers (``LIST /x`` is then a bad header
-  token, not a bad method), in a chunk header (a bad chunk size) or in a body
-  (no error). Every byte before the piece was parsed into messages already
-  returned, so the Python parser takes over from the piece's first byte;
+  the C parser was between messages when it started: otherwise llhttp is in a
+  body (no error), in headers or a request line (a bad header token, URL or
+  version, not a bad method), in a chunk header (a bad chunk size), or inside
+  a method (``GLIST``: the same framing, read as ``LIST``). Every byte before
+  the piece was parsed into messages already returned, so the Python parser
+  takes over from the piece's first byte;
 - any other error, or one on a later line (or a piece whose first line
   appears again in it, so llhttp's quote of the line is ambiguous), is
   answered 400 as before.
@@ -110,9 +111,10 @@ class ListAwareRequestParser:
         return messages, upgraded, tail
 
     def _list_starts(self, data: bytes) -> list[int]:
-        """Offsets in ``data`` of the lines starting with ``LIST ``.
+        """Offsets in ``data`` where ``LIST `` (or, at the end, ``LIS``/``LIST``) begins.
 
-        An offset is negative when the line began in bytes already fed
+        Any offset, not only after a CRLF: a request follows a body directly.
+        An offset is negative when the verb began in bytes already fed
         (``self._recent``): a ``LIST`` cut by a read.
         """
         joined = self._recent + data
@@ -120,15 +122,13 @@ class ListAwareRequestParser:
         starts = []
         pos = joined.find(_LIST, max(0, k - len(_LIST) + 1))
         while pos != -1:
-            if pos >= 2 and joined[pos - 2:pos] == _CRLF:
-                starts.append(pos - k)
+            starts.append(pos - k)
             pos = joined.find(_LIST, pos + 1)
-        # A read that ends inside a LIST line's verb: llhttp already rejects
-        # "LIS" (no method starts so), so that piece must be a candidate too.
+        # A read that ends inside the verb: llhttp already rejects "LIS" (no
+        # method starts so), so that piece must be a candidate too.
         for verb_start in _VERB_STARTS:
-            pos = len(joined) - len(verb_start)
-            if pos >= 2 and joined.endswith(_CRLF + verb_start):
-                starts.append(pos - k)
+            if joined.endswith(verb_start):
+                starts.append(len(joined) - len(verb_start) - k)
         return starts
 
     def _resume_deferred(self, data: bytes) -> _FeedResult:

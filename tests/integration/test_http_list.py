@@ -120,6 +120,16 @@ def test_list_cut_across_reads(broker: BrokerThread, cut: int) -> None:
         assert _is_list_answer(status, body), (status, body)
 
 
+def test_list_right_after_a_body_without_crlf(broker: BrokerThread) -> None:
+    """A request follows a body directly (no CRLF between): a LIST there is found too."""
+    body = b'{"lease_id": "nope"}'
+    with _connect(broker) as sock, sock.makefile("rb") as f:
+        sock.sendall(_request("PUT", "/v1/sys/leases/lookup", body) + _request("LIST", LIST_PATH))
+        assert _read_response(f)[0] in (400, 404)
+        status, answer = _read_response(f)
+        assert _is_list_answer(status, answer), (status, answer)
+
+
 def test_list_line_inside_a_body_is_body(broker: BrokerThread) -> None:
     """A body line that starts with "LIST " is body bytes, not a request: framing holds."""
     body = b'{"lease_id": "x"}\r\nLIST /v1/sys/health HTTP/1.1\r\n'
