@@ -17,9 +17,10 @@ expose its byte position, so:
   the C parser was between messages when it started: otherwise llhttp is in a
   body (no error), in headers or a request line (a bad header token, URL or
   version, not a bad method), in a chunk header (a bad chunk size), or inside
-  a method (``GLIST``: the same framing, read as ``LIST``). Every byte before
-  the piece was parsed into messages already returned, so the Python parser
-  takes over from the piece's first byte;
+  a method (``GLIST``: llhttp then fails at the "L", not at the "S", which the
+  check tells apart). Every byte before the piece was parsed into messages
+  already returned, so the Python parser takes over from the piece's first
+  byte;
 - any other error, or one on a later line (or a piece whose first line
   appears again in it, so llhttp's quote of the line is ambiguous), is
   answered 400 as before.
@@ -65,6 +66,7 @@ class ListAwareRequestParser:
         self._c_body_paused = False  # the C parser was paused inside a body: never switch
         self._recent = _CRLF  # last bytes fed to the C parser; the stream start is a line start
         self._deferred = b""  # a LIST piece (and what follows) waiting for the queue to drain
+        self._deferred_prefix = b""  # its verb's first bytes, already fed to the C parser
 
     # --- what RequestHandler calls --------------------------------------------
 
@@ -138,7 +140,8 @@ class ListAwareRequestParser:
         messages, upgraded, tail = self._feed_c(b"")
         if upgraded:
             return messages, True, tail + data
-        self._recent = _CRLF  # the deferred piece started a line when it was split off
+        # So that _list_starts finds the deferred piece's verb again, prefix included.
+        self._recent = (_CRLF + self._deferred_prefix)[-_KEEP:]
         more, upgraded, tail = self._feed_pieces(data)
         return messages + more, upgraded, tail
 
@@ -155,12 +158,12 @@ class ListAwareRequestParser:
                     # The C parser may be paused holding bytes from before this
                     # piece: wait for the protocol to drain its queue (it then
                     # feeds b"", see _resume_deferred).
-                    self._deferred = prefix + data[begin:]
+                    self._deferred, self._deferred_prefix = data[begin:], prefix
                     return messages, False, b""
                 try:
                     got, upgraded, tail = self._feed_c(piece)
                 except BadHttpMethod as exc:
-                    if not self._rejected_first_line(exc, piece):
+                    if not self._rejected_first_line(exc, piece, prefix):
                         raise
                     got, upgraded, tail = self._switch(prefix + data[begin:])
                     return messages + got, upgraded, tail
@@ -181,17 +184,25 @@ class ListAwareRequestParser:
         return None
 
     @staticmethod
-    def _rejected_first_line(exc: BadHttpMethod, piece: bytes) -> bool:
-        """Whether llhttp's error is about ``piece``'s first line (it quotes the line).
+    def _rejected_first_line(exc: BadHttpMethod, piece: bytes, prefix: bytes) -> bool:
+        """Whether llhttp rejected the ``LIST`` verb that starts ``piece``, at its ``S``.
 
-        llhttp quotes the line around the error, from the CRLF before it; the
-        quote names the first line only if no other line has the same start.
-        If aiohttp changes its message format this fails closed (400).
+        llhttp quotes the line around the error (from the CRLF before it) and
+        points at the column. A LIST read from a message boundary fails at its
+        "S" ("LI" could still be LINK), ``len(prefix)`` bytes of it fed before
+        this piece. Failing anywhere else means the C parser was not at a
+        boundary ("GLIST"), and a later line with the same text would make the
+        quote ambiguous: both are refused (400). If aiohttp changes its message
+        format this fails closed too.
         """
+        if len(prefix) > 2:
+            return False
         first_line = piece.split(_CRLF, 1)[0]
         if _CRLF + first_line in piece:
             return False
-        return f"  {first_line!r}\n" in exc.message
+        before = b"LI"[len(prefix):]
+        pointer = " " * (len(repr(before)) - 1) + "^"
+        return exc.message.endswith(f"  {first_line!r}\n  {pointer}")
 
     def _switch(self, data: bytes) -> _FeedResult:
         protocol, loop, limit = self._args

@@ -142,10 +142,26 @@ def test_list_line_inside_a_body_is_body(broker: BrokerThread) -> None:
     assert second == 200 and json.loads(health)["initialized"] is True
 
 
-def test_other_unknown_methods_still_400(broker: BrokerThread) -> None:
+@pytest.mark.parametrize("verb", ["LISTX", "GLIST", "XLIST", "LIS"])
+def test_other_unknown_methods_still_400(broker: BrokerThread, verb: str) -> None:
+    """Only LIST itself moves a connection to the Python parser; a verb around it is a 400."""
     with _connect(broker) as sock, sock.makefile("rb") as f:
-        sock.sendall(_request("LISTX", LIST_PATH))
-        assert _read_response(f)[0] == 400
+        sock.sendall(_request("GET", "/v1/sys/health"))
+        assert _read_response(f)[0] == 200
+        sock.sendall(_request(verb, LIST_PATH))
+        assert _read_response(f)[0] == 400  # llhttp's answer to a verb outside its table
+
+
+def test_list_pipelined_behind_a_full_request_queue(broker: BrokerThread) -> None:
+    """40 GETs, a LIST, a GET in one write: the LIST waits until the queue drains (limit 32)."""
+    wire = _request("GET", "/v1/sys/health") * 40 + _request("LIST", LIST_PATH)
+    wire += _request("GET", "/v1/sys/health")
+    with _connect(broker) as sock, sock.makefile("rb") as f:
+        sock.sendall(wire)
+        answers = [_read_response(f) for _ in range(42)]
+    assert [s for s, _ in answers[:40]] == [200] * 40
+    assert _is_list_answer(*answers[40]), answers[40]
+    assert answers[41][0] == 200
 
 
 def test_hvac_list_after_get_on_one_session(broker: BrokerThread) -> None:
