@@ -57,3 +57,20 @@ async def test_hmac_matches_one_shot_digest(tmp_path: Path) -> None:
     finally:
         await log.close()
     assert verify_file(str(tmp_path / "a.jsonl"), key).ok
+
+
+def test_now_has_the_isoformat_shape_and_value() -> None:
+    """``_now`` keeps datetime's RFC 3339 text (microseconds, Z) and tells the time."""
+    import re
+    from datetime import UTC, datetime
+
+    from broker.audit import _now
+
+    for _ in range(2000):
+        before = datetime.now(UTC)
+        text = _now()
+        after = datetime.now(UTC)
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", text), text
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        # one microsecond of slack: datetime and this code round the float alike, not identically
+        assert before.timestamp() - 1e-6 <= parsed.timestamp() <= after.timestamp() + 1e-6
