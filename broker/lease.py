@@ -6,7 +6,6 @@ them into RFC 3339 strings at the edge.
 
 from __future__ import annotations
 
-import secrets
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ from enum import StrEnum
 from typing import Any
 
 from broker.errors import BadRequest
+from broker.templating import random_string
 
 __all__ = [
     "DEAD_STATES",
@@ -128,7 +128,7 @@ _ID_ALPHABET = string.ascii_letters + string.digits
 
 def new_lease_id(mount: str, role: str) -> str:
     """``{mount}/creds/{role}/{random}``, as Vault shapes them."""
-    rand = "".join(secrets.choice(_ID_ALPHABET) for _ in range(24))
+    rand = random_string(_ID_ALPHABET, 24)
     return f"{mount}/creds/{role}/{rand}"
 
 

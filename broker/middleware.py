@@ -137,7 +137,10 @@ class MountRuntime:
         ok = False
         hidden = (*secrets_, self.spec.secret)
         try:
-            result = await asyncio.wait_for(fn(*args), timeout=self.timeout)
+            # asyncio.timeout, not wait_for: no extra Task per call (Python 3.11);
+            # expiry raises the same TimeoutError, handled below.
+            async with asyncio.timeout(self.timeout):
+                result = await fn(*args)
             ok = True
             return result
         except BackendError as exc:

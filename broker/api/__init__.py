@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from aiohttp import http_parser, web, web_protocol
+from aiohttp import web, web_protocol
 
 from broker.api import creds, leases, login, mounts, system, tokens
 from broker.api.common import STATE, error_middleware
+from broker.api.httpparser import ListAwareRequestParser
 from broker.state import BrokerState
 
 __all__ = ["STATE", "create_app"]
 
-# Vault clients (hvac, the vault CLI) send the non-standard LIST method. aiohttp's
-# C request parser rejects methods outside its built-in table with "400 Invalid
-# method"; the pure-Python parser accepts any RFC 9110 token. Use it for the
-# broker's server (requests here are small; the cost is negligible).
-web_protocol.HttpRequestParser = http_parser.HttpRequestParserPy  # type: ignore[attr-defined]
+# Vault clients (hvac, the vault CLI) send the non-standard LIST method, which
+# aiohttp's C request parser rejects. The broker's server parses with the C
+# parser and moves a connection to the (slower) pure-Python one at its first
+# LIST: see broker/api/httpparser.py.
+web_protocol.HttpRequestParser = ListAwareRequestParser  # type: ignore[attr-defined,assignment]
 
 
 def create_app(state: BrokerState) -> web.Application:

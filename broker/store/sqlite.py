@@ -10,10 +10,14 @@ Every write operation changes rows in at most one statement. SQLite undoes a
 failed statement on its own, so one bad operation (say a duplicate id) fails
 alone and the rest of its batch still commits.
 
-Reads use a second connection on a second thread: under WAL they see only
-committed data and never wait behind a writer's fsync. An in-memory database
-(``sqlite:///:memory:``, for tests) cannot be shared, so there reads go through
-the writer connection, between batches.
+Reads use other connections: under WAL they see only committed data and never
+wait behind a writer's fsync. Primary-key point reads (a token by hash or
+accessor, a lease by id; every API call makes one or two) run on the event
+loop's own thread on a read-only connection: a page-cache lookup takes
+microseconds, a hop to a thread and back costs far more. Scans (lists, counts,
+due and stale leases) run on a reader thread. An in-memory database
+(``sqlite:///:memory:``, for tests) cannot be shared, so there all reads go
+through the writer connection, between batches.
 
 We own the threads rather than go through aiosqlite: its one thread hop per
 statement (~0.1 ms) would cap throughput far below a batch run in one hop.
@@ -294,6 +298,9 @@ class SQLiteStore:
         self.path = path
         self._writer: _Thread | None = None
         self._reader: _Thread | None = None
+        # Point reads, on the event loop's thread (check_same_thread stays on:
+        # only the thread that opened the store may use it).
+        self._point: sqlite3.Connection | None = None
         self._queue: asyncio.Queue[_Write | None] = asyncio.Queue()
         self._writer_task: asyncio.Task[None] | None = None
         self._wake_listeners: list[Callable[[float | None], None]] = []
@@ -324,6 +331,7 @@ class SQLiteStore:
             else:
                 self._reader = _Thread("sqlite-reader")
                 await self._reader.start(lambda: _connect(self.path, writer=False))
+                self._point = _connect(self.path, writer=False)
         except BaseException:
             await self._stop_threads()
             raise
@@ -345,6 +353,9 @@ class SQLiteStore:
     async def _stop_threads(self) -> None:
         reader, writer = self._reader, self._writer
         self._reader = self._writer = None
+        point, self._point = self._point, None
+        if point is not None:
+            point.close()
         if reader is not None and reader is not writer:
             await reader.stop()
         if writer is not None:
@@ -362,6 +373,12 @@ class SQLiteStore:
         if self._reader is None:
             raise RuntimeError("the SQLite lease store is not open")
         return await self._reader.run(op)
+
+    async def _point_read(self, op: Op[T]) -> T:
+        """A primary-key lookup: on this thread's own connection, no thread hop."""
+        if self._point is None:  # closed, or :memory: (only the writer sees its data)
+            return await self._read(op)
+        return op(self._point)
 
     async def _write_loop(self) -> None:
         stopping = False
@@ -423,8 +440,8 @@ class SQLiteStore:
 
     # -- leases: reads ----------------------------------------------------
     async def get(self, lease_id: str) -> Lease | None:
-        rows = await self._read(_rows(f"SELECT {_LEASE_COLS} FROM leases WHERE id = ?",
-                                      (lease_id,)))
+        rows = await self._point_read(_rows(f"SELECT {_LEASE_COLS} FROM leases WHERE id = ?",
+                                            (lease_id,)))
         return lease_from_row(rows[0]) if rows else None
 
     async def list_ids(
@@ -601,13 +618,13 @@ class SQLiteStore:
         ))
 
     async def token_by_hash(self, token_hash: str) -> Token | None:
-        rows = await self._read(_rows(
+        rows = await self._point_read(_rows(
             f"SELECT {_TK_COLS} FROM tokens WHERE token_hash = ?", (token_hash,)
         ))
         return token_from_row(rows[0]) if rows else None
 
     async def token_by_accessor(self, accessor: str) -> Token | None:
-        rows = await self._read(_rows(
+        rows = await self._point_read(_rows(
             f"SELECT {_TK_COLS} FROM tokens WHERE accessor = ?", (accessor,)
         ))
         return token_from_row(rows[0]) if rows else None

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import re
+import string
+from collections import Counter
 
 import pytest
 
 from broker.durations import format_duration, parse_duration
-from broker.templating import generate_password, render, render_username
+from broker.lease import new_lease_id
+from broker.templating import generate_password, random_string, render, render_username
 
 
 def test_render_replaces_known_placeholders() -> None:
@@ -69,3 +72,42 @@ def test_format_duration_round_trips() -> None:
     """format_duration renders what parse_duration reads."""
     for s in (1, 59, 61, 3600, 5400, 90061):
         assert parse_duration(format_duration(s)) == s
+
+
+@pytest.mark.parametrize("alphabet", [string.ascii_letters + string.digits,
+                                      string.ascii_lowercase + string.digits, "ab", "x"])
+def test_random_strings_use_the_whole_alphabet_and_only_it(alphabet: str) -> None:
+    values = [random_string(alphabet, 40) for _ in range(500)]
+    assert all(len(v) == 40 for v in values)
+    seen = Counter("".join(values))
+    assert set(seen) == set(alphabet)  # every character appears, no other does
+    assert random_string(alphabet, 0) == ""
+
+
+def test_random_string_is_uniform_on_a_skewed_alphabet_size() -> None:
+    """200 symbols: plain ``byte % 200`` would give the first 56 twice the odds."""
+    alphabet = "".join(chr(0x100 + i) for i in range(200))
+    counts = Counter(random_string(alphabet, 200_000))
+    low, high = counts[alphabet[0]] + counts[alphabet[55]], counts[alphabet[56]] + counts[alphabet[199]]
+    assert len(counts) == 200
+    # Expected ~1000 each; modulo bias would make low ~2x high. 6 sigma apart is far below that.
+    assert 0.85 < low / high < 1.15
+    assert max(counts.values()) < 1200 and min(counts.values()) > 800
+
+
+def test_random_string_refuses_bad_alphabets() -> None:
+    with pytest.raises(ValueError, match="alphabet"):
+        random_string("", 4)
+    with pytest.raises(ValueError, match="alphabet"):
+        random_string("".join(chr(0x100 + i) for i in range(257)), 4)
+
+
+def test_lease_ids_and_passwords_keep_their_shape() -> None:
+    ids = {new_lease_id("pg", "ro") for _ in range(200)}
+    assert len(ids) == 200
+    for lease_id in ids:
+        prefix, _, rand = lease_id.rpartition("/")
+        assert prefix == "pg/creds/ro" and len(rand) == 24
+        assert set(rand) <= set(string.ascii_letters + string.digits)
+    pw = generate_password(32)
+    assert len(pw) == 32 and pw.isalnum() and pw.isascii()
