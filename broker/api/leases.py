@@ -143,7 +143,9 @@ async def lookup(request: web.Request) -> web.Response:
 async def list_leases(request: web.Request) -> web.Response:
     call: Call = request[CALL]
     is_list = request.method == "LIST" or (
-        request.method == "GET" and request.query.get("list") in {"true", "1"})
+        # Vault takes Go's ParseBool spellings; hvac's client.list() sends "True".
+        request.method == "GET"
+        and request.query.get("list", "").lower() in {"true", "1", "t"})
     if not is_list:
         raise web.HTTPMethodNotAllowed(request.method, ["LIST", "GET"])
     prefix = request.match_info["prefix"]

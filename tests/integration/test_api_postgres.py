@@ -189,6 +189,8 @@ def test_revoke_prefix_revokes_everything_under_it(client: hvac.Client, broker: 
     keep = client.secrets.database.generate_credentials("short", mount_point="pg")
     listed = client.sys.list_leases("pg/creds/readonly/")
     assert len(listed["data"]["keys"]) == 10
+    # hvac's generic client.list() is a GET with ?list=True
+    assert len(client.list("sys/leases/lookup/pg/creds/readonly/")["data"]["keys"]) == 10
     resp = requests.put(f"{broker.url}/v1/sys/leases/revoke-prefix/pg/creds/readonly/",
                         headers={"X-Vault-Token": broker.root_token}, json={"sync": True},
                         timeout=60)
