@@ -37,7 +37,7 @@ import asyncpg
 
 from broker.errors import Conflict
 from broker.lease import Lease, LeaseFilter, LeaseState, Token, TokenState
-from broker.store.rows import lease_from_row, token_from_row
+from broker.store.rows import lease_from_row, prefix_upper, token_from_row
 from broker.store.sqlite import StoreSchemaError
 
 __all__ = ["MIGRATIONS", "WAKE_CHANNEL", "PostgresStore", "StoreSchemaError"]
@@ -139,22 +139,6 @@ def _redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}@{netloc[2]}"))
 
 
-def _prefix_upper(prefix: str) -> str | None:
-    """The smallest string above every string that starts with ``prefix``.
-
-    Byte order of UTF-8 (collation "C") is code point order, so bumping the last
-    character gives the bound; ``%`` or ``_`` in a prefix mean nothing special.
-    """
-    chars = list(prefix)
-    while chars:
-        point = ord(chars.pop()) + 1
-        if 0xD800 <= point <= 0xDFFF:  # surrogates cannot be stored: skip over them
-            point = 0xE000
-        if point <= 0x10FFFF:
-            return "".join(chars) + chr(point)
-    return None
-
-
 class _Args:
     """Collects query parameters and hands out their ``$n`` placeholders."""
 
@@ -171,7 +155,7 @@ def _where(flt: LeaseFilter, args: _Args, states: Sequence[LeaseState] = ()) -> 
     clauses: list[str] = []
     if flt.prefix:
         clauses.append(f"id >= {args(flt.prefix)}")
-        upper = _prefix_upper(flt.prefix)
+        upper = prefix_upper(flt.prefix)
         if upper is not None:
             clauses.append(f"id < {args(upper)}")
     if flt.owners:

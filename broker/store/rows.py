@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 from broker.lease import Lease, LeaseState, Token, TokenState
 
-__all__ = ["Row", "lease_from_row", "token_from_row"]
+__all__ = ["Row", "lease_from_row", "prefix_upper", "token_from_row"]
 
 
 class Row(Protocol):
@@ -56,3 +56,21 @@ def token_from_row(row: Row) -> Token:
         renewable=bool(row["renewable"]),
         ended_at=row["ended_at"],
     )
+
+
+def prefix_upper(prefix: str) -> str | None:
+    """The smallest string above every string that starts with ``prefix``.
+
+    UTF-8 byte order (SQLite's BINARY collation, PostgreSQL's "C") is code point
+    order, so bumping the last character gives the bound; ``id >= prefix AND
+    id < upper`` is a range on the primary key, and ``%`` or ``_`` in a prefix
+    mean nothing special.
+    """
+    chars = list(prefix)
+    while chars:
+        point = ord(chars.pop()) + 1
+        if 0xD800 <= point <= 0xDFFF:  # surrogates cannot be stored: skip over them
+            point = 0xE000
+        if point <= 0x10FFFF:
+            return "".join(chars) + chr(point)
+    return None

@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 
 from broker.errors import Conflict
 from broker.lease import Lease, LeaseFilter, LeaseState, Token, TokenState
-from broker.store.rows import lease_from_row, token_from_row
+from broker.store.rows import lease_from_row, prefix_upper, token_from_row
 
 __all__ = ["MIGRATIONS", "SQLiteStore", "StoreSchemaError"]
 
@@ -225,23 +225,6 @@ def _connect(path: str, *, writer: bool) -> sqlite3.Connection:
     return conn
 
 
-def _prefix_upper(prefix: str) -> str | None:
-    """The smallest string above every string that starts with ``prefix``.
-
-    UTF-8 byte order (SQLite's BINARY collation) is code point order, so bumping
-    the last character gives the bound; ``id >= prefix AND id < upper`` is a range
-    on the primary key, and ``%`` or ``_`` in a prefix mean nothing special.
-    """
-    chars = list(prefix)
-    while chars:
-        point = ord(chars.pop()) + 1
-        if 0xD800 <= point <= 0xDFFF:  # surrogates cannot be stored: skip over them
-            point = 0xE000
-        if point <= 0x10FFFF:
-            return "".join(chars) + chr(point)
-    return None
-
-
 def _state_col(flt: LeaseFilter) -> str:
     """The id range or owner index beats the state index whenever the filter has one."""
     return "+state" if flt.prefix or flt.owners else "state"
@@ -254,7 +237,7 @@ def _where(flt: LeaseFilter, states: Sequence[LeaseState] = ()) -> tuple[str, li
     if flt.prefix:
         clauses.append("id >= ?")
         params.append(flt.prefix)
-        upper = _prefix_upper(flt.prefix)
+        upper = prefix_upper(flt.prefix)
         if upper is not None:
             clauses.append("id < ?")
             params.append(upper)
