@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from aiohttp import web, web_protocol
+from aiohttp import http_parser, web, web_protocol
 
 from broker.api import creds, leases, login, mounts, system, tokens
 from broker.api.common import STATE, error_middleware
@@ -15,7 +15,12 @@ __all__ = ["STATE", "create_app"]
 # aiohttp's C request parser rejects. The broker's server parses with the C
 # parser and moves a connection to the (slower) pure-Python one at its first
 # LIST: see broker/api/httpparser.py.
-web_protocol.HttpRequestParser = ListAwareRequestParser  # type: ignore[attr-defined,assignment]
+# Without aiohttp's C extensions (AIOHTTP_NO_EXTENSIONS, an exotic platform)
+# there is no C parser to wrap: the Python one then parses everything.
+if hasattr(http_parser, "HttpRequestParserC"):
+    web_protocol.HttpRequestParser = ListAwareRequestParser  # type: ignore[attr-defined,assignment]
+else:  # pragma: no cover - CI has the C extensions
+    web_protocol.HttpRequestParser = http_parser.HttpRequestParserPy  # type: ignore[attr-defined]
 
 
 def create_app(state: BrokerState) -> web.Application:
