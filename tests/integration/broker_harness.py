@@ -60,6 +60,14 @@ hmac_key_file = "{tmp / 'audit.key'}"
     return path
 
 
+def config_url(config_path: Path) -> str:
+    """The base URL of the broker a ``write_config`` file describes."""
+    for line in config_path.read_text().splitlines():
+        if line.startswith("listen"):
+            return "http://" + line.split("=", 1)[1].strip().strip('"')
+    raise AssertionError(f"no listen line in {config_path}")
+
+
 @dataclass
 class BrokerThread:
     """A broker running on its own event loop in a background thread."""

@@ -23,6 +23,7 @@ from botocore.exceptions import ClientError
 from tests.conftest import run
 from tests.integration.broker_harness import (
     BrokerThread,
+    config_url,
     spawn_broker,
     start_broker,
     wait_healthy,
@@ -42,6 +43,27 @@ def aws_client(endpoint: str, service: str, data: dict[str, Any] | None = None) 
         aws_access_key_id=data["access_key"], aws_secret_access_key=data["secret_key"],
         aws_session_token=data.get("security_token"), region_name="us-east-1",
     ).client(service, endpoint_url=endpoint)
+
+
+def aws_mount(moto_endpoint: str) -> str:
+    """An ``aws`` mount on moto; its secret comes from BROKER_TEST_AWS_SECRET."""
+    return f"""
+[mounts.aws]
+plugin = "aws"
+region = "us-east-1"
+endpoint_url = "{moto_endpoint}"
+access_key = "testing"
+password_env = "BROKER_TEST_AWS_SECRET"
+"""
+
+
+IAM_USER_ROLE = """
+[mounts.aws.roles.ci-user]
+credential_type = "iam_user"
+policy_document = '{"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:List*", "Resource": "*"}]}'
+default_ttl = "15m"
+max_ttl = "1h"
+"""
 
 
 @pytest.fixture
@@ -69,25 +91,14 @@ database = "{url.path.lstrip('/') or 'test'}"
 default_ttl = "2s"
 max_ttl = "1m"
 
-[mounts.aws]
-plugin = "aws"
-region = "us-east-1"
-endpoint_url = "{moto_endpoint}"
-access_key = "testing"
-password_env = "BROKER_TEST_AWS_SECRET"
-
+{aws_mount(moto_endpoint)}
 [mounts.aws.roles.deploy]
 credential_type = "assumed_role"
 role_arns = ["{role_arn}"]
 default_ttl = "15m"
 max_ttl = "1h"
 
-[mounts.aws.roles.ci-user]
-credential_type = "iam_user"
-policy_document = '{{"Version": "2012-10-17", "Statement": [{{"Effect": "Allow", "Action": "s3:List*", "Resource": "*"}}]}}'
-default_ttl = "15m"
-max_ttl = "1h"
-"""
+{IAM_USER_ROLE}"""
     server = start_broker(write_config(tmp_path, body))
     yield server
     client = hvac.Client(url=server.url, token=server.root_token)
@@ -203,27 +214,12 @@ def test_debug_logging_never_prints_issued_aws_secrets(tmp_path: Path, moto_endp
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """BROKER_LOG_LEVEL=DEBUG on a real daemon: the SDK's response bodies stay out of the log."""
     monkeypatch.setenv("BROKER_TEST_AWS_SECRET", "testing")
-    config = write_config(tmp_path, f"""
-[mounts.aws]
-plugin = "aws"
-region = "us-east-1"
-endpoint_url = "{moto_endpoint}"
-access_key = "testing"
-password_env = "BROKER_TEST_AWS_SECRET"
-
-[mounts.aws.roles.ci-user]
-credential_type = "iam_user"
-policy_document = '{{"Version": "2012-10-17", "Statement": [{{"Effect": "Allow", "Action": "s3:List*", "Resource": "*"}}]}}'
-default_ttl = "15m"
-max_ttl = "1h"
-""")
+    config = write_config(tmp_path, aws_mount(moto_endpoint) + IAM_USER_ROLE)
     init = subprocess.run([sys.executable, "-m", "broker.cli", "operator", "init", "--config",
                            str(config)], capture_output=True, text=True, timeout=60)
     assert init.returncode == 0, init.stderr
     token = init.stdout.strip().splitlines()[-1]
-    port = next(int(line.split(":")[-1].strip().strip('"'))
-                for line in config.read_text().splitlines() if line.startswith("listen"))
-    url = f"http://127.0.0.1:{port}"
+    url = config_url(config)
     proc = spawn_broker(config, env={"BROKER_LOG_LEVEL": "DEBUG"})
     try:
         wait_healthy(url)
