@@ -150,11 +150,22 @@ class EndingRecorder:
                 outcome.set_result(error)
             self._kick()
 
-    async def drain(self) -> None:
-        """Wait until every queued ending has been written (or has failed)."""
+    async def drain(self, timeout: float | None = None) -> bool:
+        """Wait until every queued ending has been written (or has failed).
+
+        False if ``timeout`` ran out first. The leases whose endings were not
+        written stay claimed in the store and are revoked again (idempotently)
+        once the claim runs out: at-least-once, never lost.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
         while self._open or self._writes:
             self._kick()
-            await asyncio.wait(set(self._writes))
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
+                return False
+            await asyncio.wait(set(self._writes), timeout=left)
+        return True
 
 
 def lease_ref(lease: Lease) -> dict[str, Any]:
@@ -253,9 +264,23 @@ class LeaseEngine:
         return spec
 
     async def close(self) -> None:
-        # Endings already confirmed by a backend are written before anything closes.
-        await self._endings.drain()
-        await asyncio.gather(*(m.close() for m in self.mounts.values()))
+        """Write the endings backends have already confirmed, and close the backends.
+
+        Those endings are written however short the shutdown grace was. A hung
+        store write may hold shutdown back only as long as a backend call may
+        take (``backend_timeout``): the leases then stay claimed in the store
+        and are revoked again once the claim runs out. The backends close
+        meanwhile (they are done with those leases), so this adds no time to
+        the worst case of a shutdown.
+        """
+        limit = self.leases_cfg.backend_timeout
+
+        async def endings() -> None:
+            if not await self._endings.drain(limit):
+                log.warning("lease endings still unwritten after %ss; those leases stay "
+                            "claimed and are revoked again once the claim runs out", limit)
+
+        await asyncio.gather(endings(), *(m.close() for m in self.mounts.values()))
 
     # -- issue ---------------------------------------------------------------
     async def issue(

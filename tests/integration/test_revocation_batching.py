@@ -256,3 +256,34 @@ async def test_shutdown_writes_endings_already_confirmed(brokers: Brokers, grace
                 assert got.state is LeaseState.REVOKING and got.id not in recorded
     finally:
         await store.close()
+
+
+async def test_shutdown_does_not_wait_for_a_hung_ending_past_the_claim(brokers: Brokers) -> None:
+    """An ending write that never returns (a hung store) holds shutdown back at
+    most for backend_timeout. The lease stays claimed in the store, not lost,
+    and is revoked again once the claim runs out."""
+    state = await brokers.make(claim_timeout="3s", backend_timeout="1s")
+    hang = asyncio.Event()
+
+    async def hang_first(call: int) -> None:
+        if call == 1:
+            await hang.wait()
+
+    writes = Writes(state, hang_first)
+    leases = await seed_due(state, 1, due=time.time())
+    await server.start(state)
+    try:
+        assert await until(lambda: len(writes.batches) == 1, 5)
+        started = time.monotonic()
+        await asyncio.wait_for(brokers.stop(state, grace=0.5), timeout=10)
+        took = time.monotonic() - started
+        assert 1.0 <= took < 3, took  # waited backend_timeout (+ the 0.5 s grace), not for ever
+    finally:
+        hang.set()
+    store = open_store(state.config.storage.url)
+    await store.open()
+    try:
+        got = await store.get(leases[0].id)
+        assert got is not None and got.state is LeaseState.REVOKING
+    finally:
+        await store.close()
