@@ -122,6 +122,9 @@ class NewUserRequest:
     lease_id: str
     #: free metadata of the lease (e.g. CI run id), e.g. for AWS session tags.
     metadata: Mapping[str, str] = field(default_factory=dict)
+    #: what the backend's optional ``prepare_user`` computed ahead (e.g. a
+    #: password hash); backend-specific, may be secret, never logged.
+    prepared: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -189,6 +192,12 @@ class Backend(Protocol):
         """Check the backend is reachable and usable; raise BackendError if not."""
 
     async def new_user(self, req: NewUserRequest) -> NewUserResponse: ...
+
+    # Optional, not part of the protocol check:
+    #   async def prepare_user(self, req: NewUserRequest) -> NewUserRequest
+    # Work with no effect on the backend (hashing the password), run while the
+    # lease's intent is committed; new_user then gets the request it returns.
+    # new_user must still work when it was not called or failed.
 
     async def renew_user(self, req: RenewUserRequest) -> RenewUserResponse: ...
 

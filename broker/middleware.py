@@ -106,8 +106,27 @@ class MountRuntime:
             self.healthy, self.error = False, str(exc)
             log.warning("mount %s became unhealthy: %s", self.name, exc)
 
+    @property
+    def prepares_users(self) -> bool:
+        return hasattr(self.backend, "prepare_user")
+
+    async def prepare_user(self, req: NewUserRequest) -> NewUserRequest:
+        """The backend's optional ``prepare_user``; never raises (new_user copes without)."""
+        prepare = getattr(self.backend, "prepare_user", None)
+        if prepare is None:
+            return req
+        try:
+            prepared: NewUserRequest = await self._call("prepare_user", prepare, (req,),
+                                                        (req.password,))
+            return prepared
+        except BackendError as exc:  # already redacted by _call
+            log.warning("mount %s: prepare_user failed, new_user goes without: %s",
+                        self.name, exc)
+            return req
+
     async def new_user(self, req: NewUserRequest) -> NewUserResponse:
-        return await self._call("new_user", self.backend.new_user, (req,), (req.password,))
+        return await self._call("new_user", self.backend.new_user, (req,),
+                                (req.password, *req.prepared.values()))
 
     async def renew_user(self, req: RenewUserRequest) -> RenewUserResponse:
         return await self._call("renew_user", self.backend.renew_user, (req,))

@@ -5,6 +5,11 @@ default ``CREATE ROLE ... LOGIN PASSWORD ... VALID UNTIL ...`` and nothing
 more). ``VALID UNTIL`` always carries the lease expiry, so PostgreSQL itself
 refuses the password if the broker is down when the lease ends.
 
+``{{password}}`` in creation statements is a SCRAM-SHA-256 verifier the broker
+computed (``password_hashing = "scram-sha-256"``, the default), so the
+plaintext never reaches the server or its logs; ``"server"`` sends the
+plaintext for the server to hash, as Vault does.
+
 Revocation is built so that a revoked credential is really dead:
 
 1. ``ALTER ROLE ... NOLOGIN`` is committed first, so no new session can start;
@@ -39,6 +44,7 @@ import hashlib
 import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
@@ -61,6 +67,7 @@ from broker.backend import (
 )
 from broker.durations import parse_duration
 from broker.templating import generate_password, render, template_names
+from plugins._scram import DEFAULT_ITERATIONS, scram_verifier
 from plugins._sql import (
     backoff_delay,
     check_expiration,
@@ -94,7 +101,12 @@ DEFAULT_REVOCATION_STATEMENTS = (
 # Appended to custom creation/renew statements: server_side_expiry is a promise.
 _VALID_UNTIL = DEFAULT_RENEW_STATEMENTS[0]
 
-_MOUNT_KEYS = {"connection_url", "max_open_connections", "connect_timeout", "serialize_ddl"}
+_MOUNT_KEYS = {"connection_url", "max_open_connections", "connect_timeout", "serialize_ddl",
+               "password_hashing"}
+# "scram-sha-256": the broker sends a SCRAM verifier, never the plaintext (plugins/_scram.py);
+# "server": the plaintext goes in the statement and the server hashes it (Vault's way).
+_SCRAM = "scram-sha-256"
+_HASHING_MODES = (_SCRAM, "server")
 _MAX_USERNAME = 63  # NAMEDATALEN - 1
 _ATTEMPTS = 8
 # One key for all broker DDL in a database (advisory locks are per database).
@@ -191,6 +203,7 @@ class PostgresBackend:
         max_open_connections: int = 4,
         connect_timeout: float = 10.0,
         serialize_ddl: bool | None = None,
+        password_hashing: str = _SCRAM,
     ) -> None:
         self._mount = mount
         self._dsn = dsn
@@ -200,6 +213,9 @@ class PostgresBackend:
         self._connect_timeout = connect_timeout
         # True: lock every transaction; False: never; None ("auto"): see _needs_lock.
         self._serialize_ddl = serialize_ddl
+        self._hash_passwords = password_hashing == _SCRAM
+        #: the server's scram_iterations (read at initialize on PostgreSQL 16+).
+        self._scram_iterations = DEFAULT_ITERATIONS
         self._pool: asyncpg.Pool | None = None
         self._pool_lock = asyncio.Lock()
 
@@ -250,6 +266,9 @@ class PostgresBackend:
         serialize = opts.get("serialize_ddl", "auto")
         if not isinstance(serialize, (bool, str)) or serialize not in _SERIALIZE_MODES:
             raise PluginConfigError("serialize_ddl", 'expected "auto", true or false')
+        hashing = opts.get("password_hashing", _SCRAM)
+        if hashing not in _HASHING_MODES:
+            raise PluginConfigError("password_hashing", 'expected "scram-sha-256" or "server"')
         return cls(
             mount=mount.name,
             dsn=url,
@@ -258,6 +277,7 @@ class PostgresBackend:
             max_open_connections=max_open,
             connect_timeout=float(timeout),
             serialize_ddl=_SERIALIZE_MODES[serialize],
+            password_hashing=hashing,
         )
 
     @classmethod
@@ -278,6 +298,15 @@ class PostgresBackend:
     async def initialize(self) -> None:
         """Open the admin pool (one connection at once, so a wrong URL shows up now)."""
         await self._ensure_pool()
+        if self._hash_passwords:
+
+            async def iterations(conn: asyncpg.Connection) -> int:
+                # Hash as the server would: PostgreSQL 16+ makes the cost a setting.
+                if conn.get_server_version().major < 16:
+                    return DEFAULT_ITERATIONS
+                return int(await conn.fetchval("SHOW scram_iterations"))
+
+            self._scram_iterations = await self._run("initialize", iterations)
 
     async def verify(self) -> None:
         """``SELECT 1`` through the pool."""
@@ -297,21 +326,37 @@ class PostgresBackend:
 
     # -- credentials ----------------------------------------------------------
 
+    async def prepare_user(self, req: NewUserRequest) -> NewUserRequest:
+        """Hash the password (in a thread) while the engine commits the lease's intent."""
+        if not self._hash_passwords:
+            return req
+        verifier = await self._verifier(req.password)
+        return replace(req, prepared={**req.prepared, "password": verifier})
+
+    async def _verifier(self, password: str) -> str:
+        return await asyncio.to_thread(scram_verifier, check_password(password),
+                                       self._scram_iterations)
+
     async def new_user(self, req: NewUserRequest) -> NewUserResponse:
         name = check_username(req.username, _MAX_USERNAME)
         password = check_password(req.password)
-        values = self._values(name, password=password, expiration=check_expiration(req.expiration))
+        # What {{password}} becomes: the SCRAM verifier, unless the server hashes.
+        sent = password
+        if self._hash_passwords:
+            sent = req.prepared.get("password") or await self._verifier(password)
+        secrets_ = [password, sent]
+        values = self._values(name, password=sent, expiration=check_expiration(req.expiration))
         templates: Sequence[str] = req.role.creation_statements or DEFAULT_CREATION_STATEMENTS
         if req.role.creation_statements:
             templates = (*templates, _VALID_UNTIL)
-        statements = self._render(templates, values, [password])
+        statements = self._render(templates, values, secrets_)
         await self._run(
             "new_user",
             lambda conn: self._transaction(
-                conn, "new_user", statements, [password], lock=self._needs_lock(templates),
+                conn, "new_user", statements, secrets_, lock=self._needs_lock(templates),
                 custom=bool(req.role.creation_statements),
             ),
-            [password],
+            secrets_,
         )
         return NewUserResponse(data={"username": name, "password": password})
 
@@ -355,8 +400,9 @@ class PostgresBackend:
     async def rotate_root(self, req: RotateRootRequest) -> RotateRootResponse:
         """Give the admin role a new password, then use it for new pool connections."""
         new = check_password(req.new_password or generate_password(32))
-        secrets_ = [new, self._secret]
-        statement = f"ALTER ROLE CURRENT_USER PASSWORD '{escape_literal(new)}'"
+        sent = await self._verifier(new) if self._hash_passwords else new
+        secrets_ = [new, sent, self._secret]
+        statement = f"ALTER ROLE CURRENT_USER PASSWORD '{escape_literal(sent)}'"
         await self._run(
             "rotate_root",
             lambda conn: self._transaction(

@@ -16,6 +16,7 @@ import pytest
 import requests
 
 from broker.lease import LeaseState
+from plugins._scram import verifies
 from tests.conftest import run
 from tests.integration.broker_harness import BrokerThread, start_broker, write_config
 
@@ -54,6 +55,14 @@ async def role_exists(dsn: str, name: str) -> bool:
     conn = await asyncpg.connect(dsn)
     try:
         return bool(await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", name))
+    finally:
+        await conn.close()
+
+
+async def fetchval(dsn: str, sql: str, *args: Any) -> Any:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetchval(sql, *args)
     finally:
         await conn.close()
 
@@ -107,6 +116,10 @@ def test_issue_connect_renew_revoke(client: hvac.Client, broker: BrokerThread,
             await conn.close()
 
     assert run(use()) == 1
+    # The server got a SCRAM verifier (the engine had the plugin hash it ahead).
+    stored = run(fetchval(postgres_dsn, "SELECT rolpassword FROM pg_authid WHERE rolname = $1",
+                          user))
+    assert stored.startswith("SCRAM-SHA-256$") and verifies(stored, password)
     renewed = client.sys.renew_lease(resp["lease_id"], increment=600)
     assert renewed["lease_id"] == resp["lease_id"] and 590 <= renewed["lease_duration"] <= 600
     looked = client.sys.read_lease(resp["lease_id"])
@@ -287,12 +300,8 @@ def test_rotate_root_changes_the_admin_password(tmp_path: Path, postgres_dsn: st
     """rotate-root replaces the mount's admin password, returns it once, and audits an HMAC."""
     admin = f"rot_admin_{int(time.time() * 1000) % 100000}"
 
-    async def setup(sql: str) -> Any:
-        conn = await asyncpg.connect(postgres_dsn)
-        try:
-            return await conn.fetchval(sql)
-        finally:
-            await conn.close()
+    def setup(sql: str) -> Any:
+        return fetchval(postgres_dsn, sql)
 
     run(setup(f"CREATE ROLE {admin} WITH LOGIN CREATEROLE PASSWORD 'initial-secret-1'"))
     try:

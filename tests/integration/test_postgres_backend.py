@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -23,6 +24,7 @@ from broker.backend import (
     RotateRootRequest,
 )
 from broker.templating import generate_password, render_username
+from plugins._scram import verifies
 from plugins.postgres import _DDL_LOCK_KEY, DEFAULT_CREATION_STATEMENTS, PostgresBackend
 from tests.conformance.harnesses import PostgresHarness
 
@@ -622,6 +624,7 @@ def mount(**options: Any) -> MountSpec:
         ({"connection_url": "postgresql://a@b/c", "password": "x"}, "password"),
         ({"connection_url": "postgresql://a@b/c", "serialize_ddl": "yes"}, "serialize_ddl"),
         ({"connection_url": "postgresql://a@b/c", "serialize_ddl": 1}, "serialize_ddl"),
+        ({"connection_url": "postgresql://a@b/c", "password_hashing": "md5"}, "password_hashing"),
     ],
 )
 def test_from_config_rejects_bad_options(options: dict[str, Any], key: str) -> None:
@@ -643,3 +646,82 @@ def test_validate_role_rejects_bad_roles() -> None:
             PostgresBackend.validate_role(spec)
         assert info.value.key == key
     PostgresBackend.validate_role(role())
+
+
+# -- password hashing -------------------------------------------------------------
+
+
+@pytest.fixture
+async def md5_admin(harness: PostgresHarness) -> AsyncIterator[MountSpec]:
+    """A mount whose admin sessions hash plaintext passwords as md5.
+
+    So the stored password shows who hashed it: a plaintext sent to the server
+    is stored as ``md5...``; a verifier the broker computed stays SCRAM.
+    """
+    admin = f"md5admin_{harness.mount_name}"
+    secret = generate_password()
+    await harness.admin.execute(f"CREATE ROLE \"{admin}\" LOGIN SUPERUSER PASSWORD '{secret}'")
+    await harness.admin.execute(f"ALTER ROLE \"{admin}\" SET password_encryption = 'md5'")
+    mount = harness.make_mount()
+    url = mount.options["connection_url"].replace(f"{harness.admin_user}@", f"{admin}@", 1)
+    try:
+        yield dataclasses.replace(mount, secret=secret,
+                                  options={**mount.options, "connection_url": url})
+    finally:
+        await harness.admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", admin)
+        await harness.admin.execute(f'DROP ROLE IF EXISTS "{admin}"')
+
+
+async def stored_password(harness: PostgresHarness, name: str) -> str:
+    value = await harness.admin.fetchval(
+        "SELECT rolpassword FROM pg_authid WHERE rolname = $1", name)
+    assert isinstance(value, str)
+    return value
+
+
+@pytest.mark.parametrize("prepared", [True, False], ids=["prepared", "in-new_user"])
+async def test_the_server_gets_a_scram_verifier_never_the_password(
+    harness: PostgresHarness, md5_admin: MountSpec, prepared: bool
+) -> None:
+    """By default the statement carries a SCRAM verifier of the password (computed
+    ahead by prepare_user, or in new_user when that was skipped): the server stores
+    it as sent, so the plaintext never reached it, and it verifies the password."""
+    backend = PostgresBackend.from_config(md5_admin)
+    await backend.initialize()
+    try:
+        name = username(harness)
+        req = new_req(role(), name)
+        if prepared:
+            req = await backend.prepare_user(req)
+            assert req.prepared["password"].startswith("SCRAM-SHA-256$4096:")
+        resp = await backend.new_user(req)
+        stored = await stored_password(harness, name)
+        assert stored.startswith("SCRAM-SHA-256$")
+        assert verifies(stored, resp.data["password"])
+        assert not verifies(stored, generate_password())
+        if prepared:
+            assert stored == req.prepared["password"]
+        await backend.delete_user(delete_req(None, name))
+    finally:
+        await backend.close()
+
+
+async def test_password_hashing_server_sends_the_plaintext(
+    harness: PostgresHarness, md5_admin: MountSpec
+) -> None:
+    """``password_hashing = "server"``: the server hashes (here as md5, its session's setting)."""
+    mount = dataclasses.replace(md5_admin, options={**md5_admin.options,
+                                                    "password_hashing": "server"})
+    backend = PostgresBackend.from_config(mount)
+    await backend.initialize()
+    try:
+        name = username(harness)
+        req = await backend.prepare_user(new_req(role(), name))
+        assert not req.prepared
+        resp = await backend.new_user(req)
+        digest = hashlib.md5((resp.data["password"] + name).encode()).hexdigest()  # noqa: S324
+        assert await stored_password(harness, name) == f"md5{digest}"
+        await backend.delete_user(delete_req(None, name))
+    finally:
+        await backend.close()

@@ -1,0 +1,55 @@
+"""SCRAM-SHA-256 password verifiers, as PostgreSQL stores them (RFC 5802, RFC 7677).
+
+``CREATE ROLE ... PASSWORD 'SCRAM-SHA-256$...'`` stores a verifier the client
+computed instead of hashing a plaintext password on the server. The broker
+does that, so the plaintext never reaches the database server: not its
+statement log (``log_statement = ddl``), not ``pg_stat_statements``, not a
+replica's logs. It also takes the PBKDF2 work off the server's CPU, and the
+engine runs it while the lease's intent is being committed (see
+``PostgresBackend.prepare_user``).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+
+__all__ = ["DEFAULT_ITERATIONS", "scram_verifier", "verifies"]
+
+#: PostgreSQL's default (``scram_iterations`` since PostgreSQL 16; fixed before).
+DEFAULT_ITERATIONS = 4096
+_SALT_BYTES = 16  # what PostgreSQL itself uses
+
+
+def scram_verifier(password: str, iterations: int = DEFAULT_ITERATIONS,
+                   salt: bytes | None = None) -> str:
+    """``SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`` for ``password``.
+
+    The broker's passwords are ASCII letters and digits, which SASLprep leaves
+    unchanged, so no normalisation is needed here (the plugin checks the
+    alphabet before calling this). ``hashlib.pbkdf2_hmac`` releases the GIL,
+    so a thread runs it beside the event loop.
+    """
+    salt = secrets.token_bytes(_SALT_BYTES) if salt is None else salt
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    client_key = hmac.digest(salted, b"Client Key", "sha256")
+    server_key = hmac.digest(salted, b"Server Key", "sha256")
+    stored_key = hashlib.sha256(client_key).digest()
+
+    def b64(raw: bytes) -> str:
+        return base64.b64encode(raw).decode("ascii")
+
+    return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
+
+
+def verifies(stored: str, password: str) -> bool:
+    """Whether a SCRAM login with ``password`` succeeds against the ``stored`` verifier."""
+    try:
+        head, _keys = stored.removeprefix("SCRAM-SHA-256$").split("$", 1)
+        iterations, salt = head.split(":")
+        expected = scram_verifier(password, int(iterations), base64.b64decode(salt))
+    except ValueError:  # not a SCRAM verifier (md5, plaintext)
+        return False
+    return hmac.compare_digest(expected, stored)
