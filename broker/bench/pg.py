@@ -77,11 +77,12 @@ username_template = "{ROLE_PREFIX}{{{{random 16}}}}"
     return toml, env
 
 
-def create_role_sql(name: str) -> str:
-    """The role's creation statement exactly as the plugin renders it (default statements)."""
+def create_role_sql(name: str, password: str | None = None) -> str:
+    """The default creation statement with ``password`` (a new plaintext one by default)."""
     expiration = format_expiration(datetime.now(UTC) + timedelta(hours=1))
     return render(DEFAULT_CREATION_STATEMENTS[0],
-                  {"name": name, "password": generate_password(), "expiration": expiration})
+                  {"name": name, "password": password or generate_password(),
+                   "expiration": expiration})
 
 
 def _role_name(tag: str) -> str:
