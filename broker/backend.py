@@ -122,8 +122,8 @@ class NewUserRequest:
     lease_id: str
     #: free metadata of the lease (e.g. CI run id), e.g. for AWS session tags.
     metadata: Mapping[str, str] = field(default_factory=dict)
-    #: what the backend's optional ``prepare_user`` computed ahead (e.g. a
-    #: password hash); backend-specific, may be secret, never logged.
+    #: what the backend's optional ``prepare_password`` made of the password
+    #: (e.g. its hash); backend-specific, may be secret, never logged.
     prepared: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -194,10 +194,11 @@ class Backend(Protocol):
     async def new_user(self, req: NewUserRequest) -> NewUserResponse: ...
 
     # Optional, not part of the protocol check:
-    #   async def prepare_user(self, req: NewUserRequest) -> NewUserRequest
-    # Work with no effect on the backend (hashing the password), run while the
-    # lease's intent is committed; new_user then gets the request it returns.
-    # new_user must still work when it was not called or failed.
+    #   async def prepare_password(self, password: str) -> Mapping[str, str]
+    # Work that depends on the password only and has no effect on the backend
+    # (hashing it); the result reaches new_user as ``req.prepared``. The broker
+    # runs it ahead of time or while the lease's intent commits (see
+    # MountRuntime.take_password). new_user must still work without it.
 
     async def renew_user(self, req: RenewUserRequest) -> RenewUserResponse: ...
 

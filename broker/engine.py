@@ -21,7 +21,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -351,20 +351,22 @@ class LeaseEngine:
             revocation={"username": username},
             metadata=dict(token.metadata),
         )
+        ready = runtime.take_password()  # made ahead by a backend that hashes it
         req = NewUserRequest(
             role=role,
             username=username,
-            password=generate_password(),
+            password=ready[0] if ready else generate_password(),
             expiration=datetime.fromtimestamp(expire, UTC),
             lease_id=lease.id,
             metadata=lease.metadata,
+            prepared=ready[1] if ready else {},
         )
         # Crash safety: the intent is durable before the backend creates anything.
-        if runtime.prepares_users:
-            # Meanwhile the backend does what has no effect on it (hashing the
-            # password): at concurrency 1 that hides one of the two costs.
-            req, _ = await asyncio.gather(runtime.prepare_user(req),
-                                          self.store.insert_pending(lease))
+        if ready is None and runtime.prepares_passwords:
+            # None was ready: prepare this one while the intent commits.
+            prepared, _ = await asyncio.gather(runtime.prepare_password(req.password),
+                                               self.store.insert_pending(lease))
+            req = replace(req, prepared=prepared or {})
         else:
             await self.store.insert_pending(lease)
         try:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -27,11 +28,15 @@ from broker.backend import (
     RotateRootRequest,
     RotateRootResponse,
 )
+from broker.templating import generate_password
 
 __all__ = ["CallStats", "MountRuntime", "redact_text"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+#: passwords a mount keeps prepared ahead (see MountRuntime.take_password).
+READY_PASSWORDS = 4
 
 _SECRET_KEYS = ("password", "secret_key", "security_token", "secret", "token")
 
@@ -71,6 +76,9 @@ class MountRuntime:
     error: str | None = "not initialised"
     stats: dict[str, CallStats] = field(default_factory=dict)
     _init_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _ready: deque[tuple[str, Mapping[str, str]]] = field(default_factory=deque)
+    _refill: asyncio.Task[None] | None = None
+    _prepares: bool = True
 
     @property
     def name(self) -> str:
@@ -106,23 +114,52 @@ class MountRuntime:
             self.healthy, self.error = False, str(exc)
             log.warning("mount %s became unhealthy: %s", self.name, exc)
 
-    @property
-    def prepares_users(self) -> bool:
-        return hasattr(self.backend, "prepare_user")
+    # -- passwords prepared ahead ------------------------------------------------
+    # A backend may offer ``prepare_password(password) -> Mapping[str, str]``:
+    # work that depends on the password only and has no effect on the backend
+    # (the postgres plugin's SCRAM hashing). The runtime keeps READY_PASSWORDS
+    # passwords with their prepared form ready, made in a thread while the loop
+    # waits on I/O, so an issue at low concurrency does not wait for the hash.
+    # They live only in memory, each handed out once.
 
-    async def prepare_user(self, req: NewUserRequest) -> NewUserRequest:
-        """The backend's optional ``prepare_user``; never raises (new_user copes without)."""
-        prepare = getattr(self.backend, "prepare_user", None)
+    @property
+    def prepares_passwords(self) -> bool:
+        return self._prepares and hasattr(self.backend, "prepare_password")
+
+    def take_password(self) -> tuple[str, Mapping[str, str]] | None:
+        """A password made ahead and what the backend prepared from it, or None."""
+        if not self.prepares_passwords:
+            return None
+        ready = self._ready.popleft() if self._ready else None
+        if self._refill is None or self._refill.done():
+            self._refill = asyncio.create_task(self._fill(), name=f"prepare {self.name}")
+        return ready
+
+    async def prepare_password(self, password: str) -> Mapping[str, str] | None:
+        """The backend's ``prepare_password``; None if it failed (new_user copes without)."""
+        prepare = getattr(self.backend, "prepare_password", None)
         if prepare is None:
-            return req
+            return {}
         try:
-            prepared: NewUserRequest = await self._call("prepare_user", prepare, (req,),
-                                                        (req.password,))
+            prepared: Mapping[str, str] = await self._call("prepare_password", prepare,
+                                                           (password,), (password,))
             return prepared
         except BackendError as exc:  # already redacted by _call
-            log.warning("mount %s: prepare_user failed, new_user goes without: %s",
+            log.warning("mount %s: prepare_password failed, new_user goes without: %s",
                         self.name, exc)
-            return req
+            return None
+
+    async def _fill(self) -> None:
+        while len(self._ready) < READY_PASSWORDS:
+            password = generate_password()
+            prepared = await self.prepare_password(password)
+            if prepared is None:
+                return  # failed (logged): issues prepare their own; the next take retries
+            if not prepared:
+                # Nothing to prepare (postgres with password_hashing = "server").
+                self._prepares = False
+                return
+            self._ready.append((password, prepared))
 
     async def new_user(self, req: NewUserRequest) -> NewUserResponse:
         return await self._call("new_user", self.backend.new_user, (req,),
@@ -139,6 +176,9 @@ class MountRuntime:
                                 (req.new_password,))
 
     async def close(self) -> None:
+        if self._refill is not None:
+            self._refill.cancel()
+        self._ready.clear()
         try:
             await asyncio.wait_for(self.backend.close(), timeout=self.timeout)
         except Exception as exc:  # closing must not stop shutdown

@@ -5,8 +5,8 @@ computed instead of hashing a plaintext password on the server. The broker
 does that, so the plaintext never reaches the database server: not its
 statement log (``log_statement = ddl``), not ``pg_stat_statements``, not a
 replica's logs. It also takes the PBKDF2 work off the server's CPU, and the
-engine runs it while the lease's intent is being committed (see
-``PostgresBackend.prepare_user``).
+broker runs it ahead of time, in a thread (see
+``broker.middleware.MountRuntime.take_password``).
 """
 
 from __future__ import annotations

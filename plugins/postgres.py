@@ -44,7 +44,6 @@ import hashlib
 import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import replace
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
@@ -326,12 +325,11 @@ class PostgresBackend:
 
     # -- credentials ----------------------------------------------------------
 
-    async def prepare_user(self, req: NewUserRequest) -> NewUserRequest:
-        """Hash the password (in a thread) while the engine commits the lease's intent."""
+    async def prepare_password(self, password: str) -> Mapping[str, str]:
+        """The SCRAM verifier of ``password``, hashed in a thread ahead of new_user."""
         if not self._hash_passwords:
-            return req
-        verifier = await self._verifier(req.password)
-        return replace(req, prepared={**req.prepared, "password": verifier})
+            return {}
+        return {"password": await self._verifier(password)}
 
     async def _verifier(self, password: str) -> str:
         return await asyncio.to_thread(scram_verifier, check_password(password),

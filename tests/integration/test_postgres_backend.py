@@ -23,6 +23,7 @@ from broker.backend import (
     RoleSpec,
     RotateRootRequest,
 )
+from broker.middleware import READY_PASSWORDS, MountRuntime
 from broker.templating import generate_password, render_username
 from plugins._scram import verifies
 from plugins.postgres import _DDL_LOCK_KEY, DEFAULT_CREATION_STATEMENTS, PostgresBackend
@@ -685,7 +686,7 @@ async def test_the_server_gets_a_scram_verifier_never_the_password(
     harness: PostgresHarness, md5_admin: MountSpec, prepared: bool
 ) -> None:
     """By default the statement carries a SCRAM verifier of the password (computed
-    ahead by prepare_user, or in new_user when that was skipped): the server stores
+    ahead by prepare_password, or in new_user when that was skipped): the server stores
     it as sent, so the plaintext never reached it, and it verifies the password."""
     backend = PostgresBackend.from_config(md5_admin)
     await backend.initialize()
@@ -693,7 +694,7 @@ async def test_the_server_gets_a_scram_verifier_never_the_password(
         name = username(harness)
         req = new_req(role(), name)
         if prepared:
-            req = await backend.prepare_user(req)
+            req = dataclasses.replace(req, prepared=await backend.prepare_password(req.password))
             assert req.prepared["password"].startswith("SCRAM-SHA-256$4096:")
         resp = await backend.new_user(req)
         stored = await stored_password(harness, name)
@@ -717,11 +718,37 @@ async def test_password_hashing_server_sends_the_plaintext(
     await backend.initialize()
     try:
         name = username(harness)
-        req = await backend.prepare_user(new_req(role(), name))
-        assert not req.prepared
-        resp = await backend.new_user(req)
+        assert await backend.prepare_password(generate_password()) == {}
+        resp = await backend.new_user(new_req(role(), name))
         digest = hashlib.md5((resp.data["password"] + name).encode()).hexdigest()  # noqa: S324
         assert await stored_password(harness, name) == f"md5{digest}"
         await backend.delete_user(delete_req(None, name))
     finally:
         await backend.close()
+
+
+async def test_the_mount_keeps_a_few_passwords_hashed_ahead(
+    harness: PostgresHarness, md5_admin: MountSpec
+) -> None:
+    """The mount's runtime hashes passwords ahead, in the background: the first
+    take finds none ready and starts the refill; later takes get a password with
+    its verifier, each one once. With password_hashing = "server" it stops asking."""
+    for hashing in ("scram-sha-256", "server"):
+        mount = dataclasses.replace(md5_admin, options={**md5_admin.options,
+                                                        "password_hashing": hashing})
+        runtime = MountRuntime(spec=mount, backend=PostgresBackend.from_config(mount))
+        assert await runtime.ensure_initialized()
+        try:
+            assert runtime.take_password() is None  # nothing made yet: starts the refill
+            await asyncio.sleep(0.5)
+            if hashing == "server":
+                assert not runtime.prepares_passwords and runtime.take_password() is None
+                continue
+            taken = [runtime.take_password() for _ in range(READY_PASSWORDS)]
+            assert all(t is not None for t in taken)
+            passwords = [t[0] for t in taken if t is not None]
+            assert len(set(passwords)) == READY_PASSWORDS
+            for password, prepared in (t for t in taken if t is not None):
+                assert verifies(prepared["password"], password)
+        finally:
+            await runtime.close()
