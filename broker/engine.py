@@ -78,6 +78,12 @@ def _no_release() -> None:
     """A caller of revoke_claimed that holds no worker slot."""
 
 
+#: A revoke matching at most this many leases queues them in the answering write
+#: itself; more are answered with a revoke rule, expanded in the background.
+RULE_INLINE_MAX = 1000
+#: Leases one revoke-rule expansion step queues (one transaction, ~50 ms on PostgreSQL).
+RULE_CHUNK = 5000
+
 #: Most endings one ``finish_revoke_many`` write carries.
 RECORD_BATCH = 256
 #: Most ``finish_revoke_many`` writes in flight at once.
@@ -204,6 +210,10 @@ class LeaseEngine:
         self._issues_idle.set()
         self.accepting = True
         self._endings = EndingRecorder(store, clock)
+        self.rule_inline_max = RULE_INLINE_MAX
+        self.rule_chunk = RULE_CHUNK
+        self._rules_task: asyncio.Task[int] | None = None
+        self._rules_again = False
 
     @property
     def leases_cfg(self) -> LeaseConfig:
@@ -271,7 +281,8 @@ class LeaseEngine:
         take (``backend_timeout``): the leases then stay claimed in the store
         and are revoked again once the claim runs out. The backends close
         meanwhile (they are done with those leases), so this adds no time to
-        the worst case of a shutdown.
+        the worst case of a shutdown. So does handing over the revoke rules
+        this replica was expanding (also bounded by ``backend_timeout``).
         """
         limit = self.leases_cfg.backend_timeout
 
@@ -280,7 +291,8 @@ class LeaseEngine:
                 log.warning("lease endings still unwritten after %ss; those leases stay "
                             "claimed and are revoked again once the claim runs out", limit)
 
-        await asyncio.gather(endings(), *(m.close() for m in self.mounts.values()))
+        await asyncio.gather(self._stop_rules(limit), endings(),
+                             *(m.close() for m in self.mounts.values()))
 
     # -- issue ---------------------------------------------------------------
     async def issue(
@@ -510,20 +522,99 @@ class LeaseEngine:
                 self._waiters.pop(lease.id, None)
 
     async def revoke_matching(self, flt: LeaseFilter, *, force: bool = False) -> int:
+        """Queue every live lease matching ``flt``; returns how many.
+
+        The answer does not wait for 100,000 row updates: past
+        ``rule_inline_max`` leases the store writes one revoke rule (see
+        broker/store/base.py) and this replica expands it in the background.
+        Either way, once this returns the leases read as revoking and cannot
+        be renewed.
+        """
         reason = "force" if force else ("prefix" if flt.prefix else "selector")
-        count = await self.store.queue_revoke_matching(flt, reason=reason, now=self.clock())
-        if count:
+        now = self.clock()
+        queued = await self.store.queue_revoke_rule(
+            flt, reason=reason, now=now, inline_max=self.rule_inline_max,
+            claimer=self.node_id, claim_until=now + self.leases_cfg.claim_timeout)
+        if queued.rule_id is not None:
+            self.kick_revoke_rules()
+        elif queued.queued:
             self.wake(None)
-        return count
+        return queued.queued
+
+    def kick_revoke_rules(self) -> asyncio.Task[int]:
+        """Make sure the expander runs (again); returns its task."""
+        self._rules_again = True
+        if self._rules_task is None or self._rules_task.done():
+            self._rules_task = asyncio.create_task(self._expand_rules(),
+                                                   name="broker-revoke-rules")
+        return self._rules_task
+
+    async def expand_revoke_rules(self) -> int:
+        """Expand every revoke rule this replica can claim: its own, and those
+        of replicas whose claim ran out (the periodic job). Returns leases queued."""
+        return await asyncio.shield(self.kick_revoke_rules())
+
+    async def _expand_rules(self) -> int:
+        total = 0
+        try:
+            while self._rules_again:
+                self._rules_again = False
+                while True:
+                    now = self.clock()
+                    rule_id = await self.store.claim_revoke_rule(
+                        claimer=self.node_id, now=now,
+                        claim_until=now + self.leases_cfg.claim_timeout)
+                    if rule_id is None:
+                        break
+                    total += await self._expand_rule(rule_id)
+        except Exception:
+            # The claim stays ours until it runs out; the periodic job tries again.
+            log.exception("expanding revoke rules (retried by the periodic job)")
+        return total
+
+    async def _expand_rule(self, rule_id: str) -> int:
+        total = 0
+        while True:
+            now = self.clock()
+            step = await self.store.expand_revoke_rule(
+                rule_id, claimer=self.node_id, now=now, limit=self.rule_chunk,
+                claim_until=now + self.leases_cfg.claim_timeout)
+            if step is None:  # taken over by another replica: it carries on
+                return total
+            total += step.queued
+            if step.queued:
+                self.wake(None)
+            if step.done:
+                return total
+
+    async def _stop_rules(self, limit: float) -> None:
+        """Stop expanding and hand this replica's rules over at once (within ``limit`` s)."""
+        task, self._rules_task = self._rules_task, None
+        if task is None:
+            return
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        try:
+            async with asyncio.timeout(limit):
+                await self.store.release_revoke_rules(claimer=self.node_id)
+        except Exception as exc:  # they become claimable when the claim runs out
+            log.warning("could not release revoke rules (%s: %s)", type(exc).__name__, exc)
 
     async def wait_drained(self, flt: LeaseFilter, timeout: float) -> int:
-        """Wait until no lease matching ``flt`` is still revoking; returns how many still are."""
+        """Wait until no lease matching ``flt`` is still revoking; returns how many still are.
+
+        Leases a revoke rule covers count as revoking (the store reports them so)
+        until they have ended, expanded or not.
+        """
         deadline = time.monotonic() + timeout
+        pause = 0.2
         while True:
             left = await self.store.count_matching(flt, states=(LeaseState.REVOKING,))
             if left == 0 or time.monotonic() >= deadline:
                 return left
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(pause)
+            # A count over 100k rows is not free: poll less often as the wait grows.
+            pause = min(pause * 1.5, 1.0)
 
     async def revoke_token_leases(self, accessors: list[str]) -> int:
         if not accessors:

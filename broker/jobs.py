@@ -5,7 +5,9 @@
 - tombstone purge: dead leases past their retention;
 - token expiry: mark expired tokens and queue their leases (belt and braces:
   leases are already capped at their token's expiry);
-- mount health: reconnect unhealthy backends so issuing resumes by itself.
+- mount health: reconnect unhealthy backends so issuing resumes by itself;
+- revoke rules: expand rules whose replica died mid-way (its claim ran out) or
+  whose expansion failed; a replica expands its own rules as soon as it makes them.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 HEALTH_INTERVAL = 10
 TOKEN_SWEEP_INTERVAL = 30
 PURGE_INTERVAL = 3600
+REVOKE_RULES_INTERVAL = 5
 
 
 def _guarded(name: str, fn: Callable[[], Awaitable[object]]) -> Callable[[], Awaitable[None]]:
@@ -72,6 +75,7 @@ def start_jobs(state: BrokerState) -> AsyncIOScheduler:
         ("tombstone purge", purge, PURGE_INTERVAL),
         ("token expiry", expire_tokens, TOKEN_SWEEP_INTERVAL),
         ("mount health", engine.check_mounts, HEALTH_INTERVAL),
+        ("revoke rules", engine.expand_revoke_rules, REVOKE_RULES_INTERVAL),
     ]
     for name, fn, seconds in jobs:
         scheduler.add_job(_guarded(name, fn), "interval", seconds=seconds, id=name, name=name)

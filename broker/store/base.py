@@ -15,16 +15,45 @@ Design points every implementation keeps:
 - Several broker replicas may share one store (PostgreSQL). Claims keep them
   from revoking a lease twice; wake listeners tell each replica's sweeper when
   another one made something due earlier than it planned for.
+- A revoke over many leases (revoke-prefix, revoke-by, a token's leases) is
+  answered by writing one *revoke rule* (the filter and the time it was made)
+  instead of rewriting every matching row; replicas expand it into per-lease
+  ``revoking`` rows in chunks, claiming it the way they claim leases. Until a
+  chunk has reached a lease, every read shows a live lease the rule covers as
+  ``revoking`` and ``renew`` refuses it, so callers see what they saw when the
+  rows were rewritten at once. A lease covers = matches the filter and was
+  issued at or before the rule's time (by the broker's clock).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from broker.lease import Lease, LeaseFilter, LeaseState, Token
 
-__all__ = ["LeaseStore"]
+__all__ = ["LeaseStore", "RevokeQueued", "RuleChunk"]
+
+
+@dataclass(frozen=True)
+class RevokeQueued:
+    """What ``queue_revoke_rule`` did."""
+
+    #: live leases the revoke covers (counted when it was made).
+    queued: int
+    #: the rule left to expand, or None when the leases were queued at once.
+    rule_id: str | None = None
+
+
+@dataclass(frozen=True)
+class RuleChunk:
+    """What one ``expand_revoke_rule`` step did."""
+
+    #: leases moved to ``revoking`` by this step.
+    queued: int
+    #: the rule is fully expanded (and gone).
+    done: bool
 
 
 class LeaseStore(Protocol):
@@ -93,7 +122,8 @@ class LeaseStore(Protocol):
 
     # -- leases: renew --------------------------------------------------
     async def renew(self, lease_id: str, *, expire_time: float, now: float) -> bool:
-        """Set a new expiry on an ACTIVE lease (and due_at); False if it is not active."""
+        """Set a new expiry on an ACTIVE lease (and due_at); False if it is not active
+        or a revoke rule covers it."""
 
     # -- leases: revocation ----------------------------------------------
     async def queue_revoke(
@@ -111,6 +141,39 @@ class LeaseStore(Protocol):
         With ``reason == "force"`` leases already ``revoking`` under another reason
         (say, waiting in retry backoff) are taken over too: reason "force", due
         now. Other reasons leave revoking leases as they are."""
+
+    async def queue_revoke_rule(
+        self, flt: LeaseFilter, *, reason: str, now: float, inline_max: int, claimer: str,
+        claim_until: float,
+    ) -> RevokeQueued:
+        """Revoke every live lease matching ``flt`` (``reason`` as in
+        queue_revoke_matching), in one durable write that does not grow with
+        the number of leases.
+
+        Counts the matching live leases; up to ``inline_max`` are queued at once
+        (as queue_revoke_matching). More are covered by a revoke rule made at
+        ``now``, claimed by ``claimer`` until ``claim_until``, for
+        ``expand_revoke_rule`` to queue in chunks. From the moment this returns,
+        reads show the covered leases as ``revoking`` and ``renew`` refuses them.
+        """
+
+    async def claim_revoke_rule(
+        self, *, claimer: str, now: float, claim_until: float
+    ) -> str | None:
+        """Claim the oldest rule that is ``claimer``'s already or whose claim has
+        run out (a replica died mid-expansion); None when there is none."""
+
+    async def expand_revoke_rule(
+        self, rule_id: str, *, claimer: str, now: float, limit: int, claim_until: float
+    ) -> RuleChunk | None:
+        """One step, one transaction: queue (due ``now``) the next ``limit`` live
+        leases the rule covers, in id order, record how far it got and extend the
+        claim to ``claim_until``; the last step deletes the rule. None when the
+        rule is gone or claimed by someone else (they carry on from where this
+        claimer's last committed step got to)."""
+
+    async def release_revoke_rules(self, *, claimer: str) -> None:
+        """Give up ``claimer``'s rules at once (shutting down): others may claim them."""
 
     async def next_due(self) -> float | None:
         """The smallest ``due_at``, or None when nothing is due ever."""

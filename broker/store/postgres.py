@@ -37,6 +37,7 @@ import asyncpg
 
 from broker.errors import Conflict
 from broker.lease import Lease, LeaseFilter, LeaseState, Token, TokenState
+from broker.store.base import RevokeQueued, RuleChunk
 from broker.store.rows import lease_from_row, prefix_upper, token_from_row
 from broker.store.sqlite import StoreSchemaError
 
@@ -95,6 +96,25 @@ MIGRATIONS: list[tuple[str, ...]] = [
         """CREATE INDEX tokens_expiry ON tokens (expire_time)
             WHERE state = 'active' AND expire_time IS NOT NULL""",
     ),
+    (
+        # Revoke rules (base.py): one row answers a revoke of many leases; replicas
+        # expand it in chunks. Only rules not yet fully expanded are kept, so the
+        # table stays tiny and the correlated checks against it stay cheap.
+        # prefix_end NULL: no upper bound; owners NULL: any owner; expanded_to:
+        # every covered lease with an id up to it has been queued.
+        """CREATE TABLE revoke_rules (
+            id TEXT COLLATE "C" PRIMARY KEY,
+            prefix TEXT COLLATE "C" NOT NULL,
+            prefix_end TEXT COLLATE "C",
+            owners TEXT[],
+            metadata JSONB NOT NULL DEFAULT '{}',
+            reason TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            expanded_to TEXT COLLATE "C" NOT NULL DEFAULT '',
+            claimed_by TEXT,
+            claim_until DOUBLE PRECISION NOT NULL
+        )""",
+    ),
 ]
 
 #: The NOTIFY channel for cross-replica wake-ups. Payload: "<origin> <due time>".
@@ -122,6 +142,21 @@ _FORCEABLE = (
     " OR (state = 'revoking' AND revoke_reason IS DISTINCT FROM 'force'))"
 )
 _DEAD_STATES = "('revoked', 'expired')"
+#: A live lease ``l`` that an unexpanded part of a revoke rule covers (base.py).
+_COVERED = (
+    "EXISTS (SELECT 1 FROM revoke_rules AS r WHERE l.issue_time <= r.created_at"
+    " AND l.id > r.expanded_to AND l.id >= r.prefix"
+    " AND (r.prefix_end IS NULL OR l.id < r.prefix_end)"
+    " AND (r.owners IS NULL OR l.owner = ANY (r.owners)) AND l.metadata @> r.metadata)"
+)
+#: The state reads report: covered live leases are already "revoking".
+_STATE = (
+    f"(CASE WHEN l.state IN ('active', 'irrevocable') AND {_COVERED}"
+    " THEN 'revoking' ELSE l.state END)"
+)
+#: _LEASE_COLS for ``FROM leases AS l``, with the state reads report.
+_READ_COLS = ", ".join(f"{_STATE} AS state" if col == "state" else f"l.{col}"
+                       for col in _LEASE_COL_NAMES)
 #: URL query parameters the store takes for itself; the rest go to asyncpg.
 _STORE_PARAMS = {"pool_min_size", "pool_max_size", "command_timeout"}
 #: Listener: how often an idle connection is checked, and the reconnect backoff.
@@ -150,8 +185,12 @@ class _Args:
         return f"${len(self.values)}"
 
 
-def _where(flt: LeaseFilter, args: _Args, states: Sequence[LeaseState] = ()) -> str:
-    """SQL conditions for ``flt`` (joined with AND, TRUE when none); values go to ``args``."""
+def _where(flt: LeaseFilter, args: _Args, states: Sequence[LeaseState] = (),
+           state: str = "state") -> str:
+    """SQL conditions for ``flt`` (joined with AND, TRUE when none); values go to ``args``.
+
+    ``state`` is the expression ``states`` are tested against (``_STATE`` in reads).
+    """
     clauses: list[str] = []
     if flt.prefix:
         clauses.append(f"id >= {args(flt.prefix)}")
@@ -169,12 +208,24 @@ def _where(flt: LeaseFilter, args: _Args, states: Sequence[LeaseState] = ()) -> 
         wanted = {key: str(value) for key, value in flt.metadata.items()}
         clauses.append(f"metadata @> {args(json.dumps(wanted))}::jsonb")
     if states:
-        clauses.append(f"state = ANY({args([str(s) for s in states])}::text[])")
+        clauses.append(f"{state} = ANY({args([str(s) for s in states])}::text[])")
     return " AND ".join(clauses) or "TRUE"
 
 
+def _live(reason: str) -> str:
+    return _FORCEABLE if reason == "force" else _REVOCABLE
 
 
+async def _queue_matching(conn: Any, flt: LeaseFilter, *, reason: str, now: float) -> int:
+    """queue_revoke_matching's one UPDATE, on ``conn``; returns how many it queued."""
+    args = _Args(now, reason)
+    cond = _where(flt, args)
+    status = await conn.execute(
+        f"UPDATE leases SET state = 'revoking', due_at = $1, revoke_reason = $2"
+        f" WHERE {_live(reason)} AND {cond}",
+        *args.values,
+    )
+    return _count(status)
 
 
 def _count(status: str) -> int:
@@ -505,7 +556,7 @@ class PostgresStore:
 
     # -- leases: reads ----------------------------------------------------
     async def get(self, lease_id: str) -> Lease | None:
-        row = await self.pool.fetchrow(f"SELECT {_LEASE_COLS} FROM leases WHERE id = $1",
+        row = await self.pool.fetchrow(f"SELECT {_READ_COLS} FROM leases AS l WHERE l.id = $1",
                                        lease_id)
         return None if row is None else lease_from_row(row)
 
@@ -514,9 +565,9 @@ class PostgresStore:
         after: str = "",
     ) -> list[str]:
         args = _Args()
-        cond = _where(flt, args, states)
+        cond = _where(flt, args, states, _STATE)
         rows = await self.pool.fetch(
-            f"SELECT id FROM leases WHERE {cond} AND id > {args(after)}"
+            f"SELECT id FROM leases AS l WHERE {cond} AND id > {args(after)}"
             f" ORDER BY id LIMIT {args(limit)}",
             *args.values,
         )
@@ -527,16 +578,16 @@ class PostgresStore:
         after: str = "",
     ) -> list[Lease]:
         args = _Args()
-        cond = _where(flt, args, states)
+        cond = _where(flt, args, states, _STATE)
         rows = await self.pool.fetch(
-            f"SELECT {_LEASE_COLS} FROM leases WHERE {cond} AND id > {args(after)}"
+            f"SELECT {_READ_COLS} FROM leases AS l WHERE {cond} AND id > {args(after)}"
             f" ORDER BY id LIMIT {args(limit)}",
             *args.values,
         )
         return [lease_from_row(row) for row in rows]
 
     async def count_by_state(self) -> dict[str, int]:
-        rows = await self.pool.fetch("SELECT state, count(*) FROM leases GROUP BY state")
+        rows = await self.pool.fetch(f"SELECT {_STATE}, count(*) FROM leases AS l GROUP BY 1")
         counts = {str(state): 0 for state in LeaseState}
         counts.update({str(row[0]): int(row[1]) for row in rows})
         return counts
@@ -545,16 +596,18 @@ class PostgresStore:
         self, flt: LeaseFilter, *, states: Sequence[LeaseState] = ()
     ) -> int:
         args = _Args()
-        cond = _where(flt, args, states)
-        return int(await self.pool.fetchval(f"SELECT count(*) FROM leases WHERE {cond}",
+        cond = _where(flt, args, states, _STATE)
+        return int(await self.pool.fetchval(f"SELECT count(*) FROM leases AS l WHERE {cond}",
                                             *args.values))
 
     # -- leases: renew --------------------------------------------------
     async def renew(self, lease_id: str, *, expire_time: float, now: float) -> bool:
-        # No NOTIFY: a renewal only ever moves the due time later.
+        # No NOTIFY: a renewal only ever moves the due time later. A lease a revoke
+        # rule covers reads as revoking and is refused here too; a rule committed
+        # meanwhile is seen (a statement's snapshot is taken when it starts).
         status = await self.pool.execute(
-            "UPDATE leases SET expire_time = $1, due_at = $1, last_renewal = $2"
-            " WHERE id = $3 AND state = 'active'",
+            "UPDATE leases AS l SET expire_time = $1, due_at = $1, last_renewal = $2"
+            f" WHERE l.id = $3 AND l.state = 'active' AND NOT {_COVERED}",
             expire_time, now, lease_id,
         )
         return _count(status) == 1
@@ -572,18 +625,103 @@ class PostgresStore:
         return lease_from_row(row)
 
     async def queue_revoke_matching(self, flt: LeaseFilter, *, reason: str, now: float) -> int:
-        args = _Args(now, reason)
-        cond = _where(flt, args)
-        live = _FORCEABLE if reason == "force" else _REVOCABLE
-        status = await self.pool.execute(
-            f"UPDATE leases SET state = 'revoking', due_at = $1, revoke_reason = $2"
-            f" WHERE {live} AND {cond}",
-            *args.values,
-        )
-        count = _count(status)
+        async with self.pool.acquire() as conn:
+            count = await _queue_matching(conn, flt, reason=reason, now=now)
         if count:
             self._notifier.signal(now)
         return count
+
+    async def queue_revoke_rule(
+        self, flt: LeaseFilter, *, reason: str, now: float, inline_max: int, claimer: str,
+        claim_until: float,
+    ) -> RevokeQueued:
+        args = _Args()
+        cond = _where(flt, args)
+        async with self.pool.acquire() as conn, conn.transaction():
+            matched = int(await conn.fetchval(
+                f"SELECT count(*) FROM leases WHERE {_live(reason)} AND {cond}", *args.values))
+            if matched <= inline_max:
+                count = await _queue_matching(conn, flt, reason=reason, now=now)
+                queued = RevokeQueued(count)
+            else:
+                rule_id = uuid.uuid4().hex
+                await conn.execute(
+                    "INSERT INTO revoke_rules (id, prefix, prefix_end, owners, metadata, reason,"
+                    " created_at, claimed_by, claim_until)"
+                    " VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9)",
+                    rule_id, flt.prefix, prefix_upper(flt.prefix) if flt.prefix else None,
+                    list(flt.owners) if flt.owners else None,
+                    json.dumps({key: str(value) for key, value in flt.metadata.items()}),
+                    reason, now, claimer, claim_until,
+                )
+                queued = RevokeQueued(matched, rule_id)
+        if queued.queued and queued.rule_id is None:
+            self._notifier.signal(now)
+        return queued
+
+    async def claim_revoke_rule(
+        self, *, claimer: str, now: float, claim_until: float
+    ) -> str | None:
+        rule_id = await self.pool.fetchval(
+            "UPDATE revoke_rules SET claimed_by = $1, claim_until = $2 WHERE id ="
+            " (SELECT id FROM revoke_rules WHERE claimed_by = $1 OR claim_until <= $3"
+            "  ORDER BY created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING id",
+            claimer, claim_until, now,
+        )
+        return None if rule_id is None else str(rule_id)
+
+    async def expand_revoke_rule(
+        self, rule_id: str, *, claimer: str, now: float, limit: int, claim_until: float
+    ) -> RuleChunk | None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            # The row lock serialises steps: a replica that took the rule over
+            # meanwhile waits here for this step, then goes on from its end.
+            rule = await conn.fetchrow(
+                "SELECT prefix, owners, metadata::text AS metadata, reason, created_at,"
+                " expanded_to FROM revoke_rules WHERE id = $1 AND claimed_by = $2 FOR UPDATE",
+                rule_id, claimer,
+            )
+            if rule is None:
+                return None
+            flt = LeaseFilter(prefix=rule["prefix"], owners=tuple(rule["owners"] or ()),
+                              metadata=json.loads(rule["metadata"]))
+            reason = str(rule["reason"])
+
+            def covered(args: _Args) -> str:
+                return (f"{_live(reason)} AND {_where(flt, args)}"
+                        f" AND issue_time <= {args(rule['created_at'])}"
+                        f" AND id > {args(rule['expanded_to'])}")
+
+            # Where this step ends: the limit-th covered lease (None: past the last).
+            args = _Args()
+            cond = covered(args)
+            end = await conn.fetchval(
+                f"SELECT id FROM leases WHERE {cond} ORDER BY id"
+                f" OFFSET {args(limit - 1)} LIMIT 1", *args.values)
+            # One UPDATE over the id range, not the ids found above: a row that
+            # changed meanwhile is checked again on its newest version.
+            args = _Args(now, reason)
+            cond = covered(args)
+            if end is not None:
+                cond += f" AND id <= {args(end)}"
+            status = await conn.execute(
+                f"UPDATE leases SET state = 'revoking', due_at = $1, revoke_reason = $2"
+                f" WHERE {cond}", *args.values)
+            if end is None:
+                await conn.execute("DELETE FROM revoke_rules WHERE id = $1", rule_id)
+            else:
+                await conn.execute(
+                    "UPDATE revoke_rules SET expanded_to = $1, claim_until = $2 WHERE id = $3",
+                    end, claim_until, rule_id)
+        count = _count(status)
+        if count:
+            self._notifier.signal(now)
+        return RuleChunk(count, done=end is None)
+
+    async def release_revoke_rules(self, *, claimer: str) -> None:
+        await self.pool.execute(
+            "UPDATE revoke_rules SET claimed_by = NULL, claim_until = 0 WHERE claimed_by = $1",
+            claimer)
 
     async def next_due(self) -> float | None:
         due = await self.pool.fetchval(

@@ -31,6 +31,7 @@ import os
 import re
 import sqlite3
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from typing import Any, TypeVar
 
 from broker.errors import Conflict
 from broker.lease import Lease, LeaseFilter, LeaseState, Token, TokenState
+from broker.store.base import RevokeQueued, RuleChunk
 from broker.store.rows import lease_from_row, prefix_upper, token_from_row
 
 __all__ = ["MIGRATIONS", "SQLiteStore", "StoreSchemaError"]
@@ -89,6 +91,22 @@ MIGRATIONS: list[tuple[str, ...]] = [
         """CREATE INDEX tokens_expiry ON tokens (expire_time)
             WHERE state = 'active' AND expire_time IS NOT NULL""",
     ),
+    (
+        # Revoke rules (base.py), as in the PostgreSQL store; owners and metadata
+        # are JSON text (owners NULL: any owner).
+        """CREATE TABLE revoke_rules (
+            id TEXT PRIMARY KEY,
+            prefix TEXT NOT NULL,
+            prefix_end TEXT,
+            owners TEXT,
+            metadata TEXT NOT NULL DEFAULT '{}',
+            reason TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            expanded_to TEXT NOT NULL DEFAULT '',
+            claimed_by TEXT,
+            claim_until REAL NOT NULL
+        )""",
+    ),
 ]
 
 #: Most operations one transaction (and one fsync) carries.
@@ -112,6 +130,24 @@ _DUE_STATES = "('active', 'revoking')"
 # statistics it would otherwise pick the state index and scan every active lease.
 _REVOCABLE_STATES = "('active', 'irrevocable')"
 _DEAD_STATES = "('revoked', 'expired')"
+#: A live lease ``l`` that an unexpanded part of a revoke rule covers (base.py).
+#: Metadata keys were checked by _where when the rule was made.
+_COVERED = (
+    "EXISTS (SELECT 1 FROM revoke_rules AS r WHERE l.issue_time <= r.created_at"
+    " AND l.id > r.expanded_to AND l.id >= r.prefix"
+    " AND (r.prefix_end IS NULL OR l.id < r.prefix_end)"
+    " AND (r.owners IS NULL OR l.owner IN (SELECT value FROM json_each(r.owners)))"
+    " AND NOT EXISTS (SELECT 1 FROM json_each(r.metadata) AS m"
+    "  WHERE json_extract(l.metadata, '$.\"' || m.key || '\"') IS NOT m.value))"
+)
+#: The state reads report: covered live leases are already "revoking".
+_STATE = (
+    f"(CASE WHEN l.state IN {_REVOCABLE_STATES} AND {_COVERED}"
+    " THEN 'revoking' ELSE l.state END)"
+)
+#: _LEASE_COLS for ``FROM leases AS l``, with the state reads report.
+_READ_COLS = ", ".join(f"{_STATE} AS state" if col == "state" else f"l.{col}"
+                       for col in _LEASE_COLS.replace(" ", "").split(","))
 
 
 class StoreSchemaError(RuntimeError):
@@ -230,8 +266,12 @@ def _state_col(flt: LeaseFilter) -> str:
     return "+state" if flt.prefix or flt.owners else "state"
 
 
-def _where(flt: LeaseFilter, states: Sequence[LeaseState] = ()) -> tuple[str, list[Any]]:
-    """SQL conditions (joined with AND, "1" when none) and their parameters."""
+def _where(flt: LeaseFilter, states: Sequence[LeaseState] = (), state: str = ""
+           ) -> tuple[str, list[Any]]:
+    """SQL conditions (joined with AND, "1" when none) and their parameters.
+
+    ``state`` is the expression ``states`` are tested against (``_STATE`` in reads).
+    """
     clauses: list[str] = []
     params: list[Any] = []
     if flt.prefix:
@@ -251,13 +291,48 @@ def _where(flt: LeaseFilter, states: Sequence[LeaseState] = ()) -> tuple[str, li
         clauses.append("json_extract(metadata, ?) = ?")
         params.extend([f'$."{key}"', str(value)])
     if states:
-        clauses.append(f"{_state_col(flt)} IN ({', '.join('?' * len(states))})")
+        clauses.append(f"{state or _state_col(flt)} IN ({', '.join('?' * len(states))})")
         params.extend(str(s) for s in states)
     return " AND ".join(clauses) or "1", params
 
 
+def _live(flt: LeaseFilter, reason: str) -> str:
+    """The states a revoke for ``reason`` takes leases from."""
+    state = _state_col(flt)
+    live = f"{state} IN {_REVOCABLE_STATES}"
+    if reason == "force":
+        # Force also takes over leases stuck in retry backoff; one already
+        # forced is left alone (it may be in flight right now).
+        live = f"({live} OR ({state} = 'revoking' AND revoke_reason IS NOT 'force'))"
+    return live
 
 
+def _queue_matching(flt: LeaseFilter, reason: str, now: float) -> Op[int]:
+    """queue_revoke_matching's one UPDATE."""
+    cond, params = _where(flt)
+    return _rowcount(
+        f"UPDATE leases SET state = 'revoking', due_at = ?, revoke_reason = ?"
+        f" WHERE {_live(flt, reason)} AND {cond}",
+        [now, reason, *params],
+    )
+
+
+def _atomic(op: Op[T]) -> Op[T]:
+    """``op`` (several statements) as one unit inside the writer's batch transaction."""
+
+    def run(conn: sqlite3.Connection) -> T:
+        conn.execute("SAVEPOINT op")
+        try:
+            result = op(conn)
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK TO op")
+                conn.execute("RELEASE op")
+            raise
+        conn.execute("RELEASE op")
+        return result
+
+    return run
 
 
 def _rowcount(sql: str, params: Sequence[Any]) -> Op[int]:
@@ -423,17 +498,17 @@ class SQLiteStore:
 
     # -- leases: reads ----------------------------------------------------
     async def get(self, lease_id: str) -> Lease | None:
-        rows = await self._point_read(_rows(f"SELECT {_LEASE_COLS} FROM leases WHERE id = ?",
-                                            (lease_id,)))
+        rows = await self._point_read(_rows(
+            f"SELECT {_READ_COLS} FROM leases AS l WHERE l.id = ?", (lease_id,)))
         return lease_from_row(rows[0]) if rows else None
 
     async def list_ids(
         self, flt: LeaseFilter, *, states: Sequence[LeaseState] = (), limit: int = 1000,
         after: str = "",
     ) -> list[str]:
-        cond, params = _where(flt, states)
+        cond, params = _where(flt, states, _STATE)
         rows = await self._read(_rows(
-            f"SELECT id FROM leases WHERE {cond} AND id > ? ORDER BY id LIMIT ?",
+            f"SELECT id FROM leases AS l WHERE {cond} AND id > ? ORDER BY id LIMIT ?",
             [*params, after, limit],
         ))
         return [row[0] for row in rows]
@@ -442,15 +517,17 @@ class SQLiteStore:
         self, flt: LeaseFilter, *, states: Sequence[LeaseState] = (), limit: int = 1000,
         after: str = "",
     ) -> list[Lease]:
-        cond, params = _where(flt, states)
+        cond, params = _where(flt, states, _STATE)
         rows = await self._read(_rows(
-            f"SELECT {_LEASE_COLS} FROM leases WHERE {cond} AND id > ? ORDER BY id LIMIT ?",
+            f"SELECT {_READ_COLS} FROM leases AS l WHERE {cond} AND l.id > ?"
+            " ORDER BY l.id LIMIT ?",
             [*params, after, limit],
         ))
         return [lease_from_row(row) for row in rows]
 
     async def count_by_state(self) -> dict[str, int]:
-        rows = await self._read(_rows("SELECT state, count(*) FROM leases GROUP BY state", ()))
+        rows = await self._read(_rows(
+            f"SELECT {_STATE}, count(*) FROM leases AS l GROUP BY 1", ()))
         counts = {str(state): 0 for state in LeaseState}
         counts.update({row[0]: row[1] for row in rows})
         return counts
@@ -458,15 +535,17 @@ class SQLiteStore:
     async def count_matching(
         self, flt: LeaseFilter, *, states: Sequence[LeaseState] = ()
     ) -> int:
-        cond, params = _where(flt, states)
-        rows = await self._read(_rows(f"SELECT count(*) FROM leases WHERE {cond}", params))
+        cond, params = _where(flt, states, _STATE)
+        rows = await self._read(_rows(f"SELECT count(*) FROM leases AS l WHERE {cond}",
+                                      params))
         return int(rows[0][0])
 
     # -- leases: renew --------------------------------------------------
     async def renew(self, lease_id: str, *, expire_time: float, now: float) -> bool:
+        # A lease a revoke rule covers reads as revoking and is refused here too.
         changed = await self._write(_rowcount(
-            "UPDATE leases SET expire_time = ?, due_at = ?, last_renewal = ?"
-            " WHERE id = ? AND state = 'active'",
+            "UPDATE leases AS l SET expire_time = ?, due_at = ?, last_renewal = ?"
+            f" WHERE l.id = ? AND l.state = 'active' AND NOT {_COVERED}",
             (expire_time, expire_time, now, lease_id),
         ))
         return changed == 1
@@ -481,18 +560,85 @@ class SQLiteStore:
         return lease_from_row(rows[0]) if rows else None
 
     async def queue_revoke_matching(self, flt: LeaseFilter, *, reason: str, now: float) -> int:
+        return await self._write(_queue_matching(flt, reason, now))
+
+    async def queue_revoke_rule(
+        self, flt: LeaseFilter, *, reason: str, now: float, inline_max: int, claimer: str,
+        claim_until: float,
+    ) -> RevokeQueued:
         cond, params = _where(flt)
-        state = _state_col(flt)
-        live = f"{state} IN {_REVOCABLE_STATES}"
-        if reason == "force":
-            # Force also takes over leases stuck in retry backoff; one already
-            # forced is left alone (it may be in flight right now).
-            live = f"({live} OR ({state} = 'revoking' AND revoke_reason IS NOT 'force'))"
-        return await self._write(_rowcount(
-            f"UPDATE leases SET state = 'revoking', due_at = ?, revoke_reason = ?"
-            f" WHERE {live} AND {cond}",
-            [now, reason, *params],
+        queue = _queue_matching(flt, reason, now)
+        rule_id = uuid.uuid4().hex
+
+        def write(conn: sqlite3.Connection) -> RevokeQueued:
+            matched = conn.execute(
+                f"SELECT count(*) FROM leases WHERE {_live(flt, reason)} AND {cond}", params
+            ).fetchone()[0]
+            if matched <= inline_max:
+                return RevokeQueued(queue(conn))
+            conn.execute(
+                "INSERT INTO revoke_rules (id, prefix, prefix_end, owners, metadata, reason,"
+                " created_at, claimed_by, claim_until) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (rule_id, flt.prefix, prefix_upper(flt.prefix) if flt.prefix else None,
+                 json.dumps(list(flt.owners)) if flt.owners else None,
+                 json.dumps({key: str(value) for key, value in flt.metadata.items()}),
+                 reason, now, claimer, claim_until),
+            )
+            return RevokeQueued(int(matched), rule_id)
+
+        return await self._write(_atomic(write))
+
+    async def claim_revoke_rule(
+        self, *, claimer: str, now: float, claim_until: float
+    ) -> str | None:
+        rows = await self._write(_rows(
+            "UPDATE revoke_rules SET claimed_by = ?, claim_until = ? WHERE id ="
+            " (SELECT id FROM revoke_rules WHERE claimed_by = ? OR claim_until <= ?"
+            "  ORDER BY created_at, id LIMIT 1) RETURNING id",
+            (claimer, claim_until, claimer, now),
         ))
+        return str(rows[0][0]) if rows else None
+
+    async def expand_revoke_rule(
+        self, rule_id: str, *, claimer: str, now: float, limit: int, claim_until: float
+    ) -> RuleChunk | None:
+        def step(conn: sqlite3.Connection) -> RuleChunk | None:
+            rule = conn.execute(
+                "SELECT prefix, owners, metadata, reason, created_at, expanded_to"
+                " FROM revoke_rules WHERE id = ? AND claimed_by = ?", (rule_id, claimer),
+            ).fetchone()
+            if rule is None:
+                return None
+            flt = LeaseFilter(prefix=rule["prefix"],
+                              owners=tuple(json.loads(rule["owners"] or "[]")),
+                              metadata=json.loads(rule["metadata"]))
+            reason = str(rule["reason"])
+            cond, params = _where(flt)
+            cond = f"{_live(flt, reason)} AND {cond} AND issue_time <= ? AND id > ?"
+            params += [rule["created_at"], rule["expanded_to"]]
+            # Where this step ends: the limit-th covered lease (None: past the last).
+            found = conn.execute(f"SELECT id FROM leases WHERE {cond} ORDER BY id"
+                                 " LIMIT 1 OFFSET ?", [*params, limit - 1]).fetchone()
+            end = None if found is None else str(found[0])
+            if end is not None:
+                cond += " AND id <= ?"
+                params.append(end)
+            count = conn.execute(
+                f"UPDATE leases SET state = 'revoking', due_at = ?, revoke_reason = ?"
+                f" WHERE {cond}", [now, reason, *params]).rowcount
+            if end is None:
+                conn.execute("DELETE FROM revoke_rules WHERE id = ?", (rule_id,))
+            else:
+                conn.execute("UPDATE revoke_rules SET expanded_to = ?, claim_until = ?"
+                             " WHERE id = ?", (end, claim_until, rule_id))
+            return RuleChunk(int(count), done=end is None)
+
+        return await self._write(_atomic(step))
+
+    async def release_revoke_rules(self, *, claimer: str) -> None:
+        await self._write(_rowcount(
+            "UPDATE revoke_rules SET claimed_by = NULL, claim_until = 0 WHERE claimed_by = ?",
+            (claimer,)))
 
     async def next_due(self) -> float | None:
         rows = await self._read(_rows(

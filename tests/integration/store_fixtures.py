@@ -124,7 +124,7 @@ async def fresh_postgres_database(request: pytest.FixtureRequest) -> str:
         dsn = _PG_DATABASES[admin] = urlunsplit(urlsplit(admin)._replace(path=f"/{name}"))
     conn = await asyncpg.connect(dsn)
     try:
-        await conn.execute("DROP TABLE IF EXISTS leases, tokens, schema_version")
+        await conn.execute("DROP TABLE IF EXISTS leases, tokens, revoke_rules, schema_version")
     finally:
         await conn.close()
     return dsn

@@ -17,7 +17,7 @@ import pytest
 from broker.errors import Conflict
 from broker.lease import Lease, LeaseFilter, LeaseState, TokenState
 from broker.store import open_store
-from broker.store.base import LeaseStore
+from broker.store.base import LeaseStore, RevokeQueued, RuleChunk
 from broker.store.postgres import MIGRATIONS as PG_MIGRATIONS
 from broker.store.postgres import PostgresStore
 from broker.store.sqlite import MIGRATIONS, SQLiteStore, StoreSchemaError
@@ -759,6 +759,203 @@ async def test_own_writes_do_not_call_wake_listeners(store: LeaseStore) -> None:
     await store.queue_revoke_matching(LeaseFilter(), reason="force", now=T0 + 1)
     await asyncio.sleep(0.3)  # a NOTIFY echoed back would have arrived by now
     assert calls == []
+
+
+# -- revoke rules: a revoke of many leases answered by one row ------------------------
+
+
+async def _rule(store: LeaseStore, flt: LeaseFilter, *, now: float = T0 + 10,
+                reason: str = "prefix", claimer: str = "a") -> RevokeQueued:
+    """A revoke that must become a rule (inline_max 0), claimed by ``claimer`` for 60 s."""
+    queued = await store.queue_revoke_rule(flt, reason=reason, now=now, inline_max=0,
+                                           claimer=claimer, claim_until=now + 60)
+    assert queued.rule_id is not None
+    return queued
+
+
+async def _states(store: LeaseStore, ids: list[str]) -> dict[str, str]:
+    got = {lease_id: await store.get(lease_id) for lease_id in ids}
+    return {lease_id: lease.state.value for lease_id, lease in got.items() if lease}
+
+
+async def test_small_revoke_rule_is_queued_at_once(store: LeaseStore) -> None:
+    """Up to inline_max matches, queue_revoke_rule queues the rows itself and makes no rule."""
+    await put_many_active(store, [make_lease(lid(n)) for n in range(3)])
+    queued = await store.queue_revoke_rule(LeaseFilter(prefix="pg/"), reason="prefix",
+                                           now=T0 + 1, inline_max=3, claimer="a",
+                                           claim_until=T0 + 61)
+    assert queued == RevokeQueued(3, None)
+    claimed = await store.claim_due(now=T0 + 1, limit=10, claimer="a", claim_timeout=30)
+    assert sorted(c.id for c in claimed) == [lid(n) for n in range(3)]
+    assert {c.revoke_reason for c in claimed} == {"prefix"}
+    assert await store.claim_revoke_rule(claimer="a", now=T0 + 1, claim_until=T0 + 61) is None
+
+
+async def test_leases_a_rule_covers_read_as_revoking_and_cannot_be_renewed(
+    store: LeaseStore,
+) -> None:
+    """Right after the rule is written, before any expansion: every read shows the
+    covered leases as revoking, renew refuses them, and nothing else is covered."""
+    covered = [lid(n) for n in range(5)]
+    await put_many_active(store, [make_lease(i) for i in covered])
+    await put_active(store, make_lease(lid(1, "pgx/creds/ro/")))  # outside the prefix
+    await store.insert_pending(make_lease(lid(7)))  # pending: never covered
+    await put_active(store, make_lease(lid(8)))
+    await store.queue_revoke(lid(8), reason="revoke", now=T0 + 1)  # already revoking
+    queued = await _rule(store, LeaseFilter(prefix="pg/"), now=T0 + 10)
+    assert queued.queued == 5
+    # Issued after the rule: not covered.
+    await put_active(store, make_lease(lid(9), issue_time=T0 + 11))
+
+    assert await _states(store, [*covered, lid(1, "pgx/creds/ro/"), lid(7), lid(8), lid(9)]) == {
+        **{i: "revoking" for i in covered}, lid(1, "pgx/creds/ro/"): "active",
+        lid(7): "pending", lid(8): "revoking", lid(9): "active"}
+    revoking = [LeaseState.REVOKING]
+    assert await store.list_ids(LeaseFilter(prefix="pg/"), states=revoking) == [*covered, lid(8)]
+    assert [x.id for x in await store.list_leases(LeaseFilter(), states=[LeaseState.ACTIVE])] \
+        == [lid(9), lid(1, "pgx/creds/ro/")]
+    listed = await store.list_leases(LeaseFilter(prefix="pg/"), limit=2)
+    assert [(x.id, x.state) for x in listed] == [(lid(0), LeaseState.REVOKING),
+                                                 (lid(1), LeaseState.REVOKING)]
+    assert await store.count_matching(LeaseFilter(prefix="pg/"), states=revoking) == 6
+    counts = await store.count_by_state()
+    assert {k: v for k, v in counts.items() if v} == {"active": 2, "revoking": 6, "pending": 1}
+
+    assert not await store.renew(lid(0), expire_time=T0 + 9999, now=T0 + 12)
+    assert await store.renew(lid(9), expire_time=T0 + 9999, now=T0 + 12)
+    assert await store.renew(lid(1, "pgx/creds/ro/"), expire_time=T0 + 9999, now=T0 + 12)
+    # The rows themselves are untouched: nothing is due yet but lid(8).
+    assert await store.next_due() == T0 + 1
+
+
+async def test_a_rule_is_expanded_in_chunks_in_id_order(store: LeaseStore) -> None:
+    """Each step queues the next ``limit`` covered leases (due then, the rule's reason);
+    the last step deletes the rule; leases issued after it are left alone."""
+    covered = [lid(n) for n in range(7)]
+    await put_many_active(store, [make_lease(i) for i in covered])
+    await put_active(store, make_lease(lid(3, "ab/creds/x/")))
+    queued = await _rule(store, LeaseFilter(prefix="pg/creds/"), now=T0 + 10)
+    await put_active(store, make_lease(lid(50), issue_time=T0 + 11))
+    assert queued.rule_id is not None
+
+    steps = []
+    while True:
+        step = await store.expand_revoke_rule(queued.rule_id, claimer="a", now=T0 + 20 + len(steps),
+                                              limit=3, claim_until=T0 + 100)
+        assert step is not None
+        steps.append(step)
+        if step.done:
+            break
+    assert steps == [RuleChunk(3, False), RuleChunk(3, False), RuleChunk(1, True)]
+    assert await store.expand_revoke_rule(queued.rule_id, claimer="a", now=T0 + 30, limit=3,
+                                          claim_until=T0 + 100) is None
+    assert await store.claim_revoke_rule(claimer="a", now=T0 + 30, claim_until=T0 + 90) is None
+
+    claimed = await store.claim_due(now=T0 + 30, limit=100, claimer="s", claim_timeout=30)
+    assert [c.id for c in claimed] == covered
+    assert {c.revoke_reason for c in claimed} == {"prefix"}
+    assert {c.id: c.expire_time for c in claimed} == {i: T0 + 3600 for i in covered}
+    assert await _states(store, [lid(50), lid(3, "ab/creds/x/")]) == {
+        lid(50): "active", lid(3, "ab/creds/x/"): "active"}
+    assert await store.renew(lid(50), expire_time=T0 + 9999, now=T0 + 31)
+
+
+async def test_a_rule_by_owner_and_metadata_covers_only_its_match(store: LeaseStore) -> None:
+    """Owner and metadata parts of a rule select exactly what the same filter lists."""
+    await put_active(store, make_lease(lid(1), owner="o1", metadata={"run_id": "42", "x": "y"}))
+    await put_active(store, make_lease(lid(2), owner="o1", metadata={"run_id": "4"}))
+    await put_active(store, make_lease(lid(3), owner="o2", metadata={"run_id": "42"}))
+    await put_active(store, make_lease(lid(4), owner="o3", metadata={"run_id": "42"}))
+    await put_active(store, make_lease(lid(5), owner="o1"))
+    flt = LeaseFilter(owners=("o1", "o2"), metadata={"run_id": "42"})
+    queued = await _rule(store, flt, reason="selector")
+    assert queued.queued == 2
+    assert await _states(store, [lid(n) for n in range(1, 6)]) == {
+        lid(1): "revoking", lid(2): "active", lid(3): "revoking", lid(4): "active",
+        lid(5): "active"}
+    assert await store.list_ids(flt, states=[LeaseState.REVOKING]) == [lid(1), lid(3)]
+    assert queued.rule_id is not None
+    step = await store.expand_revoke_rule(queued.rule_id, claimer="a", now=T0 + 20, limit=10,
+                                          claim_until=T0 + 100)
+    assert step == RuleChunk(2, True)
+    claimed = await store.claim_due(now=T0 + 20, limit=10, claimer="s", claim_timeout=30)
+    assert [(c.id, c.revoke_reason) for c in claimed] == [(lid(1), "selector"),
+                                                          (lid(3), "selector")]
+
+
+async def test_a_force_rule_takes_over_leases_in_backoff(store: LeaseStore) -> None:
+    """A force rule, like a forced revoke, takes over leases waiting in retry backoff."""
+    await put_many_active(store, [make_lease(lid(n), ttl=1) for n in range(3)])
+    [backoff] = await store.claim_due(now=T0 + 2, limit=1, claimer="a", claim_timeout=30)
+    await store.fail_revoke(backoff.id, error="down", next_attempt=T0 + 500, now=T0 + 3)
+    queued = await _rule(store, LeaseFilter(prefix="pg/"), reason="force", now=T0 + 10)
+    assert queued.queued == 3 and queued.rule_id is not None
+    assert await store.expand_revoke_rule(queued.rule_id, claimer="a", now=T0 + 11, limit=10,
+                                          claim_until=T0 + 100) == RuleChunk(3, True)
+    claimed = await store.claim_due(now=T0 + 11, limit=10, claimer="s", claim_timeout=30)
+    assert sorted((c.id, c.revoke_reason) for c in claimed) == [
+        (lid(n), "force") for n in range(3)]
+
+
+async def test_a_rule_left_by_a_dead_store_is_finished_by_another(
+    store_maker: StoreMaker,
+) -> None:
+    """Store A makes a rule, expands one chunk and dies (no release). B cannot take
+    the rule while A's claim lasts; then it does, resumes after A's last chunk, and
+    A, back, finds the rule no longer its own. Every covered lease is queued once."""
+    ids = [lid(n) for n in range(10)]
+    a = store_maker.build()
+    await a.open()
+    await put_many_active(a, [make_lease(i) for i in ids])
+    queued = await _rule(a, LeaseFilter(prefix="pg/"), now=T0 + 10, claimer="a")
+    rule_id = queued.rule_id
+    assert rule_id is not None
+    first = await a.expand_revoke_rule(rule_id, claimer="a", now=T0 + 11, limit=4,
+                                       claim_until=T0 + 71)
+    assert first == RuleChunk(4, False)
+    await a.close()  # "dies": the claim is not released
+
+    b = store_maker.build()
+    await b.open()
+    try:
+        assert await b.claim_revoke_rule(claimer="b", now=T0 + 30, claim_until=T0 + 90) is None
+        assert await b.claim_revoke_rule(claimer="b", now=T0 + 72, claim_until=T0 + 132) \
+            == rule_id
+        a = store_maker.build()
+        await a.open()
+        try:
+            assert await a.expand_revoke_rule(rule_id, claimer="a", now=T0 + 73, limit=4,
+                                              claim_until=T0 + 133) is None
+        finally:
+            await a.close()
+        rest = []
+        while True:
+            step = await b.expand_revoke_rule(rule_id, claimer="b", now=T0 + 74, limit=4,
+                                              claim_until=T0 + 134)
+            assert step is not None
+            rest.append(step.queued)
+            if step.done:
+                break
+        assert rest == [4, 2]
+        claimed = await b.claim_due(now=T0 + 80, limit=100, claimer="s", claim_timeout=30)
+        assert sorted(c.id for c in claimed) == ids
+        due = {c.id: c.revoke_reason for c in claimed}
+        assert set(due.values()) == {"prefix"}
+    finally:
+        await b.close()
+
+
+async def test_released_rules_can_be_claimed_at_once(store: LeaseStore) -> None:
+    """A replica shutting down hands its rules over without waiting for the claim to run out."""
+    await put_many_active(store, [make_lease(lid(n)) for n in range(2)])
+    queued = await _rule(store, LeaseFilter(prefix="pg/"), now=T0 + 10, claimer="a")
+    assert await store.claim_revoke_rule(claimer="b", now=T0 + 11, claim_until=T0 + 71) is None
+    # "a" sees its own rule (after a failed step, say) while its claim lasts.
+    assert await store.claim_revoke_rule(claimer="a", now=T0 + 11, claim_until=T0 + 71) \
+        == queued.rule_id
+    await store.release_revoke_rules(claimer="a")
+    assert await store.claim_revoke_rule(claimer="b", now=T0 + 12, claim_until=T0 + 72) \
+        == queued.rule_id
 
 
 # -- PostgreSQL specifics ------------------------------------------------------------
