@@ -216,6 +216,22 @@ def _live(reason: str) -> str:
     return _FORCEABLE if reason == "force" else _REVOCABLE
 
 
+async def _rules_open(conn: Any) -> bool:
+    """Whether any revoke rule is still being expanded.
+
+    Scans and counts apply the rules (``_STATE``) only then: the overlay costs a
+    subquery per row and keeps the planner off the state index (a count of 100k
+    leases took 0.25 s instead of 1-15 ms). A rule committed between this check
+    and the query is not seen, as if the read had run just before it.
+    """
+    return bool(await conn.fetchval("SELECT EXISTS (SELECT 1 FROM revoke_rules)"))
+
+
+async def _state_expr(conn: Any, states: Sequence[LeaseState]) -> str:
+    """The state expression a filter on ``states`` needs (no query when none)."""
+    return _STATE if states and await _rules_open(conn) else "state"
+
+
 async def _queue_matching(conn: Any, flt: LeaseFilter, *, reason: str, now: float) -> int:
     """queue_revoke_matching's one UPDATE, on ``conn``; returns how many it queued."""
     args = _Args(now, reason)
@@ -564,30 +580,35 @@ class PostgresStore:
         self, flt: LeaseFilter, *, states: Sequence[LeaseState] = (), limit: int = 1000,
         after: str = "",
     ) -> list[str]:
-        args = _Args()
-        cond = _where(flt, args, states, _STATE)
-        rows = await self.pool.fetch(
-            f"SELECT id FROM leases AS l WHERE {cond} AND id > {args(after)}"
-            f" ORDER BY id LIMIT {args(limit)}",
-            *args.values,
-        )
+        async with self.pool.acquire() as conn:
+            args = _Args()
+            cond = _where(flt, args, states, await _state_expr(conn, states))
+            rows = await conn.fetch(
+                f"SELECT id FROM leases AS l WHERE {cond} AND id > {args(after)}"
+                f" ORDER BY id LIMIT {args(limit)}",
+                *args.values,
+            )
         return [str(row[0]) for row in rows]
 
     async def list_leases(
         self, flt: LeaseFilter, *, states: Sequence[LeaseState] = (), limit: int = 1000,
         after: str = "",
     ) -> list[Lease]:
-        args = _Args()
-        cond = _where(flt, args, states, _STATE)
-        rows = await self.pool.fetch(
-            f"SELECT {_READ_COLS} FROM leases AS l WHERE {cond} AND id > {args(after)}"
-            f" ORDER BY id LIMIT {args(limit)}",
-            *args.values,
-        )
+        async with self.pool.acquire() as conn:
+            rules = await _rules_open(conn)
+            args = _Args()
+            cond = _where(flt, args, states, _STATE if rules else "state")
+            rows = await conn.fetch(
+                f"SELECT {_READ_COLS if rules else _LEASE_COLS} FROM leases AS l"
+                f" WHERE {cond} AND id > {args(after)} ORDER BY id LIMIT {args(limit)}",
+                *args.values,
+            )
         return [lease_from_row(row) for row in rows]
 
     async def count_by_state(self) -> dict[str, int]:
-        rows = await self.pool.fetch(f"SELECT {_STATE}, count(*) FROM leases AS l GROUP BY 1")
+        async with self.pool.acquire() as conn:
+            state = _STATE if await _rules_open(conn) else "state"
+            rows = await conn.fetch(f"SELECT {state}, count(*) FROM leases AS l GROUP BY 1")
         counts = {str(state): 0 for state in LeaseState}
         counts.update({str(row[0]): int(row[1]) for row in rows})
         return counts
@@ -595,10 +616,11 @@ class PostgresStore:
     async def count_matching(
         self, flt: LeaseFilter, *, states: Sequence[LeaseState] = ()
     ) -> int:
-        args = _Args()
-        cond = _where(flt, args, states, _STATE)
-        return int(await self.pool.fetchval(f"SELECT count(*) FROM leases AS l WHERE {cond}",
-                                            *args.values))
+        async with self.pool.acquire() as conn:
+            args = _Args()
+            cond = _where(flt, args, states, await _state_expr(conn, states))
+            return int(await conn.fetchval(f"SELECT count(*) FROM leases AS l WHERE {cond}",
+                                           *args.values))
 
     # -- leases: renew --------------------------------------------------
     async def renew(self, lease_id: str, *, expire_time: float, now: float) -> bool:

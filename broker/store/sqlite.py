@@ -335,6 +335,21 @@ def _atomic(op: Op[T]) -> Op[T]:
     return run
 
 
+def _rows_by_rules(query: Callable[[bool], tuple[str, Sequence[Any]]], needed: bool = True,
+                   ) -> Op[list[sqlite3.Row]]:
+    """The rows of ``query(rules_open)``: scans and counts apply the revoke rules
+    (``_STATE``) only while one is being expanded (and only when ``needed``), as
+    the overlay costs a subquery per row."""
+
+    def run(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+        rules = needed and conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM revoke_rules)").fetchone()[0] == 1
+        sql, params = query(rules)
+        return conn.execute(sql, params).fetchall()
+
+    return run
+
+
 def _rowcount(sql: str, params: Sequence[Any]) -> Op[int]:
     return lambda conn: conn.execute(sql, params).rowcount
 
@@ -506,28 +521,30 @@ class SQLiteStore:
         self, flt: LeaseFilter, *, states: Sequence[LeaseState] = (), limit: int = 1000,
         after: str = "",
     ) -> list[str]:
-        cond, params = _where(flt, states, _STATE)
-        rows = await self._read(_rows(
-            f"SELECT id FROM leases AS l WHERE {cond} AND id > ? ORDER BY id LIMIT ?",
-            [*params, after, limit],
-        ))
+        def query(rules: bool) -> tuple[str, list[Any]]:
+            cond, params = _where(flt, states, _STATE if rules else "")
+            return (f"SELECT id FROM leases AS l WHERE {cond} AND id > ? ORDER BY id LIMIT ?",
+                    [*params, after, limit])
+
+        rows = await self._read(_rows_by_rules(query, bool(states)))
         return [row[0] for row in rows]
 
     async def list_leases(
         self, flt: LeaseFilter, *, states: Sequence[LeaseState] = (), limit: int = 1000,
         after: str = "",
     ) -> list[Lease]:
-        cond, params = _where(flt, states, _STATE)
-        rows = await self._read(_rows(
-            f"SELECT {_READ_COLS} FROM leases AS l WHERE {cond} AND l.id > ?"
-            " ORDER BY l.id LIMIT ?",
-            [*params, after, limit],
-        ))
+        def query(rules: bool) -> tuple[str, list[Any]]:
+            cond, params = _where(flt, states, _STATE if rules else "")
+            return (f"SELECT {_READ_COLS if rules else _LEASE_COLS} FROM leases AS l"
+                    f" WHERE {cond} AND l.id > ? ORDER BY l.id LIMIT ?",
+                    [*params, after, limit])
+
+        rows = await self._read(_rows_by_rules(query))
         return [lease_from_row(row) for row in rows]
 
     async def count_by_state(self) -> dict[str, int]:
-        rows = await self._read(_rows(
-            f"SELECT {_STATE}, count(*) FROM leases AS l GROUP BY 1", ()))
+        rows = await self._read(_rows_by_rules(lambda rules: (
+            f"SELECT {_STATE if rules else 'state'}, count(*) FROM leases AS l GROUP BY 1", [])))
         counts = {str(state): 0 for state in LeaseState}
         counts.update({row[0]: row[1] for row in rows})
         return counts
@@ -535,9 +552,11 @@ class SQLiteStore:
     async def count_matching(
         self, flt: LeaseFilter, *, states: Sequence[LeaseState] = ()
     ) -> int:
-        cond, params = _where(flt, states, _STATE)
-        rows = await self._read(_rows(f"SELECT count(*) FROM leases AS l WHERE {cond}",
-                                      params))
+        def query(rules: bool) -> tuple[str, list[Any]]:
+            cond, params = _where(flt, states, _STATE if rules else "")
+            return f"SELECT count(*) FROM leases AS l WHERE {cond}", params
+
+        rows = await self._read(_rows_by_rules(query, bool(states)))
         return int(rows[0][0])
 
     # -- leases: renew --------------------------------------------------
