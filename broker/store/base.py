@@ -21,8 +21,8 @@ Design points every implementation keeps:
   ``revoking`` rows in chunks, claiming it the way they claim leases. Until a
   chunk has reached a lease, every read shows a live lease the rule covers as
   ``revoking`` and ``renew`` refuses it, so callers see what they saw when the
-  rows were rewritten at once. A lease covers = matches the filter and was
-  issued at or before the rule's time (by the broker's clock).
+  rows were rewritten at once. A rule covers the live leases that match its
+  filter and were issued at or before its time (by the brokers' clocks).
 """
 
 from __future__ import annotations
