@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from broker.audit import AuditLog, event
 from broker.backend import (
@@ -767,8 +767,8 @@ async def _delete_many(runtime: MountRuntime, reqs: list[DeleteUserRequest]
     request are redacted here the same way, and anything but a list of one
     BackendError-or-None per request is treated as a plugin bug.
     """
-    backend = runtime.backend
-    assert isinstance(backend, BatchRevoker)
+    # Not isinstance(..., BatchRevoker): a runtime Protocol check costs ~70 µs.
+    backend = cast(BatchRevoker, runtime.backend)
     # MountRuntime (broker/middleware.py) has no delete_users of its own yet.
     results = await runtime._call("delete_users", backend.delete_users, (reqs,))
     if not isinstance(results, list) or len(results) != len(reqs):
