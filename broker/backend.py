@@ -13,7 +13,7 @@ classmethod.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from importlib.metadata import entry_points
@@ -23,6 +23,7 @@ __all__ = [
     "Backend",
     "BackendError",
     "BackendFactory",
+    "BatchRevoker",
     "Capabilities",
     "DeleteUserRequest",
     "DeleteUserResponse",
@@ -37,6 +38,7 @@ __all__ = [
     "RotateRootResponse",
     "load_plugin",
     "plugin_names",
+    "revokes_in_batches",
 ]
 
 PLUGIN_GROUP = "broker.plugins"
@@ -209,6 +211,28 @@ class Backend(Protocol):
     async def rotate_root(self, req: RotateRootRequest) -> RotateRootResponse: ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class BatchRevoker(Protocol):
+    """An optional capability: revoke several users in one call.
+
+    The sweeper hands a backend that has it up to ``[leases] revoke_batch``
+    leases of one mount at a time. The result has one entry per request, in
+    order: None when that user is revoked (or was already gone), else the
+    BackendError saying why not; one bad user must not fail the others.
+    Raising means "none of them is known to be revoked" (all are retried).
+    A backend that cannot batch some requests (e.g. custom statements) runs
+    those one by one inside the call.
+    """
+
+    async def delete_users(self, reqs: Sequence[DeleteUserRequest]
+                           ) -> list[BackendError | None]: ...
+
+
+def revokes_in_batches(backend: object) -> bool:
+    """Whether ``backend`` implements :class:`BatchRevoker`."""
+    return callable(getattr(backend, "delete_users", None))
 
 
 class BackendFactory(Protocol):

@@ -22,6 +22,7 @@ from broker.durations import parse_duration
 from broker.templating import template_names
 
 __all__ = [
+    "MAX_REVOKE_BATCH",
     "AuditConfig",
     "Config",
     "ConfigError",
@@ -91,6 +92,10 @@ class AuditConfig:
     fsync: bool = False
 
 
+#: the largest ``[leases] revoke_batch``: one batch is one backend transaction.
+MAX_REVOKE_BATCH = 1000
+
+
 @dataclass(frozen=True)
 class LeaseConfig:
     """``[leases]``: engine-wide limits and the revocation retry policy."""
@@ -114,6 +119,10 @@ class LeaseConfig:
     revoke_workers: int = 16
     #: at most this many concurrent revocations against one mount (fairness).
     per_mount_workers: int = 8
+    #: most leases of one mount revoked by one backend call, for backends that
+    #: revoke in batches (postgres, default statements); 1 = one call per lease.
+    #: The worker caps above then count batch calls.
+    revoke_batch: int = 32
     #: a backend call taking longer than this fails (and is retried).
     backend_timeout: float = 30.0
 
@@ -326,6 +335,7 @@ def _leases(r: _Reader) -> LeaseConfig:
         sweeper_batch=r.get("sweeper_batch", int, d.sweeper_batch),
         revoke_workers=r.get("revoke_workers", int, d.revoke_workers),
         per_mount_workers=r.get("per_mount_workers", int, d.per_mount_workers),
+        revoke_batch=r.get("revoke_batch", int, d.revoke_batch),
         backend_timeout=float(r.duration("backend_timeout", int(d.backend_timeout))),
     )
     r.reject_unknown()
@@ -334,6 +344,9 @@ def _leases(r: _Reader) -> LeaseConfig:
     for name in ("revoke_max_attempts", "sweeper_batch", "revoke_workers", "per_mount_workers"):
         if getattr(cfg, name) < 1:
             raise r.error(name, "must be at least 1")
+    if not 1 <= cfg.revoke_batch <= MAX_REVOKE_BATCH:
+        raise r.error("revoke_batch", f"must be between 1 (one backend call per lease) "
+                                      f"and {MAX_REVOKE_BATCH}")
     if cfg.claim_timeout <= cfg.backend_timeout:
         raise r.error("claim_timeout", "must be longer than backend_timeout")
     if cfg.pending_timeout <= cfg.backend_timeout:

@@ -13,11 +13,12 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from broker.backend import (
     Backend,
     BackendError,
+    BatchRevoker,
     DeleteUserRequest,
     DeleteUserResponse,
     MountSpec,
@@ -170,6 +171,32 @@ class MountRuntime:
 
     async def delete_user(self, req: DeleteUserRequest) -> DeleteUserResponse:
         return await self._call("delete_user", self.backend.delete_user, (req,))
+
+    async def delete_users(self, reqs: list[DeleteUserRequest]) -> list[BackendError | None]:
+        """One ``delete_users`` call (see ``broker.backend.BatchRevoker``), wrapped.
+
+        The wrapper redacts what the call raises; the errors it returns per
+        request are redacted here the same way, and anything but a list of one
+        BackendError-or-None per request is treated as a plugin bug.
+        """
+        # Not isinstance(..., BatchRevoker): a runtime Protocol check costs ~70 µs.
+        backend = cast(BatchRevoker, self.backend)
+        results = await self._call("delete_users", backend.delete_users, (reqs,))
+        if not isinstance(results, list) or len(results) != len(reqs):
+            raise BackendError("delete_users: plugin returned a malformed result",
+                               retryable=True)
+        hidden = [self.spec.secret]
+        out: list[BackendError | None] = []
+        for result in results:
+            if result is None:
+                out.append(None)
+            elif isinstance(result, BackendError):
+                out.append(BackendError(redact_text(str(result), hidden),
+                                        retryable=result.retryable))
+            else:
+                out.append(BackendError(redact_text(f"{type(result).__name__}: {result}", hidden),
+                                        retryable=True))
+        return out
 
     async def rotate_root(self, req: RotateRootRequest) -> RotateRootResponse:
         return await self._call("rotate_root", self.backend.rotate_root, (req,),

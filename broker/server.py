@@ -99,7 +99,8 @@ async def build_state(config: Config, *, dev: bool = False) -> BrokerState:
         raise
     engine = LeaseEngine(store, audit, config)
     sweeper = Sweeper(store, engine.revoke_claimed, config.leases, node_id=engine.node_id,
-                      clock=engine.clock)
+                      clock=engine.clock, revoke_many=engine.revoke_claimed_many,
+                      batch_size=engine.revoke_batch_size)
     engine.wake = sweeper.wake
     # Another replica issued or queued something due sooner: wake our sweeper too.
     store.add_wake_listener(sweeper.wake)

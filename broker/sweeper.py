@@ -12,6 +12,12 @@ to the next lease while the worker waits for its ending to be recorded (the
 engine writes endings in batches, see ``broker.engine.EndingRecorder``). So a
 mount's revocations are not limited to ``per_mount_workers`` per commit.
 
+A mount whose backend revokes in batches (``batch_size(mount) > 1``, see
+``broker.backend.BatchRevoker``) has up to that many queued leases handed to
+one worker, one backend call for all of them; the caps then count batch calls.
+A batch is one turn of its mount in the round-robin, so fairness across mounts
+is kept. The claim check below is made for each lease of a batch.
+
 A claim lasts ``claim_timeout``; after that another replica may take the
 lease. So a queued lease is started only while its revocation can still finish
 inside the claim (``backend_timeout`` before it runs out); one that waited too
@@ -26,13 +32,18 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from broker.config import LeaseConfig
 from broker.lease import Lease
 from broker.store.base import LeaseStore
 
 __all__ = ["Sweeper"]
+
+#: Carries out claimed revocations: (leases, release), release called once the
+#: backend call is over.
+Revoke = Callable[[Lease, Callable[[], None]], Awaitable[None]]
+RevokeMany = Callable[[Sequence[Lease], Callable[[], None]], Awaitable[None]]
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +58,19 @@ class Sweeper:
     def __init__(
         self,
         store: LeaseStore,
-        revoke: Callable[[Lease, Callable[[], None]], Awaitable[None]],
+        revoke: Revoke,
         config: LeaseConfig,
         *,
         node_id: str,
         clock: Callable[[], float] = time.time,
+        revoke_many: RevokeMany | None = None,
+        batch_size: Callable[[str], int] | None = None,
     ) -> None:
         self.store = store
         self.revoke = revoke
+        self.revoke_many = revoke_many
+        #: per mount: most leases one backend call takes (1: one call per lease).
+        self.batch_size = batch_size or _one
         self.config = config
         self.node_id = node_id
         self.clock = clock
@@ -67,6 +83,8 @@ class Sweeper:
         self._calling = 0
         #: every worker, from its backend call until its ending is recorded.
         self._tasks: set[asyncio.Task[None]] = set()
+        #: leases held by those workers (a batch worker holds several).
+        self._working = 0
         self._rr: deque[str] = deque()
         self._next_wake: float | None = None
         self._stopping = False
@@ -102,7 +120,7 @@ class Sweeper:
 
     @property
     def busy(self) -> int:
-        return len(self._tasks) + sum(len(q) for q in self._queues.values())
+        return self._working + sum(len(q) for q in self._queues.values())
 
     # -- loop -----------------------------------------------------------------
     async def _run(self) -> None:
@@ -186,37 +204,63 @@ class Sweeper:
                 idle_rounds += 1
                 continue
             idle_rounds = 0
+            batch = self._take(queue, self.batch_size(mount) if self.revoke_many else 1)
+            if not batch:
+                continue  # every lease taken had waited past its claim
+            self._inflight[mount] = self._inflight.get(mount, 0) + 1
+            self._calling += 1
+            self._working += len(batch)
+            task = asyncio.create_task(self._work(mount, batch),
+                                       name=f"revoke {batch[0].id} (+{len(batch) - 1})")
+            self._tasks.add(task)
+
+    def _take(self, queue: deque[tuple[Lease, float]], most: int) -> list[Lease]:
+        """Up to ``most`` leases off ``queue`` whose revocation still fits in their claim."""
+        batch: list[Lease] = []
+        deadline = self.clock() + self.config.backend_timeout
+        while queue and len(batch) < most:
             lease, claim_ends = queue.popleft()
-            if self.clock() + self.config.backend_timeout >= claim_ends:
+            if deadline >= claim_ends:
                 # Too late to finish inside our claim: leave it to the next claim.
                 self.dropped_claims += 1
                 log.debug("lease %s waited past its claim; left for a new claim", lease.id)
                 continue
-            self._inflight[mount] = self._inflight.get(mount, 0) + 1
-            self._calling += 1
-            task = asyncio.create_task(self._work(lease), name=f"revoke {lease.id}")
-            self._tasks.add(task)
+            batch.append(lease)
+        return batch
 
-    async def _work(self, lease: Lease) -> None:
+    def _releaser(self, mount: str) -> Callable[[], None]:
+        """The worker's ``release``: its backend call is over, the slots go to the next."""
         released = False
 
         def release() -> None:
-            """The backend call is over: its slots go to the next queued lease."""
             nonlocal released
             if released:
                 return
             released = True
-            self._inflight[lease.mount] -= 1
+            self._inflight[mount] -= 1
             self._calling -= 1
             if not self._stopping:
                 self._pump()
 
+        return release
+
+    async def _work(self, mount: str, batch: list[Lease]) -> None:
+        release = self._releaser(mount)
         try:
-            await self.revoke(lease, release)
+            if len(batch) == 1:
+                await self.revoke(batch[0], release)
+            else:
+                assert self.revoke_many is not None
+                await self.revoke_many(batch, release)
         finally:
             release()  # a revoke that returned or failed without calling it
+            self._working -= len(batch)
             task = asyncio.current_task()
             if task is not None:
                 self._tasks.discard(task)
             if not self._stopping:
                 self._wakeup.set()  # room to claim more
+
+
+def _one(_mount: str) -> int:
+    return 1

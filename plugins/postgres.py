@@ -22,6 +22,12 @@ Revocation is built so that a revoked credential is really dead:
 Custom ``revocation_statements`` replace the statements of step 3 only. The
 whole revocation runs on one pooled connection in three round trips.
 
+The sweeper revokes leases in batches (``delete_users``): roles revoked with
+the default statements go through the same three steps together, still three
+round trips for the whole batch (``_revoke_many``); roles with custom
+statements are revoked one by one. If the batch fails, each of its roles is
+revoked on its own, so one bad role does not fail the others.
+
 Every transaction is ONE simple-protocol query: the statements joined by
 ``;``, which PostgreSQL runs as one implicit transaction (all or nothing; a
 failing statement rolls it back and leaves the connection idle). DDL cannot
@@ -155,6 +161,39 @@ SELECT r.oid,
 _COUNT_SESSIONS = (
     "SELECT count(*) FROM pg_stat_activity WHERE usesysid = $1 AND pid <> pg_backend_pid()"
 )
+# The batch forms of step 2: the same per role, for the roles named in $1 that
+# exist. The sessions are read (and signalled) in one pass, once: a CTE calling
+# a volatile function is evaluated once, whatever refers to it.
+_END_SESSIONS_MANY_14 = """
+WITH r AS (SELECT oid, rolname FROM pg_roles WHERE rolname = ANY($1::text[])),
+     t AS (SELECT a.usesysid, pg_terminate_backend(a.pid, $2) AS ended
+             FROM pg_stat_activity a
+            WHERE a.usesysid IN (SELECT oid FROM r) AND a.pid <> pg_backend_pid())
+SELECT r.rolname, r.oid,
+       (SELECT count(*) FROM t WHERE t.usesysid = r.oid AND NOT t.ended) AS left_,
+       EXISTS (SELECT 1 FROM pg_shdepend d
+                WHERE d.refclassid = 'pg_authid'::regclass AND d.refobjid = r.oid
+                  AND d.deptype = 'a') AS granted
+  FROM r
+"""
+_END_SESSIONS_MANY_12 = """
+WITH r AS (SELECT oid, rolname FROM pg_roles WHERE rolname = ANY($1::text[])),
+     t AS (SELECT a.usesysid, pg_terminate_backend(a.pid) AS ended
+             FROM pg_stat_activity a
+            WHERE a.usesysid IN (SELECT oid FROM r) AND a.pid <> pg_backend_pid()
+              AND $2::int IS NOT NULL)
+SELECT r.rolname, r.oid,
+       (SELECT count(*) FROM t WHERE t.usesysid = r.oid) AS left_,
+       EXISTS (SELECT 1 FROM pg_shdepend d
+                WHERE d.refclassid = 'pg_authid'::regclass AND d.refobjid = r.oid
+                  AND d.deptype = 'a') AS granted
+  FROM r
+"""
+_COUNT_SESSIONS_MANY = (
+    "SELECT count(*) FROM pg_stat_activity "
+    "WHERE usesysid = ANY($1::oid[]) AND pid <> pg_backend_pid()"
+)
+_EXISTING_OIDS = "SELECT oid FROM pg_roles WHERE oid = ANY($1::oid[])"
 
 
 class _AdminConnection(asyncpg.Connection):  # type: ignore[misc]  # untyped
@@ -376,12 +415,7 @@ class PostgresBackend:
 
     async def delete_user(self, req: DeleteUserRequest) -> DeleteUserResponse:
         name = check_username(req.username, _MAX_USERNAME)
-        role = req.role
-        templates: Sequence[str] = DEFAULT_REVOCATION_STATEMENTS
-        if role is not None and req.reason == "rollback" and role.rollback_statements:
-            templates = role.rollback_statements
-        elif role is not None and role.revocation_statements:
-            templates = role.revocation_statements
+        templates = _revocation_templates(req)
         statements = self._render(templates, self._values(name), [])
 
         custom = templates is not DEFAULT_REVOCATION_STATEMENTS
@@ -394,6 +428,53 @@ class PostgresBackend:
         else:
             log.debug("delete_user: role %s does not exist; nothing to revoke", name)
         return DeleteUserResponse()
+
+    async def delete_users(self, reqs: Sequence[DeleteUserRequest]
+                           ) -> list[BackendError | None]:
+        """Revoke several roles: the default-statement ones as one batch, the rest alone.
+
+        One result per request (None: revoked, or already gone). If the batch
+        fails as a whole, each of its roles is revoked alone instead, so the
+        error lands on the role that caused it.
+        """
+        results: list[BackendError | None] = [None] * len(reqs)
+        batch: dict[str, list[int]] = {}  # name -> request indexes (a name may repeat)
+        alone: list[int] = []
+        for i, req in enumerate(reqs):
+            try:
+                name = check_username(req.username, _MAX_USERNAME)
+            except BackendError as exc:
+                results[i] = exc
+                continue
+            if _revocation_templates(req) is DEFAULT_REVOCATION_STATEMENTS:
+                batch.setdefault(name, []).append(i)
+            else:
+                alone.append(i)
+        if len(batch) == 1:
+            alone += next(iter(batch.values()))
+        elif batch:
+            names = list(batch)
+
+            async def body(conn: asyncpg.Connection) -> None:
+                await self._revoke_many(conn, names)
+
+            try:
+                await self._run("delete_user", body)
+                log.debug("delete_users: revoked %d roles in one batch", len(names))
+            except BackendError as exc:
+                log.info("delete_users: batch of %d roles failed (%s); revoking them one by one",
+                         len(names), exc)
+                alone += [i for indexes in batch.values() for i in indexes]
+
+        async def one(i: int) -> None:
+            try:
+                await self.delete_user(reqs[i])
+            except BackendError as exc:
+                results[i] = exc
+
+        # Concurrent, bounded by the pool (max_open_connections).
+        await asyncio.gather(*(one(i) for i in alone))
+        return results
 
     async def rotate_root(self, req: RotateRootRequest) -> RotateRootResponse:
         """Give the admin role a new password, then use it for new pool connections."""
@@ -597,6 +678,74 @@ class PostgresBackend:
             conn, "delete_user", [sweep, *statements], [], lock=lock, custom=custom, role_oid=oid
         )
 
+    async def _revoke_many(self, conn: asyncpg.Connection, names: Sequence[str]) -> None:
+        """The revocation protocol for many roles (default statements), in three round trips.
+
+        The same steps as ``_revoke``, each for all roles at once; roles that
+        do not exist (any more) are skipped, which is success.
+        """
+        # 1. NOLOGIN for every role that exists, committed on its own. A DO block
+        #    so that a role already gone does not fail the others; the names
+        #    are checked (a-z0-9_-) and quoted literals.
+        listed = ", ".join(f"'{escape_literal(n)}'" for n in names)
+        nologin = (
+            "DO $broker$ DECLARE r name; BEGIN "
+            f"FOR r IN SELECT rolname FROM pg_roles WHERE rolname IN ({listed}) LOOP "
+            "EXECUTE format('ALTER ROLE %I NOLOGIN', r); END LOOP; END $broker$"
+        )
+        await self._transaction(conn, "delete_user", [nologin], [],
+                                lock=self._serialize_ddl is True)
+        # 2. End every session of all of them (waiting on 14+), one pass.
+        new_server = conn.get_server_version().major >= 14
+        rows = await conn.fetch(_END_SESSIONS_MANY_14 if new_server else _END_SESSIONS_MANY_12,
+                                list(names), _TERMINATE_WAIT_MS)
+        if not rows:
+            return  # all gone already
+        oids = [int(row["oid"]) for row in rows]
+        if any(row["left_"] for row in rows):
+            await self._wait_sessions_gone_many(conn, [int(r["oid"]) for r in rows
+                                                       if r["left_"]])
+        # 3. Last sweep, then REASSIGN/DROP OWNED and DROP ROLE for all, in one
+        #    transaction (see _revoke). Locked if any role holds grants.
+        lock = (self._needs_lock(DEFAULT_REVOCATION_STATEMENTS)
+                or (self._serialize_ddl is None and any(row["granted"] for row in rows)))
+        wait = f", {_TERMINATE_WAIT_MS}" if new_server else ""
+        quoted = {int(row["oid"]): f'"{escape_identifier(row["rolname"])}"' for row in rows}
+        while oids:
+            listed_oids = ", ".join(str(oid) for oid in oids)
+            roles = ", ".join(quoted[oid] for oid in oids)
+            statements = [
+                f"SELECT pg_terminate_backend(pid{wait}) FROM pg_stat_activity "
+                f"WHERE usesysid IN ({listed_oids}) AND pid <> pg_backend_pid()",
+                f"REASSIGN OWNED BY {roles} TO CURRENT_USER",
+                f"DROP OWNED BY {roles}",
+                f"DROP ROLE IF EXISTS {roles}",
+            ]
+            try:
+                await self._transaction(conn, "delete_user", statements, [], lock=lock)
+                return
+            except _Missing as exc:
+                error: BackendError = exc
+            # A concurrent revocation dropped one of them meanwhile: go on without it.
+            left = {int(row["oid"]) for row in await conn.fetch(_EXISTING_OIDS, oids)}
+            if len(left) >= len(oids):
+                raise BackendError(str(error), retryable=False)
+            oids = [oid for oid in oids if oid in left]
+
+    async def _wait_sessions_gone_many(self, conn: asyncpg.Connection, oids: list[int]
+                                       ) -> None:
+        """``_wait_sessions_gone`` for several roles."""
+        left = 0
+        for pause in (0.01, 0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0, 0.5):
+            await asyncio.sleep(pause)
+            left = int(await conn.fetchval(_COUNT_SESSIONS_MANY, oids))
+            if not left:
+                return
+        raise BackendError(
+            f"postgres delete_user: {left} session(s) of the roles did not end; will retry",
+            retryable=True,
+        )
+
     async def _wait_sessions_gone(self, conn: asyncpg.Connection, oid: int) -> None:
         """Poll (with growing pauses, ~5 s in all) until role ``oid`` has no session."""
         left = 0
@@ -609,6 +758,17 @@ class PostgresBackend:
             f"postgres delete_user: {left} session(s) of the role did not end; will retry",
             retryable=True,
         )
+
+
+def _revocation_templates(req: DeleteUserRequest) -> Sequence[str]:
+    """The role's revocation (or rollback) statements; DEFAULT_REVOCATION_STATEMENTS itself
+    when it has none, so ``is`` tells whether the defaults apply."""
+    role = req.role
+    if role is not None and req.reason == "rollback" and role.rollback_statements:
+        return role.rollback_statements
+    if role is not None and role.revocation_statements:
+        return role.revocation_statements
+    return DEFAULT_REVOCATION_STATEMENTS
 
 
 class _Transient(BackendError):

@@ -5,7 +5,8 @@ point: a production broker cannot mount it by accident. With
 ``BROKER_BENCH_REVOKE_LOG`` set, every ``delete_user`` appends the username to
 that file, one line each, so the HA scenario can count revocations per lease
 across replicas (a line written with ``os.write`` on an ``O_APPEND`` file
-survives a SIGKILL of the process that wrote it).
+survives a SIGKILL of the process that wrote it). It revokes in batches too
+(``delete_users``), as a batching backend would: one write for a batch.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+from collections.abc import Sequence
 
 from broker.backend import (
+    BackendError,
     Capabilities,
     DeleteUserRequest,
     DeleteUserResponse,
@@ -79,6 +82,14 @@ class NoopBackend:
             # One small O_APPEND write: atomic, and in the kernel once it returns.
             os.write(self._fd, f"{req.username}\n".encode())
         return DeleteUserResponse()
+
+    async def delete_users(self, reqs: Sequence[DeleteUserRequest]
+                           ) -> list[BackendError | None]:
+        await asyncio.sleep(0)
+        if self._fd is not None and reqs:
+            # One O_APPEND write for the batch: all its lines are logged, or none.
+            os.write(self._fd, "".join(f"{req.username}\n" for req in reqs).encode())
+        return [None] * len(reqs)
 
     async def rotate_root(self, req: RotateRootRequest) -> RotateRootResponse:
         return RotateRootResponse(new_password=req.new_password or secrets.token_urlsafe(16))

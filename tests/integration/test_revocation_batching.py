@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from broker import server
+from broker.backend import BackendError
 from broker.bench import noop
 from broker.bench.harness import broker_config
 from broker.config import load_config
@@ -287,3 +288,88 @@ async def test_shutdown_does_not_wait_for_a_hung_ending_past_the_claim(brokers: 
         assert got is not None and got.state is LeaseState.REVOKING
     finally:
         await store.close()
+
+
+def watch_batches(state: BrokerState, hold: float = 0.0) -> tuple[list[int], list[int]]:
+    """Sizes of the delete_users calls, and how many were in flight at each start."""
+    sizes: list[int] = []
+    concurrent: list[int] = []
+    inflight = 0
+    backend = state.engine.mounts["bench"].backend
+    real = backend.delete_users
+
+    async def spy(reqs: Any) -> Any:
+        nonlocal inflight
+        inflight += 1
+        sizes.append(len(reqs))
+        concurrent.append(inflight)
+        try:
+            await asyncio.sleep(hold)
+            return await real(reqs)
+        finally:
+            inflight -= 1
+
+    backend.delete_users = spy
+    return sizes, concurrent
+
+
+@pytest.mark.parametrize("revoke_batch", [1, 10])
+async def test_revoke_batch_sets_leases_per_call_and_caps_count_calls(
+    brokers: Brokers, revoke_batch: int,
+) -> None:
+    """With revoke_batch = 10 a burst of 100 leases goes out in delete_users calls
+    of at most 10 leases, per_mount_workers (2) of them at once; with 1, one
+    delete_user call per lease as before. Every lease ends and is audited."""
+    state = await brokers.make(per_mount_workers=2, revoke_batch=revoke_batch)
+    n = 100
+    leases = await seed_due(state, n, due=time.time())
+    await state.engine.start_mounts()
+    sizes, concurrent = watch_batches(state, hold=0.05)
+    deleted = watch_deletes(state)
+    state.sweeper.start()
+    assert await until(lambda: audit_types(state).count("expire") == n, 20)
+    assert (await state.store.count_by_state())["expired"] == n
+    if revoke_batch == 1:
+        assert sizes == [] and len(deleted) == n
+        return
+    assert deleted == [] and sum(sizes) == n
+    assert max(sizes) == 10 and len(sizes) <= 12, sizes
+    assert max(concurrent) == 2, concurrent
+    got = await state.store.get(leases[0].id)
+    assert got is not None and got.state is LeaseState.EXPIRED
+
+
+async def test_waiters_of_a_batch_hear_their_own_outcome(brokers: Brokers) -> None:
+    """Ten revoke calls waiting at once are served in batches; the backend fails
+    one lease of its batch (not retryable): that caller hears the error and the
+    lease goes irrevocable alone, the others are revoked and audited."""
+    state = await brokers.make(revoke_batch=10)
+    await server.start(state)
+    backend = state.engine.mounts["bench"].backend
+    real = backend.delete_users
+    sizes: list[int] = []
+    now = time.time()
+    leases = [await put_active(state.store, make_lease(lid(i), issue_time=now, ttl=3600))
+              for i in range(10)]
+    bad = leases[3]
+    bad_username = f"u-{bad.id[-6:]}"  # what put_active gives it
+
+    async def one_fails(reqs: Any) -> list[BackendError | None]:
+        sizes.append(len(reqs))
+        results: list[BackendError | None] = await real(reqs)
+        return [BackendError("refused by the test", retryable=False)
+                if req.username == bad_username else r for req, r in zip(reqs, results, strict=True)]
+
+    backend.delete_users = one_fails
+    outcomes = await asyncio.gather(*(state.engine.revoke(x, wait=10) for x in leases))
+    assert max(sizes) > 1, sizes
+    for lease, outcome in zip(leases, outcomes, strict=True):
+        if lease is bad:
+            assert not outcome.done and outcome.error == "refused by the test"
+        else:
+            assert outcome.done and outcome.error is None
+    states = await ended(state, [x.id for x in leases])
+    assert states.pop(bad.id) is LeaseState.IRREVOCABLE
+    assert set(states.values()) == {LeaseState.REVOKED}
+    types = audit_types(state)
+    assert types.count("revoke") == 9 and types.count("irrevocable") == 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import asyncpg
@@ -274,6 +274,56 @@ async def test_a_slow_replica_does_not_revoke_leases_whose_claim_ran_short(
     # A started only what it could finish in time (0 s and 0.7 s into a 2 s
     # claim with a 1 s backend_timeout) and gave the other two up; who then
     # claimed them again, A or B, is a race and does not matter.
+    assert slow.dropped_claims >= 2
+
+
+async def test_a_batch_takes_only_leases_whose_claim_still_fits(
+    replicas: tuple[PostgresStore, PostgresStore],
+) -> None:
+    """The same with batches of 2 (one slow batch call at a time): A starts the
+    batches it can finish inside its claim and gives up the leases of the last
+    one; none is revoked twice although B stands ready."""
+    a, b = replicas
+    now = time.time()
+    for n in range(6):
+        await put_active(a, make_lease(lid(n), issue_time=now - 10, ttl=1))
+    revoked: list[tuple[str, str]] = []
+    batches: list[int] = []
+
+    def revoker(name: str, store: PostgresStore, seconds: float) -> Any:
+        async def revoke_many(leases: Sequence[Lease], release: Callable[[], None]) -> None:
+            batches.append(len(leases))
+            await asyncio.sleep(seconds)  # a slow backend call
+            release()
+            for lease in leases:
+                revoked.append((name, lease.id))
+                await store.finish_revoke(lease.id, state=LeaseState.EXPIRED, now=time.time())
+
+        async def revoke(lease: Lease, release: Callable[[], None]) -> None:
+            await revoke_many([lease], release)
+        return revoke, revoke_many
+
+    config = LeaseConfig(claim_timeout=2, backend_timeout=1.0, revoke_workers=1,
+                         per_mount_workers=1)
+    one, many = revoker("a", a, 0.7)
+    slow = Sweeper(a, one, config, node_id="a", revoke_many=many, batch_size=lambda _m: 2)
+    one, many = revoker("b", b, 0.0)
+    fast = Sweeper(b, one, config, node_id="b", revoke_many=many, batch_size=lambda _m: 2)
+    slow.start()
+    try:
+        assert await _until(lambda: slow.busy == 6, 5), "A did not claim all six leases"
+        fast.start()
+        await _until(lambda: len({lease_id for _, lease_id in revoked}) == 6, 10)
+        await asyncio.sleep(1.0)  # room for a late second revocation to show up
+    finally:
+        await slow.stop(grace=2.0)
+        await fast.stop(grace=2.0)
+    by_lease = collections.Counter(lease_id for _, lease_id in revoked)
+    assert set(by_lease) == {lid(n) for n in range(6)}, revoked
+    assert max(by_lease.values()) == 1, f"revoked twice: {revoked}"
+    # A's batches start 0 s and 0.7 s into a 2 s claim (1 s backend_timeout);
+    # the third would start at 1.4 s: its two leases are given up.
+    assert batches[:2] == [2, 2]
     assert slow.dropped_claims >= 2
 
 

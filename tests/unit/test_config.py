@@ -48,6 +48,7 @@ def test_example_config_is_true_to_the_code(tmp_path: Path, monkeypatch: pytest.
     assert config.mounts["pg"].secret == "x"
     assert set(config.mounts) == {"pg", "my", "aws"}
     assert config.leases.revoke_max_attempts == 6
+    assert config.leases.revoke_batch == 32
 
 
 def test_durations_become_seconds(tmp_path: Path) -> None:
@@ -85,6 +86,10 @@ max_ttl = "2h"
      "mounts.pg.roles.r.default_ttl", "longer than max_ttl"),
     ('[mounts.pg]\nplugin = "postgres"\n[mounts.pg.roles.r]\ncreation_statements = ["{{nme}}"]',
      "mounts.pg.roles.r.creation_statements", "nme"),
+    ('[leases]\nrevoke_batch = 0', "leases.revoke_batch", "between 1"),
+    ('[leases]\nrevoke_batch = 5000', "leases.revoke_batch", "and 1000"),
+    ('[leases]\nrevoke_batch = "32"', "leases.revoke_batch", "expected int"),
+    ('[leases]\nrevoke_batch = true', "leases.revoke_batch", "expected int"),
     ('[policies.app]\n"pg/creds/r" = ["raed"]', 'policies.app."pg/creds/r"', "unknown capability"),
     ('[policies.root]\n"x" = ["read"]', "policies.root", "built in"),
 ])
@@ -95,6 +100,14 @@ def test_bad_config_names_file_key_and_problem(tmp_path: Path, text: str, key: s
     assert f": {key}: " in message, message
     assert fragment in message, message
     assert "hunter2" not in message
+
+
+def test_revoke_batch_is_read_and_defaults_to_32(tmp_path: Path) -> None:
+    """[leases] revoke_batch: 1 turns batching off; unset it is 32."""
+    assert load_config(write(tmp_path, "[leases]\nrevoke_batch = 1")).leases.revoke_batch == 1
+    assert load_config(write(tmp_path, "[leases]\nrevoke_batch = 1000")
+                       ).leases.revoke_batch == 1000
+    assert load_config(write(tmp_path, "")).leases.revoke_batch == 32
 
 
 def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
