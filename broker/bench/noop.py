@@ -2,8 +2,8 @@
 
 Registered only by the bench (``register()``), never as a distribution entry
 point: a production broker cannot mount it by accident. With
-``BROKER_BENCH_REVOKE_LOG`` set, every ``delete_user`` appends the username to
-that file, one line each, so the HA scenario can count revocations per lease
+``BROKER_BENCH_REVOKE_LOG`` set, every ``delete_user`` appends the username and
+the time to that file, one line each, so the HA scenario can count revocations per lease
 across replicas (a line written with ``os.write`` on an ``O_APPEND`` file
 survives a SIGKILL of the process that wrote it). It revokes in batches too
 (``delete_users``), as a batching backend would: one write for a batch.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import time
 from collections.abc import Sequence
 
 from broker.backend import (
@@ -80,7 +81,7 @@ class NoopBackend:
         await asyncio.sleep(0)
         if self._fd is not None:
             # One small O_APPEND write: atomic, and in the kernel once it returns.
-            os.write(self._fd, f"{req.username}\n".encode())
+            os.write(self._fd, f"{req.username} {time.time():.6f}\n".encode())
         return DeleteUserResponse()
 
     async def delete_users(self, reqs: Sequence[DeleteUserRequest]
@@ -88,7 +89,8 @@ class NoopBackend:
         await asyncio.sleep(0)
         if self._fd is not None and reqs:
             # One O_APPEND write for the batch: all its lines are logged, or none.
-            os.write(self._fd, "".join(f"{req.username}\n" for req in reqs).encode())
+            now = f"{time.time():.6f}"
+            os.write(self._fd, "".join(f"{req.username} {now}\n" for req in reqs).encode())
         return [None] * len(reqs)
 
     async def rotate_root(self, req: RotateRootRequest) -> RotateRootResponse:
