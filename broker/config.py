@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 from broker.auth.jwt_config import AuthConfigError, parse_jwt_methods
 from broker.backend import MountSpec, PluginConfigError, RoleSpec, load_plugin
 from broker.durations import parse_duration
+from broker.event_loop import EVENT_LOOPS
 from broker.templating import template_names
 
 __all__ = [
@@ -68,6 +69,8 @@ class ServerConfig:
     max_request_size: int = 1024 * 1024
     #: on SIGTERM, how long in-flight issues and revocations may take.
     shutdown_grace: int = 30
+    #: "auto" (uvloop where installed), "uvloop" or "asyncio"; see broker/event_loop.py.
+    event_loop: str = "auto"
 
     @property
     def tls(self) -> bool:
@@ -286,6 +289,10 @@ def _server(r: _Reader, base: Path) -> ServerConfig:
         )
     size = r.get("max_request_size", int, 1024 * 1024)
     grace = r.duration("shutdown_grace", 30)
+    event_loop = r.get("event_loop", str, "auto")
+    if event_loop not in EVENT_LOOPS:
+        raise r.error("event_loop", f"unknown event loop {event_loop!r} "
+                      f"(expected one of: {', '.join(EVENT_LOOPS)})")
     r.reject_unknown()
     return ServerConfig(
         host=host,
@@ -294,6 +301,7 @@ def _server(r: _Reader, base: Path) -> ServerConfig:
         tls_key_file=_path(base, key) if key else None,
         max_request_size=size,
         shutdown_grace=grace,
+        event_loop=event_loop,
     )
 
 

@@ -30,6 +30,8 @@ from broker.config import (
     parse_listen,
 )
 from broker.engine import LeaseEngine
+from broker.event_loop import loop_factory
+from broker.event_loop import resolve as resolve_event_loop
 from broker.lease import TokenState
 from broker.policy import PolicySet
 from broker.state import BrokerState
@@ -186,6 +188,8 @@ def _banner(state: BrokerState, root_token: str | None) -> str:
 
 
 async def _serve(config: Config, *, dev: bool, dev_root_token_id: str | None) -> int:
+    # the loop actually running, not the one asked for: what an operator debugging wants
+    log.info("event loop: %s", type(asyncio.get_running_loop()).__module__.split(".")[0])
     state = await build_state(config, dev=dev)
     root_token: str | None = None
     from broker.jobs import start_jobs
@@ -294,7 +298,9 @@ def run_server(config_path: str | None, *, dev: bool, dev_root_token_id: str | N
         print(f"broker: error: {exc}", file=sys.stderr)
         return 2
     try:
-        return asyncio.run(_serve(config, dev=dev, dev_root_token_id=dev_root_token_id))
+        loop = resolve_event_loop(config.server.event_loop)
+        with asyncio.Runner(loop_factory=loop_factory(loop)) as runner:
+            return runner.run(_serve(config, dev=dev, dev_root_token_id=dev_root_token_id))
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"broker: error: {exc}", file=sys.stderr)
         return 1

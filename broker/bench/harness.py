@@ -231,6 +231,16 @@ class BrokerProcess:
             return None
         return None
 
+    def cpu_seconds(self) -> float | None:
+        """User + system CPU the process has used so far (Linux ``/proc``; None elsewhere)."""
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                # fields after the ")" that ends the command name; utime, stime are 14, 15
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)

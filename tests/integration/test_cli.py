@@ -240,6 +240,26 @@ def test_server_errors_are_one_line(live: Live) -> None:
     assert _ONE_LINE_ERROR.match(denied.stderr) and "(HTTP 403)" in denied.stderr
 
 
+def test_the_server_runs_on_uvloop(live: Live) -> None:
+    """The default ``event_loop = "auto"`` really runs the daemon on uvloop (its log says so)."""
+    log = (live.tmp / "server.log").read_text(errors="replace")
+    assert "event loop: uvloop" in log, log[-2000:]
+
+
+def test_an_unknown_event_loop_fails_in_one_line(tmp_path: Path) -> None:
+    """`BROKER_EVENT_LOOP=trio broker server --dev` exits 1 naming the variable."""
+    done = subprocess.run(
+        [*_broker_argv(), "server", "--dev", "--listen", f"127.0.0.1:{free_port()}"],
+        env={**_clean_env(tmp_path), "BROKER_EVENT_LOOP": "trio"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "broker: error: BROKER_EVENT_LOOP: unknown event loop 'trio'" in done.stderr
+
+
 def test_server_with_a_missing_config_fails_in_one_line(tmp_path: Path) -> None:
     """`broker server --config MISSING` exits non-zero with one error line, no traceback."""
     done = subprocess.run(

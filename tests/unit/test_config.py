@@ -86,6 +86,7 @@ max_ttl = "2h"
      "mounts.pg.roles.r.default_ttl", "longer than max_ttl"),
     ('[mounts.pg]\nplugin = "postgres"\n[mounts.pg.roles.r]\ncreation_statements = ["{{nme}}"]',
      "mounts.pg.roles.r.creation_statements", "nme"),
+    ('[server]\nevent_loop = "trio"', "server.event_loop", "auto, uvloop, asyncio"),
     ('[leases]\nrevoke_batch = 0', "leases.revoke_batch", "between 1"),
     ('[leases]\nrevoke_batch = 5000', "leases.revoke_batch", "and 1000"),
     ('[leases]\nrevoke_batch = "32"', "leases.revoke_batch", "expected int"),
