@@ -35,11 +35,6 @@ from broker.bench.harness import (
 __all__ = ["main"]
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def summarize(collapsed: Path, top: int = 25) -> str:
     self_count: collections.Counter[str] = collections.Counter()
     incl: collections.Counter[str] = collections.Counter()
@@ -94,11 +89,11 @@ async def run(args: argparse.Namespace) -> None:
                 str(int(args.seconds)), "-r", "200", "-f", "raw", "-o", f"{args.out}.collapsed",
                 *(["--gil"] if args.gil else []), "--nonblocking",
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.STDOUT)
-            cpu0, own0, t0 = _cpu_seconds(broker.pid), time.process_time(), time.perf_counter()
+            cpu0, own0, t0 = (broker.cpu_seconds() or 0.0), time.process_time(), time.perf_counter()
             result = await run_load(ops[args.op], concurrency=args.concurrency,
                                     seconds=args.seconds)
             wall = time.perf_counter() - t0
-            server_cpu = (_cpu_seconds(broker.pid) - cpu0) / wall
+            server_cpu = ((broker.cpu_seconds() or 0.0) - cpu0) / wall
             client_cpu = (time.process_time() - own0) / wall
             await asyncio.wait_for(spy.wait(), 60)
         print(f"{args.op}: {result.rate:.0f}/s p50 {result.p(0.5):.1f} ms p99 "
