@@ -24,9 +24,11 @@ be correlated across lines by whoever holds the key.
 Fail-closed: :meth:`AuditLog.write` returns only after its line was handed to
 the kernel (and fsync'd when configured); otherwise it raises
 :class:`AuditError`, which the API answers with 503. Concurrent writers are
-group-committed: whoever holds the lock writes every queued line in one
-``write()``, so an fsync is shared by all lines that arrived while the previous
-one ran.
+group-committed: a line is queued, and one callback per event-loop iteration
+writes every line queued so far in one ``write()`` (one ``stat`` for rotation,
+one lock), so the lines of all requests handled in the same iteration share a
+system call, and an fsync is shared by all lines that arrived while the
+previous one ran.
 """
 
 from __future__ import annotations
@@ -289,6 +291,8 @@ class AuditLog:
         self._link: str | None = None  # prev_file for the next line (first of a new file)
         self._lock = asyncio.Lock()
         self._queue: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+        self._flush_soon = False  # a _start_flush callback is scheduled
+        self._flushes: set[asyncio.Task[None]] = set()
         self._closed = False
         self._ok = True
         self.last_error: str | None = None
@@ -382,14 +386,15 @@ class AuditLog:
             record.pop(name, None)
         if "time" not in record:  # not setdefault: that would format a time for nothing
             record["time"] = _now()
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
         self._queue.append((record, fut))
+        if not self._flush_soon:
+            # Every line queued until the loop gets round to this callback goes
+            # out in the same write(): one stat, one write, one lock per batch.
+            self._flush_soon = True
+            loop.call_soon(self._start_flush)
         try:
-            async with self._lock:
-                # A previous holder may already have written our line with its batch.
-                if self._queue:
-                    batch, self._queue = self._queue, []
-                    await self._flush(batch)
             await fut
         finally:
             if not fut.done():
@@ -397,37 +402,80 @@ class AuditLog:
             elif not fut.cancelled():
                 fut.exception()  # mark retrieved; we raised it above if it was ours
 
+    def _start_flush(self) -> None:
+        self._flush_soon = False
+        if not self._queue:
+            return
+        if self._fsync or self._lock.locked():
+            # fsync awaits a thread, and a holder of the lock (an fsync'ing flush,
+            # reopen, close) must finish first: flush in a task, under the lock.
+            task = asyncio.ensure_future(self._flush_queued())
+            self._flushes.add(task)  # the loop keeps only a weak reference to a task
+            task.add_done_callback(self._flushes.discard)
+            return
+        # No fsync and nobody inside the lock: the flush never awaits, so it
+        # cannot interleave with anything the lock guards. No Task needed.
+        batch, self._queue = self._queue, []
+        try:
+            self._written(self._write_lines(batch))
+        except AuditError as exc:
+            self._fail(batch, exc)
+
+    async def _flush_queued(self) -> None:
+        async with self._lock:
+            # A flush that held the lock (fsync) may have taken our lines already.
+            if self._queue:
+                batch, self._queue = self._queue, []
+                await self._flush(batch)
+
     async def _flush(self, batch: list[tuple[dict[str, Any], asyncio.Future[None]]]) -> None:
         """Write one batch under the lock; resolve every future in it, whatever happens."""
         try:
-            if self._closed:
-                raise AuditError(f"audit log {self.path}: closed")
-            try:
-                written = self._commit(batch)
-                if self._fsync and written:
+            written = self._write_lines(batch)
+            if self._fsync and written:
+                try:
                     # fsync a duplicate so a concurrent close() cannot pull the fd away.
                     await asyncio.to_thread(_fsync_and_close, os.dup(self._fd))
-            except OSError as exc:
-                self._ok = False
-                self.last_error = exc.strerror or str(exc)
-                raise self._error("cannot write", exc) from None
-            except AuditError as exc:
-                self._ok = False
-                self.last_error = str(exc)
-                raise
-            self._ok = True
-            self.last_error = None
-            for fut in written:
-                if not fut.done():
-                    fut.set_result(None)
+                except OSError as exc:
+                    raise self._failed(self._error("cannot write", exc),
+                                       exc.strerror or str(exc)) from None
+            self._written(written)
         except AuditError as exc:
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(AuditError(str(exc)))
+            self._fail(batch, exc)
         finally:
             for _, fut in batch:
                 if not fut.done():  # cancelled mid-fsync: not known to be durable
                     fut.set_exception(AuditError(f"audit log {self.path}: write interrupted"))
+
+    def _write_lines(self, batch: list[tuple[dict[str, Any], asyncio.Future[None]]]
+                     ) -> list[asyncio.Future[None]]:
+        """:meth:`_commit`, with a failure turned into AuditError and the log marked unhealthy."""
+        if self._closed:
+            raise AuditError(f"audit log {self.path}: closed")
+        try:
+            return self._commit(batch)
+        except OSError as exc:
+            raise self._failed(self._error("cannot write", exc), exc.strerror or str(exc)) from None
+        except AuditError as exc:
+            raise self._failed(exc, str(exc)) from None
+
+    def _failed(self, exc: AuditError, detail: str) -> AuditError:
+        self._ok = False
+        self.last_error = detail
+        return exc
+
+    def _written(self, written: list[asyncio.Future[None]]) -> None:
+        self._ok = True
+        self.last_error = None
+        for fut in written:
+            if not fut.done():
+                fut.set_result(None)
+
+    @staticmethod
+    def _fail(batch: list[tuple[dict[str, Any], asyncio.Future[None]]], exc: AuditError) -> None:
+        for _, fut in batch:
+            if not fut.done():
+                fut.set_exception(AuditError(str(exc)))
 
     def _commit(self, batch: list[tuple[dict[str, Any], asyncio.Future[None]]]
                 ) -> list[asyncio.Future[None]]:

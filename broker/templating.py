@@ -7,6 +7,7 @@ identifiers and literals on top: nothing a client sends reaches SQL unquoted.
 
 from __future__ import annotations
 
+import functools
 import re
 import secrets
 import string
@@ -73,6 +74,23 @@ def random_string(alphabet: str, length: int) -> str:
     return "".join(out)
 
 
+@functools.lru_cache(maxsize=256)
+def _template_pieces(template: str) -> tuple[tuple[str, str | None, str | None], ...]:
+    """``template`` split once into (literal text, placeholder key, its argument) pieces.
+
+    Every issue renders its role's template; parsing it with a regex and a
+    Python callback per placeholder was ~4 % of an issue's CPU. The last
+    piece carries the trailing text and no key.
+    """
+    pieces: list[tuple[str, str | None, str | None]] = []
+    pos = 0
+    for match in _PLACEHOLDER.finditer(template):
+        pieces.append((template[pos:match.start()], match.group(1), match.group(2)))
+        pos = match.end()
+    pieces.append((template[pos:], None, None))
+    return tuple(pieces)
+
+
 def render_username(
     template: str | None,
     *,
@@ -89,19 +107,21 @@ def render_username(
     """
     unix = str(int(now if now is not None else time.time()))
     randoms: list[str] = []
-
-    def sub(match: re.Match[str]) -> str:
-        key, arg = match.group(1), match.group(2)
+    fixed = {"mount": mount, "role": role, "display_name": display_name, "unix_time": unix}
+    pieces: list[str] = []
+    for literal, key, arg in _template_pieces(template or DEFAULT_USERNAME_TEMPLATE):
+        pieces.append(literal)
+        if key is None:
+            continue
         if key == "random":
             part = random_string(_LOWER_ALNUM, int(arg or 8))
             randoms.append(part)
-            return part
-        fixed = {"mount": mount, "role": role, "display_name": display_name, "unix_time": unix}
+            pieces.append(part)
+            continue
         if key not in fixed:
             raise ValueError(f"unknown username template variable {{{{{key}}}}}")
-        return _USERNAME_UNSAFE.sub("-", fixed[key].lower())[: int(arg) if arg else None]
-
-    name = _PLACEHOLDER.sub(sub, template or DEFAULT_USERNAME_TEMPLATE)
+        pieces.append(_USERNAME_UNSAFE.sub("-", fixed[key].lower())[: int(arg) if arg else None])
+    name = "".join(pieces)
     name = _USERNAME_UNSAFE.sub("-", name.lower())
     if len(name) > max_length:
         # Keep the random part whole (uniqueness): cut the fixed parts around it

@@ -435,9 +435,32 @@ async def test_concurrent_writes_form_one_chain(paths: tuple[str, str], fsync: b
     assert verify_file(paths[0], load_key(paths[1])).ok
 
 
-async def test_cancelled_writer_does_not_break_chain(paths: tuple[str, str]) -> None:
+async def test_lines_of_one_loop_iteration_share_one_write(
+    paths: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lines queued in the same loop iteration reach the file in one write() system call."""
+    log = await AuditLog.open(*paths, create_key=True)
+    real_write = os.write
+    sizes: list[int] = []
+
+    def counting_write(fd: int, data: Any) -> int:
+        sizes.append(len(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr("broker.audit.os.write", counting_write)
+    await asyncio.gather(*(log.write(event("renew", n=i)) for i in range(30)))
+    await log.write(event("renew", n=30))  # alone in its iteration: its own write
+    monkeypatch.undo()
+    await log.close()
+    assert len(sizes) == 2, sizes
+    assert [r["n"] for r in records(paths[0])] == list(range(31))
+    assert verify_file(paths[0], load_key(paths[1])).ok
+
+
+@pytest.mark.parametrize("fsync", [False, True])
+async def test_cancelled_writer_does_not_break_chain(paths: tuple[str, str], fsync: bool) -> None:
     """Cancelling writers mid-flight leaves a valid chain and a working log."""
-    log = await AuditLog.open(*paths, create_key=True, fsync=True)
+    log = await AuditLog.open(*paths, create_key=True, fsync=fsync)
     tasks = [asyncio.create_task(log.write(event("renew", n=i))) for i in range(50)]
     await asyncio.sleep(0)
     for t in tasks[10:30]:
