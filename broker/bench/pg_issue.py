@@ -11,8 +11,10 @@ still counts the same work. Roles are dropped after each run so every run
 starts with the same catalog. The judged runs use the mount's default
 ``serialize_ddl = "auto"`` (no DDL lock for this template). Unjudged
 diagnosis: the raw statement with a verifier hashed outside the timing (what
-the server's part costs on its own), and the broker at c=8 with
-``serialize_ddl = false`` and ``= true`` (what the lock costs).
+the server's part costs on its own), the broker at c=8 with
+``serialize_ddl = false`` and ``= true`` (what the lock costs), and at c=1 the
+time the target leaves the broker per call next to what a no-op issue and a
+bare ``/v1/sys/health`` round trip take on the same broker (its serial floor).
 """
 
 from __future__ import annotations
@@ -85,6 +87,8 @@ async def run(bench: Bench) -> list[Row]:
 
             await run_load(issue, concurrency=concurrency, seconds=min(0.5, seconds))  # warm-up
             http = await run_load(issue, concurrency=concurrency, seconds=seconds)
+            floor = (await _serial_floor(api, broker.url, min(2.0, seconds))
+                     if concurrency == 1 else None)
         await drop_roles(bench.pg_dsn)
         note = f"{http.errors} errors: {http.first_error}" if http.errors else ""
         if raw.errors:
@@ -97,4 +101,36 @@ async def run(bench: Bench) -> list[Row]:
             Row(NAME, f"issue p50, {label}", http.p(0.5), "ms", raw.p(0.5)),
             Row(NAME, f"issue p99, {label}", http.p(0.99), "ms", raw.p(0.99)),
         ]
+        if floor is not None:
+            noop, health = floor
+            # At 0.85 x raw the broker may add raw_p50 x (1/0.85 - 1) to a call.
+            budget = raw.p(0.5) * (1 / 0.85 - 1)
+            rows += [
+                Row(NAME, "budget the target leaves the broker, c=1", budget, "ms",
+                    note="diagnosis: raw p50 x (1/0.85 - 1)"),
+                Row(NAME, "no-op issue p50, same broker, c=1", noop, "ms", budget,
+                    note="diagnosis: HTTP, two durable commits, two audit lines, no backend"),
+                Row(NAME, "HTTP round trip p50 (sys/health), c=1", health, "ms", budget,
+                    note="diagnosis: the floor of any call"),
+            ]
     return rows
+
+
+async def _serial_floor(api: ApiClient, url: str, seconds: float) -> tuple[float, float]:
+    """p50 of a no-op issue and of ``/v1/sys/health`` on the same broker at c=1 (ms).
+
+    What the broker costs a single caller before any backend work: the part of
+    the c=1 ratio no plugin change can recover.
+    """
+    async def noop(_w: int) -> None:
+        await api.issue("bench", "r")
+
+    async def health(_w: int) -> None:
+        async with api.session.get(f"{url}/v1/sys/health") as resp:
+            await resp.read()
+
+    results = []
+    for op in (noop, health):
+        await run_load(op, concurrency=1, seconds=min(0.5, seconds))  # warm-up
+        results.append((await run_load(op, concurrency=1, seconds=seconds)).p(0.5))
+    return results[0], results[1]
