@@ -24,7 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
-from broker.bench.report import percentile
+from broker.bench.report import Row, percentile
 
 __all__ = [
     "ROOT_TOKEN",
@@ -86,6 +86,23 @@ class Bench:
         finally:
             await conn.close()
         return self.pg_url(name)
+
+    def stores(self, scenario: str, rows: list[Row]) -> list[str]:
+        """The stores a scenario runs on: SQLite, and PostgreSQL when there is one.
+
+        Without PostgreSQL, appends the scenario's SKIP row for it to ``rows``.
+        """
+        if self.pg_dsn is None:
+            rows.append(Row(scenario, "postgresql store", None, skipped=True,
+                            note="no PostgreSQL (--postgres-dsn)"))
+            return ["sqlite"]
+        return ["sqlite", "postgresql"]
+
+    async def empty_store(self, store: str, tmp: Path, database: str) -> str:
+        """The URL of an empty store: a SQLite file in ``tmp``, or PostgreSQL ``database`` anew."""
+        if store == "sqlite":
+            return f"sqlite:///{tmp / 'broker.db'}"
+        return await self.fresh_database(database)
 
     async def drop_database(self, name: str) -> None:
         import asyncpg

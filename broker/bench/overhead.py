@@ -142,16 +142,9 @@ def _rows(store: str, http: dict[str, LoadResult], raw: dict[str, LoadResult],
 async def run(bench: Bench) -> list[Row]:
     seconds, warmup = (0.25, 0.05) if bench.quick else (5.0, 1.0)
     rows: list[Row] = []
-    for store in ("sqlite", "postgresql"):
-        if store == "postgresql" and bench.pg_dsn is None:
-            rows.append(Row(NAME, "postgresql store", None, skipped=True,
-                            note="no PostgreSQL (--postgres-dsn)"))
-            continue
+    for store in bench.stores(NAME, rows):
         tmp = bench.subdir(f"{NAME}-{store}")
-        if store == "sqlite":
-            store_url = f"sqlite:///{tmp / 'broker.db'}"
-        else:
-            store_url = await bench.fresh_database("broker_bench_overhead")
+        store_url = await bench.empty_store(store, tmp, "broker_bench_overhead")
         await create_root_token(store_url)
         bench.log(f"{NAME}: {store} store, HTTP phases ({seconds:g}s each)")
         async with running(broker_config(tmp, store_url=store_url)) as broker:

@@ -28,16 +28,9 @@ PREFIX = "bench/creds/r/"
 async def run(bench: Bench) -> list[Row]:
     n = 1_000 if bench.quick else FULL_LEASES
     rows: list[Row] = []
-    for store in ("sqlite", "postgresql"):
-        if store == "postgresql" and bench.pg_dsn is None:
-            rows.append(Row(NAME, "postgresql store", None, skipped=True,
-                            note="no PostgreSQL (--postgres-dsn)"))
-            continue
+    for store in bench.stores(NAME, rows):
         tmp = bench.subdir(f"{NAME}-{store}")
-        if store == "sqlite":
-            url = f"sqlite:///{tmp / 'broker.db'}"
-        else:
-            url = await bench.fresh_database("broker_bench_prefix")
+        url = await bench.empty_store(store, tmp, "broker_bench_prefix")
         bench.log(f"{NAME}: seeding {n:,} leases ({store})")
         await seed_leases(url, n, expire=time.time() + 86400)
         note = ""

@@ -49,18 +49,11 @@ async def run(bench: Bench) -> list[Row]:
     # median of three could miss the 20 % growth target on noise alone.
     runs, settle = (1, 0.2) if bench.quick else (7, 1.0)
     rows: list[Row] = []
-    for store in ("sqlite", "postgresql"):
-        if store == "postgresql" and bench.pg_dsn is None:
-            rows.append(Row(NAME, "postgresql store", None, skipped=True,
-                            note="no PostgreSQL (--postgres-dsn)"))
-            continue
+    for store in bench.stores(NAME, rows):
         figures: dict[int, tuple[float, float]] = {}
         for leases in (0, n):
             tmp = bench.subdir(f"{NAME}-{store}-{leases}")
-            if store == "sqlite":
-                url = f"sqlite:///{tmp / 'broker.db'}"
-            else:
-                url = await bench.fresh_database("broker_bench_startup")
+            url = await bench.empty_store(store, tmp, "broker_bench_startup")
             bench.log(f"{NAME}: seeding {leases:,} leases ({store})")
             seconds = await seed_leases(url, leases, expire=functools.partial(_spread, n=leases))
             bench.log(f"{NAME}: seeded in {seconds:.1f}s; starting {runs}x")
