@@ -152,6 +152,26 @@ def _ssl_context(config: Config) -> ssl.SSLContext | None:
     return ctx
 
 
+def _reload_tls(ctx: ssl.SSLContext, config: Config) -> bool:
+    """Load the certificate and key at the configured paths into the live context.
+
+    New connections get the new certificate; open ones keep theirs. The pair is
+    first loaded into a scratch context, so a half-written file or a key that
+    does not match leaves the running certificate in place (logged, not fatal).
+    The paths themselves, like the listen address, change only with a restart.
+    """
+    cert, key = config.server.tls_cert_file or "", config.server.tls_key_file or ""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        log.error("reload: TLS certificate %s not reloaded, keeping the running one: %s",
+                  cert, exc)
+        return False
+    log.info("reload: TLS certificate reloaded from %s", cert)
+    return True
+
+
 def _banner(state: BrokerState, root_token: str | None) -> str:
     addr = state.config.server.address
     lines = [
@@ -208,8 +228,8 @@ async def _serve(config: Config, *, dev: bool, dev_root_token_id: str | None) ->
     runner = web.AppRunner(create_app(state), access_log=None,
                            shutdown_timeout=config.server.shutdown_grace)
     await runner.setup()
-    site = web.TCPSite(runner, config.server.host, config.server.port,
-                       ssl_context=_ssl_context(config))
+    tls = _ssl_context(config)
+    site = web.TCPSite(runner, config.server.host, config.server.port, ssl_context=tls)
     try:
         await site.start()
     except OSError as exc:
@@ -232,7 +252,7 @@ async def _serve(config: Config, *, dev: bool, dev_root_token_id: str | None) ->
         while True:
             await reload_requested.wait()
             reload_requested.clear()
-            await reload(state, dev=dev)
+            await reload(state, dev=dev, tls=tls)
 
     reload_task = asyncio.create_task(reloader())
     await stopping.wait()
@@ -247,8 +267,14 @@ async def _serve(config: Config, *, dev: bool, dev_root_token_id: str | None) ->
     return 0
 
 
-async def reload(state: BrokerState, *, dev: bool) -> bool:
-    """SIGHUP: re-read the config; a bad one is rejected and the old one stays."""
+async def reload(state: BrokerState, *, dev: bool, tls: ssl.SSLContext | None = None) -> bool:
+    """SIGHUP: re-read the TLS files and the config; a bad one is rejected and the old one stays.
+
+    The certificate is reloaded whether or not the config is good: a renewed
+    certificate must not wait for an unrelated typo to be fixed.
+    """
+    if tls is not None:
+        _reload_tls(tls, state.config)
     source = state.config.source
     try:
         if dev:
