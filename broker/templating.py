@@ -78,9 +78,9 @@ def random_string(alphabet: str, length: int) -> str:
 def _template_pieces(template: str) -> tuple[tuple[str, str | None, str | None], ...]:
     """``template`` split once into (literal text, placeholder key, its argument) pieces.
 
-    Every issue renders its role's template; parsing it with a regex and a
-    Python callback per placeholder was ~4 % of an issue's CPU. The last
-    piece carries the trailing text and no key.
+    Every issue renders its role's template; with the pieces cached a render
+    takes ~5 µs instead of ~8.5 µs (a regex with a Python callback per
+    placeholder). The last piece carries the trailing text and no key.
     """
     pieces: list[tuple[str, str | None, str | None]] = []
     pos = 0
