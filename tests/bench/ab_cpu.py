@@ -1,0 +1,88 @@
+"""Before/after pairs: broker CPU per call, one code tree against another, alternating.
+
+    git worktree add /tmp/before main          # the code to compare against
+    python tests/bench/ab_cpu.py --before /tmp/before [--pairs 5] [--seconds 4]
+    python tests/bench/ab_cpu.py --env BROKER_EVENT_LOOP=asyncio   # same code, other setting
+
+Each run is a real bench broker (no-op backend, SQLite store, durable
+commits) driven at c=32 through issue, renew and revoke, exactly like
+``broker bench --scenario overhead``; the figure is the broker process's CPU
+per successful call, which moves far less than a rate on a shared machine.
+"before" runs the broker from ``--before`` (put first on ``PYTHONPATH``) or
+with ``--env``; "after" runs this tree. Pairs alternate which side goes first,
+so a drift in the machine's load does not favour one side. A single run's
+noise here is ±10-15 %: look for a side that wins in most pairs, not at one
+mean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+from pathlib import Path
+
+from broker.bench.harness import broker_config, create_root_token, running
+from broker.bench.overhead import _http_phases
+
+__all__ = ["main"]
+
+OPS = ("issue", "renew", "revoke")
+
+
+async def one_run(env: dict[str, str], seconds: float) -> dict[str, tuple[float, float]]:
+    """{op: (rate, broker µs CPU per call)} for one fresh broker."""
+    tmp = Path(tempfile.mkdtemp(prefix="ab-cpu-"))
+    url = f"sqlite:///{tmp / 'broker.db'}"
+    await create_root_token(url)
+    async with running(broker_config(tmp, store_url=url), env=env) as broker:
+        results, cpu = await _http_phases(broker, seconds, 1.0)
+    return {op: (results[op].rate, cpu.get(op, float("nan"))) for op in OPS}
+
+
+async def run(args: argparse.Namespace) -> None:
+    before_env: dict[str, str] = dict(kv.split("=", 1) for kv in args.env)
+    if args.before:
+        before_env["PYTHONPATH"] = args.before
+    sides = {"before": before_env, "after": {}}
+    cpu: dict[str, dict[str, list[float]]] = {s: {op: [] for op in OPS} for s in sides}
+    wins = dict.fromkeys(OPS, 0)
+    for pair in range(args.pairs):
+        order = ("before", "after") if pair % 2 == 0 else ("after", "before")
+        got = {}
+        for side in order:
+            got[side] = await one_run(sides[side], args.seconds)
+            print(f"pair {pair} {side:6}  " + "  ".join(
+                f"{op} {got[side][op][0]:,.0f}/s {got[side][op][1]:,.0f} µs"
+                for op in OPS), flush=True)
+        for op in OPS:
+            for side in sides:
+                cpu[side][op].append(got[side][op][1])
+            wins[op] += got["after"][op][1] < got["before"][op][1]
+    print()
+    for op in OPS:
+        b, a = statistics.mean(cpu["before"][op]), statistics.mean(cpu["after"][op])
+        print(f"{op:6}  before {b:,.0f} µs  after {a:,.0f} µs  ({(a / b - 1) * 100:+.0f} %), "
+              f"after cheaper in {wins[op]} of {args.pairs} pairs")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--before", metavar="DIR", help="code tree of the 'before' broker")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="environment of the 'before' broker (repeatable)")
+    parser.add_argument("--pairs", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=4.0, help="length of each phase")
+    args = parser.parse_args()
+    if not args.before and not args.env:
+        parser.error("give --before DIR or --env NAME=VALUE: otherwise both sides are the same")
+    if args.before:
+        if not (Path(args.before) / "broker" / "__init__.py").is_file():
+            parser.error(f"--before {args.before}: no broker package there")
+        args.before = str(Path(args.before).resolve())
+    asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    main()
