@@ -6,6 +6,7 @@ them into RFC 3339 strings at the edge.
 
 from __future__ import annotations
 
+import re
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from broker.templating import random_string
 
 __all__ = [
     "DEAD_STATES",
+    "META_KEY",
     "Lease",
     "LeaseFilter",
     "LeaseState",
@@ -85,6 +87,11 @@ class Lease:
 
     def ttl(self, now: float) -> int:
         return max(0, int(self.expire_time - now))
+
+
+#: What a metadata key may hold: it goes into a JSON path in the stores and is
+#: one segment of the ``sys/leases/revoke-by/KEY/VALUE`` policy path.
+META_KEY = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from aiohttp import web
 from broker.api.common import CALL, Call, json_response
 from broker.engine import lease_ref
 from broker.errors import BadRequest, PermissionDenied
-from broker.lease import Lease, LeaseFilter, LeaseState
+from broker.lease import META_KEY, Lease, LeaseFilter, LeaseState
 
 __all__ = ["meta_params", "rfc3339", "routes", "store_call"]
 
@@ -235,6 +235,26 @@ def _meta_body(value: Any) -> dict[str, str]:
     return meta
 
 
+async def _require_revoke_by(call: Call, meta: Mapping[str, str], *, force: bool) -> None:
+    """Who may revoke-by: ``update``/``sudo`` on ``sys/leases/revoke-by`` (any selector), or,
+    without ``force``, ``update`` on ``sys/leases/revoke-by/KEY/VALUE`` for one KEY=VALUE
+    of the selector's metadata.
+
+    Every lease the selector matches carries each of its pairs, so authority
+    over one pair covers the whole selector. A CI role whose policy holds
+    ``"sys/leases/revoke-by/run_id/{{identity.metadata.run_id}}" = ["update"]``
+    can end its own run's leases and no other run's. A value with a "/" never
+    takes the narrow path (it would span path segments).
+    """
+    broad = "sys/leases/revoke-by"
+    if not force and not call.allowed(broad, "update") and not call.allowed(broad, "sudo"):
+        for key, value in sorted(meta.items()):
+            if META_KEY.fullmatch(key) and value and "/" not in value \
+                    and call.allowed(f"{broad}/{key}/{value}", "update"):
+                return
+    await call.require(broad, "update", "sudo")  # allowed, or audited and refused (403)
+
+
 async def store_call(aw: Awaitable[T]) -> T:
     """Await a store query whose filter came from the client: a bad key is a 400.
 
@@ -284,13 +304,13 @@ async def revoke_by(request: web.Request) -> web.Response:
     call: Call = request[CALL]
     await call.authenticate()
     await call.read_body()
-    await call.require("sys/leases/revoke-by", "update", "sudo")
     meta = _meta_body(call.body.get("metadata"))
     prefix = (call.string("prefix") or "").lstrip("/")
+    force = call.flag("force", False)
+    await _require_revoke_by(call, meta, force=force)
     if not meta and not prefix:
         raise BadRequest("an empty selector would revoke every lease; give metadata "
                          "and/or prefix (use revoke-prefix with all=true for everything)")
-    force = call.flag("force", False)
     flt = LeaseFilter(prefix=prefix, metadata=meta)
     queued = await store_call(call.state.engine.revoke_matching(flt, force=force))
     await call.audit("admin", action="revoke-by", prefix=prefix or None, metadata=meta or None,

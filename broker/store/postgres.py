@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -36,7 +35,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import asyncpg
 
 from broker.errors import Conflict
-from broker.lease import Lease, LeaseFilter, LeaseState, Token, TokenState
+from broker.lease import META_KEY, Lease, LeaseFilter, LeaseState, Token, TokenState
 from broker.store.base import RevokeQueued, RuleChunk
 from broker.store.rows import lease_from_row, prefix_upper, token_from_row
 from broker.store.sqlite import StoreSchemaError
@@ -122,7 +121,6 @@ WAKE_CHANNEL = "broker_wake"
 #: pg_advisory_xact_lock key serialising migrations ("broker" in ASCII).
 _MIGRATION_LOCK = 0x62726F6B6572
 _MAX_ERROR_LEN = 2000
-_META_KEY = re.compile(r"[A-Za-z0-9_.-]+")
 _LEASE_COL_NAMES = (
     "id", "mount", "role", "owner", "issue_time", "expire_time", "max_expire_time", "renewable",
     "state", "last_renewal", "revoke_attempts", "revoke_reason", "ended_at", "revocation",
@@ -202,7 +200,7 @@ def _where(flt: LeaseFilter, args: _Args, states: Sequence[LeaseState] = (),
     if flt.metadata:
         for key in flt.metadata:
             # jsonb would take any key; we keep SQLite's rule so both stores agree.
-            if not _META_KEY.fullmatch(key):
+            if not META_KEY.fullmatch(key):
                 raise ValueError(
                     f"metadata key {key!r} may hold only letters, digits, '_', '.', '-'")
         wanted = {key: str(value) for key, value in flt.metadata.items()}

@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import sqlite3
 import time
 import uuid
@@ -38,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from broker.errors import Conflict
-from broker.lease import Lease, LeaseFilter, LeaseState, Token, TokenState
+from broker.lease import META_KEY, Lease, LeaseFilter, LeaseState, Token, TokenState
 from broker.store.base import RevokeQueued, RuleChunk
 from broker.store.rows import lease_from_row, prefix_upper, token_from_row
 
@@ -113,7 +112,6 @@ MIGRATIONS: list[tuple[str, ...]] = [
 _MAX_BATCH = 512
 #: Operators read last_error; a backend's error essay need not be kept whole.
 _MAX_ERROR_LEN = 2000
-_META_KEY = re.compile(r"[A-Za-z0-9_.-]+")
 _LEASE_COLS = (
     "id, mount, role, owner, issue_time, expire_time, max_expire_time, renewable, state,"
     " last_renewal, revoke_attempts, revoke_reason, ended_at, revocation, metadata, last_error"
@@ -286,7 +284,7 @@ def _where(flt: LeaseFilter, states: Sequence[LeaseState] = (), state: str = ""
         clauses.append("owner IN (SELECT value FROM json_each(?))")
         params.append(json.dumps(list(flt.owners)))
     for key, value in flt.metadata.items():
-        if not _META_KEY.fullmatch(key):
+        if not META_KEY.fullmatch(key):
             raise ValueError(f"metadata key {key!r} may hold only letters, digits, '_', '.', '-'")
         clauses.append("json_extract(metadata, ?) = ?")
         params.extend([f'$."{key}"', str(value)])

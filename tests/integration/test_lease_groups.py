@@ -50,6 +50,12 @@ class Api:
                        json={"policies": ["app"], "meta": {"run_id": run_id}})["auth"]
         return str(auth["client_token"])
 
+    def own_run_token(self, run_id: str) -> str:
+        """A run's token whose policy may revoke-by its own run_id only."""
+        auth = self.ok("POST", "auth/token/create",
+                       json={"policies": ["own-run"], "meta": {"run_id": run_id}})["auth"]
+        return str(auth["client_token"])
+
     def issue(self, token: str, role: str = "readonly") -> tuple[str, str]:
         body = self.ok("GET", f"pg/creds/{role}", token=token)
         return str(body["lease_id"]), str(body["data"]["username"])
@@ -68,6 +74,12 @@ def api(tmp_path: Path, postgres_dsn: str) -> Iterator[Api]:
     config = pg_mount(postgres_dsn).replace('[mounts.pg.roles.short]\n', '''[mounts.pg.roles.short]
 creation_statements = ["CREATE ROLE \\"{{name}}\\" WITH LOGIN PASSWORD '{{password}}'"]
 ''').replace('"pg/creds/readonly" = ["read"]', '"pg/creds/*" = ["read"]')
+    # A CI role's cleanup policy: revoke-by limited to the token's own run.
+    config += """
+[policies.own-run]
+"pg/creds/*" = ["read"]
+"sys/leases/revoke-by/run_id/{{identity.metadata.run_id}}" = ["update"]
+"""
     server = start_broker(write_config(tmp_path, config))
     yield Api(server)
     requests.put(f"{server.url}/v1/sys/leases/revoke-prefix/pg/", json={"sync": True},
@@ -178,6 +190,37 @@ def test_revoke_by_and_search_need_their_capabilities(api: Api, postgres_dsn: st
     assert denied.status_code == 403
     assert api.call("GET", "sys/leases/search", token=token).status_code == 403
     assert exists(postgres_dsn, user)
+
+
+def test_a_templated_policy_limits_revoke_by_to_the_tokens_own_run(
+    api: Api, postgres_dsn: str
+) -> None:
+    """update on sys/leases/revoke-by/run_id/{{identity.metadata.run_id}} lets a run end its
+    own leases; another run's selector, force, and a selector without that pair are 403."""
+    mine, theirs = api.own_run_token("R1"), api.own_run_token("R2")
+    _, my_user = api.issue(mine)
+    _, their_user = api.issue(theirs)
+
+    for body in ({"metadata": {"run_id": "R2"}},  # another run
+                 {"metadata": {"run_id": "R1"}, "force": True},  # break-glass needs more
+                 {"prefix": "pg/"},  # no run_id in the selector
+                 {"metadata": {"run_id": "R1/../R2"}}):  # a "/" never takes the narrow path
+        denied = api.call("PUT", "sys/leases/revoke-by", token=mine, json=body)
+        assert denied.status_code == 403, (body, denied.text)
+        assert "sys/leases/revoke-by" in denied.json()["errors"][0]
+    assert exists(postgres_dsn, my_user) and exists(postgres_dsn, their_user)
+
+    # Its own run, narrowed further by a prefix: still only its own leases.
+    ok = api.call("PUT", "sys/leases/revoke-by", token=mine,
+                  json={"metadata": {"run_id": "R1"}, "prefix": "pg/", "sync": True})
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["data"] == {"queued": 1, "still_revoking": 0}
+    assert not exists(postgres_dsn, my_user)
+    assert exists(postgres_dsn, their_user)
+    audit = [json.loads(line) for line in Path(api.broker.audit_path).read_text().splitlines()]
+    denials = [e for e in audit if e["type"] == "policy_denied"
+               and e.get("checked_path") == "sys/leases/revoke-by"]
+    assert len(denials) == 4
 
 
 def test_cli_lease_revoke_and_list_by_meta(api: Api, postgres_dsn: str) -> None:
