@@ -36,7 +36,7 @@ from botocore.config import Config as BotoConfig
 from botocore.exceptions import ClientError
 
 from broker.backend import MountSpec, RoleSpec
-from tests.conformance.kit import BROKEN_ROLE, ROLE, BackendHarness, FixtureLookup
+from broker.conformance import BROKEN_ROLE, ROLE, BackendHarness, FixtureLookup
 from tests.conftest import free_port, server_missing
 
 __all__ = [

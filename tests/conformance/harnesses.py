@@ -29,8 +29,8 @@ from urllib.parse import unquote, urlsplit
 import asyncpg
 
 from broker.backend import MountSpec, RoleSpec
+from broker.conformance import BROKEN_ROLE, ROLE, BackendHarness, FixtureLookup, HarnessFactory
 from broker.templating import generate_password
-from tests.conformance.kit import BROKEN_ROLE, ROLE, BackendHarness, FixtureLookup, HarnessFactory
 from tests.conftest import free_port, server_missing
 
 __all__ = ["HARNESSES", "PostgresHarness", "password_checking_postgres"]

@@ -15,7 +15,7 @@ import aiomysql
 import pymysql
 
 from broker.backend import MountSpec, RoleSpec
-from tests.conformance.kit import BROKEN_ROLE, ROLE, BackendHarness, FixtureLookup
+from broker.conformance import BROKEN_ROLE, ROLE, BackendHarness, FixtureLookup
 
 __all__ = ["MySQLHarness", "mysql_harness"]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from broker.conformance import ConformanceSuite, HarnessFactory, resolve_harness
 from tests.conformance.harnesses import HARNESSES
-from tests.conformance.kit import ConformanceSuite, HarnessFactory, resolve_harness
 
 pytestmark = pytest.mark.integration
 

@@ -15,7 +15,12 @@ against that server, what the engine relies on:
   credential whose expiry is past cannot log in; ``max_username_length``: a
   name that long works).
 
-Usage (see README.md beside this file)::
+It ships in the wheel, so a plugin outside this repository can run it:
+``pip install 'broker[kit]'`` (pytest and pytest-asyncio), and in the
+plugin's pytest config ``asyncio_mode = "auto"`` (the suite's tests are
+coroutines). Usage (see ``tests/conformance/README.md`` in broker's source)::
+
+    from broker.conformance import ConformanceSuite, HarnessFactory
 
     class TestMyPlugin(ConformanceSuite):
         @pytest.fixture
