@@ -304,9 +304,15 @@ async def revoke_by(request: web.Request) -> web.Response:
     call: Call = request[CALL]
     await call.authenticate()
     await call.read_body()
-    meta = _meta_body(call.body.get("metadata"))
-    prefix = (call.string("prefix") or "").lstrip("/")
-    force = call.flag("force", False)
+    try:
+        meta = _meta_body(call.body.get("metadata"))
+        prefix = (call.string("prefix") or "").lstrip("/")
+        force = call.flag("force", False)
+    except BadRequest:
+        # A body the narrow capability cannot judge: only a caller with the
+        # broad one gets to hear what is wrong with it; anyone else gets 403.
+        await call.require("sys/leases/revoke-by", "update", "sudo")
+        raise
     await _require_revoke_by(call, meta, force=force)
     if not meta and not prefix:
         raise BadRequest("an empty selector would revoke every lease; give metadata "

@@ -188,6 +188,9 @@ def test_revoke_by_and_search_need_their_capabilities(api: Api, postgres_dsn: st
     denied = api.call("PUT", "sys/leases/revoke-by", token=token,
                       json={"metadata": {"run_id": "A"}})
     assert denied.status_code == 403
+    # A malformed body is 403 too for a caller without the capability (400 is for root).
+    malformed = api.call("PUT", "sys/leases/revoke-by", token=token, json={"metadata": "A"})
+    assert malformed.status_code == 403, malformed.text
     assert api.call("GET", "sys/leases/search", token=token).status_code == 403
     assert exists(postgres_dsn, user)
 
