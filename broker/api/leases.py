@@ -32,6 +32,8 @@ SYNC_WAIT = 600.0
 #: most rows one ``search`` answer carries.
 SEARCH_MAX = 1000
 _META_PARAM = "meta."
+#: revoke-by's policy path; ``_REVOKE_BY/KEY/VALUE`` is its per-pair form.
+_REVOKE_BY = "sys/leases/revoke-by"
 
 
 def rfc3339(ts: float | None) -> str | None:
@@ -246,13 +248,13 @@ async def _require_revoke_by(call: Call, meta: Mapping[str, str], *, force: bool
     can end its own run's leases and no other run's. A value with a "/" never
     takes the narrow path (it would span path segments).
     """
-    broad = "sys/leases/revoke-by"
-    if not force and not call.allowed(broad, "update") and not call.allowed(broad, "sudo"):
-        for key, value in sorted(meta.items()):
-            if META_KEY.fullmatch(key) and value and "/" not in value \
-                    and call.allowed(f"{broad}/{key}/{value}", "update"):
-                return
-    await call.require(broad, "update", "sudo")  # allowed, or audited and refused (403)
+    if not force and any(
+        META_KEY.fullmatch(key) and value and "/" not in value
+        and call.allowed(f"{_REVOKE_BY}/{key}/{value}", "update")
+        for key, value in meta.items()
+    ):
+        return
+    await call.require(_REVOKE_BY, "update", "sudo")  # allowed, or audited and refused (403)
 
 
 async def store_call(aw: Awaitable[T]) -> T:
@@ -311,7 +313,7 @@ async def revoke_by(request: web.Request) -> web.Response:
     except BadRequest:
         # A body the narrow capability cannot judge: only a caller with the
         # broad one gets to hear what is wrong with it; anyone else gets 403.
-        await call.require("sys/leases/revoke-by", "update", "sudo")
+        await call.require(_REVOKE_BY, "update", "sudo")
         raise
     await _require_revoke_by(call, meta, force=force)
     if not meta and not prefix:
