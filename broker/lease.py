@@ -24,6 +24,7 @@ __all__ = [
     "LeaseState",
     "Token",
     "TokenState",
+    "check_meta_key",
     "issue_ttl",
     "new_lease_id",
     "renew_expiry",
@@ -92,6 +93,12 @@ class Lease:
 #: What a metadata key may hold: it goes into a JSON path in the stores and is
 #: one segment of the ``sys/leases/revoke-by/KEY/VALUE`` policy path.
 META_KEY = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def check_meta_key(key: str) -> None:
+    """ValueError (with a message safe to show a client) unless ``key`` matches META_KEY."""
+    if not META_KEY.fullmatch(key):
+        raise ValueError(f"metadata key {key!r} may hold only letters, digits, '_', '.', '-'")
 
 
 @dataclass(frozen=True)

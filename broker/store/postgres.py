@@ -35,7 +35,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import asyncpg
 
 from broker.errors import Conflict
-from broker.lease import META_KEY, Lease, LeaseFilter, LeaseState, Token, TokenState
+from broker.lease import Lease, LeaseFilter, LeaseState, Token, TokenState, check_meta_key
 from broker.store.base import RevokeQueued, RuleChunk
 from broker.store.rows import lease_from_row, prefix_upper, token_from_row
 from broker.store.sqlite import StoreSchemaError
@@ -200,9 +200,7 @@ def _where(flt: LeaseFilter, args: _Args, states: Sequence[LeaseState] = (),
     if flt.metadata:
         for key in flt.metadata:
             # jsonb would take any key; we keep SQLite's rule so both stores agree.
-            if not META_KEY.fullmatch(key):
-                raise ValueError(
-                    f"metadata key {key!r} may hold only letters, digits, '_', '.', '-'")
+            check_meta_key(key)
         wanted = {key: str(value) for key, value in flt.metadata.items()}
         clauses.append(f"metadata @> {args(json.dumps(wanted))}::jsonb")
     if states:

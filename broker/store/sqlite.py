@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from broker.errors import Conflict
-from broker.lease import META_KEY, Lease, LeaseFilter, LeaseState, Token, TokenState
+from broker.lease import Lease, LeaseFilter, LeaseState, Token, TokenState, check_meta_key
 from broker.store.base import RevokeQueued, RuleChunk
 from broker.store.rows import lease_from_row, prefix_upper, token_from_row
 
@@ -284,8 +284,7 @@ def _where(flt: LeaseFilter, states: Sequence[LeaseState] = (), state: str = ""
         clauses.append("owner IN (SELECT value FROM json_each(?))")
         params.append(json.dumps(list(flt.owners)))
     for key, value in flt.metadata.items():
-        if not META_KEY.fullmatch(key):
-            raise ValueError(f"metadata key {key!r} may hold only letters, digits, '_', '.', '-'")
+        check_meta_key(key)
         clauses.append("json_extract(metadata, ?) = ?")
         params.extend([f'$."{key}"', str(value)])
     if states:
