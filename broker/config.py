@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from broker.auth.jwt_config import AuthConfigError, parse_jwt_methods
 from broker.backend import MountSpec, PluginConfigError, RoleSpec, load_plugin
 from broker.durations import parse_duration
-from broker.event_loop import EVENT_LOOPS
+from broker.event_loop import unknown as unknown_event_loop
 from broker.templating import template_names
 
 __all__ = [
@@ -290,9 +290,8 @@ def _server(r: _Reader, base: Path) -> ServerConfig:
     size = r.get("max_request_size", int, 1024 * 1024)
     grace = r.duration("shutdown_grace", 30)
     event_loop = r.get("event_loop", str, "auto")
-    if event_loop not in EVENT_LOOPS:
-        raise r.error("event_loop", f"unknown event loop {event_loop!r} "
-                      f"(expected one of: {', '.join(EVENT_LOOPS)})")
+    if problem := unknown_event_loop(event_loop):
+        raise r.error("event_loop", problem)
     r.reject_unknown()
     return ServerConfig(
         host=host,

@@ -14,7 +14,7 @@ import asyncio
 import os
 from collections.abc import Callable
 
-__all__ = ["ENV_VAR", "EVENT_LOOPS", "loop_factory", "resolve"]
+__all__ = ["ENV_VAR", "EVENT_LOOPS", "loop_factory", "resolve", "unknown"]
 
 #: the values ``[server] event_loop`` and ``BROKER_EVENT_LOOP`` accept.
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
@@ -33,6 +33,13 @@ def _uvloop_factory() -> LoopFactory | None:
     return uvloop.new_event_loop
 
 
+def unknown(value: str) -> str | None:
+    """What is wrong with ``value`` as an event loop name, or None when it is one."""
+    if value in EVENT_LOOPS:
+        return None
+    return f"unknown event loop {value!r} (expected one of: {', '.join(EVENT_LOOPS)})"
+
+
 def resolve(configured: str) -> str:
     """The loop to use, ``"uvloop"`` or ``"asyncio"``, from the config value and the env.
 
@@ -43,9 +50,9 @@ def resolve(configured: str) -> str:
     env = os.environ.get(ENV_VAR, "").strip().lower()
     if env:
         choice, source = env, ENV_VAR
-    if choice not in EVENT_LOOPS:
-        raise ValueError(f"{source}: unknown event loop {choice!r} "
-                         f"(expected one of: {', '.join(EVENT_LOOPS)})")
+    problem = unknown(choice)
+    if problem:
+        raise ValueError(f"{source}: {problem}")
     if choice == "asyncio":
         return "asyncio"
     if _uvloop_factory() is None:
