@@ -32,7 +32,7 @@ from broker.bench.report import Row, Target
 from broker.lease import Lease, LeaseState, new_lease_id
 from broker.store import open_store
 
-__all__ = ["run"]
+__all__ = ["http_phases", "run"]
 
 NAME = "overhead"
 CONCURRENCY = 32
@@ -43,7 +43,7 @@ TARGETS = {
 P99_TARGET = Target("<=", 50, "<= 50 ms")
 
 
-async def _http_phases(broker: BrokerProcess, seconds: float,
+async def http_phases(broker: BrokerProcess, seconds: float,
                        warmup: float) -> tuple[dict[str, LoadResult], dict[str, float]]:
     """Each phase's load result, and the broker's CPU microseconds per successful call.
 
@@ -148,7 +148,7 @@ async def run(bench: Bench) -> list[Row]:
         await create_root_token(store_url)
         bench.log(f"{NAME}: {store} store, HTTP phases ({seconds:g}s each)")
         async with running(broker_config(tmp, store_url=store_url)) as broker:
-            http, cpu_us = await _http_phases(broker, seconds, warmup)
+            http, cpu_us = await http_phases(broker, seconds, warmup)
             rss = broker.peak_rss_mb()
         bench.log(f"{NAME}: {store} store, direct store baseline")
         raw = await _store_phases(store_url, seconds)

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 from broker.bench.harness import broker_config, create_root_token, running
-from broker.bench.overhead import _http_phases
+from broker.bench.overhead import http_phases
 
 __all__ = ["main"]
 
@@ -37,7 +37,7 @@ async def one_run(env: dict[str, str], seconds: float) -> dict[str, tuple[float,
     url = f"sqlite:///{tmp / 'broker.db'}"
     await create_root_token(url)
     async with running(broker_config(tmp, store_url=url), env=env) as broker:
-        results, cpu = await _http_phases(broker, seconds, 1.0)
+        results, cpu = await http_phases(broker, seconds, 1.0)
     return {op: (results[op].rate, cpu.get(op, float("nan"))) for op in OPS}
 
 
