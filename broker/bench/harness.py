@@ -24,6 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
+from broker.bench.http import LeanClient, Response
 from broker.bench.report import Row, percentile
 
 __all__ = [
@@ -356,18 +357,18 @@ async def run_load(
 
 
 class ApiClient:
-    """The few Vault-shaped calls the bench makes, on one keep-alive connection pool."""
+    """The few Vault-shaped calls the bench makes, on keep-alive connections.
+
+    Built on :class:`broker.bench.http.LeanClient`, so the load generator takes
+    as little as it can of the machine the broker is measured on.
+    """
 
     def __init__(self, url: str, *, concurrency: int, token: str = ROOT_TOKEN) -> None:
         self.url = url
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency),
-            headers={"X-Vault-Token": token},
-            timeout=aiohttp.ClientTimeout(total=120),
-        )
+        self.http = LeanClient(url, concurrency=concurrency, headers={"X-Vault-Token": token})
 
     async def close(self) -> None:
-        await self.session.close()
+        await self.http.close()
 
     async def __aenter__(self) -> ApiClient:
         return self
@@ -375,35 +376,29 @@ class ApiClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def _check(self, resp: aiohttp.ClientResponse, what: str) -> None:
+    async def _call(self, what: str, method: str, path: str, body: Any = None) -> Response:
+        resp = await self.http.request(method, path, body)
         if resp.status >= 300:
-            text = (await resp.text())[:200]
+            text = resp.body[:200].decode("utf-8", "replace")
             raise RuntimeError(f"{what}: HTTP {resp.status}: {text}")
+        return resp
 
     async def issue(self, mount: str, role: str) -> str:
-        async with self.session.post(f"{self.url}/v1/{mount}/creds/{role}") as resp:
-            await self._check(resp, "issue")
-            body = await resp.json()
+        body = (await self._call("issue", "POST", f"/v1/{mount}/creds/{role}")).json()
         return str(body["lease_id"])
 
     async def renew(self, lease_id: str) -> None:
-        async with self.session.put(f"{self.url}/v1/sys/leases/renew",
-                                    json={"lease_id": lease_id, "increment": "1h"}) as resp:
-            await self._check(resp, "renew")
-            await resp.read()
+        await self._call("renew", "PUT", "/v1/sys/leases/renew",
+                         {"lease_id": lease_id, "increment": "1h"})
 
     async def revoke(self, lease_id: str) -> None:
-        async with self.session.put(f"{self.url}/v1/sys/leases/revoke",
-                                    json={"lease_id": lease_id}) as resp:
-            await self._check(resp, "revoke")
-            if resp.status != 204:
-                raise RuntimeError(f"revoke answered {resp.status}, not 204 (not done)")
-            await resp.read()
+        resp = await self._call("revoke", "PUT", "/v1/sys/leases/revoke", {"lease_id": lease_id})
+        if resp.status != 204:
+            raise RuntimeError(f"revoke answered {resp.status}, not 204 (not done)")
 
     async def revoke_prefix(self, prefix: str) -> dict[str, Any]:
-        async with self.session.put(f"{self.url}/v1/sys/leases/revoke-prefix/{prefix}") as resp:
-            await self._check(resp, "revoke-prefix")
-            body: dict[str, Any] = await resp.json()
+        resp = await self._call("revoke-prefix", "PUT", f"/v1/sys/leases/revoke-prefix/{prefix}")
+        body: dict[str, Any] = resp.json()
         return body
 
 

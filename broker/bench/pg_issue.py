@@ -87,7 +87,7 @@ async def run(bench: Bench) -> list[Row]:
 
             await run_load(issue, concurrency=concurrency, seconds=min(0.5, seconds))  # warm-up
             http = await run_load(issue, concurrency=concurrency, seconds=seconds)
-            floor = (await _serial_floor(api, broker.url, min(2.0, seconds))
+            floor = (await _serial_floor(api, min(2.0, seconds))
                      if concurrency == 1 else None)
         await drop_roles(bench.pg_dsn)
         note = f"{http.errors} errors: {http.first_error}" if http.errors else ""
@@ -116,7 +116,7 @@ async def run(bench: Bench) -> list[Row]:
     return rows
 
 
-async def _serial_floor(api: ApiClient, url: str, seconds: float) -> tuple[float, float]:
+async def _serial_floor(api: ApiClient, seconds: float) -> tuple[float, float]:
     """p50 of a no-op issue and of ``/v1/sys/health`` on the same broker at c=1 (ms).
 
     What the broker costs a single caller before any backend work: the part of
@@ -126,8 +126,9 @@ async def _serial_floor(api: ApiClient, url: str, seconds: float) -> tuple[float
         await api.issue("bench", "r")
 
     async def health(_w: int) -> None:
-        async with api.session.get(f"{url}/v1/sys/health") as resp:
-            await resp.read()
+        resp = await api.http.request("GET", "/v1/sys/health")
+        if resp.status != 200:
+            raise RuntimeError(f"health: HTTP {resp.status}")
 
     results = []
     for op in (noop, health):
