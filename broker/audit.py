@@ -252,16 +252,24 @@ def _load_or_create_key(path: str, create: bool) -> bytes:
     if parent:
         os.makedirs(parent, mode=0o700, exist_ok=True)
     key = secrets.token_bytes(32)
+    # Written whole under a private name, then linked into place: a process
+    # starting at the same moment (broker workers) either sees no key or a
+    # whole one, never an empty file, and the first link wins for everyone.
+    tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except FileExistsError:
-        return load_key(path)  # another process created it first: use theirs
-    try:
-        os.fchmod(fd, 0o600)  # the umask can only narrow the mode; make it exact
-        os.write(fd, key.hex().encode("ascii") + b"\n")
-        os.fsync(fd)
+        try:
+            os.fchmod(fd, 0o600)  # the umask can only narrow the mode; make it exact
+            os.write(fd, key.hex().encode("ascii") + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return load_key(path)  # another process created it first: use theirs
     finally:
-        os.close(fd)
+        os.unlink(tmp)
     log.info("created audit HMAC key %s", path)
     return key
 

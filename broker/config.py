@@ -59,6 +59,10 @@ class ConfigError(Exception):
         self.message = message
 
 
+#: More server processes than this only fight over the store's write lock.
+MAX_WORKERS = 64
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
@@ -71,6 +75,8 @@ class ServerConfig:
     shutdown_grace: int = 30
     #: "auto" (uvloop where installed), "uvloop" or "asyncio"; see broker/event_loop.py.
     event_loop: str = "auto"
+    #: server processes sharing the listener and the store (broker/workers.py).
+    workers: int = 1
 
     @property
     def tls(self) -> bool:
@@ -247,6 +253,9 @@ def _build(source: str, raw: Mapping[str, Any], base: Path) -> Config:
             raise top.error(name, "unknown section")
     server = _server(_Reader(source, "server", _table(top, "server")), base)
     storage = _storage(_Reader(source, "storage", _table(top, "storage")), base)
+    if server.workers > 1 and storage.url == "sqlite:///:memory:":
+        raise ConfigError(source, "server.workers",
+                          "an in-memory store cannot be shared: use 1 worker or a store file")
     audit = _audit(_Reader(source, "audit", _table(top, "audit")), base)
     leases = _leases(_Reader(source, "leases", _table(top, "leases")))
     mounts = {
@@ -292,6 +301,9 @@ def _server(r: _Reader, base: Path) -> ServerConfig:
     event_loop = r.get("event_loop", str, "auto")
     if problem := unknown_event_loop(event_loop):
         raise r.error("event_loop", problem)
+    workers = r.get("workers", int, 1)
+    if not 1 <= workers <= MAX_WORKERS:
+        raise r.error("workers", f"must be between 1 and {MAX_WORKERS}, got {workers}")
     r.reject_unknown()
     return ServerConfig(
         host=host,
@@ -301,6 +313,7 @@ def _server(r: _Reader, base: Path) -> ServerConfig:
         max_request_size=size,
         shutdown_grace=grace,
         event_loop=event_loop,
+        workers=workers,
     )
 
 

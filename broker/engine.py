@@ -63,6 +63,10 @@ class Issued:
     warnings: list[str]
 
 
+#: How often a request waiting for a revocation asks the store whether it is done.
+REVOKE_POLL = 0.5
+
+
 @dataclass(frozen=True)
 class RevokeOutcome:
     """What one revocation attempt did, for a waiting request."""
@@ -232,6 +236,8 @@ class LeaseEngine:
         self.mounts: dict[str, MountRuntime] = {}
         #: set by the sweeper: called when a lease becomes due earlier than expected.
         self.wake: Callable[[float | None], None] = _no_wake
+        #: hands a lease this engine claimed itself to its sweeper (Sweeper.adopt).
+        self.adopt: Callable[[Lease, float], None] | None = None
         self._waiters: dict[str, list[asyncio.Future[RevokeOutcome]]] = {}
         self._inflight_issues = 0
         self._issues_idle = asyncio.Event()
@@ -531,17 +537,24 @@ class LeaseEngine:
         fut: asyncio.Future[RevokeOutcome] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(lease.id, []).append(fut)
         try:
-            queued = await self.store.queue_revoke(lease.id, reason=reason, now=self.clock())
+            # Queued and claimed by us in one write: our sweeper revokes it now,
+            # and no other worker or replica takes it before the claim runs out.
+            now = self.clock()
+            claim_until = now + self.leases_cfg.claim_timeout
+            queued = await self.store.queue_revoke(
+                lease.id, reason=reason, now=now, claimer=self.node_id,
+                claim_until=claim_until if self.adopt else None)
             if queued is None:
                 current = await self.store.get(lease.id)
                 state = current.state.value if current else "gone"
                 if current is None or current.state is not LeaseState.REVOKING:
                     raise BadRequest(f"lease {lease.id} is {state}; it cannot be revoked")
-            self.wake(None)
-            try:
-                return await asyncio.wait_for(asyncio.shield(fut), timeout=wait)
-            except TimeoutError:
-                return RevokeOutcome(done=False, error="revocation still in progress")
+                self.wake(None)  # queued already, perhaps by someone else
+            elif self.adopt is not None:
+                self.adopt(queued, claim_until)
+            else:
+                self.wake(None)
+            return await self._await_revocation(lease.id, fut, wait)
         finally:
             waiters = self._waiters.get(lease.id, [])
             if fut in waiters:
@@ -821,6 +834,26 @@ class LeaseEngine:
             lease=lease_ref(lease), reason=reason, attempts=attempts, error=error,
             next_attempt=next_attempt))
         self._notify(lease.id, RevokeOutcome(done=False, error=error))
+
+    async def _await_revocation(self, lease_id: str, fut: asyncio.Future[RevokeOutcome],
+                                wait: float) -> RevokeOutcome:
+        """Our sweeper's outcome for the lease, or the store's word that it ended.
+
+        Another worker's or replica's sweeper may claim the queued lease before
+        ours does: then no outcome arrives here, so the store is asked every
+        REVOKE_POLL seconds whether the lease has reached a final state.
+        """
+        deadline = time.monotonic() + wait
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return RevokeOutcome(done=False, error="revocation still in progress")
+            try:
+                return await asyncio.wait_for(asyncio.shield(fut), timeout=min(left, REVOKE_POLL))
+            except TimeoutError:
+                current = await self.store.get(lease_id)
+                if current is None or current.state in DEAD_STATES:
+                    return RevokeOutcome(done=True)
 
     def _notify(self, lease_id: str, outcome: RevokeOutcome) -> None:
         for fut in self._waiters.pop(lease_id, []):

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import os
 import signal
+import socket
 import ssl
 import sys
 from pathlib import Path
@@ -36,9 +37,9 @@ from broker.lease import TokenState
 from broker.policy import PolicySet
 from broker.state import BrokerState
 from broker.store import open_store
-from broker.store.base import LeaseStore
 from broker.sweeper import Sweeper
 from broker.tokens import TokenManager
+from broker.workers import REUSE_PORT, listen_socket, supervise, worker_audit_path
 
 __all__ = ["build_state", "dev_data_dir", "load_server_config", "operator_init", "run_server"]
 
@@ -82,6 +83,8 @@ def load_server_config(config_path: str | None, *, dev: bool, listen: str | None
     server = config.server
     if dev and not is_loopback(server.host):
         raise ConfigError("--listen", "", "--dev only listens on a loopback address")
+    if dev and server.workers > 1:
+        raise ConfigError(config.source, "server.workers", "--dev runs one worker")
     if not server.tls and not is_loopback(server.host):
         raise ConfigError(config.source, "server.listen",
                           f"{server.host} is not loopback: TLS (tls_cert_file/tls_key_file) "
@@ -104,6 +107,7 @@ async def build_state(config: Config, *, dev: bool = False) -> BrokerState:
                       clock=engine.clock, revoke_many=engine.revoke_claimed_many,
                       batch_size=engine.revoke_batch_size)
     engine.wake = sweeper.wake
+    engine.adopt = sweeper.adopt
     # Another replica issued or queued something due sooner: wake our sweeper too.
     store.add_wake_listener(sweeper.wake)
     return BrokerState(
@@ -118,16 +122,18 @@ async def build_state(config: Config, *, dev: bool = False) -> BrokerState:
     )
 
 
-def _single_node(store: LeaseStore) -> bool:
-    # With an embedded store no other process can have an issue in flight, so
-    # every pending row found at start-up is from a crash: roll back at once.
-    return type(store).__name__.startswith("SQLite")
+def _single_node(state: BrokerState) -> bool:
+    # With an embedded store and one worker no other process can have an issue
+    # in flight, so every pending row found at start-up is from a crash: roll
+    # back at once. Another worker's pending rows are its issues in flight.
+    return (type(state.store).__name__.startswith("SQLite")
+            and state.config.server.workers == 1)
 
 
 async def start(state: BrokerState) -> None:
     await state.engine.start_mounts()
     await state.engine.rollback_stale_pending(
-        older_than=0 if _single_node(state.store) else None)
+        older_than=0 if _single_node(state) else None)
     state.sweeper.start()
 
 
@@ -207,7 +213,8 @@ def _banner(state: BrokerState, root_token: str | None) -> str:
     return "\n".join(lines)
 
 
-async def _serve(config: Config, *, dev: bool, dev_root_token_id: str | None) -> int:
+async def _serve(config: Config, *, dev: bool, dev_root_token_id: str | None,
+                 sock: socket.socket | None = None, worker: int | None = None) -> int:
     # the loop actually running, not the one asked for: what an operator debugging wants
     log.info("event loop: %s", type(asyncio.get_running_loop()).__module__.split(".")[0])
     state = await build_state(config, dev=dev)
@@ -229,7 +236,9 @@ async def _serve(config: Config, *, dev: bool, dev_root_token_id: str | None) ->
                            shutdown_timeout=config.server.shutdown_grace)
     await runner.setup()
     tls = _ssl_context(config)
-    site = web.TCPSite(runner, config.server.host, config.server.port, ssl_context=tls)
+    site: web.BaseSite = (
+        web.SockSite(runner, sock, ssl_context=tls) if sock is not None
+        else web.TCPSite(runner, config.server.host, config.server.port, ssl_context=tls))
     try:
         await site.start()
     except OSError as exc:
@@ -239,7 +248,14 @@ async def _serve(config: Config, *, dev: bool, dev_root_token_id: str | None) ->
         print(f"broker: error: cannot listen on {config.server.host}:{config.server.port}: "
               f"{exc.strerror}", file=sys.stderr)
         return 1
-    print(_banner(state, root_token), flush=True)
+    if worker is None:
+        print(_banner(state, root_token), flush=True)
+    else:
+        log.info("worker %d (pid %d) serving; audit log %s", worker, os.getpid(),
+                 config.audit.path)
+        if worker == 1:
+            print(_banner(state, root_token) + f"\n    Workers:  {config.server.workers}",
+                  flush=True)
 
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
@@ -323,6 +339,8 @@ def run_server(config_path: str | None, *, dev: bool, dev_root_token_id: str | N
     except ConfigError as exc:
         print(f"broker: error: {exc}", file=sys.stderr)
         return 2
+    if config.server.workers > 1:
+        return _run_workers(config)
     try:
         loop = resolve_event_loop(config.server.event_loop)
         with asyncio.Runner(loop_factory=loop_factory(loop)) as runner:
@@ -330,6 +348,38 @@ def run_server(config_path: str | None, *, dev: bool, dev_root_token_id: str | N
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"broker: error: {exc}", file=sys.stderr)
         return 1
+
+
+def _run_workers(config: Config) -> int:
+    """``workers > 1``: bind here, then fork the workers (broker/workers.py)."""
+    server = config.server
+    try:
+        held = listen_socket(server.host, server.port, listen=not REUSE_PORT)
+    except OSError as exc:
+        print(f"broker: error: cannot listen on {server.host}:{server.port}: {exc.strerror}",
+              file=sys.stderr)
+        return 1
+    loop = resolve_event_loop(server.event_loop)
+
+    def serve(worker: int) -> int:
+        own = dataclasses.replace(config, audit=dataclasses.replace(
+            config.audit, path=worker_audit_path(config.audit.path, worker)))
+        try:
+            sock = held
+            if REUSE_PORT:
+                held.close()  # the supervisor's placeholder: this worker listens on its own
+                sock = listen_socket(server.host, server.port)
+            with asyncio.Runner(loop_factory=loop_factory(loop)) as runner:
+                return runner.run(_serve(own, dev=False, dev_root_token_id=None, sock=sock,
+                                         worker=worker))
+        except (OSError, ValueError, RuntimeError) as exc:
+            print(f"broker: error: worker {worker}: {exc}", file=sys.stderr)
+            return 1
+
+    try:
+        return supervise(server.workers, serve)
+    finally:
+        held.close()
 
 
 def operator_init(config_path: str) -> str:

@@ -91,6 +91,7 @@ class Sweeper:
         #: queued leases given up because their claim ran short (see module doc).
         self.dropped_claims = 0
         self._main: asyncio.Task[None] | None = None
+        self._pump_soon = False
 
     # -- public ---------------------------------------------------------------
     def wake(self, at: float | None = None) -> None:
@@ -179,6 +180,28 @@ class Sweeper:
             pass
 
     # -- workers ----------------------------------------------------------------
+    def adopt(self, lease: Lease, claim_ends: float) -> None:
+        """Revoke a lease the caller claimed itself (``queue_revoke`` with a claim).
+
+        It joins its mount's queue like a claimed lease, under the same caps, so
+        an API revoke is carried out here rather than by whichever worker or
+        replica polls first, and the request waiting for it hears the outcome.
+        """
+        if self._main is None or self._stopping:
+            return  # not running: the claim runs out and the lease is claimed again
+        self._enqueue(lease, claim_ends)
+        if not self._pump_soon:
+            # Once this loop iteration is over: revokes that were committed
+            # together (one group commit) are adopted together and can share
+            # one backend call, as a claim of them all would have.
+            self._pump_soon = True
+            asyncio.get_running_loop().call_soon(self._pump_adopted)
+
+    def _pump_adopted(self) -> None:
+        self._pump_soon = False
+        if not self._stopping:
+            self._pump()
+
     def _enqueue(self, lease: Lease, claim_ends: float) -> None:
         queue = self._queues.get(lease.mount)
         if queue is None:

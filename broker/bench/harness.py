@@ -123,6 +123,7 @@ def broker_config(
     leases: Mapping[str, Any] | None = None,
     port: int | None = None,
     name: str = "broker",
+    workers: int = 1,
 ) -> Path:
     """A broker TOML file under ``tmp``: loopback listener, store and audit log in ``tmp``.
 
@@ -138,6 +139,7 @@ def broker_config(
 [server]
 listen = "127.0.0.1:{port}"
 shutdown_grace = "5s"
+workers = {workers}
 
 [storage]
 url = {json.dumps(store_url)}
@@ -238,26 +240,45 @@ class BrokerProcess:
                 await asyncio.sleep(poll)
         raise BrokerError(f"broker not healthy after {timeout}s:\n{self.log_tail()}")
 
-    def peak_rss_mb(self) -> float | None:
-        """VmHWM of the process: the most resident memory it ever had."""
+    def pids(self) -> list[int]:
+        """The broker's process and, with ``workers > 1``, its workers (Linux ``/proc``)."""
         try:
-            with open(f"/proc/{self.pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1]) / 1024
-        except OSError:
-            return None
-        return None
+            with open(f"/proc/{self.pid}/task/{self.pid}/children") as f:
+                return [self.pid, *(int(p) for p in f.read().split())]
+        except (OSError, ValueError):
+            return [self.pid]
+
+    def peak_rss_mb(self) -> float | None:
+        """VmHWM summed over :meth:`pids`: the most resident memory each ever had."""
+        total = 0.0
+        for pid in self.pids():
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    total += next((int(line.split()[1]) / 1024 for line in f
+                                   if line.startswith("VmHWM:")), 0.0)
+            except OSError:
+                if pid == self.pid:
+                    return None
+        return total
 
     def cpu_seconds(self) -> float | None:
-        """User + system CPU the process has used so far (Linux ``/proc``; None elsewhere)."""
-        try:
-            with open(f"/proc/{self.pid}/stat") as f:
-                # fields after the ")" that ends the command name; utime, stime are 14, 15
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            return None
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """User + system CPU :meth:`pids` have used so far (Linux ``/proc``; None elsewhere).
+
+        A worker that exited during the measurement takes its CPU with it: the
+        figure is for comparing phases of a broker that stays up.
+        """
+        total = 0.0
+        for pid in self.pids():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    # fields after the ")" that ends the command name; utime, stime are 14, 15
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                if pid == self.pid:
+                    return None
+                continue
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -13,6 +13,7 @@ engine cost nothing.
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -120,39 +121,58 @@ async def _store_phases(store_url: str, seconds: float) -> dict[str, LoadResult]
 
 
 def _rows(store: str, http: dict[str, LoadResult], raw: dict[str, LoadResult],
-          cpu_us: dict[str, float], rss: float | None) -> list[Row]:
+          cpu_us: dict[str, float], rss: float | None, *, workers: int, judged: bool
+          ) -> list[Row]:
     rows: list[Row] = []
-    judged = store == "sqlite"
+    judged = judged and store == "sqlite"
+    # One worker keeps the names of the earlier runs' rows, so their JSON compares.
+    label = store if workers == 1 else f"{store}, {workers} workers"
     for op in ("issue", "renew", "revoke"):
         h, r = http[op], raw[op]
         note = f"{h.errors} errors: {h.first_error}" if h.errors else ""
-        rows.append(Row(NAME, f"{op} rate, {store}, c={CONCURRENCY}", h.rate, "/s", r.rate,
+        rows.append(Row(NAME, f"{op} rate, {label}, c={CONCURRENCY}", h.rate, "/s", r.rate,
                         TARGETS.get(op) if judged else None, note=note,
-                        extra={"ops": h.ok, "seconds": h.seconds, "raw_ops": r.ok}))
-        rows.append(Row(NAME, f"{op} p50, {store}", h.p(0.5), "ms", r.p(0.5)))
-        rows.append(Row(NAME, f"{op} p99, {store}", h.p(0.99), "ms", r.p(0.99),
+                        extra={"ops": h.ok, "seconds": h.seconds, "raw_ops": r.ok,
+                               "workers": workers}))
+        rows.append(Row(NAME, f"{op} p50, {label}", h.p(0.5), "ms", r.p(0.5)))
+        rows.append(Row(NAME, f"{op} p99, {label}", h.p(0.99), "ms", r.p(0.99),
                         P99_TARGET if judged and op in TARGETS else None))
         if op in cpu_us:
-            rows.append(Row(NAME, f"{op} broker CPU per call, {store}", cpu_us[op], "us"))
+            rows.append(Row(NAME, f"{op} broker CPU per call, {label}", cpu_us[op], "us"))
     if rss is not None:
-        rows.append(Row(NAME, f"broker peak RSS, {store}", rss, "MB"))
+        rows.append(Row(NAME, f"broker peak RSS, {label}", rss, "MB"))
     return rows
+
+
+def worker_counts() -> list[int]:
+    """1, and one worker per CPU where there is more than one: the targets are
+    judged on the broker as it would be configured for this machine
+    (docs/operations.md#workers)."""
+    cpus = os.cpu_count() or 1
+    return [1, cpus] if cpus > 1 else [1]
 
 
 async def run(bench: Bench) -> list[Row]:
     seconds, warmup = (0.25, 0.05) if bench.quick else (5.0, 1.0)
     rows: list[Row] = []
+    counts = worker_counts()
     for store in bench.stores(NAME, rows):
-        tmp = bench.subdir(f"{NAME}-{store}")
-        store_url = await bench.empty_store(store, tmp, "broker_bench_overhead")
-        await create_root_token(store_url)
-        bench.log(f"{NAME}: {store} store, HTTP phases ({seconds:g}s each)")
-        async with running(broker_config(tmp, store_url=store_url)) as broker:
-            http, cpu_us = await http_phases(broker, seconds, warmup)
-            rss = broker.peak_rss_mb()
+        runs = []
+        for workers in counts:
+            tmp = bench.subdir(f"{NAME}-{store}-w{workers}")
+            store_url = await bench.empty_store(store, tmp, "broker_bench_overhead")
+            await create_root_token(store_url)
+            bench.log(f"{NAME}: {store} store, {workers} worker(s), HTTP phases "
+                      f"({seconds:g}s each)")
+            async with running(broker_config(tmp, store_url=store_url,
+                                             workers=workers)) as broker:
+                runs.append((workers, *await http_phases(broker, seconds, warmup),
+                             broker.peak_rss_mb()))
         bench.log(f"{NAME}: {store} store, direct store baseline")
         raw = await _store_phases(store_url, seconds)
-        rows += _rows(store, http, raw, cpu_us, rss)
+        for workers, http, cpu_us, rss in runs:
+            rows += _rows(store, http, raw, cpu_us, rss, workers=workers,
+                          judged=workers == counts[-1])
         if store == "postgresql":
             await bench.drop_database("broker_bench_overhead")
     return rows

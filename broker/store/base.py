@@ -127,10 +127,15 @@ class LeaseStore(Protocol):
 
     # -- leases: revocation ----------------------------------------------
     async def queue_revoke(
-        self, lease_id: str, *, reason: str, now: float
+        self, lease_id: str, *, reason: str, now: float, claimer: str | None = None,
+        claim_until: float | None = None,
     ) -> Lease | None:
         """active/irrevocable -> revoking, due now, unclaimed. Returns the row as
-        updated, or None when the lease is not in a revocable state."""
+        updated, or None when the lease is not in a revocable state.
+
+        With ``claimer`` and ``claim_until`` the lease is claimed in the same
+        write, as ``claim_due`` would: the caller revokes it itself, and no
+        other sweeper takes it before ``claim_until``."""
 
     async def queue_revoke_matching(
         self, flt: LeaseFilter, *, reason: str, now: float

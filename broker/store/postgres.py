@@ -631,15 +631,20 @@ class PostgresStore:
         return _count(status) == 1
 
     # -- leases: revocation ----------------------------------------------
-    async def queue_revoke(self, lease_id: str, *, reason: str, now: float) -> Lease | None:
+    async def queue_revoke(
+        self, lease_id: str, *, reason: str, now: float, claimer: str | None = None,
+        claim_until: float | None = None,
+    ) -> Lease | None:
+        due = now if claim_until is None else claim_until
         row = await self.pool.fetchrow(
-            "UPDATE leases SET state = 'revoking', due_at = $1, revoke_reason = $2"
+            "UPDATE leases SET state = 'revoking', due_at = $1, revoke_reason = $2,"
+            " claimed_by = $4"
             f" WHERE id = $3 AND {_REVOCABLE} RETURNING {_LEASE_COLS}",
-            now, reason, lease_id,
+            due, reason, lease_id, claimer if claim_until is not None else None,
         )
         if row is None:
             return None
-        self._notifier.signal(now)
+        self._notifier.signal(due)
         return lease_from_row(row)
 
     async def queue_revoke_matching(self, flt: LeaseFilter, *, reason: str, now: float) -> int:

@@ -199,6 +199,20 @@ async def test_claim_due_returns_due_rows_oldest_first(store: LeaseStore) -> Non
     assert await store.claim_due(now=T0 + 25, limit=0, claimer="a", claim_timeout=60) == []
 
 
+async def test_queue_revoke_with_a_claim(store: LeaseStore) -> None:
+    """queue_revoke can claim the lease in the same write: no one else claims it
+    until the claim runs out, then anyone may (the claimer died)."""
+    await put_active(store, make_lease(lid(1)))
+    queued = await store.queue_revoke(lid(1), reason="revoke", now=T0 + 1, claimer="a",
+                                      claim_until=T0 + 61)
+    assert queued is not None and queued.state is LeaseState.REVOKING
+    assert queued.revoke_reason == "revoke"
+    assert await store.claim_due(now=T0 + 60, limit=5, claimer="b", claim_timeout=30) == []
+    assert await store.next_due() == T0 + 61
+    [claimed] = await store.claim_due(now=T0 + 61, limit=5, claimer="b", claim_timeout=30)
+    assert claimed.id == lid(1) and claimed.revoke_reason == "revoke"
+
+
 async def test_claim_keeps_revoke_reason(store: LeaseStore) -> None:
     """A queued revoke keeps its own reason when claimed (it is not an expiry)."""
     await put_active(store, make_lease(lid(1)))

@@ -1,0 +1,158 @@
+"""``[server] workers = N``: N server processes on one listening socket and one store.
+
+One broker process runs its request handling on one core (the GIL). With
+``workers = N`` the process that reads the config binds the listener once and
+forks N workers that all accept on it (the kernel spreads connections between
+them). Each worker is a whole broker, exactly as replicas on one PostgreSQL
+are (docs/operations.md): its own store connections and sweeper, its own
+audit file, chained on its own (``audit.jsonl`` becomes ``audit.w1.jsonl``,
+``audit.w2.jsonl`` ...). The store is what they share: leases, tokens, claims.
+On a SQLite store their group commits take turns under an flock
+(``broker.store.sqlite._WriteLock``).
+
+This supervisor does nothing else: it forwards SIGTERM, SIGINT and SIGHUP to
+the workers, restarts a worker that dies (not one that crash-loops), and
+exits once every worker has. A worker whose supervisor dies is sent SIGTERM
+by the kernel (Linux), so no orphan keeps serving.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from types import FrameType
+
+__all__ = ["REUSE_PORT", "listen_socket", "supervise", "worker_audit_path"]
+
+log = logging.getLogger(__name__)
+
+#: A worker that dies sooner than this after its start counts as crash-looping.
+_MIN_UPTIME = 5.0
+#: After this many quick deaths in a row the supervisor stops everything.
+_MAX_QUICK_DEATHS = 5
+_FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_PR_SET_PDEATHSIG = 1
+
+
+def worker_audit_path(path: str, worker: int) -> str:
+    """``/var/log/broker/audit.jsonl`` -> ``/var/log/broker/audit.w2.jsonl``."""
+    root, ext = os.path.splitext(path)
+    return f"{root}.w{worker}{ext}"
+
+
+#: Each worker listens on a socket of its own on the same port, and the kernel
+#: spreads new connections evenly between them. With one shared listener the
+#: first worker to wake took most of a burst of connections (a 23,560 / 30,930
+#: split of one run's audit lines), and kept them: keep-alive clients stay put.
+REUSE_PORT = hasattr(socket, "SO_REUSEPORT")
+
+
+def listen_socket(host: str, port: int, *, listen: bool = True) -> socket.socket:
+    """A socket bound to the listen address (listening unless ``listen`` is False).
+
+    With :data:`REUSE_PORT` the supervisor holds a bound socket that does not
+    listen (it keeps the port, and a bad address fails before any fork), and
+    every worker binds and listens on its own; without, the supervisor's one
+    listener is inherited by every worker.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if REUSE_PORT:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        if listen:
+            sock.listen(1024)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _die_with_parent(parent: int) -> None:
+    """Ask the kernel for SIGTERM when the supervisor dies (Linux; elsewhere a no-op)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def supervise(workers: int, serve: Callable[[int], int]) -> int:
+    """Fork ``workers`` processes running ``serve(worker_number)``; wait for them all.
+
+    Returns 0 when every worker stopped cleanly after a signal, 1 otherwise.
+    """
+    parent = os.getpid()
+    children: dict[int, tuple[int, float]] = {}  # pid -> (worker number, started)
+    stopping = False
+    quick_deaths = 0
+    failed = False
+
+    def spawn(worker: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                for sig in _FORWARDED:
+                    signal.signal(sig, signal.SIG_DFL)
+                _die_with_parent(parent)
+                code = serve(worker)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        children[pid] = (worker, time.monotonic())
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        if signum != signal.SIGHUP:
+            stopping = True
+        for pid in list(children):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    for sig in _FORWARDED:
+        signal.signal(sig, forward)
+    for worker in range(1, workers + 1):
+        spawn(worker)
+    log.info("supervisor %d: %d workers started", parent, workers)
+    while children:
+        pid, status = os.wait()
+        if pid not in children:
+            continue
+        worker, started = children.pop(pid)
+        code = os.waitstatus_to_exitcode(status)
+        if stopping:
+            failed = failed or code != 0
+            continue
+        quick_deaths = quick_deaths + 1 if time.monotonic() - started < _MIN_UPTIME else 0
+        if quick_deaths >= _MAX_QUICK_DEATHS:
+            log.error("worker %d exited (%d) %d times in a row within %gs of starting; "
+                      "stopping the broker", worker, code, quick_deaths, _MIN_UPTIME)
+            failed = True
+            forward(signal.SIGTERM, None)
+            continue
+        log.warning("worker %d (pid %d) exited with %d; starting it again", worker, pid, code)
+        if quick_deaths:
+            time.sleep(1.0)
+        if not stopping:  # a signal may have come during the pause
+            spawn(worker)
+    return 1 if failed else 0

@@ -1,0 +1,170 @@
+"""``[server] workers = 2``: a real ``broker server`` subprocess, two workers, one SQLite store.
+
+Real PostgreSQL roles behind the mount, real HTTP with a new TCP connection
+per call (so the kernel spreads them over both workers), real signals.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from tests.conftest import run
+from tests.integration.broker_harness import config_url, wait_healthy, write_config
+
+pytestmark = pytest.mark.integration
+
+
+def _broker(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "broker.cli", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _call(url: str, token: str, method: str, path: str, body: dict[str, Any] | None = None
+          ) -> tuple[int, dict[str, Any]]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(f"{url}/v1/{path}", data=data, method=method,
+                                 headers={"X-Vault-Token": token,
+                                          "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            raw = resp.read()
+            return resp.status, json.loads(raw) if raw else {}
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def _workers(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return sorted(int(p) for p in f.read().split())
+
+
+def _wait(check: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _audit(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+async def _roles(dsn: str, prefix: str) -> set[str]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch("SELECT rolname FROM pg_roles WHERE rolname LIKE $1", prefix + "%")
+        return {r["rolname"] for r in rows}
+    finally:
+        await conn.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and SO_REUSEPORT")
+def test_two_workers_share_the_port_and_the_store(tmp_path: Path, postgres_dsn: str) -> None:
+    config = write_config(tmp_path, f"""
+[mounts.pg]
+plugin = "postgres"
+connection_url = "{postgres_dsn}"
+[mounts.pg.roles.short]
+username_template = "wrk-{{{{random 10}}}}"
+default_ttl = "3s"
+max_ttl = "1h"
+[mounts.pg.roles.long]
+username_template = "wrk-{{{{random 10}}}}"
+default_ttl = "1h"
+max_ttl = "1h"
+""")
+    config.write_text(config.read_text().replace('shutdown_grace = "5s"',
+                                                 'shutdown_grace = "5s"\nworkers = 2'))
+    init = _broker("operator", "init", "--config", str(config))
+    assert init.returncode == 0, init.stderr
+    token = init.stdout.strip()
+    url = config_url(config)
+    log = open(tmp_path / "server.log", "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "broker.cli", "server", "--config",
+                             str(config)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_healthy(url)
+        first = _wait(lambda: len(_workers(proc.pid)) == 2 and _workers(proc.pid), 30,
+                      "two workers")
+        w1, w2 = tmp_path / "audit.w1.jsonl", tmp_path / "audit.w2.jsonl"
+
+        # Short leases issued through both workers expire exactly once each.
+        short = []
+        for _ in range(12):
+            status, body = _call(url, token, "GET", "pg/creds/short")
+            assert status == 200, body
+            short.append((body["lease_id"], body["data"]["username"]))
+        assert _audit(w1) and _audit(w2), "the kernel sent no connection to one worker"
+
+        # A revoke is carried out by the worker that takes the request, at once
+        # (it claims the lease itself), whichever worker issued it.
+        long = []
+        for _ in range(6):
+            status, body = _call(url, token, "GET", "pg/creds/long")
+            assert status == 200, body
+            long.append((body["lease_id"], body["data"]["username"]))
+        for lease_id, _user in long:
+            started = time.monotonic()
+            status, body = _call(url, token, "PUT", "sys/leases/revoke", {"lease_id": lease_id})
+            assert status == 204, body
+            assert time.monotonic() - started < 2.0
+        assert not run(_roles(postgres_dsn, "wrk-")) & {u for _, u in long}
+
+        _wait(lambda: not run(_roles(postgres_dsn, "wrk-")), 30, "expired roles dropped")
+        events = _audit(w1) + _audit(w2)
+        ended = Counter(e["lease"]["id"] for e in events
+                        if e["type"] in ("expire", "revoke") and e.get("outcome") == "ok")
+        assert {lease_id for lease_id, _ in short + long} == set(ended)
+        assert set(ended.values()) == {1}, "a lease was revoked twice"
+
+        # Each worker's audit file is its own valid chain.
+        for path in (w1, w2):
+            verify = _broker("audit", "verify", str(path), "--key-file",
+                             str(tmp_path / "audit.key"))
+            assert verify.returncode == 0, verify.stdout + verify.stderr
+
+        # A worker that dies is started again; the broker keeps serving.
+        os.kill(first[0], signal.SIGKILL)
+        _wait(lambda: len(_workers(proc.pid)) == 2 and first[0] not in _workers(proc.pid),
+              30, "a new worker")
+        assert all(_call(url, token, "GET", "sys/health")[0] == 200 for _ in range(5))
+
+        # SIGHUP reaches every worker.
+        proc.send_signal(signal.SIGHUP)
+        _wait(lambda: (tmp_path / "server.log").read_text().count("config reloaded") >= 2,
+              30, "both workers to reload")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+        log.close()
+    assert code == 0, (tmp_path / "server.log").read_text()[-3000:]
+    assert not any(Path(f"/proc/{pid}").exists() for pid in first[1:])
+
+
+def test_workers_config_is_checked(tmp_path: Path) -> None:
+    config = write_config(tmp_path, "")
+    text = config.read_text()
+    config.write_text(text.replace('shutdown_grace = "5s"', 'shutdown_grace = "5s"\nworkers = 0'))
+    out = _broker("server", "--config", str(config))
+    assert out.returncode == 2
+    assert "server.workers" in out.stderr and "between 1 and 64" in out.stderr
+    config.write_text(text.replace('shutdown_grace = "5s"', 'shutdown_grace = "5s"\nworkers = 2')
+                      .replace(f"sqlite:///{tmp_path / 'broker.db'}", "sqlite:///:memory:"))
+    out = _broker("server", "--config", str(config))
+    assert out.returncode == 2 and "in-memory store cannot be shared" in out.stderr
