@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 __all__ = ["HttpError", "LeanClient", "Response"]
@@ -35,36 +35,86 @@ class Response:
         return json.loads(self.body)
 
 
-class _Connection:
-    """One keep-alive connection; one request at a time."""
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection, one request at a time: a bare Protocol (no
+    stream reader in between) that parses just enough of each response."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
+    def __init__(self) -> None:
+        self._transport: asyncio.Transport | None = None
+        self._buf = bytearray()
+        self._waiter: asyncio.Future[Response] | None = None
+        self._head: tuple[int, int] | None = None  # (status, body length) once parsed
+        self._lost: Exception | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but quack alike.
+        self._transport = cast(asyncio.Transport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = exc or ConnectionResetError("the server closed the connection")
+        self._settle(None, self._lost)
+
+    def data_received(self, data: bytes) -> None:
+        self._buf += data
+        if self._waiter is None:  # never reuse a connection in an unknown state
+            self._lost = HttpError("bytes from the server nobody asked for")
+            return
+        try:
+            if self._head is None:
+                end = self._buf.find(b"\r\n\r\n")
+                if end < 0:
+                    return
+                self._head = _parse_head(bytes(self._buf[:end]))
+                del self._buf[:end + 4]
+            status, length = self._head
+            if len(self._buf) < length:
+                return
+            body = bytes(self._buf[:length])
+            del self._buf[:length]
+            self._head = None
+            self._settle(Response(status, body), None)
+        except HttpError as exc:
+            self._settle(None, exc)
+
+    def _settle(self, response: Response | None, exc: Exception | None) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is None or waiter.done():
+            return
+        if exc is not None or response is None:
+            waiter.set_exception(exc or HttpError("no response"))
+        else:
+            waiter.set_result(response)
 
     async def call(self, request: bytes) -> Response:
-        self.writer.write(request)
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        lines = head.split(b"\r\n")
-        status_line = lines[0].split(b" ", 2)
-        if len(status_line) < 2 or not status_line[0].startswith(b"HTTP/1."):
-            raise HttpError(f"not an HTTP/1.x response: {lines[0][:80]!r}")
-        status = int(status_line[1])
-        length = 0
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            name = name.strip().lower()
-            if name == b"content-length":
-                length = int(value)
-            elif name == b"transfer-encoding":
-                raise HttpError("chunked responses are not supported by the bench client")
-            elif name == b"connection" and value.strip().lower() == b"close":
-                raise HttpError("the server closed the keep-alive connection")
-        body = await self.reader.readexactly(length) if length else b""
-        return Response(status, body)
+        if self._lost is not None or self._transport is None:
+            raise HttpError(f"connection lost: {self._lost}")
+        self._waiter = asyncio.get_running_loop().create_future()
+        self._transport.write(request)
+        return await self._waiter
 
     def close(self) -> None:
-        self.writer.close()
+        if self._transport is not None:
+            self._transport.close()
+
+
+def _parse_head(head: bytes) -> tuple[int, int]:
+    """(status, Content-Length) of a response head; HttpError for what we do not speak."""
+    lines = head.split(b"\r\n")
+    status_line = lines[0].split(b" ", 2)
+    if len(status_line) < 2 or not status_line[0].startswith(b"HTTP/1."):
+        raise HttpError(f"not an HTTP/1.x response: {lines[0][:80]!r}")
+    status = int(status_line[1])
+    length = 0
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"content-length":
+            length = int(value)
+        elif name == b"transfer-encoding":
+            raise HttpError("chunked responses are not supported by the bench client")
+        elif name == b"connection" and value.strip().lower() == b"close":
+            raise HttpError("the server closed the keep-alive connection")
+    return status, length
 
 
 class LeanClient:
@@ -93,16 +143,16 @@ class LeanClient:
             try:
                 async with asyncio.timeout(self.timeout):
                     response = await conn.call(request)
-            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                    ValueError, HttpError, TimeoutError) as exc:
+            except (OSError, ValueError, HttpError, TimeoutError) as exc:
                 conn.close()  # its state is unknown: never reuse it
                 raise HttpError(f"{method} {path}: {type(exc).__name__}: {exc}") from None
             self._idle.append(conn)
             return response
 
     async def _connect(self) -> _Connection:
-        reader, writer = await asyncio.open_connection(self.host, self.port)
-        return _Connection(reader, writer)
+        _, conn = await asyncio.get_running_loop().create_connection(
+            _Connection, self.host, self.port)
+        return conn
 
     async def close(self) -> None:
         idle, self._idle = self._idle, []
