@@ -48,9 +48,9 @@ def worker_audit_path(path: str, worker: int) -> str:
 
 
 #: Each worker listens on a socket of its own on the same port, and the kernel
-#: spreads new connections evenly between them. With one shared listener the
-#: first worker to wake took most of a burst of connections (a 23,560 / 30,930
-#: split of one run's audit lines), and kept them: keep-alive clients stay put.
+#: spreads new connections between them by hash. With one shared listener the
+#: split depends on which worker wakes first, and keep-alive clients stay
+#: wherever they landed.
 REUSE_PORT = hasattr(socket, "SO_REUSEPORT")
 
 
