@@ -220,7 +220,7 @@ class _WriteLock:
 
     SQLite makes a second writer wait by sleeping and retrying (1, 2, 5, 10 ...
     ms); with several broker workers on one file that turned every collision
-    into milliseconds of idle wait (p99 73-148 ms, two workers: see
+    into milliseconds of idle wait (p99 64-148 ms, two workers: see
     docs/performance.md). A blocking flock hands the lock over the moment it
     is released. Taken in the writer thread, never on the event loop. Where
     flock does not exist (Windows) SQLite's own locking is all there is.
