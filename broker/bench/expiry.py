@@ -31,6 +31,7 @@ from broker.bench.harness import (
     LoadResult,
     broker_config,
     run_load,
+    worker_counts,
 )
 from broker.bench.pg import count_roles, create_roles, drop_roles, pg_mount, raw_load
 from broker.bench.report import Row, Target, percentile
@@ -100,7 +101,8 @@ async def _raw_protocol_load(dsn: str, names: list[str], concurrency: int) -> Lo
 
 async def _burst(bench: Bench, *, tag: str, store_url: str, config_mounts: str,
                  env: dict[str, str], n: int, mount: str, role: str,
-                 usernames: list[str] | None) -> tuple[list[float], float, str]:
+                 usernames: list[str] | None, workers: int = 1
+                 ) -> tuple[list[float], float, str]:
     """Seed ``n`` leases due together, run a broker through the burst; (lags, rate, note)."""
     tmp = bench.subdir(f"{NAME}-{tag}")
     store_url = store_url.replace("{tmp}", str(tmp))
@@ -110,8 +112,8 @@ async def _burst(bench: Bench, *, tag: str, store_url: str, config_mounts: str,
     lead = 1.5 if bench.quick else 5.0
     due = time.time() + lead
     await set_due(store_url, prefix, due)
-    broker = BrokerProcess(broker_config(tmp, store_url=store_url, mounts=config_mounts),
-                           env).start()
+    broker = BrokerProcess(broker_config(tmp, store_url=store_url, mounts=config_mounts,
+                                         workers=workers), env).start()
     note = ""
     try:
         await broker.wait_healthy()
@@ -144,11 +146,17 @@ def _lag_rows(tag: str, lags: list[float], rate: float | None, note: str, judged
 async def run(bench: Bench) -> list[Row]:
     n = bench.leases
     rows: list[Row | None] = []
-    bench.log(f"{NAME}: {n:,} leases due at once, no-op backend, SQLite store")
-    lags, rate, note = await _burst(bench, tag="noop", store_url="sqlite:///{tmp}/broker.db",
-                                    config_mounts="", env={}, n=n, mount="bench", role="r",
-                                    usernames=None)
-    rows += _lag_rows(f"no-op, N={n}", lags, rate, note, judged=True)
+    counts = worker_counts()
+    for workers in counts:
+        bench.log(f"{NAME}: {n:,} leases due at once, no-op backend, SQLite store, "
+                  f"{workers} worker(s)")
+        lags, rate, note = await _burst(
+            bench, tag=f"noop-w{workers}", store_url="sqlite:///{tmp}/broker.db",
+            config_mounts="", env={}, n=n, mount="bench", role="r", usernames=None,
+            workers=workers)
+        # One worker keeps the row names of earlier runs, so their JSON compares.
+        label = f"no-op, N={n}" if workers == 1 else f"no-op, {workers} workers, N={n}"
+        rows += _lag_rows(label, lags, rate, note, judged=workers == counts[-1])
 
     if bench.pg_dsn is None:
         rows.append(Row(NAME, "PostgreSQL backend", None, skipped=True,

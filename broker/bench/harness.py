@@ -37,11 +37,20 @@ __all__ = [
     "create_root_token",
     "free_port",
     "run_load",
+    "worker_counts",
 ]
 
 #: The bench's root token (a throw-away store: the value needs no secrecy).
 ROOT_TOKEN = "bench-root-token"  # noqa: S105
 ROOT_ACCESSOR = "bench-root"
+
+
+def worker_counts() -> list[int]:
+    """1, and one worker per CPU where there is more than one: the rate and
+    expiry targets are judged on the broker as it would be configured for
+    this machine (docs/operations.md#workers), the last of these."""
+    cpus = os.cpu_count() or 1
+    return [1, cpus] if cpus > 1 else [1]
 
 
 def free_port() -> int:

@@ -13,7 +13,6 @@ engine cost nothing.
 
 from __future__ import annotations
 
-import os
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -28,6 +27,7 @@ from broker.bench.harness import (
     create_root_token,
     run_load,
     running,
+    worker_counts,
 )
 from broker.bench.report import Row, Target
 from broker.lease import Lease, LeaseState, new_lease_id
@@ -142,14 +142,6 @@ def _rows(store: str, http: dict[str, LoadResult], raw: dict[str, LoadResult],
     if rss is not None:
         rows.append(Row(NAME, f"broker peak RSS, {label}", rss, "MB"))
     return rows
-
-
-def worker_counts() -> list[int]:
-    """1, and one worker per CPU where there is more than one: the targets are
-    judged on the broker as it would be configured for this machine
-    (docs/operations.md#workers)."""
-    cpus = os.cpu_count() or 1
-    return [1, cpus] if cpus > 1 else [1]
 
 
 async def run(bench: Bench) -> list[Row]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.bench.harness import Bench
+from broker.bench.harness import Bench, worker_counts
 from broker.bench.noop import register
 from broker.bench.report import Row
 from broker.bench.runner import SCENARIOS, run_bench
@@ -36,16 +36,23 @@ def _check(name: str, rows: list[Row]) -> None:
     assert not failed, failed
     assert not [r for r in rows if r.skipped], "PostgreSQL was given: nothing may be skipped"
     by = _by_metric(rows)
+    workers = worker_counts()[-1]
     if name == "overhead":
         for op in ("issue", "renew", "revoke"):
             row = by[f"{op} rate, sqlite, c=32"]
             assert row.value and row.baseline and not row.note, row
+            if workers > 1:
+                row = by[f"{op} rate, sqlite, {workers} workers, c=32"]
+                assert row.value and row.baseline and not row.note, row
+                assert row.extra["workers"] == workers
     elif name == "pg-issue":
         row = by["issue rate, c=8"]
         assert row.value and row.baseline and not row.note, row
     elif name == "expiry":
         # (A note that the broker came up after the leases were due is load, not a defect.)
         assert "never revoked" not in by["lag p99, no-op, N=200"].note
+        if workers > 1:
+            assert "never revoked" not in by[f"lag p99, no-op, {workers} workers, N=200"].note
         pg_note = by["revocations/s, postgres, N=40"].note
         assert "never revoked" not in pg_note and "still exist" not in pg_note, pg_note
     elif name == "startup":
