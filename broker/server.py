@@ -85,6 +85,9 @@ def load_server_config(config_path: str | None, *, dev: bool, listen: str | None
         raise ConfigError("--listen", "", "--dev only listens on a loopback address")
     if dev and server.workers > 1:
         raise ConfigError(config.source, "server.workers", "--dev runs one worker")
+    if server.workers > 1 and not hasattr(os, "fork"):
+        raise ConfigError(config.source, "server.workers",
+                          "more than one worker needs fork(), which this platform lacks")
     if not server.tls and not is_loopback(server.host):
         raise ConfigError(config.source, "server.listen",
                           f"{server.host} is not loopback: TLS (tls_cert_file/tls_key_file) "

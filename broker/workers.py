@@ -51,7 +51,9 @@ def worker_audit_path(path: str, worker: int) -> str:
 #: spreads new connections between them by hash. With one shared listener the
 #: split depends on which worker wakes first, and keep-alive clients stay
 #: wherever they landed.
-REUSE_PORT = hasattr(socket, "SO_REUSEPORT")
+#: Linux only: elsewhere (macOS, BSD) SO_REUSEPORT lets sockets share a port
+#: but does not balance connections between them, so the workers share one.
+REUSE_PORT = sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
 
 
 def listen_socket(host: str, port: int, *, listen: bool = True) -> socket.socket:
