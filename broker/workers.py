@@ -108,6 +108,9 @@ def supervise(workers: int, serve: Callable[[int], int]) -> int:
         pid = os.fork()
         if pid == 0:  # the worker
             code = 1
+            # Until the handlers are reset below, a signal would run the
+            # supervisor's handler here: it must not know the other workers.
+            children.clear()
             try:
                 for sig in _FORWARDED:
                     signal.signal(sig, signal.SIG_DFL)
