@@ -168,3 +168,18 @@ def test_workers_config_is_checked(tmp_path: Path) -> None:
                       .replace(f"sqlite:///{tmp_path / 'broker.db'}", "sqlite:///:memory:"))
     out = _broker("server", "--config", str(config))
     assert out.returncode == 2 and "in-memory store cannot be shared" in out.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork and /proc")
+def test_workers_that_cannot_start_stop_the_broker(tmp_path: Path) -> None:
+    """A worker that dies at once is restarted, but not forever: the broker exits 1."""
+    config = write_config(tmp_path, "")
+    config.write_text(config.read_text()
+                      .replace('shutdown_grace = "5s"', 'shutdown_grace = "5s"\nworkers = 2')
+                      .replace(f"sqlite:///{tmp_path / 'broker.db'}",
+                               "sqlite:////proc/no-such-dir/broker.db"))
+    started = time.monotonic()
+    out = _broker("server", "--config", str(config), timeout=120)
+    assert out.returncode == 1
+    assert "times in a row" in out.stderr, out.stderr[-2000:]
+    assert time.monotonic() - started < 60
