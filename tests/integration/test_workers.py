@@ -1,4 +1,4 @@
-"""``[server] workers = 2``: a real ``broker server`` subprocess, two workers, one SQLite store.
+"""``[server] workers = 2``: a real ``broker server`` subprocess, two workers, one store.
 
 Real PostgreSQL roles behind the mount, real HTTP with a new TCP connection
 per call (so the kernel spreads them over both workers), real signals.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +76,29 @@ async def _roles(dsn: str, prefix: str) -> set[str]:
         await conn.close()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path, postgres_dsn: str) -> Iterator[str]:
+    """The workers' shared store: a SQLite file, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'broker.db'}"
+        return
+    name = f"broker_workers_{secrets.token_hex(4)}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(postgres_dsn)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    run(admin(f'CREATE DATABASE "{name}"'))
+    yield f"{postgres_dsn.rsplit('/', 1)[0]}/{name}"
+    run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and SO_REUSEPORT")
-def test_two_workers_share_the_port_and_the_store(tmp_path: Path, postgres_dsn: str) -> None:
+def test_two_workers_share_the_port_and_the_store(tmp_path: Path, postgres_dsn: str,
+                                                  store_url: str) -> None:
     config = write_config(tmp_path, f"""
 [mounts.pg]
 plugin = "postgres"
@@ -89,8 +112,9 @@ username_template = "wrk-{{{{random 10}}}}"
 default_ttl = "1h"
 max_ttl = "1h"
 """)
-    config.write_text(config.read_text().replace('shutdown_grace = "5s"',
-                                                 'shutdown_grace = "5s"\nworkers = 2'))
+    config.write_text(config.read_text()
+                      .replace('shutdown_grace = "5s"', 'shutdown_grace = "5s"\nworkers = 2')
+                      .replace(f"sqlite:///{tmp_path / 'broker.db'}", store_url))
     init = _broker("operator", "init", "--config", str(config))
     assert init.returncode == 0, init.stderr
     token = init.stdout.strip()
