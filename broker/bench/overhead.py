@@ -1,7 +1,9 @@
 """Scenario ``overhead``: the broker's own cost per call, with a backend that does nothing.
 
 Issue, renew and revoke through the HTTP API at concurrency 32, on a SQLite
-store (durable group commits) and on a PostgreSQL store. The baseline is the
+store (durable group commits) and on a PostgreSQL store, each with one
+worker and with one worker per CPU (the targets are judged on the latter,
+see ``harness.worker_counts``). The baseline is the
 same store's writes for that call made directly, at the same concurrency, in
 the bench process: what the HTTP path would reach if the API, auth, audit and
 engine cost nothing.
