@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -16,7 +15,6 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ import pytest
 
 from tests.conftest import run
 from tests.integration.broker_harness import config_url, wait_healthy, write_config
+from tests.integration.store_fixtures import fresh_postgres_database
 
 pytestmark = pytest.mark.integration
 
@@ -77,23 +76,12 @@ async def _roles(dsn: str, prefix: str) -> set[str]:
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path, postgres_dsn: str) -> Iterator[str]:
-    """The workers' shared store: a SQLite file, or a fresh PostgreSQL database."""
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The workers' shared store: a SQLite file, or the session's empty PostgreSQL database."""
     if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'broker.db'}"
-        return
-    name = f"broker_workers_{secrets.token_hex(4)}"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(postgres_dsn)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    run(admin(f'CREATE DATABASE "{name}"'))
-    yield f"{postgres_dsn.rsplit('/', 1)[0]}/{name}"
-    run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        return f"sqlite:///{tmp_path / 'broker.db'}"
+    dsn: str = run(fresh_postgres_database(request))
+    return dsn
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and SO_REUSEPORT")
@@ -134,7 +122,6 @@ max_ttl = "1h"
             status, body = _call(url, token, "GET", "pg/creds/short")
             assert status == 200, body
             short.append((body["lease_id"], body["data"]["username"]))
-        assert _audit(w1) and _audit(w2), "the kernel sent no connection to one worker"
 
         # A revoke is carried out by the worker that takes the request, at once
         # (it claims the lease itself), whichever worker issued it.
@@ -143,12 +130,19 @@ max_ttl = "1h"
             status, body = _call(url, token, "GET", "pg/creds/long")
             assert status == 200, body
             long.append((body["lease_id"], body["data"]["username"]))
+        # 18 new connections: both workers got some (by chance alone, 1 in 2**17 not).
+        assert _audit(w1) and _audit(w2), "the kernel sent no connection to one worker"
         for lease_id, _user in long:
             started = time.monotonic()
             status, body = _call(url, token, "PUT", "sys/leases/revoke", {"lease_id": lease_id})
             assert status == 204, body
             assert time.monotonic() - started < 2.0
         assert not run(_roles(postgres_dsn, "wrk-")) & {u for _, u in long}
+        for path in (w1, w2):  # each revoke ended in the worker that took the request
+            lines = _audit(path)
+            asked = {e["lease"]["id"] for e in lines if e["type"] == "revoke_request"}
+            done = {e["lease"]["id"] for e in lines if e["type"] == "revoke"}
+            assert asked == done & {lease_id for lease_id, _ in long}, path.name
 
         _wait(lambda: not run(_roles(postgres_dsn, "wrk-")), 30, "expired roles dropped")
         events = _audit(w1) + _audit(w2)
