@@ -257,18 +257,25 @@ class BrokerProcess:
         except (OSError, ValueError):
             return [self.pid]
 
-    def peak_rss_mb(self) -> float | None:
-        """VmHWM summed over :meth:`pids`: the most resident memory each ever had."""
+    def _sum_over_pids(self, name: str, read: Callable[[str], float]) -> float | None:
+        """``read(text of /proc/PID/name)`` summed over :meth:`pids`; None if the
+        broker's own process cannot be read (gone, or not Linux). A worker that
+        exited meanwhile counts as nothing."""
         total = 0.0
         for pid in self.pids():
             try:
-                with open(f"/proc/{pid}/status") as f:
-                    total += next((int(line.split()[1]) / 1024 for line in f
-                                   if line.startswith("VmHWM:")), 0.0)
+                with open(f"/proc/{pid}/{name}") as f:
+                    total += read(f.read())
             except OSError:
                 if pid == self.pid:
                     return None
         return total
+
+    def peak_rss_mb(self) -> float | None:
+        """VmHWM summed over :meth:`pids`: the most resident memory each ever had."""
+        return self._sum_over_pids("status", lambda text: next(
+            (int(line.split()[1]) / 1024 for line in text.splitlines()
+             if line.startswith("VmHWM:")), 0.0))
 
     def cpu_seconds(self) -> float | None:
         """User + system CPU :meth:`pids` have used so far (Linux ``/proc``; None elsewhere).
@@ -276,18 +283,12 @@ class BrokerProcess:
         A worker that exited during the measurement takes its CPU with it: the
         figure is for comparing phases of a broker that stays up.
         """
-        total = 0.0
-        for pid in self.pids():
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    # fields after the ")" that ends the command name; utime, stime are 14, 15
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                if pid == self.pid:
-                    return None
-                continue
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        return total
+        def read(text: str) -> float:
+            # fields after the ")" that ends the command name; utime, stime are 14, 15
+            fields = text.rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+        return self._sum_over_pids("stat", read)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

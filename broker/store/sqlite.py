@@ -231,7 +231,8 @@ class _WriteLock:
         self._fd = -1
 
     def open(self) -> None:
-        if fcntl is not None:
+        # An in-memory database has one connection, so nobody to take turns with.
+        if fcntl is not None and not self.path.startswith(":memory:"):
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
     def close(self) -> None:
@@ -408,7 +409,7 @@ class SQLiteStore:
         self.path = path
         self._writer: _Thread | None = None
         self._reader: _Thread | None = None
-        self._write_lock: _WriteLock | None = None
+        self._write_lock = _WriteLock(path)
         # Point reads, on the event loop's thread (check_same_thread stays on:
         # only the thread that opened the store may use it).
         self._point: sqlite3.Connection | None = None
@@ -437,9 +438,7 @@ class SQLiteStore:
         try:
             self._writer = _Thread("sqlite-writer")
             await self._writer.start(lambda: _connect(self.path, writer=True))
-            if self.path != ":memory:":
-                self._write_lock = _WriteLock(self.path)
-                self._write_lock.open()
+            self._write_lock.open()
             if self.path == ":memory:":
                 self._reader = self._writer
             else:
@@ -470,13 +469,11 @@ class SQLiteStore:
         point, self._point = self._point, None
         if point is not None:
             point.close()
-        lock, self._write_lock = self._write_lock, None
         if reader is not None and reader is not writer:
             await reader.stop()
         if writer is not None:
             await writer.stop()
-        if lock is not None:
-            lock.close()
+        self._write_lock.close()
 
     # -- the write path: group commit ----------------------------------------
     async def _write(self, op: Op[T]) -> T:
@@ -518,9 +515,7 @@ class SQLiteStore:
         assert self._writer is not None
         ops = [w.op for w in batch]
         try:
-            lock = self._write_lock
-            outcomes = await self._writer.run(
-                lambda conn: lock.run(ops, conn) if lock else _run_batch(ops, conn))
+            outcomes = await self._writer.run(lambda conn: self._write_lock.run(ops, conn))
         except Exception as exc:  # nothing of the batch is durable: every caller hears so
             outcomes = [(False, exc)] * len(batch)
         for write, (ok, value) in zip(batch, outcomes, strict=True):
