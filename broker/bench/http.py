@@ -4,7 +4,8 @@ The bench runs on the same machine as the broker it measures, so every
 microsecond the load generator spends is taken from the broker. aiohttp's
 client cost ~220 µs of CPU per call here (a third of a core at 1,600 calls a
 second, on a 2-core box); this client writes a pre-built request and reads a
-``Content-Length`` response for ~50 µs, like the C load generators (wrk, hey)
+``Content-Length`` response for 50-95 µs measured with the load loop's own
+bookkeeping, in the spirit of the C load generators (wrk, hey)
 that HTTP servers are usually measured with. It speaks only what the broker
 answers: HTTP/1.1, keep-alive, a ``Content-Length`` (or no) body; anything
 else is an error, never a silent success.
