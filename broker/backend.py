@@ -36,9 +36,12 @@ __all__ = [
     "RoleSpec",
     "RotateRootRequest",
     "RotateRootResponse",
+    "StagedUser",
+    "StagingBackend",
     "load_plugin",
     "plugin_names",
     "revokes_in_batches",
+    "stages_users",
 ]
 
 PLUGIN_GROUP = "broker.plugins"
@@ -233,6 +236,47 @@ class BatchRevoker(Protocol):
 def revokes_in_batches(backend: object) -> bool:
     """Whether ``backend`` implements :class:`BatchRevoker`."""
     return callable(getattr(backend, "delete_users", None))
+
+
+class StagedUser(Protocol):
+    """A credential :meth:`StagingBackend.stage_user` made but has not committed.
+
+    Until :meth:`commit` returns, nobody outside the call can use or even see
+    the credential; :meth:`abort` (or the broker process dying) makes it never
+    exist. The engine calls exactly one of them, once.
+    """
+
+    #: what ``new_user`` would have returned for the same request.
+    response: NewUserResponse
+
+    async def commit(self) -> None:
+        """Make the credential real. A BackendError means its fate is unknown:
+        the engine then calls ``delete_user`` for it, as for any failed issue."""
+
+    async def abort(self) -> None:
+        """Throw the credential away. Must not raise; must free what the stage held."""
+
+
+class StagingBackend(Protocol):
+    """An optional capability: create a credential in two steps, like a 2PC participant.
+
+    A backend whose creation is a database transaction (PostgreSQL) runs its
+    statements in ``stage_user`` and holds the COMMIT. The engine then writes
+    the lease's intent while the backend works, and commits the backend and
+    activates the lease at the same time, instead of one after the other: two
+    durable commits come off a single caller's wait. The crash-safety order
+    is kept: no credential commits before its intent is durable, and none is
+    handed out before its lease is active (see ``LeaseEngine._issue_staged``).
+    A backend whose creation commits by itself (MySQL's ``CREATE USER``, AWS
+    calls) must not offer this.
+    """
+
+    async def stage_user(self, req: NewUserRequest) -> StagedUser: ...
+
+
+def stages_users(backend: object) -> bool:
+    """Whether ``backend`` implements :class:`StagingBackend`."""
+    return callable(getattr(backend, "stage_user", None))
 
 
 class BackendFactory(Protocol):

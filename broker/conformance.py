@@ -10,6 +10,9 @@ against that server, what the engine relies on:
 - ``delete_user`` stops the credentials, ends live sessions, and is idempotent
   (twice, for a user that never existed, for a rollback, with the role gone);
 - 20+ concurrent ``new_user`` calls on one role all succeed;
+- a backend that stages users (``stage_user``, see ``broker.backend.StagingBackend``):
+  a staged user is invisible until ``commit``, ``abort`` leaves nothing, and
+  neither holds on to a connection;
 - no BackendError (or its cause/context) and no log record carries a password;
 - the declared ``Capabilities`` match behaviour (``server_side_expiry``: a
   credential whose expiry is past cannot log in; ``max_username_length``: a
@@ -51,7 +54,10 @@ from broker.backend import (
     NewUserRequest,
     RenewUserRequest,
     RoleSpec,
+    StagedUser,
+    StagingBackend,
     load_plugin,
+    stages_users,
 )
 from broker.templating import generate_password, render_username
 
@@ -200,6 +206,26 @@ class Kit:
             )
         )
         return username, password, resp.data
+
+    async def stage_user(
+        self, *, role: str = ROLE, password: str | None = None
+    ) -> tuple[str, str, StagedUser]:
+        """Stage a credential (skips without ``stage_user``): (username, password, stage)."""
+        if not stages_users(self.backend):
+            pytest.skip("backend does not stage users")
+        username = self.username()
+        password = password or generate_password()
+        staging: StagingBackend = self.backend  # type: ignore[assignment]
+        staged = await staging.stage_user(
+            NewUserRequest(
+                role=self.role(role),
+                username=username,
+                password=password,
+                expiration=datetime.now(UTC) + timedelta(minutes=10),
+                lease_id=f"{self.mount.name}/creds/{role}/kit",
+            )
+        )
+        return username, password, staged
 
     async def delete_user(
         self, username: str, *, reason: str = "revoke", role: RoleSpec | str | None = ROLE
@@ -353,6 +379,51 @@ class ConformanceSuite:
         await asyncio.gather(*(kit.delete_user(n) for n in names))
         for name in names:
             assert not await kit.harness.user_exists(name)
+
+    # -- staging (backends with stage_user) ---------------------------------
+
+    async def test_staged_user_is_invisible_until_commit(self, kit: Kit) -> None:
+        """Nobody sees or uses a staged user before commit; after it, it logs in."""
+        username, password, staged = await kit.stage_user()
+        try:
+            assert not await kit.harness.user_exists(username), "visible before commit"
+            with pytest.raises(Exception):  # noqa: B017 - any driver error is a refusal
+                await kit.harness.close_session(await kit.harness.connect_as(staged.response.data))
+        except BaseException:
+            await staged.abort()
+            raise
+        await staged.commit()
+        assert await kit.harness.user_exists(username)
+        assert staged.response.data.get("password", password) == password
+        session = await kit.harness.connect_as(staged.response.data)
+        try:
+            await kit.harness.exercise(session)
+        finally:
+            await kit.harness.close_session(session)
+
+    async def test_aborted_stages_leave_nothing_and_hold_no_connection(self, kit: Kit) -> None:
+        """abort leaves no user; many stages, aborted or committed, in a row never run dry."""
+        names = []
+        async with asyncio.timeout(60):  # a leaked connection would make this hang
+            for i in range(3 * CONCURRENCY):
+                username, _, staged = await kit.stage_user()
+                if i % 3 == 2:
+                    await staged.commit()
+                else:
+                    await staged.abort()
+                names.append((username, i % 3 == 2))
+        for username, committed in names:
+            assert await kit.harness.user_exists(username) == committed, username
+
+    async def test_failed_stage_carries_no_secret(self, kit: Kit) -> None:
+        """A failing staged statement raises a BackendError free of secrets, and holds nothing."""
+        password = generate_password()
+        with pytest.raises(BackendError) as info:
+            await kit.stage_user(role=BROKEN_ROLE, password=password)
+        assert_no_secret(info.value, [password, *kit.harness.secret_values()])
+        # The connection it used went back to the pool in a usable state.
+        username, _, _ = await kit.new_user()
+        assert await kit.harness.user_exists(username)
 
     # -- renewing -----------------------------------------------------------
 

@@ -30,8 +30,10 @@ from broker.backend import (
     BackendError,
     DeleteUserRequest,
     NewUserRequest,
+    NewUserResponse,
     RenewUserRequest,
     RoleSpec,
+    StagedUser,
     load_plugin,
     revokes_in_batches,
 )
@@ -216,6 +218,23 @@ def lease_ref(lease: Lease) -> dict[str, Any]:
         "username": lease.username or None,
         "metadata": lease.metadata or None,
     }
+
+
+def _created(lease: Lease, resp: NewUserResponse, max_expire: float) -> None:
+    """Fill in what the backend said about the credential it made; the lease goes active."""
+    if resp.expiration is not None:
+        lease.expire_time = min(resp.expiration.timestamp(), max_expire)
+    if resp.renewable is not None:
+        lease.renewable = resp.renewable
+    lease.revocation = {"username": lease.username, **dict(resp.revocation)}
+    lease.state = LeaseState.ACTIVE
+
+
+def _issue_failed(runtime: MountRuntime, role: RoleSpec, exc: BackendError) -> Exception:
+    """The API error for a backend that could not create a credential."""
+    if exc.retryable:
+        return BackendUnavailable(f"mount {runtime.name!r}: {exc}")
+    return BadRequest(f"mount {runtime.name!r} role {role.name!r}: {exc}")
 
 
 class LeaseEngine:
@@ -407,8 +426,29 @@ class LeaseEngine:
             metadata=lease.metadata,
             prepared=ready[1] if ready else {},
         )
+        if runtime.stages_users:
+            # None ready: stage_user prepares its own while the intent commits.
+            resp = await self._issue_staged(runtime, role, lease, req, request, max_expire)
+        else:
+            resp = await self._issue_unstaged(runtime, role, lease, req, request, max_expire,
+                                              prepare=ready is None)
+        self.wake(lease.expire_time)
+        return Issued(lease=lease, data=dict(resp.data), warnings=warnings)
+
+    async def _issue_unstaged(
+        self,
+        runtime: MountRuntime,
+        role: RoleSpec,
+        lease: Lease,
+        req: NewUserRequest,
+        request: Mapping[str, Any],
+        max_expire: float,
+        *,
+        prepare: bool,
+    ) -> NewUserResponse:
+        """Intent, then ``new_user``, then activation: one after the other."""
         # Crash safety: the intent is durable before the backend creates anything.
-        if ready is None and runtime.prepares_passwords:
+        if prepare and runtime.prepares_passwords:
             # None was ready: prepare this one while the intent commits.
             prepared, _ = await asyncio.gather(runtime.prepare_password(req.password),
                                                self.store.insert_pending(lease))
@@ -419,19 +459,12 @@ class LeaseEngine:
             resp = await runtime.new_user(req)
         except BackendError as exc:
             await self._rollback(lease, role, reason=str(exc), request=request)
-            if exc.retryable:
-                raise BackendUnavailable(f"mount {runtime.name!r}: {exc}") from None
-            raise BadRequest(f"mount {runtime.name!r} role {role.name!r}: {exc}") from None
+            raise _issue_failed(runtime, role, exc) from None
         except BaseException:
             # Cancelled mid-call (client gone, shutdown): the user may exist; undo it.
             await asyncio.shield(self._rollback(lease, role, reason="cancelled", request=request))
             raise
-        if resp.expiration is not None:
-            lease.expire_time = min(resp.expiration.timestamp(), max_expire)
-        if resp.renewable is not None:
-            lease.renewable = resp.renewable
-        lease.revocation = {"username": username, **dict(resp.revocation)}
-        lease.state = LeaseState.ACTIVE
+        _created(lease, resp, max_expire)
         try:
             await self.store.activate(
                 lease.id,
@@ -446,8 +479,89 @@ class LeaseEngine:
             await asyncio.shield(self._rollback(lease, role, reason="activate failed",
                                                 request=request))
             raise
-        self.wake(lease.expire_time)
-        return Issued(lease=lease, data=dict(resp.data), warnings=warnings)
+        return resp
+
+    async def _issue_staged(
+        self,
+        runtime: MountRuntime,
+        role: RoleSpec,
+        lease: Lease,
+        req: NewUserRequest,
+        request: Mapping[str, Any],
+        max_expire: float,
+    ) -> NewUserResponse:
+        """Issue through a ``StagingBackend``: two overlaps where the plain path has none.
+
+        The intent commits while the backend runs its statements, and the
+        backend's COMMIT runs with the lease's activation. Crash safety holds:
+        the backend commits only after the intent is durable (a crash before
+        that leaves no credential; after it, a pending row the stale-pending
+        job rolls back, or an active one whose revocation finds nothing), and
+        the caller gets the credential only once both commits are done.
+        """
+        intent = asyncio.ensure_future(self.store.insert_pending(lease))
+        staged: StagedUser | None = None
+        try:
+            staged = await runtime.stage_user(req)
+            await asyncio.shield(intent)
+        except BaseException as exc:
+            intent_error = await asyncio.shield(self._undo_issue(
+                lease, role, request, intent, staged,
+                reason=str(exc) if isinstance(exc, BackendError) else "cancelled"))
+            if isinstance(exc, Exception) and intent_error not in (None, exc):
+                raise intent_error from None  # the store failed: nothing was recorded
+            if isinstance(exc, BackendError):
+                raise _issue_failed(runtime, role, exc) from None
+            raise
+        _created(lease, staged.response, max_expire)
+        try:
+            results = await asyncio.gather(
+                staged.commit(),
+                self.store.activate(lease.id, revocation=lease.revocation,
+                                    expire_time=lease.expire_time, renewable=lease.renewable),
+                return_exceptions=True,
+            )
+        except BaseException:
+            # Cancelled: so were both commits, and the user may exist; undo it.
+            await asyncio.shield(self._undo_issue(lease, role, request, intent, None,
+                                                  reason="cancelled"))
+            raise
+        failure = next((r for r in results if isinstance(r, BaseException)), None)
+        if failure is not None:
+            # Either side failed: the user may exist with no live row, or the row
+            # may be active for a user that never committed. Undo both.
+            await asyncio.shield(self._undo_issue(
+                lease, role, request, intent, None,
+                reason=str(failure) if isinstance(failure, BackendError) else "activate failed"))
+            if isinstance(results[0], BackendError):
+                raise _issue_failed(runtime, role, results[0]) from None
+            raise failure
+        return staged.response
+
+    async def _undo_issue(
+        self,
+        lease: Lease,
+        role: RoleSpec,
+        request: Mapping[str, Any],
+        intent: asyncio.Future[None],
+        staged: StagedUser | None,
+        *,
+        reason: str,
+    ) -> BaseException | None:
+        """Undo a staged issue that failed; returns the intent's error, if it had one.
+
+        The staged user is aborted first (it never existed), then the intent is
+        waited for, so that the rollback's delete of the row comes after its
+        insert; a row that never got written needs no rollback.
+        """
+        if staged is not None:
+            await staged.abort()
+        try:
+            await intent
+        except BaseException as exc:  # returned: the caller decides
+            return exc
+        await self._rollback(lease, role, reason=reason, request=request)
+        return None
 
     async def _rollback(
         self, lease: Lease, role: RoleSpec | None, *, reason: str, request: Mapping[str, Any]

@@ -28,6 +28,9 @@ from broker.backend import (
     RenewUserResponse,
     RotateRootRequest,
     RotateRootResponse,
+    StagedUser,
+    StagingBackend,
+    stages_users,
 )
 from broker.templating import generate_password
 
@@ -166,6 +169,18 @@ class MountRuntime:
         return await self._call("new_user", self.backend.new_user, (req,),
                                 (req.password, *req.prepared.values()))
 
+    @property
+    def stages_users(self) -> bool:
+        """Whether the backend creates users in two steps (``broker.backend.StagingBackend``)."""
+        return stages_users(self.backend)
+
+    async def stage_user(self, req: NewUserRequest) -> StagedUser:
+        """``stage_user``, wrapped; so are the commit and abort of what it returns."""
+        hidden = (req.password, *req.prepared.values())
+        backend = cast(StagingBackend, self.backend)
+        staged = await self._call("stage_user", backend.stage_user, (req,), hidden)
+        return _WrappedStage(self, staged, hidden)
+
     async def renew_user(self, req: RenewUserRequest) -> RenewUserResponse:
         return await self._call("renew_user", self.backend.renew_user, (req,))
 
@@ -238,3 +253,23 @@ class MountRuntime:
             raise BackendError(message, retryable=True) from None
         finally:
             self.stats.setdefault(op, CallStats()).record(time.perf_counter() - start, ok)
+
+
+class _WrappedStage:
+    """A backend's StagedUser with the runtime's timeout, timing and redaction."""
+
+    def __init__(self, runtime: MountRuntime, staged: StagedUser,
+                 hidden: tuple[str | None, ...]) -> None:
+        self.response = staged.response
+        self._runtime = runtime
+        self._staged = staged
+        self._hidden = hidden
+
+    async def commit(self) -> None:
+        await self._runtime._call("commit_user", self._staged.commit, (), self._hidden)
+
+    async def abort(self) -> None:
+        try:
+            await self._runtime._call("abort_user", self._staged.abort, (), self._hidden)
+        except BackendError as exc:  # abort must not raise: the broker is already undoing
+            log.warning("mount %s: abort of a staged user failed: %s", self._runtime.name, exc)

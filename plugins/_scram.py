@@ -4,9 +4,18 @@
 computed instead of hashing a plaintext password on the server. The broker
 does that, so the plaintext never reaches the database server: not its
 statement log (``log_statement = ddl``), not ``pg_stat_statements``, not a
-replica's logs. It also takes the PBKDF2 work off the server's CPU, and the
-broker runs it ahead of time, in a thread (see
+replica's logs. The broker runs the hashing ahead of time, in a thread (see
 ``broker.middleware.MountRuntime.take_password``).
+
+It does not save the server any work: ``CREATE ROLE`` / ``ALTER ROLE`` with a
+verifier checks that it does not match the empty password
+(``plain_crypt_verify(role, password, "")`` in PostgreSQL's ``user.c``), one
+PBKDF2 at the verifier's iteration count, as much as hashing a plaintext
+would cost. Measured here (PostgreSQL 15): ``CREATE ROLE ... LOGIN VALID
+UNTIL ...`` takes 0.25 ms with no password, 3.2-4.9 ms with a plaintext or a
+SCRAM verifier. So the verifier costs the broker ~1.2 ms of CPU per role on
+top of the server's own; that is the price of keeping the plaintext off the
+server.
 """
 
 from __future__ import annotations

@@ -50,6 +50,7 @@ import hashlib
 import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
@@ -69,6 +70,7 @@ from broker.backend import (
     RoleSpec,
     RotateRootRequest,
     RotateRootResponse,
+    StagedUser,
 )
 from broker.durations import parse_duration
 from broker.templating import generate_password, render, template_names
@@ -375,6 +377,54 @@ class PostgresBackend:
                                        self._scram_iterations)
 
     async def new_user(self, req: NewUserRequest) -> NewUserResponse:
+        creation = await self._creation(req)
+        await self._run(
+            "new_user",
+            lambda conn: self._transaction(
+                conn, "new_user", creation.statements, creation.secrets, lock=creation.lock,
+                custom=creation.custom,
+            ),
+            creation.secrets,
+        )
+        return creation.response
+
+    async def stage_user(self, req: NewUserRequest) -> StagedUser:
+        """``new_user`` with the COMMIT held back (``broker.backend.StagingBackend``).
+
+        The statements run inside ``BEGIN`` on a pooled connection that stays
+        out of the pool until the engine commits or aborts. An uncommitted
+        CREATE ROLE is invisible to every other session, and a broker that
+        dies here takes the transaction with its connection.
+        """
+        creation = await self._creation(req)
+        pool = await self._ensure_pool()
+        error: BackendError | None = None
+        try:
+            conn = await pool.acquire()
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            error = _wrap("new_user", exc, [*creation.secrets, self._secret])
+        if error is not None:
+            raise error
+        try:
+            await self._transaction(conn, "new_user", creation.statements, creation.secrets,
+                                    lock=creation.lock, custom=creation.custom, hold=True)
+        except BackendError:
+            await pool.release(conn)  # the failed attempt was rolled back: the connection is idle
+            raise
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            error = _wrap("new_user", exc, [*creation.secrets, self._secret])
+        except BaseException:
+            conn.terminate()  # cancelled mid-statement: its state is unknown
+            await pool.release(conn)
+            raise
+        if error is not None:
+            conn.terminate()
+            await pool.release(conn)
+            raise error
+        return _StagedRole(pool, conn, creation.response, [*creation.secrets, self._secret])
+
+    async def _creation(self, req: NewUserRequest) -> _Creation:
+        """The checked, rendered creation transaction for ``req``."""
         name = check_username(req.username, _MAX_USERNAME)
         password = check_password(req.password)
         # What {{password}} becomes: the SCRAM verifier, unless the server hashes.
@@ -386,16 +436,13 @@ class PostgresBackend:
         templates: Sequence[str] = req.role.creation_statements or DEFAULT_CREATION_STATEMENTS
         if req.role.creation_statements:
             templates = (*templates, _VALID_UNTIL)
-        statements = self._render(templates, values, secrets_)
-        await self._run(
-            "new_user",
-            lambda conn: self._transaction(
-                conn, "new_user", statements, secrets_, lock=self._needs_lock(templates),
-                custom=bool(req.role.creation_statements),
-            ),
-            secrets_,
+        return _Creation(
+            statements=self._render(templates, values, secrets_),
+            secrets=secrets_,
+            lock=self._needs_lock(templates),
+            custom=bool(req.role.creation_statements),
+            response=NewUserResponse(data={"username": name, "password": password}),
         )
-        return NewUserResponse(data={"username": name, "password": password})
 
     async def renew_user(self, req: RenewUserRequest) -> RenewUserResponse:
         name = check_username(req.username, _MAX_USERNAME)
@@ -591,6 +638,7 @@ class PostgresBackend:
         lock: bool,
         custom: bool = False,
         role_oid: int | None = None,
+        hold: bool = False,
     ) -> bool:
         """Run ``statements`` as one transaction in one round trip, retrying transient conflicts.
 
@@ -606,8 +654,13 @@ class PostgresBackend:
         With ``role_oid`` (revocation), "role does not exist" is success when
         the role is really gone: a concurrent revocation got there first.
         Returns False in that case, True when the statements ran.
+
+        ``hold``: the script starts with ``BEGIN`` and the transaction stays
+        open for the caller to COMMIT or ROLLBACK (``stage_user``); a failed
+        attempt is rolled back here.
         """
-        parts = [*([f"SELECT pg_advisory_xact_lock({_DDL_LOCK_KEY})"] if lock else []),
+        parts = [*(["BEGIN"] if hold else []),
+                 *([f"SELECT pg_advisory_xact_lock({_DDL_LOCK_KEY})"] if lock else []),
                  *statements]
         # A newline before each ";" ends a trailing "--" comment of a template.
         script = "\n;\n".join(parts)
@@ -623,6 +676,8 @@ class PostgresBackend:
                 error = _wrap(op, exc, secrets_)
             # Handled outside the except block: the driver error (which may quote
             # the statement) must be neither the cause nor the context of ours.
+            if hold and conn.is_in_transaction():
+                await conn.execute("ROLLBACK")  # an explicit BEGIN is not undone by the error
             if isinstance(error, _Missing) and role_oid is not None:
                 if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE oid = $1", role_oid):
                     return False
@@ -801,3 +856,62 @@ def _wrap(op: str, exc: BaseException, secret_values: Sequence[str | None]) -> B
     # OSError (refused, unreachable), asyncpg.InterfaceError (connection closed), ...
     message = redact(str(exc), secret_values) or type(exc).__name__
     return BackendError(f"postgres {op} failed: cannot reach the server: {message}", retryable=True)
+
+
+@dataclass(frozen=True)
+class _Creation:
+    """A creation transaction, rendered: what ``new_user`` and ``stage_user`` send."""
+
+    statements: Sequence[str]
+    #: every secret value in the statements, for redaction.
+    secrets: Sequence[str]
+    lock: bool
+    custom: bool
+    response: NewUserResponse
+
+
+class _StagedRole:
+    """A role created in an open transaction; its connection is held until commit or abort."""
+
+    def __init__(self, pool: asyncpg.Pool, conn: asyncpg.Connection, response: NewUserResponse,
+                 secret_values: Sequence[str | None]) -> None:
+        self.response = response
+        self._pool = pool
+        self._conn: asyncpg.Connection | None = conn
+        self._secrets = secret_values
+
+    async def commit(self) -> None:
+        conn = self._take()
+        error: BackendError | None = None
+        try:
+            await conn.execute("COMMIT")
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            error = _wrap("new_user", exc, self._secrets)
+        except BaseException:
+            conn.terminate()  # cancelled mid-COMMIT: the outcome is unknown
+            await self._pool.release(conn)
+            raise
+        if error is not None:
+            conn.terminate()
+        await self._pool.release(conn)
+        if error is not None:
+            raise error
+
+    async def abort(self) -> None:
+        conn = self._take()
+        try:
+            await conn.execute("ROLLBACK")
+        except Exception:
+            conn.terminate()  # broken: a closed connection rolls its transaction back
+        except BaseException:
+            conn.terminate()  # cancelled: likewise, and the cancellation goes on
+            await self._pool.release(conn)
+            raise
+        await self._pool.release(conn)
+
+    def _take(self) -> asyncpg.Connection:
+        """The held connection, once: commit and abort each end the stage."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            raise RuntimeError("this staged role was already committed or aborted")
+        return conn

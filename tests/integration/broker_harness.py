@@ -38,9 +38,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def write_config(tmp: Path, body: str, *, port: int | None = None) -> Path:
-    """A config file under ``tmp`` with storage and audit inside it, plus ``body``."""
+def write_config(tmp: Path, body: str, *, port: int | None = None,
+                 storage_url: str | None = None) -> Path:
+    """A config file under ``tmp`` with storage and audit inside it, plus ``body``.
+
+    ``storage_url``: another lease store (e.g. a PostgreSQL database) than the
+    SQLite file in ``tmp``.
+    """
     port = port or free_port()
+    storage_url = storage_url or f"sqlite:///{tmp / 'broker.db'}"
     path = tmp / "broker.toml"
     path.write_text(
         f"""
@@ -49,7 +55,7 @@ listen = "127.0.0.1:{port}"
 shutdown_grace = "5s"
 
 [storage]
-url = "sqlite:///{tmp / 'broker.db'}"
+url = "{storage_url}"
 
 [audit]
 path = "{tmp / 'audit.jsonl'}"

@@ -62,7 +62,7 @@ async def test_hmac_matches_one_shot_digest(tmp_path: Path) -> None:
 def test_now_has_the_isoformat_shape_and_value() -> None:
     """``_now`` keeps datetime's RFC 3339 text (microseconds, Z) and tells the time."""
     import re
-    from datetime import UTC, datetime
+    from datetime import UTC, datetime, timedelta
 
     from broker.audit import _now
 
@@ -72,5 +72,8 @@ def test_now_has_the_isoformat_shape_and_value() -> None:
         after = datetime.now(UTC)
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", text), text
         parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
-        # one microsecond of slack: datetime and this code round the float alike, not identically
-        assert before.timestamp() - 1e-6 <= parsed.timestamp() <= after.timestamp() + 1e-6
+        # One microsecond of slack: datetime and this code round the float alike, not
+        # identically. Compared as datetimes (whole microseconds): float seconds near
+        # 1.8e9 cannot hold the slack exactly.
+        slack = timedelta(microseconds=1)
+        assert before - slack <= parsed <= after + slack

@@ -1,0 +1,259 @@
+"""Issuing through a staging backend (PostgreSQL): the overlaps keep the crash-safety order.
+
+The engine writes a lease's intent while the plugin runs its statements in an
+open transaction, then commits the role and activates the lease together
+(``LeaseEngine._issue_staged``). These tests hold or break each step on the
+real servers and check that no role is ever committed without its intent,
+and that every failure leaves neither a role nor a lease behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import hvac
+import pytest
+import requests
+
+from broker.lease import LeaseFilter
+from tests.conftest import run
+from tests.integration.broker_harness import BrokerThread, start_broker, write_config
+from tests.integration.store_fixtures import fresh_postgres_database
+
+pytestmark = pytest.mark.integration
+
+#: The default creation statement, as a TOML string body.
+CREATE = r"""CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}'"""
+
+
+def _mount(dsn: str, prefix: str, roles: dict[str, list[str] | None]) -> str:
+    """Mount ``pg`` (one admin connection) with a role per entry; None: default statements."""
+    lines = [f"""
+[mounts.pg]
+plugin = "postgres"
+connection_url = "{dsn}"
+max_open_connections = 1
+"""]
+    for name, statements in roles.items():
+        lines.append(f"""
+[mounts.pg.roles.{name}]
+username_template = "{prefix}{name}-{{{{random 8}}}}"
+default_ttl = "1h"
+max_ttl = "1h"
+""")
+        if statements is not None:
+            quoted = ", ".join(f'"{s}"' for s in statements)
+            lines.append(f"creation_statements = [{quoted}]\n")
+    return "".join(lines)
+
+
+async def _roles(dsn: str, prefix: str) -> set[str]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch("SELECT rolname FROM pg_roles WHERE starts_with(rolname, $1)",
+                                prefix)
+        return {r[0] for r in rows}
+    finally:
+        await conn.close()
+
+
+async def _admin_sessions(dsn: str, state: str) -> int:
+    """The broker's admin connections of mount pg in ``state`` (pg_stat_activity)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'broker:pg'"
+            " AND state = $1", state))
+    finally:
+        await conn.close()
+
+
+async def _eventually(check: Any, timeout: float, what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await check():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def _issue(broker: BrokerThread, role: str) -> requests.Response:
+    return requests.post(f"{broker.url}/v1/pg/creds/{role}", timeout=30,
+                         headers={"X-Vault-Token": broker.root_token})
+
+
+def _leases(broker: BrokerThread, role: str) -> list[str]:
+    assert broker.state is not None
+    store = broker.state.store
+    return broker.call(store.list_ids(LeaseFilter(prefix=f"pg/creds/{role}/")))
+
+
+@pytest.fixture
+def prefix(postgres_dsn: str) -> Iterator[str]:
+    """A role-name prefix of this test's own; whatever it left is dropped afterwards."""
+    tag = f"stg{os.getpid() % 10000}-"
+    yield tag
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(postgres_dsn)
+        try:
+            for name in await conn.fetch(
+                    "SELECT rolname FROM pg_roles WHERE starts_with(rolname, $1)", tag):
+                await conn.execute('DROP ROLE IF EXISTS "{}"'.format(name[0].replace('"', '""')))
+        finally:
+            await conn.close()
+    run(drop())
+
+
+def _stop(broker: BrokerThread) -> None:
+    requests.put(f"{broker.url}/v1/sys/leases/revoke-prefix/pg/", json={"sync": True},
+                 headers={"X-Vault-Token": broker.root_token}, timeout=120)
+    broker.stop()
+
+
+async def test_role_commits_only_after_its_intent_is_durable(
+        tmp_path: Path, postgres_dsn: str, prefix: str, request: pytest.FixtureRequest) -> None:
+    """With the store's lease table locked, the role's statements run but it never commits."""
+    store = await fresh_postgres_database(request)
+    broker = start_broker(write_config(tmp_path, _mount(postgres_dsn, prefix, {"app": None}),
+                                       storage_url=store))
+    try:
+        client = hvac.Client(url=broker.url, token=broker.root_token)
+
+        def issue() -> dict[str, Any]:
+            return client.secrets.database.generate_credentials("app", mount_point="pg")
+
+        first = await asyncio.to_thread(issue)  # store migrated, admin pool connected
+        assert await _roles(postgres_dsn, prefix) == {first["data"]["username"]}
+        blocker = await asyncpg.connect(store)
+        try:
+            hold = blocker.transaction()
+            await hold.start()
+            # The intent (an INSERT into leases) waits on this lock; reads go on.
+            await blocker.execute("LOCK TABLE leases IN EXCLUSIVE MODE")
+            pending = asyncio.ensure_future(asyncio.to_thread(issue))
+            # The role's statements ran: the admin connection waits, inside its transaction.
+            await _eventually(lambda: _admin_sessions(postgres_dsn, "idle in transaction"),
+                              10, "the staged role")
+            await asyncio.sleep(0.5)
+            assert not pending.done()
+            assert await _roles(postgres_dsn, prefix) == {first["data"]["username"]}, \
+                "a role committed before its intent was durable"
+        finally:
+            await hold.rollback()
+            await blocker.close()
+        second = await asyncio.wait_for(pending, 30)
+        name = second["data"]["username"]
+        assert await _roles(postgres_dsn, prefix) == {first["data"]["username"], name}
+        host_part = postgres_dsn.split("@", 1)[1]
+        conn = await asyncpg.connect(f"postgresql://{name}:{second['data']['password']}"
+                                     f"@{host_part}")
+        await conn.close()
+        lease = second["lease_id"]
+        assert lease in await asyncio.to_thread(_leases, broker, "app")
+    finally:
+        await asyncio.to_thread(_stop, broker)
+
+
+async def test_an_intent_that_fails_leaves_no_role(
+        tmp_path: Path, postgres_dsn: str, prefix: str, request: pytest.FixtureRequest) -> None:
+    """The store refuses the pending row: the staged role is rolled back, the connection reused."""
+    store = await fresh_postgres_database(request)
+    broker = start_broker(write_config(
+        tmp_path, _mount(postgres_dsn, prefix, {"app": None, "refused": None}),
+        storage_url=store))
+    try:
+        assert (await asyncio.to_thread(_issue, broker, "app")).status_code == 200
+        conn = await asyncpg.connect(store)
+        try:
+            await conn.execute("ALTER TABLE leases ADD CONSTRAINT staged_test_refuse"
+                               " CHECK (role <> 'refused')")
+        finally:
+            await conn.close()
+        for _ in range(3):  # one admin connection: a leaked one would hang the next issue
+            refused = await asyncio.to_thread(_issue, broker, "refused")
+            assert refused.status_code >= 500, refused.text
+            assert refused.json()["errors"]
+            assert (await asyncio.to_thread(_issue, broker, "app")).status_code == 200
+        assert await _roles(postgres_dsn, f"{prefix}refused") == set()
+        assert await asyncio.to_thread(_leases, broker, "refused") == []
+        assert len(await _roles(postgres_dsn, f"{prefix}app")) == 4
+    finally:
+        await asyncio.to_thread(_stop, broker)
+
+
+async def test_a_commit_that_fails_undoes_the_lease_and_the_role(
+        tmp_path: Path, postgres_dsn: str, prefix: str) -> None:
+    """A deferred constraint fails the role's COMMIT: no role, no lease, a rollback audited."""
+    parent, child = f"stg_parent_{os.getpid()}", f"stg_child_{os.getpid()}"
+    admin = await asyncpg.connect(postgres_dsn)
+    await admin.execute(f"""
+        DROP TABLE IF EXISTS {child}, {parent};
+        CREATE TABLE {parent} (id int PRIMARY KEY);
+        CREATE TABLE {child} (id int REFERENCES {parent} DEFERRABLE INITIALLY DEFERRED);
+    """)
+    broker = start_broker(write_config(tmp_path, _mount(postgres_dsn, prefix, {
+        "app": None,
+        # Runs fine; its COMMIT fails (no parent row 1).
+        "deferred": [CREATE, f"INSERT INTO {child} VALUES (1)"],
+    })))
+    try:
+        failed = await asyncio.to_thread(_issue, broker, "deferred")
+        assert failed.status_code == 400, failed.text
+        assert "foreign key" in failed.json()["errors"][0]
+        assert await _roles(postgres_dsn, f"{prefix}deferred") == set()
+        assert await asyncio.to_thread(_leases, broker, "deferred") == []
+        assert broker.state is not None
+        stats = broker.state.engine.mounts["pg"].stats
+        assert stats["commit_user"].errors == 1  # it failed at the commit, not before
+        lines = (await asyncio.to_thread(Path(broker.audit_path).read_text)).splitlines()
+        rollbacks = [e for e in map(json.loads, lines)
+                     if e["type"] == "rollback" and e["lease"]["role"] == "deferred"]
+        assert len(rollbacks) == 1, rollbacks
+        assert "foreign key" in rollbacks[0]["reason"]
+        # The one admin connection is usable again.
+        assert (await asyncio.to_thread(_issue, broker, "app")).status_code == 200
+    finally:
+        await asyncio.to_thread(_stop, broker)
+        await admin.execute(f"DROP TABLE IF EXISTS {child}, {parent}")
+        await admin.close()
+
+
+async def test_a_cancelled_issue_leaves_nothing(tmp_path: Path, postgres_dsn: str,
+                                                prefix: str) -> None:
+    """Cancelled while its statements run (shutdown, timeout): no role, no row, no lost connection."""
+    broker = start_broker(write_config(tmp_path, _mount(postgres_dsn, prefix, {
+        "app": None,
+        "slow": [CREATE, "SELECT pg_sleep(2)"],
+    })))
+    try:
+        assert broker.state is not None
+        engine, store = broker.state.engine, broker.state.store
+        token = broker.call(store.token_by_accessor("test-root"))
+        assert token is not None
+        issuing = asyncio.run_coroutine_threadsafe(engine.issue("pg", "slow", token=token),
+                                                   broker.loop)
+        await _eventually(lambda: _admin_sessions(postgres_dsn, "active"), 10,
+                          "the slow statements")
+        issuing.cancel()
+        await _eventually(lambda: _no_active_admin_session(postgres_dsn), 10,
+                          "the aborted transaction")
+        await _eventually(lambda: _no_leases(broker, "slow"), 10, "the rolled-back row")
+        assert await _roles(postgres_dsn, f"{prefix}slow") == set()
+        assert (await asyncio.to_thread(_issue, broker, "app")).status_code == 200
+    finally:
+        await asyncio.to_thread(_stop, broker)
+
+
+async def _no_active_admin_session(dsn: str) -> bool:
+    return await _admin_sessions(dsn, "active") == 0
+
+
+async def _no_leases(broker: BrokerThread, role: str) -> bool:
+    return await asyncio.to_thread(_leases, broker, role) == []
