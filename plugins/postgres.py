@@ -116,6 +116,8 @@ _SCRAM = "scram-sha-256"
 _HASHING_MODES = (_SCRAM, "server")
 _MAX_USERNAME = 63  # NAMEDATALEN - 1
 _ATTEMPTS = 8
+#: How long a revocation waits for admin sessions cut off mid-COMMIT to end (_settle).
+_SETTLE_SECONDS = 10.0
 # One key for all broker DDL in a database (advisory locks are per database).
 _DDL_LOCK_KEY = int.from_bytes(hashlib.sha256(b"broker:ddl").digest()[:8], "big", signed=True)
 # SQLSTATEs that are worth retrying as a whole transaction.
@@ -258,6 +260,8 @@ class PostgresBackend:
         self._scram_iterations = DEFAULT_ITERATIONS
         self._pool: asyncpg.Pool | None = None
         self._pool_lock = asyncio.Lock()
+        #: server pids of admin sessions cut off in the middle of a COMMIT (see _settle).
+        self._unsettled: set[int] = set()
 
     # -- configuration (no I/O) ------------------------------------------------
 
@@ -421,7 +425,8 @@ class PostgresBackend:
             conn.terminate()
             await pool.release(conn)
             raise error
-        return _StagedRole(pool, conn, creation.response, [*creation.secrets, self._secret])
+        return _StagedRole(pool, conn, creation.response, [*creation.secrets, self._secret],
+                           self._unsettled.add)
 
     async def _creation(self, req: NewUserRequest) -> _Creation:
         """The checked, rendered creation transaction for ``req``."""
@@ -468,6 +473,7 @@ class PostgresBackend:
         custom = templates is not DEFAULT_REVOCATION_STATEMENTS
 
         async def body(conn: asyncpg.Connection) -> bool:
+            await self._settle(conn)
             return await self._revoke(conn, name, templates, statements, custom=custom)
 
         if await self._run("delete_user", body):
@@ -503,6 +509,7 @@ class PostgresBackend:
             names = list(batch)
 
             async def body(conn: asyncpg.Connection) -> None:
+                await self._settle(conn)
                 await self._revoke_many(conn, names)
 
             try:
@@ -616,6 +623,33 @@ class PostgresBackend:
         # Raised outside the except block so the driver error (which may quote
         # the statement) is neither the cause nor the context of what we raise.
         raise error
+
+    async def _settle(self, conn: asyncpg.Connection) -> None:
+        """Wait until the admin sessions cut off mid-COMMIT are gone: their outcome is then known.
+
+        A COMMIT the broker stopped waiting for (cancelled, timed out, the
+        connection lost) may still be running on the server, e.g. waiting for
+        a synchronous standby or the disk; until it ends, other sessions do not
+        see its role. A revocation run meanwhile finds no role, calls it done,
+        and the role appears afterwards with nobody tracking it. So every
+        revocation first terminates those sessions (a commit past its WAL
+        record still finishes) and waits for them to go.
+        """
+        if not self._unsettled:
+            return
+        pids = sorted(self._unsettled)
+        query = ("FROM pg_stat_activity WHERE pid = ANY($1::int[])"
+                 " AND application_name = $2")  # a reused pid is not ours
+        app = f"broker:{self._mount}"
+        await conn.execute(f"SELECT pg_terminate_backend(pid) {query}", pids, app)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _SETTLE_SECONDS
+        while await conn.fetchval(f"SELECT count(*) {query}", pids, app):
+            if loop.time() > deadline:
+                raise BackendError("an earlier admin session is still ending its COMMIT;"
+                                   " revoking later", retryable=True)
+            await asyncio.sleep(0.05)
+        self._unsettled.difference_update(pids)
 
     def _needs_lock(self, templates: Iterable[str]) -> bool:
         """Whether a transaction of ``templates`` takes the DDL advisory lock.
@@ -874,28 +908,35 @@ class _StagedRole:
     """A role created in an open transaction; its connection is held until commit or abort."""
 
     def __init__(self, pool: asyncpg.Pool, conn: asyncpg.Connection, response: NewUserResponse,
-                 secret_values: Sequence[str | None]) -> None:
+                 secret_values: Sequence[str | None], unsettled: Callable[[int], None]) -> None:
         self.response = response
         self._pool = pool
         self._conn: asyncpg.Connection | None = conn
         self._secrets = secret_values
+        self._unsettled = unsettled
 
     async def commit(self) -> None:
         conn = self._take()
         error: BackendError | None = None
         try:
             await conn.execute("COMMIT")
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+        except asyncpg.PostgresError as exc:  # the server answered: not committed
             error = _wrap("new_user", exc, self._secrets)
+        except (asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            error = _wrap("new_user", exc, self._secrets)
+            self._cut_off(conn)
         except BaseException:
-            conn.terminate()  # cancelled mid-COMMIT: the outcome is unknown
+            self._cut_off(conn)  # cancelled (the call's timeout, shutdown)
             await self._pool.release(conn)
             raise
-        if error is not None:
-            conn.terminate()
         await self._pool.release(conn)
         if error is not None:
             raise error
+
+    def _cut_off(self, conn: asyncpg.Connection) -> None:
+        """Drop a connection whose COMMIT has no known outcome; revocations settle it first."""
+        self._unsettled(conn.get_server_pid())
+        conn.terminate()
 
     async def abort(self) -> None:
         conn = self._take()

@@ -3,38 +3,25 @@
 from __future__ import annotations
 
 import json
-import secrets
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
-import asyncpg
 import hvac
 import pytest
 
 from tests.conftest import run
 from tests.integration.broker_harness import BrokerThread, free_port, start_broker
+from tests.integration.store_fixtures import fresh_postgres_database
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def store_dsn(postgres_dsn: str) -> Iterator[str]:
-    """A fresh database for the shared lease store, dropped afterwards."""
-    name = f"broker_e2e_{secrets.token_hex(4)}"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(postgres_dsn)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    run(admin(f'CREATE DATABASE "{name}"'))
-    base = postgres_dsn.rsplit("/", 1)[0]
-    yield f"{base}/{name}"
-    run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+def store_dsn(request: pytest.FixtureRequest) -> str:
+    """An empty database for the shared lease store (the session's own, tables dropped)."""
+    dsn: str = run(fresh_postgres_database(request))
+    return dsn
 
 
 def replica_config(tmp: Path, store_dsn: str, pg_dsn: str, name: str) -> Path:

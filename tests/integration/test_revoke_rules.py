@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 import requests
 
@@ -28,6 +26,7 @@ from broker.config import load_config
 from broker.lease import LeaseState
 from tests.conftest import run
 from tests.integration.broker_harness import ROOT_TOKEN, BrokerThread
+from tests.integration.store_fixtures import fresh_postgres_database
 
 pytestmark = pytest.mark.integration
 
@@ -35,23 +34,11 @@ PREFIX = "bench/creds/r/"
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'broker.db'}"
-        return
-    admin_dsn: str = request.getfixturevalue("postgres_dsn")
-    name = f"broker_rules_{secrets.token_hex(4)}"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(admin_dsn)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    run(admin(f'CREATE DATABASE "{name}"'))
-    yield f"{admin_dsn.rsplit('/', 1)[0]}/{name}"
-    run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        return f"sqlite:///{tmp_path / 'broker.db'}"
+    dsn: str = run(fresh_postgres_database(request))
+    return dsn
 
 
 @pytest.fixture

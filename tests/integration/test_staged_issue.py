@@ -32,9 +32,12 @@ pytestmark = pytest.mark.integration
 CREATE = r"""CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}'"""
 
 
-def _mount(dsn: str, prefix: str, roles: dict[str, list[str] | None]) -> str:
+def _mount(dsn: str, prefix: str, roles: dict[str, list[str] | None], leases: str = "") -> str:
     """Mount ``pg`` (one admin connection) with a role per entry; None: default statements."""
     lines = [f"""
+[leases]
+{leases}
+
 [mounts.pg]
 plugin = "postgres"
 connection_url = "{dsn}"
@@ -257,3 +260,40 @@ async def _no_active_admin_session(dsn: str) -> bool:
 
 async def _no_leases(broker: BrokerThread, role: str) -> bool:
     return await asyncio.to_thread(_leases, broker, role) == []
+
+
+async def test_a_commit_cut_off_by_the_timeout_is_settled_before_the_rollback(
+        tmp_path: Path, postgres_dsn: str, prefix: str) -> None:
+    """A COMMIT still running when the call times out is ended on the server, not orphaned.
+
+    A deferred trigger makes the COMMIT sleep 3 s; the backend timeout is 1 s.
+    The broker gives up and rolls back, but the server would go on and commit
+    the role after the rollback's DROP found nothing, unless the rollback
+    first ends that session (``PostgresBackend._settle``).
+    """
+    table, func = f"stg_slow_{os.getpid()}", f"stg_sleepy_{os.getpid()}"
+    admin = await asyncpg.connect(postgres_dsn)
+    await admin.execute(f"""
+        DROP TABLE IF EXISTS {table};
+        CREATE TABLE {table} (id int);
+        CREATE OR REPLACE FUNCTION {func}() RETURNS trigger LANGUAGE plpgsql
+            AS $$ BEGIN PERFORM pg_sleep(3); RETURN NULL; END $$;
+        CREATE CONSTRAINT TRIGGER {func} AFTER INSERT ON {table}
+            DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {func}();
+    """)
+    broker = start_broker(write_config(tmp_path, _mount(postgres_dsn, prefix, {
+        "app": None,
+        "slowcommit": [CREATE, f"INSERT INTO {table} VALUES (1)"],
+    }, leases='backend_timeout = "1s"')))
+    try:
+        failed = await asyncio.to_thread(_issue, broker, "slowcommit")
+        assert failed.status_code == 503, failed.text
+        assert "timed out" in failed.json()["errors"][0]
+        await asyncio.sleep(4)  # past the trigger's sleep: an orphan would be there by now
+        assert await _roles(postgres_dsn, f"{prefix}slowcommit") == set()
+        assert await asyncio.to_thread(_leases, broker, "slowcommit") == []
+        assert (await asyncio.to_thread(_issue, broker, "app")).status_code == 200
+    finally:
+        await asyncio.to_thread(_stop, broker)
+        await admin.execute(f"DROP TABLE IF EXISTS {table}; DROP FUNCTION IF EXISTS {func}()")
+        await admin.close()
