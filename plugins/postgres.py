@@ -31,7 +31,12 @@ revoked on its own, so one bad role does not fail the others.
 Every transaction is ONE simple-protocol query: the statements joined by
 ``;``, which PostgreSQL runs as one implicit transaction (all or nothing; a
 failing statement rolls it back and leaves the connection idle). DDL cannot
-take bind parameters anyway; values are checked and quoted literals.
+take bind parameters anyway; values are checked and quoted literals. The one
+exception is how the broker issues: ``stage_user`` sends ``BEGIN`` and the
+creation statements as one query and the ``COMMIT`` as a second, once the
+engine says the lease's intent is durable (``broker.backend.StagingBackend``);
+a revocation first settles any session cut off during such a COMMIT
+(``_settle``).
 
 Concurrent statements that rewrite the same catalog row (``GRANT ... ON``
 a table, schema or database, ``ALTER DEFAULT PRIVILEGES``, and ``DROP OWNED``
