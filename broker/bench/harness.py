@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -336,6 +336,17 @@ class LoadResult:
     def p(self, q: float) -> float:
         """Latency quantile in milliseconds."""
         return percentile(sorted(self.latencies), q) * 1000
+
+    @classmethod
+    def merge(cls, parts: Sequence[LoadResult]) -> LoadResult:
+        """Several phases of the same load as one (their times and calls summed)."""
+        return cls(
+            ok=sum(p.ok for p in parts),
+            errors=sum(p.errors for p in parts),
+            seconds=sum(p.seconds for p in parts),
+            latencies=[x for p in parts for x in p.latencies],
+            first_error=next((p.first_error for p in parts if p.first_error), None),
+        )
 
 
 class Exhausted(Exception):
