@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -40,11 +40,12 @@ async def pg_available(dsn: str) -> bool:
     return True
 
 
-def pg_mount(bench: Bench, *, max_open: int = 8, serialize_ddl: bool | None = None
+def pg_mount(bench: Bench, *, max_open: int = 8, options: Mapping[str, str] | None = None
              ) -> tuple[str, dict[str, str]]:
     """TOML of mount ``pg`` (role ``bench``) on the bench's server, and the env it needs.
 
-    ``serialize_ddl`` None leaves the plugin's default ("auto").
+    ``options``: more mount keys, as TOML values (``{"serialize_ddl": "false"}``);
+    by default the plugin's defaults.
 
     The plugin refuses a password inside connection_url: one in the DSN goes
     through ``password_env`` instead.
@@ -59,14 +60,13 @@ def pg_mount(bench: Bench, *, max_open: int = 8, serialize_ddl: bool | None = No
         host = parts.netloc.rpartition("@")[2]
         parts = parts._replace(netloc=f"{parts.username}@{host}")
     url = urlunsplit(parts._replace(query=""))
-    serialize_line = "" if serialize_ddl is None else (
-        f"serialize_ddl = {'true' if serialize_ddl else 'false'}")
+    option_lines = "\n".join(f"{key} = {value}" for key, value in (options or {}).items())
     toml = f"""
 [mounts.pg]
 plugin = "postgres"
 connection_url = "{url}"
 max_open_connections = {max_open}
-{serialize_line}
+{option_lines}
 {secret_line}
 
 [mounts.pg.roles.bench]

@@ -16,7 +16,8 @@ The judged runs use the mount's default ``serialize_ddl = "auto"`` (no DDL
 lock for this template). Unjudged diagnosis: the raw statement with a
 verifier hashed outside the timing (what the server's part costs on its own,
 its empty-password check included), the broker at c=8 with ``serialize_ddl =
-false`` and ``= true`` (what the lock costs), and at c=1 the time the target
+false`` and ``= true`` (what the lock costs) and with ``password_hashing =
+"server"`` (what the verifier costs), and at c=1 the time the target
 leaves the broker per call next to what a no-op issue and a bare
 ``/v1/sys/health`` round trip take on the same broker (its serial floor).
 """
@@ -70,30 +71,34 @@ async def run(bench: Bench) -> list[Row]:
     store_url = f"sqlite:///{tmp / 'broker.db'}"
     await create_root_token(store_url)
     await drop_roles(dsn)
-    runs: list[tuple[int, bool | None]] = [(1, None), (8, None)] + (
-        [] if bench.quick else [(8, False), (8, True)])
+    # (concurrency, mount options): the default mount is judged; the others are a
+    # diagnosis: what the DDL lock costs, and what the SCRAM verifier costs.
+    runs: list[tuple[int, dict[str, str]]] = [(1, {}), (8, {})] + ([] if bench.quick else [
+        (8, {"serialize_ddl": "false"}), (8, {"serialize_ddl": "true"}),
+        (8, {"password_hashing": '"server"'})])
     raws: dict[int, LoadResult] = {}
-    for concurrency, serialize in runs:
-        if serialize is None:
+    for concurrency, options in runs:
+        judged = not options
+        if judged:
             # Diagnosis: the server's part alone (one verifier, hashed once, untimed).
             prehashed = await raw_load(dsn, _prehashed_sql(), concurrency=concurrency,
                                        seconds=seconds)
             await drop_roles(dsn)
-        label = f"c={concurrency}" + (
-            "" if serialize is None else f", serialize_ddl={str(serialize).lower()}")
+        label = ", ".join([f"c={concurrency}", *(f"{k}={v.strip(chr(34))}"
+                                                 for k, v in options.items())])
         bench.log(f"{NAME}: broker HTTP issue, {label}"
-                  + (" and raw asyncpg CREATE ROLE, alternating" if serialize is None else ""))
-        toml, env = pg_mount(bench, max_open=concurrency, serialize_ddl=serialize)
+                  + (" and raw asyncpg CREATE ROLE, alternating" if judged else ""))
+        toml, env = pg_mount(bench, max_open=concurrency, options=options)
         config = broker_config(tmp, store_url=store_url, mounts=toml,
-                               name=f"broker-c{concurrency}-{serialize}")
+                               name=f"broker-c{concurrency}-{len(rows)}")
         async with running(config, env) as broker, ApiClient(broker.url,
                                                              concurrency=concurrency) as api:
             async def issue(_w: int, api: ApiClient = api) -> None:
                 await api.issue("pg", "bench")
 
             await run_load(issue, concurrency=concurrency, seconds=min(0.5, seconds))  # warm-up
-            if serialize is None:
-                # The raw baseline does not depend on the plugin's setting: measured
+            if judged:
+                # The raw baseline does not depend on the mount's options: measured
                 # here, in turns with the broker, and reused for the diagnosis runs.
                 http, raws[concurrency] = await _alternating(
                     dsn, issue, concurrency=concurrency, seconds=seconds, segments=segments)
@@ -103,7 +108,7 @@ async def run(bench: Bench) -> list[Row]:
                      if concurrency == 1 else None)
         await drop_roles(dsn)
         raw = raws[concurrency]
-        if serialize is None:
+        if judged:
             rows.append(Row(NAME, f"raw with a SCRAM verifier, c={concurrency}",
                             prehashed.rate, "/s", raw.rate,
                             note="diagnosis: verifier hashed untimed; the server checks it"))
@@ -111,9 +116,8 @@ async def run(bench: Bench) -> list[Row]:
         if raw.errors:
             note += f" raw: {raw.errors} errors: {raw.first_error}"
         rows += [
-            # serialize_ddl=false/true are a diagnosis (what the lock costs), not the default.
             Row(NAME, f"issue rate, {label}", http.rate, "/s", raw.rate,
-                TARGET if serialize is None else None, note=note.strip(),
+                TARGET if judged else None, note=note.strip(),
                 extra={"ops": http.ok, "raw_ops": raw.ok}),
             Row(NAME, f"issue p50, {label}", http.p(0.5), "ms", raw.p(0.5)),
             Row(NAME, f"issue p99, {label}", http.p(0.99), "ms", raw.p(0.99)),
