@@ -553,6 +553,11 @@ class LeaseEngine:
         The staged user is aborted first (it never existed), then the intent is
         waited for, so that the rollback's delete of the row comes after its
         insert; a row that never got written needs no rollback.
+
+        If the rollback fails, a row that is still pending is the stale-pending
+        job's; one that went active (its activation ran with the backend's
+        failed COMMIT) is queued for revocation, so the sweeper retries it with
+        backoff instead of leaving it to its expiry.
         """
         if staged is not None:
             await staged.abort()
@@ -560,7 +565,14 @@ class LeaseEngine:
             await intent
         except BaseException as exc:  # returned: the caller decides
             return exc
-        await self._rollback(lease, role, reason=reason, request=request)
+        if not await self._rollback(lease, role, reason=reason, request=request):
+            try:
+                current = await self.store.get(lease.id)
+                if current is not None and current.state is LeaseState.ACTIVE:
+                    await self.revoke(current, reason="revoke", wait=0)
+            except Exception as exc:  # already failing: the row then waits for its expiry
+                log.warning("could not queue %s for revocation after a failed rollback: %s",
+                            lease.id, exc)
         return None
 
     async def _rollback(

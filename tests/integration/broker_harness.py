@@ -173,3 +173,73 @@ def spawn_broker(config_path: Path, *extra: str, env: dict[str, str] | None = No
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+
+
+class TcpProxy:
+    """A loopback TCP proxy to a real server that tests can cut and restore (a backend outage)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self.loop = asyncio.new_event_loop()
+        self.server: asyncio.AbstractServer | None = None
+        self.conns: set[asyncio.StreamWriter] = set()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.up()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+        self.conns |= {writer, up_w}
+        await asyncio.gather(self._pipe(reader, up_w), self._pipe(up_r, writer))
+
+    def up(self) -> None:
+        async def start() -> None:
+            if self.server is None or not self.server.is_serving():
+                self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        asyncio.run_coroutine_threadsafe(start(), self.loop).result(10)
+
+    def down(self) -> None:
+        async def stop() -> None:
+            assert self.server is not None
+            self.server.close()
+            for w in self.conns:
+                w.close()
+            self.conns.clear()
+        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
+
+    def close(self) -> None:
+        self.down()
+
+        async def drain() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if self.server is not None:
+                await self.server.wait_closed()
+        asyncio.run_coroutine_threadsafe(drain(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+def via_proxy(dsn: str, port: int) -> str:
+    """``dsn`` (user@host:port/db, no password) pointed at a local ``port`` (a TcpProxy)."""
+    user_host, db = dsn.split("://", 1)[1].rsplit("/", 1)
+    user = user_host.split("@")[0]
+    return f"postgresql://{user}@127.0.0.1:{port}/{db}"

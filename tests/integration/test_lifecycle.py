@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import os
 import signal
@@ -23,9 +22,10 @@ import requests
 from tests.conftest import run
 from tests.integration.broker_harness import (
     BrokerThread,
-    free_port,
+    TcpProxy,
     spawn_broker,
     start_broker,
+    via_proxy,
     wait_healthy,
     write_config,
 )
@@ -152,68 +152,6 @@ def test_non_loopback_listener_without_tls_is_refused(tmp_path: Path) -> None:
     assert result.returncode == 2 and "TLS" in result.stderr
 
 
-class TcpProxy:
-    """A loopback TCP proxy to a real server that tests can cut and restore (a backend outage)."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = free_port()
-        self.loop = asyncio.new_event_loop()
-        self.server: asyncio.AbstractServer | None = None
-        self.conns: set[asyncio.StreamWriter] = set()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.up()
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except OSError:
-            pass
-        finally:
-            writer.close()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            writer.close()
-            return
-        self.conns |= {writer, up_w}
-        await asyncio.gather(self._pipe(reader, up_w), self._pipe(up_r, writer))
-
-    def up(self) -> None:
-        async def start() -> None:
-            self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
-        asyncio.run_coroutine_threadsafe(start(), self.loop).result(10)
-
-    def down(self) -> None:
-        async def stop() -> None:
-            assert self.server is not None
-            self.server.close()
-            for w in self.conns:
-                w.close()
-            self.conns.clear()
-        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
-
-    def close(self) -> None:
-        self.down()
-
-        async def drain() -> None:
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            if self.server is not None:
-                await self.server.wait_closed()
-        asyncio.run_coroutine_threadsafe(drain(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
-
-
 @pytest.fixture
 def proxy(postgres_dsn: str) -> Iterator[TcpProxy]:
     port = int(postgres_dsn.rsplit(":", 1)[1].split("/")[0]) if postgres_dsn.count(":") > 2 \
@@ -223,18 +161,12 @@ def proxy(postgres_dsn: str) -> Iterator[TcpProxy]:
     p.close()
 
 
-def _via(dsn: str, port: int) -> str:
-    user_host, db = dsn.split("://", 1)[1].rsplit("/", 1)
-    user = user_host.split("@")[0]
-    return f"postgresql://{user}@127.0.0.1:{port}/{db}"
-
-
 def test_outage_loses_no_lease_and_irrevocable_can_be_forced(
         tmp_path: Path, postgres_dsn: str, proxy: TcpProxy) -> None:
     """Backend down: issuing answers 503, revocation retries then goes irrevocable, nothing is lost."""
     template = f"out{os.getpid() % 1000}"
     broker = start_broker(write_config(tmp_path, mount_config(
-        _via(postgres_dsn, proxy.port), template)))
+        via_proxy(postgres_dsn, proxy.port), template)))
     client = hvac.Client(url=broker.url, token=broker.root_token)
     try:
         lease = client.secrets.database.generate_credentials("app", mount_point="pg")
@@ -271,7 +203,7 @@ def test_unreachable_backend_at_start_is_unhealthy_then_recovers(
     """The broker starts with its backend down: health shows it, issue is 503, then it recovers."""
     proxy.down()
     broker = start_broker(write_config(tmp_path, mount_config(
-        _via(postgres_dsn, proxy.port), f"hl{os.getpid() % 1000}")))
+        via_proxy(postgres_dsn, proxy.port), f"hl{os.getpid() % 1000}")))
     client = hvac.Client(url=broker.url, token=broker.root_token)
     try:
         health = requests.get(f"{broker.url}/v1/sys/health", timeout=10).json()

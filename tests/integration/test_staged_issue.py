@@ -21,9 +21,15 @@ import hvac
 import pytest
 import requests
 
-from broker.lease import LeaseFilter
+from broker.lease import LeaseFilter, LeaseState
 from tests.conftest import run
-from tests.integration.broker_harness import BrokerThread, start_broker, write_config
+from tests.integration.broker_harness import (
+    BrokerThread,
+    TcpProxy,
+    start_broker,
+    via_proxy,
+    write_config,
+)
 from tests.integration.store_fixtures import fresh_postgres_database
 
 pytestmark = pytest.mark.integration
@@ -66,13 +72,13 @@ async def _roles(dsn: str, prefix: str) -> set[str]:
         await conn.close()
 
 
-async def _admin_sessions(dsn: str, state: str) -> int:
-    """The broker's admin connections of mount pg in ``state`` (pg_stat_activity)."""
+async def _admin_sessions(dsn: str, state: str, query: str = "%") -> int:
+    """The broker's admin connections of mount pg in ``state`` running ``query`` (LIKE)."""
     conn = await asyncpg.connect(dsn)
     try:
         return int(await conn.fetchval(
             "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'broker:pg'"
-            " AND state = $1", state))
+            " AND state = $1 AND query LIKE $2", state, query))
     finally:
         await conn.close()
 
@@ -222,6 +228,7 @@ async def test_a_commit_that_fails_undoes_the_lease_and_the_role(
         assert "foreign key" in rollbacks[0]["reason"]
         # The one admin connection is usable again.
         assert (await asyncio.to_thread(_issue, broker, "app")).status_code == 200
+
     finally:
         await asyncio.to_thread(_stop, broker)
         await admin.execute(f"DROP TABLE IF EXISTS {child}, {parent}")
@@ -297,3 +304,67 @@ async def test_a_commit_cut_off_by_the_timeout_is_settled_before_the_rollback(
         await asyncio.to_thread(_stop, broker)
         await admin.execute(f"DROP TABLE IF EXISTS {table}; DROP FUNCTION IF EXISTS {func}()")
         await admin.close()
+
+
+async def test_a_cut_off_commit_whose_rollback_cannot_reach_the_server_is_revoked_later(
+        tmp_path: Path, postgres_dsn: str, prefix: str) -> None:
+    """The COMMIT is cut off and the server is then unreachable: the lease is revoked, not left.
+
+    The role's COMMIT sleeps 3 s (a deferred trigger); the backend timeout is
+    1 s; the connection to PostgreSQL (through a proxy) is cut meanwhile. The
+    rollback cannot reach the server, and the server commits the role anyway
+    once the trigger is done. The lease row had gone active with the COMMIT,
+    so it is queued for revocation; once the server is reachable again the
+    sweeper drops the role, instead of the role living until the lease's
+    expiry an hour later.
+    """
+    table, func = f"stg_cut_{os.getpid()}", f"stg_cut_sleepy_{os.getpid()}"
+    admin = await asyncpg.connect(postgres_dsn)
+    await admin.execute(f"""
+        DROP TABLE IF EXISTS {table};
+        CREATE TABLE {table} (id int);
+        CREATE OR REPLACE FUNCTION {func}() RETURNS trigger LANGUAGE plpgsql
+            AS $$ BEGIN PERFORM pg_sleep(3); RETURN NULL; END $$;
+        CREATE CONSTRAINT TRIGGER {func} AFTER INSERT ON {table}
+            DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {func}();
+    """)
+    proxy = TcpProxy(int(postgres_dsn.rsplit(":", 1)[1].split("/")[0])
+                     if postgres_dsn.count(":") > 2 else 5432)
+    broker = start_broker(write_config(tmp_path, _mount(
+        via_proxy(postgres_dsn, proxy.port), prefix,
+        {"app": None, "cut": [CREATE, f"INSERT INTO {table} VALUES (1)"]},
+        leases='backend_timeout = "1s"\nrevoke_backoff_base = "1s"\n'
+               'revoke_backoff_max = "2s"\nrevoke_max_attempts = 20')))
+    try:
+        assert (await asyncio.to_thread(_issue, broker, "app")).status_code == 200
+        issuing = asyncio.ensure_future(asyncio.to_thread(_issue, broker, "cut"))
+        await _eventually(lambda: _admin_sessions(postgres_dsn, "active", "COMMIT"), 10,
+                          "the COMMIT in the trigger's sleep")
+        proxy.down()
+        failed = await asyncio.wait_for(issuing, 30)
+        assert failed.status_code == 503, failed.text
+        [lease_id] = await asyncio.to_thread(_leases, broker, "cut")
+        assert broker.state is not None
+        store = broker.state.store
+
+        async def state() -> LeaseState | None:
+            lease = await asyncio.to_thread(broker.call, store.get(lease_id))
+            return None if lease is None else lease.state
+
+        # Queued for revocation, not left active until its expiry.
+        await _eventually(lambda: _is(state, LeaseState.REVOKING), 10, "the queued revocation")
+        await asyncio.sleep(3)  # the server commits the role after the trigger's sleep
+        assert len(await _roles(postgres_dsn, f"{prefix}cut")) == 1
+        proxy.up()
+        await _eventually(lambda: _is(state, LeaseState.REVOKED), 30, "the revocation")
+        assert await _roles(postgres_dsn, f"{prefix}cut") == set()
+    finally:
+        proxy.up()
+        await asyncio.to_thread(_stop, broker)
+        await asyncio.to_thread(proxy.close)
+        await admin.execute(f"DROP TABLE IF EXISTS {table}; DROP FUNCTION IF EXISTS {func}()")
+        await admin.close()
+
+
+async def _is(state: Any, wanted: LeaseState) -> bool:
+    return bool(await state() is wanted)
