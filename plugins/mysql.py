@@ -45,7 +45,9 @@ backend. ``renew_user`` is therefore a no-op that returns the requested
 expiration, and ``renew_statements`` are refused at config load rather than
 silently never run.
 
-Revocation, in an order that leaves no window for a live session:
+Revocation, in an order that leaves no window for a live session (after
+ending any admin session of the broker's own that was dropped mid-statement,
+see ``_settle``):
 
 1. ``ALTER USER ... ACCOUNT LOCK`` for every host of the user: no new logins;
 2. ``KILL CONNECTION`` for every ``information_schema.PROCESSLIST`` row of the
@@ -144,6 +146,8 @@ _ER_PARSE_ERROR = 1064
 _ER_NO_SUCH_THREAD = 1094
 _ER_CANNOT_USER = 1396
 _ACCESS_DENIED = frozenset({1044, 1045, 1142, 1143, 1227})
+#: How long a revocation waits for admin sessions dropped mid-statement to end (_settle).
+_SETTLE_SECONDS = 10.0
 
 
 class _QuietCursor(aiomysql.Cursor):  # type: ignore[misc]
@@ -218,6 +222,8 @@ class MySQLBackend:
         self._host_part = host_part
         self._pool: aiomysql.Pool | None = None
         self._pool_lock = asyncio.Lock()
+        #: server thread ids of admin connections dropped mid-statement (see _settle).
+        self._unsettled: set[int] = set()
         self.capabilities = Capabilities(
             can_renew=False,  # no server-side expiry to push: see "Renewal" above
             can_revoke=True,
@@ -406,6 +412,7 @@ class MySQLBackend:
             custom = self._render_all(templates, self._values(role, name), key)
         hosts = self._candidate_hosts(req)
         async with self._cursor("revoking user") as cur:
+            await self._settle(cur)
             hosts |= await self._user_hosts(cur, name)
             for host in sorted(hosts):
                 await self._lock_account(cur, name, host)
@@ -527,6 +534,40 @@ class MySQLBackend:
             if _error_code(exc) not in {_ER_PARSE_ERROR, _ER_CANNOT_USER}:
                 raise self._wrap("revoking user", exc) from None
 
+    async def _settle(self, cur: Any) -> None:
+        """End the admin sessions dropped mid-statement, and wait until they are gone.
+
+        Closing a connection does not stop the statement it was running: the
+        server finishes it. A ``CREATE USER`` cut off that way (the backend
+        timeout, shutdown) could still create its user after the rollback's
+        ``DROP USER IF EXISTS`` found nothing, and MySQL users never expire
+        by themselves. So every revocation first kills those sessions and
+        waits for them to go (thread ids are not reused while the server runs).
+        """
+        if not self._unsettled:
+            return
+        ids = sorted(self._unsettled)
+        for thread_id in ids:
+            try:
+                await cur.execute(f"KILL CONNECTION {thread_id:d}")
+            except pymysql.err.MySQLError as exc:
+                if _error_code(exc) != _ER_NO_SUCH_THREAD:  # gone already: fine
+                    raise self._wrap("ending a dropped admin session", exc) from None
+        placeholders = ", ".join(["%s"] * len(ids))
+        deadline = asyncio.get_running_loop().time() + _SETTLE_SECONDS
+        while True:
+            await self._run(cur, "waiting for a dropped admin session",
+                            "SELECT COUNT(*) FROM information_schema.PROCESSLIST"
+                            f" WHERE ID IN ({placeholders})", params=tuple(ids))
+            row = await cur.fetchone()
+            if not row or not row[0]:
+                break
+            if asyncio.get_running_loop().time() > deadline:
+                raise BackendError("mysql: an admin session dropped mid-statement is still"
+                                   " ending; revoking later", retryable=True)
+            await asyncio.sleep(0.05)
+        self._unsettled.difference_update(ids)
+
     async def _kill_sessions(self, cur: Any, name: str, *, final: bool = False) -> None:
         """KILL every live session of ``name``; with ``final``, insist until none is left."""
         rounds = 5 if final else 1
@@ -597,7 +638,10 @@ class MySQLBackend:
         except BaseException as exc:
             if not isinstance(exc, BackendError):
                 # Cancelled or broken mid-statement: the session state is unknown,
-                # so it must not go back to the pool.
+                # so it must not go back to the pool. The server may still be
+                # running that statement (a CREATE USER waiting on a lock): the
+                # next revocation ends it first (_settle).
+                self._unsettled.add(conn.thread_id())
                 conn.close()
             raise
         finally:

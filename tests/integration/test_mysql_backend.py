@@ -572,3 +572,30 @@ def test_validate_role_refuses(role: RoleSpec, key: str) -> None:
     with pytest.raises(PluginConfigError) as err:
         MySQLBackend.validate_role(role)
     assert err.value.key == key
+
+
+async def test_a_statement_cut_off_by_the_timeout_is_ended_before_the_rollback(
+    make_backend: Callable[..., Awaitable[MySQLBackend]], database: str, admin: Admin,
+) -> None:
+    """A creation cut off mid-statement goes on on the server; the rollback ends it first.
+
+    Closing a connection does not stop the statement it runs. ``DO SLEEP(5)``
+    stands in for a ``CREATE USER`` held up (by a lock, say): the rollback's
+    revocation must kill that session and wait for it, not leave it running
+    behind a DROP that found nothing to drop.
+    """
+    role = _role("slow", options={"database": database}, creation_statements=(
+        "CREATE USER '{{name}}'@'%' IDENTIFIED BY '{{password}}'", "DO SLEEP(5)"))
+    backend = await make_backend({"slow": role})
+    name = _name(backend.capabilities.max_username_length)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(_issue(backend, role, name), 1)  # the broker's backend timeout
+    sleeping = await admin("SELECT ID FROM information_schema.PROCESSLIST"
+                           " WHERE INFO = 'DO SLEEP(5)'")
+    assert sleeping, "the cut-off statement should still be running on the server"
+    await backend.delete_user(DeleteUserRequest(role=role, username=name, revocation={},
+                                                reason="rollback"))
+    # Gone at once, not after the rest of its 5 s.
+    assert await admin("SELECT ID FROM information_schema.PROCESSLIST"
+                       f" WHERE ID = {int(sleeping[0][0])}") == []
+    assert await _users(admin, name) == []
