@@ -547,20 +547,23 @@ class MySQLBackend:
         if not self._unsettled:
             return
         ids = sorted(self._unsettled)
-        for thread_id in ids:
+        # Only sessions of the admin account: after a server restart a thread
+        # id may belong to somebody else's connection.
+        query = ("SELECT ID FROM information_schema.PROCESSLIST"
+                 f" WHERE ID IN ({', '.join(['%s'] * len(ids))})"
+                 " AND USER = SUBSTRING_INDEX(CURRENT_USER(), '@', 1)")
+        await self._run(cur, "finding dropped admin sessions", query, params=tuple(ids))
+        for (thread_id,) in await cur.fetchall():
             try:
-                await cur.execute(f"KILL CONNECTION {thread_id:d}")
+                await cur.execute(f"KILL CONNECTION {int(thread_id):d}")
             except pymysql.err.MySQLError as exc:
                 if _error_code(exc) != _ER_NO_SUCH_THREAD:  # gone already: fine
                     raise self._wrap("ending a dropped admin session", exc) from None
-        placeholders = ", ".join(["%s"] * len(ids))
         deadline = asyncio.get_running_loop().time() + _SETTLE_SECONDS
         while True:
-            await self._run(cur, "waiting for a dropped admin session",
-                            "SELECT COUNT(*) FROM information_schema.PROCESSLIST"
-                            f" WHERE ID IN ({placeholders})", params=tuple(ids))
-            row = await cur.fetchone()
-            if not row or not row[0]:
+            await self._run(cur, "waiting for dropped admin sessions", query,
+                            params=tuple(ids))
+            if not await cur.fetchall():
                 break
             if asyncio.get_running_loop().time() > deadline:
                 raise BackendError("mysql: an admin session dropped mid-statement is still"
