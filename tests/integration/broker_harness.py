@@ -19,6 +19,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -236,6 +237,11 @@ class TcpProxy:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.loop.close()
+
+
+def dsn_port(dsn: str, default: int = 5432) -> int:
+    """The port a DSN names (``default`` when it names none)."""
+    return urlsplit(dsn).port or default
 
 
 def via_proxy(dsn: str, port: int) -> str:

@@ -23,6 +23,7 @@ from tests.conftest import run
 from tests.integration.broker_harness import (
     BrokerThread,
     TcpProxy,
+    dsn_port,
     spawn_broker,
     start_broker,
     via_proxy,
@@ -154,8 +155,7 @@ def test_non_loopback_listener_without_tls_is_refused(tmp_path: Path) -> None:
 
 @pytest.fixture
 def proxy(postgres_dsn: str) -> Iterator[TcpProxy]:
-    port = int(postgres_dsn.rsplit(":", 1)[1].split("/")[0]) if postgres_dsn.count(":") > 2 \
-        else 5432
+    port = dsn_port(postgres_dsn)
     p = TcpProxy(port)
     yield p
     p.close()

@@ -4,7 +4,7 @@ The engine writes a lease's intent while the plugin runs its statements in an
 open transaction, then commits the role and activates the lease together
 (``LeaseEngine._issue_staged``). These tests hold or break each step on the
 real servers and check that no role is ever committed without its intent,
-and that every failure leaves neither a role nor a lease behind.
+and that every failure ends with no role and no live lease.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from tests.conftest import run
 from tests.integration.broker_harness import (
     BrokerThread,
     TcpProxy,
+    dsn_port,
     start_broker,
     via_proxy,
     write_config,
@@ -328,8 +329,7 @@ async def test_a_cut_off_commit_whose_rollback_cannot_reach_the_server_is_revoke
         CREATE CONSTRAINT TRIGGER {func} AFTER INSERT ON {table}
             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {func}();
     """)
-    proxy = TcpProxy(int(postgres_dsn.rsplit(":", 1)[1].split("/")[0])
-                     if postgres_dsn.count(":") > 2 else 5432)
+    proxy = TcpProxy(dsn_port(postgres_dsn))
     broker = start_broker(write_config(tmp_path, _mount(
         via_proxy(postgres_dsn, proxy.port), prefix,
         {"app": None, "cut": [CREATE, f"INSERT INTO {table} VALUES (1)"]},
