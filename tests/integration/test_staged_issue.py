@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +119,31 @@ def prefix(postgres_dsn: str) -> Iterator[str]:
         finally:
             await conn.close()
     run(drop())
+
+
+@pytest.fixture
+async def slow_commit(postgres_dsn: str) -> AsyncIterator[str]:
+    """A table whose inserted rows make their transaction's COMMIT sleep 3 s.
+
+    A deferred constraint trigger runs at COMMIT: a role created in the same
+    transaction commits 3 s late, as if waiting for a synchronous standby.
+    """
+    table = f"stg_slow_{os.getpid()}"
+    admin = await asyncpg.connect(postgres_dsn)
+    try:
+        await admin.execute(f"""
+            DROP TABLE IF EXISTS {table};
+            CREATE TABLE {table} (id int);
+            CREATE OR REPLACE FUNCTION {table}_sleep() RETURNS trigger LANGUAGE plpgsql
+                AS $$ BEGIN PERFORM pg_sleep(3); RETURN NULL; END $$;
+            CREATE CONSTRAINT TRIGGER {table}_sleep AFTER INSERT ON {table}
+                DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {table}_sleep();
+        """)
+        yield table
+    finally:
+        await admin.execute(f"DROP TABLE IF EXISTS {table};"
+                            f" DROP FUNCTION IF EXISTS {table}_sleep()")
+        await admin.close()
 
 
 def _stop(broker: BrokerThread) -> None:
@@ -271,7 +296,7 @@ async def _no_leases(broker: BrokerThread, role: str) -> bool:
 
 
 async def test_a_commit_cut_off_by_the_timeout_is_settled_before_the_rollback(
-        tmp_path: Path, postgres_dsn: str, prefix: str) -> None:
+        tmp_path: Path, postgres_dsn: str, prefix: str, slow_commit: str) -> None:
     """A COMMIT still running when the call times out is ended on the server, not orphaned.
 
     A deferred trigger makes the COMMIT sleep 3 s; the backend timeout is 1 s.
@@ -279,19 +304,9 @@ async def test_a_commit_cut_off_by_the_timeout_is_settled_before_the_rollback(
     the role after the rollback's DROP found nothing, unless the rollback
     first ends that session (``PostgresBackend._settle``).
     """
-    table, func = f"stg_slow_{os.getpid()}", f"stg_sleepy_{os.getpid()}"
-    admin = await asyncpg.connect(postgres_dsn)
-    await admin.execute(f"""
-        DROP TABLE IF EXISTS {table};
-        CREATE TABLE {table} (id int);
-        CREATE OR REPLACE FUNCTION {func}() RETURNS trigger LANGUAGE plpgsql
-            AS $$ BEGIN PERFORM pg_sleep(3); RETURN NULL; END $$;
-        CREATE CONSTRAINT TRIGGER {func} AFTER INSERT ON {table}
-            DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {func}();
-    """)
     broker = start_broker(write_config(tmp_path, _mount(postgres_dsn, prefix, {
         "app": None,
-        "slowcommit": [CREATE, f"INSERT INTO {table} VALUES (1)"],
+        "slowcommit": [CREATE, f"INSERT INTO {slow_commit} VALUES (1)"],
     }, leases='backend_timeout = "1s"')))
     try:
         failed = await asyncio.to_thread(_issue, broker, "slowcommit")
@@ -303,12 +318,10 @@ async def test_a_commit_cut_off_by_the_timeout_is_settled_before_the_rollback(
         assert (await asyncio.to_thread(_issue, broker, "app")).status_code == 200
     finally:
         await asyncio.to_thread(_stop, broker)
-        await admin.execute(f"DROP TABLE IF EXISTS {table}; DROP FUNCTION IF EXISTS {func}()")
-        await admin.close()
 
 
 async def test_a_cut_off_commit_whose_rollback_cannot_reach_the_server_is_revoked_later(
-        tmp_path: Path, postgres_dsn: str, prefix: str) -> None:
+        tmp_path: Path, postgres_dsn: str, prefix: str, slow_commit: str) -> None:
     """The COMMIT is cut off and the server is then unreachable: the lease is revoked, not left.
 
     The role's COMMIT sleeps 3 s (a deferred trigger); the backend timeout is
@@ -319,20 +332,10 @@ async def test_a_cut_off_commit_whose_rollback_cannot_reach_the_server_is_revoke
     sweeper drops the role, instead of the role living until the lease's
     expiry an hour later.
     """
-    table, func = f"stg_cut_{os.getpid()}", f"stg_cut_sleepy_{os.getpid()}"
-    admin = await asyncpg.connect(postgres_dsn)
-    await admin.execute(f"""
-        DROP TABLE IF EXISTS {table};
-        CREATE TABLE {table} (id int);
-        CREATE OR REPLACE FUNCTION {func}() RETURNS trigger LANGUAGE plpgsql
-            AS $$ BEGIN PERFORM pg_sleep(3); RETURN NULL; END $$;
-        CREATE CONSTRAINT TRIGGER {func} AFTER INSERT ON {table}
-            DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {func}();
-    """)
     proxy = TcpProxy(dsn_port(postgres_dsn))
     broker = start_broker(write_config(tmp_path, _mount(
         via_proxy(postgres_dsn, proxy.port), prefix,
-        {"app": None, "cut": [CREATE, f"INSERT INTO {table} VALUES (1)"]},
+        {"app": None, "cut": [CREATE, f"INSERT INTO {slow_commit} VALUES (1)"]},
         leases='backend_timeout = "1s"\nrevoke_backoff_base = "1s"\n'
                'revoke_backoff_max = "2s"\nrevoke_max_attempts = 20')))
     try:
@@ -362,8 +365,6 @@ async def test_a_cut_off_commit_whose_rollback_cannot_reach_the_server_is_revoke
         proxy.up()
         await asyncio.to_thread(_stop, broker)
         await asyncio.to_thread(proxy.close)
-        await admin.execute(f"DROP TABLE IF EXISTS {table}; DROP FUNCTION IF EXISTS {func}()")
-        await admin.close()
 
 
 async def _is(state: Any, wanted: LeaseState) -> bool:
