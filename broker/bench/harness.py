@@ -406,7 +406,6 @@ class ApiClient:
     """
 
     def __init__(self, url: str, *, concurrency: int, token: str = ROOT_TOKEN) -> None:
-        self.url = url
         self.http = LeanClient(url, concurrency=concurrency, headers={"X-Vault-Token": token})
 
     async def close(self) -> None:

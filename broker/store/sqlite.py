@@ -242,7 +242,7 @@ class _WriteLock:
 
     def run(self, ops: list[Op[Any]], conn: sqlite3.Connection) -> list[tuple[bool, Any]]:
         """:func:`_run_batch` under the lock."""
-        if self._fd < 0 or fcntl is None:
+        if self._fd < 0:  # no flock here (open() left it unset), or :memory:
             return _run_batch(ops, conn)
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+import asyncpg
 from aiohttp import web
 
 from broker.api import create_app
@@ -237,6 +238,17 @@ class TcpProxy:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.loop.close()
+
+
+async def pg_roles(dsn: str, prefix: str) -> set[str]:
+    """The names of the roles on the server of ``dsn`` that start with ``prefix``."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch("SELECT rolname FROM pg_roles WHERE starts_with(rolname, $1)",
+                                prefix)
+        return {r[0] for r in rows}
+    finally:
+        await conn.close()
 
 
 def dsn_port(dsn: str, default: int = 5432) -> int:

@@ -33,6 +33,7 @@ __all__ = [
     "STORE_KINDS",
     "T0",
     "StoreMaker",
+    "broker_store_url",
     "fresh_postgres_database",
     "make_lease",
     "make_token",
@@ -128,6 +129,17 @@ async def fresh_postgres_database(request: pytest.FixtureRequest) -> str:
     finally:
         await conn.close()
     return dsn
+
+
+def broker_store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """For a fixture with params ``["sqlite", "postgresql"]``: the store a broker uses.
+
+    A SQLite file in ``tmp_path``, or the session's own empty PostgreSQL
+    database (:func:`fresh_postgres_database`).
+    """
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'broker.db'}"
+    return asyncio.run(fresh_postgres_database(request))
 
 
 @asynccontextmanager

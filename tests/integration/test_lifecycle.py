@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import hvac
 import hvac.exceptions
 import pytest
@@ -24,6 +23,7 @@ from tests.integration.broker_harness import (
     BrokerThread,
     TcpProxy,
     dsn_port,
+    pg_roles,
     spawn_broker,
     start_broker,
     via_proxy,
@@ -32,19 +32,6 @@ from tests.integration.broker_harness import (
 )
 
 pytestmark = pytest.mark.integration
-
-
-def pg_roles_like(dsn: str, prefix: str) -> set[str]:
-    async def query() -> set[str]:
-        conn = await asyncpg.connect(dsn)
-        try:
-            rows = await conn.fetch("SELECT rolname FROM pg_roles WHERE rolname LIKE $1",
-                                    prefix + "%")
-            return {r["rolname"] for r in rows}
-        finally:
-            await conn.close()
-
-    return run(query())
 
 
 def mount_config(dsn: str, template: str, extra: str = "") -> str:
@@ -112,7 +99,7 @@ def test_kill_9_during_issue_burst_leaves_no_unknown_role(tmp_path: Path, postgr
         if proc.poll() is None:
             proc.kill()
     assert issued > 0
-    before_restart = pg_roles_like(postgres_dsn, template)
+    before_restart = run(pg_roles(postgres_dsn, template))
     assert before_restart, "the burst created no roles at all"
 
     proc = spawn_broker(config)
@@ -123,7 +110,7 @@ def test_kill_9_during_issue_burst_leaves_no_unknown_role(tmp_path: Path, postgr
                             headers={"X-Vault-Token": token}, timeout=120)
         assert resp.status_code == 200, resp.text
         assert resp.json()["data"]["still_revoking"] == 0
-        assert pg_roles_like(postgres_dsn, template) == set()
+        assert run(pg_roles(postgres_dsn, template)) == set()
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
@@ -187,13 +174,13 @@ def test_outage_loses_no_lease_and_irrevocable_can_be_forced(
             time.sleep(0.3)
         assert [x["lease_id"] for x in listed] == [lease["lease_id"]]
         assert listed[0]["revoke_attempts"] == 3 and listed[0]["last_error"]
-        assert user in pg_roles_like(postgres_dsn, template)  # not lost, not pretended
+        assert user in run(pg_roles(postgres_dsn, template))  # not lost, not pretended
 
         proxy.up()
         resp = requests.put(f"{broker.url}/v1/sys/leases/revoke-force/pg/", json={"sync": True},
                             headers={"X-Vault-Token": broker.root_token}, timeout=60)
         assert resp.json()["data"]["queued"] == 1
-        assert user not in pg_roles_like(postgres_dsn, template)
+        assert user not in run(pg_roles(postgres_dsn, template))
     finally:
         broker.stop()
 
@@ -259,7 +246,7 @@ def test_sighup_reloads_roles_and_keeps_leases(tmp_path: Path, postgres_dsn: str
     out = (config.parent / "server.log").read_text()
     assert "reload rejected" in out and "policies.bad" in out
     assert proc.returncode == 0
-    assert pg_roles_like(postgres_dsn, template) == set()
+    assert run(pg_roles(postgres_dsn, template)) == set()
 
 
 def test_sigterm_shuts_down_gracefully(tmp_path: Path, postgres_dsn: str) -> None:

@@ -24,21 +24,17 @@ from broker.bench import noop
 from broker.bench.harness import broker_config
 from broker.config import load_config
 from broker.lease import LeaseState
-from tests.conftest import run
 from tests.integration.broker_harness import ROOT_TOKEN, BrokerThread
-from tests.integration.store_fixtures import fresh_postgres_database
+from tests.integration.store_fixtures import broker_store_url
 
 pytestmark = pytest.mark.integration
 
 PREFIX = "bench/creds/r/"
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", "postgresql"])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'broker.db'}"
-    dsn: str = run(fresh_postgres_database(request))
-    return dsn
+    return broker_store_url(request, tmp_path)
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ from tests.integration.broker_harness import (
     BrokerThread,
     TcpProxy,
     dsn_port,
+    pg_roles,
     start_broker,
     via_proxy,
     write_config,
@@ -61,16 +62,6 @@ max_ttl = "1h"
             quoted = ", ".join(f'"{s}"' for s in statements)
             lines.append(f"creation_statements = [{quoted}]\n")
     return "".join(lines)
-
-
-async def _roles(dsn: str, prefix: str) -> set[str]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        rows = await conn.fetch("SELECT rolname FROM pg_roles WHERE starts_with(rolname, $1)",
-                                prefix)
-        return {r[0] for r in rows}
-    finally:
-        await conn.close()
 
 
 async def _admin_sessions(dsn: str, state: str, query: str = "%") -> int:
@@ -165,7 +156,7 @@ async def test_role_commits_only_after_its_intent_is_durable(
             return client.secrets.database.generate_credentials("app", mount_point="pg")
 
         first = await asyncio.to_thread(issue)  # store migrated, admin pool connected
-        assert await _roles(postgres_dsn, prefix) == {first["data"]["username"]}
+        assert await pg_roles(postgres_dsn, prefix) == {first["data"]["username"]}
         blocker = await asyncpg.connect(store)
         try:
             hold = blocker.transaction()
@@ -178,14 +169,14 @@ async def test_role_commits_only_after_its_intent_is_durable(
                               10, "the staged role")
             await asyncio.sleep(0.5)
             assert not pending.done()
-            assert await _roles(postgres_dsn, prefix) == {first["data"]["username"]}, \
+            assert await pg_roles(postgres_dsn, prefix) == {first["data"]["username"]}, \
                 "a role committed before its intent was durable"
         finally:
             await hold.rollback()
             await blocker.close()
         second = await asyncio.wait_for(pending, 30)
         name = second["data"]["username"]
-        assert await _roles(postgres_dsn, prefix) == {first["data"]["username"], name}
+        assert await pg_roles(postgres_dsn, prefix) == {first["data"]["username"], name}
         host_part = postgres_dsn.split("@", 1)[1]
         conn = await asyncpg.connect(f"postgresql://{name}:{second['data']['password']}"
                                      f"@{host_part}")
@@ -216,9 +207,9 @@ async def test_an_intent_that_fails_leaves_no_role(
             assert refused.status_code >= 500, refused.text
             assert refused.json()["errors"]
             assert (await asyncio.to_thread(_issue, broker, "app")).status_code == 200
-        assert await _roles(postgres_dsn, f"{prefix}refused") == set()
+        assert await pg_roles(postgres_dsn, f"{prefix}refused") == set()
         assert await asyncio.to_thread(_leases, broker, "refused") == []
-        assert len(await _roles(postgres_dsn, f"{prefix}app")) == 4
+        assert len(await pg_roles(postgres_dsn, f"{prefix}app")) == 4
     finally:
         await asyncio.to_thread(_stop, broker)
 
@@ -242,7 +233,7 @@ async def test_a_commit_that_fails_undoes_the_lease_and_the_role(
         failed = await asyncio.to_thread(_issue, broker, "deferred")
         assert failed.status_code == 400, failed.text
         assert "foreign key" in failed.json()["errors"][0]
-        assert await _roles(postgres_dsn, f"{prefix}deferred") == set()
+        assert await pg_roles(postgres_dsn, f"{prefix}deferred") == set()
         assert await asyncio.to_thread(_leases, broker, "deferred") == []
         assert broker.state is not None
         stats = broker.state.engine.mounts["pg"].stats
@@ -281,7 +272,7 @@ async def test_a_cancelled_issue_leaves_nothing(tmp_path: Path, postgres_dsn: st
         await _eventually(lambda: _no_active_admin_session(postgres_dsn), 10,
                           "the aborted transaction")
         await _eventually(lambda: _no_leases(broker, "slow"), 10, "the rolled-back row")
-        assert await _roles(postgres_dsn, f"{prefix}slow") == set()
+        assert await pg_roles(postgres_dsn, f"{prefix}slow") == set()
         assert (await asyncio.to_thread(_issue, broker, "app")).status_code == 200
     finally:
         await asyncio.to_thread(_stop, broker)
@@ -313,7 +304,7 @@ async def test_a_commit_cut_off_by_the_timeout_is_settled_before_the_rollback(
         assert failed.status_code == 503, failed.text
         assert "timed out" in failed.json()["errors"][0]
         await asyncio.sleep(4)  # past the trigger's sleep: an orphan would be there by now
-        assert await _roles(postgres_dsn, f"{prefix}slowcommit") == set()
+        assert await pg_roles(postgres_dsn, f"{prefix}slowcommit") == set()
         assert await asyncio.to_thread(_leases, broker, "slowcommit") == []
         assert (await asyncio.to_thread(_issue, broker, "app")).status_code == 200
     finally:
@@ -357,10 +348,10 @@ async def test_a_cut_off_commit_whose_rollback_cannot_reach_the_server_is_revoke
         # Queued for revocation, not left active until its expiry.
         await _eventually(lambda: _is(state, LeaseState.REVOKING), 10, "the queued revocation")
         await asyncio.sleep(3)  # the server commits the role after the trigger's sleep
-        assert len(await _roles(postgres_dsn, f"{prefix}cut")) == 1
+        assert len(await pg_roles(postgres_dsn, f"{prefix}cut")) == 1
         proxy.up()
         await _eventually(lambda: _is(state, LeaseState.REVOKED), 30, "the revocation")
-        assert await _roles(postgres_dsn, f"{prefix}cut") == set()
+        assert await pg_roles(postgres_dsn, f"{prefix}cut") == set()
     finally:
         proxy.up()
         await asyncio.to_thread(_stop, broker)
