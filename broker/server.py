@@ -266,6 +266,10 @@ async def _serve(config: Config, *, dev: bool, dev_root_token_id: str | None,
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     loop.add_signal_handler(signal.SIGHUP, reload_requested.set)
+    if worker is not None:
+        # A worker starts with SIGHUP held back (broker/workers.py): one that came
+        # meanwhile is delivered now, to the handler above.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
 
     async def reloader() -> None:
         while True:

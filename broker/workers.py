@@ -112,6 +112,10 @@ def supervise(workers: int, serve: Callable[[int], int]) -> int:
             # supervisor's handler here: it must not know the other workers.
             children.clear()
             try:
+                # SIGHUP's default action ends the process: held back (not lost)
+                # until the worker's own handler is in place (broker.server._serve),
+                # so a reload sent while a worker starts does not kill it.
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
                 for sig in _FORWARDED:
                     signal.signal(sig, signal.SIG_DFL)
                 _die_with_parent(parent)

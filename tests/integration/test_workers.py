@@ -18,12 +18,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 
 from tests.conftest import run
-from tests.integration.broker_harness import config_url, wait_healthy, write_config
-from tests.integration.store_fixtures import fresh_postgres_database
+from tests.integration.broker_harness import config_url, pg_roles, wait_healthy, write_config
+from tests.integration.store_fixtures import broker_store_url
 
 pytestmark = pytest.mark.integration
 
@@ -66,22 +65,9 @@ def _audit(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-async def _roles(dsn: str, prefix: str) -> set[str]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        rows = await conn.fetch("SELECT rolname FROM pg_roles WHERE rolname LIKE $1", prefix + "%")
-        return {r["rolname"] for r in rows}
-    finally:
-        await conn.close()
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """The workers' shared store: a SQLite file, or the session's empty PostgreSQL database."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'broker.db'}"
-    dsn: str = run(fresh_postgres_database(request))
-    return dsn
+    return broker_store_url(request, tmp_path)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and SO_REUSEPORT")
@@ -99,10 +85,9 @@ max_ttl = "1h"
 username_template = "wrk-{{{{random 10}}}}"
 default_ttl = "1h"
 max_ttl = "1h"
-""")
+""", storage_url=store_url)
     config.write_text(config.read_text()
-                      .replace('shutdown_grace = "5s"', 'shutdown_grace = "5s"\nworkers = 2')
-                      .replace(f"sqlite:///{tmp_path / 'broker.db'}", store_url))
+                      .replace('shutdown_grace = "5s"', 'shutdown_grace = "5s"\nworkers = 2'))
     init = _broker("operator", "init", "--config", str(config))
     assert init.returncode == 0, init.stderr
     token = init.stdout.strip()
@@ -137,7 +122,7 @@ max_ttl = "1h"
             status, body = _call(url, token, "PUT", "sys/leases/revoke", {"lease_id": lease_id})
             assert status == 204, body
             assert time.monotonic() - started < 2.0
-        assert not run(_roles(postgres_dsn, "wrk-")) & {u for _, u in long}
+        assert not run(pg_roles(postgres_dsn, "wrk-")) & {u for _, u in long}
         for path in (w1, w2):  # each revoke ended in the worker that took the request
             lines = _audit(path)
             asked = {e["lease"]["id"] for e in lines if e["type"] == "revoke_request"}
@@ -145,7 +130,7 @@ max_ttl = "1h"
             assert asked == done & {lease_id for lease_id, _ in long}, path.name
 
         ours = {user for _, user in short + long}  # not roles an earlier, killed run left
-        _wait(lambda: not run(_roles(postgres_dsn, "wrk-")) & ours, 30, "expired roles dropped")
+        _wait(lambda: not run(pg_roles(postgres_dsn, "wrk-")) & ours, 30, "expired roles dropped")
         events = _audit(w1) + _audit(w2)
         ended = Counter(e["lease"]["id"] for e in events
                         if e["type"] in ("expire", "revoke") and e.get("outcome") == "ok")
@@ -160,14 +145,16 @@ max_ttl = "1h"
 
         # A worker that dies is started again; the broker keeps serving.
         os.kill(first[0], signal.SIGKILL)
-        _wait(lambda: len(_workers(proc.pid)) == 2 and first[0] not in _workers(proc.pid),
-              30, "a new worker")
-        assert all(_call(url, token, "GET", "sys/health")[0] == 200 for _ in range(5))
+        now = _wait(lambda: len(_workers(proc.pid)) == 2 and first[0] not in _workers(proc.pid)
+                    and _workers(proc.pid), 30, "a new worker")
 
-        # SIGHUP reaches every worker.
+        # SIGHUP reaches every worker, the one still starting too (it is held
+        # until that worker's handler is in place, not fatal to it).
         proc.send_signal(signal.SIGHUP)
         _wait(lambda: (tmp_path / "server.log").read_text().count("config reloaded") >= 2,
               30, "both workers to reload")
+        assert _workers(proc.pid) == now, "a worker died of the SIGHUP"
+        assert all(_call(url, token, "GET", "sys/health")[0] == 200 for _ in range(5))
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(60)
