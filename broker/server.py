@@ -275,7 +275,7 @@ async def _serve(config: Config, *, dev: bool, dev_root_token_id: str | None,
         while True:
             await reload_requested.wait()
             reload_requested.clear()
-            await reload(state, dev=dev, tls=tls)
+            await reload(state, tls=tls)
 
     reload_task = asyncio.create_task(reloader())
     await stopping.wait()
@@ -290,7 +290,18 @@ async def _serve(config: Config, *, dev: bool, dev_root_token_id: str | None,
     return 0
 
 
-async def reload(state: BrokerState, *, dev: bool, tls: ssl.SSLContext | None = None) -> bool:
+def reread_config(running: Config) -> Config:
+    """``running``'s config file read again (ConfigError if it is bad now).
+
+    Listener, workers, store and audit log need a restart: the running ones
+    are kept, whatever the file says of them now.
+    """
+    new = load_config(running.source)
+    return dataclasses.replace(new, storage=running.storage, audit=running.audit,
+                               server=running.server)
+
+
+async def reload(state: BrokerState, *, tls: ssl.SSLContext | None = None) -> bool:
     """SIGHUP: re-read the TLS files and the config; a bad one is rejected and the old one stays.
 
     The certificate is reloaded whether or not the config is good: a renewed
@@ -300,15 +311,7 @@ async def reload(state: BrokerState, *, dev: bool, tls: ssl.SSLContext | None = 
         _reload_tls(tls, state.config)
     source = state.config.source
     try:
-        if dev:
-            new = load_config(source)
-            new = dataclasses.replace(new, storage=state.config.storage, audit=state.config.audit,
-                                      server=state.config.server)
-        else:
-            new = load_config(source)
-            # Listener, store and audit log need a restart; keep the running ones.
-            new = dataclasses.replace(new, storage=state.config.storage, audit=state.config.audit,
-                                      server=state.config.server)
+        new = reread_config(state.config)
     except ConfigError as exc:
         log.error("reload rejected, keeping the running config: %s", exc)
         return False
@@ -367,10 +370,22 @@ def _run_workers(config: Config) -> int:
               file=sys.stderr)
         return 1
     loop = resolve_event_loop(server.event_loop)
+    current = config  # what a worker started now runs: the last config a SIGHUP read
+
+    def reread() -> None:
+        nonlocal current
+        try:
+            current = reread_config(current)
+        except ConfigError as exc:
+            log.error("supervisor: reload rejected, a restarted worker keeps the running "
+                      "config: %s", exc)
+            return
+        log.info("supervisor: config re-read from %s for workers started from now on",
+                 current.source)
 
     def serve(worker: int) -> int:
-        own = dataclasses.replace(config, audit=dataclasses.replace(
-            config.audit, path=worker_audit_path(config.audit.path, worker)))
+        own = dataclasses.replace(current, audit=dataclasses.replace(
+            current.audit, path=worker_audit_path(current.audit.path, worker)))
         try:
             sock = held
             if REUSE_PORT:
@@ -384,7 +399,7 @@ def _run_workers(config: Config) -> int:
             return 1
 
     try:
-        return supervise(server.workers, serve)
+        return supervise(server.workers, serve, reread)
     finally:
         held.close()
 

@@ -12,7 +12,9 @@ On a SQLite store their group commits take turns under an flock
 
 This supervisor does nothing else: it forwards SIGTERM, SIGINT and SIGHUP to
 the workers, restarts a worker that dies (not one that crash-loops), and
-exits once every worker has. A worker whose supervisor dies is sent SIGTERM
+exits once every worker has. On SIGHUP it also reads the config again, as the
+workers do, so that a worker it restarts later runs what the others were
+reloaded to, not the config the broker started with. A worker whose supervisor dies is sent SIGTERM
 by the kernel (Linux), so no orphan keeps serving.
 """
 
@@ -93,10 +95,13 @@ def _die_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def supervise(workers: int, serve: Callable[[int], int]) -> int:
+def supervise(workers: int, serve: Callable[[int], int],
+              reload: Callable[[], None] | None = None) -> int:
     """Fork ``workers`` processes running ``serve(worker_number)``; wait for them all.
 
-    Returns 0 when every worker stopped cleanly after a signal, 1 otherwise.
+    ``reload`` runs in the supervisor on every SIGHUP, after the signal went
+    on to the workers. Returns 0 when every worker stopped cleanly after a
+    signal, 1 otherwise.
     """
     parent = os.getpid()
     children: dict[int, tuple[int, float]] = {}  # pid -> (worker number, started)
@@ -137,6 +142,12 @@ def supervise(workers: int, serve: Callable[[int], int]) -> int:
                 os.kill(pid, signum)
             except ProcessLookupError:
                 pass
+        # Python runs this handler between two bytecodes of the main thread,
+        # not inside the C signal handler, so reading a file and logging here
+        # is safe (logging's locks are re-entrant). Reading it now, not when a
+        # worker is next started, gives that worker the file the others read.
+        if signum == signal.SIGHUP and reload is not None and children:
+            reload()
 
     for sig in _FORWARDED:
         signal.signal(sig, forward)

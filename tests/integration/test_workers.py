@@ -85,9 +85,7 @@ max_ttl = "1h"
 username_template = "wrk-{{{{random 10}}}}"
 default_ttl = "1h"
 max_ttl = "1h"
-""", storage_url=store_url)
-    config.write_text(config.read_text()
-                      .replace('shutdown_grace = "5s"', 'shutdown_grace = "5s"\nworkers = 2'))
+""", storage_url=store_url, workers=2)
     init = _broker("operator", "init", "--config", str(config))
     assert init.returncode == 0, init.stderr
     token = init.stdout.strip()
@@ -164,14 +162,11 @@ max_ttl = "1h"
 
 
 def test_workers_config_is_checked(tmp_path: Path) -> None:
-    config = write_config(tmp_path, "")
-    text = config.read_text()
-    config.write_text(text.replace('shutdown_grace = "5s"', 'shutdown_grace = "5s"\nworkers = 0'))
+    config = write_config(tmp_path, "", workers=0)
     out = _broker("server", "--config", str(config))
     assert out.returncode == 2
     assert "server.workers" in out.stderr and "between 1 and 64" in out.stderr
-    config.write_text(text.replace('shutdown_grace = "5s"', 'shutdown_grace = "5s"\nworkers = 2')
-                      .replace(f"sqlite:///{tmp_path / 'broker.db'}", "sqlite:///:memory:"))
+    config = write_config(tmp_path, "", workers=2, storage_url="sqlite:///:memory:")
     out = _broker("server", "--config", str(config))
     assert out.returncode == 2 and "in-memory store cannot be shared" in out.stderr
 
@@ -179,13 +174,62 @@ def test_workers_config_is_checked(tmp_path: Path) -> None:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork and /proc")
 def test_workers_that_cannot_start_stop_the_broker(tmp_path: Path) -> None:
     """A worker that dies at once is restarted, but not forever: the broker exits 1."""
-    config = write_config(tmp_path, "")
-    config.write_text(config.read_text()
-                      .replace('shutdown_grace = "5s"', 'shutdown_grace = "5s"\nworkers = 2')
-                      .replace(f"sqlite:///{tmp_path / 'broker.db'}",
-                               "sqlite:////proc/no-such-dir/broker.db"))
+    config = write_config(tmp_path, "", workers=2,
+                          storage_url="sqlite:////proc/no-such-dir/broker.db")
     started = time.monotonic()
     out = _broker("server", "--config", str(config), timeout=120)
     assert out.returncode == 1
     assert "times in a row" in out.stderr, out.stderr[-2000:]
     assert time.monotonic() - started < 60
+
+
+_PG_MOUNT = """
+[mounts.{name}]
+plugin = "postgres"
+connection_url = "{dsn}"
+[mounts.{name}.roles.app]
+username_template = "wrk-{{{{random 10}}}}"
+default_ttl = "1h"
+max_ttl = "1h"
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and SO_REUSEPORT")
+def test_a_restarted_worker_runs_the_reloaded_config(tmp_path: Path, postgres_dsn: str) -> None:
+    """SIGHUP adds a mount; a worker that dies afterwards comes back with it too."""
+    config = write_config(tmp_path, _PG_MOUNT.format(name="pg", dsn=postgres_dsn), workers=2)
+    init = _broker("operator", "init", "--config", str(config))
+    assert init.returncode == 0, init.stderr
+    token = init.stdout.strip()
+    url = config_url(config)
+    server_log = tmp_path / "server.log"
+    log = open(server_log, "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "broker.cli", "server", "--config",
+                             str(config)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_healthy(url)
+        first = _wait(lambda: len(_workers(proc.pid)) == 2 and _workers(proc.pid), 30,
+                      "two workers")
+        config.write_text(config.read_text() + _PG_MOUNT.format(name="pg2", dsn=postgres_dsn))
+        proc.send_signal(signal.SIGHUP)
+        _wait(lambda: server_log.read_text().count("mount pg2 added") >= 2
+              and "supervisor: config re-read" in server_log.read_text(),
+              30, "both workers and the supervisor to reload")
+
+        os.kill(first[0], signal.SIGKILL)
+        _wait(lambda: len(_workers(proc.pid)) == 2 and first[0] not in _workers(proc.pid),
+              30, "a new worker")
+        _wait(lambda: server_log.read_text().count(") serving; audit log") >= 3, 30,
+              "the new worker to serve")
+        # 16 new connections, spread over both workers by the kernel: every one
+        # sees pg2 (were the new worker on the start-up config, each would miss
+        # it with even odds).
+        for _ in range(16):
+            status, body = _call(url, token, "GET", "sys/mounts")
+            assert status == 200, body
+            assert {"pg/", "pg2/"} <= set(body["data"]), body["data"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+        log.close()
+    assert code == 0, server_log.read_text()[-3000:]
