@@ -222,8 +222,9 @@ class MySQLBackend:
         self._host_part = host_part
         self._pool: aiomysql.Pool | None = None
         self._pool_lock = asyncio.Lock()
-        #: server thread ids of admin connections dropped mid-statement (see _settle).
-        self._unsettled: set[int] = set()
+        #: server thread id of each admin connection dropped mid-statement, and
+        #: when (loop time) it was dropped (see _settle).
+        self._unsettled: dict[int, float] = {}
         self.capabilities = Capabilities(
             can_renew=False,  # no server-side expiry to push: see "Renewal" above
             can_revoke=True,
@@ -546,9 +547,19 @@ class MySQLBackend:
         """
         if not self._unsettled:
             return
+        # Thread ids start again from 1 when the server restarts: a session
+        # dropped before the restart died with it, and its id may now name
+        # another connection (the broker's own among them). Forget those.
+        await self._run(cur, "reading the server's uptime", "SHOW GLOBAL STATUS LIKE 'Uptime'")
+        row = await cur.fetchone()
+        now = asyncio.get_running_loop().time()
+        booted = now - int(row[1]) - 1.0  # Uptime is in whole seconds
+        for thread_id, dropped in list(self._unsettled.items()):
+            if dropped < booted:
+                del self._unsettled[thread_id]
         ids = sorted(self._unsettled)
-        # Only sessions of the admin account: after a server restart a thread
-        # id may belong to somebody else's connection.
+        if not ids:
+            return
         query = ("SELECT ID FROM information_schema.PROCESSLIST"
                  f" WHERE ID IN ({', '.join(['%s'] * len(ids))})"
                  " AND USER = SUBSTRING_INDEX(CURRENT_USER(), '@', 1)")
@@ -569,7 +580,8 @@ class MySQLBackend:
                 raise BackendError("mysql: an admin session dropped mid-statement is still"
                                    " ending; revoking later", retryable=True)
             await asyncio.sleep(0.05)
-        self._unsettled.difference_update(ids)
+        for thread_id in ids:
+            self._unsettled.pop(thread_id, None)
 
     async def _kill_sessions(self, cur: Any, name: str, *, final: bool = False) -> None:
         """KILL every live session of ``name``; with ``final``, insist until none is left."""
@@ -644,7 +656,7 @@ class MySQLBackend:
                 # so it must not go back to the pool. The server may still be
                 # running that statement (a CREATE USER waiting on a lock): the
                 # next revocation ends it first (_settle).
-                self._unsettled.add(conn.thread_id())
+                self._unsettled[conn.thread_id()] = asyncio.get_running_loop().time()
                 conn.close()
             raise
         finally:

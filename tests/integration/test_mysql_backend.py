@@ -599,3 +599,36 @@ async def test_a_statement_cut_off_by_the_timeout_is_ended_before_the_rollback(
     assert await admin("SELECT ID FROM information_schema.PROCESSLIST"
                        f" WHERE ID = {int(sleeping[0][0])}") == []
     assert await _users(admin, name) == []
+
+
+async def test_a_session_dropped_before_a_server_restart_is_forgotten_not_killed(
+    make_backend: Callable[..., Awaitable[MySQLBackend]], mysql_dsn: str, admin: Admin,
+) -> None:
+    """Thread ids start again from 1 when the server restarts.
+
+    A dropped session recorded before the server (re)started died with the
+    old server; its id may name a live connection now, which the revocation
+    must leave alone. The same id recorded under the running server is ended.
+    """
+    backend = await make_backend()
+    p = _parts(mysql_dsn)
+    bystander = await aiomysql.connect(host=p["host"], port=p["port"], user=p["user"],
+                                       password=p["password"], autocommit=True)
+    try:
+        thread_id = bystander.thread_id()
+        uptime = int((await admin("SHOW GLOBAL STATUS LIKE 'Uptime'"))[0][1])
+        loop = asyncio.get_running_loop()
+        backend._unsettled[thread_id] = loop.time() - uptime - 5  # under the previous server
+        await backend.delete_user(DeleteUserRequest(role=None, username=_name(), revocation={}))
+        assert backend._unsettled == {}
+        async with bystander.cursor() as cur:
+            await cur.execute("SELECT 1")
+            assert await cur.fetchone() == (1,)
+
+        backend._unsettled[thread_id] = loop.time()  # under this server: its session is ended
+        await backend.delete_user(DeleteUserRequest(role=None, username=_name(), revocation={}))
+        assert backend._unsettled == {}
+        assert await admin(f"SELECT ID FROM information_schema.PROCESSLIST"
+                           f" WHERE ID = {thread_id:d}") == []
+    finally:
+        bystander.close()
