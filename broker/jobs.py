@@ -7,7 +7,9 @@
   leases are already capped at their token's expiry);
 - mount health: reconnect unhealthy backends so issuing resumes by itself;
 - revoke rules: expand rules whose replica died mid-way (its claim ran out) or
-  whose expansion failed; a replica expands its own rules as soon as it makes them.
+  whose expansion failed; a replica expands its own rules as soon as it makes them;
+- worker metrics (``[server] workers > 1``): publish this worker's figures for
+  the others' ``/v1/sys/metrics`` answers (broker/worker_stats.py).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from broker.lease import TokenState
 from broker.state import BrokerState
+from broker.worker_stats import PUBLISH_INTERVAL, publish_own
 
 __all__ = ["start_jobs"]
 
@@ -69,7 +72,7 @@ def start_jobs(state: BrokerState) -> AsyncIOScheduler:
 
     scheduler = AsyncIOScheduler(job_defaults={"coalesce": True, "max_instances": 1,
                                                "misfire_grace_time": 60})
-    jobs = [
+    jobs: list[tuple[str, Callable[[], Awaitable[object]], float]] = [
         ("stale-pending rollback", rollback, max(5, cfg.pending_timeout // 2)),
         ("irrevocable retry", retry_irrevocable, cfg.irrevocable_retry_interval),
         ("tombstone purge", purge, PURGE_INTERVAL),
@@ -77,6 +80,11 @@ def start_jobs(state: BrokerState) -> AsyncIOScheduler:
         ("mount health", engine.check_mounts, HEALTH_INTERVAL),
         ("revoke rules", engine.expand_revoke_rules, REVOKE_RULES_INTERVAL),
     ]
+    if state.stats_board is not None:
+        async def publish() -> None:
+            publish_own(state)
+
+        jobs.append(("worker metrics", publish, PUBLISH_INTERVAL))
     for name, fn, seconds in jobs:
         scheduler.add_job(_guarded(name, fn), "interval", seconds=seconds, id=name, name=name)
     scheduler.start()

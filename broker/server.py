@@ -39,6 +39,7 @@ from broker.state import BrokerState
 from broker.store import open_store
 from broker.sweeper import Sweeper
 from broker.tokens import TokenManager
+from broker.worker_stats import StatsBoard
 from broker.workers import REUSE_PORT, listen_socket, supervise, worker_audit_path
 
 __all__ = ["build_state", "dev_data_dir", "load_server_config", "operator_init", "run_server"]
@@ -217,10 +218,12 @@ def _banner(state: BrokerState, root_token: str | None) -> str:
 
 
 async def _serve(config: Config, *, dev: bool, dev_root_token_id: str | None,
-                 sock: socket.socket | None = None, worker: int | None = None) -> int:
+                 sock: socket.socket | None = None, worker: int | None = None,
+                 board: StatsBoard | None = None) -> int:
     # the loop actually running, not the one asked for: what an operator debugging wants
     log.info("event loop: %s", type(asyncio.get_running_loop()).__module__.split(".")[0])
     state = await build_state(config, dev=dev)
+    state.worker, state.stats_board = worker, board
     root_token: str | None = None
     from broker.jobs import start_jobs
 
@@ -370,6 +373,7 @@ def _run_workers(config: Config) -> int:
               file=sys.stderr)
         return 1
     loop = resolve_event_loop(server.event_loop)
+    board = StatsBoard(server.workers)  # mapped before the forks: shared with every worker
     current = config  # what a worker started now runs: the last config a SIGHUP read
 
     def reread() -> None:
@@ -393,7 +397,7 @@ def _run_workers(config: Config) -> int:
                 sock = listen_socket(server.host, server.port)
             with asyncio.Runner(loop_factory=loop_factory(loop)) as runner:
                 return runner.run(_serve(own, dev=False, dev_root_token_id=None, sock=sock,
-                                         worker=worker))
+                                         worker=worker, board=board))
         except (OSError, ValueError, RuntimeError) as exc:
             print(f"broker: error: worker {worker}: {exc}", file=sys.stderr)
             return 1
@@ -402,6 +406,7 @@ def _run_workers(config: Config) -> int:
         return supervise(server.workers, serve, reread)
     finally:
         held.close()
+        board.close()
 
 
 def operator_init(config_path: str) -> str:

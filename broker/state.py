@@ -13,6 +13,7 @@ from broker.policy import PolicySet
 from broker.store.base import LeaseStore
 from broker.sweeper import Sweeper
 from broker.tokens import TokenManager
+from broker.worker_stats import StatsBoard
 
 __all__ = ["BrokerState"]
 
@@ -32,3 +33,7 @@ class BrokerState:
     serving: bool = True
     #: ``[auth.jwt.NAME]`` methods by NAME (see broker.auth.build_auth_methods).
     auth_methods: dict[str, Any] = field(default_factory=dict)
+    #: With ``[server] workers > 1``: this worker's number, and the shared
+    #: board every worker publishes its metrics to (broker/worker_stats.py).
+    worker: int | None = None
+    stats_board: StatsBoard | None = None

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from aiohttp import web
 
 from broker import __version__
 from broker.api.common import CALL, STATE, Call, json_response
 from broker.api.leases import rfc3339
+from broker.worker_stats import merge, publish_own
 
 __all__ = ["routes"]
 
@@ -57,22 +59,45 @@ async def mounts(request: web.Request) -> web.Response:
 
 @routes.get("/v1/sys/metrics")
 async def metrics(request: web.Request) -> web.Response:
-    """Lease counts by state, sweeper load and per-backend call timings (JSON)."""
+    """Lease counts by state, sweeper load and per-backend call timings (JSON).
+
+    With several workers the figures are every worker's added up (each is
+    also listed under ``workers``), whichever worker answers.
+    """
     call: Call = request[CALL]
     await call.authenticate()
     await call.require("sys/metrics", "read")
     state = call.state
-    backends = {
-        name: {op: {"calls": s.calls, "errors": s.errors,
-                    "mean_ms": round(1000 * s.total_seconds / s.calls, 3) if s.calls else 0,
-                    "max_ms": round(1000 * s.max_seconds, 3)}
-               for op, s in m.stats.items()}
-        for name, m in state.engine.mounts.items()
-    }
-    return json_response({"request_id": call.request_id, "data": {
+    own = publish_own(state)  # this worker's figures fresh, the others' up to 1 s old
+    workers = state.stats_board.snapshots() if state.stats_board is not None else {}
+    total = merge(workers.values() if workers else [own])
+    data: dict[str, Any] = {
         "leases": await state.store.count_by_state(),
-        "sweeper_busy": state.sweeper.busy,
-        "sweeper_dropped_claims": state.sweeper.dropped_claims,
-        "backends": backends,
-        "started": rfc3339(state.started),
-    }})
+        "sweeper_busy": total["sweeper_busy"],
+        "sweeper_dropped_claims": total["sweeper_dropped_claims"],
+        "backends": _backend_figures(total["backends"]),
+        "started": rfc3339(min(w["started"] for w in workers.values()) if workers
+                           else state.started),
+    }
+    if workers:
+        data["worker"] = state.worker
+        data["workers"] = {
+            str(n): {"pid": w["pid"], "started": rfc3339(w["started"]),
+                     "sweeper_busy": w["sweeper_busy"],
+                     "sweeper_dropped_claims": w["sweeper_dropped_claims"],
+                     "backends": _backend_figures(w["backends"])}
+            for n, w in sorted(workers.items())
+        }
+    return json_response({"request_id": call.request_id, "data": data})
+
+
+def _backend_figures(backends: dict[str, dict[str, dict[str, Any]]]
+                     ) -> dict[str, dict[str, dict[str, Any]]]:
+    return {
+        name: {op: {"calls": s["calls"], "errors": s["errors"],
+                    "mean_ms": round(1000 * s["total_seconds"] / s["calls"], 3)
+                    if s["calls"] else 0,
+                    "max_ms": round(1000 * s["max_seconds"], 3)}
+               for op, s in ops.items()}
+        for name, ops in backends.items()
+    }

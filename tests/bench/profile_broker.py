@@ -2,6 +2,11 @@
 
     python tests/bench/profile_broker.py --op issue [--store sqlite|postgresql]
         [--seconds 10] [--concurrency 32] [--out /tmp/prof]
+    python tests/bench/profile_broker.py --op pg-issue --concurrency 8
+
+``pg-issue`` issues PostgreSQL roles through the bench's ``postgres`` mount
+(the local server, or ``BROKER_TEST_POSTGRES_DSN``), as ``broker bench``'s
+pg-issue scenario does, and drops them afterwards.
 
 Writes ``OUT.collapsed`` (py-spy raw stacks, for flamegraph tools) and prints
 the hottest functions by self and by inclusive samples, plus the CPU time the
@@ -18,7 +23,6 @@ import collections
 import os
 import random
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +35,7 @@ from broker.bench.harness import (
     run_load,
     running,
 )
+from broker.bench.pg import drop_roles, pg_mount
 
 __all__ = ["main"]
 
@@ -61,14 +66,16 @@ async def run(args: argparse.Namespace) -> None:
 
     register()
     tmp = Path(tempfile.mkdtemp(prefix="bench-profile-"))
-    bench = Bench(workdir=tmp, pg_dsn="postgresql://postgres@127.0.0.1:5432/postgres")
+    bench = Bench(workdir=tmp, pg_dsn=os.environ.get(
+        "BROKER_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"))
     try:
         if args.store == "sqlite":
             url = f"sqlite:///{tmp / 'broker.db'}"
         else:
             url = await bench.fresh_database("broker_bench_profile")
         await create_root_token(url)
-        async with running(broker_config(tmp, store_url=url)) as broker, \
+        toml, env = pg_mount(bench, max_open=args.concurrency) if args.op == "pg-issue" else ("", {})
+        async with running(broker_config(tmp, store_url=url, mounts=toml), env) as broker, \
                 ApiClient(broker.url, concurrency=args.concurrency) as api:
             ids: list[str] = []
 
@@ -81,9 +88,13 @@ async def run(args: argparse.Namespace) -> None:
             async def revoke(_w: int) -> None:
                 await api.revoke(ids.pop())
 
-            ops = {"issue": issue, "renew": renew, "revoke": revoke}
-            await run_load(issue, concurrency=args.concurrency,
-                           seconds=args.seconds + 2 if args.op != "issue" else 1)
+            async def pg_issue(_w: int) -> None:
+                await api.issue("pg", "bench")
+
+            ops = {"issue": issue, "renew": renew, "revoke": revoke, "pg-issue": pg_issue}
+            await run_load(pg_issue if args.op == "pg-issue" else issue,
+                           concurrency=args.concurrency,
+                           seconds=args.seconds + 2 if args.op in ("renew", "revoke") else 1)
             spy = await asyncio.create_subprocess_exec(
                 shutil.which("py-spy") or "py-spy", "record", "-p", str(broker.pid), "-d",
                 str(int(args.seconds)), "-r", "200", "-f", "raw", "-o", f"{args.out}.collapsed",
@@ -101,6 +112,8 @@ async def run(args: argparse.Namespace) -> None:
               f"client CPU {100 * client_cpu:.0f}% of one core")
         print(summarize(Path(f"{args.out}.collapsed")))
     finally:
+        if args.op == "pg-issue" and bench.pg_dsn is not None:
+            await drop_roles(bench.pg_dsn)
         if args.store != "sqlite":
             await bench.drop_database("broker_bench_profile")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -108,7 +121,8 @@ async def run(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--op", choices=["issue", "renew", "revoke"], default="issue")
+    parser.add_argument("--op", choices=["issue", "renew", "revoke", "pg-issue"],
+                        default="issue")
     parser.add_argument("--store", choices=["sqlite", "postgresql"], default="sqlite")
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--concurrency", type=int, default=32)
@@ -118,4 +132,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

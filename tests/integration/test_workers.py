@@ -115,6 +115,24 @@ max_ttl = "1h"
             long.append((body["lease_id"], body["data"]["username"]))
         # 18 new connections: both workers got some (by chance alone, 1 in 2**17 not).
         assert _audit(w1) and _audit(w2), "the kernel sent no connection to one worker"
+
+        # Metrics add up every worker's calls, whichever worker answers (the
+        # other worker's figures are up to a second old).
+        def staged(metrics: dict[str, Any]) -> int:
+            return int(metrics["backends"]["pg"]["stage_user"]["calls"])
+
+        _wait(lambda: staged(_call(url, token, "GET", "sys/metrics")[1]["data"]) == 18, 10,
+              "metrics to count all 18 issues")
+        answered_by = set()
+        for _ in range(16):
+            status, body = _call(url, token, "GET", "sys/metrics")
+            assert status == 200, body
+            metrics = body["data"]
+            assert staged(metrics) == 18, metrics
+            per_worker = [staged(w) for w in metrics["workers"].values()]
+            assert len(per_worker) == 2 and sum(per_worker) == 18 and min(per_worker) > 0
+            answered_by.add(metrics["worker"])
+        assert answered_by == {1, 2}  # by chance alone, 1 in 2**15 not
         for lease_id, _user in long:
             started = time.monotonic()
             status, body = _call(url, token, "PUT", "sys/leases/revoke", {"lease_id": lease_id})
