@@ -110,28 +110,34 @@ def supervise(workers: int, serve: Callable[[int], int],
     failed = False
 
     def spawn(worker: int) -> None:
-        pid = os.fork()
-        if pid == 0:  # the worker
-            code = 1
-            # Until the handlers are reset below, a signal would run the
-            # supervisor's handler here: it must not know the other workers.
-            children.clear()
-            try:
-                # SIGHUP's default action ends the process: held back (not lost)
-                # until the worker's own handler is in place (broker.server._serve),
-                # so a reload sent while a worker starts does not kill it.
-                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
-                for sig in _FORWARDED:
-                    signal.signal(sig, signal.SIG_DFL)
-                _die_with_parent(parent)
-                code = serve(worker)
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        children[pid] = (worker, time.monotonic())
+        # The forwarded signals wait until the new worker is in ``children``:
+        # a SIGHUP handled between the fork and that would neither reach the
+        # new worker nor be in the config it was forked with.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
+        try:
+            pid = os.fork()
+            if pid == 0:  # the worker
+                code = 1
+                children.clear()  # in case a supervisor's handler still ran here
+                try:
+                    for sig in _FORWARDED:
+                        signal.signal(sig, signal.SIG_DFL)
+                    # SIGHUP's default action ends the process: it stays held back (not
+                    # lost) until the worker's own handler is in place
+                    # (broker.server._serve), so a reload sent while a worker starts
+                    # does not kill it.
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+                    _die_with_parent(parent)
+                    code = serve(worker)
+                except BaseException:
+                    traceback.print_exc()
+                finally:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(code)
+            children[pid] = (worker, time.monotonic())
+        finally:  # not reached in the worker: it leaves through os._exit
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)
 
     def forward(signum: int, _frame: FrameType | None) -> None:
         nonlocal stopping
