@@ -380,7 +380,7 @@ def _run_workers(config: Config) -> int:
         nonlocal current
         try:
             current = reread_config(current)
-        except ConfigError as exc:
+        except Exception as exc:  # raised in a signal handler, it would end the supervisor
             log.error("supervisor: reload rejected, a restarted worker keeps the running "
                       "config: %s", exc)
             return

@@ -14,8 +14,9 @@ This supervisor does nothing else: it forwards SIGTERM, SIGINT and SIGHUP to
 the workers, restarts a worker that dies (not one that crash-loops), and
 exits once every worker has. On SIGHUP it also reads the config again, as the
 workers do, so that a worker it restarts later runs what the others were
-reloaded to, not the config the broker started with. A worker whose supervisor dies is sent SIGTERM
-by the kernel (Linux), so no orphan keeps serving.
+reloaded to, not the config the broker started with. A worker whose
+supervisor dies is sent SIGTERM by the kernel (Linux), so no orphan keeps
+serving.
 """
 
 from __future__ import annotations

@@ -560,6 +560,8 @@ class MySQLBackend:
         ids = sorted(self._unsettled)
         if not ids:
             return
+        # Only sessions of the admin account: a drop recorded within a second
+        # of a restart is kept above, and its id may name somebody else's.
         query = ("SELECT ID FROM information_schema.PROCESSLIST"
                  f" WHERE ID IN ({', '.join(['%s'] * len(ids))})"
                  " AND USER = SUBSTRING_INDEX(CURRENT_USER(), '@', 1)")
