@@ -214,7 +214,11 @@ max_ttl = "1h"
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and SO_REUSEPORT")
 def test_a_restarted_worker_runs_the_reloaded_config(tmp_path: Path, postgres_dsn: str) -> None:
-    """SIGHUP adds a mount; a worker that dies afterwards comes back with it too."""
+    """SIGHUP adds a mount; a worker that dies afterwards comes back with it too.
+
+    A later SIGHUP with a broken file changes nothing, in the supervisor
+    either: the worker it restarts after that still has the added mount.
+    """
     config = write_config(tmp_path, _PG_MOUNT.format(name="pg", dsn=postgres_dsn), workers=2)
     init = _broker("operator", "init", "--config", str(config))
     assert init.returncode == 0, init.stderr
@@ -226,23 +230,31 @@ def test_a_restarted_worker_runs_the_reloaded_config(tmp_path: Path, postgres_ds
                              str(config)], stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_healthy(url)
-        first = _wait(lambda: len(_workers(proc.pid)) == 2 and _workers(proc.pid), 30,
-                      "two workers")
+        _wait(lambda: len(_workers(proc.pid)) == 2, 30, "two workers")
         config.write_text(config.read_text() + _PG_MOUNT.format(name="pg2", dsn=postgres_dsn))
         proc.send_signal(signal.SIGHUP)
         _wait(lambda: server_log.read_text().count("mount pg2 added") >= 2
               and "supervisor: config re-read" in server_log.read_text(),
               30, "both workers and the supervisor to reload")
 
-        os.kill(first[0], signal.SIGKILL)
-        _wait(lambda: len(_workers(proc.pid)) == 2 and first[0] not in _workers(proc.pid),
-              30, "a new worker")
-        _wait(lambda: server_log.read_text().count(") serving; audit log") >= 3, 30,
-              "the new worker to serve")
-        # 16 new connections, spread over both workers by the kernel: every one
-        # sees pg2 (were the new worker on the start-up config, each would miss
-        # it with even odds).
-        for _ in range(16):
+        good = config.read_text()
+        config.write_text(good + "\n[mounts.broken\n")
+        proc.send_signal(signal.SIGHUP)
+        _wait(lambda: server_log.read_text().count("reload rejected") >= 3, 30,
+              "both workers and the supervisor to reject the broken file")
+        assert "supervisor: reload rejected" in server_log.read_text()
+        config.write_text(good)
+
+        victims = _workers(proc.pid)
+        for n, victim in enumerate(victims, start=1):  # both, one after the other
+            os.kill(victim, signal.SIGKILL)
+            _wait(lambda v=victim: len(_workers(proc.pid)) == 2 and v not in _workers(proc.pid),
+                  30, "a new worker")
+            _wait(lambda n=n: server_log.read_text().count(") serving; audit log") >= 2 + n, 30,
+                  "the new worker to serve")
+        # Both workers are restarted ones now: each has pg2, which only the
+        # first SIGHUP brought (on the start-up config they would lack it).
+        for _ in range(8):
             status, body = _call(url, token, "GET", "sys/mounts")
             assert status == 200, body
             assert {"pg/", "pg2/"} <= set(body["data"]), body["data"]
