@@ -75,6 +75,8 @@ class RevokeOutcome:
 
     done: bool
     error: str | None = None
+    #: the attempt failed for good: the lease went irrevocable (not queued for a retry)
+    irrevocable: bool = False
 
 
 def _no_wake(at: float | None) -> None:
@@ -959,7 +961,7 @@ class LeaseEngine:
             "irrevocable" if give_up else "revoke_failed", outcome="error",
             lease=lease_ref(lease), reason=reason, attempts=attempts, error=error,
             next_attempt=next_attempt))
-        self._notify(lease.id, RevokeOutcome(done=False, error=error))
+        self._notify(lease.id, RevokeOutcome(done=False, error=error, irrevocable=give_up))
 
     async def _await_revocation(self, lease_id: str, fut: asyncio.Future[RevokeOutcome],
                                 wait: float) -> RevokeOutcome:

@@ -10,6 +10,7 @@ __all__ = [
     "NotFound",
     "PermissionDenied",
     "ReuseAttempt",
+    "RevocationFailed",
     "ServiceUnavailable",
 ]
 
@@ -34,6 +35,12 @@ class NotFound(BrokerError):
 
 class Conflict(BrokerError):
     status = 409
+
+
+class RevocationFailed(BrokerError):
+    """The backend refused a revocation for good (the lease went irrevocable)."""
+
+    status = 502
 
 
 class ServiceUnavailable(BrokerError):

@@ -15,9 +15,10 @@ Revocation is built so that a revoked credential is really dead:
 1. ``ALTER ROLE ... NOLOGIN`` is committed first, so no new session can start;
 2. every session of the role is terminated (and waited for);
 3. in one transaction: sessions are swept once more by role oid (a login that
-   passed authentication just before step 1 committed), then the role's
-   objects are handed to the admin and its privileges dropped
-   (``REASSIGN OWNED``/``DROP OWNED``), then the role is dropped.
+   passed authentication just before step 1 committed), then the admin
+   makes itself a member of the role, the role's objects are handed to the
+   admin and its privileges dropped (``REASSIGN OWNED``/``DROP OWNED``), then
+   the role is dropped.
 
 Custom ``revocation_statements`` replace the statements of step 3 only. The
 whole revocation runs on one pooled connection in three round trips.
@@ -105,7 +106,13 @@ DEFAULT_CREATION_STATEMENTS = (
 )
 DEFAULT_RENEW_STATEMENTS = ("ALTER ROLE \"{{name}}\" VALID UNTIL '{{expiration}}'",)
 # Objects the role created are kept (owned by the admin); its grants go with DROP OWNED.
+# REASSIGN OWNED needs the privileges of the role: a superuser has them, a
+# CREATEROLE admin (least privilege) does not, not even for roles it created
+# (PostgreSQL 15 and older make it no member; 16+ give it ADMIN OPTION only).
+# So the admin first makes itself a member, which CREATEROLE (15) or that
+# ADMIN OPTION (16+) allows, and which is a NOTICE if it already is one.
 DEFAULT_REVOCATION_STATEMENTS = (
+    'GRANT "{{name}}" TO CURRENT_USER',
     'REASSIGN OWNED BY "{{name}}" TO CURRENT_USER',
     'DROP OWNED BY "{{name}}"',
     'DROP ROLE IF EXISTS "{{name}}"',
@@ -811,6 +818,7 @@ class PostgresBackend:
             statements = [
                 f"SELECT pg_terminate_backend(pid{wait}) FROM pg_stat_activity "
                 f"WHERE usesysid IN ({listed_oids}) AND pid <> pg_backend_pid()",
+                f"GRANT {roles} TO CURRENT_USER",  # see DEFAULT_REVOCATION_STATEMENTS
                 f"REASSIGN OWNED BY {roles} TO CURRENT_USER",
                 f"DROP OWNED BY {roles}",
                 f"DROP ROLE IF EXISTS {roles}",

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from broker.api.common import CALL, Call, json_response
 from broker.engine import lease_ref
-from broker.errors import BadRequest, PermissionDenied
+from broker.errors import BadRequest, PermissionDenied, RevocationFailed
 from broker.lease import META_KEY, Lease, LeaseFilter, LeaseState
 
 __all__ = ["meta_params", "rfc3339", "routes", "store_call"]
@@ -109,9 +109,17 @@ async def revoke(request: web.Request) -> web.Response:
     sync = call.flag("sync", True)
     outcome = await call.state.engine.revoke(lease, wait=REVOKE_WAIT if sync else 0)
     await call.audit("revoke_request", lease=lease_ref(lease),
-                     outcome="ok" if outcome.done else "queued", error=outcome.error)
+                     outcome="ok" if outcome.done else
+                     "error" if outcome.irrevocable else "queued", error=outcome.error)
     if outcome.done:
         return json_response(None)
+    if outcome.irrevocable:
+        # Not lost either, but nothing retries it soon: the caller must know.
+        retry = call.state.config.leases.irrevocable_retry_interval
+        raise RevocationFailed(
+            f"revoking {lease.id} failed: {outcome.error}; the lease is irrevocable "
+            f"(GET sys/leases/irrevocable), retried every {retry}s, or end it with "
+            "sys/leases/revoke-force")
     # Not lost: it stays revoking and is retried with backoff until done or irrevocable.
     return json_response({"request_id": call.request_id, "data": {"queued": 1},
                           "warnings": [f"revocation queued: {outcome.error}"]}, status=202)

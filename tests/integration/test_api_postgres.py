@@ -324,7 +324,51 @@ def test_rotate_root_changes_the_admin_password(tmp_path: Path, postgres_dsn: st
             client = hvac.Client(url=server.url, token=server.root_token)
             lease = client.secrets.database.generate_credentials("short", mount_point="pg")
             client.sys.revoke_lease(lease["lease_id"])
+            # ... revokes too, though this admin is no superuser (CREATEROLE only).
+            assert not run(role_exists(postgres_dsn, lease["data"]["username"]))
         finally:
             server.stop()
     finally:
         run(setup(f"DROP ROLE IF EXISTS {admin}"))
+
+
+def test_a_revocation_refused_for_good_is_an_error_not_a_queue(tmp_path: Path,
+                                                              postgres_dsn: str) -> None:
+    """A revocation the backend refuses for good (a broken custom statement) answers 502.
+
+    Such a lease goes irrevocable at once and nothing retries it soon, so
+    the caller must not read "queued" (202); it is listed, and revoke-force
+    ends it.
+    """
+    body = pg_mount(postgres_dsn) + """
+[mounts.pg.roles.stuck]
+default_ttl = "1h"
+max_ttl = "1h"
+revocation_statements = ['DROP ROLE "{{name}}" CASCADE']
+"""
+    server = start_broker(write_config(tmp_path, body))
+    client = hvac.Client(url=server.url, token=server.root_token)
+    user = ""
+    try:
+        lease = client.secrets.database.generate_credentials("stuck", mount_point="pg")
+        user = lease["data"]["username"]
+        resp = requests.put(f"{server.url}/v1/sys/leases/revoke",
+                            json={"lease_id": lease["lease_id"]},
+                            headers={"X-Vault-Token": server.root_token}, timeout=60)
+        assert resp.status_code == 502, resp.text
+        [error] = resp.json()["errors"]
+        assert error.startswith(f"revoking {lease['lease_id']} failed: ")
+        assert "irrevocable" in error and "revoke-force" in error
+        with pytest.raises(hvac.exceptions.BadGateway):  # what a Vault client sees
+            client.sys.revoke_lease(lease["lease_id"])
+        listed = requests.get(f"{server.url}/v1/sys/leases/irrevocable",
+                              headers={"X-Vault-Token": server.root_token},
+                              timeout=10).json()["data"]["leases"]
+        assert [x["lease_id"] for x in listed] == [lease["lease_id"]]
+        assert run(role_exists(postgres_dsn, user))
+        events = [e for e in audit_events(server) if e["type"] == "revoke_request"]
+        assert events and {e["outcome"] for e in events} == {"error"}
+    finally:
+        server.stop()
+        if user:
+            run(fetchval(postgres_dsn, f'DROP ROLE IF EXISTS "{user}"'))

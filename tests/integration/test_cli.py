@@ -126,6 +126,14 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     try:
         yield Live(address, env, home / "state" / "broker" / "dev", home)
     finally:
+        # Leave no role or user behind on the shared servers: some tests keep
+        # their leases, and this broker's store goes with the temp dir.
+        request = urllib.request.Request(
+            f"{address}/v1/sys/leases/revoke-prefix/", method="PUT",
+            data=json.dumps({"all": True, "sync": True}).encode(),
+            headers={"X-Vault-Token": ROOT, "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as resp:
+            assert json.load(resp)["data"]["still_revoking"] == 0
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=60)
