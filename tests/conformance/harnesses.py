@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import dataclasses
 import glob
 import os
 import pwd
@@ -24,7 +25,7 @@ import tempfile
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import asyncpg
 
@@ -312,9 +313,54 @@ class PostgresHarness(BackendHarness):
         return [p for p in (self.admin_password,) if p]
 
 
+class LeastPrivilegePostgresHarness(PostgresHarness):
+    """The postgres plugin run by the admin docs/plugins.md describes: no superuser.
+
+    ``CREATEROLE``, ``pg_signal_backend``, and the schema's rights ``WITH
+    GRANT OPTION``; the harness's own checks and cleanup keep the superuser
+    connection (``admin``).
+    """
+
+    def __init__(self, dsn: str) -> None:
+        super().__init__(dsn)
+        # Not containing mount_name: leftover_roles() must not list it.
+        self.mount_admin = f"lp_admin_{self.schema.removeprefix('broker_kit_')}"
+        self.mount_admin_password = generate_password()
+
+    async def setup(self) -> None:
+        await super().setup()
+        who, schema = f'"{self.mount_admin}"', f'"{self.schema}"'
+        await self.admin.execute(
+            f"CREATE ROLE {who} LOGIN CREATEROLE PASSWORD '{self.mount_admin_password}';"
+            f"GRANT pg_signal_backend TO {who};"
+            f"GRANT USAGE ON SCHEMA {schema} TO {who} WITH GRANT OPTION;"
+            f"GRANT SELECT ON ALL TABLES IN SCHEMA {schema} TO {who} WITH GRANT OPTION")
+
+    async def teardown(self) -> None:
+        try:
+            if self._admin is not None:
+                for name in await self.leftover_roles():
+                    await self.drop_role(name)
+                await self.drop_role(self.mount_admin)
+        finally:
+            await super().teardown()
+
+    def make_mount(self, *, reachable: bool = True, **options: Any) -> MountSpec:
+        mount = super().make_mount(reachable=reachable, **options)
+        url = urlsplit(mount.options["connection_url"])
+        own = url._replace(netloc=f"{quote(self.mount_admin)}@{url.netloc.rpartition('@')[2]}")
+        return dataclasses.replace(
+            mount, secret=self.mount_admin_password,
+            options={**mount.options, "connection_url": urlunsplit(own), **options})
+
+    def secret_values(self) -> list[str]:
+        return [*super().secret_values(), self.mount_admin_password]
+
+
 #: name -> factory or "module:attribute". One line per backend.
 HARNESSES: dict[str, HarnessFactory | str] = {
     "postgres": PostgresHarness.factory,
+    "postgres-least-privilege": LeastPrivilegePostgresHarness.factory,
     "mysql": "tests.conformance.mysql_harness:mysql_harness",
     "aws": "tests.conformance.aws_harness:aws_harness",
 }
