@@ -36,7 +36,7 @@ from broker.event_loop import resolve as resolve_event_loop
 from broker.lease import TokenState
 from broker.policy import PolicySet
 from broker.state import BrokerState
-from broker.store import open_store
+from broker.store import open_store, redact_url
 from broker.sweeper import Sweeper
 from broker.tokens import TokenManager
 from broker.worker_stats import StatsBoard
@@ -187,7 +187,7 @@ def _banner(state: BrokerState, root_token: str | None) -> str:
     lines = [
         f"==> broker {__version__} server started{' in DEV mode' if state.dev else ''}.",
         f"    Address:  {addr}",
-        f"    Storage:  {state.config.storage.url}",
+        f"    Storage:  {redact_url(state.config.storage.url)}",
         f"    Audit:    {state.config.audit.path}",
     ]
     for name, m in state.engine.mounts.items():

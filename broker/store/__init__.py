@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit, urlunsplit
+
 from broker.store.base import LeaseStore
 
-__all__ = ["LeaseStore", "open_store"]
+__all__ = ["LeaseStore", "open_store", "redact_url"]
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its password (``user:***@host``), fit for a log, banner or error."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
 def open_store(url: str) -> LeaseStore:
@@ -17,4 +28,5 @@ def open_store(url: str) -> LeaseStore:
         from broker.store.postgres import PostgresStore
 
         return PostgresStore.from_url(url)
-    raise ValueError(f"unsupported storage url {url!r}: use sqlite:///PATH or postgresql://...")
+    raise ValueError(f"unsupported storage url {redact_url(url)!r}: "
+                     "use sqlite:///PATH or postgresql://...")

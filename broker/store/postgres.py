@@ -36,6 +36,7 @@ import asyncpg
 
 from broker.errors import Conflict
 from broker.lease import Lease, LeaseFilter, LeaseState, Token, TokenState, check_meta_key
+from broker.store import redact_url
 from broker.store.base import RevokeQueued, RuleChunk
 from broker.store.rows import lease_from_row, prefix_upper, token_from_row
 from broker.store.sqlite import StoreSchemaError
@@ -160,16 +161,6 @@ _STORE_PARAMS = {"pool_min_size", "pool_max_size", "command_timeout"}
 #: Listener: how often an idle connection is checked, and the reconnect backoff.
 _KEEPALIVE = 30.0
 _RECONNECT_FIRST, _RECONNECT_MAX = 0.5, 30.0
-
-
-def _redact(url: str) -> str:
-    """The URL without its password, fit for an error message."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rpartition("@")
-    user = (parts.username or "") + ":***"
-    return urlunsplit(parts._replace(netloc=f"{user}@{netloc[2]}"))
 
 
 class _Args:
@@ -467,10 +458,10 @@ class PostgresStore:
         """
         parts = urlsplit(url)
         if parts.scheme not in {"postgresql", "postgres"}:
-            raise ValueError(f"unsupported PostgreSQL url {_redact(url)!r}: "
+            raise ValueError(f"unsupported PostgreSQL url {redact_url(url)!r}: "
                              "use postgresql://USER@HOST:PORT/DATABASE")
         if not parts.path.strip("/"):
-            raise ValueError(f"PostgreSQL url {_redact(url)!r} names no database")
+            raise ValueError(f"PostgreSQL url {redact_url(url)!r} names no database")
         query = parse_qsl(parts.query, keep_blank_values=True)
         own = {key: value for key, value in query if key in _STORE_PARAMS}
         rest = [(key, value) for key, value in query if key not in _STORE_PARAMS]
@@ -480,10 +471,10 @@ class PostgresStore:
             max_size = int(own.get("pool_max_size", 10))
             timeout = float(own.get("command_timeout", 60))
         except ValueError:
-            raise ValueError(f"PostgreSQL url {_redact(url)!r}: pool_min_size, pool_max_size "
+            raise ValueError(f"PostgreSQL url {redact_url(url)!r}: pool_min_size, pool_max_size "
                              "and command_timeout must be numbers") from None
         if not 0 <= min_size <= max_size or max_size < 1 or timeout <= 0:
-            raise ValueError(f"PostgreSQL url {_redact(url)!r}: need 0 <= pool_min_size <= "
+            raise ValueError(f"PostgreSQL url {redact_url(url)!r}: need 0 <= pool_min_size <= "
                              "pool_max_size, pool_max_size >= 1 and command_timeout > 0")
         return cls(dsn, pool_min_size=min_size, pool_max_size=max_size, command_timeout=timeout)
 

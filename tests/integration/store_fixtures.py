@@ -90,6 +90,7 @@ def _drop_database(admin_dsn: str, name: str) -> None:
         try:
             # FORCE: a store a failed test left open must not keep the database alive.
             await conn.execute(f"DROP DATABASE IF EXISTS {_quote_ident(name)} WITH (FORCE)")
+            await conn.execute(f"DROP ROLE IF EXISTS {_quote_ident(name)}")
         finally:
             await conn.close()
 
@@ -105,24 +106,33 @@ async def fresh_postgres_database(request: pytest.FixtureRequest) -> str:
     ``postgres_dsn`` fixture on first use and dropped when the session ends, so
     other work on the same server is never touched. Dropping the tables before
     each test gives it an empty, not yet migrated database, as a new SQLite file.
+
+    The store connects as a role of the same name that owns the database and
+    is nothing more (no superuser, no CREATEROLE, no CREATEDB), as
+    docs/operations.md tells operators to set it up.
     """
     admin = request.getfixturevalue("postgres_dsn")
     dsn = _PG_DATABASES.get(admin)
     if dsn is None:
         name = f"broker_store_test_{secrets.token_hex(6)}"
+        password = secrets.token_hex(16)
         conn = await asyncpg.connect(admin)
         try:
+            await conn.execute(f"CREATE ROLE {_quote_ident(name)} LOGIN PASSWORD '{password}'")
             try:
                 # A locale-aware default collation ("b" < "B"), as most servers have: the
                 # store must still sort and match id prefixes byte-wise, like SQLite.
                 await conn.execute(f"CREATE DATABASE {_quote_ident(name)} TEMPLATE template0"
-                                   " LOCALE_PROVIDER icu ICU_LOCALE 'en-US'")
+                                   f" LOCALE_PROVIDER icu ICU_LOCALE 'en-US' OWNER {_quote_ident(name)}")
             except asyncpg.PostgresError:  # before PostgreSQL 15, or built without ICU
-                await conn.execute(f"CREATE DATABASE {_quote_ident(name)}")
+                await conn.execute(f"CREATE DATABASE {_quote_ident(name)} OWNER {_quote_ident(name)}")
         finally:
             await conn.close()
         request.config.add_cleanup(lambda: _drop_database(admin, name))
-        dsn = _PG_DATABASES[admin] = urlunsplit(urlsplit(admin)._replace(path=f"/{name}"))
+        parts = urlsplit(admin)
+        host = parts.netloc.rpartition("@")[2]
+        dsn = _PG_DATABASES[admin] = urlunsplit(parts._replace(
+            netloc=f"{name}:{password}@{host}", path=f"/{name}"))
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute("DROP TABLE IF EXISTS leases, tokens, revoke_rules, schema_version")

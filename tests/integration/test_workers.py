@@ -17,6 +17,7 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -177,6 +178,10 @@ max_ttl = "1h"
         log.close()
     assert code == 0, (tmp_path / "server.log").read_text()[-3000:]
     assert not any(Path(f"/proc/{pid}").exists() for pid in first[1:])
+    secret = urlsplit(store_url).password  # the PostgreSQL store's, in its URL
+    if secret:
+        text = (tmp_path / "server.log").read_text()
+        assert "Storage:  postgresql://" in text and secret not in text
 
 
 def test_workers_config_is_checked(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from broker.config import ConfigError, dev_config_path, load_config
+from broker.store import open_store, redact_url
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -128,3 +129,21 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
                                          '[audit]\npath = "audit.jsonl"\n'))
     assert config.storage.url == f"sqlite:///{tmp_path / 'data/b.db'}"
     assert config.audit.path == str(tmp_path / "audit.jsonl")
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("postgresql://broker:s3cret@db:5432/broker", "postgresql://broker:***@db:5432/broker"),
+    ("postgresql://broker@db/broker", "postgresql://broker@db/broker"),
+    ("sqlite:////var/lib/broker/broker.db", "sqlite:////var/lib/broker/broker.db"),
+    ("mysql://u:p%40ss@h/x", "mysql://u:***@h/x"),
+])
+def test_a_storage_url_is_shown_without_its_password(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+
+
+@pytest.mark.parametrize("url", ["mysql://broker:s3cret@db/broker",
+                                 "postgresql://broker:s3cret@db"])
+def test_a_bad_storage_url_is_refused_without_its_password(url: str) -> None:
+    with pytest.raises(ValueError) as err:
+        open_store(url)
+    assert "broker:***@db" in str(err.value) and "s3cret" not in str(err.value)
