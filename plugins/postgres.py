@@ -15,10 +15,10 @@ Revocation is built so that a revoked credential is really dead:
 1. ``ALTER ROLE ... NOLOGIN`` is committed first, so no new session can start;
 2. every session of the role is terminated (and waited for);
 3. in one transaction: sessions are swept once more by role oid (a login that
-   passed authentication just before step 1 committed), then the admin
-   makes itself a member of the role, the role's objects are handed to the
-   admin and its privileges dropped (``REASSIGN OWNED``/``DROP OWNED``), then
-   the role is dropped.
+   passed authentication just before step 1 committed), then an admin
+   without the role's privileges (no superuser) makes itself a member of it,
+   the role's objects are handed to the admin and its privileges dropped
+   (``REASSIGN OWNED``/``DROP OWNED``), then the role is dropped.
 
 Custom ``revocation_statements`` replace the statements of step 3 only. The
 whole revocation runs on one pooled connection in three round trips.
@@ -106,13 +106,7 @@ DEFAULT_CREATION_STATEMENTS = (
 )
 DEFAULT_RENEW_STATEMENTS = ("ALTER ROLE \"{{name}}\" VALID UNTIL '{{expiration}}'",)
 # Objects the role created are kept (owned by the admin); its grants go with DROP OWNED.
-# REASSIGN OWNED needs the privileges of the role: a superuser has them, a
-# CREATEROLE admin (least privilege) does not, not even for roles it created
-# (PostgreSQL 15 and older make it no member; 16+ give it ADMIN OPTION only).
-# So the admin first makes itself a member, which CREATEROLE (15) or that
-# ADMIN OPTION (16+) allows, and which is a NOTICE if it already is one.
 DEFAULT_REVOCATION_STATEMENTS = (
-    'GRANT "{{name}}" TO CURRENT_USER',
     'REASSIGN OWNED BY "{{name}}" TO CURRENT_USER',
     'DROP OWNED BY "{{name}}"',
     'DROP ROLE IF EXISTS "{{name}}"',
@@ -147,10 +141,19 @@ _SHARED_ROW_DDL = re.compile(
     r"\b(?:GRANT|REVOKE)\b[^;]*?\bON\b|\bDEFAULT\s+PRIVILEGES\b|\bDO\b|\$\w*\$",
     re.IGNORECASE | re.DOTALL,
 )
+# REASSIGN OWNED needs the privileges of the role: a superuser has them, a
+# CREATEROLE admin (least privilege) does not, not even for roles it created
+# (PostgreSQL 15 and older make it no member; 16+ give it ADMIN OPTION only).
+# Such an admin first makes itself a member (what CREATEROLE, or that ADMIN
+# OPTION, allows) in the dropping transaction, before the default statements.
+# Only when it lacks them ("usable" below): a superuser's revocation is
+# unchanged, e.g. for a role that was made a member of the admin's role.
+_JOIN_ROLE = 'GRANT "{name}" TO CURRENT_USER'
 # Step 2 of revocation. pg_terminate_backend stays in a target list, so it only
 # ever runs for rows the WHERE clause kept. Also reports whether the role holds
 # privileges on objects (ACL dependencies): DROP OWNED then rewrites those
-# objects' ACLs, which is what needs the DDL lock.
+# objects' ACLs, which is what needs the DDL lock; and whether the admin has
+# the role's privileges (_JOIN_ROLE).
 _END_SESSIONS_14 = """
 SELECT r.oid,
        (SELECT count(*) FILTER (WHERE NOT t.ended)
@@ -159,7 +162,8 @@ SELECT r.oid,
                  WHERE a.usesysid = r.oid AND a.pid <> pg_backend_pid()) t) AS left_,
        EXISTS (SELECT 1 FROM pg_shdepend d
                 WHERE d.refclassid = 'pg_authid'::regclass AND d.refobjid = r.oid
-                  AND d.deptype = 'a') AS granted
+                  AND d.deptype = 'a') AS granted,
+       pg_has_role(current_user, r.oid, 'USAGE') AS usable
   FROM pg_roles r WHERE r.rolname = $1
 """
 # PostgreSQL 12/13: no waiting terminate; every signalled session counts as left.
@@ -171,7 +175,8 @@ SELECT r.oid,
                  WHERE a.usesysid = r.oid AND a.pid <> pg_backend_pid()) t) AS left_,
        EXISTS (SELECT 1 FROM pg_shdepend d
                 WHERE d.refclassid = 'pg_authid'::regclass AND d.refobjid = r.oid
-                  AND d.deptype = 'a') AS granted
+                  AND d.deptype = 'a') AS granted,
+       pg_has_role(current_user, r.oid, 'USAGE') AS usable
   FROM pg_roles r WHERE r.rolname = $1 AND $2::int IS NOT NULL
 """
 _COUNT_SESSIONS = (
@@ -189,7 +194,8 @@ SELECT r.rolname, r.oid,
        (SELECT count(*) FROM t WHERE t.usesysid = r.oid AND NOT t.ended) AS left_,
        EXISTS (SELECT 1 FROM pg_shdepend d
                 WHERE d.refclassid = 'pg_authid'::regclass AND d.refobjid = r.oid
-                  AND d.deptype = 'a') AS granted
+                  AND d.deptype = 'a') AS granted,
+       pg_has_role(current_user, r.oid, 'USAGE') AS usable
   FROM r
 """
 _END_SESSIONS_MANY_12 = """
@@ -202,7 +208,8 @@ SELECT r.rolname, r.oid,
        (SELECT count(*) FROM t WHERE t.usesysid = r.oid) AS left_,
        EXISTS (SELECT 1 FROM pg_shdepend d
                 WHERE d.refclassid = 'pg_authid'::regclass AND d.refobjid = r.oid
-                  AND d.deptype = 'a') AS granted
+                  AND d.deptype = 'a') AS granted,
+       pg_has_role(current_user, r.oid, 'USAGE') AS usable
   FROM r
 """
 _COUNT_SESSIONS_MANY = (
@@ -775,6 +782,8 @@ class PostgresBackend:
             f"WHERE usesysid = {oid} AND pid <> pg_backend_pid()"
         )
         lock = self._needs_lock(templates) or (self._serialize_ddl is None and row["granted"])
+        if not custom and not row["usable"]:
+            statements = [_JOIN_ROLE.format(name=quoted), *statements]
         return await self._transaction(
             conn, "delete_user", [sweep, *statements], [], lock=lock, custom=custom, role_oid=oid
         )
@@ -812,13 +821,15 @@ class PostgresBackend:
                 or (self._serialize_ddl is None and any(row["granted"] for row in rows)))
         wait = f", {_TERMINATE_WAIT_MS}" if new_server else ""
         quoted = {int(row["oid"]): f'"{escape_identifier(row["rolname"])}"' for row in rows}
+        unusable = {int(row["oid"]) for row in rows if not row["usable"]}
         while oids:
             listed_oids = ", ".join(str(oid) for oid in oids)
             roles = ", ".join(quoted[oid] for oid in oids)
+            join = ", ".join(quoted[oid] for oid in oids if oid in unusable)
             statements = [
                 f"SELECT pg_terminate_backend(pid{wait}) FROM pg_stat_activity "
                 f"WHERE usesysid IN ({listed_oids}) AND pid <> pg_backend_pid()",
-                f"GRANT {roles} TO CURRENT_USER",  # see DEFAULT_REVOCATION_STATEMENTS
+                *([f"GRANT {join} TO CURRENT_USER"] if join else []),  # see _JOIN_ROLE
                 f"REASSIGN OWNED BY {roles} TO CURRENT_USER",
                 f"DROP OWNED BY {roles}",
                 f"DROP ROLE IF EXISTS {roles}",
