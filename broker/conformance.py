@@ -103,7 +103,10 @@ class BackendHarness(ABC):
         """Prepare the server (schema, tables the roles grant on). Called before each test."""
 
     async def teardown(self) -> None:  # noqa: B027 - optional hook
-        """Remove what setup created and any user the suite left behind."""
+        """Remove what setup created and any user the suite left behind.
+
+        Called after a setup that failed halfway too: remove what exists.
+        """
 
     @abstractmethod
     def make_mount(self, *, reachable: bool = True) -> MountSpec:
@@ -275,8 +278,8 @@ class ConformanceSuite:
         self, harness_factory: HarnessFactory, request: pytest.FixtureRequest
     ) -> AsyncIterator[BackendHarness]:
         harness = harness_factory(request.getfixturevalue)
-        await harness.setup()
         try:
+            await harness.setup()  # a failure halfway must not leave its database behind
             yield harness
         finally:
             await harness.teardown()

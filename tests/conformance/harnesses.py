@@ -341,7 +341,8 @@ class LeastPrivilegePostgresHarness(PostgresHarness):
             if self._admin is not None:
                 for name in await self.leftover_roles():
                     await self.drop_role(name)
-                await self.drop_role(self.mount_admin)
+                if await self.user_exists(self.mount_admin):  # setup may have failed first
+                    await self.drop_role(self.mount_admin)
         finally:
             await super().teardown()
 
@@ -362,5 +363,6 @@ HARNESSES: dict[str, HarnessFactory | str] = {
     "postgres": PostgresHarness.factory,
     "postgres-least-privilege": LeastPrivilegePostgresHarness.factory,
     "mysql": "tests.conformance.mysql_harness:mysql_harness",
+    "mysql-least-privilege": "tests.conformance.mysql_harness:least_privilege_mysql_harness",
     "aws": "tests.conformance.aws_harness:aws_harness",
 }

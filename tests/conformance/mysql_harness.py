@@ -5,6 +5,7 @@ Registered in ``harnesses.HARNESSES`` as ``"tests.conformance.mysql_harness:mysq
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import socket
 from collections.abc import Mapping
@@ -17,7 +18,8 @@ import pymysql
 from broker.backend import MountSpec, RoleSpec
 from broker.conformance import BROKEN_ROLE, ROLE, BackendHarness, FixtureLookup
 
-__all__ = ["MySQLHarness", "mysql_harness"]
+__all__ = ["LeastPrivilegeMySQLHarness", "MySQLHarness", "least_privilege_mysql_harness",
+           "mysql_harness"]
 
 
 def _free_port() -> int:
@@ -150,3 +152,50 @@ class MySQLHarness(BackendHarness):
 def mysql_harness(fixture: FixtureLookup) -> MySQLHarness:
     """The factory ``harnesses.HARNESSES`` names (a plain function: a "module:attr" spec)."""
     return MySQLHarness.factory(fixture)
+
+
+class LeastPrivilegeMySQLHarness(MySQLHarness):
+    """The mysql plugin run by the admin docs/plugins.md describes: not root, no SUPER.
+
+    ``CREATE USER``, ``PROCESS``, ``CONNECTION ADMIN``, ``SELECT`` on
+    ``mysql.user``, and ``SELECT`` on the database ``WITH GRANT OPTION``; the
+    harness's own checks and cleanup keep the root connection.
+    """
+
+    def __init__(self, dsn: str) -> None:
+        super().__init__(dsn)
+        # Not containing mount_name: teardown drops every user that does.
+        self.mount_admin = f"lp_{self.database.removeprefix('broker_kit_')}"
+        self.mount_admin_password = secrets.token_urlsafe(18)
+
+    async def setup(self) -> None:
+        await super().setup()
+        who = f"'{self.mount_admin}'@'%'"
+        # token_urlsafe: letters, digits, "-" and "_", nothing to quote.
+        await self._sql(f"CREATE USER {who} IDENTIFIED BY '{self.mount_admin_password}'")
+        await self._sql(f"GRANT CREATE USER, PROCESS, CONNECTION ADMIN ON *.* TO {who}")
+        await self._sql(f"GRANT SELECT ON mysql.user TO {who}")
+        await self._sql(f"GRANT SELECT ON `{self.database}`.* TO {who} WITH GRANT OPTION")
+
+    async def teardown(self) -> None:
+        try:
+            if self._admin is not None:
+                await self._sql(f"DROP USER IF EXISTS '{self.mount_admin}'@'%'")
+        finally:
+            await super().teardown()
+
+    def make_mount(self, *, reachable: bool = True, **options: Any) -> MountSpec:
+        mount = super().make_mount(reachable=reachable, **options)
+        url = urlsplit(mount.options["connection_url"])
+        own = url._replace(netloc=f"{self.mount_admin}@{url.netloc.rpartition('@')[2]}")
+        return dataclasses.replace(
+            mount, secret=self.mount_admin_password,
+            options={**mount.options, "connection_url": own.geturl(), **options})
+
+    def secret_values(self) -> list[str]:
+        return [*super().secret_values(), self.mount_admin_password]
+
+
+def least_privilege_mysql_harness(fixture: FixtureLookup) -> MySQLHarness:
+    """``harnesses.HARNESSES``' "mysql-least-privilege"."""
+    return LeastPrivilegeMySQLHarness.factory(fixture)
