@@ -18,6 +18,7 @@ while a signed call with that key succeeds.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import secrets
@@ -44,8 +45,10 @@ __all__ = [
     "BOOTSTRAP_CALLS",
     "AWSHarness",
     "AWSSession",
+    "LeastPrivilegeAWSHarness",
     "MotoAuth",
     "aws_harness",
+    "least_privilege_aws_harness",
     "moto_with_auth",
 ]
 
@@ -319,3 +322,89 @@ class AWSHarness(BackendHarness):
 def aws_harness(fixture: FixtureLookup) -> AWSHarness:
     """The factory ``harnesses.HARNESSES`` names (a plain function: a "module:attr" spec)."""
     return AWSHarness.factory(fixture)
+
+
+#: The actions docs/aws.md lists for a mount issuing ``iam_user`` credentials.
+LEASE_USER_ACTIONS = [
+    "iam:CreateUser", "iam:TagUser", "iam:GetUser", "iam:DeleteUser",
+    "iam:PutUserPolicy", "iam:DeleteUserPolicy", "iam:ListUserPolicies",
+    "iam:AttachUserPolicy", "iam:DetachUserPolicy", "iam:ListAttachedUserPolicies",
+    "iam:ListGroupsForUser", "iam:CreateAccessKey", "iam:DeleteAccessKey",
+    "iam:ListAccessKeys", "iam:DeleteLoginProfile", "iam:ListMFADevices",
+    "iam:DeactivateMFADevice", "iam:ListSigningCertificates",
+    "iam:DeleteSigningCertificate", "iam:ListSSHPublicKeys", "iam:DeleteSSHPublicKey",
+]
+LEASE_GROUP_ACTIONS = ["iam:AddUserToGroup", "iam:RemoveUserFromGroup"]
+ROTATE_ROOT_ACTIONS = ["iam:GetUser", "iam:ListAccessKeys", "iam:CreateAccessKey",
+                       "iam:DeleteAccessKey"]
+
+
+def broker_policy() -> dict[str, Any]:
+    """docs/aws.md's policy with every resource ``*``.
+
+    moto authorizes each IAM call against the resource ``*``, so a statement
+    scoped to an ARN would never match there: this checks the actions only.
+    """
+    return {"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": ["sts:GetCallerIdentity"], "Resource": "*"},
+        {"Effect": "Allow", "Action": LEASE_USER_ACTIONS, "Resource": "*"},
+        {"Effect": "Allow", "Action": LEASE_GROUP_ACTIONS, "Resource": "*"},
+        {"Effect": "Allow", "Action": ROTATE_ROOT_ACTIONS, "Resource": "*"},
+    ]}
+
+
+class LeastPrivilegeAWSHarness(AWSHarness):
+    """The aws plugin signing as an IAM user holding only :func:`broker_policy`'s actions.
+
+    moto checks a policy's actions, not its resource ARNs (see
+    :func:`broker_policy`), so this proves the list of actions in docs/aws.md
+    is enough, not its scope.
+    """
+
+    def __init__(self, auth: MotoAuth) -> None:
+        super().__init__(auth)
+        self.mount_user = f"broker-kit-lp-{self.iam_path.strip('/').rsplit('-', 1)[1]}"
+        self._key: dict[str, str] = {}
+
+    async def setup(self) -> None:
+        await super().setup()
+        await asyncio.to_thread(self._create_mount_user)
+
+    def _create_mount_user(self) -> None:
+        self.admin.create_user(UserName=self.mount_user)
+        self.admin.put_user_policy(UserName=self.mount_user, PolicyName="broker",
+                                   PolicyDocument=json.dumps(broker_policy()))
+        key = self.admin.create_access_key(UserName=self.mount_user)["AccessKey"]
+        self._key = {"id": key["AccessKeyId"], "secret": key["SecretAccessKey"]}
+
+    async def teardown(self) -> None:
+        try:
+            if self._iam is not None:
+                await asyncio.to_thread(self._delete_mount_user)
+        finally:
+            await super().teardown()
+
+    def _delete_mount_user(self) -> None:
+        try:
+            for key in self.admin.list_access_keys(UserName=self.mount_user)["AccessKeyMetadata"]:
+                self.admin.delete_access_key(UserName=self.mount_user,
+                                             AccessKeyId=key["AccessKeyId"])
+            self.admin.delete_user_policy(UserName=self.mount_user, PolicyName="broker")
+            self.admin.delete_user(UserName=self.mount_user)
+        except ClientError as exc:
+            if _code(exc) != "NoSuchEntity":  # setup failed before making it
+                raise
+
+    def make_mount(self, *, reachable: bool = True, **options: Any) -> MountSpec:
+        mount = super().make_mount(reachable=reachable, **options)
+        return dataclasses.replace(
+            mount, secret=self._key["secret"],
+            options={**mount.options, "access_key": self._key["id"], **options})
+
+    def secret_values(self) -> list[str]:
+        return [*super().secret_values(), self._key.get("secret", "")]
+
+
+def least_privilege_aws_harness(fixture: FixtureLookup) -> AWSHarness:
+    """``harnesses.HARNESSES``' "aws-least-privilege"."""
+    return LeastPrivilegeAWSHarness.factory(fixture)

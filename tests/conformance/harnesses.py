@@ -365,4 +365,5 @@ HARNESSES: dict[str, HarnessFactory | str] = {
     "mysql": "tests.conformance.mysql_harness:mysql_harness",
     "mysql-least-privilege": "tests.conformance.mysql_harness:least_privilege_mysql_harness",
     "aws": "tests.conformance.aws_harness:aws_harness",
+    "aws-least-privilege": "tests.conformance.aws_harness:least_privilege_aws_harness",
 }
