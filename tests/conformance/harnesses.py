@@ -333,7 +333,9 @@ class LeastPrivilegePostgresHarness(PostgresHarness):
         await self.admin.execute(
             f"CREATE ROLE {who} LOGIN CREATEROLE PASSWORD '{self.mount_admin_password}';"
             f"GRANT pg_signal_backend TO {who};"
-            f"GRANT USAGE ON SCHEMA {schema} TO {who} WITH GRANT OPTION;"
+            # CREATE too: tests/integration/test_postgres_least_privilege.py
+            # lets a role own a table, to revoke a role that owns objects.
+            f"GRANT USAGE, CREATE ON SCHEMA {schema} TO {who} WITH GRANT OPTION;"
             f"GRANT SELECT ON ALL TABLES IN SCHEMA {schema} TO {who} WITH GRANT OPTION")
 
     async def teardown(self) -> None:

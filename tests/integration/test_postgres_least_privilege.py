@@ -8,25 +8,24 @@ still end every session and drop every role.
 
 from __future__ import annotations
 
-import dataclasses
 import secrets
 from collections.abc import AsyncIterator
-from urllib.parse import quote, urlsplit
 
 import asyncpg
 import pytest
 
 from broker.backend import DeleteUserRequest, RoleSpec
 from plugins.postgres import PostgresBackend
-from tests.conformance.harnesses import PostgresHarness
+from tests.conformance.harnesses import LeastPrivilegePostgresHarness, PostgresHarness
 from tests.integration.test_postgres_backend import new_req, role, username
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-async def harness(postgres_dsn: str) -> AsyncIterator[PostgresHarness]:
-    h = PostgresHarness(postgres_dsn)
+async def harness(postgres_dsn: str) -> AsyncIterator[LeastPrivilegePostgresHarness]:
+    """The conformance harness whose mount admin is CREATEROLE + pg_signal_backend only."""
+    h = LeastPrivilegePostgresHarness(postgres_dsn)
     await h.setup()
     try:
         yield h
@@ -34,26 +33,9 @@ async def harness(postgres_dsn: str) -> AsyncIterator[PostgresHarness]:
         await h.teardown()
 
 
-def _admin_name(harness: PostgresHarness) -> str:
-    # Not containing the mount name: the harness's teardown drops those roles.
-    return f"lp_admin_{harness.schema.removeprefix('broker_kit_')}"
-
-
 @pytest.fixture
-async def backend(harness: PostgresHarness) -> AsyncIterator[PostgresBackend]:
-    """A mount whose admin is CREATEROLE + pg_signal_backend, with grantable rights on the schema."""
-    admin = _admin_name(harness)
-    password = secrets.token_urlsafe(24)
-    schema = harness.schema
-    await harness.admin.execute(
-        f"CREATE ROLE \"{admin}\" LOGIN CREATEROLE PASSWORD '{password}';"
-        f'GRANT pg_signal_backend TO "{admin}";'
-        f'GRANT USAGE, CREATE ON SCHEMA "{schema}" TO "{admin}" WITH GRANT OPTION;'
-        f'GRANT SELECT ON ALL TABLES IN SCHEMA "{schema}" TO "{admin}" WITH GRANT OPTION;')
-    parts = urlsplit(harness.dsn)
-    url = f"postgresql://{quote(admin)}@{parts.hostname}:{parts.port or 5432}{parts.path}"
-    mount = dataclasses.replace(harness.make_mount(connection_url=url), secret=password)
-    made = PostgresBackend.from_config(mount)
+async def backend(harness: LeastPrivilegePostgresHarness) -> AsyncIterator[PostgresBackend]:
+    made = PostgresBackend.from_config(harness.make_mount())
     await made.initialize()
     try:
         assert not await made._run("test", lambda c: c.fetchval(
@@ -61,12 +43,6 @@ async def backend(harness: PostgresHarness) -> AsyncIterator[PostgresBackend]:
         yield made
     finally:
         await made.close()
-        # Whatever the test left is the admin's now (REASSIGN OWNED): hand it back.
-        for name in await harness.leftover_roles():
-            await harness.drop_role(name)
-        await harness.admin.execute(
-            f'REASSIGN OWNED BY "{admin}" TO CURRENT_USER; DROP OWNED BY "{admin}";'
-            f'DROP ROLE "{admin}"')
 
 
 def _owner_role(schema: str) -> RoleSpec:
@@ -101,7 +77,7 @@ async def test_revoking_a_role_with_a_session_and_a_table_of_its_own(
     owner = await harness.admin.fetchval(
         "SELECT tableowner FROM pg_tables WHERE schemaname = $1 AND tablename = $2",
         harness.schema, table)
-    assert owner == _admin_name(harness)
+    assert owner == harness.mount_admin
     await harness.close_session(session)
 
 
