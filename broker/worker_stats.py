@@ -8,8 +8,10 @@ anonymous shared memory region before it forks (every worker inherits it,
 restarted ones too), each worker writes a JSON snapshot of its own figures
 into its slot once a second and right before it answers a scrape, and the
 answer adds up all the slots. Another worker's figures are therefore up to a
-second old. A restarted worker starts its counters from zero, as any
-restarted process does.
+second old. A worker that is restarted (same number, new process) carries on
+the counts its slot last held, so the sums never go down, as Prometheus's
+multi-process mode keeps a dead worker's counters; only the counts of the
+last second before it died are lost.
 
 A slot is ``[sequence u64][length u32][JSON]``. The writer makes the sequence
 odd, writes, and makes it even again; a reader that sees an odd sequence, or
@@ -51,6 +53,9 @@ class StatsBoard:
         self.workers = workers
         # fileno -1: an anonymous MAP_SHARED mapping, shared with every child forked later.
         self._map = mmap.mmap(-1, workers * SLOT_BYTES)
+        #: In a worker (each has its own copy of this object): the counters its
+        #: earlier processes published, which it carries on (publish_own).
+        self.carried: dict[str, Any] | None = None
 
     def publish(self, worker: int, figures: Mapping[str, Any]) -> None:
         """Write ``figures`` into ``worker``'s slot (only that worker writes it)."""
@@ -100,6 +105,7 @@ def snapshot(state: BrokerState) -> dict[str, Any]:
     return {
         "pid": os.getpid(),
         "started": state.started,
+        "published": time.time(),
         "sweeper_busy": state.sweeper.busy,
         "sweeper_dropped_claims": state.sweeper.dropped_claims,
         "backends": {
@@ -112,17 +118,30 @@ def snapshot(state: BrokerState) -> dict[str, Any]:
 
 
 def publish_own(state: BrokerState) -> dict[str, Any]:
-    """Publish this worker's snapshot to the board (if there is one); returns the snapshot."""
+    """Publish this worker's figures to the board (if there is one); returns them.
+
+    On a board, the counters include what earlier processes of the same
+    worker number published (``StatsBoard.carried``); ``sweeper_busy``, a
+    level rather than a count, is this process's alone.
+    """
     own = snapshot(state)
     board, worker = state.stats_board, state.worker
-    if board is not None and worker is not None:
-        try:
-            board.publish(worker, own)
-        except SnapshotTooLarge:
-            # Thousands of mounts: the sums go without this worker's backend
-            # calls rather than without the worker.
-            board.publish(worker, {**own, "backends": {}})
-    return own
+    if board is None or worker is None:
+        return own
+    if board.carried is None:
+        last = board.read(worker)
+        board.carried = ({"sweeper_busy": 0,
+                          "sweeper_dropped_claims": last["sweeper_dropped_claims"],
+                          "backends": last["backends"]}
+                         if last is not None and last["pid"] != own["pid"] else {})
+    figures = {**own, **merge([board.carried, own])} if board.carried else own
+    try:
+        board.publish(worker, figures)
+    except SnapshotTooLarge:
+        # Thousands of mounts: the sums go without this worker's backend
+        # calls rather than without the worker.
+        board.publish(worker, {**figures, "backends": {}})
+    return figures
 
 
 def merge(snapshots: Iterable[Mapping[str, Any]]) -> dict[str, Any]:

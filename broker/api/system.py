@@ -83,6 +83,7 @@ async def metrics(request: web.Request) -> web.Response:
         data["worker"] = state.worker
         data["workers"] = {
             str(n): {"pid": w["pid"], "started": rfc3339(w["started"]),
+                     "updated": rfc3339(w["published"]),
                      "sweeper_busy": w["sweeper_busy"],
                      "sweeper_dropped_claims": w["sweeper_dropped_claims"],
                      "backends": _backend_figures(w["backends"])}

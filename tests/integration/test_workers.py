@@ -172,6 +172,15 @@ max_ttl = "1h"
               30, "both workers to reload")
         assert _workers(proc.pid) == now, "a worker died of the SIGHUP"
         assert all(_call(url, token, "GET", "sys/health")[0] == 200 for _ in range(5))
+
+        # The restarted worker carries on its slot's counts: the sums do not drop.
+        def pids() -> set[int]:
+            listed = _call(url, token, "GET", "sys/metrics")[1]["data"]["workers"]
+            return {w["pid"] for w in listed.values()}
+
+        _wait(lambda: pids() == set(now), 10, "both current workers to publish")
+        for _ in range(8):
+            assert staged(_call(url, token, "GET", "sys/metrics")[1]["data"]) == 18
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(60)
