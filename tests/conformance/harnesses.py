@@ -22,6 +22,7 @@ import secrets
 import shutil
 import subprocess
 import tempfile
+import warnings
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -55,7 +56,7 @@ async def password_checking_postgres(dsn: str) -> str | None:
         if await _checks_passwords(dsn):
             _checked[dsn] = dsn
         else:
-            _checked[dsn] = await asyncio.to_thread(_start_private_cluster)
+            _checked[dsn] = await asyncio.to_thread(_start_private_cluster, _initdb())
     return _checked[dsn]
 
 
@@ -87,8 +88,44 @@ def _initdb() -> str | None:
     return candidates[0] if candidates else None
 
 
-def _start_private_cluster() -> str | None:
-    initdb = _initdb()
+def _pgserver_initdb() -> str | None:
+    """initdb of the PostgreSQL 16 the ``pgserver`` wheel carries (a test extra), if installed."""
+    try:
+        with warnings.catch_warnings():
+            # Its import reads XDG_RUNTIME_DIR, warning when unset (as in CI).
+            warnings.simplefilter("ignore")
+            import pgserver
+    except ImportError:
+        return None
+    bindir = os.path.join(os.path.dirname(pgserver.__file__), "pginstall", "bin")
+    try:
+        version = subprocess.run([os.path.join(bindir, "postgres"), "--version"],
+                                 capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return os.path.join(bindir, "initdb") if " 16." in version else None
+
+
+_PG16: list[str] = []
+
+
+def postgres16_dsn() -> str:
+    """A superuser DSN of a private PostgreSQL 16 cluster, started once per test session.
+
+    The local server is PostgreSQL 15 here; 16 changed what a CREATEROLE
+    admin may do to the roles it creates (it gets ADMIN OPTION on them),
+    which is what the least-privilege harness depends on.
+    """
+    if not _PG16:
+        dsn = _start_private_cluster(_pgserver_initdb())
+        if dsn is None:
+            server_missing("PostgreSQL 16 (pip install pgserver, a test extra)")
+        assert dsn is not None
+        _PG16.append(dsn)
+    return _PG16[0]
+
+
+def _start_private_cluster(initdb: str | None) -> str | None:
     if initdb is None:
         return None
     bindir = os.path.dirname(initdb)
@@ -364,6 +401,8 @@ class LeastPrivilegePostgresHarness(PostgresHarness):
 HARNESSES: dict[str, HarnessFactory | str] = {
     "postgres": PostgresHarness.factory,
     "postgres-least-privilege": LeastPrivilegePostgresHarness.factory,
+    "postgres16": lambda _fixture: PostgresHarness(postgres16_dsn()),
+    "postgres16-least-privilege": lambda _fixture: LeastPrivilegePostgresHarness(postgres16_dsn()),
     "mysql": "tests.conformance.mysql_harness:mysql_harness",
     "mysql-least-privilege": "tests.conformance.mysql_harness:least_privilege_mysql_harness",
     "aws": "tests.conformance.aws_harness:aws_harness",
