@@ -117,7 +117,12 @@ def postgres16_dsn() -> str:
     which is what the least-privilege harness depends on.
     """
     if not _PG16:
-        dsn = _start_private_cluster(_pgserver_initdb())
+        try:
+            dsn = _start_private_cluster(_pgserver_initdb())
+        except (OSError, subprocess.SubprocessError) as exc:
+            # e.g. run as root with the virtualenv under /root, which the
+            # postgres OS user the cluster runs as cannot read
+            server_missing(f"PostgreSQL 16 from the pgserver wheel did not start: {exc}")
         if dsn is None:
             server_missing("PostgreSQL 16 (pip install pgserver, a test extra)")
         assert dsn is not None
