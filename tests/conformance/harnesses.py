@@ -355,6 +355,19 @@ class PostgresHarness(BackendHarness):
         return [p for p in (self.admin_password,) if p]
 
 
+def signed_by(mount: MountSpec, user: str, secret: str, options: Mapping[str, Any]
+              ) -> MountSpec:
+    """``mount`` logging in as ``user`` with ``secret`` (for the least-privilege harnesses).
+
+    The user of its ``connection_url`` is replaced; ``options`` (what the test
+    asked for) still win over that.
+    """
+    url = urlsplit(mount.options["connection_url"])
+    own = url._replace(netloc=f"{quote(user)}@{url.netloc.rpartition('@')[2]}")
+    return dataclasses.replace(mount, secret=secret, options={
+        **mount.options, "connection_url": urlunsplit(own), **options})
+
+
 class LeastPrivilegePostgresHarness(PostgresHarness):
     """The postgres plugin run by the admin docs/plugins.md describes: no superuser.
 
@@ -391,12 +404,8 @@ class LeastPrivilegePostgresHarness(PostgresHarness):
             await super().teardown()
 
     def make_mount(self, *, reachable: bool = True, **options: Any) -> MountSpec:
-        mount = super().make_mount(reachable=reachable, **options)
-        url = urlsplit(mount.options["connection_url"])
-        own = url._replace(netloc=f"{quote(self.mount_admin)}@{url.netloc.rpartition('@')[2]}")
-        return dataclasses.replace(
-            mount, secret=self.mount_admin_password,
-            options={**mount.options, "connection_url": urlunsplit(own), **options})
+        return signed_by(super().make_mount(reachable=reachable, **options),
+                         self.mount_admin, self.mount_admin_password, options)
 
     def secret_values(self) -> list[str]:
         return [*super().secret_values(), self.mount_admin_password]

@@ -15,6 +15,8 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -66,6 +68,29 @@ def _audit(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+@contextmanager
+def _served(config: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, str, Path]]:
+    """``operator init``, then ``broker server`` on ``config`` until healthy.
+
+    Yields (the server process, the root token, its URL, its log file). On the
+    way out it is sent SIGTERM, and must then exit 0.
+    """
+    init = _broker("operator", "init", "--config", str(config))
+    assert init.returncode == 0, init.stderr
+    url = config_url(config)
+    server_log = config.parent / "server.log"
+    with open(server_log, "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "broker.cli", "server", "--config",
+                                 str(config)], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_healthy(url)
+            yield proc, init.stdout.strip(), url, server_log
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(60)
+    assert code == 0, server_log.read_text()[-3000:]
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return broker_store_url(request, tmp_path)
@@ -87,15 +112,7 @@ username_template = "wrk-{{{{random 10}}}}"
 default_ttl = "1h"
 max_ttl = "1h"
 """, storage_url=store_url, workers=2)
-    init = _broker("operator", "init", "--config", str(config))
-    assert init.returncode == 0, init.stderr
-    token = init.stdout.strip()
-    url = config_url(config)
-    log = open(tmp_path / "server.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "broker.cli", "server", "--config",
-                             str(config)], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_healthy(url)
+    with _served(config) as (proc, token, url, _log):
         first = _wait(lambda: len(_workers(proc.pid)) == 2 and _workers(proc.pid), 30,
                       "two workers")
         w1, w2 = tmp_path / "audit.w1.jsonl", tmp_path / "audit.w2.jsonl"
@@ -181,11 +198,6 @@ max_ttl = "1h"
         _wait(lambda: pids() == set(now), 10, "both current workers to publish")
         for _ in range(8):
             assert staged(_call(url, token, "GET", "sys/metrics")[1]["data"]) == 18
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(60)
-        log.close()
-    assert code == 0, (tmp_path / "server.log").read_text()[-3000:]
     assert not any(Path(f"/proc/{pid}").exists() for pid in first[1:])
     secret = urlsplit(store_url).password  # the PostgreSQL store's, in its URL
     if secret:
@@ -234,16 +246,7 @@ def test_a_restarted_worker_runs_the_reloaded_config(tmp_path: Path, postgres_ds
     either: the worker it restarts after that still has the added mount.
     """
     config = write_config(tmp_path, _PG_MOUNT.format(name="pg", dsn=postgres_dsn), workers=2)
-    init = _broker("operator", "init", "--config", str(config))
-    assert init.returncode == 0, init.stderr
-    token = init.stdout.strip()
-    url = config_url(config)
-    server_log = tmp_path / "server.log"
-    log = open(server_log, "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "broker.cli", "server", "--config",
-                             str(config)], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_healthy(url)
+    with _served(config) as (proc, token, url, server_log):
         _wait(lambda: len(_workers(proc.pid)) == 2, 30, "two workers")
         config.write_text(config.read_text() + _PG_MOUNT.format(name="pg2", dsn=postgres_dsn))
         proc.send_signal(signal.SIGHUP)
@@ -272,8 +275,3 @@ def test_a_restarted_worker_runs_the_reloaded_config(tmp_path: Path, postgres_ds
             status, body = _call(url, token, "GET", "sys/mounts")
             assert status == 200, body
             assert {"pg/", "pg2/"} <= set(body["data"]), body["data"]
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(60)
-        log.close()
-    assert code == 0, server_log.read_text()[-3000:]
