@@ -40,6 +40,19 @@ from broker.bench.pg import drop_roles, pg_mount
 __all__ = ["main"]
 
 
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds per thread of ``pid`` (tid -> user + system), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rpartition(")")[2].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        out[int(task.name)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 def summarize(collapsed: Path, top: int = 25) -> str:
     self_count: collections.Counter[str] = collections.Counter()
     incl: collections.Counter[str] = collections.Counter()
@@ -100,16 +113,25 @@ async def run(args: argparse.Namespace) -> None:
                 str(int(args.seconds)), "-r", "200", "-f", "raw", "-o", f"{args.out}.collapsed",
                 *(["--gil"] if args.gil else []), "--nonblocking",
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.STDOUT)
+            threads0 = thread_cpu(broker.pid)
             cpu0, own0, t0 = (broker.cpu_seconds() or 0.0), time.process_time(), time.perf_counter()
             result = await run_load(ops[args.op], concurrency=args.concurrency,
                                     seconds=args.seconds)
             wall = time.perf_counter() - t0
             server_cpu = ((broker.cpu_seconds() or 0.0) - cpu0) / wall
             client_cpu = (time.process_time() - own0) / wall
+            threads1 = thread_cpu(broker.pid)
+            calls = result.rate * wall
             await asyncio.wait_for(spy.wait(), 60)
         print(f"{args.op}: {result.rate:.0f}/s p50 {result.p(0.5):.1f} ms p99 "
               f"{result.p(0.99):.1f} ms; server CPU {100 * server_cpu:.0f}%, "
               f"client CPU {100 * client_cpu:.0f}% of one core")
+        # Which thread the CPU goes to: the event loop's (tid = pid) or a worker's.
+        for tid, spent in sorted(threads1.items(), key=lambda kv: -kv[1]):
+            used = spent - threads0.get(tid, 0.0)
+            if used > 0:
+                name = "event loop" if tid == broker.pid else f"thread {tid}"
+                print(f"  {name}: {1e6 * used / calls:.0f} µs CPU per call")
         print(summarize(Path(f"{args.out}.collapsed")))
     finally:
         if args.op == "pg-issue" and bench.pg_dsn is not None:
