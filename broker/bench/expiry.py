@@ -33,7 +33,15 @@ from broker.bench.harness import (
     run_load,
     worker_counts,
 )
-from broker.bench.pg import count_roles, create_roles, drop_roles, pg_mount, raw_load
+from broker.bench.pg import (
+    ROLE_PREFIX,
+    count_roles,
+    create_roles,
+    drop_roles,
+    least_privilege_admin,
+    pg_mount,
+    raw_load,
+)
 from broker.bench.report import Row, Target, percentile
 from broker.bench.seed import count_ended, outcomes, seed_leases, set_due
 from plugins.postgres import _END_SESSIONS_14, _TERMINATE_WAIT_MS, DEFAULT_REVOCATION_STATEMENTS
@@ -132,6 +140,30 @@ async def _burst(bench: Bench, *, tag: str, store_url: str, config_mounts: str,
     return lags, rate, note
 
 
+async def _least_privilege_burst(bench: Bench, n: int, raw_rate: float) -> Row:
+    """The PostgreSQL burst again, revoked by docs/plugins.md's CREATEROLE admin (no superuser).
+
+    What operators are told to run: each revocation then also makes the
+    admin a member of the role (``GRANT ... TO CURRENT_USER``) before
+    ``REASSIGN OWNED``. Against the same raw ``DROP ROLE`` (a superuser's).
+    """
+    assert bench.pg_dsn is not None
+    bench.log(f"{NAME}: {n:,} PostgreSQL roles due at once, least-privilege mount admin")
+    async with least_privilege_admin(bench.pg_dsn) as admin_dsn:
+        names = await create_roles(admin_dsn, "explp", n)
+        toml, env = pg_mount(bench, max_open=PER_MOUNT_WORKERS, dsn=admin_dsn)
+        _lags, rate, note = await _burst(
+            bench, tag="pg-lp", store_url="sqlite:///{tmp}/broker.db", config_mounts=toml,
+            env=env, n=n, mount="pg", role="bench", usernames=names)
+        left = await count_roles(bench.pg_dsn, f"{ROLE_PREFIX}explp-")
+        if left:
+            note = (note + "; " if note else "") + f"{left} roles still exist"
+        await drop_roles(bench.pg_dsn, like=f"{ROLE_PREFIX}explp-")
+    # Judged like the superuser's row: it is the setup operators are told to run.
+    return Row(NAME, f"revocations/s, postgres, least-privilege admin, N={n}", rate, "/s",
+               raw_rate, PG_TARGET, note=note)
+
+
 def _lag_rows(tag: str, lags: list[float], rate: float | None, note: str, judged: bool
              ) -> list[Row | None]:
     return [
@@ -190,6 +222,7 @@ async def run(bench: Bench) -> list[Row]:
                     note=note))
     protocol_note = (f"{raw_protocol.errors} errors: {raw_protocol.first_error}"
                      if raw_protocol.errors else "")
+    rows.append(await _least_privilege_burst(bench, n_pg, raw.rate))
     rows += [
         # Diagnosis: what the protocol costs in the database, and the broker against it.
         Row(NAME, f"raw, same protocol, postgres, N={n_pg}", raw_protocol.rate, "/s", raw.rate,

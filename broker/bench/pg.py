@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import asyncpg
 
@@ -21,6 +22,7 @@ __all__ = [
     "create_role_sql",
     "create_roles",
     "drop_roles",
+    "least_privilege_admin",
     "pg_available",
     "pg_mount",
     "raw_load",
@@ -40,18 +42,20 @@ async def pg_available(dsn: str) -> bool:
     return True
 
 
-def pg_mount(bench: Bench, *, max_open: int = 8, options: Mapping[str, str] | None = None
-             ) -> tuple[str, dict[str, str]]:
+def pg_mount(bench: Bench, *, max_open: int = 8, options: Mapping[str, str] | None = None,
+             dsn: str | None = None) -> tuple[str, dict[str, str]]:
     """TOML of mount ``pg`` (role ``bench``) on the bench's server, and the env it needs.
 
     ``options``: more mount keys, as TOML values (``{"serialize_ddl": "false"}``);
-    by default the plugin's defaults.
+    by default the plugin's defaults. ``dsn``: the admin to connect as, if not
+    the bench's own (see :func:`least_privilege_admin`).
 
     The plugin refuses a password inside connection_url: one in the DSN goes
     through ``password_env`` instead.
     """
-    assert bench.pg_dsn is not None
-    parts = urlsplit(bench.pg_dsn)
+    dsn = dsn or bench.pg_dsn
+    assert dsn is not None
+    parts = urlsplit(dsn)
     env: dict[str, str] = {}
     secret_line = ""
     if parts.password is not None:
@@ -75,6 +79,34 @@ max_ttl = "24h"
 username_template = "{ROLE_PREFIX}{{{{random 16}}}}"
 """
     return toml, env
+
+
+@asynccontextmanager
+async def least_privilege_admin(dsn: str) -> AsyncIterator[str]:
+    """A mount admin as docs/plugins.md tells operators to make one; yields its DSN.
+
+    ``CREATEROLE`` and ``pg_signal_backend``, no superuser: its revocations
+    take the extra ``GRANT "{{name}}" TO CURRENT_USER`` step a superuser's
+    skip. Created through ``dsn`` (a superuser), dropped on the way out; named
+    with ROLE_PREFIX so an interrupted bench's cleanup finds it. Roles it is
+    to revoke must be created through the yielded DSN (on PostgreSQL 16 a
+    CREATEROLE admin manages only the roles it made).
+    """
+    name, password = _role_name("lp-admin"), generate_password()
+    conn = await asyncpg.connect(dsn)
+    try:
+        who = '"{}"'.format(name.replace('"', '""'))
+        await conn.execute(f"CREATE ROLE {who} LOGIN CREATEROLE PASSWORD '{password}';"
+                           f"GRANT pg_signal_backend TO {who}")
+        parts = urlsplit(dsn)
+        host = parts.netloc.rpartition("@")[2]
+        yield urlunsplit(parts._replace(
+            netloc=f"{quote(name, safe='')}:{quote(password, safe='')}@{host}"))
+    finally:
+        try:
+            await conn.execute(f'DROP ROLE IF EXISTS "{name}"')
+        finally:
+            await conn.close()
 
 
 def create_role_sql(name: str, password: str | None = None) -> str:
