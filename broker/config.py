@@ -61,6 +61,8 @@ class ConfigError(Exception):
 
 #: More server processes than this only fight over the store's write lock.
 MAX_WORKERS = 64
+#: The shortest non-zero ``worker_stall_timeout`` (seconds).
+MIN_STALL_TIMEOUT = 3
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,9 @@ class ServerConfig:
     event_loop: str = "auto"
     #: server processes sharing the listener and the store (broker/workers.py).
     workers: int = 1
+    #: with workers > 1: a worker whose event loop has not run for this long
+    #: (seconds) is killed and restarted; 0 turns the watchdog off.
+    worker_stall_timeout: int = 30
 
     @property
     def tls(self) -> bool:
@@ -304,6 +309,12 @@ def _server(r: _Reader, base: Path) -> ServerConfig:
     workers = r.get("workers", int, 1)
     if not 1 <= workers <= MAX_WORKERS:
         raise r.error("workers", f"must be between 1 and {MAX_WORKERS}, got {workers}")
+    stall = r.duration("worker_stall_timeout", 30)
+    if 0 < stall < MIN_STALL_TIMEOUT:
+        # Beats come once a second and a busy loop may run them late: a
+        # shorter limit would kill workers that are only loaded.
+        raise r.error("worker_stall_timeout",
+                      f"must be 0 (off) or at least {MIN_STALL_TIMEOUT}s, got {stall}s")
     r.reject_unknown()
     return ServerConfig(
         host=host,
@@ -314,6 +325,7 @@ def _server(r: _Reader, base: Path) -> ServerConfig:
         shutdown_grace=grace,
         event_loop=event_loop,
         workers=workers,
+        worker_stall_timeout=stall,
     )
 
 

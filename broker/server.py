@@ -403,7 +403,8 @@ def _run_workers(config: Config) -> int:
             return 1
 
     try:
-        return supervise(server.workers, serve, reread)
+        return supervise(server.workers, serve, reread, heartbeat=board.heartbeat,
+                         stall_timeout=server.worker_stall_timeout)
     finally:
         held.close()
         board.close()

@@ -86,6 +86,14 @@ class StatsBoard:
             time.sleep(0)  # let the writer (another process) finish
         return None
 
+    def heartbeat(self, worker: int, pid: int) -> float | None:
+        """The ``time.monotonic()`` of process ``pid``'s last publish as ``worker``, if any."""
+        figures = self.read(worker)
+        if figures is None or figures.get("pid") != pid:
+            return None  # not yet published by this process (its slot holds a predecessor's)
+        beat = figures.get("beat")
+        return float(beat) if isinstance(beat, int | float) else None
+
     def snapshots(self) -> dict[int, dict[str, Any]]:
         """Every worker's last snapshot, by worker number."""
         found = {n: self.read(n) for n in range(1, self.workers + 1)}
@@ -106,6 +114,9 @@ def snapshot(state: BrokerState) -> dict[str, Any]:
         "pid": os.getpid(),
         "started": state.started,
         "published": time.time(),
+        # The supervisor's stall watchdog (broker/workers.py): CLOCK_MONOTONIC is
+        # one clock for every process on the host and does not jump with NTP.
+        "beat": time.monotonic(),
         "sweeper_busy": state.sweeper.busy,
         "sweeper_dropped_claims": state.sweeper.dropped_claims,
         "backends": {

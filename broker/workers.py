@@ -12,7 +12,14 @@ On a SQLite store their group commits take turns under an flock
 
 This supervisor does nothing else: it forwards SIGTERM, SIGINT and SIGHUP to
 the workers, restarts a worker that dies (not one that crash-loops), and
-exits once every worker has. On SIGHUP it also reads the config again, as the
+exits once every worker has. It also restarts a worker that is alive but
+stuck: each worker's event loop stamps a heartbeat once a second (the
+metrics board, broker/worker_stats.py), and a worker whose last beat is
+older than ``[server] worker_stall_timeout`` (a loop blocked by a plugin's
+synchronous call, a deadlock, a stopped process) is sent SIGKILL, since a
+stuck loop would never run a SIGTERM handler, and started again. Its
+connections are cut; the leases it had claimed go to the other workers when
+their claims run out, as after any crash. On SIGHUP it also reads the config again, as the
 workers do, so that a worker it restarts later runs what the others were
 reloaded to, not the config the broker started with. A worker whose
 supervisor dies is sent SIGTERM by the kernel (Linux), so no orphan keeps
@@ -40,6 +47,9 @@ log = logging.getLogger(__name__)
 _MIN_UPTIME = 5.0
 #: After this many quick deaths in a row the supervisor stops everything.
 _MAX_QUICK_DEATHS = 5
+#: How often the supervisor looks for exited workers, and for stalled ones (seconds).
+_POLL = 0.25
+_STALL_CHECK = 1.0
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _PR_SET_PDEATHSIG = 1
 
@@ -97,12 +107,16 @@ def _die_with_parent(parent: int) -> None:
 
 
 def supervise(workers: int, serve: Callable[[int], int],
-              reload: Callable[[], None] | None = None) -> int:
+              reload: Callable[[], None] | None = None, *,
+              heartbeat: Callable[[int, int], float | None] | None = None,
+              stall_timeout: float = 0.0) -> int:
     """Fork ``workers`` processes running ``serve(worker_number)``; wait for them all.
 
     ``reload`` runs in the supervisor on every SIGHUP, after the signal went
-    on to the workers. Returns 0 when every worker stopped cleanly after a
-    signal, 1 otherwise.
+    on to the workers. ``heartbeat(worker, pid)`` is the ``time.monotonic()``
+    of that process's last beat, None before its first; a worker silent for
+    more than ``stall_timeout`` seconds (0: never) is killed and restarted.
+    Returns 0 when every worker stopped cleanly after a signal, 1 otherwise.
     """
     parent = os.getpid()
     children: dict[int, tuple[int, float]] = {}  # pid -> (worker number, started)
@@ -161,8 +175,16 @@ def supervise(workers: int, serve: Callable[[int], int],
     for worker in range(1, workers + 1):
         spawn(worker)
     log.info("supervisor %d: %d workers started", parent, workers)
+    checked = time.monotonic()
     while children:
-        pid, status = os.wait()
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if pid == 0:  # nobody exited: look for a stuck worker now and then, wait a little
+            if (heartbeat is not None and stall_timeout > 0 and not stopping
+                    and time.monotonic() - checked >= _STALL_CHECK):
+                checked = time.monotonic()
+                _kill_stalled(children, heartbeat, stall_timeout)
+            time.sleep(_POLL)
+            continue
         if pid not in children:
             continue
         worker, started = children.pop(pid)
@@ -183,3 +205,28 @@ def supervise(workers: int, serve: Callable[[int], int],
         if not stopping:  # a signal may have come during the pause
             spawn(worker)
     return 1 if failed else 0
+
+
+def _kill_stalled(children: dict[int, tuple[int, float]],
+                  heartbeat: Callable[[int, int], float | None], stall_timeout: float) -> None:
+    """SIGKILL every worker whose heartbeat is older than ``stall_timeout``.
+
+    A worker is watched from its first beat on: before it, it is starting
+    (opening the store, perhaps migrating a large one), which may take longer
+    than any timeout and must not be cut short and retried forever. The kill
+    is reaped (and the worker started again) by the wait loop like any death.
+    """
+    now = time.monotonic()
+    for pid, (worker, _started) in list(children.items()):
+        beat = heartbeat(worker, pid)
+        if beat is None:
+            continue
+        silent = now - beat
+        if silent <= stall_timeout:
+            continue
+        log.error("worker %d (pid %d) has not run its event loop for %.0fs "
+                  "(worker_stall_timeout %gs): killing it", worker, pid, silent, stall_timeout)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

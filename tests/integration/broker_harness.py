@@ -41,11 +41,12 @@ def free_port() -> int:
 
 
 def write_config(tmp: Path, body: str, *, port: int | None = None,
-                 storage_url: str | None = None, workers: int = 1) -> Path:
+                 storage_url: str | None = None, workers: int = 1, server: str = "") -> Path:
     """A config file under ``tmp`` with storage and audit inside it, plus ``body``.
 
     ``storage_url``: another lease store (e.g. a PostgreSQL database) than the
-    SQLite file in ``tmp``. ``workers``: ``[server] workers``.
+    SQLite file in ``tmp``. ``workers``: ``[server] workers``; ``server``: more
+    lines for ``[server]``.
     """
     port = port or free_port()
     storage_url = storage_url or f"sqlite:///{tmp / 'broker.db'}"
@@ -56,6 +57,7 @@ def write_config(tmp: Path, body: str, *, port: int | None = None,
 listen = "127.0.0.1:{port}"
 shutdown_grace = "5s"
 workers = {workers}
+{server}
 
 [storage]
 url = "{storage_url}"

@@ -213,6 +213,56 @@ def test_workers_config_is_checked(tmp_path: Path) -> None:
     config = write_config(tmp_path, "", workers=2, storage_url="sqlite:///:memory:")
     out = _broker("server", "--config", str(config))
     assert out.returncode == 2 and "in-memory store cannot be shared" in out.stderr
+    config = write_config(tmp_path, "", workers=2, server='worker_stall_timeout = "1s"')
+    out = _broker("server", "--config", str(config))
+    assert out.returncode == 2
+    assert "server.worker_stall_timeout" in out.stderr and "at least 3s" in out.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork and /proc")
+def test_a_stuck_worker_is_killed_and_started_again(tmp_path: Path) -> None:
+    """A worker whose event loop stops running is replaced after worker_stall_timeout.
+
+    SIGSTOP stands in for a loop blocked by a synchronous call: no heartbeat,
+    and no SIGTERM handler would ever run. The supervisor SIGKILLs it and
+    starts the worker again; the other worker, beating, is left alone, and
+    the broker keeps answering throughout.
+    """
+    config = write_config(tmp_path, "", workers=2, server='worker_stall_timeout = "3s"')
+    with _served(config) as (proc, token, url, server_log):
+        stuck, other = _wait(lambda: len(_workers(proc.pid)) == 2 and _workers(proc.pid), 30,
+                             "two workers")
+
+        def publishing() -> set[int]:
+            status, body = _call(url, token, "GET", "sys/metrics")
+            assert status == 200, body
+            return {w["pid"] for w in body["data"]["workers"].values()}
+
+        # Watched from their first heartbeat on: wait until both have one.
+        _wait(lambda: publishing() == {stuck, other}, 15, "both workers to publish")
+        time.sleep(4)  # longer than the limit: beating workers are not killed
+        assert _workers(proc.pid) == [stuck, other]
+
+        os.kill(stuck, signal.SIGSTOP)
+        stopped = time.monotonic()
+        try:
+            now = _wait(lambda: len(_workers(proc.pid)) == 2 and stuck not in _workers(proc.pid)
+                        and _workers(proc.pid), 20, "the stuck worker to be replaced")
+        finally:
+            if stuck in _workers(proc.pid):  # not replaced: end it, or shutdown would hang
+                os.kill(stuck, signal.SIGKILL)
+        # Its last beat was at most ~1 s old when it stopped; the limit is 3 s.
+        assert time.monotonic() - stopped > 1.5
+        assert other in now
+        assert not Path(f"/proc/{stuck}").exists() or \
+            Path(f"/proc/{stuck}/stat").read_text().split()[2] == "Z"
+        text = server_log.read_text()
+        assert f"(pid {stuck}) has not run its event loop" in text, text[-2000:]
+        assert f"(pid {stuck}) exited with -9; starting it again" in text
+        _wait(lambda: publishing() == set(now), 15, "the new worker to publish")
+        for _ in range(6):  # both workers answer
+            status, body = _call(url, token, "GET", "auth/token/lookup-self")
+            assert status == 200, body
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork and /proc")

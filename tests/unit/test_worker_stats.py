@@ -83,3 +83,17 @@ def test_merge_adds_counts_and_keeps_the_longest_call() -> None:
                                    "max_seconds": 0.1}},
         },
     }
+
+
+def test_a_heartbeat_is_the_current_process_s_own() -> None:
+    """The stall watchdog reads a beat only from the process now holding the slot."""
+    board = StatsBoard(2)
+    try:
+        assert board.heartbeat(1, 4242) is None  # never published
+        board.publish(1, {**_figures(1, 0.5), "pid": 4241, "beat": 10.0})
+        assert board.heartbeat(1, 4242) is None  # a predecessor's beat, not this process's
+        board.publish(1, {**_figures(1, 0.5), "pid": 4242, "beat": 12.5})
+        assert board.heartbeat(1, 4242) == 12.5
+        assert board.heartbeat(2, 4242) is None
+    finally:
+        board.close()
