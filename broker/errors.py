@@ -12,6 +12,7 @@ __all__ = [
     "ReuseAttempt",
     "RevocationFailed",
     "ServiceUnavailable",
+    "StoreUnavailable",
 ]
 
 
@@ -49,6 +50,10 @@ class ServiceUnavailable(BrokerError):
 
 class BackendUnavailable(ServiceUnavailable):
     """The mount's backend cannot be reached; issuing answers 503 until it is back."""
+
+
+class StoreUnavailable(ServiceUnavailable):
+    """The lease store's database cannot be reached: nothing can be issued, renewed or revoked."""
 
 
 class ReuseAttempt(BadRequest):

@@ -26,9 +26,11 @@ async def health(request: web.Request) -> web.Response:
         for name, m in state.engine.mounts.items()
     }
     audit_ok = state.audit.healthy
-    # An instance that cannot audit cannot issue anything (fail-closed): tell
-    # load balancers to send traffic elsewhere.
-    status = 200 if state.serving and audit_ok else 503
+    store_error = state.store.error
+    # An instance that cannot audit cannot issue anything (fail-closed), nor can
+    # one that cannot reach its lease store: tell load balancers to send traffic
+    # elsewhere (a replica with its own path to the store may still reach it).
+    status = 200 if state.serving and audit_ok and store_error is None else 503
     return json_response({
         "initialized": True,
         "sealed": False,
@@ -39,6 +41,7 @@ async def health(request: web.Request) -> web.Response:
         "cluster_name": "broker",
         "mounts": mounts,
         "audit": {"healthy": audit_ok, "error": getattr(state.audit, "last_error", None)},
+        "storage": {"healthy": store_error is None, "error": store_error},
     }, status=status)
 
 

@@ -63,6 +63,13 @@ class LeaseStore(Protocol):
 
     async def close(self) -> None: ...
 
+    @property
+    def error(self) -> str | None:
+        """Why the store's database cannot be reached now, else None (``/v1/sys/health``).
+
+        While it is set, operations raise ``broker.errors.StoreUnavailable``
+        (HTTP 503); it clears with the next operation that goes through."""
+
     def add_wake_listener(self, callback: Callable[[float | None], None]) -> None:
         """Call ``callback(due_time)`` when ANOTHER replica made a lease due at
         ``due_time`` (a lease issued, a revoke queued), or ``callback(None)`` when

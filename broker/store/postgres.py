@@ -38,6 +38,7 @@ from broker.errors import Conflict
 from broker.lease import Lease, LeaseFilter, LeaseState, Token, TokenState, check_meta_key
 from broker.store import redact_url
 from broker.store.base import RevokeQueued, RuleChunk
+from broker.store.pg_guard import GuardedPool
 from broker.store.rows import lease_from_row, prefix_upper, token_from_row
 from broker.store.sqlite import StoreSchemaError
 
@@ -443,7 +444,7 @@ class PostgresStore:
         self.command_timeout = command_timeout
         #: tells this store's own NOTIFYs from other replicas'.
         self.origin = uuid.uuid4().hex
-        self._pool: Any = None
+        self._pool: GuardedPool | None = None
         self._listener: _WakeListener | None = None
         self._notifier = _Notifier(self.origin)
         self._wake_callbacks: list[Callable[[float | None], None]] = []
@@ -506,7 +507,7 @@ class PostgresStore:
         except BaseException:
             await pool.close()
             raise
-        self._pool, self._listener = pool, listener
+        self._pool, self._listener = GuardedPool(pool), listener
         self._notifier = _Notifier(self.origin)
         self._notifier.start(pool)
 
@@ -523,10 +524,15 @@ class PostgresStore:
         self._wake_callbacks.append(callback)
 
     @property
-    def pool(self) -> Any:
+    def pool(self) -> GuardedPool:
         if self._pool is None:
             raise RuntimeError("the PostgreSQL lease store is not open")
         return self._pool
+
+    @property
+    def error(self) -> str | None:
+        """Why the database could not be reached, until a query succeeds again."""
+        return self._pool.error if self._pool is not None else None
 
 
     # -- leases: issue path ---------------------------------------------

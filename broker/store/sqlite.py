@@ -483,6 +483,13 @@ class SQLiteStore:
         self._queue.put_nowait(_Write(op, fut))
         return await fut
 
+    @property
+    def error(self) -> str | None:
+        # An embedded file has no connection to lose: a failing disk fails the
+        # operation at hand (500, logged), and there is no other replica to send
+        # traffic to instead.
+        return None
+
     async def _read(self, op: Op[T]) -> T:
         if self._reader is None:
             raise RuntimeError("the SQLite lease store is not open")
