@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import sqlite3
 import time
@@ -41,7 +42,7 @@ try:
 except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
 
-from broker.errors import Conflict
+from broker.errors import Conflict, StoreUnavailable
 from broker.lease import Lease, LeaseFilter, LeaseState, Token, TokenState, check_meta_key
 from broker.store.base import RevokeQueued, RuleChunk
 from broker.store.rows import lease_from_row, prefix_upper, token_from_row
@@ -50,6 +51,16 @@ __all__ = ["MIGRATIONS", "SQLiteStore", "StoreSchemaError"]
 
 T = TypeVar("T")
 Op = Callable[[sqlite3.Connection], T]
+
+log = logging.getLogger(__name__)
+
+#: Primary result codes that mean the file cannot be written now (disk full,
+#: I/O error, read-only or unopenable file, locked past busy_timeout), as
+#: opposed to a statement the store got wrong.
+_OUTAGE_CODES = frozenset({
+    sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN,
+    sqlite3.SQLITE_READONLY, sqlite3.SQLITE_BUSY, sqlite3.SQLITE_PROTOCOL,
+})
 
 #: Schema migrations; version N is ``MIGRATIONS[N - 1]``. Append, never edit.
 MIGRATIONS: list[tuple[str, ...]] = [
@@ -416,6 +427,7 @@ class SQLiteStore:
         self._queue: asyncio.Queue[_Write | None] = asyncio.Queue()
         self._writer_task: asyncio.Task[None] | None = None
         self._wake_listeners: list[Callable[[float | None], None]] = []
+        self._error: str | None = None
 
     @classmethod
     def from_url(cls, url: str) -> SQLiteStore:
@@ -485,10 +497,25 @@ class SQLiteStore:
 
     @property
     def error(self) -> str | None:
-        # An embedded file has no connection to lose: a failing disk fails the
-        # operation at hand (500, logged), and there is no other replica to send
-        # traffic to instead.
-        return None
+        """Why the last write failed as a whole (disk full, I/O error), until one succeeds."""
+        return self._error
+
+    def _unavailable(self, exc: Exception) -> Exception:
+        """A failed transaction as callers should hear of it.
+
+        A full disk, an I/O error, a file that cannot be opened or written is
+        the store being unavailable (HTTP 503 with SQLite's own words, e.g.
+        "database or disk is full"), not a bug (500): remembered for
+        ``/v1/sys/health`` until a write goes through again. Nothing of the
+        batch was written, so no lease is half-recorded.
+        """
+        code = getattr(exc, "sqlite_errorcode", None)
+        if not isinstance(exc, sqlite3.Error) or code is None or code & 0xFF not in _OUTAGE_CODES:
+            return exc
+        if self._error is None:
+            log.error("lease store %s cannot write: %s", self.path, exc)
+        self._error = str(exc)
+        return StoreUnavailable(f"lease store cannot write ({exc}); retry later")
 
     async def _read(self, op: Op[T]) -> T:
         if self._reader is None:
@@ -524,7 +551,11 @@ class SQLiteStore:
         try:
             outcomes = await self._writer.run(lambda conn: self._write_lock.run(ops, conn))
         except Exception as exc:  # nothing of the batch is durable: every caller hears so
-            outcomes = [(False, exc)] * len(batch)
+            outcomes = [(False, self._unavailable(exc))] * len(batch)
+        else:
+            if self._error is not None:
+                log.warning("lease store %s: writing again", self.path)
+                self._error = None
         for write, (ok, value) in zip(batch, outcomes, strict=True):
             if write.fut.done():
                 continue

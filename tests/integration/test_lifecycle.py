@@ -365,3 +365,88 @@ max_ttl = "1h"
     finally:
         broker.stop()
         store.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 8 MB tmpfs of its own, to fill up for real (needs the right to mount: root here)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs to fill (not root?): {mounted.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def _fill(disk: Path) -> Path:
+    """Write a file on ``disk`` until the disk refuses more; returns it."""
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+        except OSError:
+            pass
+        try:
+            while True:
+                f.write(b"\0" * 512)
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_full_disk_under_the_sqlite_store_is_a_503_and_loses_nothing(
+        tmp_path: Path, postgres_dsn: str, small_disk: Path) -> None:
+    """The SQLite store's disk fills up under a serving broker, then space comes back.
+
+    Issuing answers 503 with SQLite's own words (not 500 "internal error"),
+    health says the store cannot write, no role is left on the backend for a
+    refused issue, reads still work; once space is freed, issuing resumes by
+    itself. The audit log lives on another disk and keeps working throughout.
+    """
+    template = f"dsk{os.getpid() % 1000}"
+    broker = start_broker(write_config(tmp_path, mount_config(postgres_dsn, template),
+                                       storage_url=f"sqlite:///{small_disk / 'broker.db'}"))
+    headers = {"X-Vault-Token": broker.root_token}
+
+    def api(method: str, path: str, **kw: Any) -> requests.Response:
+        return requests.request(method, f"{broker.url}/v1/{path}", headers=headers,
+                                timeout=60, **kw)
+
+    try:
+        first = api("GET", "pg/creds/app").json()
+        issued = {first["data"]["username"]}
+        filler = _fill(small_disk)
+        for _ in range(300):  # the WAL may have room for a few more commits
+            resp = api("GET", "pg/creds/app")
+            if resp.status_code != 200:
+                break
+            issued.add(resp.json()["data"]["username"])
+        assert resp.status_code == 503, resp.text
+        assert resp.json()["errors"] == [
+            "lease store cannot write (database or disk is full); retry later"], resp.text
+        health = requests.get(f"{broker.url}/v1/sys/health", timeout=10)
+        assert health.status_code == 503, health.text
+        assert health.json()["storage"] == {"healthy": False,
+                                            "error": "database or disk is full"}
+        # The refused issue's role was rolled back on the server; earlier leases are intact.
+        assert run(pg_roles(postgres_dsn, template)) == issued
+        assert api("PUT", "sys/leases/lookup",
+                   json={"lease_id": first["lease_id"]}).status_code == 200
+
+        filler.unlink()
+        deadline = time.monotonic() + 30
+        while (resp := api("GET", "pg/creds/app")).status_code != 200:
+            assert time.monotonic() < deadline, f"issuing did not resume: {resp.text}"
+            time.sleep(0.3)
+        health = requests.get(f"{broker.url}/v1/sys/health", timeout=10)
+        assert health.status_code == 200 and health.json()["storage"]["healthy"], health.text
+        resp = api("PUT", "sys/leases/revoke-prefix/pg/", json={"sync": True})
+        assert resp.status_code in (200, 204), resp.text
+        assert run(pg_roles(postgres_dsn, template)) == set()
+    finally:
+        broker.stop()
