@@ -284,6 +284,16 @@ def test_broker_thread_serves_health(tmp_path: Path) -> None:
         broker.stop()
 
 
+def _with_short_role(config: str, template: str) -> str:
+    """``config`` plus a role ``short`` on mount pg whose leases last 3 s."""
+    return config + f"""
+[mounts.pg.roles.short]
+username_template = "{template}-{{{{random 10}}}}"
+default_ttl = "3s"
+max_ttl = "1h"
+"""
+
+
 def _through(dsn: str, port: int) -> str:
     """``dsn`` with its host and port replaced by a local proxy's (credentials kept)."""
     parts = urlsplit(dsn)
@@ -304,13 +314,8 @@ def test_the_lease_store_going_away_loses_nothing_and_recovers(
     store_dsn = run(fresh_postgres_database(request))
     store = TcpProxy(dsn_port(store_dsn))
     template = f"sto{os.getpid() % 1000}"
-    body = mount_config(postgres_dsn, template) + """
-[mounts.pg.roles.short]
-username_template = "%s-{{random 10}}"
-default_ttl = "3s"
-max_ttl = "1h"
-""" % template
-    broker = start_broker(write_config(tmp_path, body,
+    broker = start_broker(write_config(tmp_path, _with_short_role(
+        mount_config(postgres_dsn, template), template),
                                        storage_url=_through(store_dsn, store.port)))
     headers = {"X-Vault-Token": broker.root_token}
 
@@ -409,8 +414,9 @@ def test_a_full_disk_under_the_sqlite_store_is_a_503_and_loses_nothing(
     itself. The audit log lives on another disk and keeps working throughout.
     """
     template = f"dsk{os.getpid() % 1000}"
-    broker = start_broker(write_config(tmp_path, mount_config(postgres_dsn, template),
-                                       storage_url=f"sqlite:///{small_disk / 'broker.db'}"))
+    broker = start_broker(write_config(tmp_path, _with_short_role(
+        mount_config(postgres_dsn, template), template),
+        storage_url=f"sqlite:///{small_disk / 'broker.db'}"))
     headers = {"X-Vault-Token": broker.root_token}
 
     def api(method: str, path: str, **kw: Any) -> requests.Response:
@@ -419,7 +425,8 @@ def test_a_full_disk_under_the_sqlite_store_is_a_503_and_loses_nothing(
 
     try:
         first = api("GET", "pg/creds/app").json()
-        issued = {first["data"]["username"]}
+        short = api("GET", "pg/creds/short").json()
+        issued = {first["data"]["username"], short["data"]["username"]}
         filler = _fill(small_disk)
         for _ in range(300):  # the WAL may have room for a few more commits
             resp = api("GET", "pg/creds/app")
@@ -437,6 +444,8 @@ def test_a_full_disk_under_the_sqlite_store_is_a_503_and_loses_nothing(
         assert run(pg_roles(postgres_dsn, template)) == issued
         assert api("PUT", "sys/leases/lookup",
                    json={"lease_id": first["lease_id"]}).status_code == 200
+        time.sleep(3.5)  # the short lease falls due while nothing can be written
+        assert short["data"]["username"] in run(pg_roles(postgres_dsn, template))
 
         filler.unlink()
         deadline = time.monotonic() + 30
@@ -445,6 +454,9 @@ def test_a_full_disk_under_the_sqlite_store_is_a_503_and_loses_nothing(
             time.sleep(0.3)
         health = requests.get(f"{broker.url}/v1/sys/health", timeout=10)
         assert health.status_code == 200 and health.json()["storage"]["healthy"], health.text
+        while short["data"]["username"] in run(pg_roles(postgres_dsn, template)):
+            assert time.monotonic() < deadline, "the due lease was not revoked after the outage"
+            time.sleep(0.3)
         resp = api("PUT", "sys/leases/revoke-prefix/pg/", json={"sync": True})
         assert resp.status_code in (200, 204), resp.text
         assert run(pg_roles(postgres_dsn, template)) == set()
