@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -284,6 +284,17 @@ def test_broker_thread_serves_health(tmp_path: Path) -> None:
         broker.stop()
 
 
+def _api(broker: BrokerThread) -> Callable[..., requests.Response]:
+    """``api(method, path, **kwargs)``: a call to ``broker``'s ``/v1/path`` with its root token."""
+    headers = {"X-Vault-Token": broker.root_token}
+
+    def api(method: str, path: str, **kw: Any) -> requests.Response:
+        return requests.request(method, f"{broker.url}/v1/{path}", headers=headers,
+                                timeout=60, **kw)
+
+    return api
+
+
 def _with_short_role(config: str, template: str) -> str:
     """``config`` plus a role ``short`` on mount pg whose leases last 3 s."""
     return config + f"""
@@ -316,13 +327,8 @@ def test_the_lease_store_going_away_loses_nothing_and_recovers(
     template = f"sto{os.getpid() % 1000}"
     broker = start_broker(write_config(tmp_path, _with_short_role(
         mount_config(postgres_dsn, template), template),
-                                       storage_url=_through(store_dsn, store.port)))
-    headers = {"X-Vault-Token": broker.root_token}
-
-    def api(method: str, path: str, **kw: Any) -> requests.Response:
-        return requests.request(method, f"{broker.url}/v1/{path}", headers=headers,
-                                timeout=60, **kw)
-
+        storage_url=_through(store_dsn, store.port)))
+    api = _api(broker)
     try:
         long = api("GET", "pg/creds/app").json()
         short = api("GET", "pg/creds/short").json()
@@ -417,12 +423,7 @@ def test_a_full_disk_under_the_sqlite_store_is_a_503_and_loses_nothing(
     broker = start_broker(write_config(tmp_path, _with_short_role(
         mount_config(postgres_dsn, template), template),
         storage_url=f"sqlite:///{small_disk / 'broker.db'}"))
-    headers = {"X-Vault-Token": broker.root_token}
-
-    def api(method: str, path: str, **kw: Any) -> requests.Response:
-        return requests.request(method, f"{broker.url}/v1/{path}", headers=headers,
-                                timeout=60, **kw)
-
+    api = _api(broker)
     try:
         first = api("GET", "pg/creds/app").json()
         short = api("GET", "pg/creds/short").json()
