@@ -19,11 +19,12 @@ older than ``[server] worker_stall_timeout`` (a loop blocked by a plugin's
 synchronous call, a deadlock, a stopped process) is sent SIGKILL, since a
 stuck loop would never run a SIGTERM handler, and started again. Its
 connections are cut; the leases it had claimed go to the other workers when
-their claims run out, as after any crash. On SIGHUP it also reads the config again, as the
-workers do, so that a worker it restarts later runs what the others were
-reloaded to, not the config the broker started with. A worker whose
-supervisor dies is sent SIGTERM by the kernel (Linux), so no orphan keeps
-serving.
+their claims run out, as after any crash.
+
+On SIGHUP the supervisor also reads the config again, as the workers do, so
+that a worker it restarts later runs what the others were reloaded to, not
+the config the broker started with. A worker whose supervisor dies is sent
+SIGTERM by the kernel (Linux), so no orphan keeps serving.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ import asyncpg
 
 from broker.errors import StoreUnavailable
 
-__all__ = ["GuardedPool", "is_connection_failure"]
+__all__ = ["GuardedPool"]
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +36,8 @@ _LOST = (
     asyncpg.ConnectionDoesNotExistError,  # closed in the middle of a query
     asyncpg.PostgresConnectionError,  # SQLSTATE class 08
     asyncpg.exceptions.OperatorInterventionError,  # 57P01 admin shutdown, 57P03 starting up
+    asyncpg.exceptions.InsufficientResourcesError,  # 53xxx: disk full, too many connections
 )
-
-
-def is_connection_failure(exc: BaseException) -> bool:
-    return isinstance(exc, _LOST)
 
 
 class GuardedPool:
