@@ -251,8 +251,9 @@ def test_a_stuck_worker_is_killed_and_started_again(tmp_path: Path) -> None:
         finally:
             if stuck in _workers(proc.pid):  # not replaced: end it, or shutdown would hang
                 os.kill(stuck, signal.SIGKILL)
-        # Its last beat was at most ~1 s old when it stopped; the limit is 3 s.
-        assert time.monotonic() - stopped > 1.5
+        # Not at once: its last beat was about a second old when it stopped (more
+        # if its loop ran the beat late), and the limit is 3 s.
+        assert time.monotonic() - stopped > 1.0
         assert other in now
         assert not Path(f"/proc/{stuck}").exists() or \
             Path(f"/proc/{stuck}/stat").read_text().split()[2] == "Z"
