@@ -1,0 +1,221 @@
+"""A PostgreSQL lease store failing over to its synchronous standby under a serving broker.
+
+docs/operations.md, "When something goes away": with synchronous replication
+underneath, a failover loses no committed lease row, and the broker carries
+on by itself once its store address points at the new primary. Here a
+private primary and a streaming standby (synchronous_standby_names) run from
+the machine's PostgreSQL binaries; the broker reaches the store through a TCP
+proxy, as it would through a virtual IP or HAProxy in front of Patroni. The
+primary is killed (immediate stop: no shutdown checkpoint), the standby
+promoted, the proxy pointed at it; every lease issued before the crash is
+still there to renew and revoke, a lease due during the failover is revoked
+afterwards, and issuing works again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import requests
+
+from tests.conftest import run, server_missing
+from tests.integration.broker_harness import (
+    TcpProxy,
+    free_port,
+    pg_roles,
+    start_broker,
+    write_config,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class Cluster:
+    data: str
+    port: int
+
+
+class Pair:
+    """A primary and its synchronous standby, as the postgres OS user when run as root."""
+
+    def __init__(self) -> None:
+        found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+        if not found:
+            server_missing("PostgreSQL server binaries (initdb) for a private primary/standby")
+        self.bindir = os.path.dirname(found[-1])
+        self.user: str | None = None
+        if os.geteuid() == 0:  # initdb refuses to run as root
+            try:
+                pwd.getpwnam("postgres")
+            except KeyError:
+                server_missing("an OS user 'postgres' to run a private cluster as")
+            self.user = "postgres"
+        self.root = tempfile.mkdtemp(prefix="broker-failover-")
+        if self.user:
+            entry = pwd.getpwnam(self.user)
+            os.chown(self.root, entry.pw_uid, entry.pw_gid)
+        self.primary = Cluster(os.path.join(self.root, "primary"), free_port())
+        self.standby = Cluster(os.path.join(self.root, "standby"), free_port())
+
+    def _run(self, tool: str, *args: str) -> None:
+        done = subprocess.run([os.path.join(self.bindir, tool), *args], user=self.user,
+                              capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"{tool} failed: {done.stderr.strip() or done.stdout.strip()}")
+
+    def _start(self, c: Cluster) -> None:
+        options = f"-p {c.port} -k {self.root} -c listen_addresses=127.0.0.1"
+        self._run("pg_ctl", "-D", c.data, "-l", c.data + ".log", "-w", "-o", options, "start")
+
+    def start(self) -> None:
+        # trust on 127.0.0.1: a throwaway pair on random ports, replication included.
+        self._run("initdb", "-D", self.primary.data, "-A", "trust", "-U", "postgres", "-N",
+                  "-E", "UTF8", "--no-locale")
+        with open(os.path.join(self.primary.data, "postgresql.conf"), "a") as conf:
+            conf.write("wal_level = replica\nmax_wal_senders = 4\n"
+                       "synchronous_standby_names = 'standby1'\nsynchronous_commit = on\n")
+        self._start(self.primary)
+        self._run("pg_basebackup", "-D", self.standby.data, "-R", "-X", "stream",
+                  "-d", f"host=127.0.0.1 port={self.primary.port} user=postgres "
+                        "application_name=standby1")
+        self._start(self.standby)
+
+    def dsn(self, c: Cluster, user: str = "postgres", database: str = "postgres") -> str:
+        return f"postgresql://{user}@127.0.0.1:{c.port}/{database}"
+
+    def crash_primary(self) -> None:
+        self._run("pg_ctl", "-D", self.primary.data, "-m", "immediate", "-w", "stop")
+
+    def promote_standby(self) -> None:
+        self._run("pg_ctl", "-D", self.standby.data, "-w", "promote")
+
+    def stop(self) -> None:
+        for c in (self.primary, self.standby):
+            subprocess.run([os.path.join(self.bindir, "pg_ctl"), "-D", c.data, "-m",
+                            "immediate", "-w", "stop"], user=self.user, capture_output=True,
+                           timeout=60, check=False)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+async def _wait_sync(dsn: str, timeout: float = 30) -> None:
+    """Until the primary reports its standby streaming as synchronous."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        deadline = time.monotonic() + timeout
+        while await conn.fetchval("SELECT count(*) FROM pg_stat_replication"
+                                  " WHERE application_name = 'standby1'"
+                                  " AND sync_state = 'sync'") != 1:
+            assert time.monotonic() < deadline, "the standby did not become synchronous"
+            await asyncio.sleep(0.2)
+    finally:
+        await conn.close()
+
+
+async def _sql(dsn: str, *statements: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def pair() -> Iterator[Pair]:
+    p = Pair()
+    try:
+        try:
+            p.start()
+        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+            server_missing(f"a private PostgreSQL primary and standby did not start: {exc}")
+        yield p
+    finally:
+        p.stop()
+
+
+def test_a_store_failover_to_a_synchronous_standby_loses_no_lease(
+        tmp_path: Path, postgres_dsn: str, pair: Pair) -> None:
+    run(_wait_sync(pair.dsn(pair.primary)))
+    run(_sql(pair.dsn(pair.primary), "CREATE ROLE broker_store LOGIN",
+             "CREATE DATABASE broker_store OWNER broker_store"))
+    proxy = TcpProxy(pair.primary.port)
+    template = f"fov{os.getpid() % 1000}"
+    broker = start_broker(write_config(tmp_path, f"""
+[mounts.pg]
+plugin = "postgres"
+connection_url = "{postgres_dsn}"
+
+[mounts.pg.roles.app]
+username_template = "{template}-{{{{random 10}}}}"
+default_ttl = "1h"
+max_ttl = "2h"
+
+[mounts.pg.roles.short]
+username_template = "{template}-{{{{random 10}}}}"
+default_ttl = "3s"
+max_ttl = "1h"
+""", storage_url=f"postgresql://broker_store@127.0.0.1:{proxy.port}/broker_store"))
+    headers = {"X-Vault-Token": broker.root_token}
+
+    def api(method: str, path: str, **kw: Any) -> requests.Response:
+        return requests.request(method, f"{broker.url}/v1/{path}", headers=headers,
+                                timeout=60, **kw)
+
+    try:
+        long = [api("GET", "pg/creds/app").json() for _ in range(5)]
+        short = api("GET", "pg/creds/short").json()
+        users = {x["data"]["username"] for x in [*long, short]}
+        assert run(pg_roles(postgres_dsn, template)) == users
+
+        # The primary dies; the standby, which confirmed every COMMIT, takes over.
+        pair.crash_primary()
+        proxy.down()
+        pair.promote_standby()
+        # Alone now, it must stop waiting for a synchronous standby of its own (its
+        # config is the old primary's copy), or every COMMIT would hang: what
+        # Patroni does on failover when no other standby is left.
+        run(_sql(pair.dsn(pair.standby), "ALTER SYSTEM SET synchronous_standby_names = ''",
+                 "SELECT pg_reload_conf()"))
+        proxy.target_port = pair.standby.port
+        time.sleep(3.5)  # the short lease falls due during the failover
+        proxy.up()
+
+        deadline = time.monotonic() + 30
+        while (resp := api("GET", "pg/creds/app")).status_code != 200:
+            assert time.monotonic() < deadline, f"issuing did not recover: {resp.text}"
+            assert resp.status_code == 503, resp.text
+            time.sleep(0.3)
+        users.add(resp.json()["data"]["username"])
+        # Every lease issued before the crash is known to the new primary.
+        for lease in long:
+            renewed = api("PUT", "sys/leases/renew", json={"lease_id": lease["lease_id"]})
+            assert renewed.status_code == 200, renewed.text
+        while short["data"]["username"] in run(pg_roles(postgres_dsn, template)):
+            assert time.monotonic() < deadline, "the due lease was not revoked after failover"
+            time.sleep(0.3)
+        health = requests.get(f"{broker.url}/v1/sys/health", timeout=10)
+        assert health.status_code == 200, health.text
+
+        resp = api("PUT", "sys/leases/revoke-prefix/pg/", json={"sync": True})
+        assert resp.status_code in (200, 204), resp.text
+        assert run(pg_roles(postgres_dsn, template)) == set()
+    finally:
+        broker.stop()
+        proxy.close()
+        # A failed run must not leave its roles on the shared server.
+        for name in run(pg_roles(postgres_dsn, template)):
+            run(_sql(postgres_dsn, f'DROP ROLE IF EXISTS "{name}"'))
