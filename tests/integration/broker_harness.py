@@ -15,13 +15,14 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import asyncpg
+import requests
 from aiohttp import web
 
 from broker.api import create_app
@@ -252,6 +253,33 @@ async def pg_roles(dsn: str, prefix: str) -> set[str]:
         return {r[0] for r in rows}
     finally:
         await conn.close()
+
+
+async def pg_execute(dsn: str, *statements: str) -> None:
+    """Run ``statements`` one after the other on one connection to ``dsn``."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+async def drop_pg_roles(dsn: str, prefix: str) -> None:
+    """Drop every role named ``prefix...``: what a failed test leased must not stay behind."""
+    for name in await pg_roles(dsn, prefix):
+        await pg_execute(dsn, 'DROP ROLE IF EXISTS "{}"'.format(name.replace('"', '""')))
+
+
+def root_api(broker: BrokerThread) -> Callable[..., requests.Response]:
+    """``api(method, path, **kwargs)``: a call to ``broker``'s ``/v1/path`` with its root token."""
+    headers = {"X-Vault-Token": broker.root_token}
+
+    def api(method: str, path: str, **kw: Any) -> requests.Response:
+        return requests.request(method, f"{broker.url}/v1/{path}", headers=headers,
+                                timeout=60, **kw)
+
+    return api
 
 
 def dsn_port(dsn: str, default: int = 5432) -> int:

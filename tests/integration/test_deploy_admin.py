@@ -23,7 +23,7 @@ import pytest
 import requests
 
 from tests.conftest import run
-from tests.integration.broker_harness import pg_roles, start_broker, write_config
+from tests.integration.broker_harness import pg_execute, pg_roles, start_broker, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -32,15 +32,6 @@ SCRIPT = ROOT / "deploy" / "compose" / "postgres-init" / "10-broker-admin.sh"
 COMPOSE_CONFIG = ROOT / "deploy" / "compose" / "broker.toml"
 ADMIN = "broker_admin"  # the name the script and the compose config use
 PREFIX = "dpl-"
-
-
-async def _sql(dsn: str, *statements: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        for statement in statements:
-            await conn.execute(statement)
-    finally:
-        await conn.close()
 
 
 async def _fetchval(dsn: str, query: str, *args: object) -> object:
@@ -70,15 +61,15 @@ def app_database(postgres_dsn: str) -> Iterator[str]:
     if run(_fetchval(postgres_dsn, "SELECT 1 FROM pg_roles WHERE rolname = $1", ADMIN)):
         pytest.skip(f"a role {ADMIN} already exists on this server; the test would take it over")
     name = f"broker_deploy_{secrets.token_hex(5)}"
-    run(_sql(postgres_dsn, f'CREATE DATABASE "{name}"'))
+    run(pg_execute(postgres_dsn, f'CREATE DATABASE "{name}"'))
     try:
         yield name
     finally:
         async def cleanup() -> None:
             for role in await pg_roles(postgres_dsn, PREFIX):
-                await _sql(postgres_dsn, f'DROP ROLE IF EXISTS "{role}"')
+                await pg_execute(postgres_dsn, f'DROP ROLE IF EXISTS "{role}"')
             # The database holds the admin's grants and default privileges: it goes first.
-            await _sql(postgres_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)',
+            await pg_execute(postgres_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)',
                        f'DROP ROLE IF EXISTS "{ADMIN}"')
         run(cleanup())
 
@@ -86,7 +77,7 @@ def app_database(postgres_dsn: str) -> Iterator[str]:
 def test_the_compose_admin_script_makes_a_least_privilege_admin_that_works(
         tmp_path: Path, postgres_dsn: str, app_database: str) -> None:
     superuser_db = _in_db(postgres_dsn, app_database)
-    run(_sql(superuser_db, "CREATE TABLE public.before_script (x int)",
+    run(pg_execute(superuser_db, "CREATE TABLE public.before_script (x int)",
              "INSERT INTO public.before_script VALUES (1)"))
     password = secrets.token_urlsafe(18)
     password_file = tmp_path / "pg-admin"
@@ -102,7 +93,7 @@ def test_the_compose_admin_script_makes_a_least_privilege_admin_that_works(
     assert done.returncode == 0, done.stderr
     assert password not in done.stdout + done.stderr
     # Made later by the database's owner, as an application's migrations would.
-    run(_sql(superuser_db, "CREATE TABLE public.after_script (x int)",
+    run(pg_execute(superuser_db, "CREATE TABLE public.after_script (x int)",
              "INSERT INTO public.after_script VALUES (2)"))
 
     assert run(_fetchval(postgres_dsn,

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -23,8 +23,10 @@ from tests.conftest import run
 from tests.integration.broker_harness import (
     BrokerThread,
     TcpProxy,
+    drop_pg_roles,
     dsn_port,
     pg_roles,
+    root_api,
     spawn_broker,
     start_broker,
     via_proxy,
@@ -284,17 +286,6 @@ def test_broker_thread_serves_health(tmp_path: Path) -> None:
         broker.stop()
 
 
-def _api(broker: BrokerThread) -> Callable[..., requests.Response]:
-    """``api(method, path, **kwargs)``: a call to ``broker``'s ``/v1/path`` with its root token."""
-    headers = {"X-Vault-Token": broker.root_token}
-
-    def api(method: str, path: str, **kw: Any) -> requests.Response:
-        return requests.request(method, f"{broker.url}/v1/{path}", headers=headers,
-                                timeout=60, **kw)
-
-    return api
-
-
 def _with_short_role(config: str, template: str) -> str:
     """``config`` plus a role ``short`` on mount pg whose leases last 3 s."""
     return config + f"""
@@ -328,7 +319,7 @@ def test_the_lease_store_going_away_loses_nothing_and_recovers(
     broker = start_broker(write_config(tmp_path, _with_short_role(
         mount_config(postgres_dsn, template), template),
         storage_url=_through(store_dsn, store.port)))
-    api = _api(broker)
+    api = root_api(broker)
     try:
         long = api("GET", "pg/creds/app").json()
         short = api("GET", "pg/creds/short").json()
@@ -376,6 +367,7 @@ def test_the_lease_store_going_away_loses_nothing_and_recovers(
     finally:
         broker.stop()
         store.close()
+        run(drop_pg_roles(postgres_dsn, template))  # a failed run's, from the shared server
 
 
 @pytest.fixture
@@ -423,7 +415,7 @@ def test_a_full_disk_under_the_sqlite_store_is_a_503_and_loses_nothing(
     broker = start_broker(write_config(tmp_path, _with_short_role(
         mount_config(postgres_dsn, template), template),
         storage_url=f"sqlite:///{small_disk / 'broker.db'}"))
-    api = _api(broker)
+    api = root_api(broker)
     try:
         first = api("GET", "pg/creds/app").json()
         short = api("GET", "pg/creds/short").json()
@@ -463,3 +455,4 @@ def test_a_full_disk_under_the_sqlite_store_is_a_503_and_loses_nothing(
         assert run(pg_roles(postgres_dsn, template)) == set()
     finally:
         broker.stop()
+        run(drop_pg_roles(postgres_dsn, template))  # a failed run's, from the shared server

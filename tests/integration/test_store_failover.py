@@ -25,7 +25,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import pytest
@@ -34,8 +33,11 @@ import requests
 from tests.conftest import run, server_missing
 from tests.integration.broker_harness import (
     TcpProxy,
+    drop_pg_roles,
     free_port,
+    pg_execute,
     pg_roles,
+    root_api,
     start_broker,
     write_config,
 )
@@ -125,15 +127,6 @@ async def _wait_sync(dsn: str, timeout: float = 30) -> None:
         await conn.close()
 
 
-async def _sql(dsn: str, *statements: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        for statement in statements:
-            await conn.execute(statement)
-    finally:
-        await conn.close()
-
-
 @pytest.fixture
 def pair() -> Iterator[Pair]:
     p = Pair()
@@ -150,7 +143,7 @@ def pair() -> Iterator[Pair]:
 def test_a_store_failover_to_a_synchronous_standby_loses_no_lease(
         tmp_path: Path, postgres_dsn: str, pair: Pair) -> None:
     run(_wait_sync(pair.dsn(pair.primary)))
-    run(_sql(pair.dsn(pair.primary), "CREATE ROLE broker_store LOGIN",
+    run(pg_execute(pair.dsn(pair.primary), "CREATE ROLE broker_store LOGIN",
              "CREATE DATABASE broker_store OWNER broker_store"))
     proxy = TcpProxy(pair.primary.port)
     template = f"fov{os.getpid() % 1000}"
@@ -169,12 +162,7 @@ username_template = "{template}-{{{{random 10}}}}"
 default_ttl = "3s"
 max_ttl = "1h"
 """, storage_url=f"postgresql://broker_store@127.0.0.1:{proxy.port}/broker_store"))
-    headers = {"X-Vault-Token": broker.root_token}
-
-    def api(method: str, path: str, **kw: Any) -> requests.Response:
-        return requests.request(method, f"{broker.url}/v1/{path}", headers=headers,
-                                timeout=60, **kw)
-
+    api = root_api(broker)
     try:
         long = [api("GET", "pg/creds/app").json() for _ in range(5)]
         short = api("GET", "pg/creds/short").json()
@@ -188,7 +176,7 @@ max_ttl = "1h"
         # Alone now, it must stop waiting for a synchronous standby of its own (its
         # config is the old primary's copy), or every COMMIT would hang: what
         # Patroni does on failover when no other standby is left.
-        run(_sql(pair.dsn(pair.standby), "ALTER SYSTEM SET synchronous_standby_names = ''",
+        run(pg_execute(pair.dsn(pair.standby), "ALTER SYSTEM SET synchronous_standby_names = ''",
                  "SELECT pg_reload_conf()"))
         proxy.target_port = pair.standby.port
         time.sleep(3.5)  # the short lease falls due during the failover
@@ -216,6 +204,4 @@ max_ttl = "1h"
     finally:
         broker.stop()
         proxy.close()
-        # A failed run must not leave its roles on the shared server.
-        for name in run(pg_roles(postgres_dsn, template)):
-            run(_sql(postgres_dsn, f'DROP ROLE IF EXISTS "{name}"'))
+        run(drop_pg_roles(postgres_dsn, template))  # a failed run's, from the shared server
