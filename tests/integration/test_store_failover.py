@@ -21,10 +21,12 @@ import pwd
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -32,6 +34,7 @@ import requests
 
 from tests.conftest import run, server_missing
 from tests.integration.broker_harness import (
+    BrokerThread,
     TcpProxy,
     drop_pg_roles,
     free_port,
@@ -105,6 +108,21 @@ class Pair:
     def promote_standby(self) -> None:
         self._run("pg_ctl", "-D", self.standby.data, "-w", "promote")
 
+    def fail_over(self, proxy: TcpProxy, *, outage: float = 0.0) -> None:
+        """Kill the primary, promote the standby, point ``proxy`` at it after ``outage`` s."""
+        self.crash_primary()
+        proxy.down()
+        self.promote_standby()
+        # Alone now, it must stop waiting for a synchronous standby of its own (its
+        # config is the old primary's copy), or every COMMIT would hang: what
+        # Patroni does on failover when no other standby is left.
+        run(pg_execute(self.dsn(self.standby),
+                       "ALTER SYSTEM SET synchronous_standby_names = ''",
+                       "SELECT pg_reload_conf()"))
+        proxy.target_port = self.standby.port
+        time.sleep(outage)
+        proxy.up()
+
     def stop(self) -> None:
         for c in (self.primary, self.standby):
             subprocess.run([os.path.join(self.bindir, "pg_ctl"), "-D", c.data, "-m",
@@ -140,14 +158,18 @@ def pair() -> Iterator[Pair]:
         p.stop()
 
 
-def test_a_store_failover_to_a_synchronous_standby_loses_no_lease(
-        tmp_path: Path, postgres_dsn: str, pair: Pair) -> None:
+def _broker_on(pair: Pair, tmp_path: Path, postgres_dsn: str, template: str,
+               leases: str = "") -> tuple[BrokerThread, TcpProxy]:
+    """A broker whose store is on ``pair``'s primary, through a proxy; mount pg on the
+    local server with roles ``app`` (1 h) and ``short`` (3 s)."""
     run(_wait_sync(pair.dsn(pair.primary)))
     run(pg_execute(pair.dsn(pair.primary), "CREATE ROLE broker_store LOGIN",
-             "CREATE DATABASE broker_store OWNER broker_store"))
+                   "CREATE DATABASE broker_store OWNER broker_store"))
     proxy = TcpProxy(pair.primary.port)
-    template = f"fov{os.getpid() % 1000}"
     broker = start_broker(write_config(tmp_path, f"""
+[leases]
+{leases}
+
 [mounts.pg]
 plugin = "postgres"
 connection_url = "{postgres_dsn}"
@@ -162,6 +184,13 @@ username_template = "{template}-{{{{random 10}}}}"
 default_ttl = "3s"
 max_ttl = "1h"
 """, storage_url=f"postgresql://broker_store@127.0.0.1:{proxy.port}/broker_store"))
+    return broker, proxy
+
+
+def test_a_store_failover_to_a_synchronous_standby_loses_no_lease(
+        tmp_path: Path, postgres_dsn: str, pair: Pair) -> None:
+    template = f"fov{os.getpid() % 1000}"
+    broker, proxy = _broker_on(pair, tmp_path, postgres_dsn, template)
     api = root_api(broker)
     try:
         long = [api("GET", "pg/creds/app").json() for _ in range(5)]
@@ -170,17 +199,7 @@ max_ttl = "1h"
         assert run(pg_roles(postgres_dsn, template)) == users
 
         # The primary dies; the standby, which confirmed every COMMIT, takes over.
-        pair.crash_primary()
-        proxy.down()
-        pair.promote_standby()
-        # Alone now, it must stop waiting for a synchronous standby of its own (its
-        # config is the old primary's copy), or every COMMIT would hang: what
-        # Patroni does on failover when no other standby is left.
-        run(pg_execute(pair.dsn(pair.standby), "ALTER SYSTEM SET synchronous_standby_names = ''",
-                 "SELECT pg_reload_conf()"))
-        proxy.target_port = pair.standby.port
-        time.sleep(3.5)  # the short lease falls due during the failover
-        proxy.up()
+        pair.fail_over(proxy, outage=3.5)  # the short lease falls due meanwhile
 
         deadline = time.monotonic() + 30
         while (resp := api("GET", "pg/creds/app")).status_code != 200:
@@ -202,6 +221,80 @@ max_ttl = "1h"
         assert resp.status_code in (200, 204), resp.text
         assert run(pg_roles(postgres_dsn, template)) == set()
     finally:
+        broker.stop()
+        proxy.close()
+        run(drop_pg_roles(postgres_dsn, template))  # a failed run's, from the shared server
+
+
+def test_issues_in_flight_during_a_store_failover_leave_nothing_behind(
+        tmp_path: Path, postgres_dsn: str, pair: Pair) -> None:
+    """Issues keep coming while the store fails over under them.
+
+    Every issue that answered 200 is known to the new primary (synchronous
+    replication: its activation was confirmed by the standby before the
+    credential left). Every one that failed leaves no role on the backend:
+    it was aborted, or its pending row is rolled back by the stale-pending
+    job once the store is back (``pending_timeout`` shortened here).
+    """
+    template = f"fif{os.getpid() % 1000}"
+    broker, proxy = _broker_on(pair, tmp_path, postgres_dsn, template,
+                               leases='backend_timeout = "2s"\npending_timeout = "4s"')
+    api = root_api(broker)
+    issued: list[dict[str, Any]] = []
+    failed: list[int] = []
+    last_ok = [0.0]  # monotonic time of the latest 200
+    stop = threading.Event()
+
+    def issue_until_stopped() -> None:
+        while not stop.is_set():
+            try:
+                resp = api("GET", "pg/creds/app")
+            except requests.RequestException:
+                failed.append(0)
+                continue
+            if resp.status_code == 200:
+                issued.append(resp.json())
+                last_ok[0] = time.monotonic()
+            else:
+                failed.append(resp.status_code)
+                time.sleep(0.05)
+
+    issuers = [threading.Thread(target=issue_until_stopped) for _ in range(4)]
+    try:
+        for t in issuers:
+            t.start()
+        time.sleep(1.0)
+        pair.fail_over(proxy)
+        back = time.monotonic()
+        deadline = back + 30
+        # Until the issuers have met the outage and issued again since the failover.
+        while not failed or last_ok[0] < back:
+            assert time.monotonic() < deadline, (len(issued), failed[-5:])
+            time.sleep(0.2)
+        time.sleep(1.0)
+        stop.set()
+        for t in issuers:
+            t.join(60)
+        assert set(failed) <= {503}, failed  # refused as an outage, never a 500
+        print(f"{len(issued)} issued, {len(failed)} refused during the failover")
+
+        for lease in issued:  # each 200 is on the new primary
+            renewed = api("PUT", "sys/leases/renew", json={"lease_id": lease["lease_id"]})
+            assert renewed.status_code == 200, renewed.text
+        # Only what was handed out exists on the backend, once the rollbacks ran.
+        wanted = {lease["data"]["username"] for lease in issued}
+        deadline = time.monotonic() + 30
+        while (found := run(pg_roles(postgres_dsn, template))) != wanted:
+            assert time.monotonic() < deadline, (
+                f"left behind: {sorted(found - wanted)}; missing: {sorted(wanted - found)}")
+            time.sleep(0.5)
+        resp = api("PUT", "sys/leases/revoke-prefix/pg/", json={"sync": True})
+        assert resp.status_code in (200, 204), resp.text
+        assert run(pg_roles(postgres_dsn, template)) == set()
+    finally:
+        stop.set()
+        for t in issuers:
+            t.join(60)
         broker.stop()
         proxy.close()
         run(drop_pg_roles(postgres_dsn, template))  # a failed run's, from the shared server
