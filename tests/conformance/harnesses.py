@@ -56,7 +56,7 @@ async def password_checking_postgres(dsn: str) -> str | None:
         if await _checks_passwords(dsn):
             _checked[dsn] = dsn
         else:
-            _checked[dsn] = await asyncio.to_thread(_start_private_cluster, _initdb())
+            _checked[dsn] = await asyncio.to_thread(_start_private_cluster, local_initdb())
     return _checked[dsn]
 
 
@@ -80,10 +80,15 @@ async def _checks_passwords(dsn: str) -> bool:
         await admin.close()
 
 
-def _initdb() -> str | None:
+def local_initdb() -> str | None:
+    """The machine's own ``initdb`` (PATH, else Debian's /usr/lib/postgresql/*/bin), if any.
+
+    Symlinks are resolved: the directory must be the real bin directory, whose
+    other tools (pg_ctl, pg_basebackup) callers run from beside it.
+    """
     found = shutil.which("initdb")
     if found:
-        return found
+        return os.path.realpath(found)
     candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), reverse=True)
     return candidates[0] if candidates else None
 
@@ -130,27 +135,43 @@ def postgres16_dsn() -> str:
     return _PG16[0]
 
 
+def cluster_os_user() -> str | None:
+    """Who runs a private cluster: None (this user), or "postgres" when we are root.
+
+    initdb refuses to run as root. Raises LookupError when we are root and
+    there is no postgres OS user to run it as instead.
+    """
+    if os.geteuid() != 0:
+        return None
+    pwd.getpwnam("postgres")  # KeyError (a LookupError) when there is none
+    return "postgres"
+
+
+def cluster_dir(prefix: str, user: str | None) -> str:
+    """A new temporary directory owned by ``user`` (see :func:`cluster_os_user`)."""
+    root = tempfile.mkdtemp(prefix=prefix)
+    if user:
+        entry = pwd.getpwnam(user)
+        os.chown(root, entry.pw_uid, entry.pw_gid)
+    return root
+
+
 def _start_private_cluster(initdb: str | None) -> str | None:
     if initdb is None:
         return None
     bindir = os.path.dirname(initdb)
-    # initdb refuses to run as root: run the cluster as the postgres OS user then.
-    user: str | None = None
-    if os.geteuid() == 0:
-        try:
-            pwd.getpwnam("postgres")
-        except KeyError:
-            return None
-        user = "postgres"
-    root = tempfile.mkdtemp(prefix="broker-kit-pg-")
+    try:
+        user = cluster_os_user()
+    except LookupError:
+        return None
+    root = cluster_dir("broker-kit-pg-", user)
     password = generate_password()
     pwfile = os.path.join(root, "pw")
     with open(pwfile, "w") as fh:
         fh.write(password + "\n")
     if user:
         entry = pwd.getpwnam(user)
-        for path in (root, pwfile):
-            os.chown(path, entry.pw_uid, entry.pw_gid)
+        os.chown(pwfile, entry.pw_uid, entry.pw_gid)
     data = os.path.join(root, "data")
     subprocess.run(
         [initdb, "-D", data, "-A", "scram-sha-256", "-U", "postgres",

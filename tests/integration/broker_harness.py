@@ -19,7 +19,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import requests
@@ -282,13 +282,20 @@ def root_api(broker: BrokerThread) -> Callable[..., requests.Response]:
     return api
 
 
+def revoke_mount_pg(api: Callable[..., requests.Response], dsn: str, prefix: str) -> None:
+    """Revoke every lease of mount ``pg`` (waiting), then check no role ``prefix...`` is left."""
+    resp = api("PUT", "sys/leases/revoke-prefix/pg/", json={"sync": True})
+    assert resp.status_code in (200, 204), resp.text
+    assert asyncio.run(pg_roles(dsn, prefix)) == set()
+
+
 def dsn_port(dsn: str, default: int = 5432) -> int:
     """The port a DSN names (``default`` when it names none)."""
     return urlsplit(dsn).port or default
 
 
 def via_proxy(dsn: str, port: int) -> str:
-    """``dsn`` (user@host:port/db, no password) pointed at a local ``port`` (a TcpProxy)."""
-    user_host, db = dsn.split("://", 1)[1].rsplit("/", 1)
-    user = user_host.split("@")[0]
-    return f"postgresql://{user}@127.0.0.1:{port}/{db}"
+    """``dsn`` pointed at a local ``port`` (a TcpProxy); user, password and database kept."""
+    parts = urlsplit(dsn)
+    userinfo = parts.netloc.rpartition("@")[0]
+    return urlunsplit(parts._replace(netloc=f"{userinfo}@127.0.0.1:{port}"))

@@ -15,12 +15,9 @@ afterwards, and issuing works again.
 from __future__ import annotations
 
 import asyncio
-import glob
 import os
-import pwd
 import shutil
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -32,6 +29,7 @@ import asyncpg
 import pytest
 import requests
 
+from tests.conformance.harnesses import cluster_dir, cluster_os_user, local_initdb
 from tests.conftest import run, server_missing
 from tests.integration.broker_harness import (
     BrokerThread,
@@ -40,6 +38,7 @@ from tests.integration.broker_harness import (
     free_port,
     pg_execute,
     pg_roles,
+    revoke_mount_pg,
     root_api,
     start_broker,
     write_config,
@@ -58,21 +57,16 @@ class Pair:
     """A primary and its synchronous standby, as the postgres OS user when run as root."""
 
     def __init__(self) -> None:
-        found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-        if not found:
+        initdb = local_initdb()
+        if initdb is None:
             server_missing("PostgreSQL server binaries (initdb) for a private primary/standby")
-        self.bindir = os.path.dirname(found[-1])
-        self.user: str | None = None
-        if os.geteuid() == 0:  # initdb refuses to run as root
-            try:
-                pwd.getpwnam("postgres")
-            except KeyError:
-                server_missing("an OS user 'postgres' to run a private cluster as")
-            self.user = "postgres"
-        self.root = tempfile.mkdtemp(prefix="broker-failover-")
-        if self.user:
-            entry = pwd.getpwnam(self.user)
-            os.chown(self.root, entry.pw_uid, entry.pw_gid)
+        assert initdb is not None
+        self.bindir = os.path.dirname(initdb)
+        try:
+            self.user = cluster_os_user()
+        except LookupError:
+            server_missing("an OS user 'postgres' to run a private cluster as")
+        self.root = cluster_dir("broker-failover-", self.user)
         self.primary = Cluster(os.path.join(self.root, "primary"), free_port())
         self.standby = Cluster(os.path.join(self.root, "standby"), free_port())
 
@@ -217,9 +211,7 @@ def test_a_store_failover_to_a_synchronous_standby_loses_no_lease(
         health = requests.get(f"{broker.url}/v1/sys/health", timeout=10)
         assert health.status_code == 200, health.text
 
-        resp = api("PUT", "sys/leases/revoke-prefix/pg/", json={"sync": True})
-        assert resp.status_code in (200, 204), resp.text
-        assert run(pg_roles(postgres_dsn, template)) == set()
+        revoke_mount_pg(api, postgres_dsn, template)
     finally:
         broker.stop()
         proxy.close()
@@ -288,9 +280,7 @@ def test_issues_in_flight_during_a_store_failover_leave_nothing_behind(
             assert time.monotonic() < deadline, (
                 f"left behind: {sorted(found - wanted)}; missing: {sorted(wanted - found)}")
             time.sleep(0.5)
-        resp = api("PUT", "sys/leases/revoke-prefix/pg/", json={"sync": True})
-        assert resp.status_code in (200, 204), resp.text
-        assert run(pg_roles(postgres_dsn, template)) == set()
+        revoke_mount_pg(api, postgres_dsn, template)
     finally:
         stop.set()
         for t in issuers:
