@@ -6,12 +6,18 @@ as there are clients. The baseline runs the plugin's default creation statement
 (``CREATE ROLE ... LOGIN PASSWORD '<plaintext>' VALID UNTIL ...``, as Vault
 sends it) on an asyncpg pool of the same size, one statement per call: the
 server hashes each password. The broker sends a SCRAM verifier instead, which
-it hashes in its own threads on the same cores; the server still runs one
+it hashes in its own threads; the server still runs one
 PBKDF2 per role for it (it checks a verifier against the empty password), so
 the broker side does one PBKDF2 more than the raw side (plugins/_scram.py).
 The judged runs alternate the two sides in segments (raw, broker, broker,
 raw, ...: 5 of 1 s each), so the machine's drift lands on both; roles are
 dropped after each segment so every one starts with the same catalog.
+
+Where PostgreSQL runs: the judged runs give it cores of its own (a private
+cluster on the first half of the CPUs, the bench and its brokers on the other
+half; or the ``--postgres-dsn`` server when it is on another host), as in any
+deployment; the same alternating runs on the bench's local server, sharing
+every core, follow unjudged (``..., shared cores``). See :func:`run`.
 The judged runs use the mount's default ``serialize_ddl = "auto"`` (no DDL
 lock for this template). Unjudged diagnosis: the raw statement with a
 verifier hashed outside the timing (what the server's part costs on its own,
@@ -24,8 +30,13 @@ leaves the broker per call next to what a no-op issue and a bare
 
 from __future__ import annotations
 
+import os
 import secrets
-from collections.abc import Awaitable, Callable
+import subprocess
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from broker.bench.harness import (
     ApiClient,
@@ -37,6 +48,7 @@ from broker.bench.harness import (
     running,
 )
 from broker.bench.pg import ROLE_PREFIX, create_role_sql, drop_roles, pg_mount, raw_load
+from broker.bench.pgcluster import PrivateCluster
 from broker.bench.report import Row, Target
 from broker.templating import generate_password
 from plugins._scram import scram_verifier
@@ -59,11 +71,103 @@ def _prehashed_sql() -> Callable[[int], str]:
 SEGMENTS = 5
 
 
+@dataclass(frozen=True)
+class _Site:
+    """A PostgreSQL server the scenario measures on, and how it shares the machine."""
+
+    dsn: str
+    #: appended to the metric names ("" for the judged site: the names stay stable).
+    suffix: str
+    #: on the rate rows: where PostgreSQL ran.
+    note: str
+    #: the CPUs the bench (its load and the brokers it starts) is held to; None: all.
+    cpus: frozenset[int] | None = None
+
+
 async def run(bench: Bench) -> list[Row]:
-    if bench.pg_dsn is None:
-        return [Row(NAME, "PostgreSQL backend", None, skipped=True,
-                    note="no PostgreSQL (--postgres-dsn)")]
-    dsn = bench.pg_dsn
+    """Judged where PostgreSQL has cores of its own; on the shared server as diagnosis.
+
+    On one machine the broker's CPU otherwise comes out of PostgreSQL's own
+    (each role costs the server one PBKDF2 whoever hashes the verifier), and the
+    ratio measures how the two split the cores rather than what the broker adds
+    (docs/performance.md). So, unless ``--postgres-dsn`` names a server on
+    another host, the judged runs use a private cluster started from the local
+    server binaries and held to the first half of the CPUs, with the bench and
+    its brokers on the other half. The bench's own server is then measured
+    again, unjudged, with everything sharing every core.
+    """
+    cluster, judged, reason = _isolated_site(bench)
+    rows: list[Row] = []
+    try:
+        if judged is None:
+            if bench.pg_dsn is None:
+                return [Row(NAME, "PostgreSQL backend", None, skipped=True,
+                            note="no PostgreSQL (--postgres-dsn)")]
+            judged = _Site(bench.pg_dsn, "", reason)
+            rows += await _measure(bench, judged, judged=True)
+            return rows
+        with _pinned(judged.cpus):
+            rows += await _measure(bench, judged, judged=True)
+        if cluster is not None and bench.pg_dsn is not None:
+            shared = _Site(bench.pg_dsn, ", shared cores",
+                           "diagnosis: the bench's server, sharing every core with the broker")
+            rows += await _measure(bench, shared, judged=False)
+        return rows
+    finally:
+        if cluster is not None:
+            cluster.stop()
+
+
+def _isolated_site(bench: Bench) -> tuple[PrivateCluster | None, _Site | None, str]:
+    """A server with cores of its own: (cluster to stop, site) or (None, None, why not)."""
+    if bench.pg_dsn is not None and not _is_local(bench.pg_dsn):
+        return None, _Site(bench.pg_dsn, "", "PostgreSQL on its own host"), ""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None, None, "PostgreSQL shares the only CPU with the broker"
+    server_cpus, bench_cpus = cpus[:len(cpus) // 2], cpus[len(cpus) // 2:]
+    try:
+        cluster = PrivateCluster.start(cpus=server_cpus, prefix="broker-bench-pg-")
+    except (LookupError, OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        return None, None, f"PostgreSQL shares the broker's cores (no private cluster: {exc})"
+    bench.log(f"{NAME}: private PostgreSQL on CPU {_cpu_list(server_cpus)}, "
+              f"bench and brokers on CPU {_cpu_list(bench_cpus)}")
+    note = (f"private PostgreSQL on CPU {_cpu_list(server_cpus)}, "
+            f"bench and broker on CPU {_cpu_list(bench_cpus)}")
+    return cluster, _Site(cluster.dsn, "", note, frozenset(bench_cpus)), ""
+
+
+def _is_local(dsn: str) -> bool:
+    host = urlsplit(dsn).hostname
+    return host in (None, "", "localhost", "127.0.0.1", "::1") or str(host).startswith("/")
+
+
+def _cpu_list(cpus: list[int]) -> str:
+    return ",".join(map(str, cpus))
+
+
+@contextmanager
+def _pinned(cpus: frozenset[int] | None) -> Iterator[None]:
+    """Hold every thread of this process (and what it starts meanwhile) to ``cpus``."""
+    if cpus is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    threads = [int(t) for t in os.listdir("/proc/self/task")]
+    for tid in threads:
+        os.sched_setaffinity(tid, cpus)
+    try:
+        yield
+    finally:
+        for tid in [int(t) for t in os.listdir("/proc/self/task")]:
+            with suppress(OSError):  # a thread that ended meanwhile
+                os.sched_setaffinity(tid, before)
+
+
+async def _measure(bench: Bench, site: _Site, *, judged: bool) -> list[Row]:
+    """The alternating broker/raw runs at c=1 and 8 on ``site``; with ``judged``, the
+    target and every diagnosis run too."""
+    dsn = site.dsn
     seconds = 0.25 if bench.quick else 5.0
     segments = 1 if bench.quick else SEGMENTS
     rows: list[Row] = []
@@ -71,24 +175,25 @@ async def run(bench: Bench) -> list[Row]:
     store_url = f"sqlite:///{tmp / 'broker.db'}"
     await create_root_token(store_url)
     await drop_roles(dsn)
-    # (concurrency, mount options): the default mount is judged; the others are a
-    # diagnosis: what the DDL lock costs, and what the SCRAM verifier costs.
-    runs: list[tuple[int, dict[str, str]]] = [(1, {}), (8, {})] + ([] if bench.quick else [
+    # (concurrency, mount options): the default mount is measured against raw; the
+    # others are a diagnosis: what the DDL lock costs, and what the verifier costs.
+    runs: list[tuple[int, dict[str, str]]] = [(1, {}), (8, {})] + ([] if bench.quick or not judged
+                                                                     else [
         (8, {"serialize_ddl": "false"}), (8, {"serialize_ddl": "true"}),
         (8, {"password_hashing": '"server"'})])
     raws: dict[int, LoadResult] = {}
     for concurrency, options in runs:
-        judged = not options
-        if judged:
+        against_raw = not options
+        if against_raw and judged:
             # Diagnosis: the server's part alone (one verifier, hashed once, untimed).
             prehashed = await raw_load(dsn, _prehashed_sql(), concurrency=concurrency,
                                        seconds=seconds)
             await drop_roles(dsn)
         label = ", ".join([f"c={concurrency}", *(f"{k}={v.strip(chr(34))}"
-                                                 for k, v in options.items())])
+                                                 for k, v in options.items())]) + site.suffix
         bench.log(f"{NAME}: broker HTTP issue, {label}"
-                  + (" and raw asyncpg CREATE ROLE, alternating" if judged else ""))
-        toml, env = pg_mount(bench, max_open=concurrency, options=options)
+                  + (" and raw asyncpg CREATE ROLE, alternating" if against_raw else ""))
+        toml, env = pg_mount(bench, max_open=concurrency, options=options, dsn=dsn)
         config = broker_config(tmp, store_url=store_url, mounts=toml,
                                name=f"broker-c{concurrency}-{len(rows)}")
         async with running(config, env) as broker, ApiClient(broker.url,
@@ -97,7 +202,7 @@ async def run(bench: Bench) -> list[Row]:
                 await api.issue("pg", "bench")
 
             await run_load(issue, concurrency=concurrency, seconds=min(0.5, seconds))  # warm-up
-            if judged:
+            if against_raw:
                 # The raw baseline does not depend on the mount's options: measured
                 # here, in turns with the broker, and reused for the diagnosis runs.
                 http, raws[concurrency] = await _alternating(
@@ -105,19 +210,21 @@ async def run(bench: Bench) -> list[Row]:
             else:
                 http = await run_load(issue, concurrency=concurrency, seconds=seconds)
             floor = (await _serial_floor(api, min(2.0, seconds))
-                     if concurrency == 1 else None)
+                     if concurrency == 1 and judged else None)
         await drop_roles(dsn)
         raw = raws[concurrency]
-        if judged:
+        if against_raw and judged:
             rows.append(Row(NAME, f"raw with a SCRAM verifier, c={concurrency}",
                             prehashed.rate, "/s", raw.rate,
                             note="diagnosis: verifier hashed untimed; the server checks it"))
-        note = f"{http.errors} errors: {http.first_error}" if http.errors else ""
+        notes = [site.note] if against_raw else []
+        if http.errors:
+            notes.append(f"{http.errors} errors: {http.first_error}")
         if raw.errors:
-            note += f" raw: {raw.errors} errors: {raw.first_error}"
+            notes.append(f"raw: {raw.errors} errors: {raw.first_error}")
         rows += [
             Row(NAME, f"issue rate, {label}", http.rate, "/s", raw.rate,
-                TARGET if judged else None, note=note.strip(),
+                TARGET if against_raw and judged else None, note="; ".join(notes),
                 extra={"ops": http.ok, "raw_ops": raw.ok}),
             Row(NAME, f"issue p50, {label}", http.p(0.5), "ms", raw.p(0.5)),
             Row(NAME, f"issue p99, {label}", http.p(0.99), "ms", raw.p(0.99)),

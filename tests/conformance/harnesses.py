@@ -15,13 +15,9 @@ from __future__ import annotations
 import asyncio
 import atexit
 import dataclasses
-import glob
 import os
-import pwd
 import secrets
-import shutil
 import subprocess
-import tempfile
 import warnings
 from collections.abc import Mapping
 from datetime import datetime
@@ -31,6 +27,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 import asyncpg
 
 from broker.backend import MountSpec, RoleSpec
+from broker.bench.pgcluster import PrivateCluster, local_initdb
 from broker.conformance import BROKEN_ROLE, ROLE, BackendHarness, FixtureLookup, HarnessFactory
 from broker.templating import generate_password
 from tests.conftest import free_port, server_missing
@@ -80,19 +77,6 @@ async def _checks_passwords(dsn: str) -> bool:
         await admin.close()
 
 
-def local_initdb() -> str | None:
-    """The machine's own ``initdb`` (PATH, else Debian's /usr/lib/postgresql/*/bin), if any.
-
-    Symlinks are resolved: the directory must be the real bin directory, whose
-    other tools (pg_ctl, pg_basebackup) callers run from beside it.
-    """
-    found = shutil.which("initdb")
-    if found:
-        return os.path.realpath(found)
-    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), reverse=True)
-    return candidates[0] if candidates else None
-
-
 def _pgserver_initdb() -> str | None:
     """initdb of the PostgreSQL 16 the ``pgserver`` wheel carries (a test extra), if installed."""
     try:
@@ -135,66 +119,17 @@ def postgres16_dsn() -> str:
     return _PG16[0]
 
 
-def cluster_os_user() -> str | None:
-    """Who runs a private cluster: None (this user), or "postgres" when we are root.
-
-    initdb refuses to run as root. Raises LookupError when we are root and
-    there is no postgres OS user to run it as instead.
-    """
-    if os.geteuid() != 0:
-        return None
-    pwd.getpwnam("postgres")  # KeyError (a LookupError) when there is none
-    return "postgres"
-
-
-def cluster_dir(prefix: str, user: str | None) -> str:
-    """A new temporary directory owned by ``user`` (see :func:`cluster_os_user`)."""
-    root = tempfile.mkdtemp(prefix=prefix)
-    if user:
-        entry = pwd.getpwnam(user)
-        os.chown(root, entry.pw_uid, entry.pw_gid)
-    return root
-
-
 def _start_private_cluster(initdb: str | None) -> str | None:
     if initdb is None:
         return None
-    bindir = os.path.dirname(initdb)
     try:
-        user = cluster_os_user()
-    except LookupError:
+        cluster = PrivateCluster.start(
+            initdb=initdb, settings={"fsync": "off", "max_connections": "200"},
+            prefix="broker-kit-pg-")
+    except LookupError:  # root, and no postgres OS user to run it as
         return None
-    root = cluster_dir("broker-kit-pg-", user)
-    password = generate_password()
-    pwfile = os.path.join(root, "pw")
-    with open(pwfile, "w") as fh:
-        fh.write(password + "\n")
-    if user:
-        entry = pwd.getpwnam(user)
-        os.chown(pwfile, entry.pw_uid, entry.pw_gid)
-    data = os.path.join(root, "data")
-    subprocess.run(
-        [initdb, "-D", data, "-A", "scram-sha-256", "-U", "postgres",
-         f"--pwfile={pwfile}", "-N", "-E", "UTF8", "--no-locale"],
-        user=user, check=True, capture_output=True, timeout=120,
-    )
-    port = free_port()
-    options = (
-        f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
-    )
-    pg_ctl = os.path.join(bindir, "pg_ctl")
-    subprocess.run(
-        [pg_ctl, "-D", data, "-l", os.path.join(root, "log"), "-w", "-o", options, "start"],
-        user=user, check=True, capture_output=True, timeout=120,
-    )
-
-    def stop() -> None:
-        subprocess.run([pg_ctl, "-D", data, "-m", "immediate", "-w", "stop"], user=user,
-                       capture_output=True, timeout=60, check=False)
-        shutil.rmtree(root, ignore_errors=True)
-
-    atexit.register(stop)
-    return f"postgresql://postgres:{password}@127.0.0.1:{port}/postgres"
+    atexit.register(cluster.stop)
+    return cluster.dsn
 
 
 def _database(dsn: str) -> str:

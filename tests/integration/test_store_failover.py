@@ -29,7 +29,7 @@ import asyncpg
 import pytest
 import requests
 
-from tests.conformance.harnesses import cluster_dir, cluster_os_user, local_initdb
+from broker.bench.pgcluster import cluster_dir, cluster_os_user, local_initdb
 from tests.conftest import run, server_missing
 from tests.integration.broker_harness import (
     BrokerThread,

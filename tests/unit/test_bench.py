@@ -8,12 +8,14 @@ still starts its brokers, drives them, and reads back outcomes that are right
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from broker.bench.harness import Bench, worker_counts
 from broker.bench.noop import register
+from broker.bench.pgcluster import local_initdb
 from broker.bench.report import Row
 from broker.bench.runner import SCENARIOS, run_bench
 from broker.cli import main as cli_main
@@ -47,7 +49,13 @@ def _check(name: str, rows: list[Row]) -> None:
                 assert row.extra["workers"] == workers
     elif name == "pg-issue":
         row = by["issue rate, c=8"]
-        assert row.value and row.baseline and not row.note, row
+        assert row.value and row.baseline and "errors" not in row.note, row
+        if local_initdb() and len(os.sched_getaffinity(0)) > 1:
+            # Judged on a private cluster with a core of its own; the shared server after.
+            assert row.note.startswith("private PostgreSQL on CPU "), row
+            shared = by["issue rate, c=8, shared cores"]
+            assert shared.value and shared.baseline and "errors" not in shared.note, shared
+            assert shared.target is None and row.target is not None
     elif name == "expiry":
         # (A note that the broker came up after the leases were due is load, not a defect.)
         assert "never revoked" not in by["lag p99, no-op, N=200"].note
