@@ -15,12 +15,14 @@ afterwards, and issuing works again.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,15 +154,21 @@ def pair() -> Iterator[Pair]:
         p.stop()
 
 
-def _broker_on(pair: Pair, tmp_path: Path, postgres_dsn: str, template: str,
-               leases: str = "") -> tuple[BrokerThread, TcpProxy]:
-    """A broker whose store is on ``pair``'s primary, through a proxy; mount pg on the
-    local server with roles ``app`` (1 h) and ``short`` (3 s)."""
+def _store_behind_proxy(pair: Pair) -> tuple[str, TcpProxy]:
+    """The store database on ``pair``'s primary, and a proxy to it: (store URL, proxy)."""
     run(_wait_sync(pair.dsn(pair.primary)))
     run(pg_execute(pair.dsn(pair.primary), "CREATE ROLE broker_store LOGIN",
                    "CREATE DATABASE broker_store OWNER broker_store"))
     proxy = TcpProxy(pair.primary.port)
-    broker = start_broker(write_config(tmp_path, f"""
+    return f"postgresql://broker_store@127.0.0.1:{proxy.port}/broker_store", proxy
+
+
+def _replica(directory: Path, storage_url: str, postgres_dsn: str, template: str,
+             leases: str = "") -> BrokerThread:
+    """A broker on ``storage_url``; mount pg on the local server with roles ``app`` (1 h)
+    and ``short`` (3 s)."""
+    directory.mkdir(exist_ok=True)
+    return start_broker(write_config(directory, f"""
 [leases]
 {leases}
 
@@ -177,8 +185,31 @@ max_ttl = "2h"
 username_template = "{template}-{{{{random 10}}}}"
 default_ttl = "3s"
 max_ttl = "1h"
-""", storage_url=f"postgresql://broker_store@127.0.0.1:{proxy.port}/broker_store"))
-    return broker, proxy
+""", storage_url=storage_url))
+
+
+def _broker_on(pair: Pair, tmp_path: Path, postgres_dsn: str, template: str,
+               leases: str = "") -> tuple[BrokerThread, TcpProxy]:
+    """One broker whose store is on ``pair``'s primary, through a proxy."""
+    storage_url, proxy = _store_behind_proxy(pair)
+    return _replica(tmp_path, storage_url, postgres_dsn, template, leases), proxy
+
+
+def _until_issuing(api: Callable[..., requests.Response], deadline: float) -> str:
+    """Issue until the store answers again (503 meanwhile); the new role's name."""
+    while (resp := api("GET", "pg/creds/app")).status_code != 200:
+        assert time.monotonic() < deadline, f"issuing did not recover: {resp.text}"
+        assert resp.status_code == 503, resp.text
+        time.sleep(0.3)
+    return str(resp.json()["data"]["username"])
+
+
+def _expired(brokers: Sequence[BrokerThread]) -> Counter[str]:
+    """How many times each lease was revoked on expiry, over the replicas' audit logs."""
+    return Counter(str(event["lease"]["id"])
+                   for b in brokers
+                   for event in map(json.loads, Path(b.audit_path).read_text().splitlines())
+                   if event["type"] == "expire")
 
 
 def test_a_store_failover_to_a_synchronous_standby_loses_no_lease(
@@ -196,11 +227,7 @@ def test_a_store_failover_to_a_synchronous_standby_loses_no_lease(
         pair.fail_over(proxy, outage=3.5)  # the short lease falls due meanwhile
 
         deadline = time.monotonic() + 30
-        while (resp := api("GET", "pg/creds/app")).status_code != 200:
-            assert time.monotonic() < deadline, f"issuing did not recover: {resp.text}"
-            assert resp.status_code == 503, resp.text
-            time.sleep(0.3)
-        users.add(resp.json()["data"]["username"])
+        users.add(_until_issuing(api, deadline))
         # Every lease issued before the crash is known to the new primary.
         for lease in long:
             renewed = api("PUT", "sys/leases/renew", json={"lease_id": lease["lease_id"]})
@@ -286,5 +313,70 @@ def test_issues_in_flight_during_a_store_failover_leave_nothing_behind(
         for t in issuers:
             t.join(60)
         broker.stop()
+        proxy.close()
+        run(drop_pg_roles(postgres_dsn, template))  # a failed run's, from the shared server
+
+
+def test_two_replicas_ride_out_a_store_failover_together(
+        tmp_path: Path, postgres_dsn: str, pair: Pair) -> None:
+    """Two replicas on one store, behind one address, through its failover.
+
+    Both recover by themselves; every lease issued on either before the crash
+    renews through the other afterwards; each lease that fell due during the
+    outage is revoked once, by one replica; and the cross-replica wake-ups
+    (LISTEN/NOTIFY) work again on the new primary: a short lease issued on B
+    after the failover, with B then stopped, is revoked on time by A. A's
+    sweeper could otherwise only find it on its periodic look at the store,
+    up to 30 s later.
+    """
+    template = f"f2r{os.getpid() % 1000}"
+    storage_url, proxy = _store_behind_proxy(pair)
+    a = _replica(tmp_path / "a", storage_url, postgres_dsn, template)
+    b = _replica(tmp_path / "b", storage_url, postgres_dsn, template)
+    api = {"a": root_api(a), "b": root_api(b)}
+    b_stopped = False
+    try:
+        long = {name: [call("GET", "pg/creds/app").json() for _ in range(3)]
+                for name, call in api.items()}
+        short = [call("GET", "pg/creds/short").json() for call in api.values() for _ in range(3)]
+
+        pair.fail_over(proxy, outage=3.5)  # the short leases fall due meanwhile
+
+        deadline = time.monotonic() + 30
+        for call in api.values():
+            _until_issuing(call, deadline)
+        # Each replica renews the leases the other one issued before the crash.
+        for issued_on, other in (("a", "b"), ("b", "a")):
+            for lease in long[issued_on]:
+                renewed = api[other]("PUT", "sys/leases/renew",
+                                     json={"lease_id": lease["lease_id"]})
+                assert renewed.status_code == 200, renewed.text
+        short_ids = {lease["lease_id"] for lease in short}
+        while not short_ids <= set(_expired([a, b])):
+            assert time.monotonic() < deadline, "a lease due during the failover was not revoked"
+            time.sleep(0.3)
+        short_names = {lease["data"]["username"] for lease in short}
+        assert not short_names & run(pg_roles(postgres_dsn, template))
+
+        # A wake-up from B reaches A over the new primary.
+        late = api["b"]("GET", "pg/creds/short").json()
+        b.stop()
+        b_stopped = True
+        due = time.monotonic() + 3
+        while late["lease_id"] not in _expired([a]):
+            assert time.monotonic() < due + 10, "A did not hear of B's lease after the failover"
+            time.sleep(0.2)
+        assert late["data"]["username"] not in run(pg_roles(postgres_dsn, template))
+
+        counts = _expired([a, b])
+        assert max(counts.values()) == 1, f"revoked by both replicas: {counts}"
+        for broker in (a,):
+            health = requests.get(f"{broker.url}/v1/sys/health", timeout=10)
+            assert health.status_code == 200, health.text
+        revoke_mount_pg(api["a"], postgres_dsn, template)
+    finally:
+        a.stop()
+        if not b_stopped:
+            b.stop()
         proxy.close()
         run(drop_pg_roles(postgres_dsn, template))  # a failed run's, from the shared server
