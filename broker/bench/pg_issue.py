@@ -205,7 +205,7 @@ async def _measure(bench: Bench, site: _Site, *, judged: bool) -> list[Row]:
             if against_raw:
                 # The raw baseline does not depend on the mount's options: measured
                 # here, in turns with the broker, and reused for the diagnosis runs.
-                http, raws[concurrency] = await _alternating(
+                http, raws[concurrency], turns = await _alternating(
                     dsn, issue, concurrency=concurrency, seconds=seconds, segments=segments)
             else:
                 http = await run_load(issue, concurrency=concurrency, seconds=seconds)
@@ -218,6 +218,12 @@ async def _measure(bench: Bench, site: _Site, *, judged: bool) -> list[Row]:
                             prehashed.rate, "/s", raw.rate,
                             note="diagnosis: verifier hashed untimed; the server checks it"))
         notes = [site.note] if against_raw else []
+        extra: dict[str, object] = {"ops": http.ok, "raw_ops": raw.ok}
+        if against_raw and len(turns) > 1:
+            # One figure hides the drift: the spread of the turns tells a miss by
+            # noise from a miss by a margin.
+            notes.append(f"turns {min(turns):.2f}-{max(turns):.2f}")
+            extra["turn_ratios"] = [round(t, 3) for t in turns]
         if http.errors:
             notes.append(f"{http.errors} errors: {http.first_error}")
         if raw.errors:
@@ -225,7 +231,7 @@ async def _measure(bench: Bench, site: _Site, *, judged: bool) -> list[Row]:
         rows += [
             Row(NAME, f"issue rate, {label}", http.rate, "/s", raw.rate,
                 TARGET if against_raw and judged else None, note="; ".join(notes),
-                extra={"ops": http.ok, "raw_ops": raw.ok}),
+                extra=extra),
             Row(NAME, f"issue p50, {label}", http.p(0.5), "ms", raw.p(0.5)),
             Row(NAME, f"issue p99, {label}", http.p(0.99), "ms", raw.p(0.99)),
         ]
@@ -251,11 +257,13 @@ async def _alternating(
     concurrency: int,
     seconds: float,
     segments: int,
-) -> tuple[LoadResult, LoadResult]:
+) -> tuple[LoadResult, LoadResult, list[float]]:
     """The broker's issues and raw CREATE ROLEs, ``segments`` turns each, order flipping.
 
-    Returns (broker, raw), each the sum of its segments. Roles are dropped
-    after every segment (untimed), so both sides see the same catalog.
+    Returns (broker, raw, ratios): each side the sum of its segments, and the
+    broker/raw rate ratio of each turn (how far the machine's drift moves the
+    ratio within one run). Roles are dropped after every segment (untimed), so
+    both sides see the same catalog.
     """
     broker_parts: list[LoadResult] = []
     raw_parts: list[LoadResult] = []
@@ -270,7 +278,8 @@ async def _alternating(
                 broker_parts.append(await run_load(issue, concurrency=concurrency,
                                                    seconds=part))
             await drop_roles(dsn)
-    return LoadResult.merge(broker_parts), LoadResult.merge(raw_parts)
+    ratios = [b.rate / r.rate for b, r in zip(broker_parts, raw_parts, strict=True) if r.rate]
+    return LoadResult.merge(broker_parts), LoadResult.merge(raw_parts), ratios
 
 
 async def _serial_floor(api: ApiClient, seconds: float) -> tuple[float, float]:
