@@ -184,6 +184,7 @@ async def _measure(bench: Bench, site: _Site, *, judged: bool) -> list[Row]:
     raws: dict[int, LoadResult] = {}
     for concurrency, options in runs:
         against_raw = not options
+        turns: list[float] = []  # per-turn ratios of the alternating runs
         if against_raw and judged:
             # Diagnosis: the server's part alone (one verifier, hashed once, untimed).
             prehashed = await raw_load(dsn, _prehashed_sql(), concurrency=concurrency,
@@ -219,7 +220,7 @@ async def _measure(bench: Bench, site: _Site, *, judged: bool) -> list[Row]:
                             note="diagnosis: verifier hashed untimed; the server checks it"))
         notes = [site.note] if against_raw else []
         extra: dict[str, object] = {"ops": http.ok, "raw_ops": raw.ok}
-        if against_raw and len(turns) > 1:
+        if len(turns) > 1:
             # One figure hides the drift: the spread of the turns tells a miss by
             # noise from a miss by a margin.
             notes.append(f"turns {min(turns):.2f}-{max(turns):.2f}")

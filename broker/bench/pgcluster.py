@@ -14,12 +14,12 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from broker.bench.harness import free_port
 from broker.templating import generate_password
 
 __all__ = ["PrivateCluster", "cluster_dir", "cluster_os_user", "local_initdb"]
@@ -59,12 +59,6 @@ def cluster_dir(prefix: str, user: str | None) -> str:
     return root
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class PrivateCluster:
     """One running private cluster; :meth:`start` makes it, :meth:`stop` removes it."""
@@ -102,7 +96,7 @@ class PrivateCluster:
         if initdb is None:
             raise LookupError("no PostgreSQL server binaries (initdb) on this machine")
         user = cluster_os_user()
-        cluster = cls(os.path.dirname(initdb), cluster_dir(prefix, user), user, _free_port(),
+        cluster = cls(os.path.dirname(initdb), cluster_dir(prefix, user), user, free_port(),
                       generate_password())
         try:
             cluster._init(initdb)
