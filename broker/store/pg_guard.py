@@ -8,7 +8,12 @@ database system is shutting down". Left alone, the API answered those as
 and load balancers should send traffic to a replica that can still reach
 the store. So this wrapper turns them into
 :class:`broker.errors.StoreUnavailable` (HTTP 503) and remembers the last
-one until a query succeeds again, for ``/v1/sys/health``.
+one for ``/v1/sys/health``: until any query succeeds again after a lost
+connection, and until a commit goes through after a timeout. A server that
+stopped answering in time may still answer reads: a primary left waiting
+for a synchronous standby that is gone serves every SELECT and never
+finishes a COMMIT, so after a timeout a probe commits a transaction id
+every second until one goes through.
 
 Only connection-level failures are translated. A query the server rejected
 (a constraint, a syntax error) is a bug or a conflict and keeps its type.
@@ -16,6 +21,7 @@ Only connection-level failures are translated. A query the server rejected
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -40,15 +46,29 @@ _LOST = (
 )
 
 
+#: A transaction that writes nothing but still commits: taking a transaction id
+#: makes PostgreSQL write a commit record, which waits for the disk and for
+#: synchronous standbys like any lease write.
+_WRITE_PROBE = "SELECT txid_current()"
+
+
+def _reason(exc: BaseException) -> str:
+    # The type and the driver's text: neither carries the DSN or its password.
+    return f"{type(exc).__name__}: {exc}".rstrip(": ")
+
+
 class GuardedPool:
     """``acquire``, ``execute``, ``fetch``, ``fetchrow``, ``fetchval`` of an asyncpg pool.
 
-    ``error`` is the last connection failure, or None once a query went
-    through after it (or before any failed).
+    ``error`` is the last connection failure, or None once the store works
+    again (or before any failed): after a lost connection, once any query
+    went through; after a timeout, once the write probe committed.
     """
 
-    def __init__(self, pool: Any) -> None:
+    def __init__(self, pool: Any, *, probe_interval: float = 1.0) -> None:
         self._pool = pool
+        self._probe_interval = probe_interval
+        self._probe: asyncio.Task[None] | None = None
         self.error: str | None = None
 
     @contextmanager
@@ -56,18 +76,43 @@ class GuardedPool:
         try:
             yield
         except _LOST as exc:
-            # The type and the driver's text: neither carries the DSN or its password.
-            reason = f"{type(exc).__name__}: {exc}".rstrip(": ")
+            reason = _reason(exc)
             if self.error is None:
                 log.warning("lease store unreachable: %s", reason)
             self.error = reason
+            if isinstance(exc, TimeoutError):
+                self._start_probe()
             raise StoreUnavailable(
                 f"lease store unavailable ({type(exc).__name__}); retry later") from None
-        if self.error is not None:
+        if self.error is not None and self._probe is None:
             log.warning("lease store reachable again")
             self.error = None
 
+    def _start_probe(self) -> None:
+        if self._probe is None:
+            self._probe = asyncio.create_task(self._probe_writes(), name="lease store probe")
+
+    async def _probe_writes(self) -> None:
+        """Until a commit goes through; then the store is healthy again."""
+        while True:
+            await asyncio.sleep(self._probe_interval)
+            try:
+                await self._pool.execute(_WRITE_PROBE)
+            except _LOST as exc:
+                self.error = _reason(exc)
+                continue
+            except Exception:  # not an outage: a bug in the probe must not wedge health
+                log.exception("lease store write probe failed")
+            break
+        log.warning("lease store writing again")
+        self._probe = None
+        self.error = None
+
     async def close(self) -> None:
+        probe, self._probe = self._probe, None
+        if probe is not None:
+            probe.cancel()
+            await asyncio.gather(probe, return_exceptions=True)
         await self._pool.close()
 
     @asynccontextmanager

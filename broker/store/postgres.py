@@ -159,6 +159,11 @@ _READ_COLS = ", ".join(f"{_STATE} AS state" if col == "state" else f"l.{col}"
                        for col in _LEASE_COL_NAMES)
 #: URL query parameters the store takes for itself; the rest go to asyncpg.
 _STORE_PARAMS = {"pool_min_size", "pool_max_size", "command_timeout"}
+#: Seconds a store query may take before the call answers 503. Below hvac's
+#: 30 s request timeout (and ``[leases] backend_timeout``'s 30 s), so a client
+#: hears "lease store unavailable" instead of timing out itself; far above the
+#: slowest query at 1M leases (~0.2 s). Migrations run without it.
+DEFAULT_COMMAND_TIMEOUT = 15.0
 #: Listener: how often an idle connection is checked, and the reconnect backoff.
 _KEEPALIVE = 30.0
 _RECONNECT_FIRST, _RECONNECT_MAX = 0.5, 30.0
@@ -436,7 +441,7 @@ class PostgresStore:
         *,
         pool_min_size: int = 1,
         pool_max_size: int = 10,
-        command_timeout: float | None = 60.0,
+        command_timeout: float | None = DEFAULT_COMMAND_TIMEOUT,
     ) -> None:
         self.dsn = dsn
         self.pool_min_size = pool_min_size
@@ -470,7 +475,7 @@ class PostgresStore:
         try:
             min_size = int(own.get("pool_min_size", 1))
             max_size = int(own.get("pool_max_size", 10))
-            timeout = float(own.get("command_timeout", 60))
+            timeout = float(own.get("command_timeout", DEFAULT_COMMAND_TIMEOUT))
         except ValueError:
             raise ValueError(f"PostgreSQL url {redact_url(url)!r}: pool_min_size, pool_max_size "
                              "and command_timeout must be numbers") from None

@@ -989,10 +989,13 @@ def test_pg_from_url_takes_its_own_parameters() -> None:
     """from_url does no I/O, keeps driver parameters and takes the pool settings for itself."""
     store = PostgresStore.from_url(
         "postgresql://broker:s3cret@db.invalid:6543/leases?sslmode=require&pool_max_size=25"
-        "&pool_min_size=2&command_timeout=15")
+        "&pool_min_size=2&command_timeout=40")
     assert store.dsn == "postgresql://broker:s3cret@db.invalid:6543/leases?sslmode=require"
-    assert (store.pool_min_size, store.pool_max_size, store.command_timeout) == (2, 25, 15.0)
-    assert isinstance(open_store("postgres://u@h/db"), PostgresStore)
+    assert (store.pool_min_size, store.pool_max_size, store.command_timeout) == (2, 25, 40.0)
+    default = open_store("postgres://u@h/db")
+    assert isinstance(default, PostgresStore)
+    # Under hvac's 30 s request timeout: the client hears the 503.
+    assert (default.pool_min_size, default.pool_max_size, default.command_timeout) == (1, 10, 15.0)
 
 
 @pytest.mark.parametrize("url", [

@@ -98,6 +98,12 @@ class Pair:
     def dsn(self, c: Cluster, user: str = "postgres", database: str = "postgres") -> str:
         return f"postgresql://{user}@127.0.0.1:{c.port}/{database}"
 
+    def stop_standby(self) -> None:
+        self._run("pg_ctl", "-D", self.standby.data, "-m", "immediate", "-w", "stop")
+
+    def start_standby(self) -> None:
+        self._start(self.standby)
+
     def crash_primary(self) -> None:
         self._run("pg_ctl", "-D", self.primary.data, "-m", "immediate", "-w", "stop")
 
@@ -378,4 +384,59 @@ def test_two_replicas_ride_out_a_store_failover_together(
         if not b_stopped:
             b.stop()
         proxy.close()
+        run(drop_pg_roles(postgres_dsn, template))  # a failed run's, from the shared server
+
+
+def test_a_primary_left_waiting_for_its_lost_synchronous_standby(
+        tmp_path: Path, postgres_dsn: str, pair: Pair) -> None:
+    """The synchronous standby dies and nothing demotes it: every commit on the primary hangs.
+
+    Reads still work, writes never finish. The broker answers 503 once the
+    store's ``command_timeout`` has passed instead of hanging with the client,
+    and ``/v1/sys/health`` stays 503 while writes cannot go through, though the
+    reads every request makes still succeed. Once a standby is back, issuing
+    works again, health is 200, and the refused issue left no role behind.
+    """
+    template = f"fsw{os.getpid() % 1000}"
+    run(_wait_sync(pair.dsn(pair.primary)))
+    run(pg_execute(pair.dsn(pair.primary), "CREATE ROLE broker_store LOGIN",
+                   "CREATE DATABASE broker_store OWNER broker_store"))
+    storage_url = (f"postgresql://broker_store@127.0.0.1:{pair.primary.port}/broker_store"
+                   "?command_timeout=2")
+    broker = _replica(tmp_path, storage_url, postgres_dsn, template,
+                      leases='backend_timeout = "2s"\npending_timeout = "4s"')
+    api = root_api(broker)
+    health_url = f"{broker.url}/v1/sys/health"
+    try:
+        first = api("GET", "pg/creds/app").json()
+        pair.stop_standby()
+
+        started = time.monotonic()
+        refused = api("GET", "pg/creds/app")
+        waited = time.monotonic() - started
+        assert refused.status_code == 503, refused.text
+        assert waited < 10, f"the refusal took {waited:.1f}s"
+        assert "password" not in refused.text
+        # Reads still go through...
+        looked = api("PUT", "sys/leases/lookup", json={"lease_id": first["lease_id"]})
+        assert looked.status_code == 200, looked.text
+        # ...but the broker cannot write, and says so.
+        health = requests.get(health_url, timeout=30)
+        assert health.status_code == 503, health.text
+        assert health.json()["storage"]["healthy"] is False
+
+        pair.start_standby()
+        run(_wait_sync(pair.dsn(pair.primary)))
+        deadline = time.monotonic() + 30
+        issued = _until_issuing(api, deadline)
+        while (health := requests.get(health_url, timeout=30)).status_code != 200:
+            assert time.monotonic() < deadline, health.text
+            time.sleep(0.3)
+        wanted = {first["data"]["username"], issued}
+        while (found := run(pg_roles(postgres_dsn, template))) != wanted:
+            assert time.monotonic() < deadline, f"left behind: {sorted(found - wanted)}"
+            time.sleep(0.3)
+        revoke_mount_pg(api, postgres_dsn, template)
+    finally:
+        broker.stop()
         run(drop_pg_roles(postgres_dsn, template))  # a failed run's, from the shared server
