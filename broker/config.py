@@ -333,9 +333,9 @@ def _storage(r: _Reader, base: Path) -> StorageConfig:
     url = r.get("url", str, "sqlite:////var/lib/broker/broker.db")
     if url.startswith("sqlite:///"):
         # sqlite:///relative.db is relative to the config file; sqlite:////abs is absolute.
-        path = url[len("sqlite:///") :]
+        path, mark, query = url[len("sqlite:///") :].partition("?")
         if path != ":memory:":
-            url = "sqlite:///" + _path(base, path)
+            url = "sqlite:///" + _path(base, path) + mark + query
     elif not url.startswith(("postgresql://", "postgres://")):
         raise r.error("url", f"expected sqlite:///PATH or postgresql://..., got {url!r}")
     r.reject_unknown()

@@ -36,6 +36,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
+from urllib.parse import parse_qsl
 
 try:
     import fcntl
@@ -413,11 +414,18 @@ def _dead_state(state: LeaseState | TokenState | str) -> str:
     return str(state)
 
 
+#: Seconds a write may wait for its commit before the call answers 503: the
+#: disk stalled (a hung NFS mount, a dying device) or another process holds
+#: the write lock and does not let go. The PostgreSQL store's default too.
+DEFAULT_COMMAND_TIMEOUT = 15.0
+
+
 class SQLiteStore:
     """The LeaseStore protocol on one SQLite database file."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, command_timeout: float = DEFAULT_COMMAND_TIMEOUT) -> None:
         self.path = path
+        self.command_timeout = command_timeout
         self._writer: _Thread | None = None
         self._reader: _Thread | None = None
         self._write_lock = _WriteLock(path)
@@ -431,17 +439,32 @@ class SQLiteStore:
 
     @classmethod
     def from_url(cls, url: str) -> SQLiteStore:
-        """``sqlite:///abs/path.db`` (``sqlite:////abs/path.db`` too) or ``sqlite:///:memory:``."""
+        """``sqlite:///abs/path.db`` (``sqlite:////abs/path.db`` too) or ``sqlite:///:memory:``.
+
+        ``?command_timeout=SECONDS``: how long a write may wait for its commit.
+        """
         if not url.startswith("sqlite:///"):
             raise ValueError(f"unsupported SQLite url {url!r}: use sqlite:///ABSOLUTE/PATH.db")
-        path = url[len("sqlite://") :]
+        path, _, query = url[len("sqlite://") :].partition("?")
+        params = dict(parse_qsl(query, keep_blank_values=True))
+        unknown = sorted(set(params) - {"command_timeout"})
+        if unknown:
+            raise ValueError(f"SQLite url {url!r}: unknown parameter {unknown[0]!r} "
+                             "(only command_timeout)")
+        try:
+            timeout = float(params.get("command_timeout", DEFAULT_COMMAND_TIMEOUT))
+        except ValueError:
+            timeout = 0.0
+        if not timeout > 0:
+            raise ValueError(f"SQLite url {url!r}: command_timeout must be a number of "
+                             "seconds > 0")
         if path == "/:memory:":
-            return cls(":memory:")
+            return cls(":memory:", command_timeout=timeout)
         if path.startswith("//"):  # the four-slash spelling of an absolute path
             path = path[1:]
         if path == "/":
             raise ValueError(f"SQLite url {url!r} names no file")
-        return cls(path)
+        return cls(path, command_timeout=timeout)
 
     # -- lifecycle -------------------------------------------------------
     async def open(self) -> None:
@@ -493,7 +516,19 @@ class SQLiteStore:
             raise RuntimeError("the SQLite lease store is not open")
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Write(op, fut))
-        return await fut
+        try:
+            # On timeout wait_for cancels fut: a write still queued is then
+            # skipped; one already in the running batch may yet commit, which
+            # every caller copes with (as with a PostgreSQL COMMIT whose answer
+            # was lost: a late intent is rolled back, a late activation revokes
+            # nothing, a late renewal only extends).
+            return await asyncio.wait_for(fut, self.command_timeout)
+        except TimeoutError:
+            reason = f"no commit within {self.command_timeout:g}s"
+            if self._error is None:
+                log.error("lease store %s cannot write: %s", self.path, reason)
+            self._error = reason
+            raise StoreUnavailable(f"lease store cannot write ({reason}); retry later") from None
 
     @property
     def error(self) -> str | None:

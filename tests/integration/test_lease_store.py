@@ -643,7 +643,18 @@ def test_sqlite_from_url(url: str, path: str) -> None:
     assert SQLiteStore.from_url(url).path == path
 
 
-@pytest.mark.parametrize("url", ["sqlite://relative.db", "sqlite:///", "postgresql://x/y"])
+def test_sqlite_from_url_takes_a_command_timeout() -> None:
+    """How long a write may wait for its commit: 15 s unless the URL says otherwise."""
+    assert SQLiteStore.from_url("sqlite:////x/broker.db").command_timeout == 15.0
+    store = SQLiteStore.from_url("sqlite:////x/broker.db?command_timeout=2.5")
+    assert (store.path, store.command_timeout) == ("/x/broker.db", 2.5)
+    assert SQLiteStore.from_url("sqlite:///:memory:?command_timeout=3").command_timeout == 3.0
+
+
+@pytest.mark.parametrize("url", ["sqlite://relative.db", "sqlite:///", "postgresql://x/y",
+                                 "sqlite:////x.db?command_timeout=0",
+                                 "sqlite:////x.db?command_timeout=soon",
+                                 "sqlite:////x.db?journal_mode=off"])
 def test_sqlite_from_url_rejects_bad_urls(url: str) -> None:
     """A URL that names no absolute file is refused with a clear error."""
     with pytest.raises(ValueError, match="url"):

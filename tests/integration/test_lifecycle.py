@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import fcntl
 import os
 import signal
 import subprocess
@@ -444,5 +445,56 @@ def test_a_full_disk_under_the_sqlite_store_is_a_503_and_loses_nothing(
             time.sleep(0.3)
         revoke_mount_pg(api, postgres_dsn, template)
     finally:
+        broker.stop()
+        run(drop_pg_roles(postgres_dsn, template))  # a failed run's, from the shared server
+
+
+def test_a_stalled_sqlite_write_is_a_503_after_the_command_timeout(
+        tmp_path: Path, postgres_dsn: str) -> None:
+    """The SQLite store's writes stop completing; the broker answers 503 instead of hanging.
+
+    Another process holds the store's write lock and does not let go, as a
+    stalled disk or a stuck process would leave it. A write waits
+    ``command_timeout`` (2 s here) and the call answers 503; health says the
+    store cannot write while reads go on; the refused issue leaves no role;
+    once the lock is free, issuing resumes and health is 200 again.
+    """
+    template = f"stl{os.getpid() % 1000}"
+    db = tmp_path / "broker.db"
+    broker = start_broker(write_config(tmp_path, mount_config(postgres_dsn, template),
+                                       storage_url=f"sqlite:///{db}?command_timeout=2"))
+    api = root_api(broker)
+    health_url = f"{broker.url}/v1/sys/health"
+    lock = os.open(f"{db}-writer.lock", os.O_RDWR)
+    try:
+        first = api("GET", "pg/creds/app").json()
+        # flock locks are per open file: this fd's lock excludes the broker's.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        started = time.monotonic()
+        refused = api("GET", "pg/creds/app")
+        waited = time.monotonic() - started
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["errors"] == [
+            "lease store cannot write (no commit within 2s); retry later"], refused.text
+        assert waited < 10, f"the refusal took {waited:.1f}s"
+        health = requests.get(health_url, timeout=10)
+        assert health.status_code == 503, health.text
+        assert health.json()["storage"] == {"healthy": False, "error": "no commit within 2s"}
+        looked = api("PUT", "sys/leases/lookup", json={"lease_id": first["lease_id"]})
+        assert looked.status_code == 200, looked.text
+
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        deadline = time.monotonic() + 30
+        while (resp := api("GET", "pg/creds/app")).status_code != 200:
+            assert time.monotonic() < deadline, f"issuing did not resume: {resp.text}"
+            time.sleep(0.3)
+        health = requests.get(health_url, timeout=10)
+        assert health.status_code == 200, health.text
+        # Only what was handed out exists: the refused issue's role was never committed.
+        assert run(pg_roles(postgres_dsn, template)) == {
+            first["data"]["username"], resp.json()["data"]["username"]}
+        revoke_mount_pg(api, postgres_dsn, template)
+    finally:
+        os.close(lock)
         broker.stop()
         run(drop_pg_roles(postgres_dsn, template))  # a failed run's, from the shared server

@@ -147,3 +147,11 @@ def test_a_bad_storage_url_is_refused_without_its_password(url: str) -> None:
     with pytest.raises(ValueError) as err:
         open_store(url)
     assert "broker:***@db" in str(err.value) and "s3cret" not in str(err.value)
+
+
+def test_a_relative_sqlite_store_keeps_its_parameters(tmp_path: Path) -> None:
+    """sqlite:///relative.db?... resolves the path against the config's directory only."""
+    config = load_config(write(tmp_path, '[storage]\nurl = "sqlite:///data/b.db?command_timeout=3"'))
+    assert config.storage.url == f"sqlite:///{tmp_path / 'data' / 'b.db'}?command_timeout=3"
+    store = open_store(config.storage.url)
+    assert store.command_timeout == 3.0  # type: ignore[attr-defined]
