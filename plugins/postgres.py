@@ -760,7 +760,10 @@ class PostgresBackend:
                 lock=self._serialize_ddl is True,
             )
         except _Missing:
-            return False
+            if not await self._created_meanwhile(conn, name):
+                return False
+            # Its COMMIT landed while we looked: revoke the role it made.
+            return await self._revoke(conn, name, templates, statements, custom=custom)
         # 2. End every session (PostgreSQL 14+ waits for each to exit, so its
         #    locks are gone before DROP OWNED).
         new_server = conn.get_server_version().major >= 14
@@ -809,6 +812,12 @@ class PostgresBackend:
         new_server = conn.get_server_version().major >= 14
         rows = await conn.fetch(_END_SESSIONS_MANY_14 if new_server else _END_SESSIONS_MANY_12,
                                 list(names), _TERMINATE_WAIT_MS)
+        found = {row["rolname"] for row in rows}
+        for name in names:
+            if name not in found and await self._created_meanwhile(conn, name):
+                # Came into being since step 1: each role alone, this one included.
+                raise BackendError(f"postgres delete_user: role {name!r} was committed "
+                                   "during the revocation", retryable=True)
         if not rows:
             return  # all gone already
         oids = [int(row["oid"]) for row in rows]
@@ -844,6 +853,37 @@ class PostgresBackend:
             if len(left) >= len(oids):
                 raise BackendError(str(error), retryable=False)
             oids = [oid for oid in oids if oid in left]
+
+    async def _created_meanwhile(self, conn: asyncpg.Connection, name: str) -> bool:
+        """Whether role ``name``, not found, exists once a CREATE of it under way elsewhere ends.
+
+        An issue makes its lease active beside the role's COMMIT, so a
+        revocation can meet the lease while the CREATE ROLE is still
+        uncommitted in the issuing session, where no other session sees it.
+        Calling that "no role" would let the COMMIT leave a role nobody
+        tracks. Creating the same name here waits on the other transaction's
+        entry in the roles' unique index until it ends: committed, ours fails
+        (the role exists); rolled back, ours goes through and is rolled back
+        at once (there is no role). Works across replicas, which cannot see
+        each other's staged roles.
+        """
+        quoted = escape_identifier(name)
+        try:
+            async with conn.transaction():
+                await conn.execute(f"SET LOCAL lock_timeout = {int(_SETTLE_SECONDS * 1000)}")
+                await conn.execute(f'CREATE ROLE "{quoted}" NOLOGIN')
+                raise _NoRole
+        except _NoRole:
+            return False
+        except (asyncpg.DuplicateObjectError, asyncpg.UniqueViolationError):
+            return True
+        except asyncpg.LockNotAvailableError:
+            raise BackendError(f"postgres delete_user: role {name!r} is still being created "
+                               "by another session; revoking later", retryable=True) from None
+        except asyncpg.PostgresError as exc:  # e.g. an admin without CREATEROLE
+            log.warning("delete_user: cannot tell whether role %s is being created (%s: %s); "
+                        "taking it as absent", name, type(exc).__name__, exc.sqlstate)
+            return False
 
     async def _wait_sessions_gone_many(self, conn: asyncpg.Connection, oids: list[int]
                                        ) -> None:
@@ -894,6 +934,10 @@ class _Transient(BackendError):
 
 class _Missing(BackendError):
     """The role vanished under us (a concurrent revocation): success for delete."""
+
+
+class _NoRole(Exception):
+    """Rolls back :meth:`PostgresBackend._created_meanwhile`'s CREATE ROLE: nobody was making it."""
 
 
 def _wrap(op: str, exc: BaseException, secret_values: Sequence[str | None]) -> BackendError:

@@ -440,3 +440,49 @@ def test_a_primary_left_waiting_for_its_lost_synchronous_standby(
     finally:
         broker.stop()
         run(drop_pg_roles(postgres_dsn, template))  # a failed run's, from the shared server
+
+
+@pytest.mark.parametrize("racing", [1, 3])
+def test_a_revocation_racing_an_issues_commit_leaves_no_role(
+        tmp_path: Path, pair: Pair, racing: int) -> None:
+    """A revoke-prefix reaches leases whose roles' COMMITs are still under way.
+
+    An issue makes its lease active beside the backend's COMMIT, so for a
+    moment the lease is active while its role is still uncommitted, invisible
+    to every other session. A revocation in that moment found "no such role",
+    called the lease revoked, and the COMMIT then made a role nobody tracked.
+    Here the backend is a private primary whose synchronous standby is
+    stopped, so that moment lasts until the standby is back: the revocation
+    must wait for each COMMIT's outcome and revoke the role it made, alone
+    (one lease) or in a batch (several).
+    """
+    template = f"rcm{os.getpid() % 1000}"
+    backend = pair.dsn(pair.primary)
+    run(_wait_sync(backend))
+    broker = _replica(tmp_path, f"sqlite:///{tmp_path / 'broker.db'}", backend, template,
+                      leases='backend_timeout = "30s"\npending_timeout = "60s"')
+    api = root_api(broker)
+    outcomes: list[requests.Response] = []
+    issuers = [threading.Thread(target=lambda: outcomes.append(api("GET", "pg/creds/app")))
+               for _ in range(racing)]
+    try:
+        # Only the racing leases under the prefix: a revocation of a committed
+        # role would itself wait for the standby, and so for the COMMITs.
+        pair.stop_standby()  # from here every COMMIT on the backend waits
+        for t in issuers:
+            t.start()
+        time.sleep(1.5)  # the leases are active by now; their roles' COMMITs hang
+        resp = api("PUT", "sys/leases/revoke-prefix/pg/creds/app/")
+        assert resp.status_code in (200, 204), resp.text
+        time.sleep(1.5)  # the revocation has met the uncommitted roles
+        pair.start_standby()
+        for t in issuers:
+            t.join(60)
+        assert [r.status_code for r in outcomes] == [200] * racing, [r.text for r in outcomes]
+        names = {r.json()["data"]["username"] for r in outcomes}
+        deadline = time.monotonic() + 45
+        while left := names & run(pg_roles(backend, template)):
+            assert time.monotonic() < deadline, f"roles outlived their revoked leases: {left}"
+            time.sleep(0.5)
+    finally:
+        broker.stop()
