@@ -813,11 +813,11 @@ class PostgresBackend:
         rows = await conn.fetch(_END_SESSIONS_MANY_14 if new_server else _END_SESSIONS_MANY_12,
                                 list(names), _TERMINATE_WAIT_MS)
         found = {row["rolname"] for row in rows}
-        for name in names:
-            if name not in found and await self._created_meanwhile(conn, name):
-                # Came into being since step 1: each role alone, this one included.
-                raise BackendError(f"postgres delete_user: role {name!r} was committed "
-                                   "during the revocation", retryable=True)
+        missing = [name for name in names if name not in found]
+        if missing and await self._created_meanwhile(conn, *missing):
+            # One came into being since step 1: each role alone, that one included.
+            raise BackendError("postgres delete_user: a role of the batch was committed "
+                               "during the revocation", retryable=True)
         if not rows:
             return  # all gone already
         oids = [int(row["oid"]) for row in rows]
@@ -854,36 +854,43 @@ class PostgresBackend:
                 raise BackendError(str(error), retryable=False)
             oids = [oid for oid in oids if oid in left]
 
-    async def _created_meanwhile(self, conn: asyncpg.Connection, name: str) -> bool:
-        """Whether role ``name``, not found, exists once a CREATE of it under way elsewhere ends.
+    async def _created_meanwhile(self, conn: asyncpg.Connection, *names: str) -> bool:
+        """Whether a role of ``names``, not found, exists once a CREATE of it under way ends.
 
         An issue makes its lease active beside the role's COMMIT, so a
         revocation can meet the lease while the CREATE ROLE is still
         uncommitted in the issuing session, where no other session sees it.
         Calling that "no role" would let the COMMIT leave a role nobody
-        tracks. Creating the same name here waits on the other transaction's
-        entry in the roles' unique index until it ends: committed, ours fails
-        (the role exists); rolled back, ours goes through and is rolled back
-        at once (there is no role). Works across replicas, which cannot see
-        each other's staged roles.
+        tracks. Creating the same names here waits on the other transactions'
+        entries in the roles' unique index until they end: one committed,
+        ours fails (that role exists); all rolled back, ours go through and
+        are rolled back at once (there is no role). One round trip for all
+        the names. Works across replicas, which cannot see each other's
+        staged roles.
         """
-        quoted = escape_identifier(name)
+        script = "\n;\n".join([
+            "BEGIN",
+            f"SET LOCAL lock_timeout = {int(_SETTLE_SECONDS * 1000)}",
+            *(f'CREATE ROLE "{escape_identifier(name)}" NOLOGIN' for name in names),
+            "ROLLBACK",
+        ])
         try:
-            async with conn.transaction():
-                await conn.execute(f"SET LOCAL lock_timeout = {int(_SETTLE_SECONDS * 1000)}")
-                await conn.execute(f'CREATE ROLE "{quoted}" NOLOGIN')
-                raise _NoRole
-        except _NoRole:
+            await conn.execute(script)
             return False
         except (asyncpg.DuplicateObjectError, asyncpg.UniqueViolationError):
             return True
         except asyncpg.LockNotAvailableError:
-            raise BackendError(f"postgres delete_user: role {name!r} is still being created "
-                               "by another session; revoking later", retryable=True) from None
+            raise BackendError(f"postgres delete_user: role(s) {', '.join(names)} still being "
+                               "created by another session; revoking later",
+                               retryable=True) from None
         except asyncpg.PostgresError as exc:  # e.g. an admin without CREATEROLE
-            log.warning("delete_user: cannot tell whether role %s is being created (%s: %s); "
-                        "taking it as absent", name, type(exc).__name__, exc.sqlstate)
+            log.warning("delete_user: cannot tell whether %s is being created (%s: %s); "
+                        "taking it as absent", ", ".join(names), type(exc).__name__,
+                        exc.sqlstate)
             return False
+        finally:
+            if conn.is_in_transaction():  # the error left the explicit BEGIN open
+                await conn.execute("ROLLBACK")
 
     async def _wait_sessions_gone_many(self, conn: asyncpg.Connection, oids: list[int]
                                        ) -> None:
@@ -934,10 +941,6 @@ class _Transient(BackendError):
 
 class _Missing(BackendError):
     """The role vanished under us (a concurrent revocation): success for delete."""
-
-
-class _NoRole(Exception):
-    """Rolls back :meth:`PostgresBackend._created_meanwhile`'s CREATE ROLE: nobody was making it."""
 
 
 def _wrap(op: str, exc: BaseException, secret_values: Sequence[str | None]) -> BackendError:
