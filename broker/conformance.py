@@ -12,7 +12,8 @@ against that server, what the engine relies on:
 - 20+ concurrent ``new_user`` calls on one role all succeed;
 - a backend that stages users (``stage_user``, see ``broker.backend.StagingBackend``):
   a staged user is invisible until ``commit``, ``abort`` leaves nothing, and
-  neither holds on to a connection;
+  neither holds on to a connection; a revocation that meets a staged user
+  waits for its outcome (the engine activates a lease beside its commit);
 - no BackendError (or its cause/context) and no log record carries a password;
 - the declared ``Capabilities`` match behaviour (``server_side_expiry``: a
   credential whose expiry is past cannot log in; ``max_username_length``: a
@@ -417,6 +418,25 @@ class ConformanceSuite:
                 names.append((username, i % 3 == 2))
         for username, committed in names:
             assert await kit.harness.user_exists(username) == committed, username
+
+    async def test_revoking_a_staged_user_waits_for_its_outcome(self, kit: Kit) -> None:
+        """A revocation that meets a staged user waits for its commit or abort.
+
+        The engine makes a lease active beside the stage's commit, so a
+        revocation (a revoke-prefix, say) can reach the user before that
+        commit lands. Calling it gone then would leave the committed user
+        untracked. Committed, the revocation removes it; aborted, there is
+        nothing to remove.
+        """
+        for outcome in ("commit", "abort"):
+            username, _, staged = await kit.stage_user()
+            revoking = asyncio.ensure_future(kit.delete_user(username))
+            await asyncio.sleep(0.5)
+            waited = not revoking.done()
+            await (staged.commit() if outcome == "commit" else staged.abort())
+            await asyncio.wait_for(revoking, 30)
+            assert waited, f"the revocation did not wait for the staged user ({outcome})"
+            assert not await kit.harness.user_exists(username), f"left after {outcome}"
 
     async def test_failed_stage_carries_no_secret(self, kit: Kit) -> None:
         """A failing staged statement raises a BackendError free of secrets, and holds nothing."""

@@ -754,27 +754,6 @@ async def test_the_mount_keeps_a_few_passwords_hashed_ahead(
             await runtime.close()
 
 
-@pytest.mark.parametrize("outcome", ["commit", "abort"])
-async def test_a_revocation_waits_for_a_staged_role_to_commit_or_abort(
-    harness: PostgresHarness, make_backend: MakeBackend, outcome: str
-) -> None:
-    """Revoking a role whose CREATE ROLE is staged (uncommitted) in another session.
-
-    The revocation cannot see the role yet; it must wait for the staging
-    transaction's outcome instead of calling it revoked: committed, the role
-    is then revoked; aborted, there is nothing to revoke.
-    """
-    backend = await make_backend(max_open_connections=4)
-    name = username(harness)
-    staged = await backend.stage_user(new_req(role(), name))
-    revoking = asyncio.ensure_future(backend.delete_user(delete_req(None, name)))
-    await asyncio.sleep(0.5)
-    assert not revoking.done(), "the revocation did not wait for the staged CREATE ROLE"
-    await (staged.commit() if outcome == "commit" else staged.abort())
-    await asyncio.wait_for(revoking, timeout=30)
-    assert not await harness.user_exists(name)
-
-
 async def test_probing_for_missing_roles_leaves_nothing(
     harness: PostgresHarness, make_backend: MakeBackend
 ) -> None:
