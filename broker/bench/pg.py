@@ -14,6 +14,7 @@ import asyncpg
 
 from broker.bench.harness import Bench, Exhausted, LoadResult, run_load
 from broker.templating import format_expiration, generate_password, render
+from plugins._sql import escape_identifier
 from plugins.postgres import DEFAULT_CREATION_STATEMENTS
 
 __all__ = [
@@ -93,9 +94,9 @@ async def least_privilege_admin(dsn: str) -> AsyncIterator[str]:
     CREATEROLE admin manages only the roles it made).
     """
     name, password = _role_name("lp-admin"), generate_password()
+    who = f'"{escape_identifier(name)}"'
     conn = await asyncpg.connect(dsn)
     try:
-        who = '"{}"'.format(name.replace('"', '""'))
         await conn.execute(f"CREATE ROLE {who} LOGIN CREATEROLE PASSWORD '{password}';"
                            f"GRANT pg_signal_backend TO {who}")
         parts = urlsplit(dsn)
@@ -104,7 +105,7 @@ async def least_privilege_admin(dsn: str) -> AsyncIterator[str]:
             netloc=f"{quote(name, safe='')}:{quote(password, safe='')}@{host}"))
     finally:
         try:
-            await conn.execute(f'DROP ROLE IF EXISTS "{name}"')
+            await conn.execute(f"DROP ROLE IF EXISTS {who}")
         finally:
             await conn.close()
 

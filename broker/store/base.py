@@ -68,7 +68,8 @@ class LeaseStore(Protocol):
         """Why the store's database cannot be reached now, else None (``/v1/sys/health``).
 
         While it is set, operations raise ``broker.errors.StoreUnavailable``
-        (HTTP 503); it clears with the next operation that goes through."""
+        (HTTP 503); it clears once the store works again (the next write that
+        commits; on PostgreSQL after a lost connection, any query)."""
 
     def add_wake_listener(self, callback: Callable[[float | None], None]) -> None:
         """Call ``callback(due_time)`` when ANOTHER replica made a lease due at

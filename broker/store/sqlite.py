@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import sqlite3
 import time
@@ -455,7 +456,7 @@ class SQLiteStore:
             timeout = float(params.get("command_timeout", DEFAULT_COMMAND_TIMEOUT))
         except ValueError:
             timeout = 0.0
-        if not timeout > 0:
+        if not 0 < timeout < math.inf:
             raise ValueError(f"SQLite url {url!r}: command_timeout must be a number of "
                              "seconds > 0")
         if path == "/:memory:":
@@ -514,21 +515,34 @@ class SQLiteStore:
     async def _write(self, op: Op[T]) -> T:
         if self._writer_task is None:
             raise RuntimeError("the SQLite lease store is not open")
-        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
         self._queue.put_nowait(_Write(op, fut))
+        # One timer per write rather than wait_for, which on Python 3.11 adds a
+        # second future and a loop pass to every write on the issue/renew path.
+        timer = loop.call_later(self.command_timeout, self._expire, fut)
         try:
-            # On timeout wait_for cancels fut: a write still queued is then
-            # skipped; one already in the running batch may yet commit, which
-            # every caller copes with (as with a PostgreSQL COMMIT whose answer
-            # was lost: a late intent is rolled back, a late activation revokes
-            # nothing, a late renewal only extends).
-            return await asyncio.wait_for(fut, self.command_timeout)
-        except TimeoutError:
-            reason = f"no commit within {self.command_timeout:g}s"
-            if self._error is None:
-                log.error("lease store %s cannot write: %s", self.path, reason)
-            self._error = reason
-            raise StoreUnavailable(f"lease store cannot write ({reason}); retry later") from None
+            return await fut
+        finally:
+            timer.cancel()
+
+    def _expire(self, fut: asyncio.Future[Any]) -> None:
+        """A write not committed in time fails with 503.
+
+        A write still queued is then skipped; one already in the running batch
+        may yet commit, which every caller copes with (as with a PostgreSQL
+        COMMIT whose answer was lost: a late intent is rolled back, a late
+        activation revokes nothing, a late renewal only extends).
+        """
+        if not fut.done():
+            fut.set_exception(self._outage(f"no commit within {self.command_timeout:g}s"))
+
+    def _outage(self, reason: str) -> StoreUnavailable:
+        """Remember ``reason`` for ``/v1/sys/health`` (until a write goes through); the 503."""
+        if self._error is None:
+            log.error("lease store %s cannot write: %s", self.path, reason)
+        self._error = reason
+        return StoreUnavailable(f"lease store cannot write ({reason}); retry later")
 
     @property
     def error(self) -> str | None:
@@ -547,10 +561,7 @@ class SQLiteStore:
         code = getattr(exc, "sqlite_errorcode", None)
         if not isinstance(exc, sqlite3.Error) or code is None or code & 0xFF not in _OUTAGE_CODES:
             return exc
-        if self._error is None:
-            log.error("lease store %s cannot write: %s", self.path, exc)
-        self._error = str(exc)
-        return StoreUnavailable(f"lease store cannot write ({exc}); retry later")
+        return self._outage(str(exc))
 
     async def _read(self, op: Op[T]) -> T:
         if self._reader is None:
@@ -572,7 +583,7 @@ class SQLiteStore:
                 if item is None:
                     stopping = True
                     break
-                if not item.fut.cancelled():  # the caller gave up before it ran: skip it
+                if not item.fut.done():  # the caller gave up (or timed out) before it ran
                     batch.append(item)
                 if len(batch) >= _MAX_BATCH or self._queue.empty():
                     break

@@ -30,6 +30,7 @@ from broker.config import Config, load_config
 from broker.jobs import start_jobs
 from broker.server import build_state, start, stop
 from broker.state import BrokerState
+from plugins._sql import escape_identifier
 
 T = TypeVar("T")
 ROOT_TOKEN = "root-token-for-tests"
@@ -268,7 +269,7 @@ async def pg_execute(dsn: str, *statements: str) -> None:
 async def drop_pg_roles(dsn: str, prefix: str) -> None:
     """Drop every role named ``prefix...``: what a failed test leased must not stay behind."""
     for name in await pg_roles(dsn, prefix):
-        await pg_execute(dsn, 'DROP ROLE IF EXISTS "{}"'.format(name.replace('"', '""')))
+        await pg_execute(dsn, f'DROP ROLE IF EXISTS "{escape_identifier(name)}"')
 
 
 def root_api(broker: BrokerThread) -> Callable[..., requests.Response]:

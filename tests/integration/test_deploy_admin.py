@@ -24,6 +24,7 @@ import requests
 
 from tests.conftest import run, server_missing
 from tests.integration.broker_harness import pg_execute, pg_roles, start_broker, write_config
+from tests.integration.test_api_postgres import fetchval
 
 pytestmark = pytest.mark.integration
 
@@ -32,14 +33,6 @@ SCRIPT = ROOT / "deploy" / "compose" / "postgres-init" / "10-broker-admin.sh"
 COMPOSE_CONFIG = ROOT / "deploy" / "compose" / "broker.toml"
 ADMIN = "broker_admin"  # the name the script and the compose config use
 PREFIX = "dpl-"
-
-
-async def _fetchval(dsn: str, query: str, *args: object) -> object:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return await conn.fetchval(query, *args)
-    finally:
-        await conn.close()
 
 
 def _toml_string(value: str) -> str:
@@ -58,7 +51,7 @@ def _in_db(dsn: str, database: str, user: str | None = None, password: str | Non
 @pytest.fixture
 def app_database(postgres_dsn: str) -> Iterator[str]:
     """A fresh database ("app"), dropped afterwards with the admin the script made."""
-    if run(_fetchval(postgres_dsn, "SELECT 1 FROM pg_roles WHERE rolname = $1", ADMIN)):
+    if run(fetchval(postgres_dsn, "SELECT 1 FROM pg_roles WHERE rolname = $1", ADMIN)):
         # Fails under CI, skips elsewhere: a fresh server has no such role.
         server_missing(f"a server without a role {ADMIN} (one exists: the test would take "
                        "it over)")
@@ -98,7 +91,7 @@ def test_the_compose_admin_script_makes_a_least_privilege_admin_that_works(
     run(pg_execute(superuser_db, "CREATE TABLE public.after_script (x int)",
              "INSERT INTO public.after_script VALUES (2)"))
 
-    assert run(_fetchval(postgres_dsn,
+    assert run(fetchval(postgres_dsn,
                          "SELECT NOT rolsuper AND rolcreaterole AND NOT rolcreatedb"
                          " AND pg_has_role(oid, 'pg_signal_backend', 'MEMBER')"
                          " FROM pg_roles WHERE rolname = $1", ADMIN)) is True

@@ -654,6 +654,7 @@ def test_sqlite_from_url_takes_a_command_timeout() -> None:
 @pytest.mark.parametrize("url", ["sqlite://relative.db", "sqlite:///", "postgresql://x/y",
                                  "sqlite:////x.db?command_timeout=0",
                                  "sqlite:////x.db?command_timeout=soon",
+                                 "sqlite:////x.db?command_timeout=inf",
                                  "sqlite:////x.db?journal_mode=off"])
 def test_sqlite_from_url_rejects_bad_urls(url: str) -> None:
     """A URL that names no absolute file is refused with a clear error."""
