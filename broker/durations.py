@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import re
 
-__all__ = ["format_duration", "parse_duration"]
+__all__ = ["MAX_SECONDS", "format_duration", "parse_duration"]
+
+#: The longest duration anything takes: 100 years. Longer is a typo, and every
+#: expiry computed from it must still be a date the broker can write down
+#: (a TTL of 1e308 seconds made a token whose every lookup failed).
+MAX_SECONDS = 100 * 365 * 86400
 
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
@@ -19,12 +25,14 @@ def parse_duration(value: str | int | float) -> int:
     if isinstance(value, bool):
         raise ValueError(f"expected a duration like '90s', '15m', '1h', got {value!r}")
     if isinstance(value, int | float):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"expected a duration like '90s', '15m', '1h', got {value!r}")
         if value < 0:
             raise ValueError(f"duration must not be negative, got {value!r}")
-        return int(value)
+        return _bounded(int(value), value)
     text = str(value).strip().lower()
     if text.isdigit():
-        return int(text)
+        return _bounded(int(text), value)
     pos = 0
     total = 0.0
     for match in _PART.finditer(text):
@@ -34,7 +42,13 @@ def parse_duration(value: str | int | float) -> int:
         pos = match.end()
     if not text or pos != len(text):
         raise ValueError(f"expected a duration like '90s', '15m', '1h' or '7d', got {value!r}")
-    return int(total)
+    return _bounded(int(total), value)
+
+
+def _bounded(seconds: int, value: object) -> int:
+    if seconds > MAX_SECONDS:
+        raise ValueError(f"duration {value!r} is longer than 100 years")
+    return seconds
 
 
 def format_duration(seconds: int) -> str:

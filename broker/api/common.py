@@ -48,6 +48,10 @@ def error_response(status: int, *messages: str) -> web.Response:
     return web.json_response({"errors": list(messages)}, status=status)
 
 
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def method_capability(method: str) -> str:
     """Vault's mapping of HTTP methods to policy capabilities."""
     return {
@@ -151,7 +155,9 @@ class Call:
             raw = await self.request.read()
             if raw.strip():
                 try:
-                    parsed = json.loads(raw)
+                    # NaN and Infinity are not JSON (RFC 8259), though Python's
+                    # parser takes them; as a number they break every check.
+                    parsed = json.loads(raw, parse_constant=_not_json)
                 except (ValueError, UnicodeDecodeError):
                     raise BadRequest("request body is not valid JSON") from None
                 if not isinstance(parsed, dict):
@@ -216,7 +222,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as exc:
         if exc.status >= 400:
             text = {404: "unsupported path", 405: f"method {request.method} not allowed here"}
-            return error_response(exc.status, text.get(exc.status, exc.reason))
+            response = error_response(exc.status, text.get(exc.status, exc.reason))
+            if "Allow" in exc.headers:  # a 405 must say what is allowed (RFC 9110)
+                response.headers["Allow"] = exc.headers["Allow"]
+            return response
         raise
     except Exception:
         log.exception("internal error on %s %s", request.method, request.path)

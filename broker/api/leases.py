@@ -31,6 +31,8 @@ REVOKE_WAIT = 30.0
 SYNC_WAIT = 600.0
 #: most rows one ``search`` answer carries.
 SEARCH_MAX = 1000
+#: the largest limit a listing takes (one that fits every store's LIMIT).
+_INT_MAX = 2**31 - 1
 _META_PARAM = "meta."
 #: revoke-by's policy path; ``_REVOKE_BY/KEY/VALUE`` is its per-pair form.
 _REVOKE_BY = "sys/leases/revoke-by"
@@ -209,6 +211,8 @@ def _int(value: Any, default: int) -> int:
         raise BadRequest(f"expected a whole number, got {value!r}") from None
     if number < 1:
         raise BadRequest("limit must be at least 1")
+    if number > _INT_MAX:  # it goes into a SQL LIMIT, a 64-bit integer or less
+        raise BadRequest(f"limit must be at most {_INT_MAX}")
     return number
 
 

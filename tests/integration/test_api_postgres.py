@@ -289,11 +289,22 @@ def test_errors_are_vault_shaped(broker: BrokerThread) -> None:
         (requests.get(f"{broker.url}/v1/pg/creds/readonly", timeout=10), 403),
         (requests.put(f"{broker.url}/v1/sys/leases/renew", headers=h,
                       data="x" * (2 * 1024 * 1024), timeout=10), 413),
+        # Found by fuzzing (tests/integration/test_openapi.py): each was a 500.
+        (requests.post(f"{broker.url}/v1/pg/creds/readonly", headers=h,
+                       data='{"ttl": Infinity}', timeout=10), 400),
+        (requests.post(f"{broker.url}/v1/auth/token/create", headers=h,
+                       data='{"ttl": 1e308}', timeout=10), 400),
+        (requests.get(f"{broker.url}/v1/sys/leases/irrevocable", headers=h,
+                      params={"limit": str(10**23)}, timeout=10), 400),
     ]
     for resp, status in cases:
         assert resp.status_code == status, (resp.request.method, resp.url, resp.text)
         errors = resp.json()["errors"]
         assert isinstance(errors, list) and errors and all(isinstance(e, str) for e in errors)
+    # A 405 says what is allowed (RFC 9110), whoever raised it: a handler or the router.
+    assert cases[2][0].headers["Allow"] == "GET,POST,PUT"
+    wrong = requests.delete(f"{broker.url}/v1/sys/health", timeout=10)
+    assert wrong.status_code == 405 and set(wrong.headers["Allow"].split(",")) == {"GET", "HEAD"}
 
 
 def test_rotate_root_changes_the_admin_password(tmp_path: Path, postgres_dsn: str) -> None:

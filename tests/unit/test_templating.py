@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from broker.durations import format_duration, parse_duration
+from broker.durations import MAX_SECONDS, format_duration, parse_duration
 from broker.lease import new_lease_id
 from broker.templating import generate_password, random_string, render, render_username
 
@@ -61,11 +61,19 @@ def test_durations_parse(text: str | int, seconds: int) -> None:
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("bad", ["", "1x", "h", "-5s", "1h 2", True])
+@pytest.mark.parametrize("bad", ["", "1x", "h", "-5s", "1h 2", True, float("inf"), float("nan"),
+                                 1e308, 10**20, "99999999999999999999", "36501d"])
 def test_bad_durations_are_refused(bad: object) -> None:
     """Malformed durations raise ValueError with the value in the message."""
     with pytest.raises(ValueError):
         parse_duration(bad)  # type: ignore[arg-type]
+
+
+def test_durations_stop_at_a_hundred_years() -> None:
+    """100 years is the longest duration: every expiry from one is still a writable date."""
+    assert parse_duration(MAX_SECONDS) == parse_duration("36500d") == MAX_SECONDS
+    with pytest.raises(ValueError, match="longer than 100 years"):
+        parse_duration(MAX_SECONDS + 1)
 
 
 def test_format_duration_round_trips() -> None:
