@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from aiohttp import http_parser, web, web_protocol
+from typing import Any
+
+from aiohttp import http_exceptions, http_parser, web, web_protocol
 
 from broker.api import creds, leases, login, mounts, system, tokens
-from broker.api.common import STATE, error_middleware
+from broker.api.common import STATE, error_middleware, error_response
 from broker.api.httpparser import ListAwareRequestParser
 from broker.state import BrokerState
 
@@ -21,6 +23,41 @@ if hasattr(http_parser, "HttpRequestParserC"):
     web_protocol.HttpRequestParser = ListAwareRequestParser  # type: ignore[attr-defined,assignment]
 else:  # pragma: no cover - CI has the C extensions
     web_protocol.HttpRequestParser = http_parser.HttpRequestParserPy  # type: ignore[attr-defined]
+
+
+# A request the HTTP parser rejects (a header over 8 KiB, a verb outside its
+# table, a broken chunk) never reaches a handler or the error middleware:
+# aiohttp answers it itself, in plain text. Every answer of the API is
+# {"errors": [...]} (DESIGN.md), so that one is too. The parser's own message
+# is not echoed: it quotes the offending bytes, which may be a header's value.
+_aiohttp_handle_error = web_protocol.RequestHandler.handle_error
+
+
+def _protocol_error_reason(exc: BaseException | None) -> str:
+    if isinstance(exc, http_exceptions.LineTooLong):
+        return "malformed HTTP request: request line or header too long"
+    if isinstance(exc, http_exceptions.BadHttpMethod):
+        return "malformed HTTP request: unknown method"
+    return "malformed HTTP request"
+
+
+def _json_handle_error(self: web_protocol.RequestHandler, request: Any, status: int = 500,
+                       exc: BaseException | None = None,
+                       message: str | None = None) -> web.StreamResponse:
+    # aiohttp's own first: it logs, and refuses if a response is half sent.
+    _aiohttp_handle_error(self, request, status, exc, message)
+    if status >= 500:
+        text = "internal error; see the broker log"
+    elif status == 400:
+        text = _protocol_error_reason(exc)
+    else:
+        text = message or "bad request"
+    response = error_response(status, text)
+    response.force_close()
+    return response
+
+
+web_protocol.RequestHandler.handle_error = _json_handle_error  # type: ignore[method-assign]
 
 
 def create_app(state: BrokerState) -> web.Application:

@@ -150,7 +150,24 @@ def test_other_unknown_methods_still_400(broker: BrokerThread, verb: str) -> Non
         sock.sendall(_request("GET", "/v1/sys/health"))
         assert _read_response(f)[0] == 200
         sock.sendall(_request(verb, LIST_PATH))
-        assert _read_response(f)[0] == 400  # llhttp's answer to a verb outside its table
+        status, answer = _read_response(f)
+    assert status == 400  # llhttp's answer to a verb outside its table
+    assert json.loads(answer) == {"errors": ["malformed HTTP request: unknown method"]}
+
+
+def test_a_request_the_parser_refuses_gets_a_json_error(broker: BrokerThread) -> None:
+    """An over-long header never reaches a handler, yet its 400 is {"errors": [...]} too,
+    without the header's bytes in it."""
+    secret = "s3cr3t-" * 2000
+    head = (f"GET /v1/sys/health HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"X-Vault-Token: {secret}\r\n\r\n").encode()
+    with _connect(broker) as sock, sock.makefile("rb") as f:
+        sock.sendall(head)
+        status, answer = _read_response(f)
+    assert status == 400
+    assert json.loads(answer) == {
+        "errors": ["malformed HTTP request: request line or header too long"]}
+    assert b"s3cr3t" not in answer
 
 
 def test_list_pipelined_behind_a_full_request_queue(broker: BrokerThread) -> None:
