@@ -210,9 +210,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     state = request.app[STATE]
     request[CALL] = Call(request=request, state=state, request_id=new_request_id(),
                          path=request.path.removeprefix("/v1/"))
-    if not state.serving and request.path != "/v1/sys/health":
-        return error_response(503, "broker is shutting down")
     try:
+        if not state.serving and request.path != "/v1/sys/health":
+            return error_response(503, "broker is shutting down")
         return await handler(request)
     except BrokerError as exc:
         return error_response(exc.status, str(exc))
@@ -230,3 +230,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception:
         log.exception("internal error on %s %s", request.method, request.path)
         return error_response(500, "internal error; see the broker log")
+    finally:
+        # The call holds the request and the request holds the call. Unlinked,
+        # a request's objects (a dozen: the request, its headers, match info,
+        # writer, call, token) are freed as it ends; linked, every request was
+        # cyclic garbage, and collecting it took ~5 % of the event loop's CPU.
+        del request[CALL]
