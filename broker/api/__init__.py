@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from http import HTTPStatus
 from typing import Any
 
 from aiohttp import http_exceptions, http_parser, web, web_protocol
@@ -27,10 +29,12 @@ else:  # pragma: no cover - CI has the C extensions
 
 # A request the HTTP parser rejects (a header over 8 KiB, a verb outside its
 # table, a broken chunk) never reaches a handler or the error middleware:
-# aiohttp answers it itself, in plain text. Every answer of the API is
-# {"errors": [...]} (DESIGN.md), so that one is too. The parser's own message
-# is not echoed: it quotes the offending bytes, which may be a header's value.
-_aiohttp_handle_error = web_protocol.RequestHandler.handle_error
+# aiohttp answers it itself, in plain text, and logs the parser's message with
+# a traceback at ERROR. Every answer of the API is {"errors": [...]}
+# (DESIGN.md), so that one is too; and the parser's message is neither echoed
+# nor logged: it quotes the refused bytes, which may be a header's value (a
+# token), and any port scanner would fill the log with tracebacks.
+log = logging.getLogger(__name__)
 
 
 def _protocol_error_reason(exc: BaseException | None) -> str:
@@ -44,14 +48,17 @@ def _protocol_error_reason(exc: BaseException | None) -> str:
 def _json_handle_error(self: web_protocol.RequestHandler, request: Any, status: int = 500,
                        exc: BaseException | None = None,
                        message: str | None = None) -> web.StreamResponse:
-    # aiohttp's own first: it logs, and refuses if a response is half sent.
-    _aiohttp_handle_error(self, request, status, exc, message)
-    if status >= 500:
+    if request.writer.output_size > 0:  # as aiohttp's: half an answer is out, the line is lost
+        raise ConnectionError("Response is sent already, cannot send another response "
+                              "with the error message")
+    if status == 500:
+        log.error("internal error on a request from %s", request.remote, exc_info=exc)
         text = "internal error; see the broker log"
-    elif status == 400:
-        text = _protocol_error_reason(exc)
     else:
-        text = message or "bad request"
+        text = (_protocol_error_reason(exc) if status == 400
+                else message or HTTPStatus(status).phrase)
+        log.info("refused a request from %s: %s (%s)", request.remote, text,
+                 type(exc).__name__ if exc is not None else status)
     response = error_response(status, text)
     response.force_close()
     return response
