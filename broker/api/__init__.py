@@ -6,7 +6,7 @@ import logging
 from http import HTTPStatus
 from typing import Any
 
-from aiohttp import http_exceptions, http_parser, web, web_protocol
+from aiohttp import http_exceptions, http_parser, web, web_protocol, web_response
 
 from broker.api import creds, leases, login, mounts, system, tokens
 from broker.api.common import STATE, error_middleware, error_response
@@ -65,6 +65,10 @@ def _json_handle_error(self: web_protocol.RequestHandler, request: Any, status: 
 
 
 web_protocol.RequestHandler.handle_error = _json_handle_error  # type: ignore[method-assign]
+
+# aiohttp names itself and Python, with versions, in every answer's Server
+# header: a free hint for anyone matching versions to known bugs.
+web_response.SERVER_SOFTWARE = "broker"  # type: ignore[attr-defined]
 
 
 def create_app(state: BrokerState) -> web.Application:

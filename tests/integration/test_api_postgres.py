@@ -301,6 +301,8 @@ def test_errors_are_vault_shaped(broker: BrokerThread) -> None:
         assert resp.status_code == status, (resp.request.method, resp.url, resp.text)
         errors = resp.json()["errors"]
         assert isinstance(errors, list) and errors and all(isinstance(e, str) for e in errors)
+    # No versions in the Server header, on errors and answers alike.
+    assert {resp.headers["Server"] for resp, _ in cases} == {"broker"}
     # A 405 says what is allowed (RFC 9110), whoever raised it: a handler or the router.
     assert cases[2][0].headers["Allow"] == "GET,POST,PUT"
     wrong = requests.delete(f"{broker.url}/v1/sys/health", timeout=10)
