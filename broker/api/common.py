@@ -52,6 +52,12 @@ def _not_json(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+# NaN and Infinity are not JSON (RFC 8259), though Python's parser takes them;
+# as a number they break every check. One decoder for every body: json.loads
+# with an option builds a new one per call.
+_BODY_DECODER = json.JSONDecoder(parse_constant=_not_json)
+
+
 def method_capability(method: str) -> str:
     """Vault's mapping of HTTP methods to policy capabilities."""
     return {
@@ -155,9 +161,9 @@ class Call:
             raw = await self.request.read()
             if raw.strip():
                 try:
-                    # NaN and Infinity are not JSON (RFC 8259), though Python's
-                    # parser takes them; as a number they break every check.
-                    parsed = json.loads(raw, parse_constant=_not_json)
+                    # (what json.loads does with bytes: UTF-8, -16 or -32, BOM or not)
+                    parsed = _BODY_DECODER.decode(
+                        raw.decode(json.detect_encoding(raw), "surrogatepass"))
                 except (ValueError, UnicodeDecodeError):
                     raise BadRequest("request body is not valid JSON") from None
                 if not isinstance(parsed, dict):
