@@ -22,11 +22,9 @@ def parse_duration(value: str | int | float) -> int:
     Accepts an int (seconds), a digit string (seconds, as Vault does for ``ttl``)
     or unit strings that may be combined (``"1h30m"``).
     """
-    if isinstance(value, bool):
+    if isinstance(value, bool) or (isinstance(value, float) and not math.isfinite(value)):
         raise ValueError(f"expected a duration like '90s', '15m', '1h', got {value!r}")
     if isinstance(value, int | float):
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"expected a duration like '90s', '15m', '1h', got {value!r}")
         if value < 0:
             raise ValueError(f"duration must not be negative, got {value!r}")
         return _bounded(int(value), value)

@@ -276,10 +276,11 @@ def test_reuse_of_dead_lease_and_token_is_refused_and_audited(client: hvac.Clien
 def test_errors_are_vault_shaped(broker: BrokerThread) -> None:
     """Bad input, unknown paths, wrong methods and oversized bodies get {"errors": [...]}."""
     h = {"X-Vault-Token": broker.root_token}
+    delete = requests.delete(f"{broker.url}/v1/pg/creds/readonly", headers=h, timeout=10)
     cases = [
         (requests.get(f"{broker.url}/v1/nope/creds/x", headers=h, timeout=10), 404),
         (requests.get(f"{broker.url}/v1/pg/creds/nope", headers=h, timeout=10), 404),
-        (requests.delete(f"{broker.url}/v1/pg/creds/readonly", headers=h, timeout=10), 405),
+        (delete, 405),
         (requests.put(f"{broker.url}/v1/sys/leases/renew", headers=h, data="{not json",
                       timeout=10), 400),
         (requests.put(f"{broker.url}/v1/sys/leases/renew", headers=h, json={"lease_id": "x/y"},
@@ -304,7 +305,7 @@ def test_errors_are_vault_shaped(broker: BrokerThread) -> None:
     # No versions in the Server header, on errors and answers alike.
     assert {resp.headers["Server"] for resp, _ in cases} == {"broker"}
     # A 405 says what is allowed (RFC 9110), whoever raised it: a handler or the router.
-    assert cases[2][0].headers["Allow"] == "GET,POST,PUT"
+    assert delete.headers["Allow"] == "GET,POST,PUT"
     wrong = requests.delete(f"{broker.url}/v1/sys/health", timeout=10)
     assert wrong.status_code == 405 and set(wrong.headers["Allow"].split(",")) == {"GET", "HEAD"}
 
