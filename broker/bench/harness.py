@@ -193,7 +193,13 @@ class BrokerError(RuntimeError):
 
 @dataclass
 class BrokerProcess:
-    """``python -m broker.bench.server --config FILE`` as a child process."""
+    """``python -m broker.bench.server --config FILE`` as a child process.
+
+    It runs in the config's directory: ``python -m`` puts the working
+    directory first on ``sys.path``, ahead of ``PYTHONPATH``, so started from
+    a checkout it would import that checkout's broker whatever ``PYTHONPATH``
+    (how the before/after tools in tests/bench pick a code tree) says.
+    """
 
     config: Path
     env: Mapping[str, str] = field(default_factory=dict)
@@ -217,6 +223,7 @@ class BrokerProcess:
             self.proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
                 [sys.executable, "-m", "broker.bench.server", "--config", str(self.config)],
                 env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                cwd=self.config.parent,
             )
         return self
 

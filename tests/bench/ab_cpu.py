@@ -9,8 +9,10 @@ commits) driven at c=32 through issue, renew and revoke, exactly like
 ``broker bench --scenario overhead``; the figure is the broker process's CPU
 per successful call, which moves far less than a rate on a shared machine.
 "before" runs the broker from ``--before`` (put first on ``PYTHONPATH``) or
-with ``--env``; "after" runs this tree. Pairs alternate which side goes first,
-so a drift in the machine's load does not favour one side. A single run's
+with ``--env``; "after" runs this tree. (Until 2026-12-03 the brokers
+inherited the working directory, which ``python -m`` puts ahead of
+``PYTHONPATH``: run from a checkout, both sides ran that checkout's code.)
+Pairs alternate which side goes first, so a drift in the machine's load does not favour one side. A single run's
 noise here is ±10-15 %: look for a side that wins in most pairs, not at one
 mean.
 """
@@ -29,6 +31,7 @@ from broker.bench.overhead import http_phases
 __all__ = ["main"]
 
 OPS = ("issue", "renew", "revoke")
+REPO = Path(__file__).resolve().parents[2]
 
 
 async def one_run(env: dict[str, str], seconds: float) -> dict[str, tuple[float, float]]:
@@ -45,7 +48,8 @@ async def run(args: argparse.Namespace) -> None:
     before_env: dict[str, str] = dict(kv.split("=", 1) for kv in args.env)
     if args.before:
         before_env["PYTHONPATH"] = args.before
-    sides = {"before": before_env, "after": {}}
+    before_env.setdefault("PYTHONPATH", str(REPO))  # --env alone: this tree on both sides
+    sides = {"before": before_env, "after": {"PYTHONPATH": str(REPO)}}
     cpu: dict[str, dict[str, list[float]]] = {s: {op: [] for op in OPS} for s in sides}
     wins = dict.fromkeys(OPS, 0)
     for pair in range(args.pairs):

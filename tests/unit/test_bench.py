@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.bench.harness import Bench, worker_counts
+from broker.bench.harness import Bench, BrokerProcess, broker_config, worker_counts
 from broker.bench.noop import register
 from broker.bench.pgcluster import local_initdb
 from broker.bench.report import Row
@@ -105,3 +105,25 @@ def test_cli_rejects_unknown_scenario(capsys: pytest.CaptureFixture[str]) -> Non
     """An unknown scenario name is a usage error (exit 2) naming the valid ones."""
     assert cli_main(["bench", "--scenario", "nope"]) == 2
     assert "overhead" in capsys.readouterr().err
+
+
+def test_a_bench_broker_runs_the_code_pythonpath_names(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The before/after tools pick a code tree with PYTHONPATH; a checkout as the
+    working directory must not win (``python -m`` puts it first on sys.path)."""
+    tree = tmp_path / "tree"
+    (tree / "broker" / "bench").mkdir(parents=True)
+    (tree / "broker" / "__init__.py").write_text("")
+    (tree / "broker" / "bench" / "__init__.py").write_text("")
+    marker = tmp_path / "ran-the-named-tree"
+    (tree / "broker" / "bench" / "server.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])  # the checkout, as when run by hand
+    broker = BrokerProcess(broker_config(tmp_path), {"PYTHONPATH": str(tree)}).start()
+    assert broker.proc is not None
+    try:
+        broker.proc.wait(timeout=30)
+    finally:
+        if broker.proc.poll() is None:
+            broker.proc.kill()
+    assert marker.exists(), broker.log_path.read_text()

@@ -1,0 +1,118 @@
+"""Where one PostgreSQL issue's time goes: the steps of ``POST /v1/pg/creds/bench`` at c=1.
+
+    python -m tests.bench.issue_timeline [--tree DIR] [--seconds 8]
+
+Sets up what ``broker bench --scenario pg-issue`` judges: a private
+PostgreSQL cluster on the first half of the CPUs, this process and a bench
+broker (SQLite store, durable commits) on the other half. The broker runs with
+``tests/bench/issue_trace_hooks.py`` loaded, which stamps each step of every
+issue; the median stamps are printed as a timeline (ms since the request's
+bytes reached the broker), with the raw ``CREATE ROLE`` p50 measured in the
+same run beside it. ``--tree DIR`` runs the broker from another code tree
+(a ``git worktree``), to see where a change moved time.
+
+The stamps cost a few µs each, so the total is a little above the bench's.
+What is on the critical path: everything up to ``begin_create>`` (the
+statement goes out inside it), ``begin_create<`` to ``commit>``, and
+``commit<`` to ``answered``; ``intent`` runs beside the server's work and
+``activate`` beside the ``COMMIT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import tempfile
+from pathlib import Path
+
+from broker.bench.harness import (
+    ApiClient,
+    Bench,
+    broker_config,
+    create_root_token,
+    run_load,
+    running,
+)
+from broker.bench.pg import ROLE_PREFIX, create_role_sql, drop_roles, pg_mount, raw_load
+from broker.bench.pgcluster import PrivateCluster
+
+__all__ = ["main"]
+
+REPO = Path(__file__).resolve().parents[2]
+HOOKS = Path(__file__).resolve().with_name("issue_trace_hooks.py")
+
+
+def split_cpus() -> tuple[list[int], list[int]]:
+    """(PostgreSQL's CPUs, the bench's): halves, as the pg-issue scenario splits them."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit("needs at least 2 CPUs: PostgreSQL gets cores of its own")
+    return cpus[:len(cpus) // 2], cpus[len(cpus) // 2:]
+
+
+def pin_self(cpus: list[int]) -> None:
+    for tid in os.listdir("/proc/self/task"):
+        os.sched_setaffinity(int(tid), cpus)
+
+
+async def run(args: argparse.Namespace) -> None:
+    server_cpus, bench_cpus = split_cpus()
+    cluster = PrivateCluster.start(cpus=server_cpus, prefix="issue-timeline-")
+    pin_self(bench_cpus)
+    tmp = Path(tempfile.mkdtemp(prefix="issue-timeline-"))
+    hooks = tmp / "hooks"
+    hooks.mkdir()
+    # Loaded by path: the broker's own tree (--tree) may not have the hooks.
+    (hooks / "sitecustomize.py").write_text(
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('issue_trace_hooks', {str(HOOKS)!r})\n"
+        "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n")
+    out = tmp / "timeline.json"
+    try:
+        bench = Bench(tmp, pg_dsn=cluster.dsn)
+        store = f"sqlite:///{tmp / 'broker.db'}"
+        await create_root_token(store)
+        toml, env = pg_mount(bench, max_open=1)
+        config = broker_config(tmp, store_url=store, mounts=toml, name="traced")
+        tree = args.tree or str(REPO)
+        env = {**env, "BROKER_TRACE_OUT": str(out),
+               "PYTHONPATH": os.pathsep.join([str(hooks), tree])}
+        async with running(config, env) as broker, ApiClient(broker.url, concurrency=1) as api:
+            async def issue(_w: int) -> None:
+                await api.issue("pg", "bench")
+
+            await run_load(issue, concurrency=1, seconds=0.5)  # warm-up
+            http = await run_load(issue, concurrency=1, seconds=args.seconds)
+        await drop_roles(cluster.dsn)
+        raw = await raw_load(
+            cluster.dsn, lambda _i: create_role_sql(f"{ROLE_PREFIX}raw-{secrets.token_hex(8)}"),
+            concurrency=1, seconds=min(args.seconds, 4.0))
+        await drop_roles(cluster.dsn)
+    finally:
+        cluster.stop()
+    traced = json.loads(out.read_text())
+    print(f"{traced['requests']} issues traced; client-side p50 {http.p(0.5):.2f} ms, "
+          f"raw CREATE ROLE p50 {raw.p(0.5):.2f} ms (added: {http.p(0.5) - raw.p(0.5):.2f} ms)")
+    previous = 0.0
+    for name, at in sorted(traced["medians_ms"].items(), key=lambda kv: kv[1]):
+        print(f"  {at:8.3f} ms  (+{at - previous:6.3f})  {name}")
+        previous = at
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--tree", metavar="DIR", help="run the broker from this code tree")
+    parser.add_argument("--seconds", type=float, default=8.0, help="length of the traced load")
+    args = parser.parse_args()
+    if args.tree and not (Path(args.tree) / "broker" / "__init__.py").is_file():
+        parser.error(f"--tree {args.tree}: no broker package there")
+    if args.tree:
+        args.tree = str(Path(args.tree).resolve())
+    asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    main()
