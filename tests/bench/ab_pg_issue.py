@@ -1,7 +1,7 @@
 """Before/after rounds of pg-issue: raw ``CREATE ROLE``, one code tree's broker, another's.
 
     git worktree add /tmp/before main          # the code to compare against
-    python -m tests.bench.ab_pg_issue --before /tmp/before [--rounds 12] [--seconds 1.5] [-c 1]
+    python -m tests.bench.ab_pg_issue --before /tmp/before [--after DIR] [--rounds 12] [-c 1]
 
 The set-up of ``broker bench --scenario pg-issue``'s judged rows: a private
 PostgreSQL cluster on the first half of the CPUs, this process and both
@@ -58,7 +58,7 @@ async def run(args: argparse.Namespace) -> None:
     try:
         async with AsyncExitStack() as stack:
             issuers = {}
-            for side, tree in (("before", args.before), ("after", str(REPO))):
+            for side, tree in (("before", args.before), ("after", args.after)):
                 store = f"sqlite:///{tmp / side}.db"
                 await create_root_token(store)
                 toml, mount_env = pg_mount(bench, max_open=args.concurrency)
@@ -104,13 +104,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--before", metavar="DIR", required=True,
                         help="code tree of the 'before' broker")
+    parser.add_argument("--after", metavar="DIR", default=str(REPO),
+                        help="code tree of the 'after' broker (default: this one)")
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--seconds", type=float, default=1.5, help="length of each part")
     parser.add_argument("-c", "--concurrency", type=int, default=1)
     args = parser.parse_args()
-    if not (Path(args.before) / "broker" / "__init__.py").is_file():
-        parser.error(f"--before {args.before}: no broker package there")
-    args.before = str(Path(args.before).resolve())
+    for option in ("before", "after"):
+        tree = Path(getattr(args, option))
+        if not (tree / "broker" / "__init__.py").is_file():
+            parser.error(f"--{option} {tree}: no broker package there")
+        setattr(args, option, str(tree.resolve()))
     asyncio.run(run(args))
 
 
