@@ -3,6 +3,7 @@
     git worktree add /tmp/before main          # the code to compare against
     python tests/bench/ab_cpu.py --before /tmp/before [--pairs 5] [--seconds 4]
     python tests/bench/ab_cpu.py --env BROKER_EVENT_LOOP=asyncio   # same code, other setting
+    python tests/bench/ab_cpu.py --before /tmp/before --store postgresql
 
 Each run is a real bench broker (no-op backend, SQLite store, durable
 commits) driven at c=32 through issue, renew and revoke, exactly like
@@ -21,12 +22,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import tempfile
 from pathlib import Path
 
-from broker.bench.harness import broker_config, create_root_token, running
+from broker.bench.harness import Bench, broker_config, create_root_token, running
 from broker.bench.overhead import http_phases
+from broker.bench.runner import DEFAULT_PG_DSN
 
 __all__ = ["main"]
 
@@ -34,13 +37,19 @@ OPS = ("issue", "renew", "revoke")
 REPO = Path(__file__).resolve().parents[2]
 
 
-async def one_run(env: dict[str, str], seconds: float) -> dict[str, tuple[float, float]]:
-    """{op: (rate, broker µs CPU per call)} for one fresh broker."""
+async def one_run(env: dict[str, str], seconds: float, store: str
+                  ) -> dict[str, tuple[float, float]]:
+    """{op: (rate, broker µs CPU per call)} for one fresh broker on an empty ``store``."""
     tmp = Path(tempfile.mkdtemp(prefix="ab-cpu-"))
-    url = f"sqlite:///{tmp / 'broker.db'}"
+    bench = Bench(workdir=tmp, pg_dsn=os.environ.get("BROKER_TEST_POSTGRES_DSN", DEFAULT_PG_DSN))
+    url = await bench.empty_store(store, tmp, "broker_ab_cpu")
     await create_root_token(url)
-    async with running(broker_config(tmp, store_url=url), env=env) as broker:
-        results, cpu = await http_phases(broker, seconds, 1.0)
+    try:
+        async with running(broker_config(tmp, store_url=url), env=env) as broker:
+            results, cpu = await http_phases(broker, seconds, 1.0)
+    finally:
+        if store == "postgresql":
+            await bench.drop_database("broker_ab_cpu")
     return {op: (results[op].rate, cpu.get(op, float("nan"))) for op in OPS}
 
 
@@ -56,7 +65,7 @@ async def run(args: argparse.Namespace) -> None:
         order = ("before", "after") if pair % 2 == 0 else ("after", "before")
         got = {}
         for side in order:
-            got[side] = await one_run(sides[side], args.seconds)
+            got[side] = await one_run(sides[side], args.seconds, args.store)
             print(f"pair {pair} {side:6}  " + "  ".join(
                 f"{op} {got[side][op][0]:,.0f}/s {got[side][op][1]:,.0f} µs"
                 for op in OPS), flush=True)
@@ -77,6 +86,9 @@ def main() -> None:
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="environment of the 'before' broker (repeatable)")
     parser.add_argument("--pairs", type=int, default=5)
+    parser.add_argument("--store", choices=("sqlite", "postgresql"), default="sqlite",
+                        help="the lease store (postgresql: $BROKER_TEST_POSTGRES_DSN or the "
+                             "local server; a scratch database broker_ab_cpu)")
     parser.add_argument("--seconds", type=float, default=4.0, help="length of each phase")
     args = parser.parse_args()
     if not args.before and not args.env:

@@ -333,3 +333,24 @@ async def _until(predicate: Any, timeout: float) -> bool:
     while not predicate() and time.monotonic() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.01)
     return bool(predicate())
+
+
+async def test_a_store_call_is_one_round_trip_without_the_pools_reset(
+    replicas: tuple[PostgresStore, PostgresStore], pg_dsn: str,
+) -> None:
+    """asyncpg's pool sends a reset query (``RESET ALL`` ...) on every release: a
+    second round trip per store call. The store's connections skip it, so the last
+    statement each pooled session ran is the store's own."""
+    a, _ = replicas
+    await put_active(a, make_lease(lid(1), ttl=30))
+    for _ in range(5):
+        assert await a.get(lid(1)) is not None
+    admin = await asyncpg.connect(pg_dsn)
+    try:
+        last = [row["query"] for row in await admin.fetch(
+            "SELECT query FROM pg_stat_activity WHERE datname = current_database()"
+            " AND application_name = 'broker' AND pid <> pg_backend_pid()")]
+    finally:
+        await admin.close()
+    assert any("FROM leases" in q for q in last), last  # the store's reads are seen
+    assert not [q for q in last if "RESET ALL" in q], last
