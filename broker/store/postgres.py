@@ -159,6 +159,14 @@ _READ_COLS = ", ".join(f"{_STATE} AS state" if col == "state" else f"l.{col}"
                        for col in _LEASE_COL_NAMES)
 #: URL query parameters the store takes for itself; the rest go to asyncpg.
 _STORE_PARAMS = {"pool_min_size", "pool_max_size", "command_timeout"}
+#: Seconds a store query may take before the call answers 503. Below hvac's
+#: 30 s request timeout (and ``[leases] backend_timeout``'s 30 s), so a client
+#: hears "lease store unavailable" instead of timing out itself; far above the
+#: slowest query at 1M leases (~0.2 s). Migrations run without it.
+DEFAULT_COMMAND_TIMEOUT = 15.0
+#: Listener: how often an idle connection is checked, and the reconnect backoff.
+_KEEPALIVE = 30.0
+_RECONNECT_FIRST, _RECONNECT_MAX = 0.5, 30.0
 
 
 class _StoreConnection(asyncpg.Connection):  # type: ignore[misc]  # untyped
@@ -177,14 +185,6 @@ class _StoreConnection(asyncpg.Connection):  # type: ignore[misc]  # untyped
 
     def get_reset_query(self) -> str:
         return ""
-#: Seconds a store query may take before the call answers 503. Below hvac's
-#: 30 s request timeout (and ``[leases] backend_timeout``'s 30 s), so a client
-#: hears "lease store unavailable" instead of timing out itself; far above the
-#: slowest query at 1M leases (~0.2 s). Migrations run without it.
-DEFAULT_COMMAND_TIMEOUT = 15.0
-#: Listener: how often an idle connection is checked, and the reconnect backoff.
-_KEEPALIVE = 30.0
-_RECONNECT_FIRST, _RECONNECT_MAX = 0.5, 30.0
 
 
 class _Args:
