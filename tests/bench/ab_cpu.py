@@ -6,16 +6,17 @@
     python tests/bench/ab_cpu.py --before /tmp/before --store postgresql
 
 Each run is a real bench broker (no-op backend, an empty SQLite store with
-durable commits, or PostgreSQL with ``--store postgresql``) driven at c=32 through issue, renew and revoke, exactly like
-``broker bench --scenario overhead``; the figure is the broker process's CPU
-per successful call, which moves far less than a rate on a shared machine.
-"before" runs the broker from ``--before`` (put first on ``PYTHONPATH``) or
-with ``--env``; "after" runs this tree. (Until 2026-12-03 the brokers
-inherited the working directory, which ``python -m`` puts ahead of
-``PYTHONPATH``: run from a checkout, both sides ran that checkout's code.)
-Pairs alternate which side goes first, so a drift in the machine's load does
-not favour one side. A single run's noise here is ±10-15 %: look for a side that wins in most pairs, not at one
-mean.
+durable commits, or PostgreSQL with ``--store postgresql``) driven at c=32
+through issue, renew and revoke, exactly like ``broker bench --scenario
+overhead``; the figure is the broker process's CPU per successful call,
+which moves far less than a rate on a shared machine. "before" runs the
+broker from ``--before`` (put first on ``PYTHONPATH``) or with ``--env``;
+"after" runs this tree. (Until 2026-12-03 the brokers inherited the working
+directory, which ``python -m`` puts ahead of ``PYTHONPATH``: run from a
+checkout, both sides ran that checkout's code.) Pairs alternate which side
+goes first, so a drift in the machine's load does not favour one side. A
+single run's noise here is ±10-15 %: look for a side that wins in most
+pairs, not at one mean.
 """
 
 from __future__ import annotations
