@@ -53,7 +53,7 @@ from broker.bench.report import Row, Target
 from broker.templating import generate_password
 from plugins._scram import scram_verifier
 
-__all__ = ["run"]
+__all__ = ["pinned", "run"]
 
 NAME = "pg-issue"
 TARGET = Target("ratio>=", 0.85, ">= 0.85 x raw")
@@ -106,7 +106,7 @@ async def run(bench: Bench) -> list[Row]:
             judged = _Site(bench.pg_dsn, "", reason)
             rows += await _measure(bench, judged, judged=True)
             return rows
-        with _pinned(judged.cpus):
+        with pinned(judged.cpus):
             rows += await _measure(bench, judged, judged=True)
         if cluster is not None and bench.pg_dsn is not None:
             shared = _Site(bench.pg_dsn, ", shared cores",
@@ -147,7 +147,7 @@ def _cpu_list(cpus: list[int]) -> str:
 
 
 @contextmanager
-def _pinned(cpus: frozenset[int] | None) -> Iterator[None]:
+def pinned(cpus: frozenset[int] | None) -> Iterator[None]:
     """Hold every thread of this process (and what it starts meanwhile) to ``cpus``."""
     if cpus is None:
         yield

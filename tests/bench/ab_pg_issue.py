@@ -20,8 +20,10 @@ import argparse
 import asyncio
 import itertools
 import secrets
+import shutil
 import tempfile
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 from broker.bench.harness import (
@@ -34,10 +36,11 @@ from broker.bench.harness import (
     running,
 )
 from broker.bench.pg import ROLE_PREFIX, create_role_sql, drop_roles, pg_mount, raw_load
+from broker.bench.pg_issue import pinned
 from broker.bench.pgcluster import PrivateCluster
-from tests.bench.issue_timeline import REPO, pin_self, split_cpus
+from tests.bench.issue_timeline import REPO, split_cpus
 
-__all__ = ["main"]
+__all__ = ["Comparison", "compare", "main"]
 
 SIDES = ("raw", "before", "after")
 #: Every order of the three, in turn: each side runs first, second and third
@@ -47,57 +50,75 @@ SIDES = ("raw", "before", "after")
 ORDERS = list(itertools.permutations(SIDES))
 
 
-async def run(args: argparse.Namespace) -> None:
+@dataclass
+class Comparison:
+    before: float  # x raw, all rounds together
+    after: float
+    wins: int  # rounds in which "after" issued faster than "before"
+    rounds: int
+
+
+async def compare(before: str, after: str, *, rounds: int, seconds: float,
+                  concurrency: int = 1) -> Comparison:
+    """The rounds on a private cluster (this process pinned meanwhile), printed as they go."""
     server_cpus, bench_cpus = split_cpus()
     cluster = PrivateCluster.start(cpus=server_cpus, prefix="ab-pg-issue-")
-    pin_self(bench_cpus)
     tmp = Path(tempfile.mkdtemp(prefix="ab-pg-issue-"))
     bench = Bench(tmp, pg_dsn=cluster.dsn)
     results: dict[str, list[LoadResult]] = {side: [] for side in SIDES}
     wins = 0
     try:
-        async with AsyncExitStack() as stack:
-            issuers = {}
-            for side, tree in (("before", args.before), ("after", args.after)):
-                store = f"sqlite:///{tmp / side}.db"
-                await create_root_token(store)
-                toml, mount_env = pg_mount(bench, max_open=args.concurrency)
-                config = broker_config(tmp, store_url=store, mounts=toml, name=side)
-                broker = await stack.enter_async_context(
-                    running(config, {**mount_env, "PYTHONPATH": tree}))
-                api = await stack.enter_async_context(
-                    ApiClient(broker.url, concurrency=args.concurrency))
+        with pinned(bench_cpus):
+            async with AsyncExitStack() as stack:
+                issuers = {}
+                for side, tree in (("before", before), ("after", after)):
+                    store = f"sqlite:///{tmp / side}.db"
+                    await create_root_token(store)
+                    toml, mount_env = pg_mount(bench, max_open=concurrency)
+                    config = broker_config(tmp, store_url=store, mounts=toml, name=side)
+                    broker = await stack.enter_async_context(
+                        running(config, {**mount_env, "PYTHONPATH": tree}))
+                    api = await stack.enter_async_context(
+                        ApiClient(broker.url, concurrency=concurrency))
 
-                async def issue(_w: int, api: ApiClient = api) -> None:
-                    await api.issue("pg", "bench")
+                    async def issue(_w: int, api: ApiClient = api) -> None:
+                        await api.issue("pg", "bench")
 
-                issuers[side] = issue
-                await run_load(issue, concurrency=args.concurrency, seconds=0.5)  # warm-up
-            await drop_roles(cluster.dsn)
-            for n in range(args.rounds):
-                for side in ORDERS[n % len(ORDERS)]:
-                    if side == "raw":
-                        part = await raw_load(
-                            cluster.dsn,
-                            lambda _i: create_role_sql(f"{ROLE_PREFIX}raw-{secrets.token_hex(8)}"),
-                            concurrency=args.concurrency, seconds=args.seconds)
-                    else:
-                        part = await run_load(issuers[side], concurrency=args.concurrency,
-                                              seconds=args.seconds)
-                    results[side].append(part)
-                    await drop_roles(cluster.dsn)
-                raw, before, after = (results[side][-1] for side in SIDES)
-                wins += after.rate > before.rate
-                print(f"round {n:2}: raw {raw.rate:6.1f}/s p50 {raw.p(0.5):5.2f} ms | "
-                      f"before {before.rate / raw.rate:.3f} ({before.p(0.5):5.2f} ms) | "
-                      f"after {after.rate / raw.rate:.3f} ({after.p(0.5):5.2f} ms)", flush=True)
+                    issuers[side] = issue
+                    await run_load(issue, concurrency=concurrency, seconds=0.5)  # warm-up
+                await drop_roles(cluster.dsn)
+                for n in range(rounds):
+                    for side in ORDERS[n % len(ORDERS)]:
+                        if side == "raw":
+                            part = await raw_load(
+                                cluster.dsn,
+                                lambda _i: create_role_sql(
+                                    f"{ROLE_PREFIX}raw-{secrets.token_hex(8)}"),
+                                concurrency=concurrency, seconds=seconds)
+                        else:
+                            part = await run_load(issuers[side], concurrency=concurrency,
+                                                  seconds=seconds)
+                        results[side].append(part)
+                        await drop_roles(cluster.dsn)
+                    raw, old, new = (results[side][-1] for side in SIDES)
+                    wins += new.rate > old.rate
+                    print(f"round {n:2}: raw {raw.rate:6.1f}/s p50 {raw.p(0.5):5.2f} ms | "
+                          f"before {old.rate / raw.rate:.3f} ({old.p(0.5):5.2f} ms) | "
+                          f"after {new.rate / raw.rate:.3f} ({new.p(0.5):5.2f} ms)", flush=True)
     finally:
         cluster.stop()
+    shutil.rmtree(tmp, ignore_errors=True)
     total = {side: LoadResult.merge(parts) for side, parts in results.items()}
-    ratio = {side: total[side].rate / total["raw"].rate for side in ("before", "after")}
-    print(f"\nc={args.concurrency}: before {ratio['before']:.3f}, after {ratio['after']:.3f} "
-          f"x raw ({ratio['after'] - ratio['before']:+.3f}); after faster in {wins} of "
-          f"{args.rounds} rounds")
+    return Comparison(total["before"].rate / total["raw"].rate,
+                      total["after"].rate / total["raw"].rate, wins, rounds)
+
+
+async def run(args: argparse.Namespace) -> None:
+    result = await compare(args.before, args.after, rounds=args.rounds, seconds=args.seconds,
+                           concurrency=args.concurrency)
+    print(f"\nc={args.concurrency}: before {result.before:.3f}, after {result.after:.3f} "
+          f"x raw ({result.after - result.before:+.3f}); after faster in {result.wins} of "
+          f"{result.rounds} rounds")
 
 
 def main() -> None:

@@ -25,7 +25,9 @@ import asyncio
 import json
 import os
 import secrets
+import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from broker.bench.harness import (
@@ -37,31 +39,35 @@ from broker.bench.harness import (
     running,
 )
 from broker.bench.pg import ROLE_PREFIX, create_role_sql, drop_roles, pg_mount, raw_load
+from broker.bench.pg_issue import pinned
 from broker.bench.pgcluster import PrivateCluster
 
-__all__ = ["main"]
+__all__ = ["Timeline", "main", "measure", "split_cpus"]
 
 REPO = Path(__file__).resolve().parents[2]
 HOOKS = Path(__file__).resolve().with_name("issue_trace_hooks.py")
 
 
-def split_cpus() -> tuple[list[int], list[int]]:
+def split_cpus() -> tuple[list[int], frozenset[int]]:
     """(PostgreSQL's CPUs, the bench's): halves, as the pg-issue scenario splits them."""
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         raise SystemExit("needs at least 2 CPUs: PostgreSQL gets cores of its own")
-    return cpus[:len(cpus) // 2], cpus[len(cpus) // 2:]
+    return cpus[:len(cpus) // 2], frozenset(cpus[len(cpus) // 2:])
 
 
-def pin_self(cpus: list[int]) -> None:
-    for tid in os.listdir("/proc/self/task"):
-        os.sched_setaffinity(int(tid), cpus)
+@dataclass
+class Timeline:
+    requests: int  # issues traced
+    medians_ms: dict[str, float]  # step stamp -> median ms since the request's bytes arrived
+    broker_p50: float  # ms, as the load generator saw it
+    raw_p50: float  # ms, raw CREATE ROLE in the same run
 
 
-async def run(args: argparse.Namespace) -> None:
+async def measure(seconds: float, tree: str = str(REPO)) -> Timeline:
+    """The traced c=1 load on a private cluster; this process is pinned meanwhile."""
     server_cpus, bench_cpus = split_cpus()
     cluster = PrivateCluster.start(cpus=server_cpus, prefix="issue-timeline-")
-    pin_self(bench_cpus)
     tmp = Path(tempfile.mkdtemp(prefix="issue-timeline-"))
     hooks = tmp / "hooks"
     hooks.mkdir()
@@ -72,32 +78,44 @@ async def run(args: argparse.Namespace) -> None:
         "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n")
     out = tmp / "timeline.json"
     try:
-        bench = Bench(tmp, pg_dsn=cluster.dsn)
-        store = f"sqlite:///{tmp / 'broker.db'}"
-        await create_root_token(store)
-        toml, env = pg_mount(bench, max_open=1)
-        config = broker_config(tmp, store_url=store, mounts=toml, name="traced")
-        tree = args.tree or str(REPO)
-        env = {**env, "BROKER_TRACE_OUT": str(out),
-               "PYTHONPATH": os.pathsep.join([str(hooks), tree])}
-        async with running(config, env) as broker, ApiClient(broker.url, concurrency=1) as api:
-            async def issue(_w: int) -> None:
-                await api.issue("pg", "bench")
+        with pinned(bench_cpus):
+            bench = Bench(tmp, pg_dsn=cluster.dsn)
+            store = f"sqlite:///{tmp / 'broker.db'}"
+            await create_root_token(store)
+            toml, env = pg_mount(bench, max_open=1)
+            config = broker_config(tmp, store_url=store, mounts=toml, name="traced")
+            env = {**env, "BROKER_TRACE_OUT": str(out),
+                   "PYTHONPATH": os.pathsep.join([str(hooks), tree])}
+            async with running(config, env) as broker, ApiClient(broker.url,
+                                                                 concurrency=1) as api:
+                async def issue(_w: int) -> None:
+                    await api.issue("pg", "bench")
 
-            await run_load(issue, concurrency=1, seconds=0.5)  # warm-up
-            http = await run_load(issue, concurrency=1, seconds=args.seconds)
-        await drop_roles(cluster.dsn)
-        raw = await raw_load(
-            cluster.dsn, lambda _i: create_role_sql(f"{ROLE_PREFIX}raw-{secrets.token_hex(8)}"),
-            concurrency=1, seconds=min(args.seconds, 4.0))
-        await drop_roles(cluster.dsn)
+                await run_load(issue, concurrency=1, seconds=0.5)  # warm-up
+                http = await run_load(issue, concurrency=1, seconds=seconds)
+            await drop_roles(cluster.dsn)
+            raw = await raw_load(
+                cluster.dsn,
+                lambda _i: create_role_sql(f"{ROLE_PREFIX}raw-{secrets.token_hex(8)}"),
+                concurrency=1, seconds=min(seconds, 4.0))
+            await drop_roles(cluster.dsn)
     finally:
         cluster.stop()
+    if not out.exists():  # written as the broker exits
+        raise RuntimeError(f"no timeline: the trace hooks did not run in the broker "
+                           f"(its log: {config.with_suffix('.log')})")
     traced = json.loads(out.read_text())
-    print(f"{traced['requests']} issues traced; client-side p50 {http.p(0.5):.2f} ms, "
-          f"raw CREATE ROLE p50 {raw.p(0.5):.2f} ms (added: {http.p(0.5) - raw.p(0.5):.2f} ms)")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return Timeline(traced["requests"], traced["medians_ms"], http.p(0.5), raw.p(0.5))
+
+
+async def run(args: argparse.Namespace) -> None:
+    timeline = await measure(args.seconds, args.tree or str(REPO))
+    print(f"{timeline.requests} issues traced; client-side p50 {timeline.broker_p50:.2f} ms, "
+          f"raw CREATE ROLE p50 {timeline.raw_p50:.2f} ms "
+          f"(added: {timeline.broker_p50 - timeline.raw_p50:.2f} ms)")
     previous = 0.0
-    for name, at in sorted(traced["medians_ms"].items(), key=lambda kv: kv[1]):
+    for name, at in sorted(timeline.medians_ms.items(), key=lambda kv: kv[1]):
         print(f"  {at:8.3f} ms  (+{at - previous:6.3f})  {name}")
         previous = at
 

@@ -7,6 +7,7 @@ still starts its brokers, drives them, and reads back outcomes that are right
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from pathlib import Path
@@ -19,6 +20,8 @@ from broker.bench.pgcluster import local_initdb
 from broker.bench.report import Row
 from broker.bench.runner import SCENARIOS, run_bench
 from broker.cli import main as cli_main
+from tests.bench import ab_pg_issue, issue_timeline
+from tests.conftest import server_missing
 
 
 def _by_metric(rows: list[Row]) -> dict[str, Row]:
@@ -127,3 +130,33 @@ def test_a_bench_broker_runs_the_code_pythonpath_names(tmp_path: Path,
         if broker.proc.poll() is None:
             broker.proc.kill()
     assert marker.exists(), broker.log_path.read_text()
+
+
+def _private_cluster_possible() -> None:
+    if not local_initdb() or len(os.sched_getaffinity(0)) < 2:
+        server_missing("a local initdb and two CPUs (the bench's private PostgreSQL cluster)")
+
+
+def test_issue_timeline_stamps_every_step_of_an_issue() -> None:
+    """tests/bench/issue_timeline.py: its hooks wrap the broker's own methods; a
+    rename there must show up here, not the next time someone profiles."""
+    _private_cluster_possible()
+    before = os.sched_getaffinity(0)
+    timeline = asyncio.run(issue_timeline.measure(seconds=0.5))
+    assert os.sched_getaffinity(0) == before  # pinned only while it ran
+    assert timeline.requests > 0 and timeline.broker_p50 > 0 and timeline.raw_p50 > 0
+    at = timeline.medians_ms
+    # In the order an issue takes them (the pending row and the activation run
+    # beside the server's statements, so only their ends are ordered).
+    order = ["authenticate>", "audit>", "audit<", "authenticate<", "policy>", "engine>",
+             "stage_user>", "begin_create>", "begin_create<", "commit>", "commit<",
+             "engine<", "audit>2", "audit<2", "json>", "json<", "answered"]
+    assert [at[step] for step in order] == sorted(at[step] for step in order), at
+    assert at["intent<"] < at["begin_create<"] and at["activate<"] < at["engine<"], at
+
+
+def test_ab_pg_issue_runs_both_trees_against_raw() -> None:
+    _private_cluster_possible()
+    repo = str(Path(__file__).resolve().parents[2])
+    result = asyncio.run(ab_pg_issue.compare(repo, repo, rounds=1, seconds=0.3))
+    assert result.before > 0 and result.after > 0 and result.rounds == 1
