@@ -20,7 +20,7 @@ from broker.bench.pgcluster import local_initdb
 from broker.bench.report import Row
 from broker.bench.runner import SCENARIOS, run_bench
 from broker.cli import main as cli_main
-from tests.bench import ab_pg_issue, issue_timeline
+from tests.bench import ab_cpu, ab_pg_issue, issue_timeline
 from tests.conftest import server_missing
 
 
@@ -160,3 +160,10 @@ def test_ab_pg_issue_runs_both_trees_against_raw() -> None:
     repo = str(Path(__file__).resolve().parents[2])
     result = asyncio.run(ab_pg_issue.compare(repo, repo, rounds=1, seconds=0.3))
     assert result.before > 0 and result.after > 0 and result.rounds == 1
+
+
+def test_ab_cpu_measures_a_broker_of_the_tree_it_is_given() -> None:
+    repo = str(Path(__file__).resolve().parents[2])
+    got = asyncio.run(ab_cpu.one_run({"PYTHONPATH": repo}, 0.2, "sqlite"))
+    assert set(got) == {"issue", "renew", "revoke"}
+    assert all(rate > 0 and cpu > 0 for rate, cpu in got.values()), got
