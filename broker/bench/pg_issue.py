@@ -54,7 +54,7 @@ from broker.bench.report import Row, Target
 from broker.templating import generate_password
 from plugins._scram import scram_verifier
 
-__all__ = ["pinned", "run"]
+__all__ = ["pinned", "run", "split_cpus"]
 
 NAME = "pg-issue"
 TARGET = Target("ratio>=", 0.85, ">= 0.85 x raw")
@@ -126,7 +126,7 @@ def _isolated_site(bench: Bench) -> tuple[PrivateCluster | None, _Site | None, s
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         return None, None, "PostgreSQL shares the only CPU with the broker"
-    server_cpus, bench_cpus = cpus[:len(cpus) // 2], cpus[len(cpus) // 2:]
+    server_cpus, bench_cpus = split_cpus(cpus)
     try:
         cluster = PrivateCluster.start(cpus=server_cpus, prefix="broker-bench-pg-")
     except (LookupError, OSError, RuntimeError, subprocess.SubprocessError) as exc:
@@ -136,6 +136,11 @@ def _isolated_site(bench: Bench) -> tuple[PrivateCluster | None, _Site | None, s
     note = (f"private PostgreSQL on CPU {_cpu_list(server_cpus)}, "
             f"bench and broker on CPU {_cpu_list(bench_cpus)}")
     return cluster, _Site(cluster.dsn, "", note, frozenset(bench_cpus)), ""
+
+
+def split_cpus(cpus: list[int]) -> tuple[list[int], list[int]]:
+    """(the private cluster's CPUs, the bench's and its brokers'): the first half, the rest."""
+    return cpus[:len(cpus) // 2], cpus[len(cpus) // 2:]
 
 
 def _is_local(dsn: str) -> bool:

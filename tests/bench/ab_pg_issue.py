@@ -38,7 +38,7 @@ from broker.bench.harness import (
 from broker.bench.pg import ROLE_PREFIX, create_role_sql, drop_roles, pg_mount, raw_load
 from broker.bench.pg_issue import pinned
 from broker.bench.pgcluster import PrivateCluster
-from tests.bench.issue_timeline import REPO, split_cpus
+from tests.bench.issue_timeline import REPO, judged_cpus
 
 __all__ = ["Comparison", "compare", "main"]
 
@@ -61,7 +61,7 @@ class Comparison:
 async def compare(before: str, after: str, *, rounds: int, seconds: float,
                   concurrency: int = 1) -> Comparison:
     """The rounds on a private cluster (this process pinned meanwhile), printed as they go."""
-    server_cpus, bench_cpus = split_cpus()
+    server_cpus, bench_cpus = judged_cpus()
     cluster = PrivateCluster.start(cpus=server_cpus, prefix="ab-pg-issue-")
     tmp = Path(tempfile.mkdtemp(prefix="ab-pg-issue-"))
     bench = Bench(tmp, pg_dsn=cluster.dsn)

@@ -39,21 +39,22 @@ from broker.bench.harness import (
     running,
 )
 from broker.bench.pg import ROLE_PREFIX, create_role_sql, drop_roles, pg_mount, raw_load
-from broker.bench.pg_issue import pinned
+from broker.bench.pg_issue import pinned, split_cpus
 from broker.bench.pgcluster import PrivateCluster
 
-__all__ = ["Timeline", "main", "measure", "split_cpus"]
+__all__ = ["Timeline", "judged_cpus", "main", "measure"]
 
 REPO = Path(__file__).resolve().parents[2]
 HOOKS = Path(__file__).resolve().with_name("issue_trace_hooks.py")
 
 
-def split_cpus() -> tuple[list[int], frozenset[int]]:
-    """(PostgreSQL's CPUs, the bench's): halves, as the pg-issue scenario splits them."""
+def judged_cpus() -> tuple[list[int], frozenset[int]]:
+    """(PostgreSQL's CPUs, the bench's), split as the pg-issue scenario's judged runs split them."""
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         raise SystemExit("needs at least 2 CPUs: PostgreSQL gets cores of its own")
-    return cpus[:len(cpus) // 2], frozenset(cpus[len(cpus) // 2:])
+    server, bench = split_cpus(cpus)
+    return server, frozenset(bench)
 
 
 @dataclass
@@ -66,7 +67,7 @@ class Timeline:
 
 async def measure(seconds: float, tree: str = str(REPO)) -> Timeline:
     """The traced c=1 load on a private cluster; this process is pinned meanwhile."""
-    server_cpus, bench_cpus = split_cpus()
+    server_cpus, bench_cpus = judged_cpus()
     cluster = PrivateCluster.start(cpus=server_cpus, prefix="issue-timeline-")
     tmp = Path(tempfile.mkdtemp(prefix="issue-timeline-"))
     hooks = tmp / "hooks"
