@@ -52,11 +52,20 @@ class BackendError(Exception):
 
     ``retryable`` tells the engine whether trying again later may help
     (connection refused: yes; a syntax error in a statement: no).
+
+    ``created_nothing``, from ``new_user`` (and a staged user's ``commit``):
+    the backend certainly made no user, e.g. the server refused the creation
+    transaction as a whole ("role already exists"). The engine then only
+    forgets the lease and deletes no user: a user of that name that exists
+    is not ours. Leave it False whenever the outcome is unknown (a timeout,
+    a lost connection, a statement that failed after others took effect).
     """
 
-    def __init__(self, message: str, *, retryable: bool = True) -> None:
+    def __init__(self, message: str, *, retryable: bool = True,
+                 created_nothing: bool = False) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.created_nothing = created_nothing
 
 
 class PluginConfigError(Exception):

@@ -232,6 +232,15 @@ def _created(lease: Lease, resp: NewUserResponse, max_expire: float) -> None:
     lease.state = LeaseState.ACTIVE
 
 
+#: "it cannot be ...": the lease operations' past participles.
+_PAST = {"lookup": "looked up", "revoke": "revoked", "renew": "renewed"}
+
+
+def _created_nothing(outcome: object) -> bool:
+    """Whether a backend call's outcome (result or exception) certainly made no user."""
+    return isinstance(outcome, BackendError) and outcome.created_nothing
+
+
 def _issue_failed(runtime: MountRuntime, role: RoleSpec, exc: BackendError) -> Exception:
     """The API error for a backend that could not create a credential."""
     if exc.retryable:
@@ -460,7 +469,8 @@ class LeaseEngine:
         try:
             resp = await runtime.new_user(req)
         except BackendError as exc:
-            await self._rollback(lease, role, reason=str(exc), request=request)
+            await self._rollback(lease, role, reason=str(exc), request=request,
+                                 backend=not exc.created_nothing)
             raise _issue_failed(runtime, role, exc) from None
         except BaseException:
             # Cancelled mid-call (client gone, shutdown): the user may exist; undo it.
@@ -509,7 +519,8 @@ class LeaseEngine:
         except BaseException as exc:
             intent_error = await asyncio.shield(self._undo_issue(
                 lease, role, request, intent, staged,
-                reason=str(exc) if isinstance(exc, BackendError) else "cancelled"))
+                reason=str(exc) if isinstance(exc, BackendError) else "cancelled",
+                backend=not _created_nothing(exc)))
             if isinstance(exc, Exception) and intent_error not in (None, exc):
                 raise intent_error from None  # the store failed: nothing was recorded
             if isinstance(exc, BackendError):
@@ -534,7 +545,9 @@ class LeaseEngine:
             # may be active for a user that never committed. Undo both.
             await asyncio.shield(self._undo_issue(
                 lease, role, request, intent, None,
-                reason=str(failure) if isinstance(failure, BackendError) else "activate failed"))
+                reason=str(failure) if isinstance(failure, BackendError) else "activate failed",
+                # The COMMIT refused: no user. (Activated meanwhile: the row goes.)
+                backend=not _created_nothing(results[0])))
             if isinstance(results[0], BackendError):
                 raise _issue_failed(runtime, role, results[0]) from None
             raise failure
@@ -549,6 +562,7 @@ class LeaseEngine:
         staged: StagedUser | None,
         *,
         reason: str,
+        backend: bool = True,
     ) -> BaseException | None:
         """Undo a staged issue that failed; returns the intent's error, if it had one.
 
@@ -567,7 +581,8 @@ class LeaseEngine:
             await intent
         except BaseException as exc:  # returned: the caller decides
             return exc
-        if not await self._rollback(lease, role, reason=reason, request=request):
+        if not await self._rollback(lease, role, reason=reason, request=request,
+                                    backend=backend):
             try:
                 current = await self.store.get(lease.id)
                 if current is not None and current.state is LeaseState.ACTIVE:
@@ -578,17 +593,24 @@ class LeaseEngine:
         return None
 
     async def _rollback(
-        self, lease: Lease, role: RoleSpec | None, *, reason: str, request: Mapping[str, Any]
+        self, lease: Lease, role: RoleSpec | None, *, reason: str, request: Mapping[str, Any],
+        backend: bool = True,
     ) -> bool:
-        """Undo an interrupted issue: delete the user in the backend, then the row."""
+        """Undo an interrupted issue: delete the user in the backend, then the row.
+
+        ``backend=False``: the backend said it created nothing, so only the row
+        goes. Deleting "our" user then would delete whoever has that name (an
+        account that was there before, another lease's user).
+        """
         runtime = self.mounts.get(lease.mount)
         try:
-            if runtime is None:
+            if backend and runtime is None:
                 raise BackendError(f"mount {lease.mount!r} is not configured")
-            await runtime.delete_user(
-                DeleteUserRequest(role=role, username=lease.username,
-                                  revocation=lease.revocation, reason="rollback")
-            )
+            if backend and runtime is not None:
+                await runtime.delete_user(
+                    DeleteUserRequest(role=role, username=lease.username,
+                                      revocation=lease.revocation, reason="rollback")
+                )
         except BackendError as exc:
             # Leave the pending row: the stale-pending job tries again later.
             log.warning("rollback of %s failed, will retry: %s", lease.id, exc)
@@ -597,7 +619,7 @@ class LeaseEngine:
             return False
         await self.store.delete(lease.id)
         await self._audit_quietly(event("rollback", lease=lease_ref(lease), reason=reason,
-                                        request=dict(request) or None))
+                                        user_deleted=backend, request=dict(request) or None))
         return True
 
     async def rollback_stale_pending(self, *, older_than: float | None = None) -> int:
@@ -633,7 +655,8 @@ class LeaseEngine:
                 lease_state=lease.state.value, caller=caller.accessor,
                 original_owner=lease.owner,
             ))
-            raise ReuseAttempt(f"lease {lease_id} is {lease.state.value}; it cannot be {op}ed")
+            raise ReuseAttempt(f"lease {lease_id} is {lease.state.value}; "
+                               f"it cannot be {_PAST.get(op, op + 'ed')}")
         return lease
 
     async def renew(self, lease: Lease, increment: int | None) -> Lease:
@@ -656,6 +679,7 @@ class LeaseEngine:
         if not await self.store.renew(lease.id, expire_time=expire, now=now):
             raise BadRequest(f"lease {lease.id} is no longer active")
         lease.expire_time, lease.last_renewal = expire, now
+        self.wake(expire)  # a renewal may shorten the lease: due before the sweeper's next look
         return lease
 
     # -- revocation ------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -46,10 +47,13 @@ _SECRET_KEYS = ("password", "secret_key", "security_token", "secret", "token")
 
 
 def redact_text(text: str, secrets_: Iterable[str | None]) -> str:
-    """Replace every secret (of 4+ chars) in ``text`` by ``[REDACTED]``."""
+    """Replace every secret (of 4+ chars) in ``text`` by ``[REDACTED]``, in any letter case.
+
+    (A server may fold what it echoes: PostgreSQL lower-cases an unquoted identifier.)
+    """
     for secret in secrets_:
         if secret and len(secret) >= 4:
-            text = text.replace(secret, "[REDACTED]")
+            text = re.sub(re.escape(secret), lambda _m: "[REDACTED]", text, flags=re.IGNORECASE)
     return text
 
 
@@ -245,7 +249,8 @@ class MountRuntime:
             ok = True
             return result
         except BackendError as exc:
-            raise BackendError(redact_text(str(exc), hidden), retryable=exc.retryable) from None
+            raise BackendError(redact_text(str(exc), hidden), retryable=exc.retryable,
+                               created_nothing=exc.created_nothing) from None
         except TimeoutError:
             raise BackendError(f"{op} timed out after {self.timeout:g}s", retryable=True) from None
         except Exception as exc:  # a plugin bug: still never leak a secret

@@ -17,9 +17,10 @@ import ssl
 import sys
 from pathlib import Path
 
+import asyncpg
 from aiohttp import web
 
-from broker import __version__
+from broker import __version__, instance_lock
 from broker.api import create_app
 from broker.audit import AuditError, AuditLog, event
 from broker.config import (
@@ -31,8 +32,10 @@ from broker.config import (
     parse_listen,
 )
 from broker.engine import LeaseEngine
+from broker.errors import BrokerError
 from broker.event_loop import loop_factory
 from broker.event_loop import resolve as resolve_event_loop
+from broker.instance_lock import InstanceLocked
 from broker.lease import TokenState
 from broker.policy import PolicySet
 from broker.state import BrokerState
@@ -278,7 +281,10 @@ async def _serve(config: Config, *, dev: bool, dev_root_token_id: str | None,
         while True:
             await reload_requested.wait()
             reload_requested.clear()
-            await reload(state, tls=tls)
+            try:
+                await reload(state, tls=tls)
+            except Exception:  # a bug in a reload must not end every later one
+                log.exception("reload failed, keeping the running config")
 
     reload_task = asyncio.create_task(reloader())
     await stopping.wait()
@@ -352,15 +358,53 @@ def run_server(config_path: str | None, *, dev: bool, dev_root_token_id: str | N
     except ConfigError as exc:
         print(f"broker: error: {exc}", file=sys.stderr)
         return 2
-    if config.server.workers > 1:
-        return _run_workers(config)
+    # The store's instance lock and the port come first, before anything is
+    # opened: a second broker on the same store or port stops here, having
+    # touched neither the first one's store nor its audit log.
     try:
-        loop = resolve_event_loop(config.server.event_loop)
-        with asyncio.Runner(loop_factory=loop_factory(loop)) as runner:
-            return runner.run(_serve(config, dev=dev, dev_root_token_id=dev_root_token_id))
-    except (OSError, ValueError, RuntimeError) as exc:
+        lock = instance_lock.hold(config.storage.url)
+    except (InstanceLocked, OSError, ValueError) as exc:
         print(f"broker: error: {exc}", file=sys.stderr)
         return 1
+    try:
+        if config.server.workers > 1:
+            return _run_workers(config)
+        return _run_single(config, dev=dev, dev_root_token_id=dev_root_token_id)
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _run_single(config: Config, *, dev: bool, dev_root_token_id: str | None) -> int:
+    server = config.server
+    try:
+        sock = listen_socket(server.host, server.port, reuse_port=False)
+    except OSError as exc:
+        print(f"broker: error: cannot listen on {server.host}:{server.port}: {exc.strerror}",
+              file=sys.stderr)
+        return 1
+    try:
+        loop = resolve_event_loop(server.event_loop)
+        with asyncio.Runner(loop_factory=loop_factory(loop)) as runner:
+            return runner.run(_serve(config, dev=dev, dev_root_token_id=dev_root_token_id,
+                                     sock=sock))
+    except _STARTUP_ERRORS as exc:
+        print(f"broker: error: {_startup_error(exc)}", file=sys.stderr)
+        return 1
+    finally:
+        sock.close()
+
+
+#: What a broker that cannot start raises (an unreadable audit key, a store that
+#: is down or of a newer schema, a bad event loop choice): one line, no traceback.
+_STARTUP_ERRORS = (OSError, ValueError, RuntimeError, BrokerError, asyncpg.PostgresError,
+                   asyncpg.InterfaceError)
+
+
+def _startup_error(exc: BaseException) -> str:
+    if isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError):
+        return f"lease store: {type(exc).__name__}: {exc}"
+    return str(exc)
 
 
 def _run_workers(config: Config) -> int:
@@ -398,8 +442,8 @@ def _run_workers(config: Config) -> int:
             with asyncio.Runner(loop_factory=loop_factory(loop)) as runner:
                 return runner.run(_serve(own, dev=False, dev_root_token_id=None, sock=sock,
                                          worker=worker, board=board))
-        except (OSError, ValueError, RuntimeError) as exc:
-            print(f"broker: error: worker {worker}: {exc}", file=sys.stderr)
+        except _STARTUP_ERRORS as exc:
+            print(f"broker: error: worker {worker}: {_startup_error(exc)}", file=sys.stderr)
             return 1
 
     try:

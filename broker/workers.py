@@ -70,19 +70,21 @@ def worker_audit_path(path: str, worker: int) -> str:
 REUSE_PORT = sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
 
 
-def listen_socket(host: str, port: int, *, listen: bool = True) -> socket.socket:
+def listen_socket(host: str, port: int, *, listen: bool = True,
+                  reuse_port: bool = REUSE_PORT) -> socket.socket:
     """A socket bound to the listen address (listening unless ``listen`` is False).
 
     With :data:`REUSE_PORT` the supervisor holds a bound socket that does not
     listen (it keeps the port, and a bad address fails before any fork), and
     every worker binds and listens on its own; without, the supervisor's one
-    listener is inherited by every worker.
+    listener is inherited by every worker. A single process passes
+    ``reuse_port=False``: then a second broker on the same port cannot bind.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if REUSE_PORT:
+        if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
         if listen:

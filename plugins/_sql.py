@@ -41,7 +41,10 @@ _USERNAME = re.compile(r"[a-z0-9_-]+")
 _PASSWORD = re.compile(r"[A-Za-z0-9]+")
 _EXPIRATION = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}\+00:00")
 # A single-quoted SQL literal, with '' (and, for MySQL, \') escapes inside.
-_LITERAL = re.compile(r"'(?:[^'\\]|''|\\.)*'")
+# A quote right after a letter is an apostrophe in the server's prose ("Can't
+# connect ... '127.0.0.1'"), not a literal: taken as one, it ate the message.
+# Except a lone prefix letter: E'...' (escapes), N'...', B'...', X'...'.
+_LITERAL = re.compile(r"(?<![A-Za-z])[EeNnBbXx]?'(?:[^'\\]|''|\\.)*'")
 _ALNUM_RUN = re.compile(r"[A-Za-z0-9]{8,}")
 _RANDOM = secrets.SystemRandom()
 
@@ -110,14 +113,18 @@ def redact(text: str, secret_values: Iterable[str | None] = ()) -> str:
     Literals go because a driver may echo a statement (``... PASSWORD '...'``).
     Runs of 8+ letters/digits that are part of a secret go too, so a server
     message that truncated or split a password does not leak a piece of it.
+    Matching ignores case: PostgreSQL folds an unquoted identifier to lower
+    case, so a password misused as one comes back folded.
     """
     values = [v for v in secret_values if v]
     for value in sorted(values, key=len, reverse=True):
-        text = text.replace(value, REDACTED)
+        text = re.sub(re.escape(value), lambda _m: REDACTED, text, flags=re.IGNORECASE)
     text = _LITERAL.sub(f"'{REDACTED}'", text)
     if values:
+        folded = [v.lower() for v in values]
         text = _ALNUM_RUN.sub(
-            lambda m: REDACTED if any(m.group(0) in v for v in values) else m.group(0), text
+            lambda m: REDACTED if any(m.group(0).lower() in v for v in folded) else m.group(0),
+            text,
         )
     return text
 

@@ -385,10 +385,17 @@ class MySQLBackend:
         templates = req.role.creation_statements or self._default_creation(host)
         statements = self._render_all(templates, values, "creation_statements", [password])
         async with self._cursor("creating user", password) as cur:
+            ran = 0
             try:
                 for stmt in statements:
                     await self._run(cur, "creating user", stmt, password)
-            except BackendError:
+                    ran += 1
+            except BackendError as exc:
+                if ran == 0 and exc.created_nothing:
+                    # The server refused the first statement (say, error 1396: the
+                    # user exists): nothing is ours, and a user of that name is not.
+                    raise
+                exc.created_nothing = False
                 # Leave nothing half-made behind: the user may exist without its grants.
                 await self._drop_quietly(cur, name, host)
                 raise
@@ -692,7 +699,12 @@ class MySQLBackend:
         )
         detail = _redact(detail, [*secrets, self._password])
         where = f"{self._host}:{self._port}"
-        return BackendError(f"mysql {where}: {what} failed: {detail}", retryable=retryable)
+        # An error the server sent back (not a client-side 2xxx code: lost
+        # connection, gone away) means it refused the statement: it did nothing.
+        refused = (isinstance(exc, pymysql.err.MySQLError) and code is not None
+                   and not 2000 <= code < 3000)
+        return BackendError(f"mysql {where}: {what} failed: {detail}", retryable=retryable,
+                            created_nothing=refused)
 
 
 def _int_option(opts: Mapping[str, Any], key: str, default: int, lo: int, hi: int) -> int:

@@ -132,6 +132,12 @@ _RETRY_STATES = {"40001", "40P01"}
 _CONNECTION_CLASSES = ("08", "53", "57", "28", "3D")
 _TERMINATE_WAIT_MS = 5000
 _SERIALIZE_MODES = {True: True, False: False, "auto": None}
+# A creation template that ends or opens transactions itself may have committed
+# part of its work before a later statement failed. Such a failure is not
+# "nothing was created" (a word match: false alarms only cost a rollback).
+_TRANSACTION_CONTROL = re.compile(
+    r"\b(COMMIT|END|ROLLBACK|ABORT|BEGIN|START\s+TRANSACTION|SAVEPOINT|RELEASE|PREPARE"
+    r"\s+TRANSACTION|CALL|DO)\b", re.IGNORECASE)
 # Statements that rewrite a catalog row other transactions may rewrite too: a
 # GRANT/REVOKE of privileges ON an object (not role membership, which inserts
 # its own pg_auth_members row), ALTER DEFAULT PRIVILEGES, and code we cannot
@@ -405,7 +411,7 @@ class PostgresBackend:
             "new_user",
             lambda conn: self._transaction(
                 conn, "new_user", creation.statements, creation.secrets, lock=creation.lock,
-                custom=creation.custom,
+                custom=creation.custom, atomic=creation.atomic,
             ),
             creation.secrets,
         )
@@ -421,21 +427,26 @@ class PostgresBackend:
         """
         creation = await self._creation(req)
         pool = await self._ensure_pool()
+        # Nothing commits before the engine's COMMIT: every failure here made no
+        # role (unless a custom template commits on its own).
         error: BackendError | None = None
         try:
             conn = await pool.acquire()
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
-            error = _wrap("new_user", exc, [*creation.secrets, self._secret])
+            error = _wrap("new_user", exc, [*creation.secrets, self._secret], created_nothing=True)
         if error is not None:
             raise error
         try:
             await self._transaction(conn, "new_user", creation.statements, creation.secrets,
-                                    lock=creation.lock, custom=creation.custom, hold=True)
-        except BackendError:
+                                    lock=creation.lock, custom=creation.custom, hold=True,
+                                    atomic=creation.atomic)
+        except BackendError as exc:
             await pool.release(conn)  # the failed attempt was rolled back: the connection is idle
+            exc.created_nothing = creation.atomic
             raise
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
-            error = _wrap("new_user", exc, [*creation.secrets, self._secret])
+            error = _wrap("new_user", exc, [*creation.secrets, self._secret],
+                          created_nothing=creation.atomic)
         except BaseException:
             conn.terminate()  # cancelled mid-statement: its state is unknown
             await pool.release(conn)
@@ -445,7 +456,7 @@ class PostgresBackend:
             await pool.release(conn)
             raise error
         return _StagedRole(pool, conn, creation.response, [*creation.secrets, self._secret],
-                           self._unsettled.add)
+                           self._unsettled.add, atomic=creation.atomic)
 
     async def _creation(self, req: NewUserRequest) -> _Creation:
         """The checked, rendered creation transaction for ``req``."""
@@ -465,6 +476,7 @@ class PostgresBackend:
             secrets=secrets_,
             lock=self._needs_lock(templates),
             custom=bool(req.role.creation_statements),
+            atomic=not any(_TRANSACTION_CONTROL.search(t) for t in templates),
             response=NewUserResponse(data={"username": name, "password": password}),
         )
 
@@ -692,6 +704,7 @@ class PostgresBackend:
         custom: bool = False,
         role_oid: int | None = None,
         hold: bool = False,
+        atomic: bool = False,
     ) -> bool:
         """Run ``statements`` as one transaction in one round trip, retrying transient conflicts.
 
@@ -711,6 +724,10 @@ class PostgresBackend:
         ``hold``: the script starts with ``BEGIN`` and the transaction stays
         open for the caller to COMMIT or ROLLBACK (``stage_user``); a failed
         attempt is rolled back here.
+
+        ``atomic``: the statements hold no transaction control of their own, so
+        an error the server answers means none of them took effect; the error
+        then says the call created nothing (``BackendError.created_nothing``).
         """
         parts = [*(["BEGIN"] if hold else []),
                  *([f"SELECT pg_advisory_xact_lock({_DDL_LOCK_KEY})"] if lock else []),
@@ -726,7 +743,9 @@ class PostgresBackend:
                 await conn.execute(script)
                 return True
             except asyncpg.PostgresError as exc:
-                error = _wrap(op, exc, secrets_)
+                # Held open (hold): nothing commits before the caller's COMMIT.
+                error = _wrap(op, exc, secrets_,
+                              created_nothing=atomic and (hold or _refused(exc)))
             # Handled outside the except block: the driver error (which may quote
             # the statement) must be neither the cause nor the context of ours.
             if hold and conn.is_in_transaction():
@@ -943,8 +962,23 @@ class _Missing(BackendError):
     """The role vanished under us (a concurrent revocation): success for delete."""
 
 
-def _wrap(op: str, exc: BaseException, secret_values: Sequence[str | None]) -> BackendError:
-    """Classify a driver error into a redacted BackendError (transient ones as _Transient)."""
+def _refused(exc: asyncpg.PostgresError) -> bool:
+    """Whether the server refused the statement, so that it certainly took no effect.
+
+    Not so for the classes asyncpg also raises when the connection broke (08,
+    "connection was closed in the middle of operation"), nor for an operator's
+    or the system's intervention (57, 58, XX): a COMMIT may have landed.
+    """
+    state = str(getattr(exc, "sqlstate", "") or "")
+    return bool(state) and not state.startswith((*_CONNECTION_CLASSES, "58", "XX"))
+
+
+def _wrap(op: str, exc: BaseException, secret_values: Sequence[str | None], *,
+          created_nothing: bool = False) -> BackendError:
+    """Classify a driver error into a redacted BackendError (transient ones as _Transient).
+
+    ``created_nothing``: the caller knows this failure left no role behind.
+    """
     if isinstance(exc, BackendError):
         return exc
     if isinstance(exc, asyncpg.PostgresError):
@@ -952,15 +986,18 @@ def _wrap(op: str, exc: BaseException, secret_values: Sequence[str | None]) -> B
         message = redact(str(exc), secret_values)
         text = f"postgres {op} failed: {message} (SQLSTATE {state})"
         if state in _RETRY_STATES or (state == "XX000" and "concurrently" in str(exc)):
-            return _Transient(BackendError(text, retryable=True))
+            return _Transient(BackendError(text, retryable=True, created_nothing=created_nothing))
         if state == "42704" and op == "delete_user":
             return _Missing(text, retryable=False)
-        return BackendError(text, retryable=state.startswith(_CONNECTION_CLASSES))
+        return BackendError(text, retryable=state.startswith(_CONNECTION_CLASSES),
+                            created_nothing=created_nothing)
     if isinstance(exc, TimeoutError):
-        return BackendError(f"postgres {op} failed: timed out reaching the server", retryable=True)
+        return BackendError(f"postgres {op} failed: timed out reaching the server", retryable=True,
+                            created_nothing=created_nothing)
     # OSError (refused, unreachable), asyncpg.InterfaceError (connection closed), ...
     message = redact(str(exc), secret_values) or type(exc).__name__
-    return BackendError(f"postgres {op} failed: cannot reach the server: {message}", retryable=True)
+    return BackendError(f"postgres {op} failed: cannot reach the server: {message}", retryable=True,
+                        created_nothing=created_nothing)
 
 
 @dataclass(frozen=True)
@@ -972,6 +1009,8 @@ class _Creation:
     secrets: Sequence[str]
     lock: bool
     custom: bool
+    #: the statements commit as one transaction: a refused one made nothing.
+    atomic: bool
     response: NewUserResponse
 
 
@@ -979,8 +1018,10 @@ class _StagedRole:
     """A role created in an open transaction; its connection is held until commit or abort."""
 
     def __init__(self, pool: asyncpg.Pool, conn: asyncpg.Connection, response: NewUserResponse,
-                 secret_values: Sequence[str | None], unsettled: Callable[[int], None]) -> None:
+                 secret_values: Sequence[str | None], unsettled: Callable[[int], None], *,
+                 atomic: bool) -> None:
         self.response = response
+        self._atomic = atomic
         self._pool = pool
         self._conn: asyncpg.Connection | None = conn
         self._secrets = secret_values
@@ -992,7 +1033,8 @@ class _StagedRole:
         try:
             await conn.execute("COMMIT")
         except asyncpg.PostgresError as exc:  # the server answered: not committed
-            error = _wrap("new_user", exc, self._secrets)
+            error = _wrap("new_user", exc, self._secrets,
+                          created_nothing=self._atomic and _refused(exc))
         except (asyncpg.InterfaceError, OSError, TimeoutError) as exc:
             error = _wrap("new_user", exc, self._secrets)
             self._cut_off(conn)

@@ -162,12 +162,16 @@ class Call:
             if raw.strip():
                 try:
                     # (what json.loads does with bytes: UTF-8, -16 or -32, BOM or not)
-                    parsed = _BODY_DECODER.decode(
-                        raw.decode(json.detect_encoding(raw), "surrogatepass"))
-                except (ValueError, UnicodeDecodeError):
+                    text = raw.decode(json.detect_encoding(raw), "surrogatepass")
+                    parsed = _BODY_DECODER.decode(text)
+                except (ValueError, UnicodeDecodeError, RecursionError):
+                    # RecursionError: nested thousands deep ([[[[...). Not a 500.
                     raise BadRequest("request body is not valid JSON") from None
                 if not isinstance(parsed, dict):
                     raise BadRequest("request body must be a JSON object")
+                if ("\\u" in text or not text.isascii()) and not _encodable(parsed):
+                    raise BadRequest("request body holds an unpaired UTF-16 surrogate "
+                                     "(\\ud800-\\udfff), which is not text")
                 data.update(parsed)
         self.body = data
         return data
@@ -200,6 +204,16 @@ class Call:
         if isinstance(value, str) and value.lower() in {"false", "0", "no", ""}:
             return False
         raise BadRequest(f"{name} must be a boolean")
+
+
+def _encodable(value: dict[str, Any]) -> bool:
+    """Whether every string in ``value`` is valid Unicode (JSON lets "\\ud800" through;
+    it would fail later, in a hash or a store write, as a 500)."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def new_call(request: web.Request, path: str) -> Call:

@@ -22,7 +22,10 @@ async def issue(request: web.Request) -> web.Response:
         raise web.HTTPMethodNotAllowed(request.method, ["GET", "POST", "PUT"])
     call: Call = request[CALL]
     mount, role = request.match_info["mount"], request.match_info["role"]
-    path = f"{mount}/creds/{role}"
+    # Policies see the path asked for, as in Vault: aws/sts/x needs a grant on
+    # aws/sts/x; one on aws/creds/x does not reach it.
+    kind = "sts" if request.path.startswith(f"/v1/{mount}/sts/") else "creds"
+    path = f"{mount}/{kind}/{role}"
     await call.authenticate()
     await call.read_body()
     caps = ("read",) if request.method == "GET" else ("update", "create")

@@ -76,6 +76,7 @@ async def _lease_for(call: Call, op: str) -> Lease:
 
 
 @routes.route("*", "/v1/sys/leases/renew")
+@routes.route("*", "/v1/sys/leases/renew/{lease_id:.+}")
 @routes.route("*", "/v1/sys/renew/{lease_id:.+}")
 async def renew(request: web.Request) -> web.Response:
     _only(request, "PUT", "POST")
@@ -103,6 +104,7 @@ async def renew(request: web.Request) -> web.Response:
 
 
 @routes.route("*", "/v1/sys/leases/revoke")
+@routes.route("*", "/v1/sys/leases/revoke/{lease_id:.+}")
 @routes.route("*", "/v1/sys/revoke/{lease_id:.+}")
 async def revoke(request: web.Request) -> web.Response:
     _only(request, "PUT", "POST")
@@ -128,7 +130,9 @@ async def revoke(request: web.Request) -> web.Response:
 
 
 @routes.route("*", "/v1/sys/leases/lookup")
-async def lookup(request: web.Request) -> web.Response:
+async def lookup(request: web.Request) -> web.StreamResponse:
+    if _is_list(request):
+        return await list_leases(request)  # the top level: hvac drops the trailing slash
     _only(request, "PUT", "POST")
     call: Call = request[CALL]
     lease = await _lease_for(call, "lookup")
@@ -154,13 +158,9 @@ async def lookup(request: web.Request) -> web.Response:
 @routes.route("*", "/v1/sys/leases/lookup/{prefix:.*}")
 async def list_leases(request: web.Request) -> web.Response:
     call: Call = request[CALL]
-    is_list = request.method == "LIST" or (
-        # Vault takes Go's ParseBool spellings; hvac's client.list() sends "True".
-        request.method == "GET"
-        and request.query.get("list", "").lower() in {"true", "1", "t"})
-    if not is_list:
+    if not _is_list(request):
         raise web.HTTPMethodNotAllowed(request.method, ["LIST", "GET"])
-    prefix = request.match_info["prefix"]
+    prefix = request.match_info.get("prefix", "")
     if prefix and not prefix.endswith("/"):
         prefix += "/"  # a LIST always names a folder (hvac drops the trailing slash)
     await call.authenticate()
@@ -173,6 +173,13 @@ async def list_leases(request: web.Request) -> web.Response:
     if not keys:
         raise web.HTTPNotFound()  # Vault answers 404 for an empty listing
     return json_response({"request_id": call.request_id, "data": {"keys": keys}})
+
+
+def _is_list(request: web.Request) -> bool:
+    """A LIST request, or its GET spelling (Vault takes Go's ParseBool spellings;
+    hvac's client.list() sends "True")."""
+    return request.method == "LIST" or (
+        request.method == "GET" and request.query.get("list", "").lower() in {"true", "1", "t"})
 
 
 async def _list_level(call: Call, flt: LeaseFilter, limit: int) -> list[str]:

@@ -98,6 +98,9 @@ role_arns = ["{role_arn}"]
 default_ttl = "15m"
 max_ttl = "1h"
 
+[policies.sts-only]
+"aws/sts/deploy" = ["read", "update"]
+
 {IAM_USER_ROLE}"""
     server = start_broker(write_config(tmp_path, body))
     yield server
@@ -176,6 +179,18 @@ def test_aws_assumed_role_via_api(broker: BrokerThread, moto_endpoint: str) -> N
     assert resp["lease_duration"] == 900  # 15m role default; AWS's minimum is 900s
     with pytest.raises(hvac.exceptions.InvalidRequest, match="not renewable"):
         client.sys.renew_lease(resp["lease_id"], increment=60)
+
+
+def test_aws_sts_path_is_checked_against_the_policy_on_that_path(broker: BrokerThread) -> None:
+    """``aws/sts/deploy`` needs a grant on aws/sts/deploy, as in Vault (it was checked
+    against aws/creds/deploy, so docs/auth.md's ``aws/sts/...`` example granted nothing)."""
+    root = hvac.Client(url=broker.url, token=broker.root_token)
+    token = root.auth.token.create(policies=["sts-only"], ttl="10m")["auth"]["client_token"]
+    client = hvac.Client(url=broker.url, token=token)
+    resp = client.secrets.aws.generate_credentials("deploy", endpoint="sts", mount_point="aws")
+    assert resp["data"]["access_key"]
+    with pytest.raises(hvac.exceptions.Forbidden):
+        client.secrets.aws.generate_credentials("deploy", endpoint="creds", mount_point="aws")
 
 
 def test_aws_iam_user_revoked_through_api(broker: BrokerThread, moto_endpoint: str) -> None:

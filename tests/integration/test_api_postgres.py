@@ -258,10 +258,10 @@ def test_reuse_of_dead_lease_and_token_is_refused_and_audited(client: hvac.Clien
     app = hvac.Client(url=broker.url, token=tok["client_token"])
     lease = app.secrets.database.generate_credentials("readonly", mount_point="pg")
     app.sys.revoke_lease(lease["lease_id"])
-    for attempt in (lambda: app.sys.renew_lease(lease["lease_id"]),
-                    lambda: app.sys.read_lease(lease["lease_id"]),
-                    lambda: app.sys.revoke_lease(lease["lease_id"])):
-        with pytest.raises(hvac.exceptions.InvalidRequest, match="revoked"):
+    for attempt, verb in ((lambda: app.sys.renew_lease(lease["lease_id"]), "renewed"),
+                          (lambda: app.sys.read_lease(lease["lease_id"]), "looked up"),
+                          (lambda: app.sys.revoke_lease(lease["lease_id"]), "revoked")):
+        with pytest.raises(hvac.exceptions.InvalidRequest, match=f"revoked; it cannot be {verb}"):
             attempt()
     app.auth.token.revoke_self()
     with pytest.raises(hvac.exceptions.Forbidden, match="revoked"):
@@ -271,6 +271,36 @@ def test_reuse_of_dead_lease_and_token_is_refused_and_audited(client: hvac.Clien
     assert len(lease_reuse) == 3
     assert all(e["original_owner"] == tok["accessor"] for e in lease_reuse)
     assert any(e.get("token_accessor") == tok["accessor"] for e in reuse)
+
+
+def test_a_renewal_that_shortens_a_lease_is_revoked_on_time(client: hvac.Client,
+                                                            broker: BrokerThread,
+                                                            postgres_dsn: str) -> None:
+    """Renewed down to 2 s, a 1 h lease is revoked about then: the renewal wakes the
+    sweeper (it slept until its next look, up to 30 s, and the role lived on)."""
+    lease = client.secrets.database.generate_credentials("readonly", mount_point="pg")
+    renewed = client.sys.renew_lease(lease["lease_id"], increment=2)
+    assert renewed["lease_duration"] == 2
+    due = time.monotonic() + 2
+    while run(role_exists(postgres_dsn, lease["data"]["username"])):
+        assert time.monotonic() < due + 8, "the role outlived its shortened lease"
+        time.sleep(0.1)
+
+
+def test_vaults_other_lease_paths_work(client: hvac.Client, broker: BrokerThread) -> None:
+    """The lease id in the URL (``sys/leases/renew/{id}``, ``.../revoke/{id}``), and
+    ``LIST sys/leases/lookup`` for the top level (hvac's ``list_leases("")``)."""
+    lease = client.secrets.database.generate_credentials("readonly", mount_point="pg")
+    assert client.sys.list_leases("")["data"]["keys"] == ["pg/"]
+    h = {"X-Vault-Token": broker.root_token}
+    renewed = requests.put(f"{broker.url}/v1/sys/leases/renew/{lease['lease_id']}",
+                           json={"increment": 600}, headers=h, timeout=10)
+    assert renewed.status_code == 200 and renewed.json()["lease_duration"] == 600, renewed.text
+    revoked = requests.put(f"{broker.url}/v1/sys/leases/revoke/{lease['lease_id']}",
+                           headers=h, timeout=30)
+    assert revoked.status_code == 204, revoked.text
+    with pytest.raises(hvac.exceptions.InvalidRequest, match="revoked"):
+        client.sys.renew_lease(lease["lease_id"])
 
 
 def test_errors_are_vault_shaped(broker: BrokerThread) -> None:
@@ -297,6 +327,13 @@ def test_errors_are_vault_shaped(broker: BrokerThread) -> None:
                        data='{"ttl": 1e308}', timeout=10), 400),
         (requests.get(f"{broker.url}/v1/sys/leases/irrevocable", headers=h,
                       params={"limit": str(10**23)}, timeout=10), 400),
+        # Found in review: each was a 500 (the first without any token).
+        (requests.post(f"{broker.url}/v1/auth/jwt/login", data="[" * 5000 + "]" * 5000,
+                       timeout=10), 400),
+        (requests.put(f"{broker.url}/v1/sys/leases/lookup", headers=h,
+                      data='{"lease_id": "pg/creds/readonly/\\ud800"}', timeout=10), 400),
+        (requests.post(f"{broker.url}/v1/auth/token/create", headers=h,
+                       data='{"display_name": "a\\udfffb"}', timeout=10), 400),
     ]
     for resp, status in cases:
         assert resp.status_code == status, (resp.request.method, resp.url, resp.text)
