@@ -131,6 +131,10 @@ class Token:
     max_expire_time: float | None = None
     renewable: bool = True
     ended_at: float | None = None
+    #: the TTL (seconds) the token was created with: a renewal without an
+    #: increment extends by this, as in Vault. 0: never expires. None: a row from
+    #: before the store kept it (see TokenManager.renew).
+    creation_ttl: int | None = None
 
     @property
     def is_root(self) -> bool:

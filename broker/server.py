@@ -284,7 +284,7 @@ async def _serve(config: Config, *, dev: bool, dev_root_token_id: str | None,
             try:
                 await reload(state, tls=tls)
             except Exception:  # a bug in a reload must not end every later one
-                log.exception("reload failed, keeping the running config")
+                log.exception("reload failed; a later SIGHUP reloads again")
 
     reload_task = asyncio.create_task(reloader())
     await stopping.wait()

@@ -16,13 +16,30 @@ from broker.errors import BadRequest, PermissionDenied, ReuseAttempt
 from broker.lease import Token, TokenState
 from broker.store.base import LeaseStore
 
-__all__ = ["DeadToken", "TokenManager", "hash_token"]
+__all__ = ["DeadToken", "TokenManager", "check_token_id", "hash_token"]
 
 TOKEN_PREFIX = "brk."  # noqa: S105 - a prefix, not a secret
+#: Shortest token id an operator may choose (``--dev-root-token-id``); "root" is allowed.
+MIN_TOKEN_ID_LEN = 8
 
 
 def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+    """The store's key for ``token``; never raises, whatever the client sent.
+
+    aiohttp decodes a header's non-UTF-8 bytes to lone surrogates
+    (surrogateescape), and a JSON body may spell one (``"\\ud800"``); plain
+    ``encode()`` raised on both, and every authenticated endpoint answered 500.
+    surrogatepass maps every str to bytes, the same str always to the same
+    bytes; a value no token has simply matches nothing (403 invalid token).
+    """
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def check_token_id(token_id: str) -> None:
+    """BadRequest unless ``token_id`` may be chosen as a token's value."""
+    if len(token_id) < MIN_TOKEN_ID_LEN and token_id != "root":  # noqa: S105
+        raise BadRequest(
+            f"a chosen token id must be at least {MIN_TOKEN_ID_LEN} characters (or 'root')")
 
 
 class DeadToken(ReuseAttempt):
@@ -55,8 +72,8 @@ class TokenManager:
     ) -> tuple[str, Token]:
         """Create a token; returns (the token itself, its record). The token is shown once."""
         now = self.clock()
-        if token_id is not None and len(token_id) < 8 and token_id != "root":  # noqa: S105
-            raise BadRequest("a chosen token id must be at least 8 characters")
+        if token_id is not None:
+            check_token_id(token_id)
         token = token_id or TOKEN_PREFIX + secrets.token_urlsafe(32)
         expire = now + ttl if ttl else None
         cap = now + max_ttl if max_ttl else None
@@ -78,6 +95,7 @@ class TokenManager:
             parent=parent.accessor if parent else None,
             max_expire_time=cap,
             renewable=renewable and expire is not None,
+            creation_ttl=_granted(now, expire),
         )
         await self.store.insert_token(record)
         return token, record
@@ -107,14 +125,40 @@ class TokenManager:
             todo.extend(await self.store.child_tokens(current))
         return order
 
-    async def renew(self, token: Token, increment: int | None) -> Token:
+    async def renew(self, token: Token, increment: int | None) -> tuple[Token, int]:
+        """Extend ``token`` by ``increment`` (else the TTL it was created with) from now,
+        capped at its max expiry. Returns the token and the TTL granted, in seconds."""
         if not token.renewable or token.expire_time is None:
             raise BadRequest("token is not renewable")
         now = self.clock()
-        ttl = increment or int(token.expire_time - token.created)
+        ttl = increment or _base_ttl(token)
         expire = now + ttl
         if token.max_expire_time is not None:
             expire = min(expire, token.max_expire_time)
         await self.store.renew_token(token.accessor, expire_time=expire)
         token.expire_time = expire
-        return token
+        return token, _granted(now, expire)
+
+
+def _granted(now: float, expire: float | None) -> int:
+    """The TTL a token gets at ``now``, in whole seconds; 0 if it never expires.
+
+    Computed from the grant's own clock read, not from a later one: measuring
+    ``expire - clock()`` a moment after the grant reported 3599 for a 1h token.
+    (The rounding absorbs float noise in ``(now + ttl) - now``.)
+    """
+    if expire is None:
+        return 0  # Vault shows a TTL of 0 for a token that never expires
+    return max(int(round(expire - now, 3)), 0)
+
+
+def _base_ttl(token: Token) -> int:
+    """What a renewal without an increment extends by: the token's creation TTL."""
+    if token.creation_ttl:
+        return token.creation_ttl
+    # A row from before the store kept the creation TTL (NULL). For a token never
+    # renewed, expire_time - created is exactly that TTL; after renewals it is
+    # longer (the old growth), but still bounded by max_expire_time, and only
+    # tokens from before the upgrade are affected. Nothing closer is stored.
+    assert token.expire_time is not None
+    return max(round(token.expire_time - token.created), 1)

@@ -121,13 +121,17 @@ class Call:
             **fields))
 
     # -- authentication & authorisation -------------------------------------------
-    async def authenticate(self) -> Token:
-        """Resolve the caller's token; audit and refuse a missing, unknown or dead one."""
+    def presented_token(self) -> str:
+        """The token the caller sent: ``X-Vault-Token``, else ``Authorization: Bearer``."""
         raw = self.request.headers.get("X-Vault-Token")
         if not raw:
             header = self.request.headers.get("Authorization", "")
-            if header.lower().startswith("bearer "):
-                raw = header[7:].strip()
+            raw = header[7:].strip() if header.lower().startswith("bearer ") else ""
+        return raw
+
+    async def authenticate(self) -> Token:
+        """Resolve the caller's token; audit and refuse a missing, unknown or dead one."""
+        raw = self.presented_token()
         await self.audit("request")
         try:
             self.token = await self.state.tokens.resolve(raw)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NoReturn
 
 from aiohttp import web
 
@@ -18,8 +18,19 @@ __all__ = ["auth_block", "revoke_token_tree", "routes"]
 routes = web.RouteTableDef()
 
 
-def auth_block(token: str, record: Token, now: float) -> dict[str, Any]:
-    ttl = int(record.expire_time - now) if record.expire_time else 0
+def auth_block(token: str, record: Token, now: float | None = None, *,
+               ttl: int | None = None) -> dict[str, Any]:
+    """Vault's ``auth`` object for a token just created, logged in or renewed.
+
+    ``lease_duration`` is the TTL granted: ``ttl`` (what a renewal gave), else
+    the TTL the token was created with. Measuring ``expire_time - now`` after
+    the fact reported a 1h token as 3599 s; ``now`` only serves records from
+    before the creation TTL was stored.
+    """
+    if ttl is None:
+        ttl = record.creation_ttl
+    if ttl is None:
+        ttl = int(record.expire_time - now) if record.expire_time and now else 0
     return {
         "client_token": token,
         "accessor": record.accessor,
@@ -37,10 +48,13 @@ def auth_block(token: str, record: Token, now: float) -> dict[str, Any]:
 
 def token_data(record: Token, now: float) -> dict[str, Any]:
     ttl = int(record.expire_time - now) if record.expire_time else 0
+    creation_ttl = record.creation_ttl
+    if creation_ttl is None:  # a row from before the store kept it
+        creation_ttl = int(record.expire_time - record.created) if record.expire_time else 0
     return {
         "accessor": record.accessor,
         "creation_time": int(record.created),
-        "creation_ttl": int(record.expire_time - record.created) if record.expire_time else 0,
+        "creation_ttl": creation_ttl,
         "display_name": record.display_name,
         "expire_time": rfc3339(record.expire_time),
         "explicit_max_ttl": int(record.max_expire_time - record.created)
@@ -68,53 +82,164 @@ async def revoke_token_tree(state: BrokerState, accessor: str) -> tuple[int, int
     return ended, leases
 
 
+# -- input checks --------------------------------------------------------------
+def _check_text(value: str, name: str) -> None:
+    """400 for a string that is not Unicode text (a lone surrogate, which a JSON
+    body can spell as ``"\\ud800"``): no token holds one and the stores cannot."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise BadRequest(f"{name} is not valid Unicode text (it holds a lone surrogate)") from None
+
+
+def _text(call: Call, name: str, *, required: bool = False) -> str | None:
+    value = call.string(name, required=required)
+    if value is not None:
+        _check_text(value, name)
+    return value
+
+
 def _strings(value: Any, name: str) -> list[str]:
     if value is None:
         return []
     if isinstance(value, str):
-        return [v.strip() for v in value.split(",") if v.strip()]
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return value
-    raise BadRequest(f"{name} must be a list of strings")
+        items = [v.strip() for v in value.split(",") if v.strip()]
+    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+        items = value
+    else:
+        raise BadRequest(f"{name} must be a list of strings")
+    for item in items:
+        _check_text(item, name)
+    return items
 
 
+def _meta(call: Call) -> dict[str, str]:
+    meta = call.body.get("meta") or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise BadRequest("meta must be an object of string values")
+    for key, value in meta.items():
+        _check_text(key, "meta")
+        _check_text(value, "meta")
+    return meta
+
+
+def _refuse_unsupported(call: Call) -> None:
+    """400 for token features the broker does not have, rather than ignoring them:
+    a num_uses=1 token that works forever is worse than an error."""
+    if call.body.get("num_uses") not in (None, "", 0, "0"):
+        raise BadRequest("num_uses is not supported: tokens have no use limit (omit it or send 0)")
+    if call.duration("period"):
+        raise BadRequest("period is not supported: there are no periodic tokens "
+                         "(use ttl and explicit_max_ttl)")
+    if call.body.get("type") not in (None, "", "service"):
+        raise BadRequest("type is not supported: only 'service' tokens exist (omit type)")
+
+
+# -- who may give what ------------------------------------------------------------
+async def _deny(call: Call, message: str) -> NoReturn:
+    await call.audit("policy_denied", outcome="denied", error=message)
+    raise PermissionDenied(message)
+
+
+async def _policies(call: Call, caller: Token) -> list[str]:
+    policies = _strings(call.body.get("policies"), "policies") or list(caller.policies)
+    if caller.is_root:
+        return policies
+    extra = set(policies) - set(caller.policies) - {"default"}
+    if extra:
+        await _deny(call, "permission denied: a token can only give policies it has; "
+                          f"not {sorted(extra)}")
+    if "root" in policies:
+        await _deny(call, "permission denied: only a root token can create root tokens")
+    return policies
+
+
+async def _identity(call: Call, caller: Token) -> tuple[dict[str, str], str]:
+    """The new token's metadata and display name.
+
+    Policies resolve ``{{identity.metadata.KEY}}`` and ``{{identity.display_name}}``
+    from these, and leases copy them, so a non-root caller passes on its own:
+    were a CI run's token (repository_owner=acme, run_id=111) free to mint a
+    child with other values, the child would reach another owner's paths or
+    revoke another run's leases. A ``meta`` that only repeats the caller's pairs,
+    and a display name equal to the caller's, are accepted; "token", hvac's and
+    our default, counts as none given.
+    """
+    meta = _meta(call)
+    display_name = _text(call, "display_name")
+    if caller.is_root:
+        return meta, display_name or "token"
+    differ = sorted(k for k, v in meta.items() if caller.metadata.get(k) != v)
+    if differ:
+        await _deny(call, "permission denied: only a root token can set token metadata; "
+                          f"a new token inherits its creator's, and meta {differ} differs")
+    if display_name not in (None, "token", caller.display_name):
+        await _deny(call, "permission denied: only a root token can set a token's display_name; "
+                          "a new token inherits its creator's")
+    return dict(caller.metadata), caller.display_name
+
+
+async def _orphan(call: Call, caller: Token) -> bool:
+    """Whether the new token has no parent (so revoking the caller leaves it alive).
+
+    As in Vault: through ``auth/token/create-orphan`` the policy on that path is
+    the gate; ``no_parent`` on ``auth/token/create`` needs a root token or sudo
+    on that path, else any token that may create children could shed the
+    cascade that revoking it triggers.
+    """
+    if call.path == "auth/token/create-orphan":
+        return True
+    if not call.flag("no_parent", False):
+        return False
+    if not (caller.is_root or call.allowed(call.path, "sudo")):
+        await _deny(call, "permission denied: no_parent needs a root token or sudo on "
+                          "auth/token/create; use auth/token/create-orphan")
+    return True
+
+
+# -- handlers ---------------------------------------------------------------------
 @routes.post("/v1/auth/token/create")
 @routes.post("/v1/auth/token/create-orphan")
 async def create(request: web.Request) -> web.Response:
     call: Call = request[CALL]
-    parent = await call.authenticate()
+    caller = await call.authenticate()
     await call.read_body()
     await call.require(call.path, "update", "create", "sudo")
-    policies = _strings(call.body.get("policies"), "policies") or list(parent.policies)
-    if not parent.is_root:
-        extra = set(policies) - set(parent.policies) - {"default"}
-        if extra:
-            raise PermissionDenied(
-                f"permission denied: a token can only give policies it has; not {sorted(extra)}")
-    if "root" in policies and not parent.is_root:
-        raise PermissionDenied("permission denied: only a root token can create root tokens")
-    meta = call.body.get("meta") or {}
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise BadRequest("meta must be an object of string values")
+    _refuse_unsupported(call)
+    policies = await _policies(call, caller)
+    metadata, display_name = await _identity(call, caller)
     ttl = call.duration("ttl")
     if ttl is None and "root" not in policies:
-        ttl = 32 * 86400 if parent.expire_time is None else None
-    orphan = call.path.endswith("create-orphan") or call.flag("no_parent", False)
+        ttl = 32 * 86400 if caller.expire_time is None else None
+    orphan = await _orphan(call, caller)
     token, record = await call.state.tokens.create(
         policies=policies,
         ttl=ttl,
         max_ttl=call.duration("explicit_max_ttl"),
-        display_name=call.string("display_name") or "token",
-        metadata=meta,
-        parent=None if orphan and parent.is_root else parent,
+        display_name=display_name,
+        metadata=metadata,
+        parent=None if orphan else caller,
         renewable=call.flag("renewable", True),
     )
-    now = call.state.engine.clock()
     await call.audit("token_create", created={"accessor": record.accessor,
                                               "policies": record.policies,
                                               "client_token": token})
-    return json_response({"request_id": call.request_id, "auth": auth_block(token, record, now),
-                          "data": None, "lease_id": "", "renewable": False, "lease_duration": 0})
+    return _auth_response(call, auth_block(token, record))
+
+
+def _auth_response(call: Call, auth: dict[str, Any]) -> web.Response:
+    return json_response({"request_id": call.request_id, "auth": auth, "data": None,
+                          "lease_id": "", "renewable": False, "lease_duration": 0})
+
+
+def _live(record: Token | None, now: float) -> Token | None:
+    """``record`` if that token can still be used: not ended, not past its expiry
+    (which the sweeper may not have recorded yet)."""
+    if record is None or record.state is not TokenState.ACTIVE:
+        return None
+    if record.expire_time is not None and record.expire_time <= now:
+        return None
+    return record
 
 
 @routes.get("/v1/auth/token/lookup-self")
@@ -134,13 +259,28 @@ async def lookup(request: web.Request) -> web.Response:
     await call.authenticate()
     await call.read_body()
     await call.require("auth/token/lookup", "update", "sudo")
-    other = await call.state.store.token_by_hash(hash_token(call.string("token", required=True)
-                                                            or ""))
-    if other is None or other.state is not TokenState.ACTIVE:
-        raise BadRequest("bad token")
+    value = _text(call, "token", required=True) or ""
+    now = call.state.engine.clock()
+    other = _live(await call.state.store.token_by_hash(hash_token(value)), now)
+    if other is None:
+        raise PermissionDenied("bad token")  # Vault's answer (403) for an unknown or dead token
     await call.audit("token_lookup", target=other.accessor)
-    return json_response({"request_id": call.request_id,
-                          "data": token_data(other, call.state.engine.clock())})
+    return json_response({"request_id": call.request_id, "data": token_data(other, now)})
+
+
+@routes.post("/v1/auth/token/lookup-accessor")
+async def lookup_accessor(request: web.Request) -> web.Response:
+    call: Call = request[CALL]
+    await call.authenticate()
+    await call.read_body()
+    await call.require("auth/token/lookup-accessor", "update", "sudo")
+    accessor = _text(call, "accessor", required=True) or ""
+    now = call.state.engine.clock()
+    other = _live(await call.state.store.token_by_accessor(accessor), now)
+    if other is None:
+        raise BadRequest("invalid accessor")  # Vault's answer (400) for an unknown or dead one
+    await call.audit("token_lookup", target=other.accessor)
+    return json_response({"request_id": call.request_id, "data": token_data(other, now)})
 
 
 @routes.post("/v1/auth/token/renew-self")
@@ -150,11 +290,29 @@ async def renew_self(request: web.Request) -> web.Response:
     token = await call.authenticate()
     await call.read_body()
     await call.require("auth/token/renew-self", "update")
-    token = await call.state.tokens.renew(token, call.duration("increment"))
+    token, granted = await call.state.tokens.renew(token, call.duration("increment"))
     await call.audit("token_renew", expire_time=rfc3339(token.expire_time))
-    body = auth_block("", token, call.state.engine.clock())
-    body.pop("client_token")
-    return json_response({"request_id": call.request_id, "auth": body})
+    # The caller's own token: Vault's renew answer carries it, and it tells the caller nothing new.
+    return _auth_response(call, auth_block(call.presented_token(), token, ttl=granted))
+
+
+@routes.post("/v1/auth/token/renew")
+@routes.put("/v1/auth/token/renew")
+async def renew(request: web.Request) -> web.Response:
+    call: Call = request[CALL]
+    await call.authenticate()
+    await call.read_body()
+    await call.require("auth/token/renew", "update")
+    value = _text(call, "token", required=True) or ""
+    increment = call.duration("increment")
+    other = _live(await call.state.store.token_by_hash(hash_token(value)),
+                  call.state.engine.clock())
+    if other is None:
+        raise BadRequest("token not found")  # Vault's answer (400)
+    other, granted = await call.state.tokens.renew(other, increment)
+    await call.audit("token_renew", target=other.accessor,
+                     expire_time=rfc3339(other.expire_time))
+    return _auth_response(call, auth_block(value, other, ttl=granted))
 
 
 @routes.post("/v1/auth/token/revoke-self")
@@ -175,8 +333,9 @@ async def revoke(request: web.Request) -> web.Response:
     await call.authenticate()
     await call.read_body()
     await call.require("auth/token/revoke", "update", "sudo")
-    other = await call.state.store.token_by_hash(hash_token(call.string("token", required=True)
-                                                            or ""))
+    value = _text(call, "token", required=True) or ""
+    # An unknown token is a no-op (204), as in Vault.
+    other = await call.state.store.token_by_hash(hash_token(value))
     if other is not None:
         tokens, leases = await revoke_token_tree(call.state, other.accessor)
         await call.audit("token_revoke", target=other.accessor, tokens=tokens,
@@ -191,9 +350,9 @@ async def revoke_accessor(request: web.Request) -> web.Response:
     await call.authenticate()
     await call.read_body()
     await call.require("auth/token/revoke-accessor", "update", "sudo")
-    accessor = call.string("accessor", required=True) or ""
+    accessor = _text(call, "accessor", required=True) or ""
     if await call.state.store.token_by_accessor(accessor) is None:
-        raise BadRequest("no token with that accessor")
+        raise BadRequest("no token with that accessor")  # 400, as Vault's "invalid accessor"
     tokens, leases = await revoke_token_tree(call.state, accessor)
     await call.audit("token_revoke", target=accessor, tokens=tokens, leases_queued=leases)
     return json_response(None)

@@ -34,6 +34,8 @@ def cmd_server(args: argparse.Namespace) -> int:
         raise UsageError("pass --config FILE, or --dev for a throw-away local server")
     if args.dev_root_token_id and not args.dev:
         raise UsageError("--dev-root-token-id only applies with --dev")
+    if args.dev_root_token_id:
+        _check_dev_root_token_id(args.dev_root_token_id)
     from broker.config import ConfigError
 
     try:
@@ -49,6 +51,17 @@ def cmd_server(args: argparse.Namespace) -> int:
         raise OperationError(str(exc)) from None
     except KeyboardInterrupt:
         return 130
+
+
+def _check_dev_root_token_id(token_id: str) -> None:
+    """Refuse an id the server would refuse, before it starts: a usage error, not a traceback."""
+    from broker.errors import BadRequest
+    from broker.tokens import check_token_id
+
+    try:
+        check_token_id(token_id)
+    except BadRequest as exc:
+        raise UsageError(f"--dev-root-token-id: {exc}") from None
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -116,6 +116,12 @@ MIGRATIONS: list[tuple[str, ...]] = [
             claim_until DOUBLE PRECISION NOT NULL
         )""",
     ),
+    (
+        # The TTL a token was created with, so renew-self without an increment
+        # extends by it (as Vault does) instead of by the ever longer
+        # expire_time - created. Rows from before stay NULL (TokenManager.renew).
+        "ALTER TABLE tokens ADD COLUMN creation_ttl INTEGER",
+    ),
 ]
 
 #: The NOTIFY channel for cross-replica wake-ups. Payload: "<origin> <due time>".
@@ -132,7 +138,7 @@ _LEASE_COLS = ", ".join(_LEASE_COL_NAMES)
 #: Columns of the tokens table (named so ruff does not take it for a hard-coded token).
 _TK_COLS = (
     "accessor, token_hash, policies, created, expire_time, display_name, metadata, parent,"
-    " state, max_expire_time, renewable, ended_at"
+    " state, max_expire_time, renewable, ended_at, creation_ttl"
 )
 _REVOCABLE = "state IN ('active', 'irrevocable')"
 #: Force takes over leases in retry backoff too, but not one already forced
@@ -870,11 +876,11 @@ class PostgresStore:
     async def insert_token(self, token: Token) -> None:
         await self.pool.execute(
             f"INSERT INTO tokens ({_TK_COLS}) VALUES"
-            " ($1, $2, $3::jsonb, $4, $5, $6, $7::jsonb, $8, $9, $10, $11, $12)",
+            " ($1, $2, $3::jsonb, $4, $5, $6, $7::jsonb, $8, $9, $10, $11, $12, $13)",
             token.accessor, token.token_hash, json.dumps(list(token.policies)), token.created,
             token.expire_time, token.display_name, json.dumps(dict(token.metadata)),
             token.parent, str(token.state), token.max_expire_time, token.renewable,
-            token.ended_at,
+            token.ended_at, token.creation_ttl,
         )
 
     async def token_by_hash(self, token_hash: str) -> Token | None:

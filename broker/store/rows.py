@@ -55,6 +55,7 @@ def token_from_row(row: Row) -> Token:
         max_expire_time=row["max_expire_time"],
         renewable=bool(row["renewable"]),
         ended_at=row["ended_at"],
+        creation_ttl=row["creation_ttl"],
     )
 
 

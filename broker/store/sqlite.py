@@ -124,6 +124,12 @@ MIGRATIONS: list[tuple[str, ...]] = [
             claim_until REAL NOT NULL
         )""",
     ),
+    (
+        # The TTL a token was created with, so renew-self without an increment
+        # extends by it (as Vault does) instead of by the ever longer
+        # expire_time - created. Rows from before stay NULL (TokenManager.renew).
+        "ALTER TABLE tokens ADD COLUMN creation_ttl INTEGER",
+    ),
 ]
 
 #: Most operations one transaction (and one fsync) carries.
@@ -137,7 +143,7 @@ _LEASE_COLS = (
 #: Columns of the tokens table (named so ruff does not take it for a hard-coded token).
 _TK_COLS = (
     "accessor, token_hash, policies, created, expire_time, display_name, metadata, parent,"
-    " state, max_expire_time, renewable, ended_at"
+    " state, max_expire_time, renewable, ended_at, creation_ttl"
 )
 #: The only states in which a row may have a due_at.
 _DUE_STATES = "('active', 'revoking')"
@@ -887,11 +893,11 @@ class SQLiteStore:
     # -- tokens ----------------------------------------------------------
     async def insert_token(self, token: Token) -> None:
         await self._write(_rowcount(
-            f"INSERT INTO tokens ({_TK_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO tokens ({_TK_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (token.accessor, token.token_hash, json.dumps(list(token.policies)), token.created,
              token.expire_time, token.display_name, json.dumps(dict(token.metadata)),
              token.parent, str(token.state), token.max_expire_time, int(token.renewable),
-             token.ended_at),
+             token.ended_at, token.creation_ttl),
         ))
 
     async def token_by_hash(self, token_hash: str) -> Token | None:
