@@ -14,7 +14,7 @@ import urllib.request
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["DEFAULT_ADDRESS", "Client", "ClientError"]
+__all__ = ["DEFAULT_ADDRESS", "Client", "ClientError", "clean_token"]
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8200"
 #: longest server error text we show; a proxy's HTML error page is not a message.
@@ -39,6 +39,23 @@ def _one_line(text: object) -> str:
     return line if len(line) <= _MAX_ERROR_TEXT else line[: _MAX_ERROR_TEXT - 3] + "..."
 
 
+def clean_token(token: str | None) -> str | None:
+    """``token`` without surrounding whitespace; ValueError if it cannot be sent as a header.
+
+    A token file saved on Windows ends in CR LF, and ``$(cat file)`` strips only
+    the LF: the CR would make urllib raise "Invalid header value". Control or
+    non-ASCII characters left inside mean the wrong file or a paste gone wrong.
+    The message never shows the token.
+    """
+    if token is None:
+        return None
+    token = token.strip()
+    if any(not " " <= ch < "\x7f" for ch in token):
+        raise ValueError("the token contains a control or non-ASCII character "
+                         "(a line break? check the token file or variable)")
+    return token or None
+
+
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     # A redirect would resend X-Vault-Token to wherever it points; Vault's
     # standby redirects are not part of broker, so treat one as an error.
@@ -58,11 +75,12 @@ class Client:
         skip_verify: bool = False,
         timeout: float = 60.0,
     ) -> None:
-        parts = urllib.parse.urlsplit(address)
-        if parts.scheme not in {"http", "https"} or not parts.netloc:
+        address = address.strip()
+        parts = _split_address(address)
+        if parts is None or parts.scheme not in {"http", "https"} or not parts.hostname:
             raise ValueError(f"address must look like http(s)://HOST:PORT, got {address!r}")
         self.address = address.rstrip("/")
-        self.token = token
+        self.token = clean_token(token)
         self.timeout = timeout
         handlers: list[urllib.request.BaseHandler] = [_NoRedirect()]
         if parts.scheme == "https":
@@ -148,6 +166,19 @@ class Client:
         else:
             detail = str(reason)
         return f"cannot connect to {self.address}: {detail}"
+
+
+def _split_address(address: str) -> urllib.parse.SplitResult | None:
+    """The parts of ``address``, or None where urllib or http.client would raise later
+    (``[::1`` without ``]``, a port that is not a number, a space or control character)."""
+    if any(not "!" <= ch < "\x7f" for ch in address):
+        return None
+    try:
+        parts = urllib.parse.urlsplit(address)
+        parts.port  # noqa: B018 - the property raises on a malformed port
+    except ValueError:
+        return None
+    return parts
 
 
 def _param(value: Any) -> str:

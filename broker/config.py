@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import ssl
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from urllib.parse import urlsplit
 
 from broker.auth.jwt_config import AuthConfigError, parse_jwt_methods
 from broker.backend import MountSpec, PluginConfigError, RoleSpec, load_plugin
-from broker.durations import parse_duration
+from broker.durations import format_duration, parse_duration
 from broker.event_loop import unknown as unknown_event_loop
 from broker.templating import template_names
 
@@ -63,6 +64,8 @@ class ConfigError(Exception):
 MAX_WORKERS = 64
 #: The shortest non-zero ``worker_stall_timeout`` (seconds).
 MIN_STALL_TIMEOUT = 3
+#: The smallest ``max_request_size`` (bytes): below it even a revoke body is refused (413).
+MIN_REQUEST_SIZE = 1024
 
 
 @dataclass(frozen=True)
@@ -167,7 +170,8 @@ def is_loopback(host: str) -> bool:
 def parse_listen(value: str) -> tuple[str, int]:
     """``"127.0.0.1:8200"`` / ``"[::1]:8200"`` -> (host, port); ValueError if malformed."""
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not host:
+    # isascii: "²".isdigit() is true, but int() refuses it.
+    if not sep or not (port.isascii() and port.isdigit()) or not host:
         raise ValueError(f"expected HOST:PORT, got {value!r}")
     host = host.strip("[]")
     if not 0 < int(port) < 65536:
@@ -206,14 +210,26 @@ class _Reader:
             raise self.error(name, f"expected {want}, got {type(value).__name__} {value!r}")
         return value
 
-    def duration(self, name: str, default: int) -> int:
+    def duration(self, name: str, default: int, *, minimum: int = 0) -> int:
+        """Whole seconds; ``minimum`` refuses values that would make the broker unusable."""
         value = self.get(name, (str, int), None)
         if value is None:
             return default
         try:
-            return parse_duration(value)
+            seconds = parse_duration(value)
         except ValueError as exc:
             raise self.error(name, str(exc)) from None
+        if seconds < minimum:
+            # "500ms" parses to 0 whole seconds: show what the user wrote.
+            raise self.error(name, f"must be at least {format_duration(minimum)}, got {value!r}")
+        return seconds
+
+    def count(self, name: str, default: int, *, minimum: int) -> int:
+        """An integer of at least ``minimum`` (sizes, batch sizes, workers)."""
+        value: int = self.get(name, int, default)
+        if value < minimum:
+            raise self.error(name, f"must be at least {minimum}, got {value}")
+        return value
 
     def strings(self, name: str) -> tuple[str, ...]:
         value = self.get(name, (list, str), [])
@@ -229,8 +245,13 @@ class _Reader:
                 raise self.error(name, "unknown key")
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read and validate ``path``; raise ConfigError naming file, key and problem."""
+def load_config(path: str | os.PathLike[str], *, check_tls: bool = True) -> Config:
+    """Read and validate ``path``; raise ConfigError naming file, key and problem.
+
+    ``check_tls=False`` skips loading the TLS pair: a SIGHUP reload keeps the
+    running listener and checks a renewed pair itself, so a half-written
+    certificate must not also reject unrelated config changes.
+    """
     source = str(path)
     try:
         with open(path, "rb") as fh:
@@ -239,10 +260,17 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(source, "", "file not found") from None
     except PermissionError:
         raise ConfigError(source, "", "permission denied reading the file") from None
+    except IsADirectoryError:
+        raise ConfigError(source, "", "is a directory, not a config file") from None
+    except OSError as exc:
+        raise ConfigError(source, "", f"cannot read the file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        # TOML is UTF-8 by definition; say where, not the undecodable bytes.
+        raise ConfigError(source, "", f"not UTF-8 text (byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, "", f"invalid TOML: {exc}") from None
     base = Path(source).resolve().parent
-    return _build(source, raw, base)
+    return _build(source, raw, base, check_tls=check_tls)
 
 
 def _path(base: Path, value: str) -> str:
@@ -251,12 +279,12 @@ def _path(base: Path, value: str) -> str:
     return str((base / expanded) if not os.path.isabs(expanded) else Path(expanded))
 
 
-def _build(source: str, raw: Mapping[str, Any], base: Path) -> Config:
+def _build(source: str, raw: Mapping[str, Any], base: Path, *, check_tls: bool) -> Config:
     top = _Reader(source, "", raw)
     for name in raw:
         if name not in {"server", "storage", "audit", "leases", "mounts", "policies", "auth"}:
             raise top.error(name, "unknown section")
-    server = _server(_Reader(source, "server", _table(top, "server")), base)
+    server = _server(_Reader(source, "server", _table(top, "server")), base, check_tls=check_tls)
     storage = _storage(_Reader(source, "storage", _table(top, "storage")), base)
     if server.workers > 1 and storage.url == "sqlite:///:memory:":
         raise ConfigError(source, "server.workers",
@@ -282,7 +310,7 @@ def _table(reader: _Reader, name: str) -> dict[str, Any]:
     return value
 
 
-def _server(r: _Reader, base: Path) -> ServerConfig:
+def _server(r: _Reader, base: Path, *, check_tls: bool) -> ServerConfig:
     listen = r.get("listen", str, "127.0.0.1:8200")
     try:
         host, port = parse_listen(listen)
@@ -295,13 +323,16 @@ def _server(r: _Reader, base: Path) -> ServerConfig:
     for name, value in (("tls_cert_file", cert), ("tls_key_file", key)):
         if value and not os.path.isfile(_path(base, value)):
             raise r.error(name, f"file not found: {_path(base, value)}")
+    if cert and key and check_tls:
+        _check_tls_pair(r, _path(base, cert), _path(base, key))
     if not cert and not is_loopback(host):
         raise r.error(
             "listen",
             f"{listen} is not a loopback address: set tls_cert_file and tls_key_file "
             "(plain HTTP is only allowed on 127.0.0.1/::1)",
         )
-    size = r.get("max_request_size", int, 1024 * 1024)
+    size = r.count("max_request_size", 1024 * 1024, minimum=MIN_REQUEST_SIZE)
+    # 0 is a valid choice: on SIGTERM, cancel in-flight work at once.
     grace = r.duration("shutdown_grace", 30)
     event_loop = r.get("event_loop", str, "auto")
     if problem := unknown_event_loop(event_loop):
@@ -329,6 +360,28 @@ def _server(r: _Reader, base: Path) -> ServerConfig:
     )
 
 
+def _check_tls_pair(r: _Reader, cert: str, key: str) -> None:
+    """Load the pair as the server will, so a bad file fails here naming its key,
+    not at start-up as ``[SSL] PEM lib`` with neither file nor key."""
+    try:
+        text = Path(cert).read_text(encoding="ascii", errors="replace")
+    except OSError as exc:
+        raise r.error("tls_cert_file", f"cannot read {cert}: {exc.strerror or exc}") from None
+    if "-----BEGIN CERTIFICATE-----" not in text:
+        raise r.error("tls_cert_file", f"{cert} is not a PEM certificate")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        # The password callback stops OpenSSL prompting on the terminal for an
+        # encrypted key: the server cannot type one either.
+        context.load_cert_chain(cert, key, password=lambda: b"")
+    except ssl.SSLError as exc:
+        reason = exc.reason or exc.__class__.__name__
+        raise r.error("tls_key_file", f"{key} is not an unencrypted PEM private key matching "
+                                      f"tls_cert_file ({reason})") from None
+    except OSError as exc:
+        raise r.error("tls_key_file", f"cannot read {key}: {exc.strerror or exc}") from None
+
+
 def _storage(r: _Reader, base: Path) -> StorageConfig:
     url = r.get("url", str, "sqlite:////var/lib/broker/broker.db")
     if url.startswith("sqlite:///"):
@@ -336,10 +389,36 @@ def _storage(r: _Reader, base: Path) -> StorageConfig:
         path, mark, query = url[len("sqlite:///") :].partition("?")
         if path != ":memory:":
             url = "sqlite:///" + _path(base, path) + mark + query
-    elif not url.startswith(("postgresql://", "postgres://")):
-        raise r.error("url", f"expected sqlite:///PATH or postgresql://..., got {url!r}")
+    elif url.startswith(("postgresql://", "postgres://")):
+        _check_url(r, "url", url)
+    else:
+        # Never the URL itself: it may carry a password.
+        raise r.error("url", f"expected sqlite:///PATH or postgresql://..., "
+                             f"got {_scheme_of(url)}")
     r.reject_unknown()
     return StorageConfig(url=url)
+
+
+def _scheme_of(url: str) -> str:
+    """``'mysql://...'`` for an error message: the scheme only, never user or password."""
+    scheme, sep, _ = url.partition("://")
+    if sep and scheme.isascii() and scheme.replace("+", "").isalnum():
+        return f"'{scheme}://...'"
+    return "something that is not a URL"
+
+
+def _check_url(r: _Reader, name: str, url: str) -> None:
+    """Refuse a URL that urllib cannot take apart (``[::1`` without ``]``, port
+    ``99999``), naming the key but not echoing the URL, which may hold a password."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        raise r.error(name, "malformed URL (check the host and its [IPv6] brackets)") from None
+    try:
+        parts.port  # noqa: B018 - the property raises on a malformed port
+    except ValueError:
+        # Not echoed either: in "user:secret/db" (host forgotten) the "port" is the password.
+        raise r.error(name, "malformed URL: the port is not a number up to 65535") from None
 
 
 def _audit(r: _Reader, base: Path) -> AuditConfig:
@@ -352,30 +431,33 @@ def _audit(r: _Reader, base: Path) -> AuditConfig:
 
 def _leases(r: _Reader) -> LeaseConfig:
     d = LeaseConfig()
+    # Minimums: a 0s TTL issues leases dead on arrival, a 0s backend_timeout
+    # fails every backend call, a 0s interval or backoff retries in a busy loop.
     cfg = LeaseConfig(
-        default_ttl=r.duration("default_ttl", d.default_ttl),
-        max_ttl=r.duration("max_ttl", d.max_ttl),
-        revoke_max_attempts=r.get("revoke_max_attempts", int, d.revoke_max_attempts),
-        revoke_backoff_base=float(r.duration("revoke_backoff_base", int(d.revoke_backoff_base))),
-        revoke_backoff_max=float(r.duration("revoke_backoff_max", int(d.revoke_backoff_max))),
+        default_ttl=r.duration("default_ttl", d.default_ttl, minimum=1),
+        max_ttl=r.duration("max_ttl", d.max_ttl, minimum=1),
+        revoke_max_attempts=r.count("revoke_max_attempts", d.revoke_max_attempts, minimum=1),
+        revoke_backoff_base=float(
+            r.duration("revoke_backoff_base", int(d.revoke_backoff_base), minimum=1)),
+        revoke_backoff_max=float(
+            r.duration("revoke_backoff_max", int(d.revoke_backoff_max), minimum=1)),
         irrevocable_retry_interval=r.duration(
-            "irrevocable_retry_interval", d.irrevocable_retry_interval
+            "irrevocable_retry_interval", d.irrevocable_retry_interval, minimum=1
         ),
-        tombstone_retention=r.duration("tombstone_retention", d.tombstone_retention),
-        pending_timeout=r.duration("pending_timeout", d.pending_timeout),
-        claim_timeout=r.duration("claim_timeout", d.claim_timeout),
-        sweeper_batch=r.get("sweeper_batch", int, d.sweeper_batch),
-        revoke_workers=r.get("revoke_workers", int, d.revoke_workers),
-        per_mount_workers=r.get("per_mount_workers", int, d.per_mount_workers),
+        tombstone_retention=r.duration("tombstone_retention", d.tombstone_retention, minimum=1),
+        pending_timeout=r.duration("pending_timeout", d.pending_timeout, minimum=1),
+        claim_timeout=r.duration("claim_timeout", d.claim_timeout, minimum=1),
+        sweeper_batch=r.count("sweeper_batch", d.sweeper_batch, minimum=1),
+        revoke_workers=r.count("revoke_workers", d.revoke_workers, minimum=1),
+        per_mount_workers=r.count("per_mount_workers", d.per_mount_workers, minimum=1),
         revoke_batch=r.get("revoke_batch", int, d.revoke_batch),
-        backend_timeout=float(r.duration("backend_timeout", int(d.backend_timeout))),
+        backend_timeout=float(r.duration("backend_timeout", int(d.backend_timeout), minimum=1)),
     )
     r.reject_unknown()
     if cfg.default_ttl > cfg.max_ttl:
         raise r.error("default_ttl", "must not be longer than max_ttl")
-    for name in ("revoke_max_attempts", "sweeper_batch", "revoke_workers", "per_mount_workers"):
-        if getattr(cfg, name) < 1:
-            raise r.error(name, "must be at least 1")
+    if cfg.revoke_backoff_max < cfg.revoke_backoff_base:
+        raise r.error("revoke_backoff_max", "must not be shorter than revoke_backoff_base")
     if not 1 <= cfg.revoke_batch <= MAX_REVOKE_BATCH:
         raise r.error("revoke_batch", f"must be between 1 (one backend call per lease) "
                                       f"and {MAX_REVOKE_BATCH}")
@@ -429,6 +511,8 @@ def _mount(
         raise r.error("plugin", str(exc.args[0])) from None
     secret = _secret(r, base)
     url = r.get("connection_url", str)
+    if url:
+        _check_url(r, "connection_url", url)
     if url and urlsplit(url).password:
         raise r.error(
             "connection_url",
@@ -463,8 +547,9 @@ def _role(source: str, prefix: str, name: str, table: Any, leases: LeaseConfig) 
     if "/" in name or not name:
         raise ConfigError(source, prefix, "role names must be one path segment")
     r = _Reader(source, prefix, table)
-    default_ttl = r.duration("default_ttl", leases.default_ttl)
-    max_ttl = r.duration("max_ttl", max(leases.max_ttl, default_ttl))
+    # A 0s TTL would issue leases that are dead on arrival.
+    default_ttl = r.duration("default_ttl", leases.default_ttl, minimum=1)
+    max_ttl = r.duration("max_ttl", max(leases.max_ttl, default_ttl), minimum=1)
     if max_ttl > leases.max_ttl:
         raise r.error("max_ttl", f"longer than [leases] max_ttl ({leases.max_ttl}s)")
     if default_ttl > max_ttl:

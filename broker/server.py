@@ -203,8 +203,10 @@ def _banner(state: BrokerState, root_token: str | None) -> str:
             "MOUNT/ROLE")
         lines += [
             "",
-            "WARNING! dev mode: in-process data under " + str(dev_data_dir()) + ",",
-            "loopback only, and a root token printed below. Do not run it in production.",
+            # Where the data is: the Storage and Audit lines above (--config may move
+            # it out of dev_data_dir()).
+            "WARNING! dev mode: loopback only, and a root token printed below.",
+            "Do not run it in production.",
             "",
             "You may need to set the following environment variables:",
             "",
@@ -305,7 +307,9 @@ def reread_config(running: Config) -> Config:
     Listener, workers, store and audit log need a restart: the running ones
     are kept, whatever the file says of them now.
     """
-    new = load_config(running.source)
+    # The running listener keeps its TLS context; _reload_tls checks a renewed pair
+    # itself, so a half-written certificate must not also reject unrelated changes.
+    new = load_config(running.source, check_tls=False)
     return dataclasses.replace(new, storage=running.storage, audit=running.audit,
                                server=running.server)
 

@@ -27,6 +27,7 @@ from broker.cli.common import (
     _listen,
     _mount_role,
     _Parser,
+    _positive_int,
     _prefix,
 )
 from broker.cli.leases import (
@@ -178,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --meta: output (default ids, one per line)")
     p = leaf(leases, "irrevocable", cmd_lease_irrevocable, "list leases that could not be revoked")
     p.add_argument("prefix", metavar="PREFIX", nargs="?", default="")
-    p.add_argument("--limit", type=int, default=None, help="at most this many")
+    p.add_argument("--limit", type=_positive_int, default=None, help="at most this many")
     _format_option(p, ["json", "table"])
 
     token = commands.add_parser("token", help="create, look up and revoke tokens")
@@ -223,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the bench runs")
     p.add_argument("--postgres-dsn", metavar="DSN", help="admin DSN of a PostgreSQL server")
-    p.add_argument("--leases", type=int, metavar="N", help="leases expiring at once (10000)")
+    p.add_argument("--leases", type=_positive_int, metavar="N",
+                   help="leases expiring at once (10000)")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     return parser
 

@@ -165,9 +165,9 @@ def cmd_token_create(args: argparse.Namespace) -> int:
         body["display_name"] = args.display_name
     if args.meta:
         body["meta"] = dict(args.meta)
-    if args.orphan:
-        body["no_parent"] = True
-    resp = _need(_client(args).request("POST", "auth/token/create", json=body), "token create")
+    # Vault's orphan path: its policy decides (no_parent on create needs root or sudo).
+    path = "auth/token/create-orphan" if args.orphan else "auth/token/create"
+    resp = _need(_client(args).request("POST", path, json=body), "token create")
     _show_warnings(resp)
     _print_record(args, resp, _auth_rows(resp.get("auth") or {}))
     return 0

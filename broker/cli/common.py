@@ -75,9 +75,13 @@ def resolve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Se
             getattr(args, "address", None), environ.get("BROKER_ADDR"), environ.get("VAULT_ADDR")
         )
         or DEFAULT_ADDRESS,
-        token=_first(
-            getattr(args, "token", None), environ.get("BROKER_TOKEN"), environ.get("VAULT_TOKEN")
-        ),
+        # Stripped here so that a token of only whitespace (an empty token file
+        # with a CR LF) counts as unset; Client refuses what is left inside.
+        token=_first(*(
+            (value or "").strip() for value in (
+                getattr(args, "token", None), environ.get("BROKER_TOKEN"),
+                environ.get("VAULT_TOKEN"))
+        )),
         ca_file=_first(
             getattr(args, "tls_ca", None), environ.get("BROKER_CACERT"), environ.get("VAULT_CACERT")
         ),
@@ -218,6 +222,17 @@ def _duration(text: str) -> int:
         return parse_duration(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_int(text: str) -> int:
+    """A count such as ``--leases N`` or ``--limit N``: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _key_value(text: str) -> tuple[str, str]:

@@ -309,7 +309,11 @@ def _revoke_selected(
         while True:
             now = _stats(client, stats_params)
             revoked = max(0, now.revoked - before.revoked)
-            irrevocable = max(0, now.irrevocable - before.irrevocable)
+            # Not the change since `before`: leases already irrevocable were queued
+            # again, and if they fail again the count does not move, yet they are
+            # still not revoked. The absolute number under the selector is the
+            # answer to "is anything left?".
+            irrevocable = now.irrevocable
             done = min(queued, revoked + irrevocable + max(0, now.expired - before.expired))
             if progress is not None:
                 progress.update(done)

@@ -206,13 +206,21 @@ class TcpProxy:
             writer.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_w: asyncio.StreamWriter | None = None
         try:
             up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+            self.conns |= {writer, up_w}
+            await asyncio.gather(self._pipe(reader, up_w), self._pipe(up_r, writer))
         except OSError:
+            pass
+        finally:
+            # Both sides, whatever ended this (a refused upstream, or close()
+            # cancelling us mid-connect): a side left open was an "unclosed
+            # transport" ResourceWarning, which fails the test that owns it.
             writer.close()
-            return
-        self.conns |= {writer, up_w}
-        await asyncio.gather(self._pipe(reader, up_w), self._pipe(up_r, writer))
+            if up_w is not None:
+                up_w.close()
+            self.conns -= {writer, up_w} if up_w is not None else {writer}
 
     def up(self) -> None:
         async def start() -> None:

@@ -235,6 +235,86 @@ def test_revoke_prefix_force_sync(live: Live) -> None:
     assert not any(_role_exists(u) for u in users)
 
 
+def _start(argv: list[str], env: dict[str, str], address: str, log_path: Path
+           ) -> subprocess.Popen[bytes]:
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while not _healthy(address):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            tail = log_path.read_text(errors="replace")[-3000:]
+            pytest.fail(f"broker server did not become healthy:\n{tail}", pytrace=False)
+        time.sleep(0.1)
+    return proc
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+_UNREVOCABLE = """
+[storage]
+url = "sqlite:///{dir}/store/broker.db"
+[audit]
+path = "{dir}/store/audit.jsonl"
+hmac_key_file = "{dir}/store/audit.key"
+[leases]
+revoke_max_attempts = 1
+[mounts.pgx]
+plugin = "postgres"
+connection_url = "postgresql://postgres@127.0.0.1:5432/postgres"
+[mounts.pgx.roles.stuck]
+creation_statements = [
+  "CREATE ROLE \\"{{{{name}}}}\\" WITH LOGIN PASSWORD '{{{{password}}}}' VALID UNTIL '{{{{expiration}}}}'",
+]
+# Fails every time: the lease goes irrevocable at the first attempt.
+revocation_statements = ["SELECT 1/0"]
+"""
+
+
+def test_revoke_prefix_counts_leases_that_stay_irrevocable(tmp_path: Path) -> None:
+    """A second revoke --prefix over a lease that stays irrevocable reports it and exits 1.
+
+    Also: `--dev --config FILE` names the config's store in its banner, not the dev dir.
+    """
+    _psql("SELECT 1")  # skips without psql: the role left behind must be dropped
+    (tmp_path / "store").mkdir()
+    config = tmp_path / "broker.toml"
+    config.write_text(_UNREVOCABLE.format(dir=tmp_path))
+    address = f"http://127.0.0.1:{free_port()}"
+    env = _clean_env(tmp_path)
+    proc = _start([*_broker_argv(), "server", "--dev", "--dev-root-token-id", ROOT, "--config",
+                   str(config), "--listen", address.removeprefix("http://")],
+                  env, address, tmp_path / "server.log")
+    live = Live(address, env, tmp_path / "store", tmp_path)
+    user = ""
+    try:
+        user = live.json("creds", "pgx/stuck")["data"]["username"]
+        for run in (1, 2):
+            done = live.cli("lease", "revoke", "--prefix", "pgx/")
+            assert done.returncode == 1, f"run {run}: {done.stdout} {done.stderr}"
+            assert re.fullmatch(r"revoked 0, irrevocable 1, in \d+\.\d s\n", done.stdout), (
+                f"run {run}: {done.stdout}")
+            assert "1 lease(s) could not be revoked" in done.stderr
+        forced = live.cli("lease", "revoke", "--prefix", "pgx/", "--force", "--sync")
+        assert forced.returncode == 0, forced.stderr
+        assert "irrevocable 0" in forced.stdout
+    finally:
+        _stop(proc)
+        if user:
+            _psql(f'DROP ROLE IF EXISTS "{user}"')
+    banner = (tmp_path / "server.log").read_text(errors="replace")
+    assert str(tmp_path / "store" / "broker.db") in banner
+    assert str(tmp_path / "state") not in banner, banner
+
+
 # --------------------------------------------------------------------------- errors
 
 
@@ -281,6 +361,51 @@ def test_server_with_a_missing_config_fails_in_one_line(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
     assert _ONE_LINE_ERROR.match(done.stderr), done.stderr
     assert "missing.toml" in done.stderr
+
+
+_MALFORMED = {
+    "ipv6_url": ('[mounts.pg]\nplugin = "postgres"\n'
+                 'connection_url = "postgresql://postgres:hunter2@[::1/postgres"\n',
+                 "mounts.pg.connection_url: malformed URL"),
+    "storage_password": ('[storage]\nurl = "mysql://broker:hunter2@db/broker"\n',
+                         "storage.url: expected sqlite:///PATH or postgresql://..., "
+                         "got 'mysql://...'"),
+    "not_pem": ('[server]\ntls_cert_file = "/etc/hostname"\ntls_key_file = "/etc/hostname"\n',
+                "server.tls_cert_file: /etc/hostname is not a PEM certificate"),
+    "zero_ttl": ('[leases]\ndefault_ttl = "0s"\n', "leases.default_ttl: must be at least 1s"),
+    "not_utf8": (None, "not UTF-8"),
+    "directory": (None, "is a directory"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_MALFORMED))
+def test_server_with_a_broken_config_fails_in_one_line(tmp_path: Path, case: str) -> None:
+    """`broker server --config FILE` with a broken FILE: one line naming file and key, no secret."""
+    text, expected = _MALFORMED[case]
+    config = tmp_path / "broker.toml"
+    if case == "directory":
+        config = tmp_path
+    elif text is None:
+        config.write_bytes(b'[server]\nlisten = "\xff\xfe"\n')
+    else:
+        config.write_text(text)
+    done = subprocess.run(
+        [*_broker_argv(), "server", "--config", str(config)],
+        env=_clean_env(tmp_path), capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode != 0, done.stderr
+    assert "Traceback" not in done.stderr and "hunter2" not in done.stderr
+    assert _ONE_LINE_ERROR.match(done.stderr), done.stderr
+    assert f"broker: error: {config}: " in done.stderr and expected in done.stderr, done.stderr
+
+
+def test_a_token_read_from_a_windows_file_works(live: Live) -> None:
+    """`--token "$(cat token.txt)"` of a CR LF file: the CR is stripped, the request works."""
+    done = live.cli("lease", "irrevocable", "--format", "json", token=f"{ROOT}\r")
+    assert done.returncode == 0, done.stderr
+    bad = live.cli("lease", "irrevocable", token=f"{ROOT}\r\n{ROOT}")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert _ONE_LINE_ERROR.match(bad.stderr) and "control" in bad.stderr, bad.stderr
 
 
 # --------------------------------------------------------------------------- tokens

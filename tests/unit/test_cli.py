@@ -177,6 +177,10 @@ def test_meta_and_policies_accumulate() -> None:
         (["lease", "revoke"], "give the LEASE_ID"),
         (["lease", "revoke", "x", "--prefix", "pg/"], "not both"),
         (["lease", "list", "/"], "must not be empty"),
+        (["bench", "--leases", "-5", "--scenario", "expiry"], "--leases: must be at least 1"),
+        (["bench", "--leases", "0"], "--leases: must be at least 1, got 0"),
+        (["bench", "--leases", "ten"], "--leases: expected a whole number"),
+        (["lease", "irrevocable", "--limit", "-1"], "--limit: must be at least 1"),
     ],
 )
 def test_usage_errors_are_one_line_and_exit_2(
@@ -246,6 +250,51 @@ def test_bad_address_is_a_usage_error(
     code, _, err = run(capsys, "creds", "pg/ro", "--token", "t", "--address", "127.0.0.1:8200")
     assert code == 2
     assert "http(s)://HOST:PORT" in err
+
+
+@pytest.mark.parametrize("address", ["http://[::1", "http://127.0.0.1:abc",
+                                     "http://127.0.0.1:99999", "http://127.0.0.1\r:1",
+                                     "http://127.0.0.1:1/ x"])
+def test_a_malformed_address_is_a_usage_error_not_a_traceback(
+    capsys: pytest.CaptureFixture[str], env: pytest.MonkeyPatch, address: str
+) -> None:
+    """Addresses urllib or http.client would choke on are refused in one line, exit 2."""
+    code, _, err = run(capsys, "lease", "irrevocable", "--token", "t", "--address", address)
+    assert code == 2
+    assert err.count("\n") == 1 and "http(s)://HOST:PORT" in err
+
+
+def test_a_token_with_a_windows_line_end_is_stripped(
+    capsys: pytest.CaptureFixture[str], env: pytest.MonkeyPatch, canned: Canned
+) -> None:
+    """`--token "$(cat token.txt)"` of a CR LF file sends the token without the CR."""
+    canned.on("GET", "/v1/sys/leases/irrevocable", body={"data": {"leases": []}})
+    code, _, err = run(capsys, "--token", " rootlife\r", "--address", canned.address,
+                       "lease", "irrevocable", "--format", "json")
+    assert code == 0, err
+    assert canned.seen[0].headers["X-Vault-Token"] == "rootlife"
+
+
+@pytest.mark.parametrize("token", ["root\r\nlife", "ro\tot", "ro\x1bot", "r\u00f6\u20acot"])
+def test_a_token_with_control_characters_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], env: pytest.MonkeyPatch, canned: Canned, token: str
+) -> None:
+    """A line break (or tab, ESC, non-ASCII) inside a token: one line, exit 2, token not shown."""
+    env.setenv("BROKER_TOKEN", token)
+    code, out, err = run(capsys, "--address", canned.address, "lease", "irrevocable")
+    assert (code, out) == (2, "")
+    assert err.count("\n") == 1 and "the token contains a control" in err
+    assert token not in err and "root" not in err and "life" not in err
+    assert canned.seen == []
+
+
+def test_a_token_of_only_whitespace_counts_as_no_token(
+    capsys: pytest.CaptureFixture[str], env: pytest.MonkeyPatch
+) -> None:
+    """An empty token file saved with CR LF is "no token", as an empty variable is."""
+    env.setenv("BROKER_TOKEN", " \r\n")
+    code, _, err = run(capsys, "lease", "irrevocable")
+    assert code == 2 and "no token" in err
 
 
 # --------------------------------------------------------------------------- env formatting
@@ -550,6 +599,29 @@ def test_revoke_prefix_waits_and_summarises(
     puts = [s for s in canned.seen if s.method == "PUT"]
     assert puts[0].path == "/v1/sys/leases/revoke-prefix/pg/" and puts[0].body == {"sync": False}
     assert all(s.query == {"prefix": ["pg/"]} for s in canned.seen if s.method == "GET")
+
+
+def test_revoke_prefix_reports_leases_still_irrevocable(
+    capsys: pytest.CaptureFixture[str], env: pytest.MonkeyPatch, canned: Canned
+) -> None:
+    """A second revoke of a prefix whose lease stays irrevocable says so and exits 1."""
+    _revoking_server(
+        canned,
+        1,
+        [
+            _stats(0, 0, 0, irrevocable=1),  # before: irrevocable from an earlier run
+            _stats(0, 1, 0),  # queued again
+            _stats(0, 0, 0, irrevocable=1),  # failed again: the count did not change
+        ],
+    )
+    code, out, err = run(
+        capsys, "lease", "revoke", "--prefix", "pg/", "--address", canned.address, "--token", "t"
+    )
+    assert code == 1
+    assert out.startswith("revoked 0, irrevocable 1, in ")
+    assert err.splitlines()[-1] == (
+        "broker: error: 1 lease(s) could not be revoked; see 'broker lease irrevocable pg/'"
+    )
 
 
 def test_revoke_force_sync_does_not_poll(

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from broker.config import ConfigError, dev_config_path, load_config
 from broker.store import open_store, redact_url
@@ -28,6 +33,23 @@ def error_of(tmp_path: Path, text: str) -> str:
     return message
 
 
+def tls_pair(directory: Path, name: str = "tls") -> tuple[Path, Path]:
+    """A self-signed PEM certificate and its key, written to ``directory``."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
 def test_dev_config_loads() -> None:
     """The embedded dev config is valid."""
     config = load_config(dev_config_path())
@@ -38,8 +60,8 @@ def test_example_config_is_true_to_the_code(tmp_path: Path, monkeypatch: pytest.
                                             ) -> None:
     """config/broker.example.toml loads once its files and env exist."""
     text = (ROOT / "config" / "broker.example.toml").read_text()
-    for name in ("tls.crt", "tls.key", "pg-admin"):
-        (tmp_path / name).write_text("x\n")
+    tls_pair(tmp_path)
+    (tmp_path / "pg-admin").write_text("x\n")
     text = (text.replace("/etc/broker/tls.crt", str(tmp_path / "tls.crt"))
             .replace("/etc/broker/tls.key", str(tmp_path / "tls.key"))
             .replace("/run/secrets/pg-admin", str(tmp_path / "pg-admin")))
@@ -155,3 +177,150 @@ def test_a_relative_sqlite_store_keeps_its_parameters(tmp_path: Path) -> None:
     assert config.storage.url == f"sqlite:///{tmp_path / 'data' / 'b.db'}?command_timeout=3"
     store = open_store(config.storage.url)
     assert store.command_timeout == 3.0  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------- unreadable files
+
+
+def test_a_config_that_is_not_utf8_names_the_file(tmp_path: Path) -> None:
+    """A file in another encoding is a ConfigError naming the file, not a UnicodeDecodeError."""
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'[server]\nlisten = "\xff\xfe"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: ") and "not UTF-8" in str(info.value)
+
+
+def test_a_directory_as_config_names_it(tmp_path: Path) -> None:
+    """`--config DIR` is a ConfigError naming the directory, not an IsADirectoryError."""
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path)
+    assert str(info.value) == f"{tmp_path}: is a directory, not a config file"
+
+
+# --------------------------------------------------------------------------- URLs
+
+
+@pytest.mark.parametrize(("text", "key"), [
+    ('[mounts.pg]\nplugin = "postgres"\n'
+     'connection_url = "postgresql://postgres:hunter2@[::1/postgres"', "mounts.pg.connection_url"),
+    ('[mounts.pg]\nplugin = "postgres"\n'
+     'connection_url = "postgresql://postgres@[::1/postgres"', "mounts.pg.connection_url"),
+    ('[mounts.my]\nplugin = "mysql"\nconnection_url = "mysql://root:hunter2@[::1/test"',
+     "mounts.my.connection_url"),
+    ('[storage]\nurl = "postgresql://broker:hunter2@[::1/broker"', "storage.url"),
+])
+def test_a_malformed_url_is_a_config_error_without_the_url(tmp_path: Path, text: str,
+                                                           key: str) -> None:
+    """An unclosed IPv6 bracket is "malformed URL" on the key, not a ValueError traceback."""
+    message = error_of(tmp_path, text)
+    assert f": {key}: malformed URL" in message, message
+    assert "hunter2" not in message and "[::1" not in message
+
+
+@pytest.mark.parametrize("url", ["postgresql://broker@db:99999/broker",
+                                 "postgresql://broker:hunter2/broker"])
+def test_a_storage_url_with_a_bad_port_is_refused_without_echo(tmp_path: Path, url: str) -> None:
+    """A bad port in storage.url (or a password where the port goes) is not echoed."""
+    message = error_of(tmp_path, f'[storage]\nurl = "{url}"')
+    assert ": storage.url: malformed URL: the port" in message, message
+    assert "hunter2" not in message and "99999" not in message
+
+
+def test_a_storage_url_of_the_wrong_kind_shows_only_its_scheme(tmp_path: Path) -> None:
+    """storage.url = mysql://user:PASSWORD@... names the scheme, never the password."""
+    message = error_of(tmp_path, '[storage]\nurl = "mysql://broker:hunter2@db/broker"')
+    assert message.endswith(
+        ": storage.url: expected sqlite:///PATH or postgresql://..., got 'mysql://...'"), message
+    assert "hunter2" not in error_of(tmp_path, '[storage]\nurl = "broker:hunter2@db"')
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+def _tls_config(tmp_path: Path, cert: Path, key: Path) -> str:
+    return f'[server]\ntls_cert_file = "{cert}"\ntls_key_file = "{key}"\n'
+
+
+def test_a_matching_pem_pair_loads(tmp_path: Path) -> None:
+    """A real certificate and its key pass the check."""
+    cert, key = tls_pair(tmp_path)
+    config = load_config(write(tmp_path, _tls_config(tmp_path, cert, key)))
+    assert config.server.tls_cert_file == str(cert)
+
+
+def test_a_certificate_that_is_not_pem_names_tls_cert_file(tmp_path: Path) -> None:
+    """A cert file that is not PEM fails at load naming the key, not later as '[SSL] PEM lib'."""
+    _, key = tls_pair(tmp_path)
+    cert = tmp_path / "cert.der"
+    cert.write_bytes(b"\x30\x82 not pem")
+    message = error_of(tmp_path, _tls_config(tmp_path, cert, key))
+    assert f": server.tls_cert_file: {cert} is not a PEM certificate" in message, message
+
+
+@pytest.mark.parametrize("what", ["garbage", "another pair's key"])
+def test_a_bad_key_names_tls_key_file(tmp_path: Path, what: str) -> None:
+    """A key that is not PEM, or belongs to another certificate, fails naming tls_key_file."""
+    cert, key = tls_pair(tmp_path)
+    if what == "garbage":
+        key.write_text("hello\n")
+    else:
+        _, key = tls_pair(tmp_path, "other")
+    message = error_of(tmp_path, _tls_config(tmp_path, cert, key))
+    assert f": server.tls_key_file: {key} is not an unencrypted PEM private key" in message
+    assert "BEGIN" not in message  # no key material
+
+
+def test_a_reload_may_skip_the_tls_check(tmp_path: Path) -> None:
+    """check_tls=False (SIGHUP): a half-written renewal does not reject the config."""
+    cert, key = tls_pair(tmp_path)
+    key.write_text("half written")
+    config = load_config(write(tmp_path, _tls_config(tmp_path, cert, key)), check_tls=False)
+    assert config.server.tls
+
+
+# --------------------------------------------------------------------------- minimums
+
+
+_ROLE = '[mounts.pg]\nplugin = "postgres"\n[mounts.pg.roles.r]\n'
+
+
+@pytest.mark.parametrize(("text", "key", "fragment"), [
+    (_ROLE + 'default_ttl = "0s"', "mounts.pg.roles.r.default_ttl", "at least 1s, got '0s'"),
+    (_ROLE + 'max_ttl = 0', "mounts.pg.roles.r.max_ttl", "at least 1s, got 0"),
+    ('[leases]\ndefault_ttl = "0s"', "leases.default_ttl", "at least 1s"),
+    ('[leases]\ndefault_ttl = "0s"\nmax_ttl = "0s"', "leases.default_ttl", "at least 1s"),
+    ('[leases]\nbackend_timeout = "0s"', "leases.backend_timeout", "at least 1s"),
+    ('[leases]\nbackend_timeout = "500ms"', "leases.backend_timeout", "got '500ms'"),
+    ('[leases]\nrevoke_backoff_base = "0s"', "leases.revoke_backoff_base", "at least 1s"),
+    ('[leases]\nrevoke_backoff_base = "1h"\nrevoke_backoff_max = "1s"',
+     "leases.revoke_backoff_max", "not be shorter than revoke_backoff_base"),
+    ('[leases]\nirrevocable_retry_interval = "0s"', "leases.irrevocable_retry_interval",
+     "at least 1s"),
+    ('[leases]\ntombstone_retention = 0', "leases.tombstone_retention", "at least 1s"),
+    ('[leases]\nrevoke_max_attempts = 0', "leases.revoke_max_attempts", "at least 1, got 0"),
+    ('[leases]\nrevoke_workers = -2', "leases.revoke_workers", "at least 1, got -2"),
+    ('[server]\nmax_request_size = -1', "server.max_request_size", "at least 1024, got -1"),
+    ('[server]\nmax_request_size = 0', "server.max_request_size", "at least 1024"),
+])
+def test_values_that_make_the_broker_unusable_are_refused(tmp_path: Path, text: str, key: str,
+                                                          fragment: str) -> None:
+    """Zero TTLs, timeouts, intervals and sizes are refused naming the key and the minimum."""
+    message = error_of(tmp_path, text)
+    assert f": {key}: " in message and fragment in message, message
+
+
+def test_documented_zeros_and_small_values_stay_valid(tmp_path: Path) -> None:
+    """worker_stall_timeout = 0 (off), shutdown_grace = 0 and 1s minimums still load."""
+    config = load_config(write(tmp_path, """
+[server]
+worker_stall_timeout = "0s"
+shutdown_grace = 0
+max_request_size = 1024
+[leases]
+revoke_backoff_base = "1s"
+revoke_backoff_max = "1s"
+"""))
+    assert (config.server.worker_stall_timeout, config.server.shutdown_grace) == (0, 0)
+    assert config.server.max_request_size == 1024
+    assert config.leases.revoke_backoff_max == config.leases.revoke_backoff_base == 1.0
