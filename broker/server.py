@@ -32,7 +32,7 @@ from broker.config import (
     parse_listen,
 )
 from broker.engine import LeaseEngine
-from broker.errors import BrokerError
+from broker.errors import BrokerError, StoreUnavailable
 from broker.event_loop import loop_factory
 from broker.event_loop import resolve as resolve_event_loop
 from broker.instance_lock import InstanceLocked
@@ -102,7 +102,13 @@ def load_server_config(config_path: str | None, *, dev: bool, listen: str | None
 async def build_state(config: Config, *, dev: bool = False) -> BrokerState:
     """Open store and audit log and build the engine; the caller starts and stops it."""
     store = open_store(config.storage.url)
-    await store.open()
+    try:
+        await store.open()
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        # Said once, with the store's address (no password): "Connection refused"
+        # alone left the operator to guess what refused.
+        raise StoreUnavailable(f"lease store {redact_url(config.storage.url)}: "
+                               f"{type(exc).__name__}: {exc}") from None
     try:
         audit = await AuditLog.open(config.audit.path, config.audit.hmac_key_file,
                                     fsync=config.audit.fsync, create_key=True)
@@ -407,7 +413,7 @@ _STARTUP_ERRORS = (OSError, ValueError, RuntimeError, BrokerError, asyncpg.Postg
 
 def _startup_error(exc: BaseException) -> str:
     if isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError):
-        return f"lease store: {type(exc).__name__}: {exc}"
+        return f"{type(exc).__name__}: {exc}"
     return str(exc)
 
 

@@ -399,6 +399,32 @@ def test_server_with_a_broken_config_fails_in_one_line(tmp_path: Path, case: str
     assert f"broker: error: {config}: " in done.stderr and expected in done.stderr, done.stderr
 
 
+@pytest.mark.parametrize("case", ["store_down", "short_audit_key"])
+def test_a_server_that_cannot_start_says_why_in_one_line(tmp_path: Path, case: str) -> None:
+    """A good config, a world that is not: a store nobody listens for, an audit key
+    that is too short. One line naming what failed (each was a traceback)."""
+    storage = f"sqlite:///{tmp_path / 'broker.db'}"
+    if case == "store_down":
+        storage = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+    key = tmp_path / "audit.key"
+    key.write_bytes(b"short" if case == "short_audit_key" else os.urandom(32))
+    key.chmod(0o600)
+    config = tmp_path / "broker.toml"
+    config.write_text(f'[server]\nlisten = "127.0.0.1:{free_port()}"\n'
+                      f'[storage]\nurl = "{storage}"\n'
+                      f'[audit]\npath = "{tmp_path / "audit.jsonl"}"\nhmac_key_file = "{key}"\n')
+    done = subprocess.run(
+        [*_broker_argv(), "server", "--config", str(config)],
+        env=dict(_clean_env(tmp_path), BROKER_LOG_LEVEL="WARNING"),
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert _ONE_LINE_ERROR.match(done.stderr), done.stderr
+    expected = {"store_down": "lease store postgresql://", "short_audit_key": str(key)}[case]
+    assert expected in done.stderr, done.stderr
+
+
 def test_a_token_read_from_a_windows_file_works(live: Live) -> None:
     """`--token "$(cat token.txt)"` of a CR LF file: the CR is stripped, the request works."""
     done = live.cli("lease", "irrevocable", "--format", "json", token=f"{ROOT}\r")
