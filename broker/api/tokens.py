@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
 
 from aiohttp import web
 
 from broker.api.common import CALL, Call, json_response
 from broker.api.leases import rfc3339
-from broker.errors import BadRequest, PermissionDenied
+from broker.errors import BadRequest, BrokerError, PermissionDenied
 from broker.lease import Token, TokenState
 from broker.state import BrokerState
+from broker.store.base import LeaseStore
 from broker.tokens import hash_token
 
 __all__ = ["auth_block", "revoke_token_tree", "routes"]
@@ -255,30 +257,30 @@ async def lookup_self(request: web.Request) -> web.Response:
 
 @routes.post("/v1/auth/token/lookup")
 async def lookup(request: web.Request) -> web.Response:
-    call: Call = request[CALL]
-    await call.authenticate()
-    await call.read_body()
-    await call.require("auth/token/lookup", "update", "sudo")
-    value = _text(call, "token", required=True) or ""
-    now = call.state.engine.clock()
-    other = _live(await call.state.store.token_by_hash(hash_token(value)), now)
-    if other is None:
-        raise PermissionDenied("bad token")  # Vault's answer (403) for an unknown or dead token
-    await call.audit("token_lookup", target=other.accessor)
-    return json_response({"request_id": call.request_id, "data": token_data(other, now)})
+    # Vault answers 403 for an unknown or dead token...
+    return await _lookup_other(request[CALL], "token", lambda store, v: store.token_by_hash(
+        hash_token(v)), PermissionDenied("bad token"))
 
 
 @routes.post("/v1/auth/token/lookup-accessor")
 async def lookup_accessor(request: web.Request) -> web.Response:
-    call: Call = request[CALL]
+    # ... and 400 for an unknown or dead accessor.
+    return await _lookup_other(request[CALL], "accessor", lambda store, v: store.token_by_accessor(
+        v), BadRequest("invalid accessor"))
+
+
+async def _lookup_other(call: Call, field: str,
+                        find: Callable[[LeaseStore, str], Awaitable[Token | None]],
+                        missing: BrokerError) -> web.Response:
+    """Another token's data, named by ``field`` of the body (its value or accessor)."""
     await call.authenticate()
     await call.read_body()
-    await call.require("auth/token/lookup-accessor", "update", "sudo")
-    accessor = _text(call, "accessor", required=True) or ""
+    await call.require(call.path, "update", "sudo")
+    value = _text(call, field, required=True) or ""
     now = call.state.engine.clock()
-    other = _live(await call.state.store.token_by_accessor(accessor), now)
+    other = _live(await find(call.state.store, value), now)
     if other is None:
-        raise BadRequest("invalid accessor")  # Vault's answer (400) for an unknown or dead one
+        raise missing
     await call.audit("token_lookup", target=other.accessor)
     return json_response({"request_id": call.request_id, "data": token_data(other, now)})
 

@@ -107,22 +107,9 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     env = _clean_env(home)
     address = f"http://127.0.0.1:{free_port()}"
     listen = address.removeprefix("http://")
-    log_path = home / "server.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [*_broker_argv(), "server", "--dev", "--dev-root-token-id", ROOT, "--listen", listen],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    deadline = time.monotonic() + 60
-    while not _healthy(address):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            proc.wait()
-            tail = log_path.read_text(errors="replace")[-3000:]
-            pytest.fail(f"broker server did not become healthy:\n{tail}", pytrace=False)
-        time.sleep(0.1)
+    proc = _start(
+        [*_broker_argv(), "server", "--dev", "--dev-root-token-id", ROOT, "--listen", listen],
+        env, address, home / "server.log")
     try:
         yield Live(address, env, home / "state" / "broker" / "dev", home)
     finally:
