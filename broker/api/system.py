@@ -1,4 +1,4 @@
-"""``/v1/sys/health``, ``/v1/sys/mounts`` and ``/v1/sys/metrics``."""
+"""``/v1/sys/health``, ``seal-status``, ``init``, ``mounts`` and ``metrics``."""
 
 from __future__ import annotations
 
@@ -43,6 +43,36 @@ async def health(request: web.Request) -> web.Response:
         "audit": {"healthy": audit_ok, "error": getattr(state.audit, "last_error", None)},
         "storage": {"healthy": store_error is None, "error": store_error},
     }, status=status)
+
+
+@routes.get("/v1/sys/seal-status")
+async def seal_status(request: web.Request) -> web.Response:
+    """Vault's seal status, for clients that ask before anything else (hvac's
+    ``sys.is_sealed()``, ``vault status``). The broker has no seal to open: it
+    is always initialized and unsealed, and says so. No token needed, as in Vault.
+    """
+    state = request.app[STATE]
+    return json_response({
+        "type": "shamir",
+        "initialized": True,
+        "sealed": False,
+        "t": 0,
+        "n": 0,
+        "progress": 0,
+        "nonce": "",
+        "version": __version__,
+        "migration": False,
+        "cluster_name": "broker",
+        "recovery_seal": False,
+        "storage_type": state.config.storage.url.partition(":")[0],
+    })
+
+
+@routes.get("/v1/sys/init")
+async def init_status(request: web.Request) -> web.Response:
+    """Vault's ``GET sys/init`` (hvac's ``sys.is_initialized()``): always initialized.
+    (Tokens come from ``broker operator init``, not from this path.)"""
+    return json_response({"initialized": True})
 
 
 @routes.get("/v1/sys/mounts")

@@ -287,6 +287,15 @@ def test_a_renewal_that_shortens_a_lease_is_revoked_on_time(client: hvac.Client,
         time.sleep(0.1)
 
 
+def test_hvac_sees_an_initialized_unsealed_server(broker: BrokerThread) -> None:
+    """hvac's status calls (``vault status`` asks the same) answer without a token."""
+    anonymous = hvac.Client(url=broker.url)
+    assert anonymous.sys.is_initialized() is True
+    assert anonymous.sys.is_sealed() is False
+    status = anonymous.sys.read_seal_status()
+    assert status["type"] == "shamir" and status["storage_type"] == "sqlite"
+
+
 def test_vaults_other_lease_paths_work(client: hvac.Client, broker: BrokerThread) -> None:
     """The lease id in the URL (``sys/leases/renew/{id}``, ``.../revoke/{id}``), and
     ``LIST sys/leases/lookup`` for the top level (hvac's ``list_leases("")``)."""
