@@ -25,10 +25,12 @@ import argparse
 import asyncio
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
-from broker.bench.harness import Bench, broker_config, create_root_token, running
+from broker.bench.harness import Bench, broker_config, running
 from broker.bench.overhead import http_phases
 from broker.bench.runner import DEFAULT_PG_DSN
 
@@ -38,13 +40,38 @@ OPS = ("issue", "renew", "revoke")
 REPO = Path(__file__).resolve().parents[2]
 
 
+#: Makes the empty store and its root token with the side's own code: a store
+#: made by this tree carries this tree's schema, which an older tree refuses.
+_PREPARE = """
+import asyncio, sys
+from pathlib import Path
+from broker.bench.harness import Bench, create_root_token
+
+async def main() -> None:
+    tmp, store, dsn = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+    url = await Bench(workdir=tmp, pg_dsn=dsn).empty_store(store, tmp, "broker_ab_cpu")
+    await create_root_token(url)
+    print(url)
+
+asyncio.run(main())
+"""
+
+
+def _prepare_store(env: dict[str, str], tmp: Path, store: str, dsn: str) -> str:
+    # cwd=tmp: "python -c" puts the working directory ahead of PYTHONPATH.
+    done = subprocess.run([sys.executable, "-c", _PREPARE, str(tmp), store, dsn],
+                          env={**os.environ, **env}, cwd=tmp, capture_output=True, text=True,
+                          check=True, timeout=120)
+    return done.stdout.strip().splitlines()[-1]
+
+
 async def one_run(env: dict[str, str], seconds: float, store: str
                   ) -> dict[str, tuple[float, float]]:
     """{op: (rate, broker µs CPU per call)} for one fresh broker on an empty ``store``."""
     tmp = Path(tempfile.mkdtemp(prefix="ab-cpu-"))
-    bench = Bench(workdir=tmp, pg_dsn=os.environ.get("BROKER_TEST_POSTGRES_DSN", DEFAULT_PG_DSN))
-    url = await bench.empty_store(store, tmp, "broker_ab_cpu")
-    await create_root_token(url)
+    dsn = os.environ.get("BROKER_TEST_POSTGRES_DSN", DEFAULT_PG_DSN)
+    bench = Bench(workdir=tmp, pg_dsn=dsn)
+    url = _prepare_store(env, tmp, store, dsn)
     try:
         async with running(broker_config(tmp, store_url=url), env=env) as broker:
             results, cpu = await http_phases(broker, seconds, 1.0)
