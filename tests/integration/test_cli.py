@@ -121,12 +121,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
             headers={"X-Vault-Token": ROOT, "Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=120) as resp:
             assert json.load(resp)["data"]["still_revoking"] == 0
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
 
 
 def _psql(sql: str, env: dict[str, str] | None = None) -> str:
