@@ -251,12 +251,6 @@ def test_a_store_failover_to_a_synchronous_standby_loses_no_lease(
         run(drop_pg_roles(postgres_dsn, template))  # a failed run's, from the shared server
 
 
-# An asyncio transport from the connection churn of the failover is sometimes
-# garbage-collected unclosed (~1 run in 12; its owner is not yet found: not the
-# test's TCP proxy, which now closes both sides). pytest turns that into a
-# failure after every assertion below has passed; it is tracked as open in the
-# stop-17 note, not counted against what this test checks.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_issues_in_flight_during_a_store_failover_leave_nothing_behind(
         tmp_path: Path, postgres_dsn: str, pair: Pair) -> None:
     """Issues keep coming while the store fails over under them.
