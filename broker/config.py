@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from broker.auth.jwt_config import AuthConfigError, parse_jwt_methods
+from broker.auth.jwt_config import AuthConfigError, JWTMethodConfig, parse_jwt_methods
 from broker.backend import MountSpec, PluginConfigError, RoleSpec, load_plugin
 from broker.durations import format_duration, parse_duration
 from broker.event_loop import unknown as unknown_event_loop
@@ -31,6 +31,7 @@ __all__ = [
     "LeaseConfig",
     "ServerConfig",
     "StorageConfig",
+    "TokenConfig",
     "dev_config_path",
     "is_loopback",
     "load_config",
@@ -109,6 +110,16 @@ class AuditConfig:
     fsync: bool = False
 
 
+@dataclass(frozen=True)
+class TokenConfig:
+    """``[tokens]``: limits on the tokens the broker hands out."""
+
+    #: Vault's system max TTL: no token made by auth/token/create(-orphan) lives
+    #: longer, renewals included, and it is the TTL of one created without a ttl.
+    #: Only a root token created without a ttl is unlimited.
+    max_ttl: int = 768 * 3600
+
+
 #: the largest ``[leases] revoke_batch``: one batch is one backend transaction.
 MAX_REVOKE_BATCH = 1000
 
@@ -156,6 +167,7 @@ class Config:
     policies: Mapping[str, Mapping[str, tuple[str, ...]]]
     #: ``[auth.*]`` sections, validated by the auth methods that use them.
     auth: Mapping[str, Any] = field(default_factory=dict)
+    tokens: TokenConfig = field(default_factory=TokenConfig)
 
 
 def is_loopback(host: str) -> bool:
@@ -282,7 +294,8 @@ def _path(base: Path, value: str) -> str:
 def _build(source: str, raw: Mapping[str, Any], base: Path, *, check_tls: bool) -> Config:
     top = _Reader(source, "", raw)
     for name in raw:
-        if name not in {"server", "storage", "audit", "leases", "mounts", "policies", "auth"}:
+        if name not in {"server", "storage", "audit", "leases", "tokens", "mounts", "policies",
+                        "auth"}:
             raise top.error(name, "unknown section")
     server = _server(_Reader(source, "server", _table(top, "server")), base, check_tls=check_tls)
     storage = _storage(_Reader(source, "storage", _table(top, "storage")), base)
@@ -291,6 +304,7 @@ def _build(source: str, raw: Mapping[str, Any], base: Path, *, check_tls: bool) 
                           "an in-memory store cannot be shared: use 1 worker or a store file")
     audit = _audit(_Reader(source, "audit", _table(top, "audit")), base)
     leases = _leases(_Reader(source, "leases", _table(top, "leases")))
+    tokens = _tokens(_Reader(source, "tokens", _table(top, "tokens")))
     mounts = {
         name: _mount(source, name, table, leases, base)
         for name, table in _table(top, "mounts").items()
@@ -299,10 +313,11 @@ def _build(source: str, raw: Mapping[str, Any], base: Path, *, check_tls: bool) 
     auth = _table(top, "auth")
     try:
         # Checked now so a bad [auth.jwt.NAME] names its key; kept raw in Config.auth.
-        parse_jwt_methods(auth.get("jwt"), policies=policies.keys())
+        methods = parse_jwt_methods(auth.get("jwt"), policies=policies.keys())
     except AuthConfigError as exc:
         raise ConfigError(source, f"auth.{exc.key}", exc.message) from None
-    return Config(source, server, storage, audit, leases, mounts, policies, auth)
+    _check_login_ttls(source, methods, auth.get("jwt") or {}, tokens)
+    return Config(source, server, storage, audit, leases, mounts, policies, auth, tokens)
 
 
 def _table(reader: _Reader, name: str) -> dict[str, Any]:
@@ -389,8 +404,10 @@ def _storage(r: _Reader, base: Path) -> StorageConfig:
         path, mark, query = url[len("sqlite:///") :].partition("?")
         if path != ":memory:":
             url = "sqlite:///" + _path(base, path) + mark + query
+        _check_sqlite_url(r, url)
     elif url.startswith(("postgresql://", "postgres://")):
         _check_url(r, "url", url)
+        _check_postgres_url(r, url)
     else:
         # Never the URL itself: it may carry a password.
         raise r.error("url", f"expected sqlite:///PATH or postgresql://..., "
@@ -419,6 +436,32 @@ def _check_url(r: _Reader, name: str, url: str) -> None:
     except ValueError:
         # Not echoed either: in "user:secret/db" (host forgotten) the "port" is the password.
         raise r.error(name, "malformed URL: the port is not a number up to 65535") from None
+
+
+def _check_postgres_url(r: _Reader, url: str) -> None:
+    """What the PostgreSQL store would refuse when it opens, refused now under
+    ``storage.url``: no database, or a bad ``pool_min_size``/``pool_max_size``/
+    ``command_timeout``. Parameters it does not know are left to asyncpg."""
+    from broker.store.postgres import store_params  # imports asyncpg: only when needed
+
+    parts = urlsplit(url)  # _check_url made sure this works
+    if not parts.path.strip("/"):
+        raise r.error("url", "names no database: use postgresql://USER@HOST:PORT/DATABASE")
+    try:
+        store_params(parts.query)
+    except ValueError as exc:  # names the parameter, never the URL (it may hold a password)
+        raise r.error("url", f"{exc}") from None
+
+
+def _check_sqlite_url(r: _Reader, url: str) -> None:
+    """The SQLite store's own check of its URL (``?command_timeout=``), at load time.
+    Does no I/O; an SQLite URL holds a path, no password."""
+    from broker.store.sqlite import SQLiteStore
+
+    try:
+        SQLiteStore.from_url(url)
+    except ValueError as exc:
+        raise r.error("url", str(exc)) from None
 
 
 def _audit(r: _Reader, base: Path) -> AuditConfig:
@@ -467,6 +510,44 @@ def _leases(r: _Reader) -> LeaseConfig:
         # Otherwise the stale-pending job could roll back an issue still in flight.
         raise r.error("pending_timeout", "must be longer than backend_timeout")
     return cfg
+
+
+def _tokens(r: _Reader) -> TokenConfig:
+    d = TokenConfig()
+    cfg = TokenConfig(max_ttl=r.duration("max_ttl", d.max_ttl, minimum=1))
+    r.reject_unknown()
+    return cfg
+
+
+def _check_login_ttls(source: str, methods: Mapping[str, JWTMethodConfig],
+                      raw: Mapping[str, Any], tokens: TokenConfig) -> None:
+    """No JWT login token may outlive ``[tokens] max_ttl``, renewals included.
+
+    The login takes its TTL and cap from the role; a role whose ``token_max_ttl``
+    is 0 (no cap) or longer than the ceiling would hand out tokens renewable
+    past it. Refused here, naming the role's key, rather than capped in silence.
+    """
+    limit = format_duration(tokens.max_ttl)
+    for name, method in methods.items():
+        for role in method.roles.values():
+            prefix = f"auth.jwt.{name}.roles.{role.name}"
+            if role.token_ttl > tokens.max_ttl:
+                raise ConfigError(source, f"{prefix}.token_ttl",
+                                  f"longer than tokens.max_ttl ({limit})")
+            cap = role.token_cap
+            if cap is None:
+                raise ConfigError(source, f"{prefix}.token_max_ttl",
+                                  f"0 (no limit) would let login tokens be renewed past "
+                                  f"tokens.max_ttl ({limit}); set at most {limit}")
+            if cap > tokens.max_ttl:
+                # Every cap the role sets is too long: name token_max_ttl if it is one.
+                key, value = (("token_max_ttl", role.token_max_ttl) if role.token_max_ttl
+                              else ("token_explicit_max_ttl", cap))
+                table = raw.get(name, {}).get("roles", {}).get(role.name, {})
+                given = "" if key in table else " (the default)"
+                raise ConfigError(source, f"{prefix}.{key}",
+                                  f"{format_duration(value)}{given} is longer than "
+                                  f"tokens.max_ttl ({limit}); set at most {limit}")
 
 
 def _secret(r: _Reader, base: Path) -> str | None:

@@ -16,7 +16,7 @@ from broker.errors import BadRequest, PermissionDenied, ReuseAttempt
 from broker.lease import Token, TokenState
 from broker.store.base import LeaseStore
 
-__all__ = ["DeadToken", "TokenManager", "check_token_id", "hash_token"]
+__all__ = ["DeadToken", "TokenIdTaken", "TokenManager", "check_token_id", "hash_token"]
 
 TOKEN_PREFIX = "brk."  # noqa: S105 - a prefix, not a secret
 #: Shortest token id an operator may choose (``--dev-root-token-id``); "root" is allowed.
@@ -36,10 +36,25 @@ def hash_token(token: str) -> str:
 
 
 def check_token_id(token_id: str) -> None:
-    """BadRequest unless ``token_id`` may be chosen as a token's value."""
+    """BadRequest unless ``token_id`` may be chosen as a token's value.
+
+    Never repeats the value: it is a secret, and this message is logged and audited.
+    """
     if len(token_id) < MIN_TOKEN_ID_LEN and token_id != "root":  # noqa: S105
         raise BadRequest(
             f"a chosen token id must be at least {MIN_TOKEN_ID_LEN} characters (or 'root')")
+    if not all(c.isprintable() and not c.isspace() for c in token_id):
+        # It could never be sent back: HTTP strips a header value's outer
+        # spaces and refuses control characters.
+        raise BadRequest("a chosen token id must not contain spaces or control characters")
+
+
+class TokenIdTaken(BadRequest):
+    """A chosen token id that another token (live or ended) already has: 400."""
+
+    def __init__(self) -> None:
+        super().__init__("a token with this id already exists; choose another id "
+                         "(or send none for a random one)")
 
 
 class DeadToken(ReuseAttempt):
@@ -71,10 +86,13 @@ class TokenManager:
         accessor: str | None = None,
     ) -> tuple[str, Token]:
         """Create a token; returns (the token itself, its record). The token is shown once."""
-        now = self.clock()
         if token_id is not None:
             check_token_id(token_id)
+            # Not an overwrite, nor a second row: the existing token stays as it was.
+            if await self.store.token_by_hash(hash_token(token_id)) is not None:
+                raise TokenIdTaken()
         token = token_id or TOKEN_PREFIX + secrets.token_urlsafe(32)
+        now = self.clock()
         expire = now + ttl if ttl else None
         cap = now + max_ttl if max_ttl else None
         if parent is not None and parent.expire_time is not None:
@@ -82,8 +100,9 @@ class TokenManager:
             # parent ends the child and, with it, every lease it owns.
             expire = min(expire or parent.expire_time, parent.expire_time)
             cap = min(cap or parent.expire_time, parent.expire_time)
-        if cap is not None and expire is not None:
-            expire = min(expire, cap)
+        if cap is not None:
+            # An explicit max TTL without a TTL: the token lives that long, not forever.
+            expire = cap if expire is None else min(expire, cap)
         record = Token(
             accessor=accessor or secrets.token_urlsafe(18),
             token_hash=hash_token(token),
@@ -97,7 +116,18 @@ class TokenManager:
             renewable=renewable and expire is not None,
             creation_ttl=_granted(now, expire),
         )
-        await self.store.insert_token(record)
+        try:
+            await self.store.insert_token(record)
+        except Exception:
+            # Two creates with the same chosen id at once: the store's unique
+            # token_hash refuses the second (sqlite3.IntegrityError, asyncpg's
+            # UniqueViolationError), and the first token is untouched. That is
+            # the caller's 400, not a 500; anything else goes on up.
+            if token_id is not None:
+                other = await self.store.token_by_hash(record.token_hash)
+                if other is not None and other.accessor != record.accessor:
+                    raise TokenIdTaken() from None
+            raise
         return token, record
 
     async def resolve(self, token: str | None) -> Token:

@@ -257,9 +257,10 @@ def _meta_body(value: Any) -> dict[str, str]:
 
 
 async def _require_revoke_by(call: Call, meta: Mapping[str, str], *, force: bool) -> None:
-    """Who may revoke-by: ``update``/``sudo`` on ``sys/leases/revoke-by`` (any selector), or,
-    without ``force``, ``update`` on ``sys/leases/revoke-by/KEY/VALUE`` for one KEY=VALUE
-    of the selector's metadata.
+    """Who may revoke-by: ``update``/``sudo`` on ``sys/leases/revoke-by`` (any selector), or
+    ``update`` on ``sys/leases/revoke-by/KEY/VALUE`` for one KEY=VALUE of the selector's
+    metadata. ``force`` needs ``sudo`` on ``sys/leases/revoke-by``: it is revoke-force's
+    break-glass, which needs ``sudo`` too.
 
     Every lease the selector matches carries each of its pairs, so authority
     over one pair covers the whole selector. A CI role whose policy holds
@@ -267,13 +268,16 @@ async def _require_revoke_by(call: Call, meta: Mapping[str, str], *, force: bool
     can end its own run's leases and no other run's. A value with a "/" never
     takes the narrow path (it would span path segments).
     """
-    if not force and any(
+    if force:
+        await call.require(_REVOKE_BY, "sudo")  # allowed, or audited and refused (403)
+        return
+    if any(
         META_KEY.fullmatch(key) and value and "/" not in value
         and call.allowed(f"{_REVOKE_BY}/{key}/{value}", "update")
         for key, value in meta.items()
     ):
         return
-    await call.require(_REVOKE_BY, "update", "sudo")  # allowed, or audited and refused (403)
+    await call.require(_REVOKE_BY, "update", "sudo")
 
 
 async def store_call(aw: Awaitable[T]) -> T:
@@ -288,6 +292,22 @@ async def store_call(aw: Awaitable[T]) -> T:
         raise BadRequest(str(exc)) from None
 
 
+async def _path_prefix(call: Call, prefix: str) -> str:
+    """The lease-id prefix ``prefix`` means, as Vault reads it: whole path segments.
+
+    hvac strips the trailing slash (``revoke_prefix("pg/creds/app/")`` sends
+    ``pg/creds/app``), and a bare string prefix then also took role ``app2``'s
+    leases. As in Vault, a prefix without a trailing "/" is one lease's exact
+    id if such a lease exists (ids end in a fixed-length random part, so it
+    matches only that lease), else a path to which "/" is added.
+    """
+    if not prefix or prefix.endswith("/"):
+        return prefix
+    if await store_call(call.state.store.get(prefix)) is not None:
+        return prefix
+    return prefix + "/"
+
+
 async def _revoke_many(request: web.Request, *, force: bool) -> web.Response:
     _only(request, "PUT", "POST")
     call: Call = request[CALL]
@@ -295,9 +315,12 @@ async def _revoke_many(request: web.Request, *, force: bool) -> web.Response:
     op = "revoke-force" if force else "revoke-prefix"
     await call.authenticate()
     await call.read_body()
-    await call.require(f"sys/leases/{op}/{prefix}", "update", "sudo")
+    # sudo, as in Vault (both paths are root-protected there): one call ends every
+    # lease under the prefix, whoever owns it.
+    await call.require(f"sys/leases/{op}/{prefix}", "sudo")
     if not prefix and not call.flag("all", False):
         raise BadRequest(f"an empty prefix would revoke every lease; pass all=true to {op} ''")
+    prefix = await _path_prefix(call, prefix)
     flt = LeaseFilter(prefix=prefix)
     queued = await call.state.engine.revoke_matching(flt, force=force)
     await call.audit("admin", action=op, prefix=prefix, queued=queued)

@@ -1,8 +1,11 @@
-"""``/v1/sys/health``, ``seal-status``, ``init``, ``mounts`` and ``metrics``."""
+"""``/v1/sys/health``, ``seal-status``, ``init``, ``mounts``, ``metrics`` and the OpenAPI
+document (``internal/specs/openapi``)."""
 
 from __future__ import annotations
 
+import functools
 import time
+from importlib import resources
 from typing import Any
 
 from aiohttp import web
@@ -73,6 +76,29 @@ async def init_status(request: web.Request) -> web.Response:
     """Vault's ``GET sys/init`` (hvac's ``sys.is_initialized()``): always initialized.
     (Tokens come from ``broker operator init``, not from this path.)"""
     return json_response({"initialized": True})
+
+
+#: docs/openapi.yaml as JSON, shipped inside the package (the YAML is not, and reading
+#: it would need PyYAML at run time); tests/integration/test_openapi.py fails when the
+#: two differ.
+OPENAPI_JSON = "openapi.json"
+
+
+@functools.cache
+def openapi_document() -> bytes:
+    """The OpenAPI document's bytes, read once (from the wheel or the source tree)."""
+    return resources.files("broker.api").joinpath(OPENAPI_JSON).read_bytes()
+
+
+@routes.get("/v1/sys/internal/specs/openapi")
+async def openapi_spec(request: web.Request) -> web.Response:
+    """Vault's ``GET sys/internal/specs/openapi``: the API as an OpenAPI document (JSON).
+
+    No token needed, as in Vault. Vault narrows the document to the paths the
+    caller's token may use; ours is the whole static API (docs/openapi.yaml),
+    which is public anyway, and names no mount, role or lease.
+    """
+    return web.Response(body=openapi_document(), content_type="application/json")
 
 
 @routes.get("/v1/sys/mounts")

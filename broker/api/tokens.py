@@ -9,11 +9,12 @@ from aiohttp import web
 
 from broker.api.common import CALL, Call, json_response
 from broker.api.leases import rfc3339
+from broker.durations import format_duration
 from broker.errors import BadRequest, BrokerError, PermissionDenied
 from broker.lease import Token, TokenState
 from broker.state import BrokerState
 from broker.store.base import LeaseStore
-from broker.tokens import hash_token
+from broker.tokens import TokenIdTaken, hash_token
 
 __all__ = ["auth_block", "revoke_token_tree", "routes"]
 
@@ -94,10 +95,17 @@ def _check_text(value: str, name: str) -> None:
         raise BadRequest(f"{name} is not valid Unicode text (it holds a lone surrogate)") from None
 
 
-def _text(call: Call, name: str, *, required: bool = False) -> str | None:
-    value = call.string(name, required=required)
+def _text(call: Call, name: str) -> str | None:
+    value = call.string(name)
     if value is not None:
         _check_text(value, name)
+    return value
+
+
+def _required_text(call: Call, name: str) -> str:
+    """``name`` from the body; 400 if it is missing, empty or not text."""
+    value = call.string(name, required=True) or ""
+    _check_text(value, name)
     return value
 
 
@@ -135,6 +143,40 @@ def _refuse_unsupported(call: Call) -> None:
                          "(use ttl and explicit_max_ttl)")
     if call.body.get("type") not in (None, "", "service"):
         raise BadRequest("type is not supported: only 'service' tokens exist (omit type)")
+    # The policy engine adds "default" to every token when it evaluates: a token
+    # claiming to lack it would still have it.
+    if call.flag("no_default_policy", False):
+        raise BadRequest("no_default_policy is not supported: every token carries the built-in "
+                         "'default' policy (omit it or send false)")
+    if call.body.get("entity_alias") not in (None, ""):
+        raise BadRequest("entity_alias is not supported: there are no identity entities "
+                         "or aliases (omit it)")
+
+
+def _lifetime(call: Call, policies: list[str]) -> tuple[int | None, int | None, list[str]]:
+    """The new token's TTL and max TTL in seconds, and warnings for what was capped.
+
+    As in Vault, ``[tokens] max_ttl`` (the system max TTL) bounds every token:
+    a longer ``ttl`` or ``explicit_max_ttl`` is capped (and said so), no ``ttl``
+    (or 0) means the ceiling, and renewals stop at creation + ceiling. Only a
+    token with the root policy created without a ttl never expires (with an
+    explicit_max_ttl alone, it lives that long).
+    """
+    ceiling = call.state.config.tokens.max_ttl
+    warnings: list[str] = []
+
+    def capped(name: str, value: int | None) -> int | None:
+        if value is not None and value > ceiling:
+            warnings.append(f"{name} {format_duration(value)} is longer than the token max TTL "
+                            f"([tokens] max_ttl); capped at {format_duration(ceiling)}")
+            return ceiling
+        return value
+
+    ttl = capped("ttl", call.duration("ttl") or None)  # 0 is Vault's "the default"
+    explicit = capped("explicit_max_ttl", call.duration("explicit_max_ttl") or None)
+    if ttl is None and "root" in policies:
+        return None, explicit, warnings
+    return ttl or ceiling, explicit or ceiling, warnings
 
 
 # -- who may give what ------------------------------------------------------------
@@ -199,39 +241,73 @@ async def _orphan(call: Call, caller: Token) -> bool:
     return True
 
 
+async def _chosen_id(call: Call, caller: Token) -> str | None:
+    """The value the caller chose for the new token (``id``), if any.
+
+    As in Vault, only a root token or sudo on the path may choose it: a
+    chosen value is only as strong as whoever picked it, and the 400 for a
+    value in use tells the caller that some token has it. The value is a
+    secret: no message here or in ``check_token_id`` repeats it.
+    """
+    token_id = _text(call, "id")
+    if token_id is None:
+        return None
+    if not (caller.is_root or call.allowed(call.path, "sudo")):
+        await _deny(call, f"permission denied: id (choosing the token's value) needs a root "
+                          f"token or sudo on {call.path}")
+    return token_id
+
+
 # -- handlers ---------------------------------------------------------------------
+async def _authorized(request: web.Request, *capabilities: str,
+                      body: bool = True) -> tuple[Call, Token]:
+    """The call and the caller's token, once one of ``capabilities`` on the path
+    asked for is granted. In that order: the ``request`` audit line and the token
+    (403 if bad), the body (400 if not JSON), the policy check (403, audited)."""
+    call: Call = request[CALL]
+    caller = await call.authenticate()
+    if body:
+        await call.read_body()
+    await call.require(call.path, *capabilities)
+    return call, caller
+
+
 @routes.post("/v1/auth/token/create")
 @routes.post("/v1/auth/token/create-orphan")
 async def create(request: web.Request) -> web.Response:
-    call: Call = request[CALL]
-    caller = await call.authenticate()
-    await call.read_body()
-    await call.require(call.path, "update", "create", "sudo")
+    call, caller = await _authorized(request, "update", "create", "sudo")
     _refuse_unsupported(call)
     policies = await _policies(call, caller)
     metadata, display_name = await _identity(call, caller)
-    ttl = call.duration("ttl")
-    if ttl is None and "root" not in policies:
-        ttl = 32 * 86400 if caller.expire_time is None else None
     orphan = await _orphan(call, caller)
-    token, record = await call.state.tokens.create(
-        policies=policies,
-        ttl=ttl,
-        max_ttl=call.duration("explicit_max_ttl"),
-        display_name=display_name,
-        metadata=metadata,
-        parent=None if orphan else caller,
-        renewable=call.flag("renewable", True),
-    )
+    token_id = await _chosen_id(call, caller)
+    ttl, max_ttl, warnings = _lifetime(call, policies)
+    try:
+        token, record = await call.state.tokens.create(
+            policies=policies,
+            ttl=ttl,
+            max_ttl=max_ttl,
+            display_name=display_name,
+            metadata=metadata,
+            parent=None if orphan else caller,
+            renewable=call.flag("renewable", True),
+            token_id=token_id,
+        )
+    except TokenIdTaken as exc:
+        # Audited: a sudo holder probing for the values of other tokens shows up here.
+        await call.audit("token_create", outcome="error", error=str(exc))
+        raise
     await call.audit("token_create", created={"accessor": record.accessor,
                                               "policies": record.policies,
                                               "client_token": token})
-    return _auth_response(call, auth_block(token, record))
+    return _auth_response(call, auth_block(token, record), warnings)
 
 
-def _auth_response(call: Call, auth: dict[str, Any]) -> web.Response:
+def _auth_response(call: Call, auth: dict[str, Any],
+                   warnings: list[str] | None = None) -> web.Response:
     return json_response({"request_id": call.request_id, "auth": auth, "data": None,
-                          "lease_id": "", "renewable": False, "lease_duration": 0})
+                          "lease_id": "", "renewable": False, "lease_duration": 0,
+                          "warnings": warnings or None})
 
 
 def _live(record: Token | None, now: float) -> Token | None:
@@ -247,9 +323,7 @@ def _live(record: Token | None, now: float) -> Token | None:
 @routes.get("/v1/auth/token/lookup-self")
 @routes.post("/v1/auth/token/lookup-self")
 async def lookup_self(request: web.Request) -> web.Response:
-    call: Call = request[CALL]
-    token = await call.authenticate()
-    await call.require("auth/token/lookup-self", "read", "update")
+    call, token = await _authorized(request, "read", "update", body=False)
     await call.audit("token_lookup")
     return json_response({"request_id": call.request_id,
                           "data": token_data(token, call.state.engine.clock())})
@@ -258,25 +332,23 @@ async def lookup_self(request: web.Request) -> web.Response:
 @routes.post("/v1/auth/token/lookup")
 async def lookup(request: web.Request) -> web.Response:
     # Vault answers 403 for an unknown or dead token...
-    return await _lookup_other(request[CALL], "token", lambda store, v: store.token_by_hash(
+    return await _lookup_other(request, "token", lambda store, v: store.token_by_hash(
         hash_token(v)), PermissionDenied("bad token"))
 
 
 @routes.post("/v1/auth/token/lookup-accessor")
 async def lookup_accessor(request: web.Request) -> web.Response:
     # ... and 400 for an unknown or dead accessor.
-    return await _lookup_other(request[CALL], "accessor", lambda store, v: store.token_by_accessor(
+    return await _lookup_other(request, "accessor", lambda store, v: store.token_by_accessor(
         v), BadRequest("invalid accessor"))
 
 
-async def _lookup_other(call: Call, field: str,
+async def _lookup_other(request: web.Request, field: str,
                         find: Callable[[LeaseStore, str], Awaitable[Token | None]],
                         missing: BrokerError) -> web.Response:
     """Another token's data, named by ``field`` of the body (its value or accessor)."""
-    await call.authenticate()
-    await call.read_body()
-    await call.require(call.path, "update", "sudo")
-    value = _text(call, field, required=True) or ""
+    call, _ = await _authorized(request, "update", "sudo")
+    value = _required_text(call, field)
     now = call.state.engine.clock()
     other = _live(await find(call.state.store, value), now)
     if other is None:
@@ -288,10 +360,7 @@ async def _lookup_other(call: Call, field: str,
 @routes.post("/v1/auth/token/renew-self")
 @routes.put("/v1/auth/token/renew-self")
 async def renew_self(request: web.Request) -> web.Response:
-    call: Call = request[CALL]
-    token = await call.authenticate()
-    await call.read_body()
-    await call.require("auth/token/renew-self", "update")
+    call, token = await _authorized(request, "update")
     token, granted = await call.state.tokens.renew(token, call.duration("increment"))
     await call.audit("token_renew", expire_time=rfc3339(token.expire_time))
     # The caller's own token: Vault's renew answer carries it, and it tells the caller nothing new.
@@ -301,11 +370,8 @@ async def renew_self(request: web.Request) -> web.Response:
 @routes.post("/v1/auth/token/renew")
 @routes.put("/v1/auth/token/renew")
 async def renew(request: web.Request) -> web.Response:
-    call: Call = request[CALL]
-    await call.authenticate()
-    await call.read_body()
-    await call.require("auth/token/renew", "update")
-    value = _text(call, "token", required=True) or ""
+    call, _ = await _authorized(request, "update")
+    value = _required_text(call, "token")
     increment = call.duration("increment")
     other = _live(await call.state.store.token_by_hash(hash_token(value)),
                   call.state.engine.clock())
@@ -320,9 +386,7 @@ async def renew(request: web.Request) -> web.Response:
 @routes.post("/v1/auth/token/revoke-self")
 @routes.put("/v1/auth/token/revoke-self")
 async def revoke_self(request: web.Request) -> web.Response:
-    call: Call = request[CALL]
-    token = await call.authenticate()
-    await call.require("auth/token/revoke-self", "update")
+    call, token = await _authorized(request, "update", body=False)
     tokens, leases = await revoke_token_tree(call.state, token.accessor)
     await call.audit("token_revoke", target=token.accessor, tokens=tokens, leases_queued=leases)
     return json_response(None)
@@ -331,11 +395,8 @@ async def revoke_self(request: web.Request) -> web.Response:
 @routes.post("/v1/auth/token/revoke")
 @routes.put("/v1/auth/token/revoke")
 async def revoke(request: web.Request) -> web.Response:
-    call: Call = request[CALL]
-    await call.authenticate()
-    await call.read_body()
-    await call.require("auth/token/revoke", "update", "sudo")
-    value = _text(call, "token", required=True) or ""
+    call, _ = await _authorized(request, "update", "sudo")
+    value = _required_text(call, "token")
     # An unknown token is a no-op (204), as in Vault.
     other = await call.state.store.token_by_hash(hash_token(value))
     if other is not None:
@@ -348,11 +409,8 @@ async def revoke(request: web.Request) -> web.Response:
 @routes.post("/v1/auth/token/revoke-accessor")
 @routes.put("/v1/auth/token/revoke-accessor")
 async def revoke_accessor(request: web.Request) -> web.Response:
-    call: Call = request[CALL]
-    await call.authenticate()
-    await call.read_body()
-    await call.require("auth/token/revoke-accessor", "update", "sudo")
-    accessor = _text(call, "accessor", required=True) or ""
+    call, _ = await _authorized(request, "update", "sudo")
+    accessor = _required_text(call, "accessor")
     if await call.state.store.token_by_accessor(accessor) is None:
         raise BadRequest("no token with that accessor")  # 400, as Vault's "invalid accessor"
     tokens, leases = await revoke_token_tree(call.state, accessor)

@@ -26,10 +26,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
@@ -42,7 +43,8 @@ from broker.store.pg_guard import GuardedPool
 from broker.store.rows import lease_from_row, prefix_upper, token_from_row
 from broker.store.sqlite import StoreSchemaError
 
-__all__ = ["MIGRATIONS", "WAKE_CHANNEL", "PostgresStore", "StoreSchemaError"]
+__all__ = ["MIGRATIONS", "WAKE_CHANNEL", "PostgresStore", "StoreParams", "StoreSchemaError",
+           "store_params"]
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +175,57 @@ DEFAULT_COMMAND_TIMEOUT = 15.0
 #: Listener: how often an idle connection is checked, and the reconnect backoff.
 _KEEPALIVE = 30.0
 _RECONNECT_FIRST, _RECONNECT_MAX = 0.5, 30.0
+
+
+class StoreParams(NamedTuple):
+    """A storage URL's query split: the store's own parameters, and the rest (for asyncpg)."""
+
+    pool_min_size: int
+    pool_max_size: int
+    command_timeout: float
+    rest: list[tuple[str, str]]
+
+
+def store_params(query: str) -> StoreParams:
+    """Parse and check the query string of a ``postgresql://`` storage URL. Does no I/O.
+
+    ``pool_min_size``, ``pool_max_size`` and ``command_timeout`` (seconds) are
+    the store's own; any other parameter is kept, in order, for asyncpg. A
+    ValueError names the parameter and the rule, never the URL or a value: the
+    config loader shows it under ``storage.url`` and the URL may hold a password.
+    """
+    pairs = parse_qsl(query, keep_blank_values=True)
+    own: dict[str, str] = {}
+    for key, value in pairs:
+        if key in _STORE_PARAMS:
+            if key in own:
+                raise ValueError(f"{key} is given twice")
+            own[key] = value
+    min_size = _whole(own, "pool_min_size", 1)
+    max_size = _whole(own, "pool_max_size", 10)
+    try:
+        timeout = float(own.get("command_timeout", DEFAULT_COMMAND_TIMEOUT))
+    except ValueError:
+        timeout = math.nan
+    if not 0 < timeout < math.inf:  # also refuses nan, which every comparison passes
+        raise ValueError("command_timeout must be a number of seconds greater than 0")
+    if max_size < 1:
+        raise ValueError("pool_max_size must be at least 1")
+    if min_size > max_size:
+        raise ValueError(f"pool_min_size ({min_size}) must not be greater than "
+                         f"pool_max_size ({max_size})")
+    rest = [(key, value) for key, value in pairs if key not in _STORE_PARAMS]
+    return StoreParams(min_size, max_size, timeout, rest)
+
+
+def _whole(params: dict[str, str], key: str, default: int) -> int:
+    value = params.get(key)
+    if value is None:
+        return default
+    text = value.strip()
+    if not (text.isascii() and text.isdigit()):  # "-1", "2.5", "ten", "" (isdigit: no sign)
+        raise ValueError(f"{key} must be a whole number of connections, 0 or more")
+    return int(text)
 
 
 class _StoreConnection(asyncpg.Connection):  # type: ignore[misc]  # untyped
@@ -492,21 +545,13 @@ class PostgresStore:
                              "use postgresql://USER@HOST:PORT/DATABASE")
         if not parts.path.strip("/"):
             raise ValueError(f"PostgreSQL url {redact_url(url)!r} names no database")
-        query = parse_qsl(parts.query, keep_blank_values=True)
-        own = {key: value for key, value in query if key in _STORE_PARAMS}
-        rest = [(key, value) for key, value in query if key not in _STORE_PARAMS]
-        dsn = urlunsplit(parts._replace(query=urlencode(rest)))
         try:
-            min_size = int(own.get("pool_min_size", 1))
-            max_size = int(own.get("pool_max_size", 10))
-            timeout = float(own.get("command_timeout", DEFAULT_COMMAND_TIMEOUT))
-        except ValueError:
-            raise ValueError(f"PostgreSQL url {redact_url(url)!r}: pool_min_size, pool_max_size "
-                             "and command_timeout must be numbers") from None
-        if not 0 <= min_size <= max_size or max_size < 1 or timeout <= 0:
-            raise ValueError(f"PostgreSQL url {redact_url(url)!r}: need 0 <= pool_min_size <= "
-                             "pool_max_size, pool_max_size >= 1 and command_timeout > 0")
-        return cls(dsn, pool_min_size=min_size, pool_max_size=max_size, command_timeout=timeout)
+            params = store_params(parts.query)
+        except ValueError as exc:
+            raise ValueError(f"PostgreSQL url {redact_url(url)!r}: {exc}") from None
+        dsn = urlunsplit(parts._replace(query=urlencode(params.rest)))
+        return cls(dsn, pool_min_size=params.pool_min_size, pool_max_size=params.pool_max_size,
+                   command_timeout=params.command_timeout)
 
     # -- lifecycle -------------------------------------------------------
     async def open(self) -> None:

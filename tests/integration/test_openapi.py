@@ -12,11 +12,13 @@ header naming the documented methods.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import hvac
 import hypothesis
 import openapi_spec_validator
 import pytest
@@ -38,6 +40,10 @@ from broker.bench.harness import ROOT_TOKEN, BrokerProcess, broker_config, creat
 
 SPEC_PATH = Path(__file__).resolve().parents[2] / "docs" / "openapi.yaml"
 SPEC: dict[str, Any] = yaml.safe_load(SPEC_PATH.read_text())
+#: What the server sends (package data, so a wheel serves it without PyYAML).
+PACKAGED_PATH = Path(system.__file__).with_name(system.OPENAPI_JSON)
+REGENERATE = ("python -c \"import json, yaml; open('broker/api/openapi.json', 'w').write("
+              "json.dumps(yaml.safe_load(open('docs/openapi.yaml')), indent=1) + '\\n')\"")
 HTTP_METHODS = ("get", "post", "put", "delete", "patch")
 #: These end the calling token (the test's root token): called by hand below instead.
 TOKEN_ENDING = r"/v1/auth/token/(revoke-self|revoke|revoke-accessor)$"
@@ -87,6 +93,23 @@ def test_every_route_is_documented_and_nothing_else() -> None:
     routed = _server_routes()
     assert routed - documented == set(), "routes missing from docs/openapi.yaml"
     assert documented - routed == set(), "documented paths the server does not have"
+
+
+def test_the_packaged_json_is_the_document() -> None:
+    """broker/api/openapi.json, what GET sys/internal/specs/openapi sends, is
+    docs/openapi.yaml as JSON."""
+    packaged = json.loads(PACKAGED_PATH.read_text())
+    assert packaged == json.loads(json.dumps(SPEC)), f"out of date; run: {REGENERATE}"
+
+
+def test_the_server_serves_the_document_to_anyone(broker_url: str) -> None:
+    """GET /v1/sys/internal/specs/openapi without a token (hvac, as a Vault client asks)
+    answers the document as JSON, listing every route the server has."""
+    anonymous = hvac.Client(url=broker_url, token="")  # "": no token, not even VAULT_TOKEN's
+    document = anonymous.read("sys/internal/specs/openapi")
+    assert isinstance(document, dict), document
+    assert set(document["paths"]) == _server_routes()
+    assert document == json.loads(json.dumps(SPEC))
 
 
 def test_documented_methods_are_served_and_no_others(broker_url: str) -> None:
