@@ -361,6 +361,7 @@ async def revoke_by(request: web.Request) -> web.Response:
     if not meta and not prefix:
         raise BadRequest("an empty selector would revoke every lease; give metadata "
                          "and/or prefix (use revoke-prefix with all=true for everything)")
+    prefix = await _path_prefix(call, prefix)
     flt = LeaseFilter(prefix=prefix, metadata=meta)
     queued = await store_call(call.state.engine.revoke_matching(flt, force=force))
     await call.audit("admin", action="revoke-by", prefix=prefix or None, metadata=meta or None,

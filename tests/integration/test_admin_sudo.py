@@ -188,3 +188,20 @@ def test_a_prefix_is_whole_path_segments_as_in_vault(broker: BrokerThread,
     root.sys.revoke_prefix("noop/creds/ab/")
     wait_dead(root, two)
     wait_dead(root, neighbour)
+
+
+def test_revoke_by_reads_its_prefix_as_whole_segments_too(broker: BrokerThread,
+                                                          root: hvac.Client) -> None:
+    """revoke-by "behaves like revoke-prefix" (docs/api.md): its ``prefix`` without a
+    trailing "/" does not reach role ab's leases of the same run."""
+    run = {"run_id": "segments-1"}
+    token = root.auth.token.create(policies=["app"], meta=run, ttl="1h")["auth"]
+    owner = hvac.Client(url=broker.url, token=token["client_token"])
+    mine = str(owner.read("noop/creds/a")["lease_id"])
+    neighbour = str(owner.read("noop/creds/ab")["lease_id"])
+    body = root.write_data("sys/leases/revoke-by", data={
+        "metadata": run, "prefix": "noop/creds/a", "sync": True})
+    assert body["data"] == {"queued": 1, "still_revoking": 0}
+    assert state(root, mine) == "dead"
+    assert state(root, neighbour) == "active"
+    root.write_data("sys/leases/revoke-by", data={"metadata": run, "sync": True})
