@@ -23,7 +23,12 @@ be correlated across lines by whoever holds the key.
 
 Fail-closed: :meth:`AuditLog.write` returns only after its line was handed to
 the kernel (and fsync'd when configured); otherwise it raises
-:class:`AuditError`, which the API answers with 503. Concurrent writers are
+:class:`AuditError`, which the API answers with 503. The first failure is
+logged (``audit write failed``), and from then on the log tries a line of
+its own every :data:`PROBE_INTERVAL` seconds (``admin`` / ``audit_resumed``)
+until one is written: health must turn green again when the disk is back
+even if nothing else writes (a load balancer that drains on health 503 sends
+no request that could). Concurrent writers are
 group-committed: a line is queued, and one callback per event-loop iteration
 writes every line queued so far in one ``write()`` (one ``stat`` for rotation,
 one lock), so the lines of all requests handled in the same iteration share a
@@ -54,11 +59,13 @@ from broker.errors import ServiceUnavailable
 __all__ = [
     "EVENT_TYPES",
     "GENESIS",
+    "PROBE_INTERVAL",
     "SECRET_KEYS",
     "AuditError",
     "AuditLog",
     "VerifyResult",
     "event",
+    "hash_value",
     "load_key",
     "redact",
     "verify_file",
@@ -91,6 +98,8 @@ _REDACTED = "[redacted]"
 _MIN_KEY_BYTES = 16
 _MAX_LINE = 16 * 1024 * 1024  # the tail scan on open gives up beyond this
 _CHUNK = 64 * 1024
+#: While writes fail, a line of the log's own is tried this often (seconds).
+PROBE_INTERVAL = 1.0
 
 
 class AuditError(ServiceUnavailable):
@@ -204,6 +213,14 @@ def redact(obj: Any, key: bytes | None = None) -> Any:
     return _walk(obj, lambda v: _mac(key, v.encode("utf-8", "surrogatepass")))
 
 
+def hash_value(key: bytes, value: str) -> str:
+    """What the audit log writes for the secret ``value`` (``hmac-sha256:<hex>``).
+
+    Vault's ``sys/audit-hash``: grep the log for it to find a known token's lines.
+    """
+    return _mac(key, value.encode("utf-8", "surrogatepass"))
+
+
 def event(type: str, *, outcome: str = "ok", **fields: Any) -> dict[str, Any]:
     """The standard event shape; fields whose value is None are left out.
 
@@ -280,7 +297,8 @@ def _load_or_create_key(path: str, create: bool) -> bytes:
 class AuditLog:
     """An append-only, hash-chained audit file. Create with :meth:`open`."""
 
-    def __init__(self, path: str, key: bytes, *, fsync: bool = False) -> None:
+    def __init__(self, path: str, key: bytes, *, fsync: bool = False,
+                 probe_interval: float = PROBE_INTERVAL) -> None:
         self.path = path
         self._key = key
         # A keyed HMAC state to .copy() per value: saves re-keying on every MAC.
@@ -304,12 +322,17 @@ class AuditLog:
         self._closed = False
         self._ok = True
         self.last_error: str | None = None
+        # While unhealthy: the timer for the next probe line, or the probe writing it.
+        self._probe_interval = probe_interval
+        self._probe_timer: asyncio.TimerHandle | None = None
+        self._probe_task: asyncio.Task[None] | None = None
 
     # -- lifecycle ------------------------------------------------------------------
 
     @classmethod
     async def open(
-        cls, path: str, hmac_key_file: str, *, fsync: bool = False, create_key: bool = False
+        cls, path: str, hmac_key_file: str, *, fsync: bool = False, create_key: bool = False,
+        probe_interval: float = PROBE_INTERVAL,
     ) -> AuditLog:
         """Open (or create) the log at ``path``, continuing the chain of its last line."""
         try:
@@ -325,9 +348,11 @@ class AuditLog:
             ) from None
         except ValueError as exc:
             raise AuditError(f"audit key file {hmac_key_file}: {exc}") from None
-        self = cls(path, key, fsync=fsync)
+        self = cls(path, key, fsync=fsync, probe_interval=probe_interval)
         try:
-            await asyncio.to_thread(self._switch, None)
+            # A file written under another key is set aside, not continued:
+            # "keep the old key to verify old logs" must hold after a key change.
+            await asyncio.to_thread(functools.partial(self._switch, None, set_aside=True))
         except OSError as exc:
             raise self._error("cannot open", exc) from None
         return self
@@ -341,6 +366,9 @@ class AuditLog:
                 batch, self._queue = self._queue, []
                 await self._flush(batch)
             self._closed = True
+            if self._probe_timer is not None:
+                self._probe_timer.cancel()
+                self._probe_timer = None
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
@@ -468,16 +496,52 @@ class AuditLog:
             raise self._failed(exc, str(exc)) from None
 
     def _failed(self, exc: AuditError, detail: str) -> AuditError:
+        if self._ok:
+            # Once per outage, not once per refused request.
+            log.error("audit write failed: %s", exc)
         self._ok = False
         self.last_error = detail
+        self._schedule_probe()
         return exc
 
     def _written(self, written: list[asyncio.Future[None]]) -> None:
+        if not self._ok:
+            log.warning("audit log %s is writable again (it failed with: %s)",
+                        self.path, self.last_error)
         self._ok = True
         self.last_error = None
         for fut in written:
             if not fut.done():
                 fut.set_result(None)
+
+    def _schedule_probe(self) -> None:
+        """Try a line of our own in a while, unless one is already on its way."""
+        if self._closed or self._probe_timer is not None or self._probe_task is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not on a loop (a thread): the next write tries again
+            return
+        self._probe_timer = loop.call_later(self._probe_interval, self._start_probe)
+
+    def _start_probe(self) -> None:
+        self._probe_timer = None
+        if self._closed or self._ok:
+            return
+        self._probe_task = asyncio.ensure_future(self._probe())
+
+    async def _probe(self) -> None:
+        """Write the line that records the log's return; on failure, try again later."""
+        try:
+            if not self._ok:
+                await self.write(event("admin", action="audit_resumed",
+                                       failed_with=self.last_error))
+        except AuditError:
+            pass  # still failing: _failed logged nothing new; retried below
+        finally:
+            self._probe_task = None
+            if not self._ok:
+                self._schedule_probe()
 
     @staticmethod
     def _fail(batch: list[tuple[dict[str, Any], asyncio.Future[None]]], exc: AuditError) -> None:
@@ -576,7 +640,9 @@ class AuditLog:
             log.warning("audit log %s changed size under us (%d bytes, expected %d); "
                         "continuing from its last line", self.path, st.st_size, self._size)
             link = self._chain_link() if st.st_size == 0 else None
-            self._seq, self._prev, self._size = self._read_tail(self._fd, st.st_size)
+            self._seq, self._prev, self._size, signed = self._read_tail(self._fd, st.st_size)
+            if not signed:
+                self._warn_unsigned()
             if self._size == 0:
                 self._link = link
 
@@ -584,26 +650,64 @@ class AuditLog:
         # An old file with no line of its own passes on the link it was given.
         return self._prev if self._seq else self._link
 
-    def _switch(self, link: str | None) -> None:
-        """Open the path and adopt it; the old fd is closed only once that worked."""
+    def _switch(self, link: str | None, *, set_aside: bool = False) -> None:
+        """Open the path and adopt it; the old fd is closed only once that worked.
+
+        With ``set_aside`` (start-up), a file whose last line is not signed
+        with our key is renamed (see :meth:`_set_aside`) and a new one started.
+        """
         parent = os.path.dirname(self.path)
         if parent:
             os.makedirs(parent, mode=0o700, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             st = os.fstat(fd)
-            seq, prev, size = self._read_tail(fd, st.st_size if stat.S_ISREG(st.st_mode) else 0)
+            seq, prev, size, signed = self._read_tail(
+                fd, st.st_size if stat.S_ISREG(st.st_mode) else 0)
+            if not signed and set_aside:
+                self._set_aside()
         except BaseException:
             os.close(fd)
             raise
+        if not signed:
+            if set_aside:
+                os.close(fd)
+                self._switch(prev)  # a new file, linked to the one set aside
+                return
+            self._warn_unsigned()
         if self._fd >= 0:
             os.close(self._fd)
         self._fd, self._ident = fd, (st.st_dev, st.st_ino)
         self._seq, self._prev, self._size, self._dirty = seq, prev, size, False
         self._link = link if size == 0 else None
 
-    def _read_tail(self, fd: int, size: int) -> tuple[int, str, int]:
-        """(seq, hash, size) of the last complete line, reading only the file's end.
+    def _set_aside(self) -> None:
+        """Rename the file at the path: its lines are signed with another key.
+
+        Lines under two keys in one file could be verified with neither (the
+        old key fails at the first new line, the new key at the first line).
+        The file keeps its chain; ``verify --key-file OLD`` checks it.
+        """
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        aside = f"{self.path}.{stamp}.other-key"
+        n = 1
+        while os.path.lexists(aside):
+            n += 1
+            aside = f"{self.path}.{stamp}-{n}.other-key"
+        os.rename(self.path, aside)
+        log.warning("audit log %s: its last line is not signed with the configured HMAC key "
+                    "(the key was changed, or the line was edited); moved it to %s (verify it "
+                    "with the key it was written with) and starting a new file linked to it",
+                    self.path, aside)
+
+    def _warn_unsigned(self) -> None:
+        log.warning("audit log %s: the last line's HMAC does not match the key "
+                    "(edited line or changed key); run `broker audit verify`", self.path)
+
+    def _read_tail(self, fd: int, size: int) -> tuple[int, str, int, bool]:
+        """(seq, hash, size, signed) of the last complete line, reading only the file's end.
+
+        ``signed``: that line's HMAC is ours (True for an empty file).
 
         A torn last line (crash or disk full mid-write; never acknowledged to
         anyone) is cut off so that new lines start on a line boundary.
@@ -625,7 +729,7 @@ class AuditLog:
             os.ftruncate(fd, size - torn)
             size -= torn
         if last_nl < 0:
-            return 0, GENESIS, size
+            return 0, GENESIS, size, True
         line = buf[buf.rfind(b"\n", 0, last_nl) + 1 : last_nl]
         try:
             obj = json.loads(line)
@@ -643,10 +747,7 @@ class AuditLog:
                 mac, _mac(self._key, _canonical(obj)))
         except ValueError:
             mac_ok = False
-        if not mac_ok:
-            log.warning("audit log %s: the last line's HMAC does not match the key "
-                        "(edited line or changed key); run `broker audit verify`", self.path)
-        return seq, _sha(line), size
+        return seq, _sha(line), size, mac_ok
 
     def _error(self, what: str, exc: OSError) -> AuditError:
         return AuditError(f"audit log {self.path}: {what} ({exc.strerror or exc}); "

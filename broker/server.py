@@ -280,10 +280,10 @@ async def _serve(config: Config, *, dev: bool, dev_root_token_id: str | None,
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     loop.add_signal_handler(signal.SIGHUP, reload_requested.set)
-    if worker is not None:
-        # A worker starts with SIGHUP held back (broker/workers.py): one that came
-        # meanwhile is delivered now, to the handler above.
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+    # The broker starts with SIGHUP held back (run_server; a worker too,
+    # broker/workers.py): one that came meanwhile is delivered now, to the
+    # handler above.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
 
     async def reloader() -> None:
         while True:
@@ -362,6 +362,11 @@ def _setup_logging() -> None:
 def run_server(config_path: str | None, *, dev: bool, dev_root_token_id: str | None,
                listen: str | None) -> int:
     """``broker server``: blocks until SIGTERM/SIGINT; returns the exit code."""
+    # SIGHUP's default action ends the process, and systemd counts an end by
+    # SIGHUP as clean (Restart=on-failure does not restart it). A reload sent
+    # while the broker starts (which may wait backend_timeout for a mount) is
+    # held back until _serve's handler is in place, and then carried out.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     _setup_logging()
     try:
         config = load_server_config(config_path, dev=dev, listen=listen)

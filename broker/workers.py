@@ -193,7 +193,11 @@ def supervise(workers: int, serve: Callable[[int], int],
         worker, started = children.pop(pid)
         code = os.waitstatus_to_exitcode(status)
         if stopping:
-            failed = failed or code != 0
+            # A worker still starting has no handler yet: the forwarded SIGTERM or
+            # SIGINT ends it by its default action, with nothing in flight to
+            # drain. That is the stop asked for, not a failure (systemd would
+            # report the unit failed).
+            failed = failed or code not in (0, -signal.SIGTERM, -signal.SIGINT)
             continue
         quick_deaths = quick_deaths + 1 if time.monotonic() - started < _MIN_UPTIME else 0
         if quick_deaths >= _MAX_QUICK_DEATHS:

@@ -10,6 +10,7 @@ from typing import Any
 
 from broker import __version__
 from broker.cli.commands import (
+    cmd_audit_hash,
     cmd_audit_verify,
     cmd_bench,
     cmd_creds,
@@ -216,6 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
         "files", metavar="FILE", nargs="+", help="audit log(s); rotated ones oldest first"
     )
     p.add_argument("--key-file", metavar="K", help="HMAC key file of the broker")
+    p = leaf(audits, "hash", cmd_audit_hash,
+             "print the HMAC a token or secret is written as in the audit log (to grep for)",
+             remote=False)
+    p.add_argument("values", metavar="VALUE", nargs="*",
+                   help="values to hash; default: one per line on stdin (keeps them out of "
+                        "shell history)")
+    p.add_argument("--key-file", metavar="K", required=True, help="HMAC key file of the broker")
 
     p = leaf(commands, "bench", cmd_bench, "measure speed and scale (docs/performance.md)",
              remote=False)

@@ -203,6 +203,25 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- commands: audit
 
 
+def cmd_audit_hash(args: argparse.Namespace) -> int:
+    """``broker audit hash``: the HMAC a secret is written as, to search the log by it."""
+    from broker import audit
+
+    try:
+        key = audit.load_key(args.key_file)
+    except OSError as exc:
+        raise OperationError(
+            f"cannot read key file {args.key_file}: {exc.strerror or exc}"
+        ) from None
+    except ValueError as exc:
+        raise OperationError(f"{args.key_file}: {exc}") from None
+    # From stdin by default: a token on the command line lands in shell history and ps.
+    values = args.values or [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
+    for value in values:
+        sys.stdout.write(audit.hash_value(key, value) + "\n")
+    return 0
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     try:
         from broker import audit

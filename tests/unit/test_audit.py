@@ -306,6 +306,44 @@ async def test_foreign_last_line_refuses_to_open(paths: tuple[str, str]) -> None
         await AuditLog.open(*paths, create_key=True)
 
 
+async def test_file_of_another_key_is_set_aside_on_open(paths: tuple[str, str],
+                                                      tmp_path: Path) -> None:
+    """After a key change the old file is moved aside whole and a new, linked one starts.
+
+    Continuing it mixed two keys in one file, which then verified with neither.
+    """
+    log = await AuditLog.open(*paths, create_key=True)
+    await write_n(log, 3)
+    await log.close()
+    old_key = load_key(paths[1])
+    old_last = lines(paths[0])[-1]
+    os.unlink(paths[1])
+    log = await AuditLog.open(*paths, create_key=True)  # a new key
+    await write_n(log, 2, start=3)
+    await log.close()
+    new_key = load_key(paths[1])
+    [aside] = [p for p in Path(paths[0]).parent.iterdir() if p.name.endswith(".other-key")]
+    assert aside.name.startswith("audit.jsonl.")
+    assert [r["n"] for r in records(str(aside))] == [0, 1, 2]
+    assert verify_file(str(aside), old_key).ok
+    recs = records(paths[0])
+    assert [r["seq"] for r in recs] == [1, 2] and recs[0]["prev_file"] == sha(old_last)
+    assert verify_file(paths[0], new_key).ok
+    assert all(r.ok for _, r in verify_files([str(aside), paths[0]], None))  # the link holds
+
+
+async def test_reopen_with_the_same_key_continues_without_setting_aside(
+    paths: tuple[str, str]
+) -> None:
+    """A restart with the same key continues the file: nothing is moved."""
+    for start in (0, 2):
+        log = await AuditLog.open(*paths, create_key=True)
+        await write_n(log, 2, start=start)
+        await log.close()
+    assert sorted(os.listdir(os.path.dirname(paths[0]))) == ["audit.jsonl"]
+    assert [r["seq"] for r in records(paths[0])] == [1, 2, 3, 4]
+
+
 # --------------------------------------------------------------------------- verify
 
 
@@ -546,6 +584,50 @@ async def test_partial_write_is_cut_back(alog: AuditLog, paths: tuple[str, str])
     await write_n(alog, 1, start=2)
     assert [r["seq"] for r in records(paths[0])] == [1, 2, 3]
     assert verify_file(paths[0], load_key(paths[1])).ok
+
+
+async def test_log_recovers_by_itself_after_a_failure(paths: tuple[str, str]) -> None:
+    """Once writable again, the log writes an audit_resumed line itself and is healthy.
+
+    Health must not wait for a request to succeed: a load balancer that
+    drains on health 503 would never send one.
+    """
+    log = await AuditLog.open(*paths, create_key=True, probe_interval=0.05)
+    await write_n(log, 2)
+    size = size_of(paths[0])
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    try:
+        with pytest.raises(AuditError, match="too large"):
+            await log.write(event("issue"))
+        await asyncio.sleep(0.3)  # several probes, all failing
+        assert not log.healthy and size_of(paths[0]) == size
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+    for _ in range(100):
+        if log.healthy:
+            break
+        await asyncio.sleep(0.02)
+    assert log.healthy and log.last_error is None
+    await log.close()
+    recs = records(paths[0])
+    assert [r["seq"] for r in recs] == [1, 2, 3]
+    assert recs[-1]["action"] == "audit_resumed" and recs[-1]["failed_with"] == "File too large"
+    assert verify_file(paths[0], load_key(paths[1])).ok
+
+
+async def test_close_stops_the_recovery_probe(paths: tuple[str, str]) -> None:
+    """A log closed while failing schedules nothing more and writes nothing more."""
+    if not exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    log = await AuditLog.open("/dev/full", paths[1], create_key=True, probe_interval=0.01)
+    with pytest.raises(AuditError):
+        await log.write(event("issue"))
+    await log.close()
+    await asyncio.sleep(0.05)
+    assert log._probe_timer is None and log._probe_task is None
 
 
 # --------------------------------------------------------------------------- rotation
