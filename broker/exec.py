@@ -16,9 +16,13 @@ however the command (or ``broker exec`` itself) ends.
 Variable names: each credential's fields get the names its backend's tools
 read (``PGUSER``/``PGPASSWORD``, ``MYSQL_USER``/``MYSQL_PWD``, ``AWS_*``). When
 a later credential would set a name an earlier one already set (two postgres
-mounts), it gets ``NAME_<MOUNT>_<ROLE>`` instead (``PGUSER_PG2_READONLY``):
+mounts), all its names get ``NAME_<MOUNT>_<ROLE>`` instead (``PGUSER_PG2_READONLY``):
 the first credential listed keeps the plain names the tools read. Every lease
 id is in ``BROKER_LEASE_IDS``, comma-separated, in the order given.
+
+The rest of exec's environment is inherited, except the ``--jwt-env`` variable
+(the JWT logs in as the whole job) and a plain name the credential leaves empty
+(an IAM user's ``AWS_SESSION_TOKEN``: a stale one would break its key).
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ from types import FrameType
 from typing import Any
 
 from broker.cli.common import (
+    ENV_NAMES,
+    SERVER_ENV_NAMES,
     OperationError,
     UsageError,
     _env_key,
@@ -59,6 +65,7 @@ __all__ = [
     "options_from_args",
     "renew_increment",
     "split_command",
+    "stale_names",
 ]
 
 LEASE_IDS_ENV = "BROKER_LEASE_IDS"
@@ -87,6 +94,8 @@ class ExecOptions:
     revoke: bool = True
     #: the identity token to log in with (never printed).
     jwt: str | None = field(default=None, repr=False)
+    #: the variable --jwt-env read the JWT from: kept out of the command's environment.
+    jwt_env: str | None = None
     auth_role: str | None = None
     auth_path: str = "jwt"
 
@@ -161,8 +170,9 @@ def options_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> E
     if not auth_path:
         raise UsageError("--auth-path must not be empty")
     return ExecOptions(specs=specs, command=command, ttl=args.ttl, heartbeat=args.heartbeat,
-                       revoke=not args.no_revoke, jwt=jwt, auth_role=args.auth_role,
-                       auth_path=auth_path)
+                       revoke=not args.no_revoke, jwt=jwt,
+                       jwt_env=args.jwt_env if jwt is not None else None,
+                       auth_role=args.auth_role, auth_path=auth_path)
 
 
 def _read_jwt(path: str | None, var: str | None, environ: Mapping[str, str]) -> str:
@@ -243,22 +253,48 @@ class Held:
 def build_env(held: Sequence[Held]) -> dict[str, str]:
     """Variables for the command: each credential's fields plus ``BROKER_LEASE_IDS``.
 
-    The first credential that sets a name keeps it; a later one gets
-    ``NAME_<MOUNT>_<ROLE>`` (see the module doc). Raises OperationError if even
-    that collides.
+    The first credential that sets a name keeps its plain names; a later one
+    that would set any name already taken gets ``NAME_<MOUNT>_<ROLE>`` for all
+    its fields (see the module doc), so the plain names always form one
+    credential: never one IAM user's key with another lease's session token.
+    Raises OperationError if even that collides.
     """
+    return _plan_env(held)[0]
+
+
+def stale_names(held: Sequence[Held]) -> set[str]:
+    """Inherited variables the command must not see: the plain names of fields a
+    credential has but leaves empty (null), which nothing else sets.
+
+    An IAM user's key has no ``security_token``: an ``AWS_SESSION_TOKEN`` the job
+    already had (a runner's own role) would pair with the new key and make every
+    AWS call fail with "the security token included in the request is invalid".
+    """
+    return _plan_env(held)[1]
+
+
+def _plan_env(held: Sequence[Held]) -> tuple[dict[str, str], set[str]]:
     env: dict[str, str] = {}
+    #: plain names a credential that kept its plain names leaves empty.
+    empty: set[str] = set()
     for cred in held:
-        for name, value in env_for(cred.plugin, cred.data).items():
+        own = env_for(cred.plugin, cred.data)
+        table = SERVER_ENV_NAMES.get(cred.plugin) or ENV_NAMES.get(cred.plugin, {})
+        unset = {name for key, name in table.items()
+                 if key in cred.data and cred.data[key] is None}
+        if not (set(own) | unset) & (set(env) | empty):
+            env.update(own)
+            empty |= unset
+            continue
+        for name, value in own.items():
+            name = f"{name}_{_env_key(cred.mount)}_{_env_key(cred.role)}".replace("__", "_")
             if name in env:
-                name = f"{name}_{_env_key(cred.mount)}_{_env_key(cred.role)}".replace("__", "_")
-                if name in env:
-                    raise OperationError(
-                        f"{cred.spec}: two credentials would both set {name}; "
-                        "rename a mount or run two broker exec")
+                raise OperationError(
+                    f"{cred.spec}: two credentials would both set {name}; "
+                    "rename a mount or run two broker exec")
             env[name] = value
     env[LEASE_IDS_ENV] = ",".join(c.lease_id for c in held)
-    return env
+    return env, empty - set(env)
 
 
 def _rfc3339(text: Any) -> float | None:
@@ -473,7 +509,10 @@ class Exec:
     def _main(self, fwd: _Forwarder) -> int:
         try:
             self._setup()
-            env = {**os.environ, **build_env(self.held)}
+            # The JWT logs in as the whole CI job: the command gets its leases, not that.
+            drop = stale_names(self.held) | {self.opts.jwt_env}
+            inherited = {k: v for k, v in os.environ.items() if k not in drop}
+            env = {**inherited, **build_env(self.held)}
             if self.opts.heartbeat and any(c.renewable for c in self.held):
                 self.heartbeat = Heartbeat(self.make_client(self.client.token), self.held,
                                            self.opts.heartbeat)

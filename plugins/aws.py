@@ -356,8 +356,10 @@ class AWSBackend:
         now = self.clock()
         if role.credential_type == "iam_user":
             name = aws_name(req.username, 64)
-            tags = aws_sts.build_tags({}, req.metadata if role.tag_metadata else {})
-            tags.append({"Key": "broker-lease-id", "Value": req.lease_id[:256]})
+            # The lease id tag goes first, as a configured tag: lease metadata can neither
+            # override it nor push the user past IAM's 50 tags.
+            tags = aws_sts.build_tags({aws_iam.LEASE_ID_TAG: req.lease_id[:256]},
+                                      req.metadata if role.tag_metadata else {})
             data, revocation = await self._run(
                 "creating IAM user", aws_iam.create_user, iam, name, self.iam_path, role, tags)
             return NewUserResponse(data=data, revocation=revocation, renewable=True)

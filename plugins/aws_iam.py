@@ -13,12 +13,15 @@ from broker.backend import BackendError
 if TYPE_CHECKING:
     from plugins.aws import AWSRole
 
-__all__ = ["INLINE_POLICY_NAME", "create_root_key", "create_user", "delete_key", "delete_user"]
+__all__ = ["INLINE_POLICY_NAME", "LEASE_ID_TAG", "create_root_key", "create_user", "delete_key",
+           "delete_user"]
 
 log = logging.getLogger(__name__)
 
 #: the inline policy put on each user from the role's policy_document.
 INLINE_POLICY_NAME = "broker-policy"
+#: the tag naming the lease a user was made for (IAM users have no other link back).
+LEASE_ID_TAG = "broker-lease-id"
 
 
 def _missing(exc: ClientError) -> bool:
@@ -51,7 +54,19 @@ def create_user(iam: Any, name: str, path: str, role: AWSRole,
     args: dict[str, Any] = {"UserName": name, "Path": path, "Tags": tags}
     if role.permissions_boundary_arn:
         args["PermissionsBoundary"] = role.permissions_boundary_arn
-    user = iam.create_user(**args)["User"]
+    try:
+        user = iam.create_user(**args)["User"]
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") != "EntityAlreadyExists" \
+                or _made_by(iam, name, tags):
+            raise
+        # Someone else's user (made by hand, or another live lease's when the
+        # username_template has no {{random}}): the engine must not "roll back"
+        # this issue by deleting it.
+        raise BackendError(f"creating IAM user: EntityAlreadyExists: a user named {name} "
+                           "exists already; it is not this lease's and is left alone "
+                           "(check the role's username_template)",
+                           retryable=False, created_nothing=True) from None
     try:
         for arn in role.policy_arns:
             iam.attach_user_policy(UserName=name, PolicyArn=arn)
@@ -74,6 +89,18 @@ def create_user(iam: Any, name: str, path: str, role: AWSRole,
     revocation = {"credential_type": "iam_user", "username": name,
                   "access_key_id": key["AccessKeyId"]}
     return data, revocation
+
+
+def _made_by(iam: Any, name: str, tags: list[dict[str, str]]) -> bool:
+    """Whether the existing user ``name`` is this issue's own (a retried CreateUser whose
+    first attempt went through): it carries the same ``broker-lease-id`` tag."""
+    mine = next((t["Value"] for t in tags if t["Key"] == LEASE_ID_TAG), None)
+    try:
+        user = iam.get_user(UserName=name)["User"]
+    except ClientError:
+        return False  # unknown: treat as not ours, never delete it
+    theirs = {t.get("Key"): t.get("Value") for t in user.get("Tags", [])}
+    return mine is not None and theirs.get(LEASE_ID_TAG) == mine
 
 
 def delete_user(iam: Any, name: str, path: str) -> None:

@@ -17,6 +17,9 @@ on one database::
     CREATE USER '{{name}}'@'%' IDENTIFIED BY '{{password}}'
     GRANT SELECT ON `{{database}}`.* TO '{{name}}'@'%'
 
+(in that default GRANT ``_`` and ``%`` of the database name are escaped: a
+database-level GRANT reads them as wildcards).
+
 A creation statement granting ``ALL [PRIVILEGES] ON *.*`` is refused at config
 load: every lease would then be a server administrator able to create its own
 users, which no revocation can take back.
@@ -54,7 +57,8 @@ see ``_settle``):
    user (a session that ended meanwhile is fine) - a dropped account's open
    connections otherwise keep all their privileges;
 3. the role's ``revocation_statements`` (``rollback_statements`` for a
-   rollback), if any;
+   rollback), if any, unless ``mysql.user`` shows the user on no host (gone
+   already: Vault-style ``REVOKE ... FROM`` would fail on every retry);
 4. ``DROP USER IF EXISTS`` for every host, then a last check that no session
    of the user survived (retryable error if one did).
 
@@ -382,6 +386,10 @@ class MySQLBackend:
         host = self._role_host(req.role)
         values = self._values(req.role, name, expiration=req.expiration)
         values["password"] = password
+        if not req.role.creation_statements and "database" in values:
+            # The default GRANT is at database level (ON `db`.*), where "_" and
+            # "%" are wildcards: GRANT ON `app_db`.* also grants on `appXdb`.
+            values["database"] = _grant_database(values["database"])
         templates = req.role.creation_statements or self._default_creation(host)
         statements = self._render_all(templates, values, "creation_statements", [password])
         async with self._cursor("creating user", password) as cur:
@@ -421,10 +429,17 @@ class MySQLBackend:
         hosts = self._candidate_hosts(req)
         async with self._cursor("revoking user") as cur:
             await self._settle(cur)
-            hosts |= await self._user_hosts(cur, name)
+            found = await self._user_hosts(cur, name)
+            hosts |= found or set()
             for host in sorted(hosts):
                 await self._lock_account(cur, name, host)
             await self._kill_sessions(cur, name)
+            if found == set():
+                # Gone already (dropped by hand, a rollback of a user that was
+                # never made or that new_user dropped): custom statements such
+                # as Vault's "REVOKE ALL PRIVILEGES ... FROM '{{name}}'" would
+                # fail on every retry and leave the lease irrevocable.
+                custom = ()
             for stmt in custom:
                 await self._run(cur, "revoking user", stmt)
             for host in sorted(hosts):
@@ -439,6 +454,12 @@ class MySQLBackend:
 
         The account is named explicitly: MariaDB 10.11 accepts ``ALTER USER
         CURRENT_USER() IDENTIFIED BY ...`` and silently changes nothing.
+
+        Once the server took the new password, the old one no longer logs in:
+        a failure after that point must not leave the broker knowing neither.
+        If the new password cannot log in (too many connections, say), the old
+        one is set again through the old pool's logged-in connections and the
+        call fails; if even that fails, the new password is kept and returned.
         """
         what = "rotating the admin password"
         new = req.new_password or generate_password()
@@ -455,16 +476,34 @@ class MySQLBackend:
         try:
             async with self._cursor_on(pool, what, new) as cur:
                 await self._run(cur, what, "SELECT 1", new)
-        except BackendError:
+        except BackendError as exc:
             pool.close()
             await pool.wait_closed()
-            raise
+            failed = exc
+        else:
+            await self._adopt_root(pool, new)
+            return RotateRootResponse(new_password=new)
+        try:
+            async with self._cursor("restoring the old admin password", new) as cur:
+                await self._run(cur, what, "ALTER USER %s@%s IDENTIFIED BY %s", new,
+                                params=(user, host, self._password or ""))
+        except BackendError as exc:
+            # The server holds the new password and we cannot take it back:
+            # it is the only one that works now, so the caller must get it.
+            log.warning("mysql: the new admin password of mount %s could not log in (%s) "
+                        "nor be undone (%s); keeping it", self.mount, failed, exc)
+            await self._adopt_root(await self._new_pool(new), new)
+            return RotateRootResponse(new_password=new)
+        raise BackendError(f"{failed}; the old admin password was set again",
+                           retryable=failed.retryable)
+
+    async def _adopt_root(self, pool: aiomysql.Pool, password: str) -> None:
+        """Use ``pool`` (logging in with ``password``) from now on."""
         # Pooled connections stay logged in; new ones must use the new password.
-        old_pool, self._pool, self._password = self._pool, pool, new
+        old_pool, self._pool, self._password = self._pool, pool, password
         if old_pool is not None:
             old_pool.close()
             await old_pool.wait_closed()
-        return RotateRootResponse(new_password=new)
 
     # -- helpers ----------------------------------------------------------------------
 
@@ -520,17 +559,22 @@ class MySQLBackend:
             hosts.add(stored)
         return hosts
 
-    async def _user_hosts(self, cur: Any, name: str) -> set[str]:
-        """Every host part the user exists with (custom statements may pick their own)."""
+    async def _user_hosts(self, cur: Any, name: str) -> set[str] | None:
+        """Every host part the user exists with (custom statements may pick their own).
+
+        An empty set: the user exists nowhere. None: unknown (``mysql.user`` is
+        not readable, or the user exists only with host parts we do not quote).
+        """
         try:
             await cur.execute("SELECT Host FROM mysql.user WHERE User = %s", (name,))
         except pymysql.err.MySQLError as exc:
             if _error_code(exc) in _ACCESS_DENIED:
                 log.debug("cannot read mysql.user; dropping the configured host only")
-                return set()
+                return None
             raise self._wrap("revoking user", exc) from None
         rows = await cur.fetchall()
-        return {str(row[0]) for row in rows if _HOST_OK.fullmatch(str(row[0]))}
+        hosts = {str(row[0]) for row in rows if _HOST_OK.fullmatch(str(row[0]))}
+        return None if rows and not hosts else hosts
 
     async def _lock_account(self, cur: Any, name: str, host: str) -> None:
         stmt = f"ALTER USER IF EXISTS {quote_literal(name)}@{quote_literal(host)} ACCOUNT LOCK"
@@ -705,6 +749,16 @@ class MySQLBackend:
                    and not 2000 <= code < 3000)
         return BackendError(f"mysql {where}: {what} failed: {detail}", retryable=retryable,
                             created_nothing=refused)
+
+
+def _grant_database(name: str) -> str:
+    """``name`` as a database-level GRANT's pattern that matches only that database.
+
+    MySQL and MariaDB read ``_`` and ``%`` in ``GRANT ... ON `db`.*`` as
+    wildcards unless escaped with a backslash (what the official Docker images
+    do too). ``_DATABASE_OK`` already keeps backslashes and ``%`` out.
+    """
+    return name.replace("\\", "\\\\").replace("_", "\\_").replace("%", "\\%")
 
 
 def _int_option(opts: Mapping[str, Any], key: str, default: int, lo: int, hi: int) -> int:

@@ -13,7 +13,8 @@ plaintext for the server to hash, as Vault does.
 Revocation is built so that a revoked credential is really dead:
 
 1. ``ALTER ROLE ... NOLOGIN`` is committed first, so no new session can start;
-2. every session of the role is terminated (and waited for);
+2. every session of the role is signalled at once (``pg_terminate_backend``),
+   then the broker waits until all have exited;
 3. in one transaction: sessions are swept once more by role oid (a login that
    passed authentication just before step 1 committed), then an admin
    without the role's privileges (no superuser) makes itself a member of it,
@@ -156,60 +157,50 @@ _SHARED_ROW_DDL = re.compile(
 # unchanged, e.g. for a role that was made a member of the admin's role.
 _JOIN_ROLE = 'GRANT "{name}" TO CURRENT_USER'
 # Step 2 of revocation. pg_terminate_backend stays in a target list, so it only
-# ever runs for rows the WHERE clause kept. Also reports whether the role holds
-# privileges on objects (ACL dependencies): DROP OWNED then rewrites those
-# objects' ACLs, which is what needs the DDL lock; and whether the admin has
-# the role's privileges (_JOIN_ROLE).
-_END_SESSIONS_14 = """
+# ever runs for rows the WHERE clause kept. Every session is signalled at once
+# (the non-waiting form) and the caller then polls until all are gone
+# (_wait_sessions_gone). Not the waiting pg_terminate_backend(pid, timeout) of
+# PostgreSQL 14+: it sleeps 100 ms before its first look at each pid, so a
+# role's sessions ended one after another cost 100 ms each (4 s for 40; 300
+# would fill the 30 s backend timeout), and while one was waited for, the
+# others ran on: a write queued behind a lock of the session just ended got
+# the lock and committed in the middle of the revocation. Sessions waiting on
+# a lock are signalled first: by the time the holder dies and its locks go,
+# each of them already has its termination pending and dies instead of going on.
+# (Waiting is read from pg_locks, which every role may read; pg_stat_activity
+# hides wait_event_type of other roles' sessions from an admin that is no
+# superuser.)
+# Also reports whether the role holds privileges on objects (ACL dependencies):
+# DROP OWNED then rewrites those objects' ACLs, which is what needs the DDL
+# lock; and whether the admin has the role's privileges (_JOIN_ROLE).
+_END_SESSIONS = """
 SELECT r.oid,
-       (SELECT count(*) FILTER (WHERE NOT t.ended)
-          FROM (SELECT pg_terminate_backend(a.pid, $2) AS ended
-                  FROM pg_stat_activity a
-                 WHERE a.usesysid = r.oid AND a.pid <> pg_backend_pid()) t) AS left_,
+       (SELECT count(*)
+          FROM (SELECT pg_terminate_backend(a.pid)
+                  FROM (SELECT pid FROM pg_stat_activity
+                         WHERE usesysid = r.oid AND pid <> pg_backend_pid()
+                         ORDER BY pid IN (SELECT l.pid FROM pg_locks l
+                                        WHERE NOT l.granted AND l.pid IS NOT NULL) DESC) a) t
+       ) AS left_,
        EXISTS (SELECT 1 FROM pg_shdepend d
                 WHERE d.refclassid = 'pg_authid'::regclass AND d.refobjid = r.oid
                   AND d.deptype = 'a') AS granted,
        pg_has_role(current_user, r.oid, 'USAGE') AS usable
   FROM pg_roles r WHERE r.rolname = $1
 """
-# PostgreSQL 12/13: no waiting terminate; every signalled session counts as left.
-_END_SESSIONS_12 = """
-SELECT r.oid,
-       (SELECT count(*)
-          FROM (SELECT pg_terminate_backend(a.pid) AS ended
-                  FROM pg_stat_activity a
-                 WHERE a.usesysid = r.oid AND a.pid <> pg_backend_pid()) t) AS left_,
-       EXISTS (SELECT 1 FROM pg_shdepend d
-                WHERE d.refclassid = 'pg_authid'::regclass AND d.refobjid = r.oid
-                  AND d.deptype = 'a') AS granted,
-       pg_has_role(current_user, r.oid, 'USAGE') AS usable
-  FROM pg_roles r WHERE r.rolname = $1 AND $2::int IS NOT NULL
-"""
 _COUNT_SESSIONS = (
     "SELECT count(*) FROM pg_stat_activity WHERE usesysid = $1 AND pid <> pg_backend_pid()"
 )
-# The batch forms of step 2: the same per role, for the roles named in $1 that
+# The batch form of step 2: the same per role, for the roles named in $1 that
 # exist. The sessions are read (and signalled) in one pass, once: a CTE calling
 # a volatile function is evaluated once, whatever refers to it.
-_END_SESSIONS_MANY_14 = """
+_END_SESSIONS_MANY = """
 WITH r AS (SELECT oid, rolname FROM pg_roles WHERE rolname = ANY($1::text[])),
-     t AS (SELECT a.usesysid, pg_terminate_backend(a.pid, $2) AS ended
-             FROM pg_stat_activity a
-            WHERE a.usesysid IN (SELECT oid FROM r) AND a.pid <> pg_backend_pid())
-SELECT r.rolname, r.oid,
-       (SELECT count(*) FROM t WHERE t.usesysid = r.oid AND NOT t.ended) AS left_,
-       EXISTS (SELECT 1 FROM pg_shdepend d
-                WHERE d.refclassid = 'pg_authid'::regclass AND d.refobjid = r.oid
-                  AND d.deptype = 'a') AS granted,
-       pg_has_role(current_user, r.oid, 'USAGE') AS usable
-  FROM r
-"""
-_END_SESSIONS_MANY_12 = """
-WITH r AS (SELECT oid, rolname FROM pg_roles WHERE rolname = ANY($1::text[])),
-     t AS (SELECT a.usesysid, pg_terminate_backend(a.pid) AS ended
-             FROM pg_stat_activity a
-            WHERE a.usesysid IN (SELECT oid FROM r) AND a.pid <> pg_backend_pid()
-              AND $2::int IS NOT NULL)
+     t AS (SELECT a.usesysid, pg_terminate_backend(a.pid) AS signalled
+             FROM (SELECT usesysid, pid FROM pg_stat_activity
+                    WHERE usesysid IN (SELECT oid FROM r) AND pid <> pg_backend_pid()
+                    ORDER BY pid IN (SELECT l.pid FROM pg_locks l
+                                   WHERE NOT l.granted AND l.pid IS NOT NULL) DESC) a)
 SELECT r.rolname, r.oid,
        (SELECT count(*) FROM t WHERE t.usesysid = r.oid) AS left_,
        EXISTS (SELECT 1 FROM pg_shdepend d
@@ -222,6 +213,9 @@ _COUNT_SESSIONS_MANY = (
     "SELECT count(*) FROM pg_stat_activity "
     "WHERE usesysid = ANY($1::oid[]) AND pid <> pg_backend_pid()"
 )
+#: Pauses between looks while the signalled sessions exit (~10 s in all): a
+#: session rolling back a large transaction takes a while to go.
+_SESSION_WAIT_PAUSES = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.8, *(1.0,) * 8)
 _EXISTING_OIDS = "SELECT oid FROM pg_roles WHERE oid = ANY($1::oid[])"
 
 
@@ -783,12 +777,10 @@ class PostgresBackend:
                 return False
             # Its COMMIT landed while we looked: revoke the role it made.
             return await self._revoke(conn, name, templates, statements, custom=custom)
-        # 2. End every session (PostgreSQL 14+ waits for each to exit, so its
-        #    locks are gone before DROP OWNED).
+        # 2. Signal every session at once, then wait until all have exited (and
+        #    so released their locks) before DROP OWNED.
         new_server = conn.get_server_version().major >= 14
-        row = await conn.fetchrow(
-            _END_SESSIONS_14 if new_server else _END_SESSIONS_12, name, _TERMINATE_WAIT_MS
-        )
+        row = await conn.fetchrow(_END_SESSIONS, name)
         if row is None:  # dropped by a concurrent revocation since step 1
             return False
         oid = int(row["oid"])
@@ -827,10 +819,9 @@ class PostgresBackend:
         )
         await self._transaction(conn, "delete_user", [nologin], [],
                                 lock=self._serialize_ddl is True)
-        # 2. End every session of all of them (waiting on 14+), one pass.
+        # 2. Signal every session of all of them at once, one pass; then wait.
         new_server = conn.get_server_version().major >= 14
-        rows = await conn.fetch(_END_SESSIONS_MANY_14 if new_server else _END_SESSIONS_MANY_12,
-                                list(names), _TERMINATE_WAIT_MS)
+        rows = await conn.fetch(_END_SESSIONS_MANY, list(names))
         found = {row["rolname"] for row in rows}
         missing = [name for name in names if name not in found]
         if missing and await self._created_meanwhile(conn, *missing):
@@ -915,7 +906,7 @@ class PostgresBackend:
                                        ) -> None:
         """``_wait_sessions_gone`` for several roles."""
         left = 0
-        for pause in (0.01, 0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0, 0.5):
+        for pause in _SESSION_WAIT_PAUSES:
             await asyncio.sleep(pause)
             left = int(await conn.fetchval(_COUNT_SESSIONS_MANY, oids))
             if not left:
@@ -926,9 +917,9 @@ class PostgresBackend:
         )
 
     async def _wait_sessions_gone(self, conn: asyncpg.Connection, oid: int) -> None:
-        """Poll (with growing pauses, ~5 s in all) until role ``oid`` has no session."""
+        """Poll (with growing pauses, ~10 s in all) until role ``oid`` has no session."""
         left = 0
-        for pause in (0.01, 0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0, 0.5):
+        for pause in _SESSION_WAIT_PAUSES:
             await asyncio.sleep(pause)
             left = int(await conn.fetchval(_COUNT_SESSIONS, oid))
             if not left:

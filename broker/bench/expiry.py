@@ -44,7 +44,7 @@ from broker.bench.pg import (
 )
 from broker.bench.report import Row, Target, percentile
 from broker.bench.seed import count_ended, outcomes, seed_leases, set_due
-from plugins.postgres import _END_SESSIONS_14, _TERMINATE_WAIT_MS, DEFAULT_REVOCATION_STATEMENTS
+from plugins.postgres import _END_SESSIONS, _TERMINATE_WAIT_MS, DEFAULT_REVOCATION_STATEMENTS
 
 __all__ = ["run", "wait_all_ended"]
 
@@ -82,7 +82,8 @@ async def wait_all_ended(bench: Bench, store_url: str, prefix: str, total: int,
 async def _raw_protocol_load(dsn: str, names: list[str], concurrency: int) -> LoadResult:
     """The plugin's revocation protocol (PostgreSQL 14+ form) run raw: three round trips.
 
-    NOLOGIN committed; terminate the sessions (waiting) and look up the oid;
+    NOLOGIN committed; signal the sessions and look up the oid (the bench's roles
+    have none, so nothing to wait for);
     one batch with the last sweep, REASSIGN OWNED, DROP OWNED, DROP ROLE.
     """
     pool = await asyncpg.create_pool(dsn, min_size=concurrency, max_size=concurrency)
@@ -95,7 +96,7 @@ async def _raw_protocol_load(dsn: str, names: list[str], concurrency: int) -> Lo
             name = names[i]
             async with pool.acquire() as conn:
                 await conn.execute(f'ALTER ROLE "{name}" NOLOGIN')
-                row = await conn.fetchrow(_END_SESSIONS_14, name, _TERMINATE_WAIT_MS)
+                row = await conn.fetchrow(_END_SESSIONS, name)
                 sweep = (f"SELECT pg_terminate_backend(pid, {_TERMINATE_WAIT_MS}) "
                          f"FROM pg_stat_activity WHERE usesysid = {int(row['oid'])} "
                          "AND pid <> pg_backend_pid()")

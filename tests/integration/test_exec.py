@@ -89,6 +89,17 @@ time.sleep(120)
 '''
 
 
+#: Writes the names of its environment variables (and whether a piece of the JWT,
+#: its signature, is anywhere in it) to argv[1].
+SPY = r'''
+import json, os, sys
+piece = sys.argv[2]
+with open(sys.argv[1], "w") as fh:
+    json.dump({"names": sorted(os.environ),
+               "jwt_anywhere": any(piece in v for v in os.environ.values())}, fh)
+'''
+
+
 def mounts(dsn: str) -> str:
     """The shared pg mount (roles readonly, short) plus a second postgres mount, pg2."""
     return pg_mount(dsn) + f"""
@@ -379,3 +390,23 @@ def test_exec_logs_in_with_a_ci_jwt_and_revokes_the_login_token(env: Env,
     assert lease.metadata["run_id"] == "4711"
     token = env.broker.call(store.token_by_accessor(lease.owner))
     assert token is not None and token.state.value == "revoked"
+
+
+def test_the_login_jwt_never_reaches_the_command(env: Env, issuer: OIDCIssuer) -> None:
+    """--jwt-env VAR: the command's environment holds neither VAR nor the JWT itself
+    (docs/ci.md promises it), yet it still gets its credential."""
+    spy = env.tmp / "spy.py"
+    spy.write_text(SPY)
+    out = env.tmp / "out.json"
+    jwt = issuer.github_token(repository="acme/app", run_id="4712")
+    argv = [sys.executable, "-m", "broker.cli", "exec", "--jwt-env", "CI_JWT", "--auth-role",
+            "deploy", "--auth-path", "github", "pg/readonly", "--",
+            sys.executable, str(spy), str(out), jwt.rsplit(".", 1)[-1]]
+    environ = {k: v for k, v in env.environ().items() if k != "BROKER_TOKEN"}
+    done = subprocess.run(argv, env=environ | {"CI_JWT": jwt}, capture_output=True, text=True,
+                          timeout=60, cwd=env.tmp)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(out.read_text())
+    assert "PGPASSWORD" in seen["names"]
+    assert "CI_JWT" not in seen["names"]
+    assert seen["jwt_anywhere"] is False

@@ -186,7 +186,8 @@ async def test_issue_select_but_not_write(
     finally:
         conn.close()
     grants = " ".join(str(r[0]) for r in await admin(f"SHOW GRANTS FOR '{user}'@'%'"))
-    assert f"GRANT SELECT ON `{database}`.*" in grants
+    # "_" escaped: a database-level GRANT reads it as a wildcard otherwise.
+    assert f"GRANT SELECT ON `{database}`.*".replace("_", "\\_") in grants
     assert "ALL PRIVILEGES" not in grants
 
 
@@ -670,3 +671,148 @@ async def test_a_least_privilege_admin_ends_a_statement_it_cut_off(
             await backend.close()
     finally:
         await harness.teardown()
+
+
+# -- review fixes ----------------------------------------------------------------------------
+
+# Vault's MySQL revocation statement: operators migrating from Vault copy it.
+_VAULT_REVOKE = "REVOKE ALL PRIVILEGES, GRANT OPTION FROM '{{name}}'@'%'"
+
+
+async def test_custom_revocation_of_a_user_dropped_by_hand_is_success(
+    make_backend: Callable[..., Awaitable[MySQLBackend]], database: str, admin: Admin,
+    mysql_dsn: str,
+) -> None:
+    """A user already gone is revoked (its open session still killed), custom statements or not.
+
+    Vault-style ``REVOKE ... FROM`` failed for a missing user (error 1269) on
+    every retry, so the lease ended irrevocable.
+    """
+    role = _role(options={"database": database}, revocation_statements=(_VAULT_REVOKE,))
+    backend = await make_backend({"ro": role})
+    resp = await _issue(backend, role)
+    user = resp.data["username"]
+    session = await _connect_as(mysql_dsn, user, resp.data["password"], database)
+    try:
+        await admin(f"DROP USER '{user}'@'%'")  # by hand; its session lives on
+        req = DeleteUserRequest(role=role, username=user, revocation=resp.revocation)
+        await backend.delete_user(req)
+        await backend.delete_user(req)
+        with pytest.raises((pymysql.err.OperationalError, pymysql.err.InterfaceError)):
+            async with session.cursor() as cur:
+                await cur.execute("SELECT 1")
+    finally:
+        session.close()
+    assert await _users(admin, user) == []
+
+
+async def test_rollback_after_a_failed_creation_with_custom_rollback_statements(
+    make_backend: Callable[..., Awaitable[MySQLBackend]], database: str, admin: Admin,
+) -> None:
+    """A creation that fails after CREATE USER drops the user; the engine's rollback
+    (``rollback_statements`` in Vault's style) then succeeds instead of failing forever."""
+    role = _role(options={"database": database}, creation_statements=(
+        "CREATE USER '{{name}}'@'%' IDENTIFIED BY '{{password}}'",
+        f"GRANT SELECT ON `{database}`.no_such_table TO '{{{{name}}}}'@'%'",
+    ), rollback_statements=(_VAULT_REVOKE,))
+    backend = await make_backend({"ro": role})
+    name = _name()
+    with pytest.raises(BackendError) as failed:
+        await _issue(backend, role, name)
+    assert not failed.value.created_nothing  # so the engine calls delete_user
+    await backend.delete_user(DeleteUserRequest(role=role, username=name, revocation={},
+                                                reason="rollback"))
+    assert await _users(admin, name) == []
+
+
+async def test_default_grant_is_not_a_wildcard_over_similar_databases(
+    make_backend: Callable[..., Awaitable[MySQLBackend]], database: str, admin: Admin,
+    mysql_dsn: str,
+) -> None:
+    """GRANT ON `broker_it_x`.* treats "_" as a wildcard: it also opened `brokerZitZx`."""
+    assert "_" in database
+    sibling = database.replace("_", "z")
+    await admin(f"CREATE DATABASE `{sibling}`")
+    try:
+        await admin(f"CREATE TABLE `{sibling}`.secret (v INT)")
+        await admin(f"INSERT INTO `{sibling}`.secret VALUES (42)")
+        role = _role(options={"database": database})
+        backend = await make_backend({"ro": role})
+        resp = await _issue(backend, role)
+        conn = await _connect_as(mysql_dsn, resp.data["username"], resp.data["password"], None)
+        try:
+            async with conn.cursor() as cur:
+                await cur.execute(f"SELECT label FROM `{database}`.items")  # its own: granted
+                assert await cur.fetchall() == (("one",),)
+                with pytest.raises(pymysql.err.OperationalError) as denied:
+                    await cur.execute(f"SELECT v FROM `{sibling}`.secret")
+                assert denied.value.args[0] == 1142
+        finally:
+            conn.close()
+    finally:
+        await admin(f"DROP DATABASE IF EXISTS `{sibling}`")
+
+
+async def test_default_grant_works_for_the_documented_least_privilege_admin(
+    mysql_dsn: str, admin: Admin,
+) -> None:
+    """The escaped GRANT is covered by the admin's plain ``GRANT SELECT ON app.* ... WITH
+    GRANT OPTION`` of docs/plugins.md; the user reads its database and is revoked."""
+    harness = LeastPrivilegeMySQLHarness(mysql_dsn)
+    await harness.setup()
+    try:
+        backend = MySQLBackend.from_config(harness.make_mount())
+        await backend.initialize()
+        try:
+            role = _role(options={"database": harness.database})
+            name = render_username(None, mount=harness.mount_name, role="ro",
+                                   max_length=backend.capabilities.max_username_length)
+            resp = await _issue(backend, role, name)
+            session = await harness.connect_as(resp.data)
+            await harness.exercise(session)
+            await backend.delete_user(DeleteUserRequest(role=role, username=name,
+                                                        revocation=resp.revocation))
+            assert not await harness.session_alive(session)
+            await harness.close_session(session)
+            assert await _users(admin, name) == []
+        finally:
+            await backend.close()
+    finally:
+        await harness.teardown()
+
+
+async def test_rotate_root_never_loses_the_admin_password(mysql_dsn: str, admin: Admin) -> None:
+    """The server takes the new password but the new login fails (here the account's
+    MAX_USER_CONNECTIONS; on a busy server "too many connections"): the broker must
+    still know a password that logs in, and the operator must learn it.
+
+    The new password was dropped with the error: the old one was refused, the
+    admin locked out once the pooled connections closed.
+    """
+    p = _parts(mysql_dsn)
+    user, old = f"v-it-admin{secrets.token_hex(3)}", generate_password()
+    await admin(f"CREATE USER '{user}'@'%' IDENTIFIED BY '{old}' WITH MAX_USER_CONNECTIONS 1")
+    await admin(f"GRANT CREATE USER ON *.* TO '{user}'@'%'")
+    try:
+        backend = MySQLBackend.from_config(MountSpec(
+            name="my", plugin="mysql", roles={}, secret=old,
+            options={"connection_url": f"mysql://{user}@{p['host']}:{p['port']}/",
+                     "max_open_connections": 1}))
+        await backend.initialize()
+        try:
+            await backend.verify()  # the pool now holds the account's one connection
+            try:
+                current = (await backend.rotate_root(RotateRootRequest())).new_password
+            except BackendError:
+                current = old  # a failed rotation must leave the old password in force
+            assert current
+            await backend.close()
+            await backend.initialize()
+            await backend.verify()  # the password the broker holds logs in
+            await backend.close()
+            conn = await _connect_as(mysql_dsn, user, current, None)  # and the operator's
+            conn.close()
+        finally:
+            await backend.close()
+    finally:
+        await admin(f"DROP USER IF EXISTS '{user}'@'%'")

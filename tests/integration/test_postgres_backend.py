@@ -91,6 +91,15 @@ def delete_req(spec: RoleSpec | None, name: str, reason: str = "revoke") -> Dele
     return DeleteUserRequest(role=spec, username=name, revocation={}, reason=reason)
 
 
+async def alive(session: asyncpg.Connection) -> bool:
+    """Whether ``session`` still answers; any failure (asyncpg may raise its own
+    InternalClientError on a connection the server just ended) means it does not."""
+    try:
+        return bool(await session.fetchval("SELECT 1", timeout=5))
+    except Exception:
+        return False
+
+
 def grant_role(schema: str) -> RoleSpec:
     return role(
         "grant",
@@ -464,6 +473,108 @@ async def test_concurrent_revocations_of_the_same_role(
     await harness.close_session(session)
     assert not await harness.user_exists(name)
 
+
+
+async def test_revoking_a_role_with_many_sessions_ends_them_together(
+    harness: PostgresHarness, make_backend: MakeBackend
+) -> None:
+    """Forty open sessions of one role are ended at once, not one 100 ms wait after another.
+
+    A pooled application holds tens of sessions per lease. PostgreSQL's waiting
+    ``pg_terminate_backend(pid, timeout)`` sleeps 100 ms before its first look
+    at each pid, so ending them one by one cost ~4 s here (and a few hundred
+    sessions ran past the backend timeout).
+    """
+    backend = await make_backend()
+    name = username(harness)
+    resp = await backend.new_user(new_req(role(), name))
+    sessions = await asyncio.gather(*(harness.connect_as(resp.data) for _ in range(40)))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await asyncio.wait_for(backend.delete_user(delete_req(None, name)), timeout=30)
+    elapsed = loop.time() - started
+    still = [await alive(s) for s in sessions]
+    for session in sessions:
+        await harness.close_session(session)
+    assert not any(still)
+    assert not await harness.user_exists(name)
+    assert elapsed < 2.0, f"revoking 40 sessions took {elapsed:.1f}s"
+
+
+async def test_a_batch_of_roles_with_many_sessions_ends_them_together(
+    harness: PostgresHarness, make_backend: MakeBackend
+) -> None:
+    """The batch revocation (delete_users) also ends every session of every role at once."""
+    backend = await make_backend()
+    names = [username(harness) for _ in range(4)]
+    sessions: list[asyncpg.Connection] = []
+    for name in names:
+        resp = await backend.new_user(new_req(role(), name))
+        sessions += await asyncio.gather(*(harness.connect_as(resp.data) for _ in range(10)))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    results = await asyncio.wait_for(
+        backend.delete_users([delete_req(None, n) for n in names]), timeout=30)
+    elapsed = loop.time() - started
+    still = [await alive(s) for s in sessions]
+    for session in sessions:
+        await harness.close_session(session)
+    assert results == [None] * len(names)
+    assert not any(still)
+    assert [await harness.user_exists(n) for n in names] == [False] * len(names)
+    assert elapsed < 2.0, f"revoking 4 x 10 sessions took {elapsed:.1f}s"
+
+
+async def revoke_with_writes_queued(harness: PostgresHarness, backend: PostgresBackend,
+                                    spec: RoleSpec, waiting: int = 5) -> list[object]:
+    """Revoke a role while one session holds a lock and ``waiting`` others queue an
+    UPDATE behind it; the UPDATEs' outcomes. ``spec`` must let the role create tables."""
+    name = username(harness)
+    resp = await backend.new_user(new_req(spec, name))
+    table = f'"{harness.schema}".queued_{name.replace("-", "_")}'
+    holder = await harness.connect_as(resp.data)
+    sessions = [holder]
+    try:
+        await holder.execute(f"CREATE TABLE {table} (x int); INSERT INTO {table} VALUES (0)")
+        await holder.execute(f"BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+        sessions += [await harness.connect_as(resp.data) for _ in range(waiting)]
+        writes = [asyncio.create_task(w.execute(f"UPDATE {table} SET x = x + 1"))
+                  for w in sessions[1:]]
+        for _ in range(500):  # until every UPDATE waits on the lock
+            queued = await harness.admin.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE usename = $1"
+                " AND wait_event_type = 'Lock'", name)
+            if queued >= waiting:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.wait_for(backend.delete_user(delete_req(spec, name)), timeout=30)
+        outcomes: list[object] = list(await asyncio.gather(*writes, return_exceptions=True))
+        assert not await harness.user_exists(name)
+        assert await harness.admin.fetchval(f"SELECT x FROM {table}") == 0, outcomes
+        return outcomes
+    finally:
+        for session in sessions:
+            session.terminate()
+        await harness.admin.execute(f"DROP TABLE IF EXISTS {table}")
+
+
+async def test_a_write_queued_behind_the_roles_own_lock_does_not_run(
+    harness: PostgresHarness, make_backend: MakeBackend
+) -> None:
+    """Sessions of the role queued on a lock another of its sessions holds die with it.
+
+    Ended one after the other, the holder died first, its lock went to a
+    waiting UPDATE, and that write committed in the middle of the revocation.
+    """
+    spec = role(creation_statements=(
+        "CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' "
+        "VALID UNTIL '{{expiration}}'",
+        f'GRANT USAGE, CREATE ON SCHEMA "{harness.schema}" TO "{{{{name}}}}"',
+    ))
+    backend = await make_backend({"r": spec})
+    for _ in range(3):  # a race: a few rounds
+        outcomes = await revoke_with_writes_queued(harness, backend, spec)
+        assert all(isinstance(o, BaseException) for o in outcomes), outcomes
 
 
 async def test_revocation_with_open_session_owning_a_locked_table(

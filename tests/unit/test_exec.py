@@ -24,6 +24,7 @@ from broker.exec import (
     options_from_args,
     renew_increment,
     split_command,
+    stale_names,
 )
 from tests.unit.test_cli import Canned, canned, env  # noqa: F401 - fixtures
 
@@ -169,6 +170,35 @@ def test_later_credentials_with_the_same_names_get_a_mount_role_suffix() -> None
     assert got["PGUSER_PG_2_RW"] == "u2" and got["PGPASSWORD_PG_2_RW"] == "p2"
     assert got["BROKER_USERNAME"] == "u3"
     assert got["BROKER_LEASE_IDS"] == "a,b,c"
+
+
+def test_empty_fields_clear_the_inherited_variable() -> None:
+    """An IAM user's null security_token drops an inherited AWS_SESSION_TOKEN; a field the
+    credential does not have at all says nothing about the variable."""
+    iam_user = held("aws", "ci", "aws", "a", access_key="AK", secret_key="SK",
+                    security_token=None)
+    assert stale_names([iam_user]) == {"AWS_SESSION_TOKEN"}
+    assert stale_names([held("pg", "ro", "postgres", "c", username="u")]) == set()
+
+
+def test_plain_aws_names_always_come_from_one_credential() -> None:
+    """An STS credential after an IAM user is suffixed as a whole: its session token never
+    pairs with the IAM user's key under the plain names."""
+    iam_user = held("aws", "ci", "aws", "a", access_key="AK", secret_key="SK",
+                    security_token=None)
+    sts = held("aws2", "dep", "aws", "b", access_key="AK2", secret_key="SK2",
+               security_token="T2")
+    got = build_env([iam_user, sts])
+    assert (got["AWS_ACCESS_KEY_ID"], got["AWS_SECRET_ACCESS_KEY"]) == ("AK", "SK")
+    assert "AWS_SESSION_TOKEN" not in got
+    assert got["AWS_SESSION_TOKEN_AWS2_DEP"] == "T2"
+    assert got["AWS_ACCESS_KEY_ID_AWS2_DEP"] == "AK2"
+    assert stale_names([iam_user, sts]) == {"AWS_SESSION_TOKEN"}
+    # The other way round the STS credential's triple is the plain one.
+    got = build_env([sts, iam_user])
+    assert (got["AWS_ACCESS_KEY_ID"], got["AWS_SESSION_TOKEN"]) == ("AK2", "T2")
+    assert got["AWS_ACCESS_KEY_ID_AWS_CI"] == "AK"
+    assert stale_names([sts, iam_user]) == set()
 
 
 def test_held_credentials_never_show_their_secret() -> None:

@@ -1,0 +1,143 @@
+"""Review of ``broker exec`` with AWS credentials: a real broker on moto, exec as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+import requests
+from botocore.exceptions import ClientError
+
+from tests.integration.broker_harness import BrokerThread, start_broker, write_config
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+TRUST = json.dumps({"Version": "2012-10-17", "Statement": [{
+    "Effect": "Allow", "Principal": {"AWS": "arn:aws:iam::123456789012:root"},
+    "Action": "sts:AssumeRole"}]})
+READ_ONLY = json.dumps({"Version": "2012-10-17", "Statement": [
+    {"Effect": "Allow", "Action": "s3:GetObject", "Resource": "*"}]})
+
+#: argv: OUT ENDPOINT. Reports the AWS_* variables it got and who AWS says it is.
+CHILD = r'''
+import json, os, sys
+import boto3
+out, endpoint = sys.argv[1], sys.argv[2]
+names = sorted(k for k in os.environ if k.startswith("AWS_") or k == "BROKER_LEASE_IDS")
+sts = boto3.session.Session(region_name="us-east-1").client("sts", endpoint_url=endpoint)
+arn = sts.get_caller_identity()["Arn"]
+with open(out, "w") as fh:
+    json.dump({"names": names, "arn": arn,
+               "token": os.environ.get("AWS_SESSION_TOKEN"),
+               "lease_ids": os.environ.get("BROKER_LEASE_IDS")}, fh)
+'''
+
+
+def iam_client(endpoint: str) -> Any:
+    return boto3.session.Session(aws_access_key_id="testing", aws_secret_access_key="testing",
+                                 region_name="us-east-1").client("iam", endpoint_url=endpoint)
+
+
+@pytest.fixture
+def broker(tmp_path: Path, moto_endpoint: str,
+           monkeypatch: pytest.MonkeyPatch) -> Iterator[BrokerThread]:
+    monkeypatch.setenv("BROKER_TEST_AWS_SECRET", "testing")
+    role_arn = iam_client(moto_endpoint).create_role(
+        RoleName=f"broker-exec-{uuid.uuid4().hex[:8]}",
+        AssumeRolePolicyDocument=TRUST)["Role"]["Arn"]
+    body = f"""
+[mounts.aws]
+plugin = "aws"
+region = "us-east-1"
+endpoint_url = "{moto_endpoint}"
+access_key = "testing"
+password_env = "BROKER_TEST_AWS_SECRET"
+
+[mounts.aws.roles.ci]
+credential_type = "iam_user"
+policy_document = '{READ_ONLY}'
+default_ttl = "15m"
+max_ttl = "1h"
+
+[mounts.aws.roles.deploy]
+credential_type = "assumed_role"
+role_arns = ["{role_arn}"]
+default_ttl = "15m"
+max_ttl = "1h"
+"""
+    server = start_broker(write_config(tmp_path, body))
+    (tmp_path / "child.py").write_text(CHILD)
+    yield server
+    requests.put(f"{server.url}/v1/sys/leases/revoke-prefix/aws/", json={"sync": True},
+                 headers={"X-Vault-Token": server.root_token}, timeout=120)
+    server.stop()
+
+
+def run_exec(broker: BrokerThread, tmp: Path, endpoint: str, *specs: str,
+             extra_env: dict[str, str]) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    out = tmp / "out.json"
+    environ = {k: v for k, v in os.environ.items()
+               if not k.startswith(("BROKER_", "VAULT_", "AWS_"))}
+    environ |= {"BROKER_ADDR": broker.url, "BROKER_TOKEN": broker.root_token,
+                "PYTHONPATH": str(REPO), **extra_env}
+    done = subprocess.run([sys.executable, "-m", "broker.cli", "exec", *specs, "--",
+                           sys.executable, str(tmp / "child.py"), str(out), endpoint],
+                          env=environ, capture_output=True, text=True, timeout=60, cwd=tmp)
+    assert done.returncode == 0, done.stderr
+    return done, json.loads(out.read_text())
+
+
+#: What a CI runner that already holds AWS credentials of its own has exported.
+RUNNER_AWS = {"AWS_ACCESS_KEY_ID": "ASIARUNNERKEY0000000", "AWS_SECRET_ACCESS_KEY": "runner",
+              "AWS_SESSION_TOKEN": "runner-session-token"}
+
+
+def test_iam_user_key_is_not_paired_with_an_inherited_session_token(
+    broker: BrokerThread, tmp_path: Path, moto_endpoint: str
+) -> None:
+    """An iam_user credential has no session token: exec must not let the job's own
+    AWS_SESSION_TOKEN through, or every AWS call with the new key fails; the user is
+    deleted when exec returns."""
+    _, seen = run_exec(broker, tmp_path, moto_endpoint, "aws/ci", extra_env=RUNNER_AWS)
+    assert "AWS_SESSION_TOKEN" not in seen["names"], seen
+    assert ":user/broker/" in seen["arn"]
+    user = seen["arn"].rsplit("/", 1)[-1]
+    with pytest.raises(ClientError, match="NoSuchEntity"):
+        iam_client(moto_endpoint).get_user(UserName=user)
+
+
+def test_assumed_role_credential_replaces_the_inherited_one(
+    broker: BrokerThread, tmp_path: Path, moto_endpoint: str
+) -> None:
+    """An STS credential sets all three variables; exec warns it is not renewable and
+    its revoke at the end succeeds (the deny policy)."""
+    done, seen = run_exec(broker, tmp_path, moto_endpoint, "aws/deploy",
+                          extra_env=RUNNER_AWS)
+    assert seen["token"] and seen["token"] != RUNNER_AWS["AWS_SESSION_TOKEN"]
+    assert ":assumed-role/" in seen["arn"]
+    assert "is not renewable" in done.stderr
+    assert "could not revoke" not in done.stderr
+    assert broker.state is not None
+    lease = broker.call(broker.state.store.get(seen["lease_ids"]))
+    assert lease is not None and lease.state.value == "revoked"
+
+
+def test_iam_user_then_sts_never_mix_in_the_plain_names(
+    broker: BrokerThread, tmp_path: Path, moto_endpoint: str
+) -> None:
+    """aws/ci then aws/deploy: the plain AWS_* names are the IAM user's alone (no session
+    token of the assumed role next to its key); the role's triple is suffixed."""
+    _, seen = run_exec(broker, tmp_path, moto_endpoint, "aws/ci", "aws/deploy", extra_env={})
+    assert "AWS_SESSION_TOKEN" not in seen["names"], seen
+    assert {"AWS_ACCESS_KEY_ID_AWS_DEPLOY", "AWS_SECRET_ACCESS_KEY_AWS_DEPLOY",
+            "AWS_SESSION_TOKEN_AWS_DEPLOY"} <= set(seen["names"])
+    assert ":user/broker/" in seen["arn"]
