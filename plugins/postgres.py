@@ -59,7 +59,7 @@ import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import asyncpg
 
@@ -303,7 +303,10 @@ class PostgresBackend:
             raise PluginConfigError(
                 "connection_url", f"expected postgresql://USER@HOST:PORT/DB, got {parts.scheme}://"
             )
-        if parts.password:
+        # asyncpg also takes the password from ?password= (and reads ?passfile=):
+        # a secret in the URL either way, which goes to logs and config dumps.
+        if parts.password or any(key.lower() in {"password", "passfile"}
+                                 for key, _ in parse_qsl(parts.query, keep_blank_values=True)):
             raise PluginConfigError(
                 "connection_url", "must not contain a password; use password_file or password_env"
             )

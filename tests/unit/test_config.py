@@ -99,6 +99,8 @@ max_ttl = "2h"
     ('[mounts.pg]\nplugin = "oracle"', "mounts.pg.plugin", "unknown plugin"),
     ('[mounts.pg]\nplugin = "postgres"\nconnection_url = "postgresql://u:hunter2@h/db"',
      "mounts.pg.connection_url", "must not contain a password"),
+    ('[mounts.pg]\nplugin = "postgres"\nconnection_url = "postgresql://u@h/db?password=hunter2"',
+     "mounts.pg.connection_url", "must not contain a password"),
     ('[mounts.pg]\nplugin = "postgres"\npassword = "hunter2"', "mounts.pg.password",
      "inline passwords"),
     ('[mounts.pg]\nplugin = "postgres"\npassword_env = "BROKER_TEST_UNSET_VAR"',
