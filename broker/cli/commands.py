@@ -17,6 +17,7 @@ from broker.cli.common import (
     _show_warnings,
     _warn,
     creds_env,
+    creds_unset,
     format_env,
     format_table,
     remember_env_names,
@@ -126,7 +127,8 @@ def cmd_creds(args: argparse.Namespace) -> int:
     if fmt == "json":
         _print_json(resp)
     elif fmt == "env":
-        sys.stdout.write(format_env(creds_env(plugin or "", resp)))
+        sys.stdout.write(format_env(creds_env(plugin or "", resp),
+                                    creds_unset(plugin or "", resp)))
     else:
         rows = [
             ("lease_id", resp.get("lease_id")),

@@ -152,9 +152,23 @@ def creds_env(plugin: str, response: Mapping[str, Any]) -> dict[str, str]:
     return env
 
 
-def format_env(env: Mapping[str, str]) -> str:
-    """``export NAME=VALUE`` lines, each value quoted for a POSIX shell."""
-    return "".join(f"export {name}={shlex.quote(value)}\n" for name, value in env.items())
+def creds_unset(plugin: str, response: Mapping[str, Any]) -> list[str]:
+    """The known names of fields the credential has but leaves empty (None).
+
+    An AWS IAM user's key has no ``security_token``: a shell that already holds
+    an ``AWS_SESSION_TOKEN`` (its own role) would pair it with the new key, and
+    every AWS call would fail. ``--format env`` unsets such names.
+    """
+    names = SERVER_ENV_NAMES.get(plugin) or ENV_NAMES.get(plugin, {})
+    data = response.get("data") or {}
+    return [names[key] for key, value in data.items() if value is None and key in names]
+
+
+def format_env(env: Mapping[str, str], unset: Iterable[str] = ()) -> str:
+    """``export NAME=VALUE`` lines, each value quoted for a POSIX shell, then
+    ``unset NAME`` for each of ``unset``."""
+    return ("".join(f"export {name}={shlex.quote(value)}\n" for name, value in env.items())
+            + "".join(f"unset {name}\n" for name in unset))
 
 
 def _cell(key: str, value: Any) -> str:

@@ -464,6 +464,27 @@ def test_creds_env_uses_the_mounts_plugin(
     assert canned.seen[1].query == {"ttl": ["7200"]}
 
 
+def test_creds_env_unsets_a_field_the_credential_leaves_empty(
+    capsys: pytest.CaptureFixture[str], env: pytest.MonkeyPatch, canned: Canned
+) -> None:
+    """An IAM user's key has no session token: --format env unsets AWS_SESSION_TOKEN, so
+    a shell's own token is not paired with the new key (every AWS call would fail)."""
+    canned.on("GET", "/v1/sys/mounts", body={"data": {"aws/": {"type": "aws"}}})
+    canned.on("GET", "/v1/aws/creds/ci", body={
+        "lease_id": "aws/creds/ci/abc", "lease_duration": 900, "renewable": False,
+        "data": {"access_key": "AKIAEXAMPLE", "secret_key": "s", "security_token": None}})
+    env.setenv("BROKER_ADDR", canned.address)
+    env.setenv("VAULT_TOKEN", "tok")
+    code, out, _ = run(capsys, "creds", "aws/ci", "--format", "env")
+    assert code == 0
+    assert out == (
+        "export AWS_ACCESS_KEY_ID=AKIAEXAMPLE\n"
+        "export AWS_SECRET_ACCESS_KEY=s\n"
+        "export BROKER_LEASE_ID=aws/creds/ci/abc\n"
+        "unset AWS_SESSION_TOKEN\n"
+    )
+
+
 def test_creds_env_falls_back_when_mounts_are_forbidden(
     capsys: pytest.CaptureFixture[str], env: pytest.MonkeyPatch, canned: Canned
 ) -> None:
