@@ -205,18 +205,23 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- commands: audit
 
 
+def _audit_key(path: str) -> bytes:
+    """The audit HMAC key in ``path``; a one-line OperationError if it cannot be used."""
+    from broker import audit
+
+    try:
+        return audit.load_key(path)
+    except OSError as exc:
+        raise OperationError(f"cannot read key file {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise OperationError(f"{path}: {exc}") from None
+
+
 def cmd_audit_hash(args: argparse.Namespace) -> int:
     """``broker audit hash``: the HMAC a secret is written as, to search the log by it."""
     from broker import audit
 
-    try:
-        key = audit.load_key(args.key_file)
-    except OSError as exc:
-        raise OperationError(
-            f"cannot read key file {args.key_file}: {exc.strerror or exc}"
-        ) from None
-    except ValueError as exc:
-        raise OperationError(f"{args.key_file}: {exc}") from None
+    key = _audit_key(args.key_file)
     # From stdin by default: a token on the command line lands in shell history and ps.
     values = args.values or [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
     for value in values:
@@ -231,14 +236,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         raise OperationError(
             f"audit verification is not available in this installation: {exc}"
         ) from None
-    try:
-        key = audit.load_key(args.key_file) if args.key_file else None
-    except OSError as exc:
-        raise OperationError(
-            f"cannot read key file {args.key_file}: {exc.strerror or exc}"
-        ) from None
-    except ValueError as exc:
-        raise OperationError(f"{args.key_file}: {exc}") from None
+    key = _audit_key(args.key_file) if args.key_file else None
     try:
         if len(args.files) == 1:
             results = [(args.files[0], audit.verify_file(args.files[0], key))]
