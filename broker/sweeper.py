@@ -48,8 +48,13 @@ RevokeMany = Callable[[Sequence[Lease], Callable[[], None]], Awaitable[None]]
 log = logging.getLogger(__name__)
 
 #: When a claim comes back empty although something is due (another replica
-#: holds it), wait at least this long before asking again.
+#: is claiming it right now), wait at least this long before asking again;
+#: doubled up to _IDLE_BACKOFF_MAX while it stays so. It stays so when this
+#: replica's clock runs ahead of the store's: the store claims nothing before
+#: it is due by its own clock (broker/store/postgres.py), and polling every
+#: 50 ms for the whole lead would be two queries per 50 ms for nothing.
 _IDLE_BACKOFF = 0.05
+_IDLE_BACKOFF_MAX = 1.0
 #: The longest the sweeper sleeps without looking at the store.
 _MAX_SLEEP = 30.0
 
@@ -92,6 +97,8 @@ class Sweeper:
         self.dropped_claims = 0
         self._main: asyncio.Task[None] | None = None
         self._pump_soon = False
+        #: the current wait after an empty claim of something due (see _IDLE_BACKOFF).
+        self._idle_backoff = _IDLE_BACKOFF
 
     # -- public ---------------------------------------------------------------
     def wake(self, at: float | None = None) -> None:
@@ -160,9 +167,13 @@ class Sweeper:
         elif due is None:
             timeout = None
         elif due <= now:
-            timeout = 0.0 if claimed else _IDLE_BACKOFF
+            timeout = 0.0 if claimed else self._idle_backoff
         else:
             timeout = due - now
+        if due is not None and due <= now and not claimed and room > 0:
+            self._idle_backoff = min(self._idle_backoff * 2, _IDLE_BACKOFF_MAX)
+        else:
+            self._idle_backoff = _IDLE_BACKOFF
         # Never sleep unbounded: with several replicas a wake-up can be lost (a
         # replica dying between its commit and its NOTIFY); a periodic look at
         # the store bounds how late such a lease can be.

@@ -110,6 +110,14 @@ class OIDCIssuer:
     requests: dict[str, int] = field(default_factory=dict)
     #: PEM of the self-signed certificate when ``tls`` (give it as ``jwks_ca_pem``).
     ca_pem: str | None = None
+    #: serve each document in pieces of this many bytes, ``chunk_pause`` apart, as a
+    #: JWKS arrives over a real network (several reads); None: in one write.
+    chunk_size: int | None = None
+    chunk_pause: float = 0.05
+    #: seconds to wait before answering (a slow or hung issuer).
+    delay: float = 0.0
+    #: JWK members left out of the served JWKS (e.g. ``("alg", "use")``, as some issuers do).
+    omit_jwk_members: tuple[str, ...] = ()
     _loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
     _stopped: asyncio.Event | None = None
@@ -143,7 +151,8 @@ class OIDCIssuer:
         }
 
     def jwks(self) -> dict[str, Any]:
-        return {"keys": [k.public_jwk() for k in self.published]}
+        return {"keys": [{m: v for m, v in k.public_jwk().items()
+                          if m not in self.omit_jwk_members} for k in self.published]}
 
     def rotate(self, alg: str = "RS256") -> SigningKey:
         """Publish a new key with a new kid (old keys stay published); returns it."""
@@ -299,11 +308,22 @@ class OIDCIssuer:
 
     # -- serving --------------------------------------------------------------------
     def _app(self) -> web.Application:
-        async def serve(request: web.Request) -> web.Response:
+        async def serve(request: web.Request) -> web.StreamResponse:
             path = request.path
             self.requests[path] = self.requests.get(path, 0) + 1
+            if self.delay:
+                await asyncio.sleep(self.delay)
             body = self.discovery() if path.endswith("openid-configuration") else self.jwks()
-            return web.json_response(body)
+            if self.chunk_size is None:
+                return web.json_response(body)
+            data = json.dumps(body).encode()
+            resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+            await resp.prepare(request)
+            for start in range(0, len(data), self.chunk_size):
+                await resp.write(data[start:start + self.chunk_size])
+                await asyncio.sleep(self.chunk_pause)
+            await resp.write_eof()
+            return resp
 
         app = web.Application()
         app.router.add_get("/.well-known/openid-configuration", serve)

@@ -166,7 +166,13 @@ async def fetch_json(url: str, *, timeout: float, ca_pem: str | None = None) -> 
                              headers={"Accept": "application/json"}) as resp:
                 if resp.status != 200:
                     raise FetchError(f"{url}: HTTP {resp.status}")
-                body = await resp.content.read(MAX_DOCUMENT_BYTES + 1)
+                # content.read(n) returns what has arrived so far, not n bytes:
+                # read to the end, stopping as soon as the limit is passed.
+                body = bytearray()
+                async for chunk in resp.content.iter_any():
+                    body += chunk
+                    if len(body) > MAX_DOCUMENT_BYTES:
+                        break
     except TimeoutError:
         raise FetchError(f"{url}: no answer within {timeout:g}s") from None
     except aiohttp.ClientError as exc:
@@ -175,7 +181,7 @@ async def fetch_json(url: str, *, timeout: float, ca_pem: str | None = None) -> 
         raise FetchError(f"{url}: document larger than {MAX_DOCUMENT_BYTES} bytes")
     try:
         return json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise FetchError(f"{url}: not JSON") from None
 
 

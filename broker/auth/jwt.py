@@ -83,8 +83,19 @@ def _shown(value: Any) -> str:
 
 def _b64json(segment: str) -> Any:
     padded = segment + "=" * (-len(segment) % 4)
-    return json.loads(base64.urlsafe_b64decode(padded.encode("ascii")),
-                      parse_constant=_reject_constant)
+    return _json(base64.urlsafe_b64decode(padded.encode("ascii")))
+
+
+def _json(data: bytes) -> Any:
+    """Strict JSON; ValueError for anything else, deep nesting included.
+
+    ``[[[[...`` a few thousand deep fits well within MAX_JWT_LENGTH and makes
+    the json module raise RecursionError, which must be a refusal, not a 500.
+    """
+    try:
+        return json.loads(data, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
 def _reject_constant(name: str) -> Any:
@@ -287,7 +298,7 @@ class JWTAuthMethod:
         if payload is None:
             raise _deny("JWT signature verification failed")
         try:
-            claims = json.loads(payload, parse_constant=_reject_constant)
+            claims = _json(payload)
         except (ValueError, UnicodeDecodeError):
             raise _deny("malformed JWT: the payload is not JSON") from None
         if not isinstance(claims, dict):

@@ -15,6 +15,13 @@ for a synchronous standby that is gone serves every SELECT and never
 finishes a COMMIT, so after a timeout a probe commits a transaction id
 every second until one goes through.
 
+A call's ``timeout`` (the store's ``command_timeout``) covers the wait for a
+pooled connection as well as the statement: asyncpg's own timeout starts only
+once a connection is in hand, so when the database stops finishing statements
+every connection is busy until its own timeout and the callers queued behind
+them answered after two, three... timeouts, long after a client such as hvac
+had given up. A wait that uses up the budget is a TimeoutError like any other.
+
 Only connection-level failures are translated. A query the server rejected
 (a constraint, a syntax error) is a bug or a conflict and keeps its type.
 """
@@ -65,9 +72,12 @@ class GuardedPool:
     went through; after a timeout, once the write probe committed.
     """
 
-    def __init__(self, pool: Any, *, probe_interval: float = 1.0) -> None:
+    def __init__(self, pool: Any, *, probe_interval: float = 1.0,
+                 timeout: float | None = None) -> None:
         self._pool = pool
         self._probe_interval = probe_interval
+        #: seconds a call may take, waiting for a connection included (None: no limit).
+        self._timeout = timeout
         self._probe: asyncio.Task[None] | None = None
         self.error: str | None = None
 
@@ -118,22 +128,32 @@ class GuardedPool:
     @asynccontextmanager
     async def acquire(self) -> AsyncIterator[Any]:
         # Covers the queries run on the connection too: they raise through here.
+        # Each of those has the connection's own command_timeout.
         with self._guard():
-            async with self._pool.acquire() as conn:
+            async with self._pool.acquire(timeout=self._timeout) as conn:
                 yield conn
 
-    async def execute(self, *args: Any, **kwargs: Any) -> Any:
+    async def _call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """One statement on a pooled connection, within one budget for both."""
         with self._guard():
-            return await self._pool.execute(*args, **kwargs)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            async with self._pool.acquire(timeout=self._timeout) as conn:
+                if self._timeout is not None and "timeout" not in kwargs:
+                    left = self._timeout - (loop.time() - started)
+                    if left <= 0:
+                        raise TimeoutError
+                    kwargs = {**kwargs, "timeout": left}
+                return await getattr(conn, method)(*args, **kwargs)
+
+    async def execute(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._call("execute", args, kwargs)
 
     async def fetch(self, *args: Any, **kwargs: Any) -> Any:
-        with self._guard():
-            return await self._pool.fetch(*args, **kwargs)
+        return await self._call("fetch", args, kwargs)
 
     async def fetchrow(self, *args: Any, **kwargs: Any) -> Any:
-        with self._guard():
-            return await self._pool.fetchrow(*args, **kwargs)
+        return await self._call("fetchrow", args, kwargs)
 
     async def fetchval(self, *args: Any, **kwargs: Any) -> Any:
-        with self._guard():
-            return await self._pool.fetchval(*args, **kwargs)
+        return await self._call("fetchval", args, kwargs)

@@ -172,6 +172,14 @@ _STORE_PARAMS = {"pool_min_size", "pool_max_size", "command_timeout"}
 #: hears "lease store unavailable" instead of timing out itself; far above the
 #: slowest query at 1M leases (~0.2 s). Migrations run without it.
 DEFAULT_COMMAND_TIMEOUT = 15.0
+#: "Now" by the database's clock, plus the slack a replica's clock may lead it by.
+#: Claims test due times against the earlier of it and the caller's clock: a
+#: replica whose clock runs ahead would otherwise revoke every lease early by
+#: its lead, and take over other replicas' claims before they run out.
+_CLOCK_SLACK = 0.5
+_DB_NOW = f"(extract(epoch FROM statement_timestamp())::float8 + {_CLOCK_SLACK})"
+#: Clock skew between a replica and the database worth a warning at start-up.
+_SKEW_WARN = 1.0
 #: Listener: how often an idle connection is checked, and the reconnect backoff.
 _KEEPALIVE = 30.0
 _RECONNECT_FIRST, _RECONNECT_MAX = 0.5, 30.0
@@ -343,6 +351,22 @@ async def _migrate(conn: Any) -> None:
             for statement in MIGRATIONS[version - 1]:
                 await conn.execute(statement)
             await conn.execute("INSERT INTO schema_version VALUES ($1, $2)", version, time.time())
+
+
+async def _warn_clock_skew(conn: Any) -> None:
+    """Warn when this host's clock and the database's disagree.
+
+    Lease times come from each replica's clock. Claims are never made early
+    (``_DB_NOW``), but a replica whose clock lags revokes late and sets claims
+    that run out early for the others: keep every host on NTP.
+    """
+    before = time.time()
+    db_now = float(await conn.fetchval("SELECT extract(epoch FROM clock_timestamp())"))
+    skew = (before + time.time()) / 2 - db_now
+    if abs(skew) > _SKEW_WARN:
+        log.warning("this host's clock is %.1fs %s the lease database's; lease expiry and "
+                    "claims between replicas assume synchronised clocks (run NTP)",
+                    abs(skew), "ahead of" if skew > 0 else "behind")
 
 
 class _Notifier:
@@ -565,6 +589,7 @@ class PostgresStore:
                 log.warning("synchronous_commit is off for the lease database; the broker "
                             "turns it on for its own sessions (a lease must be durable)")
                 settings["synchronous_commit"] = "on"
+            await _warn_clock_skew(conn)
             await _migrate(conn)
         finally:
             await conn.close()
@@ -582,7 +607,7 @@ class PostgresStore:
         except BaseException:
             await pool.close()
             raise
-        self._pool, self._listener = GuardedPool(pool), listener
+        self._pool, self._listener = GuardedPool(pool, timeout=self.command_timeout), listener
         self._notifier = _Notifier(self.origin)
         self._notifier.start(pool)
 
@@ -733,13 +758,20 @@ class PostgresStore:
         args = _Args()
         cond = _where(flt, args)
         async with self.pool.acquire() as conn, conn.transaction():
-            matched = int(await conn.fetchval(
-                f"SELECT count(*) FROM leases WHERE {_live(reason)} AND {cond}", *args.values))
+            found = await conn.fetchrow(
+                f"SELECT count(*), max(issue_time) FROM leases WHERE {_live(reason)} AND {cond}",
+                *args.values)
+            matched = int(found[0])
             if matched <= inline_max:
                 count = await _queue_matching(conn, flt, reason=reason, now=now)
                 queued = RevokeQueued(count)
             else:
                 rule_id = uuid.uuid4().hex
+                # The rule covers leases issued up to its time, by the issuing
+                # replicas' clocks: one that runs ahead of ours may have issued
+                # a lease counted above "after" now. Every counted lease must be
+                # covered, so the rule's time is at least the newest issue time.
+                created = now if found[1] is None else max(now, float(found[1]))
                 await conn.execute(
                     "INSERT INTO revoke_rules (id, prefix, prefix_end, owners, metadata, reason,"
                     " created_at, claimed_by, claim_until)"
@@ -747,7 +779,7 @@ class PostgresStore:
                     rule_id, flt.prefix, prefix_upper(flt.prefix) if flt.prefix else None,
                     list(flt.owners) if flt.owners else None,
                     json.dumps({key: str(value) for key, value in flt.metadata.items()}),
-                    reason, now, claimer, claim_until,
+                    reason, created, claimer, claim_until,
                 )
                 queued = RevokeQueued(matched, rule_id)
         if queued.queued and queued.rule_id is None:
@@ -759,7 +791,8 @@ class PostgresStore:
     ) -> str | None:
         rule_id = await self.pool.fetchval(
             "UPDATE revoke_rules SET claimed_by = $1, claim_until = $2 WHERE id ="
-            " (SELECT id FROM revoke_rules WHERE claimed_by = $1 OR claim_until <= $3"
+            " (SELECT id FROM revoke_rules WHERE claimed_by = $1"
+            f"  OR claim_until <= least($3, {_DB_NOW})"
             "  ORDER BY created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING id",
             claimer, claim_until, now,
         )
@@ -829,6 +862,7 @@ class PostgresStore:
     ) -> list[Lease]:
         if limit <= 0:
             return []
+        # least(): "due" by the caller's clock AND the database's (see _DB_NOW).
         # SKIP LOCKED: a row another replica is claiming right now is left to it,
         # and the scan goes on to the next due row instead of waiting.
         # MATERIALIZED: the locking SELECT runs exactly once; were the planner to
@@ -836,7 +870,8 @@ class PostgresStore:
         # and the statement would claim more than ``limit``.
         rows = await self.pool.fetch(
             "WITH c AS MATERIALIZED (SELECT id, due_at FROM leases"
-            "  WHERE due_at IS NOT NULL AND due_at <= $3 AND state IN ('active', 'revoking')"
+            f"  WHERE due_at IS NOT NULL AND due_at <= least($3, {_DB_NOW})"
+            "  AND state IN ('active', 'revoking')"
             "  ORDER BY due_at, id LIMIT $4 FOR UPDATE SKIP LOCKED)"
             " UPDATE leases AS l SET state = 'revoking', due_at = $1, claimed_by = $2,"
             " revoke_reason = coalesce(l.revoke_reason, 'expire')"

@@ -6,15 +6,20 @@ handed to the key cache in memory (the HTTP path is in tests/integration).
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
+from jwt.api_jws import PyJWS
 
 from broker.auth import JWTAuthMethod, describe_token, parse_jwt_methods
-from broker.auth.jwks import FetchError, JWKSKeys, parse_jwks
+from broker.auth.jwks import MAX_DOCUMENT_BYTES, FetchError, JWKSKeys, fetch_json, parse_jwks
 from broker.auth.jwt import MAX_JWT_LENGTH, glob_match
 from broker.config import ConfigError, load_config
 from broker.errors import BadRequest, PermissionDenied, ServiceUnavailable
@@ -158,6 +163,21 @@ async def test_malformed_tokens_are_refused(issuer: OIDCIssuer) -> None:
     crit = issuer.mint(issuer.github_claims(), headers={"crit": ["exp"]})
     assert "crit" in await denied(method, crit)
     assert "longer than" in await denied(method, "a" * (MAX_JWT_LENGTH + 1))
+
+
+async def test_deeply_nested_json_is_refused_not_a_crash(issuer: OIDCIssuer) -> None:
+    """Header, unverified payload or signed payload nested thousands deep: a 403, never a 500."""
+    method = make_method(issuer)
+    nested = base64.urlsafe_b64encode(b"[" * 5000).rstrip(b"=").decode()
+    header = base64.urlsafe_b64encode(json.dumps({"alg": "RS256"}).encode()).decode()
+    assert "header is not base64url JSON" in await denied(method, f"{nested}.e30.c2ln")
+    assert "signature verification failed" in await denied(method,
+                                                             f"{header}.{nested}.c2ln")
+    signed = PyJWS().encode(b"[" * 5000, issuer.rsa_key.private, algorithm="RS256",
+                            headers={"kid": "rsa-1"})
+    assert "payload is not JSON" in await denied(method, signed)
+    assert describe_token(f"{nested}.e30.c2ln") == {}
+    assert describe_token(f"{header}.{nested}.c2ln") == {"jwt_header": {"alg": "RS256"}}
 
 
 async def test_unknown_role_and_missing_jwt_are_bad_requests(issuer: OIDCIssuer) -> None:
@@ -521,3 +541,34 @@ async def test_a_jwks_key_is_used_only_for_its_own_algorithm() -> None:
     assert "key id 'rsa-1' cannot verify PS256" in await denied(
         method, issuer.github_token(key=pss))
     assert len(log) == 1  # a known kid never triggers a refresh
+
+
+async def test_fetch_json_reads_a_document_that_arrives_in_pieces(
+        aiohttp_server: Any, issuer: OIDCIssuer) -> None:
+    """A JWKS streamed in small pieces is read to its end; one past the size limit is refused."""
+    data = json.dumps(issuer.jwks()).encode()
+
+    async def pieces(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        for start in range(0, len(data), 100):
+            await resp.write(data[start:start + 100])
+            await asyncio.sleep(0.01)
+        return resp
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        for _ in range(2 * MAX_DOCUMENT_BYTES // 65536 + 2):
+            await resp.write(b" " * 65536)
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/jwks", pieces)
+    app.router.add_get("/huge", endless)
+    server = await aiohttp_server(app)
+    doc = await fetch_json(str(server.make_url("/jwks")), timeout=5)
+    assert doc == issuer.jwks()
+    assert len(parse_jwks(doc, "test")) == 2
+    with pytest.raises(FetchError, match="document larger than"):
+        await fetch_json(str(server.make_url("/huge")), timeout=5)
