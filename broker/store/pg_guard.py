@@ -125,26 +125,45 @@ class GuardedPool:
             await asyncio.gather(probe, return_exceptions=True)
         await self._pool.close()
 
+    async def _get(self) -> Any:
+        """A pooled connection; the wait for one bounded by the call's timeout.
+
+        ``asyncio.timeout`` rather than asyncpg's ``acquire(timeout=)``, which wraps
+        every acquire in ``wait_for`` (a task per store call: +17 to +28 % of the
+        broker's CPU per call on this store in the bench) and then applies the
+        timeout to the release too.
+        """
+        if self._timeout is None:
+            return await self._pool.acquire()
+        async with asyncio.timeout(self._timeout):
+            return await self._pool.acquire()
+
     @asynccontextmanager
     async def acquire(self) -> AsyncIterator[Any]:
         # Covers the queries run on the connection too: they raise through here.
         # Each of those has the connection's own command_timeout.
         with self._guard():
-            async with self._pool.acquire(timeout=self._timeout) as conn:
+            conn = await self._get()
+            try:
                 yield conn
+            finally:
+                await self._pool.release(conn)
 
     async def _call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """One statement on a pooled connection, within one budget for both."""
         with self._guard():
             loop = asyncio.get_running_loop()
             started = loop.time()
-            async with self._pool.acquire(timeout=self._timeout) as conn:
+            conn = await self._get()
+            try:
                 if self._timeout is not None and "timeout" not in kwargs:
                     left = self._timeout - (loop.time() - started)
                     if left <= 0:
                         raise TimeoutError
                     kwargs = {**kwargs, "timeout": left}
                 return await getattr(conn, method)(*args, **kwargs)
+            finally:
+                await self._pool.release(conn)
 
     async def execute(self, *args: Any, **kwargs: Any) -> Any:
         return await self._call("execute", args, kwargs)
