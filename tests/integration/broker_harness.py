@@ -344,3 +344,15 @@ def via_proxy(dsn: str, port: int) -> str:
     parts = urlsplit(dsn)
     userinfo = parts.netloc.rpartition("@")[0]
     return urlunsplit(parts._replace(netloc=f"{userinfo}@127.0.0.1:{port}"))
+
+
+def aws_mount(moto_endpoint: str) -> str:
+    """An ``aws`` mount on moto; its secret comes from BROKER_TEST_AWS_SECRET."""
+    return f"""
+[mounts.aws]
+plugin = "aws"
+region = "us-east-1"
+endpoint_url = "{moto_endpoint}"
+access_key = "testing"
+password_env = "BROKER_TEST_AWS_SECRET"
+"""

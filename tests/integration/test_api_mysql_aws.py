@@ -23,6 +23,7 @@ from botocore.exceptions import ClientError
 from tests.conftest import run
 from tests.integration.broker_harness import (
     BrokerThread,
+    aws_mount,
     config_url,
     spawn_broker,
     start_broker,
@@ -43,18 +44,6 @@ def aws_client(endpoint: str, service: str, data: dict[str, Any] | None = None) 
         aws_access_key_id=data["access_key"], aws_secret_access_key=data["secret_key"],
         aws_session_token=data.get("security_token"), region_name="us-east-1",
     ).client(service, endpoint_url=endpoint)
-
-
-def aws_mount(moto_endpoint: str) -> str:
-    """An ``aws`` mount on moto; its secret comes from BROKER_TEST_AWS_SECRET."""
-    return f"""
-[mounts.aws]
-plugin = "aws"
-region = "us-east-1"
-endpoint_url = "{moto_endpoint}"
-access_key = "testing"
-password_env = "BROKER_TEST_AWS_SECRET"
-"""
 
 
 IAM_USER_ROLE = """

@@ -19,7 +19,7 @@ from plugins import aws_iam
 from plugins.aws import AWSBackend, parse_role
 from tests.conformance.aws_harness import moto_with_auth
 from tests.conftest import run
-from tests.integration.broker_harness import BrokerThread, start_broker, write_config
+from tests.integration.broker_harness import BrokerThread, aws_mount, start_broker, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -42,13 +42,7 @@ def broker(tmp_path: Path, moto_endpoint: str, tag: str,
            monkeypatch: pytest.MonkeyPatch) -> Iterator[BrokerThread]:
     monkeypatch.setenv("BROKER_TEST_AWS_SECRET", "testing")
     body = f"""
-[mounts.aws]
-plugin = "aws"
-region = "us-east-1"
-endpoint_url = "{moto_endpoint}"
-access_key = "testing"
-password_env = "BROKER_TEST_AWS_SECRET"
-
+{aws_mount(moto_endpoint)}
 [mounts.aws.roles.fixed]
 credential_type = "iam_user"
 policy_document = '{READ_ONLY}'

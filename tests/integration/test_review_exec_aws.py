@@ -16,7 +16,7 @@ import pytest
 import requests
 from botocore.exceptions import ClientError
 
-from tests.integration.broker_harness import BrokerThread, start_broker, write_config
+from tests.integration.broker_harness import BrokerThread, aws_mount, start_broker, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -55,13 +55,7 @@ def broker(tmp_path: Path, moto_endpoint: str,
         RoleName=f"broker-exec-{uuid.uuid4().hex[:8]}",
         AssumeRolePolicyDocument=TRUST)["Role"]["Arn"]
     body = f"""
-[mounts.aws]
-plugin = "aws"
-region = "us-east-1"
-endpoint_url = "{moto_endpoint}"
-access_key = "testing"
-password_env = "BROKER_TEST_AWS_SECRET"
-
+{aws_mount(moto_endpoint)}
 [mounts.aws.roles.ci]
 credential_type = "iam_user"
 policy_document = '{READ_ONLY}'
