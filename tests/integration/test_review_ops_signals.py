@@ -28,6 +28,33 @@ def _wait_for(path: Path, text: str, timeout: float) -> None:
     raise AssertionError(f"no {text!r} in {path} after {timeout}s")
 
 
+def _slow_starting_broker(tmp_path: Path, silent: socket.socket, *, backend_timeout: str,
+                          workers: int) -> tuple[Path, Path, subprocess.Popen[bytes]]:
+    """A ``broker server`` whose pg mount points at ``silent`` (a socket that accepts
+    and never answers), so its start-up waits ``backend_timeout`` for the mount:
+    (config, server log, process)."""
+    config = write_config(tmp_path, f"""
+[leases]
+backend_timeout = "{backend_timeout}"
+
+[mounts.pg]
+plugin = "postgres"
+connection_url = "postgresql://admin@127.0.0.1:{silent.getsockname()[1]}/app"
+""", workers=workers)
+    server_log = tmp_path / "server.log"
+    with open(server_log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "broker.cli", "server", "--config",
+                                 str(config)], stdout=out, stderr=subprocess.STDOUT)
+    return config, server_log, proc
+
+
+def _silent() -> socket.socket:
+    silent = socket.socket()  # accepts TCP connections (backlog), never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    return silent
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX signals")
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sighup_while_starting_is_carried_out_once_serving(tmp_path: Path, workers: int) -> None:
@@ -36,22 +63,9 @@ def test_sighup_while_starting_is_carried_out_once_serving(tmp_path: Path, worke
     Before, a single broker died of it (SIGHUP's default action), and systemd
     counts an end by SIGHUP as clean, so Restart=on-failure left it down.
     """
-    silent = socket.socket()  # accepts TCP connections (backlog), never answers
-    silent.bind(("127.0.0.1", 0))
-    silent.listen(16)
-    port = silent.getsockname()[1]
-    config = write_config(tmp_path, f"""
-[leases]
-backend_timeout = "4s"
-
-[mounts.pg]
-plugin = "postgres"
-connection_url = "postgresql://admin@127.0.0.1:{port}/app"
-""", workers=workers)
-    server_log = tmp_path / "server.log"
-    with open(server_log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "broker.cli", "server", "--config",
-                                 str(config)], stdout=out, stderr=subprocess.STDOUT)
+    silent = _silent()
+    config, server_log, proc = _slow_starting_broker(tmp_path, silent, backend_timeout="4s",
+                                                     workers=workers)
     try:
         # The broker's first log line: it is past its imports, opening the store
         # and connecting the mount, which takes backend_timeout.
@@ -76,21 +90,9 @@ def test_sigterm_while_workers_start_is_a_clean_stop(tmp_path: Path) -> None:
     backend that never answers) ends them, and the broker exits 0: they had
     nothing in flight. Before, each worker's death by the forwarded signal
     counted as a failure and the supervisor exited 1."""
-    silent = socket.socket()
-    silent.bind(("127.0.0.1", 0))
-    silent.listen(16)
-    config = write_config(tmp_path, f"""
-[leases]
-backend_timeout = "20s"
-
-[mounts.pg]
-plugin = "postgres"
-connection_url = "postgresql://admin@127.0.0.1:{silent.getsockname()[1]}/app"
-""", workers=2)
-    server_log = tmp_path / "server.log"
-    with open(server_log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "broker.cli", "server", "--config",
-                                 str(config)], stdout=out, stderr=subprocess.STDOUT)
+    silent = _silent()
+    _, server_log, proc = _slow_starting_broker(tmp_path, silent, backend_timeout="20s",
+                                                workers=2)
     try:
         _wait_for(server_log, "workers started", 30)
         time.sleep(1.0)  # the workers are connecting the mount, for up to 20 s
