@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import secrets
 import socket
+import time
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -781,6 +782,15 @@ async def test_default_grant_works_for_the_documented_least_privilege_admin(
         await harness.teardown()
 
 
+async def _until_no_sessions(admin: Admin, user: str, timeout: float = 10.0) -> None:
+    """Wait until the server lists no connection of ``user`` (a closed one lingers briefly)."""
+    deadline = time.monotonic() + timeout
+    while (await admin("SELECT COUNT(*) FROM information_schema.PROCESSLIST "
+                       f"WHERE USER = '{user}'"))[0][0]:
+        assert time.monotonic() < deadline, f"{user} still has sessions after {timeout}s"
+        await asyncio.sleep(0.05)
+
+
 async def test_rotate_root_never_loses_the_admin_password(mysql_dsn: str, admin: Admin) -> None:
     """The server takes the new password but the new login fails (here the account's
     MAX_USER_CONNECTIONS; on a busy server "too many connections"): the broker must
@@ -807,9 +817,13 @@ async def test_rotate_root_never_loses_the_admin_password(mysql_dsn: str, admin:
                 current = old  # a failed rotation must leave the old password in force
             assert current
             await backend.close()
+            # The account allows one connection, and the server counts a closed
+            # one until it has processed the disconnect (error 1226 before that).
+            await _until_no_sessions(admin, user)
             await backend.initialize()
             await backend.verify()  # the password the broker holds logs in
             await backend.close()
+            await _until_no_sessions(admin, user)
             conn = await _connect_as(mysql_dsn, user, current, None)  # and the operator's
             conn.close()
         finally:
