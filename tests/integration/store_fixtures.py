@@ -35,8 +35,10 @@ __all__ = [
     "StoreMaker",
     "broker_store_url",
     "fresh_postgres_database",
+    "lid",
     "make_lease",
     "make_token",
+    "open_replicas",
     "put_active",
     "put_many_active",
 ]
@@ -227,3 +229,21 @@ def make_token(accessor: str, *, parent: str | None = None, expire_time: float |
         parent=parent,
         max_expire_time=None if expire_time is None else expire_time + 600,
     )
+
+
+@asynccontextmanager
+async def open_replicas(dsn: str) -> AsyncIterator[tuple[PostgresStore, PostgresStore]]:
+    """Two PostgreSQL stores on one database, opened: two replicas' views of it."""
+    a, b = PostgresStore.from_url(dsn), PostgresStore.from_url(dsn)
+    await a.open()
+    await b.open()
+    try:
+        yield a, b
+    finally:
+        await a.close()
+        await b.close()
+
+
+def lid(n: int) -> str:
+    """A lease id of the ``pg`` mount's ``ro`` role, numbered."""
+    return f"pg/creds/ro/{n:06d}"

@@ -18,7 +18,13 @@ from broker.config import LeaseConfig
 from broker.lease import Lease, LeaseFilter, LeaseState
 from broker.store.postgres import PostgresStore
 from broker.sweeper import Sweeper
-from tests.integration.store_fixtures import fresh_postgres_database, make_lease, put_active
+from tests.integration.store_fixtures import (
+    fresh_postgres_database,
+    lid,
+    make_lease,
+    open_replicas,
+    put_active,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -29,19 +35,8 @@ AHEAD = 90.0
 @pytest.fixture
 async def replicas(request: pytest.FixtureRequest
                    ) -> AsyncIterator[tuple[PostgresStore, PostgresStore]]:
-    dsn = await fresh_postgres_database(request)
-    a, b = PostgresStore.from_url(dsn), PostgresStore.from_url(dsn)
-    await a.open()
-    await b.open()
-    try:
-        yield a, b
-    finally:
-        await a.close()
-        await b.close()
-
-
-def lid(n: int) -> str:
-    return f"pg/creds/ro/{n:06d}"
+    async with open_replicas(await fresh_postgres_database(request)) as pair:
+        yield pair
 
 
 async def test_a_replica_whose_clock_runs_ahead_claims_nothing_before_it_is_due(

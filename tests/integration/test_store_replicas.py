@@ -22,8 +22,10 @@ from broker.sweeper import Sweeper
 from tests.integration.store_fixtures import (
     T0,
     fresh_postgres_database,
+    lid,
     make_lease,
     make_token,
+    open_replicas,
     put_active,
     put_many_active,
 )
@@ -39,18 +41,8 @@ async def pg_dsn(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 async def replicas(pg_dsn: str) -> AsyncIterator[tuple[PostgresStore, PostgresStore]]:
-    a, b = PostgresStore.from_url(pg_dsn), PostgresStore.from_url(pg_dsn)
-    await a.open()
-    await b.open()
-    try:
-        yield a, b
-    finally:
-        await a.close()
-        await b.close()
-
-
-def lid(n: int) -> str:
-    return f"pg/creds/ro/{n:06d}"
+    async with open_replicas(pg_dsn) as pair:
+        yield pair
 
 
 class Wakes:
