@@ -7,7 +7,8 @@ however the command (or ``broker exec`` itself) ends.
 
 - Normal exit, failure, or a SIGINT/SIGTERM/SIGHUP/SIGQUIT to ``broker exec``
   (forwarded to the command; exec waits for it): every lease is revoked, and
-  the login token too when exec logged in itself.
+  the login token too when exec logged in itself. SIGUSR1/SIGUSR2 are
+  forwarded too; the command decides whether they end it.
 - ``broker exec`` SIGKILLed, or its machine gone: the leases were issued with a
   TTL of only two heartbeats and renewed every heartbeat, so they expire (and
   the broker revokes them) within about two heartbeats.
@@ -70,8 +71,11 @@ __all__ = [
 
 LEASE_IDS_ENV = "BROKER_LEASE_IDS"
 DEFAULT_HEARTBEAT = 30
-#: signals forwarded to the command.
-FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+#: signals forwarded to the command. SIGUSR1/SIGUSR2 too: commands use them
+#: (reopen logs, dump state), and their default action would kill exec without
+#: revoking anything.
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
+             signal.SIGUSR1, signal.SIGUSR2)
 #: signals a terminal sends to its whole foreground process group (Ctrl-C, Ctrl-\).
 _TERMINAL_SIGNALS = (signal.SIGINT, signal.SIGQUIT)
 #: how long one revocation may take before exec gives up on it (the server waits 30 s).

@@ -36,7 +36,8 @@ REPO = Path(__file__).resolve().parents[2]
 #: The command exec runs. argv: OUT MODE [SECONDS EXIT_CODE].
 #: ok:   sleep SECONDS, log in with PGUSER/PGPASSWORD (and the PG2 pair if set),
 #:       report, exit EXIT_CODE.
-#: wait: report "ready", then sleep; on SIGTERM/SIGINT write OUT.signal and die of it.
+#: wait: report "ready", then sleep; on SIGTERM/SIGINT write OUT.signal and die of it;
+#:       on SIGUSR1 write OUT.usr1 and go on sleeping.
 CHILD = r'''
 import asyncio, json, os, signal, sys, time
 import asyncpg
@@ -84,6 +85,7 @@ def on_signal(signum, _frame):
 
 signal.signal(signal.SIGTERM, on_signal)
 signal.signal(signal.SIGINT, on_signal)
+signal.signal(signal.SIGUSR1, lambda signum, _frame: report(out + ".usr1", signum=signum))
 report(out, env=seen(), pid=os.getpid())
 time.sleep(120)
 '''
@@ -278,6 +280,29 @@ def test_signal_to_exec_reaches_the_child_then_leases_are_revoked(env: Env, sig:
         assert json.loads((env.tmp / "out.json.signal").read_text()) == {"signum": sig}
         assert not env.role_exists(ready["env"]["PGUSER"])
         assert env.lease_state(ready["env"]["BROKER_LEASE_IDS"]) is LeaseState.REVOKED
+    finally:
+        kill_group(proc)
+
+
+def test_sigusr1_is_forwarded_and_the_command_keeps_its_credentials(env: Env) -> None:
+    """SIGUSR1 (reopen logs, dump state) reaches the command; exec does not die of it,
+    and the lease lives on until the command ends."""
+    out = env.tmp / "out.json"
+    proc = env.start("pg/readonly", child=(str(out), "wait"))
+    try:
+        ready = wait_for(env, out, proc)
+        os.kill(proc.pid, signal.SIGUSR1)
+        usr1 = env.tmp / "out.json.usr1"
+        deadline = time.monotonic() + 30
+        while not usr1.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert json.loads(usr1.read_text()) == {"signum": signal.SIGUSR1}, env.stderr
+        assert proc.poll() is None, env.stderr
+        assert env.role_exists(ready["env"]["PGUSER"])
+        assert env.lease_state(ready["env"]["BROKER_LEASE_IDS"]) is LeaseState.ACTIVE
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(30) == 128 + signal.SIGTERM, env.stderr
+        assert not env.role_exists(ready["env"]["PGUSER"])
     finally:
         kill_group(proc)
 
