@@ -1,7 +1,7 @@
 """Profile a bench broker under load: py-spy records the server while the bench drives it.
 
     python tests/bench/profile_broker.py --op issue [--store sqlite|postgresql]
-        [--seconds 10] [--concurrency 32] [--out /tmp/prof]
+        [--seconds 10] [--concurrency 32] [--rate 200] [--gil] [--out /tmp/prof]
     python tests/bench/profile_broker.py --op pg-issue --concurrency 8
 
 ``pg-issue`` issues PostgreSQL roles through the bench's ``postgres`` mount
@@ -110,7 +110,7 @@ async def run(args: argparse.Namespace) -> None:
                            seconds=args.seconds + 2 if args.op in ("renew", "revoke") else 1)
             spy = await asyncio.create_subprocess_exec(
                 shutil.which("py-spy") or "py-spy", "record", "-p", str(broker.pid), "-d",
-                str(int(args.seconds)), "-r", "200", "-f", "raw", "-o", f"{args.out}.collapsed",
+                str(int(args.seconds)), "-r", str(args.rate), "-f", "raw", "-o", f"{args.out}.collapsed",
                 *(["--gil"] if args.gil else []), "--nonblocking",
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.STDOUT)
             threads0 = thread_cpu(broker.pid)
@@ -149,6 +149,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--gil", action="store_true", help="only samples holding the GIL")
+    parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     parser.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "broker-profile"))
     asyncio.run(run(parser.parse_args()))
 
