@@ -118,11 +118,18 @@ class EndingRecorder:
     ``record`` returns only once the ending is durable, so a waiter told
     "done" never sees it undone. A crash before that leaves the lease claimed
     in the store; it is revoked again (idempotently) once the claim runs out.
+
+    Endings are written as ``claimer`` (the node id): a lease whose claim ran
+    out and was taken over by another replica meanwhile is left to that
+    replica, which revokes it again (idempotently) and records its own outcome.
+    The credential is gone either way, so "done" is still the truth here.
     """
 
-    def __init__(self, store: LeaseStore, clock: Callable[[], float]) -> None:
+    def __init__(self, store: LeaseStore, clock: Callable[[], float],
+                 claimer: str | None = None) -> None:
         self._store = store
         self._clock = clock
+        self._claimer = claimer
         #: batches not yet being written: (endings, outcome: None or the write's error).
         self._open: deque[_Batch] = deque()
         self._writes: set[asyncio.Task[None]] = set()
@@ -180,7 +187,8 @@ class EndingRecorder:
         endings, outcome = batch
         error: Exception | None = RuntimeError("recording interrupted")
         try:
-            await self._store.finish_revoke_many(endings, now=self._clock())
+            await self._store.finish_revoke_many(endings, now=self._clock(),
+                                                 claimer=self._claimer)
             error = None
         except Exception as exc:
             error = exc
@@ -273,7 +281,7 @@ class LeaseEngine:
         self._issues_idle = asyncio.Event()
         self._issues_idle.set()
         self.accepting = True
-        self._endings = EndingRecorder(store, clock)
+        self._endings = EndingRecorder(store, clock, claimer=self.node_id)
         self.rule_inline_max = RULE_INLINE_MAX
         self.rule_chunk = RULE_CHUNK
         self._rules_task: asyncio.Task[int] | None = None
@@ -977,9 +985,21 @@ class LeaseEngine:
         give_up = not retryable or attempts >= self.leases_cfg.revoke_max_attempts
         next_attempt = None if give_up else now + self.backoff(attempts)
         try:
-            await self.store.fail_revoke(lease.id, error=error, next_attempt=next_attempt, now=now)
+            recorded = await self.store.fail_revoke(
+                lease.id, error=error, next_attempt=next_attempt, now=now, claimer=self.node_id)
         except Exception:
             log.exception("recording failed revocation of %s", lease.id)
+        else:
+            if not recorded:
+                # Our claim ran out and another replica holds the lease now (or it
+                # ended meanwhile): its outcome is theirs to record and report. A
+                # waiter keeps following the store (_await_revocation).
+                log.warning("revoking %s failed: %s; not recorded, the lease is no longer"
+                            " claimed by this replica", lease.id, error)
+                await self._audit_quietly(event(
+                    "revoke_failed", outcome="error", lease=lease_ref(lease), reason=reason,
+                    attempts=attempts, error=error, superseded=True))
+                return
         log.warning("revoking %s failed (attempt %d): %s", lease.id, attempts, error)
         await self._audit_quietly(event(
             "irrevocable" if give_up else "revoke_failed", outcome="error",

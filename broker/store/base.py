@@ -142,8 +142,9 @@ class LeaseStore(Protocol):
         updated, or None when the lease is not in a revocable state.
 
         With ``claimer`` and ``claim_until`` the lease is claimed in the same
-        write, as ``claim_due`` would: the caller revokes it itself, and no
-        other sweeper takes it before ``claim_until``."""
+        write, as ``claim_due`` would (the row records ``claimer`` as holder):
+        the caller revokes it itself, and no other sweeper takes it before
+        ``claim_until``. Without ``claim_until`` the row is held by no one."""
 
     async def queue_revoke_matching(
         self, flt: LeaseFilter, *, reason: str, now: float
@@ -196,20 +197,29 @@ class LeaseStore(Protocol):
     ) -> list[Lease]:
         """Atomically claim up to ``limit`` rows with ``due_at <= now``, oldest first:
         active ones become ``revoking`` with reason "expire"; every claimed row
-        gets ``due_at = now + claim_timeout`` so no one else takes it meanwhile.
-        Two concurrent callers never get the same row."""
+        gets ``due_at = now + claim_timeout`` so no one else takes it meanwhile,
+        and records ``claimer`` as its holder (see ``fail_revoke``). Two
+        concurrent callers never get the same row."""
 
     async def finish_revoke(self, lease_id: str, *, state: LeaseState, now: float) -> None:
         """revoking -> revoked/expired tombstone; ``ended_at`` = now, ``due_at`` = NULL."""
 
     async def finish_revoke_many(
-        self, items: Sequence[tuple[str, LeaseState]], *, now: float
+        self, items: Sequence[tuple[str, LeaseState]], *, now: float,
+        claimer: str | None = None,
     ) -> None:
         """End many revocations in one durable write: each ``(lease_id, state)`` row
         that is still ``revoking`` becomes ``state`` (revoked/expired) with
         ``ended_at`` = now, ``due_at`` = NULL; any other row is left alone. The
         sweeper's workers record successful revocations this way, so one commit
-        carries many endings instead of one each."""
+        carries many endings instead of one each.
+
+        With ``claimer``, only rows whose claim ``claimer`` holds (the last
+        ``claim_due`` or claiming ``queue_revoke`` was its) are ended: a replica
+        whose claim ran out and was taken over leaves the row to the new holder,
+        who revokes it again (idempotently) and records the outcome. A row held
+        by no one (queued without a claim) is left alone too. None: no claim
+        check, for callers that do not claim (the bench, tests)."""
 
     async def fail_revoke(
         self,
@@ -218,9 +228,13 @@ class LeaseStore(Protocol):
         error: str,
         next_attempt: float | None,
         now: float,
+        claimer: str | None = None,
     ) -> int:
         """Record a failed attempt (attempts += 1, last_error). ``next_attempt`` set:
-        stays revoking, due then. None: becomes irrevocable. Returns attempts."""
+        stays revoking, due then. None: becomes irrevocable. Returns attempts, or
+        0 when nothing was recorded: the lease was no longer revoking, or (with
+        ``claimer``) its claim is not ``claimer``'s, as in ``finish_revoke_many``
+        (a late failure never overrides the new holder's claim)."""
 
     async def requeue_irrevocable(self, *, now: float, limit: int) -> int:
         """irrevocable -> revoking due now (one more try each)."""

@@ -891,29 +891,46 @@ class PostgresStore:
         )
 
     async def finish_revoke_many(
-        self, items: Sequence[tuple[str, LeaseState]], *, now: float
+        self, items: Sequence[tuple[str, LeaseState]], *, now: float,
+        claimer: str | None = None,
     ) -> None:
         if not items:
             return
+        args: list[object] = [
+            [lease_id for lease_id, _ in items], [_dead_state(state) for _, state in items], now]
+        # The claim test is made again on the newest row version (READ COMMITTED):
+        # a replica that took the claim over meanwhile keeps it.
+        held = ""
+        if claimer is not None:
+            args.append(claimer)
+            held = " AND l.claimed_by = $4"
         # One statement, one commit (one WAL flush) for the whole batch.
         await self.pool.execute(
             "UPDATE leases AS l SET state = e.state, ended_at = $3, due_at = NULL"
             " FROM unnest($1::text[], $2::text[]) AS e(id, state)"
-            " WHERE l.id = e.id AND l.state = 'revoking'",
-            [lease_id for lease_id, _ in items], [_dead_state(state) for _, state in items], now,
+            f" WHERE l.id = e.id AND l.state = 'revoking'{held}",
+            *args,
         )
 
     async def fail_revoke(
-        self, lease_id: str, *, error: str, next_attempt: float | None, now: float
+        self, lease_id: str, *, error: str, next_attempt: float | None, now: float,
+        claimer: str | None = None,
     ) -> int:
-        """Returns the attempts so far, or 0 when the lease was no longer revoking."""
+        """Returns the attempts so far, or 0 when the lease was no longer revoking
+        or (with ``claimer``) is claimed by someone else."""
         state = "irrevocable" if next_attempt is None else "revoking"
+        # PostgreSQL text cannot hold NUL; a backend's message might.
+        args: list[object] = [
+            error[:_MAX_ERROR_LEN].replace("\x00", ""), state, next_attempt, lease_id]
+        held = ""
+        if claimer is not None:
+            args.append(claimer)
+            held = " AND claimed_by = $5"
         attempts = await self.pool.fetchval(
             "UPDATE leases SET revoke_attempts = revoke_attempts + 1, last_error = $1,"
-            " state = $2, due_at = $3 WHERE id = $4 AND state = 'revoking'"
+            f" state = $2, due_at = $3 WHERE id = $4 AND state = 'revoking'{held}"
             " RETURNING revoke_attempts",
-            # PostgreSQL text cannot hold NUL; a backend's message might.
-            error[:_MAX_ERROR_LEN].replace("\x00", ""), state, next_attempt, lease_id,
+            *args,
         )
         return 0 if attempts is None else int(attempts)
 

@@ -130,6 +130,12 @@ MIGRATIONS: list[tuple[str, ...]] = [
         # expire_time - created. Rows from before stay NULL (TokenManager.renew).
         "ALTER TABLE tokens ADD COLUMN creation_ttl INTEGER",
     ),
+    (
+        # Who holds a revoking lease's claim (claim_due, queue_revoke), as in the
+        # PostgreSQL store: a late ending or failure from a claimer whose claim
+        # was taken over must not override the new holder (fail_revoke).
+        "ALTER TABLE leases ADD COLUMN claimed_by TEXT",
+    ),
 ]
 
 #: Most operations one transaction (and one fsync) carries.
@@ -705,11 +711,11 @@ class SQLiteStore:
         self, lease_id: str, *, reason: str, now: float, claimer: str | None = None,
         claim_until: float | None = None,
     ) -> Lease | None:
-        # As in claim_due, a claim is the moved due_at alone; the claimer is not stored.
         rows = await self._write(_rows(
-            f"UPDATE leases SET state = 'revoking', due_at = ?, revoke_reason = ?"
+            "UPDATE leases SET state = 'revoking', due_at = ?, revoke_reason = ?, claimed_by = ?"
             f" WHERE id = ? AND state IN {_REVOCABLE_STATES} RETURNING {_LEASE_COLS}",
-            (now if claim_until is None else claim_until, reason, lease_id),
+            (now if claim_until is None else claim_until, reason,
+             claimer if claim_until is not None else None, lease_id),
         ))
         return lease_from_row(rows[0]) if rows else None
 
@@ -803,8 +809,6 @@ class SQLiteStore:
     async def claim_due(
         self, *, now: float, limit: int, claimer: str, claim_timeout: float
     ) -> list[Lease]:
-        # ``claimer`` is not stored: one process owns a SQLite file, and the claim is
-        # the moved due_at alone.
         if limit <= 0:
             return []
 
@@ -819,10 +823,10 @@ class SQLiteStore:
             if not ids:
                 return []
             rows = conn.execute(
-                "UPDATE leases SET state = 'revoking', due_at = ?,"
+                "UPDATE leases SET state = 'revoking', due_at = ?, claimed_by = ?,"
                 " revoke_reason = coalesce(revoke_reason, 'expire')"
                 f" WHERE id IN (SELECT value FROM json_each(?)) RETURNING {_LEASE_COLS}",
-                (now + claim_timeout, json.dumps(ids)),
+                (now + claim_timeout, claimer, json.dumps(ids)),
             ).fetchall()
             order = {lease_id: n for n, lease_id in enumerate(ids)}
             return sorted(rows, key=lambda row: order[row["id"]])
@@ -838,29 +842,42 @@ class SQLiteStore:
         ))
 
     async def finish_revoke_many(
-        self, items: Sequence[tuple[str, LeaseState]], *, now: float
+        self, items: Sequence[tuple[str, LeaseState]], *, now: float,
+        claimer: str | None = None,
     ) -> None:
         if not items:
             return
         # One statement (one write op of the group commit) whatever the batch size:
         # a JSON object {lease id: final state} joined on the primary key.
         endings = json.dumps({lease_id: _dead_state(state) for lease_id, state in items})
+        params: tuple[object, ...] = (now, endings)
+        held = ""
+        if claimer is not None:
+            params += (claimer,)
+            held = " AND leases.claimed_by = ?"
         await self._write(_rowcount(
-            "UPDATE leases SET state = e.value, ended_at = ?, due_at = NULL"
-            " FROM json_each(?) AS e WHERE leases.id = e.key AND leases.state = 'revoking'",
-            (now, endings),
+            "UPDATE leases SET state = e.value, ended_at = ?, due_at = NULL FROM json_each(?)"
+            f" AS e WHERE leases.id = e.key AND leases.state = 'revoking'{held}",
+            params,
         ))
 
     async def fail_revoke(
-        self, lease_id: str, *, error: str, next_attempt: float | None, now: float
+        self, lease_id: str, *, error: str, next_attempt: float | None, now: float,
+        claimer: str | None = None,
     ) -> int:
-        """Returns the attempts so far, or 0 when the lease was no longer revoking."""
+        """Returns the attempts so far, or 0 when the lease was no longer revoking
+        or (with ``claimer``) is claimed by someone else."""
         state = "irrevocable" if next_attempt is None else "revoking"
+        params: tuple[object, ...] = (error[:_MAX_ERROR_LEN], state, next_attempt, lease_id)
+        held = ""
+        if claimer is not None:
+            params += (claimer,)
+            held = " AND claimed_by = ?"
         rows = await self._write(_rows(
             "UPDATE leases SET revoke_attempts = revoke_attempts + 1, last_error = ?,"
-            " state = ?, due_at = ? WHERE id = ? AND state = 'revoking'"
+            f" state = ?, due_at = ? WHERE id = ? AND state = 'revoking'{held}"
             " RETURNING revoke_attempts",
-            (error[:_MAX_ERROR_LEN], state, next_attempt, lease_id),
+            params,
         ))
         return int(rows[0][0]) if rows else 0
 

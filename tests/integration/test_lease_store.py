@@ -360,6 +360,93 @@ async def test_requeue_irrevocable(store: LeaseStore) -> None:
     assert await store.requeue_irrevocable(now=T0 + 300, limit=2) == 0
 
 
+async def test_a_late_claimer_cannot_undo_the_claim_that_took_over(store: LeaseStore) -> None:
+    """A's claim runs out and B claims the leases: A's late fail_revoke (0, nothing
+    recorded) and finish_revoke_many as claimer "a" leave every row as B's claim
+    set it; B's own failure and ending are recorded."""
+    await put_many_active(store, [make_lease(lid(n), ttl=1) for n in range(3)])
+    mine = await store.claim_due(now=T0 + 2, limit=5, claimer="a", claim_timeout=5)
+    assert sorted(c.id for c in mine) == [lid(0), lid(1), lid(2)]
+    theirs = await store.claim_due(now=T0 + 7, limit=5, claimer="b", claim_timeout=30)
+    assert sorted(c.id for c in theirs) == [lid(0), lid(1), lid(2)]
+
+    # A, slow, gives up on lid(0) and would retry lid(1) later; it revoked lid(2).
+    assert await store.fail_revoke(lid(0), error="a: refused", next_attempt=None,
+                                   now=T0 + 8, claimer="a") == 0
+    assert await store.fail_revoke(lid(1), error="a: timeout", next_attempt=T0 + 9,
+                                   now=T0 + 8, claimer="a") == 0
+    await store.finish_revoke_many([(lid(n), LeaseState.EXPIRED) for n in range(3)],
+                                   now=T0 + 8, claimer="a")
+    for n in range(3):
+        got = await store.get(lid(n))
+        assert got is not None
+        assert (got.state, got.revoke_attempts, got.last_error, got.ended_at) == (
+            LeaseState.REVOKING, 0, None, None)
+    assert await store.next_due() == T0 + 37  # B's claim, not moved
+    assert await store.claim_due(now=T0 + 36, limit=5, claimer="c", claim_timeout=30) == []
+
+    # B's own outcomes still land.
+    assert await store.fail_revoke(lid(0), error="b: refused", next_attempt=None,
+                                   now=T0 + 9, claimer="b") == 1
+    assert await store.fail_revoke(lid(1), error="b: down", next_attempt=T0 + 50,
+                                   now=T0 + 9, claimer="b") == 1
+    await store.finish_revoke_many([(lid(2), LeaseState.EXPIRED)], now=T0 + 10, claimer="b")
+    got0, got1, got2 = [await store.get(lid(n)) for n in range(3)]
+    assert got0 is not None and got0.state is LeaseState.IRREVOCABLE
+    assert got0.last_error == "b: refused"
+    assert got1 is not None and got1.state is LeaseState.REVOKING
+    assert got1.last_error == "b: down"
+    assert got2 is not None and (got2.state, got2.ended_at) == (LeaseState.EXPIRED, T0 + 10)
+    assert await store.next_due() == T0 + 50
+
+
+async def test_a_claim_made_by_queue_revoke_is_checked_too(store: LeaseStore) -> None:
+    """queue_revoke's claim has a holder as claim_due's has: once another claimer
+    took the lease over, the first one's late outcome is not recorded. A lease
+    queued without a claim is held by no one: a claimer records nothing on it,
+    while a caller that does not claim (claimer None) still can."""
+    await put_many_active(store, [make_lease(lid(n)) for n in range(2)])
+    assert await store.queue_revoke(lid(0), reason="revoke", now=T0 + 1, claimer="a",
+                                    claim_until=T0 + 5) is not None
+    [taken] = await store.claim_due(now=T0 + 6, limit=5, claimer="b", claim_timeout=30)
+    assert taken.id == lid(0)
+    assert await store.fail_revoke(lid(0), error="late", next_attempt=None, now=T0 + 7,
+                                   claimer="a") == 0
+    await store.finish_revoke_many([(lid(0), LeaseState.REVOKED)], now=T0 + 7, claimer="a")
+    got = await store.get(lid(0))
+    assert got is not None and got.state is LeaseState.REVOKING and got.last_error is None
+    await store.finish_revoke_many([(lid(0), LeaseState.REVOKED)], now=T0 + 8, claimer="b")
+    got = await store.get(lid(0))
+    assert got is not None and got.state is LeaseState.REVOKED
+
+    # Queued with a claimer but no claim_until: not claimed, due now for anyone.
+    await store.queue_revoke(lid(1), reason="revoke", now=T0 + 9, claimer="a")
+    assert await store.fail_revoke(lid(1), error="x", next_attempt=None, now=T0 + 10,
+                                   claimer="a") == 0
+    await store.finish_revoke_many([(lid(1), LeaseState.REVOKED)], now=T0 + 10, claimer="a")
+    got = await store.get(lid(1))
+    assert got is not None and got.state is LeaseState.REVOKING and got.revoke_attempts == 0
+    assert await store.next_due() == T0 + 9
+    assert await store.fail_revoke(lid(1), error="x", next_attempt=T0 + 20, now=T0 + 10) == 1
+    await store.finish_revoke_many([(lid(1), LeaseState.REVOKED)], now=T0 + 11)
+    got = await store.get(lid(1))
+    assert got is not None and got.state is LeaseState.REVOKED
+
+
+async def test_a_claim_that_ran_out_untaken_is_still_its_holders(store: LeaseStore) -> None:
+    """The claim check is about who holds the lease, not the clock: a claimer whose
+    claim ran out with no one else taking it over still records its outcome."""
+    await put_many_active(store, [make_lease(lid(n), ttl=1) for n in range(2)])
+    await store.claim_due(now=T0 + 2, limit=5, claimer="a", claim_timeout=5)
+    assert await store.fail_revoke(lid(0), error="slow", next_attempt=T0 + 40, now=T0 + 20,
+                                   claimer="a") == 1
+    await store.finish_revoke_many([(lid(1), LeaseState.EXPIRED)], now=T0 + 20, claimer="a")
+    got0, got1 = await store.get(lid(0)), await store.get(lid(1))
+    assert got0 is not None and got0.state is LeaseState.REVOKING
+    assert got0.last_error == "slow" and await store.next_due() == T0 + 40
+    assert got1 is not None and got1.state is LeaseState.EXPIRED
+
+
 # -- revoke many -------------------------------------------------------------
 
 

@@ -70,15 +70,18 @@ class Writes:
     def __init__(self, state: BrokerState,
                  before: Callable[[int], Awaitable[None]] | None = None) -> None:
         self.batches: list[list[str]] = []
+        self.claimers: list[str | None] = []
         self.committed: list[str] = []
         real: Write = state.store.finish_revoke_many
 
-        async def spy(items: Sequence[tuple[str, LeaseState]], *, now: float) -> None:
+        async def spy(items: Sequence[tuple[str, LeaseState]], *, now: float,
+                      claimer: str | None = None) -> None:
             ids = [lease_id for lease_id, _ in items]
             self.batches.append(ids)
+            self.claimers.append(claimer)
             if before is not None:
                 await before(len(self.batches))
-            await real(items, now=now)
+            await real(items, now=now, claimer=claimer)
             self.committed += ids
 
         state.store.finish_revoke_many = spy  # type: ignore[method-assign]
@@ -125,9 +128,13 @@ async def ended(state: BrokerState, ids: Sequence[str]) -> dict[str, LeaseState]
     return out
 
 
-def audit_types(state: BrokerState) -> list[str]:
+def audit_events(state: BrokerState) -> list[dict[str, Any]]:
     with open(state.config.audit.path) as f:
-        return [json.loads(line)["type"] for line in f if line.strip()]
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def audit_types(state: BrokerState) -> list[str]:
+    return [ev["type"] for ev in audit_events(state)]
 
 
 async def test_a_burst_commits_many_endings_per_write(
@@ -373,3 +380,84 @@ async def test_waiters_of_a_batch_hear_their_own_outcome(brokers: Brokers) -> No
     assert set(states.values()) == {LeaseState.REVOKED}
     types = audit_types(state)
     assert types.count("revoke") == 9 and types.count("irrevocable") == 1
+
+
+def hold_deletes(state: BrokerState, fail: BackendError | None = None
+                 ) -> tuple[asyncio.Event, asyncio.Event]:
+    """delete_user waits for the second event (set by the test) once it has set the
+    first; then it deletes, or raises ``fail``."""
+    started, go = asyncio.Event(), asyncio.Event()
+    backend = state.engine.mounts["bench"].backend
+    real = backend.delete_user
+
+    async def held(req: Any) -> Any:
+        started.set()
+        await go.wait()
+        if fail is not None:
+            raise fail
+        return await real(req)
+
+    backend.delete_user = held
+    return started, go
+
+
+async def take_over(state: BrokerState, lease_id: str) -> float:
+    """Another replica claims the lease once this broker's claim ran out; returns
+    when the new claim runs out."""
+    later = time.time() + state.config.leases.claim_timeout + 1
+    [taken] = await state.store.claim_due(now=later, limit=10, claimer="other",
+                                          claim_timeout=600)
+    assert taken.id == lease_id
+    return later + 600
+
+
+async def test_a_late_ending_does_not_end_a_lease_another_replica_took_over(
+    brokers: Brokers,
+) -> None:
+    """delete_user outlasts the claim and another replica claims the lease: the
+    ending this broker then records (as its node id) leaves the lease revoking,
+    the new holder's to finish, instead of ending it under the new claim."""
+    state = await brokers.make()
+    writes = Writes(state)
+    await server.start(state)
+    started, go = hold_deletes(state)
+    lease = await put_active(state.store, make_lease(lid(1), issue_time=time.time() - 60,
+                                                     ttl=59))
+    state.sweeper.wake(None)  # written behind the engine's back: tell the sweeper
+    await asyncio.wait_for(started.wait(), 5)
+    their_claim_ends = await take_over(state, lease.id)
+    go.set()
+    assert await until(lambda: writes.committed == [lease.id], 5)
+    assert writes.claimers == [state.engine.node_id]
+    assert (await ended(state, [lease.id])) == {lease.id: LeaseState.REVOKING}
+    assert await state.store.next_due() == their_claim_ends
+    # The new holder records its own ending.
+    await state.store.finish_revoke_many([(lease.id, LeaseState.EXPIRED)], now=time.time(),
+                                         claimer="other")
+    assert (await ended(state, [lease.id])) == {lease.id: LeaseState.EXPIRED}
+
+
+async def test_a_late_failure_does_not_make_irrevocable_a_lease_another_replica_took_over(
+    brokers: Brokers,
+) -> None:
+    """A revoke's delete_user outlasts the claim, another replica claims the lease,
+    then the backend refuses for good: the lease is not made irrevocable under
+    the new claim (it stays revoking, due when that claim runs out), the audit
+    log says revoke_failed (superseded), not irrevocable, and the caller is not
+    told the lease is irrevocable."""
+    state = await brokers.make()
+    await server.start(state)
+    started, go = hold_deletes(state, BackendError("refused by the test", retryable=False))
+    lease = await put_active(state.store, make_lease(lid(1), issue_time=time.time(), ttl=3600))
+    waiting = asyncio.create_task(state.engine.revoke(lease, wait=1.5))
+    await asyncio.wait_for(started.wait(), 5)
+    their_claim_ends = await take_over(state, lease.id)
+    go.set()
+    outcome = await waiting
+    assert not outcome.done and not outcome.irrevocable
+    got = await state.store.get(lease.id)
+    assert got is not None
+    assert (got.state, got.revoke_attempts, got.last_error) == (LeaseState.REVOKING, 0, None)
+    assert await state.store.next_due() == their_claim_ends
+    failed = [ev for ev in audit_events(state) if ev["type"] in ("revoke_failed", "irrevocable")]
+    assert [(ev["type"], ev.get("superseded")) for ev in failed] == [("revoke_failed", True)]
