@@ -22,6 +22,7 @@ from aiohttp import web
 
 from broker import __version__, instance_lock
 from broker.api import create_app
+from broker.api.login import close_auth_methods
 from broker.audit import AuditError, AuditLog, event
 from broker.config import (
     Config,
@@ -157,6 +158,7 @@ async def stop(state: BrokerState, grace: float) -> None:
         log.warning("issues still in flight after %ss; their pending rows will be rolled back",
                     grace)
     await state.sweeper.stop(grace)
+    await close_auth_methods(state)
     await state.engine.close()
     await state.audit.close()
     await state.store.close()

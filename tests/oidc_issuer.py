@@ -4,7 +4,8 @@ It mints tokens shaped like the ones GitHub Actions and GitLab CI hand their
 jobs, and the broken ones an attacker would try: unknown keys, ``alg: none``,
 HS256 "signed" with the issuer's public key, expired, not yet valid, wrong
 audience or issuer. It also rotates keys, so the broker's unknown-kid refresh
-can be shown to work.
+can be shown to work, and goes down (``outage``) to show what the broker does
+then.
 
 Usage::
 
@@ -118,6 +119,10 @@ class OIDCIssuer:
     delay: float = 0.0
     #: JWK members left out of the served JWKS (e.g. ``("alg", "use")``, as some issuers do).
     omit_jwk_members: tuple[str, ...] = ()
+    #: an outage: ``"hang"`` holds every request (a blackholed issuer) until the outage
+    #: ends or the server stops, then answers as the issuer then would; ``"error"``
+    #: answers 503 at once. Can be changed while the issuer runs.
+    outage: str | None = None
     _loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
     _stopped: asyncio.Event | None = None
@@ -313,6 +318,11 @@ class OIDCIssuer:
             self.requests[path] = self.requests.get(path, 0) + 1
             if self.delay:
                 await asyncio.sleep(self.delay)
+            # Polled: ``outage`` is set from the test's thread, not this loop's.
+            while self.outage == "hang" and not (self._stopped and self._stopped.is_set()):  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+            if self.outage is not None:
+                return web.json_response({"error": "issuer down"}, status=503)
             body = self.discovery() if path.endswith("openid-configuration") else self.jwks()
             if self.chunk_size is None:
                 return web.json_response(body)

@@ -22,7 +22,7 @@ from broker.config import Config
 from broker.errors import BrokerError, NotFound
 from broker.state import BrokerState
 
-__all__ = ["auth_methods", "routes"]
+__all__ = ["auth_methods", "close_auth_methods", "routes"]
 
 routes = web.RouteTableDef()
 
@@ -44,6 +44,16 @@ def auth_methods(state: BrokerState) -> dict[str, JWTAuthMethod]:
     key = id(config)
     _lazy[key] = (weakref.ref(config, lambda _ref: _lazy.pop(key, None)), methods)
     return methods
+
+
+async def close_auth_methods(state: BrokerState) -> None:
+    """Stop the auth methods' background work (a JWKS refresh in flight); at shutdown."""
+    methods = list(state.auth_methods.values())
+    entry = _lazy.pop(id(state.config), None)
+    if entry is not None and entry[0]() is state.config:
+        methods += entry[1].values()
+    for method in methods:
+        await method.close()
 
 
 @routes.post("/v1/auth/{method}/login")

@@ -4,9 +4,24 @@ Remote key sets are cached for ``jwks_cache_ttl``. A token whose ``kid`` is not
 in the cache triggers one refresh (the issuer may have rotated its keys), but
 refreshes of one method are at least :data:`MIN_REFRESH_INTERVAL` apart
 whatever triggers them: otherwise anyone could make the broker hammer the
-issuer by sending tokens with made-up key ids. When a refresh fails the last
-good key set stays in use (an issuer outage must not lock every pipeline out);
-with no key set at all the login answers 503.
+issuer by sending tokens with made-up key ids.
+
+Once the cached key set is older than ``jwks_cache_ttl`` (stale) a login whose
+key is in it is answered from it at once, and the key set is refreshed in the
+background: one task per method at a time, so an issuer that hangs costs the
+logins nothing (before, every ~10 s one login waited ``fetch_timeout`` for the
+fetch to fail, and an IdP blip turned into slow or failed CI logins). An
+unknown ``kid`` still waits for a fetch in the foreground, because a rotated
+key is only in the fresh document.
+
+Stale keys are served for at most ``jwks_max_stale`` (default
+:data:`DEFAULT_MAX_STALE`) past ``jwks_cache_ttl``. The bound exists because
+the issuer's JWKS is also how it *withdraws* a key: without a limit, a key the
+issuer removed (say, after it leaked) would stay trusted for as long as someone
+can keep the broker from reaching the issuer. A day rides out an IdP outage or
+a network blip and still ends trust in a withdrawn key the same day. Past the
+bound the cached keys are not used; logins wait for a fetch and answer 503 if
+it fails, as with no key set at all.
 
 Only public key material is ever read from a JWKS: symmetric (``oct``) keys,
 keys for encryption, unsupported curves and RSA keys under 2048 bits are
@@ -31,9 +46,11 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from jwt.exceptions import InvalidKeyError
 
 from broker.auth.jwt_config import ALLOWED_ALGORITHMS, PublicKey, check_fetch_url
+from broker.durations import format_duration
 from broker.errors import ServiceUnavailable
 
 __all__ = [
+    "DEFAULT_MAX_STALE",
     "MIN_REFRESH_INTERVAL",
     "FetchError",
     "JWKSKeys",
@@ -48,6 +65,10 @@ log = logging.getLogger(__name__)
 
 #: seconds between two fetches of one method's keys, whatever asks for them.
 MIN_REFRESH_INTERVAL = 10.0
+#: seconds past the cache TTL that a key set is still served while the issuer cannot be reached.
+DEFAULT_MAX_STALE = 86400.0
+#: while refreshes keep failing, a reminder is logged at most this often (seconds).
+_WARN_EVERY = 600.0
 #: a JWKS or discovery document larger than this is refused (real ones are a few KiB).
 MAX_DOCUMENT_BYTES = 1024 * 1024
 MAX_KEYS = 100
@@ -91,6 +112,10 @@ class KeySource(Protocol):
         """Why :meth:`candidates` found no key, for the refusal message."""
         ...
 
+    async def close(self) -> None:
+        """Stop background work (a key refresh in flight); the broker is shutting down."""
+        ...
+
 
 class StaticKeys:
     """``jwt_validation_pubkeys``: PEM keys from the config, tried in order (they have no kid)."""
@@ -103,6 +128,9 @@ class StaticKeys:
 
     def why_none(self, kid: str | None, alg: str) -> str:
         return f"no configured key can verify {alg} signatures"
+
+    async def close(self) -> None:
+        return None
 
 
 def _public_jwk(jwk: dict[str, Any]) -> PublicKey:
@@ -197,6 +225,7 @@ class JWKSKeys:
         ca_pem: str | None = None,
         timeout: float = 5.0,
         cache_ttl: float = 600.0,
+        max_stale: float = DEFAULT_MAX_STALE,
         fetch: FetchJSON | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         min_refresh_interval: float = MIN_REFRESH_INTERVAL,
@@ -207,6 +236,7 @@ class JWKSKeys:
         self.jwks_url = jwks_url
         self.discovery_url = discovery_url
         self.cache_ttl = cache_ttl
+        self.max_stale = max_stale
         self.min_refresh_interval = min_refresh_interval
         self._fetch = fetch or (lambda url: fetch_json(url, timeout=timeout, ca_pem=ca_pem))
         self._monotonic = monotonic
@@ -215,6 +245,15 @@ class JWKSKeys:
         self._attempted_at: float | None = None
         self._last_error: str | None = None
         self._lock = asyncio.Lock()
+        #: the background refresh in flight, if any: held here so it is neither
+        #: garbage-collected mid-fetch nor left running by close().
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        # Refreshes failed in a row, and when that was last logged (not once per login,
+        # nor once per attempt: an outage of a day would be thousands of lines).
+        self._failures = 0
+        self._warned_at: float | None = None
+        self._warned_usable: bool | None = None
         #: how many times the key set was fetched (successfully or not).
         self.fetches = 0
 
@@ -222,9 +261,23 @@ class JWKSKeys:
     def source(self) -> str:
         return self.jwks_url or f"{self.discovery_url} (OIDC discovery)"
 
+    def _age(self) -> float | None:
+        return None if self._fetched_at is None else self._monotonic() - self._fetched_at
+
     def _stale(self) -> bool:
-        return self._fetched_at is None or (
-            self._monotonic() - self._fetched_at >= self.cache_ttl)
+        age = self._age()
+        return age is None or age >= self.cache_ttl
+
+    def _limit(self) -> float:
+        # Never shorter than the refresh interval: a key set just fetched must stay
+        # usable until the next fetch is allowed (with jwks_cache_ttl = "5s" and
+        # jwks_max_stale = "0s" logins would otherwise fail for 5 s in every 10).
+        return max(self.cache_ttl + self.max_stale, self.min_refresh_interval)
+
+    def _usable(self) -> bool:
+        """Whether the cached key set may verify tokens: fresh, or stale within jwks_max_stale."""
+        age = self._age()
+        return bool(self._keys) and age is not None and age < self._limit()
 
     def _may_fetch(self) -> bool:
         return self._attempted_at is None or (
@@ -265,27 +318,99 @@ class JWKSKeys:
                 keys = parse_jwks(await self._fetch(url), url)
             except FetchError as exc:
                 self._last_error = str(exc)
-                if self._keys:
-                    log.warning("keeping the cached keys: refresh failed: %s", exc)
-                else:
-                    log.error("cannot load signing keys: %s", exc)
+                self._failed(exc)
                 return
             self._keys = keys
             self._fetched_at = self._monotonic()
             self._last_error = None
+            if self._failures:
+                log.warning("%s: reachable again after %d failed key refresh(es)", self.source,
+                            self._failures)
+            self._failures, self._warned_at, self._warned_usable = 0, None, None
             log.info("loaded %d signing key(s) from %s: %s", len(keys), url,
                      ", ".join(str(k.kid) for k in keys))
 
-    async def candidates(self, kid: str | None, alg: str) -> list[VerificationKey]:
-        if self._stale():
+    def _failed(self, exc: FetchError) -> None:
+        """Log a failed refresh: on the first failure, when what logins get changes, and then
+        every _WARN_EVERY seconds, never once per login."""
+        self._failures += 1
+        now, usable = self._monotonic(), self._usable()
+        if (self._warned_at is not None and usable == self._warned_usable
+                and now - self._warned_at < _WARN_EVERY):
+            log.debug("%s: key refresh failed again (%d in a row): %s", self.source,
+                      self._failures, exc)
+            return
+        self._warned_at, self._warned_usable = now, usable
+        age = self._age()
+        if usable and age is not None:
+            left = self._limit() - age
+            log.warning("%s: key refresh failed (%d in a row), serving the cached keys fetched "
+                        "%s ago for at most %s more: %s", self.source, self._failures,
+                        format_duration(int(age)), format_duration(int(left)), exc)
+        elif self._keys and age is not None:
+            log.error("%s: key refresh failed (%d in a row) and the cached keys, fetched %s ago, "
+                      "are past jwks_cache_ttl + jwks_max_stale: logins answer 503 until the "
+                      "issuer is back: %s", self.source, self._failures,
+                      format_duration(int(age)), exc)
+        else:
+            log.error("cannot load signing keys: %s", exc)
+
+    def _refresh_in_background(self) -> None:
+        """Start refreshing the stale key set unless a refresh is running or not yet allowed."""
+        if self._closed or self.refreshing or self._lock.locked() or not self._may_fetch():
+            return
+        self._task = asyncio.get_running_loop().create_task(
+            self._background_refresh(), name=f"jwks refresh {self.source}")
+
+    async def _background_refresh(self) -> None:
+        try:
             await self._refresh(self._stale)
-        if kid is not None and not self._known(kid) and self._keys:
-            # Maybe the issuer rotated its keys since we cached them.
+        except Exception:  # nobody awaits this task: say what went wrong here
+            log.exception("%s: key refresh failed", self.source)
+
+    @property
+    def refreshing(self) -> bool:
+        """Whether a background refresh is in flight."""
+        return self._task is not None and not self._task.done()
+
+    async def wait_refreshed(self) -> None:
+        """Wait for the background refresh in flight, if any, to end."""
+        task = self._task
+        if task is not None:
+            await asyncio.wait([task])
+
+    async def close(self) -> None:
+        """Cancel the background refresh in flight and wait for it; no new one starts."""
+        self._closed = True
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            # asyncio.wait, not `await task`: the task's CancelledError is not ours, but
+            # if close() itself is cancelled, that still propagates.
+            await asyncio.wait([task])
+
+    async def candidates(self, kid: str | None, alg: str) -> list[VerificationKey]:
+        if not self._usable():
+            # No key set, or one past jwks_max_stale: nothing to answer from but the issuer.
+            await self._refresh(lambda: not self._usable())
+        elif kid is not None and not self._known(kid):
+            # Maybe the issuer rotated its keys since we cached them: only a fresh
+            # document has the new key, so this login waits for it (rate-limited).
             await self._refresh(lambda: not self._known(kid))
-        if not self._keys:
-            raise ServiceUnavailable(
-                f"cannot load the signing keys: {self._last_error or 'not fetched yet'}")
+        if not self._usable():
+            raise ServiceUnavailable(self._unavailable())
+        if self._stale():
+            self._refresh_in_background()
         return [k for k in self._keys if (kid is None or k.kid == kid) and k.fits(alg)]
+
+    def _unavailable(self) -> str:
+        reason = self._last_error or "not fetched yet"
+        age = self._age()
+        if self._keys and age is not None:
+            reason += (f"; the cached keys, fetched {format_duration(int(age))} ago, are past "
+                       f"jwks_max_stale ({format_duration(int(self.max_stale))} after "
+                       "jwks_cache_ttl)")
+        return f"cannot load the signing keys: {reason}"
 
     def why_none(self, kid: str | None, alg: str) -> str:
         if kid is None:

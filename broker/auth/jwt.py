@@ -242,6 +242,10 @@ class JWTAuthMethod:
     def name(self) -> str:
         return self.config.name
 
+    async def close(self) -> None:
+        """Stop the key source's background work (a JWKS refresh in flight); call at shutdown."""
+        await self.keys.close()
+
     def role(self, name: Any) -> JWTRoleConfig:
         if not isinstance(name, str) or not name:
             raise BadRequest("missing required parameter 'role'")
@@ -397,6 +401,7 @@ def _key_source(config: JWTMethodConfig) -> KeySource:
         ca_pem=config.jwks_ca_pem,
         timeout=config.fetch_timeout,
         cache_ttl=config.jwks_cache_ttl,
+        max_stale=config.jwks_max_stale,
     )
 
 

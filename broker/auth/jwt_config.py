@@ -93,6 +93,9 @@ class JWTMethodConfig:
     jwks_ca_pem: str | None = None
     leeway: int = 60
     jwks_cache_ttl: int = 600
+    #: how long past jwks_cache_ttl the cached keys are still used while the issuer
+    #: cannot be reached (broker/auth/jwks.py says why there is a limit).
+    jwks_max_stale: int = 86400
     fetch_timeout: float = 5.0
     algorithms: tuple[str, ...] = ALLOWED_ALGORITHMS
     roles: Mapping[str, JWTRoleConfig] = field(default_factory=dict)
@@ -235,6 +238,10 @@ def _method(name: str, table: Any, known: Collection[str] | None) -> JWTMethodCo
                       f"{bad[0]!r} is not allowed; use {', '.join(ALLOWED_ALGORITHMS)}")
     leeway = t.duration("clock_skew_leeway", 60, "leeway")
     cache_ttl = t.duration("jwks_cache_ttl", 600)
+    max_stale = t.duration("jwks_max_stale", 86400)
+    if pems and "jwks_max_stale" in table:
+        raise t.error("jwks_max_stale", "only applies to jwks_url and oidc_discovery_url "
+                      "(jwt_validation_pubkeys are never fetched, so never stale)")
     timeout = t.duration("fetch_timeout", 5)
     if not timeout:
         raise t.error("fetch_timeout", "must be at least 1s")
@@ -252,6 +259,7 @@ def _method(name: str, table: Any, known: Collection[str] | None) -> JWTMethodCo
         jwks_ca_pem=ca_pem,
         leeway=leeway or 0,
         jwks_cache_ttl=cache_ttl or 0,
+        jwks_max_stale=max_stale or 0,
         fetch_timeout=float(timeout),
         algorithms=algs,
         roles=roles,

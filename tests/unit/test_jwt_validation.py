@@ -357,15 +357,17 @@ def served(issuer: OIDCIssuer, log: list[str]) -> Callable[[str], Any]:
 async def test_jwks_is_cached_and_refetched_after_its_ttl() -> None:
     """Many logins fetch the key set once; after jwks_cache_ttl it is fetched again."""
     issuer, log, clock = OIDCIssuer(), [], FakeClock()
-    method, _ = jwks_method(issuer, served(issuer, log), clock)
+    method, keys = jwks_method(issuer, served(issuer, log), clock)
     for _ in range(5):
         await method.login("deploy", issuer.github_token())
     assert len(log) == 1
     clock.now += 599
     await method.login("deploy", issuer.github_token())
+    await keys.wait_refreshed()
     assert len(log) == 1
     clock.now += 2
     await method.login("deploy", issuer.github_token())
+    await keys.wait_refreshed()  # a stale key set is refreshed in the background
     assert len(log) == 2
 
 
@@ -422,7 +424,9 @@ async def test_failed_refresh_keeps_the_cached_keys() -> None:
     up[0] = False
     clock.now += 3600
     await method.login("deploy", issuer.github_token())
+    await keys.wait_refreshed()
     assert keys.fetches == 2
+    await method.login("deploy", issuer.github_token())
 
 
 def test_jwks_parsing_skips_unusable_keys(issuer: OIDCIssuer) -> None:
@@ -492,6 +496,8 @@ hmac_key_file = "{tmp_path / 'k'}"
      "auth.jwt.github.roles.deploy.token_ttl", "longer than token_explicit_max_ttl"),
     ('[auth.jwt.token]\noidc_discovery_url = "https://a"\n', "auth.jwt.token",
      "not 'token'"),
+    ('[auth.jwt.github]\noidc_discovery_url = "https://a"\njwks_max_stale = "a day"\n',
+     "auth.jwt.github.jwks_max_stale", "expected a duration"),
 ])
 def test_config_errors_name_file_and_key(tmp_path: Path, body: str, key: str,
                                          message: str) -> None:
@@ -502,6 +508,21 @@ def test_config_errors_name_file_and_key(tmp_path: Path, body: str, key: str,
     assert info.value.key == key, str(info.value)
     assert message in info.value.message
     assert str(info.value).startswith(f"{path}: {key}: ")
+
+
+def test_jwks_max_stale_with_pem_keys_names_the_key(tmp_path: Path, issuer: OIDCIssuer) -> None:
+    """jwks_max_stale next to jwt_validation_pubkeys (which never go stale) is a config error."""
+    pem = issuer.rsa_key.public_pem().replace("\n", "\\n")
+    path = write(tmp_path, f"""
+[auth.jwt.pinned]
+bound_issuer = "https://gitlab.example.com"
+jwt_validation_pubkeys = ["{pem}"]
+jwks_max_stale = "1h"
+""")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.key == "auth.jwt.pinned.jwks_max_stale"
+    assert "only applies to jwks_url and oidc_discovery_url" in info.value.message
 
 
 def test_good_config_loads_with_defaults(tmp_path: Path, issuer: OIDCIssuer) -> None:
@@ -525,6 +546,7 @@ jwt_validation_pubkeys = ["{pem}"]
     github = parsed["github"]
     assert github.bound_issuer == "https://token.actions.githubusercontent.com"
     assert github.leeway == 60 and github.jwks_cache_ttl == 600 and github.fetch_timeout == 5
+    assert github.jwks_max_stale == 86400
     role = github.roles["deploy"]
     assert role.token_ttl == 1800 and role.token_cap == 86400
     assert role.bound_claims == {"repository": ("acme/*",)}
