@@ -21,8 +21,17 @@ Revocation is built so that a revoked credential is really dead:
    the role's objects are handed to the admin and its privileges dropped
    (``REASSIGN OWNED``/``DROP OWNED``), then the role is dropped.
 
-Custom ``revocation_statements`` replace the statements of step 3 only. The
-whole revocation runs on one pooled connection in three round trips.
+``REASSIGN OWNED`` and ``DROP OWNED`` see the current database only. A role
+that owns objects or holds privileges in other databases of the cluster (step
+2 reports it) first gets the same two statements there, one transaction per
+database on a short-lived connection of its own (``_clean_elsewhere``).
+
+Custom ``revocation_statements`` replace the statements of step 3 only; if
+the role then still cannot be dropped because of other databases, those are
+cleaned up the same way and the statements run once more. The whole
+revocation runs on one pooled connection in three round trips (plus, for a
+role with dependencies in other databases only, one query and a connection
+per such database).
 
 The sweeper revokes leases in batches (``delete_users``): roles revoked with
 the default statements go through the same three steps together, still three
@@ -56,7 +65,7 @@ import asyncio
 import hashlib
 import logging
 import re
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -89,6 +98,7 @@ from plugins._sql import (
     check_username,
     escape_identifier,
     escape_literal,
+    quote_identifier,
     redact,
 )
 
@@ -156,6 +166,19 @@ _SHARED_ROW_DDL = re.compile(
 # Only when it lacks them ("usable" below): a superuser's revocation is
 # unchanged, e.g. for a role that was made a member of the admin's role.
 _JOIN_ROLE = 'GRANT "{name}" TO CURRENT_USER'
+# REASSIGN OWNED and DROP OWNED act on the current database only: a role that
+# owns objects, holds privileges or is named in policies in another database
+# of the cluster cannot be dropped ("some objects depend on it") until the
+# same is done there (_clean_elsewhere). pg_shdepend, a shared catalog, lists
+# those dependencies for every database. dbid 0 are shared objects (databases,
+# tablespaces), which REASSIGN/DROP OWNED handle from any database. The check
+# below is one more index probe in the query of step 2, so the common case (no
+# such dependency) costs no round trip; only a role that has some gets the
+# query that names the databases (_ELSEWHERE) and a connection to each.
+_ELSEWHERE_EXISTS = """EXISTS (SELECT 1 FROM pg_shdepend d
+                WHERE d.refclassid = 'pg_authid'::regclass AND d.refobjid = r.oid
+                  AND d.dbid NOT IN (0, (SELECT oid FROM pg_database
+                                          WHERE datname = current_database())))"""
 # Step 2 of revocation. pg_terminate_backend stays in a target list, so it only
 # ever runs for rows the WHERE clause kept. Every session is signalled at once
 # (the non-waiting form) and the caller then polls until all are gone
@@ -172,8 +195,9 @@ _JOIN_ROLE = 'GRANT "{name}" TO CURRENT_USER'
 # superuser.)
 # Also reports whether the role holds privileges on objects (ACL dependencies):
 # DROP OWNED then rewrites those objects' ACLs, which is what needs the DDL
-# lock; and whether the admin has the role's privileges (_JOIN_ROLE).
-_END_SESSIONS = """
+# lock; whether the admin has the role's privileges (_JOIN_ROLE); and whether
+# it has dependencies in other databases (_ELSEWHERE_EXISTS).
+_END_SESSIONS = f"""
 SELECT r.oid,
        (SELECT count(*)
           FROM (SELECT pg_terminate_backend(a.pid)
@@ -185,7 +209,8 @@ SELECT r.oid,
        EXISTS (SELECT 1 FROM pg_shdepend d
                 WHERE d.refclassid = 'pg_authid'::regclass AND d.refobjid = r.oid
                   AND d.deptype = 'a') AS granted,
-       pg_has_role(current_user, r.oid, 'USAGE') AS usable
+       pg_has_role(current_user, r.oid, 'USAGE') AS usable,
+       {_ELSEWHERE_EXISTS} AS elsewhere
   FROM pg_roles r WHERE r.rolname = $1
 """
 _COUNT_SESSIONS = (
@@ -194,7 +219,7 @@ _COUNT_SESSIONS = (
 # The batch form of step 2: the same per role, for the roles named in $1 that
 # exist. The sessions are read (and signalled) in one pass, once: a CTE calling
 # a volatile function is evaluated once, whatever refers to it.
-_END_SESSIONS_MANY = """
+_END_SESSIONS_MANY = f"""
 WITH r AS (SELECT oid, rolname FROM pg_roles WHERE rolname = ANY($1::text[])),
      t AS (SELECT a.usesysid, pg_terminate_backend(a.pid) AS signalled
              FROM (SELECT usesysid, pid FROM pg_stat_activity
@@ -206,7 +231,8 @@ SELECT r.rolname, r.oid,
        EXISTS (SELECT 1 FROM pg_shdepend d
                 WHERE d.refclassid = 'pg_authid'::regclass AND d.refobjid = r.oid
                   AND d.deptype = 'a') AS granted,
-       pg_has_role(current_user, r.oid, 'USAGE') AS usable
+       pg_has_role(current_user, r.oid, 'USAGE') AS usable,
+       {_ELSEWHERE_EXISTS} AS elsewhere
   FROM r
 """
 _COUNT_SESSIONS_MANY = (
@@ -217,6 +243,20 @@ _COUNT_SESSIONS_MANY = (
 #: session rolling back a large transaction takes a while to go.
 _SESSION_WAIT_PAUSES = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.8, *(1.0,) * 8)
 _EXISTING_OIDS = "SELECT oid FROM pg_roles WHERE oid = ANY($1::oid[])"
+# The other databases where the roles $1 have dependencies, and which of the
+# roles have them there. ``open``: whether the database accepts connections
+# (not template0, nor one left invalid by an interrupted DROP DATABASE).
+_ELSEWHERE = """
+SELECT db.datname, db.datallowconn AND db.datconnlimit <> -2 AS open,
+       array_agg(DISTINCT d.refobjid) AS roles
+  FROM pg_shdepend d JOIN pg_database db ON db.oid = d.dbid
+ WHERE d.refclassid = 'pg_authid'::regclass AND d.refobjid = ANY($1::oid[])
+   AND db.datname <> current_database()
+ GROUP BY db.datname, open
+ ORDER BY db.datname
+"""
+#: SQLSTATE of "role ... cannot be dropped because some objects depend on it".
+_DEPENDENT_OBJECTS = "2BP01"
 
 
 class _AdminConnection(asyncpg.Connection):  # type: ignore[misc]  # untyped
@@ -799,11 +839,29 @@ class PostgresBackend:
             f"WHERE usesysid = {oid} AND pid <> pg_backend_pid()"
         )
         lock = self._needs_lock(templates) or (self._serialize_ddl is None and row["granted"])
-        if not custom and not row["usable"]:
+        unusable = () if row["usable"] else (oid,)
+        if not custom and unusable:
             statements = [_JOIN_ROLE.format(name=quoted), *statements]
-        return await self._transaction(
-            conn, "delete_user", [sweep, *statements], [], lock=lock, custom=custom, role_oid=oid
-        )
+        if not custom and row["elsewhere"]:
+            # Its objects and privileges in other databases first (_ELSEWHERE_EXISTS).
+            await self._clean_elsewhere(conn, {oid: name}, unusable)
+        script = [sweep, *statements]
+        try:
+            return await self._transaction(conn, "delete_user", script, [], lock=lock,
+                                           custom=custom, role_oid=oid)
+        except _Dependents as exc:
+            error: BackendError = exc
+        # Still depended on. From other databases too if custom statements ran
+        # (which see only this one), or if something there appeared since
+        # step 2: cleaned up there, the transaction runs once more.
+        found = await self._clean_elsewhere(conn, {oid: name}, unusable)
+        if found.cleaned:
+            try:
+                return await self._transaction(conn, "delete_user", script, [], lock=lock,
+                                               custom=custom, role_oid=oid)
+            except _Dependents as exc:
+                error = exc
+        raise _undroppable(error, found.closed)
 
     async def _revoke_many(self, conn: asyncpg.Connection, names: Sequence[str]) -> None:
         """The revocation protocol for many roles (default statements), in three round trips.
@@ -837,13 +895,16 @@ class PostgresBackend:
         if any(row["left_"] for row in rows):
             await self._wait_sessions_gone_many(conn, [int(r["oid"]) for r in rows
                                                        if r["left_"]])
+        unusable = {int(row["oid"]) for row in rows if not row["usable"]}
+        elsewhere = {int(row["oid"]): str(row["rolname"]) for row in rows if row["elsewhere"]}
+        if elsewhere:  # their objects and privileges in other databases first
+            await self._clean_elsewhere(conn, elsewhere, unusable)
         # 3. Last sweep, then REASSIGN/DROP OWNED and DROP ROLE for all, in one
         #    transaction (see _revoke). Locked if any role holds grants.
         lock = (self._needs_lock(DEFAULT_REVOCATION_STATEMENTS)
                 or (self._serialize_ddl is None and any(row["granted"] for row in rows)))
         wait = f", {_TERMINATE_WAIT_MS}" if new_server else ""
         quoted = {int(row["oid"]): f'"{escape_identifier(row["rolname"])}"' for row in rows}
-        unusable = {int(row["oid"]) for row in rows if not row["usable"]}
         while oids:
             listed_oids = ", ".join(str(oid) for oid in oids)
             roles = ", ".join(quoted[oid] for oid in oids)
@@ -866,6 +927,95 @@ class PostgresBackend:
             if len(left) >= len(oids):
                 raise BackendError(str(error), retryable=False)
             oids = [oid for oid in oids if oid in left]
+
+    async def _clean_elsewhere(self, conn: asyncpg.Connection, roles: Mapping[int, str],
+                               unusable: Collection[int]) -> _Elsewhere:
+        """REASSIGN/DROP OWNED of ``roles`` (oid -> name) in the other databases they appear in.
+
+        The statements the default revocation runs in this database, and by
+        the same rule: _JOIN_ROLE first for the roles in ``unusable`` (revoked
+        again at the end, as the membership is cluster-wide and this is not
+        the dropping transaction). One transaction per database, on a
+        connection of its own made like the pool's (connection_url with the
+        database swapped, same TLS, timeouts and settings) and closed at once.
+        Every database is tried; if any could not be cleaned up, a
+        BackendError names them (what succeeded stays done, and a retry only
+        finds what is left). Databases that accept no connections are skipped
+        and returned, for the error of the DROP ROLE that then fails.
+        """
+        rows = await conn.fetch(_ELSEWHERE, list(roles))
+        cleaned: list[str] = []
+        closed: list[str] = []
+        failed: list[tuple[str, BackendError]] = []
+        for row in rows:
+            database = str(row["datname"])
+            if not row["open"]:
+                closed.append(database)
+                continue
+            there = [int(oid) for oid in row["roles"]]
+            names = [roles[oid] for oid in there]
+            log.info("delete_user: %s also in database %s; reassigning and dropping there",
+                     ", ".join(names), quote_identifier(database))
+            try:
+                await self._clean_database(database, names,
+                                           [roles[oid] for oid in there if oid in unusable])
+            except BackendError as exc:
+                failed.append((database, exc))
+                continue
+            cleaned.append(database)
+        if failed:
+            reasons = "; ".join(
+                f"database {quote_identifier(database)}: "
+                f"{str(exc).removeprefix('postgres delete_user failed: ')}"
+                for database, exc in failed)
+            raise BackendError(
+                f"postgres delete_user: cannot clean up role(s) {', '.join(roles.values())} in "
+                f"another database of the cluster ({reasons}); the role is dropped once that "
+                "succeeds", retryable=all(exc.retryable for _, exc in failed))
+        return _Elsewhere(cleaned=cleaned, closed=closed)
+
+    async def _clean_database(self, database: str, names: Sequence[str],
+                              unusable: Sequence[str]) -> None:
+        """``_clean_elsewhere`` in one database: REASSIGN OWNED and DROP OWNED of ``names``."""
+        roles = ", ".join(f'"{escape_identifier(name)}"' for name in names)
+        join = ", ".join(f'"{escape_identifier(name)}"' for name in unusable)
+        statements = [
+            *([f"GRANT {join} TO CURRENT_USER"] if join else []),  # see _JOIN_ROLE
+            f"REASSIGN OWNED BY {roles} TO CURRENT_USER",
+            f"DROP OWNED BY {roles}",
+            *([f"REVOKE {join} FROM CURRENT_USER"] if join else []),
+        ]
+        error: BackendError | None = None
+        try:
+            # The name goes as a connection parameter, never into a DSN string;
+            # explicit arguments win over connection_url's.
+            side = await asyncpg.connect(self._dsn, database=database, **self._connect_kwargs())
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            if getattr(exc, "sqlstate", None) == "3D000":
+                return  # dropped since: its dependencies went with it
+            error = _wrap("delete_user", exc, [self._secret])
+        if error is not None:
+            raise error
+        try:
+            await self._transaction(side, "delete_user", statements, [],
+                                    lock=self._serialize_ddl is not False)
+        except _Missing:
+            pass  # dropped by a concurrent revocation; a batch goes on role by role
+        except (asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            error = _wrap("delete_user", exc, [self._secret])
+        except BaseException:
+            side.terminate()
+            raise
+        if error is not None:
+            side.terminate()
+            raise error
+        try:
+            await side.close(timeout=self._connect_timeout)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
+            side.terminate()
+        except BaseException:
+            side.terminate()
+            raise
 
     async def _created_meanwhile(self, conn: asyncpg.Connection, *names: str) -> bool:
         """Whether a role of ``names``, not found, exists once a CREATE of it under way ends.
@@ -944,6 +1094,16 @@ def _revocation_templates(req: DeleteUserRequest) -> Sequence[str]:
     return DEFAULT_REVOCATION_STATEMENTS
 
 
+def _undroppable(error: BackendError, closed: Sequence[str]) -> BackendError:
+    """``error`` (DROP ROLE refused), saying which databases could not be cleaned up."""
+    if not closed:
+        return error
+    databases = ", ".join(quote_identifier(database) for database in closed)
+    return BackendError(f"{error}; not cleaned up: database(s) {databases} accept no connections"
+                        " (datallowconn): allow connections, or run REASSIGN OWNED and DROP OWNED"
+                        " there by hand", retryable=False)
+
+
 class _Transient(BackendError):
     """A conflict worth retrying the whole transaction for."""
 
@@ -954,6 +1114,20 @@ class _Transient(BackendError):
 
 class _Missing(BackendError):
     """The role vanished under us (a concurrent revocation): success for delete."""
+
+
+class _Dependents(BackendError):
+    """DROP ROLE (or DROP OWNED) refused: objects still depend on the role (SQLSTATE 2BP01)."""
+
+
+@dataclass(frozen=True)
+class _Elsewhere:
+    """What ``_clean_elsewhere`` found in the other databases of the cluster."""
+
+    #: databases where the roles' dependencies were cleaned up.
+    cleaned: Sequence[str]
+    #: databases with dependencies that accept no connections (e.g. template0).
+    closed: Sequence[str]
 
 
 def _refused(exc: asyncpg.PostgresError) -> bool:
@@ -983,6 +1157,8 @@ def _wrap(op: str, exc: BaseException, secret_values: Sequence[str | None], *,
             return _Transient(BackendError(text, retryable=True, created_nothing=created_nothing))
         if state == "42704" and op == "delete_user":
             return _Missing(text, retryable=False)
+        if state == _DEPENDENT_OBJECTS and op == "delete_user":
+            return _Dependents(text, retryable=False)
         return BackendError(text, retryable=state.startswith(_CONNECTION_CLASSES),
                             created_nothing=created_nothing)
     if isinstance(exc, TimeoutError):

@@ -164,9 +164,10 @@ async def test_a_batch_of_roles_with_sessions_is_revoked_in_one_call(
 async def test_one_failing_role_does_not_fail_the_others(
     pg_broker: PgBroker, postgres_dsn: str,
 ) -> None:
-    """One role of the batch holds a privilege in another database, so DROP ROLE
-    fails for it: the batch falls back to one revocation per role; the others
-    are revoked and recorded, the bad one is recorded as failed (redacted)."""
+    """One role of the batch holds a privilege in another database that accepts no
+    connections, so DROP ROLE fails for it: the batch falls back to one
+    revocation per role; the others are revoked and recorded, the bad one is
+    recorded as failed (redacted)."""
     harness = pg_broker.harness
     leases = await pg_broker.issue("r", 4)
     bad_id, bad = leases[2]
@@ -178,6 +179,8 @@ async def test_one_failing_role_does_not_fail_the_others(
             await other.execute(f'CREATE TABLE t (x int); GRANT SELECT ON t TO "{bad["username"]}"')
         finally:
             await other.close()
+        # The plugin cleans up other databases too, but cannot enter this one.
+        await harness.admin.execute(f'ALTER DATABASE "{other_db}" ALLOW_CONNECTIONS false')
 
         await pg_broker.expire_all_and_sweep(4)
 
@@ -190,6 +193,7 @@ async def test_one_failing_role_does_not_fail_the_others(
         failed = await pg_broker.state.store.get(bad_id)
         assert failed is not None and failed.state is LeaseState.IRREVOCABLE
         assert failed.revoke_attempts == 1 and "SQLSTATE 2BP01" in (failed.last_error or "")
+        assert f'"{other_db}" accept no connections' in (failed.last_error or "")
         assert await harness.user_exists(bad["username"])
         # NOLOGIN committed all the same: the credential is dead although the role is not.
         assert not await harness.admin.fetchval(
