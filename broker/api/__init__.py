@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import http_exceptions, http_parser, web, web_protocol, web_response
 
-from broker.api import creds, leases, login, mounts, system, tokens
+from broker.api import capabilities, creds, leases, login, mounts, roles, system, tokens
 from broker.api.common import STATE, error_middleware, error_response
 from broker.api.httpparser import ListAwareRequestParser
 from broker.state import BrokerState
@@ -80,9 +80,13 @@ def create_app(state: BrokerState) -> web.Application:
     app[STATE] = state
     # Specific routes first: /v1/{mount}/creds/{role} must not shadow /v1/sys/...
     app.add_routes(system.routes)
+    app.add_routes(capabilities.routes)
     app.add_routes(leases.routes)
     app.add_routes(tokens.routes)
     app.add_routes(login.routes)
     app.add_routes(mounts.routes)
     app.add_routes(creds.routes)
+    # aiohttp tries the routes with the longest fixed prefix first (/v1/auth/{method}/login
+    # before /v1/{mount}/roles/{role}), then in this order: the roles routes come last.
+    app.add_routes(roles.routes)
     return app

@@ -1,0 +1,124 @@
+"""``LIST /v1/{mount}/roles`` and ``GET /v1/{mount}/roles/{name}``: the configured roles.
+
+Vault's database and AWS engines' paths and shapes, so hvac's
+``secrets.database.list_roles``/``read_role`` (and ``secrets.aws``'s) work.
+The broker's roles come from its config file (``[mounts.NAME.roles.ROLE]``,
+re-read on SIGHUP), so these paths are read-only: a write answers 405 saying
+where roles are set.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from broker.api.common import CALL, Call, error_response, json_response
+from broker.audit import redact
+from broker.backend import RoleSpec
+from broker.templating import DEFAULT_USERNAME_TEMPLATE
+
+__all__ = ["role_data", "routes"]
+
+routes = web.RouteTableDef()
+
+_LIST_METHODS = ("GET", "LIST")
+_WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def _is_list(request: web.Request) -> bool:
+    """A LIST request, or its GET spelling (``?list=true``; hvac's client.list() sends "True")."""
+    return request.method == "LIST" or (
+        request.method == "GET" and request.query.get("list", "").lower() in {"true", "1", "t"})
+
+
+def _not_allowed(request: web.Request, allowed: tuple[str, ...],
+                 text: str | None = None) -> web.Response:
+    """405 with the ``Allow`` header (RFC 9110), saying why a write cannot be done here."""
+    text = text or f"method {request.method} not allowed here"
+    if request.method in _WRITES:
+        mount = request.match_info["mount"]
+        text += (f": roles are read-only over the API; they are set in the broker's config "
+                 f"file ([mounts.{mount}.roles.NAME]), re-read on SIGHUP")
+    response = error_response(405, text)
+    response.headers["Allow"] = ",".join(allowed)  # as aiohttp writes it
+    return response
+
+
+def _not_found() -> web.Response:
+    """Vault's answer for a role (or a listing) that is not there: 404 and no message."""
+    return error_response(404)
+
+
+def role_data(role: RoleSpec) -> dict[str, Any]:
+    """A role's configuration as ``read_role`` answers it; secret-named options hidden."""
+    # The plugin options first: the common keys are not among them (the config
+    # loader takes those out), so nothing here overwrites a common key anyway.
+    options: dict[str, Any] = redact(dict(role.options))
+    return {
+        **options,
+        "default_ttl": role.default_ttl,
+        "max_ttl": role.max_ttl,
+        "creation_statements": list(role.creation_statements),
+        "revocation_statements": list(role.revocation_statements),
+        "rollback_statements": list(role.rollback_statements),
+        "renew_statements": list(role.renew_statements),
+        # The one in effect: the role's own, else the broker's default.
+        "username_template": role.username_template or DEFAULT_USERNAME_TEMPLATE,
+    }
+
+
+async def _list(request: web.Request) -> web.Response:
+    if request.method not in _LIST_METHODS:
+        return _not_allowed(request, _LIST_METHODS)
+    call: Call = request[CALL]
+    mount = request.match_info["mount"]
+    await call.authenticate()
+    if not _is_list(request):
+        # As Vault (after the token check): a plain read of the folder is no operation.
+        return _not_allowed(request, _LIST_METHODS, f"{mount}/roles is a listing: "
+                            "send LIST, or GET with ?list=true")
+    # Vault checks a LIST on "pg/roles/" (it adds the slash), the broker's
+    # docs say "pg/roles": a list grant on either will do.
+    if not call.allowed(f"{mount}/roles/", "list"):
+        await call.require(f"{mount}/roles", "list")
+    runtime = call.state.engine.mount(mount)  # 404 for an unknown mount
+    keys = sorted(runtime.spec.roles)
+    await call.audit("list", mount=mount, count=len(keys))
+    if not keys:
+        return _not_found()  # Vault answers 404 for an empty listing
+    return json_response({"request_id": call.request_id, "data": {"keys": keys}})
+
+
+@routes.route("*", "/v1/{mount}/roles")
+async def list_roles(request: web.Request) -> web.Response:
+    """The mount's role names, sorted (``list`` on ``{mount}/roles``)."""
+    return await _list(request)
+
+
+@routes.route("*", "/v1/{mount}/roles/{role:[^/]*}")
+async def read_role(request: web.Request) -> web.Response:
+    """One role's configuration (``read`` on ``{mount}/roles/{name}``).
+
+    ``/v1/{mount}/roles/`` (the folder, with its slash, as ``curl -X LIST``
+    users write it) is the listing.
+    """
+    name = request.match_info["role"]
+    if not name:
+        return await _list(request)
+    if request.method != "GET":
+        return _not_allowed(request, ("GET",))
+    call: Call = request[CALL]
+    mount = request.match_info["mount"]
+    await call.authenticate()
+    if _is_list(request):  # GET ?list=true: a role is not a folder (Vault: 405 too)
+        return _not_allowed(request, ("GET",), f"{mount}/roles/{name} is a role, not a "
+                            f"listing: GET it without ?list=true, or list {mount}/roles")
+    await call.require(f"{mount}/roles/{name}", "read")
+    role = call.state.engine.mount(mount).spec.roles.get(name)  # 404 for an unknown mount
+    if role is None:
+        await call.audit("role_read", outcome="error", mount=mount, role=name,
+                         error="no such role")
+        return _not_found()
+    await call.audit("role_read", mount=mount, role=name)
+    return json_response({"request_id": call.request_id, "data": role_data(role)})
