@@ -9,7 +9,7 @@ slow or dead backend from starving the others.
 Those caps bound backend calls only. A worker is handed a ``release``
 callback and calls it once its backend call has returned; the slot then goes
 to the next lease while the worker waits for its ending to be recorded (the
-engine writes endings in batches, see ``broker.engine.EndingRecorder``). So a
+engine writes endings in batches, see ``broker.endings.EndingRecorder``). So a
 mount's revocations are not limited to ``per_mount_workers`` per commit.
 
 A mount whose backend revokes in batches (``batch_size(mount) > 1``, see
