@@ -11,14 +11,15 @@ clients still read) and under ``data``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiohttp import web
 
-from broker.api.common import CALL, Call, json_response
+from broker.api.common import CALL, Call, identity_of, json_response
+from broker.api.tokens import live_token
 from broker.errors import BadRequest
-from broker.lease import Token, TokenState
+from broker.lease import Token
 from broker.tokens import hash_token
 
 __all__ = ["MAX_PATHS", "routes"]
@@ -57,15 +58,6 @@ def _paths(call: Call) -> list[str]:
     return items
 
 
-def _identity(token: Token) -> dict[str, Any]:
-    """What templated policy paths see for ``token`` (as ``Call.identity`` for the caller)."""
-    return {
-        "metadata": token.metadata,
-        "display_name": token.display_name,
-        "entity": {"name": token.display_name},
-    }
-
-
 def _capabilities(call: Call, token: Token, paths: list[str],
                   identity: Mapping[str, Any]) -> dict[str, list[str]]:
     """``token``'s capabilities on each path, in Vault's words (``root``, ``deny``)."""
@@ -100,15 +92,6 @@ def _answer(call: Call, paths: list[str], caps: dict[str, list[str]]) -> web.Res
     })
 
 
-def _live(record: Token | None, now: float) -> Token | None:
-    """``record`` if that token can still be used (not ended, not past its expiry)."""
-    if record is None or record.state is not TokenState.ACTIVE:
-        return None
-    if record.expire_time is not None and record.expire_time <= now:
-        return None
-    return record
-
-
 @routes.post("/v1/sys/capabilities-self")
 @routes.put("/v1/sys/capabilities-self")
 async def capabilities_self(request: web.Request) -> web.Response:
@@ -123,29 +106,37 @@ async def capabilities_self(request: web.Request) -> web.Response:
     return _answer(call, paths, caps)
 
 
-@routes.post("/v1/sys/capabilities")
-@routes.put("/v1/sys/capabilities")
-async def capabilities_token(request: web.Request) -> web.Response:
-    """Another token's capabilities, named by its value (``update`` on ``sys/capabilities``).
+async def _of_other(request: web.Request, path: str, field: str,
+                    find: Callable[[Call, str], Awaitable[Token | None]]) -> web.Response:
+    """Another token's capabilities, the token named by ``field`` of the body.
 
-    The value never reaches the audit log: the ``request`` line carries no
-    body, and the ``capabilities`` line names the token by its accessor.
+    What the caller sent in ``field`` never reaches the audit log (a token
+    value, or a token pasted as an accessor by mistake): the ``request`` line
+    carries no body, and the ``capabilities`` line names the token by its
+    accessor. Unknown, revoked or expired tokens alike get Vault's 400.
     """
     call: Call = request[CALL]
     await call.authenticate()
     await call.read_body()
-    await call.require("sys/capabilities", "update")
-    value = call.string("token", required=True) or ""
+    await call.require(path, "update")
+    value = call.string(field, required=True) or ""
     paths = _paths(call)
-    now = call.state.engine.clock()
-    other = _live(await call.state.store.token_by_hash(hash_token(value)), now)
+    other = live_token(await find(call, value), call.state.engine.clock())
     if other is None:
-        # Vault's answer (400) for an unknown, revoked or expired token alike.
-        await call.audit("capabilities", outcome="error", paths=paths, error="invalid token")
-        raise BadRequest("invalid token")
-    caps = _capabilities(call, other, paths, _identity(other))
+        await call.audit("capabilities", outcome="error", paths=paths,
+                         error=f"invalid {field}")
+        raise BadRequest(f"invalid {field}")
+    caps = _capabilities(call, other, paths, identity_of(other))
     await call.audit("capabilities", paths=paths, target=other.accessor)
     return _answer(call, paths, caps)
+
+
+@routes.post("/v1/sys/capabilities")
+@routes.put("/v1/sys/capabilities")
+async def capabilities_token(request: web.Request) -> web.Response:
+    """Another token's capabilities, named by its value (``update`` on ``sys/capabilities``)."""
+    return await _of_other(request, "sys/capabilities", "token",
+                           lambda call, value: call.state.store.token_by_hash(hash_token(value)))
 
 
 @routes.post("/v1/sys/capabilities-accessor")
@@ -153,20 +144,5 @@ async def capabilities_token(request: web.Request) -> web.Response:
 async def capabilities_accessor(request: web.Request) -> web.Response:
     """Another token's capabilities, named by its accessor (``update`` on
     ``sys/capabilities-accessor``)."""
-    call: Call = request[CALL]
-    await call.authenticate()
-    await call.read_body()
-    await call.require("sys/capabilities-accessor", "update")
-    accessor = call.string("accessor", required=True) or ""
-    paths = _paths(call)
-    now = call.state.engine.clock()
-    other = _live(await call.state.store.token_by_accessor(accessor), now)
-    if other is None:
-        # Vault's answer (400). The value asked is not audited: a token pasted
-        # here by mistake would be in the log in clear.
-        await call.audit("capabilities", outcome="error", paths=paths,
-                         error="invalid accessor")
-        raise BadRequest("invalid accessor")
-    caps = _capabilities(call, other, paths, _identity(other))
-    await call.audit("capabilities", paths=paths, target=other.accessor)
-    return _answer(call, paths, caps)
+    return await _of_other(request, "sys/capabilities-accessor", "accessor",
+                           lambda call, value: call.state.store.token_by_accessor(value))

@@ -26,6 +26,7 @@ __all__ = [
     "STATE",
     "Call",
     "error_middleware",
+    "identity_of",
     "json_response",
     "method_capability",
 ]
@@ -70,6 +71,15 @@ def method_capability(method: str) -> str:
     }.get(method, "update")
 
 
+def identity_of(token: Token) -> dict[str, Any]:
+    """What templated policy paths see for ``token`` (``{{identity.metadata.KEY}}``)."""
+    return {
+        "metadata": token.metadata,
+        "display_name": token.display_name,
+        "entity": {"name": token.display_name},
+    }
+
+
 @dataclass
 class Call:
     """One API call: who, what, and the audit trail it leaves."""
@@ -88,13 +98,7 @@ class Call:
     @property
     def identity(self) -> dict[str, Any]:
         """What templated policy paths may refer to (``{{identity.metadata.KEY}}``)."""
-        if self.token is None:
-            return {}
-        return {
-            "metadata": self.token.metadata,
-            "display_name": self.token.display_name,
-            "entity": {"name": self.token.display_name},
-        }
+        return {} if self.token is None else identity_of(self.token)
 
     def auth_block(self) -> dict[str, Any] | None:
         if self.token is None:

@@ -310,7 +310,7 @@ def _auth_response(call: Call, auth: dict[str, Any],
                           "warnings": warnings or None})
 
 
-def _live(record: Token | None, now: float) -> Token | None:
+def live_token(record: Token | None, now: float) -> Token | None:
     """``record`` if that token can still be used: not ended, not past its expiry
     (which the sweeper may not have recorded yet)."""
     if record is None or record.state is not TokenState.ACTIVE:
@@ -350,7 +350,7 @@ async def _lookup_other(request: web.Request, field: str,
     call, _ = await _authorized(request, "update", "sudo")
     value = _required_text(call, field)
     now = call.state.engine.clock()
-    other = _live(await find(call.state.store, value), now)
+    other = live_token(await find(call.state.store, value), now)
     if other is None:
         raise missing
     await call.audit("token_lookup", target=other.accessor)
@@ -373,7 +373,7 @@ async def renew(request: web.Request) -> web.Response:
     call, _ = await _authorized(request, "update")
     value = _required_text(call, "token")
     increment = call.duration("increment")
-    other = _live(await call.state.store.token_by_hash(hash_token(value)),
+    other = live_token(await call.state.store.token_by_hash(hash_token(value)),
                   call.state.engine.clock())
     if other is None:
         raise BadRequest("token not found")  # Vault's answer (400)
