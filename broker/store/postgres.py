@@ -10,8 +10,8 @@ changes with several writers:
 - Cross-replica wake-ups go over LISTEN/NOTIFY on ``broker_wake``. A write
   that makes something due sooner (issue, revoke, force, requeue) is followed,
   once committed, by a NOTIFY carrying the due time (coalesced: see
-  ``_Notifier`` for why not in the same transaction). One dedicated connection
-  per store listens, and reconnects with backoff when it drops.
+  ``pg_notify.Notifier`` for why not in the same transaction). One dedicated
+  connection per store listens, and reconnects with backoff when it drops.
 - Migrations run under a transaction-scoped advisory lock, so replicas
   starting together migrate one after the other.
 
@@ -19,19 +19,22 @@ Each call is one statement in its own implicit transaction, committed before
 it returns under PostgreSQL's ``synchronous_commit`` (forced back ``on`` if the
 server or database default turned it off). asyncpg prepares and caches every
 statement per connection.
+
+This module holds the store itself and the SQL of every call. Beside it:
+pg_schema.py (the tables and their migrations), pg_notify.py (the wake-up
+NOTIFYs and the LISTEN connection), pg_url.py (the storage URL's own
+parameters) and pg_guard.py (the pool wrapper that reports a lost database).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import math
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from typing import Any
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
@@ -40,6 +43,9 @@ from broker.lease import Lease, LeaseFilter, LeaseState, Token, TokenState, chec
 from broker.store import redact_url
 from broker.store.base import RevokeQueued, RuleChunk
 from broker.store.pg_guard import GuardedPool
+from broker.store.pg_notify import WAKE_CHANNEL, Notifier, WakeListener
+from broker.store.pg_schema import MIGRATIONS, migrate
+from broker.store.pg_url import DEFAULT_COMMAND_TIMEOUT, StoreParams, store_params
 from broker.store.rows import lease_from_row, prefix_upper, token_from_row
 from broker.store.sqlite import StoreSchemaError
 
@@ -48,88 +54,6 @@ __all__ = ["MIGRATIONS", "WAKE_CHANNEL", "PostgresStore", "StoreParams", "StoreS
 
 log = logging.getLogger(__name__)
 
-#: Schema migrations; version N is ``MIGRATIONS[N - 1]``. Append, never edit.
-MIGRATIONS: list[tuple[str, ...]] = [
-    (
-        # COLLATE "C": ids compare byte-wise, as in SQLite, so a prefix is the
-        # range ``id >= prefix AND id < upper`` on the primary key index.
-        """CREATE TABLE leases (
-            id TEXT COLLATE "C" PRIMARY KEY,
-            mount TEXT NOT NULL,
-            role TEXT NOT NULL,
-            owner TEXT NOT NULL,
-            issue_time DOUBLE PRECISION NOT NULL,
-            expire_time DOUBLE PRECISION NOT NULL,
-            max_expire_time DOUBLE PRECISION NOT NULL,
-            renewable BOOLEAN NOT NULL,
-            state TEXT NOT NULL,
-            last_renewal DOUBLE PRECISION,
-            revoke_attempts INTEGER NOT NULL DEFAULT 0,
-            revoke_reason TEXT,
-            ended_at DOUBLE PRECISION,
-            due_at DOUBLE PRECISION,
-            claimed_by TEXT,
-            revocation JSONB NOT NULL DEFAULT '{}',
-            metadata JSONB NOT NULL DEFAULT '{}',
-            last_error TEXT
-        )""",
-        # id breaks ties among rows due at the same time, in index order.
-        "CREATE INDEX leases_due ON leases (due_at, id) WHERE due_at IS NOT NULL",
-        "CREATE INDEX leases_state ON leases (state, issue_time)",
-        "CREATE INDEX leases_owner ON leases (owner)",
-        "CREATE INDEX leases_ended ON leases (ended_at) WHERE ended_at IS NOT NULL",
-        # Selectors (``metadata @> '{"run_id": "42"}'``) revoke one CI run's leases.
-        "CREATE INDEX leases_metadata ON leases USING gin (metadata jsonb_path_ops)",
-        """CREATE TABLE tokens (
-            accessor TEXT COLLATE "C" PRIMARY KEY,
-            token_hash TEXT NOT NULL UNIQUE,
-            policies JSONB NOT NULL,
-            created DOUBLE PRECISION NOT NULL,
-            expire_time DOUBLE PRECISION,
-            display_name TEXT NOT NULL DEFAULT '',
-            metadata JSONB NOT NULL DEFAULT '{}',
-            parent TEXT,
-            state TEXT NOT NULL,
-            max_expire_time DOUBLE PRECISION,
-            renewable BOOLEAN NOT NULL,
-            ended_at DOUBLE PRECISION
-        )""",
-        "CREATE INDEX tokens_parent ON tokens (parent) WHERE parent IS NOT NULL",
-        "CREATE INDEX tokens_display_name ON tokens (display_name)",
-        """CREATE INDEX tokens_expiry ON tokens (expire_time)
-            WHERE state = 'active' AND expire_time IS NOT NULL""",
-    ),
-    (
-        # Revoke rules (base.py): one row answers a revoke of many leases; replicas
-        # expand it in chunks. Only rules not yet fully expanded are kept, so the
-        # table stays tiny and the correlated checks against it stay cheap.
-        # prefix_end NULL: no upper bound; owners NULL: any owner; expanded_to:
-        # every covered lease with an id up to it has been queued.
-        """CREATE TABLE revoke_rules (
-            id TEXT COLLATE "C" PRIMARY KEY,
-            prefix TEXT COLLATE "C" NOT NULL,
-            prefix_end TEXT COLLATE "C",
-            owners TEXT[],
-            metadata JSONB NOT NULL DEFAULT '{}',
-            reason TEXT NOT NULL,
-            created_at DOUBLE PRECISION NOT NULL,
-            expanded_to TEXT COLLATE "C" NOT NULL DEFAULT '',
-            claimed_by TEXT,
-            claim_until DOUBLE PRECISION NOT NULL
-        )""",
-    ),
-    (
-        # The TTL a token was created with, so renew-self without an increment
-        # extends by it (as Vault does) instead of by the ever longer
-        # expire_time - created. Rows from before stay NULL (TokenManager.renew).
-        "ALTER TABLE tokens ADD COLUMN creation_ttl INTEGER",
-    ),
-]
-
-#: The NOTIFY channel for cross-replica wake-ups. Payload: "<origin> <due time>".
-WAKE_CHANNEL = "broker_wake"
-#: pg_advisory_xact_lock key serialising migrations ("broker" in ASCII).
-_MIGRATION_LOCK = 0x62726F6B6572
 _MAX_ERROR_LEN = 2000
 _LEASE_COL_NAMES = (
     "id", "mount", "role", "owner", "issue_time", "expire_time", "max_expire_time", "renewable",
@@ -165,13 +89,6 @@ _STATE = (
 #: _LEASE_COLS for ``FROM leases AS l``, with the state reads report.
 _READ_COLS = ", ".join(f"{_STATE} AS state" if col == "state" else f"l.{col}"
                        for col in _LEASE_COL_NAMES)
-#: URL query parameters the store takes for itself; the rest go to asyncpg.
-_STORE_PARAMS = {"pool_min_size", "pool_max_size", "command_timeout"}
-#: Seconds a store query may take before the call answers 503. Below hvac's
-#: 30 s request timeout (and ``[leases] backend_timeout``'s 30 s), so a client
-#: hears "lease store unavailable" instead of timing out itself; far above the
-#: slowest query at 1M leases (~0.2 s). Migrations run without it.
-DEFAULT_COMMAND_TIMEOUT = 15.0
 #: "Now" by the database's clock, plus the slack a replica's clock may lead it by.
 #: Claims test due times against the earlier of it and the caller's clock: a
 #: replica whose clock runs ahead would otherwise revoke every lease early by
@@ -180,60 +97,6 @@ _CLOCK_SLACK = 0.5
 _DB_NOW = f"(extract(epoch FROM statement_timestamp())::float8 + {_CLOCK_SLACK})"
 #: Clock skew between a replica and the database worth a warning at start-up.
 _SKEW_WARN = 1.0
-#: Listener: how often an idle connection is checked, and the reconnect backoff.
-_KEEPALIVE = 30.0
-_RECONNECT_FIRST, _RECONNECT_MAX = 0.5, 30.0
-
-
-class StoreParams(NamedTuple):
-    """A storage URL's query split: the store's own parameters, and the rest (for asyncpg)."""
-
-    pool_min_size: int
-    pool_max_size: int
-    command_timeout: float
-    rest: list[tuple[str, str]]
-
-
-def store_params(query: str) -> StoreParams:
-    """Parse and check the query string of a ``postgresql://`` storage URL. Does no I/O.
-
-    ``pool_min_size``, ``pool_max_size`` and ``command_timeout`` (seconds) are
-    the store's own; any other parameter is kept, in order, for asyncpg. A
-    ValueError names the parameter and the rule, never the URL or a value: the
-    config loader shows it under ``storage.url`` and the URL may hold a password.
-    """
-    pairs = parse_qsl(query, keep_blank_values=True)
-    own: dict[str, str] = {}
-    for key, value in pairs:
-        if key in _STORE_PARAMS:
-            if key in own:
-                raise ValueError(f"{key} is given twice")
-            own[key] = value
-    min_size = _whole(own, "pool_min_size", 1)
-    max_size = _whole(own, "pool_max_size", 10)
-    try:
-        timeout = float(own.get("command_timeout", DEFAULT_COMMAND_TIMEOUT))
-    except ValueError:
-        timeout = math.nan
-    if not 0 < timeout < math.inf:  # also refuses nan, which every comparison passes
-        raise ValueError("command_timeout must be a number of seconds greater than 0")
-    if max_size < 1:
-        raise ValueError("pool_max_size must be at least 1")
-    if min_size > max_size:
-        raise ValueError(f"pool_min_size ({min_size}) must not be greater than "
-                         f"pool_max_size ({max_size})")
-    rest = [(key, value) for key, value in pairs if key not in _STORE_PARAMS]
-    return StoreParams(min_size, max_size, timeout, rest)
-
-
-def _whole(params: dict[str, str], key: str, default: int) -> int:
-    value = params.get(key)
-    if value is None:
-        return default
-    text = value.strip()
-    if not (text.isascii() and text.isdigit()):  # "-1", "2.5", "ten", "" (isdigit: no sign)
-        raise ValueError(f"{key} must be a whole number of connections, 0 or more")
-    return int(text)
 
 
 class _StoreConnection(asyncpg.Connection):  # type: ignore[misc]  # untyped
@@ -333,26 +196,6 @@ def _dead_state(state: LeaseState | TokenState | str) -> str:
     return str(state)
 
 
-async def _migrate(conn: Any) -> None:
-    async with conn.transaction():
-        # Held until COMMIT: a second replica waits here, then finds nothing to do.
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
-        await conn.execute(
-            "CREATE TABLE IF NOT EXISTS schema_version"
-            " (version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)"
-        )
-        current = int(await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_version"))
-        if current > len(MIGRATIONS):
-            raise StoreSchemaError(
-                f"the lease database has schema version {current} but this broker knows only "
-                f"up to {len(MIGRATIONS)}: run a newer broker (or restore an older backup)"
-            )
-        for version in range(current + 1, len(MIGRATIONS) + 1):
-            for statement in MIGRATIONS[version - 1]:
-                await conn.execute(statement)
-            await conn.execute("INSERT INTO schema_version VALUES ($1, $2)", version, time.time())
-
-
 async def _warn_clock_skew(conn: Any) -> None:
     """Warn when this host's clock and the database's disagree.
 
@@ -367,170 +210,6 @@ async def _warn_clock_skew(conn: Any) -> None:
         log.warning("this host's clock is %.1fs %s the lease database's; lease expiry and "
                     "claims between replicas assume synchronised clocks (run NTP)",
                     abs(skew), "ahead of" if skew > 0 else "behind")
-
-
-class _Notifier:
-    """Sends this store's wake-ups: after the write's commit, coalesced.
-
-    Why not NOTIFY inside the write's own transaction: PostgreSQL serialises
-    the commits of every notifying transaction in the database on one lock,
-    so a NOTIFY in each activate halves issue throughput here and makes every
-    replica's issues queue behind one another. Instead at most one NOTIFY per
-    store is in flight; signals arriving meanwhile are folded into the next one,
-    which carries the earliest due time. It is sent only once the write has
-    committed, so a woken replica always finds the row.
-    """
-
-    def __init__(self, origin: str) -> None:
-        self._origin = origin
-        self._pool: Any = None
-        self._pending: float | None = None
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self, pool: Any) -> None:
-        self._pool = pool
-
-    def signal(self, at: float) -> None:
-        if self._pool is None:
-            return
-        self._pending = at if self._pending is None else min(self._pending, at)
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._send(), name="pg-wake-notify")
-
-    async def _send(self) -> None:
-        while self._pending is not None and self._pool is not None:
-            at, self._pending = self._pending, None
-            try:
-                await self._pool.execute("SELECT pg_notify($1, $2)", WAKE_CHANNEL,
-                                         f"{self._origin} {at!r}")
-            except Exception as exc:
-                # Only a delay: other replicas find the lease when they next look.
-                log.warning("could not send a lease store wake-up (%s: %s)",
-                            type(exc).__name__, exc)
-
-    async def stop(self) -> None:
-        """Send what is still pending (briefly), then stop."""
-        task = self._task
-        if task is not None and not task.done():
-            try:
-                await asyncio.wait_for(asyncio.shield(task), timeout=5)
-            except TimeoutError:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-        self._pool = None
-        self._task = None
-
-
-class _WakeListener:
-    """LISTENs on one dedicated connection, and keeps it alive.
-
-    A dropped connection is found by asyncpg's termination callback or by a
-    periodic ping; it is reconnected with exponential backoff, and every
-    callback then gets ``None``: notifications sent meanwhile are lost.
-    """
-
-    def __init__(
-        self,
-        dsn: str,
-        settings: dict[str, str],
-        origin: str,
-        callbacks: list[Callable[[float | None], None]],
-        *,
-        keepalive: float = _KEEPALIVE,
-    ) -> None:
-        self._dsn = dsn
-        self._settings = settings
-        self._origin = origin
-        self._callbacks = callbacks
-        self._keepalive = keepalive
-        self._conn: Any = None
-        self._lost = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        #: how many times the connection was re-established (for tests and metrics).
-        self.reconnects = 0
-
-    @property
-    def backend_pid(self) -> int | None:
-        conn = self._conn
-        return None if conn is None or conn.is_closed() else int(conn.get_server_pid())
-
-    async def start(self) -> None:
-        await self._connect()
-        self._task = asyncio.create_task(self._supervise(), name="pg-wake-listener")
-
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        await self._drop()
-
-    async def _connect(self) -> None:
-        conn = await asyncpg.connect(self._dsn, server_settings=self._settings)
-        try:
-            lost = asyncio.Event()
-            conn.add_termination_listener(lambda _conn: lost.set())
-            await conn.add_listener(WAKE_CHANNEL, self._on_notify)
-        except BaseException:
-            await conn.close()
-            raise
-        self._conn, self._lost = conn, lost
-
-    async def _drop(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None and not conn.is_closed():
-            try:
-                await asyncio.wait_for(conn.close(), timeout=5)
-            except Exception:
-                conn.terminate()
-
-    async def _supervise(self) -> None:
-        while True:
-            await self._until_lost()
-            await self._drop()
-            log.warning("lease store wake-up listener lost its connection; reconnecting")
-            delay = _RECONNECT_FIRST
-            while True:
-                try:
-                    await self._connect()
-                    break
-                except Exception as exc:  # the server may be down for a while: keep trying
-                    log.warning("lease store wake-up listener cannot reconnect (%s: %s); "
-                                "retrying in %.1fs", type(exc).__name__, exc, delay)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, _RECONNECT_MAX)
-            self.reconnects += 1
-            log.info("lease store wake-up listener reconnected")
-            self._fire(None)  # a notification may have been sent while we were away
-
-    async def _until_lost(self) -> None:
-        """Return once the connection is gone: closed by the server, or not answering."""
-        while not self._lost.is_set():
-            try:
-                await asyncio.wait_for(self._lost.wait(), timeout=self._keepalive)
-            except TimeoutError:
-                try:
-                    # A half-open TCP connection (peer gone, no RST) only shows on use.
-                    await self._conn.execute("SELECT 1", timeout=10)
-                except Exception:
-                    return
-
-    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
-        origin, _, due = payload.partition(" ")
-        if origin == self._origin:
-            return  # our own write: the caller woke its sweeper already
-        try:
-            at: float | None = float(due)
-        except ValueError:
-            at = None
-        self._fire(at)
-
-    def _fire(self, at: float | None) -> None:
-        for callback in list(self._callbacks):
-            try:
-                callback(at)
-            except Exception:
-                log.exception("lease store wake-up listener callback failed")
 
 
 class PostgresStore:
@@ -551,8 +230,8 @@ class PostgresStore:
         #: tells this store's own NOTIFYs from other replicas'.
         self.origin = uuid.uuid4().hex
         self._pool: GuardedPool | None = None
-        self._listener: _WakeListener | None = None
-        self._notifier = _Notifier(self.origin)
+        self._listener: WakeListener | None = None
+        self._notifier = Notifier(self.origin)
         self._wake_callbacks: list[Callable[[float | None], None]] = []
 
     @classmethod
@@ -590,7 +269,7 @@ class PostgresStore:
                             "turns it on for its own sessions (a lease must be durable)")
                 settings["synchronous_commit"] = "on"
             await _warn_clock_skew(conn)
-            await _migrate(conn)
+            await migrate(conn)
         finally:
             await conn.close()
         pool = await asyncpg.create_pool(
@@ -601,14 +280,14 @@ class PostgresStore:
             server_settings=settings,
             connection_class=_StoreConnection,
         )
-        listener = _WakeListener(self.dsn, settings, self.origin, self._wake_callbacks)
+        listener = WakeListener(self.dsn, settings, self.origin, self._wake_callbacks)
         try:
             await listener.start()
         except BaseException:
             await pool.close()
             raise
         self._pool, self._listener = GuardedPool(pool, timeout=self.command_timeout), listener
-        self._notifier = _Notifier(self.origin)
+        self._notifier = Notifier(self.origin)
         self._notifier.start(pool)
 
     async def close(self) -> None:
