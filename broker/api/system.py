@@ -10,9 +10,10 @@ from typing import Any
 
 from aiohttp import web
 
-from broker import __version__
+from broker import __version__, metrics_text
 from broker.api.common import CALL, STATE, Call, json_response
 from broker.api.leases import rfc3339
+from broker.errors import BadRequest
 from broker.worker_stats import merge, publish_own
 
 __all__ = ["routes"]
@@ -118,7 +119,8 @@ async def mounts(request: web.Request) -> web.Response:
 
 @routes.get("/v1/sys/metrics")
 async def metrics(request: web.Request) -> web.Response:
-    """Lease counts by state, sweeper load and per-backend call timings (JSON).
+    """Lease counts by state, sweeper load and per-backend call timings (JSON, or
+    Prometheus' text format with ``?format=prometheus``, as Vault).
 
     With several workers the figures are every worker's added up (each is
     also listed under ``workers``), whichever worker answers.
@@ -126,17 +128,27 @@ async def metrics(request: web.Request) -> web.Response:
     call: Call = request[CALL]
     await call.authenticate()
     await call.require("sys/metrics", "read")
+    fmt = request.query.get("format", "")
+    if fmt not in ("", "json", "prometheus"):
+        raise BadRequest(f"format {fmt!r}: use prometheus, or leave it out for JSON")
     state = call.state
     own = publish_own(state)  # this worker's figures fresh, the others' up to 1 s old
     workers = state.stats_board.snapshots() if state.stats_board is not None else {}
     total = merge(workers.values() if workers else [own])
+    started = min(w["started"] for w in workers.values()) if workers else state.started
+    leases = await state.store.count_by_state()
+    if fmt == "prometheus":
+        text = metrics_text.render(
+            leases=leases, total=total, started=started, workers=max(len(workers), 1),
+            audit_healthy=state.audit.healthy, store_healthy=state.store.error is None,
+            mounts_healthy={name: m.healthy for name, m in state.engine.mounts.items()})
+        return web.Response(body=text.encode(), headers={"Content-Type": metrics_text.CONTENT_TYPE})
     data: dict[str, Any] = {
-        "leases": await state.store.count_by_state(),
+        "leases": leases,
         "sweeper_busy": total["sweeper_busy"],
         "sweeper_dropped_claims": total["sweeper_dropped_claims"],
         "backends": _backend_figures(total["backends"]),
-        "started": rfc3339(min(w["started"] for w in workers.values()) if workers
-                           else state.started),
+        "started": rfc3339(started),
     }
     if workers:
         data["worker"] = state.worker
