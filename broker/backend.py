@@ -119,6 +119,8 @@ class MountSpec:
     roles: Mapping[str, RoleSpec]
     #: the admin password/secret resolved from password_file/password_env, or None.
     secret: str | None = None
+    #: the password_file it came from (resolved path), or None (password_env, none).
+    secret_file: str | None = None
     #: every other key of the mount table (connection_url, region, ...).
     options: Mapping[str, Any] = field(default_factory=dict)
     #: the config file the mount came from, for error messages.

@@ -550,7 +550,8 @@ def _check_login_ttls(source: str, methods: Mapping[str, JWTMethodConfig],
                                   f"tokens.max_ttl ({limit}); set at most {limit}")
 
 
-def _secret(r: _Reader, base: Path) -> str | None:
+def _secret(r: _Reader, base: Path) -> tuple[str | None, str | None]:
+    """The mount's secret and the file it came from (None for password_env or none)."""
     pfile = r.get("password_file", str)
     penv = r.get("password_env", str)
     if pfile and penv:
@@ -563,15 +564,15 @@ def _secret(r: _Reader, base: Path) -> str | None:
     if pfile:
         pfile = _path(base, pfile)  # relative to the config file, like every other path
         try:
-            return Path(pfile).read_text().rstrip("\r\n")
+            return Path(pfile).read_text().rstrip("\r\n"), pfile
         except OSError as exc:
             raise r.error("password_file", f"cannot read {pfile}: {exc.strerror}") from None
     if penv:
         value = os.environ.get(penv)
         if value is None:
             raise r.error("password_env", f"environment variable {penv} is not set")
-        return value
-    return None
+        return value, None
+    return None, None
 
 
 def _mount(
@@ -590,7 +591,7 @@ def _mount(
         factory = load_plugin(plugin)
     except KeyError as exc:
         raise r.error("plugin", str(exc.args[0])) from None
-    secret = _secret(r, base)
+    secret, secret_file = _secret(r, base)
     url = r.get("connection_url", str)
     if url:
         _check_url(r, "connection_url", url)
@@ -606,8 +607,8 @@ def _mount(
         role: _role(source, f"{prefix}.roles.{role}", role, rtable, leases)
         for role, rtable in roles_raw.items()
     }
-    mount = MountSpec(name=name, plugin=plugin, roles=roles, secret=secret, options=options,
-                      source=source)
+    mount = MountSpec(name=name, plugin=plugin, roles=roles, secret=secret,
+                      secret_file=secret_file, options=options, source=source)
     for role_spec in roles.values():
         try:
             factory.validate_role(role_spec)

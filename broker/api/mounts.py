@@ -1,22 +1,34 @@
 """``POST /v1/{mount}/rotate-root``: replace a backend's admin credential (extension).
 
-The broker cannot write the operator's ``password_file``, so the new secret is
-returned once (and audited only as an HMAC); the running backend already uses
-it. Store it where ``password_file``/``password_env`` points before the next
-restart, or the broker comes back with the old, now invalid, secret.
+The running backend uses the new secret at once, and the answer carries it
+once (audited only as an HMAC). When the mount's secret comes from a
+``password_file`` and the new credential is that one secret (postgres,
+mysql), the file is rewritten with it, so the next start and every reload
+read what the server now holds; with several workers the supervisor is then
+sent SIGHUP, so every worker reloads the mount with the new secret (each
+process holds its own copy). Otherwise (``password_env``, AWS, whose access
+key id lives in the config too, a file the broker may not write) the answer
+says to store the secret by hand, and other processes (workers, replicas)
+keep the old one until they are reloaded.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
+import signal
 
 from aiohttp import web
 
 from broker.api.common import CALL, Call, json_response
-from broker.backend import BackendError, RotateRootRequest
+from broker.backend import BackendError, MountSpec, RotateRootRequest
 from broker.errors import BackendUnavailable
+from broker.password_file import replace_password_file
 
 __all__ = ["routes"]
+
+log = logging.getLogger(__name__)
 
 routes = web.RouteTableDef()
 
@@ -37,7 +49,37 @@ async def rotate_root(request: web.Request) -> web.Response:
                          error=str(exc))
         raise BackendUnavailable(f"mount {mount!r}: rotate-root failed: {exc}") from None
     data = dataclasses.asdict(resp)
-    await call.audit("admin", action="rotate_root", mount=mount, data=data)
+    stored, warning = _store(runtime.spec, data)
+    reload_workers = stored and call.state.worker is not None
+    await call.audit("admin", action="rotate_root", mount=mount, data=data,
+                     password_file_written=stored, workers_reloaded=reload_workers or None)
+    if reload_workers:
+        # The supervisor forwards SIGHUP to every worker (this one too) and each
+        # re-reads password_file: a changed secret rebuilds the mount with it.
+        os.kill(os.getppid(), signal.SIGHUP)
+    if stored and call.state.config.storage.url.startswith("postgresql"):
+        # A shared store: there may be replicas, each with its own password_file.
+        warning = ("the new secret is in this broker's password_file; a replica that reads "
+                   "its own copy needs it there too, then a reload (SIGHUP)")
     return json_response({"request_id": call.request_id, "data": data,
-                          "warnings": ["store the new secret where password_file/password_env "
-                                       "points before the next restart"]})
+                          "warnings": [warning] if warning else None})
+
+
+def _store(spec: MountSpec, data: dict[str, object]) -> tuple[bool, str | None]:
+    """Write the new secret to the mount's password_file; (written, warning for the caller)."""
+    secret = data.get("new_password")
+    by_hand = ("store the new secret where password_file/password_env points before the next "
+               "restart, and reload (SIGHUP) every other broker process")
+    others = [key for key, value in data.items() if key != "new_password" and value]
+    if spec.secret_file is None or not isinstance(secret, str) or others:
+        # password_env, or a credential of several parts (AWS: the access key id is
+        # in the config as well): only the operator can put it where it belongs.
+        return False, by_hand
+    try:
+        replace_password_file(spec.secret_file, secret)
+    except OSError as exc:
+        log.warning("rotate-root of mount %s: cannot write %s: %s", spec.name, spec.secret_file,
+                    exc.strerror or exc)
+        return False, f"could not write password_file ({exc.strerror or exc}): {by_hand}"
+    log.info("rotate-root of mount %s: new secret written to %s", spec.name, spec.secret_file)
+    return True, None

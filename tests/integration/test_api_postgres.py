@@ -377,6 +377,8 @@ def test_rotate_root_changes_the_admin_password(tmp_path: Path, postgres_dsn: st
             assert resp.status_code == 200, resp.text
             new = resp.json()["data"]["new_password"]
             assert new and new != "initial-secret-1"
+            # Written where the next start reads it.
+            assert (tmp_path / "admin.pw").read_text() == f"{new}\n"
             after = run(setup(f"SELECT rolpassword FROM pg_authid WHERE rolname = '{admin}'"))
             assert after != before
             assert new not in Path(server.audit_path).read_text()

@@ -1,0 +1,155 @@
+"""rotate-root writes the new admin password to the mount's ``password_file``.
+
+Before, the new secret lived only in the memory of the process that rotated
+it: a restart read the old, now refused, password and the mount was dead, and
+with several workers the others could not open a connection once their
+pooled ones were recycled. MariaDB enforces passwords (the local PostgreSQL
+trusts 127.0.0.1), so the admin here is a MariaDB account of the test's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import hvac
+import pymysql
+import pytest
+import requests
+
+from broker.templating import generate_password
+from tests.integration.broker_harness import start_broker, write_config
+from tests.integration.test_api_mysql_aws import mysql_connect
+from tests.integration.test_workers import _call, _served, _wait
+
+pytestmark = pytest.mark.integration
+
+
+async def _sql(dsn: str, statement: str) -> None:
+    url = urlsplit(dsn)
+    conn = await mysql_connect(dsn, url.username or "root", url.password or "")
+    try:
+        async with conn.cursor() as cur:
+            await cur.execute(statement)
+    finally:
+        conn.close()
+
+
+def _logs_in(dsn: str, user: str, password: str) -> bool:
+    async def attempt() -> bool:
+        try:
+            conn = await mysql_connect(dsn, user, password)
+        except pymysql.err.OperationalError:
+            return False
+        await conn.ensure_closed()
+        return True
+
+    return asyncio.run(attempt())
+
+
+@pytest.fixture
+def admin(mysql_dsn: str) -> Iterator[tuple[str, str]]:
+    """A MariaDB admin account of this test's own: (user, its first password)."""
+    user, password = f"v-rot-{secrets.token_hex(3)}", generate_password()
+    asyncio.run(_sql(mysql_dsn, f"CREATE USER '{user}'@'%' IDENTIFIED BY '{password}'"))
+    asyncio.run(_sql(mysql_dsn, f"GRANT ALL PRIVILEGES ON *.* TO '{user}'@'%' WITH GRANT OPTION"))
+    try:
+        yield user, password
+    finally:
+        asyncio.run(_sql(mysql_dsn, f"DROP USER IF EXISTS '{user}'@'%'"))
+
+
+def _mount(mysql_dsn: str, user: str, secret_line: str) -> str:
+    url = urlsplit(mysql_dsn)
+    return f"""
+[mounts.my]
+plugin = "mysql"
+connection_url = "mysql://{user}@{url.hostname}:{url.port or 3306}{url.path or '/test'}"
+{secret_line}
+
+[mounts.my.roles.app]
+default_ttl = "1h"
+"""
+
+
+def _rotate(url: str, token: str) -> dict[str, object]:
+    resp = requests.post(f"{url}/v1/my/rotate-root", headers={"X-Vault-Token": token},
+                         timeout=60)
+    assert resp.status_code == 200, resp.text
+    return dict(resp.json())
+
+
+def test_the_new_password_is_written_and_a_restart_uses_it(
+        tmp_path: Path, mysql_dsn: str, admin: tuple[str, str]) -> None:
+    user, first = admin
+    pw = tmp_path / "admin.pw"
+    pw.write_text(first + "\n")
+    pw.chmod(0o640)
+    config = write_config(tmp_path, _mount(mysql_dsn, user, 'password_file = "admin.pw"'))
+    server = start_broker(config)
+    try:
+        answer = _rotate(server.url, server.root_token)
+        new = answer["data"]["new_password"]  # type: ignore[index]
+        assert answer["warnings"] is None  # nothing left for the operator to do
+    finally:
+        server.stop()
+    assert pw.read_text() == f"{new}\n"
+    assert stat.S_IMODE(pw.stat().st_mode) == 0o600  # an admin password: never group-readable
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert not _logs_in(mysql_dsn, user, first) and _logs_in(mysql_dsn, user, str(new))
+    audit = (tmp_path / "audit.jsonl").read_text()
+    assert str(new) not in audit and '"password_file_written":true' in audit
+
+    # A new broker on the same config logs in with what the file now holds.
+    server = start_broker(config)
+    try:
+        client = hvac.Client(url=server.url, token=server.root_token)
+        health = client.sys.read_health_status(method="GET")
+        assert health["mounts"]["my"]["healthy"] is True, health
+        lease = client.read("my/creds/app")
+        client.sys.revoke_lease(lease["lease_id"])
+    finally:
+        server.stop()
+
+
+def test_a_password_from_the_environment_is_left_to_the_operator(
+        tmp_path: Path, mysql_dsn: str, admin: tuple[str, str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    user, first = admin
+    monkeypatch.setenv("BROKER_TEST_ROTATE_PW", first)
+    config = write_config(tmp_path, _mount(mysql_dsn, user,
+                                           'password_env = "BROKER_TEST_ROTATE_PW"'))
+    server = start_broker(config)
+    try:
+        answer = _rotate(server.url, server.root_token)
+    finally:
+        server.stop()
+    [warning] = answer["warnings"]  # type: ignore[misc]
+    assert "store the new secret where password_file/password_env points" in warning
+    assert os.environ["BROKER_TEST_ROTATE_PW"] == first  # nothing the broker could write
+
+
+def test_with_several_workers_every_worker_reloads_the_new_password(
+        tmp_path: Path, mysql_dsn: str, admin: tuple[str, str]) -> None:
+    """The worker that rotated asks the supervisor to reload: each worker rebuilds the mount
+    from password_file, and both then issue with it."""
+    user, first = admin
+    (tmp_path / "admin.pw").write_text(first + "\n")
+    config = write_config(tmp_path, _mount(mysql_dsn, user, 'password_file = "admin.pw"'),
+                          workers=2)
+    with _served(config) as (_proc, token, url, server_log):
+        new = _rotate(url, token)["data"]["new_password"]  # type: ignore[index]
+        _wait(lambda: server_log.read_text().count("mount my changed") >= 2, 20,
+              "both workers to reload the mount")
+        assert (tmp_path / "admin.pw").read_text() == f"{new}\n"
+        for _ in range(12):  # spread over both workers by the kernel (SO_REUSEPORT)
+            status, body = _call(url, token, "GET", "my/creds/app")
+            assert status == 200, body
+            assert _call(url, token, "PUT", "sys/leases/revoke",
+                         {"lease_id": body["lease_id"]})[0] == 204
+        assert str(new) not in server_log.read_text()
