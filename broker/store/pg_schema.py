@@ -108,11 +108,7 @@ async def migrate(conn: Any) -> None:
             " (version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)"
         )
         current = int(await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_version"))
-        if current > len(MIGRATIONS):
-            raise StoreSchemaError(
-                f"the lease database has schema version {current} but this broker knows only "
-                f"up to {len(MIGRATIONS)}: run a newer broker (or restore an older backup)"
-            )
+        StoreSchemaError.check(current, len(MIGRATIONS))
         for version in range(current + 1, len(MIGRATIONS) + 1):
             for statement in MIGRATIONS[version - 1]:
                 await conn.execute(statement)

@@ -181,6 +181,15 @@ _READ_COLS = ", ".join(f"{_STATE} AS state" if col == "state" else f"l.{col}"
 class StoreSchemaError(RuntimeError):
     """The database was written by a newer broker than this one."""
 
+    @classmethod
+    def check(cls, current: int, known: int) -> None:
+        """Raise unless a database at schema ``current`` is one a broker knowing
+        ``known`` migrations may open (both stores ask this before migrating)."""
+        if current > known:
+            raise cls(f"the lease database has schema version {current} but this broker "
+                      f"knows only up to {known}: run a newer broker (or restore an older "
+                      "backup)")
+
 
 class _Thread:
     """One sqlite3 connection living on its own thread, as sqlite3 objects must."""
@@ -284,11 +293,7 @@ def _migrate(conn: sqlite3.Connection) -> None:
             " (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
         )
         current = conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
-        if current > len(MIGRATIONS):
-            raise StoreSchemaError(
-                f"the lease database has schema version {current} but this broker knows only "
-                f"up to {len(MIGRATIONS)}: run a newer broker (or restore an older backup)"
-            )
+        StoreSchemaError.check(current, len(MIGRATIONS))
         for version in range(current + 1, len(MIGRATIONS) + 1):
             for statement in MIGRATIONS[version - 1]:
                 conn.execute(statement)
