@@ -15,7 +15,8 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -151,6 +152,20 @@ class BrokerThread:
 
 def start_broker(config_path: Path) -> BrokerThread:
     return BrokerThread(load_config(config_path)).start()
+
+
+@contextmanager
+def noop_broker(tmp: Path, body: str) -> Iterator[BrokerThread]:
+    """A broker on ``body`` (the bench's no-op plugin registered), stopped on exit: the
+    module fixture of API tests that need no real backend."""
+    from broker.bench.noop import register
+
+    register()
+    server = start_broker(write_config(tmp, body))
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def wait_healthy(url: str, timeout: float = 30) -> None:

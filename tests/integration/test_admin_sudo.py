@@ -14,8 +14,11 @@ import hvac
 import hvac.exceptions
 import pytest
 
-from broker.bench.noop import register as register_noop_plugin
-from tests.integration.broker_harness import ROOT_TOKEN, BrokerThread, start_broker, write_config
+from tests.integration.broker_harness import (
+    ROOT_TOKEN,
+    BrokerThread,
+    noop_broker,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -56,10 +59,8 @@ default_ttl = "1h"
 
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerThread]:
-    register_noop_plugin()
-    server = start_broker(write_config(tmp_path_factory.mktemp("admin-sudo"), CONFIG))
-    yield server
-    server.stop()
+    with noop_broker(tmp_path_factory.mktemp("admin-sudo"), CONFIG) as server:
+        yield server
 
 
 @pytest.fixture

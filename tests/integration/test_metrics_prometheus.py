@@ -15,8 +15,11 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker import metrics_text
-from broker.bench.noop import register as register_noop_plugin
-from tests.integration.broker_harness import ROOT_TOKEN, BrokerThread, start_broker, write_config
+from tests.integration.broker_harness import (
+    ROOT_TOKEN,
+    BrokerThread,
+    noop_broker,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -34,10 +37,8 @@ default_ttl = "1h"
 
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerThread]:
-    register_noop_plugin()
-    server = start_broker(write_config(tmp_path_factory.mktemp("metrics-prom"), CONFIG))
-    yield server
-    server.stop()
+    with noop_broker(tmp_path_factory.mktemp("metrics-prom"), CONFIG) as server:
+        yield server
 
 
 def _scrape(broker: BrokerThread, token: str, **params: str) -> requests.Response:

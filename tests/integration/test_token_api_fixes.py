@@ -20,7 +20,6 @@ import hvac.exceptions
 import pytest
 import requests
 
-from broker.bench.noop import register as register_noop_plugin
 from broker.lease import Token
 from broker.store import open_store
 from broker.store import postgres as pg_store
@@ -29,6 +28,7 @@ from broker.tokens import TokenManager, hash_token
 from tests.integration.broker_harness import (
     ROOT_TOKEN,
     BrokerThread,
+    noop_broker,
     start_broker,
     write_config,
 )
@@ -72,10 +72,8 @@ RUN_222 = {"repository_owner": "acme", "run_id": "222"}
 
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerThread]:
-    register_noop_plugin()
-    server = start_broker(write_config(tmp_path_factory.mktemp("token-api"), CONFIG))
-    yield server
-    server.stop()
+    with noop_broker(tmp_path_factory.mktemp("token-api"), CONFIG) as server:
+        yield server
 
 
 @pytest.fixture

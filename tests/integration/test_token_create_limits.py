@@ -17,10 +17,15 @@ import hvac.exceptions
 import pytest
 import requests
 
-from broker.bench.noop import register as register_noop_plugin
 from broker.config import ConfigError, load_config
 from broker.tokens import TokenIdTaken, hash_token
-from tests.integration.broker_harness import ROOT_TOKEN, BrokerThread, start_broker, write_config
+from tests.integration.broker_harness import (
+    ROOT_TOKEN,
+    BrokerThread,
+    noop_broker,
+    start_broker,
+    write_config,
+)
 from tests.integration.store_fixtures import broker_store_url
 
 pytestmark = pytest.mark.integration
@@ -44,10 +49,8 @@ max_ttl = "2h"
 
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerThread]:
-    register_noop_plugin()
-    server = start_broker(write_config(tmp_path_factory.mktemp("token-limits"), CONFIG))
-    yield server
-    server.stop()
+    with noop_broker(tmp_path_factory.mktemp("token-limits"), CONFIG) as server:
+        yield server
 
 
 @pytest.fixture
