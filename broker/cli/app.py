@@ -16,6 +16,7 @@ from broker.cli.commands import (
     cmd_creds,
     cmd_operator_init,
     cmd_server,
+    cmd_token_capabilities,
     cmd_token_create,
     cmd_token_lookup,
     cmd_token_revoke,
@@ -199,6 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     _format_option(p, ["json", "table"])
     p = leaf(tokens, "lookup", cmd_token_lookup, "show a token (this one if none given)")
     p.add_argument("token_arg", metavar="TOKEN", nargs="?")
+    _format_option(p, ["json", "table"])
+    p = leaf(tokens, "capabilities", cmd_token_capabilities,
+             "what a token (this one if none given) may do on a path")
+    p.add_argument("args", metavar="[TOKEN] PATH", nargs="+")
+    p.add_argument("--accessor", action="store_true", help="the first argument is an accessor")
     _format_option(p, ["json", "table"])
     p = leaf(tokens, "revoke", cmd_token_revoke, "revoke a token, its children and their leases")
     p.add_argument("token_arg", metavar="TOKEN", nargs="?", help="default: the token in use")

@@ -186,6 +186,30 @@ def cmd_token_lookup(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_token_capabilities(args: argparse.Namespace) -> int:
+    """``vault token capabilities [TOKEN] PATH``: what a token may do on a path."""
+    values = args.args
+    if len(values) not in (1, 2):
+        raise UsageError("give PATH, or TOKEN PATH (with --accessor: ACCESSOR PATH)")
+    if args.accessor and len(values) != 2:
+        raise UsageError("--accessor needs the ACCESSOR and the PATH")
+    *who, path = values
+    client = _client(args)
+    if args.accessor:
+        resp = client.request("POST", "sys/capabilities-accessor",
+                              json={"accessor": who[0], "paths": [path]})
+    elif who:
+        resp = client.request("POST", "sys/capabilities", json={"token": who[0], "paths": [path]})
+    else:
+        resp = client.request("POST", "sys/capabilities-self", json={"paths": [path]})
+    caps = (_need(resp, "token capabilities").get("data") or {}).get(path, [])
+    if _output_format(args) == "json":
+        _print_json({path: caps})
+    else:
+        sys.stdout.write(", ".join(caps) + "\n")  # as the vault CLI prints them
+    return 0
+
+
 def cmd_token_revoke(args: argparse.Namespace) -> int:
     client = _client(args)
     if args.accessor:

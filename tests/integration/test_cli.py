@@ -447,6 +447,29 @@ def test_token_create_lookup_and_revoke_self(live: Live) -> None:
     assert _ONE_LINE_ERROR.match(dead.stderr) and "(HTTP 403)" in dead.stderr
 
 
+def test_token_capabilities_as_the_vault_cli_prints_them(live: Live) -> None:
+    """`broker token capabilities [TOKEN] PATH` (and --accessor): the capabilities on the
+    path, comma-separated, `deny` where none, `root` for a root token."""
+    created = live.json("token", "create", "--policy", "app", "--ttl", "10m")["auth"]
+    child, accessor = created["client_token"], created["accessor"]
+    assert live.ok("token", "capabilities", "pg/creds/readonly", "--format", "table",
+                   token=child) == "read\n"
+    assert live.ok("token", "capabilities", "sys/leases/revoke-prefix/pg/",
+                   "--format", "table", token=child) == "deny\n"
+    assert live.ok("token", "capabilities", "pg/creds/readonly", "--format", "table") == "root\n"
+    # Another token's, by value and by accessor (the root token may ask).
+    assert live.json("token", "capabilities", child, "pg/creds/readonly") == {
+        "pg/creds/readonly": ["read"]}
+    assert live.json("token", "capabilities", "--accessor", accessor, "my/creds/readonly") == {
+        "my/creds/readonly": ["read"]}
+    # The child itself may not ask about others: sys/capabilities is not in default.
+    refused = live.cli("token", "capabilities", "root", "pg/creds/readonly", token=child)
+    assert refused.returncode == 1 and "(HTTP 403)" in refused.stderr
+    wrong = live.cli("token", "capabilities", "a", "b", "c")
+    assert wrong.returncode == 2 and "give PATH, or TOKEN PATH" in wrong.stderr
+    live.ok("token", "revoke", token=child)
+
+
 # --------------------------------------------------------------------------- operator init
 
 
