@@ -36,6 +36,7 @@ __all__ = [
     "is_loopback",
     "load_config",
     "parse_listen",
+    "read_secret_file",
 ]
 
 CAPABILITIES = frozenset({"create", "read", "update", "delete", "list", "sudo", "deny"})
@@ -550,6 +551,11 @@ def _check_login_ttls(source: str, methods: Mapping[str, JWTMethodConfig],
                                   f"tokens.max_ttl ({limit}); set at most {limit}")
 
 
+def read_secret_file(path: str) -> str:
+    """A ``password_file``'s secret: its content without the trailing newline."""
+    return Path(path).read_text().rstrip("\r\n")
+
+
 def _secret(r: _Reader, base: Path) -> tuple[str | None, str | None]:
     """The mount's secret and the file it came from (None for password_env or none)."""
     pfile = r.get("password_file", str)
@@ -564,7 +570,7 @@ def _secret(r: _Reader, base: Path) -> tuple[str | None, str | None]:
     if pfile:
         pfile = _path(base, pfile)  # relative to the config file, like every other path
         try:
-            return Path(pfile).read_text().rstrip("\r\n"), pfile
+            return read_secret_file(pfile), pfile
         except OSError as exc:
             raise r.error("password_file", f"cannot read {pfile}: {exc.strerror}") from None
     if penv:

@@ -36,7 +36,7 @@ from broker.backend import (
     load_plugin,
     revokes_in_batches,
 )
-from broker.config import Config, LeaseConfig
+from broker.config import Config, LeaseConfig, read_secret_file
 from broker.endings import EndingRecorder
 from broker.errors import BackendUnavailable, BadRequest, NotFound, ReuseAttempt
 from broker.lease import (
@@ -157,6 +157,12 @@ class LeaseEngine:
         self._issues_idle.set()
         self.accepting = True
         self._endings = EndingRecorder(store, clock, claimer=self.node_id)
+        #: per mount, the password_file content that failed to verify (not tried again)
+        #: and the last problem logged about the file (logged once).
+        self._refused_secrets: dict[str, str] = {}
+        #: held while mounts are swapped (a reload, a password file followed)
+        self._mounts_lock = asyncio.Lock()
+        self._password_file_notes: dict[str, str] = {}
         self.rule_inline_max = RULE_INLINE_MAX
         self.rule_chunk = RULE_CHUNK
         self._rules_task: asyncio.Task[int] | None = None
@@ -179,7 +185,57 @@ class LeaseEngine:
         await asyncio.gather(*(m.ensure_initialized() for m in self.mounts.values()))
 
     async def check_mounts(self) -> None:
+        """The mount-health job: follow changed password files, then probe every mount."""
+        for name, runtime in list(self.mounts.items()):
+            if runtime.spec.secret_file is not None:
+                async with self._mounts_lock:  # not while a reload swaps mounts
+                    await self._follow_password_file(name, runtime)
         await asyncio.gather(*(m.check() for m in list(self.mounts.values())))
+
+    async def _follow_password_file(self, name: str, runtime: MountRuntime) -> None:
+        """Rebuild the mount with its ``password_file``'s new content, if it changed.
+
+        The file is where the admin secret lives (docs/operations.md): a rotation
+        by another replica, an operator or a secret manager (a Kubernetes Secret
+        is updated in place) is picked up within one health interval, no SIGHUP
+        needed. The new mount replaces the running one only once it verifies;
+        a half-written or wrong file leaves the running mount alone, and is
+        reported once per content.
+        """
+        spec = runtime.spec
+        assert spec.secret_file is not None
+        try:
+            content = await asyncio.to_thread(read_secret_file, spec.secret_file)
+        except OSError as exc:
+            self._note_password_file(name, f"cannot read {spec.secret_file}: {exc.strerror}")
+            return
+        if content == spec.secret:
+            return
+        if content == self._refused_secrets.get(name) and runtime.healthy:
+            return  # tried and refused; tried again once the running mount fails too
+        candidate = replace(spec, secret=content)
+        config = replace(self.config, mounts={**self.config.mounts, name: candidate})
+        fresh = self._build_mount(name, config)
+        if not await fresh.ensure_initialized() and runtime.healthy:
+            await fresh.close()
+            self._refused_secrets[name] = content
+            self._note_password_file(name, f"{spec.secret_file} changed, but the backend "
+                                     f"refuses it ({fresh.error}); still using the old secret")
+            return
+        if self.mounts.get(name) is not runtime:  # a reload replaced it meanwhile
+            await fresh.close()
+            return
+        self.mounts = {**self.mounts, name: fresh}
+        self.config = config
+        self._refused_secrets.pop(name, None)
+        log.warning("mount %s: %s changed; the mount now uses the new secret", name,
+                    spec.secret_file)
+        await runtime.close()
+
+    def _note_password_file(self, name: str, message: str) -> None:
+        if self._password_file_notes.get(name) != message:  # once per distinct problem
+            self._password_file_notes[name] = message
+            log.warning("mount %s: %s", name, message)
 
     async def reload(self, config: Config) -> list[str]:
         """Swap in a new config. Unchanged mounts keep their live backend; leases are untouched.
@@ -188,6 +244,10 @@ class LeaseEngine:
         store: their revocations fail (and are retried) until the mount comes
         back or an operator forces them.
         """
+        async with self._mounts_lock:
+            return await self._reload(config)
+
+    async def _reload(self, config: Config) -> list[str]:
         changes: list[str] = []
         old = self.mounts
         new: dict[str, MountRuntime] = {}

@@ -60,7 +60,7 @@ async def rotate_root(request: web.Request) -> web.Response:
     if stored and call.state.config.storage.url.startswith("postgresql"):
         # A shared store: there may be replicas, each with its own password_file.
         warning = ("the new secret is in this broker's password_file; a replica that reads "
-                   "its own copy needs it there too, then a reload (SIGHUP)")
+                   "its own copy needs it there too (it follows the file within ~10s)")
     return json_response({"request_id": call.request_id, "data": data,
                           "warnings": [warning] if warning else None})
 

@@ -153,3 +153,61 @@ def test_with_several_workers_every_worker_reloads_the_new_password(
             assert _call(url, token, "PUT", "sys/leases/revoke",
                          {"lease_id": body["lease_id"]})[0] == 204
         assert str(new) not in server_log.read_text()
+
+
+def _kill_sessions(mysql_dsn: str, user: str) -> None:
+    """End every session of ``user``: the broker's pool must log in again."""
+    async def kill() -> None:
+        url = urlsplit(mysql_dsn)
+        conn = await mysql_connect(mysql_dsn, url.username or "root", url.password or "")
+        try:
+            async with conn.cursor() as cur:
+                await cur.execute("SELECT id FROM information_schema.processlist WHERE user = %s",
+                                  (user,))
+                for (session,) in await cur.fetchall():
+                    try:
+                        await cur.execute(f"KILL {int(session)}")
+                    except pymysql.err.OperationalError:
+                        pass  # gone meanwhile
+        finally:
+            conn.close()
+
+    asyncio.run(kill())
+
+
+def test_a_password_file_changed_elsewhere_is_followed_without_a_reload(
+        tmp_path: Path, mysql_dsn: str, admin: tuple[str, str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Another replica (or an operator, or a secret manager) changes the admin password
+    and the file: the next mount-health check rebuilds the mount with it, no SIGHUP.
+    A file whose content the server refuses leaves the running mount alone."""
+    user, first = admin
+    pw = tmp_path / "admin.pw"
+    pw.write_text(first + "\n")
+    server = start_broker(write_config(tmp_path, _mount(mysql_dsn, user,
+                                                        'password_file = "admin.pw"')))
+    try:
+        assert server.state is not None
+        engine = server.state.engine
+        client = hvac.Client(url=server.url, token=server.root_token)
+
+        # A wrong file: refused, logged once, the running mount keeps working.
+        pw.write_text("not-the-password\n")
+        server.call(engine.check_mounts())
+        server.call(engine.check_mounts())
+        assert caplog.text.count("refuses it") == 1, caplog.text
+        client.sys.revoke_lease(client.read("my/creds/app")["lease_id"])
+
+        # The password changes on the server, the sessions end, the file follows.
+        second = generate_password()
+        asyncio.run(_sql(mysql_dsn, f"ALTER USER '{user}'@'%' IDENTIFIED BY '{second}'"))
+        _kill_sessions(mysql_dsn, user)
+        pw.write_text(second + "\n")
+        server.call(engine.check_mounts())
+        assert engine.mount("my").spec.secret == second
+        assert engine.mount("my").healthy
+        lease = client.read("my/creds/app")
+        client.sys.revoke_lease(lease["lease_id"])
+        assert second not in caplog.text and first not in caplog.text
+    finally:
+        server.stop()
