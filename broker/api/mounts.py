@@ -50,6 +50,13 @@ async def rotate_root(request: web.Request) -> web.Response:
         raise BackendUnavailable(f"mount {mount!r}: rotate-root failed: {exc}") from None
     data = dataclasses.asdict(resp)
     stored, warning = _store(runtime.spec, data)
+    if stored:
+        # The running mount's spec now says what its backend uses and the file
+        # holds: redaction hides the new secret, and neither a reload nor the
+        # health job's password-file check rebuilds the mount for it. (Not when
+        # the file was not written: a reload must still see the old secret there
+        # as unchanged, or it would rebuild the mount with it.)
+        runtime.spec = dataclasses.replace(runtime.spec, secret=data["new_password"])
     reload_workers = stored and call.state.worker is not None
     await call.audit("admin", action="rotate_root", mount=mount, data=data,
                      password_file_written=stored, workers_reloaded=reload_workers or None)

@@ -93,9 +93,15 @@ def test_the_new_password_is_written_and_a_restart_uses_it(
     config = write_config(tmp_path, _mount(mysql_dsn, user, 'password_file = "admin.pw"'))
     server = start_broker(config)
     try:
+        assert server.state is not None
+        running = server.state.engine.mount("my")
         answer = _rotate(server.url, server.root_token)
         new = answer["data"]["new_password"]  # type: ignore[index]
         assert answer["warnings"] is None  # nothing left for the operator to do
+        # The running mount knows its secret is the file's: not rebuilt for it.
+        assert running.spec.secret == new
+        server.call(server.state.engine.check_mounts())
+        assert server.state.engine.mount("my") is running
     finally:
         server.stop()
     assert pw.read_text() == f"{new}\n"
@@ -144,8 +150,11 @@ def test_with_several_workers_every_worker_reloads_the_new_password(
                           workers=2)
     with _served(config) as (_proc, token, url, server_log):
         new = _rotate(url, token)["data"]["new_password"]  # type: ignore[index]
-        _wait(lambda: server_log.read_text().count("mount my changed") >= 2, 20,
-              "both workers to reload the mount")
+        # Both workers reload: the one that rotated already runs the file's secret
+        # (mounts unchanged), the other rebuilds the mount with it.
+        _wait(lambda: server_log.read_text().count("config reloaded") >= 2
+              and "mount my changed" in server_log.read_text(), 20,
+              "both workers to reload")
         assert (tmp_path / "admin.pw").read_text() == f"{new}\n"
         for _ in range(12):  # spread over both workers by the kernel (SO_REUSEPORT)
             status, body = _call(url, token, "GET", "my/creds/app")
