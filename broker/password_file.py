@@ -17,7 +17,12 @@ __all__ = ["replace_password_file"]
 
 
 def replace_password_file(path: str, secret: str) -> None:
-    """Put ``secret`` (and a newline) in ``path`` atomically; OSError if it cannot."""
+    """Put ``secret`` (and a newline) in ``path`` atomically; OSError if it cannot.
+
+    A symbolic link is followed: the file it points to is the one replaced, and
+    the link stays a link.
+    """
+    path = os.path.realpath(path)
     mode = stat.S_IMODE(os.stat(path).st_mode) & 0o600 or 0o600
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")

@@ -8,12 +8,14 @@ read what the server now holds; with several workers the supervisor is then
 sent SIGHUP, so every worker reloads the mount with the new secret (each
 process holds its own copy). Otherwise (``password_env``, AWS, whose access
 key id lives in the config too, a file the broker may not write) the answer
-says to store the secret by hand, and other processes (workers, replicas)
-keep the old one until they are reloaded.
+says to store the secret by hand; other processes (workers, replicas) keep
+the old one until they are reloaded, or, for a ``password_file``, until
+their mount-health job sees the file change (broker/engine.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
@@ -49,7 +51,8 @@ async def rotate_root(request: web.Request) -> web.Response:
                          error=str(exc))
         raise BackendUnavailable(f"mount {mount!r}: rotate-root failed: {exc}") from None
     data = dataclasses.asdict(resp)
-    stored, warning = _store(runtime.spec, data)
+    # In a thread: the write ends with two fsyncs, and the loop serves everyone else.
+    stored, warning = await asyncio.to_thread(_store, runtime.spec, data)
     if stored:
         # The running mount's spec now says what its backend uses and the file
         # holds: redaction hides the new secret, and neither a reload nor the
