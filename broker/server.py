@@ -22,7 +22,7 @@ from aiohttp import web
 
 from broker import __version__, instance_lock
 from broker.api import create_app
-from broker.api.login import close_auth_methods
+from broker.api.login import close_auth_methods, reload_auth_methods
 from broker.audit import AuditError, AuditLog, event
 from broker.config import (
     Config,
@@ -338,7 +338,8 @@ async def reload(state: BrokerState, *, tls: ssl.SSLContext | None = None) -> bo
         return False
     changes = await state.engine.reload(new)
     state.policies = PolicySet(new.policies)
-    state.config = new
+    old, state.config = state.config, new
+    await reload_auth_methods(state, old)
     try:
         await state.audit.reopen()
     except AuditError as exc:

@@ -22,7 +22,7 @@ from broker.config import Config
 from broker.errors import BrokerError, NotFound
 from broker.state import BrokerState
 
-__all__ = ["auth_methods", "close_auth_methods", "routes"]
+__all__ = ["auth_methods", "close_auth_methods", "reload_auth_methods", "routes"]
 
 routes = web.RouteTableDef()
 
@@ -40,10 +40,31 @@ def auth_methods(state: BrokerState) -> dict[str, JWTAuthMethod]:
     entry = _lazy.get(id(config))
     if entry is not None and entry[0]() is config:
         return entry[1]
-    methods = build_auth_methods(config)
+    return _remember(config, build_auth_methods(config))
+
+
+def _remember(config: Config, methods: dict[str, JWTAuthMethod]) -> dict[str, JWTAuthMethod]:
     key = id(config)
     _lazy[key] = (weakref.ref(config, lambda _ref: _lazy.pop(key, None)), methods)
     return methods
+
+
+async def reload_auth_methods(state: BrokerState, old: Config) -> None:
+    """After a reload replaced ``old`` with ``state.config``: rebuild the auth methods.
+
+    A method whose key settings are unchanged keeps its key source, cached
+    keys included (``build_auth_methods``); the others' background refreshes
+    are stopped instead of running on for a method nobody can reach.
+    """
+    entry = _lazy.pop(id(old), None)
+    previous = entry[1] if entry is not None and entry[0]() is old else {}
+    if not previous:
+        return  # never built: the new config's are built at the first login
+    methods = _remember(state.config, build_auth_methods(state.config, previous))
+    kept = {id(method.keys) for method in methods.values()}
+    for method in previous.values():
+        if id(method.keys) not in kept:
+            await method.close()
 
 
 async def close_auth_methods(state: BrokerState) -> None:

@@ -405,11 +405,24 @@ def _key_source(config: JWTMethodConfig) -> KeySource:
     )
 
 
-def build_auth_methods(config: Config) -> dict[str, JWTAuthMethod]:
+def _key_settings(config: JWTMethodConfig) -> tuple[Any, ...]:
+    """What a method's key source is built from: equal settings, interchangeable sources."""
+    return (config.public_keys, config.bound_issuer, config.jwks_url,
+            config.oidc_discovery_url, config.jwks_ca_pem, config.fetch_timeout,
+            config.jwks_cache_ttl, config.jwks_max_stale)
+
+
+def build_auth_methods(config: Config, previous: Mapping[str, JWTAuthMethod] | None = None
+                       ) -> dict[str, JWTAuthMethod]:
     """Every ``[auth.jwt.NAME]`` of ``config`` as a ready auth method, keyed by NAME.
 
     ``config.auth["jwt"]`` may hold the raw TOML tables (validated at load
     time) or already parsed :class:`JWTMethodConfig` objects.
+
+    ``previous`` (the methods of the config a reload replaces): a method whose
+    key settings did not change keeps its key source, and so its cached JWKS.
+    A reload then neither makes the next login fetch the keys again nor, while
+    the issuer is down, loses the keys that logins are being answered from.
     """
     section = config.auth.get("jwt") if config.auth else None
     if not section:
@@ -418,4 +431,9 @@ def build_auth_methods(config: Config) -> dict[str, JWTAuthMethod]:
         parsed: Mapping[str, JWTMethodConfig] = section
     else:
         parsed = parse_jwt_methods(section)
-    return {name: JWTAuthMethod(cfg) for name, cfg in parsed.items()}
+    methods: dict[str, JWTAuthMethod] = {}
+    for name, cfg in parsed.items():
+        old = (previous or {}).get(name)
+        keep = old is not None and _key_settings(old.config) == _key_settings(cfg)
+        methods[name] = JWTAuthMethod(cfg, keys=old.keys if keep and old else None)
+    return methods
