@@ -185,22 +185,32 @@ class LeaseEngine:
         await asyncio.gather(*(m.ensure_initialized() for m in self.mounts.values()))
 
     async def check_mounts(self) -> None:
-        """The mount-health job: follow changed password files, then probe every mount."""
+        """The mount-health job: retry refused password files of failing mounts, probe all."""
+        await self._follow_password_files(retry_refused=True)
+        await asyncio.gather(*(m.check() for m in list(self.mounts.values())))
+
+    async def follow_password_files(self) -> None:
+        """The password-file job (every second): a mount whose file changed is rebuilt with it."""
+        await self._follow_password_files(retry_refused=False)
+
+    async def _follow_password_files(self, *, retry_refused: bool) -> None:
         for name, runtime in list(self.mounts.items()):
             if runtime.spec.secret_file is not None:
                 async with self._mounts_lock:  # not while a reload swaps mounts
-                    await self._follow_password_file(name, runtime)
-        await asyncio.gather(*(m.check() for m in list(self.mounts.values())))
+                    await self._follow_password_file(name, runtime, retry_refused=retry_refused)
 
-    async def _follow_password_file(self, name: str, runtime: MountRuntime) -> None:
+    async def _follow_password_file(self, name: str, runtime: MountRuntime, *,
+                                    retry_refused: bool) -> None:
         """Rebuild the mount with its ``password_file``'s new content, if it changed.
 
         The file is where the admin secret lives (docs/operations.md): a rotation
-        by another replica, an operator or a secret manager (a Kubernetes Secret
-        is updated in place) is picked up within one health interval, no SIGHUP
-        needed. The new mount replaces the running one only once it verifies;
-        a half-written or wrong file leaves the running mount alone, and is
-        reported once per content.
+        by another worker or replica, an operator or a secret manager (a
+        Kubernetes Secret is updated in place) is picked up within a second, no
+        SIGHUP needed. The new mount replaces the running one only once it
+        verifies; a half-written or wrong file leaves the running mount alone,
+        and is reported once per content. A refused content is tried again only
+        by the health job (``retry_refused``), and only once the running mount
+        fails too: not a login attempt every second.
         """
         spec = runtime.spec
         assert spec.secret_file is not None
@@ -211,7 +221,7 @@ class LeaseEngine:
             return
         if content == spec.secret:
             return
-        if content == self._refused_secrets.get(name) and runtime.healthy:
+        if content == self._refused_secrets.get(name) and (runtime.healthy or not retry_refused):
             return  # tried and refused; tried again once the running mount fails too
         candidate = replace(spec, secret=content)
         config = replace(self.config, mounts={**self.config.mounts, name: candidate})

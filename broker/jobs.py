@@ -6,6 +6,9 @@
 - token expiry: mark expired tokens and queue their leases (belt and braces:
   leases are already capped at their token's expiry);
 - mount health: reconnect unhealthy backends so issuing resumes by itself;
+- password files: a mount whose ``password_file`` changed (rotate-root in
+  another worker or replica, an operator, a secret manager) is rebuilt with
+  the new secret once it verifies;
 - revoke rules: expand rules whose replica died mid-way (its claim ran out) or
   whose expansion failed; a replica expands its own rules as soon as it makes them;
 - worker metrics (``[server] workers > 1``): publish this worker's figures for
@@ -29,6 +32,8 @@ log = logging.getLogger(__name__)
 
 #: How often unhealthy backends are retried and healthy ones verified.
 HEALTH_INTERVAL = 10
+#: How often ``password_file``s are read for a changed secret (a thread reads a few bytes).
+PASSWORD_FILE_INTERVAL = 1
 TOKEN_SWEEP_INTERVAL = 30
 PURGE_INTERVAL = 3600
 REVOKE_RULES_INTERVAL = 5
@@ -78,6 +83,7 @@ def start_jobs(state: BrokerState) -> AsyncIOScheduler:
         ("tombstone purge", purge, PURGE_INTERVAL),
         ("token expiry", expire_tokens, TOKEN_SWEEP_INTERVAL),
         ("mount health", engine.check_mounts, HEALTH_INTERVAL),
+        ("password files", engine.follow_password_files, PASSWORD_FILE_INTERVAL),
         ("revoke rules", engine.expand_revoke_rules, REVOKE_RULES_INTERVAL),
     ]
     if state.stats_board is not None:

@@ -4,13 +4,13 @@ The running backend uses the new secret at once, and the answer carries it
 once (audited only as an HMAC). When the mount's secret comes from a
 ``password_file`` and the new credential is that one secret (postgres,
 mysql), the file is rewritten with it, so the next start and every reload
-read what the server now holds; with several workers the supervisor is then
-sent SIGHUP, so every worker reloads the mount with the new secret (each
-process holds its own copy). Otherwise (``password_env``, AWS, whose access
-key id lives in the config too, a file the broker may not write) the answer
-says to store the secret by hand; other processes (workers, replicas) keep
-the old one until they are reloaded, or, for a ``password_file``, until
-their mount-health job sees the file change (broker/engine.py).
+read what the server now holds, and the other workers (and replicas reading
+the same file) rebuild the mount with it within a second: each process's
+password-file job sees the file change (``Engine.follow_password_files``).
+Nothing else is reloaded: an unrelated edit waiting in the config file stays
+waiting for its SIGHUP. Otherwise (``password_env``, AWS, whose access key id
+lives in the config too, a file the broker may not write) the answer says to
+store the secret by hand; other processes keep the old one until then.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
-import signal
 
 from aiohttp import web
 
@@ -60,17 +58,12 @@ async def rotate_root(request: web.Request) -> web.Response:
         # the file was not written: a reload must still see the old secret there
         # as unchanged, or it would rebuild the mount with it.)
         runtime.spec = dataclasses.replace(runtime.spec, secret=data["new_password"])
-    reload_workers = stored and call.state.worker is not None
     await call.audit("admin", action="rotate_root", mount=mount, data=data,
-                     password_file_written=stored, workers_reloaded=reload_workers or None)
-    if reload_workers:
-        # The supervisor forwards SIGHUP to every worker (this one too) and each
-        # re-reads password_file: a changed secret rebuilds the mount with it.
-        os.kill(os.getppid(), signal.SIGHUP)
+                     password_file_written=stored)
     if stored and call.state.config.storage.url.startswith("postgresql"):
         # A shared store: there may be replicas, each with its own password_file.
         warning = ("the new secret is in this broker's password_file; a replica that reads "
-                   "its own copy needs it there too (it follows the file within ~10s)")
+                   "its own copy needs it there too (it follows the file within a second)")
     return json_response({"request_id": call.request_id, "data": data,
                           "warnings": [warning] if warning else None})
 

@@ -140,28 +140,35 @@ def test_a_password_from_the_environment_is_left_to_the_operator(
     assert os.environ["BROKER_TEST_ROTATE_PW"] == first  # nothing the broker could write
 
 
-def test_with_several_workers_every_worker_reloads_the_new_password(
+def test_with_several_workers_every_worker_follows_the_new_password(
         tmp_path: Path, mysql_dsn: str, admin: tuple[str, str]) -> None:
-    """The worker that rotated asks the supervisor to reload: each worker rebuilds the mount
-    from password_file, and both then issue with it."""
+    """The other worker sees password_file change and rebuilds the mount with the new secret;
+    nothing else is reloaded (before, rotate-root sent SIGHUP to the supervisor, and so
+    applied whatever edit was waiting in the config file)."""
     user, first = admin
     (tmp_path / "admin.pw").write_text(first + "\n")
     config = write_config(tmp_path, _mount(mysql_dsn, user, 'password_file = "admin.pw"'),
                           workers=2)
     with _served(config) as (_proc, token, url, server_log):
+        # An edit waiting in the config file for the operator's SIGHUP.
+        config.write_text(config.read_text() + '\n[mounts.my.roles.pending]\ndefault_ttl = "1h"\n')
         new = _rotate(url, token)["data"]["new_password"]  # type: ignore[index]
-        # Both workers reload: the one that rotated already runs the file's secret
-        # (mounts unchanged), the other rebuilds the mount with it.
-        _wait(lambda: server_log.read_text().count("config reloaded") >= 2
-              and "mount my changed" in server_log.read_text(), 20,
-              "both workers to reload")
+        # The worker that rotated already runs the file's secret; the other follows it.
+        _wait(lambda: "admin.pw changed; the mount now uses the new secret"
+              in server_log.read_text(), 10, "the other worker to follow the file")
         assert (tmp_path / "admin.pw").read_text() == f"{new}\n"
+        # Pooled sessions stay logged in whatever the password: end them, so each
+        # worker must log in again, with the new password.
+        _kill_sessions(mysql_dsn, user)
         for _ in range(12):  # spread over both workers by the kernel (SO_REUSEPORT)
             status, body = _call(url, token, "GET", "my/creds/app")
             assert status == 200, body
             assert _call(url, token, "PUT", "sys/leases/revoke",
                          {"lease_id": body["lease_id"]})[0] == 204
-        assert str(new) not in server_log.read_text()
+            assert _call(url, token, "GET", "my/creds/pending")[0] == 404  # not reloaded
+        log_text = server_log.read_text()
+        assert "config reloaded" not in log_text
+        assert str(new) not in log_text
 
 
 def _kill_sessions(mysql_dsn: str, user: str) -> None:
@@ -202,7 +209,8 @@ def test_a_password_file_changed_elsewhere_is_followed_without_a_reload(
 
         # A wrong file: refused, logged once, the running mount keeps working.
         pw.write_text("not-the-password\n")
-        server.call(engine.check_mounts())
+        server.call(engine.follow_password_files())  # the every-second job
+        server.call(engine.follow_password_files())
         server.call(engine.check_mounts())
         assert caplog.text.count("refuses it") == 1, caplog.text
         client.sys.revoke_lease(client.read("my/creds/app")["lease_id"])
@@ -212,7 +220,7 @@ def test_a_password_file_changed_elsewhere_is_followed_without_a_reload(
         asyncio.run(_sql(mysql_dsn, f"ALTER USER '{user}'@'%' IDENTIFIED BY '{second}'"))
         _kill_sessions(mysql_dsn, user)
         pw.write_text(second + "\n")
-        server.call(engine.check_mounts())
+        server.call(engine.follow_password_files())
         assert engine.mount("my").spec.secret == second
         assert engine.mount("my").healthy
         lease = client.read("my/creds/app")
