@@ -53,6 +53,7 @@ import hashlib
 import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -87,6 +88,7 @@ from plugins._pg_revoke import (
     _revoke_many,
 )
 from plugins._pg_revoke import _TERMINATE_WAIT_MS as _TERMINATE_WAIT_MS  # for broker/bench
+from plugins._pg_rotate import rotation_outcome
 from plugins._scram import DEFAULT_ITERATIONS, scram_verifier
 from plugins._sql import (
     backoff_delay,
@@ -368,11 +370,11 @@ class PostgresBackend:
             error = _wrap("new_user", exc, [*creation.secrets, self._secret],
                           created_nothing=creation.atomic)
         except BaseException:
-            conn.terminate()  # cancelled mid-statement: its state is unknown
+            _drop(conn)  # cancelled mid-statement: its state is unknown
             await pool.release(conn)
             raise
         if error is not None:
-            conn.terminate()
+            _drop(conn)
             await pool.release(conn)
             raise error
         return _StagedRole(pool, conn, creation.response, [*creation.secrets, self._secret],
@@ -482,25 +484,69 @@ class PostgresBackend:
         return results
 
     async def rotate_root(self, req: RotateRootRequest) -> RotateRootResponse:
-        """Give the admin role a new password, then use it for new pool connections."""
+        """Give the admin role a new password, then use it for new pool connections.
+
+        A connection lost while the ``ALTER ROLE`` was out leaves its outcome
+        unknown: the server is asked which password it now takes
+        (``plugins._pg_rotate``) before the call succeeds or fails.
+        """
         new = check_password(req.new_password or generate_password(32))
         sent = await self._verifier(new) if self._hash_passwords else new
         secrets_ = [new, sent, self._secret]
         statement = f"ALTER ROLE CURRENT_USER PASSWORD '{escape_literal(sent)}'"
-        await self._run(
-            "rotate_root",
-            lambda conn: self._transaction(
-                conn, "rotate_root", [statement], secrets_, lock=self._serialize_ddl is True
-            ),
-            secrets_,
-        )
+        pool = await self._ensure_pool()
+        error: BackendError | None = None
+        try:
+            conn = await pool.acquire()
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            error = _wrap("rotate_root", exc, secrets_)  # nothing was sent
+        if error is not None:
+            raise error
+        pid = conn.get_server_pid()
+        try:
+            await self._transaction(conn, "rotate_root", [statement], secrets_,
+                                    lock=self._serialize_ddl is True)
+        except (BackendError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            error = _wrap("rotate_root", exc, secrets_)
+        except BaseException:  # cancelled: the outcome is unknown (not probed)
+            _drop(conn)
+            await pool.release(conn)
+            raise
+        lost = error is not None and _is_lost(conn)
+        if lost:
+            _drop(conn)
+        await pool.release(conn)
+        if error is not None and not lost:
+            raise error  # the server answered: it refused the statement
+        if error is not None:
+            await self._confirm_rotation(new, pid, error)
         self._secret = new
         if self._pool is not None:
             self._pool.set_connect_args(self._dsn, **self._connect_kwargs())
         log.info("rotate_root: admin password of mount %s rotated", self._mount)
         return RotateRootResponse(new_password=new)
 
-    # -- internals ------------------------------------------------------------
+    async def _confirm_rotation(self, new: str, pid: int, lost: BackendError) -> None:
+        """Return if the server took ``new`` although the connection was lost; else raise."""
+
+        async def login(password: str | None) -> asyncpg.Connection:
+            return await asyncpg.connect(self._dsn, **{**self._connect_kwargs(),
+                                                       "password": password})
+
+        self._unsettled.add(pid)  # _settle ends that session and waits until it is gone
+        took, why = await rotation_outcome(login, self._settle, self._secret, new,
+                                           seconds=self._connect_timeout)
+        if took:
+            log.warning("rotate_root: the connection to mount %s was lost during ALTER ROLE, "
+                        "but the server took the new password", self._mount)
+            return
+        if took is False:
+            raise BackendError(f"{lost}; the server kept the old password", retryable=True)
+        raise BackendError(
+            f"{lost}; whether the server took the new password is unknown ({why}). The broker"
+            " keeps the old one: if it no longer logs in, set the admin password by hand and"
+            " write it to the mount's password_file",
+            retryable=False) from None
 
     def _values(
         self, name: str, *, password: str | None = None, expiration: str | None = None
@@ -708,15 +754,20 @@ class _StagedRole:
         self._conn: asyncpg.Connection | None = conn
         self._secrets = secret_values
         self._unsettled = unsettled
+        # Read now: once the connection is lost, the pool lets go of it, and its
+        # proxy answers nothing more (not even the pid).
+        self._pid = conn.get_server_pid()
 
     async def commit(self) -> None:
         conn = self._take()
         error: BackendError | None = None
         try:
             await conn.execute("COMMIT")
-        except asyncpg.PostgresError as exc:  # the server answered: not committed
+        except asyncpg.PostgresError as exc:
             error = _wrap("new_user", exc, self._secrets,
                           created_nothing=self._atomic and _refused(exc))
+            if _is_lost(conn):  # asyncpg's "closed in the middle of operation" (08003)
+                self._cut_off(conn)
         except (asyncpg.InterfaceError, OSError, TimeoutError) as exc:
             error = _wrap("new_user", exc, self._secrets)
             self._cut_off(conn)
@@ -730,17 +781,17 @@ class _StagedRole:
 
     def _cut_off(self, conn: asyncpg.Connection) -> None:
         """Drop a connection whose COMMIT has no known outcome; revocations settle it first."""
-        self._unsettled(conn.get_server_pid())
-        conn.terminate()
+        self._unsettled(self._pid)
+        _drop(conn)
 
     async def abort(self) -> None:
         conn = self._take()
         try:
             await conn.execute("ROLLBACK")
         except Exception:
-            conn.terminate()  # broken: a closed connection rolls its transaction back
+            _drop(conn)  # broken: a closed connection rolls its transaction back
         except BaseException:
-            conn.terminate()  # cancelled: likewise, and the cancellation goes on
+            _drop(conn)  # cancelled: likewise, and the cancellation goes on
             await self._pool.release(conn)
             raise
         await self._pool.release(conn)
@@ -751,3 +802,18 @@ class _StagedRole:
         if conn is None:
             raise RuntimeError("this staged role was already committed or aborted")
         return conn
+
+
+def _drop(conn: asyncpg.Connection) -> None:
+    """Terminate a pooled connection. A lost one needs nothing: the pool has let go of it
+    already (asyncpg detaches it on connection loss), and its proxy would raise."""
+    with suppress(asyncpg.InterfaceError):
+        conn.terminate()
+
+
+def _is_lost(conn: asyncpg.Connection) -> bool:
+    """Whether a pooled connection was lost (closed, or already let go of by the pool)."""
+    try:
+        return bool(conn.is_closed())
+    except asyncpg.InterfaceError:
+        return True

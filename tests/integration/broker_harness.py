@@ -212,6 +212,10 @@ class TcpProxy:
         self.every: set[asyncio.StreamWriter] = set()
         #: the handler tasks: the loop itself holds tasks only weakly.
         self.tasks: set[asyncio.Task[None]] = set()
+        #: (marker, "before" | "after"): the next client chunk holding ``marker``
+        #: cuts its connection (both sides), before or after it reaches the
+        #: server; the server's answer never comes back. One-shot.
+        self.cut_on: tuple[bytes, str] | None = None
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.up()
@@ -220,11 +224,20 @@ class TcpProxy:
         self.conns.add(writer)
         self.every.add(writer)
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    client: asyncio.StreamWriter | None = None) -> None:
+        """Copy ``reader`` to ``writer``; ``client``: this is the client-to-server direction."""
         try:
             while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
+                cut = None
+                if client is not None and self.cut_on is not None and self.cut_on[0] in data:
+                    cut, self.cut_on = self.cut_on, None
+                if cut is None or cut[1] == "after":
+                    writer.write(data)
+                    await writer.drain()
+                if cut is not None and client is not None:
+                    client.transport.abort()  # the answer never reaches the client
+                    return  # the finally closes the server's side once the data is out
         except OSError:
             pass
         finally:
@@ -245,7 +258,8 @@ class TcpProxy:
         try:
             up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target_port)
             self._track(up_w)
-            await asyncio.gather(self._pipe(reader, up_w), self._pipe(up_r, writer))
+            await asyncio.gather(self._pipe(reader, up_w, client=writer),
+                                 self._pipe(up_r, writer))
         except OSError:
             pass
         finally:

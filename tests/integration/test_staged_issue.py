@@ -360,3 +360,39 @@ async def test_a_cut_off_commit_whose_rollback_cannot_reach_the_server_is_revoke
 
 async def _is(state: Any, wanted: LeaseState) -> bool:
     return bool(await state() is wanted)
+
+
+async def test_a_commit_whose_connection_is_lost_is_settled_before_the_rollback(
+        tmp_path: Path, postgres_dsn: str, prefix: str, slow_commit: str) -> None:
+    """The connection breaks once the COMMIT has reached the server; its answer never comes.
+
+    The COMMIT then runs on without the broker (a deferred trigger makes it
+    sleep 3 s). Before, a COMMIT whose connection was lost counted as one the
+    server had answered, so its session was not settled: the rollback waited
+    on the role until the COMMIT was done, then dropped it. Now the rollback
+    ends that session first, as after a timeout, and answers at once.
+    """
+    proxy = TcpProxy(dsn_port(postgres_dsn))
+    broker = start_broker(write_config(tmp_path, _mount(
+        via_proxy(postgres_dsn, proxy.port), prefix,
+        {"app": None, "slowcommit": [CREATE, f"INSERT INTO {slow_commit} VALUES (1)"]})))
+    try:
+        proxy.cut_on = (b"COMMIT", "after")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        failed = await asyncio.to_thread(_issue, broker, "slowcommit")
+        answered = loop.time() - started
+        assert proxy.cut_on is None  # the cut happened
+        assert failed.status_code == 503, failed.text
+        # Settled, not waited out: the rollback ended the COMMIT's session, where
+        # before its DROP waited until the COMMIT was done (the trigger's 3 s; a
+        # COMMIT stuck on a synchronous standby: until the backend timeout).
+        assert answered < 2.5, answered
+        assert "connection was closed" in failed.json()["errors"][0]
+        await asyncio.sleep(4)  # past the trigger's sleep: an orphan would be there by now
+        assert await pg_roles(postgres_dsn, f"{prefix}slowcommit") == set()
+        assert await asyncio.to_thread(_leases, broker, "slowcommit") == []
+        assert (await asyncio.to_thread(_issue, broker, "app")).status_code == 200
+    finally:
+        await asyncio.to_thread(_stop, broker)
+        await asyncio.to_thread(proxy.close)
