@@ -98,6 +98,7 @@ from broker.backend import (
     RotateRootResponse,
 )
 from broker.templating import generate_password, render, template_names
+from plugins._rotation import rotation_outcome
 from plugins._sql import (
     check_expiration,
     check_password,
@@ -148,6 +149,7 @@ _RETRYABLE_CODES = frozenset({
 })
 _ER_PARSE_ERROR = 1064
 _ER_NO_SUCH_THREAD = 1094
+_ER_ACCESS_DENIED = 1045  # a login refused: wrong user or password
 _ER_CANNOT_USER = 1396
 _ACCESS_DENIED = frozenset({1044, 1045, 1142, 1143, 1227})
 #: How long a revocation waits for admin sessions dropped mid-statement to end (_settle).
@@ -463,14 +465,25 @@ class MySQLBackend:
         """
         what = "rotating the admin password"
         new = req.new_password or generate_password()
+        lost: BackendError | None = None
         async with self._cursor(what, new) as cur:
             await self._run(cur, what, "SELECT CURRENT_USER()")
             row = await cur.fetchone()
             user, _, host = str(row[0]).rpartition("@")
-            # Parameters: pymysql escapes them for the session's sql_mode.
-            await self._run(
-                cur, what, "ALTER USER %s@%s IDENTIFIED BY %s", new, params=(user, host, new)
-            )
+            thread_id = cur.connection.thread_id()
+            try:
+                # Parameters: pymysql escapes them for the session's sql_mode.
+                await self._run(
+                    cur, what, "ALTER USER %s@%s IDENTIFIED BY %s", new, params=(user, host, new)
+                )
+            except BackendError as exc:
+                if exc.created_nothing or not cur.connection.closed:
+                    raise  # the server answered: it refused the statement
+                lost = exc  # the connection broke with the ALTER out: unknown outcome
+        if lost is not None:
+            await self._confirm_rotation(new, thread_id, lost)
+            await self._adopt_root(await self._new_pool(new), new)
+            return RotateRootResponse(new_password=new)
         # Prove the new password logs in before anything relies on it.
         pool = await self._new_pool(new)
         try:
@@ -496,6 +509,43 @@ class MySQLBackend:
             return RotateRootResponse(new_password=new)
         raise BackendError(f"{failed}; the old admin password was set again",
                            retryable=failed.retryable)
+
+    async def _confirm_rotation(self, new: str, thread_id: int, lost: BackendError) -> None:
+        """Return if the server took ``new`` although the connection was lost; else raise.
+
+        See plugins/_rotation.py: the cut-off session is ended first (``_settle``),
+        then a fresh login with each password tells which one the server has.
+        """
+        self._unsettled[thread_id] = asyncio.get_running_loop().time()
+
+        async def login(password: str | None) -> Any:
+            return await aiomysql.connect(
+                host=self._host, port=self._port, user=self._user, password=password or "",
+                db=self._database, autocommit=True, connect_timeout=CONNECT_TIMEOUT,
+                cursorclass=_QuietCursor)
+
+        async def settle(conn: Any) -> None:
+            async with conn.cursor() as cur:
+                await self._settle(cur)
+
+        async def logout(conn: Any) -> None:
+            conn.close()
+
+        took, why = await rotation_outcome(
+            login=login, settle=settle, logout=logout,
+            wrong_password=lambda exc: _error_code(exc) == _ER_ACCESS_DENIED,
+            old=self._password, new=new, seconds=CONNECT_TIMEOUT)
+        if took:
+            log.warning("mysql: the connection to mount %s was lost during ALTER USER, but the "
+                        "server took the new password", self.mount)
+            return
+        if took is False:
+            raise BackendError(f"{lost}; the server kept the old password", retryable=True)
+        raise BackendError(
+            f"{lost}; whether the server took the new password is unknown ({why}). The broker"
+            " keeps the old one: if it no longer logs in, set the admin password by hand and"
+            " write it to the mount's password_file",
+            retryable=False)
 
     async def _adopt_root(self, pool: aiomysql.Pool, password: str) -> None:
         """Use ``pool`` (logging in with ``password``) from now on."""
@@ -704,11 +754,11 @@ class MySQLBackend:
             async with conn.cursor() as cur:
                 yield cur
         except BaseException as exc:
-            if not isinstance(exc, BackendError):
-                # Cancelled or broken mid-statement: the session state is unknown,
-                # so it must not go back to the pool. The server may still be
-                # running that statement (a CREATE USER waiting on a lock): the
-                # next revocation ends it first (_settle).
+            if not isinstance(exc, BackendError) or (not exc.created_nothing and conn.closed):
+                # Cancelled or broken mid-statement (the connection lost): the
+                # session state is unknown, so it must not go back to the pool.
+                # The server may still be running that statement (a CREATE USER
+                # waiting on a lock): the next revocation ends it first (_settle).
                 self._unsettled[conn.thread_id()] = asyncio.get_running_loop().time()
                 conn.close()
             raise

@@ -88,7 +88,7 @@ from plugins._pg_revoke import (
     _revoke_many,
 )
 from plugins._pg_revoke import _TERMINATE_WAIT_MS as _TERMINATE_WAIT_MS  # for broker/bench
-from plugins._pg_rotate import rotation_outcome
+from plugins._rotation import rotation_outcome
 from plugins._scram import DEFAULT_ITERATIONS, scram_verifier
 from plugins._sql import (
     backoff_delay,
@@ -488,7 +488,7 @@ class PostgresBackend:
 
         A connection lost while the ``ALTER ROLE`` was out leaves its outcome
         unknown: the server is asked which password it now takes
-        (``plugins._pg_rotate``) before the call succeeds or fails.
+        (``plugins._rotation``) before the call succeeds or fails.
         """
         new = check_password(req.new_password or generate_password(32))
         sent = await self._verifier(new) if self._hash_passwords else new
@@ -533,9 +533,14 @@ class PostgresBackend:
             return await asyncpg.connect(self._dsn, **{**self._connect_kwargs(),
                                                        "password": password})
 
+        async def logout(conn: asyncpg.Connection) -> None:
+            await conn.close()
+
         self._unsettled.add(pid)  # _settle ends that session and waits until it is gone
-        took, why = await rotation_outcome(login, self._settle, self._secret, new,
-                                           seconds=self._connect_timeout)
+        took, why = await rotation_outcome(
+            login=login, settle=self._settle, logout=logout,
+            wrong_password=lambda exc: isinstance(exc, asyncpg.InvalidPasswordError),
+            old=self._secret, new=new, seconds=self._connect_timeout)
         if took:
             log.warning("rotate_root: the connection to mount %s was lost during ALTER ROLE, "
                         "but the server took the new password", self._mount)

@@ -4,7 +4,7 @@ Before, the broker then kept the old password whatever the server had done.
 When the server had run the ``ALTER``, the old password no longer logged in,
 the new one had never been returned to anyone, and the mount died at its
 next new connection: the broker locked out of its own backend. Now it asks
-the server (plugins/_pg_rotate.py) and adopts the new password when it took
+the server (plugins/_rotation.py) and adopts the new password when it took
 effect.
 
 The server is a private cluster with ``scram-sha-256`` (the local one trusts

@@ -1,0 +1,98 @@
+"""What became of a rotate-root whose connection was lost while its ``ALTER`` was out.
+
+The admin's own ``ALTER ROLE ... PASSWORD`` (postgres) or ``ALTER USER ...
+IDENTIFIED BY`` (mysql) went out and the connection broke before the answer
+came back (a proxy or load balancer reset it, the network failed, the server
+restarted). The server may have changed the password or not. Guessing wrong
+either way locks the broker out of its own backend: keep the old password
+after the server took the new one (the next new connection cannot log in,
+and nobody knows the new password, since it was never returned), or adopt a
+new one the server never saw.
+
+So the broker asks the server, as a client would: it ends the cut-off session
+first (the plugin's ``settle``: until that session is gone, its ``ALTER`` may
+still take effect), then logs in afresh with each password. The old one
+logging in and the new one refused: unchanged. The reverse: changed. Both
+logging in (the server does not check passwords for this host, e.g. ``trust``)
+or neither: unknown. While the server cannot be reached, it tries again until
+the deadline; then: unknown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+__all__ = ["rotation_outcome"]
+
+#: pause between attempts while the server cannot be reached.
+_RETRY_PAUSE = 0.2
+
+Login = Callable[[str | None], Awaitable[Any]]
+
+
+async def rotation_outcome(
+    *,
+    login: Login,
+    settle: Callable[[Any], Awaitable[None]],
+    logout: Callable[[Any], Awaitable[None]],
+    wrong_password: Callable[[BaseException], bool],
+    old: str | None,
+    new: str,
+    seconds: float,
+) -> tuple[bool | None, str]:
+    """(True: the server took ``new``; False: it still has ``old``; None: unknown), and why.
+
+    ``login(password)`` opens a fresh admin connection (``None``: no password)
+    and ``logout`` closes it; ``settle(conn)`` ends the cut-off session through
+    it and waits until it is gone; ``wrong_password(exc)`` tells a refused
+    login from any other failure (which is retried until ``seconds`` pass).
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+
+    async def logs_in(password: str | None) -> bool:
+        try:
+            conn = await login(password)
+        except Exception as exc:
+            if wrong_password(exc):
+                return False
+            raise
+        await logout(conn)
+        return True
+
+    while True:
+        try:
+            if not await _settled(login, settle, logout, wrong_password, (old, new)):
+                return None, "neither password logs in"
+            old_ok, new_ok = await logs_in(old), await logs_in(new)
+            if old_ok != new_ok:
+                return new_ok, ""
+            return None, ("the server does not check passwords for this host" if old_ok
+                          else "neither password logs in")
+        except Exception as exc:  # unreachable, or the session could not be ended
+            why = f"the server could not be asked ({type(exc).__name__})"
+        if loop.time() + _RETRY_PAUSE >= deadline:
+            return None, why
+        await asyncio.sleep(_RETRY_PAUSE)
+
+
+async def _settled(login: Login, settle: Callable[[Any], Awaitable[None]],
+                   logout: Callable[[Any], Awaitable[None]],
+                   wrong_password: Callable[[BaseException], bool],
+                   passwords: tuple[str | None, str]) -> bool:
+    """Log in with either password and end the cut-off session; False if neither logs in."""
+    for password in passwords:
+        try:
+            conn = await login(password)
+        except Exception as exc:
+            if wrong_password(exc):
+                continue
+            raise
+        try:
+            await settle(conn)
+        finally:
+            await logout(conn)
+        return True
+    return False

@@ -1,0 +1,93 @@
+"""rotate-root on mysql when the connection is lost while ``ALTER USER`` is out.
+
+As for postgres (test_postgres_rotate_root_lost.py): before, the broker kept
+the old password whatever the server had done, and when the server had run
+the ``ALTER`` the mount was locked out at its next new connection. Now it
+asks the server which password logs in (plugins/_rotation.py). MariaDB
+enforces passwords on the local server; a proxy between the broker and it
+cuts the connection carrying the ``ALTER USER``, after the statement reached
+the server or before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import requests
+
+from tests.integration.broker_harness import BrokerThread, TcpProxy, start_broker, write_config
+from tests.integration.test_rotate_root_persist import _logs_in, _mount, admin
+
+pytestmark = pytest.mark.integration
+
+__all__ = ["admin"]  # the fixture, imported for its use here
+
+
+@pytest.fixture
+def served(tmp_path: Path, mysql_dsn: str, admin: tuple[str, str]
+           ) -> Iterator[tuple[BrokerThread, TcpProxy]]:
+    """A broker whose mysql mount reaches MariaDB through a proxy, as the test's own admin."""
+    user, password = admin
+    (tmp_path / "admin.pw").write_text(password + "\n")
+    url = urlsplit(mysql_dsn)
+    proxy = TcpProxy(url.port or 3306)
+    proxied = mysql_dsn.replace(f":{url.port or 3306}", f":{proxy.port}", 1)
+    broker = start_broker(write_config(tmp_path, _mount(proxied, user,
+                                                        'password_file = "admin.pw"')))
+    try:
+        yield broker, proxy
+    finally:
+        requests.put(f"{broker.url}/v1/sys/leases/revoke-prefix/my/", json={"sync": True},
+                     headers={"X-Vault-Token": broker.root_token}, timeout=60)
+        broker.stop()
+        proxy.close()
+
+
+def _call(broker: BrokerThread, method: str, path: str) -> requests.Response:
+    return requests.request(method, f"{broker.url}/v1/{path}", timeout=60,
+                            headers={"X-Vault-Token": broker.root_token})
+
+
+def _healthy_after_a_fresh_login(broker: BrokerThread) -> None:
+    assert _call(broker, "GET", "my/creds/app").status_code == 200
+    assert broker.state is not None
+    broker.call(broker.state.engine.check_mounts())
+    assert broker.state.engine.mount("my").healthy
+
+
+def test_a_lost_answer_after_the_server_took_the_new_password_adopts_it(
+        served: tuple[BrokerThread, TcpProxy], admin: tuple[str, str], mysql_dsn: str,
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    broker, proxy = served
+    user, old = admin
+    proxy.cut_on = (b"ALTER USER", "after")
+    resp = _call(broker, "POST", "my/rotate-root")
+    assert resp.status_code == 200, resp.text
+    new = resp.json()["data"]["new_password"]
+    assert proxy.cut_on is None  # the cut happened
+    assert _logs_in(mysql_dsn, user, new)
+    assert not _logs_in(mysql_dsn, user, old)
+    assert (tmp_path / "admin.pw").read_text() == f"{new}\n"
+    assert "lost during ALTER USER, but the server took the new password" in caplog.text
+    assert new not in caplog.text and old not in caplog.text
+    _healthy_after_a_fresh_login(broker)
+
+
+def test_a_cut_before_the_server_saw_the_statement_keeps_the_old_password(
+        served: tuple[BrokerThread, TcpProxy], admin: tuple[str, str], mysql_dsn: str,
+        tmp_path: Path) -> None:
+    broker, proxy = served
+    user, old = admin
+    proxy.cut_on = (b"ALTER USER", "before")
+    resp = _call(broker, "POST", "my/rotate-root")
+    assert resp.status_code == 503, resp.text
+    assert "the server kept the old password" in resp.json()["errors"][0]
+    assert proxy.cut_on is None
+    assert _logs_in(mysql_dsn, user, old)
+    assert (tmp_path / "admin.pw").read_text() == f"{old}\n"
+    _healthy_after_a_fresh_login(broker)
+
+
