@@ -33,6 +33,7 @@ from broker.backend import (
 from broker.templating import generate_password, render_username
 from plugins.mysql import MySQLBackend
 from tests.conformance.mysql_harness import LeastPrivilegeMySQLHarness
+from tests.integration.broker_harness import TcpProxy
 
 pytestmark = pytest.mark.integration
 
@@ -603,6 +604,38 @@ async def test_a_statement_cut_off_by_the_timeout_is_ended_before_the_rollback(
     assert await admin("SELECT ID FROM information_schema.PROCESSLIST"
                        f" WHERE ID = {int(sleeping[0][0])}") == []
     assert await _users(admin, name) == []
+
+
+async def test_a_statement_whose_connection_is_lost_is_ended_before_the_rollback(
+    make_backend: Callable[..., Awaitable[MySQLBackend]], database: str, admin: Admin,
+    mysql_dsn: str,
+) -> None:
+    """As above, but the connection breaks (a proxy cuts it) instead of the call timing out.
+
+    Before, only a cancelled statement was recorded for settling: one whose
+    connection was lost came back as a BackendError, went unrecorded, and
+    the rollback left it running behind a DROP that found nothing to drop.
+    """
+    role = _role("slow", options={"database": database}, creation_statements=(
+        "CREATE USER '{{name}}'@'%' IDENTIFIED BY '{{password}}'", "DO SLEEP(5)"))
+    proxy = TcpProxy(_parts(mysql_dsn)["port"])
+    try:
+        url = _url(mysql_dsn).replace(f":{_parts(mysql_dsn)['port']}/", f":{proxy.port}/", 1)
+        backend = await make_backend({"slow": role}, connection_url=url)
+        name = _name(backend.capabilities.max_username_length)
+        proxy.cut_on = (b"DO SLEEP(5)", "after")
+        with pytest.raises(BackendError, match="Lost connection"):
+            await _issue(backend, role, name)
+        sleeping = await admin("SELECT ID FROM information_schema.PROCESSLIST"
+                               " WHERE INFO = 'DO SLEEP(5)'")
+        assert sleeping, "the cut-off statement should still be running on the server"
+        await backend.delete_user(DeleteUserRequest(role=role, username=name, revocation={},
+                                                    reason="rollback"))
+        assert await admin("SELECT ID FROM information_schema.PROCESSLIST"
+                           f" WHERE ID = {int(sleeping[0][0])}") == []
+        assert await _users(admin, name) == []
+    finally:
+        await asyncio.to_thread(proxy.close)
 
 
 async def test_a_session_dropped_before_a_server_restart_is_forgotten_not_killed(
