@@ -255,7 +255,7 @@ def cmd_audit_hash(args: argparse.Namespace) -> int:
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     try:
-        from broker import audit
+        from broker import audit_verify
     except ImportError as exc:
         raise OperationError(
             f"audit verification is not available in this installation: {exc}"
@@ -263,10 +263,10 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     key = _audit_key(args.key_file) if args.key_file else None
     try:
         if len(args.files) == 1:
-            results = [(args.files[0], audit.verify_file(args.files[0], key))]
+            results = [(args.files[0], audit_verify.verify_file(args.files[0], key))]
         else:
             # Rotated files, oldest first: each must link to the previous one's last line.
-            results = audit.verify_files(args.files, key)
+            results = audit_verify.verify_files(args.files, key)
     except OSError as exc:
         raise OperationError(f"cannot read {exc.filename}: {exc.strerror or exc}") from None
     code = 0

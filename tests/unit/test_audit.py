@@ -27,9 +27,8 @@ from broker.audit import (
     event,
     load_key,
     redact,
-    verify_file,
-    verify_files,
 )
+from broker.audit_verify import verify_file, verify_files
 from broker.errors import ServiceUnavailable
 
 TIME_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")

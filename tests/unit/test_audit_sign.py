@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from broker.audit import AuditLog, _canonical, _mac, event, load_key, verify_file
+from broker.audit import AuditLog, _canonical, _mac, event, load_key
+from broker.audit_verify import verify_file
 
 
 def reference_sign(key: bytes, record: dict[str, Any]) -> bytes:
