@@ -21,15 +21,38 @@ the deadline; then: unknown.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-__all__ = ["rotation_outcome"]
+from broker.backend import BackendError
+
+__all__ = ["confirm_rotation", "rotation_outcome"]
+
+log = logging.getLogger(__name__)
 
 #: pause between attempts while the server cannot be reached.
 _RETRY_PAUSE = 0.2
 
 Login = Callable[[str | None], Awaitable[Any]]
+
+
+async def confirm_rotation(lost: BackendError, *, who: str, statement: str,
+                           **probe: Any) -> None:
+    """Return if the server took the new password although ``lost`` cut the ``statement``
+    off; else raise why not. ``probe``: :func:`rotation_outcome`'s arguments."""
+    took, why = await rotation_outcome(**probe)
+    if took:
+        log.warning("%s: the connection was lost during %s, but the server took the new "
+                    "password", who, statement)
+        return
+    if took is False:
+        raise BackendError(f"{lost}; the server kept the old password", retryable=True)
+    raise BackendError(
+        f"{lost}; whether the server took the new password is unknown ({why}). The broker"
+        " keeps the old one: if it no longer logs in, set the admin password by hand and"
+        " write it to the mount's password_file",
+        retryable=False)
 
 
 async def rotation_outcome(

@@ -98,7 +98,7 @@ from broker.backend import (
     RotateRootResponse,
 )
 from broker.templating import generate_password, render, template_names
-from plugins._rotation import rotation_outcome
+from plugins._rotation import confirm_rotation
 from plugins._sql import (
     check_expiration,
     check_password,
@@ -531,21 +531,11 @@ class MySQLBackend:
         async def logout(conn: Any) -> None:
             conn.close()
 
-        took, why = await rotation_outcome(
+        await confirm_rotation(
+            lost, who=f"mysql mount {self.mount}", statement="ALTER USER",
             login=login, settle=settle, logout=logout,
             wrong_password=lambda exc: _error_code(exc) == _ER_ACCESS_DENIED,
             old=self._password, new=new, seconds=CONNECT_TIMEOUT)
-        if took:
-            log.warning("mysql: the connection to mount %s was lost during ALTER USER, but the "
-                        "server took the new password", self.mount)
-            return
-        if took is False:
-            raise BackendError(f"{lost}; the server kept the old password", retryable=True)
-        raise BackendError(
-            f"{lost}; whether the server took the new password is unknown ({why}). The broker"
-            " keeps the old one: if it no longer logs in, set the admin password by hand and"
-            " write it to the mount's password_file",
-            retryable=False)
 
     async def _adopt_root(self, pool: aiomysql.Pool, password: str) -> None:
         """Use ``pool`` (logging in with ``password``) from now on."""

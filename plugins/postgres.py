@@ -88,7 +88,7 @@ from plugins._pg_revoke import (
     _revoke_many,
 )
 from plugins._pg_revoke import _TERMINATE_WAIT_MS as _TERMINATE_WAIT_MS  # for broker/bench
-from plugins._rotation import rotation_outcome
+from plugins._rotation import confirm_rotation
 from plugins._scram import DEFAULT_ITERATIONS, scram_verifier
 from plugins._sql import (
     backoff_delay,
@@ -537,21 +537,11 @@ class PostgresBackend:
             await conn.close()
 
         self._unsettled.add(pid)  # _settle ends that session and waits until it is gone
-        took, why = await rotation_outcome(
+        await confirm_rotation(
+            lost, who=f"postgres mount {self._mount}", statement="ALTER ROLE",
             login=login, settle=self._settle, logout=logout,
             wrong_password=lambda exc: isinstance(exc, asyncpg.InvalidPasswordError),
             old=self._secret, new=new, seconds=self._connect_timeout)
-        if took:
-            log.warning("rotate_root: the connection to mount %s was lost during ALTER ROLE, "
-                        "but the server took the new password", self._mount)
-            return
-        if took is False:
-            raise BackendError(f"{lost}; the server kept the old password", retryable=True)
-        raise BackendError(
-            f"{lost}; whether the server took the new password is unknown ({why}). The broker"
-            " keeps the old one: if it no longer logs in, set the admin password by hand and"
-            " write it to the mount's password_file",
-            retryable=False) from None
 
     def _values(
         self, name: str, *, password: str | None = None, expiration: str | None = None
