@@ -25,7 +25,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
-from aiohttp import web_protocol
+from aiohttp import web_protocol, web_response
 
 import broker.api.common as common
 import broker.api.creds as creds
@@ -110,6 +110,9 @@ async def _finish_response(self: Any, *args: Any, **kwargs: Any) -> Any:
 
 web_protocol.RequestHandler.data_received = _data_received  # type: ignore[method-assign]
 web_protocol.RequestHandler.finish_response = _finish_response  # type: ignore[method-assign]
+_wrap_async(web_protocol.RequestHandler, "_handle_request", "handle_request")
+_wrap_async(web_response.StreamResponse, "prepare", "prepare")
+_wrap_async(web_response.StreamResponse, "write_eof", "write_eof")
 _wrap_async(common.Call, "authenticate", "authenticate")
 _wrap_async(common.Call, "audit", "audit")
 _wrap_async(common.Call, "read_body", "read_body")

@@ -595,6 +595,12 @@ async def test_a_statement_cut_off_by_the_timeout_is_ended_before_the_rollback(
     name = _name(backend.capabilities.max_username_length)
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(_issue(backend, role, name), 1)  # the broker's backend timeout
+    await _rollback_ends_the_sleeping_statement(backend, role, name, admin)
+
+
+async def _rollback_ends_the_sleeping_statement(backend: MySQLBackend, role: RoleSpec,
+                                                name: str, admin: Admin) -> None:
+    """The cut-off ``DO SLEEP(5)`` still runs; the rollback ends it at once and drops the user."""
     sleeping = await admin("SELECT ID FROM information_schema.PROCESSLIST"
                            " WHERE INFO = 'DO SLEEP(5)'")
     assert sleeping, "the cut-off statement should still be running on the server"
@@ -626,14 +632,7 @@ async def test_a_statement_whose_connection_is_lost_is_ended_before_the_rollback
         proxy.cut_on = (b"DO SLEEP(5)", "after")
         with pytest.raises(BackendError, match="Lost connection"):
             await _issue(backend, role, name)
-        sleeping = await admin("SELECT ID FROM information_schema.PROCESSLIST"
-                               " WHERE INFO = 'DO SLEEP(5)'")
-        assert sleeping, "the cut-off statement should still be running on the server"
-        await backend.delete_user(DeleteUserRequest(role=role, username=name, revocation={},
-                                                    reason="rollback"))
-        assert await admin("SELECT ID FROM information_schema.PROCESSLIST"
-                           f" WHERE ID = {int(sleeping[0][0])}") == []
-        assert await _users(admin, name) == []
+        await _rollback_ends_the_sleeping_statement(backend, role, name, admin)
     finally:
         await asyncio.to_thread(proxy.close)
 
