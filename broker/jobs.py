@@ -1,4 +1,4 @@
-"""Periodic housekeeping on APScheduler; the expiry sweeper itself is event-driven.
+"""Periodic housekeeping (broker/periodic.py); the expiry sweeper itself is event-driven.
 
 - stale-pending rollback: issues interrupted by a crash or a lost backend call;
 - irrevocable retry: one more try for leases that gave up;
@@ -20,9 +20,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
-from apscheduler.schedulers.asyncio import AsyncIOScheduler
-
 from broker.lease import TokenState
+from broker.periodic import Periodic
 from broker.state import BrokerState
 from broker.worker_stats import PUBLISH_INTERVAL, publish_own
 
@@ -51,7 +50,7 @@ def _guarded(name: str, fn: Callable[[], Awaitable[object]]) -> Callable[[], Awa
     return job
 
 
-def start_jobs(state: BrokerState) -> AsyncIOScheduler:
+def start_jobs(state: BrokerState) -> Periodic:
     cfg = state.config.leases
     engine, store = state.engine, state.store
 
@@ -75,8 +74,7 @@ def start_jobs(state: BrokerState) -> AsyncIOScheduler:
         await engine.revoke_token_leases(accessors)
         return len(accessors)
 
-    scheduler = AsyncIOScheduler(job_defaults={"coalesce": True, "max_instances": 1,
-                                               "misfire_grace_time": 60})
+    scheduler = Periodic()
     jobs: list[tuple[str, Callable[[], Awaitable[object]], float]] = [
         ("stale-pending rollback", rollback, max(5, cfg.pending_timeout // 2)),
         ("irrevocable retry", retry_irrevocable, cfg.irrevocable_retry_interval),
@@ -92,6 +90,6 @@ def start_jobs(state: BrokerState) -> AsyncIOScheduler:
 
         jobs.append(("worker metrics", publish, PUBLISH_INTERVAL))
     for name, fn, seconds in jobs:
-        scheduler.add_job(_guarded(name, fn), "interval", seconds=seconds, id=name, name=name)
+        scheduler.add(name, _guarded(name, fn), seconds)
     scheduler.start()
     return scheduler

@@ -352,8 +352,6 @@ def _setup_logging() -> None:
     level = os.environ.get("BROKER_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s [%(levelname)s] %(name)s: %(message)s")
-    # Third-party libraries log at INFO about every job run; keep the log about leases.
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
     # At DEBUG, botocore logs whole response bodies: CreateAccessKey and
     # AssumeRole answers carry the secret keys the broker is issuing. Those
     # loggers never go below INFO, whatever BROKER_LOG_LEVEL says.

@@ -1,0 +1,99 @@
+"""broker/periodic.py: the broker's periodic jobs, as APScheduler ran them before."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from broker.periodic import Periodic
+
+TICK = 0.05
+
+
+async def test_first_run_one_interval_after_start_then_every_interval() -> None:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    runs: list[float] = []
+
+    async def job() -> None:
+        runs.append(loop.time() - started)
+
+    periodic = Periodic()
+    periodic.add("tick", job, TICK)
+    periodic.start()
+    await asyncio.sleep(TICK * 6.5)
+    periodic.shutdown()
+    assert runs[0] >= TICK * 0.9  # not at once
+    assert 4 <= len(runs) <= 7, runs
+    # A fixed rate: the n-th run is due n intervals after the start, not drifting.
+    assert runs[-1] == pytest.approx(TICK * len(runs), abs=TICK * 0.9)
+
+
+async def test_a_slow_run_is_never_doubled_and_missed_runs_collapse() -> None:
+    running = 0
+    most = 0
+    runs = 0
+
+    async def slow() -> None:
+        nonlocal running, most, runs
+        running += 1
+        most = max(most, running)
+        runs += 1
+        await asyncio.sleep(TICK * 2.5)  # spans two more due times
+        running -= 1
+
+    periodic = Periodic()
+    periodic.add("slow", slow, TICK)
+    periodic.start()
+    await asyncio.sleep(TICK * 8)
+    periodic.shutdown()
+    assert most == 1
+    # Runs at ~1, ~4 (1 + 2.5, rounded up to the next due time), ~7 intervals.
+    assert 2 <= runs <= 3, runs
+
+
+async def test_shutdown_stops_the_schedule_and_lets_a_run_finish() -> None:
+    release = asyncio.Event()
+    finished: list[bool] = []
+    runs = 0
+
+    async def blocking() -> None:
+        nonlocal runs
+        runs += 1
+        await release.wait()
+        finished.append(True)
+
+    periodic = Periodic()
+    periodic.add("blocking", blocking, TICK)
+    periodic.start()
+    await asyncio.sleep(TICK * 1.5)
+    assert runs == 1
+    periodic.shutdown()
+    release.set()
+    await asyncio.sleep(TICK * 3)
+    assert finished == [True]  # the run under way was not cancelled
+    assert runs == 1  # and no other started
+
+
+async def test_a_failing_run_is_logged_and_the_schedule_goes_on(
+        caplog: pytest.LogCaptureFixture) -> None:
+    runs = 0
+
+    async def failing() -> None:
+        nonlocal runs
+        runs += 1
+        raise RuntimeError("boom")
+
+    periodic = Periodic()
+    periodic.add("failing", failing, TICK)
+    periodic.start()
+    await asyncio.sleep(TICK * 3.5)
+    periodic.shutdown()
+    assert runs >= 2
+    assert "periodic job failing failed" in caplog.text
+
+
+def test_an_interval_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        Periodic().add("never", lambda: asyncio.sleep(0), 0)
