@@ -92,4 +92,6 @@ def start_jobs(state: BrokerState) -> Periodic:
     for name, fn, seconds in jobs:
         scheduler.add(name, _guarded(name, fn), seconds)
     scheduler.start()
+    log.debug("periodic jobs: %s", "; ".join(f"{name} every {seconds:g}s"
+                                              for name, _, seconds in jobs))
     return scheduler
