@@ -197,7 +197,9 @@ class LeaseEngine:
         for name, runtime in list(self.mounts.items()):
             if runtime.spec.secret_file is not None:
                 async with self._mounts_lock:  # not while a reload swaps mounts
-                    await self._follow_password_file(name, runtime, retry_refused=retry_refused)
+                    if self.mounts.get(name) is runtime:  # not replaced while we waited
+                        await self._follow_password_file(name, runtime,
+                                                         retry_refused=retry_refused)
 
     async def _follow_password_file(self, name: str, runtime: MountRuntime, *,
                                     retry_refused: bool) -> None:
