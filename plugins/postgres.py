@@ -543,6 +543,8 @@ class PostgresBackend:
             wrong_password=lambda exc: isinstance(exc, asyncpg.InvalidPasswordError),
             old=self._secret, new=new, seconds=self._connect_timeout)
 
+    # -- internals ------------------------------------------------------------
+
     def _values(
         self, name: str, *, password: str | None = None, expiration: str | None = None
     ) -> dict[str, str]:
