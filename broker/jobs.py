@@ -38,14 +38,15 @@ PURGE_INTERVAL = 3600
 REVOKE_RULES_INTERVAL = 5
 
 
-def _guarded(name: str, fn: Callable[[], Awaitable[object]]) -> Callable[[], Awaitable[None]]:
+def _reported(name: str, fn: Callable[[], Awaitable[object]]) -> Callable[[], Awaitable[None]]:
+    """``fn``, logging what it did (a count, a summary) when that is anything.
+
+    A failure is logged by :class:`broker.periodic.Periodic`, which keeps the schedule.
+    """
     async def job() -> None:
-        try:
-            result = await fn()
-            if result:
-                log.info("%s: %s", name, result)
-        except Exception:
-            log.exception("periodic job %s failed; it runs again at its next interval", name)
+        result = await fn()
+        if result:
+            log.info("%s: %s", name, result)
 
     return job
 
@@ -90,7 +91,7 @@ def start_jobs(state: BrokerState) -> Periodic:
 
         jobs.append(("worker metrics", publish, PUBLISH_INTERVAL))
     for name, fn, seconds in jobs:
-        scheduler.add(name, _guarded(name, fn), seconds)
+        scheduler.add(name, _reported(name, fn), seconds)
     scheduler.start()
     log.debug("periodic jobs: %s", "; ".join(f"{name} every {seconds:g}s"
                                               for name, _, seconds in jobs))

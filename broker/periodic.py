@@ -11,7 +11,7 @@ first run one interval after the start, then every interval measured from
 the previous run's start (a fixed rate); a run still going when the next is
 due delays it, never doubles it (``max_instances = 1``), and runs missed
 meanwhile collapse into one (``coalesce``). :meth:`Periodic.shutdown` stops
-the loops; a run under way is left to finish, as ``shutdown(wait=False)`` did.
+the loops; a run under way is left to finish, as APScheduler's ``shutdown(wait=False)`` did.
 """
 
 from __future__ import annotations
@@ -39,10 +39,6 @@ class Periodic:
             raise ValueError(f"job {name!r}: interval must be positive, got {seconds}")
         self._jobs.append((name, fn, seconds))
 
-    @property
-    def names(self) -> list[str]:
-        return [name for name, _, _ in self._jobs]
-
     def start(self) -> None:
         for name, fn, seconds in self._jobs:
             task = asyncio.ensure_future(self._loop(name, fn, seconds))
@@ -68,10 +64,8 @@ class Periodic:
             if due <= now:  # overran: the runs missed meanwhile collapse into the next one
                 due = now + (seconds - (now - due) % seconds)
 
-    def shutdown(self, wait: bool = False) -> None:
-        """Stop every loop; a run under way finishes on its own (``wait`` is not supported)."""
-        if wait:
-            raise ValueError("Periodic.shutdown(wait=True) is not supported")
+    def shutdown(self) -> None:
+        """Stop every loop; a run under way finishes on its own."""
         for task in self._loops:
             task.cancel()
         self._loops.clear()

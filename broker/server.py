@@ -262,7 +262,7 @@ async def _serve(config: Config, *, dev: bool, dev_root_token_id: str | None,
         await site.start()
     except OSError as exc:
         await runner.cleanup()
-        scheduler.shutdown(wait=False)
+        scheduler.shutdown()
         await stop(state, 0)
         print(f"broker: error: cannot listen on {config.server.host}:{config.server.port}: "
               f"{exc.strerror}", file=sys.stderr)
@@ -303,7 +303,7 @@ async def _serve(config: Config, *, dev: bool, dev_root_token_id: str | None,
     reload_task.cancel()
     state.serving = False
     state.engine.accepting = False
-    scheduler.shutdown(wait=False)
+    scheduler.shutdown()
     await runner.cleanup()  # stops listening, waits for in-flight handlers
     await stop(state, config.server.shutdown_grace)
     return 0

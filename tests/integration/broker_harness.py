@@ -135,7 +135,7 @@ class BrokerThread:
         self._stopped = asyncio.Event()
         self._ready.set()
         await self._stopped.wait()
-        scheduler.shutdown(wait=False)
+        scheduler.shutdown()
         self.state.serving = False
         await runner.cleanup()
         await stop(self.state, 5)
