@@ -19,7 +19,7 @@ import random
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -53,7 +53,7 @@ from broker.middleware import MountRuntime
 from broker.store.base import LeaseStore
 from broker.templating import generate_password, render_username
 
-__all__ = ["EndingRecorder", "Issued", "LeaseEngine", "RevokeOutcome"]
+__all__ = ["EndingRecorder", "Issued", "LeaseEngine", "RecordIssue", "RevokeOutcome"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,10 @@ class Issued:
     lease: Lease
     data: Mapping[str, Any]
     warnings: list[str]
+
+
+#: Writes an issue's audit line: the lease, and the data block the caller gets.
+RecordIssue = Callable[[Lease, Mapping[str, Any]], Awaitable[None]]
 
 
 #: How often a request waiting for a revocation asks the store whether it is done.
@@ -322,7 +326,20 @@ class LeaseEngine:
         token: Token,
         ttl: int | None = None,
         request: Mapping[str, Any] | None = None,
+        record: RecordIssue | None = None,
     ) -> Issued:
+        """Create a user in the backend and the lease that tracks it.
+
+        ``record`` writes the issue's audit line once the lease and the data
+        are known and before the caller can answer. Through a staging backend
+        it runs beside the backend's COMMIT and the lease's activation, while
+        the event loop would otherwise wait for them (at c=1 that took the
+        line's CPU off the answer's path); otherwise after the activation. If
+        it fails, the lease is revoked and its error raised: a credential
+        nobody can trace must not exist. If the COMMIT or the activation fails
+        after the line was written, the issue is undone as always and the
+        ``rollback`` line that follows names the same lease and request.
+        """
         if not self.accepting:
             raise BackendUnavailable("broker is shutting down")
         runtime = self.mount(mount_name)
@@ -332,7 +349,7 @@ class LeaseEngine:
         self._inflight_issues += 1
         self._issues_idle.clear()
         try:
-            return await self._issue(runtime, role, token, ttl, request or {})
+            return await self._issue(runtime, role, token, ttl, request or {}, record)
         finally:
             self._inflight_issues -= 1
             if self._inflight_issues == 0:
@@ -345,6 +362,7 @@ class LeaseEngine:
         token: Token,
         ttl: int | None,
         request: Mapping[str, Any],
+        record: RecordIssue | None,
     ) -> Issued:
         warnings: list[str] = []
         now = self.clock()
@@ -394,10 +412,13 @@ class LeaseEngine:
         )
         if runtime.stages_users:
             # None ready: stage_user prepares its own while the intent commits.
-            resp = await self._issue_staged(runtime, role, lease, req, request, max_expire)
+            resp = await self._issue_staged(runtime, role, lease, req, request, max_expire,
+                                            record)
         else:
             resp = await self._issue_unstaged(runtime, role, lease, req, request, max_expire,
                                               prepare=ready is None)
+            if record is not None:
+                await self._record(lease, resp, record)
         self.wake(lease.expire_time)
         return Issued(lease=lease, data=dict(resp.data), warnings=warnings)
 
@@ -448,6 +469,26 @@ class LeaseEngine:
             raise
         return resp
 
+    async def _record(self, lease: Lease, resp: NewUserResponse, record: RecordIssue) -> None:
+        """Write the issue's audit line; if that fails, revoke the live lease and raise."""
+        try:
+            await record(lease, resp.data)
+        except Exception:
+            await asyncio.shield(self._revoke_untraced(lease))
+            raise
+
+    async def _revoke_untraced(self, lease: Lease) -> None:
+        """Queue the revocation of a lease whose issue line could not be written.
+
+        Fail-closed: a credential nobody can trace must not exist. If even the
+        queueing fails, the lease stays live in the store and ends at its expiry.
+        """
+        try:
+            await self.revoke(lease, reason="revoke", wait=0)
+        except Exception as exc:  # already failing: the caller raises the audit error
+            log.warning("could not queue %s for revocation after its issue line failed: %s",
+                        lease.id, exc)
+
     async def _issue_staged(
         self,
         runtime: MountRuntime,
@@ -456,11 +497,13 @@ class LeaseEngine:
         req: NewUserRequest,
         request: Mapping[str, Any],
         max_expire: float,
+        record: RecordIssue | None,
     ) -> NewUserResponse:
-        """Issue through a ``StagingBackend``: two overlaps where the plain path has none.
+        """Issue through a ``StagingBackend``: three overlaps where the plain path has none.
 
         The intent commits while the backend runs its statements, and the
-        backend's COMMIT runs with the lease's activation. Crash safety holds:
+        backend's COMMIT runs with the lease's activation and the issue's
+        audit line (``record``). Crash safety holds:
         the backend commits only after the intent is durable (a crash before
         that leaves no credential; after it, a pending row the stale-pending
         job rolls back, or an active one whose revocation finds nothing), and
@@ -484,9 +527,10 @@ class LeaseEngine:
         _created(lease, staged.response, max_expire)
         try:
             results = await asyncio.gather(
-                staged.commit(),
+                staged.commit(),  # first: its statement goes out before the others start
                 self.store.activate(lease.id, revocation=lease.revocation,
                                     expire_time=lease.expire_time, renewable=lease.renewable),
+                *([record(lease, staged.response.data)] if record is not None else []),
                 return_exceptions=True,
             )
         except BaseException:
@@ -494,7 +538,7 @@ class LeaseEngine:
             await asyncio.shield(self._undo_issue(lease, role, request, intent, None,
                                                   reason="cancelled"))
             raise
-        failure = next((r for r in results if isinstance(r, BaseException)), None)
+        failure = next((r for r in results[:2] if isinstance(r, BaseException)), None)
         if failure is not None:
             # Either side failed: the user may exist with no live row, or the row
             # may be active for a user that never committed. Undo both.
@@ -506,6 +550,10 @@ class LeaseEngine:
             if isinstance(results[0], BackendError):
                 raise _issue_failed(runtime, role, results[0]) from None
             raise failure
+        if len(results) > 2 and isinstance(results[2], BaseException):
+            # The credential exists but its line is not written: revoke it.
+            await asyncio.shield(self._revoke_untraced(lease))
+            raise results[2]
         return staged.response
 
     async def _undo_issue(

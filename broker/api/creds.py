@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
@@ -9,6 +10,7 @@ from aiohttp import web
 from broker.api.common import CALL, Call, json_response
 from broker.audit import AuditError
 from broker.engine import lease_ref
+from broker.lease import Lease
 
 __all__ = ["routes"]
 
@@ -32,21 +34,29 @@ async def issue(request: web.Request) -> web.Response:
     await call.require(path, *caps)
     ttl = call.duration("ttl")
     engine = call.state.engine
+    recorded = False
+
+    async def record(lease: Lease, data: Mapping[str, Any]) -> None:
+        # The data block (passwords, keys) reaches the log only as HMACs. The
+        # engine writes this line before we answer (on a staging backend,
+        # beside the backend's COMMIT) and revokes the lease if it fails.
+        nonlocal recorded
+        await call.audit("issue", lease=lease_ref(lease),
+                         ttl=int(lease.expire_time - lease.issue_time), data=dict(data))
+        recorded = True
+
     try:
         issued = await engine.issue(mount, role, token=call.token,  # type: ignore[arg-type]
-                                    ttl=ttl, request=call.request_block())
+                                    ttl=ttl, request=call.request_block(), record=record)
+    except AuditError:
+        raise  # the log is failing: an error line would fail too
     except Exception as exc:
-        await call.audit("issue", outcome="error", mount=mount, role=role, error=str(exc))
+        if not recorded:
+            await call.audit("issue", outcome="error", mount=mount, role=role, error=str(exc))
+        # else: the issue line went out before the COMMIT failed; the engine's
+        # rollback line (same request id) records how it ended.
         raise
     lease = issued.lease
-    try:
-        # The data block (passwords, keys) reaches the log only as HMACs.
-        await call.audit("issue", lease=lease_ref(lease), ttl=int(lease.expire_time
-                         - lease.issue_time), data=dict(issued.data))
-    except AuditError:
-        # Fail-closed: a credential nobody can trace must not exist.
-        await engine.revoke(lease, reason="revoke", wait=0)
-        raise
     body: dict[str, Any] = {
         "request_id": call.request_id,
         "lease_id": lease.id,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import resource
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -116,3 +117,69 @@ def test_an_issue_whose_request_line_cannot_be_written_creates_nothing(
     request_seq = next(e["seq"] for e in lines if e["type"] == "request"
                        and e["request"]["id"] == issued[0]["request"]["id"])
     assert request_seq < issued[0]["seq"]
+
+
+async def _lease_states(store_dsn: str, path: str) -> list[str]:
+    conn = await asyncpg.connect(store_dsn)
+    try:
+        return [r[0] for r in await conn.fetch(
+            "SELECT state FROM leases WHERE id LIKE $1 ORDER BY issue_time", path + "/%")]
+    finally:
+        await conn.close()
+
+
+def _settled_size(path: Path) -> int:
+    """The log's size once nothing has been appended for a while (ended lines come late)."""
+    size = -1
+    while True:
+        now = path.stat().st_size
+        if now == size:
+            return size
+        size = now
+        time.sleep(0.5)
+
+
+@pytest.mark.parametrize("path", ["pg/creds/readonly", "my/creds/app"])
+def test_an_issue_whose_issue_line_cannot_be_written_is_revoked(
+        tmp_path: Path, pg_store: str, postgres_dsn: str, mysql_dsn: str, path: str) -> None:
+    """The request line goes out, the issue line does not: the user was created (on
+    PostgreSQL its line is written beside the COMMIT), so the lease is revoked and
+    the caller gets 503 with no credential."""
+    config = write_config(tmp_path, _mounts(postgres_dsn, mysql_dsn), storage_url=pg_store)
+    audit = tmp_path / "audit.jsonl"
+    with _served(config) as (proc, token, url, _server_log):
+        ok, body = _call(url, token, "GET", path)
+        assert ok == 200, body
+        assert _call(url, token, "PUT", "sys/leases/revoke",
+                     {"lease_id": body["lease_id"]})[0] == 204
+        _wait(lambda: asyncio.run(_leftovers(postgres_dsn, mysql_dsn)) == [], 30,
+              "the first user's revocation")
+        # How long this call's two lines are: the next call's request line has
+        # the same length (give or take a digit of its seq), its issue line too.
+        raw = audit.read_text().splitlines()
+        mine = {json.loads(line)["type"]: len(line) + 1 for line in raw
+                if json.loads(line).get("request", {}).get("id") == body["request_id"]}
+        assert set(mine) == {"request", "issue"}, mine
+        full = _settled_size(audit)
+        limit = full + mine["request"] + mine["issue"] // 2
+        resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+        try:
+            status, refused = _call(url, token, "GET", path)
+            assert status == 503 and "audit log" in refused["errors"][0], refused
+        finally:
+            resource.prlimit(proc.pid, resource.RLIMIT_FSIZE,
+                             (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        # The user existed (its request line was written, so the issue went
+        # ahead); the broker queued its revocation at once.
+        _wait(lambda: asyncio.run(_leftovers(postgres_dsn, mysql_dsn)) == [], 30,
+              "the untraced user's revocation")
+        _wait(lambda: asyncio.run(_lease_states(pg_store, path)) == ["revoked", "revoked"],
+              30, "both leases revoked")
+        _wait(lambda: _call(url, token, "GET", "sys/health")[0] == 200, 10, "audit to recover")
+    lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    requests = [e for e in lines if e["type"] == "request" and e["request"]["path"] == path]
+    assert len(requests) == 2, requests
+    refused_id = requests[1]["request"]["id"]
+    # Its request line is in the log, and no issue line claims a credential.
+    assert not [e for e in lines if e["type"] == "issue"
+                and e["request"]["id"] == refused_id], lines[-6:]

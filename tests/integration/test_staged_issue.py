@@ -243,6 +243,14 @@ async def test_a_commit_that_fails_undoes_the_lease_and_the_role(
                      if e["type"] == "rollback" and e["lease"]["role"] == "deferred"]
         assert len(rollbacks) == 1, rollbacks
         assert "foreign key" in rollbacks[0]["reason"]
+        # The issue line was written beside the COMMIT that then failed: the
+        # request's lines are its request, that issue line, and the rollback.
+        request_id = rollbacks[0]["request"]["id"]
+        mine = [e for e in map(json.loads, lines)
+                if (e.get("request") or {}).get("id") == request_id]
+        assert [(e["type"], e["outcome"]) for e in mine] == [
+            ("request", "ok"), ("issue", "ok"), ("rollback", "ok")], mine
+        assert mine[1]["lease"]["id"] == rollbacks[0]["lease"]["id"]
         # The one admin connection is usable again.
         assert (await asyncio.to_thread(_issue, broker, "app")).status_code == 200
 

@@ -146,13 +146,15 @@ def test_issue_timeline_stamps_every_step_of_an_issue() -> None:
     assert os.sched_getaffinity(0) == before  # pinned only while it ran
     assert timeline.requests > 0 and timeline.broker_p50 > 0 and timeline.raw_p50 > 0
     at = timeline.medians_ms
-    # In the order an issue takes them (the pending row and the activation run
-    # beside the server's statements, so only their ends are ordered).
+    # In the order an issue takes them (the pending row runs beside the
+    # server's statements; the activation and the issue's audit line beside
+    # the COMMIT, so only their ends are ordered).
     order = ["authenticate>", "audit>", "audit<", "authenticate<", "policy>", "engine>",
-             "stage_user>", "begin_create>", "begin_create<", "commit>", "commit<",
-             "engine<", "audit>2", "audit<2", "json>", "json<", "answered"]
+             "stage_user>", "begin_create>", "begin_create<", "commit>", "audit>2",
+             "audit<2", "engine<", "json>", "json<", "answered"]
     assert [at[step] for step in order] == sorted(at[step] for step in order), at
-    assert at["intent<"] < at["begin_create<"] and at["activate<"] < at["engine<"], at
+    assert at["intent<"] < at["begin_create<"], at
+    assert at["activate<"] < at["engine<"] and at["commit<"] < at["engine<"], at
 
 
 def test_ab_pg_issue_runs_both_trees_against_raw() -> None:
