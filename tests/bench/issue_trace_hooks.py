@@ -28,8 +28,8 @@ from typing import Any
 from aiohttp import web_protocol, web_response
 
 import broker.api.common as common
-import broker.audit as audit
 import broker.api.creds as creds
+import broker.audit as audit
 import broker.engine as engine
 import broker.store.sqlite as sqlite
 import plugins.postgres as postgres

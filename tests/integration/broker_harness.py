@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import boto3
 import requests
 from aiohttp import web
 
@@ -373,6 +374,20 @@ def via_proxy(dsn: str, port: int) -> str:
     parts = urlsplit(dsn)
     userinfo = parts.netloc.rpartition("@")[0]
     return urlunsplit(parts._replace(netloc=f"{userinfo}@127.0.0.1:{port}"))
+
+
+def aws_client(endpoint: str, service: str, creds: Mapping[str, Any] | None = None) -> Any:
+    """A boto3 client of the moto server at ``endpoint`` (region us-east-1).
+
+    Signed with ``creds`` (a credential's data block: ``access_key``,
+    ``secret_key`` and, for STS, ``security_token``), else with moto's
+    dummy keys, which act as the account's root.
+    """
+    creds = creds or {"access_key": "testing", "secret_key": "testing"}
+    return boto3.session.Session(
+        aws_access_key_id=creds["access_key"], aws_secret_access_key=creds["secret_key"],
+        aws_session_token=creds.get("security_token"), region_name="us-east-1",
+    ).client(service, endpoint_url=endpoint)
 
 
 def aws_mount(moto_endpoint: str) -> str:

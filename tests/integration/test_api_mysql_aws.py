@@ -13,7 +13,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiomysql
-import boto3
 import hvac
 import hvac.exceptions
 import pymysql
@@ -23,6 +22,7 @@ from botocore.exceptions import ClientError
 from tests.conftest import run
 from tests.integration.broker_harness import (
     BrokerThread,
+    aws_client,
     aws_mount,
     config_url,
     spawn_broker,
@@ -36,14 +36,6 @@ pytestmark = pytest.mark.integration
 TRUST = json.dumps({"Version": "2012-10-17", "Statement": [{
     "Effect": "Allow", "Principal": {"AWS": "arn:aws:iam::123456789012:root"},
     "Action": "sts:AssumeRole"}]})
-
-
-def aws_client(endpoint: str, service: str, data: dict[str, Any] | None = None) -> Any:
-    data = data or {"access_key": "testing", "secret_key": "testing", "security_token": None}
-    return boto3.session.Session(
-        aws_access_key_id=data["access_key"], aws_secret_access_key=data["secret_key"],
-        aws_session_token=data.get("security_token"), region_name="us-east-1",
-    ).client(service, endpoint_url=endpoint)
 
 
 IAM_USER_ROLE = """

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import boto3
 import pytest
 from botocore.exceptions import ClientError
 
@@ -41,6 +40,7 @@ from broker.backend import (
 from broker.config import ConfigError, load_config
 from plugins import aws_sts
 from plugins.aws import AWSBackend, AWSRotateRootResponse
+from tests.integration.broker_harness import aws_client
 
 pytestmark = pytest.mark.integration
 
@@ -58,17 +58,9 @@ READ_ONLY = {"Version": "2012-10-17", "Statement": [
 # -- helpers -------------------------------------------------------------------------------
 
 
-def client(endpoint: str, service: str, key: str = DUMMY, secret: str = DUMMY,
-           token: str | None = None) -> Any:
-    session = boto3.session.Session(aws_access_key_id=key, aws_secret_access_key=secret,
-                                    aws_session_token=token, region_name=REGION)
-    return session.client(service, endpoint_url=endpoint)
-
-
 def whoami(endpoint: str, data: Mapping[str, Any]) -> str:
     """The ARN AWS sees for issued credentials."""
-    sts = client(endpoint, "sts", data["access_key"], data["secret_key"],
-                 data["security_token"])
+    sts = aws_client(endpoint, "sts", data)
     return str(sts.get_caller_identity()["Arn"])
 
 
@@ -79,7 +71,7 @@ def unique(prefix: str) -> str:
 def make_role(endpoint: str) -> tuple[str, str, str]:
     """Create an IAM role in moto: (name, arn, role id)."""
     name = unique("broker-test-role")
-    role = client(endpoint, "iam").create_role(RoleName=name, AssumeRolePolicyDocument=TRUST,
+    role = aws_client(endpoint, "iam").create_role(RoleName=name, AssumeRolePolicyDocument=TRUST,
                                                MaxSessionDuration=43200)["Role"]
     return name, role["Arn"], role["RoleId"]
 
@@ -115,7 +107,7 @@ def delete_request(role: RoleSpec | None, req: NewUserRequest, resp: NewUserResp
 
 def deny_doc(endpoint: str, role_name: str) -> dict[str, Any] | None:
     try:
-        doc = client(endpoint, "iam").get_role_policy(
+        doc = aws_client(endpoint, "iam").get_role_policy(
             RoleName=role_name, PolicyName=aws_sts.DENY_POLICY_NAME)["PolicyDocument"]
     except ClientError as exc:
         assert exc.response["Error"]["Code"] == "NoSuchEntity"
@@ -291,8 +283,8 @@ async def test_federation_token_credentials(moto_endpoint: str, backend_for: Any
     assert resp.data["security_token"]
     assert resp.renewable is False
     # moto hands out a fixed key here; the call proves AWS accepts the triple.
-    assert client(moto_endpoint, "sts", resp.data["access_key"], resp.data["secret_key"],
-                  resp.data["security_token"]).get_caller_identity()["Account"] == ACCOUNT
+    assert aws_client(moto_endpoint, "sts", resp.data).get_caller_identity()["Account"] \
+        == ACCOUNT
 
 
 async def test_session_token_credentials(moto_endpoint: str, backend_for: Any) -> None:
@@ -300,7 +292,7 @@ async def test_session_token_credentials(moto_endpoint: str, backend_for: Any) -
     role = role_spec(credential_type="session_token")
     backend = await backend_for({"s": role})
     resp = await backend.new_user(new_request(role))
-    mount_arn = client(moto_endpoint, "sts").get_caller_identity()["Arn"]
+    mount_arn = aws_client(moto_endpoint, "sts").get_caller_identity()["Arn"]
     assert resp.data["arn"] == mount_arn
     assert whoami(moto_endpoint, resp.data) == mount_arn
     with pytest.raises(BackendError):
@@ -311,7 +303,7 @@ async def test_session_token_credentials(moto_endpoint: str, backend_for: Any) -
 
 async def test_iam_user_credentials_work(moto_endpoint: str, backend_for: Any) -> None:
     """iam_user creates a user under iam_path with its policies, groups and a working key."""
-    iam = client(moto_endpoint, "iam")
+    iam = aws_client(moto_endpoint, "iam")
     group = unique("broker-test-group")
     iam.create_group(GroupName=group)
     managed = iam.create_policy(PolicyName=unique("broker-test-policy"),
@@ -341,7 +333,7 @@ async def test_iam_user_delete_is_complete_and_idempotent(
     moto_endpoint: str, backend_for: Any
 ) -> None:
     """delete_user strips keys, policies, groups and login profile, and a second call succeeds."""
-    iam = client(moto_endpoint, "iam")
+    iam = aws_client(moto_endpoint, "iam")
     group = unique("broker-test-group")
     iam.create_group(GroupName=group)
     managed = iam.create_policy(PolicyName=unique("broker-test-policy"),
@@ -369,7 +361,7 @@ async def test_iam_user_delete_refuses_users_outside_iam_path(
     moto_endpoint: str, backend_for: Any
 ) -> None:
     """Revocation data naming a user outside iam_path deletes nothing."""
-    iam = client(moto_endpoint, "iam")
+    iam = aws_client(moto_endpoint, "iam")
     name = unique("admin")
     iam.create_user(UserName=name)
     role = role_spec(credential_type="iam_user", policy_document=READ_ONLY)
@@ -384,7 +376,7 @@ async def test_iam_user_delete_refuses_users_outside_iam_path(
 
 async def test_failed_iam_user_issue_leaves_no_user(moto_endpoint: str, backend_for: Any) -> None:
     """A failure half-way (unknown group) removes the user it created; no key leaks."""
-    iam = client(moto_endpoint, "iam")
+    iam = aws_client(moto_endpoint, "iam")
     role = role_spec(credential_type="iam_user", policy_document=READ_ONLY,
                      iam_groups=[unique("no-such-group")])
     backend = await backend_for({"u": role})
@@ -583,7 +575,7 @@ async def test_unrevocable_sts_types_stay_honest(moto_endpoint: str, backend_for
 
 async def test_verify_and_rotate_root(moto_endpoint: str) -> None:
     """rotate_root swaps the mount user's access key: new one works, old one is gone."""
-    iam = client(moto_endpoint, "iam")
+    iam = aws_client(moto_endpoint, "iam")
     user = unique("broker-root")
     iam.create_user(UserName=user)
     old = iam.create_access_key(UserName=user)["AccessKey"]

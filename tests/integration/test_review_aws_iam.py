@@ -9,7 +9,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 import requests
 from botocore.exceptions import ClientError
@@ -19,17 +18,18 @@ from plugins import aws_iam
 from plugins.aws import AWSBackend, parse_role
 from tests.conformance.aws_harness import moto_with_auth
 from tests.conftest import run
-from tests.integration.broker_harness import BrokerThread, aws_mount, start_broker, write_config
+from tests.integration.broker_harness import (
+    BrokerThread,
+    aws_client,
+    aws_mount,
+    start_broker,
+    write_config,
+)
 
 pytestmark = pytest.mark.integration
 
 READ_ONLY = json.dumps({"Version": "2012-10-17", "Statement": [
     {"Effect": "Allow", "Action": "s3:GetObject", "Resource": "*"}]})
-
-
-def iam_client(endpoint: str) -> Any:
-    return boto3.session.Session(aws_access_key_id="testing", aws_secret_access_key="testing",
-                                 region_name="us-east-1").client("iam", endpoint_url=endpoint)
 
 
 @pytest.fixture
@@ -73,7 +73,7 @@ def test_name_collision_never_deletes_the_existing_iam_user(
 ) -> None:
     """A username_template that renders a taken name fails the issue and leaves the
     user of the live lease (and its key) alone."""
-    iam = iam_client(moto_endpoint)
+    iam = aws_client(moto_endpoint, "iam")
     first = api(broker, "GET", "aws/creds/fixed")
     assert first.status_code == 200, first.text
     name = f"{tag}-fixed"
@@ -100,7 +100,7 @@ def test_existing_user_of_another_lease_is_refused_but_a_retried_create_is_ours(
     """EntityAlreadyExists: a user tagged with another lease id (or none) means
     "created nothing"; one tagged with this lease's id (CreateUser retried after a lost
     answer) is this issue's own and is left to the rollback."""
-    iam = iam_client(moto_endpoint)
+    iam = aws_client(moto_endpoint, "iam")
     role = parse_role(RoleSpec(name="ci", default_ttl=60, max_ttl=60, options={
         "credential_type": "iam_user", "policy_document": READ_ONLY}))
     name = f"v-aws-ci-{uuid.uuid4().hex[:8]}"
@@ -123,7 +123,7 @@ def test_revoke_of_a_user_deleted_by_hand_succeeds(
 ) -> None:
     """Someone deleted the lease's IAM user: the revoke is done (204, lease revoked),
     not irrevocable."""
-    iam = iam_client(moto_endpoint)
+    iam = aws_client(moto_endpoint, "iam")
     issued = api(broker, "GET", "aws/creds/ci").json()
     user = issued["data"]["arn"].rsplit("/", 1)[-1]
     aws_iam.delete_user(iam, user, "/broker/")
@@ -151,7 +151,7 @@ def test_metadata_cannot_override_or_crowd_out_the_lease_id_tag(moto_endpoint: s
     async def scenario() -> list[dict[str, str]]:
         try:
             resp = await backend.new_user(req)
-            tags: list[dict[str, str]] = iam_client(moto_endpoint).list_user_tags(
+            tags: list[dict[str, str]] = aws_client(moto_endpoint, "iam").list_user_tags(
                 UserName=req.username, MaxItems=100)["Tags"]
             await backend.delete_user(DeleteUserRequest(
                 role=spec, username=req.username, revocation=resp.revocation))
@@ -176,9 +176,8 @@ def test_revoke_failing_half_way_is_retryable_and_the_key_is_already_gone() -> N
     allow_all = {"Version": "2012-10-17", "Statement": [
         {"Effect": "Allow", "Action": "*", "Resource": "*"}]}
     with moto_with_auth() as auth:
-        admin = boto3.session.Session(
-            aws_access_key_id=auth.access_key, aws_secret_access_key=auth.secret_key,
-            region_name="us-east-1").client("iam", endpoint_url=auth.endpoint)
+        admin = aws_client(auth.endpoint, "iam",
+                           {"access_key": auth.access_key, "secret_key": auth.secret_key})
         admin.create_user(UserName="broker-mount")
         admin.put_user_policy(UserName="broker-mount", PolicyName="p",
                               PolicyDocument=json.dumps(deny_detach))

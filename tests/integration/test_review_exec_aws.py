@@ -11,12 +11,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 import requests
 from botocore.exceptions import ClientError
 
-from tests.integration.broker_harness import BrokerThread, aws_mount, start_broker, write_config
+from tests.integration.broker_harness import (
+    BrokerThread,
+    aws_client,
+    aws_mount,
+    start_broker,
+    write_config,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -42,16 +47,11 @@ with open(out, "w") as fh:
 '''
 
 
-def iam_client(endpoint: str) -> Any:
-    return boto3.session.Session(aws_access_key_id="testing", aws_secret_access_key="testing",
-                                 region_name="us-east-1").client("iam", endpoint_url=endpoint)
-
-
 @pytest.fixture
 def broker(tmp_path: Path, moto_endpoint: str,
            monkeypatch: pytest.MonkeyPatch) -> Iterator[BrokerThread]:
     monkeypatch.setenv("BROKER_TEST_AWS_SECRET", "testing")
-    role_arn = iam_client(moto_endpoint).create_role(
+    role_arn = aws_client(moto_endpoint, "iam").create_role(
         RoleName=f"broker-exec-{uuid.uuid4().hex[:8]}",
         AssumeRolePolicyDocument=TRUST)["Role"]["Arn"]
     body = f"""
@@ -106,7 +106,7 @@ def test_iam_user_key_is_not_paired_with_an_inherited_session_token(
     assert ":user/broker/" in seen["arn"]
     user = seen["arn"].rsplit("/", 1)[-1]
     with pytest.raises(ClientError, match="NoSuchEntity"):
-        iam_client(moto_endpoint).get_user(UserName=user)
+        aws_client(moto_endpoint, "iam").get_user(UserName=user)
 
 
 def test_assumed_role_credential_replaces_the_inherited_one(
