@@ -187,6 +187,11 @@ class DeleteUserResponse:
 class RotateRootRequest:
     #: the new admin password; None lets the backend generate one.
     new_password: str | None = None
+    #: how long the password statement may wait for its answer (the mount's
+    #: ``backend_timeout``). A plugin that can ask the server what became of a
+    #: statement it stopped waiting for (postgres, mysql) does so past it,
+    #: rather than leave the outcome unknown; the runtime allows it the time.
+    timeout: float | None = None
 
 
 @dataclass(frozen=True)

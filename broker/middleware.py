@@ -13,7 +13,7 @@ import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar, cast
 
 from broker.backend import (
@@ -42,6 +42,11 @@ T = TypeVar("T")
 
 #: passwords a mount keeps prepared ahead (see MountRuntime.take_password).
 READY_PASSWORDS = 4
+
+#: how long rotate-root may go on past the mount's timeout: a statement whose
+#: answer never came is followed by ending its session (up to 10 s) and a fresh
+#: login with each password (up to the connect timeout), plugins/_rotation.py.
+ROTATE_PROBE_GRACE = 30.0
 
 _SECRET_KEYS = ("password", "secret_key", "security_token", "secret", "token")
 
@@ -218,8 +223,11 @@ class MountRuntime:
         return out
 
     async def rotate_root(self, req: RotateRootRequest) -> RotateRootResponse:
-        return await self._call("rotate_root", self.backend.rotate_root, (req,),
-                                (req.new_password,))
+        # The plugin bounds its statement by our timeout and may then spend a
+        # while asking the server whether the password changed (plugins/_rotation.py).
+        return await self._call("rotate_root", self.backend.rotate_root,
+                                (replace(req, timeout=self.timeout),), (req.new_password,),
+                                timeout=self.timeout + ROTATE_PROBE_GRACE)
 
     async def close(self) -> None:
         if self._refill is not None:
@@ -237,14 +245,17 @@ class MountRuntime:
         fn: Callable[..., Awaitable[T]],
         args: tuple[Any, ...],
         secrets_: tuple[str | None, ...] = (),
+        *,
+        timeout: float | None = None,
     ) -> T:
+        limit = self.timeout if timeout is None else timeout
         start = time.perf_counter()
         ok = False
         hidden = (*secrets_, self.spec.secret)
         try:
             # asyncio.timeout, not wait_for: no extra Task per call (Python 3.11);
             # expiry raises the same TimeoutError, handled below.
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(limit):
                 result = await fn(*args)
             ok = True
             return result
@@ -252,7 +263,7 @@ class MountRuntime:
             raise BackendError(redact_text(str(exc), hidden), retryable=exc.retryable,
                                created_nothing=exc.created_nothing) from None
         except TimeoutError:
-            raise BackendError(f"{op} timed out after {self.timeout:g}s", retryable=True) from None
+            raise BackendError(f"{op} timed out after {limit:g}s", retryable=True) from None
         except Exception as exc:  # a plugin bug: still never leak a secret
             message = redact_text(f"{type(exc).__name__}: {exc}", hidden)
             raise BackendError(message, retryable=True) from None

@@ -472,10 +472,17 @@ class MySQLBackend:
             user, _, host = str(row[0]).rpartition("@")
             thread_id = cur.connection.thread_id()
             try:
-                # Parameters: pymysql escapes them for the session's sql_mode.
-                await self._run(
-                    cur, what, "ALTER USER %s@%s IDENTIFIED BY %s", new, params=(user, host, new)
-                )
+                async with asyncio.timeout(req.timeout):
+                    # Parameters: pymysql escapes them for the session's sql_mode.
+                    await self._run(cur, what, "ALTER USER %s@%s IDENTIFIED BY %s", new,
+                                    params=(user, host, new))
+            except TimeoutError:
+                # No answer in time (a lock, a stalled network): the ALTER may
+                # have been applied. Asked like a lost one; the session goes.
+                cur.connection.close()
+                within = f" within {req.timeout:g}s" if req.timeout else ""
+                lost = BackendError(f"{what}: the server did not answer{within}",
+                                    retryable=True)
             except BackendError as exc:
                 if exc.created_nothing or not cur.connection.closed:
                     raise  # the server answered: it refused the statement

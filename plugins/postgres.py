@@ -503,16 +503,25 @@ class PostgresBackend:
         if error is not None:
             raise error
         pid = conn.get_server_pid()
+        timed_out = False
         try:
-            await self._transaction(conn, "rotate_root", [statement], secrets_,
-                                    lock=self._serialize_ddl is True)
-        except (BackendError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            async with asyncio.timeout(req.timeout):
+                await self._transaction(conn, "rotate_root", [statement], secrets_,
+                                        lock=self._serialize_ddl is True)
+        except TimeoutError:
+            # No answer in time (a lock, a synchronous standby, a stalled
+            # network): the ALTER may have committed. Asked like a lost one.
+            timed_out = True
+            within = f" within {req.timeout:g}s" if req.timeout else ""
+            error = BackendError(f"rotate_root: the server did not answer{within}",
+                                 retryable=True)
+        except (BackendError, asyncpg.InterfaceError, OSError) as exc:
             error = _wrap("rotate_root", exc, secrets_)
         except BaseException:  # cancelled: the outcome is unknown (not probed)
             _drop(conn)
             await pool.release(conn)
             raise
-        lost = error is not None and _is_lost(conn)
+        lost = error is not None and (timed_out or _is_lost(conn))
         if lost:
             _drop(conn)
         await pool.release(conn)

@@ -215,8 +215,13 @@ class TcpProxy:
         self.tasks: set[asyncio.Task[None]] = set()
         #: (marker, "before" | "after"): the next client chunk holding ``marker``
         #: cuts its connection (both sides), before or after it reaches the
-        #: server; the server's answer never comes back. One-shot.
+        #: server; the server's answer never comes back. (marker, "hold"): the
+        #: chunk reaches the server, the connection stays open, and nothing
+        #: the server sends on it comes back any more (a stalled network).
+        #: One-shot.
         self.cut_on: tuple[bytes, str] | None = None
+        #: the client sides whose answers are swallowed ("hold").
+        self.held: set[asyncio.StreamWriter] = set()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.up()
@@ -233,6 +238,12 @@ class TcpProxy:
                 cut = None
                 if client is not None and self.cut_on is not None and self.cut_on[0] in data:
                     cut, self.cut_on = self.cut_on, None
+                if client is None and writer in self.held:
+                    continue  # an answer the "hold" swallows
+                if cut is not None and cut[1] == "hold":
+                    assert client is not None
+                    self.held.add(client)
+                    cut = None
                 if cut is None or cut[1] == "after":
                     writer.write(data)
                     await writer.drain()

@@ -6,7 +6,8 @@ the ``ALTER`` the mount was locked out at its next new connection. Now it
 asks the server which password logs in (plugins/_rotation.py). MariaDB
 enforces passwords on the local server; a proxy between the broker and it
 cuts the connection carrying the ``ALTER USER``, after the statement reached
-the server or before.
+the server or before, or swallows the server's answer so that the call times
+out (``backend_timeout``) with the outcome unknown until the server is asked.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ pytestmark = pytest.mark.integration
 
 __all__ = ["admin"]  # the fixture, imported for its use here
 
+#: the mount's timeout: a rotate-root whose answer does not come is asked about after it.
+BACKEND_TIMEOUT = 3
+
 
 @pytest.fixture
 def served(tmp_path: Path, mysql_dsn: str, admin: tuple[str, str]
@@ -35,8 +39,9 @@ def served(tmp_path: Path, mysql_dsn: str, admin: tuple[str, str]
     url = urlsplit(mysql_dsn)
     proxy = TcpProxy(url.port or 3306)
     proxied = mysql_dsn.replace(f":{url.port or 3306}", f":{proxy.port}", 1)
-    broker = start_broker(write_config(tmp_path, _mount(proxied, user,
-                                                        'password_file = "admin.pw"')))
+    broker = start_broker(write_config(
+        tmp_path, f'[leases]\nbackend_timeout = "{BACKEND_TIMEOUT}s"\n'
+        + _mount(proxied, user, 'password_file = "admin.pw"')))
     try:
         yield broker, proxy
     finally:
@@ -91,3 +96,21 @@ def test_a_cut_before_the_server_saw_the_statement_keeps_the_old_password(
     _healthy_after_a_fresh_login(broker)
 
 
+
+
+def test_an_answer_that_never_comes_after_the_server_took_the_new_password_adopts_it(
+        served: tuple[BrokerThread, TcpProxy], admin: tuple[str, str], mysql_dsn: str,
+        tmp_path: Path) -> None:
+    """The ALTER is applied, its answer is lost in a stalled network, the call times
+    out. Before, the broker then kept the old password: locked out."""
+    broker, proxy = served
+    user, old = admin
+    proxy.cut_on = (b"ALTER USER", "hold")
+    resp = _call(broker, "POST", "my/rotate-root")
+    assert resp.status_code == 200, resp.text
+    new = resp.json()["data"]["new_password"]
+    assert proxy.cut_on is None and proxy.held  # the answer was swallowed
+    assert _logs_in(mysql_dsn, user, new)
+    assert not _logs_in(mysql_dsn, user, old)
+    assert (tmp_path / "admin.pw").read_text() == f"{new}\n"
+    _healthy_after_a_fresh_login(broker)

@@ -10,13 +10,16 @@ effect.
 The server is a private cluster with ``scram-sha-256`` (the local one trusts
 127.0.0.1, so passwords would not matter there); a proxy between the broker
 and the cluster cuts the connection that carries the ``ALTER ROLE``, either
-after the statement reached the server or before.
+after the statement reached the server or before, or swallows the server's
+answer so that the call times out (``backend_timeout``) with the outcome
+unknown until the server is asked.
 """
 
 from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +33,9 @@ from tests.conftest import server_missing
 from tests.integration.broker_harness import BrokerThread, TcpProxy, start_broker, write_config
 
 pytestmark = pytest.mark.integration
+
+#: the mount's timeout: a rotate-root whose answer does not come is asked about after it.
+BACKEND_TIMEOUT = 3
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +79,9 @@ def served(tmp_path: Path, cluster: PrivateCluster
     (tmp_path / "admin.pw").write_text(password + "\n")
     proxy = TcpProxy(cluster.port)
     broker = start_broker(write_config(tmp_path, f"""
+[leases]
+backend_timeout = "{BACKEND_TIMEOUT}s"
+
 [mounts.pg]
 plugin = "postgres"
 connection_url = "postgresql://{admin}@127.0.0.1:{proxy.port}/postgres"
@@ -132,6 +141,60 @@ def test_a_cut_before_the_server_saw_the_statement_keeps_the_old_password(
     error = resp.json()["errors"][0]
     assert "the server kept the old password" in error
     assert proxy.cut_on is None
+    assert asyncio.run(_logs_in(cluster, admin, old))
+    assert (tmp_path / "admin.pw").read_text() == f"{old}\n"
+    _issues(broker)
+    assert broker.state is not None
+    broker.call(broker.state.engine.check_mounts())
+    assert broker.state.engine.mount("pg").healthy
+
+
+def test_an_answer_that_never_comes_after_the_server_took_the_new_password_adopts_it(
+        served: tuple[BrokerThread, TcpProxy, str, str], cluster: PrivateCluster,
+        tmp_path: Path) -> None:
+    """The ALTER commits, its answer is lost in a stalled network, the call times out.
+
+    Before, the timeout cancelled the call and the broker kept the old password,
+    which the server no longer took: locked out at the next new connection.
+    """
+    broker, proxy, admin, old = served
+    proxy.cut_on = (b"ALTER ROLE", "hold")
+    resp = _post(broker, "pg/rotate-root")
+    assert resp.status_code == 200, resp.text
+    new = resp.json()["data"]["new_password"]
+    assert proxy.cut_on is None and proxy.held  # the answer was swallowed
+    assert asyncio.run(_logs_in(cluster, admin, new))
+    assert not asyncio.run(_logs_in(cluster, admin, old))
+    assert (tmp_path / "admin.pw").read_text() == f"{new}\n"
+    _issues(broker)
+    assert broker.state is not None
+    broker.call(broker.state.engine.check_mounts())
+    assert broker.state.engine.mount("pg").healthy
+
+
+def test_a_statement_stuck_behind_a_lock_past_the_timeout_keeps_the_old_password(
+        served: tuple[BrokerThread, TcpProxy, str, str], cluster: PrivateCluster,
+        tmp_path: Path) -> None:
+    """Another transaction holds the admin role's row: the ALTER waits, the call
+    times out, its session is ended (the ALTER never commits) and the server,
+    asked, still takes the old password: 503, and the mount goes on working."""
+    broker, _proxy, admin, old = served
+
+    async def rotate_behind_a_lock() -> requests.Response:
+        blocker = await asyncpg.connect(cluster.dsn)
+        try:
+            async with blocker.transaction():
+                await blocker.execute(f'ALTER ROLE "{admin}" CONNECTION LIMIT 50')
+                return await asyncio.to_thread(_post, broker, "pg/rotate-root")
+        finally:
+            await blocker.close()
+
+    started = time.monotonic()
+    resp = asyncio.run(rotate_behind_a_lock())
+    assert resp.status_code == 503, resp.text
+    assert time.monotonic() - started >= BACKEND_TIMEOUT
+    error = resp.json()["errors"][0]
+    assert "did not answer within" in error and "the server kept the old password" in error
     assert asyncio.run(_logs_in(cluster, admin, old))
     assert (tmp_path / "admin.pw").read_text() == f"{old}\n"
     _issues(broker)
