@@ -411,23 +411,6 @@ class AuditLog:
         Raises AuditError when the line could not be written: the caller must not
         go on as if the action had been recorded.
         """
-        fut = self.enqueue(event)
-        try:
-            await fut
-        finally:
-            if not fut.done():
-                fut.cancel()  # cancelled while queued: the line may still be written
-            elif not fut.cancelled():
-                fut.exception()  # mark retrieved; we raised it above if it was ours
-
-    def enqueue(self, event: Mapping[str, Any]) -> asyncio.Future[None]:
-        """Take the event's place in the log now; the future settles once it is written.
-
-        For a caller that overlaps the write with other work: the line still
-        comes before every line queued after it, and the caller must await
-        the future (AuditError when the line could not be written) before
-        anything it does takes effect.
-        """
         if self._closed:
             raise AuditError(f"audit log {self.path}: closed")
         record = self.redact(event)
@@ -443,7 +426,13 @@ class AuditLog:
             # out in the same write(): one stat, one write, one lock per batch.
             self._flush_soon = True
             loop.call_soon(self._start_flush)
-        return fut
+        try:
+            await fut
+        finally:
+            if not fut.done():
+                fut.cancel()  # cancelled while queued: the line may still be written
+            elif not fut.cancelled():
+                fut.exception()  # mark retrieved; we raised it above if it was ours
 
     def _start_flush(self) -> None:
         self._flush_soon = False

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from broker.audit import AuditError, AuditLog, event
+from broker.audit import AuditLog, event
 from broker.backend import (
     BackendError,
     DeleteUserRequest,
@@ -327,15 +327,8 @@ class LeaseEngine:
         ttl: int | None = None,
         request: Mapping[str, Any] | None = None,
         record: RecordIssue | None = None,
-        wait_before_commit: Awaitable[None] | None = None,
     ) -> Issued:
         """Create a user in the backend and the lease that tracks it.
-
-        ``wait_before_commit`` (the request's audit line, still being written)
-        is awaited before the backend can commit anything: through a staging
-        backend once the user is staged, so its wait overlaps the backend's
-        statements; otherwise before the intent. If it fails, the issue is
-        undone (a staged user never existed) and its error raised.
 
         ``record`` writes the issue's audit line once the lease and the data
         are known and before the caller can answer. Through a staging backend
@@ -356,8 +349,7 @@ class LeaseEngine:
         self._inflight_issues += 1
         self._issues_idle.clear()
         try:
-            return await self._issue(runtime, role, token, ttl, request or {}, record,
-                                     wait_before_commit)
+            return await self._issue(runtime, role, token, ttl, request or {}, record)
         finally:
             self._inflight_issues -= 1
             if self._inflight_issues == 0:
@@ -371,7 +363,6 @@ class LeaseEngine:
         ttl: int | None,
         request: Mapping[str, Any],
         record: RecordIssue | None,
-        wait_before_commit: Awaitable[None] | None,
     ) -> Issued:
         warnings: list[str] = []
         now = self.clock()
@@ -422,10 +413,8 @@ class LeaseEngine:
         if runtime.stages_users:
             # None ready: stage_user prepares its own while the intent commits.
             resp = await self._issue_staged(runtime, role, lease, req, request, max_expire,
-                                            record, wait_before_commit)
+                                            record)
         else:
-            if wait_before_commit is not None:
-                await asyncio.shield(wait_before_commit)
             resp = await self._issue_unstaged(runtime, role, lease, req, request, max_expire,
                                               prepare=ready is None)
             if record is not None:
@@ -509,7 +498,6 @@ class LeaseEngine:
         request: Mapping[str, Any],
         max_expire: float,
         record: RecordIssue | None,
-        wait_before_commit: Awaitable[None] | None,
     ) -> NewUserResponse:
         """Issue through a ``StagingBackend``: three overlaps where the plain path has none.
 
@@ -526,12 +514,10 @@ class LeaseEngine:
         try:
             staged = await runtime.stage_user(req)
             await asyncio.shield(intent)
-            if wait_before_commit is not None:
-                await asyncio.shield(wait_before_commit)
         except BaseException as exc:
             intent_error = await asyncio.shield(self._undo_issue(
                 lease, role, request, intent, staged,
-                reason=str(exc) if isinstance(exc, BackendError | AuditError) else "cancelled",
+                reason=str(exc) if isinstance(exc, BackendError) else "cancelled",
                 backend=not _created_nothing(exc)))
             if isinstance(exc, Exception) and intent_error not in (None, exc):
                 raise intent_error from None  # the store failed: nothing was recorded

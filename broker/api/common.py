@@ -3,13 +3,10 @@
 Every authenticated request writes a ``request`` audit line before anything
 happens and a response line (typed by what happened) before the answer
 leaves. If either cannot be written, the client gets 503: no audit, no action.
-(The issue handler overlaps its request line's write with the backend's
-statements: the engine waits for it before anything commits.)
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
@@ -18,7 +15,7 @@ from typing import Any, NoReturn
 
 from aiohttp import web
 
-from broker.audit import AuditError, event
+from broker.audit import event
 from broker.durations import parse_duration
 from broker.errors import BadRequest, BrokerError, PermissionDenied
 from broker.lease import Token
@@ -93,8 +90,6 @@ class Call:
     path: str
     token: Token | None = None
     body: dict[str, Any] = field(default_factory=dict)
-    #: the ``request`` line's write, when :meth:`authenticate` did not wait for it
-    request_line: asyncio.Future[None] | None = None
 
     @property
     def operation(self) -> str:
@@ -138,23 +133,10 @@ class Call:
             raw = header[7:].strip() if header.lower().startswith("bearer ") else ""
         return raw
 
-    async def authenticate(self, *, wait_for_line: bool = True) -> Token:
-        """Resolve the caller's token; audit and refuse a missing, unknown or dead one.
-
-        ``wait_for_line=False``: the ``request`` line takes its place in the
-        log now (before any line this call writes later) but is not waited
-        for. The caller must await :attr:`request_line` before anything it
-        does takes effect; the issue handler hands it to the engine, which
-        waits for it before the backend commits, so that the line's write
-        overlaps the backend's statements. Should the caller fail before,
-        :func:`error_middleware` still answers 503 if the line failed.
-        """
+    async def authenticate(self) -> Token:
+        """Resolve the caller's token; audit and refuse a missing, unknown or dead one."""
         raw = self.presented_token()
-        if wait_for_line:
-            await self.audit("request")
-        else:
-            self.request_line = self.state.audit.enqueue(event(
-                "request", auth=self.auth_block(), request=self.request_block()))
+        await self.audit("request")
         try:
             self.token = await self.state.tokens.resolve(raw)
         except DeadToken as exc:
@@ -242,23 +224,6 @@ def _encodable(value: dict[str, Any]) -> bool:
     return True
 
 
-async def _request_line_error(call: Call) -> AuditError | None:
-    """The AuditError of a ``request`` line that was not waited for, if it failed."""
-    if call.request_line is None:
-        return None
-    line, call.request_line = call.request_line, None
-    try:
-        await asyncio.shield(line)
-    except AuditError as exc:
-        return exc
-    return None
-
-
-def _retrieved(line: asyncio.Future[None]) -> None:
-    if not line.cancelled():
-        line.exception()  # nobody else will: no "exception was never retrieved"
-
-
 def new_call(request: web.Request, path: str) -> Call:
     call: Call = request[CALL]
     call.path = path
@@ -276,17 +241,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         if not state.serving and request.path != "/v1/sys/health":
             return error_response(503, "broker is shutting down")
-        response = await handler(request)
-        # No audit, no answer: a request line that failed outranks the answer.
-        line_error = await _request_line_error(request[CALL])
-        if line_error is not None:
-            return error_response(line_error.status, str(line_error))
-        return response
+        return await handler(request)
     except BrokerError as exc:
-        failed = exc
-        if not isinstance(exc, AuditError):
-            failed = await _request_line_error(request[CALL]) or exc
-        return error_response(failed.status, str(failed))
+        return error_response(exc.status, str(exc))
     except web.HTTPRequestEntityTooLarge:
         return error_response(413, "request body too large "
                               f"(limit {state.config.server.max_request_size} bytes)")
@@ -302,9 +259,6 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         log.exception("internal error on %s %s", request.method, request.path)
         return error_response(500, "internal error; see the broker log")
     finally:
-        line = request[CALL].request_line
-        if line is not None:  # not awaited (a 500, an HTTP error): never let it warn
-            line.add_done_callback(_retrieved)
         # The call holds the request and the request holds the call. Unlinked,
         # a request's objects (a dozen: the request, its headers, match info,
         # writer, call, token) are freed as it ends; linked, every request was

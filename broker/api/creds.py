@@ -28,9 +28,7 @@ async def issue(request: web.Request) -> web.Response:
     # aws/sts/x; one on aws/creds/x does not reach it.
     kind = "sts" if request.path.startswith(f"/v1/{mount}/sts/") else "creds"
     path = f"{mount}/{kind}/{role}"
-    # The request line is written while the backend runs its statements; the
-    # engine waits for it before anything commits.
-    await call.authenticate(wait_for_line=False)
+    await call.authenticate()
     await call.read_body()
     caps = ("read",) if request.method == "GET" else ("update", "create")
     await call.require(path, *caps)
@@ -49,8 +47,7 @@ async def issue(request: web.Request) -> web.Response:
 
     try:
         issued = await engine.issue(mount, role, token=call.token,  # type: ignore[arg-type]
-                                    ttl=ttl, request=call.request_block(), record=record,
-                                    wait_before_commit=call.request_line)
+                                    ttl=ttl, request=call.request_block(), record=record)
     except AuditError:
         raise  # the log is failing: an error line would fail too
     except Exception as exc:

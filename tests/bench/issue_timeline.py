@@ -14,10 +14,9 @@ same run beside it. ``--tree DIR`` runs the broker from another code tree
 The stamps cost a few µs each, so the total is a little above the bench's.
 What is on the critical path: everything up to ``begin_create>`` (the
 statement goes out inside it), ``begin_create<`` to ``commit>``, and
-the later of ``commit<``, ``activate<`` and ``audit<`` to ``answered``;
-``intent`` and the flush of the request's audit line (queued at
-``enqueue>``) run beside the server's work, and ``activate`` and the issue's
-audit line (``audit>``) beside the ``COMMIT``.
+the later of ``commit<``, ``activate<`` and ``audit<2`` to ``answered``;
+``intent`` runs beside the server's work, and ``activate`` and the issue's
+audit line (``audit>2``) beside the ``COMMIT``.
 """
 
 from __future__ import annotations

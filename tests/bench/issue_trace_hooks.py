@@ -6,7 +6,7 @@ itself). Each request's clock starts when aiohttp hands the protocol the
 request's bytes and stops when the answer has been written; in between, the
 entry (``>``) and exit (``<``) of each wrapped step is stamped in ms since
 that start. A step met twice in one request (the request's and the issue's
-audit lines both pass ``enqueue``) is stamped ``enqueue>``, ``enqueue>2``, ... Medians over all
+audit lines) is stamped ``audit>``, ``audit>2``, ... Medians over all
 requests go to ``$BROKER_TRACE_OUT`` as JSON every 200 requests and at exit.
 
 Only meaningful at concurrency 1: with two requests in flight the stamps of
@@ -29,7 +29,6 @@ from aiohttp import web_protocol, web_response
 
 import broker.api.common as common
 import broker.api.creds as creds
-import broker.audit as audit
 import broker.engine as engine
 import broker.store.sqlite as sqlite
 import plugins.postgres as postgres
@@ -116,7 +115,6 @@ _wrap_async(web_response.StreamResponse, "prepare", "prepare")
 _wrap_async(web_response.StreamResponse, "write_eof", "write_eof")
 _wrap_async(common.Call, "authenticate", "authenticate")
 _wrap_async(common.Call, "audit", "audit")
-_wrap_sync(audit.AuditLog, "enqueue", "enqueue")  # every line, the request line included
 _wrap_async(common.Call, "read_body", "read_body")
 _wrap_async(common.Call, "require", "policy")
 _wrap_async(engine.LeaseEngine, "issue", "engine")

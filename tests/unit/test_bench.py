@@ -149,11 +149,9 @@ def test_issue_timeline_stamps_every_step_of_an_issue() -> None:
     # In the order an issue takes them (the pending row runs beside the
     # server's statements; the activation and the issue's audit line beside
     # the COMMIT, so only their ends are ordered).
-    # The request line is only queued in authenticate (written while the
-    # statements run); the issue's line is the call's first awaited one.
-    order = ["authenticate>", "enqueue>", "enqueue<", "authenticate<", "policy>", "engine>",
-             "stage_user>", "begin_create>", "begin_create<", "commit>", "audit>",
-             "enqueue>2", "audit<", "engine<", "json>", "json<", "answered"]
+    order = ["authenticate>", "audit>", "audit<", "authenticate<", "policy>", "engine>",
+             "stage_user>", "begin_create>", "begin_create<", "commit>", "audit>2",
+             "audit<2", "engine<", "json>", "json<", "answered"]
     assert [at[step] for step in order] == sorted(at[step] for step in order), at
     assert at["intent<"] < at["begin_create<"], at
     assert at["activate<"] < at["engine<"] and at["commit<"] < at["engine<"], at
