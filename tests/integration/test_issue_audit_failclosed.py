@@ -15,6 +15,7 @@ import json
 import resource
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -81,16 +82,21 @@ async def _lease_rows(store_dsn: str, path: str) -> int:
         await conn.close()
 
 
+def _issued_and_revoked(url: str, token: str, path: str) -> dict[str, Any]:
+    """One issue through ``path``, revoked at once: the mount works, the log has its lines."""
+    ok, body = _call(url, token, "GET", path)
+    assert ok == 200, body
+    assert _call(url, token, "PUT", "sys/leases/revoke", {"lease_id": body["lease_id"]})[0] == 204
+    return body
+
+
 @pytest.mark.parametrize("path", ["pg/creds/readonly", "my/creds/app"])
 def test_an_issue_whose_request_line_cannot_be_written_creates_nothing(
         tmp_path: Path, pg_store: str, postgres_dsn: str, mysql_dsn: str, path: str) -> None:
     config = write_config(tmp_path, _mounts(postgres_dsn, mysql_dsn), storage_url=pg_store)
     audit = tmp_path / "audit.jsonl"
     with _served(config) as (proc, token, url, server_log):
-        ok, body = _call(url, token, "GET", path)
-        assert ok == 200, body
-        assert _call(url, token, "PUT", "sys/leases/revoke",
-                     {"lease_id": body["lease_id"]})[0] == 204
+        _issued_and_revoked(url, token, path)
         assert asyncio.run(_leftovers(postgres_dsn, mysql_dsn)) == []
         # The log fills up to where the next line would go past the limit.
         while audit.stat().st_size < server_log.stat().st_size + 8192:
@@ -148,10 +154,7 @@ def test_an_issue_whose_issue_line_cannot_be_written_is_revoked(
     config = write_config(tmp_path, _mounts(postgres_dsn, mysql_dsn), storage_url=pg_store)
     audit = tmp_path / "audit.jsonl"
     with _served(config) as (proc, token, url, _server_log):
-        ok, body = _call(url, token, "GET", path)
-        assert ok == 200, body
-        assert _call(url, token, "PUT", "sys/leases/revoke",
-                     {"lease_id": body["lease_id"]})[0] == 204
+        body = _issued_and_revoked(url, token, path)
         _wait(lambda: asyncio.run(_leftovers(postgres_dsn, mysql_dsn)) == [], 30,
               "the first user's revocation")
         # How long this call's two lines are: the next call's request line has

@@ -63,22 +63,33 @@ def _healthy_after_a_fresh_login(broker: BrokerThread) -> None:
     assert broker.state.engine.mount("my").healthy
 
 
+def _rotated_through(broker: BrokerThread, proxy: TcpProxy, mode: str) -> str:
+    """rotate-root with the proxy set to ``mode`` on the ALTER; it succeeds: the new password."""
+    proxy.cut_on = (b"ALTER USER", mode)
+    resp = _call(broker, "POST", "my/rotate-root")
+    assert resp.status_code == 200, resp.text
+    assert proxy.cut_on is None  # the proxy met the statement
+    return str(resp.json()["data"]["new_password"])
+
+
+def _adopted(broker: BrokerThread, mysql_dsn: str, user: str, tmp_path: Path,
+             new: str, old: str) -> None:
+    """The server takes ``new`` and refuses ``old``; ``password_file`` and the mount follow."""
+    assert _logs_in(mysql_dsn, user, new)
+    assert not _logs_in(mysql_dsn, user, old)
+    assert (tmp_path / "admin.pw").read_text() == f"{new}\n"
+    _healthy_after_a_fresh_login(broker)
+
+
 def test_a_lost_answer_after_the_server_took_the_new_password_adopts_it(
         served: tuple[BrokerThread, TcpProxy], admin: tuple[str, str], mysql_dsn: str,
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     broker, proxy = served
     user, old = admin
-    proxy.cut_on = (b"ALTER USER", "after")
-    resp = _call(broker, "POST", "my/rotate-root")
-    assert resp.status_code == 200, resp.text
-    new = resp.json()["data"]["new_password"]
-    assert proxy.cut_on is None  # the cut happened
-    assert _logs_in(mysql_dsn, user, new)
-    assert not _logs_in(mysql_dsn, user, old)
-    assert (tmp_path / "admin.pw").read_text() == f"{new}\n"
+    new = _rotated_through(broker, proxy, "after")
     assert "lost during ALTER USER, but the server took the new password" in caplog.text
     assert new not in caplog.text and old not in caplog.text
-    _healthy_after_a_fresh_login(broker)
+    _adopted(broker, mysql_dsn, user, tmp_path, new, old)
 
 
 def test_a_cut_before_the_server_saw_the_statement_keeps_the_old_password(
@@ -105,12 +116,6 @@ def test_an_answer_that_never_comes_after_the_server_took_the_new_password_adopt
     out. Before, the broker then kept the old password: locked out."""
     broker, proxy = served
     user, old = admin
-    proxy.cut_on = (b"ALTER USER", "hold")
-    resp = _call(broker, "POST", "my/rotate-root")
-    assert resp.status_code == 200, resp.text
-    new = resp.json()["data"]["new_password"]
-    assert proxy.cut_on is None and proxy.held  # the answer was swallowed
-    assert _logs_in(mysql_dsn, user, new)
-    assert not _logs_in(mysql_dsn, user, old)
-    assert (tmp_path / "admin.pw").read_text() == f"{new}\n"
-    _healthy_after_a_fresh_login(broker)
+    new = _rotated_through(broker, proxy, "hold")
+    assert proxy.held  # the answer was swallowed
+    _adopted(broker, mysql_dsn, user, tmp_path, new, old)

@@ -111,6 +111,20 @@ def _issues(broker: BrokerThread) -> None:
     assert resp.status_code == 200, resp.text
 
 
+def _settled_on(broker: BrokerThread, cluster: PrivateCluster, tmp_path: Path, admin: str,
+                password: str, refused: str | None = None) -> None:
+    """The server takes ``password`` (and refuses ``refused``), ``password_file``
+    holds it, and the mount issues and logs in afresh."""
+    assert asyncio.run(_logs_in(cluster, admin, password))
+    if refused is not None:
+        assert not asyncio.run(_logs_in(cluster, admin, refused))
+    assert (tmp_path / "admin.pw").read_text() == f"{password}\n"
+    _issues(broker)
+    assert broker.state is not None
+    broker.call(broker.state.engine.check_mounts())  # a fresh login, with that password
+    assert broker.state.engine.mount("pg").healthy
+
+
 def test_a_lost_answer_after_the_server_took_the_new_password_adopts_it(
         served: tuple[BrokerThread, TcpProxy, str, str], cluster: PrivateCluster,
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -120,15 +134,9 @@ def test_a_lost_answer_after_the_server_took_the_new_password_adopts_it(
     assert resp.status_code == 200, resp.text
     new = resp.json()["data"]["new_password"]
     assert proxy.cut_on is None  # the cut happened
-    assert asyncio.run(_logs_in(cluster, admin, new))
-    assert not asyncio.run(_logs_in(cluster, admin, old))
-    assert (tmp_path / "admin.pw").read_text() == f"{new}\n"
     assert "lost during ALTER ROLE, but the server took the new password" in caplog.text
     assert new not in caplog.text and old not in caplog.text
-    _issues(broker)
-    assert broker.state is not None
-    broker.call(broker.state.engine.check_mounts())  # a fresh login, with the new password
-    assert broker.state.engine.mount("pg").healthy
+    _settled_on(broker, cluster, tmp_path, admin, new, refused=old)
 
 
 def test_a_cut_before_the_server_saw_the_statement_keeps_the_old_password(
@@ -141,12 +149,7 @@ def test_a_cut_before_the_server_saw_the_statement_keeps_the_old_password(
     error = resp.json()["errors"][0]
     assert "the server kept the old password" in error
     assert proxy.cut_on is None
-    assert asyncio.run(_logs_in(cluster, admin, old))
-    assert (tmp_path / "admin.pw").read_text() == f"{old}\n"
-    _issues(broker)
-    assert broker.state is not None
-    broker.call(broker.state.engine.check_mounts())
-    assert broker.state.engine.mount("pg").healthy
+    _settled_on(broker, cluster, tmp_path, admin, old)
 
 
 def test_an_answer_that_never_comes_after_the_server_took_the_new_password_adopts_it(
@@ -163,13 +166,7 @@ def test_an_answer_that_never_comes_after_the_server_took_the_new_password_adopt
     assert resp.status_code == 200, resp.text
     new = resp.json()["data"]["new_password"]
     assert proxy.cut_on is None and proxy.held  # the answer was swallowed
-    assert asyncio.run(_logs_in(cluster, admin, new))
-    assert not asyncio.run(_logs_in(cluster, admin, old))
-    assert (tmp_path / "admin.pw").read_text() == f"{new}\n"
-    _issues(broker)
-    assert broker.state is not None
-    broker.call(broker.state.engine.check_mounts())
-    assert broker.state.engine.mount("pg").healthy
+    _settled_on(broker, cluster, tmp_path, admin, new, refused=old)
 
 
 def test_a_statement_stuck_behind_a_lock_past_the_timeout_keeps_the_old_password(
@@ -195,9 +192,4 @@ def test_a_statement_stuck_behind_a_lock_past_the_timeout_keeps_the_old_password
     assert time.monotonic() - started >= BACKEND_TIMEOUT
     error = resp.json()["errors"][0]
     assert "did not answer within" in error and "the server kept the old password" in error
-    assert asyncio.run(_logs_in(cluster, admin, old))
-    assert (tmp_path / "admin.pw").read_text() == f"{old}\n"
-    _issues(broker)
-    assert broker.state is not None
-    broker.call(broker.state.engine.check_mounts())
-    assert broker.state.engine.mount("pg").healthy
+    _settled_on(broker, cluster, tmp_path, admin, old)
