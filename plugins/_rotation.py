@@ -3,11 +3,13 @@
 The admin's own ``ALTER ROLE ... PASSWORD`` (postgres) or ``ALTER USER ...
 IDENTIFIED BY`` (mysql) went out and the connection broke before the answer
 came back (a proxy or load balancer reset it, the network failed, the server
-restarted). The server may have changed the password or not. Guessing wrong
-either way locks the broker out of its own backend: keep the old password
-after the server took the new one (the next new connection cannot log in,
-and nobody knows the new password, since it was never returned), or adopt a
-new one the server never saw.
+restarted), or the answer did not come within the mount's timeout (a lock, a
+synchronous standby, a stalled network; :func:`no_answer`). The server may
+have changed the password or not. Guessing wrong either way locks the broker
+out of its own backend: keep the old password after the server took the new
+one (the next new connection cannot log in, and nobody knows the new
+password, since it was never returned), or adopt a new one the server never
+saw.
 
 So the broker asks the server, as a client would: it ends the cut-off session
 first (the plugin's ``settle``: until that session is gone, its ``ALTER`` may
@@ -27,7 +29,7 @@ from typing import Any
 
 from broker.backend import BackendError
 
-__all__ = ["confirm_rotation", "rotation_outcome"]
+__all__ = ["confirm_rotation", "no_answer", "rotation_outcome"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,13 @@ log = logging.getLogger(__name__)
 _RETRY_PAUSE = 0.2
 
 Login = Callable[[str | None], Awaitable[Any]]
+
+
+def no_answer(what: str, timeout: float | None) -> BackendError:
+    """The error for a password statement whose answer did not come within ``timeout``:
+    its outcome is unknown, so the caller asks the server (:func:`confirm_rotation`)."""
+    within = f" within {timeout:g}s" if timeout else ""
+    return BackendError(f"{what}: the server did not answer{within}", retryable=True)
 
 
 async def confirm_rotation(lost: BackendError, *, who: str, statement: str,

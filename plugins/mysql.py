@@ -98,7 +98,7 @@ from broker.backend import (
     RotateRootResponse,
 )
 from broker.templating import generate_password, render, template_names
-from plugins._rotation import confirm_rotation
+from plugins._rotation import confirm_rotation, no_answer
 from plugins._sql import (
     check_expiration,
     check_password,
@@ -480,9 +480,7 @@ class MySQLBackend:
                 # No answer in time (a lock, a stalled network): the ALTER may
                 # have been applied. Asked like a lost one; the session goes.
                 cur.connection.close()
-                within = f" within {req.timeout:g}s" if req.timeout else ""
-                lost = BackendError(f"{what}: the server did not answer{within}",
-                                    retryable=True)
+                lost = no_answer(what, req.timeout)
             except BackendError as exc:
                 if exc.created_nothing or not cur.connection.closed:
                     raise  # the server answered: it refused the statement

@@ -88,7 +88,7 @@ from plugins._pg_revoke import (
     _revoke_many,
 )
 from plugins._pg_revoke import _TERMINATE_WAIT_MS as _TERMINATE_WAIT_MS  # for broker/bench
-from plugins._rotation import confirm_rotation
+from plugins._rotation import confirm_rotation, no_answer
 from plugins._scram import DEFAULT_ITERATIONS, scram_verifier
 from plugins._sql import (
     backoff_delay,
@@ -512,9 +512,7 @@ class PostgresBackend:
             # No answer in time (a lock, a synchronous standby, a stalled
             # network): the ALTER may have committed. Asked like a lost one.
             timed_out = True
-            within = f" within {req.timeout:g}s" if req.timeout else ""
-            error = BackendError(f"rotate_root: the server did not answer{within}",
-                                 retryable=True)
+            error = no_answer("rotate_root", req.timeout)
         except (BackendError, asyncpg.InterfaceError, OSError) as exc:
             error = _wrap("rotate_root", exc, secrets_)
         except BaseException:  # cancelled: the outcome is unknown (not probed)
