@@ -1,7 +1,7 @@
 """Profile a bench broker under load: py-spy records the server while the bench drives it.
 
     python tests/bench/profile_broker.py --op issue [--store sqlite|postgresql]
-        [--seconds 10] [--concurrency 32] [--rate 200] [--gil] [--out /tmp/prof]
+        [--seconds 10] [--concurrency 32] [--rate 200] [--gil] [--workers N] [--out /tmp/prof]
     python tests/bench/profile_broker.py --op pg-issue --concurrency 8
 
 ``pg-issue`` issues PostgreSQL roles through the bench's ``postgres`` mount
@@ -88,7 +88,8 @@ async def run(args: argparse.Namespace) -> None:
             url = await bench.fresh_database("broker_bench_profile")
         await create_root_token(url)
         toml, env = pg_mount(bench, max_open=args.concurrency) if args.op == "pg-issue" else ("", {})
-        async with running(broker_config(tmp, store_url=url, mounts=toml), env) as broker, \
+        config = broker_config(tmp, store_url=url, mounts=toml, workers=args.workers)
+        async with running(config, env) as broker, \
                 ApiClient(broker.url, concurrency=args.concurrency) as api:
             ids: list[str] = []
 
@@ -111,27 +112,30 @@ async def run(args: argparse.Namespace) -> None:
             spy = await asyncio.create_subprocess_exec(
                 shutil.which("py-spy") or "py-spy", "record", "-p", str(broker.pid), "-d",
                 str(int(args.seconds)), "-r", str(args.rate), "-f", "raw", "-o", f"{args.out}.collapsed",
-                *(["--gil"] if args.gil else []), "--nonblocking",
+                *(["--gil"] if args.gil else []),
+                *(["--subprocesses"] if args.workers > 1 else []), "--nonblocking",
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.STDOUT)
-            threads0 = thread_cpu(broker.pid)
+            pids = broker.pids()
+            threads0 = {pid: thread_cpu(pid) for pid in pids}
             cpu0, own0, t0 = (broker.cpu_seconds() or 0.0), time.process_time(), time.perf_counter()
             result = await run_load(ops[args.op], concurrency=args.concurrency,
                                     seconds=args.seconds)
             wall = time.perf_counter() - t0
             server_cpu = ((broker.cpu_seconds() or 0.0) - cpu0) / wall
             client_cpu = (time.process_time() - own0) / wall
-            threads1 = thread_cpu(broker.pid)
+            threads1 = {pid: thread_cpu(pid) for pid in pids}
             calls = result.rate * wall
             await asyncio.wait_for(spy.wait(), 60)
         print(f"{args.op}: {result.rate:.0f}/s p50 {result.p(0.5):.1f} ms p99 "
               f"{result.p(0.99):.1f} ms; server CPU {100 * server_cpu:.0f}%, "
               f"client CPU {100 * client_cpu:.0f}% of one core")
-        # Which thread the CPU goes to: the event loop's (tid = pid) or a worker's.
-        for tid, spent in sorted(threads1.items(), key=lambda kv: -kv[1]):
-            used = spent - threads0.get(tid, 0.0)
-            if used > 0:
-                name = "event loop" if tid == broker.pid else f"thread {tid}"
-                print(f"  {name}: {1e6 * used / calls:.0f} µs CPU per call")
+        # Which thread the CPU goes to: a process's event loop (tid = pid) or another thread.
+        for pid, threads in threads1.items():
+            for tid, spent in sorted(threads.items(), key=lambda kv: -kv[1]):
+                used = spent - threads0[pid].get(tid, 0.0)
+                if used > 0:
+                    name = f"event loop {pid}" if tid == pid else f"thread {tid} of {pid}"
+                    print(f"  {name}: {1e6 * used / calls:.0f} µs CPU per call")
         print(summarize(Path(f"{args.out}.collapsed")))
     finally:
         if args.op == "pg-issue" and bench.pg_dsn is not None:
@@ -149,6 +153,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--gil", action="store_true", help="only samples holding the GIL")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="[server] workers; py-spy then follows the worker processes")
     parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     parser.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "broker-profile"))
     asyncio.run(run(parser.parse_args()))
