@@ -52,8 +52,9 @@ async def confirm_rotation(lost: BackendError, *, who: str, statement: str,
     off; else raise why not. ``probe``: :func:`rotation_outcome`'s arguments."""
     took, why = await rotation_outcome(**probe)
     if took:
-        log.warning("%s: the connection was lost during %s, but the server took the new "
-                    "password", who, statement)
+        # ``lost`` says which it was: a cut connection, or no answer in time.
+        log.warning("%s: %s got no answer (%s), but the server took the new password",
+                    who, statement, lost)
         return
     if took is False:
         raise BackendError(f"{lost}; the server kept the old password", retryable=True)
