@@ -45,9 +45,11 @@ from broker.lease import (
     LeaseFilter,
     LeaseState,
     Token,
+    TokenState,
     issue_ttl,
     new_lease_id,
     renew_expiry,
+    renewal_capped,
 )
 from broker.middleware import MountRuntime
 from broker.store.base import LeaseStore
@@ -662,14 +664,21 @@ class LeaseEngine:
                                f"it cannot be {_PAST.get(op, op + 'ed')}")
         return lease
 
-    async def renew(self, lease: Lease, increment: int | None) -> Lease:
+    async def renew(self, lease: Lease, increment: int | None) -> tuple[Lease, list[str]]:
+        """Push the lease's expiry (and the backend's); returns it and the answer's warnings."""
         if lease.state is not LeaseState.ACTIVE:
             raise BadRequest(f"lease {lease.id} is {lease.state.value}; it cannot be renewed")
         runtime = self.mount(lease.mount)
         role = runtime.spec.roles.get(lease.role)
         default_ttl = role.default_ttl if role else self.leases_cfg.default_ttl
         now = self.clock()
+        new_cap = None
+        if now + (increment or default_ttl) > lease.max_expire_time and role is not None:
+            new_cap = await self._token_cap(lease, role.max_ttl)
+            if new_cap is not None:
+                lease.max_expire_time = new_cap
         expire = renew_expiry(lease, increment, default_ttl, now)
+        capped = renewal_capped(lease, increment, default_ttl, now)
         if runtime.capabilities.can_renew and role is not None:
             try:
                 resp = await runtime.renew_user(RenewUserRequest(
@@ -679,11 +688,33 @@ class LeaseEngine:
                 raise BackendUnavailable(f"mount {lease.mount!r}: renew failed: {exc}") from None
             if resp.expiration is not None:
                 expire = min(expire, resp.expiration.timestamp())
-        if not await self.store.renew(lease.id, expire_time=expire, now=now):
+        if not await self.store.renew(lease.id, expire_time=expire, now=now,
+                                      max_expire_time=new_cap):
             raise BadRequest(f"lease {lease.id} is no longer active")
         lease.expire_time, lease.last_renewal = expire, now
         self.wake(expire)  # a renewal may shorten the lease: due before the sweeper's next look
-        return lease
+        return lease, [capped] if capped else []
+
+    async def _token_cap(self, lease: Lease, role_max_ttl: int) -> float | None:
+        """A later max expiry for a lease its token's expiry capped at issue, if the
+        token has been renewed since; None when the cap stays.
+
+        At issue the cap is the sooner of issue time + the role's max_ttl and
+        the token's expiry ("a lease never outlives its token"). Renewing the
+        token moves its expiry, so a lease capped by it may follow, up to its
+        role's max_ttl; otherwise a long CI job that keeps its token alive
+        would still lose its credentials at the token's first expiry. Read
+        only on a renewal that asks past the cap, so other renewals cost
+        nothing more.
+        """
+        role_cap = lease.issue_time + role_max_ttl
+        if lease.max_expire_time >= role_cap:
+            return None  # capped by the role, not the token
+        token = await self.store.token_by_accessor(lease.owner)
+        if token is None or token.state is not TokenState.ACTIVE:
+            return None  # its leases are being revoked with it
+        cap = role_cap if token.expire_time is None else min(role_cap, token.expire_time)
+        return cap if cap > lease.max_expire_time else None
 
     # -- revocation ------------------------------------------------------------
     async def revoke(self, lease: Lease, *, reason: str = "revoke", wait: float = 30.0

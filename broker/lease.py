@@ -28,6 +28,7 @@ __all__ = [
     "issue_ttl",
     "new_lease_id",
     "renew_expiry",
+    "renewal_capped",
 ]
 
 
@@ -167,14 +168,22 @@ def renew_expiry(
 ) -> float:
     """New expiry for a renewal: increment counts from now, capped at max expiry.
 
-    Renewing past ``issue_time + max_ttl`` is an error, not a silent cap: the
-    caller must know its credential will die sooner than it asked.
+    Asking for an ``increment`` past ``max_expire_time`` is an error, not a
+    silent cap: the caller must know its credential will die sooner than it
+    asked. A renewal without one (or with 0, Vault's "the default") asks for
+    nothing in particular: it extends by ``default_ttl`` as far as the cap
+    allows (the caller learns it from the TTL and a warning, see
+    :func:`renewal_capped`), as a token's renewal does. Otherwise a lease
+    whose cap is its token's expiry, less than ``default_ttl`` away for most
+    of its life, could never be renewed the way hvac and Vault agents renew.
     """
     if increment is not None and increment < 0:
         raise BadRequest("increment must not be negative")
     if not lease.renewable:
         raise BadRequest(f"lease {lease.id} is not renewable")
-    wanted = now + (increment if increment else default_ttl)
+    if not increment:
+        return min(now + default_ttl, lease.max_expire_time)
+    wanted = now + increment
     if wanted > lease.max_expire_time + 0.5:  # half a second of clock slack
         remaining = max(0, int(lease.max_expire_time - now))
         raise BadRequest(
@@ -182,3 +191,13 @@ def renew_expiry(
             f"it can live {remaining}s more at most (ask for increment <= {remaining})"
         )
     return min(wanted, lease.max_expire_time)
+
+
+def renewal_capped(lease: Lease, increment: int | None, default_ttl: int, now: float
+                   ) -> str | None:
+    """The warning for a renewal without increment that its max expiry cut short."""
+    if increment or now + default_ttl <= lease.max_expire_time + 0.5:
+        return None
+    remaining = max(0, int(lease.max_expire_time - now))
+    return (f"TTL capped at the lease's max expiry: {remaining}s left, not the "
+            f"{default_ttl}s a renewal extends by")

@@ -87,7 +87,7 @@ async def renew(request: web.Request) -> web.Response:
     # of 1800 reads back as 1800, not 1799 after the audit write.
     now = call.state.engine.clock()
     try:
-        lease = await call.state.engine.renew(lease, increment)
+        lease, warnings = await call.state.engine.renew(lease, increment)
     except Exception as exc:
         await call.audit("renew", outcome="error", lease=lease_ref(lease), error=str(exc))
         raise
@@ -99,7 +99,7 @@ async def renew(request: web.Request) -> web.Response:
         "renewable": lease.renewable,
         "lease_duration": lease.ttl(now),
         "data": None,
-        "warnings": None,
+        "warnings": warnings or None,
     })
 
 

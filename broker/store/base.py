@@ -129,9 +129,11 @@ class LeaseStore(Protocol):
     ) -> int: ...
 
     # -- leases: renew --------------------------------------------------
-    async def renew(self, lease_id: str, *, expire_time: float, now: float) -> bool:
+    async def renew(self, lease_id: str, *, expire_time: float, now: float,
+                    max_expire_time: float | None = None) -> bool:
         """Set a new expiry on an ACTIVE lease (and due_at); False if it is not active
-        or a revoke rule covers it."""
+        or a revoke rule covers it. ``max_expire_time`` also moves its cap (a
+        cap that was its token's expiry, after the token was renewed)."""
 
     # -- leases: revocation ----------------------------------------------
     async def queue_revoke(

@@ -395,14 +395,16 @@ class PostgresStore:
                                            *args.values))
 
     # -- leases: renew --------------------------------------------------
-    async def renew(self, lease_id: str, *, expire_time: float, now: float) -> bool:
+    async def renew(self, lease_id: str, *, expire_time: float, now: float,
+                    max_expire_time: float | None = None) -> bool:
         # No NOTIFY: a renewal only ever moves the due time later. A lease a revoke
         # rule covers reads as revoking and is refused here too; a rule committed
         # meanwhile is seen (a statement's snapshot is taken when it starts).
         status = await self.pool.execute(
-            "UPDATE leases AS l SET expire_time = $1, due_at = $1, last_renewal = $2"
+            "UPDATE leases AS l SET expire_time = $1, due_at = $1, last_renewal = $2,"
+            " max_expire_time = coalesce($4::double precision, max_expire_time)"
             f" WHERE l.id = $3 AND l.state = 'active' AND NOT {_COVERED}",
-            expire_time, now, lease_id,
+            expire_time, now, lease_id, max_expire_time,
         )
         return _count(status) == 1
 

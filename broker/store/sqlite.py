@@ -702,12 +702,14 @@ class SQLiteStore:
         return int(rows[0][0])
 
     # -- leases: renew --------------------------------------------------
-    async def renew(self, lease_id: str, *, expire_time: float, now: float) -> bool:
+    async def renew(self, lease_id: str, *, expire_time: float, now: float,
+                    max_expire_time: float | None = None) -> bool:
         # A lease a revoke rule covers reads as revoking and is refused here too.
         changed = await self._write(_rowcount(
-            "UPDATE leases AS l SET expire_time = ?, due_at = ?, last_renewal = ?"
+            "UPDATE leases AS l SET expire_time = ?, due_at = ?, last_renewal = ?,"
+            " max_expire_time = coalesce(?, max_expire_time)"
             f" WHERE l.id = ? AND l.state = 'active' AND NOT {_COVERED}",
-            (expire_time, expire_time, now, lease_id),
+            (expire_time, expire_time, now, max_expire_time, lease_id),
         ))
         return changed == 1
 

@@ -143,6 +143,55 @@ def test_renew_past_max_ttl_is_an_error(client: hvac.Client) -> None:
     client.sys.revoke_lease(resp["lease_id"])
 
 
+def _token_client(client: hvac.Client, broker: BrokerThread, **create: Any) -> hvac.Client:
+    token = client.auth.token.create(policies=["app"], **create)["auth"]["client_token"]
+    return hvac.Client(url=broker.url, token=token)
+
+
+async def _valid_until(dsn: str, user: str) -> float:
+    until = await fetchval(dsn, "SELECT rolvaliduntil FROM pg_roles WHERE rolname = $1", user)
+    return float(until.timestamp())
+
+
+def test_renew_without_increment_of_a_lease_its_token_caps_is_capped_not_refused(
+        client: hvac.Client, broker: BrokerThread) -> None:
+    """hvac's plain renew_lease on a lease whose token expires before the role's
+    default_ttl (the usual case for CI tokens): capped at the token's expiry, with
+    a warning. It used to answer 400 for the lease's whole life."""
+    app = _token_client(client, broker, ttl="10m")
+    resp = app.secrets.database.generate_credentials("readonly", mount_point="pg")
+    assert resp["lease_duration"] <= 600
+    renewed = app.sys.renew_lease(resp["lease_id"])
+    assert 590 <= renewed["lease_duration"] <= 600
+    assert renewed["warnings"] and "capped at the lease's max expiry" in renewed["warnings"][0]
+    # An increment past the cap is still refused, saying how long is left.
+    with pytest.raises(hvac.exceptions.InvalidRequest, match="max TTL"):
+        app.sys.renew_lease(resp["lease_id"], increment=3600)
+    app.sys.revoke_lease(resp["lease_id"])
+
+
+def test_a_lease_capped_by_its_token_follows_the_token_renewal(
+        client: hvac.Client, broker: BrokerThread, postgres_dsn: str) -> None:
+    """A renewed token's leases may be renewed up to the new token expiry (and the
+    role's max_ttl): before, their cap stayed at the token's first expiry, so a
+    long CI job that kept its token alive still lost its credentials."""
+    app = _token_client(client, broker, ttl="2m", explicit_max_ttl="2h")
+    resp = app.secrets.database.generate_credentials("readonly", mount_point="pg")
+    lease_id, user = resp["lease_id"], resp["data"]["username"]
+    assert resp["lease_duration"] <= 120
+    assert app.auth.token.renew_self(increment="1h")["auth"]["lease_duration"] == 3600
+    renewed = app.sys.renew_lease(lease_id, increment=600)
+    assert 590 <= renewed["lease_duration"] <= 600 and not renewed["warnings"]
+    # The role's VALID UNTIL moved with it.
+    assert run(_valid_until(postgres_dsn, user)) > time.time() + 500
+    # Up to the token's new expiry, not past it: the token still caps the lease.
+    with pytest.raises(hvac.exceptions.InvalidRequest, match="max TTL"):
+        app.sys.renew_lease(lease_id, increment=2 * 3600)
+    looked = client.sys.read_lease(lease_id)["data"]
+    assert 590 <= looked["ttl"] <= 600
+    app.sys.revoke_lease(lease_id)
+
+
 def test_expiry_ends_open_sessions(client: hvac.Client, broker: BrokerThread,
                                    postgres_dsn: str) -> None:
     """A short-TTL lease is revoked about when it expires, and its open session is killed."""

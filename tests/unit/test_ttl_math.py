@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from broker.errors import BadRequest
-from broker.lease import Lease, issue_ttl, new_lease_id, renew_expiry
+from broker.lease import Lease, issue_ttl, new_lease_id, renew_expiry, renewal_capped
 
 
 def lease(issue: float = 1000.0, max_ttl: int = 3600, renewable: bool = True) -> Lease:
@@ -45,6 +45,17 @@ def test_renew_past_max_is_an_error_naming_what_is_left() -> None:
     """Renewing past issue + max_ttl is refused and says how long the lease can still live."""
     with pytest.raises(BadRequest, match="1600s more"):
         renew_expiry(lease(), 3000, 600, now=3000.0)
+
+
+def test_renew_without_increment_stops_at_max_with_a_warning() -> None:
+    """No increment asks for nothing past the cap: the renewal is capped, not refused
+    (a lease capped by its token has less than default_ttl left most of its life)."""
+    assert renew_expiry(lease(), None, 600, now=4400.0) == 4600.0
+    assert renew_expiry(lease(), 0, 600, now=4400.0) == 4600.0
+    warning = renewal_capped(lease(), None, 600, now=4400.0)
+    assert warning is not None and "200s left" in warning
+    assert renewal_capped(lease(), None, 600, now=2000.0) is None  # not cut short
+    assert renewal_capped(lease(), 100, 600, now=4400.0) is None  # an increment: no cap
 
 
 def test_renew_exactly_to_max_is_allowed() -> None:
