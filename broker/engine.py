@@ -461,6 +461,7 @@ class LeaseEngine:
                 revocation=lease.revocation,
                 expire_time=lease.expire_time,
                 renewable=lease.renewable,
+                owner=lease.owner,  # not if its token was revoked meanwhile
             )
         except BaseException:
             # The row is gone or not pending any more (rolled back meanwhile) or the
@@ -531,7 +532,8 @@ class LeaseEngine:
             results = await asyncio.gather(
                 staged.commit(),  # first: its statement goes out before the others start
                 self.store.activate(lease.id, revocation=lease.revocation,
-                                    expire_time=lease.expire_time, renewable=lease.renewable),
+                                    expire_time=lease.expire_time, renewable=lease.renewable,
+                                    owner=lease.owner),
                 *([record(lease, staged.response.data)] if record is not None else []),
                 return_exceptions=True,
             )

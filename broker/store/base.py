@@ -31,9 +31,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from broker.errors import PermissionDenied
 from broker.lease import Lease, LeaseFilter, LeaseState, Token
 
-__all__ = ["LeaseStore", "RevokeQueued", "RuleChunk"]
+__all__ = ["LeaseStore", "RevokeQueued", "RuleChunk", "owner_ended"]
+
+
+def owner_ended(lease_id: str) -> PermissionDenied:
+    """``activate``'s error when the token that asked for the lease is no longer active."""
+    return PermissionDenied(f"permission denied: the token was revoked or expired while lease "
+                            f"{lease_id} was being issued; the credential is not handed out")
 
 
 @dataclass(frozen=True)
@@ -90,11 +97,19 @@ class LeaseStore(Protocol):
         revocation: dict[str, Any],
         expire_time: float,
         renewable: bool,
+        owner: str | None = None,
     ) -> None:
         """pending -> active; ``due_at`` = expire_time.
 
         Raises ``broker.errors.Conflict`` when the row is no longer pending (rolled
-        back meanwhile, or gone): the credential must then not be handed out."""
+        back meanwhile, or gone): the credential must then not be handed out.
+
+        With ``owner`` (a token accessor), only while that token is active, in
+        the same write: else ``broker.errors.PermissionDenied``. Revoking a
+        token ends it first and then queues its live leases, so a lease still
+        pending then is never queued; this check is what keeps it from going
+        live afterwards. Checked in the write (not before it), so the token's
+        end and the activation are ordered: one of the two sees the other."""
 
     async def delete(self, lease_id: str) -> None:
         """Remove a row entirely (a rolled-back pending lease, after the backend confirmed)."""
@@ -264,6 +279,11 @@ class LeaseStore(Protocol):
 
     async def expired_tokens(self, *, now: float, limit: int) -> list[str]:
         """Accessors of active tokens whose expire_time has passed."""
+
+    async def live_token_accessors(self, *, now: float, limit: int,
+                                   after: str = "") -> list[str]:
+        """Accessors of active tokens not yet expired at ``now``, sorted, after ``after``
+        (``LIST auth/token/accessors``)."""
 
     async def delete_tokens_by_display_name(self, display_name: str) -> int:
         """Dev mode: forget earlier dev root tokens."""

@@ -41,7 +41,7 @@ import asyncpg
 from broker.errors import Conflict
 from broker.lease import Lease, LeaseFilter, LeaseState, Token, TokenState, check_meta_key
 from broker.store import redact_url
-from broker.store.base import RevokeQueued, RuleChunk
+from broker.store.base import RevokeQueued, RuleChunk, owner_ended
 from broker.store.pg_guard import GuardedPool
 from broker.store.pg_notify import WAKE_CHANNEL, Notifier, WakeListener
 from broker.store.pg_schema import MIGRATIONS, migrate
@@ -326,15 +326,26 @@ class PostgresStore:
         )
 
     async def activate(
-        self, lease_id: str, *, revocation: dict[str, Any], expire_time: float, renewable: bool
+        self, lease_id: str, *, revocation: dict[str, Any], expire_time: float, renewable: bool,
+        owner: str | None = None,
     ) -> None:
-        status = await self.pool.execute(
-            "UPDATE leases SET state = 'active', revocation = $1::jsonb,"
-            " expire_time = $2, renewable = $3, due_at = $2"
-            " WHERE id = $4 AND state = 'pending'",
-            json.dumps(revocation), expire_time, renewable, lease_id,
-        )
+        sql = ("UPDATE leases SET state = 'active', revocation = $1::jsonb,"
+               " expire_time = $2, renewable = $3, due_at = $2"
+               " WHERE id = $4 AND state = 'pending'")
+        args: list[Any] = [json.dumps(revocation), expire_time, renewable, lease_id]
+        if owner is not None:
+            # FOR SHARE orders this against the token's end (an UPDATE of its row):
+            # whichever comes second sees the other's commit. Without it, an
+            # activation whose snapshot predates the end could commit after the
+            # revoker had queued the token's leases, and stay live.
+            sql += (" AND EXISTS (SELECT 1 FROM tokens WHERE accessor = $5"
+                    " AND state = 'active' FOR SHARE)")
+            args.append(owner)
+        status = await self.pool.execute(sql, *args)
         if _count(status) != 1:
+            token = None if owner is None else await self.token_by_accessor(owner)
+            if owner is not None and (token is None or token.state is not TokenState.ACTIVE):
+                raise owner_ended(lease_id)
             # Rolled back meanwhile (stale-pending job): the credential must not be handed out.
             raise Conflict(f"lease {lease_id} is no longer pending; it cannot be activated")
         self._notifier.signal(expire_time)
@@ -698,6 +709,15 @@ class PostgresStore:
             "SELECT accessor FROM tokens WHERE state = 'active' AND expire_time IS NOT NULL"
             " AND expire_time <= $1 ORDER BY expire_time LIMIT $2",
             now, limit,
+        )
+        return [str(row[0]) for row in rows]
+
+    async def live_token_accessors(self, *, now: float, limit: int,
+                                   after: str = "") -> list[str]:
+        rows = await self.pool.fetch(
+            "SELECT accessor FROM tokens WHERE state = 'active' AND accessor > $1"
+            " AND (expire_time IS NULL OR expire_time > $2) ORDER BY accessor LIMIT $3",
+            after, now, limit,
         )
         return [str(row[0]) for row in rows]
 

@@ -46,7 +46,7 @@ except ImportError:  # Windows
 
 from broker.errors import Conflict, StoreUnavailable
 from broker.lease import Lease, LeaseFilter, LeaseState, Token, TokenState, check_meta_key
-from broker.store.base import RevokeQueued, RuleChunk
+from broker.store.base import RevokeQueued, RuleChunk, owner_ended
 from broker.store.rows import lease_from_row, prefix_upper, token_from_row
 
 __all__ = ["MIGRATIONS", "SQLiteStore", "StoreSchemaError"]
@@ -418,6 +418,15 @@ def _rows_by_rules(query: Callable[[bool], tuple[str, Sequence[Any]]], needed: b
     return run
 
 
+#: activate's condition with an owner: the token that asked is still active.
+_OWNER_ACTIVE = " AND EXISTS (SELECT 1 FROM tokens WHERE accessor = ? AND state = 'active')"
+
+
+def _token_active(conn: sqlite3.Connection, accessor: str) -> bool:
+    row = conn.execute("SELECT state FROM tokens WHERE accessor = ?", (accessor,)).fetchone()
+    return row is not None and row[0] == TokenState.ACTIVE.value
+
+
 def _rowcount(sql: str, params: Sequence[Any]) -> Op[int]:
     return lambda conn: conn.execute(sql, params).rowcount
 
@@ -639,14 +648,27 @@ class SQLiteStore:
         ))
 
     async def activate(
-        self, lease_id: str, *, revocation: dict[str, Any], expire_time: float, renewable: bool
+        self, lease_id: str, *, revocation: dict[str, Any], expire_time: float, renewable: bool,
+        owner: str | None = None,
     ) -> None:
-        changed = await self._write(_rowcount(
-            "UPDATE leases SET state = 'active', revocation = ?, expire_time = ?,"
-            " renewable = ?, due_at = ? WHERE id = ? AND state = 'pending'",
-            (json.dumps(revocation), expire_time, int(renewable), expire_time, lease_id),
-        ))
-        if changed != 1:
+        sql = ("UPDATE leases SET state = 'active', revocation = ?, expire_time = ?,"
+               " renewable = ?, due_at = ? WHERE id = ? AND state = 'pending'")
+        params: list[Any] = [json.dumps(revocation), expire_time, int(renewable), expire_time,
+                             lease_id]
+        if owner is not None:
+            sql += _OWNER_ACTIVE
+            params.append(owner)
+
+        def op(conn: sqlite3.Connection) -> bool | None:
+            """True: activated; False: the owner token is not active; None: not pending."""
+            if conn.execute(sql, params).rowcount == 1:
+                return True
+            return None if owner is None or _token_active(conn, owner) else False
+
+        outcome = await self._write(op)
+        if outcome is False:
+            raise owner_ended(lease_id)
+        if outcome is None:
             # Rolled back meanwhile (stale-pending job): the credential must not be handed out.
             raise Conflict(f"lease {lease_id} is no longer pending; it cannot be activated")
 
@@ -962,6 +984,15 @@ class SQLiteStore:
             "SELECT accessor FROM tokens WHERE state = 'active' AND expire_time IS NOT NULL"
             " AND expire_time <= ? ORDER BY expire_time LIMIT ?",
             (now, limit),
+        ))
+        return [row[0] for row in rows]
+
+    async def live_token_accessors(self, *, now: float, limit: int,
+                                   after: str = "") -> list[str]:
+        rows = await self._read(_rows(
+            "SELECT accessor FROM tokens WHERE state = 'active' AND accessor > ?"
+            " AND (expire_time IS NULL OR expire_time > ?) ORDER BY accessor LIMIT ?",
+            (after, now, limit),
         ))
         return [row[0] for row in rows]
 
