@@ -22,8 +22,11 @@ the first credential listed keeps the plain names the tools read. Every lease
 id is in ``BROKER_LEASE_IDS``, comma-separated, in the order given.
 
 The rest of exec's environment is inherited, except the ``--jwt-env`` variable
-(the JWT logs in as the whole job) and a plain name the credential leaves empty
-(an IAM user's ``AWS_SESSION_TOKEN``: a stale one would break its key).
+(the JWT logs in as the whole job), the broker token variables
+(``BROKER_TOKEN``, ``VAULT_TOKEN``: the command gets its leases, not the power
+to issue more, and a token would outlive the leases exec revokes; unless
+``--pass-token``) and a plain name the credential leaves empty (an IAM user's
+``AWS_SESSION_TOKEN``: a stale one would break its key).
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ from broker.durations import format_duration, parse_duration
 
 __all__ = [
     "LEASE_IDS_ENV",
+    "TOKEN_VARIABLES",
     "ExecOptions",
     "Held",
     "build_env",
@@ -102,6 +106,12 @@ class ExecOptions:
     jwt_env: str | None = None
     auth_role: str | None = None
     auth_path: str = "jwt"
+    #: pass BROKER_TOKEN / VAULT_TOKEN on to the command (off: least privilege).
+    pass_token: bool = False
+
+
+#: where the CLI reads a broker token from (broker/cli/common.py): kept from the command.
+TOKEN_VARIABLES = ("BROKER_TOKEN", "VAULT_TOKEN")
 
 
 def split_command(argv: Sequence[str]) -> tuple[list[str], list[str] | None]:
@@ -147,6 +157,9 @@ def configure_parser(p: argparse.ArgumentParser, mount_role: Callable[[str], Any
     p.add_argument("--auth-role", metavar="ROLE", help="role to log in as (with --jwt-*)")
     p.add_argument("--auth-path", metavar="PATH", default="jwt",
                    help="auth mount to log in at: POST /v1/auth/PATH/login (default jwt)")
+    p.add_argument("--pass-token", action="store_true",
+                   help="pass BROKER_TOKEN and VAULT_TOKEN on to the command (by default "
+                   "it gets its credentials, not the token)")
     p.set_defaults(command_argv=None)
 
 
@@ -176,7 +189,8 @@ def options_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> E
     return ExecOptions(specs=specs, command=command, ttl=args.ttl, heartbeat=args.heartbeat,
                        revoke=not args.no_revoke, jwt=jwt,
                        jwt_env=args.jwt_env if jwt is not None else None,
-                       auth_role=args.auth_role, auth_path=auth_path)
+                       auth_role=args.auth_role, auth_path=auth_path,
+                       pass_token=args.pass_token)
 
 
 def _read_jwt(path: str | None, var: str | None, environ: Mapping[str, str]) -> str:
@@ -513,8 +527,11 @@ class Exec:
     def _main(self, fwd: _Forwarder) -> int:
         try:
             self._setup()
-            # The JWT logs in as the whole CI job: the command gets its leases, not that.
+            # The JWT logs in as the whole CI job, and a broker token may issue more
+            # (and outlives the leases revoked below): the command gets its leases.
             drop = stale_names(self.held) | {self.opts.jwt_env}
+            if not self.opts.pass_token:
+                drop |= set(TOKEN_VARIABLES)
             inherited = {k: v for k, v in os.environ.items() if k not in drop}
             env = {**inherited, **build_env(self.held)}
             if self.opts.heartbeat and any(c.renewable for c in self.held):

@@ -360,6 +360,26 @@ def test_no_revoke_leaves_the_lease_until_its_ttl(env: Env) -> None:
     assert lease is not None and 20 < lease.expire_time - time.time() <= 30
 
 
+def test_no_revoke_without_ttl_leaves_a_token_capped_lease_until_the_token_expires(
+        env: Env) -> None:
+    """--no-revoke with a token that expires before the role's default TTL (a CI
+    login's): the last renewal is capped at the token's expiry. It used to be
+    refused (400, past the max TTL), leaving the lease two heartbeats to live."""
+    created = requests.post(f"{env.broker.url}/v1/auth/token/create",
+                            json={"policies": ["app"], "ttl": "20m"},
+                            headers={"X-Vault-Token": env.broker.root_token}, timeout=30)
+    assert created.status_code == 200, created.text
+    out = env.tmp / "out.json"
+    done = env.run("--no-revoke", "pg/readonly", child=(str(out), "ok", "0", "0"),
+                   token=created.json()["auth"]["client_token"])
+    assert done.returncode == 0, done.stderr
+    assert "could not extend" not in done.stderr
+    lease_id = json.loads(out.read_text())["env"]["BROKER_LEASE_IDS"]
+    assert env.broker.state is not None
+    lease = env.broker.call(env.broker.state.store.get(lease_id))
+    assert lease is not None and 1100 < lease.expire_time - time.time() <= 1200
+
+
 def test_unreachable_broker_fails_before_running_the_command(env: Env) -> None:
     """No broker: one error line, exit 1, and the command never runs."""
     out = env.tmp / "out.json"
@@ -415,6 +435,27 @@ def test_exec_logs_in_with_a_ci_jwt_and_revokes_the_login_token(env: Env,
     assert lease.metadata["run_id"] == "4711"
     token = env.broker.call(store.token_by_accessor(lease.owner))
     assert token is not None and token.state.value == "revoked"
+
+
+@pytest.mark.parametrize("pass_token", [False, True])
+def test_the_broker_token_reaches_the_command_only_with_pass_token(env: Env,
+                                                                    pass_token: bool) -> None:
+    """BROKER_TOKEN / VAULT_TOKEN are kept from the command unless --pass-token: it
+    gets its credentials, not a token that could issue more and outlives them."""
+    spy = env.tmp / "spy.py"
+    spy.write_text(SPY)
+    out = env.tmp / "out.json"
+    token = env.broker.root_token
+    argv = [sys.executable, "-m", "broker.cli", "exec", *(["--pass-token"] * pass_token),
+            "pg/readonly", "--", sys.executable, str(spy), str(out), token]
+    done = subprocess.run(argv, env=env.environ() | {"VAULT_TOKEN": token}, capture_output=True,
+                          text=True, timeout=60, cwd=env.tmp)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(out.read_text())
+    assert "PGPASSWORD" in seen["names"]
+    assert ("BROKER_TOKEN" in seen["names"]) is pass_token
+    assert ("VAULT_TOKEN" in seen["names"]) is pass_token
+    assert seen["jwt_anywhere"] is pass_token  # the token's value, under any name
 
 
 def test_the_login_jwt_never_reaches_the_command(env: Env, issuer: OIDCIssuer) -> None:
