@@ -77,6 +77,11 @@ class Client:
     ) -> None:
         address = address.strip()
         parts = _split_address(address)
+        if parts is not None and "@" in parts.netloc:
+            # Not echoed: the part before "@" may be a password. urllib would not
+            # send it anyway (it took it for part of the host name).
+            raise ValueError("address must not hold a user name or password (http(s)://HOST:PORT;"
+                             " the token goes in --token or BROKER_TOKEN)")
         if parts is None or parts.scheme not in {"http", "https"} or not parts.hostname:
             raise ValueError(f"address must look like http(s)://HOST:PORT, got {address!r}")
         self.address = address.rstrip("/")

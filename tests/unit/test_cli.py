@@ -264,6 +264,18 @@ def test_a_malformed_address_is_a_usage_error_not_a_traceback(
     assert err.count("\n") == 1 and "http(s)://HOST:PORT" in err
 
 
+@pytest.mark.parametrize("address", ["http://u:s3cret@127.0.0.1:1", "https://s3cret@broker:8200"])
+def test_an_address_with_a_password_is_refused_without_echoing_it(
+    capsys: pytest.CaptureFixture[str], env: pytest.MonkeyPatch, address: str
+) -> None:
+    """A user name or password in the address: one line, exit 2, the secret not shown
+    (it used to be taken for part of the host name and printed in the error)."""
+    code, out, err = run(capsys, "creds", "pg/ro", "--token", "t", "--address", address)
+    assert (code, out) == (2, "")
+    assert err.count("\n") == 1 and "must not hold a user name or password" in err
+    assert "s3cret" not in err
+
+
 def test_a_token_with_a_windows_line_end_is_stripped(
     capsys: pytest.CaptureFixture[str], env: pytest.MonkeyPatch, canned: Canned
 ) -> None:
