@@ -10,6 +10,7 @@ from aiohttp import web
 from broker.api.common import CALL, Call, json_response
 from broker.audit import AuditError
 from broker.engine import lease_ref
+from broker.errors import BadRequest
 from broker.lease import Lease
 
 __all__ = ["routes"]
@@ -29,6 +30,10 @@ async def issue(request: web.Request) -> web.Response:
     kind = "sts" if request.path.startswith(f"/v1/{mount}/sts/") else "creds"
     path = f"{mount}/{kind}/{role}"
     await call.authenticate()
+    if "/" in mount or "/" in role:
+        # %2F decodes into the name: no mount or role holds a "/", and a policy
+        # glob must never be checked against a path that climbs ("x/../y").
+        raise BadRequest(f"invalid path {path!r}: a mount or role name holds no '/'")
     await call.read_body()
     caps = ("read",) if request.method == "GET" else ("update", "create")
     await call.require(path, *caps)
