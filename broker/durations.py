@@ -30,6 +30,8 @@ def parse_duration(value: str | int | float) -> int:
         return _bounded(int(value), value)
     text = str(value).strip().lower()
     if text.isdigit():
+        if len(text) > len(str(MAX_SECONDS)):  # before int(): Python refuses 4,300+ digits
+            raise ValueError(f"duration {_shown(value)} is longer than 100 years")
         return _bounded(int(text), value)
     pos = 0
     total = 0.0
@@ -39,14 +41,23 @@ def parse_duration(value: str | int | float) -> int:
         total += float(match.group(1)) * _UNITS[match.group(2)]
         pos = match.end()
     if not text or pos != len(text):
-        raise ValueError(f"expected a duration like '90s', '15m', '1h' or '7d', got {value!r}")
+        raise ValueError(f"expected a duration like '90s', '15m', '1h' or '7d', "
+                         f"got {_shown(value)}")
+    if not math.isfinite(total):  # "1e400" cannot be spelt, but 400 nines of seconds can
+        raise ValueError(f"duration {_shown(value)} is longer than 100 years")
     return _bounded(int(total), value)
 
 
 def _bounded(seconds: int, value: object) -> int:
     if seconds > MAX_SECONDS:
-        raise ValueError(f"duration {value!r} is longer than 100 years")
+        raise ValueError(f"duration {_shown(value)} is longer than 100 years")
     return seconds
+
+
+def _shown(value: object, most: int = 40) -> str:
+    """``value`` for an error message: its repr, cut short (it is the caller's input)."""
+    text = repr(value)
+    return text if len(text) <= most else text[: most - 5] + "...'"
 
 
 def format_duration(seconds: int) -> str:

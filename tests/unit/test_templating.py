@@ -69,6 +69,15 @@ def test_bad_durations_are_refused(bad: object) -> None:
         parse_duration(bad)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("huge", ["9" * 5000, "9" * 400 + "s", "1" * 11])
+def test_huge_durations_are_refused_in_one_short_line(huge: str) -> None:
+    """Thousands of digits: "longer than 100 years", the input cut short in the message
+    (it used to echo Python's int-conversion limit, or overflow on "999...9s")."""
+    with pytest.raises(ValueError, match="longer than 100 years") as err:
+        parse_duration(huge)
+    assert len(str(err.value)) < 100
+
+
 def test_durations_stop_at_a_hundred_years() -> None:
     """100 years is the longest duration: every expiry from one is still a writable date."""
     assert parse_duration(MAX_SECONDS) == parse_duration("36500d") == MAX_SECONDS
