@@ -27,6 +27,7 @@ __all__ = [
     "Call",
     "error_middleware",
     "identity_of",
+    "is_list_request",
     "json_response",
     "method_capability",
 ]
@@ -69,6 +70,13 @@ def method_capability(method: str) -> str:
         "POST": "update",
         "PUT": "update",
     }.get(method, "update")
+
+
+def is_list_request(request: web.Request) -> bool:
+    """A LIST request, or its GET spelling (Vault takes Go's ParseBool spellings;
+    hvac's client.list() sends "True")."""
+    return request.method == "LIST" or (
+        request.method == "GET" and request.query.get("list", "").lower() in {"true", "1", "t"})
 
 
 def identity_of(token: Token) -> dict[str, Any]:
@@ -230,11 +238,22 @@ def new_call(request: web.Request, path: str) -> Call:
     return call
 
 
+#: Vault's response-wrapping header (hvac's ``wrap_ttl=``). The broker does not wrap.
+WRAP_TTL_HEADER = "X-Vault-Wrap-TTL"
+WRAPPING_UNSUPPORTED = "response wrapping (X-Vault-Wrap-TTL) is not supported"
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Turn every failure into ``{"errors": [...]}`` with the right status."""
     from broker.engine import new_request_id
 
+    # A client asking for wrapping expects the secret to travel only inside a
+    # single-use wrapping token; answering in plaintext would hand it to every
+    # relay the client meant to keep it from. Refused before any handler runs,
+    # so nothing is issued, revoked or changed. (One header lookup per request.)
+    if request.headers.get(WRAP_TTL_HEADER):
+        return error_response(400, WRAPPING_UNSUPPORTED)
     state = request.app[STATE]
     request[CALL] = Call(request=request, state=state, request_id=new_request_id(),
                          path=request.path.removeprefix("/v1/"))

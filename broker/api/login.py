@@ -19,7 +19,7 @@ from broker.api.common import CALL, Call, json_response
 from broker.api.tokens import auth_block
 from broker.auth import JWTAuthMethod, build_auth_methods, describe_token
 from broker.config import Config
-from broker.errors import BrokerError, NotFound
+from broker.errors import BadRequest, BrokerError, NotFound
 from broker.state import BrokerState
 
 __all__ = ["auth_methods", "close_auth_methods", "reload_auth_methods", "routes"]
@@ -77,6 +77,15 @@ async def close_auth_methods(state: BrokerState) -> None:
         await method.close()
 
 
+def _check_strings(body: dict[str, Any], *names: str) -> None:
+    """400 naming the field whose value is not a string: ``{"role": 5}`` is not a
+    missing role, and saying so sent callers looking for the wrong mistake."""
+    for name in names:
+        value = body.get(name)
+        if value is not None and not isinstance(value, str):
+            raise BadRequest(f"{name} must be a string")
+
+
 @routes.post("/v1/auth/{method}/login")
 @routes.put("/v1/auth/{method}/login")
 async def login(request: web.Request) -> web.Response:
@@ -90,6 +99,7 @@ async def login(request: web.Request) -> web.Response:
         method = auth_methods(call.state).get(name)
         if method is None:
             raise NotFound(f"no auth method {name!r} is configured ([auth.jwt.{name}])")
+        _check_strings(body, "role", "jwt")
         result = await method.login(body.get("role"), body.get("jwt"))
     except BrokerError as exc:
         role = body.get("role")

@@ -1,10 +1,12 @@
-"""``/v1/sys/health``, ``seal-status``, ``init``, ``mounts``, ``metrics`` and the OpenAPI
-document (``internal/specs/openapi``)."""
+"""``/v1/sys/health``, ``seal-status``, ``init``, ``leader``, ``mounts``, ``auth``,
+``metrics`` and the OpenAPI document (``internal/specs/openapi``)."""
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import time
+import uuid
 from importlib import resources
 from typing import Any
 
@@ -13,7 +15,9 @@ from aiohttp import web
 from broker import __version__, metrics_text
 from broker.api.common import CALL, STATE, Call, json_response
 from broker.api.leases import rfc3339
+from broker.api.login import auth_methods
 from broker.errors import BadRequest
+from broker.state import BrokerState
 from broker.worker_stats import merge, publish_own
 
 __all__ = ["routes"]
@@ -70,6 +74,75 @@ async def seal_status(request: web.Request) -> web.Response:
         "recovery_seal": False,
         "storage_type": state.config.storage.url.partition(":")[0],
     })
+
+
+def _replicas_possible(state: BrokerState) -> bool:
+    """Whether other brokers may share this one's store: a PostgreSQL store can be shared
+    by replicas, an embedded SQLite file cannot."""
+    return state.config.storage.url.startswith(("postgresql:", "postgres:"))
+
+
+@routes.get("/v1/sys/leader")
+async def leader(request: web.Request) -> web.Response:
+    """Vault's ``GET sys/leader`` (``vault status``, hvac's ``sys.read_leader_status()``).
+
+    No token needed, as in Vault. There is no leader election: every broker,
+    replica or not, serves every request itself, so each answers ``is_self:
+    true`` with its own address. ``ha_enabled`` says whether replicas are
+    possible at all (a PostgreSQL store), and ``active_time`` is when this
+    instance started serving. There is no cluster port: its address is "".
+    """
+    state = request.app[STATE]
+    return json_response({
+        "ha_enabled": _replicas_possible(state),
+        "is_self": True,
+        "active_time": rfc3339(state.started),
+        "leader_address": state.config.server.address,
+        "leader_cluster_address": "",
+        "performance_standby": False,
+        "performance_standby_last_remote_wal": 0,
+    })
+
+
+@routes.get("/v1/sys/auth")
+async def auth_mounts(request: web.Request) -> web.Response:
+    """Vault's ``GET sys/auth`` (hvac's ``sys.list_auth_methods()``): the token method and
+    each ``[auth.jwt.NAME]`` method, keyed ``NAME/``. ``read`` on ``sys/auth``.
+
+    As Vault answers it, the mapping is both under ``data`` and at the top level.
+    Methods are set in the config file, not enabled over the API, so the
+    mount-time settings Vault reports have their defaults. Accessor and uuid are
+    derived from the name, so every replica answers the same.
+    """
+    call: Call = request[CALL]
+    await call.authenticate()
+    await call.require("sys/auth", "read")
+    methods = {"token/": _auth_mount("token", "token", "token based credentials")}
+    for name in sorted(auth_methods(call.state)):
+        methods[f"{name}/"] = _auth_mount(name, "jwt", "JWT/OIDC login")
+    return json_response({**methods, "request_id": call.request_id, "lease_id": "",
+                          "renewable": False, "lease_duration": 0, "data": methods,
+                          "wrap_info": None, "warnings": None, "auth": None})
+
+
+def _auth_mount(name: str, kind: str, description: str) -> dict[str, Any]:
+    """One entry of ``sys/auth`` in Vault's shape."""
+    digest = hashlib.sha256(f"broker auth {name}/".encode()).hexdigest()
+    return {
+        "accessor": f"auth_{kind}_{digest[:8]}",
+        "config": {"default_lease_ttl": 0, "force_no_cache": False, "max_lease_ttl": 0,
+                   "token_type": "default-service"},
+        "description": description,
+        "external_entropy_access": False,
+        "local": False,
+        "options": None,
+        "plugin_version": "",
+        "running_plugin_version": "",
+        "running_sha256": "",
+        "seal_wrap": False,
+        "type": kind,
+        "uuid": str(uuid.UUID(digest[:32])),
+    }
 
 
 @routes.get("/v1/sys/init")

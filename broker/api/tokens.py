@@ -7,7 +7,7 @@ from typing import Any, NoReturn
 
 from aiohttp import web
 
-from broker.api.common import CALL, Call, json_response
+from broker.api.common import CALL, Call, error_response, is_list_request, json_response
 from broker.api.leases import rfc3339
 from broker.durations import format_duration
 from broker.errors import BadRequest, BrokerError, PermissionDenied
@@ -16,7 +16,7 @@ from broker.state import BrokerState
 from broker.store.base import LeaseStore
 from broker.tokens import TokenIdTaken, hash_token
 
-__all__ = ["auth_block", "revoke_token_tree", "routes"]
+__all__ = ["auth_block", "orphaned", "revoke_token_tree", "routes", "token_data"]
 
 routes = web.RouteTableDef()
 
@@ -49,7 +49,16 @@ def auth_block(token: str, record: Token, now: float | None = None, *,
     }
 
 
-def token_data(record: Token, now: float) -> dict[str, Any]:
+def token_data(record: Token, now: float, *, token_id: str = "",
+               orphan: bool | None = None) -> dict[str, Any]:
+    """Vault's lookup ``data`` for ``record``.
+
+    ``token_id``: the token itself, shown as ``id`` as Vault does. Tokens are
+    stored only as hashes, so only a caller that presented the token (lookup-self,
+    lookup) can be answered with it; lookup-accessor leaves it empty, as in Vault.
+    The audit log never sees it: lookups audit the accessor, not the answer.
+    ``orphan``: what :func:`orphaned` found (else: the token has no parent).
+    """
     ttl = int(record.expire_time - now) if record.expire_time else 0
     creation_ttl = record.creation_ttl
     if creation_ttl is None:  # a row from before the store kept it
@@ -62,10 +71,10 @@ def token_data(record: Token, now: float) -> dict[str, Any]:
         "expire_time": rfc3339(record.expire_time),
         "explicit_max_ttl": int(record.max_expire_time - record.created)
         if record.max_expire_time else 0,
-        "id": "",  # Vault shows the token itself here; we never echo it back
+        "id": token_id,
         "meta": record.metadata or None,
         "num_uses": 0,
-        "orphan": record.parent is None,
+        "orphan": record.parent is None if orphan is None else orphan,
         "path": "auth/token/create",
         "policies": record.policies,
         "renewable": record.renewable,
@@ -74,9 +83,24 @@ def token_data(record: Token, now: float) -> dict[str, Any]:
     }
 
 
-async def revoke_token_tree(state: BrokerState, accessor: str) -> tuple[int, int]:
-    """Revoke a token, its children and every lease they own. Returns (tokens, leases)."""
-    accessors = await state.tokens.descendants(accessor)
+async def orphaned(store: LeaseStore, record: Token) -> bool:
+    """Whether ``record`` has no live parent: it was created without one, or its
+    parent was revoked by ``revoke-orphan`` (any other end of a parent ends its
+    children too: revocation cascades, and a child never outlives its parent)."""
+    if record.parent is None:
+        return True
+    parent = await store.token_by_accessor(record.parent)
+    return parent is None or parent.state is not TokenState.ACTIVE
+
+
+async def revoke_token_tree(state: BrokerState, accessor: str, *,
+                            children: bool = True) -> tuple[int, int]:
+    """Revoke a token, its children and every lease they own. Returns (tokens, leases).
+
+    ``children=False``: the token and its leases only (revoke-orphan; and a token
+    already revoked, whose live children, if any, revoke-orphan left alive).
+    """
+    accessors = await state.tokens.descendants(accessor) if children else [accessor]
     now = state.engine.clock()
     ended = 0
     for acc in accessors:
@@ -124,8 +148,13 @@ def _strings(value: Any, name: str) -> list[str]:
 
 
 def _meta(call: Call) -> dict[str, str]:
-    meta = call.body.get("meta") or {}
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+    meta = call.body.get("meta")
+    if meta is None:
+        return {}
+    # Not "or {}": a list, a string or a number is a mistake to report, not "no metadata".
+    if not isinstance(meta, dict):
+        raise BadRequest(f"meta must be an object of string values, not {_json_type(meta)}")
+    if not all(isinstance(v, str) for v in meta.values()):
         raise BadRequest("meta must be an object of string values")
     for key, value in meta.items():
         _check_text(key, "meta")
@@ -133,22 +162,54 @@ def _meta(call: Call) -> dict[str, str]:
     return meta
 
 
+def _json_type(value: Any) -> str:
+    """What a JSON value is, for an error message (never the value: it may be a secret)."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    return "a string" if isinstance(value, str) else "null"
+
+
+def _whole_number(call: Call, name: str) -> int | None:
+    """``name`` as an integer (a JSON number or its decimal text, as Vault takes it)."""
+    value = call.body.get(name)
+    if value is None or value == "":
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.isascii():  # int() takes other scripts' digits too
+        try:
+            return int(value)
+        except ValueError:  # not a number, or thousands of digits
+            pass
+    raise BadRequest(f"{name} must be a whole number, not {_json_type(value)}")
+
+
 def _refuse_unsupported(call: Call) -> None:
     """400 for token features the broker does not have, rather than ignoring them:
-    a num_uses=1 token that works forever is worse than an error."""
-    if call.body.get("num_uses") not in (None, "", 0, "0"):
+    a num_uses=1 token that works forever is worse than an error. A value of the
+    wrong type says so first: "not supported" would send the caller the wrong way."""
+    num_uses = _whole_number(call, "num_uses")
+    if num_uses is not None and num_uses < 0:
+        raise BadRequest("num_uses must not be negative")
+    if num_uses:
         raise BadRequest("num_uses is not supported: tokens have no use limit (omit it or send 0)")
     if call.duration("period"):
         raise BadRequest("period is not supported: there are no periodic tokens "
                          "(use ttl and explicit_max_ttl)")
-    if call.body.get("type") not in (None, "", "service"):
+    if _text(call, "type") not in (None, "service"):
         raise BadRequest("type is not supported: only 'service' tokens exist (omit type)")
     # The policy engine adds "default" to every token when it evaluates: a token
     # claiming to lack it would still have it.
     if call.flag("no_default_policy", False):
         raise BadRequest("no_default_policy is not supported: every token carries the built-in "
                          "'default' policy (omit it or send false)")
-    if call.body.get("entity_alias") not in (None, ""):
+    if _text(call, "entity_alias") is not None:
         raise BadRequest("entity_alias is not supported: there are no identity entities "
                          "or aliases (omit it)")
 
@@ -272,8 +333,12 @@ async def _authorized(request: web.Request, *capabilities: str,
     return call, caller
 
 
+# PUT everywhere POST is taken: Vault maps both to its update operation, and
+# `vault write auth/token/create ...` sends PUT.
 @routes.post("/v1/auth/token/create")
+@routes.put("/v1/auth/token/create")
 @routes.post("/v1/auth/token/create-orphan")
+@routes.put("/v1/auth/token/create-orphan")
 async def create(request: web.Request) -> web.Response:
     call, caller = await _authorized(request, "update", "create", "sudo")
     _refuse_unsupported(call)
@@ -322,14 +387,18 @@ def live_token(record: Token | None, now: float) -> Token | None:
 
 @routes.get("/v1/auth/token/lookup-self")
 @routes.post("/v1/auth/token/lookup-self")
+@routes.put("/v1/auth/token/lookup-self")
 async def lookup_self(request: web.Request) -> web.Response:
     call, token = await _authorized(request, "read", "update", body=False)
     await call.audit("token_lookup")
     return json_response({"request_id": call.request_id,
-                          "data": token_data(token, call.state.engine.clock())})
+                          "data": token_data(token, call.state.engine.clock(),
+                                             token_id=call.presented_token(),
+                                             orphan=await orphaned(call.state.store, token))})
 
 
 @routes.post("/v1/auth/token/lookup")
+@routes.put("/v1/auth/token/lookup")
 async def lookup(request: web.Request) -> web.Response:
     # Vault answers 403 for an unknown or dead token...
     return await _lookup_other(request, "token", lambda store, v: store.token_by_hash(
@@ -337,6 +406,7 @@ async def lookup(request: web.Request) -> web.Response:
 
 
 @routes.post("/v1/auth/token/lookup-accessor")
+@routes.put("/v1/auth/token/lookup-accessor")
 async def lookup_accessor(request: web.Request) -> web.Response:
     # ... and 400 for an unknown or dead accessor.
     return await _lookup_other(request, "accessor", lambda store, v: store.token_by_accessor(
@@ -346,7 +416,11 @@ async def lookup_accessor(request: web.Request) -> web.Response:
 async def _lookup_other(request: web.Request, field: str,
                         find: Callable[[LeaseStore, str], Awaitable[Token | None]],
                         missing: BrokerError) -> web.Response:
-    """Another token's data, named by ``field`` of the body (its value or accessor)."""
+    """Another token's data, named by ``field`` of the body (its value or accessor).
+
+    Named by its value, the answer's ``id`` is that value (the caller has it);
+    named by its accessor, ``id`` stays empty: an accessor must never lead to the token.
+    """
     call, _ = await _authorized(request, "update", "sudo")
     value = _required_text(call, field)
     now = call.state.engine.clock()
@@ -354,7 +428,64 @@ async def _lookup_other(request: web.Request, field: str,
     if other is None:
         raise missing
     await call.audit("token_lookup", target=other.accessor)
-    return json_response({"request_id": call.request_id, "data": token_data(other, now)})
+    token_id = value if field == "token" else ""
+    return json_response({"request_id": call.request_id,
+                          "data": token_data(other, now, token_id=token_id,
+                                             orphan=await orphaned(call.state.store, other))})
+
+
+#: ``LIST auth/token/accessors`` answers at most this many unless ``limit`` says otherwise.
+ACCESSORS_LIMIT = 10_000
+_LIMIT_MAX = 2**31 - 1  # the API's bound on a limit (docs/api.md)
+
+
+@routes.route("*", "/v1/auth/token/accessors")
+async def list_accessors(request: web.Request) -> web.Response:
+    """Vault's ``LIST auth/token/accessors`` (hvac's ``list_accessors``): the accessors
+    of every live token, sorted.
+
+    ``sudo`` on the path, as in Vault, where it is root-protected: with these, a
+    caller holding revoke-accessor can end every token. Extension: ``limit``
+    (default 10,000) and ``after`` (the last key of the previous answer) page
+    through a large store instead of loading every token at once.
+    """
+    if request.method not in ("GET", "LIST"):
+        raise web.HTTPMethodNotAllowed(request.method, ["GET", "LIST"])
+    call: Call = request[CALL]
+    await call.authenticate()
+    if not is_list_request(request):
+        # As Vault (after the token check): a plain read of the folder is no operation.
+        response = error_response(405, "auth/token/accessors is a listing: send LIST, "
+                                       "or GET with ?list=true")
+        response.headers["Allow"] = "GET,LIST"
+        return response
+    await call.read_body()
+    # Vault checks a LIST on the path with a trailing slash; a grant on either will do.
+    if not call.allowed("auth/token/accessors/", "sudo"):
+        await call.require("auth/token/accessors", "sudo")
+    limit = _limit(call)
+    after = _text(call, "after") or ""
+    keys = await call.state.store.live_token_accessors(
+        now=call.state.engine.clock(), limit=limit, after=after)
+    await call.audit("list", count=len(keys))
+    if not keys:
+        return error_response(404)  # Vault's bare 404 for an empty listing
+    warnings = None
+    if len(keys) == limit:
+        warnings = [f"listing stopped at limit={limit}; there may be more: "
+                    f"repeat with after={keys[-1]}"]
+    return json_response({"request_id": call.request_id, "lease_id": "", "renewable": False,
+                          "lease_duration": 0, "data": {"keys": keys}, "wrap_info": None,
+                          "warnings": warnings, "auth": None})
+
+
+def _limit(call: Call) -> int:
+    limit = _whole_number(call, "limit")
+    if limit is None:
+        return ACCESSORS_LIMIT
+    if not 1 <= limit <= _LIMIT_MAX:
+        raise BadRequest(f"limit must be between 1 and {_LIMIT_MAX}")
+    return limit
 
 
 @routes.post("/v1/auth/token/renew-self")
@@ -383,6 +514,28 @@ async def renew(request: web.Request) -> web.Response:
     return _auth_response(call, auth_block(value, other, ttl=granted))
 
 
+@routes.post("/v1/auth/token/renew-accessor")
+@routes.put("/v1/auth/token/renew-accessor")
+async def renew_accessor(request: web.Request) -> web.Response:
+    """Renew another token named by its accessor (Vault's path; ``update`` on it).
+
+    The answer's ``client_token`` is empty, as in Vault: whoever holds an
+    accessor may manage the token, never learn it (nor can the broker: it
+    keeps only a hash).
+    """
+    call, _ = await _authorized(request, "update")
+    accessor = _required_text(call, "accessor")
+    increment = call.duration("increment")
+    other = live_token(await call.state.store.token_by_accessor(accessor),
+                       call.state.engine.clock())
+    if other is None:
+        raise BadRequest("invalid accessor")  # as lookup-accessor
+    other, granted = await call.state.tokens.renew(other, increment)
+    await call.audit("token_renew", target=other.accessor,
+                     expire_time=rfc3339(other.expire_time))
+    return _auth_response(call, auth_block("", other, ttl=granted))
+
+
 @routes.post("/v1/auth/token/revoke-self")
 @routes.put("/v1/auth/token/revoke-self")
 async def revoke_self(request: web.Request) -> web.Response:
@@ -400,9 +553,43 @@ async def revoke(request: web.Request) -> web.Response:
     # An unknown token is a no-op (204), as in Vault.
     other = await call.state.store.token_by_hash(hash_token(value))
     if other is not None:
-        tokens, leases = await revoke_token_tree(call.state, other.accessor)
+        tokens, leases = await revoke_token_tree(call.state, other.accessor,
+                                                 children=not _already_revoked(other))
         await call.audit("token_revoke", target=other.accessor, tokens=tokens,
                          leases_queued=leases)
+    return json_response(None)
+
+
+def _already_revoked(record: Token) -> bool:
+    """A revoked token's children went with it, except those revoke-orphan left
+    alive, which must stay so: revoking the token again must not reach them (in
+    Vault the token is gone by then, and a revoke reaches nothing)."""
+    return record.state is TokenState.REVOKED
+
+
+@routes.post("/v1/auth/token/revoke-orphan")
+@routes.put("/v1/auth/token/revoke-orphan")
+async def revoke_orphan(request: web.Request) -> web.Response:
+    """Revoke a token and its leases but not its children, which live on as orphans.
+
+    ``sudo`` on the path, as in Vault (root-protected there; ``update`` is not
+    enough). A child keeps the expiry it was given, which a child never sets
+    past its parent's anyway. Nothing needs rewriting for the children to be
+    orphans: a revocation above their parent follows only active tokens, so it
+    stops at it; revoking the parent again does not walk its children
+    (:func:`_already_revoked`); and lookups show them ``orphan: true``
+    (:func:`orphaned`).
+    """
+    call, _ = await _authorized(request, "sudo")
+    value = _required_text(call, "token")
+    other = live_token(await call.state.store.token_by_hash(hash_token(value)),
+                       call.state.engine.clock())
+    if other is None:
+        # Unlike revoke's no-op, Vault answers this one with a 400.
+        raise BadRequest("token to revoke not found")
+    tokens, leases = await revoke_token_tree(call.state, other.accessor, children=False)
+    await call.audit("token_revoke", target=other.accessor, tokens=tokens,
+                     leases_queued=leases, orphan_children=True)
     return json_response(None)
 
 
@@ -411,8 +598,10 @@ async def revoke(request: web.Request) -> web.Response:
 async def revoke_accessor(request: web.Request) -> web.Response:
     call, _ = await _authorized(request, "update", "sudo")
     accessor = _required_text(call, "accessor")
-    if await call.state.store.token_by_accessor(accessor) is None:
+    other = await call.state.store.token_by_accessor(accessor)
+    if other is None:
         raise BadRequest("no token with that accessor")  # 400, as Vault's "invalid accessor"
-    tokens, leases = await revoke_token_tree(call.state, accessor)
+    tokens, leases = await revoke_token_tree(call.state, accessor,
+                                             children=not _already_revoked(other))
     await call.audit("token_revoke", target=accessor, tokens=tokens, leases_queued=leases)
     return json_response(None)
