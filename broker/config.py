@@ -6,12 +6,16 @@ the daemon does not start (or, on SIGHUP, keeps its old config).
 
 from __future__ import annotations
 
+import difflib
+import errno
 import ipaddress
+import json
 import os
+import re
 import ssl
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -50,6 +54,14 @@ _ROLE_COMMON = {
     "max_ttl",
 }
 _STATEMENT_VARS = {"name", "password", "expiration", "database", "username"}
+#: ``[auth.TYPE]`` sections the broker has an auth method for.
+AUTH_TYPES = frozenset({"jwt"})
+#: Mount and role names are URL path segments (``/v1/MOUNT/creds/ROLE``) and
+#: parts of lease ids: characters that need no escaping anywhere.
+_SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
+#: ``[leases]`` keys the sweeper and the job schedule read once, at start.
+_LEASES_AT_START = ("sweeper_batch", "revoke_workers", "per_mount_workers", "revoke_batch",
+                    "claim_timeout", "irrevocable_retry_interval", "tombstone_retention")
 
 
 class ConfigError(Exception):
@@ -169,6 +181,11 @@ class Config:
     #: ``[auth.*]`` sections, validated by the auth methods that use them.
     auth: Mapping[str, Any] = field(default_factory=dict)
     tokens: TokenConfig = field(default_factory=TokenConfig)
+    #: the settings a SIGHUP does not apply, as this file gave them (dotted key ->
+    #: value), so a reload can warn about the ones changed since. Kept from the
+    #: file even when --dev or --listen override what runs. Not in repr: it
+    #: repeats server, storage, audit and leases.
+    restart_only: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
 
 def is_loopback(host: str) -> bool:
@@ -312,13 +329,52 @@ def _build(source: str, raw: Mapping[str, Any], base: Path, *, check_tls: bool) 
     }
     policies = _policies(source, _table(top, "policies"))
     auth = _table(top, "auth")
+    _check_auth_types(source, auth)
     try:
         # Checked now so a bad [auth.jwt.NAME] names its key; kept raw in Config.auth.
         methods = parse_jwt_methods(auth.get("jwt"), policies=policies.keys())
     except AuthConfigError as exc:
         raise ConfigError(source, f"auth.{exc.key}", exc.message) from None
     _check_login_ttls(source, methods, auth.get("jwt") or {}, tokens)
-    return Config(source, server, storage, audit, leases, mounts, policies, auth, tokens)
+    return Config(source, server, storage, audit, leases, mounts, policies, auth, tokens,
+                  restart_only=_restart_only(server, storage, audit, leases))
+
+
+def _restart_only(server: ServerConfig, storage: StorageConfig, audit: AuditConfig,
+                  leases: LeaseConfig) -> dict[str, Any]:
+    """What a reload keeps as it was at start (docs/operations.md), by the key a file sets."""
+    values: dict[str, Any] = {"server.listen": (server.host, server.port)}
+    values.update((f"server.{f.name}", getattr(server, f.name)) for f in fields(server)
+                  if f.name not in {"host", "port"})
+    values["storage.url"] = storage.url
+    values.update((f"audit.{f.name}", getattr(audit, f.name)) for f in fields(audit))
+    values.update((f"leases.{name}", getattr(leases, name)) for name in _LEASES_AT_START)
+    return values
+
+
+def _check_auth_types(source: str, auth: Mapping[str, Any]) -> None:
+    """An ``[auth.TYPE]`` the broker does not know is refused: a typo (``[auth.jtw.github]``)
+    would otherwise switch the login off without a word."""
+    for name in auth:
+        if name in AUTH_TYPES:
+            continue
+        close = difflib.get_close_matches(name, AUTH_TYPES, n=1)
+        hint = f"did you mean auth.{close[0]}?" if close else \
+            f"known: {', '.join(sorted(AUTH_TYPES))}"
+        raise ConfigError(source, f"auth.{_key_part(name)}", f"unknown auth method type ({hint})")
+
+
+def _key_part(name: str) -> str:
+    """``name`` as one part of a dotted key, quoted as TOML does when it is not a bare key."""
+    return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else json.dumps(name, ensure_ascii=False)
+
+
+def _name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a mount or role name, or None."""
+    if not _SAFE_NAME.fullmatch(name) or name in {".", ".."}:
+        return "must be one URL path segment: letters, digits, '-', '_' and '.' only " \
+               "(not '.' or '..')"
+    return None
 
 
 def _table(reader: _Reader, name: str) -> dict[str, Any]:
@@ -403,6 +459,13 @@ def _storage(r: _Reader, base: Path) -> StorageConfig:
     if url.startswith("sqlite:///"):
         # sqlite:///relative.db is relative to the config file; sqlite:////abs is absolute.
         path, mark, query = url[len("sqlite:///") :].partition("?")
+        if not path or path.endswith("/") or (path != ":memory:"
+                                               and os.path.isdir(_path(base, path))):
+            # Else the config's own directory (or another) became the store file,
+            # and the start failed later with IsADirectoryError.
+            raise r.error("url", "names a directory, not a database file: use "
+                                 "sqlite:///FILE (relative to this config file) or "
+                                 "sqlite:////ABSOLUTE/FILE")
         if path != ":memory:":
             url = "sqlite:///" + _path(base, path) + mark + query
         _check_sqlite_url(r, url)
@@ -552,14 +615,30 @@ def _check_login_ttls(source: str, methods: Mapping[str, JWTMethodConfig],
 
 
 def read_secret_file(path: str) -> str:
-    """A ``password_file``'s secret: its content without the trailing newline."""
-    return Path(path).read_text().rstrip("\r\n")
+    """A ``password_file``'s secret: its content without the trailing newline.
+
+    OSError if it cannot be read, or (errno EILSEQ) is not UTF-8 text: every
+    caller handles one error type, and ``strerror`` says what is wrong.
+    """
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # Where, never what: the bytes are (part of) a password.
+        raise OSError(errno.EILSEQ, f"not UTF-8 text (byte {exc.start})", path) from None
+    return text.rstrip("\r\n")
 
 
 def _secret(r: _Reader, base: Path) -> tuple[str | None, str | None]:
     """The mount's secret and the file it came from (None for password_env or none)."""
     pfile = r.get("password_file", str)
     penv = r.get("password_env", str)
+    for name, value, what in (("password_file", pfile, "file"),
+                              ("password_env", penv, "environment variable")):
+        if value is not None and not value.strip():
+            # Ignored, it would load the mount with no admin secret at all.
+            raise r.error(name, f"is empty: name the {what} that holds the admin password, "
+                                "or remove the key")
     if pfile and penv:
         raise r.error("password_env", "set password_file or password_env, not both")
     if "password" in r.table:
@@ -572,7 +651,7 @@ def _secret(r: _Reader, base: Path) -> tuple[str | None, str | None]:
         try:
             return read_secret_file(pfile), pfile
         except OSError as exc:
-            raise r.error("password_file", f"cannot read {pfile}: {exc.strerror}") from None
+            raise r.error("password_file", f"cannot read {pfile}: {exc.strerror or exc}") from None
     if penv:
         value = os.environ.get(penv)
         if value is None:
@@ -584,11 +663,13 @@ def _secret(r: _Reader, base: Path) -> tuple[str | None, str | None]:
 def _mount(
     source: str, name: str, table: Any, leases: LeaseConfig, base: Path
 ) -> MountSpec:
-    prefix = f"mounts.{name}"
+    prefix = f"mounts.{_key_part(name)}"
     if not isinstance(table, dict):
         raise ConfigError(source, prefix, "expected a table")
-    if not name or "/" in name or name in {"sys", "auth"}:
-        raise ConfigError(source, prefix, "mount names must be one path segment, not sys/auth")
+    if problem := _name_problem(name):
+        raise ConfigError(source, prefix, f"mount name {problem}")
+    if name in {"sys", "auth"}:
+        raise ConfigError(source, prefix, "sys and auth are built-in paths, not mount names")
     r = _Reader(source, prefix, table)
     plugin = r.get("plugin", str)
     if not plugin:
@@ -610,7 +691,7 @@ def _mount(
     options = {k: v for k, v in table.items() if k not in {"plugin", "roles", "password_file",
                                                          "password_env"}}
     roles = {
-        role: _role(source, f"{prefix}.roles.{role}", role, rtable, leases)
+        role: _role(source, f"{prefix}.roles.{_key_part(role)}", role, rtable, leases)
         for role, rtable in roles_raw.items()
     }
     mount = MountSpec(name=name, plugin=plugin, roles=roles, secret=secret,
@@ -632,8 +713,8 @@ def _mount(
 def _role(source: str, prefix: str, name: str, table: Any, leases: LeaseConfig) -> RoleSpec:
     if not isinstance(table, dict):
         raise ConfigError(source, prefix, "expected a table")
-    if "/" in name or not name:
-        raise ConfigError(source, prefix, "role names must be one path segment")
+    if problem := _name_problem(name):
+        raise ConfigError(source, prefix, f"role name {problem}")
     r = _Reader(source, prefix, table)
     # A 0s TTL would issue leases that are dead on arrival.
     default_ttl = r.duration("default_ttl", leases.default_ttl, minimum=1)

@@ -201,11 +201,19 @@ class LeaseEngine:
 
     async def _follow_password_files(self, *, retry_refused: bool) -> None:
         for name, runtime in list(self.mounts.items()):
-            if runtime.spec.secret_file is not None:
+            if runtime.spec.secret_file is None:
+                continue
+            try:
                 async with self._mounts_lock:  # not while a reload swaps mounts
                     if self.mounts.get(name) is runtime:  # not replaced while we waited
                         await self._follow_password_file(name, runtime,
                                                          retry_refused=retry_refused)
+            except Exception as exc:
+                # One mount's file must not stop the others', nor the health
+                # checks that check_mounts runs after this.
+                self._note_password_file(
+                    name, f"following {runtime.spec.secret_file} failed: "
+                          f"{type(exc).__name__}: {exc}", failure=exc)
 
     async def _follow_password_file(self, name: str, runtime: MountRuntime, *,
                                     retry_refused: bool) -> None:
@@ -225,9 +233,11 @@ class LeaseEngine:
         try:
             content = await asyncio.to_thread(read_secret_file, spec.secret_file)
         except OSError as exc:
-            self._note_password_file(name, f"cannot read {spec.secret_file}: {exc.strerror}")
+            self._note_password_file(name, f"cannot read {spec.secret_file}: "
+                                           f"{exc.strerror or exc}")
             return
         if content == spec.secret:
+            self._password_file_notes.pop(name, None)  # fine again: a new problem is news
             return
         if content == self._refused_secrets.get(name) and (runtime.healthy or not retry_refused):
             return  # tried and refused; tried again once the running mount fails too
@@ -250,10 +260,11 @@ class LeaseEngine:
                     spec.secret_file)
         await runtime.close()
 
-    def _note_password_file(self, name: str, message: str) -> None:
+    def _note_password_file(self, name: str, message: str, *,
+                            failure: Exception | None = None) -> None:
         if self._password_file_notes.get(name) != message:  # once per distinct problem
             self._password_file_notes[name] = message
-            log.warning("mount %s: %s", name, message)
+            log.warning("mount %s: %s", name, message, exc_info=failure)
 
     async def reload(self, config: Config) -> list[str]:
         """Swap in a new config. Unchanged mounts keep their live backend; leases are untouched.

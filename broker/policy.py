@@ -16,8 +16,10 @@ those names grant on one request path. The rules are Vault's:
   capabilities); ``deny`` in the winning set yields no capability at all.
 - ``root`` grants everything (``sudo`` included) and overrides any ``deny``.
   ``default`` is attached to every token implicitly (see :data:`DEFAULT_POLICY`);
-  a config may redefine it. Unknown names are ignored: a token may outlive the
-  policy it names.
+  a configured ``default`` extends it: its rules are added, and on a path both
+  name, the configured capabilities replace the built-in ones (``["deny"]``
+  takes one away). Unknown names are ignored: a token may outlive the policy
+  it names.
 - A pattern may contain ``{{identity.metadata.KEY}}``, ``{{identity.entity.name}}``
   or ``{{identity.display_name}}``. They are resolved against the caller's
   identity on every check. A missing (or empty, or non-scalar) value means the
@@ -245,6 +247,14 @@ class PolicySet:
             if name == "root":
                 raise ValueError("policy 'root' is built in and cannot be redefined")
             merged[name] = rules
+        if "default" in policies:
+            # Extended, not replaced: a [policies.default] that only meant to add
+            # a path must not silently take self-management (lookup, renew and
+            # revoke-self, which `broker exec` cleans up with) from every token.
+            own = policies["default"]
+            named = {path.lstrip("/") for path in own}
+            kept = {path: caps for path, caps in DEFAULT_POLICY.items() if path not in named}
+            merged["default"] = {**kept, **own}
         # Per policy: static rules keyed by resolved pattern, templates keyed by source.
         self._static: dict[str, dict[_Resolved, frozenset[str]]] = {}
         self._templates: dict[str, dict[tuple[bool, tuple[Any, ...]], frozenset[str]]] = {}

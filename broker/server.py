@@ -40,13 +40,14 @@ from broker.instance_lock import InstanceLocked
 from broker.lease import TokenState
 from broker.policy import PolicySet
 from broker.state import BrokerState
-from broker.store import open_store, redact_url
+from broker.store import LeaseStore, open_store, redact_url
 from broker.sweeper import Sweeper
 from broker.tokens import TokenManager
 from broker.worker_stats import StatsBoard
 from broker.workers import REUSE_PORT, listen_socket, supervise, worker_audit_path
 
-__all__ = ["build_state", "dev_data_dir", "load_server_config", "operator_init", "run_server"]
+__all__ = ["InitError", "build_state", "dev_data_dir", "load_server_config", "operator_init",
+           "run_server"]
 
 log = logging.getLogger("broker")
 
@@ -100,8 +101,8 @@ def load_server_config(config_path: str | None, *, dev: bool, listen: str | None
     return config
 
 
-async def build_state(config: Config, *, dev: bool = False) -> BrokerState:
-    """Open store and audit log and build the engine; the caller starts and stops it."""
+async def _open_store(config: Config) -> LeaseStore:
+    """The configured store, open; StoreUnavailable (one line) if it cannot be."""
     store = open_store(config.storage.url)
     try:
         await store.open()
@@ -110,6 +111,12 @@ async def build_state(config: Config, *, dev: bool = False) -> BrokerState:
         # alone left the operator to guess what refused.
         raise StoreUnavailable(f"lease store {redact_url(config.storage.url)}: "
                                f"{type(exc).__name__}: {exc}") from None
+    return store
+
+
+async def build_state(config: Config, *, dev: bool = False) -> BrokerState:
+    """Open store and audit log and build the engine; the caller starts and stops it."""
+    store = await _open_store(config)
     try:
         audit = await AuditLog.open(config.audit.path, config.audit.hmac_key_file,
                                     fsync=config.audit.fsync, create_key=True)
@@ -309,17 +316,23 @@ async def _serve(config: Config, *, dev: bool, dev_root_token_id: str | None,
     return 0
 
 
-def reread_config(running: Config) -> Config:
-    """``running``'s config file read again (ConfigError if it is bad now).
+def reread_config(running: Config) -> tuple[Config, list[str]]:
+    """``running``'s config file read again (ConfigError if it is bad now), and the
+    settings changed in it that wait for a restart (dotted keys).
 
     Listener, workers, store and audit log need a restart: the running ones
-    are kept, whatever the file says of them now.
+    are kept, whatever the file says of them now; so are the ``[leases]``
+    settings the sweeper and the jobs read at start (Config.restart_only).
     """
     # The running listener keeps its TLS context; _reload_tls checks a renewed pair
     # itself, so a half-written certificate must not also reject unrelated changes.
     new = load_config(running.source, check_tls=False)
+    waiting = [key for key, value in new.restart_only.items()
+               if running.restart_only.get(key, value) != value]
+    # restart_only stays what runs: a second SIGHUP warns again, a reverted file not.
     return dataclasses.replace(new, storage=running.storage, audit=running.audit,
-                               server=running.server)
+                               server=running.server,
+                               restart_only=running.restart_only), waiting
 
 
 async def reload(state: BrokerState, *, tls: ssl.SSLContext | None = None) -> bool:
@@ -332,10 +345,13 @@ async def reload(state: BrokerState, *, tls: ssl.SSLContext | None = None) -> bo
         _reload_tls(tls, state.config)
     source = state.config.source
     try:
-        new = reread_config(state.config)
+        new, waiting = reread_config(state.config)
     except ConfigError as exc:
         log.error("reload rejected, keeping the running config: %s", exc)
         return False
+    if waiting and state.worker in (None, 1):  # with workers, said once, not once per worker
+        log.warning("reload: changed in %s but only applied by a restart (the running "
+                    "values stay): %s", source, ", ".join(waiting))
     changes = await state.engine.reload(new)
     state.policies = PolicySet(new.policies)
     old, state.config = state.config, new
@@ -439,7 +455,8 @@ def _run_workers(config: Config) -> int:
     def reread() -> None:
         nonlocal current
         try:
-            current = reread_config(current)
+            # Worker 1 logs the settings that wait for a restart: not said twice.
+            current, _ = reread_config(current)
         except Exception as exc:  # raised in a signal handler, it would end the supervisor
             log.error("supervisor: reload rejected, a restarted worker keeps the running "
                       "config: %s", exc)
@@ -470,6 +487,11 @@ def _run_workers(config: Config) -> int:
         board.close()
 
 
+class InitError(Exception):
+    """``broker operator init`` refused, or could not open the store or the audit log:
+    one line for the operator."""
+
+
 def operator_init(config_path: str) -> str:
     """Create a root token in the configured store; returns it (shown once).
 
@@ -477,12 +499,14 @@ def operator_init(config_path: str) -> str:
     that one is revoked (by itself or another root token), init may run again:
     the break-glass path for a lost root token is to revoke it through the API
     with any other root token, or by hand in the store (docs/operations.md).
+
+    ConfigError for a bad config; InitError when refused or when the store or
+    the audit log cannot be opened (the same one-line errors as ``broker server``).
     """
     config = load_config(config_path)
 
     async def init() -> str:
-        store = open_store(config.storage.url)
-        await store.open()
+        store = await _open_store(config)
         try:
             accessor = INIT_ROOT_ACCESSOR
             for n in range(1, 1000):
@@ -491,9 +515,11 @@ def operator_init(config_path: str) -> str:
                 if existing is None:
                     break
                 if existing.state is TokenState.ACTIVE:
-                    raise RuntimeError(
+                    raise InitError(
                         f"already initialised: root token {accessor} is active "
                         "(revoke it with a root token to initialise again)")
+            else:
+                raise InitError(f"no free accessor left: {accessor} exists (not active)")
             # Open the audit log first: no audit, no root token (fail-closed).
             audit = await AuditLog.open(config.audit.path, config.audit.hmac_key_file,
                                         fsync=config.audit.fsync, create_key=True)
@@ -508,4 +534,9 @@ def operator_init(config_path: str) -> str:
         finally:
             await store.close()
 
-    return asyncio.run(init())
+    try:
+        return asyncio.run(init())
+    except _STARTUP_ERRORS as exc:
+        # StoreUnavailable and AuditError (BrokerErrors) included: said as `broker
+        # server` says them, in one line.
+        raise InitError(_startup_error(exc)) from None

@@ -78,12 +78,16 @@ def cmd_operator_init(args: argparse.Namespace) -> int:
     from broker.config import ConfigError
 
     try:
-        from broker.server import operator_init
+        from broker.server import InitError, operator_init
     except ImportError as exc:
         raise OperationError(f"the server is not available in this installation: {exc}") from None
     try:
         token = operator_init(args.config)
-    except (ConfigError, RuntimeError) as exc:
+    except ConfigError as exc:
+        # Exit 2, as `broker server` with the same file.
+        sys.stderr.write(f"broker: error: {exc}\n")
+        return 2
+    except InitError as exc:
         raise OperationError(str(exc)) from None
     # The warning goes to stderr so `TOKEN=$(broker operator init ...)` captures only the token.
     sys.stderr.write(

@@ -131,11 +131,14 @@ def test_default_merges_with_other_policies() -> None:
     assert ps.capabilities(["ci"], "sys/leases/renew") == {"read", "update"}
 
 
-def test_config_may_override_default() -> None:
-    """A configured 'default' replaces the built-in one entirely."""
-    ps = PolicySet({"default": {"sys/leases/renew": ["update"]}})
-    assert ps.capabilities([], "sys/leases/renew") == {"update"}
-    assert ps.capabilities([], "auth/token/lookup-self") == frozenset()
+def test_config_default_extends_the_built_in_one() -> None:
+    """A configured 'default' adds its paths and replaces only the built-in paths it names."""
+    ps = PolicySet({"default": {"pg/creds/ro": ["read"], "sys/leases/renew": ["read"],
+                                "/auth/token/revoke-self": ["deny"]}})
+    assert ps.capabilities([], "pg/creds/ro") == {"read"}
+    assert ps.capabilities([], "sys/leases/renew") == {"read"}  # replaced, not merged
+    assert ps.capabilities([], "auth/token/revoke-self") == frozenset()  # taken away
+    assert ps.capabilities([], "auth/token/lookup-self") == {"read"}  # the rest stays
 
 
 def test_unknown_policy_names_are_ignored() -> None:
