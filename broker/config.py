@@ -99,6 +99,10 @@ class ServerConfig:
     #: with workers > 1: a worker whose event loop has not run for this long
     #: (seconds) is killed and restarted; 0 turns the watchdog off.
     worker_stall_timeout: int = 30
+    #: a connection with no request in progress (idle between requests, or one
+    #: that has not finished sending a request's headers) is closed after this
+    #: many seconds (aiohttp's keep-alive timeout; its own default is an hour).
+    idle_timeout: int = 75
 
     @property
     def tls(self) -> bool:
@@ -418,6 +422,9 @@ def _server(r: _Reader, base: Path, *, check_tls: bool) -> ServerConfig:
         # shorter limit would kill workers that are only loaded.
         raise r.error("worker_stall_timeout",
                       f"must be 0 (off) or at least {MIN_STALL_TIMEOUT}s, got {stall}s")
+    idle = r.duration("idle_timeout", 75)
+    if idle < 1:
+        raise r.error("idle_timeout", "must be at least 1s")
     r.reject_unknown()
     return ServerConfig(
         host=host,
@@ -429,6 +436,7 @@ def _server(r: _Reader, base: Path, *, check_tls: bool) -> ServerConfig:
         event_loop=event_loop,
         workers=workers,
         worker_stall_timeout=stall,
+        idle_timeout=idle,
     )
 
 

@@ -258,8 +258,11 @@ async def _serve(config: Config, *, dev: bool, dev_root_token_id: str | None,
         await stop(state, 0)
         raise
     scheduler = start_jobs(state)
+    # keepalive_timeout also closes a connection still sending its first headers
+    # (a slowloris client, which aiohttp's one-hour default let hold a socket).
     runner = web.AppRunner(create_app(state), access_log=None,
-                           shutdown_timeout=config.server.shutdown_grace)
+                           shutdown_timeout=config.server.shutdown_grace,
+                           keepalive_timeout=config.server.idle_timeout)
     await runner.setup()
     tls = _ssl_context(config)
     site: web.BaseSite = (
