@@ -118,7 +118,10 @@ max_open_connections = 4
     state = await server.build_state(load_config(write_config(tmp_path, body)))
     await state.engine.start_mounts()
     try:
-        yield PgBroker(harness, state)
+        broker = PgBroker(harness, state)
+        # A lease goes live only while its token is active in the store.
+        await state.store.insert_token(broker.token)
+        yield broker
     finally:
         await server.stop(state, 5.0)
 
