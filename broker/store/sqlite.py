@@ -304,6 +304,30 @@ def _migrate(conn: sqlite3.Connection) -> None:
         raise
 
 
+#: how long a first open waits for another process switching the file to WAL
+#: (the same as the connection's busy_timeout).
+_WAL_SWITCH_WAIT = 10.0
+
+
+def _set_wal(conn: sqlite3.Connection) -> None:
+    """``PRAGMA journal_mode = WAL``, waiting while another process holds the lock.
+
+    Switching a new file to WAL takes an exclusive lock, and SQLite answers
+    "database is locked" at once instead of calling the busy handler: two
+    workers (or replicas) opening a fresh store together failed one of them
+    at start-up, to be restarted by the supervisor, if at all.
+    """
+    deadline = time.monotonic() + _WAL_SWITCH_WAIT
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)  # in the store's own thread, before it serves anything
+
+
 def _connect(path: str, *, writer: bool) -> sqlite3.Connection:
     if writer and path != ":memory:":
         os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
@@ -317,7 +341,7 @@ def _connect(path: str, *, writer: bool) -> sqlite3.Connection:
         conn.execute("PRAGMA busy_timeout = 10000")
         conn.execute("PRAGMA foreign_keys = ON")
         if writer:
-            conn.execute("PRAGMA journal_mode = WAL")
+            _set_wal(conn)
             # FULL: every COMMIT is fsync'd before it returns. Never weaken this: a lease
             # row must be on disk before the credential it tracks leaves the broker.
             conn.execute("PRAGMA synchronous = FULL")

@@ -320,6 +320,8 @@ def test_sighup_names_the_changed_settings_only_a_restart_applies(tmp_path: Path
     log = tmp_path / "server.log"
     try:
         wait_healthy(f"http://127.0.0.1:{served}")
+        if workers > 1:  # every worker up, so that each hears the SIGHUP
+            _wait_for(log, "serving; audit log", 15, count=workers)
         proc.send_signal(signal.SIGHUP)  # the file as it was loaded: nothing to warn about
         _wait_for(log, "config reloaded from", 15, count=1 if workers == 1 else workers)
         assert "only applied by a restart" not in log.read_text()
