@@ -18,7 +18,7 @@ from broker.engine import lease_ref
 from broker.errors import BadRequest, PermissionDenied, RevocationFailed
 from broker.lease import META_KEY, Lease, LeaseFilter, LeaseState
 
-__all__ = ["meta_params", "rfc3339", "routes", "store_call"]
+__all__ = ["limit_param", "meta_params", "rfc3339", "routes", "store_call"]
 
 routes = web.RouteTableDef()
 
@@ -166,7 +166,7 @@ async def list_leases(request: web.Request) -> web.Response:
     await call.authenticate()
     await call.read_body()
     await call.require(f"sys/leases/lookup/{prefix}", "list", "sudo")
-    limit = _int(call.body.get("limit"), 10000)
+    limit = limit_param(call.body.get("limit"), 10000)
     meta = meta_params(request)
     keys = await store_call(_list_level(call, LeaseFilter(prefix=prefix, metadata=meta), limit))
     await call.audit("list", prefix=prefix, metadata=meta or None, count=len(keys))
@@ -209,7 +209,8 @@ async def _list_level(call: Call, flt: LeaseFilter, limit: int) -> list[str]:
     return keys
 
 
-def _int(value: Any, default: int) -> int:
+def limit_param(value: Any, default: int) -> int:
+    """A listing's ``limit`` from a body or query: ``default`` when absent, else 1..2**31-1."""
     if value in (None, ""):
         return default
     try:
@@ -383,7 +384,7 @@ async def search(request: web.Request) -> web.Response:
     await call.require("sys/leases/search", "read")
     prefix = call.string("prefix") or ""
     meta = meta_params(request)
-    limit = min(_int(call.body.get("limit"), 100), SEARCH_MAX)
+    limit = min(limit_param(call.body.get("limit"), 100), SEARCH_MAX)
     states = _states(call.string("state"))
     rows = await store_call(call.state.store.list_leases(
         LeaseFilter(prefix=prefix, metadata=meta), states=states, limit=limit,
@@ -422,7 +423,7 @@ async def irrevocable(request: web.Request) -> web.Response:
     prefix = call.string("prefix") or ""
     rows = await call.state.store.list_leases(
         LeaseFilter(prefix=prefix), states=(LeaseState.IRREVOCABLE,),
-        limit=_int(call.body.get("limit"), 1000), after=call.string("after") or "")
+        limit=limit_param(call.body.get("limit"), 1000), after=call.string("after") or "")
     await call.audit("list", prefix=prefix, state="irrevocable", count=len(rows))
     return json_response({"request_id": call.request_id, "data": {"leases": [
         {"lease_id": r.id, "mount": r.mount, "role": r.role, "owner": r.owner,

@@ -8,7 +8,7 @@ from typing import Any, NoReturn
 from aiohttp import web
 
 from broker.api.common import CALL, Call, error_response, is_list_request, json_response
-from broker.api.leases import rfc3339
+from broker.api.leases import limit_param, rfc3339
 from broker.durations import format_duration
 from broker.errors import BadRequest, BrokerError, PermissionDenied
 from broker.lease import Token, TokenState
@@ -436,7 +436,6 @@ async def _lookup_other(request: web.Request, field: str,
 
 #: ``LIST auth/token/accessors`` answers at most this many unless ``limit`` says otherwise.
 ACCESSORS_LIMIT = 10_000
-_LIMIT_MAX = 2**31 - 1  # the API's bound on a limit (docs/api.md)
 
 
 @routes.route("*", "/v1/auth/token/accessors")
@@ -463,7 +462,7 @@ async def list_accessors(request: web.Request) -> web.Response:
     # Vault checks a LIST on the path with a trailing slash; a grant on either will do.
     if not call.allowed("auth/token/accessors/", "sudo"):
         await call.require("auth/token/accessors", "sudo")
-    limit = _limit(call)
+    limit = limit_param(call.body.get("limit"), ACCESSORS_LIMIT)  # as the lease listings
     after = _text(call, "after") or ""
     keys = await call.state.store.live_token_accessors(
         now=call.state.engine.clock(), limit=limit, after=after)
@@ -477,15 +476,6 @@ async def list_accessors(request: web.Request) -> web.Response:
     return json_response({"request_id": call.request_id, "lease_id": "", "renewable": False,
                           "lease_duration": 0, "data": {"keys": keys}, "wrap_info": None,
                           "warnings": warnings, "auth": None})
-
-
-def _limit(call: Call) -> int:
-    limit = _whole_number(call, "limit")
-    if limit is None:
-        return ACCESSORS_LIMIT
-    if not 1 <= limit <= _LIMIT_MAX:
-        raise BadRequest(f"limit must be between 1 and {_LIMIT_MAX}")
-    return limit
 
 
 @routes.post("/v1/auth/token/renew-self")
