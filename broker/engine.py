@@ -52,7 +52,7 @@ from broker.lease import (
     renewal_capped,
 )
 from broker.middleware import MountRuntime
-from broker.store.base import LeaseStore
+from broker.store.base import LeaseStore, RevokeQueued
 from broker.templating import generate_password, render_username
 
 __all__ = ["EndingRecorder", "Issued", "LeaseEngine", "RecordIssue", "RevokeOutcome"]
@@ -771,15 +771,20 @@ class LeaseEngine:
         be renewed.
         """
         reason = "force" if force else ("prefix" if flt.prefix else "selector")
+        return (await self._queue_rule(flt, reason=reason)).queued
+
+    async def _queue_rule(self, flt: LeaseFilter, *, reason: str,
+                          end_tokens: str | None = None) -> RevokeQueued:
         now = self.clock()
         queued = await self.store.queue_revoke_rule(
             flt, reason=reason, now=now, inline_max=self.rule_inline_max,
-            claimer=self.node_id, claim_until=now + self.leases_cfg.claim_timeout)
+            claimer=self.node_id, claim_until=now + self.leases_cfg.claim_timeout,
+            end_tokens=end_tokens)
         if queued.rule_id is not None:
             self.kick_revoke_rules()
         elif queued.queued:
             self.wake(None)
-        return queued.queued
+        return queued
 
     def kick_revoke_rules(self) -> asyncio.Task[int]:
         """Make sure the expander runs (again); returns its task."""
@@ -856,10 +861,15 @@ class LeaseEngine:
             # A count over 100k rows is not free: poll less often as the wait grows.
             pause = min(pause * 1.5, 1.0)
 
-    async def revoke_token_leases(self, accessors: list[str]) -> int:
+    async def end_tokens(self, accessors: list[str], *, state: TokenState) -> tuple[int, int]:
+        """End the active tokens among ``accessors`` and queue every live lease
+        they own, in one store write (a crash cannot leave a token ended and its
+        leases live). Returns (tokens ended, leases queued)."""
         if not accessors:
-            return 0
-        return await self.revoke_matching(LeaseFilter(owners=tuple(accessors)))
+            return 0, 0
+        queued = await self._queue_rule(LeaseFilter(owners=tuple(accessors)),
+                                        reason="selector", end_tokens=state.value)
+        return queued.tokens_ended, queued.queued
 
     def backoff(self, attempts: int) -> float:
         """Jittered exponential backoff: base * 2^(n-1), capped, times 0.5..1."""

@@ -70,9 +70,7 @@ def start_jobs(state: BrokerState) -> Periodic:
 
     async def expire_tokens() -> int:
         accessors = await store.expired_tokens(now=engine.clock(), limit=1000)
-        for accessor in accessors:
-            await store.end_token(accessor, state=TokenState.EXPIRED, now=engine.clock())
-        await engine.revoke_token_leases(accessors)
+        await engine.end_tokens(accessors, state=TokenState.EXPIRED)
         return len(accessors)
 
     scheduler = Periodic()

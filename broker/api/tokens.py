@@ -101,12 +101,7 @@ async def revoke_token_tree(state: BrokerState, accessor: str, *,
     already revoked, whose live children, if any, revoke-orphan left alive).
     """
     accessors = await state.tokens.descendants(accessor) if children else [accessor]
-    now = state.engine.clock()
-    ended = 0
-    for acc in accessors:
-        ended += await state.store.end_token(acc, state=TokenState.REVOKED, now=now)
-    leases = await state.engine.revoke_token_leases(accessors)
-    return ended, leases
+    return await state.engine.end_tokens(accessors, state=TokenState.REVOKED)
 
 
 # -- input checks --------------------------------------------------------------

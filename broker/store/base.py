@@ -51,6 +51,8 @@ class RevokeQueued:
     queued: int
     #: the rule left to expand, or None when the leases were queued at once.
     rule_id: str | None = None
+    #: tokens ended by the same write (``end_tokens``).
+    tokens_ended: int = 0
 
 
 @dataclass(frozen=True)
@@ -175,7 +177,7 @@ class LeaseStore(Protocol):
 
     async def queue_revoke_rule(
         self, flt: LeaseFilter, *, reason: str, now: float, inline_max: int, claimer: str,
-        claim_until: float,
+        claim_until: float, end_tokens: str | None = None,
     ) -> RevokeQueued:
         """Revoke every live lease matching ``flt`` (``reason`` as in
         queue_revoke_matching), in one durable write that does not grow with
@@ -186,6 +188,12 @@ class LeaseStore(Protocol):
         ``now``, claimed by ``claimer`` until ``claim_until``, for
         ``expand_revoke_rule`` to queue in chunks. From the moment this returns,
         reads show the covered leases as ``revoking`` and ``renew`` refuses them.
+
+        With ``end_tokens`` ("revoked" or "expired"), the active tokens among
+        ``flt.owners`` are ended first, at ``now``, in the same write. A crash
+        then cannot leave a token ended and its leases live; and since a lease
+        goes live only while its token is active (``activate``), no lease of
+        theirs can go live after the write without being covered by it.
         """
 
     async def claim_revoke_rule(

@@ -28,6 +28,7 @@ parameters) and pg_guard.py (the pool wrapper that reports a lost database).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -181,6 +182,16 @@ async def _queue_matching(conn: Any, flt: LeaseFilter, *, reason: str, now: floa
         f"UPDATE leases SET state = 'revoking', due_at = $1, revoke_reason = $2"
         f" WHERE {_live(reason)} AND {cond}",
         *args.values,
+    )
+    return _count(status)
+
+
+async def _end_tokens(conn: Any, accessors: Sequence[str], *, state: str, now: float) -> int:
+    """End the active tokens among ``accessors``; returns how many."""
+    status = await conn.execute(
+        "UPDATE tokens SET state = $1, ended_at = $2"
+        " WHERE accessor = ANY($3::text[]) AND state = 'active'",
+        _dead_state(state), now, list(accessors),
     )
     return _count(status)
 
@@ -445,11 +456,17 @@ class PostgresStore:
 
     async def queue_revoke_rule(
         self, flt: LeaseFilter, *, reason: str, now: float, inline_max: int, claimer: str,
-        claim_until: float,
+        claim_until: float, end_tokens: str | None = None,
     ) -> RevokeQueued:
         args = _Args()
         cond = _where(flt, args)
+        ended = 0
         async with self.pool.acquire() as conn, conn.transaction():
+            if end_tokens is not None:
+                # First, so that an activation holding a token's row FOR SHARE
+                # commits before this goes on, and the queueing below (a later
+                # statement, a later snapshot) sees its lease live.
+                ended = await _end_tokens(conn, flt.owners, state=end_tokens, now=now)
             found = await conn.fetchrow(
                 f"SELECT count(*), max(issue_time) FROM leases WHERE {_live(reason)} AND {cond}",
                 *args.values)
@@ -476,7 +493,7 @@ class PostgresStore:
                 queued = RevokeQueued(matched, rule_id)
         if queued.queued and queued.rule_id is None:
             self._notifier.signal(now)
-        return queued
+        return dataclasses.replace(queued, tokens_ended=ended)
 
     async def claim_revoke_rule(
         self, *, claimer: str, now: float, claim_until: float
@@ -691,11 +708,7 @@ class PostgresStore:
         return [str(row[0]) for row in rows]
 
     async def end_token(self, accessor: str, *, state: str, now: float) -> bool:
-        status = await self.pool.execute(
-            "UPDATE tokens SET state = $1, ended_at = $2 WHERE accessor = $3 AND state = 'active'",
-            _dead_state(state), now, accessor,
-        )
-        return _count(status) == 1
+        return await _end_tokens(self.pool, (accessor,), state=state, now=now) == 1
 
     async def renew_token(self, accessor: str, *, expire_time: float) -> bool:
         status = await self.pool.execute(

@@ -35,7 +35,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
@@ -409,6 +409,16 @@ def _queue_matching(flt: LeaseFilter, reason: str, now: float) -> Op[int]:
     )
 
 
+def _end_tokens(accessors: Sequence[str], state: str, now: float) -> Op[int]:
+    """End the active tokens among ``accessors``; how many."""
+    marks = ", ".join("?" * len(accessors))
+    return _rowcount(
+        f"UPDATE tokens SET state = ?, ended_at = ? WHERE accessor IN ({marks})"
+        " AND state = 'active'",
+        [_dead_state(state), now, *accessors],
+    )
+
+
 def _atomic(op: Op[T]) -> Op[T]:
     """``op`` (several statements) as one unit inside the writer's batch transaction."""
 
@@ -777,13 +787,18 @@ class SQLiteStore:
 
     async def queue_revoke_rule(
         self, flt: LeaseFilter, *, reason: str, now: float, inline_max: int, claimer: str,
-        claim_until: float,
+        claim_until: float, end_tokens: str | None = None,
     ) -> RevokeQueued:
         cond, params = _where(flt)
         queue = _queue_matching(flt, reason, now)
         rule_id = uuid.uuid4().hex
+        end = None if end_tokens is None else _end_tokens(flt.owners, end_tokens, now)
 
         def write(conn: sqlite3.Connection) -> RevokeQueued:
+            ended = 0 if end is None else end(conn)
+            return replace(queue_leases(conn), tokens_ended=ended)
+
+        def queue_leases(conn: sqlite3.Connection) -> RevokeQueued:
             matched = conn.execute(
                 f"SELECT count(*) FROM leases WHERE {_live(flt, reason)} AND {cond}", params
             ).fetchone()[0]
@@ -990,11 +1005,7 @@ class SQLiteStore:
         return [row[0] for row in rows]
 
     async def end_token(self, accessor: str, *, state: str, now: float) -> bool:
-        changed = await self._write(_rowcount(
-            "UPDATE tokens SET state = ?, ended_at = ? WHERE accessor = ? AND state = 'active'",
-            (_dead_state(state), now, accessor),
-        ))
-        return changed == 1
+        return await self._write(_end_tokens((accessor,), state, now)) == 1
 
     async def renew_token(self, accessor: str, *, expire_time: float) -> bool:
         changed = await self._write(_rowcount(

@@ -633,6 +633,29 @@ async def test_token_children_end_and_renew(store: LeaseStore) -> None:
     assert not await store.renew_token("missing", expire_time=T0 + 500)
 
 
+@pytest.mark.parametrize("inline_max", [10, 0])
+async def test_ending_tokens_queues_their_leases_in_the_same_write(
+        store: LeaseStore, inline_max: int) -> None:
+    """queue_revoke_rule(end_tokens=...) ends the active owners and covers their
+    live leases (queued at once, or by a rule past ``inline_max``); a token
+    already ended is not counted again, and other owners' leases are untouched."""
+    for name in ["t1", "t2", "other"]:
+        await store.insert_token(make_token(name))
+    await store.end_token("t2", state=TokenState.EXPIRED, now=T0 + 1)
+    await put_many_active(store, [make_lease(lid(n), owner=("t1", "t2", "other")[n % 3])
+                                  for n in range(6)])
+    queued = await store.queue_revoke_rule(
+        LeaseFilter(owners=("t1", "t2")), reason="selector", now=T0 + 5, inline_max=inline_max,
+        claimer="a", claim_until=T0 + 65, end_tokens="revoked")
+    assert (queued.queued, queued.tokens_ended) == (4, 1)
+    assert (queued.rule_id is None) == (inline_max > 0)
+    states = {name: (await store.token_by_accessor(name)) for name in ["t1", "t2", "other"]}
+    assert {name: t.state.value for name, t in states.items() if t} == {
+        "t1": "revoked", "t2": "expired", "other": "active"}
+    assert await _states(store, [lid(n) for n in range(6)]) == {
+        lid(n): "active" if n % 3 == 2 else "revoking" for n in range(6)}
+
+
 async def test_expired_tokens(store: LeaseStore) -> None:
     """expired_tokens lists active tokens past expiry, soonest first, up to ``limit``."""
     await store.insert_token(make_token("never", expire_time=None))
