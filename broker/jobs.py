@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from broker.lease import TokenState
 from broker.periodic import Periodic
 from broker.state import BrokerState
+from broker.store.base import LeaseStore
 from broker.worker_stats import PUBLISH_INTERVAL, publish_own
 
 __all__ = ["start_jobs"]
@@ -35,7 +36,23 @@ HEALTH_INTERVAL = 10
 PASSWORD_FILE_INTERVAL = 1
 TOKEN_SWEEP_INTERVAL = 30
 PURGE_INTERVAL = 3600
+#: Rows one purge statement deletes (one store write each).
+PURGE_BATCH = 10000
 REVOKE_RULES_INTERVAL = 5
+
+
+async def purge_ended(store: LeaseStore, *, before: float, batch: int = PURGE_BATCH) -> int:
+    """Delete dead leases and ended tokens that ended before ``before``, batch after
+    batch until none is left (one batch an hour would fall behind a busy broker).
+    Returns how many rows went."""
+    total = 0
+    for purge_batch in (store.purge_tombstones, store.purge_ended_tokens):
+        while True:
+            count = await purge_batch(before=before, limit=batch)
+            total += count
+            if count < batch:
+                break
+    return total
 
 
 def _reported(name: str, fn: Callable[[], Awaitable[object]]) -> Callable[[], Awaitable[None]]:
@@ -65,8 +82,7 @@ def start_jobs(state: BrokerState) -> Periodic:
         return count
 
     async def purge() -> int:
-        return await store.purge_tombstones(before=engine.clock() - cfg.tombstone_retention,
-                                            limit=10000)
+        return await purge_ended(store, before=engine.clock() - cfg.tombstone_retention)
 
     async def expire_tokens() -> int:
         accessors = await store.expired_tokens(now=engine.clock(), limit=1000)

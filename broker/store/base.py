@@ -283,6 +283,12 @@ class LeaseStore(Protocol):
     async def end_token(self, accessor: str, *, state: str, now: float) -> bool:
         """active -> revoked/expired; False if it was not active."""
 
+    async def purge_ended_tokens(self, *, before: float, limit: int) -> int:
+        """Delete up to ``limit`` revoked/expired tokens that ended before ``before``,
+        oldest first; returns how many. A later use of one is an unknown token
+        (403, not a ``reuse_attempt``); its leases, owner names and children
+        are not touched (a child whose parent is gone reads as an orphan)."""
+
     async def renew_token(self, accessor: str, *, expire_time: float) -> bool: ...
 
     async def expired_tokens(self, *, now: float, limit: int) -> list[str]:

@@ -92,6 +92,11 @@ MIGRATIONS: list[tuple[str, ...]] = [
         # expire_time - created. Rows from before stay NULL (TokenManager.renew).
         "ALTER TABLE tokens ADD COLUMN creation_ttl INTEGER",
     ),
+    (
+        # The token purge (purge_ended_tokens) finds ended tokens by age; active
+        # ones, nearly all reads, are kept out of the index.
+        "CREATE INDEX tokens_ended ON tokens (ended_at) WHERE state <> 'active'",
+    ),
 ]
 
 #: pg_advisory_xact_lock key serialising migrations ("broker" in ASCII).

@@ -678,6 +678,16 @@ class PostgresStore:
         )
         return _count(status)
 
+    async def purge_ended_tokens(self, *, before: float, limit: int) -> int:
+        status = await self.pool.execute(
+            "WITH c AS MATERIALIZED (SELECT accessor FROM tokens"
+            "  WHERE state <> 'active' AND ended_at < $1"
+            "  ORDER BY ended_at LIMIT $2 FOR UPDATE SKIP LOCKED)"
+            " DELETE FROM tokens AS t USING c WHERE t.accessor = c.accessor",
+            before, limit,
+        )
+        return _count(status)
+
     # -- tokens ----------------------------------------------------------
     async def insert_token(self, token: Token) -> None:
         await self.pool.execute(

@@ -15,6 +15,7 @@ import asyncpg
 import pytest
 
 from broker.errors import Conflict
+from broker.jobs import purge_ended
 from broker.lease import Lease, LeaseFilter, LeaseState, TokenState
 from broker.store import open_store
 from broker.store.base import LeaseStore, RevokeQueued, RuleChunk
@@ -583,6 +584,42 @@ async def test_purge_tombstones_in_batches(store: LeaseStore) -> None:
     assert await store.purge_tombstones(before=T0 + 1000, limit=100) == 2
     remaining = await store.get(lid(5))
     assert remaining is not None and remaining.state is LeaseState.ACTIVE
+
+
+async def test_purge_ended_tokens_in_batches(store: LeaseStore) -> None:
+    """purge_ended_tokens deletes only tokens that ended before the cut-off, oldest
+    first, ``limit`` at a time; a child of a purged parent reads as parentless."""
+    await store.insert_token(make_token("live"))
+    await store.insert_token(make_token("parent"))
+    await store.insert_token(make_token("orphan", parent="parent"))
+    for n in range(3):
+        await store.insert_token(make_token(f"t{n}"))
+        await store.end_token(f"t{n}", state=TokenState.REVOKED, now=T0 + 10 + n)
+    await store.end_token("parent", state=TokenState.EXPIRED, now=T0 + 5)
+    assert await store.purge_ended_tokens(before=T0 + 12, limit=2) == 2  # parent, t0
+    assert await store.purge_ended_tokens(before=T0 + 12, limit=2) == 1  # t1
+    assert await store.purge_ended_tokens(before=T0 + 12, limit=2) == 0
+    kept = {name: await store.token_by_accessor(name)
+            for name in ["live", "parent", "orphan", "t0", "t1", "t2"]}
+    assert {name for name, token in kept.items() if token} == {"live", "orphan", "t2"}
+    assert await store.token_by_hash("hash-t0") is None
+    assert await store.purge_ended_tokens(before=T0 + 1000, limit=100) == 1  # t2
+
+
+async def test_the_purge_job_deletes_batch_after_batch(store: LeaseStore) -> None:
+    """jobs.purge_ended empties everything past the cut-off, however many batches."""
+    await put_many_active(store, [make_lease(lid(n), ttl=1) for n in range(25)])
+    await store.claim_due(now=T0 + 1, limit=25, claimer="a", claim_timeout=30)
+    for n in range(25):
+        await store.finish_revoke(lid(n), state=LeaseState.EXPIRED, now=T0 + 10)
+    for n in range(23):
+        await store.insert_token(make_token(f"t{n:02d}"))
+        await store.end_token(f"t{n:02d}", state=TokenState.EXPIRED, now=T0 + 10)
+    await store.insert_token(make_token("live"))
+    assert await purge_ended(store, before=T0 + 11, batch=10) == 48
+    assert await store.list_ids(LeaseFilter()) == []
+    assert await store.token_by_accessor("t22") is None
+    assert await store.token_by_accessor("live") is not None
 
 
 async def test_count_by_state(store: LeaseStore) -> None:
