@@ -207,8 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accessor", action="store_true", help="the first argument is an accessor")
     _format_option(p, ["json", "table"])
     p = leaf(tokens, "revoke", cmd_token_revoke, "revoke a token, its children and their leases")
-    p.add_argument("token_arg", metavar="TOKEN", nargs="?", help="default: the token in use")
+    p.add_argument("token_arg", metavar="TOKEN", nargs="?")
     p.add_argument("--accessor", action="store_true", help="the argument is an accessor")
+    p.add_argument("--self", dest="self_", action="store_true",
+                   help="revoke the token in use (as vault token revoke -self)")
 
     audit = commands.add_parser("audit", help="audit log tools")
     audits = audit.add_subparsers(dest="audit_command", metavar="COMMAND", required=True)

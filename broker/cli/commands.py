@@ -215,18 +215,26 @@ def cmd_token_capabilities(args: argparse.Namespace) -> int:
 
 
 def cmd_token_revoke(args: argparse.Namespace) -> int:
+    # The token in use only when asked by name (--self), as vault's -self: an
+    # empty "$VAR" must not revoke the caller, its children and all their leases.
+    if args.self_:
+        if args.token_arg is not None or args.accessor:
+            raise UsageError("--self takes no TOKEN and no --accessor")
+    elif args.token_arg is None:
+        raise UsageError("name the TOKEN to revoke (or --accessor ACCESSOR), "
+                         "or --self for the token in use")
+    elif not args.token_arg.strip():
+        raise UsageError("the TOKEN argument is empty")
     client = _client(args)
-    if args.accessor:
-        if not args.token_arg:
-            raise UsageError("--accessor needs the ACCESSOR as argument")
-        client.request("POST", "auth/token/revoke-accessor", json={"accessor": args.token_arg})
-        sys.stdout.write("revoked the token with that accessor\n")
-    elif args.token_arg:
-        client.request("POST", "auth/token/revoke", json={"token": args.token_arg})
-        sys.stdout.write("revoked the token and its children\n")
-    else:
+    if args.self_:
         client.request("POST", "auth/token/revoke-self")
         sys.stdout.write("revoked this token (and its children)\n")
+    elif args.accessor:
+        client.request("POST", "auth/token/revoke-accessor", json={"accessor": args.token_arg})
+        sys.stdout.write("revoked the token with that accessor\n")
+    else:
+        client.request("POST", "auth/token/revoke", json={"token": args.token_arg})
+        sys.stdout.write("revoked the token and its children\n")
     return 0
 
 

@@ -441,7 +441,7 @@ def test_token_create_lookup_and_revoke_self(live: Live) -> None:
     assert looked["data"]["meta"] == {"team": "platform"}
 
     assert live.json("creds", "pg/readonly", token=child)["lease_id"].startswith("pg/creds/")
-    live.ok("token", "revoke", token=child)
+    live.ok("token", "revoke", "--self", token=child)
     dead = live.cli("token", "lookup", token=child)
     assert dead.returncode == 1
     assert _ONE_LINE_ERROR.match(dead.stderr) and "(HTTP 403)" in dead.stderr
@@ -467,7 +467,7 @@ def test_token_capabilities_as_the_vault_cli_prints_them(live: Live) -> None:
     assert refused.returncode == 1 and "(HTTP 403)" in refused.stderr
     wrong = live.cli("token", "capabilities", "a", "b", "c")
     assert wrong.returncode == 2 and "give PATH, or TOKEN PATH" in wrong.stderr
-    live.ok("token", "revoke", token=child)
+    live.ok("token", "revoke", "--self", token=child)
 
 
 # --------------------------------------------------------------------------- operator init

@@ -793,11 +793,16 @@ def test_token_create_sends_policies_meta_and_ttl(
 def test_token_revoke_self_or_other(
     capsys: pytest.CaptureFixture[str], env: pytest.MonkeyPatch, canned: Canned
 ) -> None:
-    """Without an argument the token revokes itself; with one, that token is revoked."""
+    """--self revokes the token in use; with an argument, that token is revoked;
+    no argument, or an empty one (an unset "$VAR"), is a usage error that sends
+    nothing (it used to revoke the caller, its children and their leases)."""
     canned.on("POST", "/v1/auth/token/revoke-self", 204)
     canned.on("POST", "/v1/auth/token/revoke", 204)
     args = ["--address", canned.address, "--token", "t"]
-    assert run(capsys, "token", "revoke", *args)[0] == 0
+    for bad in ([], [""], ["  "], ["--self", "other"], ["--self", "--accessor"]):
+        code, _, err = run(capsys, "token", "revoke", *bad, *args)
+        assert code == 2 and len(err.strip().splitlines()) == 1, (bad, err)
+    assert run(capsys, "token", "revoke", "--self", *args)[0] == 0
     assert run(capsys, "token", "revoke", "other", *args)[0] == 0
     assert [s.path for s in canned.seen] == [
         "/v1/auth/token/revoke-self",

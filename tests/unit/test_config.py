@@ -160,6 +160,12 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
     ("postgresql://broker@db/broker", "postgresql://broker@db/broker"),
     ("sqlite:////var/lib/broker/broker.db", "sqlite:////var/lib/broker/broker.db"),
     ("mysql://u:p%40ss@h/x", "mysql://u:***@h/x"),
+    # asyncpg also takes the password as a query parameter (QA: it was shown in clear).
+    ("postgresql://b@db/broker?password=s3cret&sslmode=require",
+     "postgresql://b@db/broker?password=***&sslmode=require"),
+    ("postgresql://b@db/broker?sslmode=require&PASSWORD=s3cret&sslpassword=k3y",
+     "postgresql://b@db/broker?sslmode=require&PASSWORD=***&sslpassword=***"),
+    ("postgresql://b:x@db/broker?pass%77ord=s3cret", "postgresql://b:***@db/broker?pass%77ord=***"),
 ])
 def test_a_storage_url_is_shown_without_its_password(url: str, shown: str) -> None:
     assert redact_url(url) == shown
