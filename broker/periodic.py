@@ -20,6 +20,8 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
+from broker.errors import StoreUnavailable
+
 __all__ = ["Periodic"]
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,9 @@ class Periodic:
             try:
                 # Shielded: stopping the loop (shutdown) leaves this run to finish.
                 await asyncio.shield(run)
+            except StoreUnavailable as exc:  # logged once by the store; one line here
+                log.warning("periodic job %s: %s; it runs again at its next interval",
+                            name, exc)
             except Exception:  # the job's own failure must not end its schedule
                 log.exception("periodic job %s failed; it runs again at its next interval",
                               name)

@@ -35,6 +35,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 
 from broker.config import LeaseConfig
+from broker.errors import StoreUnavailable
 from broker.lease import Lease
 from broker.store.base import LeaseStore
 
@@ -137,8 +138,13 @@ class Sweeper:
                 await self._tick()
             except asyncio.CancelledError:
                 raise
+            except StoreUnavailable as exc:
+                # The store said so once already ("lease store unreachable"): a
+                # traceback a second while it is down would bury the log.
+                log.debug("sweeper: %s; retrying in 1s", exc)
+                await self._sleep(1.0)
             except Exception:
-                # The store may be briefly unavailable; never let the sweeper die.
+                # Never let the sweeper die.
                 log.exception("sweeper iteration failed; retrying in 1s")
                 await self._sleep(1.0)
 

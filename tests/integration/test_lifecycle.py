@@ -299,7 +299,8 @@ max_ttl = "1h"
 
 
 def test_the_lease_store_going_away_loses_nothing_and_recovers(
-        tmp_path: Path, postgres_dsn: str, request: pytest.FixtureRequest) -> None:
+        tmp_path: Path, postgres_dsn: str, request: pytest.FixtureRequest,
+        caplog: pytest.LogCaptureFixture) -> None:
     """The PostgreSQL lease store cut off under a serving broker, then back.
 
     docs/operations.md, "When something goes away": while the store is gone,
@@ -341,6 +342,13 @@ def test_the_lease_store_going_away_loses_nothing_and_recovers(
         # Nothing was created on the backend for the refused issue.
         assert run(pg_roles(postgres_dsn, template)) == users
         time.sleep(3.5)  # the short lease falls due while the store is gone
+
+        # The outage is logged in lines, not a traceback a second from the
+        # sweeper and the jobs (they used to bury the log while it lasted).
+        tracebacks = [r.name for r in caplog.records
+                      if r.exc_info and r.name in ("broker.sweeper", "broker.periodic")]
+        assert tracebacks == []
+        assert any("lease store unreachable" in r.getMessage() for r in caplog.records)
 
         store.up()
         deadline = time.monotonic() + 30
