@@ -46,6 +46,19 @@ _EXPIRATION = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}\+00:00")
 # Except a lone prefix letter: E'...' (escapes), N'...', B'...', X'...'.
 _LITERAL = re.compile(r"(?<![A-Za-z])[EeNnBbXx]?'(?:[^'\\]|''|\\.)*'")
 _ALNUM_RUN = re.compile(r"[A-Za-z0-9]{8,}")
+# What follows a password keyword is a secret whether the caller knows it or
+# not (a hash, a password an operator wrote into a template), also when the
+# message cut it off: IDENTIFIED BY / AS / USING (with or without WITH/VIA
+# plugin), [ENCRYPTED] PASSWORD, PASSWORD('...'), SET PASSWORD [FOR x] = '...'.
+# Single, double (MySQL strings) and dollar quotes (PostgreSQL) alike.
+_SECRET_AFTER = re.compile(
+    r"(?P<keyword>\b(?:IDENTIFIED\s+(?:(?:WITH|VIA)\s+\S+\s+)?(?:BY|AS|USING)|PASSWORD)"
+    r"(?:\s+PASSWORD)?(?:\s+FOR\s+[^=;]{1,300}?\s*=|\s*=)?\s*(?:PASSWORD\s*)?\(?\s*)"
+    r"(?:[EeNnBbXx]?'(?:[^'\\]|''|\\.)*'?"
+    r"|\"(?:[^\"\\]|\"\"|\\.)*\"?"
+    r"|\$(?P<tag>\w*)\$.*?(?:\$(?P=tag)\$|\Z))",
+    re.IGNORECASE | re.DOTALL,
+)
 _RANDOM = secrets.SystemRandom()
 
 
@@ -107,19 +120,32 @@ def quote_literal(value: str, *, backslash: bool = False) -> str:
     return f"'{escape_literal(value, backslash=backslash)}'"
 
 
-def redact(text: str, secret_values: Iterable[str | None] = ()) -> str:
-    """``text`` with every secret value and every single-quoted literal replaced.
+def redact(
+    text: str, secret_values: Iterable[str | None] = (), *, all_literals: bool = True
+) -> str:
+    """``text`` with every secret value, and every literal that may be one, replaced.
 
-    Literals go because a driver may echo a statement (``... PASSWORD '...'``).
-    Runs of 8+ letters/digits that are part of a secret go too, so a server
-    message that truncated or split a password does not leak a piece of it.
-    Matching ignores case: PostgreSQL folds an unquoted identifier to lower
-    case, so a password misused as one comes back folded.
+    Known secrets go wherever they appear, in any letter case (PostgreSQL
+    folds an unquoted identifier to lower case, so a password misused as one
+    comes back folded), and so do runs of 8+ letters/digits that are part of
+    one, so a server message that truncated or split a password does not leak
+    a piece of it. A literal after a password keyword (``IDENTIFIED BY '...'``,
+    ``PASSWORD '...'``, ...) goes even when no caller knew it: a driver may
+    echo a statement holding a hash or a password written into a template.
+
+    ``all_literals``: every single-quoted literal goes too. Right for
+    PostgreSQL, whose messages quote names in double quotes, so a single-quoted
+    literal there is an echoed statement. MySQL/MariaDB quote names of tables,
+    users and hosts in single quotes (``Table 'app.t' doesn't exist``,
+    ``Operation CREATE USER failed for 'u'@'%'``): its plugin passes False,
+    keeping them readable, as none of them is secret.
     """
     values = [v for v in secret_values if v]
     for value in sorted(values, key=len, reverse=True):
         text = re.sub(re.escape(value), lambda _m: REDACTED, text, flags=re.IGNORECASE)
-    text = _LITERAL.sub(f"'{REDACTED}'", text)
+    text = _SECRET_AFTER.sub(lambda m: f"{m.group('keyword')}'{REDACTED}'", text)
+    if all_literals:
+        text = _LITERAL.sub(f"'{REDACTED}'", text)
     if values:
         folded = [v.lower() for v in values]
         text = _ALNUM_RUN.sub(

@@ -20,9 +20,11 @@ on one database::
 (in that default GRANT ``_`` and ``%`` of the database name are escaped: a
 database-level GRANT reads them as wildcards).
 
-A creation statement granting ``ALL [PRIVILEGES] ON *.*`` is refused at config
-load: every lease would then be a server administrator able to create its own
-users, which no revocation can take back.
+A creation statement granting ``ALL [PRIVILEGES]``, ``CREATE USER``, ``SUPER``
+or ``GRANT OPTION`` (``WITH GRANT OPTION`` too) ``ON *.*``, or anything on the
+``mysql`` schema, is refused at config load (comments stripped, executable
+``/*! */`` comments read as code): every lease could then create accounts or
+hand out rights, which no revocation can take back (``plugins._mysql_grants``).
 
 Quoting: the broker only ever substitutes values it generated itself
 (usernames ``[a-z0-9_-]``, alphanumeric passwords, fixed-format timestamps) or
@@ -50,7 +52,8 @@ silently never run.
 
 Revocation, in an order that leaves no window for a live session (after
 ending any admin session of the broker's own that was dropped mid-statement,
-see ``_settle``):
+see ``_settle``, and for a rollback any admin session still running a
+statement that names the user, see ``_end_creating_sessions``):
 
 1. ``ALTER USER ... ACCOUNT LOCK`` for every host of the user: no new logins;
 2. ``KILL CONNECTION`` for every ``information_schema.PROCESSLIST`` row of the
@@ -98,6 +101,7 @@ from broker.backend import (
     RotateRootResponse,
 )
 from broker.templating import generate_password, render, template_names
+from plugins._mysql_grants import grant_refusal
 from plugins._rotation import confirm_rotation, no_answer
 from plugins._sql import (
     check_expiration,
@@ -128,16 +132,6 @@ _ROLE_KEYS = frozenset({"database", "host"})
 _DATABASE_OK = re.compile(r"[A-Za-z0-9_$-]{1,64}")
 # Host part of an account: names, IPv4/IPv6, wildcards % and _, netmasks.
 _HOST_OK = re.compile(r"[A-Za-z0-9.%_:/-]{1,255}")
-_GRANT_ALL_GLOBAL = re.compile(
-    r"\bGRANT\s+ALL(?:\s+PRIVILEGES)?\s+ON\s+(?:\*|`\*`)\s*\.\s*(?:\*|`\*`)",
-    re.IGNORECASE,
-)
-# Belt and braces for redaction: whatever follows IDENTIFIED BY / PASSWORD is a secret.
-_SECRET_SQL = re.compile(
-    r"(IDENTIFIED\s+(?:VIA\s+\w+\s+USING|WITH\s+\w+\s+BY|BY)(?:\s+PASSWORD)?|PASSWORD\s*\(?)"
-    r"\s*'(?:[^'\\]|\\.|'')*'?",
-    re.IGNORECASE,
-)
 # Server/client error codes that mean "the connection or server is in trouble, try later".
 _RETRYABLE_CODES = frozenset({
     1040,  # too many connections
@@ -169,8 +163,12 @@ class _QuietCursor(aiomysql.Cursor):  # type: ignore[misc]
 
 
 def _redact(text: str, secrets: Iterable[str | None]) -> str:
-    """Shared redaction, plus what follows IDENTIFIED BY / PASSWORD even when cut off."""
-    return _SECRET_SQL.sub(lambda m: m.group(1) + " '[redacted]'", redact(text, secrets))
+    """Secrets out, names in: MySQL quotes table, user and host names as '...' literals.
+
+    The shared rule still removes every known secret and whatever follows
+    IDENTIFIED BY / PASSWORD (also when cut off): see ``plugins._sql.redact``.
+    """
+    return redact(text, secrets, all_literals=False)
 
 
 def _error_code(exc: BaseException) -> int | None:
@@ -305,12 +303,14 @@ class MySQLBackend:
             )
         _host_option(role.options, "host", DEFAULT_HOST_PART, prefix=f"{prefix}.")
         for i, stmt in enumerate(role.creation_statements):
-            if _GRANT_ALL_GLOBAL.search(stmt):
+            refused = grant_refusal(stmt)
+            if refused:
                 raise PluginConfigError(
                     f"{prefix}.creation_statements[{i}]",
-                    "GRANT ALL ON *.* makes every lease a server administrator that can "
-                    "create its own users and outlive revocation; grant only what the role "
-                    "needs on one database, e.g. GRANT SELECT ON `app`.* TO '{{name}}'@'%'",
+                    f"role {role.name!r}: refusing {refused}: every lease would be a server "
+                    "administrator able to create accounts or grant rights that outlive its "
+                    "revocation; grant only what the role needs on one database, e.g. "
+                    "GRANT SELECT ON `app`.* TO '{{name}}'@'%'",
                 )
         if role.creation_statements and not any(
             template_names(s) & {"name", "username"} for s in role.creation_statements
@@ -395,6 +395,12 @@ class MySQLBackend:
         templates = req.role.creation_statements or self._default_creation(host)
         statements = self._render_all(templates, values, "creation_statements", [password])
         async with self._cursor("creating user", password) as cur:
+            # A refused first statement created nothing only if it names one
+            # account: a multi-account CREATE USER is not all-or-nothing (with
+            # 'n'@'%' taken, error 1396, 'n'@'h' is still made). For any other
+            # first statement, note the accounts there were before it runs.
+            snapshot = bool(statements) and not _one_account(statements[0], name)
+            before = await self._user_hosts(cur, name, "creating user") if snapshot else None
             ran = 0
             try:
                 for stmt in statements:
@@ -403,7 +409,12 @@ class MySQLBackend:
             except BackendError as exc:
                 if ran == 0 and exc.created_nothing:
                     # The server refused the first statement (say, error 1396: the
-                    # user exists): nothing is ours, and a user of that name is not.
+                    # user exists): what it made anyway goes; a user of that name
+                    # that was there before is not ours and stays.
+                    if before is not None:
+                        await self._drop_new_accounts(cur, name, before, exc)
+                    elif snapshot:  # mysql.user unreadable: the rollback must look
+                        exc.created_nothing = False
                     raise
                 exc.created_nothing = False
                 # Leave nothing half-made behind: the user may exist without its grants.
@@ -431,6 +442,13 @@ class MySQLBackend:
         hosts = self._candidate_hosts(req)
         async with self._cursor("revoking user") as cur:
             await self._settle(cur)
+            if req.reason == "rollback":
+                # Only a rollback undoes an issue whose creation statement may
+                # still run (this broker, or one killed before it, gave up on
+                # it). Any other revocation follows a new_user that returned:
+                # no statement creating this user is left, and the scan would
+                # only cost a query and risk ending another revoker's session.
+                await self._end_creating_sessions(cur, name)
             found = await self._user_hosts(cur, name)
             hosts |= found or set()
             for host in sorted(hosts):
@@ -604,7 +622,8 @@ class MySQLBackend:
             hosts.add(stored)
         return hosts
 
-    async def _user_hosts(self, cur: Any, name: str) -> set[str] | None:
+    async def _user_hosts(self, cur: Any, name: str, what: str = "revoking user"
+                          ) -> set[str] | None:
         """Every host part the user exists with (custom statements may pick their own).
 
         An empty set: the user exists nowhere. None: unknown (``mysql.user`` is
@@ -616,7 +635,7 @@ class MySQLBackend:
             if _error_code(exc) in _ACCESS_DENIED:
                 log.debug("cannot read mysql.user; dropping the configured host only")
                 return None
-            raise self._wrap("revoking user", exc) from None
+            raise self._wrap(what, exc) from None
         rows = await cur.fetchall()
         hosts = {str(row[0]) for row in rows if _HOST_OK.fullmatch(str(row[0]))}
         return None if rows and not hosts else hosts
@@ -709,6 +728,69 @@ class MySQLBackend:
                 retryable=True,
             )
 
+    async def _drop_new_accounts(
+        self, cur: Any, name: str, before: set[str], exc: BackendError
+    ) -> None:
+        """Drop the accounts of ``name`` a refused first statement made anyway.
+
+        ``before``: the hosts ``name`` had before it ran; those are not ours.
+        If this cannot finish, ``exc`` stops saying the issue created nothing:
+        the engine's rollback then drops every host of the name. That may take
+        a colliding account that was there before, but leaves no untracked one.
+        """
+        try:
+            after = await self._user_hosts(cur, name, "creating user")
+            for host in sorted((after or set()) - before):
+                await self._run(cur, "creating user", f"DROP USER IF EXISTS {_account(name, host)}")
+        except BackendError:
+            log.warning("mysql: could not drop the accounts of %s a failed CREATE made;"
+                        " the rollback drops them", name)
+            exc.created_nothing = False
+            return
+        if after is None:  # unknown: the rollback must look for itself
+            exc.created_nothing = False
+
+    async def _end_creating_sessions(self, cur: Any, name: str) -> None:
+        """KILL the admin account's sessions still running a statement naming ``name``.
+
+        ``_settle`` does this for the sessions this process dropped; a broker
+        that was killed (kill -9) left no such record, and its creation
+        statement may still be running on the server (waiting on a lock): it
+        would create the user after the rollback's DROP USER found nothing.
+        Matched on the statement text (the name between non-name characters),
+        which is only compared in SQL: it may hold a password, so it is never
+        read, logged or returned.
+        """
+        pattern = f"(^|[^a-z0-9_-]){name}([^a-z0-9_-]|$)"  # name is [a-z0-9_-] only
+        query = ("SELECT ID FROM information_schema.PROCESSLIST"
+                 " WHERE USER = SUBSTRING_INDEX(CURRENT_USER(), '@', 1)"
+                 " AND ID <> CONNECTION_ID() AND INFO IS NOT NULL"
+                 " AND LOWER(INFO) REGEXP %s")
+        await self._run(cur, "finding unfinished creation statements", query, params=(pattern,))
+        ids = [int(row[0]) for row in await cur.fetchall()]
+        if not ids:
+            return
+        log.warning("mysql: ending %d admin session(s) still running a statement for %s",
+                    len(ids), name)
+        for thread_id in ids:
+            try:
+                await cur.execute(f"KILL CONNECTION {thread_id:d}")
+            except pymysql.err.MySQLError as exc:
+                if _error_code(exc) != _ER_NO_SUCH_THREAD:  # gone already: fine
+                    raise self._wrap("ending an unfinished creation statement", exc) from None
+        gone = ("SELECT ID FROM information_schema.PROCESSLIST"
+                f" WHERE ID IN ({', '.join(['%s'] * len(ids))})")
+        deadline = asyncio.get_running_loop().time() + _SETTLE_SECONDS
+        while True:
+            await self._run(cur, "waiting for unfinished creation statements", gone,
+                            params=tuple(ids))
+            if not await cur.fetchall():
+                return
+            if asyncio.get_running_loop().time() > deadline:
+                raise BackendError("mysql: an admin session creating this user is still"
+                                   " ending; rolling back later", retryable=True)
+            await asyncio.sleep(0.05)
+
     async def _drop_quietly(self, cur: Any, name: str, host: str) -> None:
         try:
             await cur.execute(
@@ -794,6 +876,23 @@ class MySQLBackend:
                    and not 2000 <= code < 3000)
         return BackendError(f"mysql {where}: {what} failed: {detail}", retryable=retryable,
                             created_nothing=refused)
+
+
+def _account(name: str, host: str) -> str:
+    return f"{quote_literal(name)}@{quote_literal(host)}"
+
+
+def _one_account(stmt: str, name: str) -> bool:
+    """Whether ``stmt`` is a CREATE USER of a single account of ``name``.
+
+    If the server refuses such a statement, it made nothing. Anything else
+    naming the user (several accounts, EXECUTE IMMEDIATE, CALL) may have made
+    some accounts before failing; a statement not naming it made none of its.
+    """
+    mentions = stmt.count(name)
+    return mentions == 0 or (
+        mentions == 1 and re.match(r"\s*CREATE\s+USER\s", stmt, re.IGNORECASE) is not None
+    )
 
 
 def _grant_database(name: str) -> str:

@@ -1,0 +1,63 @@
+"""The mysql plugin refuses, at config load, creation statements that let a lease outlive
+its revocation: server-wide ALL / CREATE USER / GRANT OPTION / SUPER, grants on `mysql`."""
+
+from __future__ import annotations
+
+import pytest
+
+from broker.backend import PluginConfigError, RoleSpec
+from plugins.mysql import MySQLBackend
+
+CREATE = "CREATE USER '{{name}}'@'%' IDENTIFIED BY '{{password}}'"
+
+
+def _role(grant: str) -> RoleSpec:
+    return RoleSpec(name="app", default_ttl=60, max_ttl=600, options={"database": "app"},
+                    creation_statements=(CREATE, grant))
+
+
+@pytest.mark.parametrize("grant", [
+    "GRANT ALL ON *.* TO '{{name}}'@'%'",
+    "GRANT ALL PRIVILEGES ON `*`.`*` TO '{{name}}'@'%'",
+    "grant all privileges on * . * to '{{name}}'@'%'",
+    "GRANT ALL /**/ ON *.* TO '{{name}}'@'%'",
+    "GRANT /*!ALL*/ ON *.* TO '{{name}}'@'%'",
+    "GRANT /*!50100 ALL */ ON *.* TO '{{name}}'@'%'",
+    "GRANT /*M!100000 SUPER */ ON *.* TO '{{name}}'@'%'",
+    "GRANT ALL -- a comment\n ON *.* TO '{{name}}'@'%'",
+    "GRANT ALL # a comment\n ON *.* TO '{{name}}'@'%'",
+    "GRANT SUPER, CREATE USER, GRANT OPTION ON *.* TO '{{name}}'@'%'",
+    "GRANT CREATE  USER ON *.* TO '{{name}}'@'%'",
+    "GRANT SELECT, GRANT OPTION ON *.* TO '{{name}}'@'%'",
+    "GRANT SELECT ON *.* TO '{{name}}'@'%' WITH GRANT OPTION",
+    "GRANT SUPER ON *.* TO '{{name}}'@'%'",
+    "GRANT ALL PRIVILEGES ON mysql.* TO '{{name}}'@'%'",
+    "GRANT SELECT ON `mysql`.`user` TO '{{name}}'@'%'",
+    "GRANT INSERT ON TABLE mysql . global_priv TO '{{name}}'@'%'",
+    "SELECT 1; GRANT ALL ON *.* TO '{{name}}'@'%'",
+    "SELECT '/*'; GRANT ALL ON *.* TO '{{name}}'@'%'; SELECT '*/'",
+    "EXECUTE IMMEDIATE 'GRANT ALL /* x */ ON *.* TO ''{{name}}''@''%'''",
+])
+def test_refused(grant: str) -> None:
+    """Each way of writing a dangerous grant is refused, naming the role and the grant."""
+    with pytest.raises(PluginConfigError) as err:
+        MySQLBackend.validate_role(_role(grant))
+    message = str(err.value)
+    assert "roles.app.creation_statements[1]" in message, message
+    assert "'app'" in message and "refusing GRANT" in message, message
+
+
+@pytest.mark.parametrize("grant", [
+    "GRANT SELECT ON `app`.* TO '{{name}}'@'%'",
+    "GRANT SELECT, INSERT, UPDATE ON app.* TO '{{name}}'@'%'",
+    "GRANT ALL PRIVILEGES ON `app`.* TO '{{name}}'@'%'",
+    "GRANT SELECT ON app.* TO '{{name}}'@'%' WITH GRANT OPTION",
+    "GRANT SELECT (id, label) ON app.items TO '{{name}}'@'%'",
+    "GRANT PROCESS ON *.* TO '{{name}}'@'%'",
+    "GRANT SELECT ON *.* TO '{{name}}'@'%'",
+    "GRANT SELECT ON `mysqlx`.* TO '{{name}}'@'%'",
+    "GRANT SELECT ON app.* TO '{{name}}'@'%' -- ALL ON *.* would be refused",
+])
+def test_allowed(grant: str) -> None:
+    """Database-level grants, harmless global ones and comments mentioning ALL pass."""
+    MySQLBackend.validate_role(_role(grant))
