@@ -176,6 +176,9 @@ class DeleteUserRequest:
     revocation: Mapping[str, Any]
     #: "revoke", "expire", "rollback" or "force": for logs and backend choices.
     reason: str = "revoke"
+    #: the lease being ended (as NewUserRequest.lease_id): a backend that tagged
+    #: the user with it can tell its own user from another's of the same name.
+    lease_id: str = ""
 
 
 @dataclass(frozen=True)

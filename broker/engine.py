@@ -627,7 +627,8 @@ class LeaseEngine:
             if backend and runtime is not None:
                 await runtime.delete_user(
                     DeleteUserRequest(role=role, username=lease.username,
-                                      revocation=lease.revocation, reason="rollback")
+                                      revocation=lease.revocation, reason="rollback",
+                                      lease_id=lease.id)
                 )
         except BackendError as exc:
             # Leave the pending row: the stale-pending job tries again later.
@@ -897,7 +898,7 @@ class LeaseEngine:
                                        retryable=True)
                 await runtime.delete_user(DeleteUserRequest(
                     role=role, username=lease.username, revocation=lease.revocation,
-                    reason=reason))
+                    reason=reason, lease_id=lease.id))
             finally:
                 release()
         except BackendError as exc:
@@ -958,7 +959,7 @@ class LeaseEngine:
                 errors = await runtime.delete_users([
                     DeleteUserRequest(role=runtime.spec.roles.get(lease.role),
                                       username=lease.username, revocation=lease.revocation,
-                                      reason=reason)
+                                      reason=reason, lease_id=lease.id)
                     for lease, reason in zip(leases, reasons, strict=True)])
             finally:
                 release()

@@ -86,6 +86,17 @@ _NOT_RETRYABLE = frozenset({
 _EXPIRY_SLACK = 5.0
 
 
+@dataclass
+class _Creation:
+    """One IAM user creation running in a worker thread."""
+
+    lease_id: str
+    #: set by the thread when it has finished (made the user, failed, or cleaned up).
+    done: threading.Event = field(default_factory=threading.Event)
+    #: set when the issue stops waiting: the thread undoes what it made and ends.
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
 @dataclass(frozen=True)
 class AWSRole:
     """The aws-specific options of one role, validated."""
@@ -264,6 +275,12 @@ class AWSBackend:
         self._role_locks_guard = threading.Lock()
         #: role ARN -> when its deny policy next has an entry to prune.
         self._prune_due: dict[str, float] = {}
+        # A timed-out issue cannot stop its boto3 thread: a delete of that username
+        # waits for the thread, or the thread would create the user after the delete.
+        self._creations: dict[str, list[_Creation]] = {}
+        self._creations_guard = threading.Lock()
+        #: how long a delete waits for an in-flight creation of the same name.
+        self.creation_wait = 10.0
 
     # -- factory ----------------------------------------------------------------------------
 
@@ -360,8 +377,21 @@ class AWSBackend:
             # override it nor push the user past IAM's 50 tags.
             tags = aws_sts.build_tags({aws_iam.LEASE_ID_TAG: req.lease_id[:256]},
                                       req.metadata if role.tag_metadata else {})
-            data, revocation = await self._run(
-                "creating IAM user", aws_iam.create_user, iam, name, self.iam_path, role, tags)
+            creation = _Creation(lease_id=req.lease_id[:256])
+            with self._creations_guard:
+                self._creations.setdefault(name, []).append(creation)
+            handed_out = False
+            try:
+                data, revocation = await self._run(
+                    "creating IAM user", self._create_tracked, creation, iam, name,
+                    self.iam_path, role, tags)
+                handed_out = True
+            finally:
+                if not handed_out:
+                    # Timed out, cancelled or failed: the thread may still run. It stops
+                    # at its next AWS call and deletes what it made; a rollback waits
+                    # for it (delete_user).
+                    creation.stop.set()
             return NewUserResponse(data=data, revocation=revocation, renewable=True)
         wanted = math.ceil(_timestamp(req.expiration) - now)
         duration = max(STS_MIN_TTL, min(wanted, role.max_sts_ttl))
@@ -388,10 +418,63 @@ class AWSBackend:
         return NewUserResponse(data=issued.data, revocation=issued.revocation,
                                expiration=expiration if differs else None, renewable=False)
 
+    def _create_tracked(self, creation: _Creation, iam: Any, name: str, path: str,
+                        role: AWSRole, tags: list[dict[str, str]]
+                        ) -> tuple[dict[str, Any], dict[str, Any]]:
+        # Runs in the worker thread: "done" is set by the thread itself, so it is true
+        # only once nothing more can happen to the user, whoever stopped waiting.
+        try:
+            return aws_iam.create_user(iam, name, path, role, tags, stop=creation.stop.is_set)
+        finally:
+            with self._creations_guard:
+                running = self._creations.get(name, [])
+                if creation in running:
+                    running.remove(creation)
+                if not running:
+                    self._creations.pop(name, None)
+            creation.done.set()
+
+    async def _await_creations(self, name: str) -> None:
+        """Wait (bounded) until no thread of this process is creating IAM user ``name``."""
+        deadline = time.monotonic() + self.creation_wait
+        while True:
+            with self._creations_guard:
+                running = [c for c in self._creations.get(name, []) if not c.done.is_set()]
+            if not running:
+                return
+            if time.monotonic() >= deadline:
+                raise BackendError(f"IAM user {name} is still being created by an issue that "
+                                   "timed out; deleting it waits until that creation ends "
+                                   "(retried later)", retryable=True)
+            # Polled, not waited on in a thread: a cancelled wait leaves nothing behind.
+            await asyncio.sleep(0.05)
+
+    @staticmethod
+    def _owner_check(req: DeleteUserRequest) -> Callable[[str | None], bool]:
+        """Whether a user carrying this broker-lease-id tag is the ending lease's.
+
+        A fixed-name role's user may belong to another lease by the time this
+        one ends or is rolled back (its own CreateUser found the name taken):
+        only the lease the user is tagged with deletes it. An untagged user in
+        the mount's path is not an issue's (every issue tags): a revoke deletes
+        it by name as before, a rollback leaves it alone.
+        """
+        if not req.lease_id:  # a caller that does not say (the conformance kit)
+            return lambda tag: True
+        mine = req.lease_id[:256]  # as tagged by new_user
+        if req.reason == "rollback":
+            return lambda tag: tag == mine
+        return lambda tag: tag is None or tag == mine
+
     def _pick_role_arn(self, role: AWSRole, metadata: Mapping[str, str]) -> str:
         wanted = metadata.get("role_arn")
-        if wanted is None:
-            return role.role_arns[0]
+        if not wanted:
+            if len(role.role_arns) == 1:
+                return role.role_arns[0]
+            # Vault's rule: with several ARNs, which one must be asked for.
+            raise BackendError("did not supply a role_arn parameter and unable to determine "
+                               f"one: this role allows {', '.join(role.role_arns)}; pass "
+                               "role_arn", retryable=False)
         if wanted not in role.role_arns:
             # Refuse rather than silently hand out a different role than asked for.
             raise BackendError(f"role_arn {wanted!r} is not one of this role's role_arns "
@@ -414,8 +497,9 @@ class AWSBackend:
         if ctype == "iam_user":
             _, iam = await self._clients()
             username = str(req.revocation.get("username") or req.username)
+            await self._await_creations(username)
             await self._run("deleting IAM user", aws_iam.delete_user, iam, username,
-                            self.iam_path)
+                            self.iam_path, self._owner_check(req))
             return DeleteUserResponse()
         if req.reason == "rollback":
             # An issue that never completed: the STS secret never left the broker's

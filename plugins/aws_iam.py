@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from plugins.aws import AWSRole
 
 __all__ = ["INLINE_POLICY_NAME", "LEASE_ID_TAG", "create_root_key", "create_user", "delete_key",
-           "delete_user"]
+           "delete_user", "lease_tag"]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,20 @@ def _ignore_missing(fn: Callable[..., Any], **kwargs: Any) -> None:
             raise
 
 
+class _GivenUp(Exception):
+    """The issue that started a creation stopped waiting for it (timeout, cancel)."""
+
+
+def _check(stop: Callable[[], bool] | None) -> None:
+    if stop is not None and stop():
+        raise _GivenUp
+
+
+def lease_tag(tags: list[dict[str, str]]) -> str | None:
+    """The ``broker-lease-id`` value among ``tags`` (None if absent)."""
+    return next((t["Value"] for t in tags if t["Key"] == LEASE_ID_TAG), None)
+
+
 def _each(iam: Any, op: str, key: str, **kwargs: Any) -> list[Any]:
     """All items of a paginated IAM list call (a missing user lists nothing)."""
     items: list[Any] = []
@@ -48,12 +62,20 @@ def _each(iam: Any, op: str, key: str, **kwargs: Any) -> list[Any]:
     return items
 
 
-def create_user(iam: Any, name: str, path: str, role: AWSRole,
-                tags: list[dict[str, str]]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Create the user with its permissions and one access key: (client data, revocation)."""
+def create_user(iam: Any, name: str, path: str, role: AWSRole, tags: list[dict[str, str]],
+                stop: Callable[[], bool] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Create the user with its permissions and one access key: (client data, revocation).
+
+    ``stop`` is asked between AWS calls: once it says true (the issue stopped
+    waiting for this thread), the creation ends and deletes what it made, so
+    a credential nobody will ever hold does not outlive the issue.
+    """
     args: dict[str, Any] = {"UserName": name, "Path": path, "Tags": tags}
     if role.permissions_boundary_arn:
         args["PermissionsBoundary"] = role.permissions_boundary_arn
+    if stop is not None and stop():
+        raise BackendError("creating IAM user: the issue was given up before CreateUser",
+                           retryable=True, created_nothing=True)
     try:
         user = iam.create_user(**args)["User"]
     except ClientError as exc:
@@ -69,20 +91,30 @@ def create_user(iam: Any, name: str, path: str, role: AWSRole,
                            retryable=False, created_nothing=True) from None
     try:
         for arn in role.policy_arns:
+            _check(stop)
             iam.attach_user_policy(UserName=name, PolicyArn=arn)
         if role.policy_document:
+            _check(stop)
             iam.put_user_policy(UserName=name, PolicyName=INLINE_POLICY_NAME,
                                 PolicyDocument=role.policy_document)
         for group in role.iam_groups:
+            _check(stop)
             iam.add_user_to_group(GroupName=group, UserName=name)
+        _check(stop)
         key = iam.create_access_key(UserName=name)["AccessKey"]
-    except Exception:
-        # Do not leave a half-built user; if this fails too, the engine's rollback retries.
+        _check(stop)
+    except Exception as exc:
+        # Do not leave a half-built (or given-up) user; if this fails too, the engine's
+        # rollback retries.
         try:
             delete_user(iam, name, path)
         except Exception as cleanup:  # the original error is the one to report
             log.warning("cleaning up IAM user %s after a failed issue: %s", name,
                         type(cleanup).__name__)
+        if isinstance(exc, _GivenUp):
+            log.warning("IAM user %s: its issue gave up waiting; deleted what was made", name)
+            raise BackendError("creating IAM user: the issue was given up; the user was "
+                               "deleted again", retryable=True) from None
         raise
     data = {"access_key": key["AccessKeyId"], "secret_key": key["SecretAccessKey"],
             "security_token": None, "arn": user["Arn"]}
@@ -94,7 +126,7 @@ def create_user(iam: Any, name: str, path: str, role: AWSRole,
 def _made_by(iam: Any, name: str, tags: list[dict[str, str]]) -> bool:
     """Whether the existing user ``name`` is this issue's own (a retried CreateUser whose
     first attempt went through): it carries the same ``broker-lease-id`` tag."""
-    mine = next((t["Value"] for t in tags if t["Key"] == LEASE_ID_TAG), None)
+    mine = lease_tag(tags)
     try:
         user = iam.get_user(UserName=name)["User"]
     except ClientError:
@@ -103,18 +135,30 @@ def _made_by(iam: Any, name: str, tags: list[dict[str, str]]) -> bool:
     return mine is not None and theirs.get(LEASE_ID_TAG) == mine
 
 
-def delete_user(iam: Any, name: str, path: str) -> None:
-    """Remove everything IAM requires gone first, then the user; a missing user is success."""
+def delete_user(iam: Any, name: str, path: str,
+                owns: Callable[[str | None], bool] | None = None) -> bool:
+    """Remove everything IAM requires gone first, then the user; a missing user is success.
+
+    ``owns`` is given the user's ``broker-lease-id`` tag (None: untagged); when
+    it says the user is not the deleting lease's, the user is left alone and
+    False returned. True: deleted (or already gone).
+    """
     try:
         user = iam.get_user(UserName=name)["User"]
     except ClientError as exc:
         if _missing(exc):
-            return
+            return True
         raise
     if user.get("Path") != path:
         # Revocation data comes from the store; never let it delete someone else's user.
         raise BackendError(f"refusing to delete IAM user {name}: its path {user.get('Path')} "
                            f"is outside the mount's iam_path {path}", retryable=False)
+    if owns is not None:
+        tag = {t.get("Key"): t.get("Value") for t in user.get("Tags", [])}.get(LEASE_ID_TAG)
+        if not owns(tag):
+            log.warning("IAM user %s carries %s=%s, not the lease being ended: left alone",
+                        name, LEASE_ID_TAG, tag)
+            return False
     for key in _each(iam, "list_access_keys", "AccessKeyMetadata", UserName=name):
         _ignore_missing(iam.delete_access_key, UserName=name, AccessKeyId=key["AccessKeyId"])
     for policy in _each(iam, "list_user_policies", "PolicyNames", UserName=name):
@@ -135,6 +179,7 @@ def delete_user(iam: Any, name: str, path: str) -> None:
         _ignore_missing(iam.delete_ssh_public_key, UserName=name,
                         SSHPublicKeyId=ssh["SSHPublicKeyId"])
     _ignore_missing(iam.delete_user, UserName=name)
+    return True
 
 
 def create_root_key(iam: Any, current_key_id: str) -> tuple[str, str, str]:

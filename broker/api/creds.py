@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
@@ -11,7 +12,7 @@ from broker.api.common import CALL, Call, json_response
 from broker.audit import AuditError
 from broker.engine import lease_ref
 from broker.errors import BadRequest
-from broker.lease import Lease
+from broker.lease import Lease, Token
 
 __all__ = ["routes"]
 
@@ -51,8 +52,9 @@ async def issue(request: web.Request) -> web.Response:
         recorded = True
 
     try:
-        issued = await engine.issue(mount, role, token=call.token,  # type: ignore[arg-type]
-                                    ttl=ttl, request=call.request_block(), record=record)
+        token = _aws_request(call, mount, role, kind)
+        issued = await engine.issue(mount, role, token=token, ttl=ttl,
+                                    request=call.request_block(), record=record)
     except AuditError:
         raise  # the log is failing: an error line would fail too
     except Exception as exc:
@@ -73,3 +75,36 @@ async def issue(request: web.Request) -> web.Response:
         "auth": None,
     }
     return json_response(body)
+
+
+def _aws_request(call: Call, mount: str, role: str, kind: str) -> Token:
+    """Vault's AWS request parameters, for an ``aws`` mount: the token to issue with.
+
+    ``role_arn`` reaches the plugin the way token metadata ``role_arn`` does (the
+    lease's metadata), so the plugin checks it against the role's ``role_arns``.
+    A token whose metadata pins a ``role_arn`` cannot ask for another one.
+    """
+    token = call.token
+    assert token is not None
+    runtime = call.state.engine.mount(mount)
+    if runtime.spec.plugin != "aws":
+        return token
+    spec = call.state.engine.role(mount, role)
+    ctype = spec.options.get("credential_type")
+    if kind == "sts" and ctype == "iam_user":
+        raise BadRequest(f"role {role!r} issues iam_user credentials, which are not STS "
+                         f"credentials: use {mount}/creds/{role}")
+    if call.body.get("role_session_name") not in (None, ""):
+        raise BadRequest("role_session_name is not supported: the broker names each session "
+                         "itself (an early revoke denies the session by its name)")
+    wanted = call.string("role_arn")
+    if wanted is None:
+        return token
+    pinned = token.metadata.get("role_arn")
+    if pinned and pinned != wanted:
+        raise BadRequest(f"role_arn {wanted!r} differs from the role_arn {pinned!r} in the "
+                         "token's metadata, which the token is limited to")
+    if ctype != "assumed_role":
+        raise BadRequest(f"role_arn applies to assumed_role roles only; role {role!r} is "
+                         f"{ctype}")
+    return replace(token, metadata={**token.metadata, "role_arn": wanted})
