@@ -13,6 +13,11 @@ however the command (or ``broker exec`` itself) ends.
   TTL of only two heartbeats and renewed every heartbeat, so they expire (and
   the broker revokes them) within about two heartbeats.
 - ``--ttl`` is the overall budget: renewals stop so that no lease outlives it.
+- A lease never outlives the token that issued it (the broker caps it at the
+  token's expiry), so the heartbeat renews exec's token too (``renew-self``,
+  the JWT login's or a ``BROKER_TOKEN``) whenever it would otherwise end the
+  leases before the budget; it cannot go past the token's own max TTL
+  (``token_max_ttl``), and exec warns at start-up when that comes first.
 
 Variable names: each credential's fields get the names its backend's tools
 read (``PGUSER``/``PGPASSWORD``, ``MYSQL_USER``/``MYSQL_PWD``, ``AWS_*``). When
@@ -62,6 +67,7 @@ __all__ = [
     "TOKEN_VARIABLES",
     "ExecOptions",
     "Held",
+    "LoginToken",
     "build_env",
     "cmd_exec",
     "configure_parser",
@@ -159,7 +165,7 @@ def configure_parser(p: argparse.ArgumentParser, mount_role: Callable[[str], Any
                    help="auth mount to log in at: POST /v1/auth/PATH/login (default jwt)")
     p.add_argument("--pass-token", action="store_true",
                    help="pass BROKER_TOKEN and VAULT_TOKEN on to the command (by default "
-                   "it gets its credentials, not the token)")
+                   "it gets its credentials, not the token); never a JWT login's token")
     p.set_defaults(command_argv=None)
 
 
@@ -324,6 +330,69 @@ def _rfc3339(text: Any) -> float | None:
         return None
 
 
+@dataclass
+class LoginToken:
+    """What exec knows of its own broker token: its leases are capped at its expiry.
+
+    Times are on exec's clock (from the TTLs the broker answers, which err early),
+    except ``server_expire``, the broker's own, to compare with a lease's max expiry.
+    """
+
+    #: wall-clock time the token expires at, as far as we know.
+    expire_at: float
+    #: the latest it can be renewed to (token_max_ttl); None: no cap, or not known.
+    max_expire_at: float | None = None
+    renewable: bool = True
+    #: renewing it failed for good (not renewable, revoked): leave it be.
+    stuck: bool = False
+    failing: bool = False
+    #: how messages name it: exec's own login, or the token it was given.
+    name: str = "login token"
+    #: its expire_time as the broker wrote it (the broker's clock); None: not looked up.
+    server_expire: float | None = None
+
+    @classmethod
+    def from_lookup(cls, data: Mapping[str, Any], now: float, name: str = "login token"
+                    ) -> LoginToken | None:
+        """From ``auth/token/lookup-self`` data asked for at ``now``; None for a token
+        that never expires (root)."""
+        ttl = data.get("ttl")
+        if not isinstance(ttl, int) or isinstance(ttl, bool) or ttl <= 0:
+            return None  # root, or a token without expiry: it caps nothing
+        expire = now + ttl
+        server_expire = _rfc3339(data.get("expire_time"))
+        explicit = data.get("explicit_max_ttl")
+        created = data.get("creation_time")
+        max_expire = None
+        if (isinstance(explicit, int) and explicit > 0 and isinstance(created, int | float)
+                and server_expire is not None):
+            # The max as a distance from the expiry: no clock skew. creation_time is
+            # whole seconds: this errs early, never late.
+            max_expire = expire + (float(created) + explicit - server_expire)
+        return cls(expire_at=expire, max_expire_at=max_expire,
+                   renewable=bool(data.get("renewable")), name=name,
+                   server_expire=server_expire)
+
+    @property
+    def reach(self) -> float | None:
+        """The latest the token (and so any lease it caps) can live; None: unbounded."""
+        return self.max_expire_at if self.renewable else self.expire_at
+
+    def expired(self, now: float) -> bool:
+        return now >= self.expire_at
+
+
+def _token_cap_warning(spec: str, token: LoginToken, reach: float) -> str:
+    if token.renewable:
+        return (f"warning: {spec}: the {token.name}'s max TTL "
+                f"({'token_max_ttl' if token.name == 'login token' else 'explicit_max_ttl'}) "
+                f"ends the lease at {_when(reach)}, before --ttl: the broker caps a lease at "
+                "its token's expiry")
+    return (f"warning: {spec}: the {token.name} is not renewable and expires at "
+            f"{_when(reach)}, ending the lease before --ttl: the broker caps a lease at its "
+            "token's expiry")
+
+
 # --------------------------------------------------------------------------- output
 
 _out_lock = threading.Lock()
@@ -350,8 +419,10 @@ class Heartbeat:
     free to forward signals and wait for the command.
     """
 
-    def __init__(self, client: Client, held: Sequence[Held], heartbeat: int) -> None:
+    def __init__(self, client: Client, held: Sequence[Held], heartbeat: int,
+                 token: LoginToken | None = None) -> None:
         self.client, self.held, self.heartbeat = client, held, heartbeat
+        self.token = token
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="broker-heartbeat", daemon=True)
 
@@ -363,18 +434,43 @@ class Heartbeat:
         self._thread.join(self.heartbeat + _REVOKE_TIMEOUT)
 
     def _run(self) -> None:
-        next_at = time.monotonic() + self.heartbeat
+        next_at = time.monotonic() + min(self.heartbeat, self._soon())
         while not self._stop.wait(max(0.0, next_at - time.monotonic())):
             self.beat()
             # A slow round must not make the next ones come in a burst.
             next_at = max(next_at + self.heartbeat, time.monotonic())
+            next_at = min(next_at, time.monotonic() + self._soon())
+
+    def _soon(self) -> float:
+        """Seconds until a lease must be renewed before the next heartbeat would come.
+
+        A lease capped at a token's expiry can end sooner than two heartbeats
+        (a token_ttl of 4s under the default 30s heartbeat): then the next round
+        comes halfway to that end, when the token and the lease can be renewed.
+        """
+        now = time.time()
+        ends = [c.expire_at for c in self.held
+                if c.renewable and not c.final and not c.dead and not c.failing]
+        if not ends:
+            return float(self.heartbeat)
+        return max(0.5, (min(ends) - now) / 2)
 
     def beat(self) -> None:
-        for cred in self.held:
+        live = [c for c in self.held if c.renewable and not c.final and not c.dead]
+        if live and self.token is not None:
+            # First the token: a lease renewal may not pass its token's expiry.
+            now = time.time()
+            reach = now + 2 * self.heartbeat
+            ends = [c.end for c in live]
+            if all(e is not None for e in ends):
+                reach = min(reach, max(e for e in ends if e is not None))
+            # One heartbeat of slack: the leases are renewed a moment after the token.
+            keep_token(self.client, self.token, reach + self.heartbeat,
+                       timeout=max(1.0, float(self.heartbeat)))
+        for cred in live:
             if self._stop.is_set():
                 return
-            if cred.renewable and not cred.final and not cred.dead:
-                self._renew(cred)
+            self._renew(cred)
 
     def _renew(self, cred: Held) -> None:
         now = time.time()
@@ -415,6 +511,43 @@ class Heartbeat:
             _say(f"warning: cannot renew {cred.lease_id}: {text}; retrying every "
                  f"{format_duration(self.heartbeat)}; it expires in {left}s unless a renewal "
                  "gets through")
+
+
+def keep_token(client: Client, token: LoginToken, until: float, *,
+               timeout: float = _REVOKE_TIMEOUT) -> None:
+    """Renew ``token`` (``renew-self``) if it would expire before ``until``.
+
+    As far as its max TTL allows: the leases it caps then follow it (the broker
+    moves a token-capped lease's max expiry on its next renewal). A token that
+    cannot be renewed is left alone; the leases end with it, as warned at start-up.
+    """
+    now = time.time()
+    if token.stuck or token.expire_at >= until or token.expired(now):
+        return
+    if not token.renewable or (token.max_expire_at is not None
+                               and token.expire_at >= token.max_expire_at - 1):
+        return
+    increment = max(1, int(until - now) + 1)
+    try:
+        resp = client.request("PUT", "auth/token/renew-self", json={"increment": increment},
+                              timeout=timeout)
+    except ClientError as exc:
+        if exc.status in {400, 403}:
+            # Not renewable, revoked or expired: retrying will not change it.
+            token.stuck = True
+            _say(f"warning: cannot renew the {token.name}: {exc}; the leases end with it at "
+                 f"{_when(token.expire_at)}")
+        elif not token.failing:
+            token.failing = True
+            _say(f"warning: cannot renew the {token.name}: {exc}; retrying; it and the leases "
+                 f"it caps expire at {_when(token.expire_at)} unless a renewal gets through")
+        return
+    granted = ((resp or {}).get("auth") or {}).get("lease_duration")
+    if isinstance(granted, int) and not isinstance(granted, bool) and granted > 0:
+        token.expire_at = now + granted
+    if token.failing:
+        _say(f"renewing the {token.name} works again")
+        token.failing = False
 
 
 # --------------------------------------------------------------------------- signals
@@ -498,6 +631,9 @@ class Exec:
         self.client = client
         self.make_client = make_client
         self.logged_in = False
+        #: exec's own token, when it expires (it caps the leases); None: unknown or never.
+        self.token: LoginToken | None = None
+        self._token_looked_up = False
         self.held: list[Held] = []
         self.heartbeat: Heartbeat | None = None
 
@@ -532,11 +668,18 @@ class Exec:
             drop = stale_names(self.held) | {self.opts.jwt_env}
             if not self.opts.pass_token:
                 drop |= set(TOKEN_VARIABLES)
+            elif self.opts.jwt is not None:
+                # By design: the login token dies with exec, so it is never passed on.
+                given = [v for v in TOKEN_VARIABLES if os.environ.get(v)]
+                _say("warning: --pass-token has no effect with a JWT login: the login token "
+                     "never reaches the command" if not given else
+                     f"warning: --pass-token with a JWT login passes on {' and '.join(given)} "
+                     "from the environment, not the login token")
             inherited = {k: v for k, v in os.environ.items() if k not in drop}
             env = {**inherited, **build_env(self.held)}
             if self.opts.heartbeat and any(c.renewable for c in self.held):
                 self.heartbeat = Heartbeat(self.make_client(self.client.token), self.held,
-                                           self.opts.heartbeat)
+                                           self.opts.heartbeat, self.token)
                 self.heartbeat.start()
         except _Signalled as sig:
             _say(f"interrupted ({sig}) before the command ran")
@@ -577,6 +720,7 @@ class Exec:
 
     def _login(self) -> None:
         path = f"auth/{self.opts.auth_path}/login"
+        started = time.time()
         try:
             resp = self.client.request("POST", path,
                                        json={"role": self.opts.auth_role, "jwt": self.opts.jwt})
@@ -588,6 +732,48 @@ class Exec:
             raise OperationError(f"login at {path} answered without a client token")
         self.client.token = str(token)
         self.logged_in = True
+        auth = (resp or {}).get("auth") or {}
+        ttl = auth.get("lease_duration")
+        if isinstance(ttl, int) and not isinstance(ttl, bool) and ttl > 0:
+            # Exact once looked up, when a lease turns out to be capped by it (_plan).
+            self.token = LoginToken(expire_at=started + ttl,
+                                    renewable=bool(auth.get("renewable")))
+
+    def _lookup_token(self) -> None:
+        """Exec's own token's expiry and max TTL (``lookup-self``), once; asked only when
+        a lease's max expiry may be the token's. If we may not ask, a login keeps what
+        its answer said, and leases are renewed as far as the broker lets them."""
+        if self._token_looked_up:
+            return
+        self._token_looked_up = True
+        now = time.time()
+        try:
+            resp = self.client.request("GET", "auth/token/lookup-self")
+        except ClientError:
+            return
+        found = LoginToken.from_lookup((resp or {}).get("data") or {}, now,
+                                       "login token" if self.logged_in else "broker token")
+        if found is not None or not self.logged_in:
+            self.token = found
+
+    def _capping_token(self, data: Mapping[str, Any], started: float) -> LoginToken | None:
+        """Exec's token if it is what capped this lease's max expiry (lease lookup ``data``)."""
+        max_expire = _rfc3339(data.get("max_expire_time"))
+        if max_expire is None:
+            return None
+        if self.logged_in:
+            issued = _rfc3339(data.get("issue_time"))
+            if self.token is None or issued is None:
+                return None
+            # Compared as durations (the broker's clock may not be ours): what the lease
+            # may live vs what the token had left when the lease was issued.
+            if abs((max_expire - issued) - (self.token.expire_at - started)) > 3:
+                return None  # the role's max TTL, well before the token's expiry
+        self._lookup_token()
+        token = self.token
+        if token is None or token.server_expire is None:
+            return None
+        return token if abs(max_expire - token.server_expire) < 1.5 else None
 
     def _plugins(self) -> dict[str, str]:
         """mount -> plugin type, for the variable names; {} if we may not read sys/mounts."""
@@ -618,8 +804,24 @@ class Exec:
                                        json={"lease_id": cred.lease_id})
         except ClientError:
             return  # renewals past the max TTL answer 400 and stop there
-        max_expire = _rfc3339(((resp or {}).get("data") or {}).get("max_expire_time"))
-        if max_expire is not None and (cred.end is None or max_expire < cred.end):
+        data = (resp or {}).get("data") or {}
+        max_expire = _rfc3339(data.get("max_expire_time"))
+        if max_expire is None:
+            return
+        if cred.end is not None and max_expire >= cred.end:
+            return  # past the budget, whatever capped it
+        token = self._capping_token(data, started)
+        if token is not None:
+            # Capped at the token's expiry, not the role's max TTL: the lease follows
+            # the token as the heartbeat renews it, up to the token's own limit.
+            # (The role's max TTL, if it comes first, stops renewals with a 400.)
+            reach = token.reach
+            if reach is not None and (cred.end is None or reach < cred.end):
+                if cred.end is not None:
+                    _say(_token_cap_warning(cred.spec, token, reach))
+                cred.end = reach
+            return
+        if cred.end is None or max_expire < cred.end:
             if cred.end is not None:
                 _say(f"warning: {cred.spec}: the role's max TTL ends the lease at "
                      f"{_when(max_expire)}, before --ttl")
@@ -644,8 +846,16 @@ class Exec:
         if not self.opts.revoke:
             self._leave_alive()
             return
+        # Only exec holds its login token, so only exec renews it: once past the
+        # expiry exec knows of, the token is gone, and every lease with it (a lease
+        # never outlives its token). Revoking them would be audited as reuse attempts.
+        token_gone = (self.logged_in and self.token is not None
+                      and self.token.expired(time.time()))
+        if token_gone and self.token is not None and any(not c.dead for c in self.held):
+            _say(f"the login token expired at {_when(self.token.expire_at)}; the leases "
+                 "ended with it")
         for cred in self.held:
-            if cred.dead or (cred.final and time.time() >= cred.expire_at):
+            if token_gone or cred.dead or (cred.final and time.time() >= cred.expire_at):
                 # Ended already: revoking it again would be audited as a reuse attempt.
                 continue
             try:
@@ -661,7 +871,7 @@ class Exec:
                 continue
             if resp and resp.get("warnings"):
                 _say(f"warning: {cred.lease_id}: revocation queued, the broker retries it")
-        if self.logged_in:
+        if self.logged_in and not token_gone:
             try:
                 # Cascades to anything the token still owns.
                 self.client.request("POST", "auth/token/revoke-self")
@@ -671,9 +881,12 @@ class Exec:
     def _leave_alive(self) -> None:
         """--no-revoke: one last renewal to the end of the --ttl budget (without --ttl:
         the role's default TTL from now), then let them be."""
-        for cred in self.held:
-            if not cred.renewable or cred.final or cred.dead:
-                continue
+        live = [c for c in self.held if c.renewable and not c.final and not c.dead]
+        ends = [c.end for c in live if c.end is not None]
+        if self.token is not None and self.opts.ttl and ends:
+            # The leases may not outlive the token: it must last to the end of the budget.
+            keep_token(self.client, self.token, max(ends))
+        for cred in live:
             now = time.time()
             increment = int(cred.end - now) if self.opts.ttl and cred.end is not None else None
             if increment is not None and increment < 1:

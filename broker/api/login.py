@@ -101,9 +101,14 @@ async def login(request: web.Request) -> web.Response:
             raise NotFound(f"no auth method {name!r} is configured ([auth.jwt.{name}])")
         _check_strings(body, "role", "jwt")
         result = await method.login(body.get("role"), body.get("jwt"))
-    except BrokerError as exc:
+    except Exception as exc:
+        # A bug (an exception no check turned into a refusal) answers 500, but the
+        # attempt is still on the record: no login goes unaudited.
+        refused = isinstance(exc, BrokerError | web.HTTPException)
+        error = str(exc) if refused else f"internal error: {type(exc).__name__}"
         role = body.get("role")
-        await call.audit("auth_failure", outcome="denied", error=str(exc), auth_method=name,
+        await call.audit("auth_failure", outcome="denied" if refused else "error",
+                         error=error, auth_method=name,
                          role=role if isinstance(role, str) else None,
                          **describe_token(body.get("jwt")))
         raise

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -412,9 +413,34 @@ class JWKSKeys:
                        "jwks_cache_ttl)")
         return f"cannot load the signing keys: {reason}"
 
+    def _unknown_kid(self, kid: str) -> str:
+        """Why a kid is not in the key set, and when asking again may help.
+
+        A key the issuer has just published (a rotation) is only seen at the next
+        fetch, and fetches are rate-limited: within MIN_REFRESH_INTERVAL of the
+        last one the key set is not fetched again, so the message must not read
+        as final. It stays a 403, not a retryable 503: a made-up kid gets the
+        same answer, and must not look like a broker outage to monitoring.
+        """
+        shown = f"unknown signing key id {kid[:200]!r}"
+        age = self._age()
+        attempted = self._attempted_at
+        if age is None or attempted is None:
+            return f"{shown} (not in the issuer's keys)"
+        since = self._monotonic() - attempted
+        wait = self.min_refresh_interval - since
+        if wait <= 0:
+            return f"{shown} (not in the issuer's keys)"
+        fetched = f"fetched {format_duration(max(1, int(age)))} ago" if age >= 1 else \
+            "fetched less than 1s ago"
+        failed = f" (the last refresh failed: {self._last_error})" if self._last_error else ""
+        return (f"{shown}: not in the issuer's keys as {fetched}{failed}; they are fetched "
+                f"again at most every {format_duration(int(self.min_refresh_interval))}: if "
+                f"the issuer has just rotated its keys, retry in {math.ceil(wait)}s")
+
     def why_none(self, kid: str | None, alg: str) -> str:
         if kid is None:
             return f"the JWT names no key id and no key of the issuer can verify {alg}"
         if not self._known(kid):
-            return f"unknown signing key id {kid[:200]!r} (not in the issuer's keys)"
+            return self._unknown_kid(kid)
         return f"key id {kid[:200]!r} cannot verify {alg} signatures"

@@ -212,9 +212,15 @@ def _number(claims: Mapping[str, Any], name: str) -> float | None:
     value = claims.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise _deny(f"the {name} claim is not a number")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an int of hundreds of digits: no float holds it
+        raise _deny(f"the {name} claim is out of range") from None
+    if not math.isfinite(number):
+        raise _deny(f"the {name} claim is not a number")
+    return number
 
 
 def _when(ts: float) -> str:

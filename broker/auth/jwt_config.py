@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from broker.durations import parse_duration
+from broker.lease import META_KEY
 
 __all__ = [
     "ALLOWED_ALGORITHMS",
@@ -303,6 +304,12 @@ def _role(prefix: str, name: str, table: Any, known: Collection[str] | None) -> 
         if key in RESERVED_METADATA:
             raise t.error(f"claim_mappings.{claim}",
                           f"metadata key {key!r} is set by the login itself")
+        if not META_KEY.fullmatch(key):
+            # Leases carry it: sys/leases/revoke-by/KEY/VALUE and the lease filters
+            # refuse any other key, so such a run's leases could not be selected.
+            raise t.error(f"claim_mappings.{claim}",
+                          f"metadata key {key!r} may hold only letters, digits, '_', '.' "
+                          "and '-' (the lease APIs select leases by it)")
         if key in mappings.values():
             raise t.error(f"claim_mappings.{claim}", f"metadata key {key!r} is mapped twice")
         mappings[claim] = key
