@@ -27,8 +27,10 @@ class ClientError(Exception):
     ``str()`` is one line that a user can act on; ``errors`` is the server's list.
     """
 
-    def __init__(self, status: int, errors: list[str]) -> None:
+    def __init__(self, status: int, errors: list[str], *, bare: bool = False) -> None:
         self.status = status
+        #: the server answered ``{"errors": []}``: with 404, Vault's empty listing.
+        self.bare = bare
         self.errors = [_one_line(e) for e in errors] or ["unknown error"]
         text = "; ".join(self.errors)
         super().__init__(f"{text} (HTTP {status})" if status else text)
@@ -139,7 +141,8 @@ class Client:
         except urllib.error.HTTPError as exc:
             raw = exc.read()
             exc.close()
-            raise ClientError(exc.code, _errors_from(raw, exc.reason)) from None
+            raise ClientError(exc.code, _errors_from(raw, exc.reason),
+                              bare=_bare_errors(raw)) from None
         except urllib.error.URLError as exc:
             raise ClientError(0, [self._connect_error(exc.reason)]) from None
         except TimeoutError:
@@ -190,6 +193,14 @@ def _param(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
+
+
+def _bare_errors(raw: bytes) -> bool:
+    """Whether the answer is exactly ``{"errors": []}`` (Vault's empty LIST, with 404)."""
+    try:
+        return bool(jsonlib.loads(raw) == {"errors": []})
+    except ValueError:
+        return False
 
 
 def _errors_from(raw: bytes, reason: object) -> list[str]:

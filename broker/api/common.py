@@ -188,6 +188,10 @@ class Call:
                 if ("\\u" in text or not text.isascii()) and not _encodable(parsed):
                     raise BadRequest("request body holds an unpaired UTF-16 surrogate "
                                      "(\\ud800-\\udfff), which is not text")
+                # JSON spells NUL only as \u0000 (a raw one is invalid JSON): one scan
+                # of the text, and the walk only when it is there.
+                if "\\u0000" in text and (name := _nul_field(parsed)) is not None:
+                    raise BadRequest(nul_message(name))
                 data.update(parsed)
         self.body = data
         return data
@@ -232,6 +236,59 @@ def _encodable(value: dict[str, Any]) -> bool:
     return True
 
 
+#: PostgreSQL text cannot hold NUL (asyncpg fails the query: a 500), SQLite can; a
+#: NUL in a name, id, prefix or metadata value is a mistake or a probe on either.
+_NUL = "\x00"
+
+
+def nul_message(name: str) -> str:
+    """The 400's text for a NUL in ``name`` (the parameter, never the value)."""
+    return f"{_printable(name)} holds a NUL character (\\u0000), which is not allowed"
+
+
+def _printable(name: str) -> str:
+    return name.replace(_NUL, "\\u0000")
+
+
+def _holds_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return _NUL in value
+    if isinstance(value, dict):
+        return any(_NUL in key or _holds_nul(item) for key, item in value.items())
+    if isinstance(value, list):
+        return any(_holds_nul(item) for item in value)
+    return False
+
+
+def _nul_field(body: dict[str, Any]) -> str | None:
+    """The top-level key of ``body`` under which a NUL is (in a key or a string, at any
+    depth), or None. Only called when the text spells one: a body nested deeply
+    enough to exhaust the stack was already refused by the parser."""
+    for key, value in body.items():
+        if _NUL in key or _holds_nul(value):
+            return key
+    return None
+
+
+def _nul_in_url(request: web.Request) -> str | None:
+    """What names the part of the URL holding a NUL (``%00``): a path parameter (the
+    route's ``{name}``), a query parameter, or "the path"; None if there is none.
+
+    In a request line NUL can only be spelled %00 (the HTTP parser refuses a raw
+    one), so one substring scan of the raw target decides, every request, at
+    O(its length); the parts are looked at only when it is there.
+    """
+    if "%00" not in request.raw_path:
+        return None
+    for name, value in request.match_info.items():
+        if _NUL in value:
+            return name
+    for name, value in request.query.items():
+        if _NUL in name or _NUL in value:
+            return name
+    return "the path" if _NUL in request.path else None
+
+
 def new_call(request: web.Request, path: str) -> Call:
     call: Call = request[CALL]
     call.path = path
@@ -254,6 +311,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     # so nothing is issued, revoked or changed. (One header lookup per request.)
     if request.headers.get(WRAP_TTL_HEADER):
         return error_response(400, WRAPPING_UNSUPPORTED)
+    # Checked here, once for every route, before anything reaches a store: the
+    # request's body strings are checked as Call.read_body parses them.
+    if (name := _nul_in_url(request)) is not None:
+        return error_response(400, nul_message(name))
     state = request.app[STATE]
     request[CALL] = Call(request=request, state=state, request_id=new_request_id(),
                          path=request.path.removeprefix("/v1/"))
@@ -275,7 +336,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             return response
         raise
     except Exception:
-        log.exception("internal error on %s %s", request.method, request.path)
+        # The path as sent (percent-encoded): the decoded one may hold control
+        # characters (a NUL, a line break) that do not belong in a log line.
+        log.exception("internal error on %s %s", request.method, request.rel_url.raw_path)
         return error_response(500, "internal error; see the broker log")
     finally:
         # The call holds the request and the request holds the call. Unlinked,

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from broker.api.common import CALL, Call, json_response
+from broker.api.common import CALL, Call, error_response, json_response
 from broker.engine import lease_ref
 from broker.errors import BadRequest, PermissionDenied, RevocationFailed
 from broker.lease import META_KEY, Lease, LeaseFilter, LeaseState
@@ -29,6 +29,9 @@ LIVE_STATES = (LeaseState.ACTIVE, LeaseState.REVOKING, LeaseState.IRREVOCABLE)
 REVOKE_WAIT = 30.0
 #: How long ``sync=true`` on revoke-prefix waits at most.
 SYNC_WAIT = 600.0
+#: ``LIST sys/leases/lookup/PREFIX`` answers at most this many keys unless ``limit`` says
+#: otherwise (then with a warning, and ``after`` pages on).
+LIST_LIMIT = 10_000
 #: most rows one ``search`` answer carries.
 SEARCH_MAX = 1000
 #: the largest limit a listing takes (one that fits every store's LIMIT).
@@ -166,13 +169,22 @@ async def list_leases(request: web.Request) -> web.Response:
     await call.authenticate()
     await call.read_body()
     await call.require(f"sys/leases/lookup/{prefix}", "list", "sudo")
-    limit = limit_param(call.body.get("limit"), 10000)
+    limit = limit_param(call.body.get("limit"), LIST_LIMIT)
+    after = call.string("after") or ""
     meta = meta_params(request)
-    keys = await store_call(_list_level(call, LeaseFilter(prefix=prefix, metadata=meta), limit))
+    keys = await store_call(_list_level(call, LeaseFilter(prefix=prefix, metadata=meta), limit,
+                                        after=after))
     await call.audit("list", prefix=prefix, metadata=meta or None, count=len(keys))
     if not keys:
-        raise web.HTTPNotFound()  # Vault answers 404 for an empty listing
-    return json_response({"request_id": call.request_id, "data": {"keys": keys}})
+        # Vault's answer to an empty listing: 404 with no error at all, which a
+        # client can tell from an unknown path's 404 ("unsupported path").
+        return error_response(404)
+    warnings = None
+    if len(keys) == limit:  # as LIST auth/token/accessors
+        warnings = [f"listing stopped at limit={limit}; there may be more: "
+                    f"repeat with after={keys[-1]}"]
+    return json_response({"request_id": call.request_id, "data": {"keys": keys},
+                          "warnings": warnings})
 
 
 def _is_list(request: web.Request) -> bool:
@@ -182,8 +194,9 @@ def _is_list(request: web.Request) -> bool:
         request.method == "GET" and request.query.get("list", "").lower() in {"true", "1", "t"})
 
 
-async def _list_level(call: Call, flt: LeaseFilter, limit: int) -> list[str]:
-    """Keys one level below ``prefix`` (``creds/``, ``readonly/``, random parts).
+async def _list_level(call: Call, flt: LeaseFilter, limit: int, *, after: str = "") -> list[str]:
+    """Keys one level below ``prefix`` (``creds/``, ``readonly/``, random parts), those
+    sorting after the key ``after`` (the last key of the previous page) only.
 
     Skip-scans the id index: after seeing ``a/...`` it jumps past every id
     under ``a/``, so listing a mount with 100k leases reads only a few rows.
@@ -191,7 +204,9 @@ async def _list_level(call: Call, flt: LeaseFilter, limit: int) -> list[str]:
     store = call.state.store
     prefix = flt.prefix
     keys: list[str] = []
-    after = ""
+    if after:
+        # A folder key ("a/") pages on past every id under it, a lease's past itself.
+        after = prefix + after + ("\U0010ffff" if after.endswith("/") else "")
     while len(keys) < limit:
         ids = await store.list_ids(flt, states=LIVE_STATES, limit=256, after=after)
         if not ids:

@@ -16,7 +16,7 @@ from broker import __version__, metrics_text
 from broker.api.common import CALL, STATE, Call, json_response
 from broker.api.leases import rfc3339
 from broker.api.login import auth_methods
-from broker.errors import BadRequest
+from broker.errors import BadRequest, StoreUnavailable
 from broker.state import BrokerState
 from broker.worker_stats import merge, publish_own
 
@@ -190,6 +190,12 @@ async def mounts(request: web.Request) -> web.Response:
     return json_response({"request_id": call.request_id, "data": data})
 
 
+#: The families a scrape gets while the lease store is down and its token cannot
+#: be checked: no more than ``GET sys/health`` tells anyone without a token.
+STORE_DOWN_FAMILIES = frozenset({
+    "broker_store_healthy", "broker_audit_healthy", "broker_mount_healthy"})
+
+
 @routes.get("/v1/sys/metrics")
 async def metrics(request: web.Request) -> web.Response:
     """Lease counts by state, sweeper load and per-backend call timings (JSON, or
@@ -197,25 +203,40 @@ async def metrics(request: web.Request) -> web.Response:
 
     With several workers the figures are every worker's added up (each is
     also listed under ``workers``), whichever worker answers.
+
+    The lease store down: a token checked before, or one checked on a replica, can
+    no longer be checked. A Prometheus scrape then gets only the health gauges
+    (``broker_store_healthy 0``: what the alert is about), which sys/health
+    shows to anyone; JSON answers 503, as every other call. A token that is
+    checked gets everything but the lease counts, which need the store.
     """
     call: Call = request[CALL]
-    await call.authenticate()
-    await call.require("sys/metrics", "read")
     fmt = request.query.get("format", "")
+    try:
+        await call.authenticate()
+    except StoreUnavailable:
+        if fmt != "prometheus":
+            raise
+        text = _render(call.state, None)
+        await call.audit("response", outcome="error", error="lease store unavailable: token "
+                         "not checked; answered the health gauges only")
+        return web.Response(body=_only_families(text, STORE_DOWN_FAMILIES).encode(),
+                            headers={"Content-Type": metrics_text.CONTENT_TYPE})
+    await call.require("sys/metrics", "read")
     if fmt not in ("", "json", "prometheus"):
         raise BadRequest(f"format {fmt!r}: use prometheus, or leave it out for JSON")
     state = call.state
+    try:
+        leases: dict[str, int] | None = await state.store.count_by_state()
+    except StoreUnavailable:
+        leases = None  # the rest needs no store, and broker_store_healthy says why
+    if fmt == "prometheus":
+        return web.Response(body=_render(state, leases).encode(),
+                            headers={"Content-Type": metrics_text.CONTENT_TYPE})
     own = publish_own(state)  # this worker's figures fresh, the others' up to 1 s old
     workers = state.stats_board.snapshots() if state.stats_board is not None else {}
     total = merge(workers.values() if workers else [own])
     started = min(w["started"] for w in workers.values()) if workers else state.started
-    leases = await state.store.count_by_state()
-    if fmt == "prometheus":
-        text = metrics_text.render(
-            leases=leases, total=total, started=started, workers=max(len(workers), 1),
-            audit_healthy=state.audit.healthy, store_healthy=state.store.error is None,
-            mounts_healthy={name: m.healthy for name, m in state.engine.mounts.items()})
-        return web.Response(body=text.encode(), headers={"Content-Type": metrics_text.CONTENT_TYPE})
     data: dict[str, Any] = {
         "leases": leases,
         "sweeper_busy": total["sweeper_busy"],
@@ -234,6 +255,31 @@ async def metrics(request: web.Request) -> web.Response:
             for n, w in sorted(workers.items())
         }
     return json_response({"request_id": call.request_id, "data": data})
+
+
+def _render(state: BrokerState, leases: dict[str, int] | None) -> str:
+    """The Prometheus text; ``leases`` None: the store could not count them (no samples)."""
+    own = publish_own(state)
+    workers = state.stats_board.snapshots() if state.stats_board is not None else {}
+    total = merge(workers.values() if workers else [own])
+    started = min(w["started"] for w in workers.values()) if workers else state.started
+    return metrics_text.render(
+        leases=leases or {}, total=total, started=started, workers=max(len(workers), 1),
+        audit_healthy=state.audit.healthy, store_healthy=state.store.error is None,
+        mounts_healthy={name: m.healthy for name, m in state.engine.mounts.items()})
+
+
+def _only_families(text: str, names: frozenset[str]) -> str:
+    """The lines of exposition ``text`` that belong to the families ``names``."""
+    kept = []
+    for line in text.splitlines():
+        if line.startswith("#"):
+            name = line.split(maxsplit=3)[2]
+        else:
+            name = line.partition("{")[0].partition(" ")[0]
+        if name in names:
+            kept.append(line)
+    return "\n".join(kept) + "\n"
 
 
 def _backend_figures(backends: dict[str, dict[str, dict[str, Any]]]

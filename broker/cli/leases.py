@@ -90,17 +90,35 @@ def cmd_lease_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+#: the start of the warning a listing answer carries when it stopped at its limit
+#: (then ``after=`` its last key asks for the next page).
+_STOPPED_AT_LIMIT = "listing stopped at limit="
+
+
 def _list(client: Client, prefix: str) -> list[str]:
-    try:
+    """Every key one level below ``prefix``, page by page; [] for an empty listing."""
+    path = f"sys/leases/lookup/{prefix}"
+    keys: list[str] = []
+    after = ""
+    while True:
         # GET ?list=true rather than the LIST verb: same answer, and it passes
         # proxies and HTTP parsers that only accept the standard methods.
-        resp = client.request("GET", f"sys/leases/lookup/{prefix}", params={"list": True})
-    except ClientError as exc:
-        if exc.status == 404:  # Vault's answer to an empty listing
-            return []
-        raise
-    keys = ((resp or {}).get("data") or {}).get("keys") or []
-    return [str(k) for k in keys]
+        params = {"list": True, "after": after or None}
+        try:
+            resp = client.request("GET", path, params=params)
+        except ClientError as exc:
+            # Only Vault's empty listing (404, {"errors": []}) is "no leases": any
+            # other 404 (a wrong address, a proxy's path prefix) is an error.
+            if exc.status == 404 and exc.bare:
+                return keys
+            raise
+        page = [str(k) for k in ((resp or {}).get("data") or {}).get("keys") or []]
+        keys += page
+        stopped = any(str(w).startswith(_STOPPED_AT_LIMIT)
+                      for w in (resp or {}).get("warnings") or [])
+        if not (stopped and page):
+            return keys
+        after = page[-1]
 
 
 def _walk(client: Client, prefix: str) -> Iterable[str]:
