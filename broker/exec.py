@@ -522,7 +522,10 @@ def keep_token(client: Client, token: LoginToken, until: float, *,
     cannot be renewed is left alone; the leases end with it, as warned at start-up.
     """
     now = time.time()
-    if token.stuck or token.expire_at >= until or token.expired(now):
+    # Past the expiry we know of, the token is gone, unless a renewal failed
+    # without an answer (a timeout): the broker may have renewed it, so keep
+    # trying until it answers either way.
+    if token.stuck or token.expire_at >= until or (token.expired(now) and not token.failing):
         return
     if not token.renewable or (token.max_expire_at is not None
                                and token.expire_at >= token.max_expire_at - 1):
@@ -849,8 +852,10 @@ class Exec:
         # Only exec holds its login token, so only exec renews it: once past the
         # expiry exec knows of, the token is gone, and every lease with it (a lease
         # never outlives its token). Revoking them would be audited as reuse attempts.
+        # A renewal whose outcome is unknown (failing) may have gone through: then
+        # the leases may be live, and revoking is the safe side.
         token_gone = (self.logged_in and self.token is not None
-                      and self.token.expired(time.time()))
+                      and self.token.expired(time.time()) and not self.token.failing)
         if token_gone and self.token is not None and any(not c.dead for c in self.held):
             _say(f"the login token expired at {_when(self.token.expire_at)}; the leases "
                  "ended with it")

@@ -20,9 +20,16 @@ _GRANT = re.compile(
     r"(?P<rest>[^;]*)",
     re.IGNORECASE,
 )
-# Privileges that, held server-wide, let a lease make accounts or hand out
-# rights that its revocation (DROP USER of the lease's own account) never takes back.
-_GLOBAL_REFUSED = ("ALL", "ALL PRIVILEGES", "CREATE USER", "GRANT OPTION", "SUPER")
+# The only privileges a lease may hold server-wide (ON *.*): reading and watching.
+# Any other there reaches the mysql schema too (INSERT or UPDATE on *.* writes
+# mysql.global_priv: accounts by another name) or the server itself (FILE, SUPER,
+# CREATE USER...), and so outlives the lease's revocation (a DROP USER of its own
+# account). SELECT stays: Vault's own example grants SELECT ON *.*.
+_GLOBAL_ALLOWED = frozenset({
+    "USAGE", "SELECT", "SHOW VIEW", "SHOW DATABASES", "PROCESS", "EXECUTE",
+    "REPLICATION CLIENT", "BINLOG MONITOR", "SLAVE MONITOR", "REPLICA MONITOR",
+})
+_WITH_GRANT_OPTION = re.compile(r"\bWITH\s+GRANT\s+OPTION\b", re.IGNORECASE)
 _COLUMNS = re.compile(r"\([^)]*\)")
 
 
@@ -71,11 +78,12 @@ def _strip_comments(sql: str, *, quotes: bool) -> str:
 def grant_refusal(stmt: str) -> str | None:
     """What a creation statement grants that a lease must not have, or None.
 
-    Server-wide (``ON *.*``) grants of ALL, CREATE USER, GRANT OPTION (``WITH
-    GRANT OPTION`` too) and SUPER, and any grant on the ``mysql`` schema (its
-    tables are the accounts). A guard against mistakes in the config, not a
-    parser: a privilege granted through a role or built at run time from
-    pieces (``CONCAT``) is not seen.
+    Server-wide (``ON *.*``) any privilege but reading and watching ones
+    (``_GLOBAL_ALLOWED``); GRANT OPTION (``WITH GRANT OPTION`` too) at any
+    level, which would let the lease hand its rights to accounts that outlive
+    it; and any grant on the ``mysql`` schema (its tables are the accounts). A
+    guard against mistakes in the config, not a parser: a privilege granted
+    through a role or built at run time from pieces (``CONCAT``) is not seen.
     """
     for text in (_strip_comments(stmt, quotes=True), _strip_comments(stmt, quotes=False)):
         for m in _GRANT.finditer(text):
@@ -83,13 +91,13 @@ def grant_refusal(stmt: str) -> str | None:
             schema = target.partition(".")[0] if "." in target else ""
             if schema.lower() == "mysql":
                 return f"GRANT ... ON {target} (the mysql schema holds the accounts)"
-            if target != "*.*":
-                continue
             privs = {" ".join(p.split()).upper()
                      for p in _COLUMNS.sub("", m.group("privs")).split(",")}
-            for priv in _GLOBAL_REFUSED:
-                if priv in privs:
-                    return f"GRANT {priv} ON *.*"
-            if re.search(r"\bWITH\s+GRANT\s+OPTION\b", m.group("rest"), re.IGNORECASE):
-                return "GRANT ... ON *.* WITH GRANT OPTION"
+            if "GRANT OPTION" in privs or _WITH_GRANT_OPTION.search(m.group("rest")):
+                return f"GRANT ... ON {target} WITH GRANT OPTION"
+            if target != "*.*":
+                continue
+            refused = sorted(privs - _GLOBAL_ALLOWED)
+            if refused:
+                return f"GRANT {refused[0]} ON *.*"
     return None

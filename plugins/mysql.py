@@ -20,9 +20,9 @@ on one database::
 (in that default GRANT ``_`` and ``%`` of the database name are escaped: a
 database-level GRANT reads them as wildcards).
 
-A creation statement granting ``ALL [PRIVILEGES]``, ``CREATE USER``, ``SUPER``
-or ``GRANT OPTION`` (``WITH GRANT OPTION`` too) ``ON *.*``, or anything on the
-``mysql`` schema, is refused at config load (comments stripped, executable
+A creation statement granting ``ON *.*`` anything but reading and watching
+privileges, ``GRANT OPTION`` (``WITH GRANT OPTION`` too) at any level, or
+anything on the ``mysql`` schema, is refused at config load (comments stripped, executable
 ``/*! */`` comments read as code): every lease could then create accounts or
 hand out rights, which no revocation can take back (``plugins._mysql_grants``).
 
@@ -287,7 +287,7 @@ class MySQLBackend:
 
     @classmethod
     def validate_role(cls, role: RoleSpec) -> None:
-        """Refuse unknown options, unsafe names and statements granting ALL ON *.*."""
+        """Refuse unknown options, unsafe names and statements granting too much."""
         prefix = f"roles.{role.name}"
         for key in role.options:
             if key not in _ROLE_KEYS:
@@ -681,24 +681,35 @@ class MySQLBackend:
                  f" WHERE ID IN ({', '.join(['%s'] * len(ids))})"
                  " AND USER = SUBSTRING_INDEX(CURRENT_USER(), '@', 1)")
         await self._run(cur, "finding dropped admin sessions", query, params=tuple(ids))
-        for (thread_id,) in await cur.fetchall():
-            try:
-                await cur.execute(f"KILL CONNECTION {int(thread_id):d}")
-            except pymysql.err.MySQLError as exc:
-                if _error_code(exc) != _ER_NO_SUCH_THREAD:  # gone already: fine
-                    raise self._wrap("ending a dropped admin session", exc) from None
-        deadline = asyncio.get_running_loop().time() + _SETTLE_SECONDS
-        while True:
-            await self._run(cur, "waiting for dropped admin sessions", query,
-                            params=tuple(ids))
-            if not await cur.fetchall():
-                break
-            if asyncio.get_running_loop().time() > deadline:
-                raise BackendError("mysql: an admin session dropped mid-statement is still"
-                                   " ending; revoking later", retryable=True)
-            await asyncio.sleep(0.05)
+        alive = [int(row[0]) for row in await cur.fetchall()]
+        await self._kill_and_wait(cur, alive, "a dropped admin session",
+                                  "an admin session dropped mid-statement is still ending;"
+                                  " revoking later")
         for thread_id in ids:
             self._unsettled.pop(thread_id, None)
+
+    async def _kill_and_wait(self, cur: Any, ids: Sequence[int], what: str,
+                             still_there: str) -> None:
+        """KILL the sessions ``ids`` and wait (``_SETTLE_SECONDS``) until they are gone;
+        a retryable BackendError(``still_there``) if they are not."""
+        if not ids:
+            return
+        for thread_id in ids:
+            try:
+                await cur.execute(f"KILL CONNECTION {thread_id:d}")
+            except pymysql.err.MySQLError as exc:
+                if _error_code(exc) != _ER_NO_SUCH_THREAD:  # gone already: fine
+                    raise self._wrap(f"ending {what}", exc) from None
+        gone = ("SELECT ID FROM information_schema.PROCESSLIST"
+                f" WHERE ID IN ({', '.join(['%s'] * len(ids))})")
+        deadline = asyncio.get_running_loop().time() + _SETTLE_SECONDS
+        while True:
+            await self._run(cur, f"waiting for {what} to end", gone, params=tuple(ids))
+            if not await cur.fetchall():
+                return
+            if asyncio.get_running_loop().time() > deadline:
+                raise BackendError(f"mysql: {still_there}", retryable=True)
+            await asyncio.sleep(0.05)
 
     async def _kill_sessions(self, cur: Any, name: str, *, final: bool = False) -> None:
         """KILL every live session of ``name``; with ``final``, insist until none is left."""
@@ -762,34 +773,22 @@ class MySQLBackend:
         read, logged or returned.
         """
         pattern = f"(^|[^a-z0-9_-]){name}([^a-z0-9_-]|$)"  # name is [a-z0-9_-] only
+        # Not the broker's own reads and drops of the name (another rollback's
+        # scan like this one, a revocation's DROP USER or KILL): only what could
+        # still create it (CREATE USER, GRANT, EXECUTE IMMEDIATE, CALL ...).
         query = ("SELECT ID FROM information_schema.PROCESSLIST"
                  " WHERE USER = SUBSTRING_INDEX(CURRENT_USER(), '@', 1)"
                  " AND ID <> CONNECTION_ID() AND INFO IS NOT NULL"
-                 " AND LOWER(INFO) REGEXP %s")
+                 " AND LOWER(INFO) REGEXP %s"
+                 " AND LOWER(INFO) NOT REGEXP '^[[:space:]]*(select|show|kill|drop|revoke|alter)'")
         await self._run(cur, "finding unfinished creation statements", query, params=(pattern,))
         ids = [int(row[0]) for row in await cur.fetchall()]
-        if not ids:
-            return
-        log.warning("mysql: ending %d admin session(s) still running a statement for %s",
-                    len(ids), name)
-        for thread_id in ids:
-            try:
-                await cur.execute(f"KILL CONNECTION {thread_id:d}")
-            except pymysql.err.MySQLError as exc:
-                if _error_code(exc) != _ER_NO_SUCH_THREAD:  # gone already: fine
-                    raise self._wrap("ending an unfinished creation statement", exc) from None
-        gone = ("SELECT ID FROM information_schema.PROCESSLIST"
-                f" WHERE ID IN ({', '.join(['%s'] * len(ids))})")
-        deadline = asyncio.get_running_loop().time() + _SETTLE_SECONDS
-        while True:
-            await self._run(cur, "waiting for unfinished creation statements", gone,
-                            params=tuple(ids))
-            if not await cur.fetchall():
-                return
-            if asyncio.get_running_loop().time() > deadline:
-                raise BackendError("mysql: an admin session creating this user is still"
-                                   " ending; rolling back later", retryable=True)
-            await asyncio.sleep(0.05)
+        if ids:
+            log.warning("mysql: ending %d admin session(s) still running a statement for %s",
+                        len(ids), name)
+        await self._kill_and_wait(cur, ids, "an unfinished creation statement",
+                                  "an admin session creating this user is still ending;"
+                                  " rolling back later")
 
     async def _drop_quietly(self, cur: Any, name: str, host: str) -> None:
         try:

@@ -17,19 +17,19 @@ def redact_url(url: str) -> str:
     """``url`` without its password (``user:***@host``, ``?password=***``), fit for a
     log, banner or error."""
     parts = urlsplit(url)
-    if parts.password is None and not any(
-            _secret_param(field.partition("=")[0]) for field in parts.query.split("&")):
-        return url  # as written: urlunsplit would drop an empty netloc (sqlite:////path)
-    if parts.password is not None:
+    if parts.password is not None:  # a netloc to rebuild, so urlunsplit keeps its "//"
         host = parts.netloc.rpartition("@")[2]
-        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
-    if parts.query:
-        # Split by hand, not parse_qsl: the rest of the query must come back as written.
-        fields = [field.split("=", 1) for field in parts.query.split("&")]
-        parts = parts._replace(query="&".join(
-            f"{field[0]}=***" if len(field) == 2 and _secret_param(field[0]) else "=".join(field)
-            for field in fields))
-    return urlunsplit(parts)
+        url = urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+    # The query by hand, in the string as written: urlunsplit would turn an empty
+    # netloc (postgresql:///db?host=/tmp, sqlite:////path) into another URL.
+    base, mark, rest = url.partition("?")
+    if not mark:
+        return url
+    query, hash_mark, fragment = rest.partition("#")
+    fields = [field.split("=", 1) for field in query.split("&")]
+    query = "&".join(f"{field[0]}=***" if len(field) == 2 and _secret_param(field[0])
+                     else "=".join(field) for field in fields)
+    return f"{base}?{query}{hash_mark}{fragment}"
 
 
 def _secret_param(name: str) -> bool:

@@ -416,11 +416,11 @@ def _queue_matching(flt: LeaseFilter, reason: str, now: float) -> Op[int]:
 
 def _end_tokens(accessors: Sequence[str], state: str, now: float) -> Op[int]:
     """End the active tokens among ``accessors``; how many."""
-    marks = ", ".join("?" * len(accessors))
+    # One parameter however large the token tree, as _where's owner filter.
     return _rowcount(
-        f"UPDATE tokens SET state = ?, ended_at = ? WHERE accessor IN ({marks})"
-        " AND state = 'active'",
-        [_dead_state(state), now, *accessors],
+        "UPDATE tokens SET state = ?, ended_at = ?"
+        " WHERE accessor IN (SELECT value FROM json_each(?)) AND state = 'active'",
+        [_dead_state(state), now, json.dumps(list(accessors))],
     )
 
 

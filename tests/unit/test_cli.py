@@ -872,3 +872,27 @@ def test_audit_verify_unreadable_inputs_are_one_line(
         err
         == f"broker: error: cannot read {tmp_path / 'missing.jsonl'}: No such file or directory\n"
     )
+
+
+# --------------------------------------------------------------------------- exec's own token
+
+
+def test_exec_keeps_renewing_a_token_whose_last_renewal_got_no_answer(canned: Canned) -> None:
+    """A renew-self that timed out may have gone through: past the expiry exec knew of,
+    it still tries (and believes the answer), instead of taking the token, and every
+    lease with it, for gone, and then skipping their revocation at exit (review)."""
+    import time
+
+    from broker.client import Client
+    from broker.exec import LoginToken, keep_token
+
+    canned.on("PUT", "/v1/auth/token/renew-self", 200, {"auth": {"lease_duration": 60}})
+    client = Client(canned.address, "t")
+    now = time.time()
+    quiet = LoginToken(expire_at=now - 1)
+    keep_token(client, quiet, now + 30)
+    assert canned.seen == []  # expired for sure: nothing to renew
+    unsure = LoginToken(expire_at=now - 1, failing=True)
+    keep_token(client, unsure, now + 30)
+    assert [s.path for s in canned.seen] == ["/v1/auth/token/renew-self"]
+    assert unsure.expire_at >= now + 59 and not unsure.failing and not unsure.expired(now)

@@ -166,6 +166,9 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
     ("postgresql://b@db/broker?sslmode=require&PASSWORD=s3cret&sslpassword=k3y",
      "postgresql://b@db/broker?sslmode=require&PASSWORD=***&sslpassword=***"),
     ("postgresql://b:x@db/broker?pass%77ord=s3cret", "postgresql://b:***@db/broker?pass%77ord=***"),
+    # No host part: the URL must come back as written, but for the secret.
+    ("postgresql:///db?host=/tmp&password=s", "postgresql:///db?host=/tmp&password=***"),
+    ("sqlite:////var/lib/b.db?password=x", "sqlite:////var/lib/b.db?password=***"),
 ])
 def test_a_storage_url_is_shown_without_its_password(url: str, shown: str) -> None:
     assert redact_url(url) == shown
