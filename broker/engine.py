@@ -340,8 +340,12 @@ class LeaseEngine:
         ttl: int | None = None,
         request: Mapping[str, Any] | None = None,
         record: RecordIssue | None = None,
+        kind: str = "creds",
     ) -> Issued:
         """Create a user in the backend and the lease that tracks it.
+
+        ``kind``: the path asked on (``creds``; ``sts`` for Vault's AWS path),
+        which the lease id carries, as in Vault (``aws/sts/ROLE/...``).
 
         ``record`` writes the issue's audit line once the lease and the data
         are known and before the caller can answer. Through a staging backend
@@ -362,7 +366,7 @@ class LeaseEngine:
         self._inflight_issues += 1
         self._issues_idle.clear()
         try:
-            return await self._issue(runtime, role, token, ttl, request or {}, record)
+            return await self._issue(runtime, role, token, ttl, request or {}, record, kind)
         finally:
             self._inflight_issues -= 1
             if self._inflight_issues == 0:
@@ -376,6 +380,7 @@ class LeaseEngine:
         ttl: int | None,
         request: Mapping[str, Any],
         record: RecordIssue | None,
+        kind: str = "creds",
     ) -> Issued:
         warnings: list[str] = []
         now = self.clock()
@@ -400,7 +405,7 @@ class LeaseEngine:
             now=now,
         )
         lease = Lease(
-            id=new_lease_id(runtime.name, role.name),
+            id=new_lease_id(runtime.name, role.name, kind),
             mount=runtime.name,
             role=role.name,
             owner=token.accessor,

@@ -145,10 +145,11 @@ class Token:
 _ID_ALPHABET = string.ascii_letters + string.digits
 
 
-def new_lease_id(mount: str, role: str) -> str:
-    """``{mount}/creds/{role}/{random}``, as Vault shapes them."""
+def new_lease_id(mount: str, role: str, kind: str = "creds") -> str:
+    """``{mount}/{kind}/{role}/{random}``, as Vault shapes them: ``kind`` is the path the
+    credential was asked on (``creds``, or ``sts`` for Vault's AWS STS path)."""
     rand = random_string(_ID_ALPHABET, 24)
-    return f"{mount}/creds/{role}/{rand}"
+    return f"{mount}/{kind}/{role}/{rand}"
 
 
 def issue_ttl(requested: int | None, default_ttl: int, max_ttl: int) -> int:

@@ -54,7 +54,7 @@ async def issue(request: web.Request) -> web.Response:
     try:
         token = _aws_request(call, mount, role, kind)
         issued = await engine.issue(mount, role, token=token, ttl=ttl,
-                                    request=call.request_block(), record=record)
+                                    request=call.request_block(), record=record, kind=kind)
     except AuditError:
         raise  # the log is failing: an error line would fail too
     except Exception as exc:

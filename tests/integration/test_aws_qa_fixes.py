@@ -371,6 +371,12 @@ def test_role_arn_parameter_picks_the_role(sts_broker: tuple[BrokerThread, list[
     assert lease["metadata"] == {"role_arn": arns[1]}
     resp = client.secrets.aws.generate_credentials("one", endpoint="sts", mount_point="aws")
     assert f":assumed-role/{_role_name(arns[0])}/" in resp["data"]["arn"]
+    # As in Vault, the lease id names the path asked on, and revoke-prefix finds it there.
+    assert resp["lease_id"].startswith("aws/sts/one/"), resp["lease_id"]
+    other = client.secrets.aws.generate_credentials("one", endpoint="creds", mount_point="aws")
+    assert other["lease_id"].startswith("aws/creds/one/"), other["lease_id"]
+    done = client.adapter.put("/v1/sys/leases/revoke-prefix/aws/sts/one", json={"sync": True})
+    assert done["data"]["queued"] == 1, done
 
 
 @pytest.mark.parametrize(("role", "params", "message"), [
