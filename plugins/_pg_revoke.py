@@ -10,8 +10,10 @@ statements. The protocol, on one pooled admin connection:
 3. in one transaction: sessions are swept once more by role oid (a login that
    passed authentication just before step 1 committed), then an admin
    without the role's privileges (no superuser) makes itself a member of it,
-   the role's objects are handed to the admin and its privileges dropped
-   (``REASSIGN OWNED``/``DROP OWNED``), then the role is dropped.
+   its functions lose ``SECURITY DEFINER`` (``_STRIP_DEFINER``), its objects
+   are handed to the mount's ``reassign_owned_to`` role (by default the
+   admin) and its privileges dropped (``REASSIGN OWNED``/``DROP OWNED``), then
+   the role is dropped.
 
 ``REASSIGN OWNED`` and ``DROP OWNED`` see the current database only. A role
 that owns objects or holds privileges in other databases of the cluster (step
@@ -55,7 +57,9 @@ if TYPE_CHECKING:
 # sees revocation's records too.
 log = logging.getLogger("plugins.postgres")
 
-# Objects the role created are kept (owned by the admin); its grants go with DROP OWNED.
+# Objects the role created are kept (owned by the admin, or the mount's
+# reassign_owned_to role: _default_statements renders them with it); its grants
+# go with DROP OWNED.
 DEFAULT_REVOCATION_STATEMENTS = (
     'REASSIGN OWNED BY "{{name}}" TO CURRENT_USER',
     'DROP OWNED BY "{{name}}"',
@@ -74,6 +78,38 @@ _TERMINATE_WAIT_MS = 5000
 # Only when it lacks them ("usable" below): a superuser's revocation is
 # unchanged, e.g. for a role that was made a member of the admin's role.
 _JOIN_ROLE = 'GRANT "{name}" TO CURRENT_USER'
+# Before REASSIGN OWNED, the default revocation makes every SECURITY DEFINER
+# function or procedure the roles own in the current database SECURITY INVOKER.
+# Whoever receives it (the admin by default) would otherwise lend its rights to
+# whoever may call it: a leased role could leave one behind for another
+# credential to escalate with. The functions are kept (the contract keeps what
+# the role created), they just run with the caller's rights. The roles' owned
+# functions are found in pg_shdepend (an index probe by role), so this costs
+# no round trip: one more statement in transactions the revocation runs anyway.
+# {roles}: a list of role oids, or a subquery giving them.
+_STRIP_DEFINER = """DO $broker$ DECLARE f regprocedure; BEGIN
+FOR f IN SELECT p.oid::regprocedure FROM pg_shdepend d JOIN pg_proc p ON p.oid = d.objid
+          WHERE d.refclassid = 'pg_authid'::regclass AND d.refobjid IN ({roles})
+            AND d.classid = 'pg_proc'::regclass AND d.deptype = 'o' AND p.prosecdef
+            AND d.dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+LOOP EXECUTE format('ALTER ROUTINE %s SECURITY INVOKER', f); END LOOP; END $broker$"""
+
+
+def _target(backend: PostgresBackend) -> str:
+    """Who REASSIGN OWNED hands objects to: the quoted ``reassign_owned_to`` role, or the admin."""
+    target = backend._reassign_owned_to
+    return "CURRENT_USER" if target is None else f'"{escape_identifier(target)}"'
+
+
+def _default_statements(backend: PostgresBackend, roles: str, oids: str) -> list[str]:
+    """The default revocation statements of step 3 for ``roles`` (quoted, comma-separated)."""
+    return [
+        _STRIP_DEFINER.format(roles=oids),
+        f"REASSIGN OWNED BY {roles} TO {_target(backend)}",
+        f"DROP OWNED BY {roles}",
+        f"DROP ROLE IF EXISTS {roles}",
+    ]
+
 # REASSIGN OWNED and DROP OWNED act on the current database only: a role that
 # owns objects, holds privileges or is named in policies in another database
 # of the cluster cannot be dropped ("some objects depend on it") until the
@@ -218,6 +254,8 @@ async def _revoke(
     )
     lock = backend._needs_lock(templates) or (backend._serialize_ddl is None and row["granted"])
     unusable = () if row["usable"] else (oid,)
+    if not custom:  # DEFAULT_REVOCATION_STATEMENTS, to the mount's target (_default_statements)
+        statements = _default_statements(backend, f'"{quoted}"', str(oid))
     if not custom and unusable:
         statements = [_JOIN_ROLE.format(name=quoted), *statements]
     if not custom and row["elsewhere"]:
@@ -293,9 +331,7 @@ async def _revoke_many(backend: PostgresBackend, conn: asyncpg.Connection,
             f"SELECT pg_terminate_backend(pid{wait}) FROM pg_stat_activity "
             f"WHERE usesysid IN ({listed_oids}) AND pid <> pg_backend_pid()",
             *([f"GRANT {join} TO CURRENT_USER"] if join else []),  # see _JOIN_ROLE
-            f"REASSIGN OWNED BY {roles} TO CURRENT_USER",
-            f"DROP OWNED BY {roles}",
-            f"DROP ROLE IF EXISTS {roles}",
+            *_default_statements(backend, roles, listed_oids),
         ]
         try:
             await backend._transaction(conn, "delete_user", statements, [], lock=lock)
@@ -358,12 +394,17 @@ async def _clean_elsewhere(backend: PostgresBackend, conn: asyncpg.Connection,
 
 async def _clean_database(backend: PostgresBackend, database: str, names: Sequence[str],
                           unusable: Sequence[str]) -> None:
-    """``_clean_elsewhere`` in one database: REASSIGN OWNED and DROP OWNED of ``names``."""
+    """``_clean_elsewhere`` in one database: REASSIGN OWNED and DROP OWNED of ``names``.
+
+    The same as the default step 3 there: ``_STRIP_DEFINER`` first, objects to ``_target``.
+    """
     roles = ", ".join(f'"{escape_identifier(name)}"' for name in names)
     join = ", ".join(f'"{escape_identifier(name)}"' for name in unusable)
+    listed = ", ".join(f"'{escape_literal(name)}'" for name in names)
     statements = [
         *([f"GRANT {join} TO CURRENT_USER"] if join else []),  # see _JOIN_ROLE
-        f"REASSIGN OWNED BY {roles} TO CURRENT_USER",
+        _STRIP_DEFINER.format(roles=f"SELECT oid FROM pg_roles WHERE rolname IN ({listed})"),
+        f"REASSIGN OWNED BY {roles} TO {_target(backend)}",
         f"DROP OWNED BY {roles}",
         *([f"REVOKE {join} FROM CURRENT_USER"] if join else []),
     ]

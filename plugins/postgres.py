@@ -118,7 +118,7 @@ DEFAULT_RENEW_STATEMENTS = ("ALTER ROLE \"{{name}}\" VALID UNTIL '{{expiration}}
 _VALID_UNTIL = DEFAULT_RENEW_STATEMENTS[0]
 
 _MOUNT_KEYS = {"connection_url", "max_open_connections", "connect_timeout", "serialize_ddl",
-               "password_hashing"}
+               "password_hashing", "reassign_owned_to"}
 # "scram-sha-256": the broker sends a SCRAM verifier, never the plaintext (plugins/_scram.py);
 # "server": the plaintext goes in the statement and the server hashes it (Vault's way).
 _SCRAM = "scram-sha-256"
@@ -143,6 +143,33 @@ _SHARED_ROW_DDL = re.compile(
     r"\b(?:GRANT|REVOKE)\b[^;]*?\bON\b|\bDEFAULT\s+PRIVILEGES\b|\bDO\b|\$\w*\$",
     re.IGNORECASE | re.DOTALL,
 )
+
+# reassign_owned_to: whether the role exists, the admin has its privileges (REASSIGN OWNED
+# needs them) and it is powerless (objects it receives run with its rights).
+_TARGET_CHECK = """
+SELECT pg_has_role(current_user, r.oid, 'USAGE') AS usable,
+       r.rolcanlogin OR r.rolsuper OR r.rolcreaterole OR r.rolcreatedb OR r.rolbypassrls
+       OR EXISTS (SELECT 1 FROM pg_auth_members m WHERE m.member = r.oid) AS powerful
+  FROM pg_roles r WHERE r.rolname = $1
+"""
+
+
+def _target_option(target: object, admin: str) -> str:
+    """The checked ``reassign_owned_to`` option: a role name (quoted wherever it is used)."""
+    if not isinstance(target, str) or not target.strip():
+        raise PluginConfigError("reassign_owned_to",
+                                "expected a role name, e.g. \"broker_orphans\"")
+    if "\x00" in target or len(target.encode()) > _MAX_USERNAME:
+        raise PluginConfigError("reassign_owned_to",
+                                f"not a PostgreSQL role name (at most {_MAX_USERNAME} bytes)")
+    if target == "public" or target.startswith("pg_"):
+        raise PluginConfigError("reassign_owned_to",
+                                f"{target!r} is reserved; name a NOLOGIN role of your own")
+    if target == admin:
+        raise PluginConfigError("reassign_owned_to", "is the admin itself (the default); name a"
+                                " NOLOGIN role without privileges, e.g. \"broker_orphans\"")
+    return target
+
 
 class _AdminConnection(asyncpg.Connection):  # type: ignore[misc]  # untyped
     """A pooled admin connection that skips the pool's reset unless it may need one.
@@ -190,6 +217,7 @@ class PostgresBackend:
         connect_timeout: float = 10.0,
         serialize_ddl: bool | None = None,
         password_hashing: str = _SCRAM,
+        reassign_owned_to: str | None = None,
     ) -> None:
         self._mount = mount
         self._dsn = dsn
@@ -200,12 +228,17 @@ class PostgresBackend:
         # True: lock every transaction; False: never; None ("auto"): see _needs_lock.
         self._serialize_ddl = serialize_ddl
         self._hash_passwords = password_hashing == _SCRAM
+        #: the role the default revocation hands the role's objects to; None: the admin.
+        self._reassign_owned_to = reassign_owned_to
+        self._checked_target = False
         #: the server's scram_iterations (read at initialize on PostgreSQL 16+).
         self._scram_iterations = DEFAULT_ITERATIONS
         self._pool: asyncpg.Pool | None = None
         self._pool_lock = asyncio.Lock()
         #: server pids of admin sessions cut off in the middle of a COMMIT (see _settle).
         self._unsettled: set[int] = set()
+        #: tasks ending the server sessions of issues cut off mid-statement (_end_session).
+        self._ending: set[asyncio.Task[None]] = set()
 
     # -- configuration (no I/O) ------------------------------------------------
 
@@ -260,6 +293,9 @@ class PostgresBackend:
         hashing = opts.get("password_hashing", _SCRAM)
         if hashing not in _HASHING_MODES:
             raise PluginConfigError("password_hashing", 'expected "scram-sha-256" or "server"')
+        target = opts.get("reassign_owned_to")
+        if target is not None:
+            target = _target_option(target, unquote(parts.username))
         return cls(
             mount=mount.name,
             dsn=url,
@@ -269,6 +305,7 @@ class PostgresBackend:
             connect_timeout=float(timeout),
             serialize_ddl=_SERIALIZE_MODES[serialize],
             password_hashing=hashing,
+            reassign_owned_to=target,
         )
 
     @classmethod
@@ -298,6 +335,37 @@ class PostgresBackend:
                 return int(await conn.fetchval("SHOW scram_iterations"))
 
             self._scram_iterations = await self._run("initialize", iterations)
+        if not self._checked_target:  # once per mount, not on every re-initialize
+            self._checked_target = True
+            await self._check_target()
+
+    async def _check_target(self) -> None:
+        """Log a warning if the default revocation hands objects to a role that can escalate."""
+        if self._reassign_owned_to is None:
+            log.warning("mount %s: revocation reassigns the objects of revoked roles to the admin;"
+                        " a SECURITY DEFINER function has it stripped, but a view or an"
+                        " expression index a role leaves behind runs as the admin: set"
+                        " reassign_owned_to to a NOLOGIN role without privileges"
+                        " (docs/plugins.md, postgres)", self._mount)
+            return
+        target = self._reassign_owned_to
+
+        async def look(conn: asyncpg.Connection) -> asyncpg.Record | None:
+            row: asyncpg.Record | None = await conn.fetchrow(_TARGET_CHECK, target)
+            return row
+
+        row = await self._run("initialize", look)
+        if row is None:
+            log.warning("mount %s: reassign_owned_to role %s does not exist; revocations fail"
+                        " until it is created (CREATE ROLE ... NOLOGIN)", self._mount, target)
+        elif not row["usable"]:
+            log.warning("mount %s: the admin lacks the privileges of reassign_owned_to role %s;"
+                        " revocations fail until it is granted (GRANT ... TO the admin)",
+                        self._mount, target)
+        elif row["powerful"]:
+            log.warning("mount %s: reassign_owned_to role %s can log in or holds SUPERUSER,"
+                        " CREATEROLE, BYPASSRLS or other roles; what revoked roles leave behind"
+                        " runs with its rights", self._mount, target)
 
     async def verify(self) -> None:
         """``SELECT 1`` through the pool."""
@@ -308,6 +376,12 @@ class PostgresBackend:
         await self._run("verify", body)
 
     async def close(self) -> None:
+        if self._ending:
+            # They need the pool: let them finish (each is bounded), then stop the rest.
+            _done, pending = await asyncio.wait(self._ending, timeout=self._connect_timeout)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
         pool, self._pool = self._pool, None
         if pool is not None:
             try:
@@ -358,6 +432,8 @@ class PostgresBackend:
             error = _wrap("new_user", exc, [*creation.secrets, self._secret], created_nothing=True)
         if error is not None:
             raise error
+        # Read now: a lost connection's proxy answers nothing more (see _StagedRole).
+        pid = conn.get_server_pid()
         try:
             await self._transaction(conn, "new_user", creation.statements, creation.secrets,
                                     lock=creation.lock, custom=creation.custom, hold=True,
@@ -370,15 +446,57 @@ class PostgresBackend:
             error = _wrap("new_user", exc, [*creation.secrets, self._secret],
                           created_nothing=creation.atomic)
         except BaseException:
-            _drop(conn)  # cancelled mid-statement: its state is unknown
+            # Cancelled mid-statement (backend_timeout, shutdown): its state is unknown.
+            _drop(conn)
+            self._end_session(pid)
             await pool.release(conn)
             raise
         if error is not None:
             _drop(conn)
+            self._end_session(pid)
             await pool.release(conn)
             raise error
         return _StagedRole(pool, conn, creation.response, [*creation.secrets, self._secret],
                            self._unsettled.add, atomic=creation.atomic)
+
+    def _end_session(self, pid: int) -> None:
+        """End, in the background, the server session of an issue cut off mid-statement.
+
+        Dropping the connection closes only its socket: asyncpg throws away the
+        cancel request it had pending, and the server goes on running the
+        statement (a lock wait, a ``pg_sleep``) inside the staged transaction,
+        holding its locks, the mount's DDL advisory lock among them, and its
+        entry in the roles' unique index, on which the issue's rollback
+        (``_created_meanwhile``) then waits. Nothing in that transaction ever
+        committed (no COMMIT was sent: ``hold``), so ending it only rolls it
+        back. Not awaited: the cancellation goes on at once.
+        """
+        task = asyncio.get_running_loop().create_task(self._terminate_session(pid))
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
+
+    async def _terminate_session(self, pid: int) -> None:
+        """``pg_terminate_backend`` the mount's session ``pid`` from another pooled connection.
+
+        If that fails, the pid goes to ``_unsettled``: the next revocation's
+        ``_settle`` ends the session and waits for it to go.
+        """
+        pool = self._pool
+        try:
+            if pool is None:  # closed meanwhile
+                raise asyncpg.InterfaceError("the pool is closed")
+            async with pool.acquire(timeout=self._connect_timeout) as conn:
+                await conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE pid = $1 AND application_name = $2",  # a reused pid is not ours
+                    pid, f"broker:{self._mount}")
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            log.warning("new_user: could not end the session of a cut-off issue (pid %d; %s);"
+                        " the next revocation ends it", pid, type(exc).__name__)
+            self._unsettled.add(pid)
+        except BaseException:  # cancelled (close): a later revocation, if any, ends it
+            self._unsettled.add(pid)
+            raise
 
     async def _creation(self, req: NewUserRequest) -> _Creation:
         """The checked, rendered creation transaction for ``req``."""
