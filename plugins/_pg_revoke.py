@@ -263,8 +263,10 @@ async def _revoke(
         await _clean_elsewhere(backend, conn, {oid: name}, unusable)
     script = [sweep, *statements]
     try:
-        return await backend._transaction(conn, "delete_user", script, [], lock=lock,
-                                          custom=custom, role_oid=oid)
+        existed = await backend._transaction(conn, "delete_user", script, [], lock=lock,
+                                             custom=custom, role_oid=oid)
+        await _check_dropped(conn, name, oid, custom)
+        return existed
     except _Dependents as exc:
         error: BackendError = exc
     # Still depended on. From other databases too if custom statements ran
@@ -273,11 +275,24 @@ async def _revoke(
     found = await _clean_elsewhere(backend, conn, {oid: name}, unusable)
     if found.cleaned:
         try:
-            return await backend._transaction(conn, "delete_user", script, [], lock=lock,
-                                              custom=custom, role_oid=oid)
+            existed = await backend._transaction(conn, "delete_user", script, [], lock=lock,
+                                                 custom=custom, role_oid=oid)
+            await _check_dropped(conn, name, oid, custom)
+            return existed
         except _Dependents as exc:
             error = exc
     raise _undroppable(error, found.closed)
+
+
+async def _check_dropped(conn: asyncpg.Connection, name: str, oid: int, custom: bool
+                         ) -> None:
+    """After custom ``revocation_statements``: the role must be gone (docs/plugins.md:
+    "yours must drop the role"). Statements that only lock it (``NOLOGIN``) or forgot
+    the DROP would otherwise end the lease while the role, and its password, live
+    on: that is a failure the operator must see (the lease goes irrevocable)."""
+    if custom and await conn.fetchval("SELECT 1 FROM pg_roles WHERE oid = $1", oid):
+        raise BackendError(f"revocation_statements ran but role {name!r} still exists: they "
+                           f"must drop it (DROP ROLE \"{{{{name}}}}\")", retryable=False)
 
 
 async def _revoke_many(backend: PostgresBackend, conn: asyncpg.Connection,

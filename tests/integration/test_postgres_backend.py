@@ -625,6 +625,25 @@ async def test_custom_revocation_still_ends_sessions(
     await backend.delete_user(delete_req(spec, name))
 
 
+async def test_custom_revocation_that_leaves_the_role_is_a_failure(
+    harness: PostgresHarness, make_backend: MakeBackend
+) -> None:
+    """Custom statements that do not drop the role (here only NOLOGIN) used to end the
+    lease as revoked while the role and its password lived on (QA): now the revocation
+    fails for good, naming the role, so the lease goes irrevocable and is seen."""
+    spec = role(revocation_statements=('ALTER ROLE "{{name}}" NOLOGIN',))
+    backend = await make_backend({"r": spec})
+    name = username(harness)
+    await backend.new_user(new_req(spec, name))
+    try:
+        with pytest.raises(BackendError, match="still exists") as failed:
+            await backend.delete_user(delete_req(spec, name))
+        assert failed.value.retryable is False and name in str(failed.value)
+        assert await harness.user_exists(name)
+    finally:
+        await harness.admin.execute(f'DROP ROLE IF EXISTS "{name}"')
+
+
 async def test_rollback_statements_used_for_rollback(
     harness: PostgresHarness, make_backend: MakeBackend
 ) -> None:
