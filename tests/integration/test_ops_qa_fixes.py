@@ -37,19 +37,10 @@ from tests.integration.store_fixtures import (
     make_lease,
     put_many_active,
 )
+from tests.integration.test_metrics_prometheus import CONFIG  # no-op mount, scraper policy
 
 pytestmark = pytest.mark.integration
 
-CONFIG = """
-[mounts.noop]
-plugin = "bench-noop"
-
-[mounts.noop.roles.a]
-default_ttl = "1h"
-
-[policies.scraper]
-"sys/metrics" = ["read"]
-"""
 H = {"X-Vault-Token": ROOT_TOKEN}
 
 
