@@ -9,17 +9,21 @@ Revocation never happens inline in a request: every path (expiry, revoke,
 revoke-prefix, token cascade, force) moves leases to ``revoking`` in the
 store and the sweeper's workers carry it out. A request that wants to wait
 (``sync``) waits for the worker's outcome.
+
+Two parts live beside this module, as base classes of ``LeaseEngine``:
+broker/mounts.py (building, probing, reloading the mounts) and
+broker/revocation.py (carrying out the sweeper's claimed revocations and
+recording their outcome).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import secrets
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -33,12 +37,10 @@ from broker.backend import (
     RenewUserRequest,
     RoleSpec,
     StagedUser,
-    load_plugin,
-    revokes_in_batches,
 )
-from broker.config import Config, LeaseConfig, read_secret_file
+from broker.config import Config
 from broker.endings import EndingRecorder
-from broker.errors import BackendUnavailable, BadRequest, NotFound, ReuseAttempt
+from broker.errors import BackendUnavailable, BadRequest, ReuseAttempt
 from broker.lease import (
     DEAD_STATES,
     Lease,
@@ -52,10 +54,13 @@ from broker.lease import (
     renewal_capped,
 )
 from broker.middleware import MountRuntime
+from broker.mounts import MountSet
+from broker.revocation import RevokeOutcome, Revoker, lease_ref
 from broker.store.base import LeaseStore, RevokeQueued
 from broker.templating import generate_password, render_username
 
-__all__ = ["EndingRecorder", "Issued", "LeaseEngine", "RecordIssue", "RevokeOutcome"]
+__all__ = ["EndingRecorder", "Issued", "LeaseEngine", "RecordIssue", "RevokeOutcome",
+           "lease_ref"]
 
 log = logging.getLogger(__name__)
 
@@ -75,22 +80,8 @@ RecordIssue = Callable[[Lease, Mapping[str, Any]], Awaitable[None]]
 REVOKE_POLL = 0.5
 
 
-@dataclass(frozen=True)
-class RevokeOutcome:
-    """What one revocation attempt did, for a waiting request."""
-
-    done: bool
-    error: str | None = None
-    #: the attempt failed for good: the lease went irrevocable (not queued for a retry)
-    irrevocable: bool = False
-
-
 def _no_wake(at: float | None) -> None:
     """Until a sweeper is attached, wake-ups go nowhere."""
-
-
-def _no_release() -> None:
-    """A caller of revoke_claimed that holds no worker slot."""
 
 
 #: A revoke matching at most this many leases queues them in the answering write
@@ -98,18 +89,6 @@ def _no_release() -> None:
 RULE_INLINE_MAX = 1000
 #: Leases one revoke-rule expansion step queues (one transaction, ~50 ms on PostgreSQL).
 RULE_CHUNK = 5000
-
-def lease_ref(lease: Lease) -> dict[str, Any]:
-    """The audit ``lease`` block: never the revocation data's secrets (it has none)."""
-    return {
-        "id": lease.id,
-        "mount": lease.mount,
-        "role": lease.role,
-        "owner": lease.owner,
-        "username": lease.username or None,
-        "metadata": lease.metadata or None,
-    }
-
 
 def _created(lease: Lease, resp: NewUserResponse, max_expire: float) -> None:
     """Fill in what the backend said about the credential it made; the lease goes active."""
@@ -137,7 +116,7 @@ def _issue_failed(runtime: MountRuntime, role: RoleSpec, exc: BackendError) -> E
     return BadRequest(f"mount {runtime.name!r} role {role.name!r}: {exc}")
 
 
-class LeaseEngine:
+class LeaseEngine(MountSet, Revoker):
     def __init__(
         self,
         store: LeaseStore,
@@ -173,141 +152,6 @@ class LeaseEngine:
         self.rule_chunk = RULE_CHUNK
         self._rules_task: asyncio.Task[int] | None = None
         self._rules_again = False
-
-    @property
-    def leases_cfg(self) -> LeaseConfig:
-        return self.config.leases
-
-    # -- mounts --------------------------------------------------------------
-    def _build_mount(self, name: str, config: Config) -> MountRuntime:
-        spec = config.mounts[name]
-        backend = load_plugin(spec.plugin).from_config(spec)
-        return MountRuntime(spec=spec, backend=backend, timeout=config.leases.backend_timeout)
-
-    async def start_mounts(self) -> None:
-        """Build every mount and connect; an unreachable backend leaves its mount unhealthy."""
-        for name in self.config.mounts:
-            self.mounts[name] = self._build_mount(name, self.config)
-        await asyncio.gather(*(m.ensure_initialized() for m in self.mounts.values()))
-
-    async def check_mounts(self) -> None:
-        """The mount-health job: retry refused password files of failing mounts, probe all."""
-        await self._follow_password_files(retry_refused=True)
-        await asyncio.gather(*(m.check() for m in list(self.mounts.values())))
-
-    async def follow_password_files(self) -> None:
-        """The password-file job (every second): a mount whose file changed is rebuilt with it."""
-        await self._follow_password_files(retry_refused=False)
-
-    async def _follow_password_files(self, *, retry_refused: bool) -> None:
-        for name, runtime in list(self.mounts.items()):
-            if runtime.spec.secret_file is None:
-                continue
-            try:
-                async with self._mounts_lock:  # not while a reload swaps mounts
-                    if self.mounts.get(name) is runtime:  # not replaced while we waited
-                        await self._follow_password_file(name, runtime,
-                                                         retry_refused=retry_refused)
-            except Exception as exc:
-                # One mount's file must not stop the others', nor the health
-                # checks that check_mounts runs after this.
-                self._note_password_file(
-                    name, f"following {runtime.spec.secret_file} failed: "
-                          f"{type(exc).__name__}: {exc}", failure=exc)
-
-    async def _follow_password_file(self, name: str, runtime: MountRuntime, *,
-                                    retry_refused: bool) -> None:
-        """Rebuild the mount with its ``password_file``'s new content, if it changed.
-
-        The file is where the admin secret lives (docs/operations.md): a rotation
-        by another worker or replica, an operator or a secret manager (a
-        Kubernetes Secret is updated in place) is picked up within a second, no
-        SIGHUP needed. The new mount replaces the running one only once it
-        verifies; a half-written or wrong file leaves the running mount alone,
-        and is reported once per content. A refused content is tried again only
-        by the health job (``retry_refused``), and only once the running mount
-        fails too: not a login attempt every second.
-        """
-        spec = runtime.spec
-        assert spec.secret_file is not None
-        try:
-            content = await asyncio.to_thread(read_secret_file, spec.secret_file)
-        except OSError as exc:
-            self._note_password_file(name, f"cannot read {spec.secret_file}: "
-                                           f"{exc.strerror or exc}")
-            return
-        if content == spec.secret:
-            self._password_file_notes.pop(name, None)  # fine again: a new problem is news
-            return
-        if content == self._refused_secrets.get(name) and (runtime.healthy or not retry_refused):
-            return  # tried and refused; tried again once the running mount fails too
-        candidate = replace(spec, secret=content)
-        config = replace(self.config, mounts={**self.config.mounts, name: candidate})
-        fresh = self._build_mount(name, config)
-        if not await fresh.ensure_initialized() and runtime.healthy:
-            await fresh.close()
-            self._refused_secrets[name] = content
-            self._note_password_file(name, f"{spec.secret_file} changed, but the backend "
-                                     f"refuses it ({fresh.error}); still using the old secret")
-            return
-        if self.mounts.get(name) is not runtime:  # a reload replaced it meanwhile
-            await fresh.close()
-            return
-        self.mounts = {**self.mounts, name: fresh}
-        self.config = config
-        self._refused_secrets.pop(name, None)
-        log.warning("mount %s: %s changed; the mount now uses the new secret", name,
-                    spec.secret_file)
-        await runtime.close()
-
-    def _note_password_file(self, name: str, message: str, *,
-                            failure: Exception | None = None) -> None:
-        if self._password_file_notes.get(name) != message:  # once per distinct problem
-            self._password_file_notes[name] = message
-            log.warning("mount %s: %s", name, message, exc_info=failure)
-
-    async def reload(self, config: Config) -> list[str]:
-        """Swap in a new config. Unchanged mounts keep their live backend; leases are untouched.
-
-        Returns what changed, for the log. Leases of a removed mount stay in the
-        store: their revocations fail (and are retried) until the mount comes
-        back or an operator forces them.
-        """
-        async with self._mounts_lock:
-            return await self._reload(config)
-
-    async def _reload(self, config: Config) -> list[str]:
-        changes: list[str] = []
-        old = self.mounts
-        new: dict[str, MountRuntime] = {}
-        for name, spec in config.mounts.items():
-            current = old.get(name)
-            if current is not None and current.spec == spec:
-                new[name] = current
-                continue
-            new[name] = self._build_mount(name, config)
-            changes.append(f"mount {name} {'changed' if current else 'added'}")
-        await asyncio.gather(*(m.ensure_initialized() for n, m in new.items() if n not in old
-                               or old[n] is not m))
-        self.mounts, self.config = new, config
-        for name, runtime in old.items():
-            if new.get(name) is not runtime:
-                if name not in new:
-                    changes.append(f"mount {name} removed")
-                await runtime.close()
-        return changes
-
-    def mount(self, name: str) -> MountRuntime:
-        runtime = self.mounts.get(name)
-        if runtime is None:
-            raise NotFound(f"no mount named {name!r}")
-        return runtime
-
-    def role(self, mount: str, role: str) -> RoleSpec:
-        spec = self.mount(mount).spec.roles.get(role)
-        if spec is None:
-            raise NotFound(f"no role {role!r} on mount {mount!r}")
-        return spec
 
     async def close(self) -> None:
         """Write the endings backends have already confirmed, and close the backends.
@@ -652,7 +496,10 @@ class LeaseEngine:
         before = self.clock() - age
         done = 0
         while True:
-            rows = await self.store.stale_pending(before=before, limit=200)
+            # Not those of a mount this replica lacks: the backend's user cannot be
+            # deleted from here (a replica that has the mount rolls them back).
+            rows = await self.store.stale_pending(before=before, limit=200,
+                                                  mounts=self.served_mounts())
             if not rows:
                 return done
             progressed = False
@@ -746,16 +593,19 @@ class LeaseEngine:
             # and no other worker or replica takes it before the claim runs out.
             now = self.clock()
             claim_until = now + self.leases_cfg.claim_timeout
+            # A lease of a mount this replica lacks is queued for a replica that
+            # has it (no claim): the caller waits for its ending in the store.
+            claims = self.adopt is not None and lease.mount in self.mounts
             queued = await self.store.queue_revoke(
                 lease.id, reason=reason, now=now, claimer=self.node_id,
-                claim_until=claim_until if self.adopt else None)
+                claim_until=claim_until if claims else None)
             if queued is None:
                 current = await self.store.get(lease.id)
                 state = current.state.value if current else "gone"
                 if current is None or current.state is not LeaseState.REVOKING:
                     raise BadRequest(f"lease {lease.id} is {state}; it cannot be revoked")
                 self.wake(None)  # queued already, perhaps by someone else
-            elif self.adopt is not None:
+            elif claims and self.adopt is not None:
                 self.adopt(queued, claim_until)
             else:
                 self.wake(None)
@@ -877,191 +727,6 @@ class LeaseEngine:
                                         reason="selector", end_tokens=state.value)
         return queued.tokens_ended, queued.queued
 
-    def backoff(self, attempts: int) -> float:
-        """Jittered exponential backoff: base * 2^(n-1), capped, times 0.5..1."""
-        cfg = self.leases_cfg
-        delay = min(cfg.revoke_backoff_max,
-                    cfg.revoke_backoff_base * 2.0 ** max(0, attempts - 1))
-        return delay * (0.5 + random.random() / 2)  # noqa: S311 - jitter, not a secret
-
-    async def revoke_claimed(self, lease: Lease, release: Callable[[], None] = _no_release
-                             ) -> None:
-        """Carry out one claimed revocation (a sweeper worker). Never raises.
-
-        ``release()`` is called as soon as the backend call has returned (or
-        failed): the caller's worker slot bounds backend calls, not the wait for
-        the ending's batched commit that follows.
-        """
-        reason = lease.revoke_reason or "expire"
-        runtime = self.mounts.get(lease.mount)
-        role = runtime.spec.roles.get(lease.role) if runtime else None
-        now = self.clock()
-        try:
-            try:
-                if runtime is None:
-                    raise BackendError(f"mount {lease.mount!r} is not configured",
-                                       retryable=True)
-                await runtime.delete_user(DeleteUserRequest(
-                    role=role, username=lease.username, revocation=lease.revocation,
-                    reason=reason, lease_id=lease.id))
-            finally:
-                release()
-        except BackendError as exc:
-            await self._revoke_failed(lease, reason, str(exc), retryable=exc.retryable)
-            return
-        except Exception as exc:  # a store or engine bug must not kill the worker
-            log.exception("revoking %s", lease.id)
-            await self._revoke_failed(lease, reason, f"internal error: {type(exc).__name__}",
-                                      retryable=True)
-            return
-        final = LeaseState.EXPIRED if reason == "expire" else LeaseState.REVOKED
-        error = await self._endings.record(lease.id, final)
-        if error is not None:
-            log.error("recording revocation of %s (the claim will run out and retry)",
-                      lease.id, exc_info=error)
-            return
-        # Audit and tell waiters only now: the ending is durable.
-        await self._audit_ended(lease, reason, now)
-
-    def revoke_batch_size(self, mount: str) -> int:
-        """Most leases of ``mount`` one backend call revokes (the sweeper's batches)."""
-        runtime = self.mounts.get(mount)
-        if runtime is None or not revokes_in_batches(runtime.backend):
-            return 1
-        return self.leases_cfg.revoke_batch
-
-    async def revoke_claimed_many(self, leases: Sequence[Lease],
-                                  release: Callable[[], None] = _no_release) -> None:
-        """``revoke_claimed`` for leases of one mount, in one backend call. Never raises.
-
-        Each lease ends exactly as it would alone: its ending is durable
-        before its audit line and its waiters' "done"; a lease whose result is
-        an error goes through ``_revoke_failed`` (retry, irrevocable, force)
-        on its own, whatever became of the others.
-        """
-        if not leases:
-            release()
-            return
-        runtime = self.mounts.get(leases[0].mount)
-        if runtime is None or not revokes_in_batches(runtime.backend):
-            # Reloaded under us: one call per lease, the slot freed once all returned.
-            left = len(leases)
-
-            def one_done() -> None:
-                nonlocal left
-                left -= 1
-                if left == 0:
-                    release()
-
-            await asyncio.gather(*(self.revoke_claimed(lease, _once(one_done))
-                                   for lease in leases))
-            return
-        now = self.clock()
-        reasons = [lease.revoke_reason or "expire" for lease in leases]
-        errors: list[BackendError | None]
-        try:
-            try:
-                errors = await runtime.delete_users([
-                    DeleteUserRequest(role=runtime.spec.roles.get(lease.role),
-                                      username=lease.username, revocation=lease.revocation,
-                                      reason=reason, lease_id=lease.id)
-                    for lease, reason in zip(leases, reasons, strict=True)])
-            finally:
-                release()
-        except BackendError as exc:
-            errors = [exc] * len(leases)
-        except Exception as exc:  # a store or engine bug must not kill the worker
-            log.exception("revoking %d leases of mount %s", len(leases), runtime.name)
-            errors = [BackendError(f"internal error: {type(exc).__name__}")] * len(leases)
-        failed = [(lease, reason, error) for lease, reason, error
-                  in zip(leases, reasons, errors, strict=True) if error is not None]
-        done = [(lease, reason) for lease, reason, error
-                in zip(leases, reasons, errors, strict=True) if error is None]
-        outcomes = await asyncio.gather(
-            self._record_ended(done, now),
-            *(self._revoke_failed(lease, reason, str(error), retryable=error.retryable)
-              for lease, reason, error in failed),
-            return_exceptions=True)
-        for outcome in outcomes:
-            if isinstance(outcome, Exception):  # e.g. the store down for a forced ending
-                log.error("finishing a batch revocation", exc_info=outcome)
-
-    async def _record_ended(self, done: Sequence[tuple[Lease, str]], now: float) -> None:
-        """Durably end revoked leases, then audit each and tell its waiters."""
-        if not done:
-            return
-        results = await self._endings.record_many(
-            [(lease.id, LeaseState.EXPIRED if reason == "expire" else LeaseState.REVOKED)
-             for lease, reason in done])
-        recorded: list[tuple[Lease, str]] = []
-        for (lease, reason), error in zip(done, results, strict=True):
-            if error is None:
-                recorded.append((lease, reason))
-            else:
-                log.error("recording revocation of %s (the claim will run out and retry)",
-                          lease.id, exc_info=error)
-        # Audit and tell waiters only now: the endings are durable. The writes
-        # go concurrently (the audit log writes what queues up together in one
-        # go); straight to AuditLog.write: a wrapper coroutine per lease costs.
-        events = [self._ended_event(lease, reason, now) for lease, reason in recorded]
-        outcomes = await asyncio.gather(*(self.audit.write(ev) for ev in events),
-                                        return_exceptions=True)
-        for (lease, _), ev, outcome in zip(recorded, events, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
-                log.error("audit write failed for %s event: %s", ev["type"], outcome)
-            self._notify(lease.id, RevokeOutcome(done=True))
-
-    @staticmethod
-    def _ended_event(lease: Lease, reason: str, now: float) -> dict[str, Any]:
-        """The audit event of a revocation whose ending is durable."""
-        if reason == "expire":
-            return event("expire", lease=lease_ref(lease), reason=reason,
-                         lag_seconds=round(now - lease.expire_time, 3))
-        return event("revoke", lease=lease_ref(lease), reason=reason)
-
-    async def _audit_ended(self, lease: Lease, reason: str, now: float) -> None:
-        await self._audit_quietly(self._ended_event(lease, reason, now))
-        self._notify(lease.id, RevokeOutcome(done=True))
-
-    async def _revoke_failed(self, lease: Lease, reason: str, error: str, *,
-                             retryable: bool) -> None:
-        now = self.clock()
-        if reason == "force":
-            # Break-glass: the operator accepted that the backend may still hold it.
-            await self.store.finish_revoke(lease.id, state=LeaseState.REVOKED, now=now)
-            await self._audit_quietly(event("admin", action="revoke_force", outcome="forced",
-                                            lease=lease_ref(lease), error=error))
-            self._notify(lease.id, RevokeOutcome(done=True, error=error))
-            return
-        attempts = lease.revoke_attempts + 1
-        # A backend that says retrying cannot help (an STS token revoked early, a
-        # broken custom statement) goes irrevocable at once: listed, and retried
-        # only by the periodic irrevocable job or forced by an operator.
-        give_up = not retryable or attempts >= self.leases_cfg.revoke_max_attempts
-        next_attempt = None if give_up else now + self.backoff(attempts)
-        try:
-            recorded = await self.store.fail_revoke(
-                lease.id, error=error, next_attempt=next_attempt, now=now, claimer=self.node_id)
-        except Exception:
-            log.exception("recording failed revocation of %s", lease.id)
-        else:
-            if not recorded:
-                # Our claim ran out and another replica holds the lease now (or it
-                # ended meanwhile): its outcome is theirs to record and report. A
-                # waiter keeps following the store (_await_revocation).
-                log.warning("revoking %s failed: %s; not recorded, the lease is no longer"
-                            " claimed by this replica", lease.id, error)
-                await self._audit_quietly(event(
-                    "revoke_failed", outcome="error", lease=lease_ref(lease), reason=reason,
-                    attempts=attempts, error=error, superseded=True))
-                return
-        log.warning("revoking %s failed (attempt %d): %s", lease.id, attempts, error)
-        await self._audit_quietly(event(
-            "irrevocable" if give_up else "revoke_failed", outcome="error",
-            lease=lease_ref(lease), reason=reason, attempts=attempts, error=error,
-            next_attempt=next_attempt))
-        self._notify(lease.id, RevokeOutcome(done=False, error=error, irrevocable=give_up))
-
     async def _await_revocation(self, lease_id: str, fut: asyncio.Future[RevokeOutcome],
                                 wait: float) -> RevokeOutcome:
         """Our sweeper's outcome for the lease, or the store's word that it ended.
@@ -1082,38 +747,12 @@ class LeaseEngine:
                 if current is None or current.state in DEAD_STATES:
                     return RevokeOutcome(done=True)
 
-    def _notify(self, lease_id: str, outcome: RevokeOutcome) -> None:
-        for fut in self._waiters.pop(lease_id, []):
-            if not fut.done():
-                fut.set_result(outcome)
-
     async def wait_issues_idle(self, timeout: float) -> bool:
         try:
             await asyncio.wait_for(self._issues_idle.wait(), timeout=timeout)
             return True
         except TimeoutError:
             return False
-
-    async def _audit_quietly(self, ev: dict[str, Any]) -> None:
-        """Audit from background work: a failure is logged (there is no response to refuse)."""
-        try:
-            await self.audit.write(ev)
-        except Exception as exc:
-            log.error("audit write failed for %s event: %s", ev.get("type"), exc)
-
-
-def _once(fn: Callable[[], None]) -> Callable[[], None]:
-    """``fn`` callable any number of times, run on the first call only."""
-    called = False
-
-    def call() -> None:
-        nonlocal called
-        if not called:
-            called = True
-            fn()
-
-    return call
-
 
 def new_request_id() -> str:
     return str(uuid.UUID(bytes=secrets.token_bytes(16), version=4))

@@ -126,7 +126,7 @@ async def build_state(config: Config, *, dev: bool = False) -> BrokerState:
     engine = LeaseEngine(store, audit, config)
     sweeper = Sweeper(store, engine.revoke_claimed, config.leases, node_id=engine.node_id,
                       clock=engine.clock, revoke_many=engine.revoke_claimed_many,
-                      batch_size=engine.revoke_batch_size)
+                      batch_size=engine.revoke_batch_size, mounts=engine.served_mounts)
     engine.wake = sweeper.wake
     engine.adopt = sweeper.adopt
     # Another replica issued or queued something due sooner: wake our sweeper too.

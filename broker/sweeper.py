@@ -24,6 +24,12 @@ inside the claim (``backend_timeout`` before it runs out); one that waited too
 long is dropped from the queue and claimed again later, by whichever replica
 gets there first. Without that check, a replica behind on a slow backend would
 revoke leases another replica had already taken over.
+
+A replica claims only leases of the mounts it has (``mounts``): during a
+rolling config change one replica may lack a mount the others have, and its
+revocations of that mount's leases could only fail and burn their attempts.
+Leases of a mount no one here has are left in the store; the sweeper says so
+in the log once per mount (how many at start, how many due later on).
 """
 
 from __future__ import annotations
@@ -32,12 +38,12 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 
 from broker.config import LeaseConfig
 from broker.errors import StoreUnavailable
 from broker.lease import Lease
-from broker.store.base import LeaseStore
+from broker.store.base import FORCE_TAKEOVER, LeaseStore
 
 __all__ = ["Sweeper"]
 
@@ -58,6 +64,8 @@ _IDLE_BACKOFF = 0.05
 _IDLE_BACKOFF_MAX = 1.0
 #: The longest the sweeper sleeps without looking at the store.
 _MAX_SLEEP = 30.0
+#: How often the sweeper looks for due leases of mounts it does not have.
+_UNSERVED_CHECK = 60.0
 
 
 class Sweeper:
@@ -71,6 +79,7 @@ class Sweeper:
         clock: Callable[[], float] = time.time,
         revoke_many: RevokeMany | None = None,
         batch_size: Callable[[str], int] | None = None,
+        mounts: Callable[[], Collection[str]] | None = None,
     ) -> None:
         self.store = store
         self.revoke = revoke
@@ -100,15 +109,31 @@ class Sweeper:
         self._pump_soon = False
         #: the current wait after an empty claim of something due (see _IDLE_BACKOFF).
         self._idle_backoff = _IDLE_BACKOFF
+        #: the mounts this replica has (None: claim every lease).
+        self.mounts = mounts
+        #: mounts whose due leases were reported as left for another replica.
+        self._unserved_noted: set[str] = set()
+        self._unserved_next = 0.0
+        self._unserved_task: asyncio.Task[None] | None = None
+        #: when to claim again for a forced revocation of a mount we lack (see wake).
+        self._force_look: float | None = None
 
     # -- public ---------------------------------------------------------------
     def wake(self, at: float | None = None) -> None:
         """Something may be due earlier than planned (``at``), or right now (None)."""
+        if self.mounts is not None and (at is None or at <= self.clock()):
+            # A revoke was queued: if it is a forced one of a mount we lack, it is
+            # ours to take once FORCE_TAKEOVER has passed; look again then.
+            self._force_look = self.clock() + FORCE_TAKEOVER + 0.05
         if at is None or self._next_wake is None or at < self._next_wake:
             self._wakeup.set()
 
     def start(self) -> None:
         self._main = asyncio.create_task(self._run(), name="broker-sweeper")
+        if self.mounts is not None:
+            # In the background: a count over the whole store, not worth a delay.
+            self._unserved_task = asyncio.create_task(self._note_unserved_at_start(),
+                                                      name="broker-sweeper-unserved")
 
     async def stop(self, grace: float) -> None:
         """Stop claiming; let in-flight revocations finish within ``grace``, then cancel.
@@ -118,6 +143,9 @@ class Sweeper:
         """
         self._stopping = True
         self._wakeup.set()
+        if self._unserved_task is not None:
+            self._unserved_task.cancel()
+            await asyncio.gather(self._unserved_task, return_exceptions=True)
         if self._main is not None:
             await asyncio.gather(self._main, return_exceptions=True)
         self._queues.clear()
@@ -150,8 +178,13 @@ class Sweeper:
 
     async def _tick(self) -> None:
         self._wakeup.clear()
+        if self._force_look is not None and self.clock() >= self._force_look:
+            self._force_look = None  # this tick's claim looks
         room = self.config.sweeper_batch * 2 - self.busy
         claimed: list[Lease] = []
+        mounts = None if self.mounts is None else tuple(self.mounts())
+        if mounts is not None and self.clock() >= self._unserved_next:
+            await self._note_unserved(mounts)
         if room > 0:
             claimed_at = self.clock()
             claimed = await self.store.claim_due(
@@ -159,6 +192,7 @@ class Sweeper:
                 limit=min(room, self.config.sweeper_batch),
                 claimer=self.node_id,
                 claim_timeout=self.config.claim_timeout,
+                mounts=mounts,
             )
             for lease in claimed:
                 self._enqueue(lease, claimed_at + self.config.claim_timeout)
@@ -166,7 +200,7 @@ class Sweeper:
             if len(claimed) == min(room, self.config.sweeper_batch):
                 await asyncio.sleep(0)  # more may be due: claim again, let workers run
                 return
-        due = await self.store.next_due()
+        due = await self.store.next_due(mounts=mounts)
         now = self.clock()
         if room <= 0:
             timeout: float | None = None  # full: a finishing worker wakes us
@@ -184,9 +218,38 @@ class Sweeper:
         # replica dying between its commit and its NOTIFY); a periodic look at
         # the store bounds how late such a lease can be.
         timeout = _MAX_SLEEP if timeout is None else min(timeout, _MAX_SLEEP)
+        if self._force_look is not None:
+            timeout = max(0.0, min(timeout, self._force_look - now))
         self._next_wake = now + timeout
         await self._sleep(timeout)
         self._next_wake = None
+
+    async def _note_unserved(self, mounts: Collection[str]) -> None:
+        """Log, once per mount, due leases of mounts this replica does not have."""
+        now = self.clock()
+        self._unserved_next = now + _UNSERVED_CHECK
+        self._unserved_noted -= set(mounts)  # configured again: a later absence is news
+        due = await self.store.unserved_mounts(mounts, due_by=now)
+        for mount, count in sorted(due.items()):
+            if mount not in self._unserved_noted:
+                self._unserved_noted.add(mount)
+                log.warning("%d due lease(s) of mount %r are left for a replica that has it: "
+                            "the mount is not configured here (add it back, or end them with "
+                            "sys/leases/revoke-force/%s/)", count, mount, mount)
+
+    async def _note_unserved_at_start(self) -> None:
+        """Log the live leases of mounts this replica does not have (once, at start)."""
+        assert self.mounts is not None
+        try:
+            live = await self.store.unserved_mounts(tuple(self.mounts()))
+        except Exception as exc:  # the due check will say it later
+            log.debug("counting leases of unconfigured mounts failed: %s", exc)
+            return
+        for mount, count in sorted(live.items()):
+            log.warning("mount %r is not configured on this replica but %d lease(s) of it are "
+                        "live in the store; this replica does not revoke them (a replica that "
+                        "has the mount does; or end them with sys/leases/revoke-force/%s/)",
+                        mount, count, mount)
 
     async def _sleep(self, timeout: float | None) -> None:
         if timeout is not None and timeout <= 0:

@@ -10,9 +10,9 @@ from aiohttp import web
 
 from broker.api.common import CALL, Call, json_response
 from broker.audit import AuditError
-from broker.engine import lease_ref
 from broker.errors import BadRequest
 from broker.lease import Lease, Token
+from broker.revocation import lease_ref
 
 __all__ = ["routes"]
 

@@ -14,9 +14,9 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from broker.api.common import CALL, Call, error_response, json_response
-from broker.engine import lease_ref
 from broker.errors import BadRequest, PermissionDenied, RevocationFailed
 from broker.lease import META_KEY, Lease, LeaseFilter, LeaseState
+from broker.revocation import lease_ref
 
 __all__ = ["limit_param", "meta_params", "rfc3339", "routes", "store_call"]
 

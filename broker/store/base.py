@@ -23,24 +23,48 @@ Design points every implementation keeps:
   ``revoking`` and ``renew`` refuses it, so callers see what they saw when the
   rows were rewritten at once. A rule covers the live leases that match its
   filter and were issued at or before its time (by the brokers' clocks).
+- A revoke over many leases also covers the issues in flight: the leases it
+  matches that are still ``pending`` are marked in the same write (column
+  ``revoke_requested``, not part of ``Lease``), and ``activate`` refuses a
+  marked row, so the issue is undone like any failed activation. The revoke
+  never deletes the backend's user of a pending lease itself: the backend's
+  CREATE may not have committed yet.
+- Replicas may be configured with different mounts for a while (a rolling
+  config change). A replica claims only the due leases of the mounts it has
+  (``claim_due``'s ``mounts``), so a lease of a mount it lacks is left for a
+  replica that has it instead of failing there and burning its attempts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from broker.errors import PermissionDenied
 from broker.lease import Lease, LeaseFilter, LeaseState, Token
 
-__all__ = ["LeaseStore", "RevokeQueued", "RuleChunk", "owner_ended"]
+__all__ = ["FORCE_TAKEOVER", "LeaseStore", "RevokeQueued", "RuleChunk", "owner_ended",
+           "revoked_while_issued"]
+
+#: Seconds a forced revocation of a mount a replica lacks waits for a replica
+#: that has the mount (which tries the backend first) before the replica takes
+#: it anyway (``claim_due``): forcing is how an operator ends the leases of a
+#: mount no replica has any more.
+FORCE_TAKEOVER = 5.0
 
 
 def owner_ended(lease_id: str) -> PermissionDenied:
     """``activate``'s error when the token that asked for the lease is no longer active."""
     return PermissionDenied(f"permission denied: the token was revoked or expired while lease "
                             f"{lease_id} was being issued; the credential is not handed out")
+
+
+def revoked_while_issued(lease_id: str, reason: str) -> PermissionDenied:
+    """``activate``'s error when a revoke (prefix, selector, force) covered the lease
+    while it was still pending."""
+    return PermissionDenied(f"permission denied: lease {lease_id} was revoked ({reason}) "
+                            f"while it was being issued; the credential is not handed out")
 
 
 @dataclass(frozen=True)
@@ -105,6 +129,10 @@ class LeaseStore(Protocol):
 
         Raises ``broker.errors.Conflict`` when the row is no longer pending (rolled
         back meanwhile, or gone): the credential must then not be handed out.
+        Raises ``broker.errors.PermissionDenied`` (``revoked_while_issued``) when
+        a revoke over many leases marked the pending row (``revoke_requested``):
+        the issue is undone like any failed activation, and the stale-pending
+        job rolls the row back if the issuer died.
 
         With ``owner`` (a token accessor), only while that token is active, in
         the same write: else ``broker.errors.PermissionDenied``. Revoking a
@@ -171,6 +199,10 @@ class LeaseStore(Protocol):
         """The same for every active/irrevocable lease matching ``flt``, in one
         statement (fast for 100k rows). Returns how many were queued.
 
+        In the same write, the matching ``pending`` rows (issues in flight) are
+        marked ``revoke_requested``: ``activate`` then refuses them. They are
+        not counted.
+
         With ``reason == "force"`` leases already ``revoking`` under another reason
         (say, waiting in retry backoff) are taken over too: reason "force", due
         now. Other reasons leave revoking leases as they are."""
@@ -188,6 +220,9 @@ class LeaseStore(Protocol):
         ``now``, claimed by ``claimer`` until ``claim_until``, for
         ``expand_revoke_rule`` to queue in chunks. From the moment this returns,
         reads show the covered leases as ``revoking`` and ``renew`` refuses them.
+        Either way the matching ``pending`` rows are marked in the same write, as
+        in queue_revoke_matching: a lease in flight then never goes live, however
+        far the rule's expansion has got when its issue finishes.
 
         With ``end_tokens`` ("revoked" or "expired"), the active tokens among
         ``flt.owners`` are ended first, at ``now``, in the same write. A crash
@@ -214,17 +249,35 @@ class LeaseStore(Protocol):
     async def release_revoke_rules(self, *, claimer: str) -> None:
         """Give up ``claimer``'s rules at once (shutting down): others may claim them."""
 
-    async def next_due(self) -> float | None:
-        """The smallest ``due_at``, or None when nothing is due ever."""
+    async def next_due(self, *, mounts: Collection[str] | None = None) -> float | None:
+        """The smallest ``due_at`` (of leases of ``mounts``, when given), or None
+        when nothing is due ever."""
 
     async def claim_due(
-        self, *, now: float, limit: int, claimer: str, claim_timeout: float
+        self, *, now: float, limit: int, claimer: str, claim_timeout: float,
+        mounts: Collection[str] | None = None,
     ) -> list[Lease]:
         """Atomically claim up to ``limit`` rows with ``due_at <= now``, oldest first:
         active ones become ``revoking`` with reason "expire"; every claimed row
         gets ``due_at = now + claim_timeout`` so no one else takes it meanwhile,
         and records ``claimer`` as its holder (see ``fail_revoke``). Two
-        concurrent callers never get the same row."""
+        concurrent callers never get the same row.
+
+        With ``mounts`` (the mounts the claiming replica has), only rows of those
+        mounts, plus forced revocations of other mounts once they have been due
+        for ``FORCE_TAKEOVER`` seconds (no replica with the mount took them)."""
+
+    async def release_claim(self, lease_id: str, *, claimer: str, due_at: float) -> bool:
+        """Give up ``claimer``'s claim on a revoking lease without counting an
+        attempt: it stays ``revoking``, unclaimed, due at ``due_at``, for a replica
+        that has its mount. False when the claim is not ``claimer``'s (any more)."""
+
+    async def unserved_mounts(
+        self, mounts: Collection[str], *, due_by: float | None = None
+    ) -> dict[str, int]:
+        """Live (pending, active, revoking, irrevocable) leases of mounts not in
+        ``mounts``, counted per mount; with ``due_by``, only those due by then
+        (answered from the ``due_at`` index)."""
 
     async def finish_revoke(self, lease_id: str, *, state: LeaseState, now: float) -> None:
         """revoking -> revoked/expired tombstone; ``ended_at`` = now, ``due_at`` = NULL."""
@@ -264,8 +317,10 @@ class LeaseStore(Protocol):
     async def requeue_irrevocable(self, *, now: float, limit: int) -> int:
         """irrevocable -> revoking due now (one more try each)."""
 
-    async def stale_pending(self, *, before: float, limit: int) -> list[Lease]:
-        """Pending rows issued before ``before``: interrupted issues to roll back."""
+    async def stale_pending(self, *, before: float, limit: int,
+                            mounts: Collection[str] | None = None) -> list[Lease]:
+        """Pending rows issued before ``before`` (of ``mounts``, when given):
+        interrupted issues to roll back, marked ``revoke_requested`` or not."""
 
     async def purge_tombstones(self, *, before: float, limit: int) -> int:
         """Delete revoked/expired rows that ended before ``before``."""

@@ -97,6 +97,11 @@ MIGRATIONS: list[tuple[str, ...]] = [
         # ones, nearly all reads, are kept out of the index.
         "CREATE INDEX tokens_ended ON tokens (ended_at) WHERE state <> 'active'",
     ),
+    (
+        # A revoke over many leases marks the matching pending rows (issues in
+        # flight) with its reason; activate refuses a marked row (base.py).
+        "ALTER TABLE leases ADD COLUMN revoke_requested TEXT",
+    ),
 ]
 
 #: pg_advisory_xact_lock key serialising migrations ("broker" in ASCII).

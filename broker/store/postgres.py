@@ -33,7 +33,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
@@ -42,7 +42,13 @@ import asyncpg
 from broker.errors import Conflict
 from broker.lease import Lease, LeaseFilter, LeaseState, Token, TokenState, check_meta_key
 from broker.store import redact_url
-from broker.store.base import RevokeQueued, RuleChunk, owner_ended
+from broker.store.base import (
+    FORCE_TAKEOVER,
+    RevokeQueued,
+    RuleChunk,
+    owner_ended,
+    revoked_while_issued,
+)
 from broker.store.pg_guard import GuardedPool
 from broker.store.pg_notify import WAKE_CHANNEL, Notifier, WakeListener
 from broker.store.pg_schema import MIGRATIONS, migrate
@@ -75,6 +81,7 @@ _FORCEABLE = (
     " OR (state = 'revoking' AND revoke_reason IS DISTINCT FROM 'force'))"
 )
 _DEAD_STATES = "('revoked', 'expired')"
+_LIVE_STATES = "('pending', 'active', 'revoking', 'irrevocable')"
 #: A live lease ``l`` that an unexpanded part of a revoke rule covers (base.py).
 _COVERED = (
     "EXISTS (SELECT 1 FROM revoke_rules AS r WHERE l.issue_time <= r.created_at"
@@ -184,6 +191,20 @@ async def _queue_matching(conn: Any, flt: LeaseFilter, *, reason: str, now: floa
         *args.values,
     )
     return _count(status)
+
+
+async def _mark_pending(conn: Any, flt: LeaseFilter, *, reason: str) -> None:
+    """Mark the pending rows matching ``flt`` (issues in flight): activate refuses them.
+
+    Run before the statement that queues the live ones, in the same transaction:
+    an activation that commits in between is then seen live by that later
+    statement, and one that comes after finds its row marked (base.py).
+    """
+    args = _Args(reason)
+    await conn.execute(
+        "UPDATE leases SET revoke_requested = $1"
+        f" WHERE state = 'pending' AND revoke_requested IS NULL AND {_where(flt, args)}",
+        *args.values)
 
 
 async def _end_tokens(conn: Any, accessors: Sequence[str], *, state: str, now: float) -> int:
@@ -342,7 +363,7 @@ class PostgresStore:
     ) -> None:
         sql = ("UPDATE leases SET state = 'active', revocation = $1::jsonb,"
                " expire_time = $2, renewable = $3, due_at = $2"
-               " WHERE id = $4 AND state = 'pending'")
+               " WHERE id = $4 AND state = 'pending' AND revoke_requested IS NULL")
         args: list[Any] = [json.dumps(revocation), expire_time, renewable, lease_id]
         if owner is not None:
             # FOR SHARE orders this against the token's end (an UPDATE of its row):
@@ -357,6 +378,10 @@ class PostgresStore:
             token = None if owner is None else await self.token_by_accessor(owner)
             if owner is not None and (token is None or token.state is not TokenState.ACTIVE):
                 raise owner_ended(lease_id)
+            row = await self.pool.fetchrow(
+                "SELECT state, revoke_requested FROM leases WHERE id = $1", lease_id)
+            if row is not None and row["state"] == "pending" and row["revoke_requested"]:
+                raise revoked_while_issued(lease_id, str(row["revoke_requested"]))
             # Rolled back meanwhile (stale-pending job): the credential must not be handed out.
             raise Conflict(f"lease {lease_id} is no longer pending; it cannot be activated")
         self._notifier.signal(expire_time)
@@ -448,7 +473,8 @@ class PostgresStore:
         return lease_from_row(row)
 
     async def queue_revoke_matching(self, flt: LeaseFilter, *, reason: str, now: float) -> int:
-        async with self.pool.acquire() as conn:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await _mark_pending(conn, flt, reason=reason)
             count = await _queue_matching(conn, flt, reason=reason, now=now)
         if count:
             self._notifier.signal(now)
@@ -467,6 +493,10 @@ class PostgresStore:
                 # commits before this goes on, and the queueing below (a later
                 # statement, a later snapshot) sees its lease live.
                 ended = await _end_tokens(conn, flt.owners, state=end_tokens, now=now)
+            # Before the live leases are counted and queued (or a rule covers
+            # them): see _mark_pending. A rule's expansion may pass a lease's id
+            # before its issue finishes; the mark still stops it going live.
+            await _mark_pending(conn, flt, reason=reason)
             found = await conn.fetchrow(
                 f"SELECT count(*), max(issue_time) FROM leases WHERE {_live(reason)} AND {cond}",
                 *args.values)
@@ -560,17 +590,30 @@ class PostgresStore:
             "UPDATE revoke_rules SET claimed_by = NULL, claim_until = 0 WHERE claimed_by = $1",
             claimer)
 
-    async def next_due(self) -> float | None:
-        due = await self.pool.fetchval(
-            "SELECT due_at FROM leases WHERE due_at IS NOT NULL ORDER BY due_at LIMIT 1"
-        )
+    async def next_due(self, *, mounts: Collection[str] | None = None) -> float | None:
+        if mounts is None:
+            due = await self.pool.fetchval(
+                "SELECT due_at FROM leases WHERE due_at IS NOT NULL ORDER BY due_at LIMIT 1")
+        else:
+            due = await self.pool.fetchval(
+                "SELECT due_at FROM leases WHERE due_at IS NOT NULL AND mount = ANY($1::text[])"
+                " ORDER BY due_at LIMIT 1", list(mounts))
         return None if due is None else float(due)
 
     async def claim_due(
-        self, *, now: float, limit: int, claimer: str, claim_timeout: float
+        self, *, now: float, limit: int, claimer: str, claim_timeout: float,
+        mounts: Collection[str] | None = None,
     ) -> list[Lease]:
         if limit <= 0:
             return []
+        args: list[Any] = [now + claim_timeout, claimer, now, limit]
+        served = ""
+        if mounts is not None:
+            # Leases of a mount this replica lacks are left to one that has it
+            # (revoking them here could only fail); forced ones only for a while.
+            args.append(list(mounts))
+            served = (" AND (mount = ANY($5::text[]) OR (revoke_reason = 'force'"
+                      f" AND due_at <= least($3, {_DB_NOW}) - {FORCE_TAKEOVER}))")
         # least(): "due" by the caller's clock AND the database's (see _DB_NOW).
         # SKIP LOCKED: a row another replica is claiming right now is left to it,
         # and the scan goes on to the next due row instead of waiting.
@@ -580,16 +623,39 @@ class PostgresStore:
         rows = await self.pool.fetch(
             "WITH c AS MATERIALIZED (SELECT id, due_at FROM leases"
             f"  WHERE due_at IS NOT NULL AND due_at <= least($3, {_DB_NOW})"
-            "  AND state IN ('active', 'revoking')"
+            f"  AND state IN ('active', 'revoking'){served}"
             "  ORDER BY due_at, id LIMIT $4 FOR UPDATE SKIP LOCKED)"
             " UPDATE leases AS l SET state = 'revoking', due_at = $1, claimed_by = $2,"
             " revoke_reason = coalesce(l.revoke_reason, 'expire')"
             " FROM c WHERE l.id = c.id RETURNING c.due_at AS claimed_due,"
             f" {', '.join('l.' + col for col in _LEASE_COL_NAMES)}",
-            now + claim_timeout, claimer, now, limit,
+            *args,
         )
         rows = sorted(rows, key=lambda row: (row["claimed_due"], row["id"]))
         return [lease_from_row(row) for row in rows]
+
+    async def release_claim(self, lease_id: str, *, claimer: str, due_at: float) -> bool:
+        status = await self.pool.execute(
+            "UPDATE leases SET claimed_by = NULL, due_at = $1"
+            " WHERE id = $2 AND state = 'revoking' AND claimed_by = $3",
+            due_at, lease_id, claimer)
+        if _count(status) != 1:
+            return False
+        self._notifier.signal(due_at)  # a replica that has the mount takes it
+        return True
+
+    async def unserved_mounts(
+        self, mounts: Collection[str], *, due_by: float | None = None
+    ) -> dict[str, int]:
+        if due_by is None:
+            rows = await self.pool.fetch(
+                f"SELECT mount, count(*) FROM leases WHERE state IN {_LIVE_STATES}"
+                " AND mount <> ALL($1::text[]) GROUP BY mount", list(mounts))
+        else:
+            rows = await self.pool.fetch(
+                "SELECT mount, count(*) FROM leases WHERE due_at IS NOT NULL AND due_at <= $2"
+                " AND mount <> ALL($1::text[]) GROUP BY mount", list(mounts), due_by)
+        return {str(row[0]): int(row[1]) for row in rows}
 
     async def finish_revoke(self, lease_id: str, *, state: LeaseState, now: float) -> None:
         # Any live state may end here: a forced revocation finishes an irrevocable lease.
@@ -660,11 +726,17 @@ class PostgresStore:
             self._notifier.signal(now)
         return count
 
-    async def stale_pending(self, *, before: float, limit: int) -> list[Lease]:
+    async def stale_pending(self, *, before: float, limit: int,
+                            mounts: Collection[str] | None = None) -> list[Lease]:
+        args: list[Any] = [before, limit]
+        served = ""
+        if mounts is not None:
+            args.append(list(mounts))
+            served = " AND mount = ANY($3::text[])"
         rows = await self.pool.fetch(
             f"SELECT {_LEASE_COLS} FROM leases WHERE state = 'pending' AND issue_time < $1"
-            " ORDER BY issue_time LIMIT $2",
-            before, limit,
+            f"{served} ORDER BY issue_time LIMIT $2",
+            *args,
         )
         return [lease_from_row(row) for row in rows]
 

@@ -33,7 +33,7 @@ import os
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
@@ -46,7 +46,13 @@ except ImportError:  # Windows
 
 from broker.errors import Conflict, StoreUnavailable
 from broker.lease import Lease, LeaseFilter, LeaseState, Token, TokenState, check_meta_key
-from broker.store.base import RevokeQueued, RuleChunk, owner_ended
+from broker.store.base import (
+    FORCE_TAKEOVER,
+    RevokeQueued,
+    RuleChunk,
+    owner_ended,
+    revoked_while_issued,
+)
 from broker.store.rows import lease_from_row, prefix_upper, token_from_row
 
 __all__ = ["MIGRATIONS", "SQLiteStore", "StoreSchemaError"]
@@ -141,6 +147,11 @@ MIGRATIONS: list[tuple[str, ...]] = [
         # ones, nearly all reads, are kept out of the index.
         "CREATE INDEX tokens_ended ON tokens (ended_at) WHERE state <> 'active'",
     ),
+    (
+        # A revoke over many leases marks the matching pending rows (issues in
+        # flight) with its reason; activate refuses a marked row (base.py).
+        "ALTER TABLE leases ADD COLUMN revoke_requested TEXT",
+    ),
 ]
 
 #: Most operations one transaction (and one fsync) carries.
@@ -163,6 +174,7 @@ _DUE_STATES = "('active', 'revoking')"
 # statistics it would otherwise pick the state index and scan every active lease.
 _REVOCABLE_STATES = "('active', 'irrevocable')"
 _DEAD_STATES = "('revoked', 'expired')"
+_LIVE_STATES = "('pending', 'active', 'revoking', 'irrevocable')"
 #: A live lease ``l`` that an unexpanded part of a revoke rule covers (base.py).
 #: Metadata keys were checked by _where when the rule was made.
 _COVERED = (
@@ -412,6 +424,21 @@ def _queue_matching(flt: LeaseFilter, reason: str, now: float) -> Op[int]:
         f" WHERE {_live(flt, reason)} AND {cond}",
         [now, reason, *params],
     )
+
+
+def _mark_pending(flt: LeaseFilter, reason: str) -> Op[int]:
+    """Mark the pending rows matching ``flt`` (issues in flight): activate refuses them."""
+    cond, params = _where(flt)
+    return _rowcount(
+        "UPDATE leases SET revoke_requested = ?"
+        f" WHERE state = 'pending' AND revoke_requested IS NULL AND {cond}",
+        [reason, *params],
+    )
+
+
+def _mounts_in(mounts: Collection[str]) -> tuple[str, str]:
+    """A condition on ``mount`` being one of ``mounts`` and its one parameter."""
+    return "mount IN (SELECT value FROM json_each(?))", json.dumps(sorted(mounts))
 
 
 def _end_tokens(accessors: Sequence[str], state: str, now: float) -> Op[int]:
@@ -691,22 +718,32 @@ class SQLiteStore:
         owner: str | None = None,
     ) -> None:
         sql = ("UPDATE leases SET state = 'active', revocation = ?, expire_time = ?,"
-               " renewable = ?, due_at = ? WHERE id = ? AND state = 'pending'")
+               " renewable = ?, due_at = ? WHERE id = ? AND state = 'pending'"
+               " AND revoke_requested IS NULL")
         params: list[Any] = [json.dumps(revocation), expire_time, int(renewable), expire_time,
                              lease_id]
         if owner is not None:
             sql += _OWNER_ACTIVE
             params.append(owner)
 
-        def op(conn: sqlite3.Connection) -> bool | None:
-            """True: activated; False: the owner token is not active; None: not pending."""
+        def op(conn: sqlite3.Connection) -> bool | str | None:
+            """True: activated; False: the owner token is not active; a str: a revoke
+            marked the pending row (its reason); None: not pending."""
             if conn.execute(sql, params).rowcount == 1:
                 return True
-            return None if owner is None or _token_active(conn, owner) else False
+            if owner is not None and not _token_active(conn, owner):
+                return False
+            row = conn.execute("SELECT state, revoke_requested FROM leases WHERE id = ?",
+                               (lease_id,)).fetchone()
+            if row is not None and row[0] == "pending" and row[1]:
+                return str(row[1])
+            return None
 
         outcome = await self._write(op)
         if outcome is False:
             raise owner_ended(lease_id)
+        if isinstance(outcome, str):
+            raise revoked_while_issued(lease_id, outcome)
         if outcome is None:
             # Rolled back meanwhile (stale-pending job): the credential must not be handed out.
             raise Conflict(f"lease {lease_id} is no longer pending; it cannot be activated")
@@ -788,7 +825,13 @@ class SQLiteStore:
         return lease_from_row(rows[0]) if rows else None
 
     async def queue_revoke_matching(self, flt: LeaseFilter, *, reason: str, now: float) -> int:
-        return await self._write(_queue_matching(flt, reason, now))
+        mark, queue = _mark_pending(flt, reason), _queue_matching(flt, reason, now)
+
+        def write(conn: sqlite3.Connection) -> int:
+            mark(conn)
+            return queue(conn)
+
+        return await self._write(_atomic(write))
 
     async def queue_revoke_rule(
         self, flt: LeaseFilter, *, reason: str, now: float, inline_max: int, claimer: str,
@@ -798,9 +841,13 @@ class SQLiteStore:
         queue = _queue_matching(flt, reason, now)
         rule_id = uuid.uuid4().hex
         end = None if end_tokens is None else _end_tokens(flt.owners, end_tokens, now)
+        mark = _mark_pending(flt, reason)
 
         def write(conn: sqlite3.Connection) -> RevokeQueued:
             ended = 0 if end is None else end(conn)
+            # Issues in flight: a rule's expansion may pass a lease's id before
+            # its issue finishes; the mark still stops it going live.
+            mark(conn)
             return replace(queue_leases(conn), tokens_ended=ended)
 
         def queue_leases(conn: sqlite3.Connection) -> RevokeQueued:
@@ -873,25 +920,38 @@ class SQLiteStore:
             "UPDATE revoke_rules SET claimed_by = NULL, claim_until = 0 WHERE claimed_by = ?",
             (claimer,)))
 
-    async def next_due(self) -> float | None:
+    async def next_due(self, *, mounts: Collection[str] | None = None) -> float | None:
+        served, params = "", []
+        if mounts is not None:
+            cond, param = _mounts_in(mounts)
+            served, params = f" AND {cond}", [param]
         rows = await self._read(_rows(
-            "SELECT due_at FROM leases WHERE due_at IS NOT NULL ORDER BY due_at LIMIT 1", ()
+            f"SELECT due_at FROM leases WHERE due_at IS NOT NULL{served}"
+            " ORDER BY due_at LIMIT 1", params
         ))
         return float(rows[0][0]) if rows else None
 
     async def claim_due(
-        self, *, now: float, limit: int, claimer: str, claim_timeout: float
+        self, *, now: float, limit: int, claimer: str, claim_timeout: float,
+        mounts: Collection[str] | None = None,
     ) -> list[Lease]:
         if limit <= 0:
             return []
+        served, params = "", []
+        if mounts is not None:
+            # Leases of a mount this process lacks are left to one that has it;
+            # forced ones only for a while (base.py).
+            cond, param = _mounts_in(mounts)
+            served = f" AND ({cond} OR (revoke_reason = 'force' AND due_at <= ?))"
+            params = [param, now - FORCE_TAKEOVER]
 
         def claim(conn: sqlite3.Connection) -> list[sqlite3.Row]:
             # Both statements run inside the writer's transaction: no one else can
             # claim in between. Only the UPDATE changes anything.
             ids = [row[0] for row in conn.execute(
                 f"SELECT id FROM leases WHERE due_at IS NOT NULL AND due_at <= ?"
-                f" AND +state IN {_DUE_STATES} ORDER BY due_at LIMIT ?",
-                (now, limit),
+                f" AND +state IN {_DUE_STATES}{served} ORDER BY due_at LIMIT ?",
+                (now, *params, limit),
             )]
             if not ids:
                 return []
@@ -905,6 +965,27 @@ class SQLiteStore:
             return sorted(rows, key=lambda row: order[row["id"]])
 
         return [lease_from_row(row) for row in await self._write(claim)]
+
+    async def release_claim(self, lease_id: str, *, claimer: str, due_at: float) -> bool:
+        changed = await self._write(_rowcount(
+            "UPDATE leases SET claimed_by = NULL, due_at = ?"
+            " WHERE id = ? AND state = 'revoking' AND claimed_by = ?",
+            (due_at, lease_id, claimer),
+        ))
+        return changed == 1
+
+    async def unserved_mounts(
+        self, mounts: Collection[str], *, due_by: float | None = None
+    ) -> dict[str, int]:
+        cond, param = _mounts_in(mounts)
+        if due_by is None:
+            sql = f"SELECT mount, count(*) FROM leases WHERE +state IN {_LIVE_STATES}"
+            params: list[Any] = []
+        else:
+            sql = "SELECT mount, count(*) FROM leases WHERE due_at IS NOT NULL AND due_at <= ?"
+            params = [due_by]
+        rows = await self._read(_rows(f"{sql} AND NOT {cond} GROUP BY mount", [*params, param]))
+        return {str(row[0]): int(row[1]) for row in rows}
 
     async def finish_revoke(self, lease_id: str, *, state: LeaseState, now: float) -> None:
         # Any live state may end here: a forced revocation finishes an irrevocable lease.
@@ -964,11 +1045,16 @@ class SQLiteStore:
             (now, limit),
         ))
 
-    async def stale_pending(self, *, before: float, limit: int) -> list[Lease]:
+    async def stale_pending(self, *, before: float, limit: int,
+                            mounts: Collection[str] | None = None) -> list[Lease]:
+        served, params = "", []
+        if mounts is not None:
+            cond, param = _mounts_in(mounts)
+            served, params = f" AND {cond}", [param]
         rows = await self._read(_rows(
             f"SELECT {_LEASE_COLS} FROM leases WHERE state = 'pending' AND issue_time < ?"
-            " ORDER BY issue_time LIMIT ?",
-            (before, limit),
+            f"{served} ORDER BY issue_time LIMIT ?",
+            (before, *params, limit),
         ))
         return [lease_from_row(row) for row in rows]
 

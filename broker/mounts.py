@@ -1,0 +1,178 @@
+"""The lease engine's mounts: built from the config, probed, rebuilt when their
+password file changes, swapped on a reload.
+
+A mount is a ``MountRuntime`` (a backend wrapped with timing, metrics and
+redaction). Swaps happen under one lock, so a reload and a followed password
+file never replace the same mount at once; a replaced backend is closed once
+the new one is in place.
+
+``MountSet`` is a base class of ``broker.engine.LeaseEngine``, which holds the
+state it uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import replace
+
+from broker.backend import RoleSpec, load_plugin
+from broker.config import Config, read_secret_file
+from broker.errors import NotFound
+from broker.middleware import MountRuntime
+
+__all__ = ["MountSet"]
+
+#: The engine's logger: these lines were the engine's before the split (and still are).
+log = logging.getLogger("broker.engine")
+
+
+class MountSet:
+    """The engine's mounts by name (a LeaseEngine base)."""
+
+    config: Config
+    mounts: dict[str, MountRuntime]
+    wake: Callable[[float | None], None]
+    #: per mount, the password_file content that failed to verify (not tried again)
+    #: and the last problem logged about the file (logged once).
+    _refused_secrets: dict[str, str]
+    _password_file_notes: dict[str, str]
+    #: held while mounts are swapped (a reload, a password file followed)
+    _mounts_lock: asyncio.Lock
+
+    def _build_mount(self, name: str, config: Config) -> MountRuntime:
+        spec = config.mounts[name]
+        backend = load_plugin(spec.plugin).from_config(spec)
+        return MountRuntime(spec=spec, backend=backend, timeout=config.leases.backend_timeout)
+
+    async def start_mounts(self) -> None:
+        """Build every mount and connect; an unreachable backend leaves its mount unhealthy."""
+        for name in self.config.mounts:
+            self.mounts[name] = self._build_mount(name, self.config)
+        await asyncio.gather(*(m.ensure_initialized() for m in self.mounts.values()))
+
+    async def check_mounts(self) -> None:
+        """The mount-health job: retry refused password files of failing mounts, probe all."""
+        await self._follow_password_files(retry_refused=True)
+        await asyncio.gather(*(m.check() for m in list(self.mounts.values())))
+
+    async def follow_password_files(self) -> None:
+        """The password-file job (every second): a mount whose file changed is rebuilt with it."""
+        await self._follow_password_files(retry_refused=False)
+
+    async def _follow_password_files(self, *, retry_refused: bool) -> None:
+        for name, runtime in list(self.mounts.items()):
+            if runtime.spec.secret_file is None:
+                continue
+            try:
+                async with self._mounts_lock:  # not while a reload swaps mounts
+                    if self.mounts.get(name) is runtime:  # not replaced while we waited
+                        await self._follow_password_file(name, runtime,
+                                                         retry_refused=retry_refused)
+            except Exception as exc:
+                # One mount's file must not stop the others', nor the health
+                # checks that check_mounts runs after this.
+                self._note_password_file(
+                    name, f"following {runtime.spec.secret_file} failed: "
+                          f"{type(exc).__name__}: {exc}", failure=exc)
+
+    async def _follow_password_file(self, name: str, runtime: MountRuntime, *,
+                                    retry_refused: bool) -> None:
+        """Rebuild the mount with its ``password_file``'s new content, if it changed.
+
+        The file is where the admin secret lives (docs/operations.md): a rotation
+        by another worker or replica, an operator or a secret manager (a
+        Kubernetes Secret is updated in place) is picked up within a second, no
+        SIGHUP needed. The new mount replaces the running one only once it
+        verifies; a half-written or wrong file leaves the running mount alone,
+        and is reported once per content. A refused content is tried again only
+        by the health job (``retry_refused``), and only once the running mount
+        fails too: not a login attempt every second.
+        """
+        spec = runtime.spec
+        assert spec.secret_file is not None
+        try:
+            content = await asyncio.to_thread(read_secret_file, spec.secret_file)
+        except OSError as exc:
+            self._note_password_file(name, f"cannot read {spec.secret_file}: "
+                                           f"{exc.strerror or exc}")
+            return
+        if content == spec.secret:
+            self._password_file_notes.pop(name, None)  # fine again: a new problem is news
+            return
+        if content == self._refused_secrets.get(name) and (runtime.healthy or not retry_refused):
+            return  # tried and refused; tried again once the running mount fails too
+        candidate = replace(spec, secret=content)
+        config = replace(self.config, mounts={**self.config.mounts, name: candidate})
+        fresh = self._build_mount(name, config)
+        if not await fresh.ensure_initialized() and runtime.healthy:
+            await fresh.close()
+            self._refused_secrets[name] = content
+            self._note_password_file(name, f"{spec.secret_file} changed, but the backend "
+                                     f"refuses it ({fresh.error}); still using the old secret")
+            return
+        if self.mounts.get(name) is not runtime:  # a reload replaced it meanwhile
+            await fresh.close()
+            return
+        self.mounts = {**self.mounts, name: fresh}
+        self.config = config
+        self._refused_secrets.pop(name, None)
+        log.warning("mount %s: %s changed; the mount now uses the new secret", name,
+                    spec.secret_file)
+        await runtime.close()
+
+    def _note_password_file(self, name: str, message: str, *,
+                            failure: Exception | None = None) -> None:
+        if self._password_file_notes.get(name) != message:  # once per distinct problem
+            self._password_file_notes[name] = message
+            log.warning("mount %s: %s", name, message, exc_info=failure)
+
+    async def reload(self, config: Config) -> list[str]:
+        """Swap in a new config. Unchanged mounts keep their live backend; leases are untouched.
+
+        Returns what changed, for the log. Leases of a removed mount stay in the
+        store: this replica no longer claims them (a replica that has the mount
+        revokes them) until the mount comes back or an operator forces them.
+        """
+        async with self._mounts_lock:
+            return await self._reload(config)
+
+    async def _reload(self, config: Config) -> list[str]:
+        changes: list[str] = []
+        old = self.mounts
+        new: dict[str, MountRuntime] = {}
+        for name, spec in config.mounts.items():
+            current = old.get(name)
+            if current is not None and current.spec == spec:
+                new[name] = current
+                continue
+            new[name] = self._build_mount(name, config)
+            changes.append(f"mount {name} {'changed' if current else 'added'}")
+        await asyncio.gather(*(m.ensure_initialized() for n, m in new.items() if n not in old
+                               or old[n] is not m))
+        self.mounts, self.config = new, config
+        if set(new) - set(old):
+            self.wake(None)  # the leases of an added mount are ours to claim now
+        for name, runtime in old.items():
+            if new.get(name) is not runtime:
+                if name not in new:
+                    changes.append(f"mount {name} removed")
+                await runtime.close()
+        return changes
+
+    def served_mounts(self) -> frozenset[str]:
+        """The mounts this replica has: its sweeper claims only their leases."""
+        return frozenset(self.mounts)
+
+    def mount(self, name: str) -> MountRuntime:
+        runtime = self.mounts.get(name)
+        if runtime is None:
+            raise NotFound(f"no mount named {name!r}")
+        return runtime
+
+    def role(self, mount: str, role: str) -> RoleSpec:
+        spec = self.mount(mount).spec.roles.get(role)
+        if spec is None:
+            raise NotFound(f"no role {role!r} on mount {mount!r}")
+        return spec

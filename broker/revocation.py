@@ -1,0 +1,308 @@
+"""Carrying out claimed revocations: the lease engine's side of the sweeper's workers.
+
+A sweeper worker hands the engine leases it claimed (``revoke_claimed``, or
+``revoke_claimed_many`` for one backend call); the backend deletes the user,
+then the ending is recorded (durable first, then the audit line and the
+waiting requests' outcome). A failure is retried with jittered backoff and
+becomes ``irrevocable`` after ``revoke_max_attempts``; a forced revocation
+ends regardless. A lease of a mount this replica lacks is handed back to the
+store for a replica that has it, no attempt counted.
+
+``Revoker`` is a base class of ``broker.engine.LeaseEngine``, which holds the
+state it uses (store, audit log, mounts, waiting requests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from broker.audit import AuditLog, event
+from broker.backend import BackendError, DeleteUserRequest, revokes_in_batches
+from broker.config import Config, LeaseConfig
+from broker.endings import EndingRecorder
+from broker.lease import Lease, LeaseState
+from broker.middleware import MountRuntime
+from broker.store.base import LeaseStore
+
+__all__ = ["RevokeOutcome", "Revoker", "lease_ref"]
+
+#: The engine's logger: these lines were the engine's before the split (and still are).
+log = logging.getLogger("broker.engine")
+
+
+@dataclass(frozen=True)
+class RevokeOutcome:
+    """What one revocation attempt did, for a waiting request."""
+
+    done: bool
+    error: str | None = None
+    #: the attempt failed for good: the lease went irrevocable (not queued for a retry)
+    irrevocable: bool = False
+
+
+def _no_release() -> None:
+    """A caller of revoke_claimed that holds no worker slot."""
+
+
+def lease_ref(lease: Lease) -> dict[str, Any]:
+    """The audit ``lease`` block: never the revocation data's secrets (it has none)."""
+    return {
+        "id": lease.id,
+        "mount": lease.mount,
+        "role": lease.role,
+        "owner": lease.owner,
+        "username": lease.username or None,
+        "metadata": lease.metadata or None,
+    }
+
+
+class Revoker:
+    """Carries out claimed revocations and records their outcome (a LeaseEngine base)."""
+
+    store: LeaseStore
+    audit: AuditLog
+    config: Config
+    node_id: str
+    clock: Callable[[], float]
+    mounts: dict[str, MountRuntime]
+    _endings: EndingRecorder
+    _waiters: dict[str, list[asyncio.Future[RevokeOutcome]]]
+
+    @property
+    def leases_cfg(self) -> LeaseConfig:
+        return self.config.leases
+
+    def backoff(self, attempts: int) -> float:
+        """Jittered exponential backoff: base * 2^(n-1), capped, times 0.5..1."""
+        cfg = self.leases_cfg
+        delay = min(cfg.revoke_backoff_max,
+                    cfg.revoke_backoff_base * 2.0 ** max(0, attempts - 1))
+        return delay * (0.5 + random.random() / 2)  # noqa: S311 - jitter, not a secret
+
+    async def revoke_claimed(self, lease: Lease, release: Callable[[], None] = _no_release
+                             ) -> None:
+        """Carry out one claimed revocation (a sweeper worker). Never raises.
+
+        ``release()`` is called as soon as the backend call has returned (or
+        failed): the caller's worker slot bounds backend calls, not the wait for
+        the ending's batched commit that follows.
+        """
+        reason = lease.revoke_reason or "expire"
+        runtime = self.mounts.get(lease.mount)
+        role = runtime.spec.roles.get(lease.role) if runtime else None
+        now = self.clock()
+        if runtime is None and reason != "force":
+            # Claimed before a reload removed the mount (the sweeper claims only
+            # our mounts' leases): leave it to a replica that has the mount
+            # rather than fail it here and burn an attempt. A forced one ends below.
+            release()
+            await self._release_unserved(lease, now)
+            return
+        try:
+            try:
+                if runtime is None:
+                    raise BackendError(f"mount {lease.mount!r} is not configured",
+                                       retryable=True)
+                await runtime.delete_user(DeleteUserRequest(
+                    role=role, username=lease.username, revocation=lease.revocation,
+                    reason=reason, lease_id=lease.id))
+            finally:
+                release()
+        except BackendError as exc:
+            await self._revoke_failed(lease, reason, str(exc), retryable=exc.retryable)
+            return
+        except Exception as exc:  # a store or engine bug must not kill the worker
+            log.exception("revoking %s", lease.id)
+            await self._revoke_failed(lease, reason, f"internal error: {type(exc).__name__}",
+                                      retryable=True)
+            return
+        final = LeaseState.EXPIRED if reason == "expire" else LeaseState.REVOKED
+        error = await self._endings.record(lease.id, final)
+        if error is not None:
+            log.error("recording revocation of %s (the claim will run out and retry)",
+                      lease.id, exc_info=error)
+            return
+        # Audit and tell waiters only now: the ending is durable.
+        await self._audit_ended(lease, reason, now)
+
+    async def _release_unserved(self, lease: Lease, now: float) -> None:
+        """Hand a claimed lease of a mount this replica lacks back to the store. Never raises."""
+        try:
+            released = await self.store.release_claim(lease.id, claimer=self.node_id,
+                                                      due_at=now)
+        except Exception as exc:  # the claim runs out and the lease is due again anyway
+            log.warning("could not release %s (%s: %s); it is due again once the claim "
+                        "runs out", lease.id, type(exc).__name__, exc)
+            return
+        if released:
+            log.warning("lease %s left for a replica that has mount %r: the mount is not "
+                        "configured here", lease.id, lease.mount)
+
+    def revoke_batch_size(self, mount: str) -> int:
+        """Most leases of ``mount`` one backend call revokes (the sweeper's batches)."""
+        runtime = self.mounts.get(mount)
+        if runtime is None or not revokes_in_batches(runtime.backend):
+            return 1
+        return self.leases_cfg.revoke_batch
+
+    async def revoke_claimed_many(self, leases: Sequence[Lease],
+                                  release: Callable[[], None] = _no_release) -> None:
+        """``revoke_claimed`` for leases of one mount, in one backend call. Never raises.
+
+        Each lease ends exactly as it would alone: its ending is durable
+        before its audit line and its waiters' "done"; a lease whose result is
+        an error goes through ``_revoke_failed`` (retry, irrevocable, force)
+        on its own, whatever became of the others.
+        """
+        if not leases:
+            release()
+            return
+        runtime = self.mounts.get(leases[0].mount)
+        if runtime is None or not revokes_in_batches(runtime.backend):
+            # Reloaded under us: one call per lease, the slot freed once all returned.
+            left = len(leases)
+
+            def one_done() -> None:
+                nonlocal left
+                left -= 1
+                if left == 0:
+                    release()
+
+            await asyncio.gather(*(self.revoke_claimed(lease, _once(one_done))
+                                   for lease in leases))
+            return
+        now = self.clock()
+        reasons = [lease.revoke_reason or "expire" for lease in leases]
+        errors: list[BackendError | None]
+        try:
+            try:
+                errors = await runtime.delete_users([
+                    DeleteUserRequest(role=runtime.spec.roles.get(lease.role),
+                                      username=lease.username, revocation=lease.revocation,
+                                      reason=reason, lease_id=lease.id)
+                    for lease, reason in zip(leases, reasons, strict=True)])
+            finally:
+                release()
+        except BackendError as exc:
+            errors = [exc] * len(leases)
+        except Exception as exc:  # a store or engine bug must not kill the worker
+            log.exception("revoking %d leases of mount %s", len(leases), runtime.name)
+            errors = [BackendError(f"internal error: {type(exc).__name__}")] * len(leases)
+        failed = [(lease, reason, error) for lease, reason, error
+                  in zip(leases, reasons, errors, strict=True) if error is not None]
+        done = [(lease, reason) for lease, reason, error
+                in zip(leases, reasons, errors, strict=True) if error is None]
+        outcomes = await asyncio.gather(
+            self._record_ended(done, now),
+            *(self._revoke_failed(lease, reason, str(error), retryable=error.retryable)
+              for lease, reason, error in failed),
+            return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, Exception):  # e.g. the store down for a forced ending
+                log.error("finishing a batch revocation", exc_info=outcome)
+
+    async def _record_ended(self, done: Sequence[tuple[Lease, str]], now: float) -> None:
+        """Durably end revoked leases, then audit each and tell its waiters."""
+        if not done:
+            return
+        results = await self._endings.record_many(
+            [(lease.id, LeaseState.EXPIRED if reason == "expire" else LeaseState.REVOKED)
+             for lease, reason in done])
+        recorded: list[tuple[Lease, str]] = []
+        for (lease, reason), error in zip(done, results, strict=True):
+            if error is None:
+                recorded.append((lease, reason))
+            else:
+                log.error("recording revocation of %s (the claim will run out and retry)",
+                          lease.id, exc_info=error)
+        # Audit and tell waiters only now: the endings are durable. The writes
+        # go concurrently (the audit log writes what queues up together in one
+        # go); straight to AuditLog.write: a wrapper coroutine per lease costs.
+        events = [self._ended_event(lease, reason, now) for lease, reason in recorded]
+        outcomes = await asyncio.gather(*(self.audit.write(ev) for ev in events),
+                                        return_exceptions=True)
+        for (lease, _), ev, outcome in zip(recorded, events, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                log.error("audit write failed for %s event: %s", ev["type"], outcome)
+            self._notify(lease.id, RevokeOutcome(done=True))
+
+    @staticmethod
+    def _ended_event(lease: Lease, reason: str, now: float) -> dict[str, Any]:
+        """The audit event of a revocation whose ending is durable."""
+        if reason == "expire":
+            return event("expire", lease=lease_ref(lease), reason=reason,
+                         lag_seconds=round(now - lease.expire_time, 3))
+        return event("revoke", lease=lease_ref(lease), reason=reason)
+
+    async def _audit_ended(self, lease: Lease, reason: str, now: float) -> None:
+        await self._audit_quietly(self._ended_event(lease, reason, now))
+        self._notify(lease.id, RevokeOutcome(done=True))
+
+    async def _revoke_failed(self, lease: Lease, reason: str, error: str, *,
+                             retryable: bool) -> None:
+        now = self.clock()
+        if reason == "force":
+            # Break-glass: the operator accepted that the backend may still hold it.
+            await self.store.finish_revoke(lease.id, state=LeaseState.REVOKED, now=now)
+            await self._audit_quietly(event("admin", action="revoke_force", outcome="forced",
+                                            lease=lease_ref(lease), error=error))
+            self._notify(lease.id, RevokeOutcome(done=True, error=error))
+            return
+        attempts = lease.revoke_attempts + 1
+        # A backend that says retrying cannot help (an STS token revoked early, a
+        # broken custom statement) goes irrevocable at once: listed, and retried
+        # only by the periodic irrevocable job or forced by an operator.
+        give_up = not retryable or attempts >= self.leases_cfg.revoke_max_attempts
+        next_attempt = None if give_up else now + self.backoff(attempts)
+        try:
+            recorded = await self.store.fail_revoke(
+                lease.id, error=error, next_attempt=next_attempt, now=now, claimer=self.node_id)
+        except Exception:
+            log.exception("recording failed revocation of %s", lease.id)
+        else:
+            if not recorded:
+                # Our claim ran out and another replica holds the lease now (or it
+                # ended meanwhile): its outcome is theirs to record and report. A
+                # waiter keeps following the store (_await_revocation).
+                log.warning("revoking %s failed: %s; not recorded, the lease is no longer"
+                            " claimed by this replica", lease.id, error)
+                await self._audit_quietly(event(
+                    "revoke_failed", outcome="error", lease=lease_ref(lease), reason=reason,
+                    attempts=attempts, error=error, superseded=True))
+                return
+        log.warning("revoking %s failed (attempt %d): %s", lease.id, attempts, error)
+        await self._audit_quietly(event(
+            "irrevocable" if give_up else "revoke_failed", outcome="error",
+            lease=lease_ref(lease), reason=reason, attempts=attempts, error=error,
+            next_attempt=next_attempt))
+        self._notify(lease.id, RevokeOutcome(done=False, error=error, irrevocable=give_up))
+
+    def _notify(self, lease_id: str, outcome: RevokeOutcome) -> None:
+        for fut in self._waiters.pop(lease_id, []):
+            if not fut.done():
+                fut.set_result(outcome)
+
+    async def _audit_quietly(self, ev: dict[str, Any]) -> None:
+        """Audit from background work: a failure is logged (there is no response to refuse)."""
+        try:
+            await self.audit.write(ev)
+        except Exception as exc:
+            log.error("audit write failed for %s event: %s", ev.get("type"), exc)
+
+
+def _once(fn: Callable[[], None]) -> Callable[[], None]:
+    """``fn`` callable any number of times, run on the first call only."""
+    called = False
+
+    def call() -> None:
+        nonlocal called
+        if not called:
+            called = True
+            fn()
+
+    return call
