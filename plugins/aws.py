@@ -13,6 +13,7 @@ still cuts the session off with a deny policy on the role (see docs/aws.md).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import math
@@ -46,7 +47,7 @@ from broker.backend import (
 from broker.durations import parse_duration
 from plugins import aws_iam, aws_sts
 
-__all__ = ["CREDENTIAL_TYPES", "AWSBackend", "AWSRole", "AWSRotateRootResponse"]
+__all__ = ["CREDENTIAL_TYPES", "AWSBackend", "AWSError", "AWSRole", "AWSRotateRootResponse"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -82,6 +83,12 @@ _NOT_RETRYABLE = frozenset({
     "InvalidParameterCombination", "PackedPolicyTooLarge", "LimitExceeded",
     "RegionDisabledException", "EntityAlreadyExists", "NoSuchEntity",
 })
+#: AWS error codes that refuse the mount's own credentials or permissions: retrying the
+#: same call with the same key will not help (rotate-root answers them with a 400).
+_REFUSED = frozenset({
+    "AccessDenied", "AccessDeniedException", "UnauthorizedOperation", "InvalidClientTokenId",
+    "SignatureDoesNotMatch", "IncompleteSignature", "InvalidAccessKeyId", "OptInRequired",
+})
 #: deny policies must outlive the session by this much to count as needed (clock skew).
 _EXPIRY_SLACK = 5.0
 
@@ -113,6 +120,14 @@ class AWSRole:
     external_id: str | None = None
     #: longest STS duration asked for (seconds).
     max_sts_ttl: int = 3600
+
+
+class AWSError(BackendError):
+    """A BackendError from an AWS answer, with AWS's error code (None: no answer)."""
+
+    def __init__(self, message: str, *, retryable: bool, code: str | None) -> None:
+        super().__init__(message, retryable=retryable)
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -498,8 +513,11 @@ class AWSBackend:
             _, iam = await self._clients()
             username = str(req.revocation.get("username") or req.username)
             await self._await_creations(username)
-            await self._run("deleting IAM user", aws_iam.delete_user, iam, username,
-                            self.iam_path, self._owner_check(req))
+            created_path = req.revocation.get("iam_path")
+            await self._run("deleting IAM user", functools.partial(
+                aws_iam.delete_user, iam, username, self.iam_path, self._owner_check(req),
+                own_tag=req.lease_id[:256] or None,
+                created_path=str(created_path) if created_path else None))
             return DeleteUserResponse()
         if req.reason == "rollback":
             # An issue that never completed: the STS secret never left the broker's
@@ -512,10 +530,16 @@ class AWSBackend:
         return self._revoke_unrevocable(ctype, req)
 
     def _revoke_unrevocable(self, ctype: str, req: DeleteUserRequest) -> DeleteUserResponse:
-        """federation/session tokens: AWS has no way to end one token early."""
+        """federation/session tokens: AWS has no way to end one token early.
+
+        A lease that ends while its credential still works (its expiry, capped by
+        max_ttl or its token below AWS's 900 s minimum, or an early revoke) does not
+        claim it is over: the call fails for good, the lease goes ``irrevocable``
+        with the reason, and the irrevocable retry ends it once AWS has.
+        """
         expires_at = float(req.revocation.get("expires_at", 0))
         now = self.clock()
-        if req.reason in {"expire", "rollback"} or now + _EXPIRY_SLACK >= expires_at:
+        if req.reason == "rollback" or now + _EXPIRY_SLACK >= expires_at:
             # Expired by AWS already, or (rollback) never handed to anyone.
             return DeleteUserResponse()
         when = datetime.fromtimestamp(expires_at, UTC).isoformat(timespec="seconds")
@@ -523,6 +547,12 @@ class AWSBackend:
             log.warning("force-revoking %s %s: the credential stays valid until %s",
                         ctype, req.username, when)
             return DeleteUserResponse()
+        if req.reason == "expire":
+            raise BackendError(
+                f"the lease ended before its {ctype} credential, which stays valid until its "
+                f"AWS expiry at {when} (AWS cannot end it sooner; the lease was capped below "
+                f"it, e.g. by max_ttl or its token's TTL under AWS's {STS_MIN_TTL}s minimum)",
+                retryable=False)
         raise BackendError(
             f"{ctype} credentials cannot be revoked before AWS expires them at {when}; "
             "revoke-force drops the lease, removing the issuing user's permissions cuts "
@@ -570,6 +600,15 @@ class AWSBackend:
             return aws_sts.prune_role_policy(iam, role_arn, now)
 
     async def rotate_root(self, req: RotateRootRequest) -> RotateRootResponse:
+        """Replace the mount's own access key: a second key, proven to work, then the old
+        one deleted.
+
+        The error says whether trying again can help: AWS refusing the mount's key or
+        its permissions, a second key already there, a mount without ``access_key`` are
+        permanent (``retryable=False``: the API answers 400); throttling, an
+        unreachable endpoint, a timeout, or a new key AWS did not accept in time are
+        transient (503).
+        """
         if not self.access_key:
             raise BackendError("rotate_root needs the mount option access_key (and the secret "
                                "in password_file/password_env); credentials from the "
@@ -579,24 +618,28 @@ class AWSBackend:
             raise BackendError("AWS generates secret keys itself; rotate without new_password",
                                retryable=False)
         _, iam = await self._clients()
-        user, new_id, new_secret = await self._run(
-            "creating access key", aws_iam.create_root_key, iam, self.access_key)
+        try:
+            user, new_id, new_secret = await self._run(
+                "creating access key", aws_iam.create_root_key, iam, self.access_key)
+        except BackendError as exc:
+            raise _rotation_error(exc) from None
         old_id = self.access_key
         try:
             new_sts, new_iam = await self._run("creating clients", self._make_clients, new_id,
                                                new_secret)
-            await self._wait_key_works(new_sts)
+            await self._wait_key_works(new_sts, new_id)
             await self._run("deleting old access key", aws_iam.delete_key, new_iam, user, old_id)
-        except BackendError as exc:
+        except BackendError as failed:
+            error = _rotation_error(failed)
             # Undo: the old key still works, and a new key nobody knows must not linger.
             try:
                 await self._run("deleting new access key", aws_iam.delete_key, iam, user, new_id)
             except BackendError as undo:
-                raise BackendError(f"rotate_root failed ({exc}); delete the new access key "
+                raise BackendError(f"rotate_root failed ({error}); delete the new access key "
                                    f"{new_id} of {user} by hand ({undo})", retryable=False) \
                     from None
-            raise BackendError(f"rotate_root failed, old key kept: {exc}",
-                               retryable=exc.retryable) from None
+            raise BackendError(f"rotate_root failed, old key kept: {error}",
+                               retryable=error.retryable) from None
         old_clients = (self._sts, self._iam)
         self._sts, self._iam = new_sts, new_iam
         self.access_key, self._secret = new_id, new_secret
@@ -607,16 +650,19 @@ class AWSBackend:
                     "update access_key in the config", self.mount.name, user, old_id, new_id)
         return AWSRotateRootResponse(new_password=new_secret, access_key_id=new_id)
 
-    async def _wait_key_works(self, sts: Any) -> None:
-        # New IAM keys take a few seconds to be accepted everywhere (eventual consistency).
+    async def _wait_key_works(self, sts: Any, key_id: str) -> None:
+        # New IAM keys take a few seconds to be accepted everywhere (eventual consistency):
+        # refusals of the new key are expected meanwhile, and transient after the wait too.
         deadline = time.monotonic() + self.key_wait_timeout
         while True:
             try:
                 await self._run("sts:GetCallerIdentity (new key)", sts.get_caller_identity)
                 return
-            except BackendError:
+            except BackendError as exc:
                 if time.monotonic() > deadline:
-                    raise
+                    raise BackendError(f"AWS did not accept the new access key {key_id} within "
+                                       f"{self.key_wait_timeout:g}s ({exc}); try again later",
+                                       retryable=True) from None
                 await asyncio.sleep(1.0)
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -629,14 +675,24 @@ class AWSBackend:
             err = exc.response.get("Error", {})
             code = str(err.get("Code", "Unknown"))
             message = self._redact(f"{what}: {code}: {err.get('Message', '')}".rstrip(": "))
-            raise BackendError(message, retryable=code not in _NOT_RETRYABLE) from None
+            raise AWSError(message, retryable=code not in _NOT_RETRYABLE, code=code) from None
         except BotoCoreError as exc:
-            raise BackendError(self._redact(f"{what}: {exc}"), retryable=True) from None
+            # Unreachable endpoint, timeout, connection reset: worth trying again.
+            raise AWSError(self._redact(f"{what}: {exc}"), retryable=True, code=None) from None
 
     def _redact(self, text: str) -> str:
         if self._secret:
             text = text.replace(self._secret, "***")
         return text
+
+
+def _rotation_error(exc: BackendError) -> BackendError:
+    """``exc`` from a rotate_root step, as permanent when AWS refused the mount's key."""
+    if isinstance(exc, AWSError) and exc.code in _REFUSED:
+        return BackendError(f"{exc} (the mount's IAM user needs iam:GetUser, "
+                            "iam:ListAccessKeys, iam:CreateAccessKey and iam:DeleteAccessKey "
+                            "on itself, with a key AWS accepts)", retryable=False)
+    return exc
 
 
 def _timestamp(when: datetime) -> float:

@@ -118,8 +118,9 @@ def create_user(iam: Any, name: str, path: str, role: AWSRole, tags: list[dict[s
         raise
     data = {"access_key": key["AccessKeyId"], "secret_key": key["SecretAccessKey"],
             "security_token": None, "arn": user["Arn"]}
+    # The path is recorded: the mount's iam_path may change before the lease ends.
     revocation = {"credential_type": "iam_user", "username": name,
-                  "access_key_id": key["AccessKeyId"]}
+                  "access_key_id": key["AccessKeyId"], "iam_path": path}
     return data, revocation
 
 
@@ -136,12 +137,17 @@ def _made_by(iam: Any, name: str, tags: list[dict[str, str]]) -> bool:
 
 
 def delete_user(iam: Any, name: str, path: str,
-                owns: Callable[[str | None], bool] | None = None) -> bool:
+                owns: Callable[[str | None], bool] | None = None, *,
+                own_tag: str | None = None, created_path: str | None = None) -> bool:
     """Remove everything IAM requires gone first, then the user; a missing user is success.
 
-    ``owns`` is given the user's ``broker-lease-id`` tag (None: untagged); when
-    it says the user is not the deleting lease's, the user is left alone and
-    False returned. True: deleted (or already gone).
+    ``path`` is the mount's iam_path now. A user outside it is deleted only if it
+    carries ``own_tag`` (the ending lease's ``broker-lease-id``) and, when the lease
+    recorded one, sits in ``created_path`` (where the lease made it): the mount's
+    iam_path changed since the issue. ``owns`` is given the user's
+    ``broker-lease-id`` tag (None: untagged); when it says the user is not the
+    deleting lease's, the user is left alone and False returned. True: deleted
+    (or already gone).
     """
     try:
         user = iam.get_user(UserName=name)["User"]
@@ -149,16 +155,21 @@ def delete_user(iam: Any, name: str, path: str,
         if _missing(exc):
             return True
         raise
-    if user.get("Path") != path:
-        # Revocation data comes from the store; never let it delete someone else's user.
-        raise BackendError(f"refusing to delete IAM user {name}: its path {user.get('Path')} "
-                           f"is outside the mount's iam_path {path}", retryable=False)
-    if owns is not None:
-        tag = {t.get("Key"): t.get("Value") for t in user.get("Tags", [])}.get(LEASE_ID_TAG)
-        if not owns(tag):
-            log.warning("IAM user %s carries %s=%s, not the lease being ended: left alone",
-                        name, LEASE_ID_TAG, tag)
-            return False
+    tag = {t.get("Key"): t.get("Value") for t in user.get("Tags", [])}.get(LEASE_ID_TAG)
+    where = user.get("Path")
+    if where != path:
+        # Revocation data comes from the store; never let it delete someone else's
+        # user. Outside the mount's path only the lease's own tag proves the user is
+        # the broker's: the tag names a lease id, which nobody else writes.
+        moved = own_tag is not None and tag == own_tag and created_path in (None, where)
+        if not moved:
+            raise BackendError(f"refusing to delete IAM user {name}: its path {where} is "
+                               f"outside the mount's iam_path {path} and it is not tagged "
+                               f"{LEASE_ID_TAG} with the lease being ended", retryable=False)
+    if owns is not None and not owns(tag):
+        log.warning("IAM user %s carries %s=%s, not the lease being ended: left alone",
+                    name, LEASE_ID_TAG, tag)
+        return False
     for key in _each(iam, "list_access_keys", "AccessKeyMetadata", UserName=name):
         _ignore_missing(iam.delete_access_key, UserName=name, AccessKeyId=key["AccessKeyId"])
     for policy in _each(iam, "list_user_policies", "PolicyNames", UserName=name):

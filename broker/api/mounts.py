@@ -11,6 +11,10 @@ Nothing else is reloaded: an unrelated edit waiting in the config file stays
 waiting for its SIGHUP. Otherwise (``password_env``, AWS, whose access key id
 lives in the config too, a file the broker may not write) the answer says to
 store the secret by hand; other processes keep the old one until then.
+
+A failed rotation answers 503 when the backend says trying again may help
+(``BackendError.retryable``: unreachable, throttled, timed out) and 400 when it
+refused for good (no permission, a bad config, a state to fix first).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from aiohttp import web
 
 from broker.api.common import CALL, Call, json_response
 from broker.backend import BackendError, MountSpec, RotateRootRequest
-from broker.errors import BackendUnavailable
+from broker.errors import BackendUnavailable, BadRequest
 from broker.password_file import replace_password_file
 
 __all__ = ["routes"]
@@ -45,9 +49,16 @@ async def rotate_root(request: web.Request) -> web.Response:
     try:
         resp = await runtime.rotate_root(RotateRootRequest())
     except BackendError as exc:
+        message = " ".join(str(exc).split())  # one line, whatever the backend's text held
         await call.audit("admin", outcome="error", action="rotate_root", mount=mount,
-                         error=str(exc))
-        raise BackendUnavailable(f"mount {mount!r}: rotate-root failed: {exc}") from None
+                         error=message, retryable=exc.retryable)
+        # As for an issue: 503 only when trying again may help (unreachable, throttled,
+        # timed out); a refusal for good (no permission, a bad config, a state the
+        # operator must fix first) is a 400, so clients do not retry it.
+        if exc.retryable:
+            raise BackendUnavailable(f"mount {mount!r}: rotate-root failed: {message}") \
+                from None
+        raise BadRequest(f"mount {mount!r}: rotate-root refused: {message}") from None
     data = dataclasses.asdict(resp)
     # In a thread: the write ends with two fsyncs, and the loop serves everyone else.
     stored, warning = await asyncio.to_thread(_store, runtime.spec, data)

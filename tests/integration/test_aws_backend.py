@@ -319,7 +319,8 @@ async def test_iam_user_credentials_work(moto_endpoint: str, backend_for: Any) -
     assert resp.data["security_token"] is None
     assert resp.renewable is True
     assert resp.revocation == {"credential_type": "iam_user", "username": req.username,
-                               "access_key_id": resp.data["access_key"]}
+                               "access_key_id": resp.data["access_key"],
+                               "iam_path": "/broker/"}
     assert [p["PolicyArn"] for p in iam.list_attached_user_policies(
         UserName=req.username)["AttachedPolicies"]] == [managed]
     assert iam.list_user_policies(UserName=req.username)["PolicyNames"] == ["broker-policy"]
@@ -554,7 +555,8 @@ def test_deny_list_holds_many_sessions_within_the_real_limit() -> None:
 
 
 async def test_unrevocable_sts_types_stay_honest(moto_endpoint: str, backend_for: Any) -> None:
-    """federation tokens: early revoke is refused (not retryable); expiry and force succeed."""
+    """federation tokens: early revoke and an expiry before AWS's are refused (not
+    retryable: the lease goes irrevocable, not 'revoked'); force and rollback succeed."""
     role = role_spec(credential_type="federation_token", policy_document=READ_ONLY)
     backend = await backend_for({"f": role})
     req = new_request(role)
@@ -563,11 +565,15 @@ async def test_unrevocable_sts_types_stay_honest(moto_endpoint: str, backend_for
         await backend.delete_user(delete_request(role, req, resp, "revoke"))
     assert not info.value.retryable
     assert "cannot be revoked" in str(info.value)
-    await backend.delete_user(delete_request(role, req, resp, "expire"))
+    with pytest.raises(BackendError) as info:
+        await backend.delete_user(delete_request(role, req, resp, "expire"))
+    assert not info.value.retryable
+    assert "stays valid until" in str(info.value)
     await backend.delete_user(delete_request(role, req, resp, "force"))
     await backend.delete_user(delete_request(role, req, resp, "rollback"))
     backend.clock = lambda: time.time() + 86400
     await backend.delete_user(delete_request(role, req, resp, "revoke"))
+    await backend.delete_user(delete_request(role, req, resp, "expire"))
 
 
 # -- root credentials, errors, the event loop ----------------------------------------------
