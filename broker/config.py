@@ -254,7 +254,7 @@ class _Reader:
         except ValueError as exc:
             raise self.error(name, str(exc)) from None
         if seconds < minimum:
-            # "500ms" parses to 0 whole seconds: show what the user wrote.
+            # Show what the user wrote, not the parsed number.
             raise self.error(name, f"must be at least {format_duration(minimum)}, got {value!r}")
         return seconds
 

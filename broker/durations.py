@@ -20,14 +20,17 @@ def parse_duration(value: str | int | float) -> int:
     """Return whole seconds for ``value``; raise ValueError with a one-line reason.
 
     Accepts an int (seconds), a digit string (seconds, as Vault does for ``ttl``)
-    or unit strings that may be combined (``"1h30m"``).
+    or unit strings that may be combined (``"1h30m"``). The result is whole
+    seconds: a fraction is dropped, as Vault does (``"1.5s"`` is 1), and a
+    duration above zero but under one second is refused, because callers read
+    0 as "the default" (a ``"500ms"`` lease would have lived an hour).
     """
     if isinstance(value, bool) or (isinstance(value, float) and not math.isfinite(value)):
         raise ValueError(f"expected a duration like '90s', '15m', '1h', got {value!r}")
     if isinstance(value, int | float):
         if value < 0:
             raise ValueError(f"duration must not be negative, got {value!r}")
-        return _bounded(int(value), value)
+        return _whole(value, value)
     text = str(value).strip().lower()
     if text.isdigit():
         if len(text) > len(str(MAX_SECONDS)):  # before int(): Python refuses 4,300+ digits
@@ -45,7 +48,17 @@ def parse_duration(value: str | int | float) -> int:
                          f"got {_shown(value)}")
     if not math.isfinite(total):  # "1e400" cannot be spelt, but 400 nines of seconds can
         raise ValueError(f"duration {_shown(value)} is longer than 100 years")
-    return _bounded(int(total), value)
+    return _whole(total, value)
+
+
+def _whole(seconds: float, value: object) -> int:
+    # To the microsecond first: in binary "4.1m" is 245.99999999999997 seconds,
+    # which must not truncate to 245.
+    rounded = round(seconds, 6)
+    if seconds > 0 and rounded < 1:
+        raise ValueError(f"duration must be at least 1s (durations are counted in whole "
+                         f"seconds), got {_shown(value)}")
+    return _bounded(int(rounded), value)
 
 
 def _bounded(seconds: int, value: object) -> int:

@@ -28,8 +28,8 @@ other databases only, one query and a connection per such database).
 ``_revoke_many`` goes through the same three steps for all roles of a batch
 together, still three round trips for the whole batch.
 
-A module of its own so that ``plugins.postgres`` keeps to the plugin class,
-its configuration and the issue path. The functions here take the
+A module of its own so that ``plugins.postgres`` keeps to the plugin class
+and the issue path. The functions here take the
 ``PostgresBackend`` they revoke for and use its transaction runner
 (``_transaction``: one round trip, transient conflicts retried, errors
 classified by ``plugins._pg_errors``), its DDL lock rule (``_needs_lock``,
@@ -68,6 +68,8 @@ DEFAULT_REVOCATION_STATEMENTS = (
 #: How long a revocation waits for admin sessions cut off mid-COMMIT to end
 #: (PostgresBackend._settle), and for a CREATE ROLE under way (_created_meanwhile).
 _SETTLE_SECONDS = 10.0
+#: The SQLSTATE _created_meanwhile raises to undo its probing CREATE ROLEs (and catches).
+_UNDO = "BRK01"
 #: How long the last sweep of step 3 waits for each session it ends (PostgreSQL 14+), in ms.
 _TERMINATE_WAIT_MS = 5000
 # REASSIGN OWNED needs the privileges of the role: a superuser has them, a
@@ -469,13 +471,25 @@ async def _created_meanwhile(conn: asyncpg.Connection, *names: str) -> bool:
     are rolled back at once (there is no role). One round trip for all
     the names. Works across replicas, which cannot see each other's
     staged roles.
+
+    The wait is bounded by ``lock_timeout`` and, when ``backend_timeout`` is
+    shorter, by the call's cancellation (the server then cancels the
+    statement). Either way the connection must go back to the pool idle, so
+    the creates are undone by an error raised and caught in their own block
+    (``_UNDO``), in one implicit transaction: an explicit ``BEGIN`` left an
+    aborted transaction block behind a cancellation, which the pool reset
+    with an ERROR log line, and a ``ROLLBACK`` in an implicit transaction
+    logs a WARNING on the server at every check.
     """
-    script = "\n;\n".join([
-        "BEGIN",
-        f"SET LOCAL lock_timeout = {int(_SETTLE_SECONDS * 1000)}",
-        *(f'CREATE ROLE "{escape_identifier(name)}" NOLOGIN' for name in names),
-        "ROLLBACK",
-    ])
+    creates = "".join(f'CREATE ROLE "{escape_identifier(name)}" NOLOGIN; ' for name in names)
+    # The block's body is dollar-quoted: the tag must not occur in it (a name
+    # holding "$broker$" would end the quote early and run the rest as SQL).
+    tag = "$broker$"
+    while tag in creates:
+        tag = tag[:-1] + "_$"
+    script = (f"SET LOCAL lock_timeout = {int(_SETTLE_SECONDS * 1000)}\n;\n"
+              f"DO {tag} BEGIN {creates}RAISE SQLSTATE '{_UNDO}'; "
+              f"EXCEPTION WHEN SQLSTATE '{_UNDO}' THEN NULL; END {tag}")
     try:
         await conn.execute(script)
         return False
@@ -490,9 +504,6 @@ async def _created_meanwhile(conn: asyncpg.Connection, *names: str) -> bool:
                     "taking it as absent", ", ".join(names), type(exc).__name__,
                     exc.sqlstate)
         return False
-    finally:
-        if conn.is_in_transaction():  # the error left the explicit BEGIN open
-            await conn.execute("ROLLBACK")
 
 
 async def _wait_sessions_gone_many(conn: asyncpg.Connection, oids: list[int]) -> None:

@@ -43,7 +43,9 @@ transaction, ``false`` none. That error, serialization failures and deadlocks
 are retried with jittered backoff in every mode (writers outside the broker
 do not take the lock).
 
-Driver errors are classified (and redacted) in ``plugins._pg_errors``.
+Driver errors are classified (and redacted) in ``plugins._pg_errors``; the
+mount's options are checked in ``plugins._pg_options``; a staged issue's held
+transaction (``_StagedRole``) lives in ``plugins._pg_staged``.
 """
 
 from __future__ import annotations
@@ -53,10 +55,7 @@ import hashlib
 import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from contextlib import suppress
-from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, unquote, urlsplit
 
 import asyncpg
 
@@ -76,9 +75,9 @@ from broker.backend import (
     RotateRootResponse,
     StagedUser,
 )
-from broker.durations import parse_duration
 from broker.templating import generate_password, render, template_names
 from plugins._pg_errors import _Missing, _refused, _Transient, _wrap
+from plugins._pg_options import _MAX_USERNAME, _SCRAM, _mount_options
 from plugins._pg_revoke import _END_SESSIONS as _END_SESSIONS  # for broker/bench
 from plugins._pg_revoke import (
     _SETTLE_SECONDS,
@@ -88,6 +87,7 @@ from plugins._pg_revoke import (
     _revoke_many,
 )
 from plugins._pg_revoke import _TERMINATE_WAIT_MS as _TERMINATE_WAIT_MS  # for broker/bench
+from plugins._pg_staged import _Creation, _drop, _is_lost, _StagedRole
 from plugins._rotation import confirm_rotation, no_answer
 from plugins._scram import DEFAULT_ITERATIONS, scram_verifier
 from plugins._sql import (
@@ -117,17 +117,9 @@ DEFAULT_RENEW_STATEMENTS = ("ALTER ROLE \"{{name}}\" VALID UNTIL '{{expiration}}
 # Appended to custom creation/renew statements: server_side_expiry is a promise.
 _VALID_UNTIL = DEFAULT_RENEW_STATEMENTS[0]
 
-_MOUNT_KEYS = {"connection_url", "max_open_connections", "connect_timeout", "serialize_ddl",
-               "password_hashing", "reassign_owned_to"}
-# "scram-sha-256": the broker sends a SCRAM verifier, never the plaintext (plugins/_scram.py);
-# "server": the plaintext goes in the statement and the server hashes it (Vault's way).
-_SCRAM = "scram-sha-256"
-_HASHING_MODES = (_SCRAM, "server")
-_MAX_USERNAME = 63  # NAMEDATALEN - 1
 _ATTEMPTS = 8
 # One key for all broker DDL in a database (advisory locks are per database).
 _DDL_LOCK_KEY = int.from_bytes(hashlib.sha256(b"broker:ddl").digest()[:8], "big", signed=True)
-_SERIALIZE_MODES = {True: True, False: False, "auto": None}
 # A creation template that ends or opens transactions itself may have committed
 # part of its work before a later statement failed. Such a failure is not
 # "nothing was created" (a word match: false alarms only cost a rollback).
@@ -152,23 +144,6 @@ SELECT pg_has_role(current_user, r.oid, 'USAGE') AS usable,
        OR EXISTS (SELECT 1 FROM pg_auth_members m WHERE m.member = r.oid) AS powerful
   FROM pg_roles r WHERE r.rolname = $1
 """
-
-
-def _target_option(target: object, admin: str) -> str:
-    """The checked ``reassign_owned_to`` option: a role name (quoted wherever it is used)."""
-    if not isinstance(target, str) or not target.strip():
-        raise PluginConfigError("reassign_owned_to",
-                                "expected a role name, e.g. \"broker_orphans\"")
-    if "\x00" in target or len(target.encode()) > _MAX_USERNAME:
-        raise PluginConfigError("reassign_owned_to",
-                                f"not a PostgreSQL role name (at most {_MAX_USERNAME} bytes)")
-    if target == "public" or target.startswith("pg_"):
-        raise PluginConfigError("reassign_owned_to",
-                                f"{target!r} is reserved; name a NOLOGIN role of your own")
-    if target == admin:
-        raise PluginConfigError("reassign_owned_to", "is the admin itself (the default); name a"
-                                " NOLOGIN role without privileges, e.g. \"broker_orphans\"")
-    return target
 
 
 class _AdminConnection(asyncpg.Connection):  # type: ignore[misc]  # untyped
@@ -244,68 +219,19 @@ class PostgresBackend:
 
     @classmethod
     def from_config(cls, mount: MountSpec) -> PostgresBackend:
-        """Check the mount's options and build the backend; connects only in initialize()."""
-        opts = mount.options
-        for key in opts:
-            if key not in _MOUNT_KEYS:
-                raise PluginConfigError(
-                    key, f"unknown option; expected one of {', '.join(sorted(_MOUNT_KEYS))}"
-                )
-        url = opts.get("connection_url")
-        if not isinstance(url, str) or not url:
-            raise PluginConfigError(
-                "connection_url", "missing (e.g. \"postgresql://admin@db:5432/app\")"
-            )
-        parts = urlsplit(url)
-        if parts.scheme not in {"postgresql", "postgres"}:
-            raise PluginConfigError(
-                "connection_url", f"expected postgresql://USER@HOST:PORT/DB, got {parts.scheme}://"
-            )
-        # asyncpg also takes the password from ?password= (and reads ?passfile=):
-        # a secret in the URL either way, which goes to logs and config dumps.
-        if parts.password or any(key.lower() in {"password", "passfile"}
-                                 for key, _ in parse_qsl(parts.query, keep_blank_values=True)):
-            raise PluginConfigError(
-                "connection_url", "must not contain a password; use password_file or password_env"
-            )
-        if not parts.username:
-            raise PluginConfigError("connection_url", "missing the admin user (postgresql://USER@...)")
-        try:
-            parts.port  # noqa: B018 - property raises on a malformed port
-        except ValueError:
-            raise PluginConfigError("connection_url", "malformed port") from None
-        database = unquote(parts.path.lstrip("/")) or unquote(parts.username)
-        if any(c in database for c in "\"'\\\x00"):
-            # {{database}} goes into quoted identifiers and literals alike.
-            raise PluginConfigError("connection_url", "database name must not contain quotes")
-        max_open = opts.get("max_open_connections", 4)
-        if not isinstance(max_open, int) or isinstance(max_open, bool) or max_open < 1:
-            raise PluginConfigError("max_open_connections", "expected an integer of at least 1")
-        try:
-            timeout = parse_duration(opts.get("connect_timeout", "10s"))
-        except ValueError as exc:
-            raise PluginConfigError("connect_timeout", str(exc)) from None
-        if timeout < 1:
-            raise PluginConfigError("connect_timeout", "must be at least 1s")
-        serialize = opts.get("serialize_ddl", "auto")
-        if not isinstance(serialize, (bool, str)) or serialize not in _SERIALIZE_MODES:
-            raise PluginConfigError("serialize_ddl", 'expected "auto", true or false')
-        hashing = opts.get("password_hashing", _SCRAM)
-        if hashing not in _HASHING_MODES:
-            raise PluginConfigError("password_hashing", 'expected "scram-sha-256" or "server"')
-        target = opts.get("reassign_owned_to")
-        if target is not None:
-            target = _target_option(target, unquote(parts.username))
+        """Check the mount's options (``plugins._pg_options``) and build the backend;
+        connects only in initialize()."""
+        options = _mount_options(mount)
         return cls(
             mount=mount.name,
-            dsn=url,
+            dsn=options.dsn,
             secret=mount.secret,
-            database=database,
-            max_open_connections=max_open,
-            connect_timeout=float(timeout),
-            serialize_ddl=_SERIALIZE_MODES[serialize],
-            password_hashing=hashing,
-            reassign_owned_to=target,
+            database=options.database,
+            max_open_connections=options.max_open_connections,
+            connect_timeout=options.connect_timeout,
+            serialize_ddl=options.serialize_ddl,
+            password_hashing=options.password_hashing,
+            reassign_owned_to=options.reassign_owned_to,
         )
 
     @classmethod
@@ -848,94 +774,3 @@ class PostgresBackend:
             log.debug("%s: transient conflict (%s), retry in %.3fs", op, error, delay)
             await asyncio.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
-
-
-@dataclass(frozen=True)
-class _Creation:
-    """A creation transaction, rendered: what ``new_user`` and ``stage_user`` send."""
-
-    statements: Sequence[str]
-    #: every secret value in the statements, for redaction.
-    secrets: Sequence[str]
-    lock: bool
-    custom: bool
-    #: the statements commit as one transaction: a refused one made nothing.
-    atomic: bool
-    response: NewUserResponse
-
-
-class _StagedRole:
-    """A role created in an open transaction; its connection is held until commit or abort."""
-
-    def __init__(self, pool: asyncpg.Pool, conn: asyncpg.Connection, response: NewUserResponse,
-                 secret_values: Sequence[str | None], unsettled: Callable[[int], None], *,
-                 atomic: bool) -> None:
-        self.response = response
-        self._atomic = atomic
-        self._pool = pool
-        self._conn: asyncpg.Connection | None = conn
-        self._secrets = secret_values
-        self._unsettled = unsettled
-        # Read now: once the connection is lost, the pool lets go of it, and its
-        # proxy answers nothing more (not even the pid).
-        self._pid = conn.get_server_pid()
-
-    async def commit(self) -> None:
-        conn = self._take()
-        error: BackendError | None = None
-        try:
-            await conn.execute("COMMIT")
-        except asyncpg.PostgresError as exc:
-            error = _wrap("new_user", exc, self._secrets,
-                          created_nothing=self._atomic and _refused(exc))
-            if _is_lost(conn):  # asyncpg's "closed in the middle of operation" (08003)
-                self._cut_off(conn)
-        except (asyncpg.InterfaceError, OSError, TimeoutError) as exc:
-            error = _wrap("new_user", exc, self._secrets)
-            self._cut_off(conn)
-        except BaseException:
-            self._cut_off(conn)  # cancelled (the call's timeout, shutdown)
-            await self._pool.release(conn)
-            raise
-        await self._pool.release(conn)
-        if error is not None:
-            raise error
-
-    def _cut_off(self, conn: asyncpg.Connection) -> None:
-        """Drop a connection whose COMMIT has no known outcome; revocations settle it first."""
-        self._unsettled(self._pid)
-        _drop(conn)
-
-    async def abort(self) -> None:
-        conn = self._take()
-        try:
-            await conn.execute("ROLLBACK")
-        except Exception:
-            _drop(conn)  # broken: a closed connection rolls its transaction back
-        except BaseException:
-            _drop(conn)  # cancelled: likewise, and the cancellation goes on
-            await self._pool.release(conn)
-            raise
-        await self._pool.release(conn)
-
-    def _take(self) -> asyncpg.Connection:
-        """The held connection, once: commit and abort each end the stage."""
-        conn, self._conn = self._conn, None
-        if conn is None:
-            raise RuntimeError("this staged role was already committed or aborted")
-        return conn
-
-
-def _drop(conn: asyncpg.Connection) -> None:
-    """Terminate a pooled connection. A lost one needs nothing: the pool has let go of it
-    already (asyncpg detaches it on connection loss), and its proxy would raise."""
-    with suppress(asyncpg.InterfaceError):
-        conn.terminate()
-
-
-def _is_lost(conn: asyncpg.Connection) -> bool:
-    """Whether a pooled connection was lost (closed, or already let go of by the pool)."""
-    try:
-        return bool(conn.is_closed())
-    except asyncpg.InterfaceError:
-        return True
