@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from broker.store.sqlite import StoreSchemaError
+from broker.store.sqlite_schema import StoreSchemaError
 
 __all__ = ["MIGRATIONS", "migrate"]
 

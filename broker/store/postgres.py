@@ -54,7 +54,7 @@ from broker.store.pg_notify import WAKE_CHANNEL, Notifier, WakeListener
 from broker.store.pg_schema import MIGRATIONS, migrate
 from broker.store.pg_url import DEFAULT_COMMAND_TIMEOUT, StoreParams, store_params
 from broker.store.rows import lease_from_row, prefix_upper, token_from_row
-from broker.store.sqlite import StoreSchemaError
+from broker.store.sqlite_schema import StoreSchemaError
 
 __all__ = ["MIGRATIONS", "WAKE_CHANNEL", "PostgresStore", "StoreParams", "StoreSchemaError",
            "store_params"]
