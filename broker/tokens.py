@@ -10,13 +10,22 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import UTC, datetime
 
+from broker.durations import format_duration
 from broker.errors import BadRequest, PermissionDenied, ReuseAttempt
 from broker.lease import Token, TokenState
 from broker.store.base import LeaseStore
 
-__all__ = ["DeadToken", "TokenIdTaken", "TokenManager", "check_token_id", "hash_token"]
+__all__ = [
+    "DeadToken",
+    "TokenIdTaken",
+    "TokenManager",
+    "check_token_id",
+    "hash_token",
+    "with_default_policy",
+]
 
 TOKEN_PREFIX = "brk."  # noqa: S105 - a prefix, not a secret
 #: Shortest token id an operator may choose (``--dev-root-token-id``); "root" is allowed.
@@ -33,6 +42,21 @@ def hash_token(token: str) -> str:
     bytes; a value no token has simply matches nothing (403 invalid token).
     """
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def with_default_policy(policies: Iterable[str]) -> list[str]:
+    """A token's policies as Vault records and shows them: sorted, ``default`` included.
+
+    Vault adds ``default`` to every token it creates unless the token has
+    ``root`` (policyutil.SanitizePolicies); the policy engine here has always
+    evaluated every token as holding it (``PolicySet.capabilities``), so
+    naming it grants nothing new. Rows stored before it was named get it added
+    when shown.
+    """
+    names = set(policies)
+    if "root" not in names:
+        names.add("default")
+    return sorted(names)
 
 
 def check_token_id(token_id: str) -> None:
@@ -106,7 +130,7 @@ class TokenManager:
         record = Token(
             accessor=accessor or secrets.token_urlsafe(18),
             token_hash=hash_token(token),
-            policies=sorted(set(policies)),
+            policies=with_default_policy(policies),
             created=now,
             expire_time=expire,
             display_name=display_name,
@@ -155,19 +179,72 @@ class TokenManager:
             todo.extend(await self.store.child_tokens(current))
         return order
 
-    async def renew(self, token: Token, increment: int | None) -> tuple[Token, int]:
+    async def renew(self, token: Token, increment: int | None, *,
+                    warnings: list[str] | None = None) -> tuple[Token, int]:
         """Extend ``token`` by ``increment`` (else the TTL it was created with) from now,
-        capped at its max expiry. Returns the token and the TTL granted, in seconds."""
+        capped at its max expiry and at its parent's expiry. Returns the token and the
+        TTL granted, in seconds.
+
+        A capped renewal appends Vault's warning to ``warnings`` ("TTL of ... exceeded
+        the effective max_ttl of ...; TTL value is capped accordingly"), naming the
+        limit that applied: the token's own max TTL or its parent token's expiry.
+        """
         if not token.renewable or token.expire_time is None:
             raise BadRequest("token is not renewable")
         now = self.clock()
         ttl = increment or _base_ttl(token)
-        expire = now + ttl
-        if token.max_expire_time is not None:
-            expire = min(expire, token.max_expire_time)
+        wanted = now + ttl
+        parent_end = await self._parent_expiry(token)
+        if parent_end is not None and parent_end <= now:
+            raise BadRequest("token cannot be renewed: its parent token has expired, "
+                             "and a token ends with its parent")
+        expire = wanted
+        limit = min((t for t in (token.max_expire_time, parent_end) if t is not None),
+                    default=None)
+        if limit is not None:
+            # A child's max expiry is often its parent's expiry (create caps it there):
+            # when both are the same moment, the parent is the reason.
+            reason = (f"its parent token's expiry ({_when(parent_end)}): a token never "
+                      "outlives its parent") if parent_end is not None \
+                and parent_end <= limit + 0.5 else _max_ttl_reason(token)
+            if wanted > limit + 0.5:  # half a second of clock slack, as lease renewals
+                expire = limit
+                if warnings is not None:
+                    warnings.append(
+                        f'TTL of "{format_duration(ttl)}" exceeded the effective max_ttl of '
+                        f'"{format_duration(_granted(now, limit))}"; TTL value is capped '
+                        f"accordingly (the limit is {reason})")
+            else:
+                expire = min(wanted, limit)
         await self.store.renew_token(token.accessor, expire_time=expire)
         token.expire_time = expire
         return token, _granted(now, expire)
+
+    async def _parent_expiry(self, token: Token) -> float | None:
+        """When ``token``'s parent expires, if it has a live parent that expires.
+
+        Revoking or expiring the parent ends the child, so a renewal past it
+        would only be a promise the broker does not keep. A parent that
+        revoke-orphan ended no longer limits the child.
+        """
+        if token.parent is None:
+            return None
+        parent = await self.store.token_by_accessor(token.parent)
+        if parent is None or parent.state is not TokenState.ACTIVE:
+            return None
+        return parent.expire_time
+
+
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _max_ttl_reason(token: Token) -> str:
+    """The limit a token's ``max_expire_time`` stands for, as an error message names it."""
+    assert token.max_expire_time is not None
+    life = format_duration(max(round(token.max_expire_time - token.created), 0))
+    return (f"the token's max TTL ({life} from its creation, "
+            f"until {_when(token.max_expire_time)})")
 
 
 def _granted(now: float, expire: float | None) -> int:

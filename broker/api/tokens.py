@@ -14,7 +14,7 @@ from broker.errors import BadRequest, BrokerError, PermissionDenied
 from broker.lease import Token, TokenState
 from broker.state import BrokerState
 from broker.store.base import LeaseStore
-from broker.tokens import TokenIdTaken, hash_token
+from broker.tokens import TokenIdTaken, hash_token, with_default_policy
 
 __all__ = ["auth_block", "orphaned", "revoke_token_tree", "routes", "token_data"]
 
@@ -34,11 +34,12 @@ def auth_block(token: str, record: Token, now: float | None = None, *,
         ttl = record.creation_ttl
     if ttl is None:
         ttl = int(record.expire_time - now) if record.expire_time and now else 0
+    policies = with_default_policy(record.policies)
     return {
         "client_token": token,
         "accessor": record.accessor,
-        "policies": record.policies,
-        "token_policies": record.policies,
+        "policies": policies,
+        "token_policies": policies,
         "identity_policies": None,
         "metadata": record.metadata or None,
         "lease_duration": max(ttl, 0),
@@ -76,7 +77,8 @@ def token_data(record: Token, now: float, *, token_id: str = "",
         "num_uses": 0,
         "orphan": record.parent is None if orphan is None else orphan,
         "path": "auth/token/create",
-        "policies": record.policies,
+        # As Vault: "default" is listed (a row stored before it was is shown with it).
+        "policies": with_default_policy(record.policies),
         "renewable": record.renewable,
         "ttl": max(ttl, 0),
         "type": "service",
@@ -477,10 +479,13 @@ async def list_accessors(request: web.Request) -> web.Response:
 @routes.put("/v1/auth/token/renew-self")
 async def renew_self(request: web.Request) -> web.Response:
     call, token = await _authorized(request, "update")
-    token, granted = await call.state.tokens.renew(token, call.duration("increment"))
+    warnings: list[str] = []
+    token, granted = await call.state.tokens.renew(token, call.duration("increment"),
+                                                   warnings=warnings)
     await call.audit("token_renew", expire_time=rfc3339(token.expire_time))
     # The caller's own token: Vault's renew answer carries it, and it tells the caller nothing new.
-    return _auth_response(call, auth_block(call.presented_token(), token, ttl=granted))
+    return _auth_response(call, auth_block(call.presented_token(), token, ttl=granted),
+                          warnings)
 
 
 @routes.post("/v1/auth/token/renew")
@@ -493,10 +498,11 @@ async def renew(request: web.Request) -> web.Response:
                   call.state.engine.clock())
     if other is None:
         raise BadRequest("token not found")  # Vault's answer (400)
-    other, granted = await call.state.tokens.renew(other, increment)
+    warnings: list[str] = []
+    other, granted = await call.state.tokens.renew(other, increment, warnings=warnings)
     await call.audit("token_renew", target=other.accessor,
                      expire_time=rfc3339(other.expire_time))
-    return _auth_response(call, auth_block(value, other, ttl=granted))
+    return _auth_response(call, auth_block(value, other, ttl=granted), warnings)
 
 
 @routes.post("/v1/auth/token/renew-accessor")
@@ -515,10 +521,11 @@ async def renew_accessor(request: web.Request) -> web.Response:
                        call.state.engine.clock())
     if other is None:
         raise BadRequest("invalid accessor")  # as lookup-accessor
-    other, granted = await call.state.tokens.renew(other, increment)
+    warnings: list[str] = []
+    other, granted = await call.state.tokens.renew(other, increment, warnings=warnings)
     await call.audit("token_renew", target=other.accessor,
                      expire_time=rfc3339(other.expire_time))
-    return _auth_response(call, auth_block("", other, ttl=granted))
+    return _auth_response(call, auth_block("", other, ttl=granted), warnings)
 
 
 @routes.post("/v1/auth/token/revoke-self")

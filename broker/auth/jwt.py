@@ -54,6 +54,10 @@ __all__ = [
 #: real CI tokens are 1-2 KiB; anything this long is not one.
 MAX_JWT_LENGTH = 16 * 1024
 _MAX_SHOWN = 200
+#: stripped from around a presented JWT: a token read with ``open().read()`` or a
+#: heredoc keeps its trailing newline. Vault's JWT method accepts such a token (go-jose's
+#: ParseSigned strips whitespace before parsing); inside a token, whitespace is refused.
+_ASCII_WHITESPACE = " \t\n\r\f\v"
 _JWS = PyJWS(algorithms=list(ALLOWED_ALGORITHMS))
 _MISSING = object()
 
@@ -130,6 +134,7 @@ def describe_token(token: Any) -> dict[str, Any]:
     """
     if not isinstance(token, str) or len(token) > MAX_JWT_LENGTH:
         return {}
+    token = token.strip(_ASCII_WHITESPACE)
     try:
         header, payload = _split(token)
     except PermissionDenied:
@@ -263,10 +268,17 @@ class JWTAuthMethod:
     async def login(self, role_name: Any, token: Any) -> LoginResult:
         """Validate ``token`` for ``role_name``; BadRequest (400) or PermissionDenied (403)."""
         role = self.role(role_name)
+        if isinstance(token, str):
+            token = token.strip(_ASCII_WHITESPACE)
         if not isinstance(token, str) or not token:
             raise BadRequest("missing required parameter 'jwt'")
         if len(token) > MAX_JWT_LENGTH:
             raise _deny(f"the JWT is longer than {MAX_JWT_LENGTH} characters")
+        if any(c.isspace() for c in token):
+            # Base64 decoding skips it, so it would not even be noticed: a token is one
+            # unbroken line, and a broken one was mangled on its way here.
+            raise _deny("malformed JWT: it contains whitespace (a JWT is one unbroken line; "
+                        "only whitespace around it is ignored)")
         claims = await self.verify(token)
         self.check_claims(role, claims)
         return self.grant(role, claims)

@@ -8,6 +8,7 @@ the config loader prefixes it with ``auth.`` and the file name.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
@@ -41,6 +42,21 @@ RESERVED_METADATA = frozenset({"role", "auth"})
 
 #: auth paths the broker already uses.
 _RESERVED_NAMES = frozenset({"token"})
+
+#: every key of ``[auth.jwt.NAME]`` (``leeway``: the older name of clock_skew_leeway).
+_METHOD_KEYS = frozenset({
+    "jwks_url", "oidc_discovery_url", "jwt_validation_pubkeys", "bound_issuer",
+    "jwt_supported_algs", "clock_skew_leeway", "leeway", "jwks_cache_ttl", "jwks_max_stale",
+    "fetch_timeout", "jwks_ca_pem", "roles",
+})
+#: every key of ``[auth.jwt.NAME.roles.ROLE]``.
+_ROLE_KEYS = frozenset({
+    "bound_audiences", "bound_subject", "bound_claims", "bound_claims_type", "user_claim",
+    "claim_mappings", "token_policies", "token_ttl", "token_max_ttl", "token_explicit_max_ttl",
+})
+#: what a role must bind (one at least): Vault's JWT roles need one bound constraint.
+_ROLE_BOUNDS = ("bound_audiences", "bound_subject", "bound_claims")
+
 _MIN_RSA_BITS = 2048
 
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
@@ -150,10 +166,23 @@ class _Table:
         except ValueError as exc:
             raise self.error(present[0], str(exc)) from None
 
-    def reject_unknown(self) -> None:
+    def reject_unknown(self, known: Collection[str] | None = None, *,
+                       elsewhere: Collection[str] = (), where: str = "") -> None:
+        """An error naming the first key not in ``known`` (default: the keys read).
+
+        Checked before the values are, so a typo (``bound_isuer``) is reported as
+        itself, with the key it most likely meant, not as the key it left missing.
+        ``elsewhere``: keys that belong in another table, ``where`` (named in the hint).
+        """
+        allowed = self.used if known is None else known
         for name in self.table:
-            if name not in self.used:
-                raise self.error(name, "unknown key")
+            if name in allowed:
+                continue
+            if name in elsewhere:
+                raise self.error(name, f"unknown key here: {name} belongs in {where}")
+            close = difflib.get_close_matches(name, sorted(allowed), n=1)
+            raise self.error(name, f"unknown key (did you mean {close[0]}?)" if close
+                             else "unknown key")
 
 
 def _is_loopback(host: str) -> bool:
@@ -215,6 +244,8 @@ def _method(name: str, table: Any, known: Collection[str] | None) -> JWTMethodCo
     if not name or "/" in name or name in _RESERVED_NAMES:
         raise AuthConfigError(prefix, "auth method names must be one path segment, not 'token'")
     t = _Table(prefix, table)
+    t.reject_unknown(_METHOD_KEYS, elsewhere=_ROLE_KEYS,
+                     where=f"a role ([auth.{prefix}.roles.ROLE])")
     jwks_url = t.string("jwks_url")
     discovery = t.string("oidc_discovery_url")
     pems = t.strings("jwt_validation_pubkeys")
@@ -288,6 +319,8 @@ def _role(prefix: str, name: str, table: Any, known: Collection[str] | None) -> 
     if not name or "/" in name:
         raise AuthConfigError(prefix, "role names must be one path segment")
     t = _Table(prefix, table)
+    method = prefix.rsplit(".roles.", 1)[0]
+    t.reject_unknown(_ROLE_KEYS, elsewhere=_METHOD_KEYS - {"roles"}, where=f"[auth.{method}]")
     audiences = t.strings("bound_audiences")
     subject = t.string("bound_subject")
     claims_raw = t.get("bound_claims", dict, {})
@@ -329,6 +362,12 @@ def _role(prefix: str, name: str, table: Any, known: Collection[str] | None) -> 
     for key, cap in (("token_max_ttl", max_ttl), ("token_explicit_max_ttl", explicit)):
         if cap and ttl > cap:
             raise t.error("token_ttl", f"longer than {key} ({cap}s)")
+    if not (audiences or subject is not None or bound):
+        # Vault refuses such a role ("must have at least one bound constraint"): it would
+        # take every token the issuer signs, for any repository, project or user.
+        raise AuthConfigError(prefix, f"binds nothing: set at least one of "
+                              f"{', '.join(_ROLE_BOUNDS)} (with none, any token from the "
+                              "issuer, for anyone, logs in)")
     t.reject_unknown()
     return JWTRoleConfig(
         name=name,

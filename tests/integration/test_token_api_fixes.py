@@ -291,7 +291,7 @@ def test_lookup_accessor_with_hvac(broker: BrokerThread, root: hvac.Client) -> N
     data = client(broker, inspector["client_token"]).auth.token.lookup_accessor(
         auth["accessor"])["data"]
     assert data["accessor"] == auth["accessor"] and data["id"] == ""
-    assert data["meta"] == RUN_111 and data["policies"] == ["ci"]
+    assert data["meta"] == RUN_111 and data["policies"] == ["ci", "default"]
     assert 3590 < data["ttl"] <= 3600 and data["creation_ttl"] == 3600
     assert any(e.get("target") == auth["accessor"] for e in audit_events(broker, "token_lookup"))
     with pytest.raises(hvac.exceptions.InvalidRequest, match="invalid accessor"):

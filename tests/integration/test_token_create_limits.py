@@ -93,7 +93,7 @@ def test_root_chooses_the_token_value(broker: BrokerThread, root: hvac.Client,
     auth = root.auth.token.create(id=chosen, policies=["creator"], ttl="1h")["auth"]
     assert auth["client_token"] == chosen
     me = client(broker, chosen).auth.token.lookup_self()["data"]
-    assert me["accessor"] == auth["accessor"] and me["policies"] == ["creator"]
+    assert me["accessor"] == auth["accessor"] and me["policies"] == ["creator", "default"]
     assert chosen not in audit_text(broker)
     assert chosen not in caplog.text
     created = [e for e in audit_events(broker, "token_create")
@@ -110,7 +110,8 @@ def test_sudo_on_the_path_may_choose_the_token_value(broker: BrokerThread, root:
     resp = create(broker, {"id": chosen, "policies": ["sudo-creator"]}, token=sudo, path=path)
     assert resp.status_code == 200, resp.text
     assert resp.json()["auth"]["client_token"] == chosen
-    assert client(broker, chosen).auth.token.lookup_self()["data"]["policies"] == ["sudo-creator"]
+    assert client(broker, chosen).auth.token.lookup_self()["data"]["policies"] \
+        == ["default", "sudo-creator"]
 
 
 @pytest.mark.parametrize("path", ["auth/token/create", "auth/token/create-orphan"])
@@ -141,7 +142,7 @@ def test_a_value_in_use_is_400_and_the_token_holding_it_is_untouched(
     assert resp.status_code == 400, resp.text
     assert "already exists" in resp.json()["errors"][0] and chosen not in resp.text
     after = client(broker, chosen).auth.token.lookup_self()["data"]
-    assert after["accessor"] == first["accessor"] and after["policies"] == ["creator"]
+    assert after["accessor"] == first["accessor"] and after["policies"] == ["creator", "default"]
     assert after["expire_time"] == before["expire_time"]
     errors = [e for e in audit_events(broker, "token_create") if e.get("outcome") == "error"]
     assert errors and "already exists" in errors[-1]["error"]
@@ -316,16 +317,20 @@ def test_tokens_max_ttl_loads_and_defaults_to_768h(tmp_path: Path) -> None:
     ("[tokens]\nmax_ttl = 0\n", "tokens.max_ttl", "must be at least 1s"),
     ('[tokens]\nmax_tll = "1h"\n', "tokens.max_tll", "unknown key"),
     ('[tokens]\nmax_ttl = "1h"\n[auth.jwt.ci]\njwks_url = "http://127.0.0.1:1/jwks"\n'
-     'bound_issuer = "https://ci.example"\n[auth.jwt.ci.roles.deploy]\ntoken_ttl = "30m"\n',
+     'bound_issuer = "https://ci.example"\n[auth.jwt.ci.roles.deploy]\n'
+     'bound_audiences = "ci"\ntoken_ttl = "30m"\n',
      "auth.jwt.ci.roles.deploy.token_max_ttl", "1d (the default) is longer than tokens.max_ttl"),
     ('[auth.jwt.ci]\njwks_url = "http://127.0.0.1:1/jwks"\nbound_issuer = "https://ci.example"\n'
-     '[auth.jwt.ci.roles.deploy]\ntoken_ttl = "1h"\ntoken_max_ttl = "2000h"\n',
+     '[auth.jwt.ci.roles.deploy]\nbound_audiences = "ci"\n'
+     'token_ttl = "1h"\ntoken_max_ttl = "2000h"\n',
      "auth.jwt.ci.roles.deploy.token_max_ttl", "longer than tokens.max_ttl (32d)"),
     ('[auth.jwt.ci]\njwks_url = "http://127.0.0.1:1/jwks"\nbound_issuer = "https://ci.example"\n'
-     '[auth.jwt.ci.roles.deploy]\ntoken_ttl = "1h"\ntoken_max_ttl = 0\n',
+     '[auth.jwt.ci.roles.deploy]\nbound_audiences = "ci"\n'
+     'token_ttl = "1h"\ntoken_max_ttl = 0\n',
      "auth.jwt.ci.roles.deploy.token_max_ttl", "0 (no limit)"),
     ('[auth.jwt.ci]\njwks_url = "http://127.0.0.1:1/jwks"\nbound_issuer = "https://ci.example"\n'
-     '[auth.jwt.ci.roles.deploy]\ntoken_ttl = "800h"\ntoken_max_ttl = "900h"\n',
+     '[auth.jwt.ci.roles.deploy]\nbound_audiences = "ci"\n'
+     'token_ttl = "800h"\ntoken_max_ttl = "900h"\n',
      "auth.jwt.ci.roles.deploy.token_ttl", "longer than tokens.max_ttl"),
 ])
 def test_bad_token_limits_name_the_file_and_key(tmp_path: Path, body: str, key: str,
@@ -345,6 +350,7 @@ max_ttl = "12h"
 jwks_url = "http://127.0.0.1:1/jwks"
 bound_issuer = "https://ci.example"
 [auth.jwt.ci.roles.deploy]
+bound_audiences = ["ci"]
 token_ttl = "30m"
 token_max_ttl = "48h"
 token_explicit_max_ttl = "12h"
