@@ -11,11 +11,28 @@ Each line is compact JSON with sorted keys, and the log adds four fields:
   broker's key, so the last line (which no ``prev`` covers) cannot be edited and
   no line can be forged without the key.
 
-A file that starts after rotation (moved away, deleted, or truncated under us,
-or a SIGHUP :meth:`AuditLog.reopen` onto a new file) carries ``prev_file``: the
-hash of the old file's last line, linking the files. Removing whole lines from
-the END of a file is invisible in that file alone; compare ``last_seq`` /
-``last_hash`` of :func:`broker.audit_verify.verify_file` with a copy kept elsewhere.
+A file that starts after rotation (moved away, deleted, or truncated to 0
+bytes under us, or a SIGHUP :meth:`AuditLog.reopen` onto a new file) carries
+``prev_file``: the hash of the old file's last line, linking the files. A file
+truncated to 0 bytes in place (logrotate ``copytruncate``) also starts a new
+chain, whose first line carries ``truncated``: ``{"seq", "bytes"}`` of what the
+writer had written to it; ``verify`` of the copy and the new file checks the link.
+
+The writer remembers the size, ``seq`` and hash of what it wrote. When the file
+it writes changes in a way its own writes do not explain, it does not continue
+from whatever line is now last: it logs an error and writes an ``admin`` /
+``audit_gap`` line that continues ITS chain (``seq`` and ``prev`` of the last
+line it wrote, which may no longer be in the file) and carries ``gap``:
+``{"kind", "expected_seq", "expected_prev", "expected_bytes", "found_bytes",
+"found_seq"}``, on which ``broker audit verify`` fails. Kinds: ``truncated``
+(the file shrank but not to 0: lines were cut off its end), ``appended``
+(bytes that are not lines signed with our key continuing our chain were
+added; a second broker process with the key, such as ``broker operator init``,
+may append chained lines), ``replaced`` (another non-empty file that does not
+end with our last line was put at the path, e.g. ``sed -i``). Removing lines
+from the end of a file while no broker runs is still invisible in that file
+alone; compare ``last_seq`` / ``last_hash`` of
+:func:`broker.audit_verify.verify_file` with a copy kept elsewhere.
 
 Secrets never reach disk: every value under a key in :data:`SECRET_KEYS`, at any
 depth, is replaced by its HMAC (see :func:`redact`), so equal tokens can still
@@ -89,11 +106,13 @@ EVENT_TYPES = frozenset({
 })
 
 _MAC_PREFIX = "hmac-sha256:"
-_RESERVED = ("seq", "prev", "mac", "prev_file")
+_RESERVED = ("seq", "prev", "mac", "prev_file", "gap", "truncated")
 _REDACTED = "[redacted]"
 _MIN_KEY_BYTES = 16
 _MAX_LINE = 16 * 1024 * 1024  # the tail scan on open gives up beyond this
 _CHUNK = 64 * 1024
+#: Bytes appended by someone else that are read to check they are our chain's lines.
+_MAX_FOREIGN = 1024 * 1024
 #: While writes fail, a line of the log's own is tried this often (seconds).
 PROBE_INTERVAL = 1.0
 
@@ -311,6 +330,11 @@ class AuditLog:
         self._seq = 0
         self._prev = GENESIS
         self._link: str | None = None  # prev_file for the next line (first of a new file)
+        # ``truncated`` for the first line of a chain restarted after a truncation to 0.
+        self._truncated: dict[str, int] | None = None
+        # ``gap`` of the audit_gap line to write first: the file changed under us.
+        self._gap: dict[str, Any] | None = None
+        self._newline_first = False  # the file ends in foreign bytes without a newline
         self._lock = asyncio.Lock()
         self._queue: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
         self._flush_soon = False  # a _start_flush callback is scheduled
@@ -374,13 +398,16 @@ class AuditLog:
 
         An existing non-empty file continues its own chain; a new or empty one
         starts a fresh chain whose first line links to the old file (``prev_file``).
-        Raises AuditError if the path cannot be opened; the old file stays in use.
+        The file still in use, or a non-empty one that does not end with the last
+        line this log wrote, is checked as before a write (see :meth:`_check_file`):
+        a reopen does not hide a gap. Raises AuditError if the path cannot be
+        opened; the old file stays in use.
         """
         async with self._lock:
             if self._closed:
                 raise AuditError(f"audit log {self.path}: closed")
             try:
-                await asyncio.to_thread(self._switch, self._chain_link())
+                await asyncio.to_thread(self._reopen)
             except OSError as exc:
                 raise self._error("cannot reopen", exc) from None
 
@@ -550,13 +577,23 @@ class AuditLog:
         """Chain, sign and write the batch in one write(); runs on the loop, never awaits."""
         self._check_file()
         seq, prev, link = self._seq, self._prev, self._link
+        truncated = self._truncated
         lines: list[bytes] = []
         written: list[asyncio.Future[None]] = []
+        if self._gap is not None:
+            # Before anything else: the line that makes the gap visible to verify.
+            marker = event("admin", outcome="error", action="audit_gap", gap=self._gap,
+                           seq=seq + 1, prev=prev, prev_file=link, truncated=truncated)
+            line = self._sign(marker)
+            seq, prev, link, truncated = seq + 1, _sha(line), None, None
+            lines.append(line)
         for record, fut in batch:
             record["seq"] = seq + 1
             record["prev"] = prev
             if link is not None:
                 record["prev_file"] = link
+            if truncated is not None:
+                record["truncated"] = truncated
             try:
                 line = self._sign(record)
             except (TypeError, ValueError) as exc:
@@ -564,12 +601,14 @@ class AuditLog:
                 if not fut.done():
                     fut.set_exception(AuditError(f"audit event cannot be serialized: {exc}"))
                 continue
-            seq, prev, link = seq + 1, _sha(line), None
+            seq, prev, link, truncated = seq + 1, _sha(line), None, None
             lines.append(line)
             written.append(fut)
         if not lines:
             return written
         data = b"\n".join(lines) + b"\n"
+        if self._newline_first:
+            data = b"\n" + data  # end the foreign bytes' line: ours start on a boundary
         view = memoryview(data)
         done = 0
         try:
@@ -583,6 +622,8 @@ class AuditLog:
             raise
         self._size += len(data)
         self._seq, self._prev, self._link = seq, prev, None
+        self._truncated = self._gap = None
+        self._newline_first = False
         return written
 
     def _sign(self, record: dict[str, Any]) -> bytes:
@@ -618,7 +659,13 @@ class AuditLog:
             log.error("audit log %s: cannot cut a partial line: %s", self.path, exc.strerror)
 
     def _check_file(self) -> None:
-        """Follow rotation: a moved, deleted or truncated file means a new chain."""
+        """Follow rotation, and notice a file changed under us (see the module docstring).
+
+        Moved or deleted: a new file and chain. Truncated to 0 bytes in place
+        (``copytruncate``): a new chain. Any other size than what we wrote: an
+        ``audit_gap`` line, unless all that was added are lines signed with our
+        key that continue our chain (another broker process with the key).
+        """
         if self._fd < 0:
             raise OSError(9, "audit file is not open")
         if self._dirty:
@@ -633,14 +680,101 @@ class AuditLog:
             self._switch(self._chain_link())
             return
         if stat.S_ISREG(st.st_mode) and st.st_size != self._size:
-            log.warning("audit log %s changed size under us (%d bytes, expected %d); "
-                        "continuing from its last line", self.path, st.st_size, self._size)
-            link = self._chain_link() if st.st_size == 0 else None
-            self._seq, self._prev, self._size, signed = self._read_tail(self._fd, st.st_size)
-            if not signed:
-                self._warn_unsigned()
-            if self._size == 0:
-                self._link = link
+            self._changed_in_place(st.st_size)
+
+    def _reopen(self) -> None:
+        """:meth:`reopen` in a thread: the file in use is only checked, another one adopted."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            st = None
+        if self._fd >= 0 and st is not None and (st.st_dev, st.st_ino) == self._ident:
+            # Still our file: reading its tail again would adopt whatever is last now.
+            if self._dirty:
+                os.ftruncate(self._fd, self._size)
+                self._dirty = False
+            if stat.S_ISREG(st.st_mode) and st.st_size != self._size:
+                self._changed_in_place(st.st_size)
+            return
+        self._switch(self._chain_link())
+
+    def _changed_in_place(self, size: int) -> None:
+        """The file we have open is ``size`` bytes, not the ``_size`` we wrote."""
+        expected = {"expected_seq": self._seq, "expected_prev": self._prev,
+                    "expected_bytes": self._size, "found_bytes": size}
+        if size == 0:
+            # logrotate copytruncate (or a wipe): a new chain linked to the last
+            # line we wrote, its first line saying what was cut.
+            log.warning("audit log %s was truncated to 0 bytes under us (%d bytes, seq %d "
+                        "written); starting a new chain linked to its last line",
+                        self.path, self._size, self._seq)
+            if self._seq:
+                self._truncated = {"seq": self._seq, "bytes": self._size}
+            self._link = self._chain_link()
+            self._seq, self._prev, self._size = 0, GENESIS, 0
+            self._newline_first = False
+            return
+        if size > self._size and self._adopt_appended(size):
+            return
+        self._newline_first = False
+        if size > self._size:
+            kind, found_seq = "appended", None
+            self._newline_first = os.pread(self._fd, 1, size - 1) != b"\n"
+        else:
+            kind = "truncated"
+            found_seq, size = self._cut_to_line(size)
+        self._note_gap({"kind": kind, **expected, "found_seq": found_seq}, size)
+
+    def _note_gap(self, gap: dict[str, Any], size: int) -> None:
+        """Write an ``audit_gap`` line next, continuing our own chain after ``size`` bytes."""
+        if self._gap is not None:
+            gap["earlier"] = self._gap  # not written yet: keep what was found before
+        log.error("audit log %s was changed under us (%s: %d bytes written up to seq %d, "
+                  "found %d bytes); lines may have been removed or forged. Writing an "
+                  "audit_gap line; `broker audit verify` will fail there",
+                  self.path, gap["kind"], gap["expected_bytes"], gap["expected_seq"],
+                  gap["found_bytes"])
+        self._gap = gap
+        self._size = size
+
+    def _cut_to_line(self, size: int) -> tuple[int | None, int]:
+        """(seq of the last line or None, size) after cutting a partial last line."""
+        try:
+            seq, _hash, size, _signed = self._read_tail(self._fd, size)
+        except AuditError:  # the last line is no record of ours, or far too long
+            size = os.fstat(self._fd).st_size
+            self._newline_first = size > 0 and os.pread(self._fd, 1, size - 1) != b"\n"
+            return None, size
+        return (seq or None), size
+
+    def _adopt_appended(self, size: int) -> bool:
+        """True (and adopted) if the bytes past ``_size`` are whole lines signed with
+        our key that continue our chain: another broker process (``broker operator
+        init`` while the server runs) wrote them."""
+        if size - self._size > _MAX_FOREIGN:
+            return False
+        data = os.pread(self._fd, size - self._size, self._size)
+        if not data.endswith(b"\n") or len(data) != size - self._size:
+            return False
+        seq, prev, link = self._seq, self._prev, self._link
+        for line in data[:-1].split(b"\n"):
+            try:
+                obj = json.loads(line)
+                mac = obj.pop("mac")
+                ok = (type(obj.get("seq")) is int and obj["seq"] == seq + 1
+                      and obj.get("prev") == prev and obj.get("prev_file") == link
+                      and isinstance(mac, str)
+                      and _hmac.compare_digest(mac, self._mac_of(_canonical(obj))))
+            except (ValueError, TypeError, KeyError, AttributeError):
+                ok = False
+            if not ok:
+                return False
+            seq, prev, link = seq + 1, _sha(line), None
+        log.info("audit log %s: %d chained line(s) appended by another writer with our key; "
+                 "continuing after them", self.path, seq - self._seq)
+        self._seq, self._prev, self._link, self._size = seq, prev, None, size
+        self._truncated = None
+        return True
 
     def _chain_link(self) -> str | None:
         # An old file with no line of its own passes on the link it was given.
@@ -671,11 +805,23 @@ class AuditLog:
                 self._switch(prev)  # a new file, linked to the one set aside
                 return
             self._warn_unsigned()
+        replaced = self._fd >= 0 and size > 0 and (seq, prev) != (self._seq, self._prev)
         if self._fd >= 0:
             os.close(self._fd)
-        self._fd, self._ident = fd, (st.st_dev, st.st_ino)
-        self._seq, self._prev, self._size, self._dirty = seq, prev, size, False
+        self._fd, self._ident, self._dirty = fd, (st.st_dev, st.st_ino), False
+        if replaced:
+            # A non-empty file that does not end with the last line we wrote
+            # (``sed -i`` cutting lines, a file swapped in): adopting its last
+            # line would hide what is missing. Our chain goes on, after a gap line.
+            self._newline_first = False
+            self._note_gap({"kind": "replaced", "expected_seq": self._seq,
+                            "expected_prev": self._prev, "expected_bytes": self._size,
+                            "found_bytes": size, "found_seq": seq}, size)
+            return
+        self._seq, self._prev, self._size = seq, prev, size
         self._link = link if size == 0 else None
+        if size:
+            self._truncated = None
 
     def _set_aside(self) -> None:
         """Rename the file at the path: its lines are signed with another key.

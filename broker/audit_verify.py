@@ -5,6 +5,13 @@ Reads what :class:`broker.audit.AuditLog` writes, line by line: each line's
 line, and with the key its ``mac`` and canonical form match. Rotated files
 are checked oldest first, each one's ``prev_file`` against the last line of
 the one before.
+
+A line carrying ``gap`` (the writer's ``admin`` / ``audit_gap`` line: it found
+the file changed under it, lines cut off or bytes added by someone else) fails
+the file at that line. A first line carrying ``truncated`` (the file was
+truncated to 0 bytes in place, e.g. by logrotate ``copytruncate``) does not:
+the file's own chain is whole, and :func:`verify_files` checks its link to
+the copy; :attr:`VerifyResult.note` says so.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import hmac as _hmac
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from broker.audit import GENESIS, _canonical, _mac, _sha
 
@@ -35,6 +43,35 @@ class VerifyResult:
     last_hash: str = GENESIS
     #: the first line's link to the previous file, if it has one.
     prev_file: str | None = None
+    #: something an ok file's reader should know (a truncation in place), or None.
+    note: str | None = None
+    #: the first line's ``truncated`` (``{"seq", "bytes"}``): the file was emptied in place.
+    truncated: dict[str, Any] | None = None
+
+
+def _int(value: Any) -> int | None:
+    return value if type(value) is int else None
+
+
+def _gap_reason(gap: Any) -> str:
+    """One line on what the writer found when it wrote an ``audit_gap`` line."""
+    if not isinstance(gap, dict):
+        return "the broker recorded a gap before this line: lines were removed or added"
+    kind = gap.get("kind")
+    es, fs = _int(gap.get("expected_seq")), _int(gap.get("found_seq"))
+    eb, fb = _int(gap.get("expected_bytes")), _int(gap.get("found_bytes"))
+    wrote = f"it had written up to seq {es} ({eb} bytes)"
+    if kind == "appended":
+        return (f"the broker found {fb} bytes where {wrote}: lines were added by someone "
+                "else before this line")
+    if kind == "replaced":
+        return (f"the broker found the file replaced ({fb} bytes, last seq {fs}) where "
+                f"{wrote}: lines were removed or the file was swapped before this line")
+    if es is not None and fs is not None and es > fs:
+        missing = f"{es - fs} line(s) removed before this line (seq {fs + 1}..{es})"
+    else:
+        missing = "lines were removed before this line"
+    return f"the broker found the file cut to {fb} bytes where {wrote}: {missing}"
 
 
 def verify_file(path: str, key: bytes | None) -> VerifyResult:
@@ -45,9 +82,10 @@ def verify_file(path: str, key: bytes | None) -> VerifyResult:
     """
     seq, prev, n = 0, GENESIS, 0
     prev_file: str | None = None
+    truncated: dict[str, Any] | None = None
 
     def bad(reason: str) -> VerifyResult:
-        return VerifyResult(False, n, n, reason, seq, prev, prev_file)
+        return VerifyResult(False, n, n, reason, seq, prev, prev_file, None, truncated)
 
     with open(path, "rb") as fh:
         for raw in fh:
@@ -63,6 +101,11 @@ def verify_file(path: str, key: bytes | None) -> VerifyResult:
                 return bad("not a JSON object")
             if n == 1 and isinstance(obj.get("prev_file"), str):
                 prev_file = obj["prev_file"]
+            if n == 1 and isinstance(obj.get("truncated"), dict):
+                truncated = obj["truncated"]
+            if "gap" in obj:
+                # Before the seq check: say why the chain breaks, as the writer saw it.
+                return bad(_gap_reason(obj["gap"]))
             got = obj.get("seq")
             if type(got) is not int:
                 return bad("no integer seq: not an audit record")
@@ -86,7 +129,12 @@ def verify_file(path: str, key: bytes | None) -> VerifyResult:
                 if canonical != line:
                     return bad("not in canonical form: the line was reformatted")
             seq, prev = got, _sha(line)
-    return VerifyResult(True, n, None, "ok", seq, prev, prev_file)
+    note = None
+    if truncated is not None:
+        note = (f"line 1: the file was truncated to 0 bytes in place after seq "
+                f"{_int(truncated.get('seq'))} (copytruncate?); verify it after the file "
+                "before it to check that no line was lost")
+    return VerifyResult(True, n, None, "ok", seq, prev, prev_file, note, truncated)
 
 
 def verify_files(paths: Iterable[str], key: bytes | None) -> list[tuple[str, VerifyResult]]:
@@ -97,9 +145,13 @@ def verify_files(paths: Iterable[str], key: bytes | None) -> list[tuple[str, Ver
         result = verify_file(path, key)
         if (result.ok and last is not None and result.lines
                 and result.prev_file != last.last_hash):
-            result = VerifyResult(False, result.lines, 1,
-                                  "prev_file does not match the previous file's last line",
-                                  result.last_seq, result.last_hash, result.prev_file)
+            reason = "prev_file does not match the previous file's last line"
+            cut = _int((result.truncated or {}).get("seq"))
+            if cut is not None and cut > last.last_seq:
+                reason += (f" (seq {last.last_seq}): the file was truncated in place after "
+                           f"seq {cut}; seq {last.last_seq + 1}..{cut} were lost")
+            result = VerifyResult(False, result.lines, 1, reason, result.last_seq,
+                                  result.last_hash, result.prev_file, None, result.truncated)
         results.append((path, result))
         last = result
     return results

@@ -286,6 +286,8 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         if result.ok:
             prefix = f"{path}: " if len(results) > 1 else ""
             sys.stdout.write(f"{prefix}ok: {result.lines} lines\n")
+            if result.note:
+                sys.stderr.write(f"note: {prefix}{result.note}\n")
             continue
         code = 1
         where = f"{path}:{result.first_bad_line}" if result.first_bad_line else path
