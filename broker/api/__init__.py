@@ -60,6 +60,7 @@ def _json_handle_error(self: web_protocol.RequestHandler, request: Any, status: 
         log.info("refused a request from %s: %s (%s)", request.remote, text,
                  type(exc).__name__ if exc is not None else status)
     response = error_response(status, text)
+    response.headers[CACHE_CONTROL] = NO_STORE
     response.force_close()
     return response
 
@@ -71,6 +72,17 @@ web_protocol.RequestHandler.handle_error = _json_handle_error  # type: ignore[me
 web_response.SERVER_SOFTWARE = "broker"  # type: ignore[attr-defined]
 
 
+#: Every answer says no cache may keep it, as Vault's do (http/handler.go,
+#: wrapGenericHandler): credentials, tokens and lease ids must not stay in a proxy's
+#: or a client library's cache.
+CACHE_CONTROL = "Cache-Control"
+NO_STORE = "no-store"
+
+
+async def _no_store(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers[CACHE_CONTROL] = NO_STORE
+
+
 def create_app(state: BrokerState) -> web.Application:
     """The aiohttp application for ``state``; handlers reach it via ``app[STATE]``."""
     app = web.Application(
@@ -78,6 +90,9 @@ def create_app(state: BrokerState) -> web.Application:
         client_max_size=state.config.server.max_request_size,
     )
     app[STATE] = state
+    # on_response_prepare reaches every answer of the app: the handlers', the error
+    # middleware's and aiohttp's own (a 404, a HEAD).
+    app.on_response_prepare.append(_no_store)
     # Specific routes first: /v1/{mount}/creds/{role} must not shadow /v1/sys/...
     app.add_routes(system.routes)
     app.add_routes(capabilities.routes)

@@ -27,6 +27,8 @@ T = TypeVar("T")
 LIVE_STATES = (LeaseState.ACTIVE, LeaseState.REVOKING, LeaseState.IRREVOCABLE)
 #: How long a revoke request waits for the first attempt before answering "queued".
 REVOKE_WAIT = 30.0
+#: The engine's word for a revocation whose first attempt has not ended within the wait.
+_STILL_IN_PROGRESS = "revocation still in progress"
 #: How long ``sync=true`` on revoke-prefix waits at most.
 SYNC_WAIT = 600.0
 #: ``LIST sys/leases/lookup/PREFIX`` answers at most this many keys unless ``limit`` says
@@ -115,9 +117,11 @@ async def revoke(request: web.Request) -> web.Response:
     lease = await _lease_for(call, "revoke")
     sync = call.flag("sync", True)
     outcome = await call.state.engine.revoke(lease, wait=REVOKE_WAIT if sync else 0)
+    # sync=false asks for no attempt: the engine's "still in progress" is no error.
+    error = outcome.error if sync or outcome.done or outcome.irrevocable else None
     await call.audit("revoke_request", lease=lease_ref(lease),
                      outcome="ok" if outcome.done else
-                     "error" if outcome.irrevocable else "queued", error=outcome.error)
+                     "error" if outcome.irrevocable else "queued", error=error)
     if outcome.done:
         return json_response(None)
     if outcome.irrevocable:
@@ -128,8 +132,21 @@ async def revoke(request: web.Request) -> web.Response:
             f"(GET sys/leases/irrevocable), retried every {retry}s, or end it with "
             "sys/leases/revoke-force")
     # Not lost: it stays revoking and is retried with backoff until done or irrevocable.
+    # 202 as Vault answers sync=false (vault/logical_system.go, handleRevoke).
     return json_response({"request_id": call.request_id, "data": {"queued": 1},
-                          "warnings": [f"revocation queued: {outcome.error}"]}, status=202)
+                          "warnings": [_queued_warning(lease.id, sync, error)]}, status=202)
+
+
+def _queued_warning(lease_id: str, sync: bool, error: str | None) -> str:
+    """What a 202 from ``sys/leases/revoke`` says: queued, and why it is not done yet."""
+    if not sync:
+        return (f"revocation of {lease_id} queued (sync=false): the lease is revoking and "
+                "ends in the background; look it up to follow it")
+    if error is None or error == _STILL_IN_PROGRESS:
+        return (f"revocation of {lease_id} queued: the first attempt did not end within "
+                f"{REVOKE_WAIT:g}s; it goes on in the background")
+    return (f"revocation of {lease_id} queued: the first attempt failed ({error}); "
+            "it is retried with backoff")
 
 
 @routes.route("*", "/v1/sys/leases/lookup")

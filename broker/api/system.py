@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 import time
 import uuid
+from collections.abc import Mapping
 from importlib import resources
 from typing import Any
 
@@ -16,7 +18,7 @@ from broker import __version__, metrics_text
 from broker.api.common import CALL, STATE, Call, json_response
 from broker.api.leases import rfc3339
 from broker.api.login import auth_methods
-from broker.errors import BadRequest, StoreUnavailable
+from broker.errors import BadRequest, BrokerError, StoreUnavailable
 from broker.state import BrokerState
 from broker.worker_stats import merge, publish_own
 
@@ -25,12 +27,107 @@ __all__ = ["routes"]
 routes = web.RouteTableDef()
 
 
+#: Vault's ``sys/health`` query parameters that pick the status code of a node state, with
+#: Vault's defaults (http/sys_health.go). The broker is never uninitialized, a standby or a
+#: DR secondary: those are checked (a bad value is a 400, as in Vault) but never chosen.
+_HEALTH_CODES = {
+    "activecode": 200,
+    "standbycode": 429,
+    "drsecondarycode": 472,
+    "performancestandbycode": 473,
+    "sealedcode": 503,
+    "uninitcode": 501,
+}
+#: Vault's boolean ``sys/health`` parameters: they only matter on a standby.
+_HEALTH_FLAGS = ("standbyok", "perfstandbyok")
+#: Go's strconv.ParseBool spellings, as Vault parses ``standbyok``.
+_GO_BOOLS = {"1": True, "t": True, "T": True, "TRUE": True, "true": True, "True": True,
+             "0": False, "f": False, "F": False, "FALSE": False, "false": False,
+             "False": False}
+#: A status code a ``*code`` parameter may choose: a final answer (no 1xx), one that
+#: HTTP clients and load balancers understand. ``activecode`` may not be a 5xx (Vault
+#: takes any): a serving broker that answers one is taken out of every pool by a
+#: typo, and a 5xx from health would read as the broker failing.
+_CODE_RANGE = range(200, 600)
+_ACTIVE_RANGE = range(200, 500)
+#: How a ``*code`` parameter is spelled (as Go's strconv.Atoi reads it, ASCII digits only).
+_STATUS_TEXT = re.compile(r"[+-]?[0-9]{1,9}")
+#: Answers that carry no body (RFC 9110): chosen, they are sent empty.
+_BODILESS = frozenset({204, 304})
+
+#: A component's failure reason shown to a caller without a detail-reading token as is:
+#: a few plain words ("database or disk is full", "File too large", "no commit within
+#: 2s"). A reason with anything else (a host:port, a path, a driver's message) is
+#: replaced by _WITHHELD; a mount's, free text from its plugin, always is.
+_PLAIN_REASON = re.compile(r"[A-Za-z][A-Za-z0-9 '-]{0,79}")
+_WITHHELD = "unavailable; a token that may read sys/metrics sees why"
+
+
+def _health_codes(query: Mapping[str, str]) -> dict[str, int]:
+    """The ``*code`` parameters of a ``sys/health`` query, defaults filled in; a bad value
+    of one of them, or of ``standbyok``/``perfstandbyok``, is a 400 naming it."""
+    for name in _HEALTH_FLAGS:
+        if name in query and query[name] not in _GO_BOOLS:
+            raise BadRequest(f"bad value for {name} parameter: use true or false")
+    codes = dict(_HEALTH_CODES)
+    for name in _HEALTH_CODES:
+        if name not in query:
+            continue
+        text = query[name]
+        allowed = _ACTIVE_RANGE if name == "activecode" else _CODE_RANGE
+        code = int(text) if _STATUS_TEXT.fullmatch(text) else None
+        if code is None or code not in allowed:
+            raise BadRequest(f"bad value for {name} parameter: an HTTP status code "
+                             f"from {allowed.start} to {allowed.stop - 1}")
+        codes[name] = code
+    return codes
+
+
+def _reason(error: str | None, detail: bool, *, plugin_text: bool = False) -> str | None:
+    """``error`` as a caller may see it (see _PLAIN_REASON)."""
+    if error is None or detail:
+        return error
+    if plugin_text or not _PLAIN_REASON.fullmatch(error):
+        return _WITHHELD
+    return error
+
+
+async def _shows_detail(call: Call) -> bool:
+    """Whether the caller sent a token that may ``read`` ``sys/metrics``: then health shows
+    why a mount, the audit log or the store fails, in full.
+
+    The token is checked, and audited, as on any call; but health never refuses
+    one: a missing, unknown or dead token (or one that cannot be checked while the
+    store or the audit log is down) gets the answer anyone gets, as in Vault,
+    which ignores tokens on ``sys/health``.
+    """
+    if not call.presented_token():
+        return False
+    try:
+        await call.authenticate()
+    except BrokerError:
+        return False
+    return call.allowed("sys/metrics", "read")
+
+
 @routes.get("/v1/sys/health")
 async def health(request: web.Request) -> web.Response:
-    """Vault's health shape plus each mount's backend health. No token needed."""
+    """Vault's health shape plus each mount's, the audit log's and the store's health.
+
+    No token needed. Vault's ``*code`` parameters choose the status; the broker
+    is always initialized, unsealed and active, except that it cannot serve
+    (shutting down, or its audit log or lease store failing): that state answers
+    ``sealedcode`` (503, as a sealed Vault), for load balancers to route around.
+    Why a component fails is shown in full only to a token that may read
+    ``sys/metrics``: a backend's error names its host and port.
+    """
+    codes = _health_codes(request.query)
+    call: Call = request[CALL]
     state = request.app[STATE]
+    detail = await _shows_detail(call)
     mounts = {
-        name: {"plugin": m.spec.plugin, "healthy": m.healthy, "error": m.error}
+        name: {"plugin": m.spec.plugin, "healthy": m.healthy,
+               "error": _reason(m.error, detail, plugin_text=True)}
         for name, m in state.engine.mounts.items()
     }
     audit_ok = state.audit.healthy
@@ -38,19 +135,26 @@ async def health(request: web.Request) -> web.Response:
     # An instance that cannot audit cannot issue anything (fail-closed), nor can
     # one that cannot reach its lease store: tell load balancers to send traffic
     # elsewhere (a replica with its own path to the store may still reach it).
-    status = 200 if state.serving and audit_ok and store_error is None else 503
-    return json_response({
+    serves = state.serving and audit_ok and store_error is None
+    status = codes["activecode"] if serves else codes["sealedcode"]
+    body = {
         "initialized": True,
         "sealed": False,
         "standby": False,
         "performance_standby": False,
+        "replication_performance_mode": "disabled",
+        "replication_dr_mode": "disabled",
         "server_time_utc": int(time.time()),
         "version": __version__,
         "cluster_name": "broker",
         "mounts": mounts,
-        "audit": {"healthy": audit_ok, "error": getattr(state.audit, "last_error", None)},
-        "storage": {"healthy": store_error is None, "error": store_error},
-    }, status=status)
+        "audit": {"healthy": audit_ok,
+                  "error": _reason(getattr(state.audit, "last_error", None), detail)},
+        "storage": {"healthy": store_error is None, "error": _reason(store_error, detail)},
+    }
+    if status in _BODILESS:
+        return web.Response(status=status)
+    return json_response(body, status=status)
 
 
 @routes.get("/v1/sys/seal-status")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -275,10 +276,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 0
 
 
+#: an option's value that argparse would take for an option: "-5m", "-1.5h" (a plain
+#: "-5" it reads as a negative number, since no option of ours looks like one).
+_DASH_VALUE = re.compile(r"-[0-9.]")
+
+
+def _value_options(parser: argparse.ArgumentParser) -> set[str]:
+    """The long options, of ``parser`` and every sub-parser, that take one value."""
+    names: set[str] = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                names |= _value_options(sub)
+        elif action.nargs is None and action.option_strings:
+            names |= {o for o in action.option_strings if o.startswith("--")}
+    return names
+
+
+def _join_dash_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``--increment -5m`` as ``--increment=-5m``: argparse takes "-5m" for an unknown
+    option and says only "expected one argument"; joined, the value reaches its type,
+    which says what is wrong with it. Nothing after ``--`` is touched."""
+    options = _value_options(parser)
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            return out + argv[i:]
+        if arg in options and i + 1 < len(argv) and _DASH_VALUE.match(argv[i + 1]):
+            out.append(f"{arg}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
 def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     """parse_args, except that ``broker exec ... -- CMD ARGS`` keeps CMD ARGS apart."""
     from broker.exec import split_command
 
+    argv = _join_dash_values(parser, argv)
     head, command = split_command(argv)
     if command is not None and "exec" in head:
         args = parser.parse_args(head)

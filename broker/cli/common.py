@@ -231,7 +231,13 @@ def _need(resp: dict[str, Any] | None, what: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- argument types
 
 
+#: what a negative duration starts with (``-5m``, ``-1.5h``, `` -30``).
+_NEGATIVE = re.compile(r"\s*-\s*[0-9.]")
+
+
 def _duration(text: str) -> int:
+    if _NEGATIVE.match(text):
+        raise argparse.ArgumentTypeError("duration must not be negative")
     try:
         return parse_duration(text)
     except ValueError as exc:

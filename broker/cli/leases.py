@@ -82,7 +82,8 @@ def cmd_lease_revoke(args: argparse.Namespace) -> int:
             raise UsageError(f"{flag} only applies with --prefix or --meta")
     resp = _client(args).request("PUT", "sys/leases/revoke", json={"lease_id": args.lease_id})
     if resp and (resp.get("data") or {}).get("queued"):
-        # 202: the backend failed; the broker keeps retrying (then irrevocable).
+        # 202 (sync=true): the first attempt failed or did not end within 30 s; the
+        # broker goes on (retried with backoff, then irrevocable).
         _show_warnings(resp)
         sys.stdout.write(f"queued {args.lease_id} (not revoked yet; the broker retries)\n")
         return 1
@@ -166,10 +167,35 @@ def cmd_lease_list(args: argparse.Namespace) -> int:
     if not args.prefix:
         raise UsageError("give the PREFIX to list (or --meta KEY=VALUE)")
     prefix = args.prefix if args.prefix.endswith("/") else args.prefix + "/"
-    keys = _walk(client, prefix) if args.recursive else _list(client, prefix)
+    keys = iter(_walk(client, prefix) if args.recursive else _list(client, prefix))
+    first = next(keys, None)
+    if first is None:
+        _check_mount(client, prefix)
+        return 0
+    sys.stdout.write(first + "\n")
     for key in keys:
         sys.stdout.write(key + "\n")
     return 0
+
+
+def _check_mount(client: Client, prefix: str) -> None:
+    """After an empty listing: UsageError (exit 2) if ``prefix``'s mount is not on the broker.
+
+    The server answers a listing under an unknown mount as an empty one (Vault's
+    404 ``{"errors": []}``), and so does Vault, whose CLI then says "No value
+    found at ..." and exits 2. A mount that has no leases lists nothing, exit 0.
+    Without ``read`` on ``sys/mounts`` there is no telling: nothing is said.
+    """
+    try:
+        resp = client.request("GET", "sys/mounts")
+    except ClientError as exc:
+        if exc.status in {403, 404, 405}:
+            return
+        raise
+    mount = prefix.split("/", 1)[0]
+    if f"{mount}/" not in ((resp or {}).get("data") or {}):
+        raise UsageError(f"no value found at sys/leases/lookup/{prefix}: no mount named "
+                         f"{mount!r} (see GET /v1/sys/mounts)")
 
 
 def cmd_lease_irrevocable(args: argparse.Namespace) -> int:

@@ -252,7 +252,7 @@ def test_cli_lists_past_the_server_limit(sqlite_broker: BrokerThread) -> None:
 
 def test_cli_tells_an_empty_listing_from_a_wrong_address(sqlite_broker: BrokerThread) -> None:
     """Only Vault's empty-listing 404 is "no leases"; a wrong path prefix is an error."""
-    done = _cli(sqlite_broker.url, "nothing/")
+    done = _cli(sqlite_broker.url, "noop/creds/nothing/")
     assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
     done = _cli(sqlite_broker.url + "/v1", "noop/", "-r")
     assert done.returncode == 1 and done.stdout == ""
