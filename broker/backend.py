@@ -153,6 +153,10 @@ class NewUserResponse:
     expiration: datetime | None = None
     #: whether this credential can be renewed (overrides Capabilities.can_renew).
     renewable: bool | None = None
+    #: what the client must know about this credential that it did not ask for
+    #: (e.g. AWS raised a TTL under its minimum): the engine puts them in the
+    #: issue answer's top-level ``warnings``. Never a secret.
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -100,6 +100,27 @@ def _created(lease: Lease, resp: NewUserResponse, max_expire: float) -> None:
     lease.state = LeaseState.ACTIVE
 
 
+def _outlives_lease(lease: Lease, resp: NewUserResponse, role: RoleSpec, token: Token
+                    ) -> str | None:
+    """The warning for a credential the backend made to outlive its lease, if it did.
+
+    The lease takes the backend's expiry (AWS's 900 s minimum) only up to its
+    cap: the role's max_ttl or the token's expiry. The client must know its
+    lease says less than its credential lives.
+    """
+    if resp.expiration is None:
+        return None
+    left = resp.expiration.timestamp() - lease.expire_time
+    if left <= 1:
+        return None
+    by_token = (token.expire_time is not None
+                and lease.max_expire_time < lease.issue_time + role.max_ttl)
+    cap = "its token's expiry" if by_token else f"the role's max_ttl ({role.max_ttl}s)"
+    return (f"the lease is capped at {cap} and ends {int(left)}s before the credential's own "
+            "expiry: unless the backend can cut the credential off when the lease ends, it "
+            "stays valid until then")
+
+
 #: "it cannot be ...": the lease operations' past participles.
 _PAST = {"lookup": "looked up", "revoke": "revoked", "renew": "renewed"}
 
@@ -282,6 +303,10 @@ class LeaseEngine(MountSet, Revoker):
             if record is not None:
                 await self._record(lease, resp, record)
         self.wake(lease.expire_time)
+        warnings.extend(resp.warnings)
+        outlives = _outlives_lease(lease, resp, role, token)
+        if outlives:
+            warnings.append(outlives)
         return Issued(lease=lease, data=dict(resp.data), warnings=warnings)
 
     async def _issue_unstaged(
@@ -535,16 +560,31 @@ class LeaseEngine(MountSet, Revoker):
         if lease.state is not LeaseState.ACTIVE:
             raise BadRequest(f"lease {lease.id} is {lease.state.value}; it cannot be renewed")
         runtime = self.mount(lease.mount)
+        # The running config's role: a reload may have changed it since the issue.
+        # (A lease whose role was removed renews by [leases] default_ttl up to the
+        # max expiry it was issued with, and nothing is sent to the backend.)
         role = runtime.spec.roles.get(lease.role)
         default_ttl = role.default_ttl if role else self.leases_cfg.default_ttl
         now = self.clock()
         new_cap = None
-        if now + (increment or default_ttl) > lease.max_expire_time and role is not None:
+        why = ""
+        lowered = self._config_cap(lease, role) if role is not None else None
+        if lowered is not None:
+            new_cap, why = lowered
+            if new_cap <= now + 0.5 and lease.renewable:  # (else: "not renewable", below)
+                raise BadRequest(f"lease {lease.id} is past its max TTL and cannot be renewed; "
+                                 f"{why}")
+            lease.max_expire_time = new_cap
+        elif now + (increment or default_ttl) > lease.max_expire_time and role is not None:
             new_cap = await self._token_cap(lease, role.max_ttl)
             if new_cap is not None:
                 lease.max_expire_time = new_cap
-        expire = renew_expiry(lease, increment, default_ttl, now)
-        capped = renewal_capped(lease, increment, default_ttl, now)
+            if lease.max_expire_time < lease.issue_time + role.max_ttl - 0.5:
+                # The owner token's expiry caps the lease, not the role's max_ttl.
+                why = ("the limit is the expiry of the token that owns the lease, not the "
+                       "role's max_ttl: renew the token first")
+        expire = renew_expiry(lease, increment, default_ttl, now, why=why)
+        capped = renewal_capped(lease, increment, default_ttl, now, why=why)
         if runtime.capabilities.can_renew and role is not None:
             try:
                 resp = await runtime.renew_user(RenewUserRequest(
@@ -560,6 +600,29 @@ class LeaseEngine(MountSet, Revoker):
         lease.expire_time, lease.last_renewal = expire, now
         self.wake(expire)  # a renewal may shorten the lease: due before the sweeper's next look
         return lease, [capped] if capped else []
+
+    def _config_cap(self, lease: Lease, role: RoleSpec) -> tuple[float, str] | None:
+        """The sooner max expiry the running config gives a lease, and why; None
+        unless a reload lowered the role's ``max_ttl`` (or ``[leases] max_ttl``)
+        below the one the lease was issued with.
+
+        As Vault's ``framework.CalculateTTL`` does on every renewal, the limit is
+        the role's (and the system's) max TTL as configured now, counted from
+        the lease's issue time. It is written with the renewal, so a lookup
+        shows it; a later reload that raises max_ttl again lets a renewal that
+        asks for more move it back up (``_token_cap``), up to the new limit and
+        the token's expiry.
+        """
+        system = self.leases_cfg.max_ttl
+        if role.max_ttl <= system:
+            limit, why = role.max_ttl, f"the role's max_ttl is now {role.max_ttl}s"
+        else:  # not after a config check, which keeps a role's max_ttl within it
+            limit, why = system, f"[leases] max_ttl is now {system}s"
+        cap = lease.issue_time + limit
+        if cap >= lease.max_expire_time - 0.001:
+            return None
+        return cap, (f"{why} (counted from the lease's issue time), less than when the "
+                     "lease was issued")
 
     async def _token_cap(self, lease: Lease, role_max_ttl: int) -> float | None:
         """A later max expiry for a lease its token's expiry capped at issue, if the

@@ -165,7 +165,7 @@ def issue_ttl(requested: int | None, default_ttl: int, max_ttl: int) -> int:
 
 
 def renew_expiry(
-    lease: Lease, increment: int | None, default_ttl: int, now: float
+    lease: Lease, increment: int | None, default_ttl: int, now: float, *, why: str = ""
 ) -> float:
     """New expiry for a renewal: increment counts from now, capped at max expiry.
 
@@ -177,6 +177,7 @@ def renew_expiry(
     :func:`renewal_capped`), as a token's renewal does. Otherwise a lease
     whose cap is its token's expiry, less than ``default_ttl`` away for most
     of its life, could never be renewed the way hvac and Vault agents renew.
+    ``why``: what set the cap, when the caller must be told (a reload lowered it).
     """
     if increment is not None and increment < 0:
         raise BadRequest("increment must not be negative")
@@ -189,16 +190,18 @@ def renew_expiry(
         remaining = max(0, int(lease.max_expire_time - now))
         raise BadRequest(
             f"increment would extend lease {lease.id} past its max TTL; "
-            f"it can live {remaining}s more at most (ask for increment <= {remaining})"
+            f"it can live {remaining}s more at most (ask for increment <= {remaining}s)"
+            + (f"; {why}" if why else "")
         )
     return min(wanted, lease.max_expire_time)
 
 
-def renewal_capped(lease: Lease, increment: int | None, default_ttl: int, now: float
-                   ) -> str | None:
-    """The warning for a renewal without increment that its max expiry cut short."""
+def renewal_capped(lease: Lease, increment: int | None, default_ttl: int, now: float, *,
+                   why: str = "") -> str | None:
+    """The warning for a renewal without increment that its max expiry cut short
+    (``why``: what set the cap, as for :func:`renew_expiry`)."""
     if increment or now + default_ttl <= lease.max_expire_time + 0.5:
         return None
     remaining = max(0, int(lease.max_expire_time - now))
     return (f"TTL capped at the lease's max expiry: {remaining}s left, not the "
-            f"{default_ttl}s a renewal extends by")
+            f"{default_ttl}s a renewal extends by" + (f"; {why}" if why else ""))

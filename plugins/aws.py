@@ -410,6 +410,14 @@ class AWSBackend:
             return NewUserResponse(data=data, revocation=revocation, renewable=True)
         wanted = math.ceil(_timestamp(req.expiration) - now)
         duration = max(STS_MIN_TTL, min(wanted, role.max_sts_ttl))
+        warnings = []
+        if wanted < STS_MIN_TTL:
+            # Vault hands the TTL to AWS, which refuses it (ValidationError). The broker
+            # asks for the minimum instead, and says so: the credential lives longer
+            # than the TTL that was asked for.
+            warnings.append(f"AWS issues {role.credential_type} credentials for at least "
+                            f"{STS_MIN_TTL}s: asked for {wanted}s, they were issued for "
+                            f"{duration}s and stay valid that long")
         if role.credential_type == "assumed_role":
             role_arn = self._pick_role_arn(role, req.metadata)
             session = aws_name(req.username, 64)
@@ -431,7 +439,8 @@ class AWSBackend:
         expiration = issued.expiration
         differs = abs(expiration.timestamp() - _timestamp(req.expiration)) > 1
         return NewUserResponse(data=issued.data, revocation=issued.revocation,
-                               expiration=expiration if differs else None, renewable=False)
+                               expiration=expiration if differs else None, renewable=False,
+                               warnings=warnings)
 
     def _create_tracked(self, creation: _Creation, iam: Any, name: str, path: str,
                         role: AWSRole, tags: list[dict[str, str]]
