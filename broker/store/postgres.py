@@ -444,7 +444,9 @@ class PostgresStore:
     # -- leases: renew --------------------------------------------------
     async def renew(self, lease_id: str, *, expire_time: float, now: float,
                     max_expire_time: float | None = None) -> bool:
-        # No NOTIFY: a renewal only ever moves the due time later. A lease a revoke
+        # No NOTIFY: a renewal that moves the due time earlier (a small increment, a
+        # cap lowered by a reload) wakes this replica's sweeper (engine.renew), which
+        # has the mount (it just renewed through it) and claims the lease. A lease a revoke
         # rule covers reads as revoking and is refused here too; a rule committed
         # meanwhile is seen (a statement's snapshot is taken when it starts).
         status = await self.pool.execute(
