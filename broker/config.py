@@ -41,6 +41,7 @@ __all__ = [
     "load_config",
     "parse_listen",
     "read_secret_file",
+    "tls_pair_problem",
 ]
 
 CAPABILITIES = frozenset({"create", "read", "update", "delete", "list", "sudo", "deny"})
@@ -443,23 +444,49 @@ def _server(r: _Reader, base: Path, *, check_tls: bool) -> ServerConfig:
 def _check_tls_pair(r: _Reader, cert: str, key: str) -> None:
     """Load the pair as the server will, so a bad file fails here naming its key,
     not at start-up as ``[SSL] PEM lib`` with neither file nor key."""
+    problem = tls_pair_problem(cert, key)
+    if problem is not None:
+        raise r.error(*problem)
+
+
+def tls_pair_problem(cert: str, key: str) -> tuple[str, str] | None:
+    """Why the pair at ``cert`` and ``key`` cannot serve TLS, as (config key, reason), or None.
+
+    Loads it as the server does, into a scratch context. The reason names the
+    file and what is wrong with it (OpenSSL's reason code), never its content:
+    no key material reaches a log line or an error.
+    """
     try:
         text = Path(cert).read_text(encoding="ascii", errors="replace")
     except OSError as exc:
-        raise r.error("tls_cert_file", f"cannot read {cert}: {exc.strerror or exc}") from None
+        return "tls_cert_file", f"cannot read {cert}: {exc.strerror or exc}"
     if "-----BEGIN CERTIFICATE-----" not in text:
-        raise r.error("tls_cert_file", f"{cert} is not a PEM certificate")
+        return "tls_cert_file", f"{cert} is not a PEM certificate"
+    try:
+        # The certificates alone first: a damaged certificate is the certificate's
+        # fault, not the key's (load_cert_chain says neither).
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cafile=cert)
+    except ssl.SSLError as exc:
+        return "tls_cert_file", f"{cert} is not a valid PEM certificate ({_ssl_reason(exc)})"
+    except OSError as exc:
+        return "tls_cert_file", f"cannot read {cert}: {exc.strerror or exc}"
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
         # The password callback stops OpenSSL prompting on the terminal for an
         # encrypted key: the server cannot type one either.
         context.load_cert_chain(cert, key, password=lambda: b"")
     except ssl.SSLError as exc:
-        reason = exc.reason or exc.__class__.__name__
-        raise r.error("tls_key_file", f"{key} is not an unencrypted PEM private key matching "
-                                      f"tls_cert_file ({reason})") from None
+        return "tls_key_file", (f"{key} is not an unencrypted PEM private key matching "
+                                f"tls_cert_file {cert} ({_ssl_reason(exc)})")
     except OSError as exc:
-        raise r.error("tls_key_file", f"cannot read {key}: {exc.strerror or exc}") from None
+        return "tls_key_file", f"cannot read {key}: {exc.strerror or exc}"
+    return None
+
+
+def _ssl_reason(exc: ssl.SSLError) -> str:
+    """OpenSSL's reason code (``KEY_VALUES_MISMATCH``), not its message: a code
+    names the problem and carries nothing of the file."""
+    return str(exc.reason or exc.__class__.__name__)
 
 
 def _storage(r: _Reader, base: Path) -> StorageConfig:
@@ -657,13 +684,21 @@ def _secret(r: _Reader, base: Path) -> tuple[str | None, str | None]:
     if pfile:
         pfile = _path(base, pfile)  # relative to the config file, like every other path
         try:
-            return read_secret_file(pfile), pfile
+            secret = read_secret_file(pfile)
         except OSError as exc:
             raise r.error("password_file", f"cannot read {pfile}: {exc.strerror or exc}") from None
+        if not secret.strip():
+            # Else the mount started with no admin password and the backend
+            # refused it with an error that named neither the file nor the key.
+            raise r.error("password_file", f"{pfile} is empty: it must hold the admin password")
+        return secret, pfile
     if penv:
         value = os.environ.get(penv)
         if value is None:
             raise r.error("password_env", f"environment variable {penv} is not set")
+        if not value.strip():
+            raise r.error("password_env", f"environment variable {penv} is empty: it must "
+                                          "hold the admin password")
         return value, None
     return None, None
 

@@ -17,21 +17,28 @@ import logging
 from collections.abc import Callable
 from dataclasses import replace
 
-from broker.backend import RoleSpec, load_plugin
+from broker.backend import MountSpec, RoleSpec, load_plugin
 from broker.config import Config, read_secret_file
 from broker.errors import NotFound
+from broker.lease import LeaseFilter, LeaseState
 from broker.middleware import MountRuntime
+from broker.store.base import LeaseStore
 
 __all__ = ["MountSet"]
 
 #: The engine's logger: these lines were the engine's before the split (and still are).
 log = logging.getLogger("broker.engine")
 
+#: Leases a backend still has to revoke (tombstones are done with it).
+LIVE_STATES = (LeaseState.PENDING, LeaseState.ACTIVE, LeaseState.REVOKING,
+               LeaseState.IRREVOCABLE)
+
 
 class MountSet:
     """The engine's mounts by name (a LeaseEngine base)."""
 
     config: Config
+    store: LeaseStore
     mounts: dict[str, MountRuntime]
     wake: Callable[[float | None], None]
     #: per mount, the password_file content that failed to verify (not tried again)
@@ -101,6 +108,11 @@ class MountSet:
         if content == spec.secret:
             self._password_file_notes.pop(name, None)  # fine again: a new problem is news
             return
+        if not content.strip():
+            # Emptied (truncated before a rewrite, or by mistake): not a secret to try.
+            self._note_password_file(name, f"{spec.secret_file} is empty; still using the "
+                                           "old secret")
+            return
         if content == self._refused_secrets.get(name) and (runtime.healthy or not retry_refused):
             return  # tried and refused; tried again once the running mount fails too
         candidate = replace(spec, secret=content)
@@ -141,6 +153,7 @@ class MountSet:
     async def _reload(self, config: Config) -> list[str]:
         changes: list[str] = []
         old = self.mounts
+        config = await self._keep_mounts_with_live_leases(config, changes)
         new: dict[str, MountRuntime] = {}
         for name, spec in config.mounts.items():
             current = old.get(name)
@@ -160,6 +173,57 @@ class MountSet:
                     changes.append(f"mount {name} removed")
                 await runtime.close()
         return changes
+
+    async def _keep_mounts_with_live_leases(self, config: Config,
+                                            changes: list[str]) -> Config:
+        """``config``, less the plugin changes of mounts that have live leases.
+
+        A lease's revocation data is the backend's that issued it: revoked by
+        another plugin, it would fail (or, worse, act on a name that means
+        something else there). So a mount whose ``plugin`` changes while it
+        has live leases keeps its running spec and backend (an error names the
+        mount and the count); revoke its leases, then reload again. A removed
+        mount is let go (the reload goes through) with a warning naming its
+        live leases: this replica no longer revokes them (see :meth:`reload`).
+        """
+        kept: dict[str, MountSpec] = {}
+        for name, runtime in self.mounts.items():
+            spec = config.mounts.get(name)
+            if spec is not None and spec.plugin == runtime.spec.plugin:
+                continue
+            try:
+                live = await self.store.count_matching(LeaseFilter(prefix=f"{name}/"),
+                                                       states=LIVE_STATES)
+            except Exception as exc:
+                if spec is None:
+                    log.warning("reload: mount %s removed; its live leases could not be "
+                                "counted (%s: %s)", name, type(exc).__name__, exc)
+                    continue
+                log.error("reload: mount %s: plugin change from %s to %s refused: its live "
+                          "leases could not be counted (%s: %s); the mount keeps its running "
+                          "config", name, runtime.spec.plugin, spec.plugin,
+                          type(exc).__name__, exc)
+                kept[name] = runtime.spec
+                changes.append(f"mount {name} plugin change refused")
+                continue
+            if not live:
+                continue
+            if spec is None:
+                log.warning("reload: mount %s removed with %d live lease(s): this replica no "
+                            "longer renews or revokes them (a replica that has the mount "
+                            "does; add it back, or end them with sys/leases/revoke-force/%s/)",
+                            name, live, name)
+                continue
+            log.error("reload: mount %s: plugin change from %s to %s refused: %d live "
+                      "lease(s) of the mount would be revoked by the wrong backend; the mount "
+                      "keeps its running config (revoke them first, e.g. "
+                      "sys/leases/revoke-prefix/%s/, then reload)", name, runtime.spec.plugin,
+                      spec.plugin, live, name)
+            kept[name] = runtime.spec
+            changes.append(f"mount {name} plugin change refused ({live} live lease(s))")
+        if not kept:
+            return config
+        return replace(config, mounts={**config.mounts, **kept})
 
     def served_mounts(self) -> frozenset[str]:
         """The mounts this replica has: its sweeper claims only their leases."""

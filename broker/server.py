@@ -15,7 +15,9 @@ import signal
 import socket
 import ssl
 import sys
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 from aiohttp import web
@@ -31,6 +33,7 @@ from broker.config import (
     is_loopback,
     load_config,
     parse_listen,
+    tls_pair_problem,
 )
 from broker.engine import LeaseEngine
 from broker.errors import BrokerError, StoreUnavailable
@@ -46,8 +49,8 @@ from broker.tokens import TokenManager
 from broker.worker_stats import StatsBoard
 from broker.workers import REUSE_PORT, listen_socket, supervise, worker_audit_path
 
-__all__ = ["InitError", "build_state", "dev_data_dir", "load_server_config", "operator_init",
-           "run_server"]
+__all__ = ["InitError", "build_state", "check_server_config", "dev_data_dir",
+           "load_server_config", "operator_init", "revoke_dev_roots", "run_server"]
 
 log = logging.getLogger("broker")
 
@@ -171,6 +174,40 @@ async def stop(state: BrokerState, grace: float) -> None:
     await state.store.close()
 
 
+async def revoke_dev_roots(state: BrokerState) -> tuple[int, int]:
+    """``--dev`` start: revoke the root tokens earlier dev runs printed, as
+    ``auth/token/revoke`` would: with every child token and every lease they
+    own (queued for the sweeper). Returns (tokens revoked, leases queued).
+
+    The dev store is kept between runs on purpose (leases issued by an earlier
+    run are still tracked, and revoked when due); its root token is not: it
+    was printed once, for that run. Its row is then deleted, so that
+    ``--dev-root-token-id`` may choose the same value again.
+    """
+    from broker.api.tokens import revoke_token_tree  # the API's own revoke (no cycle at import)
+
+    now = state.engine.clock()
+    olds: list[str] = []
+    after = ""
+    while batch := await state.store.live_token_accessors(now=now, limit=500, after=after):
+        after = batch[-1]
+        for accessor in batch:
+            record = await state.store.token_by_accessor(accessor)
+            if record is not None and record.display_name == DEV_ROOT_NAME:
+                olds.append(accessor)
+    tokens = leases = 0
+    for accessor in olds:
+        ended, queued = await revoke_token_tree(state, accessor)
+        await state.audit.write(event("token_revoke", action="dev_restart", target=accessor,
+                                      tokens=ended, leases_queued=queued))
+        tokens, leases = tokens + ended, leases + queued
+    await state.store.delete_tokens_by_display_name(DEV_ROOT_NAME)
+    if olds:
+        log.info("dev: revoked the previous run's root token with its child tokens (%d "
+                 "token(s)); %d lease(s) they owned queued for revocation", tokens, leases)
+    return tokens, leases
+
+
 def _ssl_context(config: Config) -> ssl.SSLContext | None:
     if not config.server.tls:
         return None
@@ -189,12 +226,19 @@ def _reload_tls(ctx: ssl.SSLContext, config: Config) -> bool:
     The paths themselves, like the listen address, change only with a restart.
     """
     cert, key = config.server.tls_cert_file or "", config.server.tls_key_file or ""
-    try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
-        ctx.load_cert_chain(cert, key)
-    except (OSError, ssl.SSLError) as exc:
-        log.error("reload: TLS certificate %s not reloaded, keeping the running one: %s",
-                  cert, exc)
+    # The same check as at start: names the file at fault and OpenSSL's reason,
+    # never the files' content (the message is logged).
+    problem = tls_pair_problem(cert, key)
+    if problem is None:
+        try:
+            ctx.load_cert_chain(cert, key, password=lambda: b"")
+        except (OSError, ssl.SSLError) as exc:  # replaced again since the check
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else \
+                getattr(exc, "reason", None) or type(exc).__name__
+            problem = ("tls_cert_file", f"{cert} / {key} changed while being loaded ({reason})")
+    if problem is not None:
+        log.error("reload: TLS certificate %s not reloaded, keeping the running one: "
+                  "server.%s: %s", cert, *problem)
         return False
     log.info("reload: TLS certificate reloaded from %s", cert)
     return True
@@ -248,20 +292,25 @@ async def _serve(config: Config, *, dev: bool, dev_root_token_id: str | None,
     from broker.jobs import start_jobs
 
     try:
+        await start(state)
         if dev:
-            await state.store.delete_tokens_by_display_name(DEV_ROOT_NAME)
+            await revoke_dev_roots(state)
             root_token, _ = await state.tokens.create(
                 policies=["root"], ttl=None, display_name=DEV_ROOT_NAME,
                 token_id=dev_root_token_id)
-        await start(state)
     except BaseException:
         await stop(state, 0)
         raise
     scheduler = start_jobs(state)
+    app = create_app(state)
+    in_flight = InFlight()
+    app.middlewares.append(in_flight.middleware)
     # keepalive_timeout also closes a connection still sending its first headers
     # (a slowloris client, which aiohttp's one-hour default let hold a socket).
-    runner = web.AppRunner(create_app(state), access_log=None,
-                           shutdown_timeout=config.server.shutdown_grace,
+    # shutdown_timeout: what aiohttp waits for once the listener is closed; the
+    # in-flight requests had shutdown_grace before that (drain, below).
+    runner = web.AppRunner(app, access_log=None,
+                           shutdown_timeout=min(config.server.shutdown_grace, CLOSE_WAIT),
                            keepalive_timeout=config.server.idle_timeout)
     await runner.setup()
     tls = _ssl_context(config)
@@ -314,9 +363,53 @@ async def _serve(config: Config, *, dev: bool, dev_root_token_id: str | None,
     state.serving = False
     state.engine.accepting = False
     scheduler.shutdown()
-    await runner.cleanup()  # stops listening, waits for in-flight handlers
+    # Still listening while requests drain: a new client gets 503 "broker is
+    # shutting down" (and sys/health 503, for load balancers), not "connection
+    # refused". Then the listener closes and the connections with it.
+    if not await in_flight.drained(config.server.shutdown_grace):
+        log.warning("shutting down: %d request(s) still in flight after %ss; cancelling them",
+                    in_flight.count, config.server.shutdown_grace)
+    await runner.cleanup()
     await stop(state, config.server.shutdown_grace)
     return 0
+
+
+#: Seconds aiohttp waits, once the listener is closed, for responses still being
+#: written (the requests themselves had shutdown_grace to finish before).
+CLOSE_WAIT = 2.0
+
+
+class InFlight:
+    """Counts the requests a handler is working on (not those answered 503 while
+    shutting down: the error middleware answers them before any handler)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @web.middleware
+    async def middleware(self, request: web.Request,
+                         handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                         ) -> web.StreamResponse:
+        self.count += 1
+        self._idle.clear()
+        try:
+            return await handler(request)
+        finally:
+            self.count -= 1
+            if not self.count:
+                self._idle.set()
+
+    async def drained(self, timeout: float) -> bool:
+        """Wait until no request is in flight (True), at most ``timeout`` seconds."""
+        if not self.count:
+            return True  # wait_for(..., 0) would time out even on a set event
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout=timeout)
+        except TimeoutError:
+            return False
+        return True
 
 
 def reread_config(running: Config) -> tuple[Config, list[str]]:
@@ -355,7 +448,9 @@ async def reload(state: BrokerState, *, tls: ssl.SSLContext | None = None) -> bo
     if waiting and state.worker in (None, 1):  # with workers, said once, not once per worker
         log.warning("reload: changed in %s but only applied by a restart (the running "
                     "values stay): %s", source, ", ".join(waiting))
-    changes = await state.engine.reload(new)
+    mount_changes = await state.engine.reload(new)
+    # What the engine runs: a mount whose plugin change it refused keeps its old spec.
+    new = dataclasses.replace(new, mounts=state.engine.config.mounts)
     state.policies = PolicySet(new.policies)
     old, state.config = state.config, new
     await reload_auth_methods(state, old)
@@ -363,8 +458,31 @@ async def reload(state: BrokerState, *, tls: ssl.SSLContext | None = None) -> bo
         await state.audit.reopen()
     except AuditError as exc:
         log.error("reload: could not reopen the audit log, still writing the old file: %s", exc)
-    log.info("config reloaded from %s: %s", source, "; ".join(changes) or "mounts unchanged")
+    changes = _named_changes("policy", old.policies, new.policies)
+    changes += _named_changes("auth method", _auth_methods(old), _auth_methods(new))
+    if old.tokens != new.tokens:
+        changes.append("[tokens] changed")
+    if any(getattr(old.leases, f.name) != getattr(new.leases, f.name)
+           for f in dataclasses.fields(new.leases)
+           if f"leases.{f.name}" not in new.restart_only):  # those: the warning above
+        changes.append("[leases] changed")
+    changes += mount_changes
+    log.info("config reloaded from %s: %s", source, "; ".join(changes) or "nothing changed")
     return True
+
+
+def _named_changes(kind: str, old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """``policy app added``, ``policy ci changed``, ... for the reload log line."""
+    out = [f"{kind} {name} added" for name in new if name not in old]
+    out += [f"{kind} {name} changed" for name in new if name in old and old[name] != new[name]]
+    out += [f"{kind} {name} removed" for name in old if name not in new]
+    return out
+
+
+def _auth_methods(config: Config) -> dict[str, Any]:
+    """``[auth.TYPE.NAME]`` sections by ``TYPE.NAME`` (auth/NAME/login)."""
+    return {f"{kind}.{name}": table for kind, methods in config.auth.items()
+            if isinstance(methods, Mapping) for name, table in methods.items()}
 
 
 def _setup_logging() -> None:
@@ -377,6 +495,20 @@ def _setup_logging() -> None:
     floor = max(logging.INFO, logging.getLogger().getEffectiveLevel())
     for name in ("botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(name).setLevel(floor)
+
+
+def check_server_config(config_path: str, *, listen: str | None = None) -> int:
+    """What a ``broker server --check`` would do: the checks ``broker server`` makes
+    before it opens anything (the config file, and what the server adds: TLS off
+    loopback, workers), without starting. Prints ``config ok: FILE`` (0) or the
+    one-line error (2), as ``broker server`` does. Connects to nothing."""
+    try:
+        load_server_config(config_path, dev=False, listen=listen)
+    except ConfigError as exc:
+        print(f"broker: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"config ok: {config_path}")
+    return 0
 
 
 def run_server(config_path: str | None, *, dev: bool, dev_root_token_id: str | None,

@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dev-root-token-id", metavar="ID", help="root token value in --dev mode")
     p.add_argument("--listen", metavar="HOST:PORT", type=_listen, help="override server.listen")
+    p.add_argument("--check", action="store_true",
+                   help="check the config as the server would, then exit (0 ok, 2 bad)")
 
     operator = commands.add_parser("operator", help="operator actions on a broker's store")
     ops = operator.add_subparsers(dest="operator_command", metavar="COMMAND", required=True)

@@ -37,6 +37,12 @@ def cmd_server(args: argparse.Namespace) -> int:
         raise UsageError("--dev-root-token-id only applies with --dev")
     if args.dev_root_token_id:
         _check_dev_root_token_id(args.dev_root_token_id)
+    if args.check:
+        if args.dev or not args.config:
+            raise UsageError("--check takes --config FILE (not --dev)")
+        from broker.server import check_server_config
+
+        return check_server_config(args.config, listen=args.listen)
     from broker.config import ConfigError
 
     try:
