@@ -14,7 +14,7 @@ import multiprocessing
 import os
 from pathlib import Path
 
-from broker.store.sqlite import _connect
+from broker.store.sqlite_schema import connect
 
 ROUNDS = 150
 PROCESSES = 6
@@ -24,7 +24,7 @@ def _open(path: str, barrier: multiprocessing.synchronize.Barrier,
           results: multiprocessing.Queue[str]) -> None:
     barrier.wait()  # all at once, as workers forked together do
     try:
-        _connect(path, writer=True).close()
+        connect(path, writer=True).close()
         results.put("ok")
     except Exception as exc:
         results.put(repr(exc))
