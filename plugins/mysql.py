@@ -61,9 +61,17 @@ statement that names the user, see ``_end_creating_sessions``):
    connections otherwise keep all their privileges;
 3. the role's ``revocation_statements`` (``rollback_statements`` for a
    rollback), if any, unless ``mysql.user`` shows the user on no host (gone
-   already: Vault-style ``REVOKE ... FROM`` would fail on every retry);
-4. ``DROP USER IF EXISTS`` for every host, then a last check that no session
-   of the user survived (retryable error if one did).
+   already: Vault-style ``REVOKE ... FROM`` would fail on every retry); one
+   the server refuses ends them, step 4 still runs, and then its error fails
+   the revocation (whose retry finds the user gone);
+4. ``DROP USER IF EXISTS`` for every host, then a last ``KILL`` of what slipped
+   in and a wait until no session of the user is left, killed ones still
+   ending (rolling back) included: the revocation returns only once they are
+   gone (a retryable error after ``_SETTLE_SECONDS``).
+
+An issue refuses a name that exists on any host already, and the admin's own
+name (revocation refuses that one too): the revocation above takes every host
+of a name, so it must only ever meet accounts its lease made.
 
 The admin account needs ``CREATE USER``, the grants it hands out ``WITH GRANT
 OPTION``, ``SELECT`` on ``mysql.user`` (to find every host of a user) and
@@ -394,36 +402,72 @@ class MySQLBackend:
             values["database"] = _grant_database(values["database"])
         templates = req.role.creation_statements or self._default_creation(host)
         statements = self._render_all(templates, values, "creation_statements", [password])
-        async with self._cursor("creating user", password) as cur:
-            # A refused first statement created nothing only if it names one
-            # account: a multi-account CREATE USER is not all-or-nothing (with
-            # 'n'@'%' taken, error 1396, 'n'@'h' is still made). For any other
-            # first statement, note the accounts there were before it runs.
-            snapshot = bool(statements) and not _one_account(statements[0], name)
-            before = await self._user_hosts(cur, name, "creating user") if snapshot else None
-            ran = 0
-            try:
-                for stmt in statements:
-                    await self._run(cur, "creating user", stmt, password)
-                    ran += 1
-            except BackendError as exc:
-                if ran == 0 and exc.created_nothing:
-                    # The server refused the first statement (say, error 1396: the
-                    # user exists): what it made anyway goes; a user of that name
-                    # that was there before is not ours and stays.
-                    if before is not None:
-                        await self._drop_new_accounts(cur, name, before, exc)
-                    elif snapshot:  # mysql.user unreadable: the rollback must look
-                        exc.created_nothing = False
+        if name == self._user:
+            raise self._taken(name, None)
+        # Until the first creation statement is sent, nothing can have been made:
+        # a failure before it (no connection, the lookup below cut off) is
+        # created_nothing, so no rollback goes looking for the name (and drops
+        # an account of that name that is not ours).
+        sent = False
+        try:
+            async with self._cursor("creating user", password) as cur:
+                # A name that exists on any host is not this lease's: with it, the
+                # lease's login could meet the other account (the most specific
+                # host matches first), and its revocation, which locks, kills and
+                # drops every host of the name, would take the other account and
+                # its sessions too (a username_template without {{random}} and a
+                # display_name of "root" made the broker lock out its own admin).
+                # The hosts noted here also serve a multi-account first statement:
+                # it is not all-or-nothing (with 'n'@'%' taken, error 1396, 'n'@'h'
+                # is still made), so what it made is known from what was there.
+                snapshot = bool(statements) and not _one_account(statements[0], name)
+                before = await self._user_hosts(cur, name, "creating user")
+                if before:
+                    raise self._taken(name, before)
+                if not snapshot:
+                    before = None
+                ran = 0
+                sent = True  # from here on, the server may have made something
+                try:
+                    for stmt in statements:
+                        # Which one failed: the server's message quotes only the
+                        # text near the error (the wrong word itself may be left out).
+                        what = (f"creating user (statement {ran + 1} of {len(statements)})"
+                                if len(statements) > 1 else "creating user")
+                        await self._run(cur, what, stmt, password)
+                        ran += 1
+                except BackendError as exc:
+                    if ran == 0 and exc.created_nothing:
+                        # The server refused the first statement (say, error 1396: the
+                        # user exists): what it made anyway goes; a user of that name
+                        # that was there before is not ours and stays.
+                        if before is not None:
+                            await self._drop_new_accounts(cur, name, before, exc)
+                        elif snapshot:  # mysql.user unreadable: the rollback must look
+                            exc.created_nothing = False
+                        raise
+                    exc.created_nothing = False
+                    # Leave nothing half-made behind: the user may exist without its grants.
+                    await self._drop_quietly(cur, name, host)
                     raise
-                exc.created_nothing = False
-                # Leave nothing half-made behind: the user may exist without its grants.
-                await self._drop_quietly(cur, name, host)
-                raise
+        except BackendError as exc:
+            if not sent:
+                exc.created_nothing = True
+            raise
         return NewUserResponse(
             data={"username": name, "password": password},
             revocation={"host": host},
         )
+
+    def _taken(self, name: str, hosts: set[str] | None) -> BackendError:
+        """The refusal of a name that is not this lease's to create (and so to drop)."""
+        what = (f"{', '.join(_account(name, h) for h in sorted(hosts))} exists already"
+                if hosts else f"{quote_literal(name)} is the mount's admin account")
+        # Worded as the server's refusal of a taken name would be (error 1396).
+        return BackendError(
+            f"mysql {self._host}:{self._port}: creating user failed: (1396) {what}; not "
+            "this lease's, so left alone (use a username_template with {{random}})",
+            retryable=False, created_nothing=True)
 
     async def renew_user(self, req: RenewUserRequest) -> RenewUserResponse:
         """Nothing to push: MySQL accounts have no expiry (see "Renewal" in the module docs)."""
@@ -432,8 +476,16 @@ class MySQLBackend:
 
     async def delete_user(self, req: DeleteUserRequest) -> DeleteUserResponse:
         name = self._check_username(req.username)
+        if name == self._user:
+            # Never issued by this version (new_user refuses the name); a lease
+            # of it from before would lock, kill and drop the admin's own account.
+            raise BackendError(
+                f"mysql mount {self.mount!r}: refusing to revoke {name!r}: it is the name of "
+                "the mount's admin account; drop the lease's account by hand and end the "
+                "lease with sys/leases/revoke-force", retryable=False)
         role = req.role
         custom: Sequence[str] = ()
+        key = "revocation_statements"
         if role is not None:
             use_rollback = req.reason == "rollback" and role.rollback_statements
             key = "rollback_statements" if use_rollback else "revocation_statements"
@@ -460,13 +512,26 @@ class MySQLBackend:
                 # as Vault's "REVOKE ALL PRIVILEGES ... FROM '{{name}}'" would
                 # fail on every retry and leave the lease irrevocable.
                 custom = ()
-            for stmt in custom:
-                await self._run(cur, "revoking user", stmt)
+            failed: BackendError | None = None
+            for i, stmt in enumerate(custom):
+                try:
+                    await self._run(cur, f"revoking user ({key} statement {i + 1})", stmt)
+                except BackendError as exc:
+                    if exc.retryable:
+                        raise  # the server is in trouble: the whole revocation later
+                    # The server refused it (bad SQL, a missing object): the
+                    # account still goes ("DROP USER always"), so no locked
+                    # account outlives a lease that ends irrevocable or forced;
+                    # the error still fails this revocation for the operator.
+                    failed = exc
+                    break
             for host in sorted(hosts):
                 stmt = f"DROP USER IF EXISTS {quote_literal(name)}@{quote_literal(host)}"
                 await self._run(cur, "revoking user", stmt)
             # A session that slipped in before the lock took hold dies here.
             await self._kill_sessions(cur, name, final=True)
+        if failed is not None:
+            raise failed
         return DeleteUserResponse()
 
     async def rotate_root(self, req: RotateRootRequest) -> RotateRootResponse:
@@ -712,32 +777,45 @@ class MySQLBackend:
             await asyncio.sleep(0.05)
 
     async def _kill_sessions(self, cur: Any, name: str, *, final: bool = False) -> None:
-        """KILL every live session of ``name``; with ``final``, insist until none is left."""
-        rounds = 5 if final else 1
-        for attempt in range(rounds):
-            await self._run(
-                cur,
-                "listing sessions",
-                "SELECT ID FROM information_schema.PROCESSLIST "
-                "WHERE USER = %s AND COMMAND <> 'Killed'",
-                params=(name,),
-            )
-            ids = [int(row[0]) for row in await cur.fetchall()]
-            if not ids:
-                return
-            for thread_id in ids:
-                try:
-                    await cur.execute(f"KILL CONNECTION {thread_id:d}")
-                except pymysql.err.MySQLError as exc:
-                    if _error_code(exc) != _ER_NO_SUCH_THREAD:  # ended meanwhile: fine
-                        raise self._wrap("killing sessions", exc) from None
-            if attempt + 1 < rounds:
-                await asyncio.sleep(0.05 * (attempt + 1))
+        """KILL every live session of ``name``; with ``final``, wait until none is left.
+
+        A killed session stays in the process list (``COMMAND`` ``Killed``)
+        until it has ended: a statement in the middle of a large write rolls
+        back first, holding its locks, which may take seconds. ``final`` waits
+        for those too (up to ``_SETTLE_SECONDS``, else a retryable error), so
+        a revocation never returns while a session of the user is still there.
+        """
         if final:
+            for _ in range(5):
+                # Killed ones included: the wait below is for them to be gone.
+                await self._run(cur, "listing sessions",
+                                "SELECT ID FROM information_schema.PROCESSLIST WHERE USER = %s",
+                                params=(name,))
+                ids = [int(row[0]) for row in await cur.fetchall()]
+                if not ids:
+                    return
+                await self._kill_and_wait(
+                    cur, ids, "the user's sessions",
+                    f"sessions of {name!r} are still ending after KILL (a long rollback?);"
+                    " will retry")
             raise BackendError(
                 f"mysql: sessions of {name!r} are still alive after KILL; will retry",
                 retryable=True,
             )
+        await self._run(
+            cur,
+            "listing sessions",
+            "SELECT ID FROM information_schema.PROCESSLIST "
+            "WHERE USER = %s AND COMMAND <> 'Killed'",
+            params=(name,),
+        )
+        ids = [int(row[0]) for row in await cur.fetchall()]
+        for thread_id in ids:
+            try:
+                await cur.execute(f"KILL CONNECTION {thread_id:d}")
+            except pymysql.err.MySQLError as exc:
+                if _error_code(exc) != _ER_NO_SUCH_THREAD:  # ended meanwhile: fine
+                    raise self._wrap("killing sessions", exc) from None
 
     async def _drop_new_accounts(
         self, cur: Any, name: str, before: set[str], exc: BackendError
