@@ -301,7 +301,7 @@ async def test_refused_single_account_create_keeps_the_old_account(
     make_backend: Callable[..., Awaitable[MySQLBackend]], mysql_dsn: str, tag: str,
 ) -> None:
     """The default CREATE USER of a name that exists is refused: nothing dropped, nothing
-    made, created_nothing (the common path takes no snapshot)."""
+    made, created_nothing (the name lookup before any CREATE USER finds it)."""
     name = f"{tag}fixed"
     _sql(mysql_dsn, "CREATE USER %s@'%%' IDENTIFIED BY 'qaHandMade123'", (name,))
     role = RoleSpec(name="qa", default_ttl=60, max_ttl=600, options={"database": "test"})
