@@ -570,10 +570,7 @@ class LeaseEngine(MountSet, Revoker):
         why = ""
         lowered = self._config_cap(lease, role) if role is not None else None
         if lowered is not None:
-            new_cap, why = lowered
-            if new_cap <= now + 0.5 and lease.renewable:  # (else: "not renewable", below)
-                raise BadRequest(f"lease {lease.id} is past its max TTL and cannot be renewed; "
-                                 f"{why}")
+            new_cap, why = lowered  # past it: renew_expiry refuses, saying why
             lease.max_expire_time = new_cap
         elif now + (increment or default_ttl) > lease.max_expire_time and role is not None:
             new_cap = await self._token_cap(lease, role.max_ttl)

@@ -169,39 +169,35 @@ def renew_expiry(
 ) -> float:
     """New expiry for a renewal: increment counts from now, capped at max expiry.
 
-    Asking for an ``increment`` past ``max_expire_time`` is an error, not a
-    silent cap: the caller must know its credential will die sooner than it
-    asked. A renewal without one (or with 0, Vault's "the default") asks for
-    nothing in particular: it extends by ``default_ttl`` as far as the cap
-    allows (the caller learns it from the TTL and a warning, see
-    :func:`renewal_capped`), as a token's renewal does. Otherwise a lease
-    whose cap is its token's expiry, less than ``default_ttl`` away for most
-    of its life, could never be renewed the way hvac and Vault agents renew.
-    ``why``: what set the cap, when the caller must be told (a reload lowered it).
+    As Vault's ``framework.CalculateTTL``: an ``increment`` (or, without one or
+    with 0, Vault's "the default", ``default_ttl``) that reaches past
+    ``max_expire_time`` is capped there, and the caller learns it from the TTL
+    and a warning (:func:`renewal_capped`); a lease with less than a second
+    left before its max expiry cannot be renewed. hvac and Vault agents renew
+    with an increment and expect exactly that. ``why``: what set the cap, when
+    the caller must be told (a reload lowered it, the owner token's expiry).
     """
     if increment is not None and increment < 0:
         raise BadRequest("increment must not be negative")
     if not lease.renewable:
         raise BadRequest(f"lease {lease.id} is not renewable")
-    if not increment:
-        return min(now + default_ttl, lease.max_expire_time)
-    wanted = now + increment
-    if wanted > lease.max_expire_time + 0.5:  # half a second of clock slack
-        remaining = max(0, int(lease.max_expire_time - now))
-        raise BadRequest(
-            f"increment would extend lease {lease.id} past its max TTL; "
-            f"it can live {remaining}s more at most (ask for increment <= {remaining}s)"
-            + (f"; {why}" if why else "")
-        )
-    return min(wanted, lease.max_expire_time)
+    if lease.max_expire_time - now < 1:
+        raise BadRequest(f"lease {lease.id} is past its max TTL and cannot be renewed"
+                         + (f"; {why}" if why else ""))
+    return min(now + (increment or default_ttl), lease.max_expire_time)
 
 
 def renewal_capped(lease: Lease, increment: int | None, default_ttl: int, now: float, *,
                    why: str = "") -> str | None:
-    """The warning for a renewal without increment that its max expiry cut short
-    (``why``: what set the cap, as for :func:`renew_expiry`)."""
-    if increment or now + default_ttl <= lease.max_expire_time + 0.5:
+    """The warning for a renewal its max expiry cut short (``why``: what set the cap,
+    as for :func:`renew_expiry`); Vault's words when an increment was asked for."""
+    if now + (increment or default_ttl) <= lease.max_expire_time + 0.5:  # clock slack
         return None
     remaining = max(0, int(lease.max_expire_time - now))
-    return (f"TTL capped at the lease's max expiry: {remaining}s left, not the "
-            f"{default_ttl}s a renewal extends by" + (f"; {why}" if why else ""))
+    if increment:
+        text = (f'TTL of "{increment}s" exceeded the effective max_ttl of "{remaining}s"; '
+                "TTL value is capped accordingly")
+    else:
+        text = (f"TTL capped at the lease's max expiry: {remaining}s left, not the "
+                f"{default_ttl}s a renewal extends by")
+    return text + (f"; {why}" if why else "")

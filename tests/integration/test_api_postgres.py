@@ -135,11 +135,17 @@ def test_issue_connect_renew_revoke(client: hvac.Client, broker: BrokerThread,
     assert password not in Path(broker.audit_path).read_text()
 
 
-def test_renew_past_max_ttl_is_an_error(client: hvac.Client) -> None:
-    """Renewing beyond issue time + max_ttl answers 400 instead of silently capping."""
+def test_renew_past_max_ttl_is_capped_with_vaults_warning(client: hvac.Client) -> None:
+    """Renewing beyond issue time + max_ttl is capped there with Vault's warning
+    (CalculateTTL), neither refused nor silently capped."""
     resp = client.secrets.database.generate_credentials("readonly", mount_point="pg")
-    with pytest.raises(hvac.exceptions.InvalidRequest, match="max TTL"):
-        client.sys.renew_lease(resp["lease_id"], increment=3 * 3600)
+    lease = client.sys.read_lease(resp["lease_id"])["data"]
+    renewed = client.sys.renew_lease(resp["lease_id"], increment=3 * 3600)
+    assert 7100 <= renewed["lease_duration"] <= 7200, renewed  # the role's max_ttl is 2h
+    assert renewed["warnings"] and 'TTL of "10800s" exceeded the effective max_ttl' \
+        in renewed["warnings"][0], renewed
+    after = client.sys.read_lease(resp["lease_id"])["data"]
+    assert after["expire_time"] == lease["max_expire_time"], (after, lease)
     client.sys.revoke_lease(resp["lease_id"])
 
 
@@ -164,9 +170,10 @@ def test_renew_without_increment_of_a_lease_its_token_caps_is_capped_not_refused
     renewed = app.sys.renew_lease(resp["lease_id"])
     assert 590 <= renewed["lease_duration"] <= 600
     assert renewed["warnings"] and "capped at the lease's max expiry" in renewed["warnings"][0]
-    # An increment past the cap is still refused, saying how long is left.
-    with pytest.raises(hvac.exceptions.InvalidRequest, match="max TTL"):
-        app.sys.renew_lease(resp["lease_id"], increment=3600)
+    # An increment past the cap is capped too, with Vault's warning.
+    again = app.sys.renew_lease(resp["lease_id"], increment=3600)
+    assert again["lease_duration"] <= 600
+    assert again["warnings"] and "TTL value is capped accordingly" in again["warnings"][0]
     app.sys.revoke_lease(resp["lease_id"])
 
 
@@ -185,10 +192,12 @@ def test_a_lease_capped_by_its_token_follows_the_token_renewal(
     # The role's VALID UNTIL moved with it.
     assert run(_valid_until(postgres_dsn, user)) > time.time() + 500
     # Up to the token's new expiry, not past it: the token still caps the lease.
-    with pytest.raises(hvac.exceptions.InvalidRequest, match="max TTL"):
-        app.sys.renew_lease(lease_id, increment=2 * 3600)
+    capped = app.sys.renew_lease(lease_id, increment=2 * 3600)
+    assert 3500 <= capped["lease_duration"] <= 3600, capped
+    assert capped["warnings"] and "expiry of the token that owns the lease" \
+        in capped["warnings"][0], capped
     looked = client.sys.read_lease(lease_id)["data"]
-    assert 590 <= looked["ttl"] <= 600
+    assert 3500 <= looked["ttl"] <= 3600
     app.sys.revoke_lease(lease_id)
 
 

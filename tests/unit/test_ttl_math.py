@@ -41,10 +41,22 @@ def test_renew_without_increment_uses_default_ttl() -> None:
     assert renew_expiry(lease(), None, 600, now=2000.0) == 2600.0
 
 
-def test_renew_past_max_is_an_error_naming_what_is_left() -> None:
-    """Renewing past issue + max_ttl is refused and says how long the lease can still live."""
-    with pytest.raises(BadRequest, match="1600s more"):
-        renew_expiry(lease(), 3000, 600, now=3000.0)
+def test_renew_past_max_is_capped_with_vaults_warning() -> None:
+    """An increment past issue + max_ttl is capped there with Vault's warning
+    (CalculateTTL), saying what was asked and what is left."""
+    assert renew_expiry(lease(), 3000, 600, now=3000.0) == 4600.0
+    warning = renewal_capped(lease(), 3000, 600, now=3000.0)
+    assert warning == ('TTL of "3000s" exceeded the effective max_ttl of "1600s"; '
+                       "TTL value is capped accordingly")
+    assert renewal_capped(lease(), 1600, 600, now=3000.0) is None  # lands on the cap
+
+
+def test_renew_at_max_is_refused() -> None:
+    """With less than a second left before the max expiry there is nothing to renew
+    (Vault: "past the max TTL, cannot renew"), with or without an increment."""
+    for increment in (None, 0, 60):
+        with pytest.raises(BadRequest, match="past its max TTL"):
+            renew_expiry(lease(), increment, 600, now=4599.5)
 
 
 def test_renew_without_increment_stops_at_max_with_a_warning() -> None:
@@ -55,7 +67,7 @@ def test_renew_without_increment_stops_at_max_with_a_warning() -> None:
     warning = renewal_capped(lease(), None, 600, now=4400.0)
     assert warning is not None and "200s left" in warning
     assert renewal_capped(lease(), None, 600, now=2000.0) is None  # not cut short
-    assert renewal_capped(lease(), 100, 600, now=4400.0) is None  # an increment: no cap
+    assert renewal_capped(lease(), 100, 600, now=4400.0) is None  # within the cap
 
 
 def test_renew_exactly_to_max_is_allowed() -> None:
