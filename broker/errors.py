@@ -9,6 +9,7 @@ __all__ = [
     "Conflict",
     "NotFound",
     "PermissionDenied",
+    "RequestTimeout",
     "ReuseAttempt",
     "RevocationFailed",
     "ServiceUnavailable",
@@ -36,6 +37,12 @@ class NotFound(BrokerError):
 
 class Conflict(BrokerError):
     status = 409
+
+
+class RequestTimeout(BrokerError):
+    """The request's body did not arrive in time (a slow or stalled client)."""
+
+    status = 408
 
 
 class RevocationFailed(BrokerError):

@@ -7,6 +7,7 @@ leaves. If either cannot be written, the client gets 503: no audit, no action.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
@@ -17,7 +18,7 @@ from aiohttp import web
 
 from broker.audit import event
 from broker.durations import parse_duration
-from broker.errors import BadRequest, BrokerError, PermissionDenied
+from broker.errors import BadRequest, BrokerError, PermissionDenied, RequestTimeout
 from broker.lease import Token
 from broker.state import BrokerState
 from broker.tokens import DeadToken
@@ -174,7 +175,17 @@ class Call:
         """The JSON body (or query parameters for GET/LIST); 400 if it is not an object."""
         data: dict[str, Any] = dict(self.request.query)
         if self.request.body_exists and self.request.method not in {"GET", "HEAD"}:
-            raw = await self.request.read()
+            # A deadline on the body: idle_timeout covers idle connections and
+            # unfinished headers only, and a client sending headers and then a
+            # byte now and then (slowloris on the body) held its socket forever,
+            # on routes that read the body before any token check (JWT login).
+            limit = self.state.config.server.idle_timeout
+            try:
+                async with asyncio.timeout(limit):
+                    raw = await self.request.read()
+            except TimeoutError:
+                raise RequestTimeout(f"request body not received within {limit}s "
+                                     "(server.idle_timeout)") from None
             if raw.strip():
                 try:
                     # (what json.loads does with bytes: UTF-8, -16 or -32, BOM or not)

@@ -67,3 +67,36 @@ def test_a_connection_stuck_in_its_headers_is_closed_after_idle_timeout(tmp_path
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_a_request_body_that_never_arrives_is_answered_408(tmp_path: Path) -> None:
+    """Headers sent, then a body trickled a byte at a time to a route that reads it
+    before any token check (JWT login): answered 408 after idle_timeout. It held its
+    socket for as long as the client kept trickling (QA: 3,000 of them past 130 s)."""
+    config = write_config(tmp_path, "", server='idle_timeout = "2s"')
+    proc = spawn_broker(config)
+    try:
+        url = config_url(config)
+        wait_healthy(url)
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(b"POST /v1/auth/jwt/login HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{")
+            sock.settimeout(0.5)
+            started, answer = time.monotonic(), b""
+            while time.monotonic() - started < 15 and b"\r\n\r\n" not in answer:
+                try:
+                    answer += sock.recv(4096)
+                except TimeoutError:
+                    try:
+                        sock.sendall(b" ")  # a byte now and then: never the whole body
+                    except (BrokenPipeError, ConnectionResetError):
+                        break
+            took = time.monotonic() - started
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert took < 8, took
+        # Everyone else is served.
+        assert requests.get(f"{url}/v1/sys/health", timeout=5).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(30)
