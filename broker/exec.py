@@ -31,7 +31,8 @@ The rest of exec's environment is inherited, except the ``--jwt-env`` variable
 (``BROKER_TOKEN``, ``VAULT_TOKEN``: the command gets its leases, not the power
 to issue more, and a token would outlive the leases exec revokes; unless
 ``--pass-token``) and a plain name the credential leaves empty (an IAM user's
-``AWS_SESSION_TOKEN``: a stale one would break its key).
+``AWS_SESSION_TOKEN``: a stale one would break its key). exec is not dumpable, so
+the command cannot read what it keeps from it in ``/proc/$PPID/environ`` either.
 """
 
 from __future__ import annotations
@@ -382,7 +383,13 @@ class LoginToken:
         return now >= self.expire_at
 
 
-def _token_cap_warning(spec: str, token: LoginToken, reach: float) -> str:
+def _token_cap_warning(spec: str, token: LoginToken, reach: float, *,
+                       renewed: bool = True) -> str:
+    at_max = token.max_expire_at is not None and reach >= token.max_expire_at - 1
+    if token.renewable and not renewed and not at_max:
+        return (f"warning: {spec}: the {token.name} expires at {_when(reach)} and "
+                "--heartbeat 0 does not renew it, ending the lease before --ttl: the broker "
+                "caps a lease at its token's expiry")
     if token.renewable:
         return (f"warning: {spec}: the {token.name}'s max TTL "
                 f"({'token_max_ttl' if token.name == 'login token' else 'explicit_max_ttl'}) "
@@ -395,13 +402,21 @@ def _token_cap_warning(spec: str, token: LoginToken, reach: float) -> str:
 
 # --------------------------------------------------------------------------- output
 
-_out_lock = threading.Lock()
+#: Re-entrant: the signal handler says something during the cleanup, and it runs in
+#: the main thread, which may be inside _say already (blocked on a full stderr pipe).
+_out_lock = threading.RLock()
 
 
 def _say(message: str) -> None:
+    """One line on stderr. Never raises: a log reader that went away (``2>&1 | head``,
+    a closed CI log stream) must not stop exec from running the command, renewing
+    its leases and revoking them; the message is lost, the run goes on."""
     with _out_lock:
-        sys.stderr.write(f"broker: {message}\n")
-        sys.stderr.flush()
+        try:
+            sys.stderr.write(f"broker: {message}\n")
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
 
 
 def _when(ts: float) -> str:
@@ -431,6 +446,8 @@ class Heartbeat:
 
     def stop(self) -> None:
         self._stop.set()
+        if self._thread.ident is None:
+            return  # never started (a signal right before start()): nothing to wait for
         self._thread.join(self.heartbeat + _REVOKE_TIMEOUT)
 
     def _run(self) -> None:
@@ -639,6 +656,8 @@ class Exec:
         self._token_looked_up = False
         self.held: list[Held] = []
         self.heartbeat: Heartbeat | None = None
+        #: why the variable names are BROKER_*: said once the credentials are issued.
+        self._mounts_warning: str | None = None
 
     def run(self) -> int:
         fwd = _Forwarder()
@@ -697,6 +716,11 @@ class Exec:
     def _setup(self) -> None:
         if self.opts.jwt is not None:
             self._login()
+            if not self.opts.heartbeat and self.opts.ttl and self.token is not None:
+                # No heartbeat renews the login token later, and a lease may not
+                # outlive it: make it last the budget now (as far as its max TTL allows).
+                # (Two seconds of slack: the leases are issued a moment after.)
+                keep_token(self.client, self.token, time.time() + self.opts.ttl + 2)
         plugins = self._plugins()
         ttl = first_ttl(self.opts.heartbeat, self.opts.ttl)
         for mount, role in self.opts.specs:
@@ -716,6 +740,10 @@ class Exec:
             for warning in resp.get("warnings") or []:
                 _say(f"warning: {cred.spec}: {' '.join(str(warning).split())}")
             self._plan(cred, started)
+        if self._mounts_warning:
+            # Said only now: a token the broker refuses altogether fails on the first
+            # credential with one error line, not a warning about sys/mounts first.
+            _say(self._mounts_warning)
         hb = self.opts.heartbeat
         _say(f"{len(self.held)} lease(s) for the command: "
              + ", ".join(c.lease_id for c in self.held)
@@ -784,7 +812,8 @@ class Exec:
             resp = self.client.request("GET", "sys/mounts")
         except ClientError as exc:
             if exc.status in {403, 404, 405}:
-                _say(f"warning: cannot read sys/mounts ({exc}); using BROKER_* variable names")
+                self._mounts_warning = (f"warning: cannot read sys/mounts ({exc}); "
+                                        "using BROKER_* variable names")
                 return {}
             raise
         data = (resp or {}).get("data") or {}
@@ -818,10 +847,12 @@ class Exec:
             # Capped at the token's expiry, not the role's max TTL: the lease follows
             # the token as the heartbeat renews it, up to the token's own limit.
             # (The role's max TTL, if it comes first, stops renewals with a 400.)
-            reach = token.reach
+            # Without a heartbeat nothing renews the token: it ends the lease at its expiry.
+            reach = token.reach if self.opts.heartbeat else token.expire_at
             if reach is not None and (cred.end is None or reach < cred.end):
                 if cred.end is not None:
-                    _say(_token_cap_warning(cred.spec, token, reach))
+                    _say(_token_cap_warning(cred.spec, token, reach,
+                                            renewed=bool(self.opts.heartbeat)))
                 cred.end = reach
             return
         if cred.end is None or max_expire < cred.end:
@@ -915,9 +946,38 @@ class Exec:
 # --------------------------------------------------------------------------- entry point
 
 
+#: prctl(2) option: whether the process may be core-dumped, ptrace-attached, and its
+#: /proc/PID/environ and /proc/PID/mem read by other processes of the same user.
+_PR_SET_DUMPABLE = 4
+
+
+def _hide_from_the_command() -> None:
+    """Make exec's own memory and environment unreadable to the command it runs.
+
+    The command runs as the same user: without this it can read the JWT and a
+    ``BROKER_TOKEN`` exec keeps from its environment in ``/proc/$PPID/environ``
+    (and the login token from ``/proc/$PPID/mem`` where ptrace is not restricted).
+    A process that is not dumpable has its ``/proc`` entries owned by root; the
+    flag is reset by execve, so the command itself is unaffected. It also keeps
+    the secrets out of core dumps. Linux only; elsewhere (or if it fails) a no-op.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
 def cmd_exec(args: argparse.Namespace) -> int:
     """``broker exec``: see the module doc. Returns the command's exit code."""
+    _hide_from_the_command()
     opts = options_from_args(args, os.environ)
+    if getattr(args, "token", None):
+        _say("warning: --token puts the token in the process list for the whole run, "
+             "where the command and other users can read it (ps); set BROKER_TOKEN instead")
     settings = resolve_settings(args, os.environ)
     if settings.ca_file and not os.path.isfile(settings.ca_file):
         raise UsageError(f"CA file not found: {settings.ca_file}")
