@@ -10,9 +10,11 @@ import difflib
 import errno
 import ipaddress
 import json
+import logging
 import os
 import re
 import ssl
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -26,6 +28,8 @@ from broker.backend import MountSpec, PluginConfigError, RoleSpec, load_plugin
 from broker.durations import format_duration, parse_duration
 from broker.event_loop import unknown as unknown_event_loop
 from broker.templating import template_names
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "MAX_REVOKE_BATCH",
@@ -664,6 +668,23 @@ def read_secret_file(path: str) -> str:
     return text.rstrip("\r\n")
 
 
+def _warn_if_shared(r: _Reader, path: str) -> None:
+    """Warn (as ssh refuses) when others than the owner may read or write a secret file.
+
+    A warning, not an error: a file shared with a group on purpose (a secrets
+    agent writing it) must not stop the broker; the files the broker writes
+    itself (rotate-root) are always owner-only.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # just read it: a race with a rename, the next load says more
+    if mode & 0o077:
+        log.warning("%s: %s: %s is %s: others than its owner may read or change the "
+                    "admin password (chmod 600 %s)", r.source, r.key("password_file"), path,
+                    stat.filemode(mode), path)
+
+
 def _secret(r: _Reader, base: Path) -> tuple[str | None, str | None]:
     """The mount's secret and the file it came from (None for password_env or none)."""
     pfile = r.get("password_file", str)
@@ -691,6 +712,7 @@ def _secret(r: _Reader, base: Path) -> tuple[str | None, str | None]:
             # Else the mount started with no admin password and the backend
             # refused it with an error that named neither the file nor the key.
             raise r.error("password_file", f"{pfile} is empty: it must hold the admin password")
+        _warn_if_shared(r, pfile)
         return secret, pfile
     if penv:
         value = os.environ.get(penv)

@@ -387,6 +387,9 @@ class JWTAuthMethod:
         user = _scalar(_claim(claims, role.user_claim))
         if not user:
             raise _deny(f"user_claim {role.user_claim!r} is missing from the JWT or empty")
+        if "\x00" in user:
+            # Token rows keep it (display name): a PostgreSQL store cannot (a 500).
+            raise _deny(f"user_claim {role.user_claim!r} holds a NUL character")
         metadata: dict[str, str] = {}
         for claim_name, key in role.claim_mappings.items():
             value = _claim(claims, claim_name)
@@ -396,6 +399,9 @@ class JWTAuthMethod:
             if text is None:
                 raise _deny(f"claim {claim_name!r} (mapped to metadata {key!r}) is not a "
                             "string, number or boolean")
+            if "\x00" in text:  # as for user_claim: not storable in PostgreSQL's JSONB
+                raise _deny(f"claim {claim_name!r} (mapped to metadata {key!r}) holds a NUL "
+                            "character")
             metadata[key] = text
         metadata.update(role=role.name, auth=self.name)
         return LoginResult(

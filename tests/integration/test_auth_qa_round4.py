@@ -315,3 +315,12 @@ def test_a_misspelt_key_is_named_with_a_suggestion(tmp_path: Path, body: str, ke
     assert error.key == key, str(error)
     assert message in error.message, str(error)
     assert "missing" not in error.message
+
+
+def test_a_claim_holding_a_nul_is_refused(broker: BrokerThread, github: OIDCIssuer) -> None:
+    """A NUL in the user claim (here ``sub``, from the repository) is a 403 saying so.
+    Request fields refuse NUL already; a claim went into the token's row as it was: a
+    PostgreSQL store (JSONB, text) answered 500 with a traceback, SQLite kept it."""
+    token = github.github_token(repository="acme/a\x00b")
+    with pytest.raises(hvac.exceptions.Forbidden, match="NUL"):
+        client(broker).auth.jwt.jwt_login(role="deploy", jwt=token, path="github")

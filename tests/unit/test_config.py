@@ -335,3 +335,27 @@ revoke_backoff_max = "1s"
     assert (config.server.worker_stall_timeout, config.server.shutdown_grace) == (0, 0)
     assert config.server.max_request_size == 1024
     assert config.leases.revoke_backoff_max == config.leases.revoke_backoff_base == 1.0
+
+
+def test_a_password_file_others_may_read_is_warned_about(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A group- or world-readable admin password file loads with a warning naming the
+    file, the key and its mode (it loaded silently); an owner-only one loads quietly.
+    The password itself is never in the message."""
+    secret = tmp_path / "admin.pw"
+    secret.write_text("s3cret-admin-pw\n")
+    text = (f'[mounts.pg]\nplugin = "postgres"\nconnection_url = "postgresql://a@h/d"\n'
+            f'password_file = "{secret}"\n')
+    config = write(tmp_path, text)
+    secret.chmod(0o644)
+    with caplog.at_level("WARNING", logger="broker.config"):
+        load_config(config)
+    warned = [r.getMessage() for r in caplog.records if r.name == "broker.config"]
+    assert len(warned) == 1 and "mounts.pg.password_file" in warned[0], warned
+    assert "-rw-r--r--" in warned[0] and str(config) in warned[0], warned
+    assert "s3cret-admin-pw" not in caplog.text
+    caplog.clear()
+    secret.chmod(0o600)
+    with caplog.at_level("WARNING", logger="broker.config"):
+        load_config(config)
+    assert not [r for r in caplog.records if r.name == "broker.config"]
