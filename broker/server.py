@@ -498,7 +498,7 @@ def _setup_logging() -> None:
 
 
 def check_server_config(config_path: str, *, listen: str | None = None) -> int:
-    """What a ``broker server --check`` would do: the checks ``broker server`` makes
+    """``broker server --check``: the checks ``broker server`` makes
     before it opens anything (the config file, and what the server adds: TLS off
     loopback, workers), without starting. Prints ``config ok: FILE`` (0) or the
     one-line error (2), as ``broker server`` does. Connects to nothing."""
