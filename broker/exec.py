@@ -11,7 +11,11 @@ however the command (or ``broker exec`` itself) ends.
   forwarded too; the command decides whether they end it.
 - ``broker exec`` SIGKILLed, or its machine gone: the leases were issued with a
   TTL of only two heartbeats and renewed every heartbeat, so they expire (and
-  the broker revokes them) within about two heartbeats.
+  the broker revokes them) within about two heartbeats. A JWT login's token is
+  cut down right after the login to what the leases get plus one heartbeat
+  (:func:`login_token_ttl`: three heartbeats, at least a minute) and renewed
+  by the heartbeat, so it does not outlive them by its whole ``token_ttl``
+  either (not with ``--heartbeat 0`` or ``--no-revoke``, nor a token exec was given).
 - ``--ttl`` is the overall budget: renewals stop so that no lease outlives it.
 - A lease never outlives the token that issued it (the broker caps it at the
   token's expiry), so the heartbeat renews exec's token too (``renew-self``,
@@ -28,8 +32,8 @@ id is in ``BROKER_LEASE_IDS``, comma-separated, in the order given.
 
 The rest of exec's environment is inherited, except the ``--jwt-env`` variable
 (the JWT logs in as the whole job), the broker token variables
-(``BROKER_TOKEN``, ``VAULT_TOKEN``: the command gets its leases, not the power
-to issue more, and a token would outlive the leases exec revokes; unless
+(``BROKER_TOKEN``, ``BROKER_TOKEN_FILE``, ``VAULT_TOKEN``: the command gets its
+leases, not the power to issue more, and a token would outlive the leases exec revokes; unless
 ``--pass-token``) and a plain name the credential leaves empty (an IAM user's
 ``AWS_SESSION_TOKEN``: a stale one would break its key). exec is not dumpable, so
 the command cannot read what it keeps from it in ``/proc/$PPID/environ`` either.
@@ -74,8 +78,10 @@ __all__ = [
     "configure_parser",
     "exit_code",
     "first_ttl",
+    "login_token_ttl",
     "options_from_args",
     "renew_increment",
+    "shorten_token",
     "split_command",
     "stale_names",
 ]
@@ -91,6 +97,9 @@ FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
 _TERMINAL_SIGNALS = (signal.SIGINT, signal.SIGQUIT)
 #: how long one revocation may take before exec gives up on it (the server waits 30 s).
 _REVOKE_TIMEOUT = 40.0
+#: the least a JWT login's token is cut down to (login_token_ttl): the credentials are
+#: issued before the heartbeat starts, and some backends take seconds per credential.
+_LOGIN_TOKEN_FLOOR = 60
 
 
 # --------------------------------------------------------------------------- options
@@ -117,8 +126,9 @@ class ExecOptions:
     pass_token: bool = False
 
 
-#: where the CLI reads a broker token from (broker/cli/common.py): kept from the command.
-TOKEN_VARIABLES = ("BROKER_TOKEN", "VAULT_TOKEN")
+#: where the CLI reads a broker token from (broker/cli/common.py): kept from the command
+#: (BROKER_TOKEN_FILE names a file the command, running as the same user, could read).
+TOKEN_VARIABLES = ("BROKER_TOKEN", "BROKER_TOKEN_FILE", "VAULT_TOKEN")
 
 
 def split_command(argv: Sequence[str]) -> tuple[list[str], list[str] | None]:
@@ -153,7 +163,8 @@ def configure_parser(p: argparse.ArgumentParser, mount_role: Callable[[str], Any
                    help="overall lifetime budget, e.g. 15m (default: the role's max TTL)")
     p.add_argument("--heartbeat", type=_heartbeat, default=DEFAULT_HEARTBEAT, metavar="DURATION",
                    help="renew every DURATION; leases live 2x that unless renewed, so they die "
-                   "soon after exec is killed (default 30s; 0: off, leases get the whole --ttl)")
+                   "soon after exec is killed, and a JWT login's token 3x (at least 60s) "
+                   "(default 30s; 0: off, leases get the whole --ttl)")
     p.add_argument("--no-revoke", action="store_true",
                    help="leave the leases (and a login token) alive when the command ends: "
                    "each lives on until the end of --ttl (without --ttl: the role's default "
@@ -165,7 +176,8 @@ def configure_parser(p: argparse.ArgumentParser, mount_role: Callable[[str], Any
     p.add_argument("--auth-path", metavar="PATH", default="jwt",
                    help="auth mount to log in at: POST /v1/auth/PATH/login (default jwt)")
     p.add_argument("--pass-token", action="store_true",
-                   help="pass BROKER_TOKEN and VAULT_TOKEN on to the command (by default "
+                   help="pass BROKER_TOKEN, BROKER_TOKEN_FILE and VAULT_TOKEN on to the "
+                   "command (by default "
                    "it gets its credentials, not the token); never a JWT login's token")
     p.set_defaults(command_argv=None)
 
@@ -240,6 +252,19 @@ def renew_increment(now: float, end: float | None, heartbeat: int) -> int | None
     if left < 1:
         return None
     return min(2 * heartbeat, left)
+
+
+def login_token_ttl(heartbeat: int) -> int:
+    """The TTL a JWT login's token is cut down to (``renew-self``) right after the login.
+
+    What the leases get (two heartbeats) plus one heartbeat of slack: the same
+    lifetime the heartbeat renews the token to before each lease renewal
+    (:meth:`Heartbeat.beat`), so a SIGKILLed exec leaves the token alive about one
+    heartbeat longer than its leases instead of its whole ``token_ttl``. At least
+    ``_LOGIN_TOKEN_FLOOR`` (a minute): the credentials are issued before the
+    heartbeat starts, and the token must outlive that.
+    """
+    return max(3 * heartbeat, _LOGIN_TOKEN_FLOOR)
 
 
 def exit_code(returncode: int) -> int:
@@ -570,6 +595,28 @@ def keep_token(client: Client, token: LoginToken, until: float, *,
         token.failing = False
 
 
+def shorten_token(client: Client, token: LoginToken, ttl: int) -> None:
+    """Cut ``token`` down to ``ttl`` seconds from now (``renew-self`` with a small
+    increment: the broker sets the expiry to now + increment, even when sooner).
+
+    Only ever shortens: a token that expires sooner already, or that cannot be
+    renewed (the heartbeat could not keep it alive), is left as it is. If the
+    broker refuses, exec goes on with the token's whole TTL, and says so.
+    """
+    now = time.time()
+    if not token.renewable or token.expire_at - now <= ttl + 1:
+        return
+    try:
+        resp = client.request("PUT", "auth/token/renew-self", json={"increment": ttl})
+    except ClientError as exc:
+        _say(f"warning: could not shorten the {token.name} to {format_duration(ttl)}: {exc}; "
+             f"if exec is killed it stays valid until {_when(token.expire_at)}")
+        return
+    granted = ((resp or {}).get("auth") or {}).get("lease_duration")
+    if isinstance(granted, int) and not isinstance(granted, bool) and granted > 0:
+        token.expire_at = now + granted
+
+
 # --------------------------------------------------------------------------- signals
 
 
@@ -740,6 +787,14 @@ class Exec:
             for warning in resp.get("warnings") or []:
                 _say(f"warning: {cred.spec}: {' '.join(str(warning).split())}")
             self._plan(cred, started)
+        if (self.opts.jwt is not None and self.opts.heartbeat and self.opts.revoke
+                and self.token is not None and all(c.renewable for c in self.held)):
+            # Nobody else holds the token: if exec is killed, it should die about when
+            # the leases do, not live on for the role's whole token_ttl. The heartbeat
+            # renews it before the leases each time, and they follow it. Only when the
+            # heartbeat covers every lease: a lease never outlives its token, and one
+            # that cannot be renewed (AWS STS) must keep the token alive as long as it.
+            shorten_token(self.client, self.token, login_token_ttl(self.opts.heartbeat))
         if self._mounts_warning:
             # Said only now: a token the broker refuses altogether fails on the first
             # credential with one error line, not a warning about sys/mounts first.
@@ -977,7 +1032,8 @@ def cmd_exec(args: argparse.Namespace) -> int:
     opts = options_from_args(args, os.environ)
     if getattr(args, "token", None):
         _say("warning: --token puts the token in the process list for the whole run, "
-             "where the command and other users can read it (ps); set BROKER_TOKEN instead")
+             "where the command and other users can read it (ps); use --token-file FILE "
+             "or set BROKER_TOKEN instead")
     settings = resolve_settings(args, os.environ)
     if settings.ca_file and not os.path.isfile(settings.ca_file):
         raise UsageError(f"CA file not found: {settings.ca_file}")
@@ -987,7 +1043,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
                       skip_verify=settings.skip_verify)
 
     if opts.jwt is None and not settings.token:
-        raise UsageError("no token: pass --token TOKEN, set BROKER_TOKEN, "
+        raise UsageError("no token: pass --token-file FILE, set BROKER_TOKEN, "
                          "or log in with --jwt-file/--jwt-env and --auth-role")
     try:
         # Logging in starts without a token: the login answers with one.

@@ -59,7 +59,14 @@ def _connection_options(parser: argparse.ArgumentParser, default: Any) -> None:
         "--token",
         metavar="TOKEN",
         default=default,
-        help="token to send (env BROKER_TOKEN, VAULT_TOKEN)",
+        help="token to send (env BROKER_TOKEN, VAULT_TOKEN); visible in ps: prefer "
+        "--token-file",
+    )
+    group.add_argument(
+        "--token-file",
+        metavar="FILE",
+        default=default,
+        help="read the token to send from FILE (env BROKER_TOKEN_FILE)",
     )
     group.add_argument(
         "--tls-ca",

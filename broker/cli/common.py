@@ -68,6 +68,45 @@ def _first(*values: str | None) -> str | None:
     return next((v for v in values if v), None)
 
 
+def _read_token_file(path: str, source: str) -> str:
+    """The token in ``path`` without surrounding whitespace; OperationError naming the
+    file (never its content) if it cannot be read or holds nothing."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read().strip()
+    except OSError as exc:
+        raise OperationError(f"cannot read {source} {path}: {exc.strerror or exc}") from None
+    except ValueError:  # not UTF-8: not a token either
+        raise OperationError(f"cannot read {source} {path}: not a text file") from None
+    if not text:
+        raise OperationError(f"{source} {path} is empty")
+    return text
+
+
+def _token(args: argparse.Namespace, environ: Mapping[str, str]) -> str | None:
+    """``--token``, ``--token-file``, then ``BROKER_TOKEN``, ``BROKER_TOKEN_FILE``,
+    then ``VAULT_TOKEN``. A token file keeps the token out of the process list."""
+    flag: str | None = getattr(args, "token", None)
+    flag_file: str | None = getattr(args, "token_file", None)
+    if flag is not None and flag_file is not None:
+        raise UsageError("--token and --token-file cannot be used together: give one")
+    if flag_file is not None:
+        return _read_token_file(flag_file, "--token-file")
+    # Stripped so that a token of only whitespace (an empty token file with a
+    # CR LF) counts as unset; Client refuses what is left inside.
+    if flag and flag.strip():
+        return flag.strip()
+    env_token = (environ.get("BROKER_TOKEN") or "").strip()
+    env_file = environ.get("BROKER_TOKEN_FILE")
+    if env_token and env_file:
+        raise UsageError("BROKER_TOKEN and BROKER_TOKEN_FILE are both set: unset one")
+    if env_token:
+        return env_token
+    if env_file:
+        return _read_token_file(env_file, "BROKER_TOKEN_FILE")
+    return _first((environ.get("VAULT_TOKEN") or "").strip())
+
+
 def resolve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
     """Flags win, then ``BROKER_*``, then ``VAULT_*`` (so existing Vault setups work)."""
     return Settings(
@@ -75,13 +114,7 @@ def resolve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Se
             getattr(args, "address", None), environ.get("BROKER_ADDR"), environ.get("VAULT_ADDR")
         )
         or DEFAULT_ADDRESS,
-        # Stripped here so that a token of only whitespace (an empty token file
-        # with a CR LF) counts as unset; Client refuses what is left inside.
-        token=_first(*(
-            (value or "").strip() for value in (
-                getattr(args, "token", None), environ.get("BROKER_TOKEN"),
-                environ.get("VAULT_TOKEN"))
-        )),
+        token=_token(args, environ),
         ca_file=_first(
             getattr(args, "tls_ca", None), environ.get("BROKER_CACERT"), environ.get("VAULT_CACERT")
         ),
@@ -92,7 +125,8 @@ def resolve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Se
 def _client(args: argparse.Namespace, *, need_token: bool = True) -> Client:
     settings = resolve_settings(args, os.environ)
     if need_token and not settings.token:
-        raise UsageError("no token: pass --token TOKEN or set BROKER_TOKEN")
+        raise UsageError("no token: pass --token-file FILE or --token TOKEN, "
+                         "or set BROKER_TOKEN or BROKER_TOKEN_FILE")
     if settings.ca_file and not os.path.isfile(settings.ca_file):
         raise UsageError(f"CA file not found: {settings.ca_file}")
     try:

@@ -135,3 +135,66 @@ def test_iam_user_then_sts_never_mix_in_the_plain_names(
     assert {"AWS_ACCESS_KEY_ID_AWS_DEPLOY", "AWS_SECRET_ACCESS_KEY_AWS_DEPLOY",
             "AWS_SESSION_TOKEN_AWS_DEPLOY"} <= set(seen["names"])
     assert ":user/broker/" in seen["arn"]
+
+
+def test_a_jwt_login_token_is_not_cut_down_under_a_non_renewable_lease(
+    tmp_path: Path, moto_endpoint: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """exec cuts its JWT login token down to three heartbeats only when the heartbeat
+    renews every lease: an assumed_role lease cannot be renewed and lives its 15m, and
+    a lease never outlives its token, so cutting the token would end the lease (and
+    the broker's record of a credential AWS keeps honouring) at about 90 s. With a
+    renewable lease the token is cut down as before (the control)."""
+    from tests.integration.test_exec import github_auth
+    from tests.oidc_issuer import OIDCIssuer
+
+    monkeypatch.setenv("BROKER_TEST_AWS_SECRET", "testing")
+    iam = aws_client(moto_endpoint, "iam")
+    role_arn = iam.create_role(RoleName=f"broker-exec-{uuid.uuid4().hex[:8]}",
+                               AssumeRolePolicyDocument=TRUST)["Role"]["Arn"]
+    with OIDCIssuer() as issuer:
+        body = f"""
+{aws_mount(moto_endpoint)}
+[mounts.aws.roles.deploy]
+credential_type = "assumed_role"
+role_arns = ["{role_arn}"]
+default_ttl = "15m"
+max_ttl = "1h"
+
+[mounts.aws.roles.ci]
+credential_type = "iam_user"
+policy_document = '{READ_ONLY}'
+default_ttl = "15m"
+max_ttl = "1h"
+
+[policies.app]
+"aws/creds/*" = ["read"]
+""" + github_auth(issuer)
+        server = start_broker(write_config(tmp_path, body))
+        (tmp_path / "child.py").write_text(CHILD)
+        try:
+            def token_renewals(spec: str) -> list[dict[str, Any]]:
+                """Audit lines of exec renewing its login token (``token_renew``)."""
+                audit = Path(server.audit_path)
+                before = len(audit.read_text().splitlines())
+                environ = {k: v for k, v in os.environ.items()
+                           if not k.startswith(("BROKER_", "VAULT_", "AWS_", "CI_JWT"))}
+                environ |= {"BROKER_ADDR": server.url, "PYTHONPATH": str(REPO),
+                            "CI_JWT": issuer.github_token(repository="acme/app")}
+                done = subprocess.run(
+                    [sys.executable, "-m", "broker.cli", "exec", "--jwt-env", "CI_JWT",
+                     "--auth-role", "deploy", "--auth-path", "github", spec, "--",
+                     sys.executable, str(tmp_path / "child.py"), str(tmp_path / "out.json"),
+                     moto_endpoint], env=environ, capture_output=True, text=True,
+                    timeout=60, cwd=tmp_path)
+                assert done.returncode == 0, done.stderr
+                events = [json.loads(line) for line in
+                          audit.read_text().splitlines()[before:]]
+                return [e for e in events if e.get("type") == "token_renew"]
+
+            assert token_renewals("aws/deploy") == []  # not renewable: the token keeps its TTL
+            assert token_renewals("aws/ci") != []  # renewable: cut down to three heartbeats
+        finally:
+            requests.put(f"{server.url}/v1/sys/leases/revoke-prefix/aws/", json={"sync": True},
+                         headers={"X-Vault-Token": server.root_token}, timeout=120)
+            server.stop()
