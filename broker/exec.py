@@ -756,7 +756,7 @@ class Exec:
         except (ClientError, OperationError) as exc:
             # Before the command ran: one line; run() cleans up what was issued.
             _say(f"error: {' '.join(str(exc).split())}")
-            return 1
+            return EXEC_FAILED
         return self._run_command(env, fwd)
 
     # -- before the command -----------------------------------------------------
@@ -1026,15 +1026,26 @@ def _hide_from_the_command() -> None:
         pass
 
 
+#: exec's own exit code when it fails before the command runs (broker unreachable,
+#: login or a credential refused, a JWT file missing), as ``env``, ``timeout`` and
+#: ``docker run`` use 125: a CI step can tell "no credentials" from the command
+#: failing (1, most often). A wrong command line stays 2.
+EXEC_FAILED = 125
+
+
 def cmd_exec(args: argparse.Namespace) -> int:
     """``broker exec``: see the module doc. Returns the command's exit code."""
     _hide_from_the_command()
-    opts = options_from_args(args, os.environ)
+    try:
+        opts = options_from_args(args, os.environ)
+        settings = resolve_settings(args, os.environ)
+    except OperationError as exc:  # e.g. the JWT file or the token file is missing
+        _say(f"error: {' '.join(str(exc).split())}")
+        return EXEC_FAILED
     if getattr(args, "token", None):
         _say("warning: --token puts the token in the process list for the whole run, "
              "where the command and other users can read it (ps); use --token-file FILE "
              "or set BROKER_TOKEN instead")
-    settings = resolve_settings(args, os.environ)
     if settings.ca_file and not os.path.isfile(settings.ca_file):
         raise UsageError(f"CA file not found: {settings.ca_file}")
 

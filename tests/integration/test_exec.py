@@ -381,12 +381,13 @@ def test_no_revoke_without_ttl_leaves_a_token_capped_lease_until_the_token_expir
 
 
 def test_unreachable_broker_fails_before_running_the_command(env: Env) -> None:
-    """No broker: one error line, exit 1, and the command never runs."""
+    """No broker: one error line, exit 125 (exec's own failure, as env and docker run
+    say it: not the 1 a failing command most often gives), and the command never runs."""
     out = env.tmp / "out.json"
     argv = env.argv("pg/readonly", child=(str(out), "ok", "0", "0"))
     done = subprocess.run(argv, env=env.environ() | {"BROKER_ADDR": "http://127.0.0.1:9"},
                           capture_output=True, text=True, timeout=60)
-    assert done.returncode == 1
+    assert done.returncode == 125
     assert done.stderr.startswith("broker: error: cannot connect to http://127.0.0.1:9")
     assert len(done.stderr.splitlines()) == 1
     assert not out.exists()
@@ -401,7 +402,7 @@ def test_refused_credential_fails_and_revokes_what_was_issued(env: Env) -> None:
     token = resp.json()["auth"]["client_token"]
     out = env.tmp / "out.json"
     done = env.run("pg/readonly", "pg2/readonly", child=(str(out), "ok", "0", "0"), token=token)
-    assert done.returncode == 1
+    assert done.returncode == 125
     assert "broker: error: pg2/readonly: permission denied" in done.stderr
     assert "(HTTP 403)" in done.stderr
     assert not out.exists()
@@ -476,3 +477,4 @@ def test_the_login_jwt_never_reaches_the_command(env: Env, issuer: OIDCIssuer) -
     assert "PGPASSWORD" in seen["names"]
     assert "CI_JWT" not in seen["names"]
     assert seen["jwt_anywhere"] is False
+

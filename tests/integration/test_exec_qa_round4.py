@@ -182,12 +182,12 @@ def test_token_on_the_command_line_is_warned_about(env: Env) -> None:
 
 
 def test_a_refused_token_is_one_error_line(env: Env) -> None:
-    """A wrong BROKER_TOKEN: one ``broker: error:`` line, exit 1; it used to be preceded
+    """A wrong BROKER_TOKEN: one ``broker: error:`` line, exit 125; it used to be preceded
     by a warning that sys/mounts could not be read (with the same 403)."""
     done = subprocess.run([*EXEC, "pg/readonly", "--", "true"],
                           env=env.environ(BROKER_TOKEN="not-a-token-at-all"),
                           capture_output=True, text=True, timeout=60, cwd=env.tmp)
-    assert done.returncode == 1
+    assert done.returncode == 125
     assert done.stderr.splitlines() == [
         "broker: error: pg/readonly: permission denied: invalid token (HTTP 403)"]
     assert "not-a-token-at-all" not in done.stderr
@@ -323,7 +323,7 @@ def test_ci_jwt_file_with_newline_sigterm_revokes_lease_and_login_token(env: Env
 
 def test_a_bad_jwt_is_one_line_never_echoed_and_the_command_does_not_run(env: Env) -> None:
     """A JWT the broker refuses (signed by a key it does not know): one error line,
-    exit 1, the JWT nowhere in the output, the command not started."""
+    exit 125, the JWT nowhere in the output, the command not started."""
     bad = env.jwt("5105")
     head, payload, _sig = bad.split(".")
     bad = f"{head}.{payload}.{'A' * 40}"
@@ -332,7 +332,7 @@ def test_a_bad_jwt_is_one_line_never_echoed_and_the_command_does_not_run(env: En
         [*EXEC, "--jwt-env", "CI_JWT", "--auth-role", "deploy", *LOGIN, "pg/readonly", "--",
          "touch", str(marker)],
         env=env.environ(CI_JWT=bad), capture_output=True, text=True, timeout=60, cwd=env.tmp)
-    assert done.returncode == 1
+    assert done.returncode == 125
     lines = done.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(
         "broker: error: login at auth/github/login as role 'deploy': "), lines

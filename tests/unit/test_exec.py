@@ -82,9 +82,9 @@ def test_exec_reads_the_jwt_from_a_file_or_the_environment(tmp_path: Path) -> No
         (["exec", "--jwt-env", "X", "--jwt-file", "f", "--auth-role", "r", "pg/ro", "--", "t"],
          2, "not allowed with argument"),
         (["exec", "--jwt-env", "NOPE_UNSET", "--auth-role", "r", "pg/ro", "--", "true"],
-         1, "NOPE_UNSET is empty or unset"),
+         125, "NOPE_UNSET is empty or unset"),
         (["exec", "--jwt-file", "/nonexistent/jwt", "--auth-role", "r", "pg/ro", "--", "true"],
-         1, "cannot read --jwt-file /nonexistent/jwt"),
+         125, "cannot read --jwt-file /nonexistent/jwt"),
         (["exec", "pg/ro", "--", "true"], 2, "no token"),
     ],
 )
@@ -92,7 +92,8 @@ def test_exec_usage_errors_are_one_line(
     capsys: pytest.CaptureFixture[str], env: pytest.MonkeyPatch,  # noqa: F811
     argv: list[str], code: int, needle: str,
 ) -> None:
-    """Wrong flags end in one `broker: error:` line (exit 2; 1 for an unreadable JWT)."""
+    """Wrong flags end in one `broker: error:` line (exit 2; 125, exec's own failure, for an
+    unreadable JWT)."""
     env.delenv("NOPE_UNSET", raising=False)
     assert main(argv) == code
     err = capsys.readouterr().err
@@ -267,13 +268,13 @@ def test_refused_creds_stop_before_the_command_and_clean_up(
     canned: Canned, env: pytest.MonkeyPatch, tmp_path: Path,  # noqa: F811
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """A 403 on the second credential: one error line, exit 1, the command never runs,
+    """A 403 on the second credential: one error line, exit 125, the command never runs,
     the first lease is revoked."""
     _broker(canned, tmp_path)
     out = tmp_path / "seen.json"
     code = main(["exec", "--address", canned.address, "--token", "t", "pg/readonly",
                  "pg/denied", "--", *_child(out)])
-    assert code == 1
+    assert code == 125
     assert not out.exists()
     err = capsys.readouterr().err
     assert "broker: error: pg/denied: permission denied: read on pg/creds/denied (HTTP 403)\n" in err
