@@ -422,6 +422,10 @@ class MySQLBackend:
                 # is still made), so what it made is known from what was there.
                 snapshot = bool(statements) and not _one_account(statements[0], name)
                 before = await self._user_hosts(cur, name, "creating user")
+                if before is None:
+                    # Unknown: mysql.user unreadable (nothing to tell), or the name
+                    # exists only with host parts we do not quote (taken all the same).
+                    before = await self._hosts_as_stored(cur, name)
                 if before:
                     raise self._taken(name, before)
                 if not snapshot:
@@ -705,6 +709,17 @@ class MySQLBackend:
         hosts = {str(row[0]) for row in rows if _HOST_OK.fullmatch(str(row[0]))}
         return None if rows and not hosts else hosts
 
+    async def _hosts_as_stored(self, cur: Any, name: str) -> set[str] | None:
+        """Every host part of ``name`` in ``mysql.user``, whatever it holds (only ever
+        shown quoted); None if ``mysql.user`` is not readable."""
+        try:
+            await cur.execute("SELECT Host FROM mysql.user WHERE User = %s", (name,))
+        except pymysql.err.MySQLError as exc:
+            if _error_code(exc) in _ACCESS_DENIED:
+                return None
+            raise self._wrap("creating user", exc) from None
+        return {str(row[0]) for row in await cur.fetchall()}
+
     async def _lock_account(self, cur: Any, name: str, host: str) -> None:
         stmt = f"ALTER USER IF EXISTS {quote_literal(name)}@{quote_literal(host)} ACCOUNT LOCK"
         try:
@@ -789,9 +804,9 @@ class MySQLBackend:
             for _ in range(5):
                 # Killed ones included: the wait below is for them to be gone.
                 await self._run(cur, "listing sessions",
-                                "SELECT ID FROM information_schema.PROCESSLIST WHERE USER = %s",
-                                params=(name,))
-                ids = [int(row[0]) for row in await cur.fetchall()]
+                                "SELECT ID, USER FROM information_schema.PROCESSLIST "
+                                "WHERE USER = %s", params=(name,))
+                ids = _sessions_of(await cur.fetchall(), name)
                 if not ids:
                     return
                 await self._kill_and_wait(
@@ -805,11 +820,11 @@ class MySQLBackend:
         await self._run(
             cur,
             "listing sessions",
-            "SELECT ID FROM information_schema.PROCESSLIST "
+            "SELECT ID, USER FROM information_schema.PROCESSLIST "
             "WHERE USER = %s AND COMMAND <> 'Killed'",
             params=(name,),
         )
-        ids = [int(row[0]) for row in await cur.fetchall()]
+        ids = _sessions_of(await cur.fetchall(), name)
         for thread_id in ids:
             try:
                 await cur.execute(f"KILL CONNECTION {thread_id:d}")
@@ -957,6 +972,16 @@ class MySQLBackend:
 
 def _account(name: str, host: str) -> str:
     return f"{quote_literal(name)}@{quote_literal(host)}"
+
+
+def _sessions_of(rows: Any, name: str) -> list[int]:
+    """The thread ids of ``rows`` (ID, USER) that are ``name``'s, to the letter.
+
+    PROCESSLIST.USER compares without case (``utf8mb3_general_ci``) while account
+    names are case-sensitive: ``USER = 'alice'`` also finds the sessions of an
+    account ``Alice`` (or of an admin ``Alice``), which a revocation must not kill.
+    """
+    return [int(row[0]) for row in rows if str(row[1]) == name]
 
 
 def _one_account(stmt: str, name: str) -> bool:

@@ -204,6 +204,54 @@ async def test_a_name_existing_on_another_host_is_not_issued_nor_dropped(
     assert _hosts(mysql_dsn, name) == {"localhost"}
 
 
+
+async def test_a_name_taken_only_with_an_odd_host_part_is_not_issued(
+    make_backend: Callable[..., Awaitable[MySQLBackend]], mysql_dsn: str, tag: str,
+) -> None:
+    """'n'@'a b' (a host part the plugin does not quote for its own statements) made by
+    hand: the name is still taken, so the issue is refused and the account survives.
+    The lookup read such a name as "unknown" and issued it."""
+    name = f"{tag}-odd"
+    _sql(mysql_dsn, "CREATE USER %s@'a b' IDENTIFIED BY 'qaHandMade123'", (name,))
+    role = _role()
+    backend = await make_backend({"qa": role})
+    try:
+        with pytest.raises(BackendError) as err:
+            await _issue(backend, role, name)
+        assert err.value.created_nothing is True and "exists already" in str(err.value)
+        assert _hosts(mysql_dsn, name) == {"a b"}
+    finally:
+        _sql(mysql_dsn, "DROP USER IF EXISTS %s@'a b'", (name,))
+        _sql(mysql_dsn, "DROP USER IF EXISTS %s@'%%'", (name,))
+
+
+async def test_revocation_leaves_sessions_of_a_name_differing_in_case(
+    make_backend: Callable[..., Awaitable[MySQLBackend]], mysql_dsn: str, tag: str,
+) -> None:
+    """Account names are case-sensitive, PROCESSLIST.USER compares without case: revoking
+    lease user 'n' killed every session of a hand-made 'N' too (or of an admin 'N',
+    the broker's own pool among them). Now only the lease's own sessions end."""
+    name = f"{tag}-case"
+    other, password = name.upper(), "qaHandMade123"
+    _sql(mysql_dsn, "CREATE USER %s@'%%' IDENTIFIED BY %s", (other, password))
+    p = _parts(mysql_dsn)
+    held = pymysql.connect(host=p["host"], port=p["port"], user=other, password=password,
+                           autocommit=True, connect_timeout=5)
+    role = _role()
+    backend = await make_backend({"qa": role})
+    try:
+        resp = await _issue(backend, role, name)
+        await backend.delete_user(DeleteUserRequest(role=role, username=name,
+                                                    revocation=resp.revocation))
+        assert _hosts(mysql_dsn, name) == set()
+        with held.cursor() as cur:  # still there: not the lease's session
+            cur.execute("SELECT 1")
+            assert cur.fetchall() == ((1,),)
+    finally:
+        held.close()
+        _sql(mysql_dsn, "DROP USER IF EXISTS %s@'%%'", (other,))
+
+
 async def test_the_admins_own_name_is_never_issued_or_revoked(
     make_backend: Callable[..., Awaitable[MySQLBackend]], mysql_dsn: str,
     test_admin: tuple[str, str],
