@@ -799,7 +799,8 @@ class LeaseEngine(MountSet, Revoker):
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                return RevokeOutcome(done=False, error="revocation still in progress")
+                return RevokeOutcome(done=False, error="revocation still in progress",
+                                     pending=True)
             try:
                 return await asyncio.wait_for(asyncio.shield(fut), timeout=min(left, REVOKE_POLL))
             except TimeoutError:

@@ -43,6 +43,8 @@ class RevokeOutcome:
     error: str | None = None
     #: the attempt failed for good: the lease went irrevocable (not queued for a retry)
     irrevocable: bool = False
+    #: no attempt ended within the caller's wait (it goes on): not a failure
+    pending: bool = False
 
 
 def _no_release() -> None:

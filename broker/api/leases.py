@@ -27,8 +27,6 @@ T = TypeVar("T")
 LIVE_STATES = (LeaseState.ACTIVE, LeaseState.REVOKING, LeaseState.IRREVOCABLE)
 #: How long a revoke request waits for the first attempt before answering "queued".
 REVOKE_WAIT = 30.0
-#: The engine's word for a revocation whose first attempt has not ended within the wait.
-_STILL_IN_PROGRESS = "revocation still in progress"
 #: How long ``sync=true`` on revoke-prefix waits at most.
 SYNC_WAIT = 600.0
 #: ``LIST sys/leases/lookup/PREFIX`` answers at most this many keys unless ``limit`` says
@@ -117,8 +115,8 @@ async def revoke(request: web.Request) -> web.Response:
     lease = await _lease_for(call, "revoke")
     sync = call.flag("sync", True)
     outcome = await call.state.engine.revoke(lease, wait=REVOKE_WAIT if sync else 0)
-    # sync=false asks for no attempt: the engine's "still in progress" is no error.
-    error = outcome.error if sync or outcome.done or outcome.irrevocable else None
+    # An attempt still under way (sync=false asks for none to end) is no error.
+    error = None if outcome.pending else outcome.error
     await call.audit("revoke_request", lease=lease_ref(lease),
                      outcome="ok" if outcome.done else
                      "error" if outcome.irrevocable else "queued", error=error)
@@ -142,7 +140,7 @@ def _queued_warning(lease_id: str, sync: bool, error: str | None) -> str:
     if not sync:
         return (f"revocation of {lease_id} queued (sync=false): the lease is revoking and "
                 "ends in the background; look it up to follow it")
-    if error is None or error == _STILL_IN_PROGRESS:
+    if error is None:
         return (f"revocation of {lease_id} queued: the first attempt did not end within "
                 f"{REVOKE_WAIT:g}s; it goes on in the background")
     return (f"revocation of {lease_id} queued: the first attempt failed ({error}); "
