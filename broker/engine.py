@@ -55,7 +55,7 @@ from broker.lease import (
 )
 from broker.middleware import MountRuntime
 from broker.mounts import MountSet
-from broker.revocation import RevokeOutcome, Revoker, lease_ref
+from broker.revocation import ISSUED_BY, RevokeOutcome, Revoker, lease_ref
 from broker.store.base import LeaseStore, RevokeQueued
 from broker.templating import generate_password, render_username
 
@@ -90,13 +90,18 @@ RULE_INLINE_MAX = 1000
 #: Leases one revoke-rule expansion step queues (one transaction, ~50 ms on PostgreSQL).
 RULE_CHUNK = 5000
 
-def _created(lease: Lease, resp: NewUserResponse, max_expire: float) -> None:
-    """Fill in what the backend said about the credential it made; the lease goes active."""
+def _created(lease: Lease, resp: NewUserResponse, max_expire: float, plugin: str) -> None:
+    """Fill in what the backend said about the credential it made; the lease goes active.
+
+    The revocation data also records the plugin that made it (``ISSUED_BY``): a
+    mount's plugin may change across a restart, and another plugin must never be
+    handed this one's revocation data (see Revoker.revoke_claimed).
+    """
     if resp.expiration is not None:
         lease.expire_time = min(resp.expiration.timestamp(), max_expire)
     if resp.renewable is not None:
         lease.renewable = resp.renewable
-    lease.revocation = {"username": lease.username, **dict(resp.revocation)}
+    lease.revocation = {"username": lease.username, **dict(resp.revocation), ISSUED_BY: plugin}
     lease.state = LeaseState.ACTIVE
 
 
@@ -339,7 +344,7 @@ class LeaseEngine(MountSet, Revoker):
             # Cancelled mid-call (client gone, shutdown): the user may exist; undo it.
             await asyncio.shield(self._rollback(lease, role, reason="cancelled", request=request))
             raise
-        _created(lease, resp, max_expire)
+        _created(lease, resp, max_expire, runtime.spec.plugin)
         try:
             await self.store.activate(
                 lease.id,
@@ -412,7 +417,7 @@ class LeaseEngine(MountSet, Revoker):
             if isinstance(exc, BackendError):
                 raise _issue_failed(runtime, role, exc) from None
             raise
-        _created(lease, staged.response, max_expire)
+        _created(lease, staged.response, max_expire, runtime.spec.plugin)
         try:
             results = await asyncio.gather(
                 staged.commit(),  # first: its statement goes out before the others start

@@ -29,7 +29,7 @@ from broker.lease import Lease, LeaseState
 from broker.middleware import MountRuntime
 from broker.store.base import LeaseStore
 
-__all__ = ["RevokeOutcome", "Revoker", "lease_ref"]
+__all__ = ["ISSUED_BY", "RevokeOutcome", "Revoker", "lease_ref"]
 
 #: The engine's logger: these lines were the engine's before the split (and still are).
 log = logging.getLogger("broker.engine")
@@ -45,6 +45,17 @@ class RevokeOutcome:
     irrevocable: bool = False
     #: no attempt ended within the caller's wait (it goes on): not a failure
     pending: bool = False
+
+
+#: The revocation data's record of the plugin that issued the lease (engine._created).
+ISSUED_BY = "issued_by_plugin"
+
+
+def _foreign_plugin(lease: Lease, runtime: MountRuntime) -> str | None:
+    """The plugin that issued ``lease`` if the mount now runs another one (None: same,
+    or a lease from before the plugin was recorded)."""
+    issued = lease.revocation.get(ISSUED_BY)
+    return str(issued) if issued and issued != runtime.spec.plugin else None
 
 
 def _no_release() -> None:
@@ -110,6 +121,15 @@ class Revoker:
                 if runtime is None:
                     raise BackendError(f"mount {lease.mount!r} is not configured",
                                        retryable=True)
+                if (issued := _foreign_plugin(lease, runtime)) is not None:
+                    # Its revocation data means nothing to this plugin (or worse, the
+                    # same name something else there): never handed over. For good,
+                    # so it is listed as irrevocable; force ends it without a call.
+                    raise BackendError(
+                        f"the lease was issued by plugin {issued!r} but mount "
+                        f"{lease.mount!r} now runs {runtime.spec.plugin!r}: not revoked "
+                        f"through it (run the mount with {issued!r} again, or end the lease "
+                        "with sys/leases/revoke-force)", retryable=False)
                 await runtime.delete_user(DeleteUserRequest(
                     role=role, username=lease.username, revocation=lease.revocation,
                     reason=reason, lease_id=lease.id))
@@ -165,8 +185,10 @@ class Revoker:
             release()
             return
         runtime = self.mounts.get(leases[0].mount)
-        if runtime is None or not revokes_in_batches(runtime.backend):
-            # Reloaded under us: one call per lease, the slot freed once all returned.
+        if (runtime is None or not revokes_in_batches(runtime.backend)
+                or any(_foreign_plugin(lease, runtime) for lease in leases)):
+            # Reloaded under us (or a lease of another plugin among them): one call per
+            # lease, the slot freed once all returned.
             left = len(leases)
 
             def one_done() -> None:

@@ -440,3 +440,42 @@ def test_the_stale_pending_job_rolls_back_a_marked_row_after_a_crash(
                 and e["lease"]["id"] == lease.id and e.get("user_deleted")]
     finally:
         broker.stop()
+
+
+def test_a_lease_is_never_revoked_through_another_plugin_after_a_restart(
+    tmp_path: Path, postgres_dsn: str, mysql_dsn: str, pg_cleanup: None,
+) -> None:
+    """Mount ``pg`` issued a PostgreSQL role, then the broker restarted with ``pg`` running
+    the mysql plugin (a reload refuses that while leases live; a restart cannot). The
+    revocation is not handed to mysql, whose DROP USER IF EXISTS found nothing and
+    "succeeded": the lease read revoked while the role and its password lived on. Now
+    it fails for good naming both plugins (irrevocable, listed), and revoke-force ends
+    it without a backend call."""
+    store_url = f"sqlite:///{tmp_path / 'broker.db'}"
+    broker = start_broker(write_config(tmp_path, _pg_mount(postgres_dsn, "1h"),
+                                       storage_url=store_url))
+    try:
+        issued = _api(broker)("GET", "pg/creds/short").json()
+    finally:
+        broker.stop()
+    lease_id, role = issued["lease_id"], issued["data"]["username"]
+    other = tmp_path / "mysql-now"
+    other.mkdir()
+    swapped = _my_mount(mysql_dsn).replace("[mounts.my]", "[mounts.pg]").replace(
+        "[mounts.my.roles.app]", "[mounts.pg.roles.short]")
+    broker = start_broker(write_config(other, swapped, storage_url=store_url))
+    try:
+        refused = _api(broker)("PUT", "sys/leases/revoke", {"lease_id": lease_id})
+        assert refused.status_code == 502, refused.text
+        error = refused.json()["errors"][0]
+        assert "issued by plugin 'postgres'" in error and "now runs 'mysql'" in error, error
+        assert _lease(broker, lease_id).state is LeaseState.IRREVOCABLE
+        assert role in run(pg_roles(postgres_dsn, PREFIX))  # honest: it still exists
+        forced = _api(broker)("PUT", f"sys/leases/revoke-force/{lease_id}")
+        assert forced.status_code in (200, 204), forced.text
+        deadline = time.monotonic() + 10  # the forced ending is the sweeper's
+        while _lease(broker, lease_id).state is not LeaseState.REVOKED:
+            assert time.monotonic() < deadline, _lease(broker, lease_id)
+            time.sleep(0.1)
+    finally:
+        broker.stop()
