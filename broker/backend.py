@@ -147,7 +147,8 @@ class NewUserRequest:
 class NewUserResponse:
     #: what the client gets back under ``data`` (username/password, access_key/...).
     data: Mapping[str, Any]
-    #: extra non-secret facts delete_user will need (merged over {"username": ...}).
+    #: extra non-secret facts delete_user will need (merged over {"username": ...};
+    #: the engine adds "issued_by_plugin", see broker.revocation.ISSUED_BY).
     revocation: Mapping[str, Any] = field(default_factory=dict)
     #: set when the backend cannot honour the requested expiration (e.g. STS caps).
     expiration: datetime | None = None
