@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -86,7 +87,7 @@ class Env:
         return list(self.broker.call(self.broker.state.store.list_leases(
             LeaseFilter(prefix="pg/"))))
 
-    def lease(self, lease_id: str) -> object:
+    def lease(self, lease_id: str) -> Any:
         assert self.broker.state is not None
         return self.broker.call(self.broker.state.store.get(lease_id))
 

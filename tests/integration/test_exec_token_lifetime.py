@@ -20,19 +20,18 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 import requests
 
 from broker.lease import LeaseState
 from tests.conftest import run
-from tests.integration.broker_harness import BrokerThread, start_broker, write_config
+from tests.integration.broker_harness import start_broker, write_config
 from tests.integration.test_api_postgres import pg_mount, role_exists
 from tests.integration.test_exec import CHILD, github_auth
+from tests.integration.test_exec_qa_round4 import Env as Qa4Env
 from tests.oidc_issuer import OIDCIssuer
 
 pytestmark = pytest.mark.integration
@@ -51,31 +50,12 @@ def login_token_ttl(heartbeat: int) -> int:
     return max(3 * heartbeat, 60)
 
 
-@dataclass
-class Env:
-    broker: BrokerThread
-    tmp: Path
-    dsn: str
-    issuer: OIDCIssuer
-
-    def environ(self, **extra: str) -> dict[str, str]:
-        parts = urlsplit(self.dsn)
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("BROKER_", "VAULT_", "PG", "CI_JWT"))}
-        return env | {"BROKER_ADDR": self.broker.url, "PYTHONPATH": str(REPO),
-                      "TEST_PG_HOST": parts.hostname or "127.0.0.1",
-                      "TEST_PG_PORT": str(parts.port or 5432)} | extra
-
-    def jwt(self, run_id: str) -> str:
-        return self.issuer.github_token(repository="acme/app", run_id=run_id)
+class Env(Qa4Env):
+    """The exec QA round's test environment, plus root calls and token lookups."""
 
     def root(self, method: str, path: str, **body: Any) -> requests.Response:
         return requests.request(method, f"{self.broker.url}/v1/{path}", json=body or None,
                                 headers={"X-Vault-Token": self.broker.root_token}, timeout=30)
-
-    def lease(self, lease_id: str) -> Any:
-        assert self.broker.state is not None
-        return self.broker.call(self.broker.state.store.get(lease_id))
 
     def token_of(self, lease_id: str) -> str:
         """The accessor of the token that issued ``lease_id`` (its owner)."""
