@@ -24,11 +24,18 @@ _GRANT = re.compile(
 # Any other there reaches the mysql schema too (INSERT or UPDATE on *.* writes
 # mysql.global_priv: accounts by another name) or the server itself (FILE, SUPER,
 # CREATE USER...), and so outlives the lease's revocation (a DROP USER of its own
-# account). SELECT stays: Vault's own example grants SELECT ON *.*.
+# account). SELECT stays: Vault's own example grants SELECT ON *.*. PROCESS does
+# not (_PROCESS): it shows every session's running statement, secrets included.
 _GLOBAL_ALLOWED = frozenset({
-    "USAGE", "SELECT", "SHOW VIEW", "SHOW DATABASES", "PROCESS", "EXECUTE",
+    "USAGE", "SELECT", "SHOW VIEW", "SHOW DATABASES", "EXECUTE",
     "REPLICATION CLIENT", "BINLOG MONITOR", "SLAVE MONITOR", "REPLICA MONITOR",
 })
+#: Why PROCESS is refused: seen on MariaDB 10.11, a PROCESS holder reads in
+#: information_schema.PROCESSLIST the admin's running
+#: ``CREATE USER ... IDENTIFIED BY '<another lease's password>'`` (and rotate-root's
+#: ``ALTER USER ... IDENTIFIED BY``) in plain text.
+_PROCESS = ("GRANT PROCESS ON *.* (it shows every session's running statement: the "
+            "admin's CREATE USER ... IDENTIFIED BY other leases' passwords among them)")
 _WITH_GRANT_OPTION = re.compile(r"\bWITH\s+GRANT\s+OPTION\b", re.IGNORECASE)
 _COLUMNS = re.compile(r"\([^)]*\)")
 
@@ -99,5 +106,5 @@ def grant_refusal(stmt: str) -> str | None:
                 continue
             refused = sorted(privs - _GLOBAL_ALLOWED)
             if refused:
-                return f"GRANT {refused[0]} ON *.*"
+                return _PROCESS if refused == ["PROCESS"] else f"GRANT {refused[0]} ON *.*"
     return None
