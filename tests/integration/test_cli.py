@@ -476,7 +476,11 @@ def test_token_capabilities_as_the_vault_cli_prints_them(live: Live) -> None:
 def test_operator_init_prints_the_token_once(tmp_path: Path) -> None:
     """init prints only the token on stdout (warning on stderr); a second init fails."""
     config = tmp_path / "broker.toml"
-    config.write_text(f'[storage]\nurl = "sqlite:///{tmp_path / "broker.db"}"\n')
+    # Its own audit log and key: the defaults are /var/log/broker and /etc/broker,
+    # which this test wrote to on every machine it ran on.
+    config.write_text(f'[storage]\nurl = "sqlite:///{tmp_path / "broker.db"}"\n'
+                      f'[audit]\npath = "{tmp_path / "audit.jsonl"}"\n'
+                      f'hmac_key_file = "{tmp_path / "audit.key"}"\n')
     argv = [*_broker_argv(), "operator", "init", "--config", str(config)]
     env = _clean_env(tmp_path)
     first = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
@@ -486,6 +490,7 @@ def test_operator_init_prints_the_token_once(tmp_path: Path) -> None:
     second = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
     assert second.returncode == 1
     assert _ONE_LINE_ERROR.match(second.stderr) and "already initialised" in second.stderr
+    assert "operator_init" in (tmp_path / "audit.jsonl").read_text()
 
 
 # --------------------------------------------------------------------------- audit
