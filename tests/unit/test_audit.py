@@ -14,7 +14,7 @@ import shutil
 import signal
 import stat
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +37,6 @@ TIME_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 @pytest.fixture
 def paths(tmp_path: Path) -> tuple[str, str]:
     return str(tmp_path / "logs" / "audit.jsonl"), str(tmp_path / "audit.key")
-
-
-@pytest.fixture
-async def alog(paths: tuple[str, str]) -> AsyncIterator[AuditLog]:
-    log = await AuditLog.open(*paths, create_key=True)
-    yield log
-    await log.close()
 
 
 def lines(path: str) -> list[bytes]:

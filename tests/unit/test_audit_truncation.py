@@ -7,7 +7,6 @@ the way an intruder or a rotation tool would, writes more events, and runs
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -15,43 +14,20 @@ import resource
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from broker.audit import GENESIS, AuditError, AuditLog, event, load_key
 from broker.audit_verify import verify_file, verify_files
 
+# The audit tests' helpers; the alog fixture is tests/unit/conftest.py's.
+from tests.unit.test_audit import lines, records, sha, write_n
+
 
 @pytest.fixture
 def paths(tmp_path: Path) -> tuple[str, str]:
     return str(tmp_path / "audit.jsonl"), str(tmp_path / "audit.key")
-
-
-@pytest.fixture
-async def alog(paths: tuple[str, str]) -> AsyncIterator[AuditLog]:
-    log = await AuditLog.open(*paths, create_key=True)
-    yield log
-    await log.close()
-
-
-def lines(path: str) -> list[bytes]:
-    return Path(path).read_bytes().splitlines()
-
-
-def records(path: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in lines(path)]
-
-
-def sha(line: bytes) -> str:
-    return "sha256:" + hashlib.sha256(line).hexdigest()
-
-
-async def write_n(log: AuditLog, n: int, start: int = 0) -> None:
-    for i in range(start, start + n):
-        await log.write(event("issue", lease={"id": f"pg/creds/ro/{i}"}, n=i))
 
 
 def cli_verify(*argv: str) -> subprocess.CompletedProcess[str]:
