@@ -1,8 +1,8 @@
 """Shared fixtures: the real servers the integration tests talk to.
 
-Servers come from testcontainers when a Docker engine is reachable, else from
-``BROKER_TEST_POSTGRES_DSN`` / ``BROKER_TEST_MYSQL_DSN`` (defaulting to the
-local servers). Under ``CI=true`` a missing server fails the test; it never
+Servers come from ``BROKER_TEST_POSTGRES_DSN`` / ``BROKER_TEST_MYSQL_DSN`` when
+set, else from testcontainers when a Docker engine is reachable, else the local
+servers (the variables' defaults). Under ``CI=true`` a missing server fails the test; it never
 silently skips.
 """
 

@@ -186,6 +186,8 @@ class Call:
             except TimeoutError:
                 raise RequestTimeout(f"request body not received within {limit}s "
                                      "(server.idle_timeout)") from None
+            except ConnectionResetError:
+                raise ClientDisconnected() from None
             if raw.strip():
                 try:
                     # (what json.loads does with bytes: UTF-8, -16 or -32, BOM or not)
@@ -306,6 +308,10 @@ def new_call(request: web.Request, path: str) -> Call:
     return call
 
 
+class ClientDisconnected(Exception):
+    """The client closed its connection while the broker was reading its request body."""
+
+
 #: Vault's response-wrapping header (hvac's ``wrap_ttl=``). The broker does not wrap.
 WRAP_TTL_HEADER = "X-Vault-Wrap-TTL"
 WRAPPING_UNSUPPORTED = "response wrapping (X-Vault-Wrap-TTL) is not supported"
@@ -335,6 +341,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except BrokerError as exc:
         return error_response(exc.status, str(exc))
+    except ClientDisconnected:
+        # Nobody to answer, and not the broker's fault: no ERROR, no traceback.
+        log.info("client %s closed the connection before its request body arrived (%s %s)",
+                 request.remote, request.method, request.rel_url.raw_path)
+        return error_response(400, "connection closed before the request body arrived")
     except web.HTTPRequestEntityTooLarge:
         return error_response(413, "request body too large "
                               f"(limit {state.config.server.max_request_size} bytes)")

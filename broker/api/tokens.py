@@ -359,10 +359,27 @@ async def create(request: web.Request) -> web.Response:
         # Audited: a sudo holder probing for the values of other tokens shows up here.
         await call.audit("token_create", outcome="error", error=str(exc))
         raise
+    warnings += _parent_cap_warning(record, ttl, caller if not orphan else None)
     await call.audit("token_create", created={"accessor": record.accessor,
                                               "policies": record.policies,
                                               "client_token": token})
     return _auth_response(call, auth_block(token, record), warnings)
+
+
+def _parent_cap_warning(record: Token, ttl: int | None, parent: Token | None) -> list[str]:
+    """Say so when the parent's expiry, not the ``ttl`` asked for, set the new token's.
+
+    A child never outlives its parent (``TokenManager.create``); the answer's
+    ``lease_duration`` shows the shorter TTL, and the warning says why, as the
+    ``[tokens] max_ttl`` cap does.
+    """
+    if (parent is None or parent.expire_time is None or ttl is None
+            or record.expire_time is None or record.expire_time < parent.expire_time
+            or record.expire_time >= record.created + ttl):
+        return []
+    left = max(0, int(record.expire_time - record.created))
+    return [f"ttl {format_duration(ttl)} is longer than the parent token has left; capped at "
+            f"{format_duration(left)}: a child token never outlives its parent"]
 
 
 def _auth_response(call: Call, auth: dict[str, Any],

@@ -117,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dev",
         action="store_true",
-        help="throw-away local server: in-memory root token, loopback only",
+        help="local development server on embedded defaults, loopback only; its store "
+        "persists under $XDG_STATE_HOME/broker/dev and each start revokes the previous "
+        "run's root token",
     )
     p.add_argument("--dev-root-token-id", metavar="ID", help="root token value in --dev mode")
     p.add_argument("--listen", metavar="HOST:PORT", type=_listen, help="override server.listen")
@@ -214,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = leaf(tokens, "capabilities", cmd_token_capabilities,
              "what a token (this one if none given) may do on a path")
     p.add_argument("args", metavar="[TOKEN] PATH", nargs="+")
+    # argparse would show "[TOKEN] PATH [[TOKEN] PATH ...]": one path only.
+    p.usage = ("%(prog)s [-h] [connection options] [--accessor] [--format {json,table}] "
+               "[TOKEN] PATH")
     p.add_argument("--accessor", action="store_true", help="the first argument is an accessor")
     _format_option(p, ["json", "table"])
     p = leaf(tokens, "revoke", cmd_token_revoke, "revoke a token, its children and their leases")

@@ -259,6 +259,23 @@ def test_a_child_is_not_renewed_past_its_parents_shortened_expiry(broker: Broker
     assert client(broker, child).auth.token.lookup_self()["data"]["ttl"] <= 60
 
 
+def test_a_child_created_past_its_parents_expiry_says_it_was_capped(
+        broker: BrokerThread, root: hvac.Client) -> None:
+    """Creating a child with a ttl longer than its parent has left gives the parent's
+    expiry, and the answer's warnings say so (docs/api.md promised it; it was silent).
+    A child within the parent's time, and an orphan, get no such warning."""
+    parent_token = root.auth.token.create(policies=["ci"], ttl="10m")["auth"]["client_token"]
+    parent = client(broker, parent_token)
+    answer = parent.auth.token.create(ttl="1h")
+    assert 590 <= answer["auth"]["lease_duration"] <= 600
+    (warning,) = answer["warnings"]
+    assert "ttl 1h" in warning and "never outlives its parent" in warning, warning
+    within = parent.auth.token.create(ttl="5m")
+    assert within["auth"]["lease_duration"] == 300 and not within["warnings"]
+    orphan = root.auth.token.create(policies=["ci"], ttl="1h", no_parent=True)
+    assert orphan["auth"]["lease_duration"] == 3600 and not orphan["warnings"]
+
+
 # -- 5./6. config: a role that binds nothing, misspelt keys -------------------------------
 def config_error(tmp_path: Path, body: str) -> ConfigError:
     with pytest.raises(ConfigError) as info:
