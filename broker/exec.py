@@ -61,9 +61,9 @@ from broker.cli.common import (
     UsageError,
     _env_key,
     env_for,
-    remember_env_names,
     resolve_settings,
 )
+from broker.cli.mount_info import mount_plugins
 from broker.client import Client, ClientError
 from broker.durations import format_duration, parse_duration
 
@@ -703,8 +703,8 @@ class Exec:
         self._token_looked_up = False
         self.held: list[Held] = []
         self.heartbeat: Heartbeat | None = None
-        #: why the variable names are BROKER_*: said once the credentials are issued.
-        self._mounts_warning: str | None = None
+        #: why some variable names are BROKER_*: said once the credentials are issued.
+        self._mounts_warnings: list[str] = []
 
     def run(self) -> int:
         fwd = _Forwarder()
@@ -795,10 +795,10 @@ class Exec:
             # heartbeat covers every lease: a lease never outlives its token, and one
             # that cannot be renewed (AWS STS) must keep the token alive as long as it.
             shorten_token(self.client, self.token, login_token_ttl(self.opts.heartbeat))
-        if self._mounts_warning:
+        for warning in self._mounts_warnings:
             # Said only now: a token the broker refuses altogether fails on the first
-            # credential with one error line, not a warning about sys/mounts first.
-            _say(self._mounts_warning)
+            # credential with one error line, not a warning about the mounts first.
+            _say(warning)
         hb = self.opts.heartbeat
         _say(f"{len(self.held)} lease(s) for the command: "
              + ", ".join(c.lease_id for c in self.held)
@@ -862,19 +862,11 @@ class Exec:
         return token if abs(max_expire - token.server_expire) < 1.5 else None
 
     def _plugins(self) -> dict[str, str]:
-        """mount -> plugin type, for the variable names; {} if we may not read sys/mounts."""
-        try:
-            resp = self.client.request("GET", "sys/mounts")
-        except ClientError as exc:
-            if exc.status in {403, 404, 405}:
-                self._mounts_warning = (f"warning: cannot read sys/mounts ({exc}); "
-                                        "using BROKER_* variable names")
-                return {}
-            raise
-        data = (resp or {}).get("data") or {}
-        remember_env_names(data)
-        return {str(k).rstrip("/"): str(v.get("type", "")) for k, v in data.items()
-                if isinstance(v, dict)}
+        """mount -> plugin type of each mount in the specs, for the variable names; a mount
+        we may not read is left out (its variables are BROKER_*), with a warning."""
+        found = mount_plugins(self.client, [mount for mount, _ in self.opts.specs])
+        self._mounts_warnings = [f"warning: {w}" for w in found.warnings]
+        return found.plugins
 
     def _plan(self, cred: Held, started: float) -> None:
         """Where renewals must stop: the --ttl budget, and the lease's own max expiry."""

@@ -54,11 +54,13 @@ ALL_CAPABILITIES = frozenset({"create", "read", "update", "delete", "list", "sud
 #: attached to every token. The lease endpoints are further restricted by the
 #: lease engine to leases the token itself owns (its accessor is the lease
 #: owner); this policy only lets the request reach that check.
+#: It grants no ``read`` on ``sys/mounts`` (nor does Vault's): that lists every mount and
+#: role. What a client needs to know about a mount it may use (its plugin type and
+#: variable names, for ``broker creds --format env`` and ``broker exec``) comes from
+#: ``sys/internal/ui/mounts/MOUNT``, which needs no grant of its own (see
+#: :meth:`PolicySet.grants_under`).
 DEFAULT_POLICY: Mapping[str, tuple[str, ...]] = {
     "auth/token/lookup-self": ("read",),
-    # Which plugin backs a mount: `broker creds --format env` needs it for the
-    # variable names; it reveals no secret.
-    "sys/mounts": ("read",),
     "auth/token/renew-self": ("update",),
     "auth/token/revoke-self": ("update",),
     "sys/leases/renew": ("update",),
@@ -186,6 +188,14 @@ def _first_segment(key: _Resolved) -> str | None:
     if segs[0] is None or (is_prefix and len(segs) == 1):
         return None
     return segs[0]
+
+
+def _below(key: _Resolved, prefix: tuple[str, ...]) -> bool:
+    """Whether the pattern ``key`` names paths strictly below the path ``prefix`` (its
+    segments): longer than it, and each of its first segments ``+`` or the same."""
+    segs = key[1]
+    return len(segs) > len(prefix) and all(
+        seg is None or seg == want for seg, want in zip(segs, prefix, strict=False))
 
 
 def _parse_var(name: str, pattern: str) -> _Var:
@@ -352,6 +362,39 @@ class PolicySet:
         if "deny" in caps:
             return frozenset()
         return caps
+
+    def grants_under(
+        self,
+        policies: Sequence[str],
+        prefix: str,
+        *,
+        identity: Mapping[str, Any] | None = None,
+    ) -> bool:
+        """Whether ``policies`` grant some capability on ``prefix`` (a mount, ``"pg/"``) or
+        on some path below it: Vault's ``hasMountAccess``, which decides what
+        ``sys/internal/ui/mounts`` tells a token about a mount.
+
+        As Vault: yes if anything is granted on ``prefix`` itself (a ``*`` or ``pg/*``
+        rule), else if one of the token's rules below it, or reaching below it through
+        a ``+`` segment, grants anything but ``deny``. Which of several rules wins on
+        a given path does not matter here: a grant on any one path is access.
+        """
+        if isinstance(policies, str):
+            raise TypeError("policies must be a sequence of names, not one string")
+        prefix = prefix.strip("/") + "/"
+        if self.capabilities(policies, prefix, identity=identity):
+            return True
+        wanted = tuple(prefix[:-1].split("/"))
+        merged: dict[_Resolved, frozenset[str]] = {}
+        for name in frozenset(policies) | {"default"}:
+            for key, caps in self._static.get(name, {}).items():
+                merged[key] = merged.get(key, frozenset()) | caps
+            for (is_prefix, segments), caps in self._templates.get(name, {}).items():
+                rule = _Template(is_prefix, segments, caps).resolve(identity or {})
+                if rule is not None:
+                    merged[rule.key] = merged.get(rule.key, frozenset()) | caps
+        return any(caps and "deny" not in caps and _below(key, wanted)
+                   for key, caps in merged.items())
 
     def allows(
         self,

@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import http_exceptions, http_parser, web, web_protocol, web_response
 
-from broker.api import capabilities, creds, leases, login, mounts, roles, system, tokens
+from broker.api import capabilities, creds, leases, login, mount_info, mounts, roles, system, tokens
 from broker.api.common import STATE, error_middleware, error_response
 from broker.api.httpparser import ListAwareRequestParser
 from broker.state import BrokerState
@@ -95,6 +95,7 @@ def create_app(state: BrokerState) -> web.Application:
     app.on_response_prepare.append(_no_store)
     # Specific routes first: /v1/{mount}/creds/{role} must not shadow /v1/sys/...
     app.add_routes(system.routes)
+    app.add_routes(mount_info.routes)
     app.add_routes(capabilities.routes)
     app.add_routes(leases.routes)
     app.add_routes(tokens.routes)

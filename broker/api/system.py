@@ -22,7 +22,7 @@ from broker.errors import BadRequest, BrokerError, StoreUnavailable
 from broker.state import BrokerState
 from broker.worker_stats import merge, publish_own
 
-__all__ = ["routes"]
+__all__ = ["auth_mount_info", "routes"]
 
 routes = web.RouteTableDef()
 
@@ -221,16 +221,17 @@ async def auth_mounts(request: web.Request) -> web.Response:
     call: Call = request[CALL]
     await call.authenticate()
     await call.require("sys/auth", "read")
-    methods = {"token/": _auth_mount("token", "token", "token based credentials")}
+    methods = {"token/": auth_mount_info("token", "token", "token based credentials")}
     for name in sorted(auth_methods(call.state)):
-        methods[f"{name}/"] = _auth_mount(name, "jwt", "JWT/OIDC login")
+        methods[f"{name}/"] = auth_mount_info(name, "jwt", "JWT/OIDC login")
     return json_response({**methods, "request_id": call.request_id, "lease_id": "",
                           "renewable": False, "lease_duration": 0, "data": methods,
                           "wrap_info": None, "warnings": None, "auth": None})
 
 
-def _auth_mount(name: str, kind: str, description: str) -> dict[str, Any]:
-    """One entry of ``sys/auth`` in Vault's shape."""
+def auth_mount_info(name: str, kind: str, description: str) -> dict[str, Any]:
+    """One entry of ``sys/auth`` (and of ``sys/internal/ui/mounts``' ``auth``) in Vault's
+    shape."""
     digest = hashlib.sha256(f"broker auth {name}/".encode()).hexdigest()
     return {
         "accessor": f"auth_{kind}_{digest[:8]}",
@@ -281,6 +282,9 @@ async def openapi_spec(request: web.Request) -> web.Response:
 
 @routes.get("/v1/sys/mounts")
 async def mounts(request: web.Request) -> web.Response:
+    """Every mount with its plugin, health, roles and ``env_names`` (extension of Vault's
+    shape). ``read`` on ``sys/mounts``, which the ``default`` policy does not grant, as
+    Vault's: a client asks ``sys/internal/ui/mounts/MOUNT`` about a mount it uses."""
     call: Call = request[CALL]
     await call.authenticate()
     await call.require("sys/mounts", "read")

@@ -20,19 +20,19 @@ from broker.cli.common import (
     creds_unset,
     format_env,
     format_table,
-    remember_env_names,
 )
 from broker.cli.leases import (
     _print_record,
 )
-from broker.client import Client, ClientError
+from broker.cli.mount_info import mount_plugins
+from broker.client import Client
 
 # --------------------------------------------------------------------------- commands: daemon
 
 
 def cmd_server(args: argparse.Namespace) -> int:
     if not args.config and not args.dev:
-        raise UsageError("pass --config FILE, or --dev for a throw-away local server")
+        raise UsageError("pass --config FILE, or --dev for a local development server")
     if args.dev_root_token_id and not args.dev:
         raise UsageError("--dev-root-token-id only applies with --dev")
     if args.dev_root_token_id:
@@ -107,21 +107,14 @@ def cmd_operator_init(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- commands: creds
 
 
-def _mount_plugin(client: Client, mount: str) -> str | None:
-    """The plugin type of ``mount`` from ``sys/mounts``, or None if we may not read it."""
-    try:
-        resp = client.request("GET", "sys/mounts")
-    except ClientError as exc:
-        if exc.status in {403, 404, 405}:
-            _warn(f"cannot read sys/mounts ({exc}); using BROKER_* variable names")
-            return None
-        raise
-    mounts = (resp or {}).get("data") or {}
-    remember_env_names(mounts)
-    entry = mounts.get(mount.rstrip("/") + "/")
-    if not isinstance(entry, dict) or "type" not in entry:
+def _mount_plugin(client: Client, mount: str) -> tuple[str | None, list[str]]:
+    """The plugin type of ``mount`` (None if we may not read it) and the warnings to show
+    once the credential is issued; OperationError if an older broker says it has no such
+    mount (``sys/internal/ui/mounts`` answers a missing mount as one we may not use)."""
+    found = mount_plugins(client, [mount])
+    if mount in found.missing:
         raise OperationError(f"no mount named {mount!r} (see GET /v1/sys/mounts)")
-    return str(entry["type"])
+    return found.plugins.get(mount), found.warnings
 
 
 def cmd_creds(args: argparse.Namespace) -> int:
@@ -130,9 +123,13 @@ def cmd_creds(args: argparse.Namespace) -> int:
     client = _client(args)
     # Ask for the plugin type BEFORE issuing, so a failure here does not leave
     # an unused credential behind.
-    plugin = _mount_plugin(client, mount) if fmt == "env" else None
+    plugin, warnings = _mount_plugin(client, mount) if fmt == "env" else (None, [])
     params = {"ttl": args.ttl} if args.ttl is not None else None
     resp = _need(client.request("GET", f"{mount}/creds/{role}", params=params), "creds")
+    # Said only now: a token refused altogether (or a mount that does not exist) fails
+    # the issue with one error line, not a warning about the variable names first.
+    for warning in warnings:
+        _warn(warning)
     _show_warnings(resp)
     if fmt == "json":
         _print_json(resp)

@@ -159,7 +159,7 @@ def test_a_policy_token_sees_its_grants_sorted_and_deny_elsewhere(
         "pg/creds/ro": ["read"],
         "pg/creds/rw": ["deny"],
         "pg/creds/other": ["list", "read"],
-        "sys/mounts": ["read"],
+        "sys/mounts": ["deny"],  # not in the default policy (as in Vault)
         "sys/capabilities-self": ["update"],
         "nothing/here": ["deny"],
         "/pg/creds/ro": ["read"],

@@ -459,8 +459,8 @@ CREDS = {
 def test_creds_env_uses_the_mounts_plugin(
     capsys: pytest.CaptureFixture[str], env: pytest.MonkeyPatch, canned: Canned
 ) -> None:
-    """--format env reads the plugin from sys/mounts first, then prints quoted exports."""
-    canned.on("GET", "/v1/sys/mounts", body={"data": {"pg/": {"type": "postgres"}}})
+    """--format env reads the mount's plugin first, then prints quoted exports."""
+    canned.on("GET", "/v1/sys/internal/ui/mounts/pg", body={"data": {"type": "postgres"}})
     canned.on("GET", "/v1/pg/creds/readonly", body=CREDS)
     env.setenv("BROKER_ADDR", canned.address)
     env.setenv("VAULT_TOKEN", "tok")
@@ -472,7 +472,8 @@ def test_creds_env_uses_the_mounts_plugin(
         "export BROKER_LEASE_ID=pg/creds/readonly/abc\n"
     )
     assert err == "broker: warning: ttl capped at max_ttl 1h\n"
-    assert [s.path for s in canned.seen] == ["/v1/sys/mounts", "/v1/pg/creds/readonly"]
+    assert [s.path for s in canned.seen] == ["/v1/sys/internal/ui/mounts/pg",
+                                             "/v1/pg/creds/readonly"]
     assert canned.seen[1].query == {"ttl": ["7200"]}
 
 
@@ -537,7 +538,7 @@ def test_creds_env_unknown_mount_issues_nothing(
     )
     assert code == 1
     assert err == "broker: error: no mount named 'nope' (see GET /v1/sys/mounts)\n"
-    assert [s.path for s in canned.seen] == ["/v1/sys/mounts"]
+    assert [s.path for s in canned.seen] == ["/v1/sys/internal/ui/mounts/nope", "/v1/sys/mounts"]
 
 
 def test_creds_json_is_the_default_off_a_tty(

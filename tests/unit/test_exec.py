@@ -215,7 +215,7 @@ def _broker(canned: Canned, tmp_path: Path) -> None:  # noqa: F811
     """Canned answers: JWT login, mounts, creds (role pg/readonly), lookup, renew, revoke."""
     canned.on("POST", "/v1/auth/github/login",
               body={"auth": {"client_token": "login-token", "accessor": "acc"}})
-    canned.on("GET", "/v1/sys/mounts", body={"data": {"pg/": {"type": "postgres"}}})
+    canned.on("GET", "/v1/sys/internal/ui/mounts/pg", body={"data": {"type": "postgres"}})
     canned.on("GET", "/v1/pg/creds/readonly", body={
         "lease_id": "pg/creds/readonly/L1", "lease_duration": 60, "renewable": True,
         "data": {"username": "v-user", "password": "the-password"}})
@@ -251,7 +251,7 @@ def test_jwt_login_token_is_used_then_revoked(
         "BROKER_LEASE_IDS": "pg/creds/readonly/L1", "BROKER_TOKEN": None}
     calls = [(s.method, s.path) for s in canned.seen]
     assert calls == [
-        ("POST", "/v1/auth/github/login"), ("GET", "/v1/sys/mounts"),
+        ("POST", "/v1/auth/github/login"), ("GET", "/v1/sys/internal/ui/mounts/pg"),
         ("GET", "/v1/pg/creds/readonly"), ("PUT", "/v1/sys/leases/lookup"),
         ("PUT", "/v1/sys/leases/revoke"), ("POST", "/v1/auth/token/revoke-self")]
     login, _, creds, _, revoke, revoke_self = canned.seen
@@ -304,14 +304,17 @@ def test_signal_before_the_command_runs_revokes_what_was_issued(
     """SIGTERM while exec is still issuing: no command, the issued lease is revoked, 143."""
     _broker(canned, tmp_path)
 
+    # The SIGTERM goes once the second issue is in flight (the first one done), not on
+    # a fixed 0.3 s timer: a loaded machine could still be issuing the first by then.
+    timer = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM))
+
     def slow(_req: Any) -> tuple[int, Any]:
+        timer.start()
         time.sleep(1.0)
         return 403, {"errors": ["too late"]}
 
     canned.routes[("GET", "/v1/pg/creds/denied")] = slow
     out = tmp_path / "seen.json"
-    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM))
-    timer.start()
     try:
         code = main(["exec", "--address", canned.address, "--token", "t", "pg/readonly",
                      "pg/denied", "--", *_child(out)])

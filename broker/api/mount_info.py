@@ -1,0 +1,117 @@
+"""``GET /v1/sys/internal/ui/mounts[/{path}]``: what a token may know about the mounts it uses.
+
+Vault's answer to "which mount is this path on, and what plugin backs it",
+which clients ask without any grant of their own (Vault's CLI before a ``kv``
+call; ``broker creds --format env`` and ``broker exec`` for the variable names
+of a credential). The built-in ``default`` policy grants no ``sys/mounts``
+(that lists every mount and every role); this path tells a token about a
+mount only if its policies grant it something on some path under that mount
+(Vault's ``hasMountAccess``: :meth:`broker.policy.PolicySet.grants_under`).
+
+- ``sys/internal/ui/mounts/{path}``: the mount ``path`` falls under (``pg``,
+  ``pg/``, ``pg/creds/readonly``), in Vault's shape plus ``env_names`` and
+  ``healthy`` (extensions). A mount the token may not use and one that does
+  not exist get the same 403 with the same words, as in Vault, so the path
+  cannot be used to probe for mount names. No list of roles: a token allowed
+  one role does not learn the others.
+- ``sys/internal/ui/mounts``: every secrets mount and auth method the token
+  may use, ``{"secret": {...}, "auth": {...}}``. Without a token (Vault lists
+  the mounts tuned ``listing_visibility = "unauth"`` then, which the broker has
+  none of) both are empty.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from broker.api.common import CALL, Call, json_response
+from broker.api.login import auth_methods
+from broker.api.system import auth_mount_info
+from broker.errors import PermissionDenied
+from broker.middleware import MountRuntime
+
+__all__ = ["routes"]
+
+routes = web.RouteTableDef()
+
+
+def mount_info(runtime: MountRuntime) -> dict[str, Any]:
+    """One secrets mount in Vault's ``mountInfo`` shape, plus ``env_names`` and ``healthy``.
+
+    ``options`` is null: the mount's own settings (its connection URL, region,
+    ...) are configuration, not anything a client of the mount needs. Accessor
+    and uuid are derived from the name, so every replica answers the same.
+    """
+    name, plugin = runtime.spec.name, runtime.spec.plugin
+    digest = hashlib.sha256(f"broker mount {name}/".encode()).hexdigest()
+    return {
+        "type": plugin,
+        "description": "",
+        "accessor": f"{plugin}_{digest[:8]}",
+        "uuid": str(uuid.UUID(digest[:32])),
+        "config": {"default_lease_ttl": 0, "max_lease_ttl": 0, "force_no_cache": False},
+        "local": False,
+        "seal_wrap": False,
+        "external_entropy_access": False,
+        "options": None,
+        "plugin_version": "",
+        "running_plugin_version": "",
+        "running_sha256": "",
+        # Extensions. Health is no secret: GET sys/health shows it to anyone.
+        "healthy": runtime.healthy,
+        "env_names": dict(runtime.capabilities.env_names),
+    }
+
+
+def _envelope(call: Call, data: dict[str, Any]) -> web.Response:
+    return json_response({"request_id": call.request_id, "lease_id": "", "renewable": False,
+                          "lease_duration": 0, "data": data, "wrap_info": None,
+                          "warnings": None, "auth": None})
+
+
+def _may_use(call: Call, prefix: str) -> bool:
+    assert call.token is not None
+    return call.state.policies.grants_under(call.token.policies, prefix,
+                                            identity=call.identity)
+
+
+@routes.get("/v1/sys/internal/ui/mounts")
+async def list_mounts(request: web.Request) -> web.Response:
+    """The secrets mounts and auth methods the caller's token may use (Vault's shape)."""
+    call: Call = request[CALL]
+    if not call.presented_token():
+        return _envelope(call, {"secret": {}, "auth": {}})
+    await call.authenticate()
+    engine = call.state.engine
+    secret = {f"{name}/": mount_info(runtime) for name, runtime in sorted(engine.mounts.items())
+              if _may_use(call, f"{name}/")}
+    methods = {"token": auth_mount_info("token", "token", "token based credentials")}
+    for name in sorted(auth_methods(call.state)):
+        methods[name] = auth_mount_info(name, "jwt", "JWT/OIDC login")
+    auth = {f"{name}/": info for name, info in methods.items()
+            if _may_use(call, f"auth/{name}/")}
+    return _envelope(call, {"secret": secret, "auth": auth})
+
+
+@routes.get("/v1/sys/internal/ui/mounts/{path:.+}")
+async def read_mount(request: web.Request) -> web.Response:
+    """The secrets mount ``path`` is on, if the caller's token may use it; else 403."""
+    call: Call = request[CALL]
+    await call.authenticate()
+    # Vault's sanitizeMountPath: no leading "/", one trailing "/"; its words on a 403.
+    path = request.match_info["path"].lstrip("/")
+    path = path if path.endswith("/") else path + "/"
+    name = path.partition("/")[0]
+    runtime = call.state.engine.mounts.get(name)
+    if runtime is None or not _may_use(call, f"{name}/"):
+        # The same answer whether the mount exists or not, as Vault's (%q: JSON quoting).
+        message = ("preflight capability check returned 403, please ensure client's "
+                   f"policies grant access to path {json.dumps(path)}")
+        await call.audit("policy_denied", outcome="denied", checked_path=path, error=message)
+        raise PermissionDenied(message)
+    return _envelope(call, {**mount_info(runtime), "path": f"{name}/"})
