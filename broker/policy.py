@@ -192,8 +192,14 @@ def _first_segment(key: _Resolved) -> str | None:
 
 def _below(key: _Resolved, prefix: tuple[str, ...]) -> bool:
     """Whether the pattern ``key`` names paths strictly below the path ``prefix`` (its
-    segments): longer than it, and each of its first segments ``+`` or the same."""
-    segs = key[1]
+    segments): longer than it, and each of its first segments ``+`` or the same.
+
+    A templated segment may have resolved to a value holding ``/`` (metadata
+    ``m = "pg/creds"`` in ``{{identity.metadata.m}}/readonly``): it names that
+    many segments, as it does when the rule is matched against a path.
+    """
+    segs = tuple(part for seg in key[1]
+                 for part in ((None,) if seg is None else seg.split("/")))
     return len(segs) > len(prefix) and all(
         seg is None or seg == want for seg, want in zip(segs, prefix, strict=False))
 

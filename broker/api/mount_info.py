@@ -11,9 +11,9 @@ mount only if its policies grant it something on some path under that mount
 - ``sys/internal/ui/mounts/{path}``: the mount ``path`` falls under (``pg``,
   ``pg/``, ``pg/creds/readonly``), in Vault's shape plus ``env_names`` and
   ``healthy`` (extensions). A mount the token may not use and one that does
-  not exist get the same 403 with the same words, as in Vault, so the path
-  cannot be used to probe for mount names. No list of roles: a token allowed
-  one role does not learn the others.
+  not exist get the same 403 with the same words, as in Vault (mount names
+  and plugins are public anyway: ``sys/health`` lists them to anyone). No
+  list of roles: a token allowed one role does not learn the others.
 - ``sys/internal/ui/mounts``: every secrets mount and auth method the token
   may use, ``{"secret": {...}, "auth": {...}}``. Without a token (Vault lists
   the mounts tuned ``listing_visibility = "unauth"`` then, which the broker has
@@ -53,7 +53,7 @@ def mount_info(runtime: MountRuntime) -> dict[str, Any]:
         "type": plugin,
         "description": "",
         "accessor": f"{plugin}_{digest[:8]}",
-        "uuid": str(uuid.UUID(digest[:32])),
+        "uuid": str(uuid.UUID(digest[:32], version=4)),
         "config": {"default_lease_ttl": 0, "max_lease_ttl": 0, "force_no_cache": False},
         "local": False,
         "seal_wrap": False,

@@ -246,7 +246,7 @@ def auth_mount_info(name: str, kind: str, description: str) -> dict[str, Any]:
         "running_sha256": "",
         "seal_wrap": False,
         "type": kind,
-        "uuid": str(uuid.UUID(digest[:32])),
+        "uuid": str(uuid.UUID(digest[:32], version=4)),
     }
 
 
@@ -280,22 +280,42 @@ async def openapi_spec(request: web.Request) -> web.Response:
     return web.Response(body=openapi_document(), content_type="application/json")
 
 
+#: the ``warnings`` of a ``sys/mounts`` answer to a token without ``read`` on it.
+PARTIAL_MOUNTS_WARNING = ("only the mounts this token may use are listed, without their "
+                          "roles; read on sys/mounts lists them all")
+
+
 @routes.get("/v1/sys/mounts")
 async def mounts(request: web.Request) -> web.Response:
     """Every mount with its plugin, health, roles and ``env_names`` (extension of Vault's
-    shape). ``read`` on ``sys/mounts``, which the ``default`` policy does not grant, as
-    Vault's: a client asks ``sys/internal/ui/mounts/MOUNT`` about a mount it uses."""
+    shape), for a token with ``read`` on ``sys/mounts``, which the ``default`` policy
+    does not grant, as Vault's: a client asks ``sys/internal/ui/mounts/MOUNT``.
+
+    Any other token gets only the mounts its policies grant something under
+    (what ``sys/internal/ui/mounts`` tells it), without their roles, not a 403:
+    a ``broker creds --format env`` / ``broker exec`` from before that path
+    existed reads its variable names here, and on a 403 it fell back to
+    ``BROKER_*`` names, so the command ran with no ``PGUSER`` and psql logged
+    in as the OS user (QA).
+    """
     call: Call = request[CALL]
     await call.authenticate()
-    await call.require("sys/mounts", "read")
     state = call.state
-    data = {
-        f"{name}/": {"type": m.spec.plugin, "description": "", "healthy": m.healthy,
-                     "roles": sorted(m.spec.roles),
-                     "env_names": dict(m.capabilities.env_names)}
-        for name, m in state.engine.mounts.items()
-    }
-    return json_response({"request_id": call.request_id, "data": data})
+    full = call.allowed("sys/mounts", "read")
+    data: dict[str, Any] = {}
+    for name, m in state.engine.mounts.items():
+        if not full and not state.policies.grants_under(
+                call.token.policies if call.token else (), f"{name}/",
+                identity=call.identity):
+            continue
+        data[f"{name}/"] = {"type": m.spec.plugin, "description": "", "healthy": m.healthy,
+                            "env_names": dict(m.capabilities.env_names)}
+        if full:
+            data[f"{name}/"]["roles"] = sorted(m.spec.roles)
+    # Said, so that a client (``broker lease list``) never takes a mount missing
+    # from a partial answer for one the broker does not have.
+    warnings = None if full else [PARTIAL_MOUNTS_WARNING]
+    return json_response({"request_id": call.request_id, "data": data, "warnings": warnings})
 
 
 #: The families a scrape gets while the lease store is down and its token cannot

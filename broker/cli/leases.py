@@ -184,7 +184,9 @@ def _check_mount(client: Client, prefix: str) -> None:
     The server answers a listing under an unknown mount as an empty one (Vault's
     404 ``{"errors": []}``), and so does Vault, whose CLI then says "No value
     found at ..." and exits 2. A mount that has no leases lists nothing, exit 0.
-    Without ``read`` on ``sys/mounts`` there is no telling: nothing is said.
+    Without ``read`` on ``sys/mounts`` there is no telling: nothing is said (the
+    answer then lists only the mounts the token may use, and says so in
+    ``warnings``; a broker before that answered 403).
     """
     try:
         resp = client.request("GET", "sys/mounts")
@@ -192,6 +194,8 @@ def _check_mount(client: Client, prefix: str) -> None:
         if exc.status in {403, 404, 405}:
             return
         raise
+    if (resp or {}).get("warnings"):
+        return
     mount = prefix.split("/", 1)[0]
     if f"{mount}/" not in ((resp or {}).get("data") or {}):
         raise UsageError(f"no value found at sys/leases/lookup/{prefix}: no mount named "

@@ -59,6 +59,12 @@ max_ttl = "2h"
 [policies.denied]
 "pg/creds/readonly" = ["deny"]
 
+[policies.lister]
+"sys/leases/lookup/*" = ["list", "sudo"]
+
+[policies.templated]
+"{{{{identity.metadata.where}}}}/readonly" = ["read"]
+
 [auth.jwt.github]
 oidc_discovery_url = "{issuer.url}"
 
@@ -154,18 +160,47 @@ def test_another_mount_and_a_missing_one_get_the_same_403(broker: BrokerThread) 
     assert call(broker, "not-a-token", "GET", f"{INFO}/pg").status_code == 403
 
 
-def test_the_default_policy_no_longer_reads_sys_mounts(broker: BrokerThread) -> None:
-    """sys/mounts (every mount, every role) is refused to a token with the default policy
-    alone, and to one allowed a role; capabilities-self says deny; root still reads it."""
-    for tok in (token(broker, "default"), token(broker, "one-role")):
-        assert call(broker, tok, "GET", "sys/mounts").status_code == 403
+def test_sys_mounts_shows_a_token_without_the_grant_only_its_mounts_without_roles(
+        broker: BrokerThread) -> None:
+    """sys/mounts listed every mount and every role to every token (the default policy
+    granted it). Now a token without ``read`` on it (capabilities-self says deny) gets
+    only the mounts it may use, without roles, not a 403: an older ``broker creds`` /
+    ``exec`` reads its variable names there, and a 403 made it fall back to BROKER_*
+    names (the command ran without PGUSER). Root still reads everything."""
+    for tok, seen in ((token(broker, "default"), set()), (token(broker, "one-role"), {"pg/"})):
+        resp = call(broker, tok, "GET", "sys/mounts")
+        assert resp.status_code == 200, resp.text
+        assert set(resp.json()["data"]) == seen, resp.text
+        assert all("roles" not in m for m in resp.json()["data"].values())
+        assert "short" not in resp.text
+        assert resp.json()["warnings"] and "only the mounts this token may use" in \
+            resp.json()["warnings"][0]
         caps = call(broker, tok, "POST", "sys/capabilities-self",
                     json={"paths": ["sys/mounts"]})
         assert caps.json()["capabilities"] == ["deny"], caps.text
+    one = call(broker, token(broker, "one-role"), "GET", "sys/mounts").json()["data"]
+    assert one["pg/"]["type"] == "postgres" and one["pg/"]["env_names"] == PG_ENV_NAMES
     root = call(broker, broker.root_token, "GET", "sys/mounts")
     assert root.status_code == 200, root.text
     assert root.json()["data"]["pg/"]["roles"] == ["readonly", "short"]
     assert root.json()["data"]["pg2/"]["env_names"] == PG_ENV_NAMES
+
+
+def test_a_templated_rule_whose_value_holds_a_slash_counts_for_its_mount(
+        broker: BrokerThread) -> None:
+    """``{{identity.metadata.where}}/readonly`` with ``where = "pg/creds"`` grants read on
+    pg/creds/readonly (capabilities-self); the mount info agreed only once the resolved
+    value's ``/`` was split into segments (it answered 403)."""
+    created = call(broker, broker.root_token, "POST", "auth/token/create",
+                   json={"policies": ["templated"], "ttl": "1h",
+                         "meta": {"where": "pg/creds"}})
+    assert created.status_code == 200, created.text
+    tok = created.json()["auth"]["client_token"]
+    caps = call(broker, tok, "POST", "sys/capabilities-self",
+                json={"paths": ["pg/creds/readonly"]}).json()
+    assert caps["capabilities"] == ["read"], caps
+    assert call(broker, tok, "GET", f"{INFO}/pg").status_code == 200
+    assert call(broker, tok, "GET", f"{INFO}/pg2").status_code == 403
 
 
 def test_the_listing_shows_only_the_mounts_the_token_may_use(broker: BrokerThread) -> None:
@@ -190,16 +225,15 @@ def test_the_listing_shows_only_the_mounts_the_token_may_use(broker: BrokerThrea
     assert call(broker, "not-a-token", "GET", INFO).status_code == 403
 
 
-def test_hvac_reads_the_mount_and_no_longer_lists_them_all(broker: BrokerThread) -> None:
+def test_hvac_reads_the_mount_and_lists_only_its_own(broker: BrokerThread) -> None:
     """hvac has no method for the path; its generic read gets it. Its mount listing
-    (list_mounted_secrets_engines, sys/mounts) is Forbidden to the one-role token."""
+    (list_mounted_secrets_engines, sys/mounts) shows the one-role token only pg."""
     client = hvac.Client(url=broker.url, token=token(broker, "one-role"))
     answer = client.read(f"{INFO}/pg/creds/readonly")
     assert isinstance(answer, dict) and answer["data"]["type"] == "postgres"
     with pytest.raises(hvac.exceptions.Forbidden):
         client.read(f"{INFO}/pg2")
-    with pytest.raises(hvac.exceptions.Forbidden):
-        client.sys.list_mounted_secrets_engines()
+    assert set(client.sys.list_mounted_secrets_engines()["data"]) == {"pg/"}
     root = hvac.Client(url=broker.url, token=broker.root_token)
     assert set(root.sys.list_mounted_secrets_engines()["data"]) == {"pg/", "pg2/"}
 
@@ -233,6 +267,24 @@ def test_creds_env_names_the_variables_for_a_one_role_token(broker: BrokerThread
     assert [line.split("=", 1)[0] for line in lines] == [
         "export PGUSER", "export PGPASSWORD", "export BROKER_LEASE_ID"]
     assert run(role_exists(postgres_dsn, lines[0].split("=", 1)[1]))
+
+
+def test_lease_list_with_a_partial_mount_answer_does_not_call_a_mount_missing(
+        broker: BrokerThread) -> None:
+    """A token that may list leases but not read sys/mounts, with no grant under pg/:
+    sys/mounts answers it an empty, partial list (said in ``warnings``). An empty
+    listing of pg's leases is then nothing, exit 0, not "no mount named 'pg'" (the
+    mount exists); a mount that does not exist cannot be told apart either."""
+    env = cli_env(broker, token(broker, "lister"))
+    for prefix, code in (("pg/creds/short/", 0), ("nomount/", 0)):
+        done = subprocess.run([sys.executable, "-m", "broker.cli", "lease", "list", prefix],
+                              env=env, capture_output=True, text=True, timeout=60)
+        assert (done.returncode, done.stdout, done.stderr) == (code, "", ""), prefix
+    # Root reads the whole list: an unknown mount is named as before.
+    done = subprocess.run([sys.executable, "-m", "broker.cli", "lease", "list", "nomount/"],
+                          env=cli_env(broker, broker.root_token), capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2 and "no mount named 'nomount'" in done.stderr, done.stderr
 
 
 def test_exec_with_a_ci_login_token_names_the_variables(broker: BrokerThread,
