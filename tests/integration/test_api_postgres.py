@@ -223,7 +223,9 @@ def test_expiry_ends_open_sessions(client: hvac.Client, broker: BrokerThread,
 
     killed, after = run(scenario())
     assert killed, "the open session survived the lease's expiry"
-    assert after < 2 + 2.5, f"session lived {after:.1f}s past issue; TTL was 2s"
+    # 5 s of slack for the sweeper (was 2.5 s: thin on a loaded machine); a sweeper not
+    # woken for the lease looks only every 30 s, and a session never ended fails above.
+    assert after < 2 + 5, f"session lived {after:.1f}s past issue; TTL was 2s"
     # Sessions are terminated first, then the role is dropped a moment later.
     assert wait_until(lambda: not run(role_exists(postgres_dsn, user)), 5)
     lease = broker.call(broker.state.store.get(resp["lease_id"]))  # type: ignore[union-attr]

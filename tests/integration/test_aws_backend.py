@@ -654,9 +654,12 @@ async def test_event_loop_keeps_running_during_aws_calls(
     stop.set()
     await task
     assert resp.data["access_key"]
-    assert elapsed >= 0.7  # three IAM calls through a proxy that delays each by 0.25s
-    assert len(gaps) >= elapsed / 0.01 * 0.5
-    assert max(gaps) < 0.2
+    assert elapsed >= 2.8  # three IAM calls through a proxy that delays each by SLOW_AWS s
+    # A call on the loop would stop the ticker for a whole SLOW_AWS (1 s) three times.
+    # The bounds sit well below that, not just under it: with a 0.25 s delay and a
+    # 0.2 s bound, one 0.2 s hiccup of a loaded machine among ~75 ticks failed the test.
+    assert len(gaps) >= elapsed / 0.01 * 0.25
+    assert max(gaps) < 0.7
 
 
 # -- a slow proxy in front of moto, for the event-loop test --------------------------------
@@ -670,15 +673,20 @@ def _closed_port() -> int:
         return int(s.getsockname()[1])
 
 
+#: How long slow_endpoint holds each request: long enough that a blocked loop (a gap of
+#: a whole SLOW_AWS) stands far apart from a hiccup of a loaded machine.
+SLOW_AWS = 1.0
+
+
 @pytest.fixture
 def slow_endpoint(moto_endpoint: str) -> Iterator[str]:
-    """An HTTP proxy to moto that holds every request for 0.25s (in its own threads)."""
+    """An HTTP proxy to moto that holds every request for SLOW_AWS s (in its own threads)."""
     target = urlsplit(moto_endpoint)
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            time.sleep(0.25)
+            time.sleep(SLOW_AWS)
             conn = http.client.HTTPConnection(target.hostname or "", target.port, timeout=30)
             headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
             conn.request("POST", self.path, body=body, headers=headers)

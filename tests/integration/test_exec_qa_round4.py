@@ -251,7 +251,14 @@ def test_a_signal_while_exec_writes_to_a_full_stderr_does_not_deadlock(env: Env)
         env=env.environ(BROKER_TOKEN=env.broker.root_token), stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, cwd=env.tmp, start_new_session=True)
     try:
-        time.sleep(3)  # the command is done; exec blocks on the summary line
+        # The command is done; exec blocks on the summary line. Counted from the pid
+        # file the command writes as it starts (then it sleeps 1 s), not from exec's
+        # start: exec's start-up and issue took most of a fixed 3 s when loaded.
+        deadline = time.monotonic() + 30
+        while not pid_file.exists() or not pid_file.read_text().strip():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(3)
         assert proc.poll() is None
         os.kill(proc.pid, signal.SIGTERM)
         time.sleep(0.5)
@@ -292,7 +299,7 @@ def test_ci_jwt_file_with_newline_sigterm_revokes_lease_and_login_token(env: Env
     with open(env.tmp / "exec.stderr", "wb") as err:
         proc = subprocess.Popen(
             [*EXEC, "--jwt-file", str(jwt_file), "--auth-role", "deploy", *LOGIN,
-             "--heartbeat", "1s", "pg/readonly", "--", sys.executable,
+             "--heartbeat", "2s", "pg/readonly", "--", sys.executable,
              str(env.tmp / "child.py"), str(out), "wait"],
             env=env.environ(), stdout=subprocess.DEVNULL, stderr=err, cwd=env.tmp,
             start_new_session=True)
@@ -303,7 +310,10 @@ def test_ci_jwt_file_with_newline_sigterm_revokes_lease_and_login_token(env: Env
             assert time.monotonic() < deadline
             time.sleep(0.05)
         ready = json.loads(out.read_text())
-        time.sleep(2.5)  # past two heartbeats: the lease is alive because it is renewed
+        # Past two heartbeats: the lease is alive because it is renewed. Heartbeat 2 s,
+        # not 1 s: one broker answer slower than 1 s on a loaded machine (rightly) let
+        # the lease expire, with renewals of one heartbeat of slack each.
+        time.sleep(5)
         assert run(role_exists(env.dsn, ready["env"]["PGUSER"]))
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(30) == 128 + signal.SIGTERM

@@ -16,6 +16,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,7 +157,10 @@ def test_exec_renews_its_login_token_so_the_leases_last_past_token_ttl(env: Env)
     the login token's max TTL (20s, before --ttl 30s), not the role's."""
     out = env.tmp / "out.json"
     jwt = env.issuer.github_token(repository="acme/app", run_id="9001")
-    done = env.exec("--ttl", "30s", "--heartbeat", "1s", "--auth-role", "brief",
+    # Heartbeat 2 s, not 1 s: each renewal has one heartbeat of slack, and one broker
+    # answer slower than 1 s on a loaded machine printed "cannot renew" (or let the
+    # lease expire). The token's 4 s still ends before the command's 6 s.
+    done = env.exec("--ttl", "30s", "--heartbeat", "2s", "--auth-role", "brief",
                     child=(str(out), "ok", "6", "0"), jwt=jwt)
     assert done.returncode == 0, done.stderr
     seen = json.loads(out.read_text())
@@ -199,6 +203,14 @@ def test_exec_does_not_revoke_its_login_token_once_it_has_expired(env: Env) -> N
     assert done.returncode == 0, done.stderr
     seen = json.loads(out.read_text())
     lease = env.lease(seen["env"]["BROKER_LEASE_IDS"])
+    # Expired at the token's 3 s; the sweeper may not have ended it yet when exec
+    # returns 1.5 s later on a loaded machine: wait for it (a lease exec revoked
+    # would read REVOKED, which ends the wait too and fails).
+    deadline = time.monotonic() + 15
+    while (lease.state in (LeaseState.ACTIVE, LeaseState.REVOKING)
+           and time.monotonic() < deadline):
+        time.sleep(0.2)
+        lease = env.lease(seen["env"]["BROKER_LEASE_IDS"])
     assert lease.state is LeaseState.EXPIRED
     assert "could not revoke" not in done.stderr
     assert not [e for e in env.audit() if e["type"] == "reuse_attempt"], done.stderr

@@ -230,7 +230,12 @@ def test_sighup_reloads_roles_and_keeps_leases(tmp_path: Path, postgres_dsn: str
         good = config.read_text() + '\n[mounts.pg.roles.extra]\ndefault_ttl = "5m"\n'
         config.write_text(good + "\n[policies.bad]\n\"x\" = [\"fly\"]\n")
         proc.send_signal(signal.SIGHUP)
-        time.sleep(1.5)
+        # Until the bad config has been read and rejected (a fixed 1.5 s was not always
+        # enough when loaded: the good file below was then read for this SIGHUP instead).
+        deadline = time.monotonic() + 15
+        while "reload rejected" not in (config.parent / "server.log").read_text():
+            assert time.monotonic() < deadline, "the bad config was never rejected"
+            time.sleep(0.1)
         with pytest.raises(hvac.exceptions.InvalidPath):  # bad config rejected, old one kept
             client.secrets.database.generate_credentials("extra", mount_point="pg")
         config.write_text(good)

@@ -54,6 +54,7 @@ from tests.integration.store_fixtures import (
     put_active,
 )
 from tests.integration.test_api_mysql_aws import mysql_connect
+from tests.integration.test_token_revoke_inflight import SLOW, wait_in_flight
 
 pytestmark = pytest.mark.integration
 
@@ -326,7 +327,9 @@ def test_a_single_replica_that_lost_a_mount_keeps_and_reports_its_leases(
 
 
 def _slow_mounts(postgres_dsn: str, mysql_dsn: str) -> str:
-    """Roles whose creation statements take a second: an issue stays in flight that long."""
+    """Roles whose creation statements take SLOW (3) s: an issue stays in flight that long
+    (1 s, with a fixed 0.4 s wait before the revoke, was too thin a window on a loaded
+    machine; see test_token_revoke_inflight)."""
     return f"""
 [mounts.pg]
 plugin = "postgres"
@@ -336,7 +339,7 @@ connection_url = "{postgres_dsn}"
 username_template = "{PREFIX}{{{{random 8}}}}-pg"
 creation_statements = [
   "CREATE ROLE \\"{{{{name}}}}\\" WITH LOGIN PASSWORD '{{{{password}}}}' VALID UNTIL '{{{{expiration}}}}'",
-  "SELECT pg_sleep(1)",
+  "SELECT pg_sleep({SLOW})",
 ]
 
 [mounts.pg.roles.fast]
@@ -350,7 +353,7 @@ connection_url = "{mysql_dsn}"
 username_template = "{PREFIX}{{{{random 8}}}}-my"
 creation_statements = [
   "CREATE USER '{{{{name}}}}'@'%' IDENTIFIED BY '{{{{password}}}}'",
-  "DO SLEEP(1)",
+  "DO SLEEP({SLOW})",
 ]
 
 [mounts.my.roles.fast]
@@ -398,7 +401,8 @@ def test_a_revoke_prefix_during_an_issue_in_flight_undoes_the_issue(
         issuing = threading.Thread(target=lambda: answers.append(api("GET",
                                                                      f"{mount}/creds/slow")))
         issuing.start()
-        time.sleep(0.4)  # the issue is in its creation statements' one-second sleep
+        # In its creation statements' sleep (polled: a fixed 0.4 s was too short when loaded).
+        wait_in_flight(broker, f"{mount}/creds/slow", postgres_dsn, mysql_dsn)
         revoked = api("PUT", f"sys/leases/revoke-prefix/{mount}/", {"sync": True})
         assert revoked.status_code in (200, 204), revoked.text
         if rule:  # expanded in full (sync waited for it), before the issue finishes

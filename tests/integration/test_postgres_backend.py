@@ -498,7 +498,8 @@ async def test_revoking_a_role_with_many_sessions_ends_them_together(
         await harness.close_session(session)
     assert not any(still)
     assert not await harness.user_exists(name)
-    assert elapsed < 2.0, f"revoking 40 sessions took {elapsed:.1f}s"
+    # One by one it is >= 40 x 100 ms = 4 s; 3 s, not 2 s, leaves a loaded machine room.
+    assert elapsed < 3.0, f"revoking 40 sessions took {elapsed:.1f}s"
 
 
 async def test_a_batch_of_roles_with_many_sessions_ends_them_together(
@@ -522,7 +523,8 @@ async def test_a_batch_of_roles_with_many_sessions_ends_them_together(
     assert results == [None] * len(names)
     assert not any(still)
     assert [await harness.user_exists(n) for n in names] == [False] * len(names)
-    assert elapsed < 2.0, f"revoking 4 x 10 sessions took {elapsed:.1f}s"
+    # One by one it is >= 40 x 100 ms = 4 s; 3 s, not 2 s, leaves a loaded machine room.
+    assert elapsed < 3.0, f"revoking 4 x 10 sessions took {elapsed:.1f}s"
 
 
 async def revoke_with_writes_queued(harness: PostgresHarness, backend: PostgresBackend,

@@ -197,11 +197,14 @@ def test_slow_jwks_fails_fast_with_503_and_never_blocks_the_loop(
     (error,) = resp.json()["errors"]
     assert "cannot load the signing keys" in error and "no answer within 1s" in error
     assert took < 2.5
-    assert health and max(health) < 0.5
-    # Rate-limited: a second login at once does not wait for another fetch.
+    # A fetch on the loop would hold a health call for the whole 1 s fetch_timeout
+    # (at least ~0.95 s of it, polled every 50 ms). 0.8 s, not 0.5 s: one of ~25 calls
+    # slowed 0.5 s by a loaded machine failed the test.
+    assert health and max(health) < 0.8, health
+    # Rate-limited: a second login at once does not wait for another fetch (>= 1 s).
     started = time.monotonic()
     assert raw_login(broker, slow.mint(claims(slow)), path="slow").status_code == 503
-    assert time.monotonic() - started < 0.5
+    assert time.monotonic() - started < 0.8
 
 
 @pytest.mark.parametrize("key", ["rsa", "ec"])

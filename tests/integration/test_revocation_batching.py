@@ -285,7 +285,9 @@ async def test_shutdown_does_not_wait_for_a_hung_ending_past_the_claim(brokers: 
         started = time.monotonic()
         await asyncio.wait_for(brokers.stop(state, grace=0.5), timeout=10)
         took = time.monotonic() - started
-        assert 1.0 <= took < 3, took  # waited backend_timeout (+ the 0.5 s grace), not for ever
+        # Waited backend_timeout (+ the 0.5 s grace), not for ever (the wait_for's 10 s).
+        # Under 6 s, not 3 s: 1.5 s of slack was thin on a loaded machine.
+        assert 1.0 <= took < 6, took
     finally:
         hang.set()
     store = open_store(state.config.storage.url)

@@ -32,6 +32,7 @@ import pytest
 import requests
 
 from broker.bench.pgcluster import cluster_dir, cluster_os_user, local_initdb
+from broker.lease import LeaseFilter, LeaseState
 from tests.conftest import run, server_missing
 from tests.integration.broker_harness import (
     BrokerThread,
@@ -471,7 +472,15 @@ def test_a_revocation_racing_an_issues_commit_leaves_no_role(
         pair.stop_standby()  # from here every COMMIT on the backend waits
         for t in issuers:
             t.start()
-        time.sleep(1.5)  # the leases are active by now; their roles' COMMITs hang
+        # Until the leases are active, their roles' COMMITs hanging (polled: a fixed
+        # 1.5 s was not always enough for the issues to get there on a loaded machine,
+        # and a revoke-prefix before that missed them).
+        assert broker.state is not None
+        deadline = time.monotonic() + 30
+        while len(broker.call(broker.state.store.list_ids(
+                LeaseFilter(prefix="pg/creds/app/"), states=[LeaseState.ACTIVE]))) < racing:
+            assert time.monotonic() < deadline, "the racing issues never went active"
+            time.sleep(0.1)
         resp = api("PUT", "sys/leases/revoke-prefix/pg/creds/app/")
         assert resp.status_code in (200, 204), resp.text
         time.sleep(1.5)  # the revocation has met the uncommitted roles

@@ -7,8 +7,8 @@ until its TTL, owned by a revoked token. Now the lease is activated only while
 its token is active, checked in the activation's own write, so the issue
 fails (403), the role or user is undone, and nothing is left.
 
-The creation statements sleep one second, so the revoke lands mid-issue every
-time: on PostgreSQL (a staging backend: the role waits in an open
+The creation statements sleep (``SLOW`` s), and the revoke is sent once the
+issue is seen in that sleep, so it lands mid-issue every time: on PostgreSQL (a staging backend: the role waits in an open
 transaction) and on MySQL (created at once, before the activation), with the
 lease store on SQLite and on PostgreSQL (where the check takes a share lock
 on the token's row).
@@ -21,17 +21,27 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import asyncpg
 import pytest
 import requests
 
+from broker.lease import LeaseFilter, LeaseState
 from tests.integration.broker_harness import BrokerThread, start_broker, write_config
 from tests.integration.store_fixtures import broker_store_url
+from tests.integration.test_api_mysql_aws import mysql_connect
 from tests.integration.test_issue_audit_failclosed import _leftovers
 
 pytestmark = pytest.mark.integration
 
 PREFIX = "v-aud-"  # _leftovers searches both servers for it
+#: How long the slow roles' creation statements sleep: the window the revoke must land
+#: in. It was 1 s, with the revoke sent after a fixed 0.4 s: an issue slower than 0.4 s
+#: to reach its statements, or a revoke slower than 0.6 s, on a loaded machine failed
+#: the test. Now the revoke goes once the issue is seen in the sleep (wait_in_flight),
+#: and has SLOW s to land; the bug (the lease going live after all) shows the same.
+SLOW = 3
 
 
 def _mounts(postgres_dsn: str, mysql_dsn: str) -> str:
@@ -44,7 +54,7 @@ connection_url = "{postgres_dsn}"
 username_template = "{PREFIX}{{{{random 8}}}}-pg"
 creation_statements = [
   "CREATE ROLE \\"{{{{name}}}}\\" WITH LOGIN PASSWORD '{{{{password}}}}' VALID UNTIL '{{{{expiration}}}}'",
-  "SELECT pg_sleep(1)",
+  "SELECT pg_sleep({SLOW})",
 ]
 
 [mounts.my]
@@ -55,13 +65,52 @@ connection_url = "{mysql_dsn}"
 username_template = "{PREFIX}{{{{random 8}}}}-my"
 creation_statements = [
   "CREATE USER '{{{{name}}}}'@'%' IDENTIFIED BY '{{{{password}}}}'",
-  "DO SLEEP(1)",
+  "DO SLEEP({SLOW})",
 ]
 
 [policies.app]
 "pg/creds/slow" = ["read"]
 "my/creds/slow" = ["read"]
 """
+
+
+async def _sleeping(postgres_dsn: str, mysql_dsn: str, mount: str) -> bool:
+    """Whether a session on mount ``mount``'s server runs the slow creation statement."""
+    if mount == "pg":
+        conn = await asyncpg.connect(postgres_dsn)
+        try:
+            # The mount sends its creation statements as one query text.
+            return bool(await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE state = 'active'"
+                " AND application_name = 'broker:pg' AND strpos(query, $1) > 0",
+                f"SELECT pg_sleep({SLOW})"))
+        finally:
+            await conn.close()
+    url = urlsplit(mysql_dsn)
+    my = await mysql_connect(mysql_dsn, url.username or "root", url.password or "")
+    try:
+        async with my.cursor() as cur:
+            await cur.execute("SELECT COUNT(*) FROM information_schema.PROCESSLIST"
+                              " WHERE INSTR(INFO, %s) > 0 AND ID <> CONNECTION_ID()",
+                              (f"DO SLEEP({SLOW})",))
+            row = await cur.fetchone()
+            return bool(row and row[0])
+    finally:
+        my.close()
+
+
+def wait_in_flight(broker: BrokerThread, path: str, postgres_dsn: str, mysql_dsn: str) -> None:
+    """Until the issue of ``path`` (``pg/creds/slow``) has its pending row and runs its
+    creation statements' sleep: the moment a revoke must land in (a fixed wait was
+    too short on a loaded machine)."""
+    assert broker.state is not None
+    store = broker.state.store
+    deadline = time.monotonic() + 30
+    while not (broker.call(store.list_ids(LeaseFilter(prefix=path + "/"),
+                                          states=[LeaseState.PENDING]))
+               and asyncio.run(_sleeping(postgres_dsn, mysql_dsn, path.split("/")[0]))):
+        assert time.monotonic() < deadline, f"the issue of {path} never reached its sleep"
+        time.sleep(0.05)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -89,7 +138,7 @@ def test_a_lease_being_issued_when_its_token_is_revoked_never_goes_live(
         issuing = threading.Thread(target=lambda: answers.append(_api(broker, token, "GET",
                                                                       path)))
         issuing.start()
-        time.sleep(0.4)  # the issue is in its creation statements' one-second sleep
+        wait_in_flight(broker, path, postgres_dsn, mysql_dsn)  # in its statements' sleep
         revoked = _api(broker, broker.root_token, "POST", "auth/token/revoke", {"token": token})
         assert revoked.status_code == 204, revoked.text
         issuing.join(30)

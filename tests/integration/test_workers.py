@@ -155,7 +155,10 @@ max_ttl = "1h"
             started = time.monotonic()
             status, body = _call(url, token, "PUT", "sys/leases/revoke", {"lease_id": lease_id})
             assert status == 204, body
-            assert time.monotonic() - started < 2.0
+            # 5 s, not 2 s: twelve revokes (two stores) each with a DROP ROLE were one
+            # loaded-machine stall from failing. That the worker which took the
+            # request revoked it itself is checked below in the audit files.
+            assert time.monotonic() - started < 5.0
         assert not run(pg_roles(postgres_dsn, "wrk-")) & {u for _, u in long}
         for path in (w1, w2):  # each revoke ended in the worker that took the request
             lines = _audit(path)
