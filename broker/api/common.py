@@ -186,7 +186,7 @@ class Call:
             except TimeoutError:
                 raise RequestTimeout(f"request body not received within {limit}s "
                                      "(server.idle_timeout)") from None
-            except ConnectionResetError:
+            except ConnectionError:  # reset, broken pipe, aborted: the peer went away
                 raise ClientDisconnected() from None
             if raw.strip():
                 try:

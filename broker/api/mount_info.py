@@ -90,28 +90,40 @@ async def list_mounts(request: web.Request) -> web.Response:
     engine = call.state.engine
     secret = {f"{name}/": mount_info(runtime) for name, runtime in sorted(engine.mounts.items())
               if _may_use(call, f"{name}/")}
-    methods = {"token": auth_mount_info("token", "token", "token based credentials")}
-    for name in sorted(auth_methods(call.state)):
-        methods[name] = auth_mount_info(name, "jwt", "JWT/OIDC login")
-    auth = {f"{name}/": info for name, info in methods.items()
+    auth = {f"{name}/": info for name, info in _auth_methods(call).items()
             if _may_use(call, f"auth/{name}/")}
     return _envelope(call, {"secret": secret, "auth": auth})
 
 
+def _auth_methods(call: Call) -> dict[str, dict[str, Any]]:
+    """The auth methods by name (``token`` and each JWT method), in Vault's shape."""
+    methods = {"token": auth_mount_info("token", "token", "token based credentials")}
+    for name in sorted(auth_methods(call.state)):
+        methods[name] = auth_mount_info(name, "jwt", "JWT/OIDC login")
+    return methods
+
+
 @routes.get("/v1/sys/internal/ui/mounts/{path:.+}")
 async def read_mount(request: web.Request) -> web.Response:
-    """The secrets mount ``path`` is on, if the caller's token may use it; else 403."""
+    """The mount ``path`` is on (a secrets mount, or ``auth/NAME``: an auth method),
+    if the caller's token may use it; else 403."""
     call: Call = request[CALL]
     await call.authenticate()
     # Vault's sanitizeMountPath: no leading "/", one trailing "/"; its words on a 403.
     path = request.match_info["path"].lstrip("/")
     path = path if path.endswith("/") else path + "/"
     name = path.partition("/")[0]
-    runtime = call.state.engine.mounts.get(name)
-    if runtime is None or not _may_use(call, f"{name}/"):
-        # The same answer whether the mount exists or not, as Vault's (%q: JSON quoting).
-        message = ("preflight capability check returned 403, please ensure client's "
-                   f"policies grant access to path {json.dumps(path)}")
-        await call.audit("policy_denied", outcome="denied", checked_path=path, error=message)
-        raise PermissionDenied(message)
-    return _envelope(call, {**mount_info(runtime), "path": f"{name}/"})
+    if name == "auth":  # Vault resolves auth mounts on this path too: auth/github/...
+        method = path.split("/")[1]
+        info = _auth_methods(call).get(method) if method else None
+        if info is not None and _may_use(call, f"auth/{method}/"):
+            return _envelope(call, {**info, "path": f"auth/{method}/"})
+    else:
+        runtime = call.state.engine.mounts.get(name)
+        if runtime is not None and _may_use(call, f"{name}/"):
+            return _envelope(call, {**mount_info(runtime), "path": f"{name}/"})
+    # The same answer whether the mount exists or not, as Vault's (%q: JSON quoting).
+    message = ("preflight capability check returned 403, please ensure client's "
+               f"policies grant access to path {json.dumps(path)}")
+    await call.audit("policy_denied", outcome="denied", checked_path=path, error=message)
+    raise PermissionDenied(message)

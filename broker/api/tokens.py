@@ -359,7 +359,9 @@ async def create(request: web.Request) -> web.Response:
         # Audited: a sudo holder probing for the values of other tokens shows up here.
         await call.audit("token_create", outcome="error", error=str(exc))
         raise
-    warnings += _parent_cap_warning(record, ttl, caller if not orphan else None)
+    # Only a ttl the caller asked for: without one, ttl is [tokens] max_ttl.
+    asked = ttl if call.duration("ttl") else None
+    warnings += _parent_cap_warning(record, asked, caller if not orphan else None)
     await call.audit("token_create", created={"accessor": record.accessor,
                                               "policies": record.policies,
                                               "client_token": token})
@@ -377,7 +379,8 @@ def _parent_cap_warning(record: Token, ttl: int | None, parent: Token | None) ->
             or record.expire_time is None or record.expire_time < parent.expire_time
             or record.expire_time >= record.created + ttl):
         return []
-    left = max(0, int(record.expire_time - record.created))
+    # What the answer's lease_duration says, so the two agree.
+    left = record.creation_ttl or max(0, round(record.expire_time - record.created))
     return [f"ttl {format_duration(ttl)} is longer than the parent token has left; capped at "
             f"{format_duration(left)}: a child token never outlives its parent"]
 

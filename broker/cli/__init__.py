@@ -6,8 +6,9 @@ a failed operation. A traceback means a bug.
 
 Modules: ``common`` (settings, errors, output, argument types), ``leases``
 (``broker lease ...``), ``commands`` (server, operator, creds, token, audit,
-bench), ``app`` (the parser and ``main``); ``broker exec`` lives in
-``broker.exec``.
+bench), ``mount_info`` (a mount's plugin and variable names, for ``creds
+--format env`` and ``exec``), ``app`` (the parser and ``main``); ``broker
+exec`` lives in ``broker.exec``.
 """
 
 from __future__ import annotations

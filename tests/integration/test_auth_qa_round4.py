@@ -270,10 +270,18 @@ def test_a_child_created_past_its_parents_expiry_says_it_was_capped(
     assert 590 <= answer["auth"]["lease_duration"] <= 600
     (warning,) = answer["warnings"]
     assert "ttl 1h" in warning and "never outlives its parent" in warning, warning
+    assert f"capped at {answer['auth']['lease_duration'] // 60}m" in warning, warning
     within = parent.auth.token.create(ttl="5m")
     assert within["auth"]["lease_duration"] == 300 and not within["warnings"]
     orphan = root.auth.token.create(policies=["ci"], ttl="1h", no_parent=True)
     assert orphan["auth"]["lease_duration"] == 3600 and not orphan["warnings"]
+    # No ttl asked for: the child gets what the parent has left, and no warning about
+    # a ttl nobody gave ([tokens] max_ttl stood in for it).
+    unasked = parent.auth.token.create()
+    assert 590 <= unasked["auth"]["lease_duration"] <= 600 and not unasked["warnings"]
+    # explicit_max_ttl, not the parent, cut it: no parent warning.
+    capped = parent.auth.token.create(ttl="5m", explicit_max_ttl="2m")
+    assert capped["auth"]["lease_duration"] == 120 and not capped["warnings"], capped
 
 
 # -- 5./6. config: a role that binds nothing, misspelt keys -------------------------------

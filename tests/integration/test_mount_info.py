@@ -160,6 +160,20 @@ def test_another_mount_and_a_missing_one_get_the_same_403(broker: BrokerThread) 
     assert call(broker, "not-a-token", "GET", f"{INFO}/pg").status_code == 403
 
 
+def test_an_auth_method_is_answered_on_its_auth_path(broker: BrokerThread) -> None:
+    """As Vault: sys/internal/ui/mounts/auth/github answers the auth method (it was a 403
+    even for root, the name taken as a mount "auth"); token/ for any token (the default
+    policy grants auth/token/lookup-self); github/ only to a token granted under it."""
+    root = call(broker, broker.root_token, "GET", f"{INFO}/auth/github")
+    assert root.status_code == 200, root.text
+    assert root.json()["data"]["type"] == "jwt" and root.json()["data"]["path"] == "auth/github/"
+    one = token(broker, "one-role")
+    mine = call(broker, one, "GET", f"{INFO}/auth/token/lookup-self")
+    assert mine.status_code == 200 and mine.json()["data"]["path"] == "auth/token/", mine.text
+    for path in ("auth/github", "auth/nope", "auth", "auth/"):
+        assert call(broker, one, "GET", f"{INFO}/{path}").status_code == 403, path
+
+
 def test_sys_mounts_shows_a_token_without_the_grant_only_its_mounts_without_roles(
         broker: BrokerThread) -> None:
     """sys/mounts listed every mount and every role to every token (the default policy
