@@ -169,8 +169,9 @@ class Env:
         return bool(run(role_exists(self.dsn, user)))
 
 
-def github_auth(issuer: OIDCIssuer) -> str:
-    """A GitHub-shaped JWT login whose tokens may read pg/creds/readonly, run_id mapped."""
+def github_auth(issuer: OIDCIssuer, policy: str = "app") -> str:
+    """A GitHub-shaped JWT login whose tokens get ``policy`` (``app``: read on
+    pg/creds/readonly), run_id mapped."""
     return f"""
 [auth.jwt.github]
 oidc_discovery_url = "{issuer.url}"
@@ -179,7 +180,7 @@ oidc_discovery_url = "{issuer.url}"
 bound_audiences = ["broker"]
 bound_claims = {{ repository = "acme/*" }}
 claim_mappings = {{ run_id = "run_id" }}
-token_policies = ["app"]
+token_policies = ["{policy}"]
 token_ttl = "30m"
 """
 

@@ -24,6 +24,7 @@ import requests
 from tests.conftest import run
 from tests.integration.broker_harness import BrokerThread, start_broker, write_config
 from tests.integration.test_api_postgres import pg_mount, role_exists
+from tests.integration.test_exec import github_auth
 from tests.integration.test_openapi import CHECKS, schema
 from tests.oidc_issuer import OIDCIssuer
 
@@ -64,16 +65,7 @@ max_ttl = "2h"
 
 [policies.templated]
 "{{{{identity.metadata.where}}}}/readonly" = ["read"]
-
-[auth.jwt.github]
-oidc_discovery_url = "{issuer.url}"
-
-[auth.jwt.github.roles.deploy]
-bound_audiences = ["broker"]
-bound_claims = {{ repository = "acme/*" }}
-token_policies = ["one-role"]
-token_ttl = "30m"
-"""
+""" + github_auth(issuer, policy="one-role")
 
 
 @pytest.fixture(scope="module")
