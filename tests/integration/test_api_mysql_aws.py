@@ -20,31 +20,23 @@ import pytest
 from botocore.exceptions import ClientError
 
 from tests.conftest import run
+from tests.integration.aws_fixtures import aws_broker, aws_role, create_role
 from tests.integration.broker_harness import (
     BrokerThread,
     aws_client,
     aws_mount,
     config_url,
     spawn_broker,
-    start_broker,
     wait_healthy,
     write_config,
 )
 
 pytestmark = pytest.mark.integration
 
-TRUST = json.dumps({"Version": "2012-10-17", "Statement": [{
-    "Effect": "Allow", "Principal": {"AWS": "arn:aws:iam::123456789012:root"},
-    "Action": "sts:AssumeRole"}]})
-
-
-IAM_USER_ROLE = """
-[mounts.aws.roles.ci-user]
-credential_type = "iam_user"
-policy_document = '{"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:List*", "Resource": "*"}]}'
-default_ttl = "15m"
-max_ttl = "1h"
-"""
+#: The iam_user role of both the in-process broker and the DEBUG-logging daemon.
+IAM_USER_ROLE = aws_role("ci-user", "iam_user", policy_document=json.dumps(
+    {"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": "s3:List*", "Resource": "*"}]}))
 
 
 @pytest.fixture
@@ -52,9 +44,7 @@ def broker(tmp_path: Path, mysql_dsn: str, moto_endpoint: str,
            monkeypatch: pytest.MonkeyPatch) -> Iterator[BrokerThread]:
     url = urlsplit(mysql_dsn)
     (tmp_path / "my.pw").write_text(url.password or "")
-    role_name = f"broker-e2e-{uuid.uuid4().hex[:8]}"
-    role_arn = aws_client(moto_endpoint, "iam").create_role(
-        RoleName=role_name, AssumeRolePolicyDocument=TRUST)["Role"]["Arn"]
+    role_arn = create_role(moto_endpoint, f"broker-e2e-{uuid.uuid4().hex[:8]}")["Arn"]
     monkeypatch.setenv("BROKER_TEST_AWS_SECRET", "testing")
     body = f"""
 [mounts.my]
@@ -73,22 +63,13 @@ default_ttl = "2s"
 max_ttl = "1m"
 
 {aws_mount(moto_endpoint)}
-[mounts.aws.roles.deploy]
-credential_type = "assumed_role"
-role_arns = ["{role_arn}"]
-default_ttl = "15m"
-max_ttl = "1h"
-
+{aws_role("deploy", "assumed_role", role_arns=[role_arn])}
 [policies.sts-only]
 "aws/sts/deploy" = ["read", "update"]
 
 {IAM_USER_ROLE}"""
-    server = start_broker(write_config(tmp_path, body))
-    yield server
-    client = hvac.Client(url=server.url, token=server.root_token)
-    for prefix in ("my/", "aws/"):
-        client.adapter.put(f"/v1/sys/leases/revoke-prefix/{prefix}", json={"sync": True})
-    server.stop()
+    with aws_broker(tmp_path, body, prefixes=("my/", "aws/")) as server:
+        yield server
 
 
 async def mysql_connect(dsn: str, user: str, password: str) -> aiomysql.Connection:

@@ -8,18 +8,14 @@ for and what the policy documents say, not that AWS enforced them.
 from __future__ import annotations
 
 import asyncio
-import http.client
 import json
 import logging
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Any, NamedTuple
 
 import pytest
 from botocore.exceptions import ClientError
@@ -28,7 +24,6 @@ from broker.backend import (
     Backend,
     BackendError,
     DeleteUserRequest,
-    MountSpec,
     NewUserRequest,
     NewUserResponse,
     PluginConfigError,
@@ -40,19 +35,20 @@ from broker.backend import (
 from broker.config import ConfigError, load_config
 from plugins import aws_sts
 from plugins.aws import AWSBackend, AWSRotateRootResponse
+from tests.integration.aws_fixtures import (
+    ACCOUNT,
+    READ_ONLY_DOC,
+    SlowProxy,
+    create_role,
+    mount_spec,
+    trust_policy,
+)
 from tests.integration.broker_harness import aws_client
 
 pytestmark = pytest.mark.integration
 
-ACCOUNT = "123456789012"
-REGION = "us-east-1"
-#: moto's dummy root credentials (the mount's access_key option and its secret).
-DUMMY = "testing"
-TRUST = json.dumps({"Version": "2012-10-17", "Statement": [{
-    "Effect": "Allow", "Principal": {"AWS": f"arn:aws:iam::{ACCOUNT}:root"},
-    "Action": ["sts:AssumeRole", "sts:TagSession"]}]})
-READ_ONLY = {"Version": "2012-10-17", "Statement": [
-    {"Effect": "Allow", "Action": "s3:GetObject", "Resource": "*"}]}
+#: Roles here may also tag their sessions (the session_tags option).
+TRUST = trust_policy("sts:AssumeRole", "sts:TagSession")
 
 
 # -- helpers -------------------------------------------------------------------------------
@@ -71,19 +67,23 @@ def unique(prefix: str) -> str:
 def make_role(endpoint: str) -> tuple[str, str, str]:
     """Create an IAM role in moto: (name, arn, role id)."""
     name = unique("broker-test-role")
-    role = aws_client(endpoint, "iam").create_role(RoleName=name, AssumeRolePolicyDocument=TRUST,
-                                               MaxSessionDuration=43200)["Role"]
+    role = create_role(endpoint, name, trust=TRUST, MaxSessionDuration=43200)
     return name, role["Arn"], role["RoleId"]
+
+
+def make_group_and_policy(endpoint: str) -> tuple[str, str]:
+    """A new IAM group and a new managed policy (READ_ONLY_DOC) in moto, for an iam_user
+    role's iam_groups and policy_arns: (group name, policy ARN)."""
+    iam = aws_client(endpoint, "iam")
+    group = unique("broker-test-group")
+    iam.create_group(GroupName=group)
+    policy = iam.create_policy(PolicyName=unique("broker-test-policy"),
+                               PolicyDocument=json.dumps(READ_ONLY_DOC))["Policy"]
+    return group, str(policy["Arn"])
 
 
 def role_spec(name: str = "r", **options: Any) -> RoleSpec:
     return RoleSpec(name=name, default_ttl=3600, max_ttl=86400, options=options)
-
-
-def mount_spec(endpoint: str, roles: Mapping[str, RoleSpec], *, secret: str | None = DUMMY,
-               **options: Any) -> MountSpec:
-    opts = {"region": REGION, "endpoint_url": endpoint, "access_key": DUMMY, **options}
-    return MountSpec(name="aws", plugin="aws", roles=dict(roles), secret=secret, options=opts)
 
 
 def new_request(role: RoleSpec, *, ttl: float = 3600, username: str | None = None,
@@ -123,6 +123,23 @@ def userids(doc: Mapping[str, Any] | None) -> set[str]:
     return ids
 
 
+class AssumedRole(NamedTuple):
+    """What assumed_role_backend made."""
+
+    name: str  #: the IAM role's name (its deny policy is read by name)
+    role_id: str  #: its RoleId: a revoked session is denied as "ROLE_ID:SESSION"
+    spec: RoleSpec  #: the broker role "r", an assumed_role role on it
+    backend: AWSBackend  #: an initialised backend with that one role
+
+
+async def assumed_role_backend(endpoint: str, backend_for: Callable[..., Any]) -> AssumedRole:
+    """A new IAM role in moto and a backend (from the ``backend_for`` fixture) whose role
+    "r" assumes it: the set-up of every assumed_role issue/revoke test below."""
+    name, arn, role_id = make_role(endpoint)
+    spec = role_spec(credential_type="assumed_role", role_arns=[arn])
+    return AssumedRole(name, role_id, spec, await backend_for({"r": spec}))
+
+
 @pytest.fixture
 async def backend_for(moto_endpoint: str) -> AsyncIterator[Callable[..., Any]]:
     """Factory: an initialised AWSBackend for the given roles, closed after the test."""
@@ -156,7 +173,7 @@ def test_backend_satisfies_protocol(moto_endpoint: str) -> None:
 def test_capabilities_follow_the_credential_types(moto_endpoint: str) -> None:
     """IAM-only mounts can revoke; any STS role makes the mount declare it cannot; none push renewals."""
     iam_only = AWSBackend.from_config(mount_spec(moto_endpoint, {
-        "u": role_spec("u", credential_type="iam_user", policy_document=READ_ONLY)}))
+        "u": role_spec("u", credential_type="iam_user", policy_document=READ_ONLY_DOC)}))
     assert iam_only.capabilities.can_revoke
     # IAM users have no expiry at AWS to push: renewal happens in the broker only.
     assert not iam_only.capabilities.can_renew
@@ -169,8 +186,8 @@ def test_capabilities_follow_the_credential_types(moto_endpoint: str) -> None:
                               "secret_key": "AWS_SECRET_ACCESS_KEY",
                               "security_token": "AWS_SESSION_TOKEN"}
     mixed = AWSBackend.from_config(mount_spec(moto_endpoint, {
-        "u": role_spec("u", credential_type="iam_user", policy_document=READ_ONLY),
-        "f": role_spec("f", credential_type="federation_token", policy_document=READ_ONLY)}))
+        "u": role_spec("u", credential_type="iam_user", policy_document=READ_ONLY_DOC),
+        "f": role_spec("f", credential_type="federation_token", policy_document=READ_ONLY_DOC)}))
     assert not mixed.capabilities.can_revoke
     assert not mixed.capabilities.server_side_expiry
     assert mixed.capabilities.max_username_length == 32
@@ -182,7 +199,7 @@ def test_capabilities_follow_the_credential_types(moto_endpoint: str) -> None:
     ({"credential_type": "assumed_role", "role_arns": ["not-an-arn"]}, "role_arns"),
     ({"credential_type": "federation_token"}, "policy_document"),
     ({"credential_type": "iam_user", "role_arns": ["arn:aws:iam::123456789012:role/x"],
-      "policy_document": READ_ONLY}, "role_arns"),
+      "policy_document": READ_ONLY_DOC}, "role_arns"),
     ({"credential_type": "session_token", "max_sts_ttl": "10m"}, "max_sts_ttl"),
     ({"credential_type": "assumed_role", "role_arns": ["arn:aws:iam::123456789012:role/x"],
       "max_sts_ttl": "13h"}, "max_sts_ttl"),
@@ -244,7 +261,7 @@ async def test_assumed_role_credentials_work(moto_endpoint: str, backend_for: An
     role_name, role_arn, role_id = make_role(moto_endpoint)
     role = role_spec(credential_type="assumed_role", role_arns=[role_arn],
                      session_tags={"team": "platform"}, tag_metadata=True,
-                     external_id="ext-1", policy_document=READ_ONLY)
+                     external_id="ext-1", policy_document=READ_ONLY_DOC)
     backend = await backend_for({"r": role})
     req = new_request(role, metadata={"run_id": "42"})
     resp = await backend.new_user(req)
@@ -275,7 +292,7 @@ async def test_assumed_role_picks_the_role_named_in_metadata(
 
 async def test_federation_token_credentials(moto_endpoint: str, backend_for: Any) -> None:
     """federation_token names the federated user after the username, cut to 32 chars."""
-    role = role_spec(credential_type="federation_token", policy_document=READ_ONLY)
+    role = role_spec(credential_type="federation_token", policy_document=READ_ONLY_DOC)
     backend = await backend_for({"f": role})
     req = new_request(role, username="v-aws-f-" + "x" * 40)
     resp = await backend.new_user(req)
@@ -304,11 +321,8 @@ async def test_session_token_credentials(moto_endpoint: str, backend_for: Any) -
 async def test_iam_user_credentials_work(moto_endpoint: str, backend_for: Any) -> None:
     """iam_user creates a user under iam_path with its policies, groups and a working key."""
     iam = aws_client(moto_endpoint, "iam")
-    group = unique("broker-test-group")
-    iam.create_group(GroupName=group)
-    managed = iam.create_policy(PolicyName=unique("broker-test-policy"),
-                                PolicyDocument=json.dumps(READ_ONLY))["Policy"]["Arn"]
-    role = role_spec(credential_type="iam_user", policy_document=READ_ONLY,
+    group, managed = make_group_and_policy(moto_endpoint)
+    role = role_spec(credential_type="iam_user", policy_document=READ_ONLY_DOC,
                      policy_arns=[managed], iam_groups=[group], tag_metadata=True)
     backend = await backend_for({"u": role})
     req = new_request(role, metadata={"run_id": "7"})
@@ -335,11 +349,8 @@ async def test_iam_user_delete_is_complete_and_idempotent(
 ) -> None:
     """delete_user strips keys, policies, groups and login profile, and a second call succeeds."""
     iam = aws_client(moto_endpoint, "iam")
-    group = unique("broker-test-group")
-    iam.create_group(GroupName=group)
-    managed = iam.create_policy(PolicyName=unique("broker-test-policy"),
-                                PolicyDocument=json.dumps(READ_ONLY))["Policy"]["Arn"]
-    role = role_spec(credential_type="iam_user", policy_document=READ_ONLY, iam_groups=[group],
+    group, managed = make_group_and_policy(moto_endpoint)
+    role = role_spec(credential_type="iam_user", policy_document=READ_ONLY_DOC, iam_groups=[group],
                      policy_arns=[managed])
     backend = await backend_for({"u": role})
     req = new_request(role)
@@ -365,7 +376,7 @@ async def test_iam_user_delete_refuses_users_outside_iam_path(
     iam = aws_client(moto_endpoint, "iam")
     name = unique("admin")
     iam.create_user(UserName=name)
-    role = role_spec(credential_type="iam_user", policy_document=READ_ONLY)
+    role = role_spec(credential_type="iam_user", policy_document=READ_ONLY_DOC)
     backend = await backend_for({"u": role})
     with pytest.raises(BackendError) as info:
         await backend.delete_user(DeleteUserRequest(
@@ -378,7 +389,7 @@ async def test_iam_user_delete_refuses_users_outside_iam_path(
 async def test_failed_iam_user_issue_leaves_no_user(moto_endpoint: str, backend_for: Any) -> None:
     """A failure half-way (unknown group) removes the user it created; no key leaks."""
     iam = aws_client(moto_endpoint, "iam")
-    role = role_spec(credential_type="iam_user", policy_document=READ_ONLY,
+    role = role_spec(credential_type="iam_user", policy_document=READ_ONLY_DOC,
                      iam_groups=[unique("no-such-group")])
     backend = await backend_for({"u": role})
     req = new_request(role)
@@ -395,9 +406,7 @@ async def test_failed_iam_user_issue_leaves_no_user(moto_endpoint: str, backend_
 
 async def test_sts_ttl_is_clamped_to_aws_minimum(moto_endpoint: str, backend_for: Any) -> None:
     """A lease shorter than 900s gets 900s credentials and reports AWS's expiry."""
-    _, role_arn, _ = make_role(moto_endpoint)
-    role = role_spec(credential_type="assumed_role", role_arns=[role_arn])
-    backend = await backend_for({"r": role})
+    _, _, role, backend = await assumed_role_backend(moto_endpoint, backend_for)
     before = time.time()
     resp = await backend.new_user(new_request(role, ttl=60))
     assert resp.expiration is not None
@@ -407,7 +416,7 @@ async def test_sts_ttl_is_clamped_to_aws_minimum(moto_endpoint: str, backend_for
 
 async def test_sts_ttl_is_clamped_to_max_sts_ttl(moto_endpoint: str, backend_for: Any) -> None:
     """A lease longer than max_sts_ttl gets credentials (and an expiry) capped at it."""
-    role = role_spec(credential_type="federation_token", policy_document=READ_ONLY,
+    role = role_spec(credential_type="federation_token", policy_document=READ_ONLY_DOC,
                      max_sts_ttl="20m")
     backend = await backend_for({"f": role})
     before = time.time()
@@ -434,9 +443,7 @@ async def test_assumed_role_revoke_writes_deny_policy(
     moto_endpoint: str, backend_for: Any
 ) -> None:
     """An early revoke denies '*' to exactly ROLE_ID:SESSION on the role."""
-    role_name, role_arn, role_id = make_role(moto_endpoint)
-    role = role_spec(credential_type="assumed_role", role_arns=[role_arn])
-    backend = await backend_for({"r": role})
+    role_name, role_id, role, backend = await assumed_role_backend(moto_endpoint, backend_for)
     keep_req, revoke_req = new_request(role), new_request(role)
     await backend.new_user(keep_req)
     resp = await backend.new_user(revoke_req)
@@ -454,9 +461,7 @@ async def test_assumed_role_revoke_writes_deny_policy(
 
 async def test_assumed_role_expiry_writes_nothing(moto_endpoint: str, backend_for: Any) -> None:
     """Once AWS has expired the session, delete_user succeeds without touching the role."""
-    role_name, role_arn, _ = make_role(moto_endpoint)
-    role = role_spec(credential_type="assumed_role", role_arns=[role_arn])
-    backend = await backend_for({"r": role})
+    role_name, _, role, backend = await assumed_role_backend(moto_endpoint, backend_for)
     req = new_request(role)
     resp = await backend.new_user(req)
     backend.clock = lambda: time.time() + 7200
@@ -467,9 +472,7 @@ async def test_assumed_role_expiry_writes_nothing(moto_endpoint: str, backend_fo
 
 async def test_assumed_role_rollback_writes_nothing(moto_endpoint: str, backend_for: Any) -> None:
     """Rolling back an unfinished issue (secret never delivered) leaves the role untouched."""
-    role_name, role_arn, _ = make_role(moto_endpoint)
-    role = role_spec(credential_type="assumed_role", role_arns=[role_arn])
-    backend = await backend_for({"r": role})
+    role_name, _, role, backend = await assumed_role_backend(moto_endpoint, backend_for)
     req = new_request(role)
     resp = await backend.new_user(req)
     await backend.delete_user(DeleteUserRequest(role=role, username=req.username,
@@ -483,9 +486,7 @@ async def test_assumed_role_outliving_its_lease_is_denied_on_expiry(
     moto_endpoint: str, backend_for: Any
 ) -> None:
     """If the lease ends while AWS's session still runs, expiry denies the session too."""
-    role_name, role_arn, role_id = make_role(moto_endpoint)
-    role = role_spec(credential_type="assumed_role", role_arns=[role_arn])
-    backend = await backend_for({"r": role})
+    role_name, role_id, role, backend = await assumed_role_backend(moto_endpoint, backend_for)
     req = new_request(role)
     resp = await backend.new_user(req)
     await backend.delete_user(delete_request(role, req, resp, "expire"))
@@ -494,9 +495,7 @@ async def test_assumed_role_outliving_its_lease_is_denied_on_expiry(
 
 async def test_deny_policy_prunes_expired_entries(moto_endpoint: str, backend_for: Any) -> None:
     """Each update drops entries whose sessions have expired; an empty policy is deleted."""
-    role_name, role_arn, role_id = make_role(moto_endpoint)
-    role = role_spec(credential_type="assumed_role", role_arns=[role_arn])
-    backend = await backend_for({"r": role})
+    role_name, role_id, role, backend = await assumed_role_backend(moto_endpoint, backend_for)
     first_req, second_req = new_request(role), new_request(role)
     first = await backend.new_user(first_req)
     second = await backend.new_user(second_req)
@@ -519,9 +518,7 @@ async def test_full_deny_policy_falls_back_to_issue_time_cutoff(
     moto_endpoint: str, backend_for: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     """When the policy would pass the size limit, one TokenIssueTime cut-off replaces the list."""
-    role_name, role_arn, _ = make_role(moto_endpoint)
-    role = role_spec(credential_type="assumed_role", role_arns=[role_arn])
-    backend = await backend_for({"r": role})
+    role_name, _, role, backend = await assumed_role_backend(moto_endpoint, backend_for)
     backend.policy_size_limit = 400
     caplog.set_level(logging.WARNING, logger="plugins.aws_sts")
     for _ in range(8):
@@ -557,7 +554,7 @@ def test_deny_list_holds_many_sessions_within_the_real_limit() -> None:
 async def test_unrevocable_sts_types_stay_honest(moto_endpoint: str, backend_for: Any) -> None:
     """federation tokens: early revoke and an expiry before AWS's are refused (not
     retryable: the lease goes irrevocable, not 'revoked'); force and rollback succeed."""
-    role = role_spec(credential_type="federation_token", policy_document=READ_ONLY)
+    role = role_spec(credential_type="federation_token", policy_document=READ_ONLY_DOC)
     backend = await backend_for({"f": role})
     req = new_request(role)
     resp = await backend.new_user(req)
@@ -634,7 +631,7 @@ async def test_event_loop_keeps_running_during_aws_calls(
     moto_endpoint: str, backend_for: Any, slow_endpoint: str
 ) -> None:
     """boto3 runs in threads: a ticker keeps ticking while a slow AWS call is in flight."""
-    role = role_spec(credential_type="iam_user", policy_document=READ_ONLY)
+    role = role_spec(credential_type="iam_user", policy_document=READ_ONLY_DOC)
     backend = await backend_for({"u": role}, endpoint_url=slow_endpoint)
     gaps: list[float] = []
     stop = asyncio.Event()
@@ -681,34 +678,8 @@ SLOW_AWS = 1.0
 @pytest.fixture
 def slow_endpoint(moto_endpoint: str) -> Iterator[str]:
     """An HTTP proxy to moto that holds every request for SLOW_AWS s (in its own threads)."""
-    target = urlsplit(moto_endpoint)
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            time.sleep(SLOW_AWS)
-            conn = http.client.HTTPConnection(target.hostname or "", target.port, timeout=30)
-            headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
-            conn.request("POST", self.path, body=body, headers=headers)
-            upstream = conn.getresponse()
-            payload = upstream.read()
-            self.send_response(upstream.status)
-            for key, value in upstream.getheaders():
-                if key.lower() not in {"content-length", "connection", "transfer-encoding"}:
-                    self.send_header(key, value)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-            conn.close()
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    proxy = SlowProxy(moto_endpoint, SLOW_AWS, hold_all=True)
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield proxy.url
     finally:
-        server.shutdown()
-        server.server_close()
+        proxy.close()

@@ -7,106 +7,41 @@ thread keeps going.
 
 from __future__ import annotations
 
-import http.client
 import json
-import threading
 import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import hvac
 import pytest
 import requests
 from botocore.exceptions import ClientError
 
-from broker.backend import DeleteUserRequest, MountSpec, NewUserRequest, RoleSpec
+from broker.backend import DeleteUserRequest, NewUserRequest, RoleSpec
 from plugins import aws_iam
 from plugins.aws import AWSBackend
-from tests.integration.broker_harness import (
-    BrokerThread,
-    aws_client,
-    aws_mount,
-    free_port,
-    start_broker,
-    write_config,
+from tests.integration.aws_fixtures import (
+    READ_ONLY,
+    SlowProxy,
+    aws_broker,
+    aws_role,
+    create_role,
+    mount_spec,
 )
+from tests.integration.broker_harness import BrokerThread, aws_client, aws_mount
 
 pytestmark = pytest.mark.integration
 
-READ_ONLY = json.dumps({"Version": "2012-10-17", "Statement": [
-    {"Effect": "Allow", "Action": "s3:GetObject", "Resource": "*"}]})
-TRUST = json.dumps({"Version": "2012-10-17", "Statement": [{
-    "Effect": "Allow", "Principal": {"AWS": "arn:aws:iam::123456789012:root"},
-    "Action": "sts:AssumeRole"}]})
+#: How long the proxy holds the actions a test makes slow: well over backend_timeout (1s).
 DELAY = 3.0
-
-
-class SlowProxy:
-    """An HTTP proxy to moto that holds requests for the actions in ``slow`` for DELAY s."""
-
-    def __init__(self, upstream: str) -> None:
-        up = urlsplit(upstream)
-        self.slow: set[str] = set()
-        #: actions whose (delayed or not) answer has gone back to the client.
-        self.answered: list[str] = []
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _forward(self) -> None:
-                size = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(size) if size else b""
-                fields = dict(p.split("=", 1) for p in body.decode().split("&") if "=" in p)
-                action = fields.get("Action", "")
-                if action in proxy.slow:
-                    time.sleep(DELAY)
-                conn = http.client.HTTPConnection(up.hostname or "127.0.0.1", up.port, timeout=60)
-                headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
-                conn.request(self.command, self.path, body=body, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
-                conn.close()
-                self.send_response(resp.status)
-                for key, value in resp.getheaders():
-                    if key.lower() not in {"transfer-encoding", "connection", "content-length"}:
-                        self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-                proxy.answered.append(action)
-
-            do_GET = do_POST = _forward
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def wait_answered(self, action: str, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while action not in self.answered:
-            assert time.monotonic() < deadline, f"{action} never answered"
-            time.sleep(0.05)
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
 def proxy(moto_endpoint: str) -> Iterator[SlowProxy]:
-    server = SlowProxy(moto_endpoint)
+    server = SlowProxy(moto_endpoint, DELAY)
     yield server
     server.close()
 
@@ -121,33 +56,20 @@ def slow_broker(tmp_path: Path, proxy: SlowProxy, tag: str,
                 monkeypatch: pytest.MonkeyPatch) -> Iterator[BrokerThread]:
     """A broker whose aws mount talks to moto through the proxy; backend_timeout 1s."""
     monkeypatch.setenv("BROKER_TEST_AWS_SECRET", "testing")
-    body = f"""
+    leases = """
 [leases]
 backend_timeout = "1s"
 claim_timeout = "20s"
 pending_timeout = "20s"
-
-{aws_mount(proxy.url)}
-[mounts.aws.roles.rnd]
-credential_type = "iam_user"
-policy_document = '{READ_ONLY}'
-username_template = "{tag}-{{{{random 8}}}}"
-default_ttl = "15m"
-max_ttl = "1h"
-
-[mounts.aws.roles.fixed]
-credential_type = "iam_user"
-policy_document = '{READ_ONLY}'
-username_template = "{tag}-{{{{role}}}}"
-default_ttl = "15m"
-max_ttl = "1h"
 """
-    server = start_broker(write_config(tmp_path, body))
-    yield server
-    proxy.slow.clear()
-    hvac.Client(url=server.url, token=server.root_token).adapter.put(
-        "/v1/sys/leases/revoke-prefix/aws/", json={"sync": True})
-    server.stop()
+    body = (leases + aws_mount(proxy.url)
+            + aws_role("rnd", "iam_user", policy_document=READ_ONLY,
+                       username_template=f"{tag}-{{{{random 8}}}}")
+            + aws_role("fixed", "iam_user", policy_document=READ_ONLY,
+                       username_template=f"{tag}-{{{{role}}}}"))
+    with aws_broker(tmp_path, body) as server:
+        yield server
+        proxy.slow.clear()  # nothing is held any more while the leases are revoked
 
 
 def users_named(moto_endpoint: str, prefix: str) -> list[str]:
@@ -221,10 +143,7 @@ def test_timed_out_fixed_name_issue_keeps_the_live_lease_user(
 
 
 def _backend(moto_endpoint: str, role: RoleSpec) -> AWSBackend:
-    mount = MountSpec(name="aws", plugin="aws", roles={role.name: role}, secret="testing",
-                      options={"region": "us-east-1", "endpoint_url": moto_endpoint,
-                               "access_key": "testing"})
-    return AWSBackend.from_config(mount)
+    return AWSBackend.from_config(mount_spec(moto_endpoint, {role.name: role}))
 
 
 def _role(name: str, template: str | None) -> RoleSpec:
@@ -317,40 +236,16 @@ async def test_stale_rollback_after_restart_keeps_a_fixed_name_user(moto_endpoin
 def sts_broker(tmp_path: Path, moto_endpoint: str,
                monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[BrokerThread, list[str]]]:
     monkeypatch.setenv("BROKER_TEST_AWS_SECRET", "testing")
-    iam = aws_client(moto_endpoint, "iam")
-    arns = [iam.create_role(RoleName=f"qa-{uuid.uuid4().hex[:8]}",
-                            AssumeRolePolicyDocument=TRUST)["Role"]["Arn"] for _ in range(2)]
-    body = f"""
-{aws_mount(moto_endpoint)}
-[mounts.aws.roles.two]
-credential_type = "assumed_role"
-role_arns = {json.dumps(arns)}
-default_ttl = "15m"
-max_ttl = "1h"
-
-[mounts.aws.roles.one]
-credential_type = "assumed_role"
-role_arns = ["{arns[0]}"]
-default_ttl = "15m"
-max_ttl = "1h"
-
-[mounts.aws.roles.fed]
-credential_type = "federation_token"
-policy_document = '{READ_ONLY}'
-default_ttl = "15m"
-max_ttl = "1h"
-
-[mounts.aws.roles.user]
-credential_type = "iam_user"
-policy_document = '{READ_ONLY}'
-default_ttl = "15m"
-max_ttl = "1h"
-"""
-    server = start_broker(write_config(tmp_path, body))
-    yield server, arns
-    hvac.Client(url=server.url, token=server.root_token).adapter.put(
-        "/v1/sys/leases/revoke-prefix/aws/", json={"sync": True, "force": True})
-    server.stop()
+    arns = [str(create_role(moto_endpoint, f"qa-{uuid.uuid4().hex[:8]}")["Arn"])
+            for _ in range(2)]
+    body = (aws_mount(moto_endpoint)
+            + aws_role("two", "assumed_role", role_arns=arns)
+            + aws_role("one", "assumed_role", role_arns=[arns[0]])
+            + aws_role("fed", "federation_token", policy_document=READ_ONLY)
+            + aws_role("user", "iam_user", policy_document=READ_ONLY))
+    # force: a federation_token lease cannot be revoked before it expires.
+    with aws_broker(tmp_path, body, force=True) as server:
+        yield server, arns
 
 
 def _role_name(arn: str) -> str:

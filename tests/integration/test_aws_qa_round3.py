@@ -22,9 +22,16 @@ import pytest
 import requests
 from botocore.exceptions import ClientError
 
-from broker.backend import BackendError, DeleteUserRequest, MountSpec, NewUserRequest, RoleSpec
+from broker.backend import BackendError, DeleteUserRequest, NewUserRequest, RoleSpec
 from plugins import aws_iam, aws_sts
 from plugins.aws import AWSBackend
+from tests.integration.aws_fixtures import (
+    READ_ONLY,
+    aws_broker,
+    aws_role,
+    moto_role,
+    mount_spec,
+)
 from tests.integration.broker_harness import (
     BrokerThread,
     aws_client,
@@ -35,12 +42,6 @@ from tests.integration.broker_harness import (
 )
 
 pytestmark = pytest.mark.integration
-
-READ_ONLY = json.dumps({"Version": "2012-10-17", "Statement": [
-    {"Effect": "Allow", "Action": "s3:GetObject", "Resource": "*"}]})
-TRUST = json.dumps({"Version": "2012-10-17", "Statement": [{
-    "Effect": "Allow", "Principal": {"AWS": "arn:aws:iam::123456789012:root"},
-    "Action": "sts:AssumeRole"}]})
 
 
 @pytest.fixture
@@ -85,16 +86,9 @@ def _audit(broker: BrokerThread, lease_id: str) -> list[dict[str, Any]]:
 
 
 def _iam_user_config(tmp_path: Path, moto_endpoint: str, tag: str, path: str) -> Path:
-    return write_config(tmp_path, f"""
-{aws_mount(moto_endpoint)}iam_path = "{path}"
-
-[mounts.aws.roles.user]
-credential_type = "iam_user"
-policy_document = '{READ_ONLY}'
-username_template = "{tag}-{{{{random 8}}}}"
-default_ttl = "15m"
-max_ttl = "1h"
-""")
+    return write_config(tmp_path, aws_mount(moto_endpoint) + f'iam_path = "{path}"\n'
+                        + aws_role("user", "iam_user", policy_document=READ_ONLY,
+                                   username_template=f"{tag}-{{{{random 8}}}}"))
 
 
 def test_iam_path_change_still_revokes_older_leases(tmp_path: Path, moto_endpoint: str,
@@ -137,10 +131,7 @@ async def test_iam_path_change_never_deletes_another_user(moto_endpoint: str,
                     options={"credential_type": "iam_user", "policy_document": READ_ONLY})
 
     def backend(path: str) -> AWSBackend:
-        return AWSBackend.from_config(MountSpec(
-            name="aws", plugin="aws", roles={"user": role}, secret="testing",
-            options={"region": "us-east-1", "endpoint_url": moto_endpoint,
-                     "access_key": "testing", "iam_path": path}))
+        return AWSBackend.from_config(mount_spec(moto_endpoint, {"user": role}, iam_path=path))
 
     old_path, new_path = f"/broker/{tag}a/", f"/broker/{tag}b/"
     first, second = backend(old_path), backend(new_path)
@@ -181,9 +172,16 @@ async def test_iam_path_change_never_deletes_another_user(moto_endpoint: str,
 # -- 2. rotate-root: 400 for a refusal for good, 503 when a retry may help -----------------
 
 
-def _rotate(broker: BrokerThread) -> requests.Response:
-    return requests.post(f"{broker.url}/v1/aws/rotate-root", headers=_headers(broker),
-                         timeout=120)
+def _rotate_and_stop(broker: BrokerThread, status: int) -> str:
+    """POST aws/rotate-root to ``broker``, then stop it: the answer must be ``status``;
+    returns its error, which must be one line."""
+    try:
+        resp = requests.post(f"{broker.url}/v1/aws/rotate-root", headers=_headers(broker),
+                             timeout=120)
+        assert resp.status_code == status, resp.text
+        return _one_line_error(resp)
+    finally:
+        broker.stop()
 
 
 @pytest.fixture
@@ -228,13 +226,8 @@ def test_rotate_root_with_a_second_key_already_is_a_400(
     iam = aws_client(moto_endpoint, "iam")
     second = iam.create_access_key(UserName=name)["AccessKey"]["AccessKeyId"]
     broker = _signing_broker(tmp_path, moto_endpoint, key, monkeypatch)
-    try:
-        resp = _rotate(broker)
-        assert resp.status_code == 400, resp.text
-        error = _one_line_error(resp)
-        assert "rotate-root refused" in error and second in error, error
-    finally:
-        broker.stop()
+    error = _rotate_and_stop(broker, 400)
+    assert "rotate-root refused" in error and second in error, error
     keys = {k["AccessKeyId"] for k in iam.list_access_keys(UserName=name)["AccessKeyMetadata"]}
     assert keys == {key["id"], second}
 
@@ -250,12 +243,7 @@ plugin = "aws"
 region = "us-east-1"
 endpoint_url = "{moto_endpoint}"
 """))
-    try:
-        resp = _rotate(broker)
-        assert resp.status_code == 400, resp.text
-        assert "needs the mount option access_key" in _one_line_error(resp)
-    finally:
-        broker.stop()
+    assert "needs the mount option access_key" in _rotate_and_stop(broker, 400)
 
 
 def test_rotate_root_access_denied_is_a_400(tmp_path: Path,
@@ -276,13 +264,8 @@ def test_rotate_root_access_denied_is_a_400(tmp_path: Path,
         broker = _signing_broker(tmp_path, auth.endpoint,
                                  {"id": key["AccessKeyId"], "secret": key["SecretAccessKey"]},
                                  monkeypatch)
-        try:
-            resp = _rotate(broker)
-            assert resp.status_code == 400, resp.text
-            error = _one_line_error(resp)
-            assert "AccessDenied" in error and "iam:CreateAccessKey" in error, error
-        finally:
-            broker.stop()
+        error = _rotate_and_stop(broker, 400)
+        assert "AccessDenied" in error and "iam:CreateAccessKey" in error, error
         keys = admin.list_access_keys(UserName=name)["AccessKeyMetadata"]
         assert [k["AccessKeyId"] for k in keys] == [key["AccessKeyId"]]
 
@@ -292,12 +275,7 @@ def test_rotate_root_unreachable_endpoint_stays_a_503(tmp_path: Path,
     """AWS out of reach: still 503 (trying again later may work)."""
     dead = f"http://127.0.0.1:{free_port()}"
     broker = _signing_broker(tmp_path, dead, {"id": "AKIADEAD", "secret": "dead"}, monkeypatch)
-    try:
-        resp = _rotate(broker)
-        assert resp.status_code == 503, resp.text
-        assert "rotate-root failed" in _one_line_error(resp)
-    finally:
-        broker.stop()
+    assert "rotate-root failed" in _rotate_and_stop(broker, 503)
 
 
 # -- 3. STS leases shorter than their credential ---------------------------------------------
@@ -307,41 +285,27 @@ def test_rotate_root_unreachable_endpoint_stays_a_503(tmp_path: Path,
 def sts_broker(tmp_path: Path, moto_endpoint: str, tag: str) -> Iterator[tuple[BrokerThread, str]]:
     """A broker whose STS roles have max_ttl 2s (under AWS's 900 s minimum): (broker, role
     name of the assumed_role role)."""
-    iam = aws_client(moto_endpoint, "iam")
     role_name = f"{tag}-role"
-    arn = iam.create_role(RoleName=role_name, AssumeRolePolicyDocument=TRUST)["Role"]["Arn"]
-    body = f"""
-[leases]
-revoke_backoff_base = "1s"
+    ttls = {"default_ttl": "2s", "max_ttl": "2s"}  # every role: under AWS's 900 s minimum
+    with moto_role(moto_endpoint, role_name) as arn:
+        leases = '\n[leases]\nrevoke_backoff_base = "1s"\n'
+        body = (leases + aws_mount(moto_endpoint)
+                + aws_role("assumed", "assumed_role", role_arns=[arn], **ttls)
+                + aws_role("fed", "federation_token", policy_document=READ_ONLY, **ttls)
+                + aws_role("session", "session_token", **ttls))
+        with aws_broker(tmp_path, body, force=True) as server:
+            yield server, role_name
 
-{aws_mount(moto_endpoint)}
-[mounts.aws.roles.assumed]
-credential_type = "assumed_role"
-role_arns = ["{arn}"]
-default_ttl = "2s"
-max_ttl = "2s"
 
-[mounts.aws.roles.fed]
-credential_type = "federation_token"
-policy_document = '{READ_ONLY}'
-default_ttl = "2s"
-max_ttl = "2s"
-
-[mounts.aws.roles.session]
-credential_type = "session_token"
-default_ttl = "2s"
-max_ttl = "2s"
-"""
-    server = start_broker(write_config(tmp_path, body))
-    yield server, role_name
-    hvac.Client(url=server.url, token=server.root_token).adapter.put(
-        "/v1/sys/leases/revoke-prefix/aws/", json={"sync": True, "force": True})
-    server.stop()
-    try:
-        iam.delete_role_policy(RoleName=role_name, PolicyName=aws_sts.DENY_POLICY_NAME)
-    except ClientError:
-        pass
-    iam.delete_role(RoleName=role_name)
+def _issue_capped(broker: BrokerThread, role: str) -> dict[str, Any]:
+    """GET aws/sts/ROLE on sts_broker's broker: the issue answer, whose lease is capped at
+    the role's 2s (the credential itself lives AWS's 900 s)."""
+    resp = requests.get(f"{broker.url}/v1/aws/sts/{role}", headers=_headers(broker),
+                        timeout=60)
+    assert resp.status_code == 200, resp.text
+    issued: dict[str, Any] = resp.json()
+    assert issued["lease_duration"] <= 2
+    return issued
 
 
 @pytest.mark.parametrize("role", ["fed", "session"])
@@ -352,12 +316,7 @@ def test_unrevocable_sts_lease_capped_below_its_credential_does_not_claim_it_end
     at its expiry, saying the credential works until its AWS expiry; only after that does
     the irrevocable retry end it as expired."""
     broker, _ = sts_broker
-    resp = requests.get(f"{broker.url}/v1/aws/sts/{role}", headers=_headers(broker),
-                        timeout=60)
-    assert resp.status_code == 200, resp.text
-    issued = resp.json()
-    assert issued["lease_duration"] <= 2
-    lease_id = issued["lease_id"]
+    lease_id = _issue_capped(broker, role)["lease_id"]
     assert _wait_state(broker, lease_id, {"irrevocable", "expired"}) == "irrevocable"
     events = _audit(broker, lease_id)
     assert not [e for e in events if e["type"] == "expire"], events
@@ -384,11 +343,7 @@ def test_assumed_role_lease_capped_below_its_credential_denies_the_session(
     """An assumed-role lease capped at 2s: its expiry cuts the 900 s AWS session short with
     the role's deny policy on that session's aws:userid, and only then reads expired."""
     broker, role_name = sts_broker
-    resp = requests.get(f"{broker.url}/v1/aws/sts/assumed", headers=_headers(broker),
-                        timeout=60)
-    assert resp.status_code == 200, resp.text
-    issued = resp.json()
-    assert issued["lease_duration"] <= 2
+    issued = _issue_capped(broker, "assumed")
     assert _wait_state(broker, issued["lease_id"], {"expired", "irrevocable"}) == "expired"
     doc = aws_client(moto_endpoint, "iam").get_role_policy(
         RoleName=role_name, PolicyName=aws_sts.DENY_POLICY_NAME)["PolicyDocument"]

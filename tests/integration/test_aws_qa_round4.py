@@ -12,7 +12,6 @@ the HTTP API with hvac.
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,27 +21,14 @@ from typing import Any
 
 import hvac
 import pytest
-from botocore.exceptions import ClientError
 
-from broker.backend import MountSpec, NewUserRequest, RoleSpec
-from plugins import aws_sts
+from broker.backend import NewUserRequest, RoleSpec
 from plugins.aws import AWSBackend
 from tests.conftest import run
-from tests.integration.broker_harness import (
-    BrokerThread,
-    aws_client,
-    aws_mount,
-    start_broker,
-    write_config,
-)
+from tests.integration.aws_fixtures import READ_ONLY, aws_broker, aws_role, moto_role, mount_spec
+from tests.integration.broker_harness import BrokerThread, aws_mount
 
 pytestmark = pytest.mark.integration
-
-READ_ONLY = json.dumps({"Version": "2012-10-17", "Statement": [
-    {"Effect": "Allow", "Action": "s3:GetObject", "Resource": "*"}]})
-TRUST = json.dumps({"Version": "2012-10-17", "Statement": [{
-    "Effect": "Allow", "Principal": {"AWS": "arn:aws:iam::123456789012:root"},
-    "Action": "sts:AssumeRole"}]})
 
 
 @pytest.fixture(autouse=True)
@@ -52,52 +38,16 @@ def _aws_secret(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def broker(tmp_path: Path, moto_endpoint: str) -> Iterator[BrokerThread]:
-    iam = aws_client(moto_endpoint, "iam")
-    role_name = f"r4{uuid.uuid4().hex[:8]}-role"
-    arn = iam.create_role(RoleName=role_name, AssumeRolePolicyDocument=TRUST)["Role"]["Arn"]
-    body = f"""
-{aws_mount(moto_endpoint)}
-iam_path = "/broker-r4/"
-
-[mounts.aws.roles.assumed]
-credential_type = "assumed_role"
-role_arns = ["{arn}"]
-default_ttl = "15m"
-max_ttl = "1h"
-
-[mounts.aws.roles.fed]
-credential_type = "federation_token"
-policy_document = '{READ_ONLY}'
-default_ttl = "15m"
-max_ttl = "1h"
-
-[mounts.aws.roles.session]
-credential_type = "session_token"
-default_ttl = "15m"
-max_ttl = "1h"
-
-[mounts.aws.roles.short]
-credential_type = "federation_token"
-policy_document = '{READ_ONLY}'
-default_ttl = "2m"
-max_ttl = "5m"
-
-[mounts.aws.roles.user]
-credential_type = "iam_user"
-policy_document = '{READ_ONLY}'
-default_ttl = "15m"
-max_ttl = "1h"
-"""
-    server = start_broker(write_config(tmp_path, body))
-    yield server
-    hvac.Client(url=server.url, token=server.root_token).adapter.put(
-        "/v1/sys/leases/revoke-prefix/aws/", json={"sync": True, "force": True})
-    server.stop()
-    try:
-        iam.delete_role_policy(RoleName=role_name, PolicyName=aws_sts.DENY_POLICY_NAME)
-    except ClientError:
-        pass
-    iam.delete_role(RoleName=role_name)
+    with moto_role(moto_endpoint, f"r4{uuid.uuid4().hex[:8]}-role") as arn:
+        body = (aws_mount(moto_endpoint) + 'iam_path = "/broker-r4/"\n'
+                + aws_role("assumed", "assumed_role", role_arns=[arn])
+                + aws_role("fed", "federation_token", policy_document=READ_ONLY)
+                + aws_role("session", "session_token")
+                + aws_role("short", "federation_token", policy_document=READ_ONLY,
+                           default_ttl="2m", max_ttl="5m")
+                + aws_role("user", "iam_user", policy_document=READ_ONLY))
+        with aws_broker(tmp_path, body, force=True) as server:
+            yield server
 
 
 def _lookup(client: hvac.Client, lease_id: str) -> dict[str, Any]:
@@ -149,8 +99,7 @@ def test_a_lease_capped_below_the_sts_minimum_says_it_ends_first(broker: BrokerT
 def test_the_backend_reports_the_raise_in_new_user_response_warnings(
         moto_endpoint: str) -> None:
     """The plugin itself: ``NewUserResponse.warnings`` holds the raise, empty otherwise."""
-    mount = MountSpec(name="aws", plugin="aws", roles={}, secret="testing", options={
-        "region": "us-east-1", "endpoint_url": moto_endpoint, "access_key": "testing"})
+    mount = mount_spec(moto_endpoint, {})
     role = RoleSpec(name="s", default_ttl=900, max_ttl=3600,
                     options={"credential_type": "session_token"})
 

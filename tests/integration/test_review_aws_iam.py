@@ -13,23 +13,15 @@ import pytest
 import requests
 from botocore.exceptions import ClientError
 
-from broker.backend import BackendError, DeleteUserRequest, MountSpec, NewUserRequest, RoleSpec
+from broker.backend import BackendError, DeleteUserRequest, NewUserRequest, RoleSpec
 from plugins import aws_iam
 from plugins.aws import AWSBackend, parse_role
 from tests.conformance.aws_harness import moto_with_auth
 from tests.conftest import run
-from tests.integration.broker_harness import (
-    BrokerThread,
-    aws_client,
-    aws_mount,
-    start_broker,
-    write_config,
-)
+from tests.integration.aws_fixtures import READ_ONLY, aws_broker, aws_role, mount_spec
+from tests.integration.broker_harness import BrokerThread, aws_client, aws_mount
 
 pytestmark = pytest.mark.integration
-
-READ_ONLY = json.dumps({"Version": "2012-10-17", "Statement": [
-    {"Effect": "Allow", "Action": "s3:GetObject", "Resource": "*"}]})
 
 
 @pytest.fixture
@@ -41,26 +33,12 @@ def tag() -> str:
 def broker(tmp_path: Path, moto_endpoint: str, tag: str,
            monkeypatch: pytest.MonkeyPatch) -> Iterator[BrokerThread]:
     monkeypatch.setenv("BROKER_TEST_AWS_SECRET", "testing")
-    body = f"""
-{aws_mount(moto_endpoint)}
-[mounts.aws.roles.fixed]
-credential_type = "iam_user"
-policy_document = '{READ_ONLY}'
-username_template = "{tag}-{{{{role}}}}"
-default_ttl = "15m"
-max_ttl = "1h"
-
-[mounts.aws.roles.ci]
-credential_type = "iam_user"
-policy_document = '{READ_ONLY}'
-default_ttl = "15m"
-max_ttl = "1h"
-"""
-    server = start_broker(write_config(tmp_path, body))
-    yield server
-    requests.put(f"{server.url}/v1/sys/leases/revoke-prefix/aws/", json={"sync": True},
-                 headers={"X-Vault-Token": server.root_token}, timeout=120)
-    server.stop()
+    body = (aws_mount(moto_endpoint)
+            + aws_role("fixed", "iam_user", policy_document=READ_ONLY,
+                       username_template=f"{tag}-{{{{role}}}}")
+            + aws_role("ci", "iam_user", policy_document=READ_ONLY))
+    with aws_broker(tmp_path, body) as server:
+        yield server
 
 
 def api(broker: BrokerThread, method: str, path: str, **kw: Any) -> requests.Response:
@@ -139,10 +117,7 @@ def test_metadata_cannot_override_or_crowd_out_the_lease_id_tag(moto_endpoint: s
     which IAM refuses), and 60 metadata keys still leave the user at IAM's 50 tags."""
     spec = RoleSpec(name="ci", default_ttl=60, max_ttl=60, options={
         "credential_type": "iam_user", "policy_document": READ_ONLY, "tag_metadata": True})
-    mount = MountSpec(name="aws", plugin="aws", roles={"ci": spec}, secret="testing",
-                      options={"region": "us-east-1", "endpoint_url": moto_endpoint,
-                               "access_key": "testing"})
-    backend = AWSBackend.from_config(mount)
+    backend = AWSBackend.from_config(mount_spec(moto_endpoint, {"ci": spec}))
     metadata = {"Broker-Lease-Id": "spoofed", **{f"k{i:02}": "v" for i in range(60)}}
     req = NewUserRequest(role=spec, username=f"v-aws-ci-{uuid.uuid4().hex[:8]}", password="x",
                          expiration=datetime.now(UTC) + timedelta(minutes=5),
@@ -185,10 +160,9 @@ def test_revoke_failing_half_way_is_retryable_and_the_key_is_already_gone() -> N
         managed = admin.create_policy(PolicyName="ci", PolicyDocument=READ_ONLY)["Policy"]["Arn"]
         role = RoleSpec(name="ci", default_ttl=3600, max_ttl=3600,
                         options={"credential_type": "iam_user", "policy_arns": [managed]})
-        backend = AWSBackend.from_config(MountSpec(
-            name="aws", plugin="aws", roles={"ci": role}, secret=key["SecretAccessKey"],
-            options={"region": "us-east-1", "endpoint_url": auth.endpoint,
-                     "access_key": key["AccessKeyId"]}))
+        backend = AWSBackend.from_config(mount_spec(
+            auth.endpoint, {"ci": role}, secret=key["SecretAccessKey"],
+            access_key=key["AccessKeyId"]))
 
         async def scenario() -> None:
             try:

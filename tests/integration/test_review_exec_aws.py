@@ -12,25 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 from botocore.exceptions import ClientError
 
-from tests.integration.broker_harness import (
-    BrokerThread,
-    aws_client,
-    aws_mount,
-    start_broker,
-    write_config,
-)
+from tests.integration.aws_fixtures import READ_ONLY, aws_broker, aws_role, create_role
+from tests.integration.broker_harness import BrokerThread, aws_client, aws_mount
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-TRUST = json.dumps({"Version": "2012-10-17", "Statement": [{
-    "Effect": "Allow", "Principal": {"AWS": "arn:aws:iam::123456789012:root"},
-    "Action": "sts:AssumeRole"}]})
-READ_ONLY = json.dumps({"Version": "2012-10-17", "Statement": [
-    {"Effect": "Allow", "Action": "s3:GetObject", "Resource": "*"}]})
 
 #: argv: OUT ENDPOINT. Reports the AWS_* variables it got and who AWS says it is.
 CHILD = r'''
@@ -51,29 +40,13 @@ with open(out, "w") as fh:
 def broker(tmp_path: Path, moto_endpoint: str,
            monkeypatch: pytest.MonkeyPatch) -> Iterator[BrokerThread]:
     monkeypatch.setenv("BROKER_TEST_AWS_SECRET", "testing")
-    role_arn = aws_client(moto_endpoint, "iam").create_role(
-        RoleName=f"broker-exec-{uuid.uuid4().hex[:8]}",
-        AssumeRolePolicyDocument=TRUST)["Role"]["Arn"]
-    body = f"""
-{aws_mount(moto_endpoint)}
-[mounts.aws.roles.ci]
-credential_type = "iam_user"
-policy_document = '{READ_ONLY}'
-default_ttl = "15m"
-max_ttl = "1h"
-
-[mounts.aws.roles.deploy]
-credential_type = "assumed_role"
-role_arns = ["{role_arn}"]
-default_ttl = "15m"
-max_ttl = "1h"
-"""
-    server = start_broker(write_config(tmp_path, body))
-    (tmp_path / "child.py").write_text(CHILD)
-    yield server
-    requests.put(f"{server.url}/v1/sys/leases/revoke-prefix/aws/", json={"sync": True},
-                 headers={"X-Vault-Token": server.root_token}, timeout=120)
-    server.stop()
+    role_arn = create_role(moto_endpoint, f"broker-exec-{uuid.uuid4().hex[:8]}")["Arn"]
+    body = (aws_mount(moto_endpoint)
+            + aws_role("ci", "iam_user", policy_document=READ_ONLY)
+            + aws_role("deploy", "assumed_role", role_arns=[role_arn]))
+    with aws_broker(tmp_path, body) as server:
+        (tmp_path / "child.py").write_text(CHILD)
+        yield server
 
 
 def run_exec(broker: BrokerThread, tmp: Path, endpoint: str, *specs: str,
@@ -149,30 +122,16 @@ def test_a_jwt_login_token_is_not_cut_down_under_a_non_renewable_lease(
     from tests.oidc_issuer import OIDCIssuer
 
     monkeypatch.setenv("BROKER_TEST_AWS_SECRET", "testing")
-    iam = aws_client(moto_endpoint, "iam")
-    role_arn = iam.create_role(RoleName=f"broker-exec-{uuid.uuid4().hex[:8]}",
-                               AssumeRolePolicyDocument=TRUST)["Role"]["Arn"]
+    role_arn = create_role(moto_endpoint, f"broker-exec-{uuid.uuid4().hex[:8]}")["Arn"]
     with OIDCIssuer() as issuer:
-        body = f"""
-{aws_mount(moto_endpoint)}
-[mounts.aws.roles.deploy]
-credential_type = "assumed_role"
-role_arns = ["{role_arn}"]
-default_ttl = "15m"
-max_ttl = "1h"
+        body = (aws_mount(moto_endpoint)
+                + aws_role("deploy", "assumed_role", role_arns=[role_arn])
+                + aws_role("ci", "iam_user", policy_document=READ_ONLY)
+                + '\n[policies.app]\n"aws/creds/*" = ["read"]\n'
+                + github_auth(issuer))
+        with aws_broker(tmp_path, body) as server:
+            (tmp_path / "child.py").write_text(CHILD)
 
-[mounts.aws.roles.ci]
-credential_type = "iam_user"
-policy_document = '{READ_ONLY}'
-default_ttl = "15m"
-max_ttl = "1h"
-
-[policies.app]
-"aws/creds/*" = ["read"]
-""" + github_auth(issuer)
-        server = start_broker(write_config(tmp_path, body))
-        (tmp_path / "child.py").write_text(CHILD)
-        try:
             def token_renewals(spec: str) -> list[dict[str, Any]]:
                 """Audit lines of exec renewing its login token (``token_renew``)."""
                 audit = Path(server.audit_path)
@@ -194,7 +153,3 @@ max_ttl = "1h"
 
             assert token_renewals("aws/deploy") == []  # not renewable: the token keeps its TTL
             assert token_renewals("aws/ci") != []  # renewable: cut down to three heartbeats
-        finally:
-            requests.put(f"{server.url}/v1/sys/leases/revoke-prefix/aws/", json={"sync": True},
-                         headers={"X-Vault-Token": server.root_token}, timeout=120)
-            server.stop()
