@@ -26,7 +26,8 @@ import pytest
 from broker.config import ConfigError, load_config
 from broker.lease import Token
 from broker.tokens import hash_token
-from tests.integration.broker_harness import BrokerThread, start_broker, write_config
+from tests.integration.broker_harness import BrokerThread, write_config
+from tests.integration.jwt_fixtures import github_auth, oidc_issuer_fixture, running_broker
 from tests.oidc_issuer import OIDCIssuer
 
 pytestmark = pytest.mark.integration
@@ -55,31 +56,19 @@ EXPECTED_CAPABILITIES = {
 
 
 def jwt_method(issuer: OIDCIssuer) -> str:
-    return f"""
-[auth.jwt.github]
-oidc_discovery_url = "{issuer.url}"
-
-[auth.jwt.github.roles.deploy]
-bound_audiences = ["broker"]
-bound_claims = {{ repository = "acme/*" }}
-token_policies = ["ci"]
-token_ttl = "30m"
-token_max_ttl = "1h"
-"""
+    """The login at auth/github: role deploy, tokens with policy ci for 30 min, renewable
+    to 1 h (the max TTL a renewal is capped at), no claim mapped."""
+    return github_auth(issuer, policies=["ci"], claim_mappings=None, max_ttl="1h")
 
 
-@pytest.fixture(scope="module")
-def github() -> Iterator[OIDCIssuer]:
-    with OIDCIssuer() as issuer:
-        yield issuer
+github = oidc_issuer_fixture()
 
 
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory, github: OIDCIssuer) -> Iterator[BrokerThread]:
     tmp = tmp_path_factory.mktemp("auth-qa4")
-    server = start_broker(write_config(tmp, POLICIES + jwt_method(github)))
-    yield server
-    server.stop()
+    with running_broker(tmp, POLICIES + jwt_method(github), revoke=()) as server:
+        yield server
 
 
 @pytest.fixture

@@ -18,20 +18,27 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 import requests
 
 from broker.lease import LeaseFilter, LeaseState
 from tests.conftest import run
-from tests.integration.broker_harness import BrokerThread, start_broker, write_config
+from tests.integration.broker_harness import BrokerThread
+from tests.integration.jwt_fixtures import (
+    cli_environ,
+    github_auth,  # test_review_exec_aws imports it from here too
+    kill_group,
+    oidc_issuer_fixture,
+    running_broker,
+    second_pg_mount,
+    start_exec,
+    wait_for_report,
+)
 from tests.integration.test_api_postgres import pg_mount, role_exists
 from tests.oidc_issuer import OIDCIssuer
 
 pytestmark = pytest.mark.integration
-
-REPO = Path(__file__).resolve().parents[2]
 
 #: The command exec runs. argv: OUT MODE [SECONDS EXIT_CODE].
 #: ok:   sleep SECONDS, log in with PGUSER/PGPASSWORD (and the PG2 pair if set),
@@ -104,15 +111,7 @@ with open(sys.argv[1], "w") as fh:
 
 def mounts(dsn: str) -> str:
     """The shared pg mount (roles readonly, short) plus a second postgres mount, pg2."""
-    return pg_mount(dsn) + f"""
-[mounts.pg2]
-plugin = "postgres"
-connection_url = "{dsn}"
-
-[mounts.pg2.roles.readonly]
-default_ttl = "1h"
-max_ttl = "2h"
-"""
+    return pg_mount(dsn) + second_pg_mount(dsn)
 
 
 @dataclass
@@ -127,16 +126,7 @@ class Env:
 
     def environ(self, token: str | None = None) -> dict[str, str]:
         """exec's environment: the broker's address and (root unless given) token."""
-        parts = urlsplit(self.dsn)
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("BROKER_", "VAULT_", "PG"))}
-        return env | {
-            "BROKER_ADDR": self.broker.url,
-            "BROKER_TOKEN": token or self.broker.root_token,
-            "TEST_PG_HOST": parts.hostname or "127.0.0.1",
-            "TEST_PG_PORT": str(parts.port or 5432),
-            "PYTHONPATH": str(REPO),
-        }
+        return cli_environ(self.broker, self.dsn, BROKER_TOKEN=token or self.broker.root_token)
 
     def argv(self, *exec_args: str, child: tuple[str, ...]) -> list[str]:
         return [sys.executable, "-m", "broker.cli", "exec", *exec_args, "--",
@@ -154,11 +144,11 @@ class Env:
         return path.read_text() if path.exists() else ""
 
     def start(self, *exec_args: str, child: tuple[str, ...]) -> subprocess.Popen[bytes]:
-        # A session of its own: no terminal, and the test can kill the whole group after.
-        with open(self.tmp / "exec.stderr", "wb") as err:
-            return subprocess.Popen(self.argv(*exec_args, child=child), env=self.environ(),
-                                    stdout=subprocess.DEVNULL, stderr=err, cwd=self.tmp,
-                                    start_new_session=True)
+        return start_exec(self.argv(*exec_args, child=child), self.environ(), self.tmp)
+
+    def wait_for(self, path: Path, proc: subprocess.Popen[bytes]) -> dict[str, Any]:
+        """What a ``start()``ed CHILD reported to ``path`` once it runs."""
+        return wait_for_report(path, proc, self.tmp / "exec.stderr")
 
     def lease_state(self, lease_id: str) -> LeaseState | None:
         assert self.broker.state is not None
@@ -169,59 +159,15 @@ class Env:
         return bool(run(role_exists(self.dsn, user)))
 
 
-def github_auth(issuer: OIDCIssuer, policy: str = "app") -> str:
-    """A GitHub-shaped JWT login whose tokens get ``policy`` (``app``: read on
-    pg/creds/readonly), run_id mapped."""
-    return f"""
-[auth.jwt.github]
-oidc_discovery_url = "{issuer.url}"
-
-[auth.jwt.github.roles.deploy]
-bound_audiences = ["broker"]
-bound_claims = {{ repository = "acme/*" }}
-claim_mappings = {{ run_id = "run_id" }}
-token_policies = ["{policy}"]
-token_ttl = "30m"
-"""
-
-
-@pytest.fixture(scope="module")
-def issuer() -> Iterator[OIDCIssuer]:
-    with OIDCIssuer() as oidc:
-        yield oidc
+issuer = oidc_issuer_fixture()
 
 
 @pytest.fixture
 def env(tmp_path: Path, postgres_dsn: str, issuer: OIDCIssuer) -> Iterator[Env]:
-    server = start_broker(write_config(tmp_path, mounts(postgres_dsn) + github_auth(issuer)))
     (tmp_path / "child.py").write_text(CHILD)
-    yield Env(server, tmp_path, postgres_dsn)
-    # Leave no role behind on the shared server.
-    for prefix in ("pg/", "pg2/"):
-        requests.put(f"{server.url}/v1/sys/leases/revoke-prefix/{prefix}", json={"sync": True},
-                     headers={"X-Vault-Token": server.root_token}, timeout=120)
-    server.stop()
-
-
-def wait_for(env: Env, path: Path, proc: subprocess.Popen[bytes], timeout: float = 30
-             ) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None:
-            raise AssertionError(f"exec ended early ({proc.returncode}): {env.stderr}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{path.name} did not appear within {timeout}s")
-        time.sleep(0.05)
-    data: dict[str, Any] = json.loads(path.read_text())
-    return data
-
-
-def kill_group(proc: subprocess.Popen[bytes]) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(10)
+    with running_broker(tmp_path, mounts(postgres_dsn) + github_auth(issuer),
+                        revoke=("pg/", "pg2/")) as server:
+        yield Env(server, tmp_path, postgres_dsn)
 
 
 # --------------------------------------------------------------------------- tests
@@ -278,7 +224,7 @@ def test_signal_to_exec_reaches_the_child_then_leases_are_revoked(env: Env, sig:
     out = env.tmp / "out.json"
     proc = env.start("pg/readonly", child=(str(out), "wait"))
     try:
-        ready = wait_for(env, out, proc)
+        ready = env.wait_for(out, proc)
         os.kill(proc.pid, sig)
         assert proc.wait(30) == 128 + sig, env.stderr
         assert json.loads((env.tmp / "out.json.signal").read_text()) == {"signum": sig}
@@ -294,7 +240,7 @@ def test_sigusr1_is_forwarded_and_the_command_keeps_its_credentials(env: Env) ->
     out = env.tmp / "out.json"
     proc = env.start("pg/readonly", child=(str(out), "wait"))
     try:
-        ready = wait_for(env, out, proc)
+        ready = env.wait_for(out, proc)
         os.kill(proc.pid, signal.SIGUSR1)
         usr1 = env.tmp / "out.json.usr1"
         deadline = time.monotonic() + 30
@@ -321,7 +267,7 @@ def test_sigkill_of_exec_lets_the_leases_expire_within_two_heartbeats(env: Env) 
     out = env.tmp / "out.json"
     proc = env.start("--heartbeat", "2s", "pg/readonly", child=(str(out), "wait"))
     try:
-        ready = wait_for(env, out, proc)
+        ready = env.wait_for(out, proc)
         user = ready["env"]["PGUSER"]
         time.sleep(3 * heartbeat)  # past 2 heartbeats: alive only because it is renewed
         assert env.role_exists(user)

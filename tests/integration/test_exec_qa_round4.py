@@ -25,37 +25,30 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
-import requests
 
 from broker.client import Client
 from broker.exec import Heartbeat
 from broker.lease import LeaseFilter, LeaseState
 from tests.conftest import run
-from tests.integration.broker_harness import BrokerThread, start_broker, write_config
+from tests.integration.jwt_fixtures import (
+    BRIEF_ROLE,
+    ExecEnv,
+    cli_environ,
+    github_auth,
+    kill_group,
+    oidc_issuer_fixture,
+    running_broker,
+    start_exec,
+    wait_for_report,
+)
 from tests.integration.test_api_postgres import pg_mount, role_exists
-from tests.integration.test_exec import CHILD, github_auth
+from tests.integration.test_exec import CHILD
 from tests.oidc_issuer import OIDCIssuer
 
 pytestmark = pytest.mark.integration
-
-REPO = Path(__file__).resolve().parents[2]
-
-#: a JWT role whose tokens live 4 s (renewable to 20 s): shorter than the --ttl used.
-BRIEF = """
-[auth.jwt.github.roles.brief]
-bound_audiences = ["broker"]
-bound_claims = { repository = "acme/*" }
-claim_mappings = { run_id = "run_id" }
-token_policies = ["app"]
-token_ttl = "4s"
-token_max_ttl = "20s"
-"""
 
 #: Prints what it can read of its parent's (exec's) environment: "denied", or whether
 #: the piece given as $1 is in it. sh: the plain user may not run this venv's python.
@@ -64,20 +57,10 @@ PEEK = ('if cat "/proc/$PPID/environ" >/dev/null 2>&1; then '
         'then echo found; else echo absent; fi; else echo denied; fi')
 
 
-@dataclass
-class Env:
-    broker: BrokerThread
-    tmp: Path
-    dsn: str
-    issuer: OIDCIssuer
-
+class Env(ExecEnv):
     def environ(self, **extra: str) -> dict[str, str]:
-        parts = urlsplit(self.dsn)
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("BROKER_", "VAULT_", "PG", "CI_JWT"))}
-        return env | {"BROKER_ADDR": self.broker.url, "PYTHONPATH": str(REPO),
-                      "TEST_PG_HOST": parts.hostname or "127.0.0.1",
-                      "TEST_PG_PORT": str(parts.port or 5432)} | extra
+        """exec's environment without a token (and without a CI_JWT of the runner's)."""
+        return cli_environ(self.broker, self.dsn, drop=("CI_JWT",), **extra)
 
     def jwt(self, run_id: str) -> str:
         return self.issuer.github_token(repository="acme/app", run_id=run_id)
@@ -87,37 +70,20 @@ class Env:
         return list(self.broker.call(self.broker.state.store.list_leases(
             LeaseFilter(prefix="pg/"))))
 
-    def lease(self, lease_id: str) -> Any:
-        assert self.broker.state is not None
-        return self.broker.call(self.broker.state.store.get(lease_id))
-
-    def token_state(self, accessor: str) -> str | None:
-        assert self.broker.state is not None
-        token = self.broker.call(self.broker.state.store.token_by_accessor(accessor))
-        return token.state.value if token else None
-
 
 EXEC = [sys.executable, "-m", "broker.cli", "exec"]
 LOGIN = ("--auth-path", "github")
 
 
-@pytest.fixture(scope="module")
-def issuer() -> Iterator[OIDCIssuer]:
-    with OIDCIssuer() as oidc:
-        yield oidc
+issuer = oidc_issuer_fixture()
 
 
 @pytest.fixture
 def env(tmp_path: Path, postgres_dsn: str, issuer: OIDCIssuer) -> Iterator[Env]:
-    server = start_broker(write_config(tmp_path, pg_mount(postgres_dsn) + github_auth(issuer)
-                                       + BRIEF))
     (tmp_path / "child.py").write_text(CHILD)
-    try:
+    with running_broker(tmp_path,
+                        pg_mount(postgres_dsn) + github_auth(issuer) + BRIEF_ROLE) as server:
         yield Env(server, tmp_path, postgres_dsn, issuer)
-    finally:
-        requests.put(f"{server.url}/v1/sys/leases/revoke-prefix/pg/", json={"sync": True},
-                     headers={"X-Vault-Token": server.root_token}, timeout=120)
-        server.stop()
 
 
 # --------------------------------------------------------------------------- fixes
@@ -270,11 +236,7 @@ def test_a_signal_while_exec_writes_to_a_full_stderr_does_not_deadlock(env: Env)
         assert b"got SIGTERM while revoking" in tail
         assert b"leases left alive (--no-revoke)" in tail
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(10)
+        kill_group(proc)
         if proc.stderr is not None:
             proc.stderr.close()
 
@@ -289,20 +251,13 @@ def test_ci_jwt_file_with_newline_sigterm_revokes_lease_and_login_token(env: Env
     jwt_file = env.tmp / "oidc-token"
     jwt_file.write_text(env.jwt("5104") + "\n")
     out = env.tmp / "out.json"
-    with open(env.tmp / "exec.stderr", "wb") as err:
-        proc = subprocess.Popen(
-            [*EXEC, "--jwt-file", str(jwt_file), "--auth-role", "deploy", *LOGIN,
-             "--heartbeat", "2s", "pg/readonly", "--", sys.executable,
-             str(env.tmp / "child.py"), str(out), "wait"],
-            env=env.environ(), stdout=subprocess.DEVNULL, stderr=err, cwd=env.tmp,
-            start_new_session=True)
+    proc = start_exec(
+        [*EXEC, "--jwt-file", str(jwt_file), "--auth-role", "deploy", *LOGIN,
+         "--heartbeat", "2s", "pg/readonly", "--", sys.executable,
+         str(env.tmp / "child.py"), str(out), "wait"],
+        env.environ(), env.tmp)
     try:
-        deadline = time.monotonic() + 30
-        while not out.exists():
-            assert proc.poll() is None, (env.tmp / "exec.stderr").read_text()
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        ready = json.loads(out.read_text())
+        ready = wait_for_report(out, proc, env.tmp / "exec.stderr")
         # Past two heartbeats: the lease is alive because it is renewed. Heartbeat 2 s,
         # not 1 s: one broker answer slower than 1 s on a loaded machine (rightly) let
         # the lease expire, with renewals of one heartbeat of slack each.
@@ -318,11 +273,7 @@ def test_ci_jwt_file_with_newline_sigterm_revokes_lease_and_login_token(env: Env
         assert lease.metadata["run_id"] == "5104"  # type: ignore[attr-defined]
         assert env.token_state(lease.owner) == "revoked"  # type: ignore[attr-defined]
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(10)
+        kill_group(proc)
 
 
 def test_a_bad_jwt_is_one_line_never_echoed_and_the_command_does_not_run(env: Env) -> None:

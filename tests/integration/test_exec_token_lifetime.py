@@ -28,15 +28,21 @@ import requests
 
 from broker.lease import LeaseState
 from tests.conftest import run
-from tests.integration.broker_harness import start_broker, write_config
+from tests.integration.jwt_fixtures import (
+    github_auth,
+    kill_group,
+    oidc_issuer_fixture,
+    running_broker,
+    start_exec,
+    wait_for_report,
+)
 from tests.integration.test_api_postgres import pg_mount, role_exists
-from tests.integration.test_exec import CHILD, github_auth
+from tests.integration.test_exec import CHILD
 from tests.integration.test_exec_qa_round4 import Env as Qa4Env
 from tests.oidc_issuer import OIDCIssuer
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 BROKER = [sys.executable, "-m", "broker.cli"]
 EXEC = [*BROKER, "exec"]
 LOGIN = ("--jwt-env", "CI_JWT", "--auth-role", "deploy", "--auth-path", "github")
@@ -78,51 +84,26 @@ class Env(Qa4Env):
         return token
 
 
-@pytest.fixture(scope="module")
-def issuer() -> Iterator[OIDCIssuer]:
-    with OIDCIssuer() as oidc:
-        yield oidc
+issuer = oidc_issuer_fixture()
 
 
 @pytest.fixture
 def env(tmp_path: Path, postgres_dsn: str, issuer: OIDCIssuer) -> Iterator[Env]:
-    server = start_broker(write_config(tmp_path, pg_mount(postgres_dsn) + github_auth(issuer)))
     (tmp_path / "child.py").write_text(CHILD)
-    try:
+    with running_broker(tmp_path, pg_mount(postgres_dsn) + github_auth(issuer)) as server:
         yield Env(server, tmp_path, postgres_dsn, issuer)
-    finally:
-        requests.put(f"{server.url}/v1/sys/leases/revoke-prefix/pg/", json={"sync": True},
-                     headers={"X-Vault-Token": server.root_token}, timeout=120)
-        server.stop()
 
 
 def _start(env: Env, *exec_args: str, environ: dict[str, str]) -> subprocess.Popen[bytes]:
     """exec with CHILD in "wait" mode: it reports to out.json, then sleeps."""
-    with open(env.tmp / "exec.stderr", "wb") as err:
-        return subprocess.Popen(
-            [*EXEC, *exec_args, "pg/readonly", "--", sys.executable,
-             str(env.tmp / "child.py"), str(env.tmp / "out.json"), "wait"],
-            env=environ, stdout=subprocess.DEVNULL, stderr=err, cwd=env.tmp,
-            start_new_session=True)
+    return start_exec([*EXEC, *exec_args, "pg/readonly", "--", sys.executable,
+                       str(env.tmp / "child.py"), str(env.tmp / "out.json"), "wait"],
+                      environ, env.tmp)
 
 
 def _ready(env: Env, proc: subprocess.Popen[bytes]) -> dict[str, Any]:
-    out = env.tmp / "out.json"
-    deadline = time.monotonic() + 30
-    while not out.exists():
-        assert proc.poll() is None, (env.tmp / "exec.stderr").read_text()
-        assert time.monotonic() < deadline, "the command did not start"
-        time.sleep(0.05)
-    data: dict[str, Any] = json.loads(out.read_text())
-    return data
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(10)
+    """What CHILD reported once it runs (exec's stderr if exec ends first)."""
+    return wait_for_report(env.tmp / "out.json", proc, env.tmp / "exec.stderr")
 
 
 def _token_ttl_during_a_run(env: Env, *exec_args: str, **extra: str) -> tuple[int, str]:
@@ -137,7 +118,7 @@ def _token_ttl_during_a_run(env: Env, *exec_args: str, **extra: str) -> tuple[in
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(30) == 128 + signal.SIGTERM
     finally:
-        _stop(proc)
+        kill_group(proc)
     return int(data["ttl"]), (env.tmp / "exec.stderr").read_text()
 
 
@@ -230,7 +211,7 @@ def test_leases_outlive_the_cut_down_token_ttl_and_sigkill_ends_the_token(env: E
             time.sleep(0.25)
         assert not run(role_exists(env.dsn, user))
     finally:
-        _stop(proc)
+        kill_group(proc)
 
 
 # --------------------------------------------------------------------------- task 2

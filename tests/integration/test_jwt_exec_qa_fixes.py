@@ -12,33 +12,39 @@ Real broker, real PostgreSQL, real OIDC issuer, ``broker exec`` as a subprocess:
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-import asyncpg
 import pytest
 import requests
 
 from broker.lease import LeaseState
 from tests.conftest import run
-from tests.integration.broker_harness import BrokerThread, start_broker, write_config
+from tests.integration.broker_harness import drop_pg_roles
+from tests.integration.jwt_fixtures import (
+    BRIEF_ROLE,
+    ExecEnv,
+    cli_environ,
+    jwt_role,
+    oidc_issuer_fixture,
+    oidc_method,
+    running_broker,
+)
 from tests.integration.test_api_postgres import role_exists
 from tests.integration.test_exec import CHILD
 from tests.oidc_issuer import OIDCIssuer
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 #: every PostgreSQL role these tests make starts with it (shared server).
 PREFIX = "jwtqa-"
+#: a JWT role whose tokens cannot be renewed past their 3 s (and carry no run id).
+FIXED_ROLE = jwt_role("fixed", claim_mappings=None, ttl="3s", max_ttl="3s")
 
 
 def config(dsn: str, issuer: OIDCIssuer) -> str:
@@ -58,55 +64,15 @@ max_ttl = "2h"
 
 [policies.app]
 "pg/creds/readonly" = ["read"]
-
-[auth.jwt.github]
-oidc_discovery_url = "{issuer.url}"
-
-[auth.jwt.github.roles.brief]
-bound_audiences = ["broker"]
-bound_claims = {{ repository = "acme/*" }}
-claim_mappings = {{ run_id = "run_id" }}
-token_policies = ["app"]
-token_ttl = "4s"
-token_max_ttl = "20s"
-
-[auth.jwt.github.roles.fixed]
-bound_audiences = ["broker"]
-bound_claims = {{ repository = "acme/*" }}
-token_policies = ["app"]
-token_ttl = "3s"
-token_max_ttl = "3s"
-"""
+""" + oidc_method(issuer) + BRIEF_ROLE + FIXED_ROLE
 
 
-async def _drop_leftovers(dsn: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        names = await conn.fetch("SELECT rolname FROM pg_roles WHERE rolname LIKE $1",
-                                 PREFIX + "%")
-        for row in names:
-            await conn.execute(f'DROP ROLE IF EXISTS "{row["rolname"]}"')
-    finally:
-        await conn.close()
-
-
-@dataclass
-class Env:
-    broker: BrokerThread
-    tmp: Path
-    dsn: str
-    issuer: OIDCIssuer
-
+class Env(ExecEnv):
     def exec(self, *exec_args: str, child: tuple[str, ...], jwt: str | None = None,
              token: str | None = None, extra: dict[str, str] | None = None
              ) -> subprocess.CompletedProcess[str]:
         """Run ``broker exec`` with CHILD; logged in with ``jwt`` (CI_JWT) or ``token``."""
-        parts = urlsplit(self.dsn)
-        environ = {k: v for k, v in os.environ.items()
-                   if not k.startswith(("BROKER_", "VAULT_", "PG"))}
-        environ |= {"BROKER_ADDR": self.broker.url, "PYTHONPATH": str(REPO),
-                    "TEST_PG_HOST": parts.hostname or "127.0.0.1",
-                    "TEST_PG_PORT": str(parts.port or 5432), **(extra or {})}
+        environ = cli_environ(self.broker, self.dsn, **(extra or {}))
         login: tuple[str, ...] = ()
         if jwt is not None:
             environ["CI_JWT"] = jwt
@@ -122,33 +88,18 @@ class Env:
         return [json.loads(line) for line in
                 Path(self.broker.audit_path).read_text().splitlines()]
 
-    def lease(self, lease_id: str) -> Any:
-        assert self.broker.state is not None
-        return self.broker.call(self.broker.state.store.get(lease_id))
 
-    def token_state(self, accessor: str) -> str | None:
-        assert self.broker.state is not None
-        token = self.broker.call(self.broker.state.store.token_by_accessor(accessor))
-        return token.state.value if token else None
-
-
-@pytest.fixture(scope="module")
-def issuer() -> Iterator[OIDCIssuer]:
-    with OIDCIssuer() as oidc:
-        yield oidc
+issuer = oidc_issuer_fixture()
 
 
 @pytest.fixture
 def env(tmp_path: Path, postgres_dsn: str, issuer: OIDCIssuer) -> Iterator[Env]:
-    server = start_broker(write_config(tmp_path, config(postgres_dsn, issuer)))
     (tmp_path / "child.py").write_text(CHILD)
     try:
-        yield Env(server, tmp_path, postgres_dsn, issuer)
+        with running_broker(tmp_path, config(postgres_dsn, issuer)) as server:
+            yield Env(server, tmp_path, postgres_dsn, issuer)
     finally:
-        requests.put(f"{server.url}/v1/sys/leases/revoke-prefix/pg/", json={"sync": True},
-                     headers={"X-Vault-Token": server.root_token}, timeout=120)
-        server.stop()
-        run(_drop_leftovers(postgres_dsn))
+        run(drop_pg_roles(postgres_dsn, PREFIX))
 
 
 def test_exec_renews_its_login_token_so_the_leases_last_past_token_ttl(env: Env) -> None:
@@ -271,21 +222,18 @@ def test_a_key_rotated_within_the_refresh_interval_gets_a_retry_hint(
     """A token signed with a key published moments after the last JWKS fetch is refused
     (403), and the message says the keys were fetched less than 10s ago and to retry
     shortly, not that the key is unknown for good."""
-    with OIDCIssuer() as oidc:
-        server = start_broker(write_config(tmp_path, config(postgres_dsn, oidc)))
-        try:
-            def login(token: str) -> requests.Response:
-                return requests.post(f"{server.url}/v1/auth/github/login",
-                                     json={"role": "brief", "jwt": token}, timeout=30)
+    with OIDCIssuer() as oidc, running_broker(tmp_path, config(postgres_dsn, oidc),
+                                              revoke=()) as server:
+        def login(token: str) -> requests.Response:
+            return requests.post(f"{server.url}/v1/auth/github/login",
+                                 json={"role": "brief", "jwt": token}, timeout=30)
 
-            assert login(oidc.github_token(repository="acme/app")).status_code == 200
-            new = oidc.rotate()
-            resp = login(oidc.github_token(repository="acme/app", key=new))
-            assert resp.status_code == 403, resp.text
-            error = resp.json()["errors"][0]
-            assert error.startswith(f"permission denied: unknown signing key id '{new.kid}': "
-                                    "not in the issuer's keys as fetched less than 1s ago")
-            assert "fetched again at most every 10s" in error
-            assert re.search(r"retry in (9|10)s$", error), error
-        finally:
-            server.stop()
+        assert login(oidc.github_token(repository="acme/app")).status_code == 200
+        new = oidc.rotate()
+        resp = login(oidc.github_token(repository="acme/app", key=new))
+        assert resp.status_code == 403, resp.text
+        error = resp.json()["errors"][0]
+        assert error.startswith(f"permission denied: unknown signing key id '{new.kid}': "
+                                "not in the issuer's keys as fetched less than 1s ago")
+        assert "fetched again at most every 10s" in error
+        assert re.search(r"retry in (9|10)s$", error), error

@@ -19,7 +19,13 @@ import pytest
 import requests
 
 from tests.conftest import run
-from tests.integration.broker_harness import BrokerThread, start_broker, write_config
+from tests.integration.broker_harness import BrokerThread
+from tests.integration.jwt_fixtures import (
+    github_auth,
+    jwt_role,
+    oidc_issuer_fixture,
+    running_broker,
+)
 from tests.integration.test_api_postgres import connect_as, pg_mount
 from tests.oidc_issuer import OIDCIssuer
 
@@ -43,23 +49,17 @@ max_ttl = "1h"
 
 
 def auth_config(github: OIDCIssuer, gitlab: OIDCIssuer) -> str:
-    return f"""
-[auth.jwt.github]
-oidc_discovery_url = "{github.url}"
-
-[auth.jwt.github.roles.deploy]
-bound_audiences = ["broker"]
-bound_claims = {{ repository = "acme/*", ref = "refs/heads/main" }}
-claim_mappings = {{ repository = "repository", run_id = "run_id", actor = "actor" }}
-token_policies = ["ci"]
-token_ttl = "30m"
-
-[auth.jwt.github.roles.owner]
-bound_audiences = ["broker"]
-claim_mappings = {{ repository_owner = "repository_owner" }}
-token_policies = ["owner"]
-token_ttl = "10m"
-
+    """auth/github: deploy (the main branch of an acme repository, policy ci) and owner
+    (any repository, its owner mapped for the templated policy); auth/gitlab, its keys
+    fetched over TLS from a pinned CA: ci."""
+    return github_auth(
+        github, policies=["ci"],
+        bound_claims={"repository": "acme/*", "ref": "refs/heads/main"},
+        claim_mappings={"repository": "repository", "run_id": "run_id", "actor": "actor"},
+    ) + jwt_role(
+        "owner", policies=["owner"], bound_claims=None,
+        claim_mappings={"repository_owner": "repository_owner"}, ttl="10m",
+    ) + f"""
 [auth.jwt.gitlab]
 jwks_url = "{gitlab.jwks_url}"
 bound_issuer = "{gitlab.url}"
@@ -75,16 +75,8 @@ token_policies = ["ci"]
 """
 
 
-@pytest.fixture(scope="module")
-def github() -> Iterator[OIDCIssuer]:
-    with OIDCIssuer() as issuer:
-        yield issuer
-
-
-@pytest.fixture(scope="module")
-def gitlab() -> Iterator[OIDCIssuer]:
-    with OIDCIssuer(tls=True) as issuer:
-        yield issuer
+github = oidc_issuer_fixture()
+gitlab = oidc_issuer_fixture(tls=True)
 
 
 @pytest.fixture(scope="module")
@@ -92,11 +84,8 @@ def broker(tmp_path_factory: pytest.TempPathFactory, postgres_dsn: str, github: 
            gitlab: OIDCIssuer) -> Iterator[BrokerThread]:
     tmp = tmp_path_factory.mktemp("jwt")
     body = pg_mount(postgres_dsn) + POLICIES_AND_ROLES + auth_config(github, gitlab)
-    server = start_broker(write_config(tmp, body))
-    yield server
-    requests.put(f"{server.url}/v1/sys/leases/revoke-prefix/pg/", json={"sync": True},
-                 headers={"X-Vault-Token": server.root_token}, timeout=120)
-    server.stop()
+    with running_broker(tmp, body) as server:
+        yield server
 
 
 def login(broker: BrokerThread, jwt: str, role: str = "deploy",

@@ -9,7 +9,6 @@ name the variables from it, so a CI token allowed one role still gets ``PGPASSWO
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,15 +21,20 @@ import pytest
 import requests
 
 from tests.conftest import run
-from tests.integration.broker_harness import BrokerThread, start_broker, write_config
+from tests.integration.broker_harness import BrokerThread
+from tests.integration.jwt_fixtures import (
+    cli_environ,
+    github_auth,
+    oidc_issuer_fixture,
+    running_broker,
+    second_pg_mount,
+)
 from tests.integration.test_api_postgres import pg_mount, role_exists
-from tests.integration.test_exec import github_auth
 from tests.integration.test_openapi import CHECKS, schema
 from tests.oidc_issuer import OIDCIssuer
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 INFO = "sys/internal/ui/mounts"
 PG_ENV_NAMES = {"username": "PGUSER", "password": "PGPASSWORD"}
 
@@ -45,15 +49,7 @@ with open(sys.argv[1], "w") as fh:
 
 def config(dsn: str, issuer: OIDCIssuer) -> str:
     """pg (roles readonly, short) and pg2; a policy for one role of pg only; a JWT login."""
-    return pg_mount(dsn) + f"""
-[mounts.pg2]
-plugin = "postgres"
-connection_url = "{dsn}"
-
-[mounts.pg2.roles.readonly]
-default_ttl = "1h"
-max_ttl = "2h"
-
+    return pg_mount(dsn) + second_pg_mount(dsn) + """
 [policies.one-role]
 "pg/creds/readonly" = ["read"]
 
@@ -64,14 +60,11 @@ max_ttl = "2h"
 "sys/leases/lookup/*" = ["list", "sudo"]
 
 [policies.templated]
-"{{{{identity.metadata.where}}}}/readonly" = ["read"]
-""" + github_auth(issuer, policy="one-role")
+"{{identity.metadata.where}}/readonly" = ["read"]
+""" + github_auth(issuer, policies=["one-role"])
 
 
-@pytest.fixture(scope="module")
-def issuer() -> Iterator[OIDCIssuer]:
-    with OIDCIssuer() as oidc:
-        yield oidc
+issuer = oidc_issuer_fixture()
 
 
 @pytest.fixture(scope="module")
@@ -79,13 +72,8 @@ def broker(tmp_path_factory: pytest.TempPathFactory, postgres_dsn: str,
            issuer: OIDCIssuer) -> Iterator[BrokerThread]:
     tmp = tmp_path_factory.mktemp("mount-info")
     (tmp / "child.py").write_text(CHILD)
-    server = start_broker(write_config(tmp, config(postgres_dsn, issuer)))
-    yield server
-    # Leave no role behind on the shared server.
-    for prefix in ("pg/", "pg2/"):
-        requests.put(f"{server.url}/v1/sys/leases/revoke-prefix/{prefix}", json={"sync": True},
-                     headers={"X-Vault-Token": server.root_token}, timeout=120)
-    server.stop()
+    with running_broker(tmp, config(postgres_dsn, issuer), revoke=("pg/", "pg2/")) as server:
+        yield server
 
 
 def token(broker: BrokerThread, *policies: str) -> str:
@@ -103,9 +91,8 @@ def call(broker: BrokerThread, tok: str | None, method: str, path: str,
 
 
 def cli_env(broker: BrokerThread, tok: str | None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BROKER_", "VAULT_", "PG"))}
-    env |= {"BROKER_ADDR": broker.url, "PYTHONPATH": str(REPO)}
-    return env | ({"BROKER_TOKEN": tok} if tok else {})
+    """A ``broker`` subprocess's environment, with BROKER_TOKEN ``tok`` if there is one."""
+    return cli_environ(broker, **({"BROKER_TOKEN": tok} if tok else {}))
 
 
 # --------------------------------------------------------------------------- the API
