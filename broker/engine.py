@@ -40,7 +40,7 @@ from broker.backend import (
 )
 from broker.config import Config
 from broker.endings import EndingRecorder
-from broker.errors import BackendUnavailable, BadRequest, ReuseAttempt
+from broker.errors import BackendUnavailable, BadRequest, DeadLease, UnknownLease
 from broker.lease import (
     DEAD_STATES,
     Lease,
@@ -549,14 +549,14 @@ class LeaseEngine(MountSet, Revoker):
             raise BadRequest("missing lease_id")
         lease = await self.store.get(lease_id)
         if lease is None or lease.state is LeaseState.PENDING:
-            raise BadRequest(f"invalid lease: {lease_id} is not known")
+            raise UnknownLease(f"invalid lease: {lease_id} is not known")
         if lease.state in DEAD_STATES:
             await self.audit.write(event(
                 "reuse_attempt", outcome="denied", operation=op, lease=lease_ref(lease),
                 lease_state=lease.state.value, caller=caller.accessor,
                 original_owner=lease.owner,
             ))
-            raise ReuseAttempt(f"lease {lease_id} is {lease.state.value}; "
+            raise DeadLease(f"lease {lease_id} is {lease.state.value}; "
                                f"it cannot be {_PAST.get(op, op + 'ed')}")
         return lease
 

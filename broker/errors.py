@@ -65,3 +65,11 @@ class StoreUnavailable(ServiceUnavailable):
 
 class ReuseAttempt(BadRequest):
     """A dead lease (expired or revoked) or dead token was presented again."""
+
+
+class DeadLease(ReuseAttempt):
+    """A lease that is revoked or expired (a tombstone) was named again."""
+
+
+class UnknownLease(BadRequest):
+    """No lease has this id (never issued, still being issued, or its tombstone purged)."""

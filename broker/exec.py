@@ -942,8 +942,9 @@ class Exec:
                 # Ended already: revoking it again would be audited as a reuse attempt.
                 continue
             try:
+                # strict: an ended lease answers 400, saying so (Vault clients get 204).
                 resp = self.client.request("PUT", "sys/leases/revoke",
-                                           json={"lease_id": cred.lease_id},
+                                           json={"lease_id": cred.lease_id, "strict": True},
                                            timeout=_REVOKE_TIMEOUT)
             except ClientError as exc:
                 if exc.status == 400:

@@ -35,6 +35,7 @@ they cannot backtrack catastrophically.
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from collections.abc import Mapping, Sequence
@@ -254,6 +255,39 @@ def _static_key(is_prefix: bool, segments: tuple[Any, ...]) -> _Resolved:
     return is_prefix, tuple(None if s == "+" else "".join(s) for s in segments)
 
 
+#: The order a rendered policy lists capabilities in (the order of Vault's docs), so
+#: its text does not depend on the order the config file happened to list them in.
+_CAPABILITY_ORDER = ("create", "read", "update", "delete", "list", "sudo", "deny")
+
+
+def _static_text(key: _Resolved) -> str:
+    """A parsed pattern written back: ``+`` where a segment is a wildcard, ``*`` if a prefix."""
+    is_prefix, segs = key
+    return "/".join("+" if s is None else s for s in segs) + ("*" if is_prefix else "")
+
+
+def _template_text(is_prefix: bool, segments: tuple[Any, ...]) -> str:
+    """A templated pattern written back, each reference in its canonical spelling
+    (``{{identity.metadata.KEY}}``, without the spaces a config may put inside)."""
+    parts = []
+    for seg in segments:
+        if seg == "+":
+            parts.append("+")
+            continue
+        parts.append("".join(piece if isinstance(piece, str)
+                             else "{{identity." + ".".join(piece.path) + "}}"
+                             for piece in seg))
+    return "/".join(parts) + ("*" if is_prefix else "")
+
+
+def _hcl_block(pattern: str, caps: frozenset[str]) -> str:
+    # A JSON string is a valid HCL string (same quotes, same escapes), so a pattern
+    # holding a quote or a backslash still reads back as itself.
+    listed = ", ".join(json.dumps(c) for c in _CAPABILITY_ORDER if c in caps)
+    return (f"path {json.dumps(pattern, ensure_ascii=False)} {{\n"
+            f"  capabilities = [{listed}]\n}}")
+
+
 class PolicySet:
     """All configured policies, answering capability questions for a token's names."""
 
@@ -411,3 +445,26 @@ class PolicySet:
     ) -> bool:
         """Whether ``capability`` is granted on ``path``; asking for ``deny`` is always False."""
         return capability in self.capabilities(policies, path, identity=identity)
+
+    def hcl(self, name: str) -> str | None:
+        """Policy ``name`` as Vault HCL (what ``vault policy read`` shows); None if there
+        is no such policy.
+
+        One ``path "PATTERN" { capabilities = [...] }`` block per pattern, sorted
+        by pattern. It is written from the rules as parsed, the ones every check
+        uses, so it shows what is enforced: ``default`` is the built-in rules with
+        a configured ``[policies.default]`` applied, a pattern is written without
+        the leading ``/`` a check ignores, and a template in its canonical
+        spelling. ``root`` has no rules (it grants everything), so its text is
+        empty, as in Vault. A policy without rules is empty too.
+        """
+        if name == "root":
+            return ""
+        if name not in self._static:
+            return None
+        blocks = {_static_text(key): caps for key, caps in self._static[name].items()}
+        for (is_prefix, segments), caps in self._templates[name].items():
+            # Never the text of a static pattern: those hold no "{{".
+            blocks[_template_text(is_prefix, segments)] = caps
+        text = "\n\n".join(_hcl_block(pattern, blocks[pattern]) for pattern in sorted(blocks))
+        return text + "\n" if text else ""

@@ -8,7 +8,18 @@ from typing import Any
 
 from aiohttp import http_exceptions, http_parser, web, web_protocol, web_response
 
-from broker.api import capabilities, creds, leases, login, mount_info, mounts, roles, system, tokens
+from broker.api import (
+    capabilities,
+    creds,
+    leases,
+    login,
+    mount_info,
+    mounts,
+    policies,
+    roles,
+    system,
+    tokens,
+)
 from broker.api.common import STATE, error_middleware, error_response
 from broker.api.httpparser import ListAwareRequestParser
 from broker.state import BrokerState
@@ -97,6 +108,7 @@ def create_app(state: BrokerState) -> web.Application:
     app.add_routes(system.routes)
     app.add_routes(mount_info.routes)
     app.add_routes(capabilities.routes)
+    app.add_routes(policies.routes)
     app.add_routes(leases.routes)
     app.add_routes(tokens.routes)
     app.add_routes(login.routes)

@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from broker.api.common import CALL, Call, identity_of, json_response
+from broker.api.common import CALL, Call, identity_of, vault_response
 from broker.api.tokens import live_token
 from broker.errors import BadRequest
 from broker.lease import Token
@@ -77,19 +77,9 @@ def _answer(call: Call, paths: list[str], caps: dict[str, list[str]]) -> web.Res
     data: dict[str, Any] = dict(caps)
     if len(paths) == 1:  # Vault's older, single-path shape
         data["capabilities"] = caps[paths[0]]
-    # The envelope is written last: a path named "data" or "request_id" is
-    # under "data" only, and the answer keeps its shape.
-    return json_response({
-        **data,
-        "request_id": call.request_id,
-        "lease_id": "",
-        "renewable": False,
-        "lease_duration": 0,
-        "data": data,
-        "wrap_info": None,
-        "warnings": None,
-        "auth": None,
-    })
+    # Also at the top level, as Vault answers it; a path named "data" or
+    # "request_id" is under "data" only, and the answer keeps its shape.
+    return vault_response(call, data, top_level=True)
 
 
 @routes.post("/v1/sys/capabilities-self")

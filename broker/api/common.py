@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -31,6 +31,7 @@ __all__ = [
     "is_list_request",
     "json_response",
     "method_capability",
+    "vault_response",
 ]
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,34 @@ def json_response(body: Mapping[str, Any] | None, status: int = 200) -> web.Resp
     if body is None:
         return web.Response(status=204)
     return web.json_response(body, status=status, dumps=lambda o: json.dumps(o, default=str))
+
+
+def vault_response(call: Call, data: Mapping[str, Any] | None = None, *,
+                   auth: Mapping[str, Any] | None = None,
+                   warnings: Sequence[str] | None = None,
+                   lease_id: str = "", renewable: bool = False, lease_duration: int = 0,
+                   top_level: bool = False, status: int = 200) -> web.Response:
+    """An answer in Vault's envelope, every field present.
+
+    Vault writes all of them on every answer (sdk/logical/translate_response.go,
+    none omitempty), and strict clients need them: vaultrs' ``EndpointResult``
+    requires ``lease_id``, ``lease_duration`` and ``renewable``. ``top_level``
+    also puts ``data``'s keys beside the envelope, as Vault still does for its
+    oldest paths (``sys/mounts``, ``sys/auth``, capabilities); the envelope is
+    written last, so a key named ``request_id`` in ``data`` stays under ``data``.
+    """
+    body: dict[str, Any] = dict(data) if top_level and data else {}
+    body.update({
+        "request_id": call.request_id,
+        "lease_id": lease_id,
+        "renewable": renewable,
+        "lease_duration": lease_duration,
+        "data": data,
+        "wrap_info": None,
+        "warnings": list(warnings) if warnings else None,
+        "auth": auth,
+    })
+    return json_response(body, status)
 
 
 def error_response(status: int, *messages: str) -> web.Response:
@@ -368,3 +397,22 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         # writer, call, token) are freed as it ends; linked, every request was
         # cyclic garbage, and collecting it took ~5 % of the event loop's CPU.
         del request[CALL]
+
+
+#: The methods that would change what a path shows: a read-only path's 405 says why.
+WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def not_allowed(request: web.Request, allowed: tuple[str, ...], text: str | None = None, *,
+                read_only: str | None = None) -> web.Response:
+    """405 with the ``Allow`` header (RFC 9110), saying why a write cannot be done here.
+
+    ``read_only``: for a write, what follows the text, e.g. where what the path
+    shows is set instead (roles and policies come from the config file).
+    """
+    text = text or f"method {request.method} not allowed here"
+    if read_only and request.method in WRITE_METHODS:
+        text += f": {read_only}"
+    response = error_response(405, text)
+    response.headers["Allow"] = ",".join(allowed)  # as aiohttp writes it
+    return response

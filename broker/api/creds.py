@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from broker.api.common import CALL, Call, json_response
+from broker.api.common import CALL, Call, vault_response
 from broker.audit import AuditError
 from broker.errors import BadRequest
 from broker.lease import Lease, Token
@@ -64,17 +64,9 @@ async def issue(request: web.Request) -> web.Response:
         # rollback line (same request id) records how it ended.
         raise
     lease = issued.lease
-    body: dict[str, Any] = {
-        "request_id": call.request_id,
-        "lease_id": lease.id,
-        "lease_duration": round(lease.expire_time - lease.issue_time),
-        "renewable": lease.renewable,
-        "data": issued.data,
-        "wrap_info": None,
-        "warnings": issued.warnings or None,
-        "auth": None,
-    }
-    return json_response(body)
+    return vault_response(call, issued.data, lease_id=lease.id, renewable=lease.renewable,
+                          lease_duration=round(lease.expire_time - lease.issue_time),
+                          warnings=issued.warnings)
 
 
 def _aws_request(call: Call, mount: str, role: str, kind: str) -> Token:

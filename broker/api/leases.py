@@ -13,8 +13,8 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from broker.api.common import CALL, Call, error_response, json_response
-from broker.errors import BadRequest, PermissionDenied, RevocationFailed
+from broker.api.common import CALL, Call, error_response, json_response, vault_response
+from broker.errors import BadRequest, DeadLease, PermissionDenied, RevocationFailed, UnknownLease
 from broker.lease import META_KEY, Lease, LeaseFilter, LeaseState
 from broker.revocation import lease_ref
 
@@ -96,14 +96,8 @@ async def renew(request: web.Request) -> web.Response:
         raise
     await call.audit("renew", lease=lease_ref(lease), increment=increment,
                      expire_time=rfc3339(lease.expire_time))
-    return json_response({
-        "request_id": call.request_id,
-        "lease_id": lease.id,
-        "renewable": lease.renewable,
-        "lease_duration": lease.ttl(now),
-        "data": None,
-        "warnings": warnings or None,
-    })
+    return vault_response(call, None, lease_id=lease.id, renewable=lease.renewable,
+                          lease_duration=lease.ttl(now), warnings=warnings)
 
 
 @routes.route("*", "/v1/sys/leases/revoke")
@@ -112,7 +106,17 @@ async def renew(request: web.Request) -> web.Response:
 async def revoke(request: web.Request) -> web.Response:
     _only(request, "PUT", "POST")
     call: Call = request[CALL]
-    lease = await _lease_for(call, "revoke")
+    try:
+        lease = await _lease_for(call, "revoke")
+    except (UnknownLease, DeadLease):
+        # Nothing to revoke: Vault answers 204 (vault/expiration.go, revokeCommon:
+        # "If there is no entry, nothing to revoke"), so a client that revokes its
+        # lease on the way out, after it expired, is not handed an error. A dead
+        # lease was audited as a reuse attempt. strict=true (extension; the broker's
+        # CLI sends it) keeps the 400 that says which.
+        if call.flag("strict", False):
+            raise
+        return json_response(None)
     sync = call.flag("sync", True)
     outcome = await call.state.engine.revoke(lease, wait=REVOKE_WAIT if sync else 0)
     # An attempt still under way (sync=false asks for none to end) is no error.
@@ -131,8 +135,8 @@ async def revoke(request: web.Request) -> web.Response:
             "sys/leases/revoke-force")
     # Not lost: it stays revoking and is retried with backoff until done or irrevocable.
     # 202 as Vault answers sync=false (vault/logical_system.go, handleRevoke).
-    return json_response({"request_id": call.request_id, "data": {"queued": 1},
-                          "warnings": [_queued_warning(lease.id, sync, error)]}, status=202)
+    return vault_response(call, {"queued": 1}, warnings=[_queued_warning(lease.id, sync, error)],
+                          status=202)
 
 
 def _queued_warning(lease_id: str, sync: bool, error: str | None) -> str:
@@ -156,20 +160,17 @@ async def lookup(request: web.Request) -> web.StreamResponse:
     lease = await _lease_for(call, "lookup")
     now = call.state.engine.clock()
     await call.audit("lookup", lease=lease_ref(lease))
-    return json_response({
-        "request_id": call.request_id,
-        "data": {
-            "id": lease.id,
-            "issue_time": rfc3339(lease.issue_time),
-            "expire_time": rfc3339(lease.expire_time),
-            "last_renewal": rfc3339(lease.last_renewal),
-            "renewable": lease.renewable and lease.state is LeaseState.ACTIVE,
-            "ttl": lease.ttl(now),
-            # Extensions (Vault clients ignore unknown keys):
-            "state": lease.state.value,
-            "max_expire_time": rfc3339(lease.max_expire_time),
-            "metadata": lease.metadata,
-        },
+    return vault_response(call, {
+        "id": lease.id,
+        "issue_time": rfc3339(lease.issue_time),
+        "expire_time": rfc3339(lease.expire_time),
+        "last_renewal": rfc3339(lease.last_renewal),
+        "renewable": lease.renewable and lease.state is LeaseState.ACTIVE,
+        "ttl": lease.ttl(now),
+        # Extensions (Vault clients ignore unknown keys):
+        "state": lease.state.value,
+        "max_expire_time": rfc3339(lease.max_expire_time),
+        "metadata": lease.metadata,
     })
 
 
@@ -198,8 +199,7 @@ async def list_leases(request: web.Request) -> web.Response:
     if len(keys) == limit:  # as LIST auth/token/accessors
         warnings = [f"listing stopped at limit={limit}; there may be more: "
                     f"repeat with after={keys[-1]}"]
-    return json_response({"request_id": call.request_id, "data": {"keys": keys},
-                          "warnings": warnings})
+    return vault_response(call, {"keys": keys}, warnings=warnings)
 
 
 def _is_list(request: web.Request) -> bool:
@@ -358,8 +358,7 @@ async def _revoke_many(request: web.Request, *, force: bool) -> web.Response:
     left = 0
     if call.flag("sync", False):
         left = await call.state.engine.wait_drained(flt, SYNC_WAIT)
-    return json_response({"request_id": call.request_id,
-                          "data": {"queued": queued, "still_revoking": left}})
+    return vault_response(call, {"queued": queued, "still_revoking": left})
 
 
 @routes.route("*", "/v1/sys/leases/revoke-prefix/{prefix:.*}")
@@ -400,8 +399,7 @@ async def revoke_by(request: web.Request) -> web.Response:
     left = 0
     if call.flag("sync", False):
         left = await call.state.engine.wait_drained(flt, SYNC_WAIT)
-    return json_response({"request_id": call.request_id,
-                          "data": {"queued": queued, "still_revoking": left}})
+    return vault_response(call, {"queued": queued, "still_revoking": left})
 
 
 @routes.route("*", "/v1/sys/leases/search")
@@ -421,7 +419,7 @@ async def search(request: web.Request) -> web.Response:
         after=call.string("after") or ""))
     await call.audit("list", action="search", prefix=prefix or None, metadata=meta or None,
                      count=len(rows))
-    return json_response({"request_id": call.request_id, "data": {
+    return vault_response(call, {
         "leases": [
             {"lease_id": r.id, "mount": r.mount, "role": r.role, "owner": r.owner,
              "state": r.state.value, "issue_time": rfc3339(r.issue_time),
@@ -429,7 +427,7 @@ async def search(request: web.Request) -> web.Response:
             for r in rows],
         # Page on with after=next_after; null when this page was the last.
         "next_after": rows[-1].id if len(rows) == limit else None,
-    }})
+    })
 
 
 def _states(text: str | None) -> tuple[LeaseState, ...]:
@@ -455,11 +453,11 @@ async def irrevocable(request: web.Request) -> web.Response:
         LeaseFilter(prefix=prefix), states=(LeaseState.IRREVOCABLE,),
         limit=limit_param(call.body.get("limit"), 1000), after=call.string("after") or "")
     await call.audit("list", prefix=prefix, state="irrevocable", count=len(rows))
-    return json_response({"request_id": call.request_id, "data": {"leases": [
+    return vault_response(call, {"leases": [
         {"lease_id": r.id, "mount": r.mount, "role": r.role, "owner": r.owner,
          "revoke_attempts": r.revoke_attempts, "last_error": r.last_error,
          "expire_time": rfc3339(r.expire_time), "username": r.username}
-        for r in rows]}})
+        for r in rows]})
 
 
 @routes.route("*", "/v1/sys/leases/stats")
@@ -479,4 +477,4 @@ async def stats(request: web.Request) -> web.Response:
             counts[state.value] = await store_call(store.count_matching(flt, states=(state,)))
     else:
         counts = {s.value: 0 for s in LeaseState} | await store.count_by_state()
-    return json_response({"request_id": call.request_id, "data": counts})
+    return vault_response(call, counts)

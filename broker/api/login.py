@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from broker.api.common import CALL, Call, json_response
+from broker.api.common import CALL, Call, vault_response
 from broker.api.tokens import auth_block
 from broker.auth import JWTAuthMethod, build_auth_methods, describe_token
 from broker.config import Config
@@ -125,13 +125,4 @@ async def login(request: web.Request) -> web.Response:
     await call.audit("login", auth_method=name, role=result.role.name,
                      created={"accessor": record.accessor, "policies": record.policies,
                               "client_token": token})
-    return json_response({
-        "request_id": call.request_id,
-        "lease_id": "",
-        "renewable": False,
-        "lease_duration": 0,
-        "data": None,
-        "wrap_info": None,
-        "warnings": None,
-        "auth": auth_block(token, record, call.state.engine.clock()),
-    })
+    return vault_response(call, None, auth=auth_block(token, record, call.state.engine.clock()))

@@ -22,56 +22,19 @@ mount only if its policies grant it something on some path under that mount
 
 from __future__ import annotations
 
-import hashlib
 import json
-import uuid
 from typing import Any
 
 from aiohttp import web
 
-from broker.api.common import CALL, Call, json_response
+from broker.api.common import CALL, Call, vault_response
 from broker.api.login import auth_methods
-from broker.api.system import auth_mount_info
+from broker.api.system import auth_mount_info, mount_info
 from broker.errors import PermissionDenied
-from broker.middleware import MountRuntime
 
 __all__ = ["routes"]
 
 routes = web.RouteTableDef()
-
-
-def mount_info(runtime: MountRuntime) -> dict[str, Any]:
-    """One secrets mount in Vault's ``mountInfo`` shape, plus ``env_names`` and ``healthy``.
-
-    ``options`` is null: the mount's own settings (its connection URL, region,
-    ...) are configuration, not anything a client of the mount needs. Accessor
-    and uuid are derived from the name, so every replica answers the same.
-    """
-    name, plugin = runtime.spec.name, runtime.spec.plugin
-    digest = hashlib.sha256(f"broker mount {name}/".encode()).hexdigest()
-    return {
-        "type": plugin,
-        "description": "",
-        "accessor": f"{plugin}_{digest[:8]}",
-        "uuid": str(uuid.UUID(digest[:32], version=4)),
-        "config": {"default_lease_ttl": 0, "max_lease_ttl": 0, "force_no_cache": False},
-        "local": False,
-        "seal_wrap": False,
-        "external_entropy_access": False,
-        "options": None,
-        "plugin_version": "",
-        "running_plugin_version": "",
-        "running_sha256": "",
-        # Extensions. Health is no secret: GET sys/health shows it to anyone.
-        "healthy": runtime.healthy,
-        "env_names": dict(runtime.capabilities.env_names),
-    }
-
-
-def _envelope(call: Call, data: dict[str, Any]) -> web.Response:
-    return json_response({"request_id": call.request_id, "lease_id": "", "renewable": False,
-                          "lease_duration": 0, "data": data, "wrap_info": None,
-                          "warnings": None, "auth": None})
 
 
 def _may_use(call: Call, prefix: str) -> bool:
@@ -85,14 +48,14 @@ async def list_mounts(request: web.Request) -> web.Response:
     """The secrets mounts and auth methods the caller's token may use (Vault's shape)."""
     call: Call = request[CALL]
     if not call.presented_token():
-        return _envelope(call, {"secret": {}, "auth": {}})
+        return vault_response(call, {"secret": {}, "auth": {}})
     await call.authenticate()
     engine = call.state.engine
     secret = {f"{name}/": mount_info(runtime) for name, runtime in sorted(engine.mounts.items())
               if _may_use(call, f"{name}/")}
     auth = {f"{name}/": info for name, info in _auth_methods(call).items()
             if _may_use(call, f"auth/{name}/")}
-    return _envelope(call, {"secret": secret, "auth": auth})
+    return vault_response(call, {"secret": secret, "auth": auth})
 
 
 def _auth_methods(call: Call) -> dict[str, dict[str, Any]]:
@@ -117,11 +80,11 @@ async def read_mount(request: web.Request) -> web.Response:
         method = path.split("/")[1]
         info = _auth_methods(call).get(method) if method else None
         if info is not None and _may_use(call, f"auth/{method}/"):
-            return _envelope(call, {**info, "path": f"auth/{method}/"})
+            return vault_response(call, {**info, "path": f"auth/{method}/"})
     else:
         runtime = call.state.engine.mounts.get(name)
         if runtime is not None and _may_use(call, f"{name}/"):
-            return _envelope(call, {**mount_info(runtime), "path": f"{name}/"})
+            return vault_response(call, {**mount_info(runtime), "path": f"{name}/"})
     # The same answer whether the mount exists or not, as Vault's (%q: JSON quoting).
     message = ("preflight capability check returned 403, please ensure client's "
                f"policies grant access to path {json.dumps(path)}")

@@ -1,4 +1,5 @@
-"""``POST /v1/{mount}/rotate-root``: replace a backend's admin credential (extension).
+"""``POST /v1/{mount}/rotate-root``: replace a backend's admin credential (extension; also
+at Vault's paths, ``{mount}/rotate-root/{connection}`` and ``{mount}/config/rotate-root``).
 
 The running backend uses the new secret at once, and the answer carries it
 once (audited only as an HMAC). When the mount's secret comes from a
@@ -25,7 +26,7 @@ import logging
 
 from aiohttp import web
 
-from broker.api.common import CALL, Call, json_response
+from broker.api.common import CALL, Call, vault_response
 from broker.backend import BackendError, MountSpec, RotateRootRequest
 from broker.errors import BackendUnavailable, BadRequest
 from broker.password_file import replace_password_file
@@ -38,8 +39,12 @@ routes = web.RouteTableDef()
 
 
 @routes.post("/v1/{mount}/rotate-root")
-@routes.post("/v1/{mount}/config/rotate-root")
+@routes.post("/v1/{mount}/rotate-root/{connection}")  # Vault's database engine
+@routes.post("/v1/{mount}/config/rotate-root")  # Vault's AWS engine
 async def rotate_root(request: web.Request) -> web.Response:
+    # A Vault database mount names one of its connections (hvac's
+    # rotate_root_credentials(name)); a broker mount has exactly one, so the name
+    # only says which, and any name is that one.
     call: Call = request[CALL]
     mount = request.match_info["mount"]
     await call.authenticate()
@@ -75,8 +80,7 @@ async def rotate_root(request: web.Request) -> web.Response:
         # A shared store: there may be replicas, each with its own password_file.
         warning = ("the new secret is in this broker's password_file; a replica that reads "
                    "its own copy needs it there too (it follows the file within a second)")
-    return json_response({"request_id": call.request_id, "data": data,
-                          "warnings": [warning] if warning else None})
+    return vault_response(call, data, warnings=[warning] if warning else None)
 
 
 def _store(spec: MountSpec, data: dict[str, object]) -> tuple[bool, str | None]:

@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from broker.api.common import CALL, Call, error_response, json_response
+from broker.api.common import CALL, Call, error_response, not_allowed, vault_response
 from broker.audit import redact
 from broker.backend import RoleSpec
 from broker.templating import DEFAULT_USERNAME_TEMPLATE
@@ -23,7 +23,6 @@ __all__ = ["role_data", "routes"]
 routes = web.RouteTableDef()
 
 _LIST_METHODS = ("GET", "LIST")
-_WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
 def _is_list(request: web.Request) -> bool:
@@ -35,14 +34,10 @@ def _is_list(request: web.Request) -> bool:
 def _not_allowed(request: web.Request, allowed: tuple[str, ...],
                  text: str | None = None) -> web.Response:
     """405 with the ``Allow`` header (RFC 9110), saying why a write cannot be done here."""
-    text = text or f"method {request.method} not allowed here"
-    if request.method in _WRITES:
-        mount = request.match_info["mount"]
-        text += (f": roles are read-only over the API; they are set in the broker's config "
-                 f"file ([mounts.{mount}.roles.NAME]), re-read on SIGHUP")
-    response = error_response(405, text)
-    response.headers["Allow"] = ",".join(allowed)  # as aiohttp writes it
-    return response
+    mount = request.match_info["mount"]
+    return not_allowed(request, allowed, text, read_only=(
+        f"roles are read-only over the API; they are set in the broker's config "
+        f"file ([mounts.{mount}.roles.NAME]), re-read on SIGHUP"))
 
 
 def _not_found() -> web.Response:
@@ -87,7 +82,7 @@ async def _list(request: web.Request) -> web.Response:
     await call.audit("list", mount=mount, count=len(keys))
     if not keys:
         return _not_found()  # Vault answers 404 for an empty listing
-    return json_response({"request_id": call.request_id, "data": {"keys": keys}})
+    return vault_response(call, {"keys": keys})
 
 
 @routes.route("*", "/v1/{mount}/roles")
@@ -121,4 +116,4 @@ async def read_role(request: web.Request) -> web.Response:
                          error="no such role")
         return _not_found()
     await call.audit("role_read", mount=mount, role=name)
-    return json_response({"request_id": call.request_id, "data": role_data(role)})
+    return vault_response(call, role_data(role))

@@ -15,14 +15,15 @@ from typing import Any
 from aiohttp import web
 
 from broker import __version__, metrics_text
-from broker.api.common import CALL, STATE, Call, json_response
+from broker.api.common import CALL, STATE, Call, json_response, vault_response
 from broker.api.leases import rfc3339
 from broker.api.login import auth_methods
 from broker.errors import BadRequest, BrokerError, StoreUnavailable
+from broker.middleware import MountRuntime
 from broker.state import BrokerState
 from broker.worker_stats import merge, publish_own
 
-__all__ = ["auth_mount_info", "routes"]
+__all__ = ["auth_mount_info", "mount_info", "routes"]
 
 routes = web.RouteTableDef()
 
@@ -224,9 +225,35 @@ async def auth_mounts(request: web.Request) -> web.Response:
     methods = {"token/": auth_mount_info("token", "token", "token based credentials")}
     for name in sorted(auth_methods(call.state)):
         methods[f"{name}/"] = auth_mount_info(name, "jwt", "JWT/OIDC login")
-    return json_response({**methods, "request_id": call.request_id, "lease_id": "",
-                          "renewable": False, "lease_duration": 0, "data": methods,
-                          "wrap_info": None, "warnings": None, "auth": None})
+    return vault_response(call, methods, top_level=True)
+
+
+def mount_info(runtime: MountRuntime) -> dict[str, Any]:
+    """One secrets mount in Vault's ``mountInfo`` shape, plus ``env_names`` and ``healthy``.
+
+    ``options`` is null: the mount's own settings (its connection URL, region,
+    ...) are configuration, not anything a client of the mount needs. Accessor
+    and uuid are derived from the name, so every replica answers the same.
+    """
+    name, plugin = runtime.spec.name, runtime.spec.plugin
+    digest = hashlib.sha256(f"broker mount {name}/".encode()).hexdigest()
+    return {
+        "type": plugin,
+        "description": "",
+        "accessor": f"{plugin}_{digest[:8]}",
+        "uuid": str(uuid.UUID(digest[:32], version=4)),
+        "config": {"default_lease_ttl": 0, "max_lease_ttl": 0, "force_no_cache": False},
+        "local": False,
+        "seal_wrap": False,
+        "external_entropy_access": False,
+        "options": None,
+        "plugin_version": "",
+        "running_plugin_version": "",
+        "running_sha256": "",
+        # Extensions. Health is no secret: GET sys/health shows it to anyone.
+        "healthy": runtime.healthy,
+        "env_names": dict(runtime.capabilities.env_names),
+    }
 
 
 def auth_mount_info(name: str, kind: str, description: str) -> dict[str, Any]:
@@ -308,14 +335,14 @@ async def mounts(request: web.Request) -> web.Response:
                 call.token.policies if call.token else (), f"{name}/",
                 identity=call.identity):
             continue
-        data[f"{name}/"] = {"type": m.spec.plugin, "description": "", "healthy": m.healthy,
-                            "env_names": dict(m.capabilities.env_names)}
+        data[f"{name}/"] = mount_info(m)
         if full:
             data[f"{name}/"]["roles"] = sorted(m.spec.roles)
     # Said, so that a client (``broker lease list``) never takes a mount missing
     # from a partial answer for one the broker does not have.
     warnings = None if full else [PARTIAL_MOUNTS_WARNING]
-    return json_response({"request_id": call.request_id, "data": data, "warnings": warnings})
+    # Also at the top level, as Vault answers it.
+    return vault_response(call, data, warnings=warnings, top_level=True)
 
 
 #: The families a scrape gets while the lease store is down and its token cannot
@@ -382,7 +409,7 @@ async def metrics(request: web.Request) -> web.Response:
                      "backends": _backend_figures(w["backends"])}
             for n, w in sorted(workers.items())
         }
-    return json_response({"request_id": call.request_id, "data": data})
+    return vault_response(call, data)
 
 
 def _render(state: BrokerState, leases: dict[str, int] | None) -> str:

@@ -7,7 +7,14 @@ from typing import Any, NoReturn
 
 from aiohttp import web
 
-from broker.api.common import CALL, Call, error_response, is_list_request, json_response
+from broker.api.common import (
+    CALL,
+    Call,
+    error_response,
+    is_list_request,
+    json_response,
+    vault_response,
+)
 from broker.api.leases import limit_param, rfc3339
 from broker.durations import format_duration
 from broker.errors import BadRequest, BrokerError, PermissionDenied
@@ -69,10 +76,12 @@ def token_data(record: Token, now: float, *, token_id: str = "",
         "creation_time": int(record.created),
         "creation_ttl": creation_ttl,
         "display_name": record.display_name,
+        "entity_id": "",  # no identity store: as a Vault token without an entity
         "expire_time": rfc3339(record.expire_time),
         "explicit_max_ttl": int(record.max_expire_time - record.created)
         if record.max_expire_time else 0,
         "id": token_id,
+        "issue_time": rfc3339(record.created),
         "meta": record.metadata or None,
         "num_uses": 0,
         "orphan": record.parent is None if orphan is None else orphan,
@@ -387,9 +396,7 @@ def _parent_cap_warning(record: Token, ttl: int | None, parent: Token | None) ->
 
 def _auth_response(call: Call, auth: dict[str, Any],
                    warnings: list[str] | None = None) -> web.Response:
-    return json_response({"request_id": call.request_id, "auth": auth, "data": None,
-                          "lease_id": "", "renewable": False, "lease_duration": 0,
-                          "warnings": warnings or None})
+    return vault_response(call, None, auth=auth, warnings=warnings)
 
 
 def live_token(record: Token | None, now: float) -> Token | None:
@@ -408,10 +415,9 @@ def live_token(record: Token | None, now: float) -> Token | None:
 async def lookup_self(request: web.Request) -> web.Response:
     call, token = await _authorized(request, "read", "update", body=False)
     await call.audit("token_lookup")
-    return json_response({"request_id": call.request_id,
-                          "data": token_data(token, call.state.engine.clock(),
-                                             token_id=call.presented_token(),
-                                             orphan=await orphaned(call.state.store, token))})
+    return vault_response(call, token_data(token, call.state.engine.clock(),
+                                           token_id=call.presented_token(),
+                                           orphan=await orphaned(call.state.store, token)))
 
 
 @routes.post("/v1/auth/token/lookup")
@@ -446,9 +452,8 @@ async def _lookup_other(request: web.Request, field: str,
         raise missing
     await call.audit("token_lookup", target=other.accessor)
     token_id = value if field == "token" else ""
-    return json_response({"request_id": call.request_id,
-                          "data": token_data(other, now, token_id=token_id,
-                                             orphan=await orphaned(call.state.store, other))})
+    return vault_response(call, token_data(other, now, token_id=token_id,
+                                           orphan=await orphaned(call.state.store, other)))
 
 
 #: ``LIST auth/token/accessors`` answers at most this many unless ``limit`` says otherwise.
@@ -490,9 +495,7 @@ async def list_accessors(request: web.Request) -> web.Response:
     if len(keys) == limit:
         warnings = [f"listing stopped at limit={limit}; there may be more: "
                     f"repeat with after={keys[-1]}"]
-    return json_response({"request_id": call.request_id, "lease_id": "", "renewable": False,
-                          "lease_duration": 0, "data": {"keys": keys}, "wrap_info": None,
-                          "warnings": warnings, "auth": None})
+    return vault_response(call, {"keys": keys}, warnings=warnings)
 
 
 @routes.post("/v1/auth/token/renew-self")

@@ -80,7 +80,9 @@ def cmd_lease_revoke(args: argparse.Namespace) -> int:
     ):
         if given:
             raise UsageError(f"{flag} only applies with --prefix or --meta")
-    resp = _client(args).request("PUT", "sys/leases/revoke", json={"lease_id": args.lease_id})
+    # strict: an unknown or dead lease is an error here, where Vault clients get 204.
+    resp = _client(args).request("PUT", "sys/leases/revoke",
+                                 json={"lease_id": args.lease_id, "strict": True})
     if resp and (resp.get("data") or {}).get("queued"):
         # 202 (sync=true): the first attempt failed or did not end within 30 s; the
         # broker goes on (retried with backoff, then irrevocable).

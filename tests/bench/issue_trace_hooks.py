@@ -123,5 +123,5 @@ _wrap_async(sqlite.SQLiteStore, "activate", "activate")
 _wrap_async(postgres.PostgresBackend, "stage_user", "stage_user")
 _wrap_async(postgres.PostgresBackend, "_transaction", "begin_create")
 _wrap_async(postgres._StagedRole, "commit", "commit")
-_wrap_sync(creds, "json_response", "json")  # the name the issue handler calls
+_wrap_sync(creds, "vault_response", "json")  # the name the issue handler calls
 atexit.register(_dump)

@@ -313,22 +313,28 @@ def test_policy_limits_roles_and_lease_ownership(client: hvac.Client, broker: Br
 
 def test_reuse_of_dead_lease_and_token_is_refused_and_audited(client: hvac.Client,
                                                               broker: BrokerThread) -> None:
-    """Renew/lookup/revoke of a revoked lease and use of a revoked token are 4xx + reuse_attempt."""
+    """Renew/lookup of a revoked lease and use of a revoked token are 4xx + reuse_attempt;
+    revoking it again is Vault's 204 (nothing to revoke), audited all the same, and
+    a 400 with strict=true (what the broker's CLI sends)."""
     tok = client.auth.token.create(policies=["app"], ttl="1h")["auth"]
     app = hvac.Client(url=broker.url, token=tok["client_token"])
     lease = app.secrets.database.generate_credentials("readonly", mount_point="pg")
     app.sys.revoke_lease(lease["lease_id"])
+    strict = {"lease_id": lease["lease_id"], "strict": True}
     for attempt, verb in ((lambda: app.sys.renew_lease(lease["lease_id"]), "renewed"),
                           (lambda: app.sys.read_lease(lease["lease_id"]), "looked up"),
-                          (lambda: app.sys.revoke_lease(lease["lease_id"]), "revoked")):
+                          (lambda: app.adapter.put("/v1/sys/leases/revoke", json=strict),
+                           "revoked")):
         with pytest.raises(hvac.exceptions.InvalidRequest, match=f"revoked; it cannot be {verb}"):
             attempt()
+    again = app.sys.revoke_lease(lease["lease_id"])  # a client's clean-up after the fact
+    assert again.status_code == 204 and not again.content
     app.auth.token.revoke_self()
     with pytest.raises(hvac.exceptions.Forbidden, match="revoked"):
         app.secrets.database.generate_credentials("readonly", mount_point="pg")
     reuse = [e for e in audit_events(broker) if e["type"] == "reuse_attempt"]
     lease_reuse = [e for e in reuse if (e.get("lease") or {}).get("id") == lease["lease_id"]]
-    assert len(lease_reuse) == 3
+    assert len(lease_reuse) == 4
     assert all(e["original_owner"] == tok["accessor"] for e in lease_reuse)
     assert any(e.get("token_accessor") == tok["accessor"] for e in reuse)
 
@@ -448,6 +454,13 @@ def test_rotate_root_changes_the_admin_password(tmp_path: Path, postgres_dsn: st
             client.sys.revoke_lease(lease["lease_id"])
             # ... revokes too, though this admin is no superuser (CREATEROLE only).
             assert not run(role_exists(postgres_dsn, lease["data"]["username"]))
+            # hvac's call, at Vault's database-engine path (a connection name: the one).
+            again = client.secrets.database.rotate_root_credentials("my-db", mount_point="pg")
+            newer = again["data"]["new_password"]
+            assert newer not in (new, "initial-secret-1")
+            assert (tmp_path / "admin.pw").read_text() == f"{newer}\n"
+            assert run(setup(f"SELECT rolpassword FROM pg_authid WHERE rolname = '{admin}'")) \
+                not in (before, after)
         finally:
             server.stop()
     finally:

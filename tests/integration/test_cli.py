@@ -187,6 +187,11 @@ def test_lease_lookup_renew_list_revoke(live: Live) -> None:
 
     assert live.ok("lease", "revoke", lease_id) == f"revoked {lease_id}\n"
     assert not _role_exists(user)
+    # Vault clients get 204 for a lease already revoked; the CLI says what happened.
+    twice = live.cli("lease", "revoke", lease_id)
+    assert twice.returncode == 1
+    assert _ONE_LINE_ERROR.match(twice.stderr), twice.stderr
+    assert "is revoked; it cannot be revoked" in twice.stderr
     again = live.cli("lease", "lookup", lease_id)
     assert again.returncode == 1
     assert _ONE_LINE_ERROR.match(again.stderr), again.stderr

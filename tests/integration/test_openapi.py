@@ -35,7 +35,18 @@ from schemathesis.checks import (
     unsupported_method,
 )
 
-from broker.api import capabilities, creds, leases, login, mount_info, mounts, roles, system, tokens
+from broker.api import (
+    capabilities,
+    creds,
+    leases,
+    login,
+    mount_info,
+    mounts,
+    policies,
+    roles,
+    system,
+    tokens,
+)
 from broker.bench.harness import ROOT_TOKEN, BrokerProcess, broker_config, create_root_token
 
 SPEC_PATH = Path(__file__).resolve().parents[2] / "docs" / "openapi.yaml"
@@ -56,7 +67,8 @@ schema = schemathesis.openapi.from_path(SPEC_PATH)
 def _server_routes() -> set[str]:
     """Every path the server routes, in OpenAPI's template form."""
     paths = set()
-    for module in (capabilities, creds, leases, login, mount_info, mounts, roles, system, tokens):
+    for module in (capabilities, creds, leases, login, mount_info, mounts, policies, roles,
+                   system, tokens):
         for route in module.routes:
             assert isinstance(route, web.RouteDef)
             # aiohttp's {name:regex} is OpenAPI's {name}

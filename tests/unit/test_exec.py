@@ -259,7 +259,7 @@ def test_jwt_login_token_is_used_then_revoked(
     assert "X-Vault-Token" not in login.headers
     assert creds.query == {"ttl": ["60"]}
     assert all(s.headers["X-Vault-Token"] == "login-token" for s in (creds, revoke, revoke_self))
-    assert revoke.body == {"lease_id": "pg/creds/readonly/L1"}
+    assert revoke.body == {"lease_id": "pg/creds/readonly/L1", "strict": True}
     err = capsys.readouterr().err
     assert "the-password" not in err and "header.payload" not in err and "login-token" not in err
 
@@ -279,7 +279,7 @@ def test_refused_creds_stop_before_the_command_and_clean_up(
     err = capsys.readouterr().err
     assert "broker: error: pg/denied: permission denied: read on pg/creds/denied (HTTP 403)\n" in err
     revoked = [s.body for s in canned.seen if s.path == "/v1/sys/leases/revoke"]
-    assert revoked == [{"lease_id": "pg/creds/readonly/L1"}]
+    assert revoked == [{"lease_id": "pg/creds/readonly/L1", "strict": True}]
     assert not any(s.path.endswith("revoke-self") for s in canned.seen)  # not our token
 
 
@@ -325,5 +325,5 @@ def test_signal_before_the_command_runs_revokes_what_was_issued(
     assert not out.exists()
     assert "interrupted (SIGTERM) before the command ran" in capsys.readouterr().err
     revoked = [s.body for s in canned.seen if s.path == "/v1/sys/leases/revoke"]
-    assert revoked == [{"lease_id": "pg/creds/readonly/L1"}]
+    assert revoked == [{"lease_id": "pg/creds/readonly/L1", "strict": True}]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
