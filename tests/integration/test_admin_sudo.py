@@ -4,21 +4,16 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import hvac
 import hvac.exceptions
 import pytest
 
-from tests.integration.broker_harness import (
-    ROOT_TOKEN,
-    BrokerThread,
-    noop_broker,
-)
+from tests.integration.broker_harness import ROOT_TOKEN, BrokerThread, noop_broker
+from tests.integration.token_fixtures import audit_events, client, made_by_root
 
 pytestmark = pytest.mark.integration
 
@@ -65,13 +60,12 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerThread]:
 
 @pytest.fixture
 def root(broker: BrokerThread) -> hvac.Client:
-    return hvac.Client(url=broker.url, token=ROOT_TOKEN)
+    return client(broker, ROOT_TOKEN)
 
 
 def holder(broker: BrokerThread, root: hvac.Client, policy: str) -> hvac.Client:
     """A client whose token has ``policy`` (and ``default``)."""
-    auth = root.auth.token.create(policies=[policy], ttl="1h")["auth"]
-    return hvac.Client(url=broker.url, token=auth["client_token"])
+    return client(broker, made_by_root(root, [policy]))
 
 
 def issue(root: hvac.Client, role: str = "a") -> str:
@@ -95,9 +89,7 @@ def wait_dead(root: hvac.Client, lease_id: str, timeout: float = 30) -> None:
 
 
 def denials(broker: BrokerThread, path: str) -> list[dict[str, Any]]:
-    lines = Path(broker.audit_path).read_text().splitlines()
-    return [e for e in map(json.loads, lines)
-            if e.get("type") == "policy_denied" and e.get("checked_path") == path]
+    return [e for e in audit_events(broker, "policy_denied") if e.get("checked_path") == path]
 
 
 def test_update_alone_cannot_revoke_prefix_or_force(broker: BrokerThread,

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -54,7 +53,7 @@ from tests.integration.store_fixtures import (
     put_active,
 )
 from tests.integration.test_api_mysql_aws import mysql_connect
-from tests.integration.test_token_revoke_inflight import SLOW, wait_in_flight
+from tests.integration.token_fixtures import SlowRoles
 
 pytestmark = pytest.mark.integration
 
@@ -326,35 +325,11 @@ def test_a_single_replica_that_lost_a_mount_keeps_and_reports_its_leases(
 # -- revoke-prefix vs issues in flight --------------------------------------------
 
 
-def _slow_mounts(postgres_dsn: str, mysql_dsn: str) -> str:
-    """Roles whose creation statements take SLOW (3) s: an issue stays in flight that long
-    (1 s, with a fixed 0.4 s wait before the revoke, was too thin a window on a loaded
-    machine; see test_token_revoke_inflight)."""
-    return f"""
-[mounts.pg]
-plugin = "postgres"
-connection_url = "{postgres_dsn}"
-
-[mounts.pg.roles.slow]
-username_template = "{PREFIX}{{{{random 8}}}}-pg"
-creation_statements = [
-  "CREATE ROLE \\"{{{{name}}}}\\" WITH LOGIN PASSWORD '{{{{password}}}}' VALID UNTIL '{{{{expiration}}}}'",
-  "SELECT pg_sleep({SLOW})",
-]
-
+#: Beside the slow roles (token_fixtures.SlowRoles: creation statements that take SLOW
+#: s, so an issue stays in flight that long), a fast role on each mount: issued at once.
+FAST_ROLES = f"""
 [mounts.pg.roles.fast]
 username_template = "{PREFIX}{{{{random 8}}}}-pg"
-
-[mounts.my]
-plugin = "mysql"
-connection_url = "{mysql_dsn}"
-
-[mounts.my.roles.slow]
-username_template = "{PREFIX}{{{{random 8}}}}-my"
-creation_statements = [
-  "CREATE USER '{{{{name}}}}'@'%' IDENTIFIED BY '{{{{password}}}}'",
-  "DO SLEEP({SLOW})",
-]
 
 [mounts.my.roles.fast]
 username_template = "{PREFIX}{{{{random 8}}}}-my"
@@ -389,7 +364,8 @@ def test_a_revoke_prefix_during_an_issue_in_flight_undoes_the_issue(
     """A revoke-prefix landing while an issue is in its backend's statements: the issue
     answers 403, its role or user is gone and no live lease is left (it used to go active
     after the revoke), queued inline or by a rule already fully expanded."""
-    broker = start_broker(write_config(tmp_path, _slow_mounts(postgres_dsn, mysql_dsn),
+    slow = SlowRoles(postgres_dsn, mysql_dsn, PREFIX)
+    broker = start_broker(write_config(tmp_path, slow.mounts() + FAST_ROLES,
                                        storage_url=store_url))
     api = _api(broker)
     try:
@@ -397,18 +373,14 @@ def test_a_revoke_prefix_during_an_issue_in_flight_undoes_the_issue(
         if rule:
             broker.state.engine.rule_inline_max = 0  # any live lease: a revoke rule
             assert api("GET", f"{mount}/creds/fast").status_code == 200
-        answers: list[requests.Response] = []
-        issuing = threading.Thread(target=lambda: answers.append(api("GET",
-                                                                     f"{mount}/creds/slow")))
-        issuing.start()
-        # In its creation statements' sleep (polled: a fixed 0.4 s was too short when loaded).
-        wait_in_flight(broker, f"{mount}/creds/slow", postgres_dsn, mysql_dsn)
+        # Back once in its creation statements' sleep (polled: a fixed 0.4 s was too
+        # short when loaded).
+        issued = slow.start_issue(broker, f"{mount}/creds/slow", broker.root_token)
         revoked = api("PUT", f"sys/leases/revoke-prefix/{mount}/", {"sync": True})
         assert revoked.status_code in (200, 204), revoked.text
         if rule:  # expanded in full (sync waited for it), before the issue finishes
             broker.call(broker.state.engine.expand_revoke_rules())
-        issuing.join(30)
-        [answer] = answers
+        answer = issued()
         assert answer.status_code == 403, answer.text
         assert "while it was being issued" in answer.json()["errors"][0]
         live = api("LIST", f"sys/leases/lookup/{mount}/creds/slow/")
@@ -429,7 +401,8 @@ def test_the_stale_pending_job_rolls_back_a_marked_row_after_a_crash(
     """A pending row a revoke-prefix marked, whose issuer died, is rolled back by the job:
     the row goes and the backend is asked to delete its user."""
     store_url = f"sqlite:///{tmp_path / 'broker.db'}"
-    broker = start_broker(write_config(tmp_path, _slow_mounts(postgres_dsn, mysql_dsn),
+    slow = SlowRoles(postgres_dsn, mysql_dsn, PREFIX)
+    broker = start_broker(write_config(tmp_path, slow.mounts() + FAST_ROLES,
                                        storage_url=store_url))
     try:
         assert broker.state is not None

@@ -5,7 +5,6 @@ who may set a token's identity, orphans, renewal TTLs, Vault's answers and route
 from __future__ import annotations
 
 import asyncio
-import json
 import sqlite3
 import subprocess
 import sys
@@ -25,14 +24,9 @@ from broker.store import open_store
 from broker.store import postgres as pg_store
 from broker.store import sqlite as sqlite_store
 from broker.tokens import TokenManager, hash_token
-from tests.integration.broker_harness import (
-    ROOT_TOKEN,
-    BrokerThread,
-    noop_broker,
-    start_broker,
-    write_config,
-)
-from tests.integration.store_fixtures import broker_store_url, fresh_postgres_database
+from tests.integration.broker_harness import ROOT_TOKEN, BrokerThread, noop_broker
+from tests.integration.store_fixtures import fresh_postgres_database
+from tests.integration.token_fixtures import audit_events, broker_on_store, client
 
 pytestmark = pytest.mark.integration
 
@@ -78,7 +72,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerThread]:
 
 @pytest.fixture
 def root(broker: BrokerThread) -> hvac.Client:
-    return hvac.Client(url=broker.url, token=ROOT_TOKEN)
+    return client(broker, ROOT_TOKEN)
 
 
 def ci_token(root: hvac.Client, meta: dict[str, str], **extra: Any) -> str:
@@ -88,20 +82,11 @@ def ci_token(root: hvac.Client, meta: dict[str, str], **extra: Any) -> str:
     return str(auth["client_token"])
 
 
-def client(broker: BrokerThread, token: str) -> hvac.Client:
-    return hvac.Client(url=broker.url, token=token)
-
-
 def raw(broker: BrokerThread, method: str, path: str, *, token: str | bytes = ROOT_TOKEN,
         body: bytes | None = None, headers: dict[str, Any] | None = None
         ) -> requests.Response:
     return requests.request(method, f"{broker.url}/v1/{path}", data=body, timeout=30,
                             headers={"X-Vault-Token": token, **(headers or {})})
-
-
-def audit_events(broker: BrokerThread, type_: str) -> list[dict[str, Any]]:
-    lines = Path(broker.audit_path).read_text().splitlines()
-    return [e for e in map(json.loads, lines) if e.get("type") == type_]
 
 
 # -- 1. token identity: only root sets metadata and display_name ---------------------
@@ -336,22 +321,28 @@ def test_create_and_renew_self_report_the_ttl_granted(broker: BrokerThread,
 @pytest.fixture(params=["sqlite", "postgresql"])
 def any_store_broker(request: pytest.FixtureRequest, tmp_path: Path
                      ) -> Iterator[BrokerThread]:
-    url = broker_store_url(request, tmp_path)
-    server = start_broker(write_config(tmp_path, "", storage_url=url))
-    yield server
-    server.stop()
+    with broker_on_store(request, tmp_path) as server:
+        yield server
 
 
 def test_renew_self_without_increment_does_not_grow(any_store_broker: BrokerThread) -> None:
-    """A 4s token renewed every second stays a 4s token (it used to get 4, 5, 6, ...)."""
+    """A 1h token renewed without an increment stays a 1h token (it used to get 1h, then
+    1h plus the time since its creation, more on each renewal).
+
+    The old renewal extended by expire_time - created, which each renewal pushes out by
+    the time since the creation: the second renewal answered 3601, not 3600. The
+    answer is computed from the renewal's own clock read, so 3600 is exact whatever the
+    machine's speed, and a stall only widens the growth the test looks for. (It was a 4s
+    token renewed every 1.1 s: a 3 s stall between two renewals expired it.)
+    """
     root = client(any_store_broker, ROOT_TOKEN)
-    token = root.auth.token.create(policies=["default"], ttl="4s")["auth"]["client_token"]
+    token = root.auth.token.create(policies=["default"], ttl="1h")["auth"]["client_token"]
     me = client(any_store_broker, token)
     for _ in range(3):
-        time.sleep(1.1)
-        assert me.auth.token.renew_self()["auth"]["lease_duration"] == 4
+        time.sleep(1.1)  # at least this long since the last renewal: the growth it would add
+        assert me.auth.token.renew_self()["auth"]["lease_duration"] == 3600
     data = me.auth.token.lookup_self()["data"]
-    assert data["ttl"] <= 4 and data["creation_ttl"] == 4
+    assert data["ttl"] <= 3600 and data["creation_ttl"] == 3600
 
 
 async def _pre_migration_token(url: str, token: Token) -> None:

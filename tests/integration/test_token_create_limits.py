@@ -6,7 +6,6 @@ the ``[tokens] max_ttl`` ceiling on every token's life.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,10 +22,14 @@ from tests.integration.broker_harness import (
     ROOT_TOKEN,
     BrokerThread,
     noop_broker,
-    start_broker,
     write_config,
 )
-from tests.integration.store_fixtures import broker_store_url
+from tests.integration.token_fixtures import (
+    audit_events,
+    broker_on_store,
+    client,
+    made_by_root,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -55,15 +58,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerThread]:
 
 @pytest.fixture
 def root(broker: BrokerThread) -> hvac.Client:
-    return hvac.Client(url=broker.url, token=ROOT_TOKEN)
-
-
-def client(broker: BrokerThread, token: str) -> hvac.Client:
-    return hvac.Client(url=broker.url, token=token)
-
-
-def made_by_root(root: hvac.Client, policies: list[str]) -> str:
-    return str(root.auth.token.create(policies=policies, ttl="1h")["auth"]["client_token"])
+    return client(broker, ROOT_TOKEN)
 
 
 def create(broker: BrokerThread, body: dict[str, Any], *, token: str = ROOT_TOKEN,
@@ -74,11 +69,6 @@ def create(broker: BrokerThread, body: dict[str, Any], *, token: str = ROOT_TOKE
 
 def audit_text(broker: BrokerThread) -> str:
     return Path(broker.audit_path).read_text()
-
-
-def audit_events(broker: BrokerThread, type_: str) -> list[dict[str, Any]]:
-    return [e for e in map(json.loads, audit_text(broker).splitlines())
-            if e.get("type") == type_]
 
 
 # -- id: the token's value, chosen by root or sudo -----------------------------------------
@@ -166,10 +156,8 @@ def test_a_bad_chosen_value_is_400(broker: BrokerThread, chosen: str, message: s
 @pytest.fixture(params=["sqlite", "postgresql"])
 def any_store_broker(request: pytest.FixtureRequest, tmp_path: Path
                      ) -> Iterator[BrokerThread]:
-    url = broker_store_url(request, tmp_path)
-    server = start_broker(write_config(tmp_path, "", storage_url=url))
-    yield server
-    server.stop()
+    with broker_on_store(request, tmp_path) as server:
+        yield server
 
 
 def test_two_creates_of_one_value_at_once_make_one_token(any_store_broker: BrokerThread) -> None:
