@@ -10,8 +10,8 @@ import time
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
-from urllib.parse import urlsplit
+from functools import partial
+from typing import Any, NamedTuple
 
 import aiomysql
 import pymysql
@@ -22,7 +22,6 @@ from broker.backend import (
     BackendError,
     DeleteUserRequest,
     MountSpec,
-    NewUserRequest,
     NewUserResponse,
     PluginConfigError,
     RenewUserRequest,
@@ -34,43 +33,27 @@ from broker.templating import generate_password, render_username
 from plugins.mysql import MySQLBackend
 from tests.conformance.mysql_harness import LeastPrivilegeMySQLHarness
 from tests.integration.broker_harness import TcpProxy
+from tests.integration.db_fixtures import (
+    drop_mysql_accounts,
+    harness_up,
+    mysql_issue,
+    mysql_mount,
+    mysql_parts,
+    mysql_role,
+    mysql_url,
+    mysql_user_name,
+    started_backend,
+    started_backends,
+)
 
 pytestmark = pytest.mark.integration
 
 Admin = Callable[[str], Awaitable[list[tuple[Any, ...]]]]
-
-
-def _parts(dsn: str) -> dict[str, Any]:
-    url = urlsplit(dsn)
-    return {
-        "host": url.hostname or "127.0.0.1",
-        "port": url.port or 3306,
-        "user": url.username or "root",
-        "password": url.password or "",
-        "db": url.path.lstrip("/") or None,
-    }
-
-
-def _url(dsn: str, db: str | None = None) -> str:
-    p = _parts(dsn)
-    return f"mysql://{p['user']}@{p['host']}:{p['port']}/{db if db is not None else p['db'] or ''}"
-
-
-def _role(name: str = "ro", **kw: Any) -> RoleSpec:
-    options = kw.pop("options", {})
-    return RoleSpec(name=name, default_ttl=60, max_ttl=600, options=options, **kw)
-
-
-def _name(limit: int = 32) -> str:
-    return render_username(None, mount="it", role="my", max_length=limit)
-
-
-def _exp() -> datetime:
-    return datetime.now(UTC) + timedelta(minutes=5)
+MakeBackend = Callable[..., Awaitable[MySQLBackend]]
 
 
 async def _connect_as(dsn: str, user: str, password: str, db: str | None) -> aiomysql.Connection:
-    p = _parts(dsn)
+    p = mysql_parts(dsn)
     return await aiomysql.connect(
         host=p["host"], port=p["port"], user=user, password=password, db=db, autocommit=True,
         connect_timeout=5,
@@ -80,7 +63,7 @@ async def _connect_as(dsn: str, user: str, password: str, db: str | None) -> aio
 @pytest.fixture
 async def admin(mysql_dsn: str) -> AsyncIterator[Admin]:
     """Run SQL as the admin: a separate connection, not the plugin's pool."""
-    p = _parts(mysql_dsn)
+    p = mysql_parts(mysql_dsn)
     conn = await aiomysql.connect(
         host=p["host"], port=p["port"], user=p["user"], password=p["password"], autocommit=True
     )
@@ -111,50 +94,37 @@ async def database(admin: Admin) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-async def make_backend(
-    mysql_dsn: str, admin: Admin
-) -> AsyncIterator[Callable[..., Awaitable[MySQLBackend]]]:
-    """Build initialized backends; drop every user whose name starts with v-it- afterwards."""
-    made: list[MySQLBackend] = []
-
-    async def make(roles: dict[str, RoleSpec] | None = None, **options: Any) -> MySQLBackend:
-        options.setdefault("connection_url", _url(mysql_dsn))
-        mount = MountSpec(
-            name="my", plugin="mysql", roles=roles or {}, options=options,
-            secret=_parts(mysql_dsn)["password"] or None,
-        )
-        backend = MySQLBackend.from_config(mount)
-        await backend.initialize()
-        made.append(backend)
-        return backend
-
-    try:
+async def make_backend(mysql_dsn: str) -> AsyncIterator[MakeBackend]:
+    """``make(roles, **options)``: an initialized backend of the ``my`` mount on the DSN's
+    database; every backend closed and every ``v-it-`` user dropped afterwards."""
+    mount = partial(mysql_mount, mysql_dsn, connection_url=mysql_url(mysql_dsn))
+    async with started_backends(MySQLBackend, mount) as make:
         yield make
-    finally:
-        for backend in made:
-            await backend.close()
-        for user, host in await admin(
-            "SELECT User, Host FROM mysql.user WHERE User LIKE 'v-it-%'"
-        ):
-            await admin(f"DROP USER IF EXISTS '{user}'@'{host}'")
+    drop_mysql_accounts(mysql_dsn, "v-it-")
 
 
-async def _issue(backend: MySQLBackend, role: RoleSpec, name: str | None = None,
-                 password: str | None = None) -> NewUserResponse:
-    return await backend.new_user(NewUserRequest(
-        role=role,
-        username=name if name is not None else _name(backend.capabilities.max_username_length),
-        password=password if password is not None else generate_password(),
-        expiration=_exp(), lease_id="my/creds/ro/x",
-    ))
+class Issued(NamedTuple):
+    """One user of the default role, and the backend that issued it."""
+
+    role: RoleSpec
+    backend: MySQLBackend
+    response: NewUserResponse
+
+
+@pytest.fixture
+async def issued(make_backend: MakeBackend, database: str) -> Issued:
+    """What most tests here start from: the default role (SELECT on ``database``), a
+    backend of a mount with that role, and one user it issued."""
+    role = mysql_role(options={"database": database})
+    backend = await make_backend({"ro": role})
+    return Issued(role, backend, await mysql_issue(backend, role))
 
 
 async def _users(admin: Admin, name: str) -> list[str]:
     return [str(r[0]) for r in await admin(f"SELECT Host FROM mysql.user WHERE User = '{name}'")]
 
 
-async def test_entry_point_and_protocol(make_backend: Callable[..., Awaitable[MySQLBackend]]
-                                        ) -> None:
+async def test_entry_point_and_protocol(make_backend: MakeBackend) -> None:
     """The mysql entry point loads this class and an instance satisfies the Backend protocol."""
     assert load_plugin("mysql") is MySQLBackend
     backend = await make_backend()
@@ -167,13 +137,10 @@ async def test_entry_point_and_protocol(make_backend: Callable[..., Awaitable[My
 
 
 async def test_issue_select_but_not_write(
-    make_backend: Callable[..., Awaitable[MySQLBackend]], database: str, mysql_dsn: str,
-    admin: Admin,
+    issued: Issued, database: str, mysql_dsn: str, admin: Admin,
 ) -> None:
     """The default role can SELECT from its one database and nothing more."""
-    role = _role(options={"database": database})
-    backend = await make_backend({"ro": role})
-    resp = await _issue(backend, role)
+    resp = issued.response
     user, pw = resp.data["username"], resp.data["password"]
     assert set(resp.data) == {"username", "password"}
     assert resp.revocation == {"host": "%"}
@@ -194,13 +161,11 @@ async def test_issue_select_but_not_write(
 
 
 async def test_renew_keeps_the_user_working(
-    make_backend: Callable[..., Awaitable[MySQLBackend]], database: str, mysql_dsn: str,
+    issued: Issued, database: str, mysql_dsn: str,
 ) -> None:
     """renew_user (nothing to push) returns the requested expiration; the login still works."""
-    role = _role(options={"database": database})
-    backend = await make_backend({"ro": role})
-    resp = await _issue(backend, role)
-    later = _exp() + timedelta(hours=1)
+    role, backend, resp = issued
+    later = datetime.now(UTC) + timedelta(hours=1, minutes=5)
     renewed = await backend.renew_user(RenewUserRequest(
         role=role, username=resp.data["username"], revocation=resp.revocation, expiration=later))
     assert renewed.expiration == later
@@ -209,13 +174,10 @@ async def test_renew_keeps_the_user_working(
 
 
 async def test_revoke_kills_open_session(
-    make_backend: Callable[..., Awaitable[MySQLBackend]], database: str, mysql_dsn: str,
-    admin: Admin,
+    issued: Issued, database: str, mysql_dsn: str, admin: Admin,
 ) -> None:
     """An open connection of the user is dead after delete_user, and the user is gone."""
-    role = _role(options={"database": database})
-    backend = await make_backend({"ro": role})
-    resp = await _issue(backend, role)
+    role, backend, resp = issued
     user, pw = resp.data["username"], resp.data["password"]
     conn = await _connect_as(mysql_dsn, user, pw, database)
     try:
@@ -240,12 +202,10 @@ async def test_revoke_kills_open_session(
 
 
 async def test_revoke_kills_a_session_in_a_long_query(
-    make_backend: Callable[..., Awaitable[MySQLBackend]], database: str, mysql_dsn: str,
+    issued: Issued, database: str, mysql_dsn: str,
 ) -> None:
     """A session busy in a running query is killed too, not only idle ones."""
-    role = _role(options={"database": database})
-    backend = await make_backend({"ro": role})
-    resp = await _issue(backend, role)
+    role, backend, resp = issued
     user, pw = resp.data["username"], resp.data["password"]
     conn = await _connect_as(mysql_dsn, user, pw, database)
 
@@ -267,13 +227,13 @@ async def test_revoke_kills_a_session_in_a_long_query(
 
 
 async def test_custom_revocation_statements_run_after_kill(
-    make_backend: Callable[..., Awaitable[MySQLBackend]], database: str, admin: Admin,
+    make_backend: MakeBackend, database: str, admin: Admin,
 ) -> None:
     """revocation_statements run, and the user is still dropped afterwards."""
-    role = _role(options={"database": database}, revocation_statements=(
+    role = mysql_role(options={"database": database}, revocation_statements=(
         f"INSERT INTO `{database}`.revlog VALUES ('{{{{name}}}}')",))
     backend = await make_backend({"ro": role})
-    resp = await _issue(backend, role)
+    resp = await mysql_issue(backend, role)
     user = resp.data["username"]
     await backend.delete_user(DeleteUserRequest(role=role, username=user,
                                                 revocation=resp.revocation))
@@ -281,31 +241,28 @@ async def test_custom_revocation_statements_run_after_kill(
     assert await _users(admin, user) == []
 
 
-async def test_delete_is_idempotent(
-    make_backend: Callable[..., Awaitable[MySQLBackend]], database: str, admin: Admin,
-) -> None:
+async def test_delete_is_idempotent(issued: Issued, admin: Admin) -> None:
     """Deleting twice, or deleting a user that never existed, succeeds."""
-    role = _role(options={"database": database})
-    backend = await make_backend({"ro": role})
-    resp = await _issue(backend, role)
+    role, backend, resp = issued
     user = resp.data["username"]
     req = DeleteUserRequest(role=role, username=user, revocation=resp.revocation)
     await backend.delete_user(req)
     await backend.delete_user(req)
-    await backend.delete_user(DeleteUserRequest(role=None, username=_name(), revocation={}))
+    await backend.delete_user(DeleteUserRequest(role=None, username=mysql_user_name(),
+                                                revocation={}))
     assert await _users(admin, user) == []
 
 
 async def test_delete_finds_every_host(
-    make_backend: Callable[..., Awaitable[MySQLBackend]], database: str, admin: Admin,
+    make_backend: MakeBackend, database: str, admin: Admin,
 ) -> None:
     """A user created under another host part by custom statements is still dropped."""
-    role = _role(options={"database": database}, creation_statements=(
+    role = mysql_role(options={"database": database}, creation_statements=(
         "CREATE USER '{{name}}'@'10.9.8.7' IDENTIFIED BY '{{password}}'",
         "CREATE USER '{{name}}'@'%' IDENTIFIED BY '{{password}}'",
     ))
     backend = await make_backend({"ro": role})
-    resp = await _issue(backend, role)
+    resp = await mysql_issue(backend, role)
     user = resp.data["username"]
     assert sorted(await _users(admin, user)) == ["%", "10.9.8.7"]
     await backend.delete_user(DeleteUserRequest(role=None, username=user, revocation={}))
@@ -313,12 +270,12 @@ async def test_delete_finds_every_host(
 
 
 async def test_role_host_option(
-    make_backend: Callable[..., Awaitable[MySQLBackend]], database: str, admin: Admin,
+    make_backend: MakeBackend, database: str, admin: Admin,
 ) -> None:
     """A role's host option becomes the account's host part and its revocation data."""
-    role = _role(options={"database": database, "host": "127.0.0.1"})
+    role = mysql_role(options={"database": database, "host": "127.0.0.1"})
     backend = await make_backend({"ro": role}, host="10.0.0.%")
-    resp = await _issue(backend, role)
+    resp = await mysql_issue(backend, role)
     user = resp.data["username"]
     assert resp.revocation == {"host": "127.0.0.1"}
     assert await _users(admin, user) == ["127.0.0.1"]
@@ -328,12 +285,12 @@ async def test_role_host_option(
 
 
 async def test_thirty_concurrent_issues(
-    make_backend: Callable[..., Awaitable[MySQLBackend]], database: str, admin: Admin,
+    make_backend: MakeBackend, database: str, admin: Admin,
 ) -> None:
     """30 concurrent new_user calls of one role all succeed through a pool of 4."""
-    role = _role(options={"database": database})
+    role = mysql_role(options={"database": database})
     backend = await make_backend({"ro": role})
-    results = await asyncio.gather(*(_issue(backend, role) for _ in range(30)))
+    results = await asyncio.gather(*(mysql_issue(backend, role) for _ in range(30)))
     names = {r.data["username"] for r in results}
     assert len(names) == 30
     rows = await admin("SELECT COUNT(*) FROM mysql.user WHERE User LIKE 'v-it-%'")
@@ -348,36 +305,36 @@ async def test_thirty_concurrent_issues(
 
 @pytest.mark.parametrize("limit", [16, 32])
 async def test_username_limit_honoured(
-    make_backend: Callable[..., Awaitable[MySQLBackend]], database: str, admin: Admin,
+    make_backend: MakeBackend, database: str, admin: Admin,
     limit: int,
 ) -> None:
     """A name of exactly username_max_length works; one character more is refused unsent."""
-    role = _role(options={"database": database})
+    role = mysql_role(options={"database": database})
     options = {} if limit == 32 else {"username_max_length": limit}
     backend = await make_backend({"ro": role}, **options)
     assert backend.capabilities.max_username_length == limit
     fitting = ("v-it-" + secrets.token_hex(40))[:limit]
-    resp = await _issue(backend, role, name=fitting)
+    resp = await mysql_issue(backend, role, name=fitting)
     assert await _users(admin, resp.data["username"]) == ["%"]
     too_long = ("v-it-" + secrets.token_hex(40))[: limit + 1]
     with pytest.raises(BackendError) as err:
-        await _issue(backend, role, name=too_long)
+        await mysql_issue(backend, role, name=too_long)
     assert err.value.retryable is False
     assert await _users(admin, too_long) == []
-    generated = _name(limit)
+    generated = mysql_user_name(limit)
     assert len(generated) <= limit
 
 
 @pytest.mark.parametrize("name", ["v-it-x'; DROP DATABASE test; --", "v-it-`x`", "V-IT-UPPER",
                                   "v-it-x\\", "", "v-it-x y"])
 async def test_unquotable_username_refused(
-    make_backend: Callable[..., Awaitable[MySQLBackend]], database: str, admin: Admin, name: str,
+    make_backend: MakeBackend, database: str, admin: Admin, name: str,
 ) -> None:
     """A username outside [a-z0-9_-] is refused before any SQL runs."""
-    role = _role(options={"database": database})
+    role = mysql_role(options={"database": database})
     backend = await make_backend({"ro": role})
     with pytest.raises(BackendError) as err:
-        await _issue(backend, role, name=name)
+        await mysql_issue(backend, role, name=name)
     assert err.value.retryable is False
     with pytest.raises(BackendError):
         await backend.delete_user(DeleteUserRequest(role=role, username=name, revocation={}))
@@ -386,31 +343,31 @@ async def test_unquotable_username_refused(
 
 @pytest.mark.parametrize("password", ["abc'def", "abc\\'; DROP USER root; --", "pass word", ""])
 async def test_unquotable_password_refused(
-    make_backend: Callable[..., Awaitable[MySQLBackend]], database: str, password: str,
+    make_backend: MakeBackend, database: str, password: str,
 ) -> None:
     """A password that is not alphanumeric is refused, and not echoed in the error."""
-    role = _role(options={"database": database})
+    role = mysql_role(options={"database": database})
     backend = await make_backend({"ro": role})
     with pytest.raises(BackendError) as err:
-        await _issue(backend, role, password=password)
+        await mysql_issue(backend, role, password=password)
     assert err.value.retryable is False
     if password:
         assert password not in str(err.value)
 
 
 async def test_password_never_in_error_text(
-    make_backend: Callable[..., Awaitable[MySQLBackend]], database: str, admin: Admin,
+    make_backend: MakeBackend, database: str, admin: Admin,
 ) -> None:
     """A failing statement that echoes the password gives a redacted, non-retryable error."""
-    role = _role(options={"database": database}, creation_statements=(
+    role = mysql_role(options={"database": database}, creation_statements=(
         "CREATE USER '{{name}}'@'%' IDENTIFIED BY '{{password}}'",
         "GRANT SELEKT ON x TO '{{name}}'@'%' IDENTIFIED BY '{{password}}' oops",
     ))
     backend = await make_backend({"ro": role})
     password = generate_password()
-    name = _name()
+    name = mysql_user_name()
     with pytest.raises(BackendError) as err:
-        await _issue(backend, role, name=name, password=password)
+        await mysql_issue(backend, role, name=name, password=password)
     text = "".join(traceback.format_exception(err.value))
     assert "1064" in str(err.value)  # the server's syntax error came through...
     assert password not in text  # ...but not the password it echoed
@@ -426,50 +383,36 @@ async def test_connection_error_is_retryable_and_redacted(mysql_dsn: str) -> Non
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     secret = "Sup3rS3cretAdminPw"
-    backend = MySQLBackend.from_config(MountSpec(
-        name="my", plugin="mysql", roles={}, secret=secret,
-        options={"connection_url": f"mysql://root@127.0.0.1:{port}/test"}))
-    await backend.initialize()
-    try:
+    mount = mysql_mount(mysql_dsn, secret=secret,
+                        connection_url=f"mysql://root@127.0.0.1:{port}/test")
+    async with started_backend(MySQLBackend, mount) as backend:
         with pytest.raises(BackendError) as err:
             await backend.verify()
         assert err.value.retryable is True
         assert secret not in "".join(traceback.format_exception(err.value))
-    finally:
-        await backend.close()
 
 
 async def test_wrong_admin_password_is_retryable_and_redacted(mysql_dsn: str) -> None:
     """A refused admin login is a retryable connection error that hides the secret."""
-    p = _parts(mysql_dsn)
     secret = "WrongAdminPassw0rd"
-    backend = MySQLBackend.from_config(MountSpec(
-        name="my", plugin="mysql", roles={}, secret=secret,
-        options={"connection_url": f"mysql://v-it-nobody@{p['host']}:{p['port']}/"}))
-    await backend.initialize()
-    try:
+    mount = mysql_mount(mysql_dsn, user="v-it-nobody", secret=secret)
+    async with started_backend(MySQLBackend, mount) as backend:
         with pytest.raises(BackendError) as err:
             await backend.verify()
         assert err.value.retryable is True
         assert "1045" in str(err.value)
         assert secret not in "".join(traceback.format_exception(err.value))
-    finally:
-        await backend.close()
 
 
 async def test_rotate_root(mysql_dsn: str, admin: Admin) -> None:
     """rotate_root changes the admin's own password; the old one stops working, the backend not."""
-    p = _parts(mysql_dsn)
     user, old = f"v-it-admin{secrets.token_hex(3)}", generate_password()
     await admin(f"CREATE USER '{user}'@'%' IDENTIFIED BY '{old}'")
     # A broker admin has CREATE USER anyway, and MariaDB wants it for ALTER USER.
     await admin(f"GRANT CREATE USER ON *.* TO '{user}'@'%'")
     try:
-        backend = MySQLBackend.from_config(MountSpec(
-            name="my", plugin="mysql", roles={}, secret=old,
-            options={"connection_url": f"mysql://{user}@{p['host']}:{p['port']}/"}))
-        await backend.initialize()
-        try:
+        async with started_backend(MySQLBackend,
+                                   mysql_mount(mysql_dsn, user=user, secret=old)) as backend:
             await backend.verify()
             resp = await backend.rotate_root(RotateRootRequest())
             new = resp.new_password
@@ -479,8 +422,6 @@ async def test_rotate_root(mysql_dsn: str, admin: Admin) -> None:
             conn.close()
             with pytest.raises(pymysql.err.OperationalError):
                 await _connect_as(mysql_dsn, user, old, None)
-        finally:
-            await backend.close()
     finally:
         await admin(f"DROP USER IF EXISTS '{user}'@'%'")
 
@@ -488,7 +429,7 @@ async def test_rotate_root(mysql_dsn: str, admin: Admin) -> None:
 async def test_uninitialized_backend_is_a_retryable_error(mysql_dsn: str) -> None:
     """Calls before initialize() raise BackendError instead of crashing."""
     backend = MySQLBackend.from_config(MountSpec(
-        name="my", plugin="mysql", roles={}, options={"connection_url": _url(mysql_dsn)}))
+        name="my", plugin="mysql", roles={}, options={"connection_url": mysql_url(mysql_dsn)}))
     with pytest.raises(BackendError) as err:
         await backend.verify()
     assert err.value.retryable is True
@@ -532,9 +473,9 @@ def test_from_config_defaults() -> None:
 def test_default_role_needs_a_database() -> None:
     """A role on default statements with no database anywhere is refused at load."""
     with pytest.raises(PluginConfigError) as err:
-        MySQLBackend.from_config(_mount({"ro": _role()}, connection_url="mysql://admin@db"))
+        MySQLBackend.from_config(_mount({"ro": mysql_role()}, connection_url="mysql://admin@db"))
     assert err.value.key == "roles.ro.database"
-    MySQLBackend.from_config(_mount({"ro": _role(options={"database": "app"})},
+    MySQLBackend.from_config(_mount({"ro": mysql_role(options={"database": "app"})},
                                     connection_url="mysql://admin@db"))
 
 
@@ -545,8 +486,8 @@ def test_default_role_needs_a_database() -> None:
 ])
 def test_grant_all_on_everything_refused(stmt: str) -> None:
     """A creation statement granting ALL ON *.* is refused with the reason."""
-    role = _role(creation_statements=("CREATE USER '{{name}}'@'%' IDENTIFIED BY '{{password}}'",
-                                      stmt))
+    role = mysql_role(creation_statements=(
+        "CREATE USER '{{name}}'@'%' IDENTIFIED BY '{{password}}'", stmt))
     with pytest.raises(PluginConfigError) as err:
         MySQLBackend.validate_role(role)
     assert "server administrator" in err.value.message
@@ -555,22 +496,23 @@ def test_grant_all_on_everything_refused(stmt: str) -> None:
 
 def test_grant_all_on_one_database_allowed() -> None:
     """ALL on one database is the operator's choice and is accepted."""
-    MySQLBackend.validate_role(_role(creation_statements=(
+    MySQLBackend.validate_role(mysql_role(creation_statements=(
         "CREATE USER '{{name}}'@'%' IDENTIFIED BY '{{password}}'",
         "GRANT ALL ON `app`.* TO '{{name}}'@'%'",
     )))
 
 
 @pytest.mark.parametrize(("role", "key"), [
-    (_role(options={"database": "a`b"}), "roles.ro.database"),
-    (_role(options={"database": "a'b"}), "roles.ro.database"),
-    (_role(options={"host": "%' OR '1"}), "roles.ro.host"),
-    (_role(options={"schema": "x"}), "roles.ro.schema"),
-    (_role(creation_statements=("GRANT SELECT ON app.* TO someone",)),
+    (mysql_role(options={"database": "a`b"}), "roles.ro.database"),
+    (mysql_role(options={"database": "a'b"}), "roles.ro.database"),
+    (mysql_role(options={"host": "%' OR '1"}), "roles.ro.host"),
+    (mysql_role(options={"schema": "x"}), "roles.ro.schema"),
+    (mysql_role(creation_statements=("GRANT SELECT ON app.* TO someone",)),
      "roles.ro.creation_statements"),
-    (_role(revocation_statements=("SELECT '{{password}}'",)), "roles.ro.revocation_statements"),
-    (_role(renew_statements=("SELECT '{{name}}'",)), "roles.ro.renew_statements"),
-    (_role(rollback_statements=("SELECT '{{expiration}}'",)), "roles.ro.rollback_statements"),
+    (mysql_role(revocation_statements=("SELECT '{{password}}'",)),
+     "roles.ro.revocation_statements"),
+    (mysql_role(renew_statements=("SELECT '{{name}}'",)), "roles.ro.renew_statements"),
+    (mysql_role(rollback_statements=("SELECT '{{expiration}}'",)), "roles.ro.rollback_statements"),
 ])
 def test_validate_role_refuses(role: RoleSpec, key: str) -> None:
     """Unquotable names, unknown options and impossible templates are refused at load."""
@@ -580,7 +522,7 @@ def test_validate_role_refuses(role: RoleSpec, key: str) -> None:
 
 
 async def test_a_statement_cut_off_by_the_timeout_is_ended_before_the_rollback(
-    make_backend: Callable[..., Awaitable[MySQLBackend]], database: str, admin: Admin,
+    make_backend: MakeBackend, database: str, admin: Admin,
 ) -> None:
     """A creation cut off mid-statement goes on on the server; the rollback ends it first.
 
@@ -589,12 +531,12 @@ async def test_a_statement_cut_off_by_the_timeout_is_ended_before_the_rollback(
     revocation must kill that session and wait for it, not leave it running
     behind a DROP that found nothing to drop.
     """
-    role = _role("slow", options={"database": database}, creation_statements=(
+    role = mysql_role("slow", options={"database": database}, creation_statements=(
         "CREATE USER '{{name}}'@'%' IDENTIFIED BY '{{password}}'", "DO SLEEP(5)"))
     backend = await make_backend({"slow": role})
-    name = _name(backend.capabilities.max_username_length)
+    name = mysql_user_name(backend.capabilities.max_username_length)
     with pytest.raises(TimeoutError):
-        await asyncio.wait_for(_issue(backend, role, name), 1)  # the broker's backend timeout
+        await asyncio.wait_for(mysql_issue(backend, role, name), 1)  # the broker's backend timeout
     await _rollback_ends_the_sleeping_statement(backend, role, name, admin)
 
 
@@ -613,7 +555,7 @@ async def _rollback_ends_the_sleeping_statement(backend: MySQLBackend, role: Rol
 
 
 async def test_a_statement_whose_connection_is_lost_is_ended_before_the_rollback(
-    make_backend: Callable[..., Awaitable[MySQLBackend]], database: str, admin: Admin,
+    make_backend: MakeBackend, database: str, admin: Admin,
     mysql_dsn: str,
 ) -> None:
     """As above, but the connection breaks (a proxy cuts it) instead of the call timing out.
@@ -622,23 +564,23 @@ async def test_a_statement_whose_connection_is_lost_is_ended_before_the_rollback
     connection was lost came back as a BackendError, went unrecorded, and
     the rollback left it running behind a DROP that found nothing to drop.
     """
-    role = _role("slow", options={"database": database}, creation_statements=(
+    role = mysql_role("slow", options={"database": database}, creation_statements=(
         "CREATE USER '{{name}}'@'%' IDENTIFIED BY '{{password}}'", "DO SLEEP(5)"))
-    proxy = TcpProxy(_parts(mysql_dsn)["port"])
+    proxy = TcpProxy(mysql_parts(mysql_dsn)["port"])
     try:
-        url = _url(mysql_dsn).replace(f":{_parts(mysql_dsn)['port']}/", f":{proxy.port}/", 1)
-        backend = await make_backend({"slow": role}, connection_url=url)
-        name = _name(backend.capabilities.max_username_length)
+        backend = await make_backend({"slow": role},
+                                     connection_url=mysql_url(mysql_dsn, port=proxy.port))
+        name = mysql_user_name(backend.capabilities.max_username_length)
         proxy.cut_on = (b"DO SLEEP(5)", "after")
         with pytest.raises(BackendError, match="Lost connection"):
-            await _issue(backend, role, name)
+            await mysql_issue(backend, role, name)
         await _rollback_ends_the_sleeping_statement(backend, role, name, admin)
     finally:
         await asyncio.to_thread(proxy.close)
 
 
 async def test_a_session_dropped_before_a_server_restart_is_forgotten_not_killed(
-    make_backend: Callable[..., Awaitable[MySQLBackend]], mysql_dsn: str, admin: Admin,
+    make_backend: MakeBackend, mysql_dsn: str, admin: Admin,
 ) -> None:
     """Thread ids start again from 1 when the server restarts.
 
@@ -647,7 +589,7 @@ async def test_a_session_dropped_before_a_server_restart_is_forgotten_not_killed
     must leave alone. The same id recorded under the running server is ended.
     """
     backend = await make_backend()
-    p = _parts(mysql_dsn)
+    p = mysql_parts(mysql_dsn)
     bystander = await aiomysql.connect(host=p["host"], port=p["port"], user=p["user"],
                                        password=p["password"], autocommit=True)
     try:
@@ -655,14 +597,16 @@ async def test_a_session_dropped_before_a_server_restart_is_forgotten_not_killed
         uptime = int((await admin("SHOW GLOBAL STATUS LIKE 'Uptime'"))[0][1])
         loop = asyncio.get_running_loop()
         backend._unsettled[thread_id] = loop.time() - uptime - 5  # under the previous server
-        await backend.delete_user(DeleteUserRequest(role=None, username=_name(), revocation={}))
+        await backend.delete_user(DeleteUserRequest(role=None, username=mysql_user_name(),
+                                                    revocation={}))
         assert backend._unsettled == {}
         async with bystander.cursor() as cur:
             await cur.execute("SELECT 1")
             assert await cur.fetchone() == (1,)
 
         backend._unsettled[thread_id] = loop.time()  # under this server: its session is ended
-        await backend.delete_user(DeleteUserRequest(role=None, username=_name(), revocation={}))
+        await backend.delete_user(DeleteUserRequest(role=None, username=mysql_user_name(),
+                                                    revocation={}))
         assert backend._unsettled == {}
         assert await admin(f"SELECT ID FROM information_schema.PROCESSLIST"
                            f" WHERE ID = {thread_id:d}") == []
@@ -679,31 +623,23 @@ async def test_a_least_privilege_admin_ends_a_statement_it_cut_off(
     (``mysql-least-privilege``); this is what only the plugin does on top: it
     ends its own statement cut off by the timeout before the rollback's DROP.
     """
-    harness = LeastPrivilegeMySQLHarness(mysql_dsn)
-    await harness.setup()
-    try:
-        slow = _role("slow", options={"database": harness.database}, creation_statements=(
+    async with harness_up(LeastPrivilegeMySQLHarness, mysql_dsn) as harness:
+        slow = mysql_role("slow", options={"database": harness.database}, creation_statements=(
             "CREATE USER '{{name}}'@'%' IDENTIFIED BY '{{password}}'", "DO SLEEP(5)"))
         mount = harness.make_mount()
-        backend = MySQLBackend.from_config(
-            dataclasses.replace(mount, roles={**mount.roles, "slow": slow}))
-        await backend.initialize()
-        try:
+        mount = dataclasses.replace(mount, roles={**mount.roles, "slow": slow})
+        async with started_backend(MySQLBackend, mount) as backend:
             # Named after the harness's mount: its teardown drops it if we fail.
             cut = render_username(None, mount=harness.mount_name, role="slow",
                                   max_length=backend.capabilities.max_username_length)
             with pytest.raises(TimeoutError):
-                await asyncio.wait_for(_issue(backend, slow, cut), 1)
+                await asyncio.wait_for(mysql_issue(backend, slow, cut), 1)
             sleeping = "SELECT ID FROM information_schema.PROCESSLIST WHERE INFO = 'DO SLEEP(5)'"
             assert await admin(sleeping), "the cut-off statement should still be running"
             await backend.delete_user(DeleteUserRequest(role=slow, username=cut, revocation={},
                                                         reason="rollback"))
             assert await admin(sleeping) == []
             assert await _users(admin, cut) == []
-        finally:
-            await backend.close()
-    finally:
-        await harness.teardown()
 
 
 # -- review fixes ----------------------------------------------------------------------------
@@ -713,7 +649,7 @@ _VAULT_REVOKE = "REVOKE ALL PRIVILEGES, GRANT OPTION FROM '{{name}}'@'%'"
 
 
 async def test_custom_revocation_of_a_user_dropped_by_hand_is_success(
-    make_backend: Callable[..., Awaitable[MySQLBackend]], database: str, admin: Admin,
+    make_backend: MakeBackend, database: str, admin: Admin,
     mysql_dsn: str,
 ) -> None:
     """A user already gone is revoked (its open session still killed), custom statements or not.
@@ -721,9 +657,9 @@ async def test_custom_revocation_of_a_user_dropped_by_hand_is_success(
     Vault-style ``REVOKE ... FROM`` failed for a missing user (error 1269) on
     every retry, so the lease ended irrevocable.
     """
-    role = _role(options={"database": database}, revocation_statements=(_VAULT_REVOKE,))
+    role = mysql_role(options={"database": database}, revocation_statements=(_VAULT_REVOKE,))
     backend = await make_backend({"ro": role})
-    resp = await _issue(backend, role)
+    resp = await mysql_issue(backend, role)
     user = resp.data["username"]
     session = await _connect_as(mysql_dsn, user, resp.data["password"], database)
     try:
@@ -740,18 +676,18 @@ async def test_custom_revocation_of_a_user_dropped_by_hand_is_success(
 
 
 async def test_rollback_after_a_failed_creation_with_custom_rollback_statements(
-    make_backend: Callable[..., Awaitable[MySQLBackend]], database: str, admin: Admin,
+    make_backend: MakeBackend, database: str, admin: Admin,
 ) -> None:
     """A creation that fails after CREATE USER drops the user; the engine's rollback
     (``rollback_statements`` in Vault's style) then succeeds instead of failing forever."""
-    role = _role(options={"database": database}, creation_statements=(
+    role = mysql_role(options={"database": database}, creation_statements=(
         "CREATE USER '{{name}}'@'%' IDENTIFIED BY '{{password}}'",
         f"GRANT SELECT ON `{database}`.no_such_table TO '{{{{name}}}}'@'%'",
     ), rollback_statements=(_VAULT_REVOKE,))
     backend = await make_backend({"ro": role})
-    name = _name()
+    name = mysql_user_name()
     with pytest.raises(BackendError) as failed:
-        await _issue(backend, role, name)
+        await mysql_issue(backend, role, name)
     assert not failed.value.created_nothing  # so the engine calls delete_user
     await backend.delete_user(DeleteUserRequest(role=role, username=name, revocation={},
                                                 reason="rollback"))
@@ -759,7 +695,7 @@ async def test_rollback_after_a_failed_creation_with_custom_rollback_statements(
 
 
 async def test_default_grant_is_not_a_wildcard_over_similar_databases(
-    make_backend: Callable[..., Awaitable[MySQLBackend]], database: str, admin: Admin,
+    make_backend: MakeBackend, database: str, admin: Admin,
     mysql_dsn: str,
 ) -> None:
     """GRANT ON `broker_it_x`.* treats "_" as a wildcard: it also opened `brokerZitZx`."""
@@ -769,9 +705,9 @@ async def test_default_grant_is_not_a_wildcard_over_similar_databases(
     try:
         await admin(f"CREATE TABLE `{sibling}`.secret (v INT)")
         await admin(f"INSERT INTO `{sibling}`.secret VALUES (42)")
-        role = _role(options={"database": database})
+        role = mysql_role(options={"database": database})
         backend = await make_backend({"ro": role})
-        resp = await _issue(backend, role)
+        resp = await mysql_issue(backend, role)
         conn = await _connect_as(mysql_dsn, resp.data["username"], resp.data["password"], None)
         try:
             async with conn.cursor() as cur:
@@ -791,27 +727,19 @@ async def test_default_grant_works_for_the_documented_least_privilege_admin(
 ) -> None:
     """The escaped GRANT is covered by the admin's plain ``GRANT SELECT ON app.* ... WITH
     GRANT OPTION`` of docs/plugins.md; the user reads its database and is revoked."""
-    harness = LeastPrivilegeMySQLHarness(mysql_dsn)
-    await harness.setup()
-    try:
-        backend = MySQLBackend.from_config(harness.make_mount())
-        await backend.initialize()
-        try:
-            role = _role(options={"database": harness.database})
-            name = render_username(None, mount=harness.mount_name, role="ro",
-                                   max_length=backend.capabilities.max_username_length)
-            resp = await _issue(backend, role, name)
-            session = await harness.connect_as(resp.data)
-            await harness.exercise(session)
-            await backend.delete_user(DeleteUserRequest(role=role, username=name,
-                                                        revocation=resp.revocation))
-            assert not await harness.session_alive(session)
-            await harness.close_session(session)
-            assert await _users(admin, name) == []
-        finally:
-            await backend.close()
-    finally:
-        await harness.teardown()
+    async with (harness_up(LeastPrivilegeMySQLHarness, mysql_dsn) as harness,
+                started_backend(MySQLBackend, harness.make_mount()) as backend):
+        role = mysql_role(options={"database": harness.database})
+        name = render_username(None, mount=harness.mount_name, role="ro",
+                               max_length=backend.capabilities.max_username_length)
+        resp = await mysql_issue(backend, role, name)
+        session = await harness.connect_as(resp.data)
+        await harness.exercise(session)
+        await backend.delete_user(DeleteUserRequest(role=role, username=name,
+                                                    revocation=resp.revocation))
+        assert not await harness.session_alive(session)
+        await harness.close_session(session)
+        assert await _users(admin, name) == []
 
 
 async def _until_no_sessions(admin: Admin, user: str, timeout: float = 10.0) -> None:
@@ -831,17 +759,12 @@ async def test_rotate_root_never_loses_the_admin_password(mysql_dsn: str, admin:
     The new password was dropped with the error: the old one was refused, the
     admin locked out once the pooled connections closed.
     """
-    p = _parts(mysql_dsn)
     user, old = f"v-it-admin{secrets.token_hex(3)}", generate_password()
     await admin(f"CREATE USER '{user}'@'%' IDENTIFIED BY '{old}' WITH MAX_USER_CONNECTIONS 1")
     await admin(f"GRANT CREATE USER ON *.* TO '{user}'@'%'")
     try:
-        backend = MySQLBackend.from_config(MountSpec(
-            name="my", plugin="mysql", roles={}, secret=old,
-            options={"connection_url": f"mysql://{user}@{p['host']}:{p['port']}/",
-                     "max_open_connections": 1}))
-        await backend.initialize()
-        try:
+        mount = mysql_mount(mysql_dsn, user=user, secret=old, max_open_connections=1)
+        async with started_backend(MySQLBackend, mount) as backend:
             await backend.verify()  # the pool now holds the account's one connection
             try:
                 current = (await backend.rotate_root(RotateRootRequest())).new_password
@@ -858,7 +781,5 @@ async def test_rotate_root_never_loses_the_admin_password(mysql_dsn: str, admin:
             await _until_no_sessions(admin, user)
             conn = await _connect_as(mysql_dsn, user, current, None)  # and the operator's
             conn.close()
-        finally:
-            await backend.close()
     finally:
         await admin(f"DROP USER IF EXISTS '{user}'@'%'")

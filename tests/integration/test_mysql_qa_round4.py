@@ -26,10 +26,9 @@ import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiomysql
 import hvac
@@ -40,8 +39,6 @@ import requests
 from broker.backend import (
     BackendError,
     DeleteUserRequest,
-    MountSpec,
-    NewUserRequest,
     RoleSpec,
 )
 from broker.templating import generate_password, render_username
@@ -53,75 +50,56 @@ from tests.integration.broker_harness import (
     start_broker,
     write_config,
 )
+from tests.integration.db_fixtures import (
+    drop_mysql_accounts,
+    mysql_accounts_dropped,
+    mysql_connect,
+    mysql_hosts,
+    mysql_issue,
+    mysql_mount,
+    mysql_parts,
+    mysql_query,
+    mysql_role,
+    mysql_url,
+    refused_issue,
+    started_backend,
+    started_backends,
+)
 
 pytestmark = pytest.mark.integration
 
 
-def _parts(dsn: str) -> dict[str, Any]:
-    url = urlsplit(dsn)
-    return {"host": url.hostname or "127.0.0.1", "port": url.port or 3306,
-            "user": url.username or "root", "password": url.password or ""}
-
-
-def _sql(dsn: str, sql: str, params: tuple[Any, ...] | None = None,
-         *, user: str | None = None, password: str | None = None) -> list[tuple[Any, ...]]:
-    """Run ``sql`` on a connection of its own (as the DSN's admin unless ``user``)."""
-    p = _parts(dsn)
-    conn = pymysql.connect(host=p["host"], port=p["port"], user=user or p["user"],
-                           password=p["password"] if password is None else password,
-                           autocommit=True, connect_timeout=5)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql, params)
-            return list(cur.fetchall())
-    finally:
-        conn.close()
-
-
-def _hosts(dsn: str, name: str) -> set[str]:
-    return {str(r[0]) for r in _sql(dsn, "SELECT Host FROM mysql.user WHERE User = %s", (name,))}
-
-
 def _sessions(dsn: str, name: str) -> list[tuple[Any, ...]]:
-    return _sql(dsn, "SELECT ID, COMMAND FROM information_schema.PROCESSLIST WHERE USER = %s",
-                (name,))
+    return mysql_query(dsn, "SELECT ID, COMMAND FROM information_schema.PROCESSLIST"
+                            " WHERE USER = %s", (name,))
 
 
 def _logs_in(dsn: str, user: str, password: str) -> bool:
     try:
-        _sql(dsn, "SELECT 1", user=user, password=password)
+        mysql_query(dsn, "SELECT 1", user=user, password=password)
     except pymysql.err.OperationalError:
         return False
     return True
 
 
-def _drop_prefixed(dsn: str, prefix: str) -> None:
-    like = prefix.replace("_", "\\_") + "%"
-    for user, host in _sql(dsn, "SELECT User, Host FROM mysql.user WHERE User LIKE %s", (like,)):
-        _sql(dsn, "DROP USER IF EXISTS %s@%s", (user, host))
-
-
 @pytest.fixture
 def tag(mysql_dsn: str) -> Iterator[str]:
     """A fresh ``qa4-XXXXXX`` name prefix; its accounts are dropped afterwards."""
-    prefix = f"qa4-{secrets.token_hex(3)}"
-    try:
+    with mysql_accounts_dropped(mysql_dsn, f"qa4-{secrets.token_hex(3)}") as prefix:
         yield prefix
-    finally:
-        _drop_prefixed(mysql_dsn, prefix)
 
 
 @pytest.fixture
 def database(mysql_dsn: str) -> Iterator[str]:
     """A throwaway database with a table ``t`` holding one row."""
     db = f"qa4_{secrets.token_hex(4)}"
-    _sql(mysql_dsn, f"CREATE DATABASE `{db}`")
-    _sql(mysql_dsn, f"CREATE TABLE `{db}`.t (id INT, pad CHAR(200)) ENGINE=InnoDB")
-    _sql(mysql_dsn, f"INSERT INTO `{db}`.t VALUES (1, 'one')")
+    mysql_query(mysql_dsn, f"CREATE DATABASE `{db}`")
+    mysql_query(mysql_dsn, f"CREATE TABLE `{db}`.t (id INT, pad CHAR(200)) ENGINE=InnoDB")
+    mysql_query(mysql_dsn, f"INSERT INTO `{db}`.t VALUES (1, 'one')")
     try:
         yield db
     finally:
-        _sql(mysql_dsn, f"DROP DATABASE IF EXISTS `{db}`")
+        mysql_query(mysql_dsn, f"DROP DATABASE IF EXISTS `{db}`")
 
 
 @pytest.fixture
@@ -132,52 +110,31 @@ def test_admin(mysql_dsn: str) -> Iterator[tuple[str, str]]:
     server's root: the code before this round locked and killed that admin.
     """
     user, password = f"qa4adm-{secrets.token_hex(3)}", generate_password()
-    _sql(mysql_dsn, "CREATE USER %s@'127.0.0.1' IDENTIFIED BY %s", (user, password))
-    _sql(mysql_dsn, f"GRANT ALL PRIVILEGES ON *.* TO '{user}'@'127.0.0.1' WITH GRANT OPTION")
+    mysql_query(mysql_dsn, "CREATE USER %s@'127.0.0.1' IDENTIFIED BY %s", (user, password))
+    mysql_query(mysql_dsn, f"GRANT ALL PRIVILEGES ON *.* TO '{user}'@'127.0.0.1' WITH GRANT OPTION")
     try:
         yield user, password
     finally:
-        for (thread_id,) in _sql(mysql_dsn, "SELECT ID FROM information_schema.PROCESSLIST"
-                                 " WHERE USER = %s", (user,)):
+        for (thread_id,) in mysql_query(mysql_dsn, "SELECT ID FROM information_schema.PROCESSLIST"
+                                        " WHERE USER = %s", (user,)):
             try:
-                _sql(mysql_dsn, f"KILL CONNECTION {int(thread_id)}")
+                mysql_query(mysql_dsn, f"KILL CONNECTION {int(thread_id)}")
             except pymysql.err.MySQLError:
                 pass
-        _drop_prefixed(mysql_dsn, user)
+        drop_mysql_accounts(mysql_dsn, user)
 
 
 @pytest.fixture
 async def make_backend(mysql_dsn: str) -> AsyncIterator[Callable[..., Awaitable[MySQLBackend]]]:
-    made: list[MySQLBackend] = []
-
-    async def make(roles: dict[str, RoleSpec], *, user: str | None = None,
-                   secret: str | None = None) -> MySQLBackend:
-        p = _parts(mysql_dsn)
-        backend = MySQLBackend.from_config(MountSpec(
-            name="my", plugin="mysql", roles=roles,
-            options={"connection_url": f"mysql://{user or p['user']}@{p['host']}:{p['port']}/"},
-            secret=secret if user else (p["password"] or None)))
-        await backend.initialize()
-        made.append(backend)
-        return backend
-
-    try:
+    """``make(roles, user=None, secret=None)``: an initialized backend of the ``my`` mount
+    (as ``user`` with ``secret``, else as the DSN's admin), closed afterwards."""
+    async with started_backends(MySQLBackend, partial(mysql_mount, mysql_dsn)) as make:
         yield make
-    finally:
-        for backend in made:
-            await backend.close()
 
 
 def _role(db: str = "test", *creation: str) -> RoleSpec:
-    return RoleSpec(name="qa", default_ttl=60, max_ttl=600, options={"database": db},
-                    creation_statements=creation)
-
-
-async def _issue(backend: MySQLBackend, role: RoleSpec, name: str,
-                 password: str | None = None) -> Any:
-    return await backend.new_user(NewUserRequest(
-        role=role, username=name, password=password or generate_password(),
-        expiration=datetime.now(UTC) + timedelta(minutes=5), lease_id="my/creds/qa/x"))
+    """The ``qa`` role on database ``db``, made by the ``creation`` statements."""
+    return mysql_role("qa", options={"database": db}, creation_statements=creation)
 
 
 # -- 1. a name that exists already is not the lease's ------------------------------------------
@@ -190,18 +147,18 @@ async def test_a_name_existing_on_another_host_is_not_issued_nor_dropped(
     made, and the hand-made account survives. Before: 'n'@'%' was made beside it, and the
     lease's revocation dropped the hand-made account too."""
     name = f"{tag}-fixed"
-    _sql(mysql_dsn, "CREATE USER %s@'localhost' IDENTIFIED BY 'qaHandMade123'", (name,))
+    mysql_query(mysql_dsn, "CREATE USER %s@'localhost' IDENTIFIED BY 'qaHandMade123'", (name,))
     role = _role()
     backend = await make_backend({"qa": role})
     try:
-        resp = await _issue(backend, role, name)
+        resp = await mysql_issue(backend, role, name)
     except BackendError as exc:
         assert exc.created_nothing is True and exc.retryable is False
         assert f"'{name}'@'localhost' exists already" in str(exc), str(exc)
     else:  # the old code: the lease ends as leases do, and takes the other account along
         await backend.delete_user(DeleteUserRequest(role=role, username=name,
                                                     revocation=resp.revocation))
-    assert _hosts(mysql_dsn, name) == {"localhost"}
+    assert mysql_hosts(mysql_dsn, name) == {"localhost"}
 
 
 
@@ -212,17 +169,16 @@ async def test_a_name_taken_only_with_an_odd_host_part_is_not_issued(
     hand: the name is still taken, so the issue is refused and the account survives.
     The lookup read such a name as "unknown" and issued it."""
     name = f"{tag}-odd"
-    _sql(mysql_dsn, "CREATE USER %s@'a b' IDENTIFIED BY 'qaHandMade123'", (name,))
+    mysql_query(mysql_dsn, "CREATE USER %s@'a b' IDENTIFIED BY 'qaHandMade123'", (name,))
     role = _role()
     backend = await make_backend({"qa": role})
     try:
-        with pytest.raises(BackendError) as err:
-            await _issue(backend, role, name)
-        assert err.value.created_nothing is True and "exists already" in str(err.value)
-        assert _hosts(mysql_dsn, name) == {"a b"}
+        err = await refused_issue(backend, role, name)
+        assert err.created_nothing is True and "exists already" in str(err)
+        assert mysql_hosts(mysql_dsn, name) == {"a b"}
     finally:
-        _sql(mysql_dsn, "DROP USER IF EXISTS %s@'a b'", (name,))
-        _sql(mysql_dsn, "DROP USER IF EXISTS %s@'%%'", (name,))
+        mysql_query(mysql_dsn, "DROP USER IF EXISTS %s@'a b'", (name,))
+        mysql_query(mysql_dsn, "DROP USER IF EXISTS %s@'%%'", (name,))
 
 
 async def test_revocation_leaves_sessions_of_a_name_differing_in_case(
@@ -233,23 +189,21 @@ async def test_revocation_leaves_sessions_of_a_name_differing_in_case(
     the broker's own pool among them). Now only the lease's own sessions end."""
     name = f"{tag}-case"
     other, password = name.upper(), "qaHandMade123"
-    _sql(mysql_dsn, "CREATE USER %s@'%%' IDENTIFIED BY %s", (other, password))
-    p = _parts(mysql_dsn)
-    held = pymysql.connect(host=p["host"], port=p["port"], user=other, password=password,
-                           autocommit=True, connect_timeout=5)
+    mysql_query(mysql_dsn, "CREATE USER %s@'%%' IDENTIFIED BY %s", (other, password))
+    held = mysql_connect(mysql_dsn, other, password, connect_timeout=5)
     role = _role()
     backend = await make_backend({"qa": role})
     try:
-        resp = await _issue(backend, role, name)
+        resp = await mysql_issue(backend, role, name)
         await backend.delete_user(DeleteUserRequest(role=role, username=name,
                                                     revocation=resp.revocation))
-        assert _hosts(mysql_dsn, name) == set()
+        assert mysql_hosts(mysql_dsn, name) == set()
         with held.cursor() as cur:  # still there: not the lease's session
             cur.execute("SELECT 1")
             assert cur.fetchall() == ((1,),)
     finally:
         held.close()
-        _sql(mysql_dsn, "DROP USER IF EXISTS %s@'%%'", (other,))
+        mysql_query(mysql_dsn, "DROP USER IF EXISTS %s@'%%'", (other,))
 
 
 async def test_the_admins_own_name_is_never_issued_or_revoked(
@@ -262,15 +216,14 @@ async def test_the_admins_own_name_is_never_issued_or_revoked(
     role = _role()
     backend = await make_backend({"qa": role}, user=user, secret=password)
     await backend.verify()
-    with pytest.raises(BackendError) as err:
-        await _issue(backend, role, user)
-    assert err.value.created_nothing is True and err.value.retryable is False
-    assert _hosts(mysql_dsn, user) == {"127.0.0.1"}
-    with pytest.raises(BackendError) as err:
+    err = await refused_issue(backend, role, user)
+    assert err.created_nothing is True and err.retryable is False
+    assert mysql_hosts(mysql_dsn, user) == {"127.0.0.1"}
+    with pytest.raises(BackendError) as denied:
         await backend.delete_user(DeleteUserRequest(role=role, username=user,
                                                     revocation={"host": "%"}))
-    assert err.value.retryable is False
-    assert _hosts(mysql_dsn, user) == {"127.0.0.1"}
+    assert denied.value.retryable is False
+    assert mysql_hosts(mysql_dsn, user) == {"127.0.0.1"}
     assert _logs_in(mysql_dsn, user, password), "the admin account was locked"
     await backend.verify()
 
@@ -281,21 +234,17 @@ async def test_an_issue_that_never_reached_the_server_created_nothing(
     """The server unreachable: the issue fails retryably and says it made nothing, so the
     engine's rollback does not go and drop every host of the name (before: unknown
     outcome, and the rollback dropped an account of that name made by hand)."""
-    p = _parts(mysql_dsn)
-    proxy = TcpProxy(p["port"])
+    proxy = TcpProxy(mysql_parts(mysql_dsn)["port"])
     role = _role()
-    backend = MySQLBackend.from_config(MountSpec(
-        name="my", plugin="mysql", roles={"qa": role}, secret=p["password"] or None,
-        options={"connection_url": f"mysql://{p['user']}@127.0.0.1:{proxy.port}/"}))
-    await backend.initialize()
+    mount = mysql_mount(mysql_dsn, {"qa": role},
+                        connection_url=mysql_url(mysql_dsn, "", host="127.0.0.1", port=proxy.port))
     try:
-        proxy.down()
-        with pytest.raises(BackendError) as err:
-            await _issue(backend, role, f"{tag}-down")
-        assert err.value.retryable is True
-        assert err.value.created_nothing is True, str(err.value)
+        async with started_backend(MySQLBackend, mount) as backend:
+            proxy.down()
+            err = await refused_issue(backend, role, f"{tag}-down")
+            assert err.retryable is True
+            assert err.created_nothing is True, str(err)
     finally:
-        await backend.close()
         proxy.close()
 
 
@@ -306,18 +255,18 @@ async def test_a_refused_revocation_statement_still_drops_the_user(
     fails (the operator sees it) but the account is dropped anyway, so no locked account
     outlives the lease (before: locked and left, also after a revoke-force). The retry
     then succeeds: the user is gone, the statements are skipped."""
-    role = RoleSpec(name="qa", default_ttl=60, max_ttl=600, options={"database": "test"},
-                    revocation_statements=("DELETE FROM test.qa4_no_such_table"
-                                           " WHERE u = '{{name}}'",))
+    role = mysql_role("qa", options={"database": "test"},
+                      revocation_statements=("DELETE FROM test.qa4_no_such_table"
+                                             " WHERE u = '{{name}}'",))
     backend = await make_backend({"qa": role})
     name, password = f"{tag}-revfail", generate_password()
-    resp = await _issue(backend, role, name, password)
+    resp = await mysql_issue(backend, role, name, password)
     req = DeleteUserRequest(role=role, username=name, revocation=resp.revocation)
     with pytest.raises(BackendError) as err:
         await backend.delete_user(req)
     assert err.value.retryable is False
     assert "(1146)" in str(err.value) and "revocation_statements" in str(err.value)
-    assert _hosts(mysql_dsn, name) == set()
+    assert mysql_hosts(mysql_dsn, name) == set()
     assert not _logs_in(mysql_dsn, name, password)
     await backend.delete_user(req)  # the retry: success
 
@@ -336,8 +285,8 @@ async def test_revocation_returns_only_once_a_killed_session_is_gone(
                  "GRANT SELECT, INSERT ON `{{database}}`.* TO '{{name}}'@'%'")
     backend = await make_backend({"qa": role})
     name, password = f"{tag}-rollback", generate_password()
-    resp = await _issue(backend, role, name, password)
-    p = _parts(mysql_dsn)
+    resp = await mysql_issue(backend, role, name, password)
+    p = mysql_parts(mysql_dsn)
     conn = await aiomysql.connect(host=p["host"], port=p["port"], user=name, password=password,
                                   db=database, autocommit=False)
 
@@ -350,15 +299,15 @@ async def test_revocation_returns_only_once_a_killed_session_is_gone(
     try:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:  # until the INSERT has written a while
-            rows = _sql(mysql_dsn, "SELECT TIME_MS FROM information_schema.PROCESSLIST"
-                        " WHERE USER = %s AND COMMAND = 'Query'", (name,))
+            rows = mysql_query(mysql_dsn, "SELECT TIME_MS FROM information_schema.PROCESSLIST"
+                                          " WHERE USER = %s AND COMMAND = 'Query'", (name,))
             if rows and float(rows[0][0]) > 1000:
                 break
             await asyncio.sleep(0.1)
         await backend.delete_user(DeleteUserRequest(role=role, username=name,
                                                     revocation=resp.revocation))
         assert _sessions(mysql_dsn, name) == [], "the revocation returned before the session ended"
-        assert _hosts(mysql_dsn, name) == set()
+        assert mysql_hosts(mysql_dsn, name) == set()
         with pytest.raises((pymysql.err.OperationalError, pymysql.err.InterfaceError)):
             await asyncio.wait_for(task, 30)
     finally:
@@ -380,7 +329,7 @@ def broker(tmp_path: Path, mysql_dsn: str, database: str, tag: str,
            test_admin: tuple[str, str]) -> Iterator[BrokerThread]:
     """A broker whose mysql mount runs as the test's own admin (never the server's root)."""
     user, password = test_admin
-    p = _parts(mysql_dsn)
+    p = mysql_parts(mysql_dsn)
     (tmp_path / "my.pw").write_text(password)
     body = f"""
 [mounts.my]
@@ -426,17 +375,17 @@ def test_hvac_credential_has_its_grants_and_a_query_in_flight_dies_with_the_revo
     resp = client.secrets.database.generate_credentials("ro", mount_point="my")
     user, password = resp["data"]["username"], resp["data"]["password"]
     assert len(user) <= 32
-    assert _sql(mysql_dsn, f"SELECT id FROM `{database}`.t", user=user,
-                password=password) == [(1,)]
+    assert mysql_query(mysql_dsn, f"SELECT id FROM `{database}`.t", user=user,
+                       password=password) == [(1,)]
     with pytest.raises(pymysql.err.OperationalError) as denied:  # SELECT only
-        _sql(mysql_dsn, f"INSERT INTO `{database}`.t VALUES (2, 'two')", user=user,
-             password=password)
+        mysql_query(mysql_dsn, f"INSERT INTO `{database}`.t VALUES (2, 'two')", user=user,
+                    password=password)
     assert denied.value.args[0] == 1142
     renewed = client.sys.renew_lease(resp["lease_id"], increment=600)
     assert renewed["lease_duration"] == 600
 
     async def scenario() -> tuple[list[tuple[Any, ...]], BaseException | None]:
-        p = _parts(mysql_dsn)
+        p = mysql_parts(mysql_dsn)
         conn = await aiomysql.connect(host=p["host"], port=p["port"], user=user,
                                       password=password, autocommit=True)
 
@@ -472,8 +421,8 @@ def test_a_bad_creation_statement_is_a_clear_400_and_leaves_no_user(
     assert resp.status_code == 400, resp.text
     # Which statement: the server's message quotes only what follows the wrong word.
     assert "(statement 2 of 2)" in resp.text and "(1064)" in resp.text, resp.text
-    assert _sql(mysql_dsn, "SELECT User FROM mysql.user WHERE User LIKE %s",
-                (tag.replace("_", "\\_") + "%",)) == []
+    assert mysql_query(mysql_dsn, "SELECT User FROM mysql.user WHERE User LIKE %s",
+                       (tag.replace("_", "\\_") + "%",)) == []
     # The generated password is never seen by the test: no IDENTIFIED BY '<not redacted>'.
     seen = resp.text + caplog.text + Path(broker.audit_path).read_text()
     assert re.search(r"IDENTIFIED\s+BY\s+'(?!\[redacted\])", seen, re.IGNORECASE) is None
@@ -496,7 +445,7 @@ def test_a_display_name_naming_the_admin_gets_no_account(
     assert resp.status_code == 400, resp.text
     assert "is the mount's admin account" in resp.text, resp.text
     assert password not in resp.text
-    assert _hosts(mysql_dsn, user) == {"127.0.0.1"}
+    assert mysql_hosts(mysql_dsn, user) == {"127.0.0.1"}
     assert _logs_in(mysql_dsn, user, password)
     client = hvac.Client(url=broker.url, token=broker.root_token)
     lease = client.secrets.database.generate_credentials("ro", mount_point="my")
@@ -506,8 +455,7 @@ def test_a_display_name_naming_the_admin_gets_no_account(
 def _hold_a_long_query(dsn: str, user: str, password: str) -> tuple[Any, Any]:
     """A connection of ``user`` running ``SELECT SLEEP(60)`` (in a thread): (thread, errors)."""
     errors: list[BaseException] = []
-    conn = pymysql.connect(host=_parts(dsn)["host"], port=_parts(dsn)["port"], user=user,
-                           password=password, autocommit=True, connect_timeout=5)
+    conn = mysql_connect(dsn, user, password, connect_timeout=5)
 
     def sleep() -> None:
         try:
@@ -533,7 +481,7 @@ def test_expiry_drops_the_user_and_kills_its_query_in_flight(
     worker.join(15)
     assert not worker.is_alive(), "the query of an expired lease still runs after 15 s"
     assert errors and isinstance(errors[0], pymysql.err.OperationalError), errors
-    assert _sessions(mysql_dsn, user) == [] and _hosts(mysql_dsn, user) == set()
+    assert _sessions(mysql_dsn, user) == [] and mysql_hosts(mysql_dsn, user) == set()
 
 
 def test_a_revocation_while_the_server_is_down_is_kept_and_done_later(
@@ -541,7 +489,7 @@ def test_a_revocation_while_the_server_is_down_is_kept_and_done_later(
     """The server unreachable: the revoke is queued (not lost, not marked revoked), the
     account still there; once the server is back, the retry drops it."""
     user, password = test_admin
-    p = _parts(mysql_dsn)
+    p = mysql_parts(mysql_dsn)
     proxy = TcpProxy(p["port"])
     (tmp_path / "my.pw").write_text(password)
     body = f"""
@@ -570,13 +518,13 @@ default_ttl = "1h"
         looked = api("PUT", "sys/leases/lookup", json={"lease_id": lease_id})
         assert looked.status_code == 200 and looked.json()["data"]["state"] == "revoking", \
             looked.text
-        assert _hosts(mysql_dsn, name) == {"%"}
+        assert mysql_hosts(mysql_dsn, name) == {"%"}
         proxy.up()
         for _ in range(100):
-            if not _hosts(mysql_dsn, name):
+            if not mysql_hosts(mysql_dsn, name):
                 break
             time.sleep(0.2)
-        assert _hosts(mysql_dsn, name) == set(), "the queued revocation never ran"
+        assert mysql_hosts(mysql_dsn, name) == set(), "the queued revocation never ran"
     finally:
         proxy.up()
         api("PUT", "sys/leases/revoke-prefix/my/", json={"sync": True})

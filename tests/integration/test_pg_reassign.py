@@ -18,6 +18,7 @@ import pytest
 from broker.backend import DeleteUserRequest, MountSpec, PluginConfigError, RoleSpec
 from plugins.postgres import PostgresBackend
 from tests.conformance.harnesses import LeastPrivilegePostgresHarness, PostgresHarness
+from tests.integration.db_fixtures import harness_up, started_backend
 from tests.integration.test_postgres_backend import new_req, role, username
 
 pytestmark = pytest.mark.integration
@@ -28,12 +29,8 @@ async def harness(request: pytest.FixtureRequest,
                   postgres_dsn: str) -> AsyncIterator[PostgresHarness]:
     """The conformance harness, with a superuser admin or a CREATEROLE one."""
     kind = LeastPrivilegePostgresHarness if request.param == "least-privilege" else PostgresHarness
-    h = kind(postgres_dsn)
-    await h.setup()
-    try:
+    async with harness_up(kind, postgres_dsn) as h:
         yield h
-    finally:
-        await h.teardown()
 
 
 @pytest.fixture
@@ -51,10 +48,12 @@ async def orphans(harness: PostgresHarness) -> AsyncIterator[str]:
         await harness.admin.execute(f'DROP OWNED BY "{name}"; DROP ROLE "{name}"')
 
 
-async def _backend(harness: PostgresHarness, **options: object) -> PostgresBackend:
-    made = PostgresBackend.from_config(harness.make_mount(**options))
-    await made.initialize()
-    return made
+@pytest.fixture
+async def reassigning(harness: PostgresHarness, orphans: str) -> AsyncIterator[PostgresBackend]:
+    """A backend of the harness's mount with ``reassign_owned_to`` the orphan role."""
+    async with started_backend(PostgresBackend,
+                               harness.make_mount(reassign_owned_to=orphans)) as backend:
+        yield backend
 
 
 def _creator(schema: str) -> RoleSpec:
@@ -107,46 +106,37 @@ async def _owner(harness: PostgresHarness, tag: str) -> tuple[str, str, bool]:
 
 
 async def test_objects_go_to_the_orphan_role_and_run_as_the_caller(
-    harness: PostgresHarness, orphans: str,
+    harness: PostgresHarness, orphans: str, reassigning: PostgresBackend,
 ) -> None:
     """With reassign_owned_to, a revoked role's table and function belong to that role."""
-    backend = await _backend(harness, reassign_owned_to=orphans)
-    try:
-        spec = _creator(harness.schema)
-        name, tag = await _leave_behind(harness, backend, spec)
-        await backend.delete_user(DeleteUserRequest(role=spec, username=name, revocation={}))
-        assert not await harness.user_exists(name)
-        assert await _owner(harness, tag) == (orphans, orphans, False)
-        other, seen = await _call_as_other(harness, backend, spec, tag)
-        assert seen == other
-    finally:
-        await backend.close()
+    spec = _creator(harness.schema)
+    name, tag = await _leave_behind(harness, reassigning, spec)
+    await reassigning.delete_user(DeleteUserRequest(role=spec, username=name, revocation={}))
+    assert not await harness.user_exists(name)
+    assert await _owner(harness, tag) == (orphans, orphans, False)
+    other, seen = await _call_as_other(harness, reassigning, spec, tag)
+    assert seen == other
 
 
 async def test_a_batch_goes_to_the_orphan_role_too(
-    harness: PostgresHarness, orphans: str,
+    harness: PostgresHarness, orphans: str, reassigning: PostgresBackend,
 ) -> None:
     """The sweeper's batch revocation (delete_users) uses reassign_owned_to as well."""
-    backend = await _backend(harness, reassign_owned_to=orphans)
-    try:
-        spec = _creator(harness.schema)
-        left = [await _leave_behind(harness, backend, spec) for _ in range(2)]
-        results = await backend.delete_users([
-            DeleteUserRequest(role=spec, username=name, revocation={}) for name, _ in left])
-        assert results == [None, None]
-        for name, tag in left:
-            assert not await harness.user_exists(name)
-            assert await _owner(harness, tag) == (orphans, orphans, False)
-    finally:
-        await backend.close()
+    spec = _creator(harness.schema)
+    left = [await _leave_behind(harness, reassigning, spec) for _ in range(2)]
+    results = await reassigning.delete_users([
+        DeleteUserRequest(role=spec, username=name, revocation={}) for name, _ in left])
+    assert results == [None, None]
+    for name, tag in left:
+        assert not await harness.user_exists(name)
+        assert await _owner(harness, tag) == (orphans, orphans, False)
 
 
 async def test_the_default_target_no_longer_lends_the_admin_its_rights(
     harness: PostgresHarness,
 ) -> None:
     """Without the option objects go to the admin, but a SECURITY DEFINER function loses it."""
-    backend = await _backend(harness)
-    try:
+    async with started_backend(PostgresBackend, harness.make_mount()) as backend:
         admin = await backend._run("test", lambda c: c.fetchval("SELECT current_user"))
         spec = _creator(harness.schema)
         name, tag = await _leave_behind(harness, backend, spec)
@@ -154,8 +144,6 @@ async def test_the_default_target_no_longer_lends_the_admin_its_rights(
         assert await _owner(harness, tag) == (admin, admin, False)
         other, seen = await _call_as_other(harness, backend, spec, tag)
         assert seen == other != admin
-    finally:
-        await backend.close()
 
 
 @pytest.mark.parametrize(("value", "says"), [

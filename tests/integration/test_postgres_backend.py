@@ -28,6 +28,7 @@ from broker.templating import generate_password, render_username
 from plugins._scram import verifies
 from plugins.postgres import _DDL_LOCK_KEY, DEFAULT_CREATION_STATEMENTS, PostgresBackend
 from tests.conformance.harnesses import PostgresHarness
+from tests.integration.db_fixtures import harness_up, started_backend, started_backends
 
 pytestmark = pytest.mark.integration
 
@@ -36,31 +37,22 @@ MakeBackend = Callable[..., Awaitable[PostgresBackend]]
 
 @pytest.fixture
 async def harness(postgres_dsn: str) -> AsyncIterator[PostgresHarness]:
-    h = PostgresHarness(postgres_dsn)
-    await h.setup()
-    try:
+    """The conformance harness on the test server (a schema of its own, a superuser admin)."""
+    async with harness_up(PostgresHarness, postgres_dsn) as h:
         yield h
-    finally:
-        await h.teardown()
 
 
 @pytest.fixture
 async def make_backend(harness: PostgresHarness) -> AsyncIterator[MakeBackend]:
-    """Build initialized backends on the harness server; close them afterwards."""
-    made: list[PostgresBackend] = []
+    """``make(roles, **options)``: an initialized backend of the harness's mount with these
+    roles added and these plugin options; closed afterwards."""
 
-    async def make(roles: dict[str, RoleSpec] | None = None, **options: Any) -> PostgresBackend:
-        mount = harness.make_mount(**options)
-        if roles:
-            mount = dataclasses.replace(mount, roles={**mount.roles, **roles})
-        backend = PostgresBackend.from_config(mount)
-        await backend.initialize()
-        made.append(backend)
-        return backend
+    def harness_mount(roles: dict[str, RoleSpec] | None = None, **options: Any) -> MountSpec:
+        made = harness.make_mount(**options)
+        return dataclasses.replace(made, roles={**made.roles, **roles}) if roles else made
 
-    yield make
-    for backend in made:
-        await backend.close()
+    async with started_backends(PostgresBackend, harness_mount) as make:
+        yield make
 
 
 def role(name: str = "r", **statements: Any) -> RoleSpec:
@@ -714,9 +706,7 @@ async def test_rotate_root_changes_admin_password(harness: PostgresHarness) -> N
         url = mount.options["connection_url"].replace(f"{harness.admin_user}@", f"{admin}@", 1)
         mount = dataclasses.replace(mount, secret=old, options={**mount.options,
                                                                 "connection_url": url})
-        backend = PostgresBackend.from_config(mount)
-        await backend.initialize()
-        try:
+        async with started_backend(PostgresBackend, mount) as backend:
             resp = await backend.rotate_root(RotateRootRequest())
             new = resp.new_password
             assert new and new != old
@@ -727,8 +717,6 @@ async def test_rotate_root_changes_admin_password(harness: PostgresHarness) -> N
             await backend.close()
             await backend.initialize()  # reconnects with the rotated password
             await backend.verify()
-        finally:
-            await backend.close()
     finally:
         await harness.admin.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", admin
@@ -820,9 +808,7 @@ async def test_the_server_gets_a_scram_verifier_never_the_password(
     """By default the statement carries a SCRAM verifier of the password (computed
     ahead by prepare_password, or in new_user when that was skipped): the server stores
     it as sent, so the plaintext never reached it, and it verifies the password."""
-    backend = PostgresBackend.from_config(md5_admin)
-    await backend.initialize()
-    try:
+    async with started_backend(PostgresBackend, md5_admin) as backend:
         name = username(harness)
         req = new_req(role(), name)
         if prepared:
@@ -836,8 +822,6 @@ async def test_the_server_gets_a_scram_verifier_never_the_password(
         if prepared:
             assert stored == req.prepared["password"]
         await backend.delete_user(delete_req(None, name))
-    finally:
-        await backend.close()
 
 
 async def test_password_hashing_server_sends_the_plaintext(
@@ -846,17 +830,13 @@ async def test_password_hashing_server_sends_the_plaintext(
     """``password_hashing = "server"``: the server hashes (here as md5, its session's setting)."""
     mount = dataclasses.replace(md5_admin, options={**md5_admin.options,
                                                     "password_hashing": "server"})
-    backend = PostgresBackend.from_config(mount)
-    await backend.initialize()
-    try:
+    async with started_backend(PostgresBackend, mount) as backend:
         name = username(harness)
         assert await backend.prepare_password(generate_password()) == {}
         resp = await backend.new_user(new_req(role(), name))
         digest = hashlib.md5((resp.data["password"] + name).encode()).hexdigest()  # noqa: S324
         assert await stored_password(harness, name) == f"md5{digest}"
         await backend.delete_user(delete_req(None, name))
-    finally:
-        await backend.close()
 
 
 async def test_the_mount_keeps_a_few_passwords_hashed_ahead(

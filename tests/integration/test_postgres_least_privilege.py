@@ -17,6 +17,7 @@ import pytest
 from broker.backend import DeleteUserRequest, RoleSpec
 from plugins.postgres import PostgresBackend
 from tests.conformance.harnesses import LeastPrivilegePostgresHarness, PostgresHarness
+from tests.integration.db_fixtures import harness_up, started_backend
 from tests.integration.test_postgres_backend import (
     new_req,
     revoke_with_writes_queued,
@@ -30,24 +31,17 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 async def harness(postgres_dsn: str) -> AsyncIterator[LeastPrivilegePostgresHarness]:
     """The conformance harness whose mount admin is CREATEROLE + pg_signal_backend only."""
-    h = LeastPrivilegePostgresHarness(postgres_dsn)
-    await h.setup()
-    try:
+    async with harness_up(LeastPrivilegePostgresHarness, postgres_dsn) as h:
         yield h
-    finally:
-        await h.teardown()
 
 
 @pytest.fixture
 async def backend(harness: LeastPrivilegePostgresHarness) -> AsyncIterator[PostgresBackend]:
-    made = PostgresBackend.from_config(harness.make_mount())
-    await made.initialize()
-    try:
+    """A backend of the harness's mount, checked to run as that non-superuser admin."""
+    async with started_backend(PostgresBackend, harness.make_mount()) as made:
         assert not await made._run("test", lambda c: c.fetchval(
             "SELECT rolsuper FROM pg_roles WHERE rolname = current_user"))
         yield made
-    finally:
-        await made.close()
 
 
 def _owner_role(schema: str) -> RoleSpec:

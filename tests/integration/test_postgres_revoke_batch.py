@@ -27,6 +27,7 @@ from broker.lease import LeaseState
 from broker.state import BrokerState
 from tests.conformance.harnesses import PostgresHarness
 from tests.integration.broker_harness import write_config
+from tests.integration.db_fixtures import harness_up
 from tests.integration.store_fixtures import make_token
 
 pytestmark = pytest.mark.integration
@@ -34,12 +35,9 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 async def harness(postgres_dsn: str) -> AsyncIterator[PostgresHarness]:
-    h = PostgresHarness(postgres_dsn)
-    await h.setup()
-    try:
+    """The conformance harness on the test server (a schema of its own, a superuser admin)."""
+    async with harness_up(PostgresHarness, postgres_dsn) as h:
         yield h
-    finally:
-        await h.teardown()
 
 
 class PgBroker:
@@ -75,6 +73,14 @@ class PgBroker:
         lease = await self.state.store.get(lease_id)
         assert lease is not None
         return lease.state
+
+    async def assert_expired_and_dropped(
+        self, leases: Sequence[tuple[str, dict[str, Any]]]
+    ) -> None:
+        """Each of ``leases`` (as :meth:`issue` returns them) ended EXPIRED, its role gone."""
+        for lease_id, creds in leases:
+            assert await self.state_of(lease_id) is LeaseState.EXPIRED
+            assert not await self.harness.user_exists(creds["username"])
 
     def calls(self, op: str) -> int:
         stats = self.state.engine.mounts[self.mount].stats.get(op)
@@ -149,9 +155,7 @@ async def test_a_batch_of_roles_with_sessions_is_revoked_in_one_call(
 
     assert pg_broker.calls("delete_users") == 1
     assert pg_broker.calls("delete_user") == 0
-    for lease_id, creds in leases:
-        assert await pg_broker.state_of(lease_id) is LeaseState.EXPIRED
-        assert not await harness.user_exists(creds["username"])
+    await pg_broker.assert_expired_and_dropped(leases)
     for session in open_:
         assert not await harness.session_alive(session)
         await harness.close_session(session)
@@ -188,11 +192,8 @@ async def test_one_failing_role_does_not_fail_the_others(
         await pg_broker.expire_all_and_sweep(4)
 
         assert pg_broker.calls("delete_users") == 1
-        for lease_id, creds in leases:
-            if lease_id == bad_id:
-                continue
-            assert await pg_broker.state_of(lease_id) is LeaseState.EXPIRED
-            assert not await harness.user_exists(creds["username"])
+        await pg_broker.assert_expired_and_dropped([lease for lease in leases
+                                                    if lease[0] != bad_id])
         failed = await pg_broker.state.store.get(bad_id)
         assert failed is not None and failed.state is LeaseState.IRREVOCABLE
         assert failed.revoke_attempts == 1 and "SQLSTATE 2BP01" in (failed.last_error or "")
@@ -225,9 +226,7 @@ async def test_custom_revocation_statements_take_the_per_lease_path(
     assert pg_broker.calls("delete_users") == 1
     logged = await harness.admin.fetch(f'SELECT name FROM "{harness.schema}".revoked')
     assert sorted(r["name"] for r in logged) == sorted(c["username"] for _, c in custom)
-    for lease_id, creds in default + custom:
-        assert await pg_broker.state_of(lease_id) is LeaseState.EXPIRED
-        assert not await harness.user_exists(creds["username"])
+    await pg_broker.assert_expired_and_dropped(default + custom)
     for session in open_:  # custom statements still come after the sessions are ended
         assert not await harness.session_alive(session)
         await harness.close_session(session)
@@ -244,9 +243,7 @@ async def test_a_role_already_dropped_counts_as_revoked(pg_broker: PgBroker) -> 
 
     assert pg_broker.calls("delete_users") == 1
     assert pg_broker.calls("delete_user") == 0
-    for lease_id, creds in leases:
-        assert await pg_broker.state_of(lease_id) is LeaseState.EXPIRED
-        assert not await harness.user_exists(creds["username"])
+    await pg_broker.assert_expired_and_dropped(leases)
     assert [e["type"] for e in pg_broker.audit() if "lease" in e].count("expire") == 3
 
 
