@@ -667,8 +667,10 @@ class LeaseEngine(MountSet, Revoker):
             if queued is None:
                 current = await self.store.get(lease.id)
                 state = current.state.value if current else "gone"
-                if current is None or current.state is not LeaseState.REVOKING:
-                    raise BadRequest(f"lease {lease.id} is {state}; it cannot be revoked")
+                if current is None:
+                    raise UnknownLease(f"invalid lease: {lease.id} is not known")
+                if current.state is not LeaseState.REVOKING:
+                    raise DeadLease(f"lease {lease.id} is {state}; it cannot be revoked")
                 self.wake(None)  # queued already, perhaps by someone else
             elif claims and self.adopt is not None:
                 self.adopt(queued, claim_until)

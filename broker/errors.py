@@ -7,6 +7,7 @@ __all__ = [
     "BadRequest",
     "BrokerError",
     "Conflict",
+    "DeadLease",
     "NotFound",
     "PermissionDenied",
     "RequestTimeout",
@@ -14,6 +15,7 @@ __all__ = [
     "RevocationFailed",
     "ServiceUnavailable",
     "StoreUnavailable",
+    "UnknownLease",
 ]
 
 

@@ -108,17 +108,13 @@ async def revoke(request: web.Request) -> web.Response:
     call: Call = request[CALL]
     try:
         lease = await _lease_for(call, "revoke")
-    except (UnknownLease, DeadLease):
-        # Nothing to revoke: Vault answers 204 (vault/expiration.go, revokeCommon:
-        # "If there is no entry, nothing to revoke"), so a client that revokes its
-        # lease on the way out, after it expired, is not handed an error. A dead
-        # lease was audited as a reuse attempt. strict=true (extension; the broker's
-        # CLI sends it) keeps the 400 that says which.
-        if call.flag("strict", False):
-            raise
-        return json_response(None)
-    sync = call.flag("sync", True)
-    outcome = await call.state.engine.revoke(lease, wait=REVOKE_WAIT if sync else 0)
+        call.flag("strict", False)  # checked on every call: a bad value is always a 400
+        sync = call.flag("sync", True)
+        # Raises the same when the lease ended since _lease_for looked (the sweeper
+        # expired it, another revoke finished first).
+        outcome = await call.state.engine.revoke(lease, wait=REVOKE_WAIT if sync else 0)
+    except (UnknownLease, DeadLease) as gone:
+        return await _nothing_to_revoke(call, gone)
     # An attempt still under way (sync=false asks for none to end) is no error.
     error = None if outcome.pending else outcome.error
     await call.audit("revoke_request", lease=lease_ref(lease),
@@ -137,6 +133,26 @@ async def revoke(request: web.Request) -> web.Response:
     # 202 as Vault answers sync=false (vault/logical_system.go, handleRevoke).
     return vault_response(call, {"queued": 1}, warnings=[_queued_warning(lease.id, sync, error)],
                           status=202)
+
+
+async def _nothing_to_revoke(call: Call, gone: UnknownLease | DeadLease) -> web.Response:
+    """The answer to revoking a lease that is unknown or already dead.
+
+    Vault's: 204 (vault/expiration.go, revokeCommon: "If there is no entry,
+    nothing to revoke"), and 202 for sync=false (LazyRevoke answers 202 whatever
+    it found), so a client that revokes its lease on the way out, after it
+    expired, is not handed an error. A dead lease was audited as a reuse attempt
+    already. strict=true (extension; the broker's CLI and exec send it) keeps the
+    400 that says which.
+    """
+    if call.flag("strict", False):
+        raise gone
+    lease_id = call.string("lease_id") or call.request.match_info.get("lease_id", "")
+    await call.audit("revoke_request", lease={"id": lease_id}, outcome="nothing_to_revoke",
+                     error=str(gone))
+    if not call.flag("sync", True):
+        return vault_response(call, {"queued": 0}, status=202)
+    return json_response(None)
 
 
 def _queued_warning(lease_id: str, sync: bool, error: str | None) -> str:

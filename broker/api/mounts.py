@@ -49,7 +49,9 @@ async def rotate_root(request: web.Request) -> web.Response:
     mount = request.match_info["mount"]
     await call.authenticate()
     await call.read_body()
-    await call.require(f"{mount}/rotate-root", "update", "sudo")
+    # The policy path is the path asked for, as in Vault (a deny on
+    # db/rotate-root/+ holds there, and sys/capabilities-self tells the truth).
+    await call.require(_policy_path(request, mount), "update", "sudo")
     runtime = call.state.engine.mount(mount)
     try:
         resp = await runtime.rotate_root(RotateRootRequest())
@@ -81,6 +83,17 @@ async def rotate_root(request: web.Request) -> web.Response:
         warning = ("the new secret is in this broker's password_file; a replica that reads "
                    "its own copy needs it there too (it follows the file within a second)")
     return vault_response(call, data, warnings=[warning] if warning else None)
+
+
+def _policy_path(request: web.Request, mount: str) -> str:
+    """``{mount}/rotate-root``, ``{mount}/rotate-root/{connection}`` or
+    ``{mount}/config/rotate-root``: whichever the request named."""
+    connection = request.match_info.get("connection")
+    if connection is not None:
+        return f"{mount}/rotate-root/{connection}"
+    if request.path.endswith("/config/rotate-root"):
+        return f"{mount}/config/rotate-root"
+    return f"{mount}/rotate-root"
 
 
 def _store(spec: MountSpec, data: dict[str, object]) -> tuple[bool, str | None]:

@@ -3,7 +3,9 @@
 Vault's paths and shapes, so hvac's ``sys.list_policies``/``read_policy`` and
 ``sys.list_acl_policies``/``read_acl_policy`` (and ``vault policy list``/``read``)
 work. A policy's text is Vault HCL written from the rules the broker enforces
-(:meth:`broker.policy.PolicySet.hcl`), so it can be compared with a Vault policy.
+(:meth:`broker.policy.PolicySet.hcl`). Its templates are the broker's
+(``{{identity.metadata.KEY}}``, ``{{identity.display_name}}``), not Vault's
+identity templates, and ``default``'s lease paths reach only the token's own leases.
 
 The broker's policies come from its config file (``[policies.NAME]``, re-read on
 SIGHUP), so these paths are read-only: a write answers 405 saying where policies
@@ -65,9 +67,12 @@ async def _list(request: web.Request, path: str) -> web.Response:
     call: Call = request[CALL]
     await call.authenticate()
     listing = is_list_request(request)
-    if path == _LEGACY:
-        # Vault's sys/policy answers a plain GET (a read) as well as a LIST.
-        await _require_listing(call, path, "list" if listing else "read")
+    if path == _LEGACY and not listing:
+        # Vault's sys/policy answers a plain GET too: a read, checked on sys/policy
+        # alone (a read grant on sys/policy/* is for single policies, not the names).
+        await call.require(path, "read")
+    elif path == _LEGACY:
+        await _require_listing(call, path, "list")
     elif not listing:
         # As Vault (after the token check): a plain read of the folder is no operation.
         return _not_allowed(request, _LIST_METHODS, f"{path} is a listing: send LIST, "

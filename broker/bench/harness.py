@@ -440,7 +440,9 @@ class ApiClient:
                          {"lease_id": lease_id, "increment": "1h"})
 
     async def revoke(self, lease_id: str) -> None:
-        resp = await self._call("revoke", "PUT", "/v1/sys/leases/revoke", {"lease_id": lease_id})
+        # strict: a lease that ended already is a 400, not Vault's 204 (nothing to revoke).
+        resp = await self._call("revoke", "PUT", "/v1/sys/leases/revoke",
+                                {"lease_id": lease_id, "strict": True})
         if resp.status != 204:
             raise RuntimeError(f"revoke answered {resp.status}, not 204 (not done)")
 

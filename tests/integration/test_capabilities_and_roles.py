@@ -90,6 +90,10 @@ plugin = "bench-noop"
 # A policy written for Vault: a LIST is checked on "pg/roles/".
 [policies.vault-lister]
 "pg/roles/*" = ["list", "read"]
+
+[policies.rotator]
+"roles/*" = ["update", "sudo"]
+"roles/rotate-root/+" = ["deny"]
 """
 
 
@@ -435,10 +439,24 @@ def test_rotate_root_on_a_real_mount_is_still_its_own_route(broker: BrokerThread
     """pg/rotate-root and pg/config/rotate-root reach rotate-root's policy check (a 403 for a
     token without the right), not the roles routes: nothing rotates on the shared server."""
     reader = token(root, "reader")["client_token"]
-    for path in ("pg/rotate-root", "pg/config/rotate-root"):
+    for path in ("pg/rotate-root", "pg/config/rotate-root", "pg/rotate-root/my-db"):
         resp = raw(broker, "POST", path, reader)
         assert resp.status_code == 403, resp.text
-        assert "pg/rotate-root" in resp.json()["errors"][0]
+        assert resp.json()["errors"] == [f"permission denied: update on {path}"]
+
+
+def test_rotate_root_is_checked_on_the_path_asked_for(broker: BrokerThread,
+                                                       root: hvac.Client) -> None:
+    """As in Vault: a deny on {mount}/rotate-root/+ refuses hvac's database-engine path,
+    and sys/capabilities-self says so, though {mount}/* grants the broker's own path."""
+    rotator = token(root, "rotator")["client_token"]
+    asked = raw(broker, "POST", "sys/capabilities-self", rotator,
+                json={"paths": ["roles/rotate-root/conn", "roles/rotate-root"]}).json()["data"]
+    assert asked["roles/rotate-root/conn"] == ["deny"]
+    denied = raw(broker, "POST", "roles/rotate-root/conn", rotator)
+    assert denied.status_code == 403, denied.text
+    allowed = raw(broker, "POST", "roles/rotate-root", rotator)  # the noop backend
+    assert allowed.status_code == 200 and "new_password" in allowed.json()["data"], allowed.text
 
 
 # -- AWS -------------------------------------------------------------------------------------

@@ -69,10 +69,13 @@ default_ttl = "1h"
 
 [policies.one-reader]
 "sys/policies/acl/app" = ["read"]
+
+[policies.single-reader]
+"sys/policy/*" = ["read"]
 """
 
 #: every name a token may carry, as Vault lists them: sorted, then root.
-NAMES = ["app", "default", "one-reader", "policy-reader", "vault-lister", "root"]
+NAMES = ["app", "default", "one-reader", "policy-reader", "single-reader", "vault-lister", "root"]
 
 APP_HCL = """\
 path "noop/creds/+/x" {
@@ -268,6 +271,12 @@ def test_a_grant_on_the_path_allows_exactly_what_it_names(broker: BrokerThread,
     for call, name in [(one.sys.read_acl_policy, "default"), (one.sys.read_policy, "app")]:
         with pytest.raises(hvac.exceptions.Forbidden):
             call(name)
+    # read on sys/policy/* reads single policies; the names are a read of sys/policy
+    # itself (sys/policy/* also matches "sys/policy/": that is the LIST's path only).
+    single = client(broker, root, "single-reader")
+    assert single.sys.read_policy("app")["data"]["rules"] == APP_HCL
+    with pytest.raises(hvac.exceptions.Forbidden):
+        single.sys.list_policies()
 
 
 def test_reads_are_audited(broker: BrokerThread, root: hvac.Client) -> None:

@@ -9,9 +9,11 @@ fail to parse an answer without them, where hvac did not notice.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import hvac
@@ -136,11 +138,32 @@ def test_revoking_a_lease_that_is_gone_is_vaults_204(broker: BrokerThread) -> No
                   json={"lease_id": unknown, "strict": True})
     assert strict.status_code == 400
     assert strict.json() == {"errors": [f"invalid lease: {unknown} is not known"]}
-    # Still no answer without a lease id, and nothing without a valid token.
+    # sync=false: Vault's LazyRevoke answers 202 whatever it found.
+    lazy = call(broker, "PUT", "sys/leases/revoke", json={"lease_id": unknown, "sync": False})
+    assert lazy.status_code == 202 and enveloped(lazy)["data"] == {"queued": 0}
+    audited = [json.loads(line) for line in Path(broker.audit_path).read_text().splitlines()]
+    assert [e for e in audited if e["type"] == "revoke_request"
+            and e.get("outcome") == "nothing_to_revoke"
+            and (e.get("lease") or {}).get("id") == unknown]
+    # Still no answer without a lease id, and nothing without a valid token: not an
+    # invalid one, nor a revoked one (a dead token is a reuse attempt too, never a 204).
     missing = call(broker, "PUT", "sys/leases/revoke", json={})
     assert missing.status_code == 400 and "lease_id" in missing.text
     with pytest.raises(hvac.exceptions.Forbidden):
         hvac.Client(url=broker.url, token="not-a-token").sys.revoke_lease(unknown)
+    dead = client.auth.token.create(policies=["app"], ttl="10m")["auth"]["client_token"]
+    client.auth.token.revoke(dead)
+    with pytest.raises(hvac.exceptions.Forbidden, match="token is revoked"):
+        hvac.Client(url=broker.url, token=dead).sys.revoke_lease(unknown)
+
+
+def test_a_bad_strict_is_refused_on_a_live_lease_too(broker: BrokerThread) -> None:
+    lease = call(broker, "GET", "pg/creds/readonly").json()["lease_id"]
+    bad = call(broker, "PUT", "sys/leases/revoke", json={"lease_id": lease, "strict": "maybe"})
+    assert bad.status_code == 400 and "strict" in bad.text
+    assert call(broker, "PUT", "sys/leases/lookup",
+                json={"lease_id": lease}).json()["data"]["state"] == "active"
+    assert call(broker, "PUT", "sys/leases/revoke", json={"lease_id": lease}).status_code == 204
 
 
 def test_a_live_lease_of_another_token_is_still_refused(broker: BrokerThread) -> None:
