@@ -81,8 +81,10 @@ __all__ = [
     "AuditLog",
     "event",
     "hash_value",
+    "is_secret_name",
     "load_key",
     "redact",
+    "shown",
 ]
 
 log = logging.getLogger(__name__)
@@ -182,6 +184,26 @@ _SCALARS = (str, int, bool, type(None))
 #: Suffixes that mark a secret whatever the prefix (``new_password``,
 #: ``admin_password``, ``refresh_token``): a new field name must not leak.
 _SECRET_SUFFIXES = ("password", "_secret", "secret_key", "_token", "private_key")
+
+
+#: How a credential starts whatever field it was sent in: a JWT, a broker token,
+#: Vault tokens. A caller that swaps two arguments (hvac's ``jwt_login(role, jwt)``)
+#: must not get its secret written, or echoed, where the other one is shown.
+_CREDENTIAL_PREFIXES = ("eyJ", "brk.", "hvs.", "hvb.", "s.")
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether a field called ``name`` holds a secret (written as an HMAC)."""
+    return _is_secret_key(name)
+
+
+def shown(value: str) -> str:
+    """``value`` as a log line or an error may show a name the caller sent: itself, or
+    ``[hidden: N characters]`` when it looks like a credential (or is too long to be
+    a name)."""
+    if value.startswith(_CREDENTIAL_PREFIXES) or len(value) > 256:
+        return f"[hidden: {len(value)} characters]"
+    return value
 
 
 @functools.lru_cache(maxsize=4096)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from broker.audit import AuditLog, event
+from broker.audit import AuditLog, event, shown
 from broker.backend import (
     BackendError,
     DeleteUserRequest,
@@ -549,7 +549,7 @@ class LeaseEngine(MountSet, Revoker):
             raise BadRequest("missing lease_id")
         lease = await self.store.get(lease_id)
         if lease is None or lease.state is LeaseState.PENDING:
-            raise UnknownLease(f"invalid lease: {lease_id} is not known")
+            raise UnknownLease(f"invalid lease: {shown(lease_id)} is not known")
         if lease.state in DEAD_STATES:
             await self.audit.write(event(
                 "reuse_attempt", outcome="denied", operation=op, lease=lease_ref(lease),

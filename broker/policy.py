@@ -36,6 +36,7 @@ they cannot backtrack catastrophically.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import sys
 from collections.abc import Mapping, Sequence
@@ -48,6 +49,8 @@ __all__ = [
     "DEFAULT_POLICY",
     "PolicySet",
 ]
+
+log = logging.getLogger(__name__)
 
 #: what ``root`` holds; ``deny`` is not a grant, so it is not part of it.
 ALL_CAPABILITIES = frozenset({"create", "read", "update", "delete", "list", "sudo"})
@@ -288,6 +291,13 @@ def _hcl_block(pattern: str, caps: frozenset[str]) -> str:
             f"  capabilities = [{listed}]\n}}")
 
 
+def _open_ended(segments: tuple[Any, ...]) -> bool:
+    """Whether a prefix pattern's last segment holds a template (``{{...}}-*``), so the
+    ``*`` extends the resolved value itself, not a path below it."""
+    last = segments[-1] if segments else ()
+    return isinstance(last, tuple) and any(isinstance(piece, _Var) for piece in last)
+
+
 class PolicySet:
     """All configured policies, answering capability questions for a token's names."""
 
@@ -322,6 +332,15 @@ class PolicySet:
                         f"{sorted(unknown)[0]!r}"
                     )
                 is_prefix, segments, templated = _parse(raw_path.lstrip("/"))
+                if templated and is_prefix and _open_ended(segments):
+                    # Vault's semantics, and a trap: the value is followed by a
+                    # string prefix, so "{{...}}-*" for owner "acme" matches
+                    # "acme-labs-ro" too (security QA: another owner's credentials).
+                    log.warning(
+                        "policy %r path %r: the template is followed by '*' in the same "
+                        "segment, so it also matches values that only start with the "
+                        "token's (acme-* matches acme-labs-*); name the paths exactly, or "
+                        "end the template at a '/'", name, raw_path)
                 if templated:
                     tkey = (is_prefix, segments)
                     templates[tkey] = templates.get(tkey, frozenset()) | caps

@@ -9,6 +9,7 @@ from typing import Any
 from aiohttp import http_exceptions, http_parser, web, web_protocol, web_response
 
 from broker.api import (
+    auth_roles,
     capabilities,
     creds,
     leases,
@@ -112,6 +113,7 @@ def create_app(state: BrokerState) -> web.Application:
     app.add_routes(leases.routes)
     app.add_routes(tokens.routes)
     app.add_routes(login.routes)
+    app.add_routes(auth_roles.routes)  # auth/NAME/role, auth/NAME/config (read-only)
     app.add_routes(mounts.routes)
     app.add_routes(creds.routes)
     # aiohttp tries the routes with the longest fixed prefix first (/v1/auth/{method}/login

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from broker.api.common import CALL, Call, error_response, json_response, vault_response
+from broker.audit import shown
 from broker.errors import BadRequest, DeadLease, PermissionDenied, RevocationFailed, UnknownLease
 from broker.lease import META_KEY, Lease, LeaseFilter, LeaseState
 from broker.revocation import lease_ref
@@ -148,7 +149,7 @@ async def _nothing_to_revoke(call: Call, gone: UnknownLease | DeadLease) -> web.
     if call.flag("strict", False):
         raise gone
     lease_id = call.string("lease_id") or call.request.match_info.get("lease_id", "")
-    await call.audit("revoke_request", lease={"id": lease_id}, outcome="nothing_to_revoke",
+    await call.audit("revoke_request", lease={"id": shown(lease_id)}, outcome="nothing_to_revoke",
                      error=str(gone))
     if not call.flag("sync", True):
         return vault_response(call, {"queued": 0}, status=202)

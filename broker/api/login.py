@@ -17,6 +17,7 @@ from aiohttp import web
 
 from broker.api.common import CALL, Call, vault_response
 from broker.api.tokens import auth_block
+from broker.audit import shown
 from broker.auth import JWTAuthMethod, build_auth_methods, describe_token
 from broker.config import Config
 from broker.errors import BadRequest, BrokerError, NotFound
@@ -109,7 +110,7 @@ async def login(request: web.Request) -> web.Response:
         role = body.get("role")
         await call.audit("auth_failure", outcome="denied" if refused else "error",
                          error=error, auth_method=name,
-                         role=role if isinstance(role, str) else None,
+                         role=shown(role) if isinstance(role, str) else None,
                          **describe_token(body.get("jwt")))
         raise
     token, record = await call.state.tokens.create(

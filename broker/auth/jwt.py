@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from jwt.api_jws import PyJWS
 from jwt.exceptions import InvalidSignatureError, PyJWTError
 
+from broker.audit import shown
 from broker.auth.jwks import JWKSKeys, KeySource, StaticKeys
 from broker.auth.jwt_config import (
     ALLOWED_ALGORITHMS,
@@ -262,7 +263,8 @@ class JWTAuthMethod:
             raise BadRequest("missing required parameter 'role'")
         role = self.config.roles.get(name)
         if role is None:
-            raise BadRequest(f"role {name!r} could not be found in auth method {self.name!r}")
+            raise BadRequest(f"role {shown(name)!r} could not be found in auth method "
+                             f"{self.name!r}")
         return role
 
     async def login(self, role_name: Any, token: Any) -> LoginResult:

@@ -215,6 +215,21 @@ def test_unknown_role_and_method_and_missing_jwt(broker: BrokerThread,
         "errors": ["missing required parameter 'jwt'"]}
 
 
+def test_a_jwt_sent_as_the_role_is_neither_echoed_nor_audited(broker: BrokerThread,
+                                                              github: OIDCIssuer) -> None:
+    """hvac's jwt_login(role, jwt) with the two swapped: the JWT (a bearer credential
+    until it expires) went into the error and, twice, into the auth_failure line."""
+    token = github.github_token()
+    resp = requests.post(f"{broker.url}/v1/auth/github/login",
+                         json={"role": token, "jwt": "deploy"}, timeout=10)
+    assert resp.status_code == 400, resp.text
+    assert token not in resp.text and "[hidden: " in resp.text
+    failures = [e for e in audit_events(broker) if e["type"] == "auth_failure"]
+    assert failures[-1]["role"] == f"[hidden: {len(token)} characters]"
+    assert token not in Path(broker.audit_path).read_text()
+    assert token.split(".")[1] not in Path(broker.audit_path).read_text()
+
+
 def test_rotated_key_is_picked_up_by_one_rate_limited_refresh(
         broker: BrokerThread, github: OIDCIssuer) -> None:
     """After the issuer rotates, the new kid works via one JWKS refresh; made-up kids add none."""

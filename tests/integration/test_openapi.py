@@ -36,6 +36,7 @@ from schemathesis.checks import (
 )
 
 from broker.api import (
+    auth_roles,
     capabilities,
     creds,
     leases,
@@ -67,8 +68,8 @@ schema = schemathesis.openapi.from_path(SPEC_PATH)
 def _server_routes() -> set[str]:
     """Every path the server routes, in OpenAPI's template form."""
     paths = set()
-    for module in (capabilities, creds, leases, login, mount_info, mounts, policies, roles,
-                   system, tokens):
+    for module in (auth_roles, capabilities, creds, leases, login, mount_info, mounts, policies,
+                   roles, system, tokens):
         for route in module.routes:
             assert isinstance(route, web.RouteDef)
             # aiohttp's {name:regex} is OpenAPI's {name}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from broker.policy import ALL_CAPABILITIES, PolicySet
@@ -261,3 +263,21 @@ def test_patterns_without_fixed_first_segment_compete_everywhere() -> None:
     assert caps(rules, "fab/z") == {"list"}
     assert caps(rules, "foo/a/y") == {"update"}
     assert caps(rules, "f") == {"list"}
+
+
+def test_a_template_followed_by_a_star_in_its_segment_is_warned_about(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """"{{...}}-*" for owner acme also matches acme-labs-ro (security QA): said at load."""
+    with caplog.at_level(logging.WARNING, logger="broker.policy"):
+        policies = PolicySet({"per-owner": {
+            "pg/creds/{{identity.metadata.owner}}-*": ["read"],
+            "pg/creds/{{identity.metadata.owner}}-ro": ["read"],
+            "aws/{{identity.metadata.owner}}/*": ["read"],
+        }})
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "'pg/creds/{{identity.metadata.owner}}-*'" in warned[0]
+    assert "acme-* matches acme-labs-*" in warned[0]
+    # The semantics the warning is about (Vault's too): the value is a string prefix.
+    acme = {"metadata": {"owner": "acme"}}
+    assert policies.allows(["per-owner"], "pg/creds/acme-labs-ro", "read", identity=acme)
+    assert not policies.allows(["per-owner"], "aws/acme-labs/x", "read", identity=acme)
