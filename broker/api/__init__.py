@@ -25,7 +25,25 @@ from broker.api.common import STATE, error_middleware, error_response
 from broker.api.httpparser import ListAwareRequestParser
 from broker.state import BrokerState
 
-__all__ = ["STATE", "create_app"]
+__all__ = ["ROUTE_TABLES", "STATE", "create_app"]
+
+#: Every module's routes, in the order the app adds them. Specific routes first:
+#: /v1/{mount}/creds/{role} must not shadow /v1/sys/... aiohttp tries the routes
+#: with the longest fixed prefix first (/v1/auth/{method}/login before
+#: /v1/{mount}/roles/{role}), then in this order: the roles routes come last.
+ROUTE_TABLES: tuple[web.RouteTableDef, ...] = (
+    system.routes,
+    mount_info.routes,
+    capabilities.routes,
+    policies.routes,
+    leases.routes,
+    tokens.routes,
+    login.routes,
+    auth_roles.routes,  # auth/NAME/role, auth/NAME/config (read-only)
+    mounts.routes,
+    creds.routes,
+    roles.routes,
+)
 
 # Vault clients (hvac, the vault CLI) send the non-standard LIST method, which
 # aiohttp's C request parser rejects. The broker's server parses with the C
@@ -105,18 +123,6 @@ def create_app(state: BrokerState) -> web.Application:
     # on_response_prepare reaches every answer of the app: the handlers', the error
     # middleware's and aiohttp's own (a 404, a HEAD).
     app.on_response_prepare.append(_no_store)
-    # Specific routes first: /v1/{mount}/creds/{role} must not shadow /v1/sys/...
-    app.add_routes(system.routes)
-    app.add_routes(mount_info.routes)
-    app.add_routes(capabilities.routes)
-    app.add_routes(policies.routes)
-    app.add_routes(leases.routes)
-    app.add_routes(tokens.routes)
-    app.add_routes(login.routes)
-    app.add_routes(auth_roles.routes)  # auth/NAME/role, auth/NAME/config (read-only)
-    app.add_routes(mounts.routes)
-    app.add_routes(creds.routes)
-    # aiohttp tries the routes with the longest fixed prefix first (/v1/auth/{method}/login
-    # before /v1/{mount}/roles/{role}), then in this order: the roles routes come last.
-    app.add_routes(roles.routes)
+    for table in ROUTE_TABLES:
+        app.add_routes(table)
     return app
