@@ -13,7 +13,7 @@ __all__ = ["MAX_SECONDS", "format_duration", "parse_duration"]
 MAX_SECONDS = 100 * 365 * 86400
 
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
-_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)")  # ASCII digits only
 
 
 def parse_duration(value: str | int | float) -> int:
@@ -32,7 +32,7 @@ def parse_duration(value: str | int | float) -> int:
             raise ValueError(f"duration must not be negative, got {value!r}")
         return _whole(value, value)
     text = str(value).strip().lower()
-    if text.isdigit():
+    if text.isdigit() and text.isascii():  # "١٢٣".isdigit() too: Arabic-Indic digits
         if len(text) > len(str(MAX_SECONDS)):  # before int(): Python refuses 4,300+ digits
             raise ValueError(f"duration {_shown(value)} is longer than 100 years")
         return _bounded(int(text), value)

@@ -98,3 +98,11 @@ def test_cli_refuses_a_duration_under_one_second(capsys: pytest.CaptureFixture[s
     err = capsys.readouterr().err
     assert err.startswith("broker: error: ") and err.count("\n") == 1, err
     assert "must be at least 1s" in err, err
+
+
+@pytest.mark.parametrize("text", ["\u0661\u0662\u0663", "\uff11\uff12\uff13s", "1\u0663m"])
+def test_only_ascii_digits_are_a_duration(text: str) -> None:
+    """Arabic-Indic and full-width digits were 123 s, though every other number
+    the API takes is ASCII only (security QA)."""
+    with pytest.raises(ValueError, match="expected a duration"):
+        parse_duration(text)
