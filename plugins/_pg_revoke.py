@@ -20,11 +20,23 @@ that owns objects or holds privileges in other databases of the cluster (step
 2 reports it) first gets the same two statements there, one transaction per
 database on a short-lived connection of its own (``_clean_elsewhere``).
 
+Before step 1, two roles are refused, so that nothing is changed on them
+(no ``NOLOGIN``, no session ended): the mount's admin role itself
+(``PostgresBackend.delete_user`` raises), and, in a rollback, a role that
+is not this lease's (``_not_ours``). Every issue tags its role, in its
+creation transaction, with a ``COMMENT`` naming a hash of its lease id
+(``_owner_tag``); a rollback (an issue that never completed: a crash, a
+timeout, a failed COMMIT) revokes the role of its name only if it carries
+its own lease's tag. A role that existed before the issue (made by hand, the
+admin's, another lease's under a template without ``{{random}}``) carries
+none or another, and is left as it was.
+
 Custom ``revocation_statements`` replace the statements of step 3 only; if
 the role then still cannot be dropped because of other databases, those are
 cleaned up the same way and the statements run once more. The whole
 revocation runs in three round trips (plus, for a role with dependencies in
-other databases only, one query and a connection per such database).
+other databases only, one query and a connection per such database, and for
+a rollback, the one query that reads the role's tag).
 ``_revoke_many`` goes through the same three steps for all roles of a batch
 together, still three round trips for the whole batch.
 
@@ -39,6 +51,7 @@ classified by ``plugins._pg_errors``), its DDL lock rule (``_needs_lock``,
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -95,6 +108,49 @@ FOR f IN SELECT p.oid::regprocedure FROM pg_shdepend d JOIN pg_proc p ON p.oid =
             AND d.classid = 'pg_proc'::regclass AND d.deptype = 'o' AND p.prosecdef
             AND d.dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
 LOOP EXECUTE format('ALTER ROUTINE %s SECURITY INVOKER', f); END LOOP; END $broker$"""
+
+
+#: The start of the COMMENT an issue gives its role (_owner_tag).
+_TAG_PREFIX = "broker lease sha256:"
+# The tag a rollback checks: the role's comment (pg_shdescription). A comment
+# is the one mark a CREATEROLE admin can put on a role it created without
+# more rights, that the role itself cannot change (COMMENT ON ROLE needs
+# CREATEROLE), and that DROP ROLE takes along.
+_TAG_OF = ("SELECT shobj_description(oid, 'pg_authid') AS tag"
+           " FROM pg_roles WHERE rolname = $1")
+
+
+def _owner_tag(lease_id: str) -> str | None:
+    """The COMMENT that marks a role as made by the issue of lease ``lease_id``.
+
+    A hash, not the id itself: every role may read the comments of all roles.
+    None for a caller that names no lease (the conformance kit): nothing to tag
+    or check.
+    """
+    if not lease_id:
+        return None
+    return _TAG_PREFIX + hashlib.sha256(lease_id.encode()).hexdigest()[:32]
+
+
+async def _not_ours(conn: asyncpg.Connection, name: str, owner: str) -> bool:
+    """Whether role ``name`` exists and is not tagged ``owner`` (a rollback must leave it).
+
+    A role that does not exist is not refused here: step 1 then finds it
+    missing, or waits for a CREATE under way (``_created_meanwhile``) and
+    runs ``_revoke`` again, which looks once more.
+    """
+    row = await conn.fetchrow(_TAG_OF, name)
+    if row is None or row["tag"] == owner:
+        return False
+    tag = row["tag"]
+    why = ("it is tagged for another lease" if isinstance(tag, str)
+           and tag.startswith(_TAG_PREFIX) else
+           "it carries no tag of this lease: it existed before the issue (or its "
+           "creation_statements set a COMMENT of their own, or a broker before this "
+           "version made it)")
+    log.warning("delete_user: rollback leaves role %s alone: %s; drop it by hand if it is "
+                "a leftover of the failed issue", name, why)
+    return True
 
 
 def _target(backend: PostgresBackend) -> str:
@@ -222,9 +278,17 @@ async def _revoke(
     statements: Sequence[str],
     *,
     custom: bool,
+    owner: str | None = None,
 ) -> bool:
-    """The revocation protocol on one connection; False if the role did not exist."""
+    """The revocation protocol on one connection; False if the role did not exist.
+
+    ``owner`` (a rollback): the tag (``_owner_tag``) the role must carry to be
+    revoked; a role without it is left untouched and False returned.
+    """
     quoted = escape_identifier(name)
+    # 0. Before anything changes: a rollback touches only its own issue's role.
+    if owner is not None and await _not_ours(conn, name, owner):
+        return False
     # 1. Committed on its own: a login racing step 2 must already see it.
     try:
         await backend._transaction(
@@ -234,8 +298,9 @@ async def _revoke(
     except _Missing:
         if not await _created_meanwhile(conn, name):
             return False
-        # Its COMMIT landed while we looked: revoke the role it made.
-        return await _revoke(backend, conn, name, templates, statements, custom=custom)
+        # Its COMMIT landed while we looked: revoke the role it made (if ours).
+        return await _revoke(backend, conn, name, templates, statements, custom=custom,
+                             owner=owner)
     # 2. Signal every session at once, then wait until all have exited (and
     #    so released their locks) before DROP OWNED.
     new_server = conn.get_server_version().major >= 14
@@ -302,7 +367,9 @@ async def _revoke_many(backend: PostgresBackend, conn: asyncpg.Connection,
     """The revocation protocol for many roles (default statements), in three round trips.
 
     The same steps as ``_revoke``, each for all roles at once; roles that
-    do not exist (any more) are skipped, which is success.
+    do not exist (any more) are skipped, which is success. The caller
+    (``PostgresBackend.delete_users``) leaves out the admin's own role and the
+    rollbacks, which go one by one (``_revoke`` checks their tag).
     """
     # 1. NOLOGIN for every role that exists, committed on its own. A DO block
     #    so that a role already gone does not fail the others; the names

@@ -18,6 +18,15 @@ one pooled connection. The protocol, step by step, lives in
 ``plugins._pg_revoke`` (``_revoke``); custom ``revocation_statements``
 replace only its last step.
 
+A revocation never touches the mount's admin role: ``delete_user`` of that
+name (the admin's ``current_user`` or ``session_user``) fails before any
+statement runs, and an issue refuses the name. And a rollback (an issue that
+never completed) revokes only a role its own issue made: every issue tags
+its role, in the creation transaction, with a ``COMMENT`` holding a hash of
+its lease id (``_owner_tag``), and a role of that name without the tag
+existed before the issue (by hand, or another lease's under a template
+without ``{{random}}``), so the rollback leaves it as it is.
+
 The sweeper revokes leases in batches (``delete_users``): roles revoked with
 the default statements go through the same three steps together, still three
 round trips for the whole batch (``_revoke_many``); roles with custom
@@ -82,6 +91,7 @@ from plugins._pg_revoke import _END_SESSIONS as _END_SESSIONS  # for broker/benc
 from plugins._pg_revoke import (
     _SETTLE_SECONDS,
     DEFAULT_REVOCATION_STATEMENTS,
+    _owner_tag,
     _revocation_templates,
     _revoke,
     _revoke_many,
@@ -135,6 +145,16 @@ _SHARED_ROW_DDL = re.compile(
     r"\b(?:GRANT|REVOKE)\b[^;]*?\bON\b|\bDEFAULT\s+PRIVILEGES\b|\bDO\b|\$\w*\$",
     re.IGNORECASE | re.DOTALL,
 )
+
+# The tag an issue gives its role (_owner_tag), last in its creation transaction
+# (after _VALID_UNTIL for custom statements, which needs the same right: CREATEROLE,
+# plus ADMIN OPTION on the role on PostgreSQL 16+, which its creator has).
+_TAG = "COMMENT ON ROLE \"{name}\" IS '{tag}'"
+# Creation statements that set a COMMENT of their own keep it: that role goes
+# untagged (a rollback then leaves it alone). Matched on the unrendered templates.
+_OWN_COMMENT = re.compile(r"\bCOMMENT\s+ON\b", re.IGNORECASE)
+#: The roles an admin connection acts as: a revocation must never touch them.
+_ADMIN_ROLES = "SELECT current_user AS current, session_user AS session"
 
 # reassign_owned_to: whether the role exists, the admin has its privileges (REASSIGN OWNED
 # needs them) and it is powerless (objects it receives run with its rights).
@@ -214,6 +234,8 @@ class PostgresBackend:
         self._unsettled: set[int] = set()
         #: tasks ending the server sessions of issues cut off mid-statement (_end_session).
         self._ending: set[asyncio.Task[None]] = set()
+        #: the admin connections' current_user and session_user (_admin_names).
+        self._admin_roles: frozenset[str] | None = None
 
     # -- configuration (no I/O) ------------------------------------------------
 
@@ -252,6 +274,8 @@ class PostgresBackend:
     async def initialize(self) -> None:
         """Open the admin pool (one connection at once, so a wrong URL shows up now)."""
         await self._ensure_pool()
+        self._admin_roles = None  # read again: the URL's user may act as another role now
+        await self._run("initialize", self._admin_names)
         if self._hash_passwords:
 
             async def iterations(conn: asyncpg.Connection) -> int:
@@ -427,6 +451,14 @@ class PostgresBackend:
     async def _creation(self, req: NewUserRequest) -> _Creation:
         """The checked, rendered creation transaction for ``req``."""
         name = check_username(req.username, _MAX_USERNAME)
+        if self._admin_roles is not None and name in self._admin_roles:
+            # CREATE ROLE would fail ("already exists"), but a custom template that
+            # commits on its own would leave its failure to a rollback, which then
+            # refuses the name (delete_user) and is retried for ever.
+            raise BackendError(
+                f"postgres new_user failed: role {name!r} is the mount's admin role; not this "
+                "lease's to create or drop (use a username_template with {{random}})",
+                retryable=False, created_nothing=True)
         password = check_password(req.password)
         # What {{password}} becomes: the SCRAM verifier, unless the server hashes.
         sent = password
@@ -437,8 +469,13 @@ class PostgresBackend:
         templates: Sequence[str] = req.role.creation_statements or DEFAULT_CREATION_STATEMENTS
         if req.role.creation_statements:
             templates = (*templates, _VALID_UNTIL)
+        statements = self._render(templates, values, secrets_)
+        tag = _owner_tag(req.lease_id)
+        if tag is not None and not any(_OWN_COMMENT.search(t) for t in templates):
+            # So that a rollback knows the role is this issue's (plugins._pg_revoke).
+            statements.append(_TAG.format(name=escape_identifier(name), tag=tag))
         return _Creation(
-            statements=self._render(templates, values, secrets_),
+            statements=statements,
             secrets=secrets_,
             lock=self._needs_lock(templates),
             custom=bool(req.role.creation_statements),
@@ -468,10 +505,15 @@ class PostgresBackend:
         statements = self._render(templates, self._values(name), [])
 
         custom = templates is not DEFAULT_REVOCATION_STATEMENTS
+        # A rollback revokes only the role its own issue tagged (plugins._pg_revoke).
+        owner = _owner_tag(req.lease_id) if req.reason == "rollback" else None
 
         async def body(conn: asyncpg.Connection) -> bool:
+            # First of all: not even _settle's session ends before this check.
+            self._refuse_admin(name, await self._admin_names(conn))
             await self._settle(conn)
-            return await _revoke(self, conn, name, templates, statements, custom=custom)
+            return await _revoke(self, conn, name, templates, statements, custom=custom,
+                                 owner=owner)
 
         if await self._run("delete_user", body):
             log.debug("delete_user: revoked role %s (%s)", name, req.reason)
@@ -490,13 +532,19 @@ class PostgresBackend:
         results: list[BackendError | None] = [None] * len(reqs)
         batch: dict[str, list[int]] = {}  # name -> request indexes (a name may repeat)
         alone: list[int] = []
+        admin = self._admin_roles
+        if admin is None:
+            admin = await self._run("delete_user", self._admin_names)
         for i, req in enumerate(reqs):
             try:
                 name = check_username(req.username, _MAX_USERNAME)
+                self._refuse_admin(name, admin)
             except BackendError as exc:
                 results[i] = exc
                 continue
-            if _revocation_templates(req) is DEFAULT_REVOCATION_STATEMENTS:
+            if req.reason == "rollback" and req.lease_id:
+                alone.append(i)  # its tag is checked first (delete_user)
+            elif _revocation_templates(req) is DEFAULT_REVOCATION_STATEMENTS:
                 batch.setdefault(name, []).append(i)
             else:
                 alone.append(i)
@@ -595,6 +643,31 @@ class PostgresBackend:
             old=self._secret, new=new, seconds=self._connect_timeout)
 
     # -- internals ------------------------------------------------------------
+
+    async def _admin_names(self, conn: asyncpg.Connection) -> frozenset[str]:
+        """The roles the admin connections act as (``current_user``, ``session_user``).
+
+        Read once (initialize) and kept: every admin connection logs in with the
+        same ``connection_url``.
+        """
+        if self._admin_roles is None:
+            row = await conn.fetchrow(_ADMIN_ROLES)
+            self._admin_roles = frozenset({str(row["current"]), str(row["session"])})
+        return self._admin_roles
+
+    def _refuse_admin(self, name: str, admin: frozenset[str]) -> None:
+        """Raise (not retryable) if ``name`` is a role the admin connections act as.
+
+        Revoking it would commit ``NOLOGIN`` on the admin and end its other
+        sessions before ``DROP ROLE`` fails ("current user cannot be dropped"):
+        the mount locked out of its own server. No lease made it (an issue
+        refuses the name; ``CREATE ROLE`` would fail too).
+        """
+        if name in admin:
+            raise BackendError(
+                f"postgres mount {self._mount!r}: refusing to revoke role {name!r}: it is the "
+                "mount's admin role (the role its connection_url logs in or acts as); no lease "
+                "made it: end the lease with sys/leases/revoke-force", retryable=False)
 
     def _values(
         self, name: str, *, password: str | None = None, expiration: str | None = None

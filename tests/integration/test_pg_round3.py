@@ -127,11 +127,15 @@ def test_a_sub_second_renew_increment_or_token_ttl_is_a_400(setup: Setup) -> Non
 # -- 2. a rollback's check cut short by a short backend_timeout ------------------------------
 
 
-async def _hold_create(dsn: str, name: str) -> asyncpg.Connection:
-    """A session with ``CREATE ROLE name`` uncommitted: an issue whose COMMIT is not in yet."""
+async def _hold_create(dsn: str, name: str, lease_id: str) -> asyncpg.Connection:
+    """A session with ``CREATE ROLE name`` uncommitted: an issue whose COMMIT is not in yet
+    (tagged as the issue of ``lease_id`` tags its role: its rollback drops only such a role)."""
+    from plugins._pg_revoke import _owner_tag
+
     conn = await asyncpg.connect(dsn)
     await conn.execute("BEGIN")
     await conn.execute(f'CREATE ROLE "{name}" LOGIN')
+    await conn.execute(f"COMMENT ON ROLE \"{name}\" IS '{_owner_tag(lease_id)}'")
     return conn
 
 
@@ -151,7 +155,7 @@ def test_a_rollback_cut_short_by_backend_timeout_logs_no_error(
     loop = asyncio.new_event_loop()
     holder: Any = None
     try:
-        holder = loop.run_until_complete(_hold_create(setup.dsn, name))
+        holder = loop.run_until_complete(_hold_create(setup.dsn, name, lease.id))
         broker.call(store.insert_pending(lease))
         caplog.set_level(logging.INFO)
         started = time.monotonic()
