@@ -43,6 +43,9 @@ def hold(store_url: str) -> int | None:
     db = SQLiteStore.from_url(store_url).path
     if db == ":memory:":
         return None
+    # The file itself, whatever the URL calls it: a second broker given a symlink
+    # to the store (or another relative spelling) served it too (QA).
+    db = os.path.realpath(db)
     path = db + "-instance.lock"
     try:
         os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)

@@ -299,7 +299,13 @@ class Revoker:
                     "revoke_failed", outcome="error", lease=lease_ref(lease), reason=reason,
                     attempts=attempts, error=error, superseded=True))
                 return
-        log.warning("revoking %s failed (attempt %d): %s", lease.id, attempts, error)
+        if give_up:
+            # Said in the server log too, not only the audit log (operations.md).
+            log.error("revoking %s failed (attempt %d): %s; the lease is now irrevocable: "
+                      "retried every %gs, listed by GET sys/leases/irrevocable",
+                      lease.id, attempts, error, self.leases_cfg.irrevocable_retry_interval)
+        else:
+            log.warning("revoking %s failed (attempt %d): %s", lease.id, attempts, error)
         await self._audit_quietly(event(
             "irrevocable" if give_up else "revoke_failed", outcome="error",
             lease=lease_ref(lease), reason=reason, attempts=attempts, error=error,

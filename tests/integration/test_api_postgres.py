@@ -467,8 +467,8 @@ def test_rotate_root_changes_the_admin_password(tmp_path: Path, postgres_dsn: st
         run(setup(f"DROP ROLE IF EXISTS {admin}"))
 
 
-def test_a_revocation_refused_for_good_is_an_error_not_a_queue(tmp_path: Path,
-                                                              postgres_dsn: str) -> None:
+def test_a_revocation_refused_for_good_is_an_error_not_a_queue(
+        tmp_path: Path, postgres_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
     """A revocation the backend refuses for good (a broken custom statement) answers 502.
 
     Such a lease goes irrevocable at once and nothing retries it soon, so
@@ -503,6 +503,10 @@ revocation_statements = ['DROP ROLE "{{name}}" CASCADE']
         assert run(role_exists(postgres_dsn, user))
         events = [e for e in audit_events(server) if e["type"] == "revoke_request"]
         assert events and {e["outcome"] for e in events} == {"error"}
+        # Not only the audit log says so: operations.md points operators at the log.
+        assert any(f"revoking {lease['lease_id']} failed" in r.getMessage()
+                   and "now irrevocable" in r.getMessage() and r.levelname == "ERROR"
+                   for r in caplog.records), caplog.text
     finally:
         server.stop()
         if user:
