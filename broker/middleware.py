@@ -116,16 +116,23 @@ class MountRuntime:
             self.healthy, self.error = True, None
             return True
 
-    async def check(self) -> None:
-        """Periodic health probe: verify a healthy mount, retry an unhealthy one."""
+    async def check(self) -> bool:
+        """Periodic health probe: verify a healthy mount, retry an unhealthy one.
+
+        True when an unhealthy mount is healthy again (its irrevocable leases are
+        then worth another try: broker/mounts.py, ``check_mounts``).
+        """
         if not self.healthy:
-            await self.ensure_initialized()
-            return
+            if await self.ensure_initialized():
+                log.info("mount %s is healthy again", self.name)
+                return True
+            return False
         try:
             await self._call("verify", self.backend.verify, ())
         except BackendError as exc:
             self.healthy, self.error = False, str(exc)
             log.warning("mount %s became unhealthy: %s", self.name, exc)
+        return False
 
     # -- passwords prepared ahead ------------------------------------------------
     # A backend may offer ``prepare_password(password) -> Mapping[str, str]``:

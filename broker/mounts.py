@@ -34,6 +34,11 @@ LIVE_STATES = (LeaseState.PENDING, LeaseState.ACTIVE, LeaseState.REVOKING,
                LeaseState.IRREVOCABLE)
 
 
+#: Irrevocable leases retried at once when their mount is healthy again; more wait
+#: for the irrevocable job (or ``broker lease revoke --prefix MOUNT/``).
+REQUEUE_ON_RECOVERY = 10_000
+
+
 class MountSet:
     """The engine's mounts by name (a LeaseEngine base)."""
 
@@ -41,6 +46,7 @@ class MountSet:
     store: LeaseStore
     mounts: dict[str, MountRuntime]
     wake: Callable[[float | None], None]
+    clock: Callable[[], float]
     #: per mount, the password_file content that failed to verify (not tried again)
     #: and the last problem logged about the file (logged once).
     _refused_secrets: dict[str, str]
@@ -60,9 +66,24 @@ class MountSet:
         await asyncio.gather(*(m.ensure_initialized() for m in self.mounts.values()))
 
     async def check_mounts(self) -> None:
-        """The mount-health job: retry refused password files of failing mounts, probe all."""
+        """The mount-health job: retry refused password files of failing mounts, probe all.
+
+        A mount that is healthy again gets its irrevocable leases retried now: an
+        outage longer than the revocation retries made them irrevocable, and the
+        irrevocable job would try again only after ``irrevocable_retry_interval``
+        (an hour by default), the credentials alive all the while (day-2 QA).
+        """
         await self._follow_password_files(retry_refused=True)
-        await asyncio.gather(*(m.check() for m in list(self.mounts.values())))
+        runtimes = list(self.mounts.values())
+        recovered = await asyncio.gather(*(m.check() for m in runtimes))
+        names = [m.name for m, back in zip(runtimes, recovered, strict=True) if back]
+        if names:
+            requeued = await self.store.requeue_irrevocable(
+                now=self.clock(), limit=REQUEUE_ON_RECOVERY, mounts=names)
+            if requeued:
+                log.info("retrying %d irrevocable lease(s) of %s, healthy again",
+                         requeued, ", ".join(sorted(names)))
+                self.wake(None)
 
     async def follow_password_files(self) -> None:
         """The password-file job (every second): a mount whose file changed is rebuilt with it."""

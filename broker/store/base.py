@@ -314,8 +314,9 @@ class LeaseStore(Protocol):
         ``claimer``) its claim is not ``claimer``'s, as in ``finish_revoke_many``
         (a late failure never overrides the new holder's claim)."""
 
-    async def requeue_irrevocable(self, *, now: float, limit: int) -> int:
-        """irrevocable -> revoking due now (one more try each)."""
+    async def requeue_irrevocable(self, *, now: float, limit: int,
+                                  mounts: Collection[str] | None = None) -> int:
+        """irrevocable -> revoking due now (one more try each); of ``mounts``, when given."""
 
     async def stale_pending(self, *, before: float, limit: int,
                             mounts: Collection[str] | None = None) -> list[Lease]:

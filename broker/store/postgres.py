@@ -711,17 +711,23 @@ class PostgresStore:
         )
         return 0 if attempts is None else int(attempts)
 
-    async def requeue_irrevocable(self, *, now: float, limit: int) -> int:
+    async def requeue_irrevocable(self, *, now: float, limit: int,
+                                  mounts: Collection[str] | None = None) -> int:
         # Fewest attempts first: a retried lease gains one, so a limit smaller than
         # the backlog still gets round to every lease in turn. The outer state test
         # is checked again on the latest row version, so two replicas running this
         # job at once never requeue a lease the other already requeued and claimed.
+        args: list[Any] = [now, limit]
+        served = ""
+        if mounts is not None:
+            args.append(list(mounts))
+            served = " AND mount = ANY($3::text[])"
         status = await self.pool.execute(
             "WITH c AS MATERIALIZED (SELECT id FROM leases WHERE state = 'irrevocable'"
-            "  ORDER BY revoke_attempts, issue_time LIMIT $2 FOR UPDATE SKIP LOCKED)"
+            f"{served} ORDER BY revoke_attempts, issue_time LIMIT $2 FOR UPDATE SKIP LOCKED)"
             " UPDATE leases AS l SET state = 'revoking', due_at = $1 FROM c"
             " WHERE l.id = c.id AND l.state = 'irrevocable'",
-            now, limit,
+            *args,
         )
         count = _count(status)
         if count:

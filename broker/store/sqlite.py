@@ -869,14 +869,19 @@ class SQLiteStore:
         ))
         return int(rows[0][0]) if rows else 0
 
-    async def requeue_irrevocable(self, *, now: float, limit: int) -> int:
+    async def requeue_irrevocable(self, *, now: float, limit: int,
+                                  mounts: Collection[str] | None = None) -> int:
         # Fewest attempts first: a retried lease gains one, so a limit smaller than
         # the backlog still gets round to every lease in turn.
+        served, params = "", []
+        if mounts is not None:
+            cond, param = _mounts_in(mounts)
+            served, params = f" AND {cond}", [param]
         return await self._write(_rowcount(
             "UPDATE leases SET state = 'revoking', due_at = ? WHERE id IN"
-            " (SELECT id FROM leases WHERE state = 'irrevocable'"
+            f" (SELECT id FROM leases WHERE state = 'irrevocable'{served}"
             "  ORDER BY revoke_attempts, issue_time LIMIT ?)",
-            (now, limit),
+            (now, *params, limit),
         ))
 
     async def stale_pending(self, *, before: float, limit: int,

@@ -361,6 +361,20 @@ async def test_requeue_irrevocable(store: LeaseStore) -> None:
     assert await store.requeue_irrevocable(now=T0 + 300, limit=2) == 0
 
 
+async def test_requeue_irrevocable_of_some_mounts(store: LeaseStore) -> None:
+    """With ``mounts``, only their irrevocable leases are made due (a mount healthy again)."""
+    leases = [make_lease(f"{mount}/creds/r/{n}", ttl=1) for mount in ("pg", "my", "aws")
+              for n in range(2)]
+    await put_many_active(store, leases)
+    for lease in await store.claim_due(now=T0 + 2, limit=10, claimer="a", claim_timeout=30):
+        await store.fail_revoke(lease.id, error="down", next_attempt=None, now=T0 + 3)
+    assert await store.requeue_irrevocable(now=T0 + 100, limit=10, mounts=["pg", "aws"]) == 4
+    claimed = await store.claim_due(now=T0 + 100, limit=10, claimer="a", claim_timeout=30)
+    assert sorted(c.mount for c in claimed) == ["aws", "aws", "pg", "pg"]
+    assert (await store.count_by_state()).get("irrevocable") == 2  # my's two wait
+    assert await store.requeue_irrevocable(now=T0 + 200, limit=10, mounts=[]) == 0
+
+
 async def test_a_late_claimer_cannot_undo_the_claim_that_took_over(store: LeaseStore) -> None:
     """A's claim runs out and B claims the leases: A's late fail_revoke (0, nothing
     recorded) and finish_revoke_many as claimer "a" leave every row as B's claim

@@ -191,6 +191,44 @@ def test_outage_loses_no_lease_and_irrevocable_can_be_forced(
         broker.stop()
 
 
+def test_irrevocable_leases_are_retried_when_their_mount_is_healthy_again(
+        tmp_path: Path, postgres_dsn: str, proxy: TcpProxy) -> None:
+    """An outage outlasts the revocation retries: the lease goes irrevocable. When the
+    health job finds the mount healthy again, it is retried at once; it waited for
+    irrevocable_retry_interval (an hour by default), its role alive (day-2 QA)."""
+    template = f"rec{os.getpid() % 1000}"
+    broker = start_broker(write_config(tmp_path, mount_config(
+        via_proxy(postgres_dsn, proxy.port), template)))
+    headers = {"X-Vault-Token": broker.root_token}
+    client = hvac.Client(url=broker.url, token=broker.root_token)
+
+    def seen(check: Any, what: str, timeout: float = 40) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if result := check():
+                return result
+            time.sleep(0.3)
+        raise AssertionError(f"{what} within {timeout:g}s")
+
+    try:
+        lease = client.secrets.database.generate_credentials("app", mount_point="pg")
+        user = lease["data"]["username"]
+        proxy.down()
+        requests.put(f"{broker.url}/v1/sys/leases/revoke", json={"lease_id": lease["lease_id"]},
+                     headers=headers, timeout=60)
+        seen(lambda: requests.get(f"{broker.url}/v1/sys/leases/irrevocable", headers=headers,
+                                  timeout=10).json()["data"]["leases"], "no irrevocable lease")
+        seen(lambda: not requests.get(f"{broker.url}/v1/sys/health", timeout=10).json()[
+            "mounts"]["pg"]["healthy"], "the health job never saw the mount down")
+        assert user in run(pg_roles(postgres_dsn, template))
+        proxy.up()
+        seen(lambda: user not in run(pg_roles(postgres_dsn, template)),
+             "the irrevocable lease was not retried once the mount was healthy")
+        assert broker.call(broker.state.store.get(lease["lease_id"])).state.value == "revoked"
+    finally:
+        broker.stop()
+
+
 def test_unreachable_backend_at_start_is_unhealthy_then_recovers(
         tmp_path: Path, postgres_dsn: str, proxy: TcpProxy) -> None:
     """The broker starts with its backend down: health shows it, issue is 503, then it recovers."""
