@@ -16,6 +16,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import replace
+from urllib.parse import urlsplit
 
 from broker.backend import MountSpec, RoleSpec, load_plugin
 from broker.config import Config, read_secret_file
@@ -211,6 +212,7 @@ class MountSet:
         for name, runtime in self.mounts.items():
             spec = config.mounts.get(name)
             if spec is not None and spec.plugin == runtime.spec.plugin:
+                await self._warn_of_a_move(name, runtime.spec, spec, changes)
                 continue
             try:
                 live = await self.store.count_matching(LeaseFilter(prefix=f"{name}/"),
@@ -246,6 +248,33 @@ class MountSet:
             return config
         return replace(config, mounts={**config.mounts, **kept})
 
+    async def _warn_of_a_move(self, name: str, old: MountSpec, new: MountSpec,
+                              changes: list[str]) -> None:
+        """Warn when a mount with live leases now points at another server.
+
+        Its leases are revoked on the new one, where their users do not exist:
+        a delete of a missing user is a success, so they would end as revoked
+        while their users lived on, on the old server (day-2 QA). Not refused:
+        a new name for the same server (a DNS move, a failover address) is
+        legitimate, and the broker cannot tell the two apart.
+        """
+        before, after = _server(old), _server(new)
+        if before == after:
+            return
+        try:
+            live = await self.store.count_matching(LeaseFilter(prefix=f"{name}/"),
+                                                   states=LIVE_STATES)
+        except Exception:
+            live = -1  # unknown: still worth the warning
+        if not live:
+            return
+        count = "its live leases" if live < 0 else f"its {live} live lease(s)"
+        log.warning("reload: mount %s now points at %s (was %s): %s will be revoked there; "
+                    "if their users were made on %s, they would be counted as revoked and "
+                    "live on (revoke them before moving a mount, or move it back and "
+                    "revoke them)", name, after, before, count, before)
+        changes.append(f"mount {name} moved to {after} with live leases")
+
     def served_mounts(self) -> frozenset[str]:
         """The mounts this replica has: its sweeper claims only their leases."""
         return frozenset(self.mounts)
@@ -261,3 +290,16 @@ class MountSet:
         if spec is None:
             raise NotFound(f"no role {role!r} on mount {mount!r}")
         return spec
+
+
+def _server(spec: MountSpec) -> str:
+    """Which server a mount's ``connection_url`` names: host, port and path, never its
+    user or password (those change with a rotation, the server does not)."""
+    url = spec.options.get("connection_url")
+    if not isinstance(url, str):
+        return ""
+    try:
+        parts = urlsplit(url)
+        return f"{parts.hostname or ''}:{parts.port or ''}{parts.path}"
+    except ValueError:
+        return ""

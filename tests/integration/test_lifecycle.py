@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import fcntl
+import logging
 import os
 import signal
 import subprocess
@@ -248,6 +249,40 @@ def test_unreachable_backend_at_start_is_unhealthy_then_recovers(
         client.sys.revoke_lease(lease["lease_id"])
         health = requests.get(f"{broker.url}/v1/sys/health", timeout=10).json()
         assert health["mounts"]["pg"]["healthy"] is True
+    finally:
+        broker.stop()
+
+
+def test_a_reload_that_moves_a_mount_with_live_leases_warns(
+        tmp_path: Path, postgres_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+    """connection_url now names another server: the live leases would be revoked there,
+    where their users do not exist, and end as revoked while they live on (day-2 QA)."""
+    from broker.server import reload
+
+    template = f"mv{os.getpid() % 1000}"
+    config = write_config(tmp_path, mount_config(postgres_dsn, template))
+    broker = start_broker(config)
+    client = hvac.Client(url=broker.url, token=broker.root_token)
+    try:
+        lease = client.secrets.database.generate_credentials("app", mount_point="pg")
+        # The same server under another name: the broker cannot tell, so it warns.
+        moved = postgres_dsn.replace("@127.0.0.1", "@localhost")
+        assert moved != postgres_dsn
+        assert write_config(tmp_path, mount_config(moved, template),
+                            port=broker.config.server.port) == config
+        caplog.set_level(logging.INFO)
+        assert broker.call(reload(broker.state)) is True
+        port = dsn_port(postgres_dsn)
+        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert any(f"mount pg now points at localhost:{port}/" in m and
+                   f"(was 127.0.0.1:{port}/" in m and "its 1 live lease(s)" in m
+                   for m in warned), warned
+        assert not any("@" in m for m in warned)  # never the URL's user or password
+        client.sys.revoke_lease(lease["lease_id"])  # the same server: it goes
+        assert lease["data"]["username"] not in run(pg_roles(postgres_dsn, template))
+        caplog.clear()
+        assert broker.call(reload(broker.state)) is True  # no move, no lease: no warning
+        assert not [r for r in caplog.records if "now points at" in r.getMessage()]
     finally:
         broker.stop()
 
