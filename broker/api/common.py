@@ -205,10 +205,12 @@ class Call:
         data: dict[str, Any] = dict(self.request.query)
         # Every parameter may come in the query (hvac and curl users send some
         # there), but not a secret: a URL lands in access and proxy logs.
-        leaked = next((name for name in data if name == "id" or is_secret_name(name)), None)
-        if leaked is not None:
-            raise BadRequest(f"send {leaked} in the request body, not in the URL: a query "
-                             "string ends up in access logs")
+        if data:  # (most requests have no query: no generator for them)
+            leaked = next((name for name in data if name == "id" or is_secret_name(name)),
+                          None)
+            if leaked is not None:
+                raise BadRequest(f"send {leaked} in the request body, not in the URL: a "
+                                 "query string ends up in access logs")
         if self.request.body_exists and self.request.method not in {"GET", "HEAD"}:
             # A deadline on the body: idle_timeout covers idle connections and
             # unfinished headers only, and a client sending headers and then a
