@@ -557,7 +557,7 @@ class LeaseEngine(MountSet, Revoker):
                 original_owner=lease.owner,
             ))
             raise DeadLease(f"lease {lease_id} is {lease.state.value}; "
-                               f"it cannot be {_PAST.get(op, op + 'ed')}")
+                            f"it cannot be {_PAST.get(op, op + 'ed')}")
         return lease
 
     async def renew(self, lease: Lease, increment: int | None) -> tuple[Lease, list[str]]:

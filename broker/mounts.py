@@ -36,7 +36,7 @@ LIVE_STATES = (LeaseState.PENDING, LeaseState.ACTIVE, LeaseState.REVOKING,
 
 
 #: Irrevocable leases retried at once when their mount is healthy again; more wait
-#: for the irrevocable job (or ``broker lease revoke --prefix MOUNT/``).
+#: for the irrevocable job (or an operator's revoke of each, docs/operations.md).
 REQUEUE_ON_RECOVERY = 10_000
 
 
