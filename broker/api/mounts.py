@@ -21,15 +21,24 @@ refused for good (no permission, a bad config, a state to fix first).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
+import os
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 
 from broker.api.common import CALL, Call, vault_response
 from broker.backend import BackendError, MountSpec, RotateRootRequest
 from broker.errors import BackendUnavailable, BadRequest
+from broker.middleware import MountRuntime
 from broker.password_file import replace_password_file
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; one process's rotations are still serialized
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = ["routes"]
 
@@ -53,6 +62,14 @@ async def rotate_root(request: web.Request) -> web.Response:
     # db/rotate-root/+ holds there, and sys/capabilities-self tells the truth).
     await call.require(_policy_path(request, mount), "update", "sudo")
     runtime = call.state.engine.mount(mount)
+    # One rotation of a secret at a time: two at once (two workers, or replicas
+    # on one host, sharing the password_file) each changed the password, and the
+    # file could end up holding the one the server no longer had (day-2 QA).
+    async with _rotation_lock(runtime.spec):
+        return await _rotate(call, mount, runtime)
+
+
+async def _rotate(call: Call, mount: str, runtime: MountRuntime) -> web.Response:
     try:
         resp = await runtime.rotate_root(RotateRootRequest())
     except BackendError as exc:
@@ -94,6 +111,59 @@ def _policy_path(request: web.Request, mount: str) -> str:
     if request.path.endswith("/config/rotate-root"):
         return f"{mount}/config/rotate-root"
     return f"{mount}/rotate-root"
+
+
+#: Per mount in this process; the file lock below is for the other processes.
+_LOCAL_LOCKS: dict[str, asyncio.Lock] = {}
+#: How long a rotation waits for another one to end before it gives up (503).
+ROTATION_WAIT = 120.0
+
+
+@contextlib.asynccontextmanager
+async def _rotation_lock(spec: MountSpec) -> AsyncIterator[None]:
+    """Hold the mount's rotation lock: an asyncio lock in this process and, with a
+    password_file, an flock on ``<password_file>.rotate.lock`` that every broker
+    process on this host sharing the file takes too (the kernel drops it with the
+    process, a crash included)."""
+    local = _LOCAL_LOCKS.setdefault(spec.name, asyncio.Lock())
+    try:
+        async with asyncio.timeout(ROTATION_WAIT):
+            await local.acquire()
+    except TimeoutError:
+        raise BackendUnavailable(f"mount {spec.name!r}: another rotate-root is still "
+                                 "running; try again") from None
+    fd: int | None = None
+    try:
+        if spec.secret_file is not None and fcntl is not None:
+            fd = await _flock(spec.secret_file + ".rotate.lock", spec.name)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the flock
+        local.release()
+
+
+async def _flock(path: str, mount: str) -> int | None:
+    """The exclusive flock on ``path``, waited for; None if the file cannot be made."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        # A directory the broker may not write: the rotation cannot write the
+        # password_file there either, and says so; no other process can share it.
+        log.warning("rotate-root of mount %s: no lock file %s (%s)", mount, path,
+                    exc.strerror or exc)
+        return None
+    deadline = asyncio.get_running_loop().time() + ROTATION_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if asyncio.get_running_loop().time() > deadline:
+                os.close(fd)
+                raise BackendUnavailable(f"mount {mount!r}: another broker process is "
+                                         "rotating its secret; try again") from None
+            await asyncio.sleep(0.05)
 
 
 def _store(spec: MountSpec, data: dict[str, object]) -> tuple[bool, str | None]:
