@@ -31,14 +31,13 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 
 from broker.api.common import (
-    CALL,
     Call,
     error_response,
-    is_list_request,
     not_allowed,
     vault_response,
 )
 from broker.api.login import auth_methods
+from broker.api.read_only import item_call, listing_call
 from broker.audit import shown
 from broker.auth import JWTAuthMethod, JWTMethodConfig, JWTRoleConfig
 
@@ -46,8 +45,6 @@ __all__ = ["config_data", "role_data", "routes"]
 
 routes = web.RouteTableDef()
 
-_LIST_METHODS = ("GET", "LIST")
-_READ_METHODS = ("GET",)
 #: auth/token is the token store, not a JWT method: its role and config paths are
 #: Vault paths the broker does not have, and keep answering 404 ``unsupported path``.
 _BUILTIN_METHOD = "token"
@@ -157,19 +154,9 @@ def config_data(method: JWTMethodConfig) -> dict[str, Any]:
 
 async def _list(request: web.Request) -> web.Response:
     name = _method_name(request)
-    if request.method not in _LIST_METHODS:
-        return _not_allowed(request, _LIST_METHODS)
-    call: Call = request[CALL]
-    await call.authenticate()
-    path = f"auth/{name}/role"
-    if not is_list_request(request):
-        # As Vault (after the token check): a plain read of the folder is no operation.
-        return _not_allowed(request, _LIST_METHODS, f"{path} is a listing: send LIST, "
-                            "or GET with ?list=true")
-    # Vault checks a LIST on "auth/NAME/role/" (it adds the slash), the docs name
-    # "auth/NAME/role" too: a list grant on either will do.
-    if not call.allowed(f"{path}/", "list"):
-        await call.require(path, "list")
+    call = await listing_call(request, f"auth/{name}/role", _not_allowed)
+    if isinstance(call, web.Response):
+        return call
     method = await _method(call, name, "list")
     keys = sorted(method.config.roles)
     await call.audit("list", auth_method=name, count=len(keys))
@@ -194,17 +181,12 @@ async def read_role(request: web.Request) -> web.Response:
     if not role_name:
         return await _list(request)
     name = _method_name(request)
-    if request.method != "GET":
-        return _not_allowed(request, _READ_METHODS)
-    call: Call = request[CALL]
-    await call.authenticate()
-    path = f"auth/{name}/role/{role_name}"
-    if is_list_request(request):  # GET ?list=true: a role is not a folder (Vault: 405 too)
-        return _not_allowed(request, _READ_METHODS, f"{path} is a role, not a listing: "
-                            f"GET it without ?list=true, or list auth/{name}/role")
-    # Before any lookup: a token without the grant learns nothing, not even
+    # The grant before any lookup: a token without it learns nothing, not even
     # whether the method or the role exists.
-    await call.require(path, "read")
+    call = await item_call(request, f"auth/{name}/role/{role_name}", _not_allowed,
+                           kind="role", folder=f"auth/{name}/role")
+    if isinstance(call, web.Response):
+        return call
     method = await _method(call, name, "role_read", role=role_name)
     # Matched exactly, as the login matches it (Vault lowercases role names).
     role = method.config.roles.get(role_name)
@@ -220,15 +202,9 @@ async def read_role(request: web.Request) -> web.Response:
 async def read_config(request: web.Request) -> web.Response:
     """The method's key source and issuer settings (``read`` on ``auth/{method}/config``)."""
     name = _method_name(request)
-    if request.method != "GET":
-        return _not_allowed(request, _READ_METHODS)
-    call: Call = request[CALL]
-    await call.authenticate()
-    path = f"auth/{name}/config"
-    if is_list_request(request):
-        return _not_allowed(request, _READ_METHODS, f"{path} is not a listing: GET it "
-                            "without ?list=true")
-    await call.require(path, "read")
+    call = await item_call(request, f"auth/{name}/config", _not_allowed)
+    if isinstance(call, web.Response):
+        return call
     method = await _method(call, name, "config_read")
     await call.audit("config_read", auth_method=name)
     return vault_response(call, config_data(method.config))

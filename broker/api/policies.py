@@ -25,13 +25,12 @@ from broker.api.common import (
     not_allowed,
     vault_response,
 )
+from broker.api.read_only import LIST_METHODS, item_call, listing_call, require_listing
 
 __all__ = ["routes"]
 
 routes = web.RouteTableDef()
 
-_LIST_METHODS = ("GET", "LIST")
-_READ_METHODS = ("GET",)
 _READ_ONLY = ("policies are read-only over the API; they are set in the broker's config "
               "file ([policies.NAME]), re-read on SIGHUP")
 
@@ -54,31 +53,23 @@ def _names(call: Call) -> list[str]:
     return [*sorted(call.state.policies.names - {"root"}), "root"]
 
 
-async def _require_listing(call: Call, path: str, capability: str) -> None:
-    """``capability`` on the listing ``path``; for a LIST Vault checks the path with a
-    slash added, the broker's docs name it without: a grant on either will do."""
-    if not call.allowed(f"{path}/", capability):
-        await call.require(path, capability)
-
-
 async def _list(request: web.Request, path: str) -> web.Response:
-    if request.method not in _LIST_METHODS:
-        return _not_allowed(request, _LIST_METHODS)
-    call: Call = request[CALL]
-    await call.authenticate()
-    listing = is_list_request(request)
-    if path == _LEGACY and not listing:
-        # Vault's sys/policy answers a plain GET too: a read, checked on sys/policy
-        # alone (a read grant on sys/policy/* is for single policies, not the names).
-        await call.require(path, "read")
-    elif path == _LEGACY:
-        await _require_listing(call, path, "list")
-    elif not listing:
-        # As Vault (after the token check): a plain read of the folder is no operation.
-        return _not_allowed(request, _LIST_METHODS, f"{path} is a listing: send LIST, "
-                            "or GET with ?list=true")
+    if path == _ACL:
+        answer = await listing_call(request, path, _not_allowed)
+        if isinstance(answer, web.Response):
+            return answer
+        call = answer
+    elif request.method not in LIST_METHODS:
+        return _not_allowed(request, LIST_METHODS)
     else:
-        await _require_listing(call, path, "list")
+        call = request[CALL]
+        await call.authenticate()
+        if is_list_request(request):
+            await require_listing(call, path)
+        else:
+            # Vault's sys/policy answers a plain GET too: a read, checked on sys/policy
+            # alone (a read grant on sys/policy/* is for single policies, not the names).
+            await call.require(path, "read")
     keys = _names(call)
     await call.audit("list", count=len(keys))
     if path == _LEGACY:
@@ -90,17 +81,10 @@ async def _read(request: web.Request, folder: str) -> web.Response:
     name = request.match_info["name"]
     if not name:  # the folder, with its slash (as `curl -X LIST` users write it)
         return await _list(request, folder)
-    if request.method != "GET":
-        return _not_allowed(request, _READ_METHODS)
-    call: Call = request[CALL]
-    await call.authenticate()
-    path = f"{folder}/{name}"
-    if is_list_request(request):  # GET ?list=true: a policy is not a folder (Vault: 405 too)
-        return _not_allowed(request, _READ_METHODS, f"{path} is a policy, not a listing: "
-                            f"GET it without ?list=true, or list {folder}")
-    # Before the lookup, as in Vault: a token without the grant learns nothing,
-    # not even whether the policy exists.
-    await call.require(path, "read")
+    call = await item_call(request, f"{folder}/{name}", _not_allowed, kind="policy",
+                           folder=folder)
+    if isinstance(call, web.Response):
+        return call
     text = call.state.policies.hcl(name)
     if text is None:
         await call.audit("policy_read", outcome="error", policy=name, error="no such policy")

@@ -13,7 +13,8 @@ from typing import Any
 
 from aiohttp import web
 
-from broker.api.common import CALL, Call, error_response, not_allowed, vault_response
+from broker.api.common import error_response, not_allowed, vault_response
+from broker.api.read_only import item_call, listing_call
 from broker.audit import redact
 from broker.backend import RoleSpec
 from broker.templating import DEFAULT_USERNAME_TEMPLATE
@@ -21,15 +22,6 @@ from broker.templating import DEFAULT_USERNAME_TEMPLATE
 __all__ = ["role_data", "routes"]
 
 routes = web.RouteTableDef()
-
-_LIST_METHODS = ("GET", "LIST")
-
-
-def _is_list(request: web.Request) -> bool:
-    """A LIST request, or its GET spelling (``?list=true``; hvac's client.list() sends "True")."""
-    return request.method == "LIST" or (
-        request.method == "GET" and request.query.get("list", "").lower() in {"true", "1", "t"})
-
 
 def _not_allowed(request: web.Request, allowed: tuple[str, ...],
                  text: str | None = None) -> web.Response:
@@ -64,19 +56,10 @@ def role_data(role: RoleSpec) -> dict[str, Any]:
 
 
 async def _list(request: web.Request) -> web.Response:
-    if request.method not in _LIST_METHODS:
-        return _not_allowed(request, _LIST_METHODS)
-    call: Call = request[CALL]
     mount = request.match_info["mount"]
-    await call.authenticate()
-    if not _is_list(request):
-        # As Vault (after the token check): a plain read of the folder is no operation.
-        return _not_allowed(request, _LIST_METHODS, f"{mount}/roles is a listing: "
-                            "send LIST, or GET with ?list=true")
-    # Vault checks a LIST on "pg/roles/" (it adds the slash), the broker's
-    # docs say "pg/roles": a list grant on either will do.
-    if not call.allowed(f"{mount}/roles/", "list"):
-        await call.require(f"{mount}/roles", "list")
+    call = await listing_call(request, f"{mount}/roles", _not_allowed)
+    if isinstance(call, web.Response):
+        return call
     runtime = call.state.engine.mount(mount)  # 404 for an unknown mount
     keys = sorted(runtime.spec.roles)
     await call.audit("list", mount=mount, count=len(keys))
@@ -101,15 +84,11 @@ async def read_role(request: web.Request) -> web.Response:
     name = request.match_info["role"]
     if not name:
         return await _list(request)
-    if request.method != "GET":
-        return _not_allowed(request, ("GET",))
-    call: Call = request[CALL]
     mount = request.match_info["mount"]
-    await call.authenticate()
-    if _is_list(request):  # GET ?list=true: a role is not a folder (Vault: 405 too)
-        return _not_allowed(request, ("GET",), f"{mount}/roles/{name} is a role, not a "
-                            f"listing: GET it without ?list=true, or list {mount}/roles")
-    await call.require(f"{mount}/roles/{name}", "read")
+    call = await item_call(request, f"{mount}/roles/{name}", _not_allowed, kind="role",
+                           folder=f"{mount}/roles")
+    if isinstance(call, web.Response):
+        return call
     role = call.state.engine.mount(mount).spec.roles.get(name)  # 404 for an unknown mount
     if role is None:
         await call.audit("role_read", outcome="error", mount=mount, role=name,
