@@ -2,8 +2,12 @@
 
 A sweeper worker hands the engine leases it claimed (``revoke_claimed``, or
 ``revoke_claimed_many`` for one backend call); the backend deletes the user,
-then the ending is recorded (durable first, then the audit line and the
-waiting requests' outcome). A failure is retried with jittered backoff and
+then its audit line is written, then the ending is recorded durably, and
+only then are the waiting requests told. The line goes first so that a
+``kill -9`` between the two leaves a lease still claimed in the store (revoked
+again, idempotently, and audited again, by whoever takes the claim over)
+rather than an ending the audit log never shows: revocation and its audit
+line are both at-least-once. A failure is retried with jittered backoff and
 becomes ``irrevocable`` after ``revoke_max_attempts``; a forced revocation
 ends regardless. A lease of a mount this replica lacks is handed back to the
 store for a replica that has it, no attempt counted.
@@ -143,14 +147,16 @@ class Revoker:
             await self._revoke_failed(lease, reason, f"internal error: {type(exc).__name__}",
                                       retryable=True)
             return
+        # The line before the ending (module docstring): the credential is gone now.
+        await self._audit_quietly(self._ended_event(lease, reason, now))
         final = LeaseState.EXPIRED if reason == "expire" else LeaseState.REVOKED
         error = await self._endings.record(lease.id, final)
         if error is not None:
             log.error("recording revocation of %s (the claim will run out and retry)",
                       lease.id, exc_info=error)
             return
-        # Audit and tell waiters only now: the ending is durable.
-        await self._audit_ended(lease, reason, now)
+        # Tell waiters only now: the ending is durable.
+        self._notify(lease.id, RevokeOutcome(done=True))
 
     async def _release_unserved(self, lease: Lease, now: float) -> None:
         """Hand a claimed lease of a mount this replica lacks back to the store. Never raises."""
@@ -176,8 +182,8 @@ class Revoker:
                                   release: Callable[[], None] = _no_release) -> None:
         """``revoke_claimed`` for leases of one mount, in one backend call. Never raises.
 
-        Each lease ends exactly as it would alone: its ending is durable
-        before its audit line and its waiters' "done"; a lease whose result is
+        Each lease ends exactly as it would alone: its audit line, then its
+        durable ending, then its waiters' "done"; a lease whose result is
         an error goes through ``_revoke_failed`` (retry, irrevocable, force)
         on its own, whatever became of the others.
         """
@@ -231,29 +237,27 @@ class Revoker:
                 log.error("finishing a batch revocation", exc_info=outcome)
 
     async def _record_ended(self, done: Sequence[tuple[Lease, str]], now: float) -> None:
-        """Durably end revoked leases, then audit each and tell its waiters."""
+        """Audit revoked leases, then end them durably, then tell their waiters."""
         if not done:
             return
+        # The lines first (module docstring). They go concurrently (the audit log
+        # writes what queues up together in one go); straight to AuditLog.write: a
+        # wrapper coroutine per lease costs.
+        events = [self._ended_event(lease, reason, now) for lease, reason in done]
+        outcomes = await asyncio.gather(*(self.audit.write(ev) for ev in events),
+                                        return_exceptions=True)
+        for ev, outcome in zip(events, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                log.error("audit write failed for %s event: %s", ev["type"], outcome)
         results = await self._endings.record_many(
             [(lease.id, LeaseState.EXPIRED if reason == "expire" else LeaseState.REVOKED)
              for lease, reason in done])
-        recorded: list[tuple[Lease, str]] = []
-        for (lease, reason), error in zip(done, results, strict=True):
+        for (lease, _), error in zip(done, results, strict=True):
             if error is None:
-                recorded.append((lease, reason))
+                self._notify(lease.id, RevokeOutcome(done=True))
             else:
                 log.error("recording revocation of %s (the claim will run out and retry)",
                           lease.id, exc_info=error)
-        # Audit and tell waiters only now: the endings are durable. The writes
-        # go concurrently (the audit log writes what queues up together in one
-        # go); straight to AuditLog.write: a wrapper coroutine per lease costs.
-        events = [self._ended_event(lease, reason, now) for lease, reason in recorded]
-        outcomes = await asyncio.gather(*(self.audit.write(ev) for ev in events),
-                                        return_exceptions=True)
-        for (lease, _), ev, outcome in zip(recorded, events, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
-                log.error("audit write failed for %s event: %s", ev["type"], outcome)
-            self._notify(lease.id, RevokeOutcome(done=True))
 
     @staticmethod
     def _ended_event(lease: Lease, reason: str, now: float) -> dict[str, Any]:
@@ -263,18 +267,15 @@ class Revoker:
                          lag_seconds=round(now - lease.expire_time, 3))
         return event("revoke", lease=lease_ref(lease), reason=reason)
 
-    async def _audit_ended(self, lease: Lease, reason: str, now: float) -> None:
-        await self._audit_quietly(self._ended_event(lease, reason, now))
-        self._notify(lease.id, RevokeOutcome(done=True))
-
     async def _revoke_failed(self, lease: Lease, reason: str, error: str, *,
                              retryable: bool) -> None:
         now = self.clock()
         if reason == "force":
             # Break-glass: the operator accepted that the backend may still hold it.
-            await self.store.finish_revoke(lease.id, state=LeaseState.REVOKED, now=now)
+            # The line first, as for any ending (module docstring).
             await self._audit_quietly(event("admin", action="revoke_force", outcome="forced",
                                             lease=lease_ref(lease), error=error))
+            await self.store.finish_revoke(lease.id, state=LeaseState.REVOKED, now=now)
             self._notify(lease.id, RevokeOutcome(done=True, error=error))
             return
         attempts = lease.revoke_attempts + 1
