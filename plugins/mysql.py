@@ -73,8 +73,17 @@ An issue refuses a name that exists on any host already, and the admin's own
 name (revocation refuses that one too): the revocation above takes every host
 of a name, so it must only ever meet accounts its lease made.
 
+A rollback (an issue that failed, was cut off, or was left pending by a broker
+that died) cannot rely on that check: a broker that died took with it whether
+its issue got past it. So every issue tags its accounts with a hash of its
+lease id, in the ``CREATE USER`` itself (two per-hour resource limits no client
+reaches: ``plugins._mysql_grants``), and a rollback of an issue this process
+did not make itself drops a name only if every account of it carries its own
+lease's tag; else it leaves them all alone, with a warning.
+
 The admin account needs ``CREATE USER``, the grants it hands out ``WITH GRANT
-OPTION``, ``SELECT`` on ``mysql.user`` (to find every host of a user) and
+OPTION``, ``SELECT`` on ``mysql.user`` (to find every host of a user, and a
+rollback's owner tag) and
 ``PROCESS`` plus ``CONNECTION ADMIN``/``SUPER`` to see and kill other users'
 sessions.
 """
@@ -82,6 +91,8 @@ sessions.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import re
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
@@ -109,7 +120,15 @@ from broker.backend import (
     RotateRootResponse,
 )
 from broker.templating import generate_password, render, template_names
-from plugins._mysql_grants import grant_refusal
+from plugins._mysql_grants import (
+    TAG_FLOOR,
+    grant_refusal,
+    is_create_user,
+    owner_tag,
+    sets_own_limits,
+    tag_clause,
+    tag_create,
+)
 from plugins._rotation import confirm_rotation, no_answer
 from plugins._sql import (
     check_expiration,
@@ -154,8 +173,12 @@ _ER_NO_SUCH_THREAD = 1094
 _ER_ACCESS_DENIED = 1045  # a login refused: wrong user or password
 _ER_CANNOT_USER = 1396
 _ACCESS_DENIED = frozenset({1044, 1045, 1142, 1143, 1227})
+# mysql_native_password hashes in SHOW CREATE USER ('*' and 40 hex digits, quoted).
+_NATIVE_HASHES = re.compile(r"(?<=')\*[0-9A-F]{40}(?=')")
 #: How long a revocation waits for admin sessions dropped mid-statement to end (_settle).
 _SETTLE_SECONDS = 10.0
+#: How many issues' "made here" records (MySQLBackend._made_here) are kept at most.
+_MADE_HERE_MAX = 4096
 
 
 class _QuietCursor(aiomysql.Cursor):  # type: ignore[misc]
@@ -237,6 +260,10 @@ class MySQLBackend:
         #: server thread id of each admin connection dropped mid-statement, and
         #: when (loop time) it was dropped (see _settle).
         self._unsettled: dict[int, float] = {}
+        #: lease id -> user name of the issues whose creation statements this process
+        #: sent after finding no account of the name, and whose accounts may lack the
+        #: owner tag: their rollback drops the name untagged (see delete_user).
+        self._made_here: dict[str, str] = {}
         self.capabilities = Capabilities(
             can_renew=False,  # no server-side expiry to push: see "Renewal" above
             can_revoke=True,
@@ -404,6 +431,8 @@ class MySQLBackend:
         statements = self._render_all(templates, values, "creation_statements", [password])
         if name == self._user:
             raise self._taken(name, None)
+        tag, tag_after = self._tag_statements(statements, templates, name, req.lease_id)
+        tagged = tag is not None and tag_after is None  # in the CREATE USER itself
         # Until the first creation statement is sent, nothing can have been made:
         # a failure before it (no connection, the lookup below cut off) is
         # created_nothing, so no rollback goes looking for the name (and drops
@@ -432,6 +461,7 @@ class MySQLBackend:
                     before = None
                 ran = 0
                 sent = True  # from here on, the server may have made something
+                self._remember_made(req.lease_id, name)
                 try:
                     for stmt in statements:
                         # Which one failed: the server's message quotes only the
@@ -439,6 +469,8 @@ class MySQLBackend:
                         what = (f"creating user (statement {ran + 1} of {len(statements)})"
                                 if len(statements) > 1 else "creating user")
                         await self._run(cur, what, stmt, password)
+                        if ran == tag_after and tag is not None:
+                            tagged = await self._tag_accounts(cur, name, host, tag)
                         ran += 1
                 except BackendError as exc:
                     if ran == 0 and exc.created_nothing:
@@ -457,11 +489,72 @@ class MySQLBackend:
         except BackendError as exc:
             if not sent:
                 exc.created_nothing = True
+            if exc.created_nothing:  # no rollback comes for it
+                self._made_here.pop(req.lease_id, None)
             raise
+        if tagged:
+            # A rollback (of an activation that failed) knows the accounts by their tag.
+            self._made_here.pop(req.lease_id, None)
         return NewUserResponse(
             data={"username": name, "password": password},
             revocation={"host": host},
         )
+
+    def _tag_statements(self, statements: list[str], templates: Sequence[str], name: str,
+                        lease_id: str) -> tuple[tuple[int, int] | None, int | None]:
+        """Give the issue's accounts its owner tag (``plugins._mysql_grants``).
+
+        Appended to each plain ``CREATE USER`` of ``name`` in ``statements`` (in
+        place), so the account never exists without it. Returns the tag (None:
+        no lease to tag for, or a template sets those limits itself) and, when no
+        statement could take it, the index of the statement after which an
+        ``ALTER USER`` sets it (``_tag_accounts``): the first CREATE USER naming
+        the user, else the last. Until then a crash leaves the account untagged,
+        and the rollback leaves it alone (with a warning).
+        """
+        tag = owner_tag(lease_id)
+        if tag is None or not statements or sets_own_limits(templates):
+            return None, None
+        tagged = False
+        for i, stmt in enumerate(statements):
+            with_tag = tag_create(stmt, name, tag)
+            if with_tag is not None:
+                statements[i] = with_tag
+                tagged = True
+        if tagged:
+            return tag, None
+        after = next((i for i, s in enumerate(statements) if is_create_user(s) and name in s),
+                     len(statements) - 1)
+        return tag, after
+
+    async def _tag_accounts(self, cur: Any, name: str, host: str, tag: tuple[int, int]
+                            ) -> bool:
+        """Tag every account of ``name`` (none was there before the issue) with ``tag``.
+
+        A server that refuses the ``ALTER USER`` (too old for resource options in
+        it) leaves the issue working, the account untagged: a warning, no error
+        (False).
+        """
+        hosts = await self._user_hosts(cur, name, "creating user") or {host}
+        for h in sorted(hosts):
+            try:
+                await self._run(cur, "tagging the user",
+                                f"ALTER USER IF EXISTS {_account(name, h)} {tag_clause(tag)}")
+            except BackendError as exc:
+                if not exc.created_nothing:
+                    raise  # the connection broke: the issue fails and is rolled back
+                log.warning("mysql: could not tag %s@%s as this lease's (%s); a rollback "
+                            "after a crash would leave it alone", name, h, exc)
+                return False
+        return True
+
+    def _remember_made(self, lease_id: str, name: str) -> None:
+        """Note that this process is creating ``name`` for ``lease_id`` (``_made_here``)."""
+        if not lease_id:
+            return
+        while len(self._made_here) >= _MADE_HERE_MAX:
+            del self._made_here[next(iter(self._made_here))]  # the oldest
+        self._made_here[lease_id] = name
 
     def _taken(self, name: str, hosts: set[str] | None) -> BackendError:
         """The refusal of a name that is not this lease's to create (and so to drop)."""
@@ -496,6 +589,12 @@ class MySQLBackend:
             templates = role.rollback_statements if use_rollback else role.revocation_statements
             custom = self._render_all(templates, self._values(role, name), key)
         hosts = self._candidate_hosts(req)
+        # A rollback drops only the accounts its own issue made: tagged with its
+        # lease (plugins._mysql_grants), or made by this process's new_user after
+        # it found the name free (_made_here: the tag may be missing, see there).
+        owner = owner_tag(req.lease_id) if req.reason == "rollback" else None
+        if owner is not None and self._made_here.get(req.lease_id) == name:
+            owner = None
         async with self._cursor("revoking user") as cur:
             await self._settle(cur)
             if req.reason == "rollback":
@@ -505,6 +604,9 @@ class MySQLBackend:
                 # no statement creating this user is left, and the scan would
                 # only cost a query and risk ending another revoker's session.
                 await self._end_creating_sessions(cur, name)
+            if owner is not None and not await self._all_ours(cur, name, owner):
+                self._made_here.pop(req.lease_id, None)
+                return DeleteUserResponse()
             found = await self._user_hosts(cur, name)
             hosts |= found or set()
             for host in sorted(hosts):
@@ -534,9 +636,46 @@ class MySQLBackend:
                 await self._run(cur, "revoking user", stmt)
             # A session that slipped in before the lock took hold dies here.
             await self._kill_sessions(cur, name, final=True)
+        self._made_here.pop(req.lease_id, None)
         if failed is not None:
             raise failed
         return DeleteUserResponse()
+
+    async def _all_ours(self, cur: Any, name: str, owner: tuple[int, int]) -> bool:
+        """Whether every account of ``name`` carries the tag ``owner`` (or none exists).
+
+        Else a rollback leaves the name alone, every host of it: its steps (lock,
+        kill every session of the name, drop) cannot spare one account of a name.
+        An account without the tag existed before the issue (made by hand, by a
+        broker before this version, or another lease's under a template without
+        ``{{random}}``), or the issue's custom creation statements made it and
+        the broker died before tagging it, or they set those limits themselves.
+        """
+        try:
+            await cur.execute("SELECT Host, max_updates, max_connections FROM mysql.user"
+                              " WHERE User = %s", (name,))
+        except pymysql.err.MySQLError as exc:
+            if _error_code(exc) not in _ACCESS_DENIED:
+                raise self._wrap("revoking user", exc) from None
+            log.warning("mysql: rollback leaves user %s alone: cannot read mysql.user to tell "
+                        "whether its issue made it; drop it by hand if it is a leftover of the "
+                        "failed issue (and grant the admin SELECT on mysql.user)", name)
+            return False
+        others = sorted((str(host), int(updates), int(conns))
+                        for host, updates, conns in await cur.fetchall()
+                        if (int(updates), int(conns)) != owner)
+        if not others:
+            return True
+        tagged = all(u >= TAG_FLOOR and c >= TAG_FLOOR for _, u, c in others)
+        why = ("it is tagged for another lease" if tagged else
+               "it carries no tag of this lease: it existed before the issue (or the role's "
+               "creation_statements set MAX_UPDATES_PER_HOUR/MAX_CONNECTIONS_PER_HOUR "
+               "themselves, or made it without the tag before the broker stopped, or a "
+               "broker before this version made it)")
+        log.warning("mysql: rollback leaves user %s alone (%s): %s; drop it by hand if it is "
+                    "a leftover of the failed issue", name,
+                    ", ".join(_account(name, h) for h, _, _ in others), why)
+        return False
 
     async def rotate_root(self, req: RotateRootRequest) -> RotateRootResponse:
         """ALTER the admin account's own password, then reopen the pool with it.
@@ -549,10 +688,15 @@ class MySQLBackend:
         If the new password cannot log in (too many connections, say), the old
         one is set again through the old pool's logged-in connections and the
         call fails; if even that fails, the new password is kept and returned.
+        But only while the account still holds this rotation's password
+        (``_restore_old``): another broker (a host with its own copy of the
+        password file) may have rotated it since, and setting the old one again
+        would undo that rotation and lock the other broker out.
         """
         what = "rotating the admin password"
         new = req.new_password or generate_password()
         lost: BackendError | None = None
+        ours: str | None = None  # the account as SHOW CREATE USER showed it after our ALTER
         async with self._cursor(what, new) as cur:
             await self._run(cur, what, "SELECT CURRENT_USER()")
             row = await cur.fetchone()
@@ -572,6 +716,8 @@ class MySQLBackend:
                 if exc.created_nothing or not cur.connection.closed:
                     raise  # the server answered: it refused the statement
                 lost = exc  # the connection broke with the ALTER out: unknown outcome
+            else:
+                ours = await self._show_account(cur, user, host)
         if lost is not None:
             await self._confirm_rotation(new, thread_id, lost)
             await self._adopt_root(await self._new_pool(new), new)
@@ -588,10 +734,28 @@ class MySQLBackend:
         else:
             await self._adopt_root(pool, new)
             return RotateRootResponse(new_password=new)
+        return await self._restore_old(user, host, new, ours, failed)
+
+    async def _restore_old(self, user: str, host: str, new: str, ours: str | None,
+                           failed: BackendError) -> RotateRootResponse:
+        """Set the old admin password again after ``new`` failed to log in (``failed``),
+        if the account still holds ``new``; ``ours``: the account right after our ALTER.
+
+        Still ours: the old password is set again and the rotation fails. Changed
+        since (another broker's rotation): left as it is, and the rotation fails
+        saying so. Not to be told (no SHOW CREATE USER), or the old password
+        cannot be set: ``new`` is kept and returned, the last password we know
+        the server took. Check and ALTER are two statements: a rotation elsewhere
+        between the two is not seen (MySQL has no conditional ALTER USER).
+        """
+        what = "restoring the old admin password"
+        still: bool | None = None
         try:
-            async with self._cursor("restoring the old admin password", new) as cur:
-                await self._run(cur, what, "ALTER USER %s@%s IDENTIFIED BY %s", new,
-                                params=(user, host, self._password or ""))
+            async with self._cursor(what, new) as cur:
+                still = _holds(await self._show_account(cur, user, host), ours, new)
+                if still:
+                    await self._run(cur, what, "ALTER USER %s@%s IDENTIFIED BY %s", new,
+                                    params=(user, host, self._password or ""))
         except BackendError as exc:
             # The server holds the new password and we cannot take it back:
             # it is the only one that works now, so the caller must get it.
@@ -599,8 +763,31 @@ class MySQLBackend:
                         "nor be undone (%s); keeping it", self.mount, failed, exc)
             await self._adopt_root(await self._new_pool(new), new)
             return RotateRootResponse(new_password=new)
+        if still is False:
+            raise BackendError(
+                f"{failed}; another rotation changed the admin password after this one set "
+                "it (a broker on another host?), so this one did not set the old password "
+                "again and left it as it is: the password this broker holds may no longer "
+                "log in; put the admin's current password into this mount's password_file",
+                retryable=False)
+        if still is None:
+            log.warning("mysql: the new admin password of mount %s could not log in (%s), "
+                        "and whether the account still holds it cannot be told; keeping it",
+                        self.mount, failed)
+            await self._adopt_root(await self._new_pool(new), new)
+            return RotateRootResponse(new_password=new)
         raise BackendError(f"{failed}; the old admin password was set again",
                            retryable=failed.retryable)
+
+    async def _show_account(self, cur: Any, user: str, host: str) -> str | None:
+        """``SHOW CREATE USER`` of the admin's own account (it holds the password's hash:
+        never logged or returned); None if the server does not tell."""
+        try:
+            await cur.execute("SHOW CREATE USER %s@%s", (user, host))
+            row = await cur.fetchone()
+        except pymysql.err.MySQLError:
+            return None
+        return None if row is None else str(row[0])
 
     async def _confirm_rotation(self, new: str, thread_id: int, lost: BackendError) -> None:
         """Return if the server took ``new`` although the connection was lost; else raise.
@@ -968,6 +1155,32 @@ class MySQLBackend:
                    and not 2000 <= code < 3000)
         return BackendError(f"mysql {where}: {what} failed: {detail}", retryable=retryable,
                             created_nothing=refused)
+
+
+def _native_hash(password: str) -> str:
+    """The ``mysql_native_password`` hash of ``password``, as the server stores it."""
+    inner = hashlib.sha1(password.encode()).digest()  # noqa: S324 - the server's format
+    return "*" + hashlib.sha1(inner).hexdigest().upper()  # noqa: S324
+
+
+def _holds(current: str | None, ours: str | None, new: str) -> bool | None:
+    """Whether the admin account (``current``: its SHOW CREATE USER now) still holds the
+    password ``new`` this rotation set (``ours``: the account right after it); None: unknown.
+
+    A ``mysql_native_password`` hash is unsalted, so it is compared with ``new``'s
+    own (closing the moment between our ALTER and ``ours``). Salted ones (MySQL 8's
+    ``caching_sha2_password``) change with every ALTER, even to the same password,
+    so the account is compared with ``ours``.
+    """
+    if current is None:
+        return None
+    hashes = _NATIVE_HASHES.findall(current)
+    if hashes:
+        want = _native_hash(new)
+        return all(hmac.compare_digest(h, want) for h in hashes)
+    if ours is None:
+        return None
+    return hmac.compare_digest(current, ours)
 
 
 def _account(name: str, host: str) -> str:
