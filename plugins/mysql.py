@@ -50,24 +50,14 @@ backend. ``renew_user`` is therefore a no-op that returns the requested
 expiration, and ``renew_statements`` are refused at config load rather than
 silently never run.
 
-Revocation, in an order that leaves no window for a live session (after
-ending any admin session of the broker's own that was dropped mid-statement,
-see ``_settle``, and for a rollback any admin session still running a
-statement that names the user, see ``_end_creating_sessions``):
-
-1. ``ALTER USER ... ACCOUNT LOCK`` for every host of the user: no new logins;
-2. ``KILL CONNECTION`` for every ``information_schema.PROCESSLIST`` row of the
-   user (a session that ended meanwhile is fine) - a dropped account's open
-   connections otherwise keep all their privileges;
-3. the role's ``revocation_statements`` (``rollback_statements`` for a
-   rollback), if any, unless ``mysql.user`` shows the user on no host (gone
-   already: Vault-style ``REVOKE ... FROM`` would fail on every retry); one
-   the server refuses ends them, step 4 still runs, and then its error fails
-   the revocation (whose retry finds the user gone);
-4. ``DROP USER IF EXISTS`` for every host, then a last ``KILL`` of what slipped
-   in and a wait until no session of the user is left, killed ones still
-   ending (rolling back) included: the revocation returns only once they are
-   gone (a retryable error after ``_SETTLE_SECONDS``).
+Revocation leaves no window for a live session: it locks every host of the
+user, kills its sessions, runs the role's ``revocation_statements``
+(``rollback_statements`` for a rollback), drops every host and waits until no
+session of the user is left; first it ends any admin session of the broker's
+own that was dropped mid-statement, and for a rollback any still running a
+statement that names the user. The protocol, step by step, lives in
+``plugins._mysql_revoke`` (``_revoke``); ending sessions and waiting for them
+in ``plugins._mysql_sessions``.
 
 An issue refuses a name that exists on any host already, and the admin's own
 name (revocation refuses that one too): the revocation above takes every host
@@ -79,20 +69,23 @@ its issue got past it. So every issue tags its accounts with a hash of its
 lease id, in the ``CREATE USER`` itself (two per-hour resource limits no client
 reaches: ``plugins._mysql_grants``), and a rollback of an issue this process
 did not make itself drops a name only if every account of it carries its own
-lease's tag; else it leaves them all alone, with a warning.
+lease's tag; else it leaves them all alone, with a warning (``_all_ours`` in
+``plugins._mysql_revoke``).
 
 The admin account needs ``CREATE USER``, the grants it hands out ``WITH GRANT
 OPTION``, ``SELECT`` on ``mysql.user`` (to find every host of a user, and a
 rollback's owner tag) and
 ``PROCESS`` plus ``CONNECTION ADMIN``/``SUPER`` to see and kill other users'
 sessions.
+
+Rotate-root (the admin's own password) lives in ``plugins._mysql_rotate``;
+the error codes, cursor class and account quoting the modules share, in
+``plugins._mysql_driver``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import logging
 import re
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
@@ -119,9 +112,16 @@ from broker.backend import (
     RotateRootRequest,
     RotateRootResponse,
 )
-from broker.templating import generate_password, render, template_names
+from broker.templating import render, template_names
+from plugins._mysql_driver import (
+    _ACCESS_DENIED,
+    _RETRYABLE_CODES,
+    CONNECT_TIMEOUT,
+    _account,
+    _error_code,
+    _QuietCursor,
+)
 from plugins._mysql_grants import (
-    TAG_FLOOR,
     grant_refusal,
     is_create_user,
     owner_tag,
@@ -129,7 +129,8 @@ from plugins._mysql_grants import (
     tag_clause,
     tag_create,
 )
-from plugins._rotation import confirm_rotation, no_answer
+from plugins._mysql_revoke import _revoke
+from plugins._mysql_rotate import _rotate_root
 from plugins._sql import (
     check_expiration,
     check_password,
@@ -148,7 +149,6 @@ DEFAULT_HOST_PART = "%"
 DEFAULT_MAX_OPEN = 4
 DEFAULT_USERNAME_MAX = 32
 USERNAME_MAX_RANGE = (8, 80)
-CONNECT_TIMEOUT = 10
 
 _MOUNT_KEYS = frozenset({"connection_url", "max_open_connections", "username_max_length", "host"})
 _ROLE_KEYS = frozenset({"database", "host"})
@@ -159,38 +159,8 @@ _ROLE_KEYS = frozenset({"database", "host"})
 _DATABASE_OK = re.compile(r"[A-Za-z0-9_$-]{1,64}")
 # Host part of an account: names, IPv4/IPv6, wildcards % and _, netmasks.
 _HOST_OK = re.compile(r"[A-Za-z0-9.%_:/-]{1,255}")
-# Server/client error codes that mean "the connection or server is in trouble, try later".
-_RETRYABLE_CODES = frozenset({
-    1040,  # too many connections
-    1053,  # server shutdown in progress
-    1205,  # lock wait timeout
-    1213,  # deadlock
-    1927,  # connection was killed
-    2002, 2003, 2006, 2013, 2055,  # can't connect / gone away / lost connection
-})
-_ER_PARSE_ERROR = 1064
-_ER_NO_SUCH_THREAD = 1094
-_ER_ACCESS_DENIED = 1045  # a login refused: wrong user or password
-_ER_CANNOT_USER = 1396
-_ACCESS_DENIED = frozenset({1044, 1045, 1142, 1143, 1227})
-# mysql_native_password hashes in SHOW CREATE USER ('*' and 40 hex digits, quoted).
-_NATIVE_HASHES = re.compile(r"(?<=')\*[0-9A-F]{40}(?=')")
-#: How long a revocation waits for admin sessions dropped mid-statement to end (_settle).
-_SETTLE_SECONDS = 10.0
 #: How many issues' "made here" records (MySQLBackend._made_here) are kept at most.
 _MADE_HERE_MAX = 4096
-
-
-class _QuietCursor(aiomysql.Cursor):  # type: ignore[misc]
-    """A cursor that does not turn server notes into Python warnings.
-
-    aiomysql re-raises every server warning (e.g. the note of ``DROP USER IF
-    EXISTS`` for a missing user) through ``warnings.warn``, which is noise in
-    the daemon's log and an exception under ``-W error``.
-    """
-
-    async def _show_warnings(self, conn: Any) -> None:
-        return None
 
 
 def _redact(text: str, secrets: Iterable[str | None]) -> str:
@@ -200,12 +170,6 @@ def _redact(text: str, secrets: Iterable[str | None]) -> str:
     IDENTIFIED BY / PASSWORD (also when cut off): see ``plugins._sql.redact``.
     """
     return redact(text, secrets, all_literals=False)
-
-
-def _error_code(exc: BaseException) -> int | None:
-    if isinstance(exc, pymysql.err.MySQLError) and exc.args and isinstance(exc.args[0], int):
-        return exc.args[0]
-    return None
 
 
 def _parse_url(url: str) -> tuple[str, int, str, str | None]:
@@ -258,7 +222,7 @@ class MySQLBackend:
         self._pool: aiomysql.Pool | None = None
         self._pool_lock = asyncio.Lock()
         #: server thread id of each admin connection dropped mid-statement, and
-        #: when (loop time) it was dropped (see _settle).
+        #: when (loop time) it was dropped (see _settle in plugins._mysql_sessions).
         self._unsettled: dict[int, float] = {}
         #: lease id -> user name of the issues whose creation statements this process
         #: sent after finding no account of the name, and whose accounts may lack the
@@ -572,6 +536,7 @@ class MySQLBackend:
         return RenewUserResponse(expiration=req.expiration)
 
     async def delete_user(self, req: DeleteUserRequest) -> DeleteUserResponse:
+        """Lock, kill, drop: the protocol is ``plugins._mysql_revoke``'s (``_revoke``)."""
         name = self._check_username(req.username)
         if name == self._user:
             # Never issued by this version (new_user refuses the name); a lease
@@ -596,225 +561,17 @@ class MySQLBackend:
         if owner is not None and self._made_here.get(req.lease_id) == name:
             owner = None
         async with self._cursor("revoking user") as cur:
-            await self._settle(cur)
-            if req.reason == "rollback":
-                # Only a rollback undoes an issue whose creation statement may
-                # still run (this broker, or one killed before it, gave up on
-                # it). Any other revocation follows a new_user that returned:
-                # no statement creating this user is left, and the scan would
-                # only cost a query and risk ending another revoker's session.
-                await self._end_creating_sessions(cur, name)
-            if owner is not None and not await self._all_ours(cur, name, owner):
-                self._made_here.pop(req.lease_id, None)
-                return DeleteUserResponse()
-            found = await self._user_hosts(cur, name)
-            hosts |= found or set()
-            for host in sorted(hosts):
-                await self._lock_account(cur, name, host)
-            await self._kill_sessions(cur, name)
-            if found == set():
-                # Gone already (dropped by hand, a rollback of a user that was
-                # never made or that new_user dropped): custom statements such
-                # as Vault's "REVOKE ALL PRIVILEGES ... FROM '{{name}}'" would
-                # fail on every retry and leave the lease irrevocable.
-                custom = ()
-            failed: BackendError | None = None
-            for i, stmt in enumerate(custom):
-                try:
-                    await self._run(cur, f"revoking user ({key} statement {i + 1})", stmt)
-                except BackendError as exc:
-                    if exc.retryable:
-                        raise  # the server is in trouble: the whole revocation later
-                    # The server refused it (bad SQL, a missing object): the
-                    # account still goes ("DROP USER always"), so no locked
-                    # account outlives a lease that ends irrevocable or forced;
-                    # the error still fails this revocation for the operator.
-                    failed = exc
-                    break
-            for host in sorted(hosts):
-                stmt = f"DROP USER IF EXISTS {quote_literal(name)}@{quote_literal(host)}"
-                await self._run(cur, "revoking user", stmt)
-            # A session that slipped in before the lock took hold dies here.
-            await self._kill_sessions(cur, name, final=True)
+            failed = await _revoke(self, cur, name, hosts, custom, key,
+                                   rollback=req.reason == "rollback", owner=owner)
         self._made_here.pop(req.lease_id, None)
         if failed is not None:
             raise failed
         return DeleteUserResponse()
 
-    async def _all_ours(self, cur: Any, name: str, owner: tuple[int, int]) -> bool:
-        """Whether every account of ``name`` carries the tag ``owner`` (or none exists).
-
-        Else a rollback leaves the name alone, every host of it: its steps (lock,
-        kill every session of the name, drop) cannot spare one account of a name.
-        An account without the tag existed before the issue (made by hand, by a
-        broker before this version, or another lease's under a template without
-        ``{{random}}``), or the issue's custom creation statements made it and
-        the broker died before tagging it, or they set those limits themselves.
-        """
-        try:
-            await cur.execute("SELECT Host, max_updates, max_connections FROM mysql.user"
-                              " WHERE User = %s", (name,))
-        except pymysql.err.MySQLError as exc:
-            if _error_code(exc) not in _ACCESS_DENIED:
-                raise self._wrap("revoking user", exc) from None
-            log.warning("mysql: rollback leaves user %s alone: cannot read mysql.user to tell "
-                        "whether its issue made it; drop it by hand if it is a leftover of the "
-                        "failed issue (and grant the admin SELECT on mysql.user)", name)
-            return False
-        others = sorted((str(host), int(updates), int(conns))
-                        for host, updates, conns in await cur.fetchall()
-                        if (int(updates), int(conns)) != owner)
-        if not others:
-            return True
-        tagged = all(u >= TAG_FLOOR and c >= TAG_FLOOR for _, u, c in others)
-        why = ("it is tagged for another lease" if tagged else
-               "it carries no tag of this lease: it existed before the issue (or the role's "
-               "creation_statements set MAX_UPDATES_PER_HOUR/MAX_CONNECTIONS_PER_HOUR "
-               "themselves, or made it without the tag before the broker stopped, or a "
-               "broker before this version made it)")
-        log.warning("mysql: rollback leaves user %s alone (%s): %s; drop it by hand if it is "
-                    "a leftover of the failed issue", name,
-                    ", ".join(_account(name, h) for h, _, _ in others), why)
-        return False
-
     async def rotate_root(self, req: RotateRootRequest) -> RotateRootResponse:
-        """ALTER the admin account's own password, then reopen the pool with it.
-
-        The account is named explicitly: MariaDB 10.11 accepts ``ALTER USER
-        CURRENT_USER() IDENTIFIED BY ...`` and silently changes nothing.
-
-        Once the server took the new password, the old one no longer logs in:
-        a failure after that point must not leave the broker knowing neither.
-        If the new password cannot log in (too many connections, say), the old
-        one is set again through the old pool's logged-in connections and the
-        call fails; if even that fails, the new password is kept and returned.
-        But only while the account still holds this rotation's password
-        (``_restore_old``): another broker (a host with its own copy of the
-        password file) may have rotated it since, and setting the old one again
-        would undo that rotation and lock the other broker out.
-        """
-        what = "rotating the admin password"
-        new = req.new_password or generate_password()
-        lost: BackendError | None = None
-        ours: str | None = None  # the account as SHOW CREATE USER showed it after our ALTER
-        async with self._cursor(what, new) as cur:
-            await self._run(cur, what, "SELECT CURRENT_USER()")
-            row = await cur.fetchone()
-            user, _, host = str(row[0]).rpartition("@")
-            thread_id = cur.connection.thread_id()
-            try:
-                async with asyncio.timeout(req.timeout):
-                    # Parameters: pymysql escapes them for the session's sql_mode.
-                    await self._run(cur, what, "ALTER USER %s@%s IDENTIFIED BY %s", new,
-                                    params=(user, host, new))
-            except TimeoutError:
-                # No answer in time (a lock, a stalled network): the ALTER may
-                # have been applied. Asked like a lost one; the session goes.
-                cur.connection.close()
-                lost = no_answer(what, req.timeout)
-            except BackendError as exc:
-                if exc.created_nothing or not cur.connection.closed:
-                    raise  # the server answered: it refused the statement
-                lost = exc  # the connection broke with the ALTER out: unknown outcome
-            else:
-                ours = await self._show_account(cur, user, host)
-        if lost is not None:
-            await self._confirm_rotation(new, thread_id, lost)
-            await self._adopt_root(await self._new_pool(new), new)
-            return RotateRootResponse(new_password=new)
-        # Prove the new password logs in before anything relies on it.
-        pool = await self._new_pool(new)
-        try:
-            async with self._cursor_on(pool, what, new) as cur:
-                await self._run(cur, what, "SELECT 1", new)
-        except BackendError as exc:
-            pool.close()
-            await pool.wait_closed()
-            failed = exc
-        else:
-            await self._adopt_root(pool, new)
-            return RotateRootResponse(new_password=new)
-        return await self._restore_old(user, host, new, ours, failed)
-
-    async def _restore_old(self, user: str, host: str, new: str, ours: str | None,
-                           failed: BackendError) -> RotateRootResponse:
-        """Set the old admin password again after ``new`` failed to log in (``failed``),
-        if the account still holds ``new``; ``ours``: the account right after our ALTER.
-
-        Still ours: the old password is set again and the rotation fails. Changed
-        since (another broker's rotation): left as it is, and the rotation fails
-        saying so. Not to be told (no SHOW CREATE USER), or the old password
-        cannot be set: ``new`` is kept and returned, the last password we know
-        the server took. Check and ALTER are two statements: a rotation elsewhere
-        between the two is not seen (MySQL has no conditional ALTER USER).
-        """
-        what = "restoring the old admin password"
-        still: bool | None = None
-        try:
-            async with self._cursor(what, new) as cur:
-                still = _holds(await self._show_account(cur, user, host), ours, new)
-                if still:
-                    await self._run(cur, what, "ALTER USER %s@%s IDENTIFIED BY %s", new,
-                                    params=(user, host, self._password or ""))
-        except BackendError as exc:
-            # The server holds the new password and we cannot take it back:
-            # it is the only one that works now, so the caller must get it.
-            log.warning("mysql: the new admin password of mount %s could not log in (%s) "
-                        "nor be undone (%s); keeping it", self.mount, failed, exc)
-            await self._adopt_root(await self._new_pool(new), new)
-            return RotateRootResponse(new_password=new)
-        if still is False:
-            raise BackendError(
-                f"{failed}; another rotation changed the admin password after this one set "
-                "it (a broker on another host?), so this one did not set the old password "
-                "again and left it as it is: the password this broker holds may no longer "
-                "log in; put the admin's current password into this mount's password_file",
-                retryable=False)
-        if still is None:
-            log.warning("mysql: the new admin password of mount %s could not log in (%s), "
-                        "and whether the account still holds it cannot be told; keeping it",
-                        self.mount, failed)
-            await self._adopt_root(await self._new_pool(new), new)
-            return RotateRootResponse(new_password=new)
-        raise BackendError(f"{failed}; the old admin password was set again",
-                           retryable=failed.retryable)
-
-    async def _show_account(self, cur: Any, user: str, host: str) -> str | None:
-        """``SHOW CREATE USER`` of the admin's own account (it holds the password's hash:
-        never logged or returned); None if the server does not tell."""
-        try:
-            await cur.execute("SHOW CREATE USER %s@%s", (user, host))
-            row = await cur.fetchone()
-        except pymysql.err.MySQLError:
-            return None
-        return None if row is None else str(row[0])
-
-    async def _confirm_rotation(self, new: str, thread_id: int, lost: BackendError) -> None:
-        """Return if the server took ``new`` although the connection was lost; else raise.
-
-        See plugins/_rotation.py: the cut-off session is ended first (``_settle``),
-        then a fresh login with each password tells which one the server has.
-        """
-        self._unsettled[thread_id] = asyncio.get_running_loop().time()
-
-        async def login(password: str | None) -> Any:
-            return await aiomysql.connect(
-                host=self._host, port=self._port, user=self._user, password=password or "",
-                db=self._database, autocommit=True, connect_timeout=CONNECT_TIMEOUT,
-                cursorclass=_QuietCursor)
-
-        async def settle(conn: Any) -> None:
-            async with conn.cursor() as cur:
-                await self._settle(cur)
-
-        async def logout(conn: Any) -> None:
-            conn.close()
-
-        await confirm_rotation(
-            lost, who=f"mysql mount {self.mount}", statement="ALTER USER",
-            login=login, settle=settle, logout=logout,
-            wrong_password=lambda exc: _error_code(exc) == _ER_ACCESS_DENIED,
-            old=self._password, new=new, seconds=CONNECT_TIMEOUT)
+        """ALTER the admin account's own password, then reopen the pool with it
+        (``plugins._mysql_rotate``: what happens when that fails half-way)."""
+        return await _rotate_root(self, req)
 
     async def _adopt_root(self, pool: aiomysql.Pool, password: str) -> None:
         """Use ``pool`` (logging in with ``password``) from now on."""
@@ -907,118 +664,6 @@ class MySQLBackend:
             raise self._wrap("creating user", exc) from None
         return {str(row[0]) for row in await cur.fetchall()}
 
-    async def _lock_account(self, cur: Any, name: str, host: str) -> None:
-        stmt = f"ALTER USER IF EXISTS {quote_literal(name)}@{quote_literal(host)} ACCOUNT LOCK"
-        try:
-            await cur.execute(stmt)
-        except pymysql.err.MySQLError as exc:
-            # Servers before MySQL 5.7.6 / MariaDB 10.4 have no ACCOUNT LOCK: the
-            # kill-then-drop below still revokes, only the window is wider.
-            if _error_code(exc) not in {_ER_PARSE_ERROR, _ER_CANNOT_USER}:
-                raise self._wrap("revoking user", exc) from None
-
-    async def _settle(self, cur: Any) -> None:
-        """End the admin sessions dropped mid-statement, and wait until they are gone.
-
-        Closing a connection does not stop the statement it was running: the
-        server finishes it. A ``CREATE USER`` cut off that way (the backend
-        timeout, shutdown) could still create its user after the rollback's
-        ``DROP USER IF EXISTS`` found nothing, and MySQL users never expire
-        by themselves. So every revocation first kills those sessions and
-        waits for them to go (thread ids are not reused while the server runs).
-        """
-        if not self._unsettled:
-            return
-        # Thread ids start again from 1 when the server restarts: a session
-        # dropped before the restart died with it, and its id may now name
-        # another connection (the broker's own among them). Forget those.
-        await self._run(cur, "reading the server's uptime", "SHOW GLOBAL STATUS LIKE 'Uptime'")
-        row = await cur.fetchone()
-        now = asyncio.get_running_loop().time()
-        booted = now - int(row[1]) - 1.0  # Uptime is in whole seconds
-        for thread_id, dropped in list(self._unsettled.items()):
-            if dropped < booted:
-                del self._unsettled[thread_id]
-        ids = sorted(self._unsettled)
-        if not ids:
-            return
-        # Only sessions of the admin account: a drop recorded within a second
-        # of a restart is kept above, and its id may name somebody else's.
-        query = ("SELECT ID FROM information_schema.PROCESSLIST"
-                 f" WHERE ID IN ({', '.join(['%s'] * len(ids))})"
-                 " AND USER = SUBSTRING_INDEX(CURRENT_USER(), '@', 1)")
-        await self._run(cur, "finding dropped admin sessions", query, params=tuple(ids))
-        alive = [int(row[0]) for row in await cur.fetchall()]
-        await self._kill_and_wait(cur, alive, "a dropped admin session",
-                                  "an admin session dropped mid-statement is still ending;"
-                                  " revoking later")
-        for thread_id in ids:
-            self._unsettled.pop(thread_id, None)
-
-    async def _kill_and_wait(self, cur: Any, ids: Sequence[int], what: str,
-                             still_there: str) -> None:
-        """KILL the sessions ``ids`` and wait (``_SETTLE_SECONDS``) until they are gone;
-        a retryable BackendError(``still_there``) if they are not."""
-        if not ids:
-            return
-        for thread_id in ids:
-            try:
-                await cur.execute(f"KILL CONNECTION {thread_id:d}")
-            except pymysql.err.MySQLError as exc:
-                if _error_code(exc) != _ER_NO_SUCH_THREAD:  # gone already: fine
-                    raise self._wrap(f"ending {what}", exc) from None
-        gone = ("SELECT ID FROM information_schema.PROCESSLIST"
-                f" WHERE ID IN ({', '.join(['%s'] * len(ids))})")
-        deadline = asyncio.get_running_loop().time() + _SETTLE_SECONDS
-        while True:
-            await self._run(cur, f"waiting for {what} to end", gone, params=tuple(ids))
-            if not await cur.fetchall():
-                return
-            if asyncio.get_running_loop().time() > deadline:
-                raise BackendError(f"mysql: {still_there}", retryable=True)
-            await asyncio.sleep(0.05)
-
-    async def _kill_sessions(self, cur: Any, name: str, *, final: bool = False) -> None:
-        """KILL every live session of ``name``; with ``final``, wait until none is left.
-
-        A killed session stays in the process list (``COMMAND`` ``Killed``)
-        until it has ended: a statement in the middle of a large write rolls
-        back first, holding its locks, which may take seconds. ``final`` waits
-        for those too (up to ``_SETTLE_SECONDS``, else a retryable error), so
-        a revocation never returns while a session of the user is still there.
-        """
-        if final:
-            for _ in range(5):
-                # Killed ones included: the wait below is for them to be gone.
-                await self._run(cur, "listing sessions",
-                                "SELECT ID, USER FROM information_schema.PROCESSLIST "
-                                "WHERE USER = %s", params=(name,))
-                ids = _sessions_of(await cur.fetchall(), name)
-                if not ids:
-                    return
-                await self._kill_and_wait(
-                    cur, ids, "the user's sessions",
-                    f"sessions of {name!r} are still ending after KILL (a long rollback?);"
-                    " will retry")
-            raise BackendError(
-                f"mysql: sessions of {name!r} are still alive after KILL; will retry",
-                retryable=True,
-            )
-        await self._run(
-            cur,
-            "listing sessions",
-            "SELECT ID, USER FROM information_schema.PROCESSLIST "
-            "WHERE USER = %s AND COMMAND <> 'Killed'",
-            params=(name,),
-        )
-        ids = _sessions_of(await cur.fetchall(), name)
-        for thread_id in ids:
-            try:
-                await cur.execute(f"KILL CONNECTION {thread_id:d}")
-            except pymysql.err.MySQLError as exc:
-                if _error_code(exc) != _ER_NO_SUCH_THREAD:  # ended meanwhile: fine
-                    raise self._wrap("killing sessions", exc) from None
-
     async def _drop_new_accounts(
         self, cur: Any, name: str, before: set[str], exc: BackendError
     ) -> None:
@@ -1040,35 +685,6 @@ class MySQLBackend:
             return
         if after is None:  # unknown: the rollback must look for itself
             exc.created_nothing = False
-
-    async def _end_creating_sessions(self, cur: Any, name: str) -> None:
-        """KILL the admin account's sessions still running a statement naming ``name``.
-
-        ``_settle`` does this for the sessions this process dropped; a broker
-        that was killed (kill -9) left no such record, and its creation
-        statement may still be running on the server (waiting on a lock): it
-        would create the user after the rollback's DROP USER found nothing.
-        Matched on the statement text (the name between non-name characters),
-        which is only compared in SQL: it may hold a password, so it is never
-        read, logged or returned.
-        """
-        pattern = f"(^|[^a-z0-9_-]){name}([^a-z0-9_-]|$)"  # name is [a-z0-9_-] only
-        # Not the broker's own reads and drops of the name (another rollback's
-        # scan like this one, a revocation's DROP USER or KILL): only what could
-        # still create it (CREATE USER, GRANT, EXECUTE IMMEDIATE, CALL ...).
-        query = ("SELECT ID FROM information_schema.PROCESSLIST"
-                 " WHERE USER = SUBSTRING_INDEX(CURRENT_USER(), '@', 1)"
-                 " AND ID <> CONNECTION_ID() AND INFO IS NOT NULL"
-                 " AND LOWER(INFO) REGEXP %s"
-                 " AND LOWER(INFO) NOT REGEXP '^[[:space:]]*(select|show|kill|drop|revoke|alter)'")
-        await self._run(cur, "finding unfinished creation statements", query, params=(pattern,))
-        ids = [int(row[0]) for row in await cur.fetchall()]
-        if ids:
-            log.warning("mysql: ending %d admin session(s) still running a statement for %s",
-                        len(ids), name)
-        await self._kill_and_wait(cur, ids, "an unfinished creation statement",
-                                  "an admin session creating this user is still ending;"
-                                  " rolling back later")
 
     async def _drop_quietly(self, cur: Any, name: str, host: str) -> None:
         try:
@@ -1155,46 +771,6 @@ class MySQLBackend:
                    and not 2000 <= code < 3000)
         return BackendError(f"mysql {where}: {what} failed: {detail}", retryable=retryable,
                             created_nothing=refused)
-
-
-def _native_hash(password: str) -> str:
-    """The ``mysql_native_password`` hash of ``password``, as the server stores it."""
-    inner = hashlib.sha1(password.encode()).digest()  # noqa: S324 - the server's format
-    return "*" + hashlib.sha1(inner).hexdigest().upper()  # noqa: S324
-
-
-def _holds(current: str | None, ours: str | None, new: str) -> bool | None:
-    """Whether the admin account (``current``: its SHOW CREATE USER now) still holds the
-    password ``new`` this rotation set (``ours``: the account right after it); None: unknown.
-
-    A ``mysql_native_password`` hash is unsalted, so it is compared with ``new``'s
-    own (closing the moment between our ALTER and ``ours``). Salted ones (MySQL 8's
-    ``caching_sha2_password``) change with every ALTER, even to the same password,
-    so the account is compared with ``ours``.
-    """
-    if current is None:
-        return None
-    hashes = _NATIVE_HASHES.findall(current)
-    if hashes:
-        want = _native_hash(new)
-        return all(hmac.compare_digest(h, want) for h in hashes)
-    if ours is None:
-        return None
-    return hmac.compare_digest(current, ours)
-
-
-def _account(name: str, host: str) -> str:
-    return f"{quote_literal(name)}@{quote_literal(host)}"
-
-
-def _sessions_of(rows: Any, name: str) -> list[int]:
-    """The thread ids of ``rows`` (ID, USER) that are ``name``'s, to the letter.
-
-    PROCESSLIST.USER compares without case (``utf8mb3_general_ci``) while account
-    names are case-sensitive: ``USER = 'alice'`` also finds the sessions of an
-    account ``Alice`` (or of an admin ``Alice``), which a revocation must not kill.
-    """
-    return [int(row[0]) for row in rows if str(row[1]) == name]
 
 
 def _one_account(stmt: str, name: str) -> bool:

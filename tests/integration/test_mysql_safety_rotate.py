@@ -23,7 +23,8 @@ import pytest
 
 from broker.backend import BackendError, RotateRootRequest
 from broker.templating import generate_password
-from plugins.mysql import MySQLBackend, _holds, _native_hash
+from plugins._mysql_rotate import _holds, _native_hash
+from plugins.mysql import MySQLBackend
 from tests.integration.db_fixtures import (
     mysql_accounts_dropped,
     mysql_mount,
