@@ -36,7 +36,16 @@ alone; compare ``last_seq`` / ``last_hash`` of
 
 Secrets never reach disk: every value under a key in :data:`SECRET_KEYS`, at any
 depth, is replaced by its HMAC (see :func:`redact`), so equal tokens can still
-be correlated across lines by whoever holds the key.
+be correlated across lines by whoever holds the key. Token accessors too (as
+Vault's ``hmac_accessor``, on by default): an accessor lets its holder look up
+and revoke its token, so a reader of the log must not get it. Every value under
+a key in :data:`ACCESSOR_KEYS` (or ending in ``_accessor``), outside a
+``metadata`` map (the caller's own names), is written as its HMAC, the same
+``hmac-sha256:...`` that ``broker audit hash`` and ``sys/audit-hash/file``
+compute. And whatever field a value comes in, one that looks like a credential
+(see :func:`looks_like_credential`) is written as ``[hidden: N characters]``:
+the writer enforces it, so a field added later cannot leak a JWT a caller sent
+where a name was expected.
 
 Fail-closed: :meth:`AuditLog.write` returns only after its line was handed to
 the kernel (and fsync'd when configured); otherwise it raises
@@ -73,6 +82,7 @@ from typing import Any
 from broker.errors import ServiceUnavailable
 
 __all__ = [
+    "ACCESSOR_KEYS",
     "EVENT_TYPES",
     "GENESIS",
     "PROBE_INTERVAL",
@@ -83,6 +93,7 @@ __all__ = [
     "hash_value",
     "is_secret_name",
     "load_key",
+    "looks_like_credential",
     "redact",
     "shown",
 ]
@@ -98,6 +109,13 @@ SECRET_KEYS = frozenset({
     "jwt", "private_key",
     # the same secrets under the names other layers use for them
     "secret_access_key", "session_token", "client_secret", "authorization", "x-vault-token",
+})
+
+#: values under these keys (case-insensitive, or any key ending in ``_accessor``) are
+#: token accessors: written as HMACs unless ``[audit] hmac_accessor = false``. Not
+#: inside a ``metadata`` map, whose keys are the caller's (a claim named ``owner``).
+ACCESSOR_KEYS = frozenset({
+    "accessor", "accessors", "token_accessor", "owner", "original_owner", "caller", "target",
 })
 
 #: the standard event types (others are allowed; these are what operators grep for).
@@ -197,12 +215,21 @@ def is_secret_name(name: str) -> bool:
     return _is_secret_key(name)
 
 
+def looks_like_credential(value: str) -> bool:
+    """Whether ``value`` starts like a credential (a JWT, a broker or Vault token)."""
+    return value.startswith(_CREDENTIAL_PREFIXES)
+
+
+def _hidden(value: str) -> str:
+    return f"[hidden: {len(value)} characters]"
+
+
 def shown(value: str) -> str:
     """``value`` as a log line or an error may show a name the caller sent: itself, or
     ``[hidden: N characters]`` when it looks like a credential (or is too long to be
     a name)."""
     if value.startswith(_CREDENTIAL_PREFIXES) or len(value) > 256:
-        return f"[hidden: {len(value)} characters]"
+        return _hidden(value)
     return value
 
 
@@ -210,6 +237,31 @@ def shown(value: str) -> str:
 def _is_secret_key(name: str) -> bool:
     lowered = name.lower()
     return lowered in SECRET_KEYS or lowered.endswith(_SECRET_SUFFIXES)
+
+
+# What the audit writer does with a field, by its name (see _AuditRedactor). Not 0:
+# ``_ROLES.get(name) or _field_role(name)`` is the lookup.
+_PLAIN, _SECRET, _ACCESSOR, _USER_MAP = 1, 2, 3, 4
+#: name -> role, filled as names are met; a plain dict (not lru_cache): one lookup per
+#: field of every line. Bounded: metadata keys are the callers' and may be many.
+_ROLES: dict[str, int] = {}
+_MAX_CACHED = 4096
+
+
+def _field_role(name: str) -> int:
+    lowered = name.lower()
+    if _is_secret_key(name):
+        role = _SECRET
+    elif lowered in ACCESSOR_KEYS or lowered.endswith("_accessor"):
+        role = _ACCESSOR
+    elif lowered == "metadata":
+        role = _USER_MAP
+    else:
+        role = _PLAIN
+    if len(_ROLES) >= _MAX_CACHED:
+        _ROLES.clear()
+    _ROLES[name] = role
+    return role
 
 
 def _walk(obj: Any, hide: Callable[[str], str]) -> Any:
@@ -237,6 +289,89 @@ def _walk(obj: Any, hide: Callable[[str], str]) -> Any:
     if kind is float and not math.isfinite(obj):
         return str(obj)
     return obj
+
+
+class _AuditRedactor:
+    """What the audit writer does to an event before it is signed: a copy with
+
+    - every secret-named value (:data:`SECRET_KEYS`) as its HMAC, as :func:`redact`;
+    - every accessor (:data:`ACCESSOR_KEYS`) as its HMAC, or as it is when
+      ``accessor`` is None (``hmac_accessor = false``): a broker-made id, not screened;
+    - every other string that looks like a credential (:func:`looks_like_credential`)
+      as ``[hidden: N characters]``, whatever its field: a caller cannot forget it.
+
+    One pass over the event, exact type checks first: it runs on every audit line.
+    """
+
+    __slots__ = ("_accessor", "_macs", "_secret")
+
+    def __init__(self, secret: Callable[[str], str],
+                 accessor: Callable[[str], str] | None) -> None:
+        self._secret = secret
+        self._accessor = accessor
+        # accessor -> its HMAC: a token's accessor is on each of its lines, often twice
+        # (auth.accessor, lease.owner). Not a secret the process does not hold anyway.
+        self._macs: dict[str, str] = {}
+
+    def walk(self, obj: Any, ids: bool = True) -> Any:
+        """``ids``: accessor-named keys hold accessors here (not inside ``metadata``)."""
+        kind = type(obj)
+        if kind is str:
+            return _hidden(obj) if obj.startswith(_CREDENTIAL_PREFIXES) else obj
+        if kind is dict or isinstance(obj, Mapping):
+            out: dict[str, Any] = {}
+            roles = _ROLES
+            for k, v in obj.items():
+                name = k if type(k) is str else str(k)
+                role = roles.get(name) or _field_role(name)
+                vkind = type(v)
+                if role == _PLAIN or v is None:
+                    # The common case first, inline: most fields of most lines.
+                    if vkind is str:
+                        out[name] = _hidden(v) if v.startswith(_CREDENTIAL_PREFIXES) else v
+                    elif v is None or vkind is int or vkind is bool:
+                        out[name] = v
+                    else:
+                        out[name] = self.walk(v, ids)
+                else:
+                    out[name] = self._member(role, v, ids)
+            return out
+        if kind in _SCALARS:
+            return obj
+        if kind is list or isinstance(obj, list | tuple | set | frozenset):
+            return [self.walk(v, ids) for v in obj]
+        if kind is float and not math.isfinite(obj):
+            return str(obj)
+        return obj
+
+    def _member(self, role: int, value: Any, ids: bool) -> Any:
+        """A member named as a secret, an accessor or metadata, whose value is not None."""
+        if role == _SECRET:
+            if type(value) is str:
+                return value if _is_mac(value) else self._secret(value)
+            return self._secret(_canonical(_walk(value, self._secret)).decode("ascii"))
+        if role == _ACCESSOR and ids:
+            if type(value) is str:
+                return self._accessor_value(value)
+            if type(value) in (list, tuple):
+                return [self._accessor_value(v) if type(v) is str else self.walk(v, ids)
+                        for v in value]
+            return self.walk(value, ids)
+        # Inside metadata the names are the caller's: "owner" there is no accessor.
+        return self.walk(value, False) if role == _USER_MAP else self.walk(value, ids)
+
+    def _accessor_value(self, value: str) -> str:
+        if self._accessor is None or not value:
+            return value
+        mac = self._macs.get(value)
+        if mac is None:
+            if _is_mac(value):  # already written as one (a caller pre-redacted it)
+                return value
+            mac = self._accessor(value)
+            if len(self._macs) >= _MAX_CACHED:
+                self._macs.clear()
+            self._macs[value] = mac
+        return mac
 
 
 def redact(obj: Any, key: bytes | None = None) -> Any:
@@ -335,11 +470,12 @@ class AuditLog:
     """An append-only, hash-chained audit file. Create with :meth:`open`."""
 
     def __init__(self, path: str, key: bytes, *, fsync: bool = False,
-                 probe_interval: float = PROBE_INTERVAL) -> None:
+                 probe_interval: float = PROBE_INTERVAL, hmac_accessor: bool = True) -> None:
         self.path = path
         self._key = key
         # A keyed HMAC state to .copy() per value: saves re-keying on every MAC.
         self._hmac_base = _hmac.new(key, digestmod="sha256")
+        self._redactor = _AuditRedactor(self.hmac, self.hmac if hmac_accessor else None)
         # _sign serializes each record once with this stand-in for its mac and
         # then swaps it out. Random per log, so no event value can forge it.
         self._mac_stand_in = _MAC_PREFIX + secrets.token_hex(32)
@@ -374,9 +510,12 @@ class AuditLog:
     @classmethod
     async def open(
         cls, path: str, hmac_key_file: str, *, fsync: bool = False, create_key: bool = False,
-        probe_interval: float = PROBE_INTERVAL,
+        probe_interval: float = PROBE_INTERVAL, hmac_accessor: bool = True,
     ) -> AuditLog:
-        """Open (or create) the log at ``path``, continuing the chain of its last line."""
+        """Open (or create) the log at ``path``, continuing the chain of its last line.
+
+        ``hmac_accessor=False`` writes token accessors as they are (``[audit] hmac_accessor``).
+        """
         try:
             key = await asyncio.to_thread(_load_or_create_key, hmac_key_file, create_key)
         except FileNotFoundError:
@@ -390,7 +529,8 @@ class AuditLog:
             ) from None
         except ValueError as exc:
             raise AuditError(f"audit key file {hmac_key_file}: {exc}") from None
-        self = cls(path, key, fsync=fsync, probe_interval=probe_interval)
+        self = cls(path, key, fsync=fsync, probe_interval=probe_interval,
+                   hmac_accessor=hmac_accessor)
         try:
             # A file written under another key is set aside, not continued:
             # "keep the old key to verify old logs" must hold after a key change.
@@ -449,8 +589,10 @@ class AuditLog:
         return _MAC_PREFIX + h.hexdigest()
 
     def redact(self, obj: Any) -> Any:
-        """:func:`redact` under this log's key."""
-        return _walk(obj, self.hmac)
+        """What :meth:`write` writes of ``obj``: :func:`redact` under this log's key, with
+        accessors HMAC'd (unless ``hmac_accessor`` is off) and credential-like values
+        hidden in every field."""
+        return self._redactor.walk(obj)
 
     # -- writing --------------------------------------------------------------------
 

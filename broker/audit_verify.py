@@ -4,7 +4,8 @@ Reads what :class:`broker.audit.AuditLog` writes, line by line: each line's
 ``seq`` follows the previous one, its ``prev`` is the hash of the previous
 line, and with the key its ``mac`` and canonical form match. Rotated files
 are checked oldest first, each one's ``prev_file`` against the last line of
-the one before.
+the one before; after a file that failed, that link cannot be judged, and the
+next file gets its own chain's result with a note saying so.
 
 A line carrying ``gap`` (the writer's ``admin`` / ``audit_gap`` line: it found
 the file changed under it, lines cut off or bytes added by someone else) fails
@@ -16,6 +17,7 @@ the copy; :attr:`VerifyResult.note` says so.
 
 from __future__ import annotations
 
+import dataclasses
 import hmac as _hmac
 import json
 from collections.abc import Iterable
@@ -138,12 +140,26 @@ def verify_file(path: str, key: bytes | None) -> VerifyResult:
 
 
 def verify_files(paths: Iterable[str], key: bytes | None) -> list[tuple[str, VerifyResult]]:
-    """Verify rotated files oldest first; a broken ``prev_file`` link fails that file."""
+    """Verify rotated files oldest first; a broken ``prev_file`` link fails that file.
+
+    After a file whose own chain failed, the next one's link cannot be judged
+    (the failed file's last good line need not be its last line): that file gets
+    its own chain's result, with a :attr:`VerifyResult.note` saying its link was
+    not checked. (After a file that failed only by its own link, its chain is
+    whole up to its last line, and the next link is checked as usual.)
+    """
     results: list[tuple[str, VerifyResult]] = []
-    last: VerifyResult | None = None
+    last: VerifyResult | None = None  # the previous file's own chain
+    last_path = ""
     for path in paths:
-        result = verify_file(path, key)
-        if (result.ok and last is not None and result.lines
+        chain = result = verify_file(path, key)
+        if result.ok and last is not None and not last.ok and result.lines:
+            note = (f"its link to {last_path} (prev_file) was not checked: that file "
+                    "failed verification")
+            if result.note:
+                note = f"{result.note}; {note}"
+            result = dataclasses.replace(result, note=note)
+        elif (result.ok and last is not None and result.lines
                 and result.prev_file != last.last_hash):
             reason = "prev_file does not match the previous file's last line"
             cut = _int((result.truncated or {}).get("seq"))
@@ -153,5 +169,5 @@ def verify_files(paths: Iterable[str], key: bytes | None) -> list[tuple[str, Ver
             result = VerifyResult(False, result.lines, 1, reason, result.last_seq,
                                   result.last_hash, result.prev_file, None, result.truncated)
         results.append((path, result))
-        last = result
+        last, last_path = chain, path
     return results

@@ -42,6 +42,7 @@ __all__ = [
     "TokenConfig",
     "dev_config_path",
     "is_loopback",
+    "load_audit_config",
     "load_config",
     "parse_listen",
     "read_secret_file",
@@ -130,6 +131,8 @@ class AuditConfig:
     hmac_key_file: str = "/etc/broker/audit.key"
     #: fsync every line (slower; survives power loss, not only a crash).
     fsync: bool = False
+    #: write token accessors as HMACs (Vault's hmac_accessor); false: in clear.
+    hmac_accessor: bool = True
 
 
 @dataclass(frozen=True)
@@ -291,10 +294,28 @@ def load_config(path: str | os.PathLike[str], *, check_tls: bool = True) -> Conf
     running listener and checks a renewed pair itself, so a half-written
     certificate must not also reject unrelated config changes.
     """
+    source, raw = _read_toml(path)
+    base = Path(source).resolve().parent
+    return _build(source, raw, base, check_tls=check_tls)
+
+
+def load_audit_config(path: str | os.PathLike[str]) -> AuditConfig:
+    """Only the ``[audit]`` table of ``path``, checked as :func:`load_config` checks it.
+
+    For offline tools (``broker audit hash --config``): they need the key file, not
+    the mounts' admin passwords or the TLS pair the rest of the file names.
+    """
+    source, raw = _read_toml(path)
+    top = _Reader(source, "", raw)
+    return _audit(_Reader(source, "audit", _table(top, "audit")), Path(source).resolve().parent)
+
+
+def _read_toml(path: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]:
+    """The parsed file; ConfigError naming the file when it cannot be read or parsed."""
     source = str(path)
     try:
         with open(path, "rb") as fh:
-            raw = tomllib.load(fh)
+            return source, tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(source, "", "file not found") from None
     except PermissionError:
@@ -308,8 +329,6 @@ def load_config(path: str | os.PathLike[str], *, check_tls: bool = True) -> Conf
         raise ConfigError(source, "", f"not UTF-8 text (byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, "", f"invalid TOML: {exc}") from None
-    base = Path(source).resolve().parent
-    return _build(source, raw, base, check_tls=check_tls)
 
 
 def _path(base: Path, value: str) -> str:
@@ -571,8 +590,10 @@ def _audit(r: _Reader, base: Path) -> AuditConfig:
     path = r.get("path", str, "/var/log/broker/audit.jsonl")
     key = r.get("hmac_key_file", str, "/etc/broker/audit.key")
     fsync = r.get("fsync", bool, False)
+    hmac_accessor = r.get("hmac_accessor", bool, True)
     r.reject_unknown()
-    return AuditConfig(path=_path(base, path), hmac_key_file=_path(base, key), fsync=fsync)
+    return AuditConfig(path=_path(base, path), hmac_key_file=_path(base, key), fsync=fsync,
+                       hmac_accessor=hmac_accessor)
 
 
 def _leases(r: _Reader) -> LeaseConfig:

@@ -40,7 +40,14 @@ from broker.backend import (
 )
 from broker.config import Config
 from broker.endings import EndingRecorder
-from broker.errors import BackendUnavailable, BadRequest, DeadLease, UnknownLease
+from broker.errors import (
+    BackendUnavailable,
+    BadRequest,
+    DeadLease,
+    ServiceUnavailable,
+    StoreUnavailable,
+    UnknownLease,
+)
 from broker.lease import (
     DEAD_STATES,
     Lease,
@@ -56,11 +63,11 @@ from broker.lease import (
 from broker.middleware import MountRuntime
 from broker.mounts import MountSet
 from broker.revocation import ISSUED_BY, RevokeOutcome, Revoker, lease_ref
-from broker.store.base import LeaseStore, RevokeQueued
+from broker.store.base import FORCE_TAKEOVER, LeaseStore, RevokeQueued
 from broker.templating import generate_password, render_username
 
-__all__ = ["EndingRecorder", "Issued", "LeaseEngine", "RecordIssue", "RevokeOutcome",
-           "lease_ref"]
+__all__ = ["EndingRecorder", "Issued", "LeaseEngine", "MountNotServed", "RecordIssue",
+           "RevokeOutcome", "lease_ref"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +85,27 @@ RecordIssue = Callable[[Lease, Mapping[str, Any]], Awaitable[None]]
 
 #: How often a request waiting for a revocation asks the store whether it is done.
 REVOKE_POLL = 0.5
+#: How long a revoke of a lease whose mount this replica lacks waits for a replica that
+#: has the mount to end it (shared stores only), as a forced one waits (FORCE_TAKEOVER).
+UNSERVED_WAIT = FORCE_TAKEOVER
+
+
+class MountNotServed(ServiceUnavailable):
+    """A revoke of a lease whose mount this replica does not have (503).
+
+    The lease is queued (revoking), for a replica that has the mount, or this
+    one once the mount is added back; revoke-force ends it without the backend.
+    503 rather than 400: the request is sound, and a replica that has the mount
+    carries it out, as it does for an issue whose backend is unreachable here.
+    """
+
+    def __init__(self, lease: Lease, *, waited: float) -> None:
+        within = f" (none ended it within {waited:g}s)" if waited > 0 else ""
+        super().__init__(
+            f"lease {lease.id} is not revoked: mount {lease.mount!r} is not configured on "
+            f"this replica; the revocation is queued for a replica that has the mount"
+            f"{within} (or add the mount back here), or end the lease without a backend "
+            f"call with sys/leases/revoke-force/{lease.id}")
 
 
 def _no_wake(at: float | None) -> None:
@@ -650,7 +678,27 @@ class LeaseEngine(MountSet, Revoker):
     # -- revocation ------------------------------------------------------------
     async def revoke(self, lease: Lease, *, reason: str = "revoke", wait: float = 30.0
                      ) -> RevokeOutcome:
-        """Queue one lease for revocation and wait (up to ``wait``s) for the first attempt."""
+        """Queue one lease for revocation and wait (up to ``wait``s) for the first attempt.
+
+        A lease of a mount this replica lacks is queued for a replica that has it;
+        :class:`MountNotServed` (503) once none has ended it within ``UNSERVED_WAIT``
+        (at once when no other process shares the store).
+        """
+        served = lease.mount in self.mounts
+        if not served:
+            wait = min(wait, self._unserved_wait())
+        outcome = await self._revoke(lease, reason=reason, wait=wait)
+        if not served and not outcome.done:
+            raise MountNotServed(lease, waited=wait)
+        return outcome
+
+    def _unserved_wait(self) -> float:
+        """How long a revoke of a mount this replica lacks waits for one that has it."""
+        shared = (self.config.storage.url.startswith("postgresql")
+                  or self.config.server.workers > 1)
+        return UNSERVED_WAIT if shared else 0.0
+
+    async def _revoke(self, lease: Lease, *, reason: str, wait: float) -> RevokeOutcome:
         fut: asyncio.Future[RevokeOutcome] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(lease.id, []).append(fut)
         try:
@@ -710,11 +758,17 @@ class LeaseEngine(MountSet, Revoker):
         return queued
 
     def kick_revoke_rules(self) -> asyncio.Task[int]:
-        """Make sure the expander runs (again); returns its task."""
+        """Make sure the expander runs (again); returns its task.
+
+        The task raises StoreUnavailable when the store cannot be reached: the
+        periodic job awaits it and reports the outage; a kick from a request,
+        which nobody awaits, leaves it to that job.
+        """
         self._rules_again = True
         if self._rules_task is None or self._rules_task.done():
             self._rules_task = asyncio.create_task(self._expand_rules(),
                                                    name="broker-revoke-rules")
+            self._rules_task.add_done_callback(_retrieve)
         return self._rules_task
 
     async def expand_revoke_rules(self) -> int:
@@ -735,6 +789,10 @@ class LeaseEngine(MountSet, Revoker):
                     if rule_id is None:
                         break
                     total += await self._expand_rule(rule_id)
+        except StoreUnavailable:
+            # An outage, not a bug: no traceback every 5 s while it lasts; the
+            # periodic job says it once (broker/periodic.py) and tries again.
+            raise
         except Exception:
             # The claim stays ours until it runs out; the periodic job tries again.
             log.exception("expanding revoke rules (retried by the periodic job)")
@@ -821,6 +879,12 @@ class LeaseEngine(MountSet, Revoker):
             return True
         except TimeoutError:
             return False
+
+def _retrieve(task: asyncio.Task[int]) -> None:
+    """Mark the task's exception as seen: asyncio would log an unawaited one as an error."""
+    if not task.cancelled():
+        task.exception()
+
 
 def new_request_id() -> str:
     return str(uuid.UUID(bytes=secrets.token_bytes(16), version=4))

@@ -1035,7 +1035,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
     except OperationError as exc:  # e.g. the JWT file or the token file is missing
         _say(f"error: {' '.join(str(exc).split())}")
         return EXEC_FAILED
-    if getattr(args, "token", None):
+    if getattr(args, "token", None) not in (None, "", "-"):  # "-": read from stdin
         _say("warning: --token puts the token in the process list for the whole run, "
              "where the command and other users can read it (ps); use --token-file FILE "
              "or set BROKER_TOKEN instead")

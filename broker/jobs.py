@@ -2,7 +2,8 @@
 
 - stale-pending rollback: issues interrupted by a crash or a lost backend call;
 - irrevocable retry: one more try for leases that gave up;
-- tombstone purge: dead leases past their retention;
+- tombstone purge: dead leases past their retention, and the records of JWTs
+  that logged in to ``single_use`` roles once they could not log in anyway;
 - token expiry: mark expired tokens and queue their leases (belt and braces:
   leases are already capped at their token's expiry);
 - mount health: reconnect unhealthy backends so issuing resumes by itself;
@@ -20,8 +21,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
+import asyncpg
+
 from broker.lease import TokenState
-from broker.periodic import Periodic
+from broker.periodic import Periodic, StoreOutage
 from broker.state import BrokerState
 from broker.store.base import LeaseStore
 from broker.worker_stats import PUBLISH_INTERVAL, publish_own
@@ -39,16 +42,27 @@ PURGE_INTERVAL = 3600
 #: Rows one purge statement deletes (one store write each).
 PURGE_BATCH = 10000
 REVOKE_RULES_INTERVAL = 5
+#: Jobs whose runs may not touch the lease store: their going through says nothing of it
+#: (mount health queries it only when a mount recovers).
+_STORELESS = frozenset({"mount health", "password files", "worker metrics"})
+#: Seconds a used JWT's record outlives the JWT (exp + leeway): a replica whose clock
+#: runs this much behind the purging one still finds the record, and refuses a replay.
+USED_JWT_MARGIN = 600
 
 
-async def purge_ended(store: LeaseStore, *, before: float, batch: int = PURGE_BATCH) -> int:
-    """Delete dead leases and ended tokens that ended before ``before``, batch after
-    batch until none is left (one batch an hour would fall behind a busy broker).
+async def purge_ended(store: LeaseStore, *, before: float, batch: int = PURGE_BATCH,
+                      jwts_before: float | None = None) -> int:
+    """Delete dead leases and ended tokens that ended before ``before`` (and, with
+    ``jwts_before``, used-JWT records valid until before then), batch after batch
+    until none is left (one batch an hour would fall behind a busy broker).
     Returns how many rows went."""
     total = 0
-    for purge_batch in (store.purge_tombstones, store.purge_ended_tokens):
+    purges = [(store.purge_tombstones, before), (store.purge_ended_tokens, before)]
+    if jwts_before is not None:
+        purges.append((store.purge_used_jwts, jwts_before))
+    for purge_batch, cutoff in purges:
         while True:
-            count = await purge_batch(before=before, limit=batch)
+            count = await purge_batch(before=cutoff, limit=batch)
             total += count
             if count < batch:
                 break
@@ -68,6 +82,33 @@ def _reported(name: str, fn: Callable[[], Awaitable[object]]) -> Callable[[], Aw
     return job
 
 
+#: Errors that say a database cannot be reached, not that something is broken.
+_UNREACHABLE = (OSError, TimeoutError, asyncpg.PostgresConnectionError,
+                asyncpg.InterfaceError, asyncpg.exceptions.CannotConnectNowError)
+
+
+class _OneLineWhenUnreachable(logging.Filter):
+    """asyncpg's pools log "Failed to restore the pool connection floor; retrying" with a
+    traceback at each retry while their server is down (1, 2, 4 ... 60 s apart). An
+    unreachable server is an outage the store and the mounts already report: the
+    error goes on the line, the traceback goes. Other errors keep theirs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, _UNREACHABLE):
+            record.msg = f"{record.getMessage()} ({type(exc).__name__}: {exc})"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def _quiet_pool_floor_retries() -> None:
+    pool_log = logging.getLogger("asyncpg.pool")
+    if not any(isinstance(f, _OneLineWhenUnreachable) for f in pool_log.filters):
+        pool_log.addFilter(_OneLineWhenUnreachable())
+
+
 def start_jobs(state: BrokerState) -> Periodic:
     cfg = state.config.leases
     engine, store = state.engine, state.store
@@ -82,14 +123,16 @@ def start_jobs(state: BrokerState) -> Periodic:
         return count
 
     async def purge() -> int:
-        return await purge_ended(store, before=engine.clock() - cfg.tombstone_retention)
+        now = engine.clock()
+        return await purge_ended(store, before=now - cfg.tombstone_retention,
+                                 jwts_before=now - USED_JWT_MARGIN)
 
     async def expire_tokens() -> int:
         accessors = await store.expired_tokens(now=engine.clock(), limit=1000)
         await engine.end_tokens(accessors, state=TokenState.EXPIRED)
         return len(accessors)
 
-    scheduler = Periodic()
+    scheduler = Periodic(outage=StoreOutage(reason=lambda: store.error))
     jobs: list[tuple[str, Callable[[], Awaitable[object]], float]] = [
         ("stale-pending rollback", rollback, max(5, cfg.pending_timeout // 2)),
         ("irrevocable retry", retry_irrevocable, cfg.irrevocable_retry_interval),
@@ -105,7 +148,8 @@ def start_jobs(state: BrokerState) -> Periodic:
 
         jobs.append(("worker metrics", publish, PUBLISH_INTERVAL))
     for name, fn, seconds in jobs:
-        scheduler.add(name, _reported(name, fn), seconds)
+        scheduler.add(name, _reported(name, fn), seconds, uses_store=name not in _STORELESS)
+    _quiet_pool_floor_retries()
     scheduler.start()
     log.debug("periodic jobs: %s", "; ".join(f"{name} every {seconds:g}s"
                                               for name, _, seconds in jobs))

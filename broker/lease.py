@@ -136,6 +136,9 @@ class Token:
     #: increment extends by this, as in Vault. 0: never expires. None: a row from
     #: before the store kept it (see TokenManager.renew).
     creation_ttl: int | None = None
+    #: the path that created it, as token lookups show it (``auth/github/login``);
+    #: "": ``auth/token/create`` (child and root tokens, rows from before it was kept).
+    path: str = ""
 
     @property
     def is_root(self) -> bool:

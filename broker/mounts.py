@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from urllib.parse import urlsplit
 
-from broker.backend import MountSpec, RoleSpec, load_plugin
+from broker.backend import BackendError, MountSpec, RoleSpec, load_plugin
 from broker.config import Config, read_secret_file
 from broker.errors import NotFound
 from broker.lease import LeaseFilter, LeaseState
@@ -140,11 +140,21 @@ class MountSet:
         candidate = replace(spec, secret=content)
         config = replace(self.config, mounts={**self.config.mounts, name: candidate})
         fresh = self._build_mount(name, config)
-        if not await fresh.ensure_initialized() and runtime.healthy:
+        refused = await _verify_quietly(fresh)
+        if refused is not None:
+            # Never swapped in unverified, even while the running mount fails: that
+            # failure may be the server being down, and the mount would stay on a
+            # refused secret once it is back (day-2 QA). The health job tries the
+            # file again while the running mount fails.
             await fresh.close()
             self._refused_secrets[name] = content
-            self._note_password_file(name, f"{spec.secret_file} changed, but the backend "
-                                     f"refuses it ({fresh.error}); still using the old secret")
+            message = (f"{spec.secret_file} changed, but the backend refuses it ({refused}); "
+                       "still using the old secret")
+            if runtime.healthy:  # the server answered, and said no: the file needs a look
+                self._note_password_file(name, message)
+            else:  # nothing tells a refusal from the outage the mount is already reported in
+                log.info("mount %s: %s (tried again while the mount is unhealthy)", name,
+                         message)
             return
         if self.mounts.get(name) is not runtime:  # a reload replaced it meanwhile
             await fresh.close()
@@ -290,6 +300,23 @@ class MountSet:
         if spec is None:
             raise NotFound(f"no role {role!r} on mount {mount!r}")
         return spec
+
+
+async def _verify_quietly(candidate: MountRuntime) -> str | None:
+    """Connect and verify a mount built with a password file's new content; None when
+    it works, else why not (redacted).
+
+    Not ``ensure_initialized``: its "mount X unhealthy" warning would be about a mount
+    that is not running, while the running one is fine (a false alarm, day-2 QA).
+    """
+    try:
+        await candidate._call("initialize", candidate.backend.initialize, ())
+        await candidate._call("verify", candidate.backend.verify, ())
+    except BackendError as exc:  # the wrapper redacted it, the candidate secret included
+        candidate.error = str(exc)
+        return str(exc)
+    candidate.healthy, candidate.error = True, None
+    return None
 
 
 def _server(spec: MountSpec) -> str:

@@ -18,36 +18,88 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from broker.errors import StoreUnavailable
 
-__all__ = ["Periodic"]
+__all__ = ["OUTAGE_REPEAT", "Periodic", "StoreOutage"]
 
 log = logging.getLogger(__name__)
+
+#: Seconds between the log lines that say a store outage still lasts.
+OUTAGE_REPEAT = 60.0
+
+
+class StoreOutage:
+    """The log's account of a lease-store outage as the periodic jobs meet it.
+
+    Every job that touches the store fails while it is down, each at its own
+    interval: one line (or, before, a traceback) per failed run buried the log
+    (day-2 QA). Instead: one WARNING with the error when the outage starts, one
+    every ``repeat`` seconds while it lasts (saying for how long), and one INFO
+    when a job reaches the store again.
+    """
+
+    def __init__(self, *, repeat: float = OUTAGE_REPEAT,
+                 clock: Callable[[], float] = time.monotonic,
+                 reason: Callable[[], str | None] | None = None) -> None:
+        self.repeat = repeat
+        self.clock = clock
+        #: the store's own word for what is wrong (``LeaseStore.error``), if it has one.
+        self.reason = reason
+        #: when the outage began (None: the store is reachable, as far as the jobs know).
+        self.since: float | None = None
+        self._said = 0.0
+
+    def failed(self, job: str, exc: StoreUnavailable) -> None:
+        """Job ``job`` could not reach the store."""
+        now = self.clock()
+        why = (self.reason() if self.reason is not None else None) or str(exc)
+        if self.since is None:
+            self.since = self._said = now
+            log.warning("lease store unreachable (%s): the periodic jobs try again at their "
+                        "intervals; said again every %gs while it lasts", why, self.repeat)
+        elif now - self._said >= self.repeat:
+            self._said = now
+            log.warning("lease store still unreachable after %.0fs (%s)", now - self.since, why)
+        else:
+            log.debug("periodic job %s: %s", job, why)
+
+    def reached(self) -> None:
+        """A job that uses the store ran through: an outage, if any, is over."""
+        if self.since is not None:
+            log.info("lease store reachable again after %.0fs", self.clock() - self.since)
+            self.since = None
 
 
 class Periodic:
     """A set of named coroutine functions, each called every ``seconds``."""
 
-    def __init__(self) -> None:
-        self._jobs: list[tuple[str, Callable[[], Awaitable[None]], float]] = []
+    def __init__(self, *, outage: StoreOutage | None = None) -> None:
+        self._jobs: list[tuple[str, Callable[[], Awaitable[None]], float, bool]] = []
+        #: what the jobs' store failures and recoveries tell the log.
+        self.outage = outage or StoreOutage()
         self._loops: set[asyncio.Task[None]] = set()
         #: runs under way; held here because the loop keeps only weak references.
         self._runs: set[asyncio.Task[None]] = set()
 
-    def add(self, name: str, fn: Callable[[], Awaitable[None]], seconds: float) -> None:
+    def add(self, name: str, fn: Callable[[], Awaitable[None]], seconds: float, *,
+            uses_store: bool = True) -> None:
+        """Run ``fn`` every ``seconds``. ``uses_store``: every run queries the lease store,
+        so one that runs through says the store is reachable (see :class:`StoreOutage`)."""
         if seconds <= 0:
             raise ValueError(f"job {name!r}: interval must be positive, got {seconds}")
-        self._jobs.append((name, fn, seconds))
+        self._jobs.append((name, fn, seconds, uses_store))
 
     def start(self) -> None:
-        for name, fn, seconds in self._jobs:
-            task = asyncio.ensure_future(self._loop(name, fn, seconds))
+        for name, fn, seconds, uses_store in self._jobs:
+            task = asyncio.ensure_future(self._loop(name, fn, seconds, uses_store))
             task.set_name(f"periodic {name}")
             self._loops.add(task)
 
-    async def _loop(self, name: str, fn: Callable[[], Awaitable[None]], seconds: float) -> None:
+    async def _loop(self, name: str, fn: Callable[[], Awaitable[None]], seconds: float,
+                    uses_store: bool) -> None:
         loop = asyncio.get_running_loop()
         due = loop.time() + seconds
         while True:
@@ -58,12 +110,14 @@ class Periodic:
             try:
                 # Shielded: stopping the loop (shutdown) leaves this run to finish.
                 await asyncio.shield(run)
-            except StoreUnavailable as exc:  # logged once by the store; one line here
-                log.warning("periodic job %s: %s; it runs again at its next interval",
-                            name, exc)
+            except StoreUnavailable as exc:  # an outage, not a bug: no traceback
+                self.outage.failed(name, exc)
             except Exception:  # the job's own failure must not end its schedule
                 log.exception("periodic job %s failed; it runs again at its next interval",
                               name)
+            else:
+                if uses_store:
+                    self.outage.reached()
             due += seconds
             now = loop.time()
             if due <= now:  # overran: the runs missed meanwhile collapse into the next one

@@ -24,6 +24,7 @@ from aiohttp import web
 
 from broker import __version__, instance_lock
 from broker.api import create_app
+from broker.api.audit_limit import close_limiter
 from broker.api.login import close_auth_methods, reload_auth_methods
 from broker.audit import AuditError, AuditLog, event
 from broker.config import (
@@ -39,6 +40,7 @@ from broker.engine import LeaseEngine
 from broker.errors import BrokerError, StoreUnavailable
 from broker.event_loop import loop_factory
 from broker.event_loop import resolve as resolve_event_loop
+from broker.file_modes import check_file_modes, secret_files
 from broker.instance_lock import InstanceLocked
 from broker.lease import TokenState
 from broker.policy import PolicySet
@@ -122,7 +124,8 @@ async def build_state(config: Config, *, dev: bool = False) -> BrokerState:
     store = await _open_store(config)
     try:
         audit = await AuditLog.open(config.audit.path, config.audit.hmac_key_file,
-                                    fsync=config.audit.fsync, create_key=True)
+                                    fsync=config.audit.fsync, create_key=True,
+                                    hmac_accessor=config.audit.hmac_accessor)
     except Exception:
         await store.close()
         raise
@@ -170,6 +173,7 @@ async def stop(state: BrokerState, grace: float) -> None:
     await state.sweeper.stop(grace)
     await close_auth_methods(state)
     await state.engine.close()
+    await close_limiter(state.audit)  # held-back failure lines: their summary, now
     await state.audit.close()
     await state.store.close()
 
@@ -288,6 +292,9 @@ async def _serve(config: Config, *, dev: bool, dev_root_token_id: str | None,
     log.info("event loop: %s", type(asyncio.get_running_loop()).__module__.split(".")[0])
     state = await build_state(config, dev=dev)
     state.worker, state.stats_board = worker, board
+    # Once the store and the audit log are open (their -wal/-shm exist now): each worker
+    # checks its own audit file, worker 1 the files they share.
+    check_file_modes(secret_files(config, shared=worker in (None, 1)))
     root_token: str | None = None
     from broker.jobs import start_jobs
 
@@ -458,6 +465,10 @@ async def reload(state: BrokerState, *, tls: ssl.SSLContext | None = None) -> bo
         await state.audit.reopen()
     except AuditError as exc:
         log.error("reload: could not reopen the audit log, still writing the old file: %s", exc)
+    # What a reload opens again: the audit log (a new file after rotation: logrotate's
+    # `create` mode) and the TLS key. (password_files: config.py warns as it reads them.)
+    check_file_modes([f for f in secret_files(state.config, shared=state.worker in (None, 1))
+                      if f.key in {"audit.path", "server.tls_key_file"}], when="reload: ")
     changes = _named_changes("policy", old.policies, new.policies)
     changes += _named_changes("auth method", _auth_methods(old), _auth_methods(new))
     if old.tokens != new.tokens:
@@ -657,7 +668,8 @@ def operator_init(config_path: str) -> str:
                 raise InitError(f"no free accessor left: {accessor} exists (not active)")
             # Open the audit log first: no audit, no root token (fail-closed).
             audit = await AuditLog.open(config.audit.path, config.audit.hmac_key_file,
-                                        fsync=config.audit.fsync, create_key=True)
+                                        fsync=config.audit.fsync, create_key=True,
+                                        hmac_accessor=config.audit.hmac_accessor)
             try:
                 token, _ = await TokenManager(store).create(
                     policies=["root"], ttl=None, display_name="root", accessor=accessor)

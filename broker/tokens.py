@@ -108,6 +108,7 @@ class TokenManager:
         renewable: bool = True,
         token_id: str | None = None,
         accessor: str | None = None,
+        path: str = "",
     ) -> tuple[str, Token]:
         """Create a token; returns (the token itself, its record). The token is shown once."""
         if token_id is not None:
@@ -123,7 +124,13 @@ class TokenManager:
             # A child never outlives its parent: revoking or expiring the
             # parent ends the child and, with it, every lease it owns.
             expire = min(expire or parent.expire_time, parent.expire_time)
-            cap = min(cap or parent.expire_time, parent.expire_time)
+            # The cap stays the child's own (lookup shows it as explicit_max_ttl,
+            # as Vault shows the one asked for): renewals are held to the
+            # parent's current expiry where they happen (renew: _parent_expiry).
+            # Only a token with no cap of its own (a root token created without
+            # a ttl by an expiring root token) takes the parent's, so it is never
+            # renewable without end once revoke-orphan freed it.
+            cap = cap if cap is not None else parent.expire_time
         if cap is not None:
             # An explicit max TTL without a TTL: the token lives that long, not forever.
             expire = cap if expire is None else min(expire, cap)
@@ -139,6 +146,7 @@ class TokenManager:
             max_expire_time=cap,
             renewable=renewable and expire is not None,
             creation_ttl=_granted(now, expire),
+            path=path,
         )
         try:
             await self.store.insert_token(record)
@@ -202,8 +210,8 @@ class TokenManager:
         limit = min((t for t in (token.max_expire_time, parent_end) if t is not None),
                     default=None)
         if limit is not None:
-            # A child's max expiry is often its parent's expiry (create caps it there):
-            # when both are the same moment, the parent is the reason.
+            # When the parent's expiry and the token's own max expiry are the same
+            # moment, the parent is the reason.
             reason = (f"its parent token's expiry ({_when(parent_end)}): a token never "
                       "outlives its parent") if parent_end is not None \
                 and parent_end <= limit + 0.5 else _max_ttl_reason(token)

@@ -16,6 +16,7 @@ other.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import asyncpg
@@ -29,6 +30,11 @@ _RETRY_STATES = {"40001", "40P01"}
 _CONNECTION_CLASSES = ("08", "53", "57", "28", "3D")
 #: SQLSTATE of "role ... cannot be dropped because some objects depend on it".
 _DEPENDENT_OBJECTS = "2BP01"
+#: InterfaceErrors about the mount's settings, not the connection: their text is the point.
+_CLIENT_SIDE = (asyncpg.exceptions.ClientConfigurationError,
+                asyncpg.exceptions.UnsupportedClientFeatureError)
+
+log = logging.getLogger("plugins.postgres")
 
 
 class _Transient(BackendError):
@@ -82,7 +88,14 @@ def _wrap(op: str, exc: BaseException, secret_values: Sequence[str | None], *,
     if isinstance(exc, TimeoutError):
         return BackendError(f"postgres {op} failed: timed out reaching the server", retryable=True,
                             created_nothing=created_nothing)
-    # OSError (refused, unreachable), asyncpg.InterfaceError (connection closed), ...
+    if isinstance(exc, asyncpg.InterfaceError) and not isinstance(exc, _CLIENT_SIDE):
+        # A connection closed, or let go of by the pool when it was lost ("cannot call
+        # Connection.execute(): connection has been released back to the pool", once
+        # seen by a client during a cut): the driver's words describe its internals.
+        log.debug("postgres %s: connection lost: %s", op, redact(str(exc), secret_values))
+        return BackendError(f"postgres {op} failed: cannot reach the server: the connection "
+                            "was lost", retryable=True, created_nothing=created_nothing)
+    # OSError (refused, unreachable), ...
     message = redact(str(exc), secret_values) or type(exc).__name__
     return BackendError(f"postgres {op} failed: cannot reach the server: {message}", retryable=True,
                         created_nothing=created_nothing)

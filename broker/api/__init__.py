@@ -9,6 +9,7 @@ from typing import Any
 from aiohttp import http_exceptions, http_parser, web, web_protocol, web_response
 
 from broker.api import (
+    audit_hash,
     auth_roles,
     capabilities,
     creds,
@@ -33,6 +34,7 @@ __all__ = ["ROUTE_TABLES", "STATE", "create_app"]
 #: /v1/{mount}/roles/{role}), then in this order: the roles routes come last.
 ROUTE_TABLES: tuple[web.RouteTableDef, ...] = (
     system.routes,
+    audit_hash.routes,  # sys/audit-hash/{device}
     mount_info.routes,
     capabilities.routes,
     policies.routes,

@@ -3,6 +3,8 @@
 Every authenticated request writes a ``request`` audit line before anything
 happens and a response line (typed by what happened) before the answer
 leaves. If either cannot be written, the client gets 503: no audit, no action.
+A request refused before it is authenticated (bad token, failed login) writes
+the same two lines, within a per-client rate limit (broker/api/audit_limit.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any, NoReturn
 
 from aiohttp import web
 
+from broker.api.audit_limit import FailureAuditLimiter, client_key, limiter_for
 from broker.audit import event, is_secret_name
 from broker.durations import parse_duration
 from broker.errors import BadRequest, BrokerError, PermissionDenied, RequestTimeout
@@ -128,6 +131,9 @@ class Call:
     path: str
     token: Token | None = None
     body: dict[str, Any] = field(default_factory=dict)
+    #: whether the ``request`` line of a request without a token was written (None: not
+    #: decided yet); the per-client limit may hold it back.
+    request_audited: bool | None = None
 
     @property
     def operation(self) -> str:
@@ -171,20 +177,63 @@ class Call:
             raw = header[7:].strip() if header.lower().startswith("bearer ") else ""
         return raw
 
+    # -- requests without a token (a login): audit lines within a per-client limit ----
+    async def audit_unauthenticated_request(self) -> None:
+        """The ``request`` line of a request that has no token yet (a login), if this
+        client is within its limit (broker/api/audit_limit.py); else held back, and
+        written by :meth:`audit_request_if_held` should the request succeed."""
+        self.request_audited = self._limiter().admit(self._client())
+        if self.request_audited:
+            await self.audit("request")
+
+    async def audit_request_if_held(self) -> None:
+        """Before a request without a token changes anything: its ``request`` line, if
+        the limit held it back (an action is never left unaudited)."""
+        if not self.request_audited:
+            self.request_audited = True
+            await self.audit("request")
+
+    async def audit_unauthenticated(self, type_: str, *, outcome: str = "denied",
+                                    **fields: Any) -> None:
+        """The ``type_`` line of a request refused before it was authenticated (a bad
+        token, a failed login), after its ``request`` line, within the per-client
+        limit; held back (counted in a later summary line) when over it."""
+        if self.request_audited is None:  # no request line decided yet: decide now
+            self.request_audited = self._limiter().admit(self._client())
+            if self.request_audited:
+                await self.audit("request")
+        if self.request_audited:
+            await self.audit(type_, outcome=outcome, **fields)
+        else:
+            self._limiter().hold(self._client(), type_)
+
+    def _limiter(self) -> FailureAuditLimiter:
+        return limiter_for(self.state.audit)
+
+    def _client(self) -> str:
+        return client_key(self.request.remote)
+
     async def authenticate(self) -> Token:
-        """Resolve the caller's token; audit and refuse a missing, unknown or dead one."""
+        """Resolve the caller's token; audit and refuse a missing, unknown or dead one.
+
+        The token is resolved (a store read, nothing changes) before the ``request``
+        line: a refusal's lines go through the per-client limit, an accepted
+        request's never do.
+        """
         raw = self.presented_token()
-        await self.audit("request")
         try:
-            self.token = await self.state.tokens.resolve(raw)
+            token = await self.state.tokens.resolve(raw)
         except DeadToken as exc:
-            await self.audit("reuse_attempt", outcome="denied", error=str(exc),
-                             token_accessor=exc.token.accessor, token_state=exc.token.state.value)
+            await self.audit_unauthenticated(
+                "reuse_attempt", error=str(exc), token_accessor=exc.token.accessor,
+                token_state=exc.token.state.value)
             raise
         except PermissionDenied as exc:
-            await self.audit("auth_failure", outcome="denied", error=str(exc))
+            await self.audit_unauthenticated("auth_failure", error=str(exc))
             raise
-        return self.token
+        await self.audit("request")  # before self.token is set: as the line always was
+        self.token = token
+        return token
 
     def allowed(self, path: str, capability: str) -> bool:
         assert self.token is not None

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from broker.api.common import CALL, Call, error_response, json_response, vault_response
 from broker.audit import shown
+from broker.engine import MountNotServed
 from broker.errors import BadRequest, DeadLease, PermissionDenied, RevocationFailed, UnknownLease
 from broker.lease import META_KEY, Lease, LeaseFilter, LeaseState
 from broker.revocation import lease_ref
@@ -116,6 +117,11 @@ async def revoke(request: web.Request) -> web.Response:
         outcome = await call.state.engine.revoke(lease, wait=REVOKE_WAIT if sync else 0)
     except (UnknownLease, DeadLease) as gone:
         return await _nothing_to_revoke(call, gone)
+    except MountNotServed as exc:
+        # Queued for a replica that has the mount; this one cannot carry it out (503).
+        await call.audit("revoke_request", lease=lease_ref(lease), outcome="queued",
+                         error=str(exc))
+        raise
     # An attempt still under way (sync=false asks for none to end) is no error.
     error = None if outcome.pending else outcome.error
     await call.audit("revoke_request", lease=lease_ref(lease),
@@ -370,12 +376,35 @@ async def _revoke_many(request: web.Request, *, force: bool) -> web.Response:
         raise BadRequest(f"an empty prefix would revoke every lease; pass all=true to {op} ''")
     prefix = await _path_prefix(call, prefix)
     flt = LeaseFilter(prefix=prefix)
-    queued = await call.state.engine.revoke_matching(flt, force=force)
-    await call.audit("admin", action=op, prefix=prefix, queued=queued)
+    queued, already = await _queue_matching(call, flt, force=force)
+    await call.audit("admin", action=op, prefix=prefix, queued=queued,
+                     already_revoking=already or None)
     left = 0
     if call.flag("sync", False):
         left = await call.state.engine.wait_drained(flt, SYNC_WAIT)
-    return vault_response(call, {"queued": queued, "still_revoking": left})
+    return vault_response(call, _queued_answer(queued, already, left))
+
+
+async def _queue_matching(call: Call, flt: LeaseFilter, *, force: bool) -> tuple[int, int]:
+    """Queue the live leases ``flt`` matches: (how many this call queued, how many of
+    them were already being revoked when it came and were left to that revocation).
+
+    The second figure is how many live leases there were less how many got queued:
+    revoke-prefix leaves a lease already revoking as it is (so does force, one already
+    forced). Without it a caller's total missed them and its progress read done
+    while they were still being revoked (day-2 QA).
+    """
+    live = await store_call(call.state.store.count_matching(flt, states=LIVE_STATES))
+    queued = await store_call(call.state.engine.revoke_matching(flt, force=force))
+    return queued, max(0, live - queued)
+
+
+def _queued_answer(queued: int, already: int, left: int) -> dict[str, int]:
+    """revoke-prefix's (and revoke-by's) data: ``already_revoking`` only when any were."""
+    data = {"queued": queued, "still_revoking": left}
+    if already:
+        data["already_revoking"] = already
+    return data
 
 
 @routes.route("*", "/v1/sys/leases/revoke-prefix/{prefix:.*}")
@@ -410,13 +439,13 @@ async def revoke_by(request: web.Request) -> web.Response:
                          "and/or prefix (use revoke-prefix with all=true for everything)")
     prefix = await _path_prefix(call, prefix)
     flt = LeaseFilter(prefix=prefix, metadata=meta)
-    queued = await store_call(call.state.engine.revoke_matching(flt, force=force))
+    queued, already = await _queue_matching(call, flt, force=force)
     await call.audit("admin", action="revoke-by", prefix=prefix or None, metadata=meta or None,
-                     force=force, queued=queued)
+                     force=force, queued=queued, already_revoking=already or None)
     left = 0
     if call.flag("sync", False):
         left = await call.state.engine.wait_drained(flt, SYNC_WAIT)
-    return vault_response(call, {"queued": queued, "still_revoking": left})
+    return vault_response(call, _queued_answer(queued, already, left))
 
 
 @routes.route("*", "/v1/sys/leases/search")

@@ -3,13 +3,16 @@
 Same request and answer as Vault's JWT auth method, so ``hvac``'s
 ``client.auth.jwt.jwt_login(role=..., jwt=..., path=NAME)`` works unchanged.
 No broker token is needed. Every refusal is audited as ``auth_failure`` with
-the reason and the (unverified) issuer, subject and key id, never the JWT;
-a success is audited as ``login`` with the new token's accessor (the token
-itself only as an HMAC).
+the reason and the (unverified) issuer, subject and key id, never the JWT
+(within a per-client limit: what it holds back is counted in a summary line,
+broker/api/audit_limit.py); a success is audited as ``login`` with the new
+token's accessor (the token itself only as an HMAC). A second login with a JWT
+a ``single_use`` role has seen is audited as ``reuse_attempt``.
 """
 
 from __future__ import annotations
 
+import secrets
 import weakref
 from typing import Any
 
@@ -18,7 +21,7 @@ from aiohttp import web
 from broker.api.common import CALL, Call, vault_response
 from broker.api.tokens import auth_block
 from broker.audit import shown
-from broker.auth import JWTAuthMethod, build_auth_methods, describe_token
+from broker.auth import JWTAuthMethod, JWTReplayed, build_auth_methods, describe_token
 from broker.config import Config
 from broker.errors import BadRequest, BrokerError, NotFound
 from broker.state import BrokerState
@@ -92,9 +95,12 @@ def _check_strings(body: dict[str, Any], *names: str) -> None:
 async def login(request: web.Request) -> web.Response:
     call: Call = request[CALL]
     name = request.match_info["method"]
-    # Written before anything happens, as for every request: no audit, no login.
-    await call.audit("request")
+    # Written before anything happens, as for every request: no audit, no login. Anyone
+    # can send a login, so within the per-client limit of unauthenticated requests.
+    await call.audit_unauthenticated_request()
     body: dict[str, Any] = {}
+    # Chosen before the token is made: a single_use role's record of the JWT names it.
+    accessor = secrets.token_urlsafe(18)
     try:
         body = await call.read_body()
         method = auth_methods(call.state).get(name)
@@ -102,16 +108,21 @@ async def login(request: web.Request) -> web.Response:
             raise NotFound(f"no auth method {name!r} is configured ([auth.jwt.{name}])")
         _check_strings(body, "role", "jwt")
         result = await method.login(body.get("role"), body.get("jwt"))
+        await call.audit_request_if_held()  # a verified login: its request line, if held
+        await method.record_use(call.state.store, result, accessor)
     except Exception as exc:
         # A bug (an exception no check turned into a refusal) answers 500, but the
         # attempt is still on the record: no login goes unaudited.
         refused = isinstance(exc, BrokerError | web.HTTPException)
         error = str(exc) if refused else f"internal error: {type(exc).__name__}"
         role = body.get("role")
-        await call.audit("auth_failure", outcome="denied" if refused else "error",
-                         error=error, auth_method=name,
-                         role=shown(role) if isinstance(role, str) else None,
-                         **describe_token(body.get("jwt")))
+        replayed = {"first_accessor": exc.first_accessor or None} \
+            if isinstance(exc, JWTReplayed) else {}
+        await call.audit_unauthenticated("reuse_attempt" if replayed else "auth_failure",
+                                         outcome="denied" if refused else "error",
+                                         error=error, auth_method=name,
+                                         role=shown(role) if isinstance(role, str) else None,
+                                         **replayed, **describe_token(body.get("jwt")))
         raise
     token, record = await call.state.tokens.create(
         policies=result.policies,
@@ -121,6 +132,8 @@ async def login(request: web.Request) -> web.Response:
         metadata=result.metadata,
         parent=None,  # a login token is an orphan: nothing above it revokes it
         renewable=True,
+        accessor=accessor,
+        path=f"auth/{name}/login",  # as Vault's token lookups show a login's token
     )
     call.token = record
     await call.audit("login", auth_method=name, role=result.role.name,

@@ -1,5 +1,5 @@
-"""``/v1/sys/health``, ``seal-status``, ``init``, ``leader``, ``mounts``, ``auth``,
-``metrics`` and the OpenAPI document (``internal/specs/openapi``)."""
+"""``/v1/sys/health``, ``seal-status``, ``init``, ``leader``, ``mounts`` (and a mount's
+``tune``), ``auth``, ``metrics`` and the OpenAPI document (``internal/specs/openapi``)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,15 @@ from typing import Any
 from aiohttp import web
 
 from broker import __version__, metrics_text
-from broker.api.common import CALL, STATE, Call, json_response, vault_response
+from broker.api.common import (
+    CALL,
+    STATE,
+    Call,
+    is_list_request,
+    json_response,
+    not_allowed,
+    vault_response,
+)
 from broker.api.leases import rfc3339
 from broker.api.login import auth_methods
 from broker.errors import BadRequest, BrokerError, StoreUnavailable
@@ -343,6 +351,58 @@ async def mounts(request: web.Request) -> web.Response:
     warnings = None if full else [PARTIAL_MOUNTS_WARNING]
     # Also at the top level, as Vault answers it.
     return vault_response(call, data, warnings=warnings, top_level=True)
+
+
+#: What a write to ``sys/mounts/NAME/tune`` is told (405): there is nothing to tune.
+TUNE_READ_ONLY = ("mounts are configured in the broker's config file ([mounts.NAME]; the "
+                  "lease TTLs in [leases] and in each role), re-read on SIGHUP: tune is "
+                  "read-only")
+
+
+@routes.route("*", "/v1/sys/mounts/{path:.+}/tune")
+async def mount_tune(request: web.Request) -> web.Response:
+    """Vault's ``GET sys/mounts/NAME/tune`` (hvac's ``sys.read_mount_configuration``):
+    the mount's lease TTLs in seconds, under ``data`` and at the top level (as Vault
+    answers it, and clients read it either way).
+
+    A mount has no TTLs of its own: a role without ``default_ttl``/``max_ttl`` takes
+    ``[leases] default_ttl``/``max_ttl``, and no role may go past ``[leases]
+    max_ttl``, which is what Vault's mount TTLs are (its answer shows the system
+    values for a mount never tuned, as here). Read-only: a write is a 405 saying
+    where mounts are set. The grant is ``sys/mounts``': ``read`` on it or on
+    Vault's ``sys/mounts/NAME/tune``, or any grant under the mount (what
+    ``sys/mounts`` shows such a token); else 403, before the mount is looked up.
+    """
+    if request.method != "GET":
+        return not_allowed(request, ("GET",), read_only=TUNE_READ_ONLY)
+    call: Call = request[CALL]
+    await call.authenticate()
+    if is_list_request(request):  # GET ?list=true: as Vault, which has no LIST here
+        return not_allowed(request, ("GET",), "sys/mounts/NAME/tune is not a listing: GET "
+                           "it without ?list=true")
+    name = request.match_info["path"].strip("/")  # Vault's sanitizePath: "pg/" is "pg"
+    await _require_mount_read(call, name, f"sys/mounts/{name}/tune")
+    call.state.engine.mount(name)  # 404 for an unknown mount
+    leases = call.state.config.leases
+    data = {
+        "description": "",
+        "default_lease_ttl": leases.default_ttl,
+        "max_lease_ttl": leases.max_ttl,
+        "force_no_cache": False,
+    }
+    return vault_response(call, data, top_level=True)
+
+
+async def _require_mount_read(call: Call, name: str, path: str) -> None:
+    """``sys/mounts``' grant for one mount: ``read`` on ``sys/mounts`` or on ``path``, or
+    a grant under ``NAME/``; else audited and 403."""
+    assert call.token is not None
+    if call.allowed("sys/mounts", "read") or call.allowed(path, "read"):
+        return
+    if call.state.policies.grants_under(call.token.policies, f"{name}/",
+                                        identity=call.identity):
+        return
+    await call.require(path, "read")
 
 
 #: The families a scrape gets while the lease store is down and its token cannot

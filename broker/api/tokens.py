@@ -78,14 +78,17 @@ def token_data(record: Token, now: float, *, token_id: str = "",
         "display_name": record.display_name,
         "entity_id": "",  # no identity store: as a Vault token without an entity
         "expire_time": rfc3339(record.expire_time),
-        "explicit_max_ttl": int(record.max_expire_time - record.created)
+        # The token's own cap (the one asked for, within [tokens] max_ttl), never
+        # its parent's expiry: a child's cap used to be cut to it at creation and
+        # showed the parent's. The parent still bounds ttl and expire_time.
+        "explicit_max_ttl": round(record.max_expire_time - record.created)
         if record.max_expire_time else 0,
         "id": token_id,
         "issue_time": rfc3339(record.created),
         "meta": record.metadata or None,
         "num_uses": 0,
         "orphan": record.parent is None if orphan is None else orphan,
-        "path": "auth/token/create",
+        "path": record.path or "auth/token/create",  # a login's: auth/NAME/login
         # As Vault: "default" is listed (a row stored before it was is shown with it).
         "policies": with_default_policy(record.policies),
         "renewable": record.renewable,
@@ -154,18 +157,43 @@ def _strings(value: Any, name: str) -> list[str]:
 
 
 def _meta(call: Call) -> dict[str, str]:
+    """``meta`` as the token's metadata: an object whose values are strings.
+
+    Vault decodes it weakly (mapstructure.WeakDecode into map[string]string), so
+    a number becomes its JSON text (``42`` -> ``"42"``) and a boolean ``"1"`` or
+    ``"0"``; the same here, so ``meta={"run": 42}`` works as it does there.
+    A nested object, a list or null has no such form: 400 naming the key.
+    """
     meta = call.body.get("meta")
     if meta is None:
         return {}
     # Not "or {}": a list, a string or a number is a mistake to report, not "no metadata".
     if not isinstance(meta, dict):
         raise BadRequest(f"meta must be an object of string values, not {_json_type(meta)}")
-    if not all(isinstance(v, str) for v in meta.values()):
-        raise BadRequest("meta must be an object of string values")
+    out: dict[str, str] = {}
     for key, value in meta.items():
         _check_text(key, "meta")
+        out[key] = _meta_value(key, value)
+    return out
+
+
+def _meta_value(key: str, value: Any) -> str:
+    """One ``meta`` value as text, as Vault's weak decoding makes it (see :func:`_meta`)."""
+    if isinstance(value, str):
         _check_text(value, "meta")
-    return meta
+        return value
+    if isinstance(value, bool):  # before int: a bool is an int in Python
+        return "1" if value else "0"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        # Vault keeps a number's JSON text (it decodes with UseNumber); the body
+        # parser here kept the value only, and repr gives that text back for the
+        # usual spellings (1.5, 42.0). NaN and Infinity never get here: not JSON.
+        return repr(value)
+    # The key, not the value, in the message: a value may be a secret.
+    raise BadRequest(f"meta {key!r} must be a string, number or boolean, "
+                     f"not {_json_type(value)}")
 
 
 def _json_type(value: Any) -> str:
@@ -563,11 +591,12 @@ async def revoke_self(request: web.Request) -> web.Response:
 @routes.post("/v1/auth/token/revoke")
 @routes.put("/v1/auth/token/revoke")
 async def revoke(request: web.Request) -> web.Response:
-    call, _ = await _authorized(request, "update", "sudo")
+    call, caller = await _authorized(request, "update", "sudo")
     value = _required_text(call, "token")
     # An unknown token is a no-op (204), as in Vault.
     other = await call.state.store.token_by_hash(hash_token(value))
     if other is not None:
+        await _guard_root(call, caller, other)
         tokens, leases = await revoke_token_tree(call.state, other.accessor,
                                                  children=not _already_revoked(other))
         await call.audit("token_revoke", target=other.accessor, tokens=tokens,
@@ -580,6 +609,30 @@ def _already_revoked(record: Token) -> bool:
     alive, which must stay so: revoking the token again must not reach them (in
     Vault the token is gone by then, and a revoke reaches nothing)."""
     return record.state is TokenState.REVOKED
+
+
+async def _guard_root(call: Call, caller: Token, target: Token) -> None:
+    """403 unless the caller may revoke ``target`` when it carries the ``root`` policy:
+    that needs ``sudo`` on the path used (a root token has it everywhere).
+
+    ``update`` on revoke-accessor (the example operator policy's grant, for ending
+    a CI run's token) otherwise reached ``root-init``, a well-known accessor, and
+    with it every token made from it and every lease they own. Vault does not
+    guard this. Revoking one's own root token stays open (revoke-self, or naming
+    it here), as does revoking any token without ``root``: only a root token can
+    create a root token, and it becomes that token's parent, so a token without
+    ``root`` never has one below it and its revocation never reaches one.
+    """
+    if not target.is_root or target.accessor == caller.accessor:
+        return
+    if caller.is_root or call.allowed(call.path, "sudo"):
+        return
+    message = (f"permission denied: the token to revoke has the root policy; revoking it "
+               f"would end every token and lease below it, which needs a root token or "
+               f"sudo on {call.path}")
+    await call.audit("policy_denied", outcome="denied", checked_path=call.path,
+                     capabilities=["sudo"], target=target.accessor, error=message)
+    raise PermissionDenied(message)
 
 
 @routes.post("/v1/auth/token/revoke-orphan")
@@ -595,13 +648,16 @@ async def revoke_orphan(request: web.Request) -> web.Response:
     (:func:`_already_revoked`); and lookups show them ``orphan: true``
     (:func:`orphaned`).
     """
-    call, _ = await _authorized(request, "sudo")
+    call, caller = await _authorized(request, "sudo")
     value = _required_text(call, "token")
     other = live_token(await call.state.store.token_by_hash(hash_token(value)),
                        call.state.engine.clock())
     if other is None:
         # Unlike revoke's no-op, Vault answers this one with a 400.
         raise BadRequest("token to revoke not found")
+    # Already sudo on this path, so this passes today; it stays should the path's
+    # own requirement ever be relaxed.
+    await _guard_root(call, caller, other)
     tokens, leases = await revoke_token_tree(call.state, other.accessor, children=False)
     await call.audit("token_revoke", target=other.accessor, tokens=tokens,
                      leases_queued=leases, orphan_children=True)
@@ -611,11 +667,12 @@ async def revoke_orphan(request: web.Request) -> web.Response:
 @routes.post("/v1/auth/token/revoke-accessor")
 @routes.put("/v1/auth/token/revoke-accessor")
 async def revoke_accessor(request: web.Request) -> web.Response:
-    call, _ = await _authorized(request, "update", "sudo")
+    call, caller = await _authorized(request, "update", "sudo")
     accessor = _required_text(call, "accessor")
     other = await call.state.store.token_by_accessor(accessor)
     if other is None:
         raise BadRequest("no token with that accessor")  # 400, as Vault's "invalid accessor"
+    await _guard_root(call, caller, other)
     tokens, leases = await revoke_token_tree(call.state, accessor,
                                              children=not _already_revoked(other))
     await call.audit("token_revoke", target=accessor, tokens=tokens, leases_queued=leases)

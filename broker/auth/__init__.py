@@ -6,7 +6,13 @@ hold a token signed by their CI system (GitHub Actions, GitLab CI id_tokens).
 
 from __future__ import annotations
 
-from broker.auth.jwt import JWTAuthMethod, LoginResult, build_auth_methods, describe_token
+from broker.auth.jwt import (
+    JWTAuthMethod,
+    JWTReplayed,
+    LoginResult,
+    build_auth_methods,
+    describe_token,
+)
 from broker.auth.jwt_config import (
     AuthConfigError,
     JWTMethodConfig,
@@ -18,6 +24,7 @@ __all__ = [
     "AuthConfigError",
     "JWTAuthMethod",
     "JWTMethodConfig",
+    "JWTReplayed",
     "JWTRoleConfig",
     "LoginResult",
     "build_auth_methods",

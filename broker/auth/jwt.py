@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import math
 import time
@@ -38,14 +39,16 @@ from broker.auth.jwt_config import (
     JWTRoleConfig,
     parse_jwt_methods,
 )
-from broker.errors import BadRequest, PermissionDenied
+from broker.errors import BadRequest, PermissionDenied, ReuseAttempt
 
 if TYPE_CHECKING:
     from broker.config import Config
+    from broker.store.base import LeaseStore
 
 __all__ = [
     "MAX_JWT_LENGTH",
     "JWTAuthMethod",
+    "JWTReplayed",
     "LoginResult",
     "build_auth_methods",
     "describe_token",
@@ -74,6 +77,28 @@ class LoginResult:
     policies: list[str]
     ttl: int
     max_ttl: int | None
+    #: a ``single_use`` role's: the SHA-256 of the JWT's ``jti`` (hex), the key its
+    #: use is recorded under; None for other roles.
+    jti_hash: str | None = None
+    #: a ``single_use`` role's: when the JWT stops logging in anyway (exp + leeway),
+    #: so when the record of its use may go.
+    use_until: float | None = None
+
+
+class JWTReplayed(ReuseAttempt):
+    """A ``single_use`` role's JWT presented again: 403, audited as a reuse attempt.
+
+    The message says no more than that: not when, nor for whom, the JWT was used.
+    """
+
+    status = 403
+
+    def __init__(self, first_accessor: str) -> None:
+        super().__init__("permission denied: this JWT has already been used to log in and "
+                         "the role accepts each JWT once (single_use); request a new JWT "
+                         "from the CI system")
+        #: the token accessor of the login that used it ("" if unknown), for the audit.
+        self.first_accessor = first_accessor
 
 
 def _deny(message: str) -> PermissionDenied:
@@ -285,6 +310,17 @@ class JWTAuthMethod:
         self.check_claims(role, claims)
         return self.grant(role, claims)
 
+    async def record_use(self, store: LeaseStore, result: LoginResult, accessor: str) -> None:
+        """For a ``single_use`` role: record that the JWT logged in (for the token
+        ``accessor``), or JWTReplayed when it had. One atomic store write, before the
+        token is made: of concurrent logins with one JWT, on any replica, one passes."""
+        if result.jti_hash is None or result.use_until is None:
+            return
+        earlier = await store.record_jwt_use(self.name, result.jti_hash, accessor=accessor,
+                                             until=result.use_until, now=self.clock())
+        if earlier is not None:
+            raise JWTReplayed(earlier)
+
     async def verify(self, token: str) -> dict[str, Any]:
         """The claims of ``token`` once its algorithm and signature are checked."""
         header, _ = _split(token)
@@ -406,6 +442,7 @@ class JWTAuthMethod:
                             "character")
             metadata[key] = text
         metadata.update(role=role.name, auth=self.name)
+        jti_hash, use_until = self._single_use(role, claims)
         return LoginResult(
             method=self.name,
             role=role,
@@ -414,7 +451,28 @@ class JWTAuthMethod:
             policies=sorted(set(role.token_policies) | {"default"}),
             ttl=role.token_ttl,
             max_ttl=role.token_cap,
+            jti_hash=jti_hash,
+            use_until=use_until,
         )
+
+    def _single_use(self, role: JWTRoleConfig, claims: Mapping[str, Any]
+                    ) -> tuple[str | None, float | None]:
+        """A ``single_use`` role's key for the JWT (its jti, hashed) and the time the
+        JWT stops logging in anyway; (None, None) for other roles."""
+        if not role.single_use:
+            return None, None
+        jti = claims.get("jti")
+        if jti is None or jti == "":
+            raise _deny(f"role {role.name!r} is single_use and the JWT has no jti claim: "
+                        "without a unique token id a replay cannot be told from a first login")
+        if not isinstance(jti, str):
+            raise _deny("the jti claim is not a string")
+        exp = _number(claims, "exp")
+        if exp is None:  # check_claims refused it already; a role must never skip this
+            raise _deny(f"role {role.name!r} is single_use but the JWT has no exp claim")
+        # Hashed: the store (and its backups) never hold the jti in clear.
+        digest = hashlib.sha256(jti.encode("utf-8", "surrogatepass")).hexdigest()
+        return digest, exp + self.config.leeway
 
 
 def _key_source(config: JWTMethodConfig) -> KeySource:

@@ -53,6 +53,7 @@ _METHOD_KEYS = frozenset({
 _ROLE_KEYS = frozenset({
     "bound_audiences", "bound_subject", "bound_claims", "bound_claims_type", "user_claim",
     "claim_mappings", "token_policies", "token_ttl", "token_max_ttl", "token_explicit_max_ttl",
+    "single_use",
 })
 #: what a role must bind (one at least): Vault's JWT roles need one bound constraint.
 _ROLE_BOUNDS = ("bound_audiences", "bound_subject", "bound_claims")
@@ -89,6 +90,8 @@ class JWTRoleConfig:
     #: renewals never go past this (from login time); None: no cap.
     token_max_ttl: int | None = 86400
     token_explicit_max_ttl: int | None = None
+    #: each JWT (by its ``jti``) logs in once: a replay of a leaked CI token is refused.
+    single_use: bool = False
 
     @property
     def token_cap(self) -> int | None:
@@ -143,6 +146,15 @@ class _Table:
         if value is not None and not value.strip():
             raise self.error(name, "must not be empty")
         return value  # type: ignore[no-any-return]
+
+    def boolean(self, name: str, default: bool) -> bool:
+        self.used.add(name)
+        value = self.table.get(name, default)
+        if not isinstance(value, bool):
+            # A quoted "true" is a string in TOML: say what was found, not only its type.
+            shown = repr(value) if isinstance(value, str | int | float) else type(value).__name__
+            raise self.error(name, f"expected true or false (unquoted), got {shown[:60]}")
+        return value
 
     def strings(self, name: str) -> tuple[str, ...]:
         value = self.get(name, (list, str), [])
@@ -354,6 +366,7 @@ def _role(prefix: str, name: str, table: Any, known: Collection[str] | None) -> 
         # A typo here would silently grant nothing: say so at load time.
         raise t.error("token_policies", f"unknown policy {unknown[0]!r} (define [policies."
                       f"{unknown[0]}])")
+    single_use = t.boolean("single_use", False)
     ttl = t.duration("token_ttl", 3600) or 0
     max_ttl = t.duration("token_max_ttl", max(86400, ttl))
     explicit = t.duration("token_explicit_max_ttl", None)
@@ -381,6 +394,7 @@ def _role(prefix: str, name: str, table: Any, known: Collection[str] | None) -> 
         token_ttl=ttl,
         token_max_ttl=max_ttl or None,
         token_explicit_max_ttl=explicit or None,
+        single_use=single_use,
     )
 
 

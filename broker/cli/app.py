@@ -59,8 +59,8 @@ def _connection_options(parser: argparse.ArgumentParser, default: Any) -> None:
         "--token",
         metavar="TOKEN",
         default=default,
-        help="token to send (env BROKER_TOKEN, VAULT_TOKEN); visible in ps: prefer "
-        "--token-file",
+        help="token to send (env BROKER_TOKEN, VAULT_TOKEN); - reads it from stdin; a "
+        "value here is visible in ps and shell history: prefer -, or --token-file",
     )
     group.add_argument(
         "--token-file",
@@ -89,6 +89,11 @@ def _format_option(parser: argparse.ArgumentParser, choices: Sequence[str]) -> N
         default=None,
         help="output format (default: table on a terminal, json otherwise)",
     )
+
+
+#: the help of a TOKEN argument (token lookup, capabilities, revoke).
+_FROM_STDIN_HELP = ("- reads the TOKEN from stdin (one line); a token given here is visible in "
+                    "ps and shell history (warned about)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
         "persists under $XDG_STATE_HOME/broker/dev and each start revokes the previous "
         "run's root token",
     )
-    p.add_argument("--dev-root-token-id", metavar="ID", help="root token value in --dev mode")
+    p.add_argument("--dev-root-token-id", metavar="ID",
+                   help="root token value in --dev mode (- reads it from stdin: an ID "
+                        "given here is visible in ps)")
     p.add_argument("--listen", metavar="HOST:PORT", type=_listen, help="override server.listen")
     p.add_argument("--check", action="store_true",
                    help="check the config as the server would, then exit (0 ok, 2 bad)")
@@ -211,18 +218,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _format_option(p, ["json", "table"])
     p = leaf(tokens, "lookup", cmd_token_lookup, "show a token (this one if none given)")
-    p.add_argument("token_arg", metavar="TOKEN", nargs="?")
+    p.add_argument("token_arg", metavar="TOKEN", nargs="?", help=_FROM_STDIN_HELP)
     _format_option(p, ["json", "table"])
     p = leaf(tokens, "capabilities", cmd_token_capabilities,
              "what a token (this one if none given) may do on a path")
-    p.add_argument("args", metavar="[TOKEN] PATH", nargs="+")
+    p.add_argument("args", metavar="[TOKEN] PATH", nargs="+", help=_FROM_STDIN_HELP)
     # argparse would show "[TOKEN] PATH [[TOKEN] PATH ...]": one path only.
     p.usage = ("%(prog)s [-h] [connection options] [--accessor] [--format {json,table}] "
                "[TOKEN] PATH")
     p.add_argument("--accessor", action="store_true", help="the first argument is an accessor")
     _format_option(p, ["json", "table"])
     p = leaf(tokens, "revoke", cmd_token_revoke, "revoke a token, its children and their leases")
-    p.add_argument("token_arg", metavar="TOKEN", nargs="?")
+    p.add_argument("token_arg", metavar="TOKEN", nargs="?", help=_FROM_STDIN_HELP)
     p.add_argument("--accessor", action="store_true", help="the argument is an accessor")
     p.add_argument("--self", dest="self_", action="store_true",
                    help="revoke the token in use (as vault token revoke -self)")
@@ -241,12 +248,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--key-file", metavar="K", help="HMAC key file of the broker")
     p = leaf(audits, "hash", cmd_audit_hash,
-             "print the HMAC a token or secret is written as in the audit log (to grep for)",
+             "print the HMAC a token, secret or accessor is written as in the audit log "
+             "(to grep for; as sys/audit-hash)",
              remote=False)
     p.add_argument("values", metavar="VALUE", nargs="*",
-                   help="values to hash; default: one per line on stdin (keeps them out of "
-                        "shell history)")
-    p.add_argument("--key-file", metavar="K", required=True, help="HMAC key file of the broker")
+                   help="values to hash; default (or -): one per line on stdin (keeps them "
+                        "out of ps and shell history)")
+    # Offline: the key is read from the file the broker's config names (or given).
+    key_from = p.add_mutually_exclusive_group(required=True)
+    key_from.add_argument("--config", metavar="FILE",
+                          help="the broker's config: its [audit] hmac_key_file is used")
+    key_from.add_argument("--key-file", metavar="K", help="HMAC key file of the broker")
 
     p = leaf(commands, "bench", cmd_bench, "measure speed and scale (docs/performance.md)",
              remote=False)

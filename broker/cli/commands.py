@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from broker.cli.common import (
+    STDIN_ARG,
     OperationError,
     UsageError,
     _client,
@@ -20,6 +21,9 @@ from broker.cli.common import (
     creds_unset,
     format_env,
     format_table,
+    read_stdin_secret,
+    secret_arg,
+    warn_secret_on_command_line,
 )
 from broker.cli.leases import (
     _print_record,
@@ -35,8 +39,14 @@ def cmd_server(args: argparse.Namespace) -> int:
         raise UsageError("pass --config FILE, or --dev for a local development server")
     if args.dev_root_token_id and not args.dev:
         raise UsageError("--dev-root-token-id only applies with --dev")
-    if args.dev_root_token_id:
+    if args.dev_root_token_id == STDIN_ARG:
+        args.dev_root_token_id = read_stdin_secret(args, "--dev-root-token-id")
         _check_dev_root_token_id(args.dev_root_token_id)
+    elif args.dev_root_token_id:
+        _check_dev_root_token_id(args.dev_root_token_id)
+        # In ps for the server's whole run (said after the check: a bad id stays one line).
+        warn_secret_on_command_line("--dev-root-token-id ID",
+                                    "use --dev-root-token-id - to read it from stdin")
     if args.check:
         if args.dev or not args.config:
             raise UsageError("--check takes --config FILE (not --dev)")
@@ -183,9 +193,10 @@ def cmd_token_create(args: argparse.Namespace) -> int:
 
 
 def cmd_token_lookup(args: argparse.Namespace) -> int:
+    token = secret_arg(args, args.token_arg, "TOKEN") if args.token_arg else None
     client = _client(args)
-    if args.token_arg:
-        resp = client.request("POST", "auth/token/lookup", json={"token": args.token_arg})
+    if token:
+        resp = client.request("POST", "auth/token/lookup", json={"token": token})
     else:
         resp = client.request("GET", "auth/token/lookup-self")
     resp = _need(resp, "token lookup")
@@ -201,6 +212,11 @@ def cmd_token_capabilities(args: argparse.Namespace) -> int:
     if args.accessor and len(values) != 2:
         raise UsageError("--accessor needs the ACCESSOR and the PATH")
     *who, path = values
+    if args.accessor:
+        # An accessor is no secret: no warning, but - still reads it from stdin.
+        who = [read_stdin_secret(args, "ACCESSOR") if who[0] == STDIN_ARG else who[0]]
+    elif who:
+        who = [secret_arg(args, who[0], "TOKEN")]
     client = _client(args)
     if args.accessor:
         resp = client.request("POST", "sys/capabilities-accessor",
@@ -228,15 +244,21 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
                          "or --self for the token in use")
     elif not args.token_arg.strip():
         raise UsageError("the TOKEN argument is empty")
+    target: str = args.token_arg or ""  # (--self: none)
+    if args.accessor:
+        # An accessor is no secret: no warning, but - still reads it from stdin.
+        target = read_stdin_secret(args, "ACCESSOR") if target == STDIN_ARG else target
+    elif not args.self_:
+        target = secret_arg(args, target, "TOKEN")
     client = _client(args)
     if args.self_:
         client.request("POST", "auth/token/revoke-self")
         sys.stdout.write("revoked this token (and its children)\n")
     elif args.accessor:
-        client.request("POST", "auth/token/revoke-accessor", json={"accessor": args.token_arg})
+        client.request("POST", "auth/token/revoke-accessor", json={"accessor": target})
         sys.stdout.write("revoked the token with that accessor\n")
     else:
-        client.request("POST", "auth/token/revoke", json={"token": args.token_arg})
+        client.request("POST", "auth/token/revoke", json={"token": target})
         sys.stdout.write("revoked the token and its children\n")
     return 0
 
@@ -256,13 +278,30 @@ def _audit_key(path: str) -> bytes:
         raise OperationError(f"{path}: {exc}") from None
 
 
+def _audit_key_file(config_path: str) -> str:
+    """``[audit] hmac_key_file`` of the config at ``config_path`` (only that table is read)."""
+    from broker.config import ConfigError, load_audit_config
+
+    try:
+        return load_audit_config(config_path).hmac_key_file
+    except ConfigError as exc:
+        raise OperationError(str(exc)) from None
+
+
 def cmd_audit_hash(args: argparse.Namespace) -> int:
     """``broker audit hash``: the HMAC a secret is written as, to search the log by it."""
     from broker import audit
 
-    key = _audit_key(args.key_file)
-    # From stdin by default: a token on the command line lands in shell history and ps.
-    values = args.values or [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
+    key = _audit_key(args.key_file or _audit_key_file(args.config))
+    # From stdin by default (or given as -): a token on the command line lands in shell
+    # history and ps; still taken there, with a warning.
+    if args.values and args.values != [STDIN_ARG]:
+        if STDIN_ARG in args.values:
+            raise UsageError("give VALUEs or - (one per line on stdin), not both")
+        warn_secret_on_command_line("VALUE", "give none (or -) to read them from stdin, "
+                                             "one per line")
+    values = [v for v in args.values if v != STDIN_ARG] or \
+        [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
     for value in values:
         sys.stdout.write(audit.hash_value(key, value) + "\n")
     return 0

@@ -83,15 +83,90 @@ def _read_token_file(path: str, source: str) -> str:
     return text
 
 
+#: what an argument that takes a secret is given to read it from stdin instead (as vault's CLI).
+STDIN_ARG = "-"
+
+
+def read_stdin_secret(args: argparse.Namespace, what: str) -> str:
+    """One line of stdin for the argument ``what`` that was given as ``-``: the secret
+    stays out of the process list and shell history. Without echo at a terminal.
+
+    Stdin holds one value: a second ``-`` on the same command line is a UsageError.
+    """
+    if getattr(args, "_stdin_taken_by", None):
+        raise UsageError(f"{what} and {args._stdin_taken_by} both read stdin (-): "
+                         "only one argument can")
+    args._stdin_taken_by = what
+    if sys.stdin is None:  # started with stdin closed
+        raise UsageError(f"{what} is - (read stdin), but there is no stdin")
+    if sys.stdin.isatty():
+        import getpass
+
+        line = getpass.getpass(f"{what}: ")
+    else:
+        try:
+            fd = sys.stdin.fileno()
+        except (OSError, ValueError):  # a stand-in without a descriptor (io.StringIO)
+            line = sys.stdin.readline()
+        else:
+            line = _first_line(fd)
+    value = line.strip()
+    if not value:
+        raise UsageError(f"{what} is - but stdin holds no value on its first line")
+    return value
+
+
+#: the longest first line read for a ``-`` argument: a token is far shorter.
+_MAX_STDIN_LINE = 64 * 1024
+
+
+def _first_line(fd: int) -> str:
+    """The first line of ``fd``, read a byte at a time so that nothing after it is
+    taken (``broker exec --token -``: the rest of stdin is the command's)."""
+    data = bytearray()
+    while len(data) < _MAX_STDIN_LINE:
+        byte = os.read(fd, 1)
+        if not byte or byte == b"\n":
+            break
+        data += byte
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError("the first line of stdin is not UTF-8 text") from None
+
+
+def secret_arg(args: argparse.Namespace, value: str, what: str) -> str:
+    """``value`` of the secret argument ``what``: read from stdin if it is ``-``; else
+    as given, with a one-line warning that the command line is not a place for it."""
+    if value == STDIN_ARG:
+        return read_stdin_secret(args, what)
+    warn_secret_on_command_line(what)
+    return value
+
+
+def warn_secret_on_command_line(what: str, hint: str = "give - instead to read it from "
+                                                      "stdin") -> None:
+    """One warning line: ``what`` (never its value) can be read by others where it is."""
+    _warn(f"{what} on the command line is visible in the process list (ps) and kept in "
+          f"shell history; {hint}")
+
+
 def _token(args: argparse.Namespace, environ: Mapping[str, str]) -> str | None:
     """``--token``, ``--token-file``, then ``BROKER_TOKEN``, ``BROKER_TOKEN_FILE``,
-    then ``VAULT_TOKEN``. A token file keeps the token out of the process list."""
+    then ``VAULT_TOKEN``. A token file keeps the token out of the process list, and so
+    does ``--token -`` (one line of stdin)."""
     flag: str | None = getattr(args, "token", None)
     flag_file: str | None = getattr(args, "token_file", None)
     if flag is not None and flag_file is not None:
         raise UsageError("--token and --token-file cannot be used together: give one")
     if flag_file is not None:
         return _read_token_file(flag_file, "--token-file")
+    if flag == STDIN_ARG:
+        # Read once: resolve_settings may be called again for the same args.
+        if getattr(args, "_token_from_stdin", None) is None:
+            args._token_from_stdin = read_stdin_secret(args, "--token")
+        token: str = args._token_from_stdin
+        return token
     # Stripped so that a token of only whitespace (an empty token file with a
     # CR LF) counts as unset; Client refuses what is left inside.
     if flag and flag.strip():

@@ -347,12 +347,18 @@ def _revoke_selected(
     started = time.monotonic()
     resp = client.request("PUT", path, json=body, timeout=_SYNC_TIMEOUT if sync else None)
     _show_warnings(resp)
-    queued = int(((resp or {}).get("data") or {}).get("queued") or 0)
+    data = (resp or {}).get("data") or {}
+    queued = int(data.get("queued") or 0)
+    # Leases under the selector that were being revoked already when the call came: not
+    # queued again, but still to end, so part of the total (and of the progress).
+    already = int(data.get("already_revoking") or 0)
     if before is None:
         state = "revoked or irrevocable" if sync else "queued for revocation"
-        sys.stdout.write(f"{queued} lease(s) {where} {state}\n")
+        more = f" ({already} more already being revoked)" if already else ""
+        sys.stdout.write(f"{queued} lease(s) {where} {state}{more}\n")
         return 0
-    progress = None if sync else _Progress(queued, sys.stderr)
+    total = queued + already
+    progress = None if sync else _Progress(total, sys.stderr)
     previous: _Stats | None = None
     still = revoked = irrevocable = 0
     try:
@@ -364,14 +370,14 @@ def _revoke_selected(
             # still not revoked. The absolute number under the selector is the
             # answer to "is anything left?".
             irrevocable = now.irrevocable
-            done = min(queued, revoked + irrevocable + max(0, now.expired - before.expired))
+            done = min(total, revoked + irrevocable + max(0, now.expired - before.expired))
             if progress is not None:
                 progress.update(done)
             still = still + 1 if now == previous else 0
-            # Done when nothing is in flight and every queued lease has ended; or
-            # when nothing is in flight and nothing moves (counts can differ from
-            # `queued` when tombstones are purged or other leases expire meanwhile).
-            if sync or (now.revoking == 0 and (done >= queued or still >= _STALL_POLLS)):
+            # Done when nothing is in flight and every lease of the total has ended;
+            # or when nothing is in flight and nothing moves (counts can differ from
+            # `total` when tombstones are purged or other leases expire meanwhile).
+            if sync or (now.revoking == 0 and (done >= total or still >= _STALL_POLLS)):
                 break
             previous = now
             sleep(poll)

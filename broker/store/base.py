@@ -357,3 +357,21 @@ class LeaseStore(Protocol):
 
     async def delete_tokens_by_display_name(self, display_name: str) -> int:
         """Dev mode: forget earlier dev root tokens."""
+
+    # -- single-use JWTs (broker/auth/jwt.py) --------------------------------
+    async def record_jwt_use(self, method: str, jti_hash: str, *, accessor: str,
+                             until: float, now: float) -> str | None:
+        """Record that the JWT whose jti hashes to ``jti_hash`` logged in through auth
+        method ``method`` (for the token ``accessor``); it could log in until ``until``.
+
+        None: recorded, this is its first login. Else the JWT had logged in
+        before (a replay): the accessor of that login's token ("" when not
+        known). One durable write that fails on the duplicate key, so of any
+        number of concurrent calls for one JWT, on every replica sharing the
+        store, exactly one gets None. A record past its ``until`` (not yet
+        purged) is taken over: an issuer that reused a jti is not refused for it.
+        """
+
+    async def purge_used_jwts(self, *, before: float, limit: int) -> int:
+        """Delete up to ``limit`` records of used JWTs whose ``until`` is before
+        ``before``; returns how many."""

@@ -102,6 +102,21 @@ MIGRATIONS: list[tuple[str, ...]] = [
         # flight) with its reason; activate refuses a marked row (base.py).
         "ALTER TABLE leases ADD COLUMN revoke_requested TEXT",
     ),
+    (
+        # JWTs that logged in to a single_use role (record_jwt_use), by auth method and
+        # the SHA-256 of their jti; kept until the JWT could not log in anyway.
+        """CREATE TABLE used_jwts (
+            method TEXT COLLATE "C" NOT NULL,
+            jti_hash TEXT COLLATE "C" NOT NULL,
+            used_at DOUBLE PRECISION NOT NULL,
+            valid_until DOUBLE PRECISION NOT NULL,
+            accessor TEXT NOT NULL,
+            PRIMARY KEY (method, jti_hash)
+        )""",
+        "CREATE INDEX used_jwts_valid_until ON used_jwts (valid_until)",
+        # The path that created a token (auth/NAME/login); NULL: auth/token/create.
+        "ALTER TABLE tokens ADD COLUMN path TEXT",
+    ),
 ]
 
 #: pg_advisory_xact_lock key serialising migrations ("broker" in ASCII).

@@ -71,7 +71,7 @@ _LEASE_COLS = ", ".join(_LEASE_COL_NAMES)
 #: Columns of the tokens table (named so ruff does not take it for a hard-coded token).
 _TK_COLS = (
     "accessor, token_hash, policies, created, expire_time, display_name, metadata, parent,"
-    " state, max_expire_time, renewable, ended_at, creation_ttl"
+    " state, max_expire_time, renewable, ended_at, creation_ttl, path"
 )
 _REVOCABLE = "state IN ('active', 'irrevocable')"
 #: Force takes over leases in retry backoff too, but not one already forced
@@ -772,11 +772,11 @@ class PostgresStore:
     async def insert_token(self, token: Token) -> None:
         await self.pool.execute(
             f"INSERT INTO tokens ({_TK_COLS}) VALUES"
-            " ($1, $2, $3::jsonb, $4, $5, $6, $7::jsonb, $8, $9, $10, $11, $12, $13)",
+            " ($1, $2, $3::jsonb, $4, $5, $6, $7::jsonb, $8, $9, $10, $11, $12, $13, $14)",
             token.accessor, token.token_hash, json.dumps(list(token.policies)), token.created,
             token.expire_time, token.display_name, json.dumps(dict(token.metadata)),
             token.parent, str(token.state), token.max_expire_time, token.renewable,
-            token.ended_at, token.creation_ttl,
+            token.ended_at, token.creation_ttl, token.path or None,
         )
 
     async def token_by_hash(self, token_hash: str) -> Token | None:
@@ -827,4 +827,34 @@ class PostgresStore:
     async def delete_tokens_by_display_name(self, display_name: str) -> int:
         status = await self.pool.execute("DELETE FROM tokens WHERE display_name = $1",
                                          display_name)
+        return _count(status)
+
+    # -- single-use JWTs -------------------------------------------------
+    async def record_jwt_use(self, method: str, jti_hash: str, *, accessor: str,
+                             until: float, now: float) -> str | None:
+        # One statement: a concurrent insert of the same key (another replica) makes
+        # this one wait for it and then do nothing, so exactly one counts a row.
+        row = await self.pool.fetchrow(
+            "WITH ins AS (INSERT INTO used_jwts (method, jti_hash, used_at, valid_until, accessor)"
+            "  VALUES ($1, $2, $3, $4, $5) ON CONFLICT (method, jti_hash) DO UPDATE SET"
+            "  used_at = EXCLUDED.used_at, valid_until = EXCLUDED.valid_until,"
+            "  accessor = EXCLUDED.accessor WHERE used_jwts.valid_until < $3 RETURNING 1)"
+            " SELECT (SELECT count(*) FROM ins) AS recorded, (SELECT accessor FROM used_jwts"
+            "  WHERE method = $1 AND jti_hash = $2) AS earlier",
+            method, jti_hash, now, until, accessor,
+        )
+        assert row is not None
+        if row["recorded"]:
+            return None
+        # The statement's snapshot may predate the winner's commit: then unknown.
+        return str(row["earlier"] or "")
+
+    async def purge_used_jwts(self, *, before: float, limit: int) -> int:
+        status = await self.pool.execute(
+            "WITH c AS MATERIALIZED (SELECT method, jti_hash FROM used_jwts"
+            "  WHERE valid_until < $1 ORDER BY valid_until LIMIT $2 FOR UPDATE SKIP LOCKED)"
+            " DELETE FROM used_jwts AS u USING c"
+            " WHERE u.method = c.method AND u.jti_hash = c.jti_hash",
+            before, limit,
+        )
         return _count(status)

@@ -56,6 +56,7 @@ def token_from_row(row: Row) -> Token:
         renewable=bool(row["renewable"]),
         ended_at=row["ended_at"],
         creation_ttl=row["creation_ttl"],
+        path=row["path"] or "",
     )
 
 

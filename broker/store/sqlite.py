@@ -81,7 +81,14 @@ _LEASE_COLS = (
 #: Columns of the tokens table (named so ruff does not take it for a hard-coded token).
 _TK_COLS = (
     "accessor, token_hash, policies, created, expire_time, display_name, metadata, parent,"
-    " state, max_expire_time, renewable, ended_at, creation_ttl"
+    " state, max_expire_time, renewable, ended_at, creation_ttl, path"
+)
+#: A used JWT's record: a new one, or one past its valid_until (an issuer that reused a jti).
+_RECORD_JWT = (
+    "INSERT INTO used_jwts (method, jti_hash, used_at, valid_until, accessor)"
+    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (method, jti_hash) DO UPDATE SET"
+    " used_at = excluded.used_at, valid_until = excluded.valid_until,"
+    " accessor = excluded.accessor WHERE used_jwts.valid_until < ?"
 )
 #: The only states in which a row may have a due_at.
 _DUE_STATES = "('active', 'revoking')"
@@ -915,11 +922,11 @@ class SQLiteStore:
     # -- tokens ----------------------------------------------------------
     async def insert_token(self, token: Token) -> None:
         await self._write(_rowcount(
-            f"INSERT INTO tokens ({_TK_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO tokens ({_TK_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (token.accessor, token.token_hash, json.dumps(list(token.policies)), token.created,
              token.expire_time, token.display_name, json.dumps(dict(token.metadata)),
              token.parent, str(token.state), token.max_expire_time, int(token.renewable),
-             token.ended_at, token.creation_ttl),
+             token.ended_at, token.creation_ttl, token.path or None),
         ))
 
     async def token_by_hash(self, token_hash: str) -> Token | None:
@@ -972,3 +979,22 @@ class SQLiteStore:
         return await self._write(_rowcount(
             "DELETE FROM tokens WHERE display_name = ?", (display_name,)
         ))
+
+    # -- single-use JWTs -------------------------------------------------
+    async def record_jwt_use(self, method: str, jti_hash: str, *, accessor: str,
+                             until: float, now: float) -> str | None:
+        def op(conn: sqlite3.Connection) -> str | None:
+            # The writer's transaction serialises this with every other write (other
+            # processes too: BEGIN IMMEDIATE), so the key decides: one insert wins.
+            if conn.execute(_RECORD_JWT, (method, jti_hash, now, until, accessor, now)).rowcount:
+                return None
+            row = conn.execute("SELECT accessor FROM used_jwts WHERE method = ? AND jti_hash = ?",
+                               (method, jti_hash)).fetchone()
+            return str(row[0]) if row else ""
+
+        return await self._write(op)
+
+    async def purge_used_jwts(self, *, before: float, limit: int) -> int:
+        return await self._write(_rowcount(
+            "DELETE FROM used_jwts WHERE rowid IN (SELECT rowid FROM used_jwts"
+            " WHERE valid_until < ? ORDER BY valid_until LIMIT ?)", (before, limit)))

@@ -111,6 +111,21 @@ MIGRATIONS: list[tuple[str, ...]] = [
         # flight) with its reason; activate refuses a marked row (base.py).
         "ALTER TABLE leases ADD COLUMN revoke_requested TEXT",
     ),
+    (
+        # JWTs that logged in to a single_use role (record_jwt_use), by auth method and
+        # the SHA-256 of their jti; kept until the JWT could not log in anyway.
+        """CREATE TABLE used_jwts (
+            method TEXT NOT NULL,
+            jti_hash TEXT NOT NULL,
+            used_at REAL NOT NULL,
+            valid_until REAL NOT NULL,
+            accessor TEXT NOT NULL,
+            PRIMARY KEY (method, jti_hash)
+        )""",
+        "CREATE INDEX used_jwts_valid_until ON used_jwts (valid_until)",
+        # The path that created a token (auth/NAME/login); NULL: auth/token/create.
+        "ALTER TABLE tokens ADD COLUMN path TEXT",
+    ),
 ]
 
 def migrate(conn: sqlite3.Connection) -> None:

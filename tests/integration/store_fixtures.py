@@ -137,7 +137,8 @@ async def fresh_postgres_database(request: pytest.FixtureRequest) -> str:
             netloc=f"{name}:{password}@{host}", path=f"/{name}"))
     conn = await asyncpg.connect(dsn)
     try:
-        await conn.execute("DROP TABLE IF EXISTS leases, tokens, revoke_rules, schema_version")
+        await conn.execute("DROP TABLE IF EXISTS leases, tokens, revoke_rules, used_jwts,"
+                           " schema_version")
     finally:
         await conn.close()
     return dsn

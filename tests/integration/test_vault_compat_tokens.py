@@ -173,7 +173,8 @@ def test_lookups_show_the_presented_token_as_id_but_the_audit_log_never_does(
     by_accessor = client(broker).auth.token.lookup_accessor(accessor)["data"]
     assert by_accessor["id"] == "" and by_accessor["accessor"] == accessor
     lookups = audit_events(broker, "token_lookup")
-    assert any(e.get("target") == accessor for e in lookups)
+    assert any(e.get("target") == broker.state.audit.hmac(accessor) for e in lookups)
+    assert accessor not in audit_text(broker)  # written as its HMAC
     assert token not in audit_text(broker)
 
 
@@ -193,7 +194,7 @@ def test_renew_accessor_renews_without_revealing_the_token(broker: BrokerThread)
     looked = client(broker).auth.token.lookup_accessor(target["accessor"])["data"]
     assert 7000 < looked["ttl"] <= 7200
     renewals = audit_events(broker, "token_renew")
-    assert renewals[-1]["target"] == target["accessor"]
+    assert renewals[-1]["target"] == broker.state.audit.hmac(target["accessor"])
     # PUT too; without the capability a 403; an unknown accessor a 400.
     put = call(broker, "PUT", "auth/token/renew-accessor", renewer,
                json={"accessor": target["accessor"]})
@@ -269,7 +270,8 @@ def test_revoke_orphan_revokes_the_token_and_its_leases_but_not_its_children(
     assert lease_revoked(broker, parent_lease)
     assert root.sys.read_lease(child_lease)["data"]["state"] == "active"
     revoked = audit_events(broker, "token_revoke")[-1]
-    assert revoked["target"] == parent["accessor"] and revoked["tokens"] == 1
+    assert revoked["target"] == broker.state.audit.hmac(parent["accessor"])
+    assert revoked["tokens"] == 1
 
     # Revoking the parent again (by value or accessor) reaches none of its orphans.
     root.auth.token.revoke(parent["client_token"])
@@ -315,7 +317,8 @@ def test_sys_auth_lists_the_token_and_jwt_methods_in_vaults_shape(broker: Broker
     ({"num_uses": "2"}, "num_uses is not supported"),
     ({"meta": []}, "meta must be an object of string values, not a list"),
     ({"meta": "team=a"}, "meta must be an object of string values, not a string"),
-    ({"meta": {"team": 5}}, "meta must be an object of string values"),
+    # A number is taken as its text, as Vault's weak decoding does (round 5); a list is not.
+    ({"meta": {"team": [5]}}, "meta 'team' must be a string, number or boolean, not a list"),
     ({"type": 5}, "type must be a string"),
     ({"entity_alias": 5}, "entity_alias must be a string"),
 ])
