@@ -217,7 +217,13 @@ def is_secret_name(name: str) -> bool:
 
 def looks_like_credential(value: str) -> bool:
     """Whether ``value`` starts like a credential (a JWT, a broker or Vault token)."""
-    return value.startswith(_CREDENTIAL_PREFIXES)
+    return value.startswith(_CREDENTIAL_PREFIXES) and _credential_shape(value)
+
+
+def _credential_shape(value: str) -> bool:
+    """For a value with a credential's prefix: False for a name that merely starts with
+    ``s.`` (a user ``s.jones``): a legacy Vault token is ``s.`` and 24 letters/digits."""
+    return not value.startswith("s.") or (len(value) == 26 and value[2:].isalnum())
 
 
 def _hidden(value: str) -> str:
@@ -228,7 +234,7 @@ def shown(value: str) -> str:
     """``value`` as a log line or an error may show a name the caller sent: itself, or
     ``[hidden: N characters]`` when it looks like a credential (or is too long to be
     a name)."""
-    if value.startswith(_CREDENTIAL_PREFIXES) or len(value) > 256:
+    if looks_like_credential(value) or len(value) > 256:
         return _hidden(value)
     return value
 
@@ -317,7 +323,8 @@ class _AuditRedactor:
         """``ids``: accessor-named keys hold accessors here (not inside ``metadata``)."""
         kind = type(obj)
         if kind is str:
-            return _hidden(obj) if obj.startswith(_CREDENTIAL_PREFIXES) else obj
+            return (_hidden(obj) if obj.startswith(_CREDENTIAL_PREFIXES)
+                    and _credential_shape(obj) else obj)
         if kind is dict or isinstance(obj, Mapping):
             out: dict[str, Any] = {}
             roles = _ROLES
@@ -328,7 +335,8 @@ class _AuditRedactor:
                 if role == _PLAIN or v is None:
                     # The common case first, inline: most fields of most lines.
                     if vkind is str:
-                        out[name] = _hidden(v) if v.startswith(_CREDENTIAL_PREFIXES) else v
+                        out[name] = (_hidden(v) if v.startswith(_CREDENTIAL_PREFIXES)
+                                     and _credential_shape(v) else v)
                     elif v is None or vkind is int or vkind is bool:
                         out[name] = v
                     else:

@@ -24,6 +24,9 @@ def _records(path: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+LEGACY = "s.Ab3dEf6hIj9kLm2nOp5qRs8t"
+
+
 async def test_a_credential_in_any_new_field_is_written_hidden(tmp_path: Path) -> None:
     """A JWT or token in a field no caller hides (a new one, nested, in a list) is written
     as ``[hidden: N characters]``; names, HMACs and metadata keys are left as they are."""
@@ -35,6 +38,8 @@ async def test_a_credential_in_any_new_field_is_written_hidden(tmp_path: Path) -
             nested={"deeper": [JWT, "brk.token-value", "plain"], "count": 3},
             role="readonly", metadata={"owner": "acme", "note": "hvs.vault-token"},
             client_token="s.vault-legacy-token",
+            # a legacy Vault token is "s." and 24 letters/digits; a name like s.jones is no token
+            legacy=LEGACY, actor="s.jones",
         ))
     finally:
         await log.close()
@@ -46,6 +51,7 @@ async def test_a_credential_in_any_new_field_is_written_hidden(tmp_path: Path) -
     assert rec["a_new_field"] == hidden
     assert rec["nested"] == {"deeper": [hidden, "[hidden: 15 characters]", "plain"], "count": 3}
     assert rec["role"] == "readonly"
+    assert rec["legacy"] == "[hidden: 26 characters]" and rec["actor"] == "s.jones"
     # metadata is the caller's: its "owner" is no accessor, only the credential is hidden
     assert rec["metadata"] == {"owner": "acme", "note": "[hidden: 15 characters]"}
     # a secret-named field is still its HMAC (correlatable), not the hidden form
