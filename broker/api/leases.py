@@ -7,6 +7,7 @@ that issued them, e.g. a CI ``run_id``): ``revoke-by``, ``search``, and
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Awaitable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -41,6 +42,8 @@ _INT_MAX = 2**31 - 1
 _META_PARAM = "meta."
 #: revoke-by's policy path; ``_REVOKE_BY/KEY/VALUE`` is its per-pair form.
 _REVOKE_BY = "sys/leases/revoke-by"
+#: Most selector pairs whose two-pair grants (``_REVOKE_BY/K1/V1/K2/V2``) are looked for.
+_PAIRED_GRANT_PAIRS = 8
 
 
 def rfc3339(ts: float | None) -> str | None:
@@ -313,22 +316,31 @@ def _meta_body(value: Any) -> dict[str, str]:
 async def _require_revoke_by(call: Call, meta: Mapping[str, str], *, force: bool) -> None:
     """Who may revoke-by: ``update``/``sudo`` on ``sys/leases/revoke-by`` (any selector), or
     ``update`` on ``sys/leases/revoke-by/KEY/VALUE`` for one KEY=VALUE of the selector's
-    metadata. ``force`` needs ``sudo`` on ``sys/leases/revoke-by``: it is revoke-force's
+    metadata, or on ``sys/leases/revoke-by/K1/V1/K2/V2`` for two of its pairs (in either
+    order). ``force`` needs ``sudo`` on ``sys/leases/revoke-by``: it is revoke-force's
     break-glass, which needs ``sudo`` too.
 
     Every lease the selector matches carries each of its pairs, so authority
-    over one pair covers the whole selector. A CI role whose policy holds
+    over one pair (or two) covers the whole selector. A CI role whose policy holds
     ``"sys/leases/revoke-by/run_id/{{identity.metadata.run_id}}" = ["update"]``
-    can end its own run's leases and no other run's. A value with a "/" never
-    takes the narrow path (it would span path segments).
+    can end its own run's leases and no other run's. Two pairs narrow it further:
+    ``sys/leases/revoke-by/auth/github/run_id/{{identity.metadata.run_id}}`` needs the
+    selector to name the auth method as well, so that another method whose runs are
+    numbered the same (a second GitLab instance) cannot be reached through it. A value
+    with a "/" never takes the narrow paths (it would span path segments).
     """
     if force:
         await call.require(_REVOKE_BY, "sudo")  # allowed, or audited and refused (403)
         return
-    if any(
-        META_KEY.fullmatch(key) and value and "/" not in value
-        and call.allowed(f"{_REVOKE_BY}/{key}/{value}", "update")
-        for key, value in meta.items()
+    pairs = [f"{key}/{value}" for key, value in meta.items()
+             if META_KEY.fullmatch(key) and value and "/" not in value]
+    if any(call.allowed(f"{_REVOKE_BY}/{pair}", "update") for pair in pairs):
+        return
+    # Two pairs: at most _PAIRED_GRANT_PAIRS of them are tried (n x (n-1) paths), so a
+    # selector of many pairs cannot make this check expensive.
+    if len(pairs) <= _PAIRED_GRANT_PAIRS and any(
+        call.allowed(f"{_REVOKE_BY}/{a}/{b}", "update")
+        for a, b in itertools.permutations(pairs, 2)
     ):
         return
     await call.require(_REVOKE_BY, "update", "sudo")

@@ -79,6 +79,11 @@ creation_statements = ["CREATE ROLE \\"{{name}}\\" WITH LOGIN PASSWORD '{{passwo
 [policies.own-run]
 "pg/creds/*" = ["read"]
 "sys/leases/revoke-by/run_id/{{identity.metadata.run_id}}" = ["update"]
+
+# The same, where two CI systems number their runs alike: the site must match too.
+[policies.own-site-run]
+"pg/creds/*" = ["read"]
+"sys/leases/revoke-by/site/{{identity.metadata.site}}/run_id/{{identity.metadata.run_id}}" = ["update"]
 """
     server = start_broker(write_config(tmp_path, config))
     yield Api(server)
@@ -224,6 +229,35 @@ def test_a_templated_policy_limits_revoke_by_to_the_tokens_own_run(
     denials = [e for e in audit if e["type"] == "policy_denied"
                and e.get("checked_path") == "sys/leases/revoke-by"]
     assert len(denials) == 4
+
+
+def test_a_two_pair_grant_needs_both_pairs_in_the_selector(
+    api: Api, postgres_dsn: str
+) -> None:
+    """update on sys/leases/revoke-by/site/{{..site}}/run_id/{{..run_id}}: two sites whose
+    runs are numbered alike; a run of site a may end its own leases only with a selector
+    naming both its site and its run (pairs in either order), never site b's run R1."""
+    def token(site: str) -> str:
+        auth = api.ok("POST", "auth/token/create",
+                      json={"policies": ["own-site-run"], "meta": {"site": site, "run_id": "R1"}})
+        return str(auth["auth"]["client_token"])
+
+    mine, theirs = token("a"), token("b")
+    _, my_user = api.issue(mine)
+    _, their_user = api.issue(theirs)
+    for meta in ({"run_id": "R1"},  # the run alone would reach site b's run R1 too
+                 {"site": "a"},  # the site alone: every run of it
+                 {"run_id": "R1", "site": "b"}):  # the other site's run
+        denied = api.call("PUT", "sys/leases/revoke-by", token=mine, json={"metadata": meta})
+        assert denied.status_code == 403, (meta, denied.text)
+    assert exists(postgres_dsn, my_user) and exists(postgres_dsn, their_user)
+
+    ok = api.call("PUT", "sys/leases/revoke-by", token=mine,
+                  json={"metadata": {"run_id": "R1", "site": "a"}, "sync": True})
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["data"]["queued"] == 1
+    assert not exists(postgres_dsn, my_user)
+    assert exists(postgres_dsn, their_user)
 
 
 def test_cli_lease_revoke_and_list_by_meta(api: Api, postgres_dsn: str) -> None:
