@@ -188,6 +188,44 @@ def _mac(key: bytes, data: bytes) -> str:
     return _MAC_PREFIX + _hmac.digest(key, data, "sha256").hex()
 
 
+#: A line's ``mac``: an HMAC under a key derived from the audit key for line macs only,
+#: so that no value HMAC (a redacted secret, ``sys/audit-hash``, ``broker audit hash``)
+#: is ever a valid line mac: whoever can get values hashed cannot sign a line with it.
+#: Lines written before had a plain value HMAC as their mac (:func:`line_mac_matches`).
+_LINE_MAC_PREFIX = "hmac-sha256-line:"
+_LINE_KEY_LABEL = b"broker audit line mac"
+
+
+def line_key(key: bytes) -> bytes:
+    """The key line macs are made with, derived from the audit key."""
+    return _hmac.digest(key, _LINE_KEY_LABEL, "sha256")
+
+
+def _line_mac(key: bytes, data: bytes) -> str:
+    """The ``mac`` of a line whose body (the line without ``mac``) is ``data``."""
+    return _LINE_MAC_PREFIX + _hmac.digest(line_key(key), data, "sha256").hex()
+
+
+def line_mac_matches(key: bytes, mac: object, body: bytes, *, old_format: bool) -> bool:
+    """Whether ``mac`` is the line mac of ``body`` under the audit key ``key``.
+
+    ``old_format``: also accept the mac lines had before line macs got a key of their
+    own (a value HMAC of the body). Only where no new-format line came before: a value
+    HMAC is what anyone allowed to call ``sys/audit-hash`` can have made, so an old
+    mac after a new one is a forgery.
+    """
+    if not isinstance(mac, str):
+        return False
+    if mac.startswith(_LINE_MAC_PREFIX):
+        return _hmac.compare_digest(mac, _line_mac(key, body))
+    return old_format and _hmac.compare_digest(mac, _mac(key, body))
+
+
+def is_old_line_mac(mac: object) -> bool:
+    """Whether ``mac`` has the format of a line written before line macs had their key."""
+    return isinstance(mac, str) and mac.startswith(_MAC_PREFIX)
+
+
 def _is_mac(value: str) -> bool:
     return (
         len(value) == len(_MAC_PREFIX) + 64
@@ -483,6 +521,7 @@ class AuditLog:
         self._key = key
         # A keyed HMAC state to .copy() per value: saves re-keying on every MAC.
         self._hmac_base = _hmac.new(key, digestmod="sha256")
+        self._line_hmac_base = _hmac.new(line_key(key), digestmod="sha256")
         self._redactor = _AuditRedactor(self.hmac, self.hmac if hmac_accessor else None)
         # _sign serializes each record once with this stand-in for its mac and
         # then swaps it out. Random per log, so no event value can forge it.
@@ -595,6 +634,12 @@ class AuditLog:
         h = self._hmac_base.copy()
         h.update(data)
         return _MAC_PREFIX + h.hexdigest()
+
+    def _line_mac_of(self, body: bytes) -> str:
+        """:func:`_line_mac` under this log's key, from the keyed state (same bytes)."""
+        h = self._line_hmac_base.copy()
+        h.update(body)
+        return _LINE_MAC_PREFIX + h.hexdigest()
 
     def redact(self, obj: Any) -> Any:
         """What :meth:`write` writes of ``obj``: :func:`redact` under this log's key, with
@@ -820,7 +865,7 @@ class AuditLog:
             body = line[:start] + line[end + 1:]
         else:
             body = line[:start] + line[end:]
-        mac = b'"mac":"' + self._mac_of(body).encode("ascii") + b'"'
+        mac = b'"mac":"' + self._line_mac_of(body).encode("ascii") + b'"'
         return line[:start] + mac + line[end:]
 
     def _repair(self) -> None:
@@ -935,8 +980,8 @@ class AuditLog:
                 mac = obj.pop("mac")
                 ok = (type(obj.get("seq")) is int and obj["seq"] == seq + 1
                       and obj.get("prev") == prev and obj.get("prev_file") == link
-                      and isinstance(mac, str)
-                      and _hmac.compare_digest(mac, self._mac_of(_canonical(obj))))
+                      and line_mac_matches(self._key, mac, _canonical(obj),
+                                           old_format=False))
             except (ValueError, TypeError, KeyError, AttributeError):
                 ok = False
             if not ok:
@@ -1057,8 +1102,8 @@ class AuditLog:
             ) from None
         mac = obj.pop("mac", None)
         try:
-            mac_ok = isinstance(mac, str) and _hmac.compare_digest(
-                mac, _mac(self._key, _canonical(obj)))
+            # The last line may be from before line macs had their own key.
+            mac_ok = line_mac_matches(self._key, mac, _canonical(obj), old_format=True)
         except ValueError:
             mac_ok = False
         return seq, _sha(line), size, mac_ok

@@ -18,13 +18,12 @@ the copy; :attr:`VerifyResult.note` says so.
 from __future__ import annotations
 
 import dataclasses
-import hmac as _hmac
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from broker.audit import GENESIS, _canonical, _mac, _sha
+from broker.audit import GENESIS, _canonical, _sha, is_old_line_mac, line_mac_matches
 
 __all__ = ["VerifyResult", "verify_file", "verify_files"]
 
@@ -83,6 +82,7 @@ def verify_file(path: str, key: bytes | None) -> VerifyResult:
     unnoticed; with it every line's HMAC and canonical form are checked too.
     """
     seq, prev, n = 0, GENESIS, 0
+    new_format = False  # a line with a line-key mac was seen: no old-format mac after it
     prev_file: str | None = None
     truncated: dict[str, Any] | None = None
 
@@ -126,8 +126,12 @@ def verify_file(path: str, key: bytes | None) -> VerifyResult:
                     canonical = _canonical({**obj, "mac": mac})
                 except ValueError:
                     return bad("not in canonical form")
-                if not isinstance(mac, str) or not _hmac.compare_digest(mac, _mac(key, body)):
+                if not line_mac_matches(key, mac, body, old_format=not new_format):
+                    if new_format and is_old_line_mac(mac):
+                        return bad("an old-format mac (a value HMAC, as sys/audit-hash "
+                                   "makes) after lines with line macs: a forged line")
                     return bad("HMAC mismatch: the line was edited (or the key is wrong)")
+                new_format = new_format or not is_old_line_mac(mac)
                 if canonical != line:
                     return bad("not in canonical form: the line was reformatted")
             seq, prev = got, _sha(line)

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from broker.audit import AuditLog, _canonical, _mac, event, load_key
+from broker.audit import AuditLog, _canonical, _line_mac, event, load_key
 from broker.audit_verify import verify_file
 
 
@@ -17,7 +17,7 @@ def reference_sign(key: bytes, record: dict[str, Any]) -> bytes:
     left = _canonical({k: v for k, v in record.items() if k < "mac"})[1:-1]
     right = _canonical({k: v for k, v in record.items() if k > "mac"})[1:-1]
     body = b"{" + left + (b"," if left and right else b"") + right + b"}"
-    mac = b'"mac":"' + _mac(key, body).encode("ascii") + b'"'
+    mac = b'"mac":"' + _line_mac(key, body).encode("ascii") + b'"'
     return b"{" + b",".join(part for part in (left, mac, right) if part) + b"}"
 
 
