@@ -152,6 +152,9 @@ USERNAME_MAX_RANGE = (8, 80)
 
 _MOUNT_KEYS = frozenset({"connection_url", "max_open_connections", "username_max_length", "host"})
 _ROLE_KEYS = frozenset({"database", "host"})
+#: Schemas a role's {{database}} must not name: the server's own (accounts and their
+#: password hashes, sessions, statements).
+_SYSTEM_SCHEMAS = frozenset({"mysql", "sys", "performance_schema", "information_schema"})
 
 # Database names we accept: safe inside backticks, quotes and bare. Real MySQL
 # allows more, but an operator can rename a database far more easily than we
@@ -271,6 +274,19 @@ class MySQLBackend:
                     f"roles.{role.name}.database",
                     "no database to grant on: set database on the role or put one in "
                     "connection_url (mysql://user@host:port/DB)",
+                )
+            if uses_db and db is not None and db.lower() in _SYSTEM_SCHEMAS:
+                # The statements grant on {{database}}: on `mysql` every lease could read
+                # every account's password hash (mysql.user / global_priv), and the others
+                # show the server's users, sessions and statements. A custom statement
+                # naming such a schema is refused by grant_refusal already.
+                where = ("connection_url" if "database" not in role.options
+                         else f"roles.{role.name}.database")
+                raise PluginConfigError(
+                    where,
+                    f"role {role.name!r} would grant on the system schema {db!r}: every "
+                    "lease could read the server's accounts (password hashes in "
+                    "mysql.user); grant on the application's database instead",
                 )
         return cls(
             mount=mount.name,

@@ -1,18 +1,20 @@
 """A per-client limit on the audit lines of unauthenticated failures.
 
 Anyone who can reach the port can send a bad token or a bad JWT login, and each
-such request wrote its ``request`` and ``auth_failure`` (or ``reuse_attempt``)
-lines, fsync'd when ``[audit] fsync`` is on: a cheap way to fill the disk or to
-bury the record of an attack under its own noise. Those lines now pass through a
-token bucket per client address: BURST failed requests at once, then RATE per
-second. What the bucket holds back is not lost: the first one held back starts a
-window of SUMMARY_AFTER seconds (the time the bucket takes to fill up again), and
-at its end ONE ``auth_failure`` line with outcome ``suppressed`` says how many
-lines were left out, of which types, from which address and over what time.
+such request wrote its ``request`` and ``auth_failure`` lines, fsync'd when
+``[audit] fsync`` is on: a cheap way to fill the disk or to bury the record of an
+attack under its own noise. Those lines now pass through a token bucket per client
+address: BURST failed requests at once, then RATE per second. What the bucket
+holds back is not lost: the first one held back starts a window of SUMMARY_AFTER
+seconds (the time the bucket takes to fill up again), and at its end ONE
+``auth_failure`` line with outcome ``suppressed`` says how many lines were left
+out, of which types, from which address and over what time.
 
-The answers do not change (still 403 or 400), and nothing done with a valid
-token is ever held back: issue, renew, revoke, policy denials and every other
-authenticated action are audited line by line, as before.
+A ``reuse_attempt`` (a revoked or expired token's use) is never held back: it names
+the token that leaked (broker/api/common.py ``authenticate``). The answers do not
+change (still 403 or 400), and nothing done with a valid token is ever held back:
+issue, renew, revoke, policy denials and every other authenticated action are
+audited line by line, as before.
 
 IPv6 clients are counted per /64 (one host usually owns a whole /64, and would
 otherwise get a fresh bucket from each of its 2^64 addresses). Behind a proxy

@@ -224,9 +224,14 @@ class Call:
         try:
             token = await self.state.tokens.resolve(raw)
         except DeadToken as exc:
-            await self.audit_unauthenticated(
-                "reuse_attempt", error=str(exc), token_accessor=exc.token.accessor,
-                token_state=exc.token.state.value)
+            # Never held back by the per-client limit: it names the token that leaked, and
+            # a flood of bad tokens from the same address must not hide it in a count.
+            # Only a real (revoked or expired) token's value gets here, so it is no flood.
+            await self.audit("request")
+            self.request_audited = True
+            await self.audit("reuse_attempt", outcome="denied", error=str(exc),
+                             token_accessor=exc.token.accessor,
+                             token_state=exc.token.state.value)
             raise
         except PermissionDenied as exc:
             await self.audit_unauthenticated("auth_failure", error=str(exc))

@@ -58,6 +58,10 @@ __all__ = [
 #: real CI tokens are 1-2 KiB; anything this long is not one.
 MAX_JWT_LENGTH = 16 * 1024
 _MAX_SHOWN = 200
+#: Seconds a ``single_use`` JWT's record outlives the JWT's exp + leeway: raising the
+#: leeway (a reload, or a replica on a newer config) by up to this much cannot let a
+#: used JWT log in again once its record has run out.
+REPLAY_MARGIN = 600.0
 #: stripped from around a presented JWT: a token read with ``open().read()`` or a
 #: heredoc keeps its trailing newline. Vault's JWT method accepts such a token (go-jose's
 #: ParseSigned strips whitespace before parsing); inside a token, whitespace is refused.
@@ -472,7 +476,9 @@ class JWTAuthMethod:
             raise _deny(f"role {role.name!r} is single_use but the JWT has no exp claim")
         # Hashed: the store (and its backups) never hold the jti in clear.
         digest = hashlib.sha256(jti.encode("utf-8", "surrogatepass")).hexdigest()
-        return digest, exp + self.config.leeway
+        # Kept past the JWT's own end by REPLAY_MARGIN: a reload (or a replica) with a
+        # larger leeway accepts the JWT for longer, and must still find the record.
+        return digest, exp + self.config.leeway + REPLAY_MARGIN
 
 
 def _key_source(config: JWTMethodConfig) -> KeySource:

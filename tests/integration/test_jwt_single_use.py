@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import json
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,9 @@ import hvac
 import hvac.exceptions
 import pytest
 
+from broker.auth.jwt import REPLAY_MARGIN
 from broker.config import ConfigError, load_config
+from broker.server import reload
 from tests.conftest import run
 from tests.integration.broker_harness import BrokerThread, start_broker, write_config
 from tests.integration.jwt_fixtures import (
@@ -117,7 +120,7 @@ def test_the_store_keeps_only_a_hash_of_the_jti(broker: BrokerThread,
     assert len(rows) == 1
     assert rows[0]["method"] == "github"
     assert rows[0]["jti_hash"] == hashlib.sha256(claims["jti"].encode()).hexdigest()
-    assert rows[0]["valid_until"] == claims["exp"] + 60
+    assert rows[0]["valid_until"] == claims["exp"] + 60 + REPLAY_MARGIN  # leeway + margin
     assert claims["jti"] not in json.dumps(rows)
 
 
@@ -242,3 +245,27 @@ def test_replicas_on_one_postgres_store_refuse_a_replay(
     finally:
         for server in replicas:
             server.stop()
+
+
+def test_a_larger_leeway_after_a_reload_does_not_let_a_used_jwt_in_again(
+    issuer: OIDCIssuer, tmp_path: Path,
+) -> None:
+    """Logged in under leeway 0; a reload raises it to 5 minutes, so the JWT is accepted
+    again for 5 minutes past its exp. Its record must still be there then: it used to
+    run out at exp + the old leeway and be taken over by the replay (security review)."""
+    config = auth_config(issuer).replace(
+        "[auth.jwt.github]\n", '[auth.jwt.github]\nclock_skew_leeway = "0s"\n', 1)
+    assert 'clock_skew_leeway = "0s"' in config
+    with running_broker(tmp_path, config, revoke=()) as broker:
+        claims = issuer.github_claims(run_id="leeway-1", lifetime=2)
+        jwt = issuer.mint(claims)
+        login(broker, "once", jwt)
+        source = Path(broker.config.source)
+        source.write_text(source.read_text().replace('clock_skew_leeway = "0s"',
+                                                     'clock_skew_leeway = "5m"'))
+        assert broker.call(reload(broker.state)) if broker.state else False
+        while time.time() < claims["exp"] + 1:  # past exp: only the new leeway accepts it
+            time.sleep(0.2)
+        with pytest.raises(hvac.exceptions.Forbidden) as refused:
+            login(broker, "once", jwt)
+        assert errors(refused) == [REPLAYED]

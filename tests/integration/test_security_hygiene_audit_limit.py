@@ -221,3 +221,24 @@ def test_more_clients_than_buckets_share_the_overflow_one(
 
     lines = asyncio.run(run())
     assert [(e["request"]["remote_addr"], e["count"]) for e in lines] == [("other clients", 1)]
+
+
+def test_a_revoked_tokens_use_is_never_held_back(broker: BrokerThread) -> None:
+    """A flood of bad tokens empties the client's bucket; the use of a revoked token from
+    the same address right after is still audited in full (reuse_attempt with its
+    accessor's HMAC): the line that names a leaked token must not become a count."""
+    source = "127.0.0.9"
+    client = From(broker, source)
+    status, body = client.call("POST", "auth/token/create", token=ROOT_TOKEN,
+                               body={"policies": ["nothing"], "ttl": "1h"})
+    assert status == 200, body
+    stolen, accessor = body["auth"]["client_token"], body["auth"]["accessor"]
+    assert client.call("POST", "auth/token/revoke-self", token=stolen)[0] == 204
+    flood(client, BURST * 2, lambda c: c.call("GET", "noop/creds/a", token="not-a-token"), 403)
+    status, body = client.call("GET", "noop/creds/a", token=stolen)
+    client.close()
+    assert status == 403 and "revoked" in body["errors"][0], body
+    hashed = broker.state.audit.hmac(accessor) if broker.state else accessor
+    reuse = [e for e in events(broker)
+             if of(source)(e) and e["type"] == "reuse_attempt"]
+    assert [e.get("token_accessor") for e in reuse] == [hashed], reuse

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from broker.backend import PluginConfigError, RoleSpec
+from broker.backend import MountSpec, PluginConfigError, RoleSpec
 from plugins.mysql import MySQLBackend
 
 CREATE = "CREATE USER '{{name}}'@'%' IDENTIFIED BY '{{password}}'"
@@ -72,3 +72,30 @@ def test_refused(grant: str) -> None:
 def test_allowed(grant: str) -> None:
     """Database-level grants, harmless global ones and comments mentioning ALL pass."""
     MySQLBackend.validate_role(_role(grant))
+
+
+@pytest.mark.parametrize(("options", "url", "where"), [
+    ({"database": "mysql"}, "mysql://admin@127.0.0.1:3306/app", "roles.ro.database"),
+    ({"database": "MySQL"}, "mysql://admin@127.0.0.1:3306/app", "roles.ro.database"),
+    ({"database": "performance_schema"}, "mysql://admin@127.0.0.1:3306/app",
+     "roles.ro.database"),
+    ({}, "mysql://admin@127.0.0.1:3306/mysql", "connection_url"),
+])
+def test_the_default_grant_on_a_system_schema_is_refused(
+    options: dict[str, str], url: str, where: str,
+) -> None:
+    """The default statements grant SELECT on `{{database}}`.*: with database "mysql" every
+    lease could read every account's password hash (security review). Refused at load,
+    naming the key that set it."""
+    role = RoleSpec(name="ro", default_ttl=60, max_ttl=600, options=options)
+    mount = MountSpec(name="my", plugin="mysql", roles={"ro": role},
+                      options={"connection_url": url})
+    with pytest.raises(PluginConfigError) as err:
+        MySQLBackend.from_config(mount)
+    assert where in str(err.value) and "system schema" in str(err.value), str(err.value)
+
+
+def test_the_default_grant_on_an_application_database_is_allowed() -> None:
+    role = RoleSpec(name="ro", default_ttl=60, max_ttl=600, options={"database": "mysqlapp"})
+    MySQLBackend.from_config(MountSpec(name="my", plugin="mysql", roles={"ro": role},
+                                       options={"connection_url": "mysql://a@h:3306/x"}))
