@@ -8,7 +8,7 @@ are (docs/operations.md): its own store connections and sweeper, its own
 audit file, chained on its own (``audit.jsonl`` becomes ``audit.w1.jsonl``,
 ``audit.w2.jsonl`` ...). The store is what they share: leases, tokens, claims.
 On a SQLite store their group commits take turns under an flock
-(``broker.store.sqlite._WriteLock``).
+(``broker.store.sqlite_writer._WriteLock``).
 
 This supervisor does nothing else: it forwards SIGTERM, SIGINT and SIGHUP to
 the workers, restarts a worker that dies (not one that crash-loops), and
