@@ -13,7 +13,7 @@ classmethod.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from importlib.metadata import entry_points
@@ -69,12 +69,17 @@ class BackendError(Exception):
 
 
 class PluginConfigError(Exception):
-    """A mount or role key is wrong. ``key`` is the dotted key inside the mount/role."""
+    """A mount or role key is wrong. ``key`` is the dotted key inside the mount/role.
 
-    def __init__(self, key: str, message: str) -> None:
+    ``known``: when ``key`` itself is unknown, the keys allowed there, so the
+    config loader can suggest the closest (``did you mean ...?``).
+    """
+
+    def __init__(self, key: str, message: str, *, known: Collection[str] = ()) -> None:
         super().__init__(f"{key}: {message}")
         self.key = key
         self.message = message
+        self.known = frozenset(known)
 
 
 @dataclass(frozen=True)
@@ -188,7 +193,11 @@ class DeleteUserRequest:
 
 @dataclass(frozen=True)
 class DeleteUserResponse:
-    pass
+    #: set when the lease may end but the credential itself could not be: it stays
+    #: valid until this time (an STS token forced off before AWS expires it). Only
+    #: for reason "force" (otherwise raise): the engine audits the ending as
+    #: forced, with ``backend_revoked: false`` and this time.
+    valid_until: datetime | None = None
 
 
 @dataclass(frozen=True)

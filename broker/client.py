@@ -17,8 +17,9 @@ from typing import Any
 __all__ = ["DEFAULT_ADDRESS", "Client", "ClientError", "clean_token"]
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8200"
-#: longest server error text we show; a proxy's HTML error page is not a message.
-_MAX_ERROR_TEXT = 300
+#: longest server error text we show (a proxy's HTML error page is not a message):
+#: generous, so a broker's own error is never shortened (they explain what to do).
+_MAX_ERROR_TEXT = 1000
 
 
 class ClientError(Exception):
@@ -38,7 +39,11 @@ class ClientError(Exception):
 
 def _one_line(text: object) -> str:
     line = " ".join(str(text).split())
-    return line if len(line) <= _MAX_ERROR_TEXT else line[: _MAX_ERROR_TEXT - 3] + "..."
+    if len(line) <= _MAX_ERROR_TEXT:
+        return line
+    # Cut between words: "(GET sys/leases/irrev..." read as a path that does not exist.
+    cut = line[: _MAX_ERROR_TEXT - 4].rpartition(" ")[0] or line[: _MAX_ERROR_TEXT - 4]
+    return cut + " ..."
 
 
 def clean_token(token: str | None) -> str | None:

@@ -16,7 +16,7 @@ import re
 import ssl
 import stat
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
@@ -41,6 +41,7 @@ __all__ = [
     "StorageConfig",
     "TokenConfig",
     "dev_config_path",
+    "did_you_mean",
     "is_loopback",
     "load_audit_config",
     "load_config",
@@ -284,7 +285,35 @@ class _Reader:
         known = self.used if allowed is None else allowed
         for name in self.table:
             if name not in known:
-                raise self.error(name, "unknown key")
+                hint = did_you_mean(name, known)
+                raise self.error(name, f"unknown key ({hint})" if hint else "unknown key")
+
+
+def did_you_mean(name: str, allowed: Iterable[str]) -> str:
+    """``did you mean KEY?`` for the allowed key closest to a wrong ``name``, or "".
+
+    The same suggestion the [auth.jwt] keys get (broker/auth/jwt_config.py).
+    """
+    close = difflib.get_close_matches(name, sorted(set(allowed) - {name}), n=1)
+    return f"did you mean {close[0]}?" if close else ""
+
+
+#: keys of ``[mounts.NAME]`` the loader reads itself (the plugin gets all but the first
+#: four too): what a mistyped mount key may have meant, whatever the plugin says.
+_MOUNT_COMMON = frozenset({"plugin", "roles", "password_file", "password_env",
+                           "connection_url"})
+
+
+def _plugin_message(exc: PluginConfigError, given: Collection[str],
+                    common: Collection[str]) -> str:
+    """The plugin's message, plus a did-you-mean when it refused a key the table has
+    as unknown (``creation_statement`` for ``creation_statements``)."""
+    name = exc.key.rsplit(".", 1)[-1]
+    if (name not in given or name in exc.known or "unknown" not in exc.message
+            or "did you mean" in exc.message):
+        return exc.message
+    hint = did_you_mean(name, [*common, *exc.known])
+    return f"{exc.message} ({hint})" if hint else exc.message
 
 
 def load_config(path: str | os.PathLike[str], *, check_tls: bool = True) -> Config:
@@ -339,10 +368,11 @@ def _path(base: Path, value: str) -> str:
 
 def _build(source: str, raw: Mapping[str, Any], base: Path, *, check_tls: bool) -> Config:
     top = _Reader(source, "", raw)
+    sections = {"server", "storage", "audit", "leases", "tokens", "mounts", "policies", "auth"}
     for name in raw:
-        if name not in {"server", "storage", "audit", "leases", "tokens", "mounts", "policies",
-                        "auth"}:
-            raise top.error(name, "unknown section")
+        if name not in sections:
+            hint = did_you_mean(name, sections)
+            raise top.error(name, f"unknown section ({hint})" if hint else "unknown section")
     server = _server(_Reader(source, "server", _table(top, "server")), base, check_tls=check_tls)
     storage = _storage(_Reader(source, "storage", _table(top, "storage")), base)
     if server.workers > 1 and storage.url == "sqlite:///:memory:":
@@ -788,11 +818,13 @@ def _mount(
         except PluginConfigError as exc:
             # Plugins may name the key inside the role or the whole "roles.R.key".
             key = exc.key if exc.key.startswith("roles.") else f"roles.{role_spec.name}.{exc.key}"
-            raise ConfigError(source, f"{prefix}.{key}", exc.message) from None
+            message = _plugin_message(exc, role_spec.options, _ROLE_COMMON)
+            raise ConfigError(source, f"{prefix}.{key}", message) from None
     try:
         factory.from_config(mount)
     except PluginConfigError as exc:
-        raise ConfigError(source, f"{prefix}.{exc.key}", exc.message) from None
+        raise ConfigError(source, f"{prefix}.{exc.key}",
+                          _plugin_message(exc, options, _MOUNT_COMMON)) from None
     return mount
 
 

@@ -91,15 +91,22 @@ UNSERVED_WAIT = FORCE_TAKEOVER
 
 
 class MountNotServed(ServiceUnavailable):
-    """A revoke of a lease whose mount this replica does not have (503).
+    """A revoke or renew of a lease whose mount this replica does not have (503).
 
-    The lease is queued (revoking), for a replica that has the mount, or this
-    one once the mount is added back; revoke-force ends it without the backend.
-    503 rather than 400: the request is sound, and a replica that has the mount
-    carries it out, as it does for an issue whose backend is unreachable here.
+    Revoke: the lease is queued (revoking), for a replica that has the mount, or
+    this one once the mount is added back; revoke-force ends it without the
+    backend. Renew: nothing changes. 503 rather than 400 or 404: the request is
+    sound, and a replica that has the mount carries it out, as it does for an
+    issue whose backend is unreachable here.
     """
 
-    def __init__(self, lease: Lease, *, waited: float) -> None:
+    def __init__(self, lease: Lease, *, waited: float = 0.0, op: str = "revoke") -> None:
+        if op == "renew":
+            super().__init__(
+                f"lease {lease.id} is not renewed: mount {lease.mount!r} is not configured "
+                f"on this replica; renew it through a replica that has the mount (or add the "
+                f"mount back here); the lease is unchanged")
+            return
         within = f" (none ended it within {waited:g}s)" if waited > 0 else ""
         super().__init__(
             f"lease {lease.id} is not revoked: mount {lease.mount!r} is not configured on "
@@ -259,7 +266,9 @@ class LeaseEngine(MountSet, Revoker):
             raise BackendUnavailable("broker is shutting down")
         runtime = self.mount(mount_name)
         role = self.role(mount_name, role_name)
-        if not runtime.healthy and not await runtime.ensure_initialized():
+        # Never a reconnection per request (nor one queued behind another's): an
+        # unhealthy mount answers 503 at once, tried again in the background.
+        if not runtime.healthy and not await runtime.usable():
             raise BackendUnavailable(f"mount {mount_name!r} is unavailable: {runtime.error}")
         self._inflight_issues += 1
         self._issues_idle.clear()
@@ -290,8 +299,13 @@ class LeaseEngine(MountSet, Revoker):
         if token.expire_time is not None and token.expire_time < max_expire:
             # A lease never outlives the token that created it.
             max_expire = token.expire_time
-            if now + lease_ttl > max_expire:
-                warnings.append("lease TTL capped at the token's expiry")
+            cut = now + lease_ttl - max_expire
+            # A token made just before the lease with the same TTL (token create --ttl 1h,
+            # then a 1h role) cuts a few seconds: said only when it cuts more than a
+            # minute or 10% of the TTL, whichever is larger (docs/api.md).
+            if cut > max(60.0, lease_ttl / 10):
+                warnings.append("lease TTL capped at the token's expiry: "
+                                f"{round(max_expire - now)}s instead of {lease_ttl}s")
         expire = min(now + lease_ttl, max_expire)
         caps = runtime.capabilities
         username = render_username(
@@ -592,7 +606,9 @@ class LeaseEngine(MountSet, Revoker):
         """Push the lease's expiry (and the backend's); returns it and the answer's warnings."""
         if lease.state is not LeaseState.ACTIVE:
             raise BadRequest(f"lease {lease.id} is {lease.state.value}; it cannot be renewed")
-        runtime = self.mount(lease.mount)
+        runtime = self.mounts.get(lease.mount)
+        if runtime is None:  # removed by a reload: as for a revoke, 503 (not 404)
+            raise MountNotServed(lease, op="renew")
         # The running config's role: a reload may have changed it since the issue.
         # (A lease whose role was removed renews by [leases] default_ttl up to the
         # max expiry it was issued with, and nothing is sent to the backend.)
@@ -616,6 +632,9 @@ class LeaseEngine(MountSet, Revoker):
         expire = renew_expiry(lease, increment, default_ttl, now, why=why)
         capped = renewal_capped(lease, increment, default_ttl, now, why=why)
         if runtime.capabilities.can_renew and role is not None:
+            if not runtime.healthy and not await runtime.usable():
+                raise BackendUnavailable(f"mount {lease.mount!r} is unavailable: "
+                                         f"{runtime.error}")
             try:
                 resp = await runtime.renew_user(RenewUserRequest(
                     role=role, username=lease.username, revocation=lease.revocation,

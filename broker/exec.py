@@ -21,7 +21,9 @@ however the command (or ``broker exec`` itself) ends.
   token's expiry), so the heartbeat renews exec's token too (``renew-self``,
   the JWT login's or a ``BROKER_TOKEN``) whenever it would otherwise end the
   leases before the budget; it cannot go past the token's own max TTL
-  (``token_max_ttl``), and exec warns at start-up when that comes first.
+  (``token_max_ttl``) nor, for a child token, its parent token's expiry (lookup's
+  ``max_expire_time`` says which comes first), and exec warns at start-up when
+  that comes before the budget.
 
 Variable names: each credential's fields get the names its backend's tools
 read (``PGUSER``/``PGPASSWORD``, ``MYSQL_USER``/``MYSQL_PWD``, ``AWS_*``). When
@@ -366,7 +368,8 @@ class LoginToken:
 
     #: wall-clock time the token expires at, as far as we know.
     expire_at: float
-    #: the latest it can be renewed to (token_max_ttl); None: no cap, or not known.
+    #: the latest it can be renewed to (its max TTL, or its parent token's expiry when
+    #: sooner); None: no cap, or not known.
     max_expire_at: float | None = None
     renewable: bool = True
     #: renewing it failed for good (not renewable, revoked): leave it be.
@@ -376,28 +379,37 @@ class LoginToken:
     name: str = "login token"
     #: its expire_time as the broker wrote it (the broker's clock); None: not looked up.
     server_expire: float | None = None
+    #: what sets ``max_expire_at``, as the warnings name it: "parent" (the parent
+    #: token's expiry) or the setting ("token_max_ttl", ...); "": not looked up.
+    limit: str = ""
 
     @classmethod
     def from_lookup(cls, data: Mapping[str, Any], now: float, name: str = "login token"
                     ) -> LoginToken | None:
         """From ``auth/token/lookup-self`` data asked for at ``now``; None for a token
-        that never expires (root)."""
+        that never expires (root).
+
+        How far renewals can take it: the broker's ``max_expire_time`` (its own max
+        TTL, or its parent's expiry when that comes first: a token never outlives
+        its parent); from Vault (no such field), ``creation_time`` + ``explicit_max_ttl``.
+        """
         ttl = data.get("ttl")
         if not isinstance(ttl, int) or isinstance(ttl, bool) or ttl <= 0:
             return None  # root, or a token without expiry: it caps nothing
         expire = now + ttl
         server_expire = _rfc3339(data.get("expire_time"))
-        explicit = data.get("explicit_max_ttl")
-        created = data.get("creation_time")
+        own = _own_max_expire(data)
+        limit = _rfc3339(data.get("max_expire_time"))
+        if limit is None:
+            limit = own  # Vault, or a broker from before the field
         max_expire = None
-        if (isinstance(explicit, int) and explicit > 0 and isinstance(created, int | float)
-                and server_expire is not None):
-            # The max as a distance from the expiry: no clock skew. creation_time is
-            # whole seconds: this errs early, never late.
-            max_expire = expire + (float(created) + explicit - server_expire)
+        if limit is not None and server_expire is not None:
+            # The max as a distance from the expiry: no clock skew. (creation_time is
+            # whole seconds: a max from it errs early, never late.)
+            max_expire = expire + (limit - server_expire)
         return cls(expire_at=expire, max_expire_at=max_expire,
                    renewable=bool(data.get("renewable")), name=name,
-                   server_expire=server_expire)
+                   server_expire=server_expire, limit=_limit_name(data, name, limit, own))
 
     @property
     def reach(self) -> float | None:
@@ -408,6 +420,38 @@ class LoginToken:
         return now >= self.expire_at
 
 
+def _own_max_expire(data: Mapping[str, Any]) -> float | None:
+    """The token's own max expiry from lookup data, creation_time + explicit_max_ttl
+    (the broker's clock); None: none shown."""
+    explicit = data.get("explicit_max_ttl")
+    created = data.get("creation_time")
+    if (isinstance(explicit, int) and not isinstance(explicit, bool) and explicit > 0
+            and isinstance(created, int | float) and not isinstance(created, bool)):
+        return float(created) + explicit
+    return None
+
+
+def _limit_name(data: Mapping[str, Any], name: str, limit: float | None,
+                own: float | None) -> str:
+    """What holds the token's renewals back to ``limit``, as the warnings name it.
+
+    A child whose limit comes well before its own max TTL is held back by its
+    parent's expiry. A JWT login's own cap is its role's token_explicit_max_ttl
+    when that is the one lookup shows and it is the limit, else token_max_ttl.
+    """
+    if limit is None:
+        return ""
+    # Within 1.5 s: creation_time is whole seconds.
+    at_own = own is not None and abs(limit - own) < 1.5
+    if data.get("orphan") is False and not at_own:
+        return "parent"
+    path = data.get("path")
+    if name == "login token" or (isinstance(path, str) and path.startswith("auth/")
+                                 and path.endswith("/login")):
+        return "token_explicit_max_ttl" if at_own else "token_max_ttl"
+    return "explicit_max_ttl"
+
+
 def _token_cap_warning(spec: str, token: LoginToken, reach: float, *,
                        renewed: bool = True) -> str:
     at_max = token.max_expire_at is not None and reach >= token.max_expire_at - 1
@@ -415,9 +459,14 @@ def _token_cap_warning(spec: str, token: LoginToken, reach: float, *,
         return (f"warning: {spec}: the {token.name} expires at {_when(reach)} and "
                 "--heartbeat 0 does not renew it, ending the lease before --ttl: the broker "
                 "caps a lease at its token's expiry")
+    if token.renewable and token.limit == "parent":
+        return (f"warning: {spec}: the {token.name}'s parent token expires at {_when(reach)}, "
+                "ending the lease before --ttl: a token never outlives its parent, and the "
+                "broker caps a lease at its token's expiry")
     if token.renewable:
-        return (f"warning: {spec}: the {token.name}'s max TTL "
-                f"({'token_max_ttl' if token.name == 'login token' else 'explicit_max_ttl'}) "
+        setting = token.limit or ("token_max_ttl" if token.name == "login token"
+                                  else "explicit_max_ttl")
+        return (f"warning: {spec}: the {token.name}'s max TTL ({setting}) "
                 f"ends the lease at {_when(reach)}, before --ttl: the broker caps a lease at "
                 "its token's expiry")
     return (f"warning: {spec}: the {token.name} is not renewable and expires at "

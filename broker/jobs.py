@@ -27,6 +27,7 @@ from broker.lease import TokenState
 from broker.periodic import Periodic, StoreOutage
 from broker.state import BrokerState
 from broker.store.base import LeaseStore
+from broker.store.postgres import PostgresStore
 from broker.worker_stats import PUBLISH_INTERVAL, publish_own
 
 __all__ = ["start_jobs"]
@@ -132,7 +133,12 @@ def start_jobs(state: BrokerState) -> Periodic:
         await engine.end_tokens(accessors, state=TokenState.EXPIRED)
         return len(accessors)
 
-    scheduler = Periodic(outage=StoreOutage(reason=lambda: store.error))
+    outage = StoreOutage(reason=lambda: store.error, settled=lambda: store.error is None)
+    if isinstance(store, PostgresStore):
+        # Its pool meets an outage first (on a request) and knows when writes commit
+        # again: it tells this one, the log's one voice, instead of logging its own.
+        store.pool.outage = outage
+    scheduler = Periodic(outage=outage)
     jobs: list[tuple[str, Callable[[], Awaitable[object]], float]] = [
         ("stale-pending rollback", rollback, max(5, cfg.pending_timeout // 2)),
         ("irrevocable retry", retry_irrevocable, cfg.irrevocable_retry_interval),

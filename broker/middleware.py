@@ -3,6 +3,16 @@
 Plugins are asked never to put a secret into an error, but the engine does not
 rely on it: whatever a plugin raises is turned into a BackendError whose text
 has every secret the broker handed to that call replaced by ``[REDACTED]``.
+
+Health: a mount is unhealthy from a failed (re)connection (``initialize`` +
+``verify``) or a failed ``verify``. Requests never connect it themselves: they
+answer 503 at once with the last reason (:meth:`MountRuntime.usable`), and at
+most one attempt runs at a time, in the background, started by the health job
+or, at most once per :data:`RETRY_SPACING`, by a request. A backend that hangs
+instead of refusing made each issue wait for its own attempt, queued behind
+the others' (QA: 20 s, 36 s, 56 s for three at once). A call that fails in a
+way that may mean the backend is gone has the mount verified at once, in the
+background, so health says so before the next probe.
 """
 
 from __future__ import annotations
@@ -42,6 +52,20 @@ T = TypeVar("T")
 
 #: passwords a mount keeps prepared ahead (see MountRuntime.take_password).
 READY_PASSWORDS = 4
+
+#: Least seconds between two tries of an unhealthy or suspect mount that requests
+#: start (a reconnection, a verify): never one per request. The health job's tries
+#: come on its own schedule.
+RETRY_SPACING = 1.0
+#: Longest a request that starts a reconnection waits for it before answering 503:
+#: a backend that is back serves that request; one that hangs costs it no more.
+REQUEST_WAIT = 1.0
+#: Seconds between the log lines saying a mount is still unhealthy.
+UNHEALTHY_REPEAT = 60.0
+#: Calls whose retryable failure has the mount verified at once, in the background:
+#: a retryable error (refused, lost connection, timeout, throttling) may be an outage.
+_WATCHED = frozenset({"new_user", "stage_user", "commit_user", "renew_user", "delete_user",
+                      "delete_users"})
 
 #: how long rotate-root may go on past the mount's timeout: a statement whose
 #: answer never came is followed by ending its session (up to 10 s) and a fresh
@@ -88,7 +112,18 @@ class MountRuntime:
     healthy: bool = False
     error: str | None = "not initialised"
     stats: dict[str, CallStats] = field(default_factory=dict)
-    _init_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: the one (re)connection under way, if any; every caller shares it.
+    _attempt: asyncio.Task[bool] | None = None
+    #: the background verify after a failed call (``_suspect``), if one runs.
+    _watch: asyncio.Task[None] | None = None
+    _suspect: bool = False
+    #: time.monotonic() of the last try (reconnection or verify): requests space theirs.
+    _last_try: float = float("-inf")
+    #: when the outage the log told of began, and when it last said so (None: healthy).
+    _down_since: float | None = None
+    _said: float = 0.0
+    #: healthy again since the health job last looked (it retries irrevocable leases).
+    _recovered: bool = False
     _ready: deque[tuple[str, Mapping[str, str]]] = field(default_factory=deque)
     _refill: asyncio.Task[None] | None = None
     _prepares: bool = True
@@ -102,37 +137,135 @@ class MountRuntime:
         return self.backend.capabilities
 
     async def ensure_initialized(self) -> bool:
-        """(Re)connect; on failure remember why and stay unhealthy. Never raises."""
-        async with self._init_lock:
-            if self.healthy:
-                return True
-            try:
-                await self._call("initialize", self.backend.initialize, ())
-                await self._call("verify", self.backend.verify, ())
-            except BackendError as exc:
-                self.healthy, self.error = False, str(exc)
-                log.warning("mount %s unhealthy: %s", self.name, exc)
-                return False
-            self.healthy, self.error = True, None
+        """(Re)connect unless healthy, and wait for the outcome; True when healthy.
+
+        One attempt at a time: a caller that comes while one is under way waits for
+        that one (start-up, a reload, the health job). Requests use :meth:`usable`,
+        which never waits behind another attempt. Never raises.
+        """
+        if self.healthy:
             return True
+        attempt = self._start_attempt()
+        try:
+            return await asyncio.shield(attempt)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if attempt.cancelled() and not (current is not None and current.cancelling()):
+                return False  # the mount closed under us, not our caller cancelled
+            raise
+
+    async def usable(self) -> bool:
+        """For a request: is the mount healthy? Never queues behind a reconnection.
+
+        An unhealthy mount is tried again in the background when no attempt is
+        under way and none began in the last RETRY_SPACING seconds; the request
+        that starts it waits for it up to REQUEST_WAIT seconds (a backend that is
+        back serves it). Otherwise False at once: the caller answers 503 with
+        ``error``, the last reason.
+        """
+        if self.healthy:
+            return True
+        if self._attempt is not None and not self._attempt.done():
+            return False
+        if time.monotonic() - self._last_try < RETRY_SPACING:
+            return False
+        attempt = self._start_attempt()
+        try:
+            async with asyncio.timeout(REQUEST_WAIT):
+                return await asyncio.shield(attempt)
+        except TimeoutError:
+            return False  # it goes on in the background
+
+    def _start_attempt(self) -> asyncio.Task[bool]:
+        if self._attempt is None or self._attempt.done():
+            self._last_try = time.monotonic()
+            self._attempt = asyncio.create_task(self._connect(), name=f"connect {self.name}")
+        return self._attempt
+
+    async def _connect(self) -> bool:
+        try:
+            await self._call("initialize", self.backend.initialize, ())
+            await self._call("verify", self.backend.verify, ())
+        except BackendError as exc:
+            self._mark_unhealthy(str(exc))
+            return False
+        self._mark_healthy()
+        return True
 
     async def check(self) -> bool:
         """Periodic health probe: verify a healthy mount, retry an unhealthy one.
 
-        True when an unhealthy mount is healthy again (its irrevocable leases are
-        then worth another try: broker/mounts.py, ``check_mounts``).
+        True when the mount is healthy again since the last probe, whoever brought
+        it back (its irrevocable leases are then worth another try:
+        broker/mounts.py, ``check_mounts``).
         """
         if not self.healthy:
-            if await self.ensure_initialized():
-                log.info("mount %s is healthy again", self.name)
-                return True
-            return False
-        try:
-            await self._call("verify", self.backend.verify, ())
-        except BackendError as exc:
-            self.healthy, self.error = False, str(exc)
-            log.warning("mount %s became unhealthy: %s", self.name, exc)
-        return False
+            await self.ensure_initialized()
+        else:
+            self._last_try = time.monotonic()
+            try:
+                await self._call("verify", self.backend.verify, ())
+            except BackendError as exc:
+                self._mark_unhealthy(str(exc))
+        recovered, self._recovered = self._recovered, False
+        return recovered and self.healthy
+
+    def replaces(self, old: MountRuntime) -> None:
+        """This runtime (verified) takes over from ``old``: an outage of ``old``'s ends here."""
+        if old._down_since is not None:
+            self._down_since, self._said = old._down_since, old._said
+            self._mark_healthy()
+
+    def _suspected(self) -> None:
+        """A call failed in a way that may mean the backend is gone: verify it now, in
+        the background (the failing request is not held up, the success path pays
+        nothing). Several failures at once make one verify; then one a RETRY_SPACING."""
+        if not self.healthy:
+            return  # already known; reconnections are under way or spaced
+        self._suspect = True
+        if self._watch is None or self._watch.done():
+            self._watch = asyncio.create_task(self._verify_suspect(), name=f"verify {self.name}")
+
+    async def _verify_suspect(self) -> None:
+        while self.healthy:
+            wait = self._last_try + RETRY_SPACING - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            self._suspect = False
+            self._last_try = time.monotonic()
+            try:
+                await self._call("verify", self.backend.verify, ())
+            except BackendError as exc:
+                if self.healthy:  # not reconnected meanwhile
+                    self._mark_unhealthy(str(exc))
+                return
+            if not self._suspect:
+                return  # no failure since this verify began
+
+    def _mark_unhealthy(self, reason: str) -> None:
+        """The mount is unhealthy for ``reason``: logged when it starts, then once a
+        UNHEALTHY_REPEAT while it lasts (not at every failed try, every 10 s)."""
+        self.healthy, self.error = False, reason
+        now = time.monotonic()
+        if self._down_since is None:
+            self._down_since = self._said = now
+            log.warning("mount %s unhealthy: %s (issuing from it answers 503; it is retried "
+                        "in the background, and said again every %gs while it lasts)",
+                        self.name, reason, UNHEALTHY_REPEAT)
+        elif now - self._said >= UNHEALTHY_REPEAT:
+            self._said = now
+            log.warning("mount %s still unhealthy after %.0fs: %s", self.name,
+                        now - self._down_since, reason)
+        else:
+            log.debug("mount %s: still unhealthy: %s", self.name, reason)
+
+    def _mark_healthy(self) -> None:
+        self.healthy, self.error = True, None
+        if self._down_since is not None:
+            log.info("mount %s is healthy again after %.0fs", self.name,
+                     time.monotonic() - self._down_since)
+            self._down_since = None
+            self._recovered = True
 
     # -- passwords prepared ahead ------------------------------------------------
     # A backend may offer ``prepare_password(password) -> Mapping[str, str]``:
@@ -222,6 +355,8 @@ class MountRuntime:
             if result is None:
                 out.append(None)
             elif isinstance(result, BackendError):
+                if result.retryable:
+                    self._suspected()
                 out.append(BackendError(redact_text(str(result), hidden),
                                         retryable=result.retryable))
             else:
@@ -240,6 +375,10 @@ class MountRuntime:
         if self._refill is not None:
             self._refill.cancel()
         self._ready.clear()
+        tasks = [t for t in (self._attempt, self._watch) if t is not None and not t.done()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         try:
             await asyncio.wait_for(self.backend.close(), timeout=self.timeout)
         except Exception as exc:  # closing must not stop shutdown
@@ -267,9 +406,13 @@ class MountRuntime:
             ok = True
             return result
         except BackendError as exc:
+            if exc.retryable and op in _WATCHED:
+                self._suspected()
             raise BackendError(redact_text(str(exc), hidden), retryable=exc.retryable,
                                created_nothing=exc.created_nothing) from None
         except TimeoutError:
+            if op in _WATCHED:
+                self._suspected()
             raise BackendError(f"{op} timed out after {limit:g}s", retryable=True) from None
         except Exception as exc:  # a plugin bug: still never leak a secret
             message = redact_text(f"{type(exc).__name__}: {exc}", hidden)

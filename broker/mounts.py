@@ -162,6 +162,9 @@ class MountSet:
         self.mounts = {**self.mounts, name: fresh}
         self.config = config
         self._refused_secrets.pop(name, None)
+        # An outage of the running mount ends here: said, and its irrevocable
+        # leases retried by the next health probe, as when it reconnects.
+        fresh.replaces(runtime)
         log.warning("mount %s: %s changed; the mount now uses the new secret", name,
                     spec.secret_file)
         await runtime.close()

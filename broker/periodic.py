@@ -32,30 +32,50 @@ OUTAGE_REPEAT = 60.0
 
 
 class StoreOutage:
-    """The log's account of a lease-store outage as the periodic jobs meet it.
+    """The log's account of a lease-store outage: the one voice that tells of it.
 
     Every job that touches the store fails while it is down, each at its own
     interval: one line (or, before, a traceback) per failed run buried the log
     (day-2 QA). Instead: one WARNING with the error when the outage starts, one
     every ``repeat`` seconds while it lasts (saying for how long), and one INFO
-    when a job reaches the store again.
+    when it ends. The periodic jobs report here (:meth:`failed`, :meth:`reached`),
+    and so does a store that watches its own connection (the PostgreSQL store's
+    pool, broker/store/pg_guard.py: :meth:`lost`, :meth:`back`), which meets an
+    outage first, on a request, and knows when writes commit again; it logs no
+    start or end line of its own while it reports here (two voices said each
+    twice). The end is said when a job goes through and the store agrees: a
+    connection that flaps as it goes down (a query through, the next one lost)
+    would otherwise read as an outage, its end and a new one within a second.
     """
 
     def __init__(self, *, repeat: float = OUTAGE_REPEAT,
                  clock: Callable[[], float] = time.monotonic,
-                 reason: Callable[[], str | None] | None = None) -> None:
+                 reason: Callable[[], str | None] | None = None,
+                 settled: Callable[[], bool] | None = None) -> None:
         self.repeat = repeat
         self.clock = clock
         #: the store's own word for what is wrong (``LeaseStore.error``), if it has one.
         self.reason = reason
-        #: when the outage began (None: the store is reachable, as far as the jobs know).
+        #: whether the store itself says it works again (``LeaseStore.error is None``):
+        #: a job that only reads must not end an outage in which writes still fail.
+        self.settled = settled
+        #: when the outage began (None: the store is reachable, as far as we know).
         self.since: float | None = None
         self._said = 0.0
+        #: the store said a write commits again during this outage (after a timeout).
+        self._commits = False
 
     def failed(self, job: str, exc: StoreUnavailable) -> None:
         """Job ``job`` could not reach the store."""
-        now = self.clock()
         why = (self.reason() if self.reason is not None else None) or str(exc)
+        self._lost(why, f"periodic job {job}")
+
+    def lost(self, reason: str) -> None:
+        """The store's own call failed: ``reason`` (its type and the driver's words)."""
+        self._lost(reason, "lease store")
+
+    def _lost(self, why: str, who: str) -> None:
+        now = self.clock()
         if self.since is None:
             self.since = self._said = now
             log.warning("lease store unreachable (%s): the periodic jobs try again at their "
@@ -64,13 +84,23 @@ class StoreOutage:
             self._said = now
             log.warning("lease store still unreachable after %.0fs (%s)", now - self.since, why)
         else:
-            log.debug("periodic job %s: %s", job, why)
+            log.debug("%s: %s", who, why)
 
     def reached(self) -> None:
-        """A job that uses the store ran through: an outage, if any, is over."""
-        if self.since is not None:
-            log.info("lease store reachable again after %.0fs", self.clock() - self.since)
-            self.since = None
+        """A job that uses the store ran through: an outage, if any, is over, once the
+        store itself agrees (``settled``)."""
+        if self.since is not None and (self.settled is None or self.settled()):
+            note = " (a write commits again)" if self._commits else ""
+            log.info("lease store reachable again after %.0fs%s", self.clock() - self.since,
+                     note)
+            self.since, self._commits = None, False
+
+    def back(self, *, commits: bool = False) -> None:
+        """The store works again, says the store; ``commits``: after a timeout, a write
+        probe committed (reads may have gone through all along). The end line waits
+        for a job to go through (:meth:`reached`), and then says so."""
+        if self.since is not None and commits:
+            self._commits = True
 
 
 class Periodic:

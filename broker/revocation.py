@@ -23,6 +23,7 @@ import logging
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from broker.audit import AuditLog, event
@@ -134,7 +135,7 @@ class Revoker:
                         f"{lease.mount!r} now runs {runtime.spec.plugin!r}: not revoked "
                         f"through it (run the mount with {issued!r} again, or end the lease "
                         "with sys/leases/revoke-force)", retryable=False)
-                await runtime.delete_user(DeleteUserRequest(
+                done = await runtime.delete_user(DeleteUserRequest(
                     role=role, username=lease.username, revocation=lease.revocation,
                     reason=reason, lease_id=lease.id))
             finally:
@@ -147,8 +148,10 @@ class Revoker:
             await self._revoke_failed(lease, reason, f"internal error: {type(exc).__name__}",
                                       retryable=True)
             return
-        # The line before the ending (module docstring): the credential is gone now.
-        await self._audit_quietly(self._ended_event(lease, reason, now))
+        # The line before the ending (module docstring): the credential is gone now,
+        # or (valid_until) the line says it is not. (getattr: a plugin returning None.)
+        await self._audit_quietly(self._ended_event(lease, reason, now,
+                                                    getattr(done, "valid_until", None)))
         final = LeaseState.EXPIRED if reason == "expire" else LeaseState.REVOKED
         error = await self._endings.record(lease.id, final)
         if error is not None:
@@ -260,11 +263,22 @@ class Revoker:
                           lease.id, exc_info=error)
 
     @staticmethod
-    def _ended_event(lease: Lease, reason: str, now: float) -> dict[str, Any]:
-        """The audit event of a revocation whose ending is durable."""
+    def _ended_event(lease: Lease, reason: str, now: float,
+                     valid_until: datetime | None = None) -> dict[str, Any]:
+        """The audit event of a revocation whose ending is durable.
+
+        ``valid_until`` (DeleteUserResponse): the backend ended the lease but not
+        the credential (a forced STS token). The line must not read as a clean
+        revoke: outcome ``forced``, as for a forced lease whose backend call
+        failed, with ``backend_revoked: false`` and when the credential dies.
+        """
         if reason == "expire":
             return event("expire", lease=lease_ref(lease), reason=reason,
                          lag_seconds=round(now - lease.expire_time, 3))
+        if valid_until is not None:
+            return event("revoke", outcome="forced", lease=lease_ref(lease), reason=reason,
+                         backend_revoked=False,
+                         credential_valid_until=_rfc3339(valid_until))
         return event("revoke", lease=lease_ref(lease), reason=reason)
 
     async def _revoke_failed(self, lease: Lease, reason: str, error: str, *,
@@ -274,7 +288,8 @@ class Revoker:
             # Break-glass: the operator accepted that the backend may still hold it.
             # The line first, as for any ending (module docstring).
             await self._audit_quietly(event("admin", action="revoke_force", outcome="forced",
-                                            lease=lease_ref(lease), error=error))
+                                            lease=lease_ref(lease), backend_revoked=False,
+                                            error=error))
             await self.store.finish_revoke(lease.id, state=LeaseState.REVOKED, now=now)
             self._notify(lease.id, RevokeOutcome(done=True, error=error))
             return
@@ -324,6 +339,11 @@ class Revoker:
             await self.audit.write(ev)
         except Exception as exc:
             log.error("audit write failed for %s event: %s", ev.get("type"), exc)
+
+
+def _rfc3339(when: datetime) -> str:
+    """``when`` in UTC as the audit log writes times: ``2026-01-02T03:04:05Z``."""
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _once(fn: Callable[[], None]) -> Callable[[], None]:

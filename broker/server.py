@@ -512,14 +512,35 @@ def check_server_config(config_path: str, *, listen: str | None = None) -> int:
     """``broker server --check``: the checks ``broker server`` makes
     before it opens anything (the config file, and what the server adds: TLS off
     loopback, workers), without starting. Prints ``config ok: FILE`` (0) or the
-    one-line error (2), as ``broker server`` does. Connects to nothing."""
+    one-line error (2), as ``broker server`` does, after the warnings the server
+    logs at load (``broker: warning: ...``). Connects to nothing."""
+    # The warnings `broker server` logs as it loads this config, said here too
+    # (docs/auth.md promises one for a templated policy rule followed by '*').
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_CheckFormatter())
+    handler.setLevel(logging.WARNING)
+    logging.getLogger().addHandler(handler)
     try:
-        load_server_config(config_path, dev=False, listen=listen)
+        config = load_server_config(config_path, dev=False, listen=listen)
+        try:
+            PolicySet(config.policies)  # compiled as at start: warns about risky rules
+        except ValueError as exc:  # a policy the server would refuse at start
+            raise ConfigError(config.source, "policies", str(exc)) from None
+        check_file_modes(secret_files(config, shared=True))
     except ConfigError as exc:
         print(f"broker: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        logging.getLogger().removeHandler(handler)
     print(f"config ok: {config_path}")
     return 0
+
+
+class _CheckFormatter(logging.Formatter):
+    """``broker: warning: ...``: a load warning as ``--check`` prints it, one line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"broker: {record.levelname.lower()}: {' '.join(record.getMessage().split())}"
 
 
 def run_server(config_path: str | None, *, dev: bool, dev_root_token_id: str | None,
@@ -633,6 +654,19 @@ def _run_workers(config: Config) -> int:
         board.close()
 
 
+#: how the audit log ends its error for a running server (broker/audit.py).
+_REFUSED_UNTIL_WRITABLE = "; requests are refused until it is writable"
+
+
+def _not_a_directory(path: str) -> str | None:
+    """The nearest existing ancestor of ``path`` if it is not a directory (a regular
+    file where a directory must be), else None."""
+    for parent in Path(path).parents:
+        if parent.exists():
+            return None if parent.is_dir() else str(parent)
+    return None
+
+
 class InitError(Exception):
     """``broker operator init`` refused, or could not open the store or the audit log:
     one line for the operator."""
@@ -650,6 +684,13 @@ def operator_init(config_path: str) -> str:
     the audit log cannot be opened (the same one-line errors as ``broker server``).
     """
     config = load_config(config_path)
+    for what, path in (("audit log", config.audit.path),
+                       ("audit HMAC key", config.audit.hmac_key_file)):
+        if (blocker := _not_a_directory(path)) is not None:
+            # Opening said "cannot open (File exists)": the reason is the path itself.
+            raise InitError(f"{what} {path}: {blocker} is not a directory; fix [audit] "
+                            f"{'path' if what == 'audit log' else 'hmac_key_file'} "
+                            "(no root token was made)")
 
     async def init() -> str:
         store = await _open_store(config)
@@ -667,9 +708,15 @@ def operator_init(config_path: str) -> str:
             else:
                 raise InitError(f"no free accessor left: {accessor} exists (not active)")
             # Open the audit log first: no audit, no root token (fail-closed).
-            audit = await AuditLog.open(config.audit.path, config.audit.hmac_key_file,
-                                        fsync=config.audit.fsync, create_key=True,
-                                        hmac_accessor=config.audit.hmac_accessor)
+            try:
+                audit = await AuditLog.open(config.audit.path, config.audit.hmac_key_file,
+                                            fsync=config.audit.fsync, create_key=True,
+                                            hmac_accessor=config.audit.hmac_accessor)
+            except AuditError as exc:
+                # Its message is a running server's ("requests are refused until it
+                # is writable"): init has no requests, it just makes no token.
+                reason = str(exc).removesuffix(_REFUSED_UNTIL_WRITABLE)
+                raise InitError(f"{reason} (no root token was made)") from None
             try:
                 token, _ = await TokenManager(store).create(
                     policies=["root"], ttl=None, display_name="root", accessor=accessor)

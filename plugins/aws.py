@@ -157,7 +157,8 @@ def parse_role(role: RoleSpec) -> AWSRole:
     for key in opts:
         if key not in allowed:
             raise PluginConfigError(key, f"unknown key for credential_type {ctype!r}; "
-                                         f"allowed: {', '.join(sorted(allowed))}")
+                                         f"allowed: {', '.join(sorted(allowed))}",
+                                    known=allowed)
     role_arns = _strings(opts, "role_arns")
     for arn in role_arns:
         if not _ROLE_ARN.match(arn):
@@ -305,7 +306,8 @@ class AWSBackend:
         try:
             parse_role(role)
         except PluginConfigError as exc:
-            raise PluginConfigError(f"roles.{role.name}.{exc.key}", exc.message) from None
+            raise PluginConfigError(f"roles.{role.name}.{exc.key}", exc.message,
+                                    known=exc.known) from None
 
     @classmethod
     def from_config(cls, mount: MountSpec) -> AWSBackend:
@@ -314,7 +316,8 @@ class AWSBackend:
         for key in opts:
             if key not in _MOUNT_KEYS:
                 allowed = ", ".join(sorted(_MOUNT_KEYS))
-                raise PluginConfigError(key, f"unknown key; allowed: {allowed}")
+                raise PluginConfigError(key, f"unknown key; allowed: {allowed}",
+                                        known=_MOUNT_KEYS)
         for key in _MOUNT_KEYS:
             if key in opts and not (isinstance(opts[key], str) and opts[key]):
                 raise PluginConfigError(key, "expected a non-empty string")
@@ -335,7 +338,8 @@ class AWSBackend:
             try:
                 roles[name] = parse_role(spec)
             except PluginConfigError as exc:
-                raise PluginConfigError(f"roles.{name}.{exc.key}", exc.message) from None
+                raise PluginConfigError(f"roles.{name}.{exc.key}", exc.message,
+                                        known=exc.known) from None
         return cls(mount, roles)
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -551,11 +555,13 @@ class AWSBackend:
         if req.reason == "rollback" or now + _EXPIRY_SLACK >= expires_at:
             # Expired by AWS already, or (rollback) never handed to anyone.
             return DeleteUserResponse()
-        when = datetime.fromtimestamp(expires_at, UTC).isoformat(timespec="seconds")
+        until = datetime.fromtimestamp(expires_at, UTC)
+        when = until.isoformat(timespec="seconds")
         if req.reason == "force":
+            # The lease ends; the engine audits that the keys do not (valid_until).
             log.warning("force-revoking %s %s: the credential stays valid until %s",
                         ctype, req.username, when)
-            return DeleteUserResponse()
+            return DeleteUserResponse(valid_until=until)
         if req.reason == "expire":
             raise BackendError(
                 f"the lease ended before its {ctype} credential, which stays valid until its "

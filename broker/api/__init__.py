@@ -9,10 +9,12 @@ from typing import Any
 from aiohttp import http_exceptions, http_parser, web, web_protocol, web_response
 
 from broker.api import (
+    audit_devices,
     audit_hash,
     auth_roles,
     capabilities,
     creds,
+    db_config,
     leases,
     login,
     mount_info,
@@ -35,6 +37,7 @@ __all__ = ["ROUTE_TABLES", "STATE", "create_app"]
 ROUTE_TABLES: tuple[web.RouteTableDef, ...] = (
     system.routes,
     audit_hash.routes,  # sys/audit-hash/{device}
+    audit_devices.routes,  # sys/audit (read-only: the one audit log as Vault's file device)
     mount_info.routes,
     capabilities.routes,
     policies.routes,
@@ -43,6 +46,8 @@ ROUTE_TABLES: tuple[web.RouteTableDef, ...] = (
     login.routes,
     auth_roles.routes,  # auth/NAME/role, auth/NAME/config (read-only)
     mounts.routes,
+    # {mount}/config/{name} after mounts: a POST to {mount}/config/rotate-root is rotate-root.
+    db_config.routes,  # {mount}/config, {mount}/reset/{name} (read-only)
     creds.routes,
     roles.routes,
 )

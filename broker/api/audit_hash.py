@@ -28,7 +28,8 @@ __all__ = ["AUDIT_DEVICE", "routes"]
 
 routes = web.RouteTableDef()
 
-#: The name of the broker's one audit log in ``sys/audit-hash/{device}``.
+#: The name of the broker's one audit log in ``sys/audit-hash/{device}``, and the device
+#: ``GET sys/audit`` lists (``audit_devices.py``): the two must agree.
 AUDIT_DEVICE = "file"
 
 

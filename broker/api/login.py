@@ -105,7 +105,12 @@ async def login(request: web.Request) -> web.Response:
         body = await call.read_body()
         method = auth_methods(call.state).get(name)
         if method is None:
-            raise NotFound(f"no auth method {name!r} is configured ([auth.jwt.{name}])")
+            # "token" is the token auth method itself, which has no login (nor in Vault).
+            raise NotFound(
+                "'token' is the token auth method, which has no login (as in Vault): log "
+                "in at auth/NAME/login of an [auth.jwt.NAME] method, or create a token "
+                "with auth/token/create" if name == "token"
+                else f"no auth method {name!r} is configured ([auth.jwt.{name}])")
         _check_strings(body, "role", "jwt")
         result = await method.login(body.get("role"), body.get("jwt"))
         await call.audit_request_if_held()  # a verified login: its request line, if held

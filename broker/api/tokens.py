@@ -23,7 +23,15 @@ from broker.state import BrokerState
 from broker.store.base import LeaseStore
 from broker.tokens import TokenIdTaken, hash_token, with_default_policy
 
-__all__ = ["auth_block", "orphaned", "revoke_token_tree", "routes", "token_data"]
+__all__ = [
+    "auth_block",
+    "lookup_data",
+    "orphaned",
+    "renewal_limit",
+    "revoke_token_tree",
+    "routes",
+    "token_data",
+]
 
 routes = web.RouteTableDef()
 
@@ -58,19 +66,29 @@ def auth_block(token: str, record: Token, now: float | None = None, *,
 
 
 def token_data(record: Token, now: float, *, token_id: str = "",
-               orphan: bool | None = None) -> dict[str, Any]:
-    """Vault's lookup ``data`` for ``record``.
+               orphan: bool | None = None, parent_expire: float | None = None,
+               explicit_max_ttl: int | None = None) -> dict[str, Any]:
+    """Vault's lookup ``data`` for ``record``, plus ``max_expire_time`` (an extension).
 
     ``token_id``: the token itself, shown as ``id`` as Vault does. Tokens are
     stored only as hashes, so only a caller that presented the token (lookup-self,
     lookup) can be answered with it; lookup-accessor leaves it empty, as in Vault.
     The audit log never sees it: lookups audit the accessor, not the answer.
     ``orphan``: what :func:`orphaned` found (else: the token has no parent).
+    ``parent_expire``: the live parent's expiry, which holds back the token's
+    renewals (:func:`lookup_data` finds it). ``explicit_max_ttl``: what to show
+    instead of the token's own cap (a JWT login's: :func:`_login_explicit_max_ttl`).
     """
     ttl = int(record.expire_time - now) if record.expire_time else 0
     creation_ttl = record.creation_ttl
     if creation_ttl is None:  # a row from before the store kept it
         creation_ttl = int(record.expire_time - record.created) if record.expire_time else 0
+    if explicit_max_ttl is None:
+        # The token's own cap (the one asked for, within [tokens] max_ttl), never
+        # its parent's expiry: a child's cap used to be cut to it at creation and
+        # showed the parent's. The parent still bounds ttl and expire_time.
+        explicit_max_ttl = round(record.max_expire_time - record.created) \
+            if record.max_expire_time else 0
     return {
         "accessor": record.accessor,
         "creation_time": int(record.created),
@@ -78,13 +96,12 @@ def token_data(record: Token, now: float, *, token_id: str = "",
         "display_name": record.display_name,
         "entity_id": "",  # no identity store: as a Vault token without an entity
         "expire_time": rfc3339(record.expire_time),
-        # The token's own cap (the one asked for, within [tokens] max_ttl), never
-        # its parent's expiry: a child's cap used to be cut to it at creation and
-        # showed the parent's. The parent still bounds ttl and expire_time.
-        "explicit_max_ttl": round(record.max_expire_time - record.created)
-        if record.max_expire_time else 0,
+        "explicit_max_ttl": explicit_max_ttl,
         "id": token_id,
         "issue_time": rfc3339(record.created),
+        # Extension: the latest a renewal can take the token to now, which no Vault
+        # field shows (explicit_max_ttl is not it for a child, nor a JWT login's).
+        "max_expire_time": rfc3339(renewal_limit(record, parent_expire)),
         "meta": record.metadata or None,
         "num_uses": 0,
         "orphan": record.parent is None if orphan is None else orphan,
@@ -101,10 +118,67 @@ async def orphaned(store: LeaseStore, record: Token) -> bool:
     """Whether ``record`` has no live parent: it was created without one, or its
     parent was revoked by ``revoke-orphan`` (any other end of a parent ends its
     children too: revocation cascades, and a child never outlives its parent)."""
+    return await _live_parent(store, record) is None
+
+
+async def _live_parent(store: LeaseStore, record: Token) -> Token | None:
+    """``record``'s parent while it is active (it then bounds the token), else None."""
     if record.parent is None:
-        return True
+        return None
     parent = await store.token_by_accessor(record.parent)
-    return parent is None or parent.state is not TokenState.ACTIVE
+    return parent if parent is not None and parent.state is TokenState.ACTIVE else None
+
+
+def renewal_limit(record: Token, parent_expire: float | None) -> float | None:
+    """The latest a renewal can take ``record`` to now; None: no limit.
+
+    The limits ``TokenManager.renew`` holds a renewal to: the token's own max
+    expiry and its live parent's current expiry (the parent's end ends the
+    child). The parent's moves when the parent is renewed, and so does this.
+    """
+    limits = [t for t in (record.max_expire_time, parent_expire) if t is not None]
+    return min(limits) if limits else None
+
+
+async def lookup_data(state: BrokerState, record: Token, now: float, *,
+                      token_id: str = "") -> dict[str, Any]:
+    """:func:`token_data` for a lookup: with what the store and the config add (whether
+    the token is an orphan, its parent's expiry, a JWT login's explicit max TTL)."""
+    parent = await _live_parent(state.store, record)
+    return token_data(record, now, token_id=token_id, orphan=parent is None,
+                      parent_expire=parent.expire_time if parent is not None else None,
+                      explicit_max_ttl=_login_explicit_max_ttl(state, record))
+
+
+def _login_explicit_max_ttl(state: BrokerState, record: Token) -> int | None:
+    """What Vault shows as a JWT login token's ``explicit_max_ttl``: its role's
+    ``token_explicit_max_ttl``, 0 if unset. None: not a login's token, or its
+    role is gone or changed since the login; the token's own cap is shown then.
+
+    The token keeps one cap, the smaller of the role's ``token_max_ttl`` and
+    ``token_explicit_max_ttl`` (enforced as before); which one it was is not
+    stored. While the role still gives that cap, it is the role's values the
+    token was created with, and its ``token_explicit_max_ttl`` is Vault's answer.
+    """
+    name = _login_method(record.path)
+    if name is None or record.max_expire_time is None:
+        return None
+    # Here, not at the top: broker.api.login imports this module (auth_block).
+    from broker.api.login import auth_methods
+
+    method = auth_methods(state).get(name)
+    role = method.config.roles.get(record.metadata.get("role", "")) if method else None
+    if role is None or role.token_cap != round(record.max_expire_time - record.created):
+        return None
+    return role.token_explicit_max_ttl or 0
+
+
+def _login_method(path: str) -> str | None:
+    """NAME of a login token's path (``auth/NAME/login``), else None."""
+    parts = path.split("/")
+    if len(parts) == 3 and parts[0] == "auth" and parts[2] == "login" and parts[1]:
+        return parts[1]
+    return None
 
 
 async def revoke_token_tree(state: BrokerState, accessor: str, *,
@@ -443,9 +517,8 @@ def live_token(record: Token | None, now: float) -> Token | None:
 async def lookup_self(request: web.Request) -> web.Response:
     call, token = await _authorized(request, "read", "update", body=False)
     await call.audit("token_lookup")
-    return vault_response(call, token_data(token, call.state.engine.clock(),
-                                           token_id=call.presented_token(),
-                                           orphan=await orphaned(call.state.store, token)))
+    return vault_response(call, await lookup_data(call.state, token, call.state.engine.clock(),
+                                                  token_id=call.presented_token()))
 
 
 @routes.post("/v1/auth/token/lookup")
@@ -480,8 +553,7 @@ async def _lookup_other(request: web.Request, field: str,
         raise missing
     await call.audit("token_lookup", target=other.accessor)
     token_id = value if field == "token" else ""
-    return vault_response(call, token_data(other, now, token_id=token_id,
-                                           orphan=await orphaned(call.state.store, other)))
+    return vault_response(call, await lookup_data(call.state, other, now, token_id=token_id))
 
 
 #: ``LIST auth/token/accessors`` answers at most this many unless ``limit`` says otherwise.

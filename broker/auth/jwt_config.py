@@ -254,7 +254,9 @@ def _method(name: str, table: Any, known: Collection[str] | None) -> JWTMethodCo
     if not isinstance(table, dict):
         raise AuthConfigError(prefix, "expected a table")
     if not name or "/" in name or name in _RESERVED_NAMES:
-        raise AuthConfigError(prefix, "auth method names must be one path segment, not 'token'")
+        raise AuthConfigError(prefix, f"'{name}' is reserved: it is the token auth method "
+                              "(auth/token/...); choose another name" if name in _RESERVED_NAMES
+                              else "auth method names must be one path segment")
     t = _Table(prefix, table)
     t.reject_unknown(_METHOD_KEYS, elsewhere=_ROLE_KEYS,
                      where=f"a role ([auth.{prefix}.roles.ROLE])")

@@ -25,6 +25,7 @@ from broker.cli.commands import (
 from broker.cli.common import (
     OperationError,
     UsageError,
+    _creds_path,
     _duration,
     _key_value,
     _listen,
@@ -138,9 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = leaf(ops, "init", cmd_operator_init, "create the root token (once)", remote=False)
     p.add_argument("--config", metavar="FILE", help="TOML config file of the broker")
 
-    p = leaf(commands, "creds", cmd_creds, "issue a credential: GET /v1/MOUNT/creds/ROLE")
-    p.add_argument("path", metavar="MOUNT/ROLE", type=_mount_role)
+    p = leaf(commands, "creds", cmd_creds,
+             "issue a credential: GET /v1/MOUNT/creds/ROLE (or /v1/MOUNT/sts/ROLE)")
+    p.add_argument("path", metavar="MOUNT/ROLE", type=_creds_path,
+                   help="MOUNT/ROLE, or MOUNT/sts/ROLE for an aws mount's STS path")
     p.add_argument("--ttl", type=_duration, help="requested lifetime, e.g. 15m (capped at max_ttl)")
+    p.add_argument("--role-arn", metavar="ARN",
+                   help="aws assumed_role roles: which of the role's role_arns to assume "
+                   "(needed when it has several)")
     _format_option(p, ["json", "env", "table"])
 
     from broker import exec as exec_cmd  # imports this module: load it only once we are loaded

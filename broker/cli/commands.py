@@ -128,14 +128,22 @@ def _mount_plugin(client: Client, mount: str) -> tuple[str | None, list[str]]:
 
 
 def cmd_creds(args: argparse.Namespace) -> int:
-    mount, role = args.path
+    mount, kind, role = args.path
     fmt = _output_format(args)
+    if args.role_arn is not None and not args.role_arn.strip():
+        raise UsageError("--role-arn must not be empty")
     client = _client(args)
     # Ask for the plugin type BEFORE issuing, so a failure here does not leave
     # an unused credential behind.
     plugin, warnings = _mount_plugin(client, mount) if fmt == "env" else (None, [])
-    params = {"ttl": args.ttl} if args.ttl is not None else None
-    resp = _need(client.request("GET", f"{mount}/creds/{role}", params=params), "creds")
+    params: dict[str, Any] = {}
+    if args.ttl is not None:
+        params["ttl"] = args.ttl
+    if args.role_arn is not None:
+        # Vault's request parameter (docs/aws.md); the server checks it against the role.
+        params["role_arn"] = args.role_arn.strip()
+    resp = _need(client.request("GET", f"{mount}/{kind}/{role}", params=params or None),
+                 "creds")
     # Said only now: a token refused altogether (or a mount that does not exist) fails
     # the issue with one error line, not a warning about the variable names first.
     for warning in warnings:

@@ -371,10 +371,39 @@ def _key_value(text: str) -> tuple[str, str]:
     return key, value
 
 
-def _mount_role(text: str) -> tuple[str, str]:
+def _creds_path(text: str) -> tuple[str, str, str]:
+    """``MOUNT/ROLE``, ``MOUNT/creds/ROLE`` or ``MOUNT/sts/ROLE``: (mount, path kind, role).
+
+    The API path itself (docs/aws.md's ``aws/sts/ROLE``) used to be read as
+    mount ``aws/sts`` and fail with the server's "unsupported path". Otherwise
+    the role is the last segment and the mount the rest.
+    """
     mount, _, role = text.strip("/").rpartition("/")
+    base, _, kind = mount.rpartition("/")
+    if base and kind in {"creds", "sts"}:
+        mount = base
+    else:
+        kind = "creds"
     if not mount or not role:
-        raise argparse.ArgumentTypeError(f"expected MOUNT/ROLE (e.g. pg/readonly), got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected MOUNT/ROLE or MOUNT/sts/ROLE (e.g. pg/readonly, aws/sts/deploy), "
+            f"got {text!r}")
+    return mount, kind, role
+
+
+def _mount_role(text: str) -> tuple[str, str]:
+    """``MOUNT/ROLE`` (or ``MOUNT/creds/ROLE``) of ``broker exec``, which issues on
+    ``MOUNT/creds/ROLE``: (mount, role)."""
+    try:
+        mount, kind, role = _creds_path(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected MOUNT/ROLE (e.g. pg/readonly), got {text!r}") from None
+    if kind == "sts":
+        # exec asks MOUNT/creds/ROLE, which issues the same STS credentials.
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: exec issues on MOUNT/creds/ROLE, which gives the same STS "
+            f"credentials: give {mount}/{role}")
     return mount, role
 
 

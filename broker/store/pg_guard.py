@@ -24,6 +24,14 @@ had given up. A wait that uses up the budget is a TimeoutError like any other.
 
 Only connection-level failures are translated. A query the server rejected
 (a constraint, a syntax error) is a bug or a conflict and keeps its type.
+
+The log: a serving broker's periodic jobs attach their
+:class:`broker.periodic.StoreOutage` as ``outage``. The pool then tells it of
+every failure (it logs the start with the reason, then once a minute; the end
+once a job goes through and ``error`` is clear) and that a write commits again
+after a timeout (the end line says so), and writes no line of its own: both
+wrote a start and an end line for each outage (day-2 QA). Without one (a CLI
+command on the store), the pool says the start and the end itself.
 """
 
 from __future__ import annotations
@@ -32,13 +40,13 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 
 from broker.errors import StoreUnavailable
 
-__all__ = ["GuardedPool"]
+__all__ = ["GuardedPool", "OutageLog"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +65,14 @@ _LOST = (
 #: makes PostgreSQL write a commit record, which waits for the disk and for
 #: synchronous standbys like any lease write.
 _WRITE_PROBE = "SELECT txid_current()"
+
+
+class OutageLog(Protocol):
+    """What the pool tells of an outage (``broker.periodic.StoreOutage``)."""
+
+    def lost(self, reason: str) -> None: ...
+
+    def back(self, *, commits: bool = False) -> None: ...
 
 
 def _reason(exc: BaseException) -> str:
@@ -80,23 +96,36 @@ class GuardedPool:
         self._timeout = timeout
         self._probe: asyncio.Task[None] | None = None
         self.error: str | None = None
+        #: where outages are told (the periodic jobs' StoreOutage); None: this pool says them.
+        self.outage: OutageLog | None = None
+
+    def _lost(self, reason: str) -> None:
+        first = self.error is None
+        self.error = reason
+        if self.outage is not None:
+            self.outage.lost(reason)
+        elif first:
+            log.warning("lease store unreachable: %s", reason)
+
+    def _back(self, *, commits: bool) -> None:
+        self.error = None
+        if self.outage is not None:
+            self.outage.back(commits=commits)
+        else:
+            log.warning("lease store writing again" if commits else "lease store reachable again")
 
     @contextmanager
     def _guard(self) -> Iterator[None]:
         try:
             yield
         except _LOST as exc:
-            reason = _reason(exc)
-            if self.error is None:
-                log.warning("lease store unreachable: %s", reason)
-            self.error = reason
+            self._lost(_reason(exc))
             if isinstance(exc, TimeoutError):
                 self._start_probe()
             raise StoreUnavailable(
                 f"lease store unavailable ({type(exc).__name__}); retry later") from None
         if self.error is not None and self._probe is None:
-            log.warning("lease store reachable again")
-            self.error = None
+            self._back(commits=False)
 
     def _start_probe(self) -> None:
         if self._probe is None:
@@ -109,14 +138,13 @@ class GuardedPool:
             try:
                 await self._pool.execute(_WRITE_PROBE)
             except _LOST as exc:
-                self.error = _reason(exc)
+                self._lost(_reason(exc))
                 continue
             except Exception:  # not an outage: a bug in the probe must not wedge health
                 log.exception("lease store write probe failed")
             break
-        log.warning("lease store writing again")
         self._probe = None
-        self.error = None
+        self._back(commits=True)
 
     async def close(self) -> None:
         probe, self._probe = self._probe, None

@@ -244,7 +244,16 @@ def test_unreachable_backend_at_start_is_unhealthy_then_recovers(
                             headers={"X-Vault-Token": broker.root_token}, timeout=30)
         assert resp.status_code == 503 and "unavailable" in resp.json()["errors"][0]
         proxy.up()
-        lease = client.secrets.database.generate_credentials("app", mount_point="pg")
+        # Reconnected in the background (a request starts a try at most once a second,
+        # never one each): issuing resumes within a health-probe interval.
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                lease = client.secrets.database.generate_credentials("app", mount_point="pg")
+                break
+            except hvac.exceptions.VaultDown:
+                assert time.monotonic() < deadline, "issuing did not resume"
+                time.sleep(0.2)
         assert lease["data"]["username"]
         client.sys.revoke_lease(lease["lease_id"])
         health = requests.get(f"{broker.url}/v1/sys/health", timeout=10).json()

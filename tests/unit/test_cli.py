@@ -140,7 +140,7 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 def test_mount_role_splits_at_the_last_slash() -> None:
     """A nested mount keeps its slashes; the role is the last segment."""
     args = build_parser().parse_args(["creds", "team/pg/readonly", "--ttl", "15m"])
-    assert args.path == ("team/pg", "readonly")
+    assert args.path == ("team/pg", "creds", "readonly")  # (mount, path kind, role)
     assert args.ttl == 900
 
 

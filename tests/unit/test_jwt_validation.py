@@ -495,7 +495,7 @@ hmac_key_file = "{tmp_path / 'k'}"
      '[auth.jwt.github.roles.deploy]\ntoken_ttl = "2h"\ntoken_explicit_max_ttl = "1h"\n',
      "auth.jwt.github.roles.deploy.token_ttl", "longer than token_explicit_max_ttl"),
     ('[auth.jwt.token]\noidc_discovery_url = "https://a"\n', "auth.jwt.token",
-     "not 'token'"),
+     "'token' is reserved: it is the token auth method"),
     ('[auth.jwt.github]\noidc_discovery_url = "https://a"\njwks_max_stale = "a day"\n',
      "auth.jwt.github.jwks_max_stale", "expected a duration"),
 ])
