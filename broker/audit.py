@@ -72,6 +72,7 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import stat
 import time
@@ -285,7 +286,24 @@ def _is_secret_key(name: str) -> bool:
 
 # What the audit writer does with a field, by its name (see _AuditRedactor). Not 0:
 # ``_ROLES.get(name) or _field_role(name)`` is the lookup.
-_PLAIN, _SECRET, _ACCESSOR, _USER_MAP = 1, 2, 3, 4
+_PLAIN, _SECRET, _ACCESSOR, _USER_MAP, _TEXT = 1, 2, 3, 4, 5
+#: Fields that hold text built from what a caller sent (a URL path, an error that
+#: quotes a name): a credential inside them, not only at their start, is hidden.
+_TEXT_KEYS = frozenset({"path", "error", "checked_path"})
+#: A credential inside a text: a JWT, a broker token, a Vault token.
+_CREDENTIAL_IN_TEXT = re.compile(
+    r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"
+    r"|brk\.[A-Za-z0-9_-]{16,}|hv[sb]\.[A-Za-z0-9_-]{16,}"
+    r"|(?<![A-Za-z0-9_.-])s\.[A-Za-z0-9]{24}(?![A-Za-z0-9_-])")
+
+
+def scrub(text: str) -> str:
+    """``text`` with every credential in it (a JWT, a broker or Vault token) written as
+    ``[hidden: N characters]``: for a path or a message that may quote what a caller sent
+    (``pg/creds/<a token pasted as the role>``, ``no role '<it>' on mount 'pg'``)."""
+    if "." not in text:  # every credential shape has one: most texts stop here
+        return text
+    return _CREDENTIAL_IN_TEXT.sub(lambda m: _hidden(m.group(0)), text)
 #: name -> role, filled as names are met; a plain dict (not lru_cache): one lookup per
 #: field of every line. Bounded: metadata keys are the callers' and may be many.
 _ROLES: dict[str, int] = {}
@@ -300,6 +318,8 @@ def _field_role(name: str) -> int:
         role = _ACCESSOR
     elif lowered == "metadata":
         role = _USER_MAP
+    elif lowered in _TEXT_KEYS:
+        role = _TEXT
     else:
         role = _PLAIN
     if len(_ROLES) >= _MAX_CACHED:
@@ -403,6 +423,8 @@ class _AuditRedactor:
                 return [self._accessor_value(v) if type(v) is str else self.walk(v, ids)
                         for v in value]
             return self.walk(value, ids)
+        if role == _TEXT and type(value) is str:
+            return (_hidden(value) if looks_like_credential(value) else scrub(value))
         # Inside metadata the names are the caller's: "owner" there is no accessor.
         return self.walk(value, False) if role == _USER_MAP else self.walk(value, ids)
 

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from broker.audit import scrub
 from broker.client import DEFAULT_ADDRESS, Client
 from broker.durations import format_duration, parse_duration
 
@@ -47,7 +48,9 @@ class _Parser(argparse.ArgumentParser):
     # argparse prints the whole usage block and names the sub-parser
     # ("broker creds: error:"); we want one line, always "broker: error:".
     def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see '{self.prog} --help')")
+        # argparse quotes what it could not parse ("unrecognized arguments: TOKEN",
+        # "invalid duration: 'TOKEN'"): a token in the wrong place must not be echoed.
+        raise UsageError(f"{scrub(message)} (see '{self.prog} --help')")
 
 
 # --------------------------------------------------------------------------- settings
