@@ -275,7 +275,7 @@ def shown(value: str) -> str:
     a name)."""
     if looks_like_credential(value) or len(value) > 256:
         return _hidden(value)
-    return value
+    return scrub(value)  # a name with a token inside (pg/creds/<token>)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -289,7 +289,7 @@ def _is_secret_key(name: str) -> bool:
 _PLAIN, _SECRET, _ACCESSOR, _USER_MAP, _TEXT = 1, 2, 3, 4, 5
 #: Fields that hold text built from what a caller sent (a URL path, an error that
 #: quotes a name): a credential inside them, not only at their start, is hidden.
-_TEXT_KEYS = frozenset({"path", "error", "checked_path"})
+_TEXT_KEYS = frozenset({"path", "paths", "prefix", "error", "checked_path"})
 #: A credential inside a text: a JWT, a broker token, a Vault token.
 _CREDENTIAL_IN_TEXT = re.compile(
     r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"
@@ -423,8 +423,12 @@ class _AuditRedactor:
                 return [self._accessor_value(v) if type(v) is str else self.walk(v, ids)
                         for v in value]
             return self.walk(value, ids)
-        if role == _TEXT and type(value) is str:
-            return (_hidden(value) if looks_like_credential(value) else scrub(value))
+        if role == _TEXT:
+            if type(value) is str:
+                return _hidden(value) if looks_like_credential(value) else scrub(value)
+            if type(value) in (list, tuple):  # paths=[...]
+                return [self._member(_TEXT, v, ids) if type(v) is str else self.walk(v, ids)
+                        for v in value]
         # Inside metadata the names are the caller's: "owner" there is no accessor.
         return self.walk(value, False) if role == _USER_MAP else self.walk(value, ids)
 

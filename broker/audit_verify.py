@@ -48,6 +48,8 @@ class VerifyResult:
     note: str | None = None
     #: the first line's ``truncated`` (``{"seq", "bytes"}``): the file was emptied in place.
     truncated: dict[str, Any] | None = None
+    #: a line with a line-key mac was read (the files after this one may hold no other).
+    new_format: bool = False
 
 
 def _int(value: Any) -> int | None:
@@ -75,19 +77,21 @@ def _gap_reason(gap: Any) -> str:
     return f"the broker found the file cut to {fb} bytes where {wrote}: {missing}"
 
 
-def verify_file(path: str, key: bytes | None) -> VerifyResult:
+def verify_file(path: str, key: bytes | None, *, new_format: bool = False) -> VerifyResult:
     """Check the chain of one file line by line (streaming; fine on huge files).
 
     Without ``key`` only the chain is checked, so an edit of the LAST line goes
     unnoticed; with it every line's HMAC and canonical form are checked too.
     """
     seq, prev, n = 0, GENESIS, 0
-    new_format = False  # a line with a line-key mac was seen: no old-format mac after it
+    # True once a line with a line-key mac was read, here or (the argument) in an
+    # earlier file: no old-format mac may come after one (line_mac_matches).
     prev_file: str | None = None
     truncated: dict[str, Any] | None = None
 
     def bad(reason: str) -> VerifyResult:
-        return VerifyResult(False, n, n, reason, seq, prev, prev_file, None, truncated)
+        return VerifyResult(False, n, n, reason, seq, prev, prev_file, None, truncated,
+                            new_format)
 
     with open(path, "rb") as fh:
         for raw in fh:
@@ -140,7 +144,7 @@ def verify_file(path: str, key: bytes | None) -> VerifyResult:
         note = (f"line 1: the file was truncated to 0 bytes in place after seq "
                 f"{_int(truncated.get('seq'))} (copytruncate?); verify it after the file "
                 "before it to check that no line was lost")
-    return VerifyResult(True, n, None, "ok", seq, prev, prev_file, note, truncated)
+    return VerifyResult(True, n, None, "ok", seq, prev, prev_file, note, truncated, new_format)
 
 
 def verify_files(paths: Iterable[str], key: bytes | None) -> list[tuple[str, VerifyResult]]:
@@ -155,8 +159,11 @@ def verify_files(paths: Iterable[str], key: bytes | None) -> list[tuple[str, Ver
     results: list[tuple[str, VerifyResult]] = []
     last: VerifyResult | None = None  # the previous file's own chain
     last_path = ""
+    seen_new = False
     for path in paths:
-        chain = result = verify_file(path, key)
+        # After a file with new-format lines, a file of old-format ones is forged.
+        chain = result = verify_file(path, key, new_format=seen_new)
+        seen_new = seen_new or chain.new_format
         if result.ok and last is not None and not last.ok and result.lines:
             note = (f"its link to {last_path} (prev_file) was not checked: that file "
                     "failed verification")
@@ -171,7 +178,8 @@ def verify_files(paths: Iterable[str], key: bytes | None) -> list[tuple[str, Ver
                 reason += (f" (seq {last.last_seq}): the file was truncated in place after "
                            f"seq {cut}; seq {last.last_seq + 1}..{cut} were lost")
             result = VerifyResult(False, result.lines, 1, reason, result.last_seq,
-                                  result.last_hash, result.prev_file, None, result.truncated)
+                                  result.last_hash, result.prev_file, None, result.truncated,
+                                  result.new_format)
         results.append((path, result))
         last, last_path = chain, path
     return results

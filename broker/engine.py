@@ -704,16 +704,19 @@ class LeaseEngine(MountSet, Revoker):
         (at once when no other process shares the store).
         """
         served = lease.mount in self.mounts
+        asked = wait > 0  # sync=false asks for no wait: queued is its answer (202)
         if not served:
             wait = min(wait, self._unserved_wait())
         outcome = await self._revoke(lease, reason=reason, wait=wait)
-        if not served and not outcome.done:
+        if not served and asked and not outcome.done:
             raise MountNotServed(lease, waited=wait)
         return outcome
 
     def _unserved_wait(self) -> float:
         """How long a revoke of a mount this replica lacks waits for one that has it."""
-        shared = (self.config.storage.url.startswith("postgresql")
+        # Any store but SQLite is shared (postgresql:// and postgres:// alike), and so is
+        # SQLite under several workers.
+        shared = (not self.config.storage.url.startswith("sqlite:")
                   or self.config.server.workers > 1)
         return UNSERVED_WAIT if shared else 0.0
 

@@ -290,7 +290,12 @@ class Revoker:
             await self._audit_quietly(event("admin", action="revoke_force", outcome="forced",
                                             lease=lease_ref(lease), backend_revoked=False,
                                             error=error))
-            await self.store.finish_revoke(lease.id, state=LeaseState.REVOKED, now=now)
+            try:
+                await self.store.finish_revoke(lease.id, state=LeaseState.REVOKED, now=now)
+            except Exception:  # never raises (revoke_claimed): the claim runs out, it retries
+                log.exception("recording the forced revocation of %s (the claim will run "
+                              "out and retry)", lease.id)
+                return
             self._notify(lease.id, RevokeOutcome(done=True, error=error))
             return
         attempts = lease.revoke_attempts + 1

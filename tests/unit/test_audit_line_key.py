@@ -30,6 +30,10 @@ def _put(path: str, data: bytes, mode: str = "wb") -> None:
         fh.write(data)
 
 
+def _last_line(path: str) -> bytes:
+    return Path(path).read_bytes().splitlines()[-1]
+
+
 def _records(path: str) -> list[dict[str, object]]:
     return [json.loads(line) for line in Path(path).read_bytes().splitlines()]
 
@@ -95,3 +99,26 @@ async def test_an_old_format_file_still_verifies_and_is_continued(
     _put(paths[0], _forged_after(paths[0], lambda body: _mac(key, body.encode())), "ab")
     result = verify_file(paths[0], key)
     assert not result.ok and result.first_bad_line == 4 and "forged" in result.reason
+
+
+async def test_a_whole_file_of_old_format_lines_after_a_new_one_fails(
+    paths: tuple[str, str], tmp_path: Path,
+) -> None:
+    """Rotated files: A written by the broker (new format), then a file B made entirely of
+    old-format lines, each signed as sys/audit-hash would (a value HMAC of its body) and
+    chained to A's last line: verify of A then B fails B (review: the check restarted
+    with each file)."""
+    log = await AuditLog.open(*paths, create_key=True)
+    try:
+        await log.write(event("admin", action="real"))
+    finally:
+        await log.close()
+    key = load_key(paths[1])
+    last = _last_line(paths[0])
+    rec = {"type": "admin", "action": "forged", "time": "2026-12-04T00:00:00Z", "seq": 1,
+           "prev": GENESIS, "prev_file": _sha(last)}
+    forged = str(tmp_path / "b.jsonl")
+    _put(forged, _canonical({**rec, "mac": _mac(key, _canonical(rec))}) + b"\n")
+    assert verify_file(forged, key).ok  # alone, an old file of the old format
+    [(_, a), (_, b)] = verify_files([paths[0], forged], key)
+    assert a.ok and not b.ok and "forged" in b.reason, b

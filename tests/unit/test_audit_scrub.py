@@ -46,14 +46,26 @@ async def test_the_audit_writer_hides_a_token_inside_a_path_and_an_error(
                                                    "remote_addr": "127.0.0.1"}))
         await log.write(event("policy_denied", error=f"no role '{TOKEN}' on mount 'pg'",
                               checked_path=f"auth/{JWT}/login", note="left as it is: pg.x"))
+        await log.write(event("admin", action="list", prefix=f"pg/creds/{TOKEN}/",
+                              paths=[f"pg/creds/{JWT}", "sys/health"]))
     finally:
         await log.close()
     text = _read(path)
     assert TOKEN not in text and JWT not in text
-    first, second = (json.loads(line) for line in text.splitlines())
+    first, second, third = (json.loads(line) for line in text.splitlines())
+    assert third["prefix"] == "pg/creds/[hidden: 47 characters]/"
+    assert third["paths"] == [f"pg/creds/[hidden: {len(JWT)} characters]", "sys/health"]
     assert first["request"]["path"] == "pg/creds/[hidden: 47 characters]"
     assert second["error"] == "no role '[hidden: 47 characters]' on mount 'pg'"
     assert second["note"] == "left as it is: pg.x"
+
+
+def test_shown_hides_a_token_inside_a_name() -> None:
+    """``shown`` (names quoted in errors: an unknown lease id) hides one inside too."""
+    from broker.audit import shown
+
+    assert shown(f"pg/creds/ro/{TOKEN}") == "pg/creds/ro/[hidden: 47 characters]"
+    assert shown("pg/creds/ro/abc") == "pg/creds/ro/abc"
 
 
 def test_a_cli_usage_error_does_not_echo_a_token() -> None:
