@@ -129,17 +129,23 @@ async def login(request: web.Request) -> web.Response:
                                          role=shown(role) if isinstance(role, str) else None,
                                          **replayed, **describe_token(body.get("jwt")))
         raise
-    token, record = await call.state.tokens.create(
-        policies=result.policies,
-        ttl=result.ttl,
-        max_ttl=result.max_ttl,
-        display_name=result.display_name,
-        metadata=result.metadata,
-        parent=None,  # a login token is an orphan: nothing above it revokes it
-        renewable=True,
-        accessor=accessor,
-        path=f"auth/{name}/login",  # as Vault's token lookups show a login's token
-    )
+    try:
+        token, record = await call.state.tokens.create(
+            policies=result.policies,
+            ttl=result.ttl,
+            max_ttl=result.max_ttl,
+            display_name=result.display_name,
+            metadata=result.metadata,
+            parent=None,  # a login token is an orphan: nothing above it revokes it
+            renewable=True,
+            accessor=accessor,
+            path=f"auth/{name}/login",  # as Vault's token lookups show a login's token
+        )
+    except Exception:
+        # No token was made: a single_use JWT is not used up (a store blip must not turn
+        # the job's retry into a "replay").
+        await method.forget_use(call.state.store, result, accessor)
+        raise
     call.token = record
     await call.audit("login", auth_method=name, role=result.role.name,
                      created={"accessor": record.accessor, "policies": record.policies,

@@ -21,6 +21,7 @@ import base64
 import binascii
 import hashlib
 import json
+import logging
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -57,6 +58,7 @@ __all__ = [
 
 #: real CI tokens are 1-2 KiB; anything this long is not one.
 MAX_JWT_LENGTH = 16 * 1024
+log = logging.getLogger(__name__)
 _MAX_SHOWN = 200
 #: Seconds a ``single_use`` JWT's record outlives the JWT's exp + leeway: raising the
 #: leeway (a reload, or a replica on a newer config) by up to this much cannot let a
@@ -324,6 +326,18 @@ class JWTAuthMethod:
                                              until=result.use_until, now=self.clock())
         if earlier is not None:
             raise JWTReplayed(earlier)
+
+    async def forget_use(self, store: LeaseStore, result: LoginResult, accessor: str) -> None:
+        """Undo :meth:`record_use` for a login that made no token after all (the token's
+        store write failed): a retry with the same JWT is no replay. Never raises: a
+        record left behind only uses the JWT up, as before."""
+        if result.jti_hash is None:
+            return
+        try:
+            await store.forget_jwt_use(self.name, result.jti_hash, accessor=accessor)
+        except Exception as exc:
+            log.warning("auth %s: a failed login's single_use record stays (%s); the JWT "
+                        "cannot log in again", self.name, type(exc).__name__)
 
     async def verify(self, token: str) -> dict[str, Any]:
         """The claims of ``token`` once its algorithm and signature are checked."""

@@ -372,6 +372,10 @@ class LeaseStore(Protocol):
         purged) is taken over: an issuer that reused a jti is not refused for it.
         """
 
+    async def forget_jwt_use(self, method: str, jti_hash: str, *, accessor: str) -> None:
+        """Delete the record ``record_jwt_use`` wrote for the token ``accessor``: its login
+        failed after the record (no token was made), so the JWT was not used up."""
+
     async def purge_used_jwts(self, *, before: float, limit: int) -> int:
         """Delete up to ``limit`` records of used JWTs whose ``until`` is before
         ``before``; returns how many."""

@@ -849,6 +849,11 @@ class PostgresStore:
         # The statement's snapshot may predate the winner's commit: then unknown.
         return str(row["earlier"] or "")
 
+    async def forget_jwt_use(self, method: str, jti_hash: str, *, accessor: str) -> None:
+        await self.pool.execute(
+            "DELETE FROM used_jwts WHERE method = $1 AND jti_hash = $2 AND accessor = $3",
+            method, jti_hash, accessor)
+
     async def purge_used_jwts(self, *, before: float, limit: int) -> int:
         status = await self.pool.execute(
             "WITH c AS MATERIALIZED (SELECT method, jti_hash FROM used_jwts"

@@ -718,6 +718,11 @@ class SQLiteStore(SQLiteConnections):
 
         return await self._write(op)
 
+    async def forget_jwt_use(self, method: str, jti_hash: str, *, accessor: str) -> None:
+        await self._write(_rowcount(
+            "DELETE FROM used_jwts WHERE method = ? AND jti_hash = ? AND accessor = ?",
+            (method, jti_hash, accessor)))
+
     async def purge_used_jwts(self, *, before: float, limit: int) -> int:
         return await self._write(_rowcount(
             "DELETE FROM used_jwts WHERE rowid IN (SELECT rowid FROM used_jwts"

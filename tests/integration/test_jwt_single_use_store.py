@@ -65,6 +65,19 @@ async def test_a_jwt_is_recorded_once_per_method(store: LeaseStore) -> None:
                                       now=T0 + 1) is None
 
 
+async def test_a_record_is_forgotten_only_for_its_own_accessor(store: LeaseStore) -> None:
+    """forget_jwt_use (a login whose token was never made) deletes the record it names;
+    the same JWT then logs in again. Another accessor's forget changes nothing."""
+    assert await store.record_jwt_use("github", HASH, accessor="acc-1", until=T0 + 300,
+                                      now=T0) is None
+    await store.forget_jwt_use("github", HASH, accessor="acc-other")
+    assert await store.record_jwt_use("github", HASH, accessor="acc-2", until=T0 + 300,
+                                      now=T0) == "acc-1"
+    await store.forget_jwt_use("github", HASH, accessor="acc-1")
+    assert await store.record_jwt_use("github", HASH, accessor="acc-3", until=T0 + 300,
+                                      now=T0) is None
+
+
 async def test_concurrent_records_of_one_jwt_let_one_through(store: LeaseStore) -> None:
     """Twenty records of one JWT at once: exactly one is the first."""
     answers = await asyncio.gather(*(
