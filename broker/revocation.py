@@ -347,7 +347,8 @@ class Revoker:
 
 
 def _rfc3339(when: datetime) -> str:
-    """``when`` in UTC as the audit log writes times: ``2026-01-02T03:04:05Z``."""
+    """``when`` in UTC to the second, e.g. ``2026-01-02T03:04:05Z`` (an expiry, which
+    AWS gives to the second; the audit's own ``time`` field carries microseconds)."""
     return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 

@@ -24,6 +24,7 @@ __all__ = [
     "TokenManager",
     "check_token_id",
     "hash_token",
+    "new_accessor",
     "with_default_policy",
 ]
 
@@ -91,6 +92,11 @@ class DeadToken(ReuseAttempt):
         self.token = token
 
 
+def new_accessor() -> str:
+    """A new token's accessor: random, not derived from the token."""
+    return secrets.token_urlsafe(18)
+
+
 class TokenManager:
     def __init__(self, store: LeaseStore, clock: Callable[[], float] = time.time) -> None:
         self.store = store
@@ -135,7 +141,7 @@ class TokenManager:
             # An explicit max TTL without a TTL: the token lives that long, not forever.
             expire = cap if expire is None else min(expire, cap)
         record = Token(
-            accessor=accessor or secrets.token_urlsafe(18),
+            accessor=accessor or new_accessor(),
             token_hash=hash_token(token),
             policies=with_default_policy(policies),
             created=now,

@@ -12,7 +12,6 @@ a ``single_use`` role has seen is audited as ``reuse_attempt``.
 
 from __future__ import annotations
 
-import secrets
 import weakref
 from typing import Any
 
@@ -25,6 +24,7 @@ from broker.auth import JWTAuthMethod, JWTReplayed, build_auth_methods, describe
 from broker.config import Config
 from broker.errors import BadRequest, BrokerError, NotFound
 from broker.state import BrokerState
+from broker.tokens import new_accessor
 
 __all__ = ["auth_methods", "close_auth_methods", "reload_auth_methods", "routes"]
 
@@ -100,7 +100,7 @@ async def login(request: web.Request) -> web.Response:
     await call.audit_unauthenticated_request()
     body: dict[str, Any] = {}
     # Chosen before the token is made: a single_use role's record of the JWT names it.
-    accessor = secrets.token_urlsafe(18)
+    accessor = new_accessor()
     try:
         body = await call.read_body()
         method = auth_methods(call.state).get(name)

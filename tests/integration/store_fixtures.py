@@ -177,6 +177,28 @@ StoreKind = Callable[[pytest.FixtureRequest, Path], AbstractAsyncContextManager[
 STORE_KINDS: dict[str, StoreKind] = {"sqlite": sqlite_kind, "postgres": postgres_kind}
 
 
+# Fixtures of the store suites that run once per store kind. A module uses them by
+# binding them to its own names (``store_maker = store_fixtures.each_store_maker``):
+# pytest finds a fixture by the name it has in the test module.
+@pytest.fixture(params=sorted(STORE_KINDS))
+async def each_store_maker(request: pytest.FixtureRequest, tmp_path: Path
+                           ) -> AsyncIterator[StoreMaker]:
+    """A StoreMaker of each store kind in turn (the test runs once per kind)."""
+    async with STORE_KINDS[request.param](request, tmp_path) as maker:
+        yield maker
+
+
+@pytest.fixture
+async def each_store(store_maker: StoreMaker) -> AsyncIterator[LeaseStore]:
+    """An open store built by the module's ``store_maker`` fixture, closed afterwards."""
+    s = store_maker.build()
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
 def make_lease(
     lease_id: str,
     *,

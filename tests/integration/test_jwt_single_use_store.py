@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
@@ -21,10 +20,9 @@ from broker.store import open_store
 from broker.store import postgres as pg_store
 from broker.store import sqlite as sqlite_store
 from broker.store.base import LeaseStore
+from tests.integration import store_fixtures
 from tests.integration.store_fixtures import (
-    STORE_KINDS,
     T0,
-    StoreMaker,
     fresh_postgres_database,
     make_token,
     open_replicas,
@@ -35,21 +33,9 @@ pytestmark = pytest.mark.integration
 HASH = "a" * 64
 
 
-@pytest.fixture(params=sorted(STORE_KINDS))
-async def store_maker(request: pytest.FixtureRequest, tmp_path: Path
-                      ) -> AsyncIterator[StoreMaker]:
-    async with STORE_KINDS[request.param](request, tmp_path) as maker:
-        yield maker
-
-
-@pytest.fixture
-async def store(store_maker: StoreMaker) -> AsyncIterator[LeaseStore]:
-    s = store_maker.build()
-    await s.open()
-    try:
-        yield s
-    finally:
-        await s.close()
+# The store suite's fixtures (tests/integration/store_fixtures.py), under the names used here.
+store_maker = store_fixtures.each_store_maker
+store = store_fixtures.each_store
 
 
 async def test_a_jwt_is_recorded_once_per_method(store: LeaseStore) -> None:

@@ -22,8 +22,8 @@ from broker.store.base import LeaseStore, RevokeQueued, RuleChunk
 from broker.store.postgres import MIGRATIONS as PG_MIGRATIONS
 from broker.store.postgres import PostgresStore
 from broker.store.sqlite import MIGRATIONS, SQLiteStore, StoreSchemaError
+from tests.integration import store_fixtures
 from tests.integration.store_fixtures import (
-    STORE_KINDS,
     T0,
     StoreMaker,
     fresh_postgres_database,
@@ -36,21 +36,9 @@ from tests.integration.store_fixtures import (
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(params=sorted(STORE_KINDS))
-async def store_maker(request: pytest.FixtureRequest, tmp_path: Path
-                      ) -> AsyncIterator[StoreMaker]:
-    async with STORE_KINDS[request.param](request, tmp_path) as maker:
-        yield maker
-
-
-@pytest.fixture
-async def store(store_maker: StoreMaker) -> AsyncIterator[LeaseStore]:
-    s = store_maker.build()
-    await s.open()
-    try:
-        yield s
-    finally:
-        await s.close()
+# The store suite's fixtures (tests/integration/store_fixtures.py), under the names used here.
+store_maker = store_fixtures.each_store_maker
+store = store_fixtures.each_store
 
 
 def lid(n: int, prefix: str = "pg/creds/ro/") -> str:
