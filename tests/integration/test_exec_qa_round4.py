@@ -204,21 +204,35 @@ def test_a_heartbeat_stopped_before_it_started_does_not_raise(env: Env) -> None:
     Heartbeat(Client(env.broker.url, env.broker.root_token), [], 1).stop()
 
 
+def _wchan(pid: int) -> str:
+    """What the process's main thread waits in, in the kernel ("" if not readable)."""
+    try:
+        return Path(f"/proc/{pid}/wchan").read_text()
+    except OSError:
+        return ""
+
+
 def test_a_signal_while_exec_writes_to_a_full_stderr_does_not_deadlock(env: Env) -> None:
     """exec's stderr is a full pipe (a log reader lagging behind; here a process the
     command left behind fills it): exec blocks writing its --no-revoke summary, inside
     the output lock. A SIGTERM then (a cancelled job) runs the handler in that same
     thread, which says "got SIGTERM while revoking": with a plain Lock it waited for
     itself forever. Now, once the pipe drains, exec ends."""
-    pid_file = env.tmp / "spammer.pid"
+    pid_file, done_file = env.tmp / "spammer.pid", env.tmp / "command.done"
     proc = subprocess.Popen(
         [*EXEC, "--no-revoke", "--ttl", "30s", "pg/readonly", "--", "sh", "-c",
-         f'yes spam >&2 & echo $! > {pid_file}; sleep 1'],
+         f'yes spam >&2 & echo $! > {pid_file}; sleep 1; touch {done_file}'],
         env=env.environ(BROKER_TOKEN=env.broker.root_token), stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, cwd=env.tmp, start_new_session=True)
     try:
-        time.sleep(3)  # the command is done; exec blocks on the summary line
-        assert proc.poll() is None
+        # Wait until the command is done and exec's main thread is blocked writing to the
+        # full pipe (its summary line), rather than a fixed 3 s: on a loaded machine exec
+        # was sometimes not there yet, and the SIGTERM came before the revoking phase.
+        deadline = time.monotonic() + 30
+        while not (done_file.exists() and "pipe_write" in _wchan(proc.pid)):
+            assert proc.poll() is None, "exec ended before the signal"
+            assert time.monotonic() < deadline, "exec never blocked on its summary line"
+            time.sleep(0.1)
         os.kill(proc.pid, signal.SIGTERM)
         time.sleep(0.5)
         os.kill(int(pid_file.read_text()), signal.SIGKILL)
