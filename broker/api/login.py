@@ -3,8 +3,9 @@
 Same request and answer as Vault's JWT auth method, so ``hvac``'s
 ``client.auth.jwt.jwt_login(role=..., jwt=..., path=NAME)`` works unchanged.
 No broker token is needed. Every refusal is audited as ``auth_failure`` with
-the reason and the (unverified) issuer, subject and key id, never the JWT
-(within a per-client limit: what it holds back is counted in a summary line,
+the reason and the (unverified) issuer, subject and key id, never the JWT, and
+its ``jti`` only as the audit HMAC (``broker audit hash`` finds it), within a
+per-client limit (what it holds back is counted in a summary line,
 broker/api/audit_limit.py); a success is audited as ``login`` with the new
 token's accessor (the token itself only as an HMAC). A second login with a JWT
 a ``single_use`` role has seen is audited as ``reuse_attempt``.
@@ -123,11 +124,14 @@ async def login(request: web.Request) -> web.Response:
         role = body.get("role")
         replayed = {"first_accessor": exc.first_accessor or None} \
             if isinstance(exc, JWTReplayed) else {}
+        # The jti as the audit HMAC, as the store keeps only its hash: `broker audit
+        # hash` of a jti finds its lines.
+        presented = describe_token(body.get("jwt"), call.state.audit.hmac)
         await call.audit_unauthenticated("reuse_attempt" if replayed else "auth_failure",
                                          outcome="denied" if refused else "error",
                                          error=error, auth_method=name,
                                          role=shown(role) if isinstance(role, str) else None,
-                                         **replayed, **describe_token(body.get("jwt")))
+                                         **replayed, **presented)
         raise
     try:
         token, record = await call.state.tokens.create(

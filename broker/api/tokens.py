@@ -699,12 +699,15 @@ async def _guard_root(call: Call, caller: Token, target: Token) -> None:
         return
     if caller.is_root or call.allowed(call.path, "sudo"):
         return
-    message = (f"permission denied: the token to revoke has the root policy; revoking it "
-               f"would end every token and lease below it, which needs a root token or "
-               f"sudo on {call.path}")
+    # The reason is for the operators (the audit line); the caller gets Vault's plain
+    # "permission denied": saying why would tell whoever holds update on revoke-accessor
+    # which accessors belong to root tokens (a probe of each accessor they know).
+    reason = (f"permission denied: the token to revoke has the root policy; revoking it "
+              f"would end every token and lease below it, which needs a root token or "
+              f"sudo on {call.path}")
     await call.audit("policy_denied", outcome="denied", checked_path=call.path,
-                     capabilities=["sudo"], target=target.accessor, error=message)
-    raise PermissionDenied(message)
+                     capabilities=["sudo"], target=target.accessor, error=reason)
+    raise PermissionDenied("permission denied")
 
 
 @routes.post("/v1/auth/token/revoke-orphan")

@@ -158,11 +158,15 @@ def _split(token: str) -> tuple[dict[str, Any], Any]:
     return header, payload
 
 
-def describe_token(token: Any) -> dict[str, Any]:
+def describe_token(token: Any, hash_jti: Callable[[str], str] | None = None
+                   ) -> dict[str, Any]:
     """Non-secret facts about a presented JWT for the audit log: never the token itself.
 
     The claims are unverified (as presented), which is what an investigator
-    wants to see after a failed login.
+    wants to see after a failed login. The ``jti`` is never in clear (the store
+    keeps only its SHA-256): a string ``jti`` is shown as ``hash_jti(jti)``
+    (the audit log's HMAC, which ``broker audit hash`` computes), and left out
+    without ``hash_jti`` or when it is not a string.
     """
     if not isinstance(token, str) or len(token) > MAX_JWT_LENGTH:
         return {}
@@ -177,7 +181,7 @@ def describe_token(token: Any) -> dict[str, Any]:
         out["jwt_header"] = {k: v[:_MAX_SHOWN] for k, v in hdr.items()}
     if isinstance(payload, dict):
         claims: dict[str, Any] = {}
-        for name in ("iss", "sub", "aud", "exp", "iat", "nbf", "jti"):
+        for name in ("iss", "sub", "aud", "exp", "iat", "nbf"):
             value = payload.get(name)
             if isinstance(value, str):
                 claims[name] = value[:_MAX_SHOWN]
@@ -185,6 +189,10 @@ def describe_token(token: Any) -> dict[str, Any]:
                 claims[name] = value
             elif isinstance(value, list) and all(isinstance(v, str) for v in value):
                 claims[name] = [v[:_MAX_SHOWN] for v in value[:10]]
+        jti = payload.get("jti")
+        if hash_jti is not None and isinstance(jti, str) and jti:
+            # The whole jti, not cut to _MAX_SHOWN: what an operator hashes to find it.
+            claims["jti"] = hash_jti(jti)
         if claims:
             out["jwt_claims"] = claims
     return out

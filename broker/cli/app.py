@@ -61,7 +61,8 @@ def _connection_options(parser: argparse.ArgumentParser, default: Any) -> None:
         metavar="TOKEN",
         default=default,
         help="token to send (env BROKER_TOKEN, VAULT_TOKEN); - reads it from stdin; a "
-        "value here is visible in ps and shell history: prefer -, or --token-file",
+        "value here is visible in ps and shell history (warned about): prefer -, or "
+        "--token-file",
     )
     group.add_argument(
         "--token-file",

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+from broker.audit import looks_like_credential, scrub
 from broker.cli.common import (
     STDIN_ARG,
     OperationError,
@@ -220,6 +221,7 @@ def cmd_token_capabilities(args: argparse.Namespace) -> int:
     if args.accessor and len(values) != 2:
         raise UsageError("--accessor needs the ACCESSOR and the PATH")
     *who, path = values
+    _check_capabilities_path(path, alone=not who)
     if args.accessor:
         # An accessor is no secret: no warning, but - still reads it from stdin.
         who = [read_stdin_secret(args, "ACCESSOR") if who[0] == STDIN_ARG else who[0]]
@@ -239,6 +241,22 @@ def cmd_token_capabilities(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(", ".join(caps) + "\n")  # as the vault CLI prints them
     return 0
+
+
+def _check_capabilities_path(path: str, *, alone: bool) -> None:
+    """UsageError, which never repeats it, unless ``path`` can be the PATH of ``token
+    capabilities``. One argument is the PATH (Vault's form, for the token in use): a
+    token given alone (``broker token capabilities "$TOKEN"``) would otherwise be sent
+    to the server as a path and printed back as the key of the answer."""
+    if path == STDIN_ARG:
+        raise UsageError("- (read the TOKEN from stdin) comes before the PATH: give - PATH"
+                         if alone else "PATH is -: give the path itself")
+    if looks_like_credential(path) or scrub(path) != path:
+        raise UsageError(
+            "the PATH argument looks like (or holds) a token: give TOKEN PATH (or - PATH "
+            "to read the token from stdin), or PATH alone for the token in use" if alone else
+            "the PATH argument looks like (or holds) a token: the TOKEN comes first, then "
+            "the PATH")
 
 
 def cmd_token_revoke(args: argparse.Namespace) -> int:

@@ -200,8 +200,22 @@ def resolve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Se
     )
 
 
+def warn_token_flag(args: argparse.Namespace) -> None:
+    """The command-line warning for ``--token VALUE``, as for a TOKEN argument: once per
+    command. Not for ``--token -`` (stdin), a token file, nor ``BROKER_TOKEN`` /
+    ``VAULT_TOKEN``, none of which puts the token in ps or shell history."""
+    flag = getattr(args, "token", None)
+    if flag is None or flag == STDIN_ARG or not flag.strip() \
+            or getattr(args, "_token_flag_warned", False):
+        return
+    args._token_flag_warned = True
+    warn_secret_on_command_line("--token TOKEN",
+                                "use --token - to read it from stdin, or --token-file FILE")
+
+
 def _client(args: argparse.Namespace, *, need_token: bool = True) -> Client:
     settings = resolve_settings(args, os.environ)
+    warn_token_flag(args)
     if need_token and not settings.token:
         raise UsageError("no token: pass --token-file FILE or --token TOKEN, "
                          "or set BROKER_TOKEN or BROKER_TOKEN_FILE")

@@ -127,7 +127,8 @@ def test_an_accessor_gets_no_warning(broker: BrokerThread, root: hvac.Client) ->
 
 def test_the_token_option_reads_stdin(broker: BrokerThread, root: hvac.Client) -> None:
     """`--token -` takes the caller's token from stdin (it used to send "-" as the
-    token); `--token TOKEN` works as before (its --help says it is visible in ps)."""
+    token); `--token TOKEN` works as before, with the one warning line a TOKEN argument
+    gets (it used to have none: only its --help said that ps shows it)."""
     token, accessor = child(root)
     for where in (["--token", "-", "token", "lookup"], ["token", "lookup", "--token", "-"]):
         done = cli(broker, *where, "--format", "json", stdin=f"{token}\n", token=None)
@@ -135,7 +136,10 @@ def test_the_token_option_reads_stdin(broker: BrokerThread, root: hvac.Client) -
         assert json.loads(done.stdout)["data"]["accessor"] == accessor
         assert done.stderr == ""
     done = cli(broker, "--token", token, "token", "lookup", "--format", "json", token=None)
-    assert (done.returncode, done.stderr) == (0, ""), done.stderr
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["data"]["accessor"] == accessor
+    assert _WARNING.match(done.stderr) and "--token -" in done.stderr, done.stderr
+    assert token not in done.stderr
 
 
 def test_stdin_holds_one_value(broker: BrokerThread, root: hvac.Client) -> None:

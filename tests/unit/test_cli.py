@@ -128,6 +128,13 @@ def env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     return monkeypatch
 
 
+#: the first line on stderr of every command given ``--token VALUE``: ps and shell history
+#: show the token, as they show a TOKEN argument (which gets the same warning).
+TOKEN_FLAG_WARNING = ("broker: warning: --token TOKEN on the command line is visible in the "
+                      "process list (ps) and kept in shell history; use --token - to read it "
+                      "from stdin, or --token-file FILE\n")
+
+
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))
     out, err = capsys.readouterr()
@@ -261,7 +268,9 @@ def test_a_malformed_address_is_a_usage_error_not_a_traceback(
     """Addresses urllib or http.client would choke on are refused in one line, exit 2."""
     code, _, err = run(capsys, "lease", "irrevocable", "--token", "t", "--address", address)
     assert code == 2
-    assert err.count("\n") == 1 and "http(s)://HOST:PORT" in err
+    # One error line, after the --token warning.
+    assert err.startswith(TOKEN_FLAG_WARNING) and err.count("\n") == 2
+    assert "http(s)://HOST:PORT" in err
 
 
 @pytest.mark.parametrize("address", ["http://u:s3cret@127.0.0.1:1", "https://s3cret@broker:8200"])
@@ -272,7 +281,8 @@ def test_an_address_with_a_password_is_refused_without_echoing_it(
     (it used to be taken for part of the host name and printed in the error)."""
     code, out, err = run(capsys, "creds", "pg/ro", "--token", "t", "--address", address)
     assert (code, out) == (2, "")
-    assert err.count("\n") == 1 and "must not hold a user name or password" in err
+    assert err.startswith(TOKEN_FLAG_WARNING) and err.count("\n") == 2
+    assert "must not hold a user name or password" in err
     assert "s3cret" not in err
 
 
@@ -407,7 +417,8 @@ def test_connection_refused_is_one_line_exit_1(
     code, out, err = run(capsys, "lease", "lookup", "x", "--address", address, "--token", "t")
     assert code == 1
     assert out == ""
-    assert err == f"broker: error: cannot connect to {address}: Connection refused\n"
+    assert err == (TOKEN_FLAG_WARNING
+                   + f"broker: error: cannot connect to {address}: Connection refused\n")
 
 
 def test_client_sends_token_list_verb_and_params(canned: Canned) -> None:
@@ -537,7 +548,8 @@ def test_creds_env_unknown_mount_issues_nothing(
         "t",
     )
     assert code == 1
-    assert err == "broker: error: no mount named 'nope' (see GET /v1/sys/mounts)\n"
+    assert err == TOKEN_FLAG_WARNING + \
+        "broker: error: no mount named 'nope' (see GET /v1/sys/mounts)\n"
     assert [s.path for s in canned.seen] == ["/v1/sys/internal/ui/mounts/nope", "/v1/sys/mounts"]
 
 
@@ -560,7 +572,7 @@ def test_server_error_text_is_shown(
         capsys, "lease", "lookup", "pg/creds/ro/x", "--address", canned.address, "--token", "t"
     )
     assert (code, out) == (1, "")
-    assert err == "broker: error: lease pg/creds/ro/x is revoked (HTTP 400)\n"
+    assert err == TOKEN_FLAG_WARNING + "broker: error: lease pg/creds/ro/x is revoked (HTTP 400)\n"
 
 
 def test_lease_list_recursive_walks_to_full_ids(

@@ -14,7 +14,14 @@ from broker.cli import common
 from broker.cli.mount_info import mount_plugins
 from broker.client import Client, ClientError
 from broker.policy import DEFAULT_POLICY, PolicySet
-from tests.unit.test_cli import CREDS, Canned, canned, env, run  # noqa: F401 - fixtures
+from tests.unit.test_cli import (  # noqa: F401 - fixtures
+    CREDS,
+    TOKEN_FLAG_WARNING,
+    Canned,
+    canned,
+    env,
+    run,
+)
 
 # --------------------------------------------------------------------------- policies
 
@@ -151,16 +158,18 @@ def test_creds_env_warns_after_issuing_only(capsys: pytest.CaptureFixture[str],
                                             env: pytest.MonkeyPatch,  # noqa: F811
                                             canned: Canned) -> None:  # noqa: F811
     """creds --format env, the mount refused: BROKER_* names and the warning, printed once
-    the credential is issued; when the issue fails too, only its error line."""
+    the credential is issued; when the issue fails too, only its error line (after the
+    --token warning)."""
     canned.on("GET", "/v1/sys/internal/ui/mounts/pg", 403, {"errors": ["denied"]})
     canned.on("GET", "/v1/pg/creds/readonly", body={**CREDS, "warnings": None})
     argv = ("creds", "--address", canned.address, "--token", "t", "--format", "env")
     code, out, err = run(capsys, *argv, "pg/readonly")
     assert code == 0
     assert "export BROKER_USERNAME=v-pg-ro-1\n" in out
-    assert err == ("broker: warning: cannot read sys/internal/ui/mounts/pg (denied (HTTP "
-                   "403)); using BROKER_* variable names for pg\n")
+    assert err == (TOKEN_FLAG_WARNING
+                   + "broker: warning: cannot read sys/internal/ui/mounts/pg (denied (HTTP "
+                     "403)); using BROKER_* variable names for pg\n")
     canned.on("GET", "/v1/pg/creds/other", 403, {"errors": ["permission denied"]})
     code, out, err = run(capsys, *argv, "pg/other")
     assert code == 1 and out == ""
-    assert err == "broker: error: permission denied (HTTP 403)\n"
+    assert err == TOKEN_FLAG_WARNING + "broker: error: permission denied (HTTP 403)\n"
