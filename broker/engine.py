@@ -754,8 +754,10 @@ class LeaseEngine(MountSet, Revoker):
             if not waiters:
                 self._waiters.pop(lease.id, None)
 
-    async def revoke_matching(self, flt: LeaseFilter, *, force: bool = False) -> int:
-        """Queue every live lease matching ``flt``; returns how many.
+    async def revoke_matching(self, flt: LeaseFilter, *, force: bool = False) -> RevokeQueued:
+        """Queue every live lease matching ``flt``; returns how many (``queued``), and how
+        many matching leases were left to the revocation already under way
+        (``already_revoking``), counted by the store in the same statement.
 
         The answer does not wait for 100,000 row updates: past
         ``rule_inline_max`` leases the store writes one revoke rule (see
@@ -764,7 +766,7 @@ class LeaseEngine(MountSet, Revoker):
         be renewed.
         """
         reason = "force" if force else ("prefix" if flt.prefix else "selector")
-        return (await self._queue_rule(flt, reason=reason)).queued
+        return await self._queue_rule(flt, reason=reason)
 
     async def _queue_rule(self, flt: LeaseFilter, *, reason: str,
                           end_tokens: str | None = None) -> RevokeQueued:

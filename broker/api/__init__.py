@@ -45,6 +45,8 @@ ROUTE_TABLES: tuple[web.RouteTableDef, ...] = (
     tokens.routes,
     login.routes,
     auth_roles.routes,  # auth/NAME/role, auth/NAME/config (read-only)
+    # Before mounts: {mount}/rotate-root/{connection} checks the connection's name first.
+    db_config.rotate_routes,
     mounts.routes,
     # {mount}/config/{name} after mounts: a POST to {mount}/config/rotate-root is rotate-root.
     db_config.routes,  # {mount}/config, {mount}/reset/{name} (read-only)

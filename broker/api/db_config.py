@@ -5,9 +5,10 @@ Vault's database engine paths and shapes (``path_config_connection.go``), so
 hvac's ``secrets.database.list_connections`` and ``read_connection`` work on a
 postgres or mysql mount. A Vault database mount holds named connections; a
 broker mount IS one connection, named as the mount (``pg/config/pg``), so the
-listing has that one name and any other is Vault's bare 404. (hvac's
-``rotate_root_credentials(name)`` still takes any name: ``rotate-root/{connection}``
-in ``mounts.py`` rotates the mount's one connection whatever it is called.)
+listing has that one name and any other is Vault's bare 404. Vault's
+``{mount}/rotate-root/{connection}`` (hvac's ``rotate_root_credentials(name)``)
+takes that name too: another one is a 404 saying which name is the mount's,
+after the grant is checked (the rotation itself is ``mounts.py``'s).
 
 The answer is written field by field from the mount's parsed config, never the
 admin secret: not the password, nor a ``password_file``'s content, nor where
@@ -32,14 +33,19 @@ from urllib.parse import unquote, unquote_plus, urlsplit, urlunsplit
 
 from aiohttp import web
 
+from broker.api import mounts
 from broker.api.common import CALL, Call, error_response, not_allowed, vault_response
 from broker.api.read_only import item_call, listing_call
 from broker.audit import is_secret_name, redact, shown
 from broker.backend import MountSpec
+from broker.errors import NotFound
 
-__all__ = ["DATABASE_PLUGINS", "connection_data", "redacted_url", "routes"]
+__all__ = ["DATABASE_PLUGINS", "connection_data", "redacted_url", "rotate_routes", "routes"]
 
 routes = web.RouteTableDef()
+#: ``{mount}/rotate-root/{connection}``, added before ``mounts.routes``: the name is
+#: checked here, and the rotation is left to ``mounts.rotate_root``.
+rotate_routes = web.RouteTableDef()
 
 #: The broker plugins that are Vault database-engine connections, and the name of
 #: Vault's plugin for the same database (``plugin_name``; MariaDB is mysql's too).
@@ -193,3 +199,30 @@ async def reset_connection(request: web.Request) -> web.Response:
     """
     _database_mount(request)
     return _not_allowed(request, ())
+
+
+@rotate_routes.post("/v1/{mount}/rotate-root/{connection}")  # Vault's database engine
+async def rotate_root_connection(request: web.Request) -> web.StreamResponse:
+    """Vault's ``rotate-root/{connection}`` (hvac's ``rotate_root_credentials(name)``):
+    the mount's one connection, named as the mount, is rotated; another name is a 404.
+
+    As in Vault, the grant (``update``/``sudo`` on the path asked for) is checked
+    before the name: a token without it learns nothing. An unknown mount is
+    ``mounts.rotate_root``'s 404 naming it.
+    """
+    mount, connection = request.match_info["mount"], request.match_info["connection"]
+    runtime = request[CALL].state.engine.mounts.get(mount)
+    if runtime is None or connection == runtime.spec.name:
+        return await mounts.rotate_root(request)
+    call: Call = request[CALL]
+    await call.authenticate()
+    await call.read_body()
+    path = f"{mount}/rotate-root/{connection}"
+    await call.require(path, "update", "sudo")
+    name = runtime.spec.name
+    message = (f"no connection {shown(connection)!r} on mount {mount!r}: a broker mount is one "
+               f"connection, named as the mount ({mount}/config/{name}); rotate it with "
+               f"{mount}/rotate-root/{name} or {mount}/rotate-root")
+    await call.audit("admin", outcome="error", action="rotate_root", mount=mount,
+                     connection=shown(connection), error="no such connection")
+    raise NotFound(message)

@@ -14,7 +14,14 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from broker.api.common import CALL, Call, error_response, json_response, vault_response
+from broker.api.common import (
+    CALL,
+    Call,
+    error_response,
+    json_response,
+    not_allowed,
+    vault_response,
+)
 from broker.audit import shown
 from broker.engine import MountNotServed
 from broker.errors import BadRequest, DeadLease, PermissionDenied, RevocationFailed, UnknownLease
@@ -177,11 +184,21 @@ def _queued_warning(lease_id: str, sync: bool, error: str | None) -> str:
             "it is retried with backoff")
 
 
+#: What ``sys/leases/lookup`` serves: a lookup (PUT, POST) and the top-level listing
+#: (LIST, or GET with ?list=true, as every listing's Allow says).
+_LOOKUP_METHODS = ("PUT", "POST", "LIST", "GET")
+
+
 @routes.route("*", "/v1/sys/leases/lookup")
 async def lookup(request: web.Request) -> web.StreamResponse:
     if _is_list(request):
         return await list_leases(request)  # the top level: hvac drops the trailing slash
-    _only(request, "PUT", "POST")
+    if request.method not in ("PUT", "POST"):
+        text = None
+        if request.method == "GET":  # allowed, but only as a listing
+            text = ("sys/leases/lookup looks a lease up with PUT or POST (lease_id in the "
+                    "body); LIST it, or GET it with ?list=true, to list lease ids")
+        return not_allowed(request, _LOOKUP_METHODS, text)
     call: Call = request[CALL]
     lease = await _lease_for(call, "lookup")
     now = call.state.engine.clock()
@@ -401,14 +418,14 @@ async def _queue_matching(call: Call, flt: LeaseFilter, *, force: bool) -> tuple
     """Queue the live leases ``flt`` matches: (how many this call queued, how many of
     them were already being revoked when it came and were left to that revocation).
 
-    The second figure is how many live leases there were less how many got queued:
     revoke-prefix leaves a lease already revoking as it is (so does force, one already
-    forced). Without it a caller's total missed them and its progress read done
-    while they were still being revoked (day-2 QA).
+    forced). Without the second figure a caller's total missed them and its progress
+    read done while they were still being revoked (day-2 QA). The store counts it in
+    the statement that queues the others: counted apart, before, a lease issued or
+    ended in between made it wrong.
     """
-    live = await store_call(call.state.store.count_matching(flt, states=LIVE_STATES))
-    queued = await store_call(call.state.engine.revoke_matching(flt, force=force))
-    return queued, max(0, live - queued)
+    done = await store_call(call.state.engine.revoke_matching(flt, force=force))
+    return done.queued, done.already_revoking
 
 
 def _queued_answer(queued: int, already: int, left: int) -> dict[str, int]:

@@ -18,6 +18,9 @@ mount only if its policies grant it something on some path under that mount
   may use, ``{"secret": {...}, "auth": {...}}``. Without a token (Vault lists
   the mounts tuned ``listing_visibility = "unauth"`` then, which the broker has
   none of) both are empty.
+
+Also ``GET /v1/sys/auth/{name}/tune``: an auth method's token TTLs, read-only
+(the secrets mounts' ``tune`` is in ``system.py``).
 """
 
 from __future__ import annotations
@@ -27,10 +30,12 @@ from typing import Any
 
 from aiohttp import web
 
-from broker.api.common import CALL, Call, vault_response
+from broker.api.common import CALL, Call, is_list_request, not_allowed, vault_response
 from broker.api.login import auth_methods
 from broker.api.system import auth_mount_info, mount_info
-from broker.errors import PermissionDenied
+from broker.audit import shown
+from broker.auth.jwt_config import JWTRoleConfig
+from broker.errors import NotFound, PermissionDenied
 
 __all__ = ["routes"]
 
@@ -90,3 +95,58 @@ async def read_mount(request: web.Request) -> web.Response:
                f"policies grant access to path {json.dumps(path)}")
     await call.audit("policy_denied", outcome="denied", checked_path=path, error=message)
     raise PermissionDenied(message)
+
+
+#: What a write to ``sys/auth/NAME/tune`` is told (405): there is nothing to tune.
+AUTH_TUNE_READ_ONLY = ("auth methods are configured in the broker's config file "
+                       "([auth.jwt.NAME]; token TTLs in [tokens] and in each role), re-read "
+                       "on SIGHUP: tune is read-only")
+
+
+@routes.route("*", "/v1/sys/auth/{path:.+}/tune")
+async def auth_tune(request: web.Request) -> web.Response:
+    """Vault's ``GET sys/auth/NAME/tune`` (hvac's ``sys.read_auth_method_tuning``): the
+    method's token TTLs in seconds, under ``data`` and at the top level (as Vault
+    answers it).
+
+    ``max_lease_ttl`` is ``[tokens] max_ttl``, which no token outlives (Vault's
+    system max, what a method never tuned shows). ``default_lease_ttl`` is what a
+    token gets when nothing sets its TTL: for ``token``, a token created without
+    a ttl (``[tokens] max_ttl`` too); for a JWT method, a login whose role sets
+    no ``token_ttl``. Read-only: a write is a 405 saying where methods are set.
+    The grant: ``read`` and ``sudo`` on ``sys/auth/NAME/tune``, as in Vault (a
+    root-protected path there), or ``read`` on ``sys/auth``, which lists the
+    methods; else 403, before the method is looked up.
+    """
+    if request.method != "GET":
+        return not_allowed(request, ("GET",), read_only=AUTH_TUNE_READ_ONLY)
+    call: Call = request[CALL]
+    await call.authenticate()
+    if is_list_request(request):  # GET ?list=true: as Vault, which has no LIST here
+        return not_allowed(request, ("GET",), "sys/auth/NAME/tune is not a listing: GET "
+                           "it without ?list=true")
+    name = request.match_info["path"].strip("/")  # Vault's sanitizePath: "github/" is "github"
+    await _require_auth_read(call, f"sys/auth/{name}/tune")
+    info = _auth_methods(call).get(name)
+    if info is None:
+        raise NotFound(f"no auth method named {shown(name)!r}")
+    ceiling = call.state.config.tokens.max_ttl
+    default = ceiling if name == "token" else min(JWTRoleConfig.token_ttl, ceiling)
+    data = {
+        "description": info["description"],
+        "default_lease_ttl": default,
+        "max_lease_ttl": ceiling,
+        "force_no_cache": False,
+        "token_type": info["config"]["token_type"],
+    }
+    return vault_response(call, data, top_level=True)
+
+
+async def _require_auth_read(call: Call, path: str) -> None:
+    """``read`` on ``sys/auth``, or ``read`` and ``sudo`` on ``path``; else audited and 403
+    naming the capability missing on ``path``."""
+    if call.allowed("sys/auth", "read"):
+        return
+    # Both, as Vault asks of a root-protected path it reads: sudo alone is no read.
+    await call.require(path, "read")
+    await call.require(path, "sudo")

@@ -1,7 +1,9 @@
 """``LIST /v1/{mount}/roles`` and ``GET /v1/{mount}/roles/{name}``: the configured roles.
 
 Vault's database and AWS engines' paths and shapes, so hvac's
-``secrets.database.list_roles``/``read_role`` (and ``secrets.aws``'s) work.
+``secrets.database.list_roles``/``read_role`` (and ``secrets.aws``'s) work. On a
+database mount a role names its connection as Vault's does (``db_name``): the
+mount's one connection, named as the mount (``pg/config/pg``, ``db_config.py``).
 The broker's roles come from its config file (``[mounts.NAME.roles.ROLE]``,
 re-read on SIGHUP), so these paths are read-only: a write answers 405 saying
 where roles are set.
@@ -14,6 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from broker.api.common import error_response, not_allowed, vault_response
+from broker.api.db_config import DATABASE_PLUGINS
 from broker.api.read_only import item_call, listing_call
 from broker.audit import redact
 from broker.backend import RoleSpec
@@ -37,13 +40,19 @@ def _not_found() -> web.Response:
     return error_response(404)
 
 
-def role_data(role: RoleSpec) -> dict[str, Any]:
-    """A role's configuration as ``read_role`` answers it; secret-named options hidden."""
+def role_data(role: RoleSpec, db_name: str | None = None) -> dict[str, Any]:
+    """A role's configuration as ``read_role`` answers it; secret-named options hidden.
+
+    ``db_name``: the connection the role uses, on a database mount (Vault's database
+    engine answers it; its AWS engine has no such key).
+    """
     # The plugin options first: the common keys are not among them (the config
     # loader takes those out), so nothing here overwrites a common key anyway.
     options: dict[str, Any] = redact(dict(role.options))
+    connection = {} if db_name is None else {"db_name": db_name}
     return {
         **options,
+        **connection,
         "default_ttl": role.default_ttl,
         "max_ttl": role.max_ttl,
         "creation_statements": list(role.creation_statements),
@@ -89,10 +98,13 @@ async def read_role(request: web.Request) -> web.Response:
                            folder=f"{mount}/roles")
     if isinstance(call, web.Response):
         return call
-    role = call.state.engine.mount(mount).spec.roles.get(name)  # 404 for an unknown mount
+    spec = call.state.engine.mount(mount).spec  # 404 for an unknown mount
+    role = spec.roles.get(name)
     if role is None:
         await call.audit("role_read", outcome="error", mount=mount, role=name,
                          error="no such role")
         return _not_found()
     await call.audit("role_read", mount=mount, role=name)
-    return vault_response(call, role_data(role))
+    # The mount is the connection, and its name is the mount's (as {mount}/config lists it).
+    db_name = spec.name if spec.plugin in DATABASE_PLUGINS else None
+    return vault_response(call, role_data(role, db_name))

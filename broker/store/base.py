@@ -77,6 +77,11 @@ class RevokeQueued:
     rule_id: str | None = None
     #: tokens ended by the same write (``end_tokens``).
     tokens_ended: int = 0
+    #: matching leases not ended yet that the revoke left as they were: being revoked
+    #: already (under any reason; with "force", under "force" only). Counted with
+    #: ``queued``, in the same statement as the leases were queued (or the rule made),
+    #: so the two add up to the matching leases not ended yet at that moment.
+    already_revoking: int = 0
 
 
 @dataclass(frozen=True)
@@ -216,7 +221,10 @@ class LeaseStore(Protocol):
         the number of leases.
 
         Counts the matching live leases; up to ``inline_max`` are queued at once
-        (as queue_revoke_matching). More are covered by a revoke rule made at
+        (as queue_revoke_matching). The statement that queues them (or the count
+        that makes the rule) also counts the matching leases left as they are,
+        already revoking (``RevokeQueued.already_revoking``), so that the two
+        figures are one snapshot's. More are covered by a revoke rule made at
         ``now``, claimed by ``claimer`` until ``claim_until``, for
         ``expand_revoke_rule`` to queue in chunks. From the moment this returns,
         reads show the covered leases as ``revoking`` and ``renew`` refuses them.

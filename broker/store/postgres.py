@@ -82,6 +82,8 @@ _FORCEABLE = (
 )
 _DEAD_STATES = "('revoked', 'expired')"
 _LIVE_STATES = "('pending', 'active', 'revoking', 'irrevocable')"
+#: The states of a lease issued and not ended: what a revoke counts as matched.
+_UNENDED_STATES = "('active', 'revoking', 'irrevocable')"
 #: A live lease ``l`` that an unexpanded part of a revoke rule covers (base.py).
 _COVERED = (
     "EXISTS (SELECT 1 FROM revoke_rules AS r WHERE l.issue_time <= r.created_at"
@@ -191,6 +193,28 @@ async def _queue_matching(conn: Any, flt: LeaseFilter, *, reason: str, now: floa
         *args.values,
     )
     return _count(status)
+
+
+async def _queue_counted(conn: Any, flt: LeaseFilter, *, reason: str, now: float
+                        ) -> RevokeQueued:
+    """_queue_matching's UPDATE, and in the same statement the matching leases not ended.
+
+    One statement is one snapshot: the leases it queues are among those it counts,
+    and the rest are the ones left as they were, already revoking. (One that a
+    sweeper ends while the UPDATE waits for its row is counted there: it was being
+    revoked when the revoke came.)
+    """
+    args = _Args(now, reason)
+    cond = _where(flt, args)
+    row = await conn.fetchrow(
+        "WITH queued AS (UPDATE leases SET state = 'revoking', due_at = $1, revoke_reason = $2"
+        f" WHERE {_live(reason)} AND {cond} RETURNING 1)"
+        " SELECT (SELECT count(*) FROM queued) AS queued,"
+        f" (SELECT count(*) FROM leases WHERE state IN {_UNENDED_STATES} AND {cond}) AS unended",
+        *args.values,
+    )
+    queued = int(row["queued"])
+    return RevokeQueued(queued, already_revoking=max(0, int(row["unended"]) - queued))
 
 
 async def _mark_pending(conn: Any, flt: LeaseFilter, *, reason: str) -> None:
@@ -499,13 +523,15 @@ class PostgresStore:
             # them): see _mark_pending. A rule's expansion may pass a lease's id
             # before its issue finishes; the mark still stops it going live.
             await _mark_pending(conn, flt, reason=reason)
+            live = _live(reason)
             found = await conn.fetchrow(
-                f"SELECT count(*), max(issue_time) FROM leases WHERE {_live(reason)} AND {cond}",
+                f"SELECT count(*) FILTER (WHERE {live}), max(issue_time) FILTER (WHERE {live}),"
+                f" count(*) FROM leases WHERE state IN {_UNENDED_STATES} AND {cond}",
                 *args.values)
             matched = int(found[0])
             if matched <= inline_max:
-                count = await _queue_matching(conn, flt, reason=reason, now=now)
-                queued = RevokeQueued(count)
+                # Counted again as they are queued: this count's snapshot is not that one.
+                queued = await _queue_counted(conn, flt, reason=reason, now=now)
             else:
                 rule_id = uuid.uuid4().hex
                 # The rule covers leases issued up to its time, by the issuing
@@ -522,7 +548,8 @@ class PostgresStore:
                     json.dumps({key: str(value) for key, value in flt.metadata.items()}),
                     reason, created, claimer, claim_until,
                 )
-                queued = RevokeQueued(matched, rule_id)
+                queued = RevokeQueued(matched, rule_id,
+                                      already_revoking=int(found[2]) - matched)
         if queued.queued and queued.rule_id is None:
             self._notifier.signal(now)
         return dataclasses.replace(queued, tokens_ended=ended)

@@ -69,6 +69,8 @@ _DUE_STATES = "('active', 'revoking')"
 _REVOCABLE_STATES = "('active', 'irrevocable')"
 _DEAD_STATES = "('revoked', 'expired')"
 _LIVE_STATES = "('pending', 'active', 'revoking', 'irrevocable')"
+#: The states of a lease issued and not ended: what a revoke counts as matched.
+_UNENDED_STATES = "('active', 'revoking', 'irrevocable')"
 #: A live lease ``l`` that an unexpanded part of a revoke rule covers (base.py).
 #: Metadata keys were checked by _where when the rule was made.
 _COVERED = (
@@ -416,11 +418,16 @@ class SQLiteStore(SQLiteConnections):
             return replace(queue_leases(conn), tokens_ended=ended)
 
         def queue_leases(conn: sqlite3.Connection) -> RevokeQueued:
-            matched = conn.execute(
-                f"SELECT count(*) FROM leases WHERE {_live(flt, reason)} AND {cond}", params
-            ).fetchone()[0]
+            # One count for both figures; the writer's transaction holds the database,
+            # so the UPDATE below queues exactly the leases counted as matched.
+            matched, unended = conn.execute(
+                f"SELECT count(CASE WHEN {_live(flt, reason)} THEN 1 END), count(*)"
+                f" FROM leases WHERE {_state_col(flt)} IN {_UNENDED_STATES} AND {cond}",
+                params,
+            ).fetchone()
+            already = int(unended) - int(matched)
             if matched <= inline_max:
-                return RevokeQueued(queue(conn))
+                return RevokeQueued(queue(conn), already_revoking=already)
             conn.execute(
                 "INSERT INTO revoke_rules (id, prefix, prefix_end, owners, metadata, reason,"
                 " created_at, claimed_by, claim_until) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -429,7 +436,7 @@ class SQLiteStore(SQLiteConnections):
                  json.dumps({key: str(value) for key, value in flt.metadata.items()}),
                  reason, now, claimer, claim_until),
             )
-            return RevokeQueued(int(matched), rule_id)
+            return RevokeQueued(int(matched), rule_id, already_revoking=already)
 
         return await self._write(_atomic(write))
 

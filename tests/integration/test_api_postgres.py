@@ -455,8 +455,8 @@ def test_rotate_root_changes_the_admin_password(tmp_path: Path, postgres_dsn: st
             client.sys.revoke_lease(lease["lease_id"])
             # ... revokes too, though this admin is no superuser (CREATEROLE only).
             assert not run(role_exists(postgres_dsn, lease["data"]["username"]))
-            # hvac's call, at Vault's database-engine path (a connection name: the one).
-            again = client.secrets.database.rotate_root_credentials("my-db", mount_point="pg")
+            # hvac's call, at Vault's database-engine path (the connection: the mount's name).
+            again = client.secrets.database.rotate_root_credentials("pg", mount_point="pg")
             newer = again["data"]["new_password"]
             assert newer not in (new, "initial-secret-1")
             assert (tmp_path / "admin.pw").read_text() == f"{newer}\n"
