@@ -64,6 +64,7 @@ from broker.middleware import MountRuntime
 from broker.mounts import MountSet
 from broker.revocation import ISSUED_BY, RevokeOutcome, Revoker, lease_ref
 from broker.store.base import FORCE_TAKEOVER, LeaseStore, RevokeQueued
+from broker.store.deadline import joined
 from broker.templating import generate_password, render_username
 
 __all__ = ["EndingRecorder", "Issued", "LeaseEngine", "MountNotServed", "RecordIssue",
@@ -372,7 +373,7 @@ class LeaseEngine(MountSet, Revoker):
         if prepare and runtime.prepares_passwords:
             # None was ready: prepare this one while the intent commits.
             prepared, _ = await asyncio.gather(runtime.prepare_password(req.password),
-                                               self.store.insert_pending(lease))
+                                               joined(self.store.insert_pending(lease)))
             req = replace(req, prepared=prepared or {})
         else:
             await self.store.insert_pending(lease)
@@ -384,7 +385,8 @@ class LeaseEngine(MountSet, Revoker):
             raise _issue_failed(runtime, role, exc) from None
         except BaseException:
             # Cancelled mid-call (client gone, shutdown): the user may exist; undo it.
-            await asyncio.shield(self._rollback(lease, role, reason="cancelled", request=request))
+            await asyncio.shield(joined(
+                self._rollback(lease, role, reason="cancelled", request=request)))
             raise
         _created(lease, resp, max_expire, runtime.spec.plugin)
         try:
@@ -399,8 +401,8 @@ class LeaseEngine(MountSet, Revoker):
             # The row is gone or not pending any more (rolled back meanwhile) or the
             # store failed: the user exists but no live row tracks it. Undo it now;
             # if that fails too, the pending row (if any) is retried by the job.
-            await asyncio.shield(self._rollback(lease, role, reason="activate failed",
-                                                request=request))
+            await asyncio.shield(joined(self._rollback(lease, role, reason="activate failed",
+                                                       request=request)))
             raise
         return resp
 
@@ -444,16 +446,16 @@ class LeaseEngine(MountSet, Revoker):
         job rolls back, or an active one whose revocation finds nothing), and
         the caller gets the credential only once both commits are done.
         """
-        intent = asyncio.ensure_future(self.store.insert_pending(lease))
+        intent = asyncio.ensure_future(joined(self.store.insert_pending(lease)))
         staged: StagedUser | None = None
         try:
             staged = await runtime.stage_user(req)
             await asyncio.shield(intent)
         except BaseException as exc:
-            intent_error = await asyncio.shield(self._undo_issue(
+            intent_error = await asyncio.shield(joined(self._undo_issue(
                 lease, role, request, intent, staged,
                 reason=str(exc) if isinstance(exc, BackendError) else "cancelled",
-                backend=not _created_nothing(exc)))
+                backend=not _created_nothing(exc))))
             if isinstance(exc, Exception) and intent_error not in (None, exc):
                 raise intent_error from None  # the store failed: nothing was recorded
             if isinstance(exc, BackendError):
@@ -463,26 +465,26 @@ class LeaseEngine(MountSet, Revoker):
         try:
             results = await asyncio.gather(
                 staged.commit(),  # first: its statement goes out before the others start
-                self.store.activate(lease.id, revocation=lease.revocation,
-                                    expire_time=lease.expire_time, renewable=lease.renewable,
-                                    owner=lease.owner),
+                joined(self.store.activate(lease.id, revocation=lease.revocation,
+                                           expire_time=lease.expire_time,
+                                           renewable=lease.renewable, owner=lease.owner)),
                 *([record(lease, staged.response.data)] if record is not None else []),
                 return_exceptions=True,
             )
         except BaseException:
             # Cancelled: so were both commits, and the user may exist; undo it.
-            await asyncio.shield(self._undo_issue(lease, role, request, intent, None,
-                                                  reason="cancelled"))
+            await asyncio.shield(joined(self._undo_issue(lease, role, request, intent, None,
+                                                         reason="cancelled")))
             raise
         failure = next((r for r in results[:2] if isinstance(r, BaseException)), None)
         if failure is not None:
             # Either side failed: the user may exist with no live row, or the row
             # may be active for a user that never committed. Undo both.
-            await asyncio.shield(self._undo_issue(
+            await asyncio.shield(joined(self._undo_issue(
                 lease, role, request, intent, None,
                 reason=str(failure) if isinstance(failure, BackendError) else "activate failed",
                 # The COMMIT refused: no user. (Activated meanwhile: the row goes.)
-                backend=not _created_nothing(results[0])))
+                backend=not _created_nothing(results[0]))))
             if isinstance(results[0], BackendError):
                 raise _issue_failed(runtime, role, results[0]) from None
             raise failure

@@ -24,6 +24,7 @@ from broker.durations import parse_duration
 from broker.errors import BadRequest, BrokerError, PermissionDenied, RequestTimeout
 from broker.lease import Token
 from broker.state import BrokerState
+from broker.store.deadline import request_budget
 from broker.tokens import DeadToken
 
 __all__ = [
@@ -429,7 +430,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         if not state.serving and request.path != "/v1/sys/health":
             return error_response(503, "broker is shutting down")
-        return await handler(request)
+        # All the store calls the request makes share one command_timeout.
+        with request_budget():
+            return await handler(request)
     except BrokerError as exc:
         return error_response(exc.status, str(exc))
     except ClientDisconnected:

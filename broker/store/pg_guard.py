@@ -21,6 +21,10 @@ once a connection is in hand, so when the database stops finishing statements
 every connection is busy until its own timeout and the callers queued behind
 them answered after two, three... timeouts, long after a client such as hvac
 had given up. A wait that uses up the budget is a TimeoutError like any other.
+Inside an HTTP request a call has less: what is left of the request's store
+budget (broker/store/deadline.py), so that all the store calls of one request
+answer within one ``command_timeout``, not one each; a call on
+:meth:`GuardedPool.acquire` is then bounded as a whole, its statements included.
 
 Only connection-level failures are translated. A query the server rejected
 (a constraint, a syntax error) is a bug or a conflict and keeps its type.
@@ -45,6 +49,7 @@ from typing import Any, Protocol
 import asyncpg
 
 from broker.errors import StoreUnavailable
+from broker.store.deadline import Budget, current_budget
 
 __all__ = ["GuardedPool", "OutageLog"]
 
@@ -153,45 +158,80 @@ class GuardedPool:
             await asyncio.gather(probe, return_exceptions=True)
         await self._pool.close()
 
-    async def _get(self) -> Any:
-        """A pooled connection; the wait for one bounded by the call's timeout.
+    async def _get(self, limit: float | None) -> Any:
+        """A pooled connection; the wait for one bounded by ``limit`` seconds.
 
         ``asyncio.timeout`` rather than asyncpg's ``acquire(timeout=)``, which wraps
         every acquire in ``wait_for`` (a task per store call: +17 to +28 % of the
         broker's CPU per call on this store in the bench) and then applies the
         timeout to the release too.
         """
-        if self._timeout is None:
+        if limit is None:
             return await self._pool.acquire()
-        async with asyncio.timeout(self._timeout):
+        async with asyncio.timeout(limit):
             return await self._pool.acquire()
+
+    def _begin(self, now: float) -> tuple[Budget | None, float | None]:
+        """The request's store budget this call draws on (None: not in a request, or
+        no timeout), and the seconds the call may take (None: no limit).
+
+        With a budget, the call has begun on it: :meth:`Budget.end` must follow.
+        """
+        timeout = self._timeout
+        if timeout is not None and (budget := current_budget()) is not None:
+            return budget, budget.begin(timeout, now)
+        return None, timeout
 
     @asynccontextmanager
     async def acquire(self) -> AsyncIterator[Any]:
         # Covers the queries run on the connection too: they raise through here.
-        # Each of those has the connection's own command_timeout.
-        with self._guard():
-            conn = await self._get()
-            try:
-                yield conn
-            finally:
-                await self._pool.release(conn)
+        # Each of those has the connection's own command_timeout; in a request
+        # the whole block also ends with what is left of the request's budget.
+        loop = asyncio.get_running_loop()
+        budget, left = self._begin(loop.time())
+        if budget is None or left is None:
+            with self._guard():
+                conn = await self._get(left)
+                try:
+                    yield conn
+                finally:
+                    await self._pool.release(conn)
+            return
+        try:
+            with self._guard():
+                if left <= 0:
+                    raise TimeoutError  # spent by the request's earlier calls
+                async with asyncio.timeout(left):
+                    conn = await self._pool.acquire()
+                    try:
+                        yield conn
+                    finally:
+                        await self._pool.release(conn)  # asyncpg shields the release
+        finally:
+            budget.end(loop.time())
 
     async def _call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """One statement on a pooled connection, within one budget for both."""
-        with self._guard():
-            loop = asyncio.get_running_loop()
-            started = loop.time()
-            conn = await self._get()
-            try:
-                if self._timeout is not None and "timeout" not in kwargs:
-                    left = self._timeout - (loop.time() - started)
-                    if left <= 0:
-                        raise TimeoutError
-                    kwargs = {**kwargs, "timeout": left}
-                return await getattr(conn, method)(*args, **kwargs)
-            finally:
-                await self._pool.release(conn)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        budget, limit = self._begin(started)
+        try:
+            with self._guard():
+                if limit is not None and limit <= 0:
+                    raise TimeoutError  # spent by the request's earlier calls
+                conn = await self._get(limit)
+                try:
+                    if limit is not None and "timeout" not in kwargs:
+                        left = limit - (loop.time() - started)
+                        if left <= 0:
+                            raise TimeoutError
+                        kwargs = {**kwargs, "timeout": left}
+                    return await getattr(conn, method)(*args, **kwargs)
+                finally:
+                    await self._pool.release(conn)
+        finally:
+            if budget is not None:
+                budget.end(loop.time())
 
     async def execute(self, *args: Any, **kwargs: Any) -> Any:
         return await self._call("execute", args, kwargs)

@@ -41,6 +41,7 @@ except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
 
 from broker.errors import StoreUnavailable
+from broker.store.deadline import current_budget
 from broker.store.sqlite_schema import connect
 
 __all__ = ["DEFAULT_COMMAND_TIMEOUT", "Op", "SQLiteConnections"]
@@ -66,6 +67,7 @@ _MAX_BATCH = 512
 #: Seconds a write may wait for its commit before the call answers 503: the
 #: disk stalled (a hung NFS mount, a dying device) or another process holds
 #: the write lock and does not let go. The PostgreSQL store's default too.
+#: In an HTTP request, all its writes share that much (broker/store/deadline.py).
 DEFAULT_COMMAND_TIMEOUT = 15.0
 
 
@@ -225,15 +227,27 @@ class SQLiteConnections:
         if self._writer_task is None:
             raise RuntimeError("the SQLite lease store is not open")
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[T] = loop.create_future()
-        self._queue.put_nowait(_Write(op, fut))
-        # One timer per write rather than wait_for, which on Python 3.11 adds a
-        # second future and a loop pass to every write on the issue/renew path.
-        timer = loop.call_later(self.command_timeout, self._expire, fut)
+        # In an HTTP request, what is left of its store budget (broker/store/deadline.py):
+        # all the writes of one request answer within one command_timeout.
+        budget = current_budget()
+        limit = self.command_timeout
+        if budget is not None:
+            limit = budget.begin(limit, loop.time())
         try:
-            return await fut
+            if limit <= 0:  # spent by the request's earlier calls: not even queued
+                raise self._outage(f"no commit within {self.command_timeout:g}s")
+            fut: asyncio.Future[T] = loop.create_future()
+            self._queue.put_nowait(_Write(op, fut))
+            # One timer per write rather than wait_for, which on Python 3.11 adds a
+            # second future and a loop pass to every write on the issue/renew path.
+            timer = loop.call_later(limit, self._expire, fut)
+            try:
+                return await fut
+            finally:
+                timer.cancel()
         finally:
-            timer.cancel()
+            if budget is not None:
+                budget.end(loop.time())
 
     def _expire(self, fut: asyncio.Future[Any]) -> None:
         """A write not committed in time fails with 503.
