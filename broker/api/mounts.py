@@ -1,5 +1,7 @@
 """``POST /v1/{mount}/rotate-root``: replace a backend's admin credential (extension; also
-at Vault's paths, ``{mount}/rotate-root/{connection}`` and ``{mount}/config/rotate-root``).
+at Vault's paths, ``{mount}/rotate-root/{connection}`` with the mount's own name as the
+connection (routed through :func:`broker.api.db_config.rotate_root_connection`) and
+``{mount}/config/rotate-root``).
 
 The running backend uses the new secret at once, and the answer carries it
 once (audited only as an HMAC). When the mount's secret comes from a
@@ -48,12 +50,11 @@ routes = web.RouteTableDef()
 
 
 @routes.post("/v1/{mount}/rotate-root")
-@routes.post("/v1/{mount}/rotate-root/{connection}")  # Vault's database engine
 @routes.post("/v1/{mount}/config/rotate-root")  # Vault's AWS engine
 async def rotate_root(request: web.Request) -> web.Response:
-    # A Vault database mount names one of its connections (hvac's
-    # rotate_root_credentials(name)); a broker mount has exactly one, so the name
-    # only says which, and any name is that one.
+    # Vault's database path, {mount}/rotate-root/{connection}, is routed by
+    # db_config.rotate_root_connection: a broker mount has exactly one connection,
+    # named as the mount, which comes here; another name is a 404 there.
     call: Call = request[CALL]
     mount = request.match_info["mount"]
     await call.authenticate()
