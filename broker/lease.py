@@ -139,6 +139,9 @@ class Token:
     #: the path that created it, as token lookups show it (``auth/github/login``);
     #: "": ``auth/token/create`` (child and root tokens, rows from before it was kept).
     path: str = ""
+    #: requests the token may still make (Vault's ``num_uses``): 0 no limit; -1 used
+    #: up (its last use was taken, the token is being revoked), as Vault marks it.
+    num_uses: int = 0
 
     @property
     def is_root(self) -> bool:

@@ -20,6 +20,7 @@ from broker.store.base import LeaseStore
 
 __all__ = [
     "DeadToken",
+    "SpentToken",
     "TokenIdTaken",
     "TokenManager",
     "check_token_id",
@@ -87,9 +88,21 @@ class DeadToken(ReuseAttempt):
 
     status = 403
 
-    def __init__(self, token: Token) -> None:
-        super().__init__(f"permission denied: token is {token.state.value}")
+    def __init__(self, token: Token, message: str | None = None) -> None:
+        super().__init__(message or f"permission denied: token is {token.state.value}")
         self.token = token
+
+
+class SpentToken(DeadToken):
+    """A use-limited token with no use left: 403, audited as a reuse attempt.
+
+    Shown as revoked: it is, or is about to be (the request that took its last use
+    revokes it as it ends), and a later use finds it so.
+    """
+
+    def __init__(self, token: Token) -> None:
+        token.state = TokenState.REVOKED
+        super().__init__(token, "permission denied: the token has no uses left (num_uses)")
 
 
 def new_accessor() -> str:
@@ -115,8 +128,12 @@ class TokenManager:
         token_id: str | None = None,
         accessor: str | None = None,
         path: str = "",
+        num_uses: int = 0,
     ) -> tuple[str, Token]:
-        """Create a token; returns (the token itself, its record). The token is shown once."""
+        """Create a token; returns (the token itself, its record). The token is shown once.
+
+        ``num_uses``: how many requests it may make (0: no limit), as Vault's.
+        """
         if token_id is not None:
             check_token_id(token_id)
             # Not an overwrite, nor a second row: the existing token stays as it was.
@@ -153,6 +170,7 @@ class TokenManager:
             renewable=renewable and expire is not None,
             creation_ttl=_granted(now, expire),
             path=path,
+            num_uses=num_uses,
         )
         try:
             await self.store.insert_token(record)
@@ -169,7 +187,11 @@ class TokenManager:
         return token, record
 
     async def resolve(self, token: str | None) -> Token:
-        """The live token for ``token``; PermissionDenied if missing/unknown, DeadToken if dead."""
+        """The live token for ``token``, one of its uses taken if it has a use limit;
+        PermissionDenied if missing/unknown, DeadToken if dead (SpentToken: used up).
+
+        A token without a use limit (nearly all) costs the one read, as before.
+        """
         if not token:
             raise PermissionDenied("permission denied: missing token (X-Vault-Token header)")
         record = await self.store.token_by_hash(hash_token(token))
@@ -182,7 +204,18 @@ class TokenManager:
                 record.state = TokenState.EXPIRED
         if record.state is not TokenState.ACTIVE:
             raise DeadToken(record)
+        if record.num_uses:
+            await self._use(record)
         return record
+
+    async def _use(self, record: Token) -> None:
+        """Take one of ``record``'s uses in the store (one conditional write, so concurrent
+        requests on any worker or replica never get more than it had); SpentToken if none
+        is left. ``record.num_uses`` becomes what is left, -1 after the last one."""
+        left = None if record.num_uses < 0 else await self.store.use_token(record.accessor)
+        if left is None:
+            raise SpentToken(record)
+        record.num_uses = left
 
     async def descendants(self, accessor: str) -> list[str]:
         """``accessor`` and every active token below it, parents first."""

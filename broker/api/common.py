@@ -22,7 +22,7 @@ from broker.api.audit_limit import FailureAuditLimiter, client_key, limiter_for
 from broker.audit import event, is_secret_name
 from broker.durations import parse_duration
 from broker.errors import BadRequest, BrokerError, PermissionDenied, RequestTimeout
-from broker.lease import Token
+from broker.lease import Token, TokenState
 from broker.state import BrokerState
 from broker.store.deadline import request_budget
 from broker.tokens import DeadToken
@@ -135,6 +135,9 @@ class Call:
     #: whether the ``request`` line of a request without a token was written (None: not
     #: decided yet); the per-client limit may hold it back.
     request_audited: bool | None = None
+    #: this request took its token's last use (num_uses): the token is revoked as the
+    #: request ends (:meth:`end_spent_token`).
+    spent: bool = False
 
     @property
     def operation(self) -> str:
@@ -239,7 +242,29 @@ class Call:
             raise
         await self.audit("request")  # before self.token is set: as the line always was
         self.token = token
+        self.spent = token.num_uses < 0
         return token
+
+    async def end_spent_token(self, response: web.StreamResponse | None
+                              ) -> web.StreamResponse | None:
+        """Revoke the token whose last use this request took, with its leases, as
+        Vault does once the request is done (whatever its outcome); audited as
+        ``token_revoke`` with ``reason: "num_uses"``.
+
+        As in Vault, an answer carrying a lease (a credential issued or renewed
+        with that last use) is not sent: the lease is being revoked with the
+        token, so the caller gets a 400 saying so instead.
+        """
+        assert self.token is not None
+        accessors = await self.state.tokens.descendants(self.token.accessor)
+        tokens, leases = await self.state.engine.end_tokens(accessors,
+                                                            state=TokenState.REVOKED)
+        withheld = _lease_of(response)
+        await self.audit("token_revoke", target=self.token.accessor, reason="num_uses",
+                         tokens=tokens, leases_queued=leases, withheld_lease=withheld or None)
+        if withheld:
+            return error_response(400, SPENT_WITH_LEASE)
+        return response
 
     def allowed(self, path: str, capability: str) -> bool:
         assert self.token is not None
@@ -329,6 +354,25 @@ class Call:
         if isinstance(value, str) and value.lower() in {"false", "0", "no", ""}:
             return False
         raise BadRequest(f"{name} must be a boolean")
+
+
+#: Vault's answer when a token's last use would have returned a lease it revokes.
+SPENT_WITH_LEASE = ("Secret cannot be returned; token had one use left, so leased "
+                    "credentials were immediately revoked.")
+
+
+def _lease_of(response: web.StreamResponse | None) -> str:
+    """The ``lease_id`` of a 200 JSON answer (an issued or renewed lease); "" if none."""
+    if not isinstance(response, web.Response) or response.status != 200:
+        return ""
+    body = response.body
+    if not isinstance(body, bytes) or b'"lease_id"' not in body:
+        return ""
+    try:
+        lease_id = json.loads(body).get("lease_id")
+    except (ValueError, AttributeError):
+        return ""
+    return lease_id if isinstance(lease_id, str) else ""
 
 
 def _encodable(value: dict[str, Any]) -> bool:
@@ -425,14 +469,22 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     if (name := _nul_in_url(request)) is not None:
         return error_response(400, nul_message(name))
     state = request.app[STATE]
-    request[CALL] = Call(request=request, state=state, request_id=new_request_id(),
-                         path=request.path.removeprefix("/v1/"))
+    call = request[CALL] = Call(request=request, state=state, request_id=new_request_id(),
+                                path=request.path.removeprefix("/v1/"))
     try:
         if not state.serving and request.path != "/v1/sys/health":
             return error_response(503, "broker is shutting down")
         # All the store calls the request makes share one command_timeout.
         with request_budget():
-            return await handler(request)
+            try:
+                response = await handler(request)
+            except Exception:
+                if call.spent:  # refused or failed, the last use is used all the same
+                    await call.end_spent_token(None)
+                raise
+            if call.spent:  # one attribute test for every other request
+                return await call.end_spent_token(response) or response
+            return response
     except BrokerError as exc:
         return error_response(exc.status, str(exc))
     except ClientDisconnected:

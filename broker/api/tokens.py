@@ -62,6 +62,7 @@ def auth_block(token: str, record: Token, now: float | None = None, *,
         "entity_id": "",
         "token_type": "service",
         "orphan": record.parent is None,
+        "num_uses": record.num_uses,  # as Vault's auth block: uses left, 0 no limit
     }
 
 
@@ -103,7 +104,8 @@ def token_data(record: Token, now: float, *, token_id: str = "",
         # field shows (explicit_max_ttl is not it for a child, nor a JWT login's).
         "max_expire_time": rfc3339(renewal_limit(record, parent_expire)),
         "meta": record.metadata or None,
-        "num_uses": 0,
+        # Uses left after this request's (0: no limit; -1: this was the last), as Vault.
+        "num_uses": record.num_uses,
         "orphan": record.parent is None if orphan is None else orphan,
         "path": record.path or "auth/token/create",  # a login's: auth/NAME/login
         # As Vault: "default" is listed (a row stored before it was is shown with it).
@@ -298,15 +300,32 @@ def _whole_number(call: Call, name: str) -> int | None:
     raise BadRequest(f"{name} must be a whole number, not {_json_type(value)}")
 
 
+#: The largest ``num_uses`` (Vault's is an int64; so are both stores' columns).
+MAX_NUM_USES = 2**63 - 1
+
+
+def _num_uses(call: Call, caller: Token) -> int:
+    """The new token's use limit (``num_uses``; 0 or absent: none), as Vault reads it.
+
+    A caller with a use limit of its own cannot create tokens at all (Vault's
+    "restricted use token cannot generate child tokens"): a child, or an orphan,
+    would let it escape its count.
+    """
+    if caller.num_uses:
+        raise BadRequest("restricted use token cannot generate child tokens: a token with "
+                         "num_uses cannot create tokens (use one without a use limit)")
+    num_uses = _whole_number(call, "num_uses") or 0
+    if num_uses < 0:
+        raise BadRequest("num_uses must not be negative")
+    if num_uses > MAX_NUM_USES:
+        raise BadRequest(f"num_uses must be at most {MAX_NUM_USES}")
+    return num_uses
+
+
 def _refuse_unsupported(call: Call) -> None:
     """400 for token features the broker does not have, rather than ignoring them:
-    a num_uses=1 token that works forever is worse than an error. A value of the
+    a periodic token that expires anyway is worse than an error. A value of the
     wrong type says so first: "not supported" would send the caller the wrong way."""
-    num_uses = _whole_number(call, "num_uses")
-    if num_uses is not None and num_uses < 0:
-        raise BadRequest("num_uses must not be negative")
-    if num_uses:
-        raise BadRequest("num_uses is not supported: tokens have no use limit (omit it or send 0)")
     if call.duration("period"):
         raise BadRequest("period is not supported: there are no periodic tokens "
                          "(use ttl and explicit_max_ttl)")
@@ -449,6 +468,7 @@ async def _authorized(request: web.Request, *capabilities: str,
 @routes.put("/v1/auth/token/create-orphan")
 async def create(request: web.Request) -> web.Response:
     call, caller = await _authorized(request, "update", "create", "sudo")
+    num_uses = _num_uses(call, caller)
     _refuse_unsupported(call)
     policies = await _policies(call, caller)
     metadata, display_name = await _identity(call, caller)
@@ -465,6 +485,7 @@ async def create(request: web.Request) -> web.Response:
             parent=None if orphan else caller,
             renewable=call.flag("renewable", True),
             token_id=token_id,
+            num_uses=num_uses,
         )
     except TokenIdTaken as exc:
         # Audited: a sudo holder probing for the values of other tokens shows up here.
@@ -503,8 +524,8 @@ def _auth_response(call: Call, auth: dict[str, Any],
 
 def live_token(record: Token | None, now: float) -> Token | None:
     """``record`` if that token can still be used: not ended, not past its expiry
-    (which the sweeper may not have recorded yet)."""
-    if record is None or record.state is not TokenState.ACTIVE:
+    (which the sweeper may not have recorded yet), not used up (num_uses)."""
+    if record is None or record.state is not TokenState.ACTIVE or record.num_uses < 0:
         return None
     if record.expire_time is not None and record.expire_time <= now:
         return None

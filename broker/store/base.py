@@ -355,6 +355,15 @@ class LeaseStore(Protocol):
 
     async def renew_token(self, accessor: str, *, expire_time: float) -> bool: ...
 
+    async def use_token(self, accessor: str) -> int | None:
+        """Take one use of the use-limited token ``accessor`` (``num_uses`` > 0); returns
+        the uses left after it, -1 when it was the last one (0 means "no limit"). None:
+        the token has none left, is not active, or has no limit (nothing to take).
+
+        One conditional write, so of any number of concurrent uses, on every worker and
+        replica sharing the store, no more succeed than the token had uses.
+        """
+
     async def expired_tokens(self, *, now: float, limit: int) -> list[str]:
         """Accessors of active tokens whose expire_time has passed."""
 

@@ -117,6 +117,11 @@ MIGRATIONS: list[tuple[str, ...]] = [
         # The path that created a token (auth/NAME/login); NULL: auth/token/create.
         "ALTER TABLE tokens ADD COLUMN path TEXT",
     ),
+    (
+        # Requests a token may still make (Vault's num_uses; use_token): 0 no limit
+        # (every earlier token), -1 used up. BIGINT: Vault takes any int64.
+        "ALTER TABLE tokens ADD COLUMN num_uses BIGINT NOT NULL DEFAULT 0",
+    ),
 ]
 
 #: pg_advisory_xact_lock key serialising migrations ("broker" in ASCII).

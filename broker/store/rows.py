@@ -57,6 +57,7 @@ def token_from_row(row: Row) -> Token:
         ended_at=row["ended_at"],
         creation_ttl=row["creation_ttl"],
         path=row["path"] or "",
+        num_uses=row["num_uses"],
     )
 
 

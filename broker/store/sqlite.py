@@ -52,7 +52,12 @@ _LEASE_COLS = (
 #: Columns of the tokens table (named so ruff does not take it for a hard-coded token).
 _TK_COLS = (
     "accessor, token_hash, policies, created, expire_time, display_name, metadata, parent,"
-    " state, max_expire_time, renewable, ended_at, creation_ttl, path"
+    " state, max_expire_time, renewable, ended_at, creation_ttl, path, num_uses"
+)
+#: One use of a use-limited token (base.py use_token): the last leaves -1, not 0 (no limit).
+_TAKE_USE = (
+    "UPDATE tokens SET num_uses = CASE WHEN num_uses = 1 THEN -1 ELSE num_uses - 1 END"
+    " WHERE accessor = ? AND num_uses > 0 AND state = 'active' RETURNING num_uses"
 )
 #: A used JWT's record: a new one, or one past its valid_until (an issuer that reused a jti).
 _RECORD_JWT = (
@@ -653,12 +658,18 @@ class SQLiteStore(SQLiteConnections):
     # -- tokens ----------------------------------------------------------
     async def insert_token(self, token: Token) -> None:
         await self._write(_rowcount(
-            f"INSERT INTO tokens ({_TK_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO tokens ({_TK_COLS})"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (token.accessor, token.token_hash, json.dumps(list(token.policies)), token.created,
              token.expire_time, token.display_name, json.dumps(dict(token.metadata)),
              token.parent, str(token.state), token.max_expire_time, int(token.renewable),
-             token.ended_at, token.creation_ttl, token.path or None),
+             token.ended_at, token.creation_ttl, token.path or None, token.num_uses),
         ))
+
+    async def use_token(self, accessor: str) -> int | None:
+        # In the writer's transaction (BEGIN IMMEDIATE): other workers' uses wait for it.
+        rows = await self._write(_rows(_TAKE_USE, (accessor,)))
+        return int(rows[0][0]) if rows else None
 
     async def token_by_hash(self, token_hash: str) -> Token | None:
         rows = await self._point_read(_rows(

@@ -126,6 +126,11 @@ MIGRATIONS: list[tuple[str, ...]] = [
         # The path that created a token (auth/NAME/login); NULL: auth/token/create.
         "ALTER TABLE tokens ADD COLUMN path TEXT",
     ),
+    (
+        # Requests a token may still make (Vault's num_uses; TokenStore.use_token):
+        # 0 no limit (every earlier token), -1 used up.
+        "ALTER TABLE tokens ADD COLUMN num_uses INTEGER NOT NULL DEFAULT 0",
+    ),
 ]
 
 def migrate(conn: sqlite3.Connection) -> None:

@@ -182,7 +182,7 @@ def test_no_cap_warning_for_a_token_as_long_as_the_lease(broker: BrokerThread) -
 
 
 @pytest.mark.parametrize(("value", "status", "message"), [
-    ("1", 400, "num_uses is not supported"),
+    ("1", 200, None),  # a one-use token since num_uses is supported
     ("one", 400, "num_uses must be a whole number, not a string"),
     ("0", 200, None),
 ])
@@ -194,6 +194,8 @@ def test_num_uses_text_is_read_as_api_md_says(broker: BrokerThread, value: str, 
     assert resp.status_code == status, resp.text
     if message is not None:
         assert resp.json()["errors"] == [message] or message in resp.json()["errors"][0]
+    else:
+        assert resp.json()["auth"]["num_uses"] == int(value)
 
 
 # -- the CLI cuts a long message at a word ---------------------------------------------------
