@@ -110,6 +110,7 @@ def role_data(method: JWTMethodConfig, role: JWTRoleConfig) -> dict[str, Any]:
         "token_max_ttl": role.token_max_ttl or 0,
         "token_explicit_max_ttl": role.token_explicit_max_ttl or 0,
         "token_type": "service",
+        "token_num_uses": role.token_num_uses,
         # An extension (Vault has no such option): each JWT logs in once.
         "single_use": role.single_use,
     }

@@ -144,6 +144,7 @@ async def login(request: web.Request) -> web.Response:
             renewable=True,
             accessor=accessor,
             path=f"auth/{name}/login",  # as Vault's token lookups show a login's token
+            num_uses=result.role.token_num_uses,
         )
     except Exception:
         # No token was made: a single_use JWT is not used up (a store blip must not turn

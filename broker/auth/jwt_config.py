@@ -53,7 +53,7 @@ _METHOD_KEYS = frozenset({
 _ROLE_KEYS = frozenset({
     "bound_audiences", "bound_subject", "bound_claims", "bound_claims_type", "user_claim",
     "claim_mappings", "token_policies", "token_ttl", "token_max_ttl", "token_explicit_max_ttl",
-    "single_use",
+    "token_num_uses", "single_use",
 })
 #: what a role must bind (one at least): Vault's JWT roles need one bound constraint.
 _ROLE_BOUNDS = ("bound_audiences", "bound_subject", "bound_claims")
@@ -90,6 +90,8 @@ class JWTRoleConfig:
     #: renewals never go past this (from login time); None: no cap.
     token_max_ttl: int | None = 86400
     token_explicit_max_ttl: int | None = None
+    #: requests a login's token may make (Vault's token_num_uses); 0: no limit.
+    token_num_uses: int = 0
     #: each JWT (by its ``jti``) logs in once: a replay of a leaked CI token is refused.
     single_use: bool = False
 
@@ -369,6 +371,9 @@ def _role(prefix: str, name: str, table: Any, known: Collection[str] | None) -> 
         raise t.error("token_policies", f"unknown policy {unknown[0]!r} (define [policies."
                       f"{unknown[0]}])")
     single_use = t.boolean("single_use", False)
+    num_uses = t.get("token_num_uses", int, 0)
+    if num_uses < 0:
+        raise t.error("token_num_uses", "must not be negative (0: no limit)")
     ttl = t.duration("token_ttl", 3600) or 0
     max_ttl = t.duration("token_max_ttl", max(86400, ttl))
     explicit = t.duration("token_explicit_max_ttl", None)
@@ -396,6 +401,7 @@ def _role(prefix: str, name: str, table: Any, known: Collection[str] | None) -> 
         token_ttl=ttl,
         token_max_ttl=max_ttl or None,
         token_explicit_max_ttl=explicit or None,
+        token_num_uses=num_uses,
         single_use=single_use,
     )
 
