@@ -136,6 +136,11 @@ class MountRuntime:
     def capabilities(self) -> Any:
         return self.backend.capabilities
 
+    @property
+    def connecting(self) -> bool:
+        """Whether a (re)connection attempt is under way."""
+        return self._attempt is not None and not self._attempt.done()
+
     async def ensure_initialized(self) -> bool:
         """(Re)connect unless healthy, and wait for the outcome; True when healthy.
 
@@ -249,8 +254,9 @@ class MountRuntime:
         now = time.monotonic()
         if self._down_since is None:
             self._down_since = self._said = now
-            log.warning("mount %s unhealthy: %s (issuing from it answers 503; it is retried "
-                        "in the background, and said again every %gs while it lasts)",
+            log.warning("mount %s unhealthy: %s (issuing from it answers 503 and its "
+                        "revocations wait; it is retried in the background, and said again "
+                        "every %gs while it lasts)",
                         self.name, reason, UNHEALTHY_REPEAT)
         elif now - self._said >= UNHEALTHY_REPEAT:
             self._said = now

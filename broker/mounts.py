@@ -35,6 +35,15 @@ LIVE_STATES = (LeaseState.PENDING, LeaseState.ACTIVE, LeaseState.REVOKING,
                LeaseState.IRREVOCABLE)
 
 
+#: Longest start-up and a reload wait for a mount's connection before going on without
+#: it. A backend that answers does so well within it, a remote one over TLS (AWS STS,
+#: a managed database) on a loaded machine included: 1 s, a request's REQUEST_WAIT,
+#: left such a mount unhealthy at start-up and its first requests a 503. One that hangs
+#: (accepts TCP, never answers) held start-up, and each reload, for backend_timeout
+#: (30 s by default). Its attempt goes on in the background (up to backend_timeout),
+#: the mount unhealthy until it succeeds.
+CONNECT_WAIT = 5.0
+
 #: Irrevocable leases retried at once when their mount is healthy again; more wait
 #: for the irrevocable job (or an operator's revoke of each, docs/operations.md).
 REQUEUE_ON_RECOVERY = 10_000
@@ -61,10 +70,14 @@ class MountSet:
         return MountRuntime(spec=spec, backend=backend, timeout=config.leases.backend_timeout)
 
     async def start_mounts(self) -> None:
-        """Build every mount and connect; an unreachable backend leaves its mount unhealthy."""
+        """Build every mount and connect, all at once, waiting at most CONNECT_WAIT.
+
+        An unreachable backend leaves its mount unhealthy; one that has not answered
+        by then too, while its attempt goes on in the background.
+        """
         for name in self.config.mounts:
             self.mounts[name] = self._build_mount(name, self.config)
-        await asyncio.gather(*(m.ensure_initialized() for m in self.mounts.values()))
+        await _connect_within(list(self.mounts.values()), CONNECT_WAIT, "start-up")
 
     async def check_mounts(self) -> None:
         """The mount-health job: retry refused password files of failing mounts, probe all.
@@ -197,8 +210,8 @@ class MountSet:
                 continue
             new[name] = self._build_mount(name, config)
             changes.append(f"mount {name} {'changed' if current else 'added'}")
-        await asyncio.gather(*(m.ensure_initialized() for n, m in new.items() if n not in old
-                               or old[n] is not m))
+        await _connect_within([m for n, m in new.items() if n not in old or old[n] is not m],
+                              CONNECT_WAIT, "reload")
         self.mounts, self.config = new, config
         if set(new) - set(old):
             self.wake(None)  # the leases of an added mount are ours to claim now
@@ -288,9 +301,20 @@ class MountSet:
                     "revoke them)", name, after, before, count, before)
         changes.append(f"mount {name} moved to {after} with live leases")
 
-    def served_mounts(self) -> frozenset[str]:
-        """The mounts this replica has: its sweeper claims only their leases."""
+    def configured_mounts(self) -> frozenset[str]:
+        """The mounts this replica has, healthy or not."""
         return frozenset(self.mounts)
+
+    def served_mounts(self) -> frozenset[str]:
+        """The mounts this replica serves now: configured and healthy.
+
+        Its sweeper claims only their due leases, and stale pending rows are rolled
+        back only on them: a call to an unhealthy backend could only fail (an
+        attempt used up for nothing) or, against a hung one, hold a worker (or
+        start-up) for backend_timeout. Their leases wait in the store, due, until
+        the mount is healthy again (or a replica where it is takes them).
+        """
+        return frozenset(name for name, runtime in self.mounts.items() if runtime.healthy)
 
     def mount(self, name: str) -> MountRuntime:
         runtime = self.mounts.get(name)
@@ -303,6 +327,30 @@ class MountSet:
         if spec is None:
             raise NotFound(f"no role {role!r} on mount {mount!r}")
         return spec
+
+
+async def _connect_within(runtimes: list[MountRuntime], wait: float, when: str) -> None:
+    """Connect ``runtimes`` concurrently, waiting at most ``wait`` seconds for each.
+
+    One still connecting then is left to its attempt (the health job and requests
+    share it) and says so in its error, which its 503s and the health page show.
+    """
+
+    async def connect(runtime: MountRuntime) -> None:
+        try:
+            async with asyncio.timeout(wait):
+                await runtime.ensure_initialized()  # the attempt is shielded: it goes on
+        except TimeoutError:
+            if not runtime.connecting:  # it ended meanwhile, healthy or with its own reason
+                return
+            runtime.error = (f"connecting: no answer within {wait:g}s at {when}; still "
+                             f"trying in the background (up to backend_timeout, "
+                             f"{runtime.timeout:g}s)")
+            log.info("mount %s: no answer within %gs at %s; going on without it while it "
+                     "connects in the background (503 for it until then)", runtime.name,
+                     wait, when)
+
+    await asyncio.gather(*(connect(m) for m in runtimes))
 
 
 async def _verify_quietly(candidate: MountRuntime) -> str | None:

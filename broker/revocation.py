@@ -10,7 +10,11 @@ rather than an ending the audit log never shows: revocation and its audit
 line are both at-least-once. A failure is retried with jittered backoff and
 becomes ``irrevocable`` after ``revoke_max_attempts``; a forced revocation
 ends regardless. A lease of a mount this replica lacks is handed back to the
-store for a replica that has it, no attempt counted.
+store for a replica that has it, no attempt counted; so is one of a mount that
+is unhealthy (claimed just before its outage was seen, or revoked through the
+API during it): it is due again, and the sweeper claims it once the mount is
+healthy (broker/sweeper.py). A forced one is still tried, and ends whatever
+the answer.
 
 ``Revoker`` is a base class of ``broker.engine.LeaseEngine``, which holds the
 state it uses (store, audit log, mounts, waiting requests).
@@ -34,7 +38,7 @@ from broker.lease import Lease, LeaseState
 from broker.middleware import MountRuntime
 from broker.store.base import LeaseStore
 
-__all__ = ["ISSUED_BY", "RevokeOutcome", "Revoker", "lease_ref"]
+__all__ = ["HELD_FOR_HEALTH", "ISSUED_BY", "RevokeOutcome", "Revoker", "lease_ref"]
 
 #: The engine's logger: these lines were the engine's before the split (and still are).
 log = logging.getLogger("broker.engine")
@@ -54,6 +58,8 @@ class RevokeOutcome:
 
 #: The revocation data's record of the plugin that issued the lease (engine._created).
 ISSUED_BY = "issued_by_plugin"
+#: How a revocation held back for its unhealthy mount ends its error (no attempt made).
+HELD_FOR_HEALTH = "the revocation waits until it is healthy again"
 
 
 def _foreign_plugin(lease: Lease, runtime: MountRuntime) -> str | None:
@@ -121,6 +127,13 @@ class Revoker:
             release()
             await self._release_unserved(lease, now)
             return
+        if runtime is not None and reason != "force" and not (
+                runtime.healthy or await runtime.usable()):
+            # Unhealthy: the call could only fail (an attempt used up) or hang for
+            # backend_timeout. It waits, due, for the mount to be back.
+            release()
+            await self._release_unhealthy(lease, runtime, now)
+            return
         try:
             try:
                 if runtime is None:
@@ -174,6 +187,21 @@ class Revoker:
             log.warning("lease %s left for a replica that has mount %r: the mount is not "
                         "configured here", lease.id, lease.mount)
 
+    async def _release_unhealthy(self, lease: Lease, runtime: MountRuntime, now: float
+                                 ) -> None:
+        """Hand a claimed lease of an unhealthy mount back to the store, no attempt
+        counted; a waiting request hears why. Never raises."""
+        error = f"mount {lease.mount!r} is unavailable: {runtime.error}; {HELD_FOR_HEALTH}"
+        try:
+            await self.store.release_claim(lease.id, claimer=self.node_id, due_at=now)
+        except Exception as exc:  # the claim runs out and the lease is due again anyway
+            log.warning("could not release %s (%s: %s); it is due again once the claim "
+                        "runs out", lease.id, type(exc).__name__, exc)
+        else:
+            # Not per lease above DEBUG: the sweeper says it once per mount and outage.
+            log.debug("lease %s: %s", lease.id, error)
+        self._notify(lease.id, RevokeOutcome(done=False, error=error))
+
     def revoke_batch_size(self, mount: str) -> int:
         """Most leases of ``mount`` one backend call revokes (the sweeper's batches)."""
         runtime = self.mounts.get(mount)
@@ -194,10 +222,11 @@ class Revoker:
             release()
             return
         runtime = self.mounts.get(leases[0].mount)
-        if (runtime is None or not revokes_in_batches(runtime.backend)
+        if (runtime is None or not runtime.healthy or not revokes_in_batches(runtime.backend)
                 or any(_foreign_plugin(lease, runtime) for lease in leases)):
-            # Reloaded under us (or a lease of another plugin among them): one call per
-            # lease, the slot freed once all returned.
+            # Reloaded under us (or a lease of another plugin among them, or the mount
+            # unhealthy: each is handed back, or forced): one call per lease, the slot
+            # freed once all returned.
             left = len(leases)
 
             def one_done() -> None:
@@ -289,6 +318,7 @@ class Revoker:
             # The line first, as for any ending (module docstring).
             await self._audit_quietly(event("admin", action="revoke_force", outcome="forced",
                                             lease=lease_ref(lease), backend_revoked=False,
+                                            credential_valid_until=_valid_until(lease, now),
                                             error=error))
             try:
                 await self.store.finish_revoke(lease.id, state=LeaseState.REVOKED, now=now)
@@ -344,6 +374,22 @@ class Revoker:
             await self.audit.write(ev)
         except Exception as exc:
             log.error("audit write failed for %s event: %s", ev.get("type"), exc)
+
+
+def _valid_until(lease: Lease, now: float) -> str | None:
+    """When a forced lease's credential dies by itself, if its revocation data says
+    (``expires_at``, the AWS STS plugin's) and that is still ahead; else None.
+
+    The ``admin`` / ``revoke_force`` line of a forced lease whose backend call failed
+    then says it, as the ``revoke`` line of a forced STS token does (``_ended_event``):
+    the keys are not revoked, and work until then.
+    """
+    expires_at = lease.revocation.get("expires_at")
+    if not isinstance(expires_at, int | float) or isinstance(expires_at, bool):
+        return None
+    if expires_at <= now:
+        return None
+    return _rfc3339(datetime.fromtimestamp(expires_at, UTC))
 
 
 def _rfc3339(when: datetime) -> str:

@@ -3,6 +3,11 @@
 Start-up order matters for crash safety: the store opens first, interrupted
 issues from a previous run are rolled back before any new one is taken, then
 the sweeper starts (overdue leases are revoked right away), then the listener.
+A mount whose backend is down or does not answer within ``mounts.CONNECT_WAIT``
+does not hold start-up: it starts unhealthy (503 for it, with the reason),
+connects in the background, and its interrupted issues are rolled back (its
+overdue leases revoked) once it is healthy, by the stale-pending job and the
+sweeper.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ from broker.policy import PolicySet
 from broker.state import BrokerState
 from broker.store import LeaseStore, open_store, redact_url
 from broker.sweeper import Sweeper
-from broker.tokens import TokenManager
+from broker.tokens import TokenManager, hash_token
 from broker.worker_stats import StatsBoard
 from broker.workers import REUSE_PORT, listen_socket, supervise, worker_audit_path
 
@@ -132,7 +137,8 @@ async def build_state(config: Config, *, dev: bool = False) -> BrokerState:
     engine = LeaseEngine(store, audit, config)
     sweeper = Sweeper(store, engine.revoke_claimed, config.leases, node_id=engine.node_id,
                       clock=engine.clock, revoke_many=engine.revoke_claimed_many,
-                      batch_size=engine.revoke_batch_size, mounts=engine.served_mounts)
+                      batch_size=engine.revoke_batch_size, mounts=engine.configured_mounts,
+                      ready=engine.served_mounts)
     engine.wake = sweeper.wake
     engine.adopt = sweeper.adopt
     # Another replica issued or queued something due sooner: wake our sweeper too.
@@ -178,15 +184,20 @@ async def stop(state: BrokerState, grace: float) -> None:
     await state.store.close()
 
 
-async def revoke_dev_roots(state: BrokerState) -> tuple[int, int]:
+async def revoke_dev_roots(state: BrokerState, reuse_id: str | None = None
+                           ) -> tuple[int, int]:
     """``--dev`` start: revoke the root tokens earlier dev runs printed, as
     ``auth/token/revoke`` would: with every child token and every lease they
     own (queued for the sweeper). Returns (tokens revoked, leases queued).
 
     The dev store is kept between runs on purpose (leases issued by an earlier
     run are still tracked, and revoked when due); its root token is not: it
-    was printed once, for that run. Its row is then deleted, so that
-    ``--dev-root-token-id`` may choose the same value again.
+    was printed once, for that run. Its row stays, revoked, as any revoked
+    token's does until the tombstone purge: a client still sending it is
+    audited as ``reuse_attempt`` (it was ``auth_failure``: an unknown token).
+    Only when this run chooses the same value again (``reuse_id``, the
+    ``--dev-root-token-id``) are the old dev root rows deleted, so that the id
+    is free: that value is the new root token anyway.
     """
     from broker.api.tokens import revoke_token_tree  # the API's own revoke (no cycle at import)
 
@@ -205,7 +216,10 @@ async def revoke_dev_roots(state: BrokerState) -> tuple[int, int]:
         await state.audit.write(event("token_revoke", action="dev_restart", target=accessor,
                                       tokens=ended, leases_queued=queued))
         tokens, leases = tokens + ended, leases + queued
-    await state.store.delete_tokens_by_display_name(DEV_ROOT_NAME)
+    if reuse_id is not None:
+        taken = await state.store.token_by_hash(hash_token(reuse_id))
+        if taken is not None and taken.display_name == DEV_ROOT_NAME:
+            await state.store.delete_tokens_by_display_name(DEV_ROOT_NAME)
     if olds:
         log.info("dev: revoked the previous run's root token with its child tokens (%d "
                  "token(s)); %d lease(s) they owned queued for revocation", tokens, leases)
@@ -301,7 +315,7 @@ async def _serve(config: Config, *, dev: bool, dev_root_token_id: str | None,
     try:
         await start(state)
         if dev:
-            await revoke_dev_roots(state)
+            await revoke_dev_roots(state, dev_root_token_id)
             root_token, _ = await state.tokens.create(
                 policies=["root"], ttl=None, display_name=DEV_ROOT_NAME,
                 token_id=dev_root_token_id)
@@ -548,8 +562,9 @@ def run_server(config_path: str | None, *, dev: bool, dev_root_token_id: str | N
     """``broker server``: blocks until SIGTERM/SIGINT; returns the exit code."""
     # SIGHUP's default action ends the process, and systemd counts an end by
     # SIGHUP as clean (Restart=on-failure does not restart it). A reload sent
-    # while the broker starts (which may wait backend_timeout for a mount) is
-    # held back until _serve's handler is in place, and then carried out.
+    # while the broker starts (opening the store, connecting the mounts: up to
+    # mounts.CONNECT_WAIT for one that does not answer) is held back until
+    # _serve's handler is in place, and then carried out.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     _setup_logging()
     try:

@@ -30,6 +30,16 @@ rolling config change one replica may lack a mount the others have, and its
 revocations of that mount's leases could only fail and burn their attempts.
 Leases of a mount no one here has are left in the store; the sweeper says so
 in the log once per mount (how many at start, how many due later on).
+
+Of the mounts it has, it claims only those that are healthy (``ready``): a
+revocation sent to a mount known to be down could only fail, using up one of
+the lease's attempts, and against a backend that hangs it held a worker for
+``backend_timeout``, each in turn, while leases of healthy mounts waited. The
+unhealthy mount's due leases stay due in the store, no attempt counted, and
+are claimed as soon as the mount is healthy again: while any mount is held
+back the sweeper looks at their health (in memory) every ``_HELD_POLL``
+seconds. It says so in the log once per outage, with how many are due, and
+again when they resume; the mount's own outage lines say why.
 """
 
 from __future__ import annotations
@@ -64,8 +74,12 @@ _IDLE_BACKOFF = 0.05
 _IDLE_BACKOFF_MAX = 1.0
 #: The longest the sweeper sleeps without looking at the store.
 _MAX_SLEEP = 30.0
-#: How often the sweeper looks for due leases of mounts it does not have.
+#: How often the sweeper looks for due leases of mounts it does not have (or that are
+#: unhealthy).
 _UNSERVED_CHECK = 60.0
+#: While a mount's revocations are held back (unhealthy), how often the sweeper looks
+#: whether it is healthy again: an in-memory check, no store query.
+_HELD_POLL = 0.5
 
 
 class Sweeper:
@@ -80,6 +94,7 @@ class Sweeper:
         revoke_many: RevokeMany | None = None,
         batch_size: Callable[[str], int] | None = None,
         mounts: Callable[[], Collection[str]] | None = None,
+        ready: Callable[[], Collection[str]] | None = None,
     ) -> None:
         self.store = store
         self.revoke = revoke
@@ -111,6 +126,12 @@ class Sweeper:
         self._idle_backoff = _IDLE_BACKOFF
         #: the mounts this replica has (None: claim every lease).
         self.mounts = mounts
+        #: of those, the ones whose leases it revokes now: healthy (None: all of them).
+        self.ready = ready
+        #: mounts it has whose revocations wait for them to be healthy (see module doc).
+        self._held: frozenset[str] = frozenset()
+        #: of those, the ones whose waiting leases the log was told of.
+        self._held_noted: set[str] = set()
         #: mounts whose due leases were reported as left for another replica.
         self._unserved_noted: set[str] = set()
         self._unserved_next = 0.0
@@ -182,7 +203,7 @@ class Sweeper:
             self._force_look = None  # this tick's claim looks
         room = self.config.sweeper_batch * 2 - self.busy
         claimed: list[Lease] = []
-        mounts = None if self.mounts is None else tuple(self.mounts())
+        mounts = self._claimable()
         if mounts is not None and self.clock() >= self._unserved_next:
             await self._note_unserved(mounts)
         if room > 0:
@@ -224,13 +245,38 @@ class Sweeper:
         await self._sleep(timeout)
         self._next_wake = None
 
-    async def _note_unserved(self, mounts: Collection[str]) -> None:
-        """Log, once per mount, due leases of mounts this replica does not have."""
+    def _claimable(self) -> tuple[str, ...] | None:
+        """The mounts whose due leases this tick claims (None: all); notes held-back
+        mounts coming and going (see module doc)."""
+        if self.mounts is None:
+            return None
+        have = frozenset(self.mounts())
+        ready = have if self.ready is None else have & frozenset(self.ready())
+        held = have - ready
+        if held - self._held:
+            self._unserved_next = 0.0  # newly held: count their due leases now
+        for mount in sorted(self._held_noted - held):
+            self._held_noted.discard(mount)
+            if mount in have:
+                log.info("mount %r is healthy again: revoking its due leases", mount)
+        self._held = held
+        return tuple(sorted(ready))
+
+    async def _note_unserved(self, ready: Collection[str]) -> None:
+        """Log, once per mount, due leases of mounts this replica does not have, and (once
+        per outage) those of its mounts that wait for them to be healthy again."""
         now = self.clock()
         self._unserved_next = now + _UNSERVED_CHECK
-        self._unserved_noted -= set(mounts)  # configured again: a later absence is news
-        due = await self.store.unserved_mounts(mounts, due_by=now)
+        self._unserved_noted -= set(ready) | self._held  # configured again: news if gone
+        due = await self.store.unserved_mounts(ready, due_by=now)
         for mount, count in sorted(due.items()):
+            if mount in self._held:
+                if mount not in self._held_noted:
+                    self._held_noted.add(mount)
+                    log.warning("%d due lease(s) of mount %r wait for it to be healthy again: "
+                                "their revocations are not sent to it while it is unhealthy "
+                                "(no attempt is counted); they go once it is back", count, mount)
+                continue
             if mount not in self._unserved_noted:
                 self._unserved_noted.add(mount)
                 log.warning("%d due lease(s) of mount %r are left for a replica that has it: "
@@ -252,12 +298,31 @@ class Sweeper:
                         mount, count, mount)
 
     async def _sleep(self, timeout: float | None) -> None:
+        """Until woken or ``timeout``; sooner when a held-back mount is healthy again."""
         if timeout is not None and timeout <= 0:
             return
-        try:
-            await asyncio.wait_for(self._wakeup.wait(), timeout=timeout)
-        except TimeoutError:
-            pass
+        loop = asyncio.get_running_loop()
+        until = None if timeout is None else loop.time() + timeout
+        while True:
+            step = None if until is None else until - loop.time()
+            if self._held:
+                step = _HELD_POLL if step is None else min(step, _HELD_POLL)
+            if step is not None and step <= 0:
+                return
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout=step)
+                return
+            except TimeoutError:
+                pass
+            if until is not None and loop.time() >= until:
+                return
+            if self._held_ready():
+                return
+
+    def _held_ready(self) -> bool:
+        """Whether a mount whose revocations are held back is healthy again."""
+        return (self.ready is not None and bool(self._held)
+                and not self._held.isdisjoint(self.ready()))
 
     # -- workers ----------------------------------------------------------------
     def adopt(self, lease: Lease, claim_ends: float) -> None:

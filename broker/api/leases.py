@@ -26,7 +26,7 @@ from broker.audit import shown
 from broker.engine import MountNotServed
 from broker.errors import BadRequest, DeadLease, PermissionDenied, RevocationFailed, UnknownLease
 from broker.lease import META_KEY, Lease, LeaseFilter, LeaseState
-from broker.revocation import lease_ref
+from broker.revocation import HELD_FOR_HEALTH, lease_ref
 
 __all__ = ["limit_param", "meta_params", "rfc3339", "routes", "store_call"]
 
@@ -180,6 +180,8 @@ def _queued_warning(lease_id: str, sync: bool, error: str | None) -> str:
     if error is None:
         return (f"revocation of {lease_id} queued: the first attempt did not end within "
                 f"{REVOKE_WAIT:g}s; it goes on in the background")
+    if error.endswith(HELD_FOR_HEALTH):  # its mount is down: no attempt was made
+        return f"revocation of {lease_id} queued: {error}"
     return (f"revocation of {lease_id} queued: the first attempt failed ({error}); "
             "it is retried with backoff")
 

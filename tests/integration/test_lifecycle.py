@@ -155,13 +155,16 @@ def proxy(postgres_dsn: str) -> Iterator[TcpProxy]:
     p.close()
 
 
-def test_outage_loses_no_lease_and_irrevocable_can_be_forced(
+def test_outage_loses_no_lease_and_revocation_waits_for_the_mount(
         tmp_path: Path, postgres_dsn: str, proxy: TcpProxy) -> None:
-    """Backend down: issuing answers 503, revocation retries then goes irrevocable, nothing is lost."""
+    """Backend down: issuing answers 503; a revocation is queued and waits, still due,
+    for the mount (no backoff spent, never irrevocable because of the outage); once the
+    backend is back it is revoked on its own. Nothing is lost or pretended."""
     template = f"out{os.getpid() % 1000}"
     broker = start_broker(write_config(tmp_path, mount_config(
         via_proxy(postgres_dsn, proxy.port), template)))
     client = hvac.Client(url=broker.url, token=broker.root_token)
+    headers = {"X-Vault-Token": broker.root_token}
     try:
         lease = client.secrets.database.generate_credentials("app", mount_point="pg")
         user = lease["data"]["username"]
@@ -169,39 +172,42 @@ def test_outage_loses_no_lease_and_irrevocable_can_be_forced(
         with pytest.raises(hvac.exceptions.VaultDown):
             client.secrets.database.generate_credentials("app", mount_point="pg")
         resp = requests.put(f"{broker.url}/v1/sys/leases/revoke",
-                            json={"lease_id": lease["lease_id"]},
-                            headers={"X-Vault-Token": broker.root_token}, timeout=60)
+                            json={"lease_id": lease["lease_id"]}, headers=headers, timeout=60)
         assert resp.status_code == 202 and "queued" in resp.json()["warnings"][0]
-        deadline = time.monotonic() + 30
-        listed: list[dict[str, Any]] = []
-        while time.monotonic() < deadline and not listed:
-            listed = requests.get(f"{broker.url}/v1/sys/leases/irrevocable",
-                                  headers={"X-Vault-Token": broker.root_token},
-                                  timeout=10).json()["data"]["leases"]
-            time.sleep(0.3)
-        assert [x["lease_id"] for x in listed] == [lease["lease_id"]]
-        assert listed[0]["revoke_attempts"] == 3 and listed[0]["last_error"]
+        # Longer than the whole backoff (revoke_max_attempts 3, 1 s base): it used to go
+        # irrevocable within it.
+        time.sleep(5)
+        assert requests.get(f"{broker.url}/v1/sys/leases/irrevocable", headers=headers,
+                            timeout=10).json()["data"]["leases"] == []
+        held = broker.call(broker.state.store.get(lease["lease_id"]))
+        assert held.state.value == "revoking"
+        # Only calls made before the outage was seen count (the API's own attempt, and
+        # a retry while the mount's check was under way), fewer than the 3 allowed.
+        assert held.revoke_attempts < 3, held
         assert user in run(pg_roles(postgres_dsn, template))  # not lost, not pretended
 
         proxy.up()
-        resp = requests.put(f"{broker.url}/v1/sys/leases/revoke-force/pg/", json={"sync": True},
-                            headers={"X-Vault-Token": broker.root_token}, timeout=60)
-        assert resp.json()["data"]["queued"] == 1
-        assert user not in run(pg_roles(postgres_dsn, template))
+        deadline = time.monotonic() + 30
+        while user in run(pg_roles(postgres_dsn, template)):
+            assert time.monotonic() < deadline, "not revoked once the backend was back"
+            time.sleep(0.3)
+        assert broker.call(broker.state.store.get(lease["lease_id"])).state.value == "revoked"
     finally:
         broker.stop()
 
 
 def test_irrevocable_leases_are_retried_when_their_mount_is_healthy_again(
         tmp_path: Path, postgres_dsn: str, proxy: TcpProxy) -> None:
-    """An outage outlasts the revocation retries: the lease goes irrevocable. When the
-    health job finds the mount healthy again, it is retried at once; it waited for
-    irrevocable_retry_interval (an hour by default), its role alive (day-2 QA)."""
+    """A lease that went irrevocable (its revocation refused while the mount looked
+    healthy) is retried at once when the health job finds its mount healthy again
+    after an outage; it waited for irrevocable_retry_interval (an hour by default),
+    its role alive (day-2 QA)."""
     template = f"rec{os.getpid() % 1000}"
     broker = start_broker(write_config(tmp_path, mount_config(
         via_proxy(postgres_dsn, proxy.port), template)))
     headers = {"X-Vault-Token": broker.root_token}
     client = hvac.Client(url=broker.url, token=broker.root_token)
+    store = broker.state.store
 
     def seen(check: Any, what: str, timeout: float = 40) -> Any:
         deadline = time.monotonic() + timeout
@@ -215,17 +221,20 @@ def test_irrevocable_leases_are_retried_when_their_mount_is_healthy_again(
         lease = client.secrets.database.generate_credentials("app", mount_point="pg")
         user = lease["data"]["username"]
         proxy.down()
-        requests.put(f"{broker.url}/v1/sys/leases/revoke", json={"lease_id": lease["lease_id"]},
-                     headers=headers, timeout=60)
-        seen(lambda: requests.get(f"{broker.url}/v1/sys/leases/irrevocable", headers=headers,
-                                  timeout=10).json()["data"]["leases"], "no irrevocable lease")
         seen(lambda: not requests.get(f"{broker.url}/v1/sys/health", timeout=10).json()[
             "mounts"]["pg"]["healthy"], "the health job never saw the mount down")
+        # Irrevocable as after revocations that failed while the mount looked healthy
+        # (an outage alone no longer makes one: its revocations wait for the mount).
+        assert broker.call(store.queue_revoke(lease["lease_id"], reason="revoke", now=time.time()))
+        assert broker.call(store.fail_revoke(lease["lease_id"], error="refused (test)",
+                                             next_attempt=None, now=time.time())) >= 1
+        seen(lambda: requests.get(f"{broker.url}/v1/sys/leases/irrevocable", headers=headers,
+                                  timeout=10).json()["data"]["leases"], "no irrevocable lease")
         assert user in run(pg_roles(postgres_dsn, template))
         proxy.up()
         seen(lambda: user not in run(pg_roles(postgres_dsn, template)),
              "the irrevocable lease was not retried once the mount was healthy")
-        assert broker.call(broker.state.store.get(lease["lease_id"])).state.value == "revoked"
+        assert broker.call(store.get(lease["lease_id"])).state.value == "revoked"
     finally:
         broker.stop()
 

@@ -1,0 +1,166 @@
+"""Start-up and reload against a backend that hangs (accepts TCP, never answers).
+
+Both waited ``backend_timeout`` for such a mount (30 s by default, per reload):
+now they wait at most ``mounts.CONNECT_WAIT`` (5 s), all mounts at once; the
+mount serves 503 with the reason meanwhile, and its connection attempt goes on
+in the background until it gives up or the backend answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import hvac
+import hvac.exceptions
+import pytest
+import requests
+
+import broker.jobs
+from broker.mounts import CONNECT_WAIT
+from broker.server import reload
+from tests.integration.broker_harness import (
+    ROOT_TOKEN,
+    TcpProxy,
+    drop_pg_roles,
+    dsn_port,
+    start_broker,
+    via_proxy,
+    write_config,
+)
+
+pytestmark = pytest.mark.integration
+
+H = {"X-Vault-Token": ROOT_TOKEN}
+BACKEND_TIMEOUT = 10
+
+
+def _mount(name: str, url: str, template: str) -> str:
+    return f"""
+[mounts.{name}]
+plugin = "postgres"
+connection_url = "{url}"
+
+[mounts.{name}.roles.app]
+username_template = "{template}-{{{{random 10}}}}"
+creation_statements = [
+  "CREATE ROLE \\"{{{{name}}}}\\" WITH LOGIN PASSWORD '{{{{password}}}}' VALID UNTIL '{{{{expiration}}}}'",
+]
+default_ttl = "1h"
+"""
+
+
+LEASES = f"""
+[leases]
+backend_timeout = "{BACKEND_TIMEOUT}s"
+"""
+
+
+def _health(url: str) -> dict[str, Any]:
+    resp = requests.get(f"{url}/v1/sys/health", headers=H, timeout=10)
+    assert resp.status_code == 200, resp.text
+    mounts: dict[str, Any] = resp.json()["mounts"]
+    return mounts
+
+
+def _wait_for(what: str, check: Callable[[], object], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout}s"
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def template(postgres_dsn: str) -> Iterator[str]:
+    name = f"v-st{os.getpid() % 10000}"
+    yield name
+    asyncio.run(drop_pg_roles(postgres_dsn, name))
+
+
+@pytest.fixture
+def blackhole() -> Iterator[int]:
+    """A port that completes TCP handshakes and never answers (a hung server)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    try:
+        yield int(sock.getsockname()[1])
+    finally:
+        sock.close()
+
+
+@pytest.fixture
+def quick_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(broker.jobs, "HEALTH_INTERVAL", 1)
+
+
+def test_start_up_does_not_wait_for_a_hung_backend(
+        tmp_path: Path, postgres_dsn: str, blackhole: int, template: str,
+        quick_probe: None) -> None:
+    """A broker with a mount on a hung backend (backend_timeout 10 s) serves within
+    CONNECT_WAIT + 2 s (it took 10 s): the healthy mount issues, the hung one answers 503
+    at once with the reason, and once its backend answers it issues too."""
+    proxy = TcpProxy(blackhole)
+    config = write_config(tmp_path, LEASES + _mount("pg", postgres_dsn, f"{template}p")
+                          + _mount("hung", via_proxy(postgres_dsn, proxy.port), f"{template}h"))
+    started = time.monotonic()
+    server = start_broker(config)
+    took = time.monotonic() - started
+    try:
+        assert took < CONNECT_WAIT + 2.0 < BACKEND_TIMEOUT, took
+        mounts = _health(server.url)
+        assert mounts["pg"]["healthy"] is True, mounts
+        assert mounts["hung"]["healthy"] is False, mounts
+        assert (f"connecting: no answer within {CONNECT_WAIT:g}s at start-up"
+                in mounts["hung"]["error"]), mounts
+        client = hvac.Client(url=server.url, token=ROOT_TOKEN, timeout=30)
+        client.read("pg/creds/app")
+        asked = time.monotonic()
+        with pytest.raises(hvac.exceptions.VaultDown, match="mount 'hung' is unavailable"):
+            client.read("hung/creds/app")
+        assert time.monotonic() - asked < 1.5
+        # The attempt goes on: it gives up at backend_timeout, with its own reason.
+        _wait_for("the start-up attempt timed out",
+                  lambda: f"timed out after {BACKEND_TIMEOUT}s" in str(_health(server.url)["hung"]["error"]),
+                  BACKEND_TIMEOUT + 3)
+        proxy.down()
+        proxy.target_port = dsn_port(postgres_dsn)
+        proxy.up()
+        _wait_for("hung healthy", lambda: _health(server.url)["hung"]["healthy"],
+                  BACKEND_TIMEOUT + 5)
+        assert client.read("hung/creds/app")["lease_id"].startswith("hung/creds/app/")
+    finally:
+        server.stop()
+        proxy.close()
+
+
+def test_a_reload_does_not_wait_for_hung_backends(
+        tmp_path: Path, postgres_dsn: str, blackhole: int, template: str) -> None:
+    """A reload that adds two mounts on hung backends returns within CONNECT_WAIT + 2 s
+    (it took backend_timeout); both are unhealthy with the reason, the running mount
+    serves on."""
+    base = LEASES + _mount("pg", postgres_dsn, f"{template}p")
+    config = write_config(tmp_path, base)
+    server = start_broker(config)
+    try:
+        assert server.state is not None
+        hung = f"postgresql://admin@127.0.0.1:{blackhole}/app"
+        config.write_text(config.read_text() + _mount("h1", hung, f"{template}a")
+                          + _mount("h2", hung, f"{template}b"))
+        started = time.monotonic()
+        assert server.call(reload(server.state)) is True
+        took = time.monotonic() - started
+        assert took < CONNECT_WAIT + 2.0 < BACKEND_TIMEOUT, took
+        mounts = _health(server.url)
+        for name in ("h1", "h2"):
+            assert mounts[name]["healthy"] is False, mounts
+            assert f"connecting: no answer within {CONNECT_WAIT:g}s at reload" in mounts[name]["error"], mounts
+        client = hvac.Client(url=server.url, token=ROOT_TOKEN, timeout=30)
+        assert client.read("pg/creds/app")["lease_id"].startswith("pg/creds/app/")
+    finally:
+        server.stop()
