@@ -394,6 +394,28 @@ class PolicySet:
         identity: Mapping[str, Any] | None = None,
     ) -> frozenset[str]:
         """The capabilities ``policies`` (plus ``default``) grant on ``path``; deny -> empty."""
+        caps = self._winning_caps(policies, path, identity)
+        return frozenset() if "deny" in caps else caps
+
+    def denies(
+        self,
+        policies: Sequence[str],
+        path: str,
+        *,
+        identity: Mapping[str, Any] | None = None,
+    ) -> bool:
+        """Whether the rule that decides ``path`` for ``policies`` says ``deny`` (not merely
+        grants nothing): a grant that reaches ``path`` another way (``read`` on
+        ``sys/mounts`` for ``sys/mounts/NAME/tune``) must not override it."""
+        return "deny" in self._winning_caps(policies, path, identity)
+
+    def _winning_caps(
+        self,
+        policies: Sequence[str],
+        path: str,
+        identity: Mapping[str, Any] | None,
+    ) -> frozenset[str]:
+        """The capabilities of the rule(s) deciding ``path``, ``deny`` included."""
         if isinstance(policies, str):
             raise TypeError("policies must be a sequence of names, not one string")
         names = frozenset(policies) | {"default"}
@@ -418,8 +440,6 @@ class PolicySet:
             if candidates:
                 winner = max(candidates, key=lambda r: r.priority)
                 caps = frozenset[str]().union(*(r.caps for r in candidates if r.key == winner.key))
-        if "deny" in caps:
-            return frozenset()
         return caps
 
     def grants_under(

@@ -271,6 +271,11 @@ class Call:
         return self.state.policies.allows(self.token.policies, path, capability,
                                           identity=self.identity)
 
+    def denied(self, path: str) -> bool:
+        """Whether a rule denies ``path`` outright (deny wins over a grant elsewhere)."""
+        assert self.token is not None
+        return self.state.policies.denies(self.token.policies, path, identity=self.identity)
+
     async def require(self, path: str, *capabilities: str) -> None:
         """Allow if any of ``capabilities`` is granted on ``path``; else audit and 403."""
         if any(self.allowed(path, cap) for cap in capabilities):

@@ -25,6 +25,7 @@ from broker.auth import JWTAuthMethod, JWTReplayed, build_auth_methods, describe
 from broker.config import Config
 from broker.errors import BadRequest, BrokerError, NotFound
 from broker.state import BrokerState
+from broker.store.deadline import apart
 from broker.tokens import new_accessor
 
 __all__ = ["auth_methods", "close_auth_methods", "reload_auth_methods", "routes"]
@@ -148,8 +149,9 @@ async def login(request: web.Request) -> web.Response:
         )
     except Exception:
         # No token was made: a single_use JWT is not used up (a store blip must not turn
-        # the job's retry into a "replay").
-        await method.forget_use(call.state.store, result, accessor)
+        # the job's retry into a "replay"). With a full command_timeout: the stall that
+        # failed the token's write has spent the request's store budget.
+        await apart(method.forget_use(call.state.store, result, accessor))
         raise
     call.token = record
     await call.audit("login", auth_method=name, role=result.role.name,

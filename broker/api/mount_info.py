@@ -143,9 +143,9 @@ async def auth_tune(request: web.Request) -> web.Response:
 
 
 async def _require_auth_read(call: Call, path: str) -> None:
-    """``read`` on ``sys/auth``, or ``read`` and ``sudo`` on ``path``; else audited and 403
-    naming the capability missing on ``path``."""
-    if call.allowed("sys/auth", "read"):
+    """``read`` on ``sys/auth`` (unless a rule denies ``path``), or ``read`` and ``sudo`` on
+    ``path``; else audited and 403 naming the capability missing on ``path``."""
+    if call.allowed("sys/auth", "read") and not call.denied(path):
         return
     # Both, as Vault asks of a root-protected path it reads: sudo alone is no read.
     await call.require(path, "read")

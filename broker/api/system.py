@@ -395,9 +395,14 @@ async def mount_tune(request: web.Request) -> web.Response:
 
 async def _require_mount_read(call: Call, name: str, path: str) -> None:
     """``sys/mounts``' grant for one mount: ``read`` on ``sys/mounts`` or on ``path``, or
-    a grant under ``NAME/``; else audited and 403."""
+    a grant under ``NAME/``, unless a rule denies ``path`` (deny wins); else audited
+    and 403."""
     assert call.token is not None
-    if call.allowed("sys/mounts", "read") or call.allowed(path, "read"):
+    if call.allowed(path, "read"):
+        return
+    if call.denied(path):
+        await call.require(path, "read")  # audited as denied, 403
+    if call.allowed("sys/mounts", "read"):
         return
     if call.state.policies.grants_under(call.token.policies, f"{name}/",
                                         identity=call.identity):

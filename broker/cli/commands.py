@@ -251,7 +251,9 @@ def _check_capabilities_path(path: str, *, alone: bool) -> None:
     if path == STDIN_ARG:
         raise UsageError("- (read the TOKEN from stdin) comes before the PATH: give - PATH"
                          if alone else "PATH is -: give the path itself")
-    if looks_like_credential(path) or scrub(path) != path:
+    # A path has a "/" (brk.app/creds/x: a mount may be named so): refused only when a
+    # whole token is inside it; a value without one is refused when it is shaped like one.
+    if scrub(path) != path or ("/" not in path and looks_like_credential(path)):
         raise UsageError(
             "the PATH argument looks like (or holds) a token: give TOKEN PATH (or - PATH "
             "to read the token from stdin), or PATH alone for the token in use" if alone else

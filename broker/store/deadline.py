@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, TypeVar
 
-__all__ = ["Budget", "current_budget", "joined", "request_budget"]
+__all__ = ["Budget", "apart", "current_budget", "joined", "request_budget"]
 
 T = TypeVar("T")
 
@@ -123,3 +123,17 @@ async def joined(aw: Awaitable[T]) -> T:
         return await aw
     finally:
         budget.joined.discard(task)
+
+
+async def apart(aw: Awaitable[T]) -> T:
+    """``aw`` with each store call's full timeout, whatever the request's budget has left.
+
+    For clean-up that must not fail merely because the request's budget was spent by
+    the very stall it cleans up after (a single-use JWT's record when its login
+    failed): run in a task of its own that does not join the budget.
+    """
+
+    async def run() -> T:
+        return await aw
+
+    return await asyncio.ensure_future(run())
