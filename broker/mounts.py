@@ -108,10 +108,10 @@ class MountSet:
             if runtime.spec.secret_file is None:
                 continue
             try:
-                async with self._mounts_lock:  # not while a reload swaps mounts
-                    if self.mounts.get(name) is runtime:  # not replaced while we waited
-                        await self._follow_password_file(name, runtime,
-                                                         retry_refused=retry_refused)
+                # Not under the mounts lock: verifying the new secret may take up to
+                # backend_timeout against a hung backend, and a reload would wait for
+                # it. Only the swap itself takes the lock.
+                await self._follow_password_file(name, runtime, retry_refused=retry_refused)
             except Exception as exc:
                 # One mount's file must not stop the others', nor the health
                 # checks that check_mounts runs after this.
@@ -151,8 +151,8 @@ class MountSet:
         if content == self._refused_secrets.get(name) and (runtime.healthy or not retry_refused):
             return  # tried and refused; tried again once the running mount fails too
         candidate = replace(spec, secret=content)
-        config = replace(self.config, mounts={**self.config.mounts, name: candidate})
-        fresh = self._build_mount(name, config)
+        fresh = self._build_mount(
+            name, replace(self.config, mounts={**self.config.mounts, name: candidate}))
         refused = await _verify_quietly(fresh)
         if refused is not None:
             # Never swapped in unverified, even while the running mount fails: that
@@ -169,11 +169,14 @@ class MountSet:
                 log.info("mount %s: %s (tried again while the mount is unhealthy)", name,
                          message)
             return
-        if self.mounts.get(name) is not runtime:  # a reload replaced it meanwhile
-            await fresh.close()
-            return
-        self.mounts = {**self.mounts, name: fresh}
-        self.config = config
+        async with self._mounts_lock:  # not while a reload swaps mounts
+            if self.mounts.get(name) is not runtime:  # a reload replaced it meanwhile
+                await fresh.close()
+                return
+            self.mounts = {**self.mounts, name: fresh}
+            # The running config, which a reload may have changed meanwhile (this
+            # mount's spec it did not change, or it would have replaced the runtime).
+            self.config = replace(self.config, mounts={**self.config.mounts, name: candidate})
         self._refused_secrets.pop(name, None)
         # An outage of the running mount ends here: said, and its irrevocable
         # leases retried by the next health probe, as when it reconnects.

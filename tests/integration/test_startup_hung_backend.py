@@ -164,3 +164,33 @@ def test_a_reload_does_not_wait_for_hung_backends(
         assert client.read("pg/creds/app")["lease_id"].startswith("pg/creds/app/")
     finally:
         server.stop()
+
+
+def test_a_reload_does_not_wait_for_a_password_file_being_verified(
+        tmp_path: Path, postgres_dsn: str, blackhole: int, template: str) -> None:
+    """The password-file job verifies a changed file's secret against a backend that
+    now hangs (up to backend_timeout); a reload meanwhile does not wait for it (it
+    waited for the mounts lock the job held throughout, then connected too)."""
+    proxy = TcpProxy(dsn_port(postgres_dsn))
+    (tmp_path / "admin.pw").write_text("first\n")
+    body = LEASES + _mount("pg", via_proxy(postgres_dsn, proxy.port), f"{template}p").replace(
+        'plugin = "postgres"', 'plugin = "postgres"\npassword_file = "admin.pw"', 1)
+    config = write_config(tmp_path, body)
+    server = start_broker(config)
+    try:
+        assert server.state is not None
+        assert _health(server.url)["pg"]["healthy"] is True
+        proxy.down()
+        proxy.target_port = blackhole
+        proxy.up()
+        (tmp_path / "admin.pw").write_text("second\n")  # the job verifies it: it hangs
+        time.sleep(1.5)
+        config.write_text(config.read_text() + '\n[policies.extra]\n"x/y" = ["read"]\n')
+        started = time.monotonic()
+        assert server.call(reload(server.state)) is True
+        took = time.monotonic() - started
+        # The reload connects the mount with the new secret itself: CONNECT_WAIT at most.
+        assert took < CONNECT_WAIT + 2.5 < BACKEND_TIMEOUT, took
+    finally:
+        server.stop()
+        proxy.close()
