@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from broker.audit import GENESIS, _canonical, _sha, is_old_line_mac, line_mac_matches
+from broker.audit_macs import GENESIS, _canonical, _sha, is_old_line_mac, line_mac_matches
 
 __all__ = ["VerifyResult", "verify_file", "verify_files"]
 

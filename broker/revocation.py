@@ -27,7 +27,7 @@ import logging
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from broker.audit import AuditLog, event
@@ -37,6 +37,7 @@ from broker.endings import EndingRecorder
 from broker.lease import Lease, LeaseState
 from broker.middleware import MountRuntime
 from broker.store.base import LeaseStore
+from broker.timefmt import rfc3339_seconds
 
 __all__ = ["HELD_FOR_HEALTH", "ISSUED_BY", "RevokeOutcome", "Revoker", "lease_ref"]
 
@@ -389,13 +390,13 @@ def _valid_until(lease: Lease, now: float) -> str | None:
         return None
     if expires_at <= now:
         return None
-    return _rfc3339(datetime.fromtimestamp(expires_at, UTC))
+    return rfc3339_seconds(expires_at)
 
 
 def _rfc3339(when: datetime) -> str:
     """``when`` in UTC to the second, e.g. ``2026-01-02T03:04:05Z`` (an expiry, which
     AWS gives to the second; the audit's own ``time`` field carries microseconds)."""
-    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return rfc3339_seconds(when.timestamp())
 
 
 def _once(fn: Callable[[], None]) -> Callable[[], None]:

@@ -179,7 +179,7 @@ async def stop(state: BrokerState, grace: float) -> None:
     await state.sweeper.stop(grace)
     await close_auth_methods(state)
     await state.engine.close()
-    await close_limiter(state.audit)  # held-back failure lines: their summary, now
+    await close_limiter(state)  # held-back failure lines: their summary, now
     await state.audit.close()
     await state.store.close()
 

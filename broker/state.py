@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from broker.audit import AuditLog
 from broker.config import Config
@@ -14,6 +14,9 @@ from broker.store.base import LeaseStore
 from broker.sweeper import Sweeper
 from broker.tokens import TokenManager
 from broker.worker_stats import StatsBoard
+
+if TYPE_CHECKING:  # imported when the state is made: broker.api's package imports us
+    from broker.api.audit_limit import FailureAuditLimiter
 
 __all__ = ["BrokerState"]
 
@@ -37,3 +40,11 @@ class BrokerState:
     #: board every worker publishes its metrics to (broker/worker_stats.py).
     worker: int | None = None
     stats_board: StatsBoard | None = None
+    #: The per-client limit on unauthenticated failures' audit lines
+    #: (broker/api/audit_limit.py), made with the state for its audit log.
+    audit_limiter: FailureAuditLimiter = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        from broker.api.audit_limit import FailureAuditLimiter
+
+        self.audit_limiter = FailureAuditLimiter(self.audit)

@@ -28,13 +28,15 @@ import asyncio
 import ipaddress
 import logging
 import time
-import weakref
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from broker.audit import AuditLog, event
+from broker.timefmt import rfc3339
+
+if TYPE_CHECKING:  # broker.state makes the limiter: no import at run time
+    from broker.state import BrokerState
 
 __all__ = ["BURST", "RATE", "SUMMARY_AFTER", "FailureAuditLimiter", "client_key",
            "close_limiter", "limiter_for"]
@@ -162,7 +164,7 @@ class FailureAuditLimiter:
         return event(
             "auth_failure", outcome="suppressed", count=sum(bucket.held.values()),
             types=dict(sorted(bucket.held.items())), request={"remote_addr": key},
-            window={"from": _utc(bucket.first), "to": _utc(bucket.last),
+            window={"from": rfc3339(bucket.first), "to": rfc3339(bucket.last),
                     "seconds": round(bucket.last - bucket.first, 3)},
             limit={"burst": self._burst, "per_second": self._rate},
         )
@@ -175,26 +177,13 @@ class FailureAuditLimiter:
             await asyncio.gather(*self._writes, return_exceptions=True)
 
 
-def _utc(when: float) -> str:
-    """``when`` as the audit lines write time: RFC 3339 UTC with microseconds and Z."""
-    return datetime.fromtimestamp(when, UTC).isoformat(timespec="microseconds")[:-6] + "Z"
+def limiter_for(state: BrokerState) -> FailureAuditLimiter:
+    """The limiter of a running broker: its state's, made with it (one per audit log;
+    a reload keeps both, and so the buckets)."""
+    return state.audit_limiter
 
 
-#: one limiter per audit log (a reload keeps the log, and so the buckets).
-_limiters: weakref.WeakKeyDictionary[AuditLog, FailureAuditLimiter] = \
-    weakref.WeakKeyDictionary()
-
-
-def limiter_for(audit: AuditLog) -> FailureAuditLimiter:
-    """The limiter of ``audit``, made at its first use."""
-    limiter = _limiters.get(audit)
-    if limiter is None:
-        limiter = _limiters[audit] = FailureAuditLimiter(audit)
-    return limiter
-
-
-async def close_limiter(audit: AuditLog) -> None:
-    """At shutdown, before ``audit`` closes: write the summaries still pending."""
-    limiter = _limiters.pop(audit, None)
-    if limiter is not None:
-        await limiter.close()
+async def close_limiter(state: BrokerState) -> None:
+    """At shutdown, before the state's audit log closes: write the summaries still
+    pending."""
+    await state.audit_limiter.close()

@@ -212,7 +212,7 @@ class Call:
             self._limiter().hold(self._client(), type_)
 
     def _limiter(self) -> FailureAuditLimiter:
-        return limiter_for(self.state.audit)
+        return limiter_for(self.state)
 
     def _client(self) -> str:
         return client_key(self.request.remote)

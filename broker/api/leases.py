@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Awaitable, Mapping
-from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from aiohttp import web
 
+from broker import timefmt
 from broker.api.common import (
     CALL,
     Call,
@@ -54,10 +54,8 @@ _PAIRED_GRANT_PAIRS = 8
 
 
 def rfc3339(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="microseconds").replace(
-        "+00:00", "Z")
+    """``ts`` as the API writes times (:func:`broker.timefmt.rfc3339`); None stays None."""
+    return None if ts is None else timefmt.rfc3339(ts)
 
 
 def _only(request: web.Request, *methods: str) -> None:
