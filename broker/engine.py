@@ -297,9 +297,13 @@ class LeaseEngine(MountSet, Revoker):
             warnings.append(
                 f"ttl {ttl}s is longer than the role's max_ttl; capped at {role.max_ttl}s")
         max_expire = now + role.max_ttl
-        if token.expire_time is not None and token.expire_time < max_expire:
-            # A lease never outlives the token that created it.
-            max_expire = token.expire_time
+        # A lease never outlives the token that created it. A periodic token's
+        # expiry moves with each renewal and it has no end but its explicit_max_ttl:
+        # as in Vault, its leases keep their own TTL (capped at that end only) and
+        # are revoked with the token if it is not renewed in time (token expiry job).
+        token_end = token.max_expire_time if token.period else token.expire_time
+        if token_end is not None and token_end < max_expire:
+            max_expire = token_end
             cut = now + lease_ttl - max_expire
             # A token made just before the lease with the same TTL (token create --ttl 1h,
             # then a 1h role) cuts a few seconds: said only when it cuts more than a

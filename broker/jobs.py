@@ -5,7 +5,8 @@
 - tombstone purge: dead leases past their retention, and the records of JWTs
   that logged in to ``single_use`` roles once they could not log in anyway;
 - token expiry: mark expired tokens and queue their leases (belt and braces:
-  leases are already capped at their token's expiry);
+  leases are already capped at their token's expiry, except a periodic token's,
+  which this job ends once the token lapses);
 - mount health: reconnect unhealthy backends so issuing resumes by itself;
 - password files: a mount whose ``password_file`` changed (rotate-root in
   another worker or replica, an operator, a secret manager) is rebuilt with

@@ -142,6 +142,10 @@ class Token:
     #: requests the token may still make (Vault's ``num_uses``): 0 no limit; -1 used
     #: up (its last use was taken, the token is being revoked), as Vault marks it.
     num_uses: int = 0
+    #: Vault's ``period`` (seconds): every renewal sets the TTL back to it, whatever
+    #: increment was asked for, and the token lives on while renewed, up to its
+    #: ``max_expire_time`` (explicit_max_ttl) if it has one. 0: not a periodic token.
+    period: int = 0
 
     @property
     def is_root(self) -> bool:

@@ -129,10 +129,14 @@ class TokenManager:
         accessor: str | None = None,
         path: str = "",
         num_uses: int = 0,
+        period: int = 0,
     ) -> tuple[str, Token]:
         """Create a token; returns (the token itself, its record). The token is shown once.
 
         ``num_uses``: how many requests it may make (0: no limit), as Vault's.
+        ``period``: a periodic token's period (0: not periodic), as Vault's: its TTL is
+        the period (``ttl`` is not used), every renewal sets it back to the period,
+        and it has no max expiry but ``max_ttl`` (its explicit_max_ttl), if given.
         """
         if token_id is not None:
             check_token_id(token_id)
@@ -141,7 +145,8 @@ class TokenManager:
                 raise TokenIdTaken()
         token = token_id or TOKEN_PREFIX + secrets.token_urlsafe(32)
         now = self.clock()
-        expire = now + ttl if ttl else None
+        life = period or ttl  # a periodic token's TTL is its period, as in Vault
+        expire = now + life if life else None
         cap = now + max_ttl if max_ttl else None
         if parent is not None and parent.expire_time is not None:
             # A child never outlives its parent: revoking or expiring the
@@ -152,8 +157,10 @@ class TokenManager:
             # parent's current expiry where they happen (renew: _parent_expiry).
             # Only a token with no cap of its own (a root token created without
             # a ttl by an expiring root token) takes the parent's, so it is never
-            # renewable without end once revoke-orphan freed it.
-            cap = cap if cap is not None else parent.expire_time
+            # renewable without end once revoke-orphan freed it. A periodic token
+            # keeps none but its own: renewed without end is what it is for, and
+            # while the parent lives, renewals are held to its current expiry.
+            cap = cap if cap is not None or period else parent.expire_time
         if cap is not None:
             # An explicit max TTL without a TTL: the token lives that long, not forever.
             expire = cap if expire is None else min(expire, cap)
@@ -171,6 +178,7 @@ class TokenManager:
             creation_ttl=_granted(now, expire),
             path=path,
             num_uses=num_uses,
+            period=period,
         )
         try:
             await self.store.insert_token(record)
@@ -230,7 +238,8 @@ class TokenManager:
                     warnings: list[str] | None = None) -> tuple[Token, int]:
         """Extend ``token`` by ``increment`` (else the TTL it was created with) from now,
         capped at its max expiry and at its parent's expiry. Returns the token and the
-        TTL granted, in seconds.
+        TTL granted, in seconds. A periodic token is extended by its period, whatever
+        the increment, as Vault does (its docs: the increment is not honoured).
 
         A capped renewal appends Vault's warning to ``warnings`` ("TTL of ... exceeded
         the effective max_ttl of ...; TTL value is capped accordingly"), naming the
@@ -239,7 +248,7 @@ class TokenManager:
         if not token.renewable or token.expire_time is None:
             raise BadRequest("token is not renewable")
         now = self.clock()
-        ttl = increment or _base_ttl(token)
+        ttl = token.period or increment or _base_ttl(token)
         wanted = now + ttl
         parent_end = await self._parent_expiry(token)
         if parent_end is not None and parent_end <= now:

@@ -79,6 +79,7 @@ def token_data(record: Token, now: float, *, token_id: str = "",
     ``parent_expire``: the live parent's expiry, which holds back the token's
     renewals (:func:`lookup_data` finds it). ``explicit_max_ttl``: what to show
     instead of the token's own cap (a JWT login's: :func:`_login_explicit_max_ttl`).
+    A periodic token's answer has ``period`` (seconds), as Vault's; others have none.
     """
     ttl = int(record.expire_time - now) if record.expire_time else 0
     creation_ttl = record.creation_ttl
@@ -90,7 +91,7 @@ def token_data(record: Token, now: float, *, token_id: str = "",
         # showed the parent's. The parent still bounds ttl and expire_time.
         explicit_max_ttl = round(record.max_expire_time - record.created) \
             if record.max_expire_time else 0
-    return {
+    data: dict[str, Any] = {
         "accessor": record.accessor,
         "creation_time": int(record.created),
         "creation_ttl": creation_ttl,
@@ -114,6 +115,10 @@ def token_data(record: Token, now: float, *, token_id: str = "",
         "ttl": max(ttl, 0),
         "type": "service",
     }
+    if record.period:
+        # As Vault: only a periodic token's lookup has it (seconds).
+        data["period"] = record.period
+    return data
 
 
 async def orphaned(store: LeaseStore, record: Token) -> bool:
@@ -324,11 +329,8 @@ def _num_uses(call: Call, caller: Token) -> int:
 
 def _refuse_unsupported(call: Call) -> None:
     """400 for token features the broker does not have, rather than ignoring them:
-    a periodic token that expires anyway is worse than an error. A value of the
-    wrong type says so first: "not supported" would send the caller the wrong way."""
-    if call.duration("period"):
-        raise BadRequest("period is not supported: there are no periodic tokens "
-                         "(use ttl and explicit_max_ttl)")
+    a batch token that behaves as a service token is worse than an error. A value of
+    the wrong type says so first: "not supported" would send the caller the wrong way."""
     if _text(call, "type") not in (None, "service"):
         raise BadRequest("type is not supported: only 'service' tokens exist (omit type)")
     # The policy engine adds "default" to every token when it evaluates: a token
@@ -365,6 +367,47 @@ def _lifetime(call: Call, policies: list[str]) -> tuple[int | None, int | None, 
     if ttl is None and "root" in policies:
         return None, explicit, warnings
     return ttl or ceiling, explicit or ceiling, warnings
+
+
+def _periodic_lifetime(call: Call, period: int) -> tuple[int, int | None, list[str]]:
+    """A periodic token's period and explicit max TTL in seconds, and warnings.
+
+    As Vault's ``CalculateTTL``: the period is capped at ``[tokens] max_ttl`` (the
+    system max TTL) and at ``explicit_max_ttl``, but the token's life is not: renewed
+    in time, it lives on, until its ``explicit_max_ttl`` if it has one (which
+    ``[tokens] max_ttl`` does not cap either). A ``ttl`` is not used: the period is
+    the TTL, at creation and at every renewal.
+    """
+    ceiling = call.state.config.tokens.max_ttl
+    explicit = call.duration("explicit_max_ttl") or None
+    warnings: list[str] = []
+    for limit, what in ((ceiling, "[tokens] max_ttl"), (explicit, "explicit_max_ttl")):
+        if limit and period > limit:
+            warnings.append(f'period of "{format_duration(period)}" exceeded the effective '
+                            f'max_ttl of "{format_duration(limit)}"; period value is capped '
+                            f"accordingly (the limit is {what})")
+            period = limit
+    if call.duration("ttl"):
+        warnings.append("ttl is not used for a periodic token: its TTL is its period, "
+                        "at creation and at every renewal")
+    return period, explicit, warnings
+
+
+async def _period(call: Call, caller: Token) -> int:
+    """The new token's ``period`` in seconds (0 or absent: not periodic).
+
+    As in Vault, only a root token or ``sudo`` on the path (``auth/token/create``
+    or ``create-orphan``) may create a periodic token, and anyone else gets
+    Vault's 400: a periodic token has no max TTL, so a token allowed to create
+    children could otherwise mint one that outlives every limit set on it.
+    """
+    period = call.duration("period") or 0
+    if period and not (caller.is_root or call.allowed(call.path, "sudo")):
+        message = (f"root or sudo privileges required to create periodic token: period "
+                   f"needs a root token or sudo on {call.path}")
+        await call.audit("policy_denied", outcome="denied", error=message)
+        raise BadRequest(message)
+    return period
 
 
 # -- who may give what ------------------------------------------------------------
@@ -474,7 +517,12 @@ async def create(request: web.Request) -> web.Response:
     metadata, display_name = await _identity(call, caller)
     orphan = await _orphan(call, caller)
     token_id = await _chosen_id(call, caller)
-    ttl, max_ttl, warnings = _lifetime(call, policies)
+    period = await _period(call, caller)
+    if period:
+        ttl = None
+        period, max_ttl, warnings = _periodic_lifetime(call, period)
+    else:
+        ttl, max_ttl, warnings = _lifetime(call, policies)
     try:
         token, record = await call.state.tokens.create(
             policies=policies,
@@ -486,13 +534,15 @@ async def create(request: web.Request) -> web.Response:
             renewable=call.flag("renewable", True),
             token_id=token_id,
             num_uses=num_uses,
+            period=period,
         )
     except TokenIdTaken as exc:
         # Audited: a sudo holder probing for the values of other tokens shows up here.
         await call.audit("token_create", outcome="error", error=str(exc))
         raise
-    # Only a ttl the caller asked for: without one, ttl is [tokens] max_ttl.
-    asked = ttl if call.duration("ttl") else None
+    # Only a ttl the caller asked for: without one, ttl is [tokens] max_ttl. A
+    # periodic token's TTL is its period.
+    asked = period or (ttl if call.duration("ttl") else None)
     warnings += _parent_cap_warning(record, asked, caller if not orphan else None)
     await call.audit("token_create", created={"accessor": record.accessor,
                                               "policies": record.policies,

@@ -335,7 +335,8 @@ class LeaseStore(Protocol):
         """Delete revoked/expired rows that ended before ``before``."""
 
     # -- tokens ----------------------------------------------------------
-    async def insert_token(self, token: Token) -> None: ...
+    async def insert_token(self, token: Token) -> None:
+        """Store a new token, every field of it (``period`` included: 0 not periodic)."""
 
     async def token_by_hash(self, token_hash: str) -> Token | None: ...
 

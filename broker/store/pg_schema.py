@@ -122,6 +122,12 @@ MIGRATIONS: list[tuple[str, ...]] = [
         # (every earlier token), -1 used up. BIGINT: Vault takes any int64.
         "ALTER TABLE tokens ADD COLUMN num_uses BIGINT NOT NULL DEFAULT 0",
     ),
+    (
+        # A periodic token's period in seconds (Vault's period; TokenManager.renew
+        # sets the TTL back to it): 0 for every earlier token, none of them periodic.
+        # BIGINT: a duration may be up to 100 years, past an INTEGER's range.
+        "ALTER TABLE tokens ADD COLUMN period BIGINT NOT NULL DEFAULT 0",
+    ),
 ]
 
 #: pg_advisory_xact_lock key serialising migrations ("broker" in ASCII).

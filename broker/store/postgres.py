@@ -71,7 +71,7 @@ _LEASE_COLS = ", ".join(_LEASE_COL_NAMES)
 #: Columns of the tokens table (named so ruff does not take it for a hard-coded token).
 _TK_COLS = (
     "accessor, token_hash, policies, created, expire_time, display_name, metadata, parent,"
-    " state, max_expire_time, renewable, ended_at, creation_ttl, path, num_uses"
+    " state, max_expire_time, renewable, ended_at, creation_ttl, path, num_uses, period"
 )
 _REVOCABLE = "state IN ('active', 'irrevocable')"
 #: Force takes over leases in retry backoff too, but not one already forced
@@ -799,11 +799,13 @@ class PostgresStore:
     async def insert_token(self, token: Token) -> None:
         await self.pool.execute(
             f"INSERT INTO tokens ({_TK_COLS}) VALUES"
-            " ($1, $2, $3::jsonb, $4, $5, $6, $7::jsonb, $8, $9, $10, $11, $12, $13, $14, $15)",
+            " ($1, $2, $3::jsonb, $4, $5, $6, $7::jsonb, $8, $9, $10, $11, $12, $13, $14, $15,"
+            " $16)",
             token.accessor, token.token_hash, json.dumps(list(token.policies)), token.created,
             token.expire_time, token.display_name, json.dumps(dict(token.metadata)),
             token.parent, str(token.state), token.max_expire_time, token.renewable,
             token.ended_at, token.creation_ttl, token.path or None, token.num_uses,
+            token.period,
         )
 
     async def use_token(self, accessor: str) -> int | None:

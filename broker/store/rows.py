@@ -58,6 +58,7 @@ def token_from_row(row: Row) -> Token:
         creation_ttl=row["creation_ttl"],
         path=row["path"] or "",
         num_uses=row["num_uses"],
+        period=row["period"],
     )
 
 

@@ -52,7 +52,7 @@ _LEASE_COLS = (
 #: Columns of the tokens table (named so ruff does not take it for a hard-coded token).
 _TK_COLS = (
     "accessor, token_hash, policies, created, expire_time, display_name, metadata, parent,"
-    " state, max_expire_time, renewable, ended_at, creation_ttl, path, num_uses"
+    " state, max_expire_time, renewable, ended_at, creation_ttl, path, num_uses, period"
 )
 #: One use of a use-limited token (base.py use_token): the last leaves -1, not 0 (no limit).
 _TAKE_USE = (
@@ -659,11 +659,12 @@ class SQLiteStore(SQLiteConnections):
     async def insert_token(self, token: Token) -> None:
         await self._write(_rowcount(
             f"INSERT INTO tokens ({_TK_COLS})"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (token.accessor, token.token_hash, json.dumps(list(token.policies)), token.created,
              token.expire_time, token.display_name, json.dumps(dict(token.metadata)),
              token.parent, str(token.state), token.max_expire_time, int(token.renewable),
-             token.ended_at, token.creation_ttl, token.path or None, token.num_uses),
+             token.ended_at, token.creation_ttl, token.path or None, token.num_uses,
+             token.period),
         ))
 
     async def use_token(self, accessor: str) -> int | None:

@@ -131,6 +131,11 @@ MIGRATIONS: list[tuple[str, ...]] = [
         # 0 no limit (every earlier token), -1 used up.
         "ALTER TABLE tokens ADD COLUMN num_uses INTEGER NOT NULL DEFAULT 0",
     ),
+    (
+        # A periodic token's period in seconds (Vault's period; TokenManager.renew
+        # sets the TTL back to it): 0 for every earlier token, none of them periodic.
+        "ALTER TABLE tokens ADD COLUMN period INTEGER NOT NULL DEFAULT 0",
+    ),
 ]
 
 def migrate(conn: sqlite3.Connection) -> None:

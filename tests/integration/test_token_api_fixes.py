@@ -226,13 +226,12 @@ def test_no_parent_needs_root_or_sudo(broker: BrokerThread, root: hvac.Client) -
 
 
 @pytest.mark.parametrize(("option", "message"), [
-    ({"period": "1h"}, "period is not supported"),
     ({"type": "batch"}, "type is not supported"),
 ])
 def test_unsupported_create_options_are_refused(root: hvac.Client, option: dict[str, Any],
                                                 message: str) -> None:
-    """period and batch tokens answer 400 instead of being ignored (num_uses is supported:
-    test_token_num_uses.py)."""
+    """batch tokens answer 400 instead of being ignored (num_uses is supported:
+    test_token_num_uses.py; period too: test_token_period.py)."""
     with pytest.raises(hvac.exceptions.InvalidRequest, match=message):
         root.auth.token.create(policies=["ci"], **option)
 
