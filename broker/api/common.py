@@ -3,8 +3,12 @@
 Every authenticated request writes a ``request`` audit line before anything
 happens and a response line (typed by what happened) before the answer
 leaves. If either cannot be written, the client gets 503: no audit, no action.
-A request refused before it is authenticated (bad token, failed login) writes
-the same two lines, within a per-client rate limit (broker/api/audit_limit.py).
+One that fails (an error answer) after its ``request`` line with no line of its
+own since gets a ``response`` line with ``outcome: "error"``, the status and the
+message (error_middleware): every request line has its outcome line.
+A request refused before it is authenticated (bad token, failed login, a token
+lookup the store did not answer) writes the same two lines, within a
+per-client rate limit (broker/api/audit_limit.py).
 """
 
 from __future__ import annotations
@@ -138,6 +142,10 @@ class Call:
     #: this request took its token's last use (num_uses): the token is revoked as the
     #: request ends (:meth:`end_spent_token`).
     spent: bool = False
+    #: whether an error answer owes this request its outcome line (error_middleware):
+    #: set by its ``request`` line and cleared by any line after it; set too when the
+    #: token lookup itself failed (a stalled store), before any line was written.
+    outcome_due: bool = False
 
     @property
     def operation(self) -> str:
@@ -171,6 +179,23 @@ class Call:
         await self.state.audit.write(event(
             type_, outcome=outcome, auth=self.auth_block(), request=self.request_block(),
             **fields))
+        # Written: a request line leaves its outcome due, any later line gives it.
+        self.outcome_due = type_ == "request"
+
+    async def audit_error(self, status: int, message: str) -> None:
+        """The outcome line of a request that failed after its ``request`` line with
+        no line of its own since (Vault writes a response entry for every request
+        entry): ``response``, ``outcome: "error"``, the status and the message.
+
+        Without a token (a login, a token lookup that failed) it goes through the
+        per-client limit of unauthenticated failures, which also decides the
+        ``request`` line of a lookup that failed before any was written.
+        """
+        if self.token is None:
+            await self.audit_unauthenticated("response", outcome="error", status=status,
+                                             error=message)
+        else:
+            await self.audit("response", outcome="error", status=status, error=message)
 
     # -- authentication & authorisation -------------------------------------------
     def presented_token(self) -> str:
@@ -239,6 +264,12 @@ class Call:
             raise
         except PermissionDenied as exc:
             await self.audit_unauthenticated("auth_failure", error=str(exc))
+            raise
+        except Exception:
+            # The lookup itself failed (the store stalled or is down): no line yet. The
+            # error answer writes both (error_middleware), within the per-client limit:
+            # nothing says the caller holds a token.
+            self.outcome_due = True
             raise
         await self.audit("request")  # before self.token is set: as the line always was
         self.token = token
@@ -483,42 +514,85 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         with request_budget():
             try:
                 response = await handler(request)
-            except Exception:
-                if call.spent:  # refused or failed, the last use is used all the same
-                    await call.end_spent_token(None)
-                raise
+            except Exception as exc:
+                return await _failed(call, exc)
             if call.spent:  # one attribute test for every other request
                 return await call.end_spent_token(response) or response
             return response
-    except BrokerError as exc:
-        return error_response(exc.status, str(exc))
-    except ClientDisconnected:
-        # Nobody to answer, and not the broker's fault: no ERROR, no traceback.
-        log.info("client %s closed the connection before its request body arrived (%s %s)",
-                 request.remote, request.method, request.rel_url.raw_path)
-        return error_response(400, "connection closed before the request body arrived")
-    except web.HTTPRequestEntityTooLarge:
-        return error_response(413, "request body too large "
-                              f"(limit {state.config.server.max_request_size} bytes)")
-    except web.HTTPException as exc:
-        if exc.status >= 400:
-            text = {404: "unsupported path", 405: f"method {request.method} not allowed here"}
-            response = error_response(exc.status, text.get(exc.status, exc.reason))
-            if "Allow" in exc.headers:  # a 405 must say what is allowed (RFC 9110)
-                response.headers["Allow"] = exc.headers["Allow"]
-            return response
-        raise
-    except Exception:
-        # The path as sent (percent-encoded): the decoded one may hold control
-        # characters (a NUL, a line break) that do not belong in a log line.
-        log.exception("internal error on %s %s", request.method, request.rel_url.raw_path)
-        return error_response(500, "internal error; see the broker log")
+    except Exception as exc:
+        # A failure after the handler's (the spent token's revocation): its outcome
+        # line, if one was due, was written or tried already.
+        answer = _error_answer(request, state, exc)
+        if answer is None:
+            raise
+        return answer[0]
     finally:
         # The call holds the request and the request holds the call. Unlinked,
         # a request's objects (a dozen: the request, its headers, match info,
         # writer, call, token) are freed as it ends; linked, every request was
         # cyclic garbage, and collecting it took ~5 % of the event loop's CPU.
         del request[CALL]
+
+
+async def _failed(call: Call, exc: Exception) -> web.StreamResponse:
+    """The answer to a handler that raised ``exc``; its outcome line if the handler
+    wrote none after the ``request`` line (an error never leaves a request line
+    alone in the log); the end of a token whose last use the request took."""
+    answer = _error_answer(call.request, call.state, exc)
+    if answer is not None and call.outcome_due:  # (only on failure: nothing on success)
+        await _audit_failure(call, *answer)
+    if call.spent:  # refused or failed, the last use is used all the same
+        await call.end_spent_token(None)
+    if answer is None:
+        raise exc
+    return answer[0]
+
+
+async def _audit_failure(call: Call, answer: web.Response, message: str) -> None:
+    """:meth:`Call.audit_error`; a failed write does not replace the answer."""
+    try:
+        await call.audit_error(answer.status, message)
+    except Exception as exc:
+        # The audit log down: its own error says so (logged, and in sys/health). The
+        # client gets the error its request met, not the log's 503 over it; and its
+        # action, if any, was refused or failed already. (Debug: one per request.)
+        log.debug("outcome line of request %s not written: %s", call.request_id,
+                  type(exc).__name__)
+
+
+def _error_answer(request: web.Request, state: BrokerState, exc: Exception
+                  ) -> tuple[web.Response, str] | None:
+    """``{"errors": [...]}`` with the right status for ``exc``, and what the audit line
+    says of it; None for an HTTPException that is no error (re-raised)."""
+    if isinstance(exc, BrokerError):
+        return error_response(exc.status, str(exc)), str(exc)
+    if isinstance(exc, ClientDisconnected):
+        # Nobody to answer, and not the broker's fault: no ERROR, no traceback.
+        log.info("client %s closed the connection before its request body arrived (%s %s)",
+                 request.remote, request.method, request.rel_url.raw_path)
+        return _answer(400, "connection closed before the request body arrived")
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return _answer(413, "request body too large "
+                       f"(limit {state.config.server.max_request_size} bytes)")
+    if isinstance(exc, web.HTTPException):
+        if exc.status < 400:
+            return None
+        text = {404: "unsupported path", 405: f"method {request.method} not allowed here"}
+        message = text.get(exc.status, exc.reason)
+        response = error_response(exc.status, message)
+        if "Allow" in exc.headers:  # a 405 must say what is allowed (RFC 9110)
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response, message
+    # The path as sent (percent-encoded): the decoded one may hold control
+    # characters (a NUL, a line break) that do not belong in a log line.
+    log.error("internal error on %s %s", request.method, request.rel_url.raw_path,
+              exc_info=exc)
+    return (error_response(500, "internal error; see the broker log"),
+            f"internal error ({type(exc).__name__}); see the broker log")
+
+
+def _answer(status: int, message: str) -> tuple[web.Response, str]:
+    return error_response(status, message), message
 
 
 #: The methods that would change what a path shows: a read-only path's 405 says why.

@@ -13,7 +13,10 @@ connection, and until a commit goes through after a timeout. A server that
 stopped answering in time may still answer reads: a primary left waiting
 for a synchronous standby that is gone serves every SELECT and never
 finishes a COMMIT, so after a timeout a probe commits a transaction id
-every second until one goes through.
+every second until one goes through. The probe's transaction first takes the
+lock every write on ``leases`` and ``tokens`` takes: with only those tables
+locked (``LOCK TABLE leases IN ACCESS EXCLUSIVE MODE`` in another session) a
+bare commit went through while every request timed out, and health flapped.
 
 A call's ``timeout`` (the store's ``command_timeout``) covers the wait for a
 pooled connection as well as the statement: asyncpg's own timeout starts only
@@ -69,7 +72,15 @@ _LOST = (
 #: A transaction that writes nothing but still commits: taking a transaction id
 #: makes PostgreSQL write a commit record, which waits for the disk and for
 #: synchronous standbys like any lease write.
-_WRITE_PROBE = "SELECT txid_current()"
+_COMMIT_PROBE = "SELECT txid_current()"
+#: The same, first taking the lock every lease or token write takes (ROW EXCLUSIVE,
+#: what an INSERT, UPDATE or DELETE takes, and held only to the commit): it waits for
+#: whatever stalls the requests' writes and reads on those tables (a LOCK TABLE in
+#: ACCESS EXCLUSIVE, EXCLUSIVE or SHARE mode, a migration, a non-concurrent CREATE
+#: INDEX), where the commit alone went through and health flapped between
+#: "unreachable" and "reachable again" while every issue, renewal and revocation timed
+#: out. It conflicts with no request: ROW EXCLUSIVE does not conflict with itself.
+_WRITE_PROBE = f"LOCK TABLE leases, tokens IN ROW EXCLUSIVE MODE; {_COMMIT_PROBE}"
 
 
 class OutageLog(Protocol):
@@ -137,19 +148,36 @@ class GuardedPool:
             self._probe = asyncio.create_task(self._probe_writes(), name="lease store probe")
 
     async def _probe_writes(self) -> None:
-        """Until a commit goes through; then the store is healthy again."""
+        """Until a commit goes through on the tables requests use; then the store is
+        healthy again."""
+        probe = _WRITE_PROBE
         while True:
             await asyncio.sleep(self._probe_interval)
             try:
-                await self._pool.execute(_WRITE_PROBE)
+                await self._probe_once(probe)
             except _LOST as exc:
                 self._lost(_reason(exc))
+                continue
+            except asyncpg.UndefinedTableError:
+                # Not a lease store's database (a pool of a test or a tool): the
+                # commit alone says whether writes go through.
+                probe = _COMMIT_PROBE
                 continue
             except Exception:  # not an outage: a bug in the probe must not wedge health
                 log.exception("lease store write probe failed")
             break
         self._probe = None
         self._back(commits=True)
+
+    async def _probe_once(self, probe: str) -> None:
+        """``probe`` in one transaction (a multi-statement query is one), the wait for a
+        connection included, within the store's timeout: a lock it waits for must fail
+        it as it fails a request, not hold it forever (there is none without one)."""
+        if self._timeout is None:
+            await self._pool.execute(probe)
+            return
+        async with asyncio.timeout(self._timeout):
+            await self._pool.execute(probe)
 
     async def close(self) -> None:
         probe, self._probe = self._probe, None
