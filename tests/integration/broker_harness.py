@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import boto3
+import pytest
 import requests
 from aiohttp import web
 
@@ -169,6 +171,22 @@ def noop_broker(tmp: Path, body: str) -> Iterator[BrokerThread]:
         server.stop()
 
 
+def noop_broker_fixture(body: str, name: str) -> Callable[..., Any]:
+    """A module-scoped fixture: :func:`noop_broker` on ``body``, its files in a temporary
+    folder named after ``name``, started once for the module's tests.
+
+    Assign it in the test module, e.g. ``broker = noop_broker_fixture(CONFIG, "caps")``:
+    pytest names a fixture after the module attribute holding it.
+    """
+
+    @pytest.fixture(scope="module")
+    def fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerThread]:
+        with noop_broker(tmp_path_factory.mktemp(name), body) as server:
+            yield server
+
+    return fixture
+
+
 def wait_healthy(url: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -196,6 +214,27 @@ def spawn_broker(config_path: Path, *extra: str, env: dict[str, str] | None = No
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+
+
+def broker_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``broker ARGS`` as a real subprocess with no BROKER_* or VAULT_* variable of the
+    test run's environment (so only ``args`` choose the address, token and config)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BROKER_", "VAULT_"))}
+    return subprocess.run([sys.executable, "-m", "broker.cli", *args], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def stop_spawned(proc: subprocess.Popen[bytes]) -> int:
+    """Stop a :func:`spawn_broker` process as an operator does (SIGTERM), killing it after
+    30 s; its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    return proc.returncode
 
 
 class TcpProxy:

@@ -5,14 +5,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import hvac
 import hvac.exceptions
 import pytest
 
-from tests.integration.broker_harness import ROOT_TOKEN, BrokerThread, noop_broker
+from tests.integration.broker_harness import ROOT_TOKEN, BrokerThread, noop_broker_fixture
 from tests.integration.token_fixtures import audit_events, client, made_by_root
 
 pytestmark = pytest.mark.integration
@@ -52,10 +51,7 @@ default_ttl = "1h"
 """
 
 
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerThread]:
-    with noop_broker(tmp_path_factory.mktemp("admin-sudo"), CONFIG) as server:
-        yield server
+broker = noop_broker_fixture(CONFIG, "admin-sudo")
 
 
 @pytest.fixture

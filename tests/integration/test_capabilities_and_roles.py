@@ -13,20 +13,12 @@ from typing import Any
 import hvac
 import hvac.exceptions
 import pytest
-import requests
-import schemathesis
-from schemathesis.checks import (
-    content_type_conformance,
-    not_a_server_error,
-    response_headers_conformance,
-    response_schema_conformance,
-    status_code_conformance,
-)
 
 from broker.api.roles import role_data
 from broker.backend import RoleSpec
 from broker.bench.noop import register as register_noop_plugin
 from broker.templating import DEFAULT_USERNAME_TEMPLATE
+from tests.integration.api_fixtures import audit_lines, conforms, raw
 from tests.integration.broker_harness import (
     ROOT_TOKEN,
     BrokerThread,
@@ -36,11 +28,6 @@ from tests.integration.broker_harness import (
 )
 
 pytestmark = pytest.mark.integration
-
-SPEC = schemathesis.openapi.from_path(Path(__file__).resolve().parents[2] / "docs" / "openapi.yaml")
-
-CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
-          response_schema_conformance, response_headers_conformance]
 
 CREATE_RO = ('CREATE ROLE \\"{{name}}\\" WITH LOGIN PASSWORD \'{{password}}\' '
              "VALID UNTIL '{{expiration}}'")
@@ -121,22 +108,6 @@ def token(root: hvac.Client, *policies: str, meta: dict[str, str] | None = None
 
 def client(broker: BrokerThread, auth: dict[str, Any]) -> hvac.Client:
     return hvac.Client(url=broker.url, token=auth["client_token"])
-
-
-def raw(broker: BrokerThread, method: str, path: str, tok: str = ROOT_TOKEN,
-        **kwargs: Any) -> requests.Response:
-    return requests.request(method, f"{broker.url}/v1/{path}", headers={"X-Vault-Token": tok},
-                            timeout=30, **kwargs)
-
-
-def audit_lines(broker: BrokerThread) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(broker.audit_path).read_text().splitlines()]
-
-
-def conforms(path: str, method: str, resp: requests.Response, **path_parameters: str) -> None:
-    """``resp`` matches docs/openapi.yaml's answer for ``method path``."""
-    case = SPEC[path][method].Case(path_parameters=path_parameters)
-    case.validate_response(resp, checks=CHECKS)
 
 
 # -- capabilities ----------------------------------------------------------------------
@@ -312,7 +283,7 @@ def test_every_spelling_of_the_listing_works(broker: BrokerThread) -> None:
     conforms("/v1/{mount}/roles", "GET", resp, mount="pg")
     plain = raw(broker, "GET", "pg/roles")
     assert plain.status_code == 405 and "list=true" in plain.json()["errors"][0]
-    assert raw(broker, "GET", "pg/roles", tok="").status_code == 403
+    assert raw(broker, "GET", "pg/roles", token="").status_code == 403
 
 
 def test_role_reads_and_listings_need_their_capability(broker: BrokerThread,

@@ -10,12 +10,10 @@ climbs, so the request is now a 400 first.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import requests
 
-from tests.integration.broker_harness import BrokerThread, noop_broker
+from tests.integration.broker_harness import BrokerThread, noop_broker_fixture
 
 pytestmark = pytest.mark.integration
 
@@ -34,10 +32,7 @@ default_ttl = "1h"
 """
 
 
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerThread]:
-    with noop_broker(tmp_path_factory.mktemp("creds-path"), CONFIG) as server:
-        yield server
+broker = noop_broker_fixture(CONFIG, "creds-path")
 
 
 def _get(broker: BrokerThread, token: str, raw_path: str) -> requests.Response:

@@ -7,19 +7,13 @@ and every figure compared with the JSON answer of the same moment.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import hvac
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker import metrics_text
-from tests.integration.broker_harness import (
-    ROOT_TOKEN,
-    BrokerThread,
-    noop_broker,
-)
+from tests.integration.broker_harness import ROOT_TOKEN, BrokerThread, noop_broker_fixture
 
 pytestmark = pytest.mark.integration
 
@@ -35,10 +29,7 @@ default_ttl = "1h"
 """
 
 
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerThread]:
-    with noop_broker(tmp_path_factory.mktemp("metrics-prom"), CONFIG) as server:
-        yield server
+broker = noop_broker_fixture(CONFIG, "metrics-prom")
 
 
 def _scrape(broker: BrokerThread, token: str, **params: str) -> requests.Response:

@@ -14,10 +14,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import re
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -32,11 +30,13 @@ from broker.lease import TokenState
 from broker.store import open_store
 from tests.integration.broker_harness import (
     TcpProxy,
+    broker_cli,
     dsn_port,
     free_port,
     noop_broker,
     spawn_broker,
     start_broker,
+    stop_spawned,
     wait_healthy,
     write_config,
 )
@@ -48,12 +48,6 @@ _ONE_LINE_ERROR = re.compile(r"\Abroker: error: [^\n]+\n\Z")
 NOT_UTF8 = b"\xff\xfe"
 
 
-def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BROKER_", "VAULT_"))}
-    return subprocess.run([sys.executable, "-m", "broker.cli", *args], env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
 def _wait_for(path: Path, text: str, timeout: float, *, count: int = 1) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -62,16 +56,6 @@ def _wait_for(path: Path, text: str, timeout: float, *, count: int = 1) -> None:
         time.sleep(0.05)
     tail = path.read_text()[-3000:] if path.exists() else ""
     raise AssertionError(f"no {text!r} (x{count}) in {path} after {timeout}s:\n{tail}")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 def _pg_mount(name: str, dsn: str, extra: str = "", *, port: int | None = None) -> str:
@@ -94,7 +78,7 @@ def test_start_with_a_non_utf8_password_file_is_one_config_error(tmp_path: Path)
     (tmp_path / "admin.pw").write_bytes(NOT_UTF8)
     config = write_config(tmp_path, _pg_mount("pg", "postgresql://postgres@127.0.0.1:5432/x",
                                               'password_file = "admin.pw"'))
-    done = _cli("server", "--config", str(config))
+    done = broker_cli("server", "--config", str(config))
     assert done.returncode == 2, done.stderr
     assert _ONE_LINE_ERROR.match(done.stderr), done.stderr
     assert (f"{config}: mounts.pg.password_file: cannot read {tmp_path / 'admin.pw'}: "
@@ -127,7 +111,7 @@ def test_a_non_utf8_password_file_at_runtime_is_logged_once_and_rejects_a_reload
         assert "Traceback" not in text and "reload failed" not in text, text
         assert proc.poll() is None
     finally:
-        _stop(proc)
+        stop_spawned(proc)
 
 
 def _port(config: Path) -> int:
@@ -222,7 +206,7 @@ def test_operator_init_failures_are_one_line(tmp_path: Path, case: str) -> None:
     config = tmp_path / "broker.toml"
     config.write_text(f'[storage]\nurl = "{url}"\n[audit]\npath = "{audit}"\n'
                       f'hmac_key_file = "{tmp_path / "audit.key"}"\n')
-    done = _cli("operator", "init", "--config", str(config))
+    done = broker_cli("operator", "init", "--config", str(config))
     assert done.returncode == 1, done.stderr
     assert _ONE_LINE_ERROR.match(done.stderr), done.stderr
     assert expected in done.stderr and done.stdout == ""
@@ -232,7 +216,7 @@ def test_operator_init_with_a_bad_config_exits_2(tmp_path: Path) -> None:
     """A config error is the one ``FILE: KEY: ...`` line and exit 2, as for ``broker server``."""
     config = tmp_path / "broker.toml"
     config.write_text('[storage]\nurl = "sqlite:///"\n')
-    done = _cli("operator", "init", "--config", str(config))
+    done = broker_cli("operator", "init", "--config", str(config))
     assert done.returncode == 2
     assert _ONE_LINE_ERROR.match(done.stderr), done.stderr
     assert f"{config}: storage.url: names a directory" in done.stderr
@@ -245,9 +229,9 @@ def test_operator_init_does_what_the_operations_guide_says(tmp_path: Path) -> No
     config.write_text(f'[storage]\nurl = "sqlite:///{db}"\n[audit]\n'
                       f'path = "{tmp_path / "audit.jsonl"}"\n'
                       f'hmac_key_file = "{tmp_path / "audit.key"}"\n')
-    first = _cli("operator", "init", "--config", str(config))
+    first = broker_cli("operator", "init", "--config", str(config))
     assert first.returncode == 0, first.stderr
-    again = _cli("operator", "init", "--config", str(config))
+    again = broker_cli("operator", "init", "--config", str(config))
     assert (again.returncode, again.stderr) == (1, (
         "broker: error: already initialised: root token root-init is active "
         "(revoke it with a root token to initialise again)\n"))
@@ -261,7 +245,7 @@ def test_operator_init_does_what_the_operations_guide_says(tmp_path: Path) -> No
             await store.close()
 
     asyncio.run(revoke())
-    second = _cli("operator", "init", "--config", str(config))
+    second = broker_cli("operator", "init", "--config", str(config))
     assert second.returncode == 0, second.stderr
     lines = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
     inits = [ev for ev in lines if ev.get("type") == "admin"
@@ -346,4 +330,4 @@ def test_sighup_names_the_changed_settings_only_a_restart_applies(tmp_path: Path
         wait_healthy(f"http://127.0.0.1:{served}", timeout=5)
         assert proc.poll() is None
     finally:
-        _stop(proc)
+        stop_spawned(proc)

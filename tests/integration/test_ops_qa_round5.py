@@ -15,9 +15,7 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -29,46 +27,31 @@ import requests
 
 from broker.backend import BackendError
 from broker.bench.noop import register
-from broker.config import load_config
 from broker.errors import StoreUnavailable
 from broker.lease import LeaseState
 from broker.periodic import StoreOutage
-from broker.templating import generate_password
 from plugins.postgres import PostgresBackend
 from tests.conformance.harnesses import PostgresHarness
+from tests.integration import ops_fixtures
 from tests.integration.broker_harness import (
     ROOT_TOKEN,
     BrokerThread,
     TcpProxy,
-    dsn_port,
     start_broker,
-    via_proxy,
     write_config,
 )
 from tests.integration.db_fixtures import harness_up, started_backend
-from tests.integration.store_fixtures import fresh_postgres_database
+from tests.integration.ops_fixtures import (
+    NOOP,
+    mysql_admin_account,
+    reload_without_mounts,
+    wait_for,
+)
 from tests.integration.test_postgres_backend import new_req, role, username
-from tests.integration.test_rotate_root_persist import _sql
 
 pytestmark = pytest.mark.integration
 
 H = {"X-Vault-Token": ROOT_TOKEN}
-
-NOOP = """
-[mounts.noop]
-plugin = "bench-noop"
-
-[mounts.noop.roles.a]
-default_ttl = "1h"
-"""
-
-
-def _wait_for(what: str, check: object, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"{what}: not within {timeout}s"
-        time.sleep(0.1)
-
 
 # -- 1. a store outage in the log ------------------------------------------------------------
 
@@ -96,20 +79,8 @@ def test_store_outage_is_told_once_then_every_repeat_then_its_end(
     ]
 
 
-@pytest.fixture
-def proxied_store_broker(request: pytest.FixtureRequest, tmp_path: Path
-                         ) -> Iterator[tuple[BrokerThread, TcpProxy]]:
-    """A broker whose PostgreSQL lease store is reached through a TcpProxy (cut with down())."""
-    dsn = asyncio.run(fresh_postgres_database(request))
-    proxy = TcpProxy(dsn_port(dsn))
-    register()
-    server = start_broker(write_config(tmp_path, NOOP, storage_url=via_proxy(dsn, proxy.port)))
-    try:
-        yield server, proxy
-    finally:
-        proxy.up()
-        server.stop()
-        proxy.close()
+# The broker whose lease store can be cut (tests/integration/ops_fixtures.py).
+proxied_store_broker = ops_fixtures.proxied_store_broker
 
 
 def test_a_store_outage_logs_no_traceback_and_says_when_it_ends(
@@ -121,14 +92,14 @@ def test_a_store_outage_logs_no_traceback_and_says_when_it_ends(
     caplog.set_level(logging.INFO)
     proxy.down()
     started = time.monotonic()
-    _wait_for("the outage noticed", lambda: any(
+    wait_for("the outage noticed", lambda: any(
         "lease store unreachable" in r.getMessage() for r in caplog.records))
     time.sleep(max(0.0, 12 - (time.monotonic() - started)))  # the 5 s job ran 2+ times more
     tracebacks = [r for r in caplog.records if r.exc_info
                   and isinstance(r.exc_info[1], StoreUnavailable | OSError)]
     assert tracebacks == [], [r.getMessage() for r in tracebacks]
     proxy.up()
-    _wait_for("the end told", lambda: any(
+    wait_for("the end told", lambda: any(
         "lease store reachable again after" in r.getMessage() for r in caplog.records))
     said = [r.getMessage() for r in caplog.records if r.name == "broker.periodic"
             and r.levelno >= logging.WARNING]
@@ -152,12 +123,7 @@ def test_revoking_a_lease_of_a_removed_mount_answers_503_at_once(tmp_path: Path)
         assert broker.state is not None
         lease_id = requests.get(f"{broker.url}/v1/noop/creds/a", headers=H,
                                 timeout=30).json()["lease_id"]
-        without = tmp_path / "without"
-        without.mkdir()
-        config = load_config(write_config(without, "", port=broker.config.server.port,
-                                          storage_url=broker.config.storage.url))
-        broker.call(broker.state.engine.reload(dataclasses.replace(
-            config, audit=broker.config.audit)))
+        reload_without_mounts(broker, tmp_path)
         started = time.monotonic()
         resp = requests.put(f"{broker.url}/v1/sys/leases/revoke", headers=H,
                             json={"lease_id": lease_id}, timeout=60)
@@ -176,7 +142,7 @@ def test_revoking_a_lease_of_a_removed_mount_answers_503_at_once(tmp_path: Path)
         forced = requests.put(f"{broker.url}/v1/sys/leases/revoke-force/{lease_id}",
                               headers=H, timeout=60)
         assert forced.status_code in (200, 204), forced.text
-        _wait_for("the forced lease ended", lambda: broker.call(
+        wait_for("the forced lease ended", lambda: broker.call(
             broker.state.store.get(lease_id)).state is LeaseState.REVOKED)  # type: ignore[union-attr]
     finally:
         broker.stop()
@@ -188,13 +154,8 @@ def test_revoking_a_lease_of_a_removed_mount_answers_503_at_once(tmp_path: Path)
 @pytest.fixture
 def mysql_admin(mysql_dsn: str) -> Iterator[tuple[str, str]]:
     """A MariaDB admin account of this test's own (MariaDB checks passwords on loopback)."""
-    user, password = f"v-r5-{secrets.token_hex(3)}", generate_password()
-    asyncio.run(_sql(mysql_dsn, f"CREATE USER '{user}'@'%' IDENTIFIED BY '{password}'"))
-    asyncio.run(_sql(mysql_dsn, f"GRANT ALL PRIVILEGES ON *.* TO '{user}'@'%' WITH GRANT OPTION"))
-    try:
-        yield user, password
-    finally:
-        asyncio.run(_sql(mysql_dsn, f"DROP USER IF EXISTS '{user}'@'%'"))
+    with mysql_admin_account(mysql_dsn, "v-r5-") as account:
+        yield account
 
 
 def test_a_refused_password_file_is_no_health_alarm_and_never_swapped_in(
@@ -266,8 +227,8 @@ def test_revoke_prefix_answer_counts_leases_already_revoking(tmp_path: Path) -> 
         assert resp.json()["data"] == {"queued": 2, "still_revoking": 0, "already_revoking": 1}
         # Nothing already revoking: the answer as before.
         more = requests.get(f"{broker.url}/v1/noop/creds/a", headers=H, timeout=30).json()
-        _wait_for("the two revoked", lambda: all(broker.call(store.get(i)).state  # type: ignore[union-attr]
-                                                 is LeaseState.REVOKED for i in ids[1:]))
+        wait_for("the two revoked", lambda: all(broker.call(store.get(i)).state  # type: ignore[union-attr]
+                                                is LeaseState.REVOKED for i in ids[1:]))
         resp = requests.put(f"{broker.url}/v1/sys/leases/revoke-prefix/{more['lease_id']}",
                             headers=H, json={"sync": False}, timeout=60)
         assert resp.json()["data"] == {"queued": 1, "still_revoking": 0}

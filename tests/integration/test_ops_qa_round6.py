@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import dataclasses
 import functools
 import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
@@ -35,11 +34,11 @@ import requests
 
 import broker.jobs
 from broker.bench.noop import register
-from broker.config import load_config
 from broker.jobs import HEALTH_INTERVAL
 from broker.lease import LeaseState
 from broker.periodic import StoreOutage
 from broker.store.pg_guard import GuardedPool
+from tests.integration import ops_fixtures
 from tests.integration.broker_harness import (
     ROOT_TOKEN,
     BrokerThread,
@@ -50,26 +49,11 @@ from tests.integration.broker_harness import (
     via_proxy,
     write_config,
 )
-from tests.integration.store_fixtures import fresh_postgres_database
+from tests.integration.ops_fixtures import NOOP, reload_without_mounts, wait_for
 
 pytestmark = pytest.mark.integration
 
 H = {"X-Vault-Token": ROOT_TOKEN}
-
-NOOP = """
-[mounts.noop]
-plugin = "bench-noop"
-
-[mounts.noop.roles.a]
-default_ttl = "1h"
-"""
-
-
-def _wait_for(what: str, check: Callable[[], object], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout}s"
-        time.sleep(0.05)
 
 
 def _pg_mount(url: str, template: str, *, backend_timeout: str = "30s") -> str:
@@ -218,8 +202,8 @@ def test_a_failed_issue_marks_the_mount_unhealthy_before_the_next_probe(
         proxy.down()
         with pytest.raises(hvac.exceptions.VaultDown):
             client.read("pg/creds/app")
-        _wait_for("health to show the mount unhealthy",
-                  lambda: _mount_health(broker)["healthy"] is False, timeout=5)
+        wait_for("health to show the mount unhealthy",
+                 lambda: _mount_health(broker)["healthy"] is False, timeout=5)
         assert "cannot reach the server" in str(_mount_health(broker)["error"])
         assert len(_warnings(caplog, "mount pg unhealthy")) == 1
         with pytest.raises(hvac.exceptions.VaultDown, match="mount 'pg' is unavailable"):
@@ -276,20 +260,8 @@ def test_an_unhealthy_mount_is_logged_at_its_start_once_a_minute_and_its_end(
 # -- 2. one voice for a store outage -------------------------------------------------------
 
 
-@pytest.fixture
-def proxied_store_broker(request: pytest.FixtureRequest, tmp_path: Path
-                         ) -> Iterator[tuple[BrokerThread, TcpProxy]]:
-    """A broker whose PostgreSQL lease store is reached through a TcpProxy (cut with down())."""
-    dsn = asyncio.run(fresh_postgres_database(request))
-    proxy = TcpProxy(dsn_port(dsn))
-    register()
-    server = start_broker(write_config(tmp_path, NOOP, storage_url=via_proxy(dsn, proxy.port)))
-    try:
-        yield server, proxy
-    finally:
-        proxy.up()
-        server.stop()
-        proxy.close()
+# The broker whose lease store can be cut (tests/integration/ops_fixtures.py).
+proxied_store_broker = ops_fixtures.proxied_store_broker
 
 
 def _store_lines(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str, str]]:
@@ -310,11 +282,11 @@ def test_a_store_outage_is_told_once_at_its_start_and_once_at_its_end(
     resp = requests.get(f"{broker.url}/v1/noop/creds/a", headers=H, timeout=30)
     assert resp.status_code == 503, resp.text
     # At once: not at the next run of a periodic job (up to 5 s later).
-    _wait_for("the outage told", lambda: _store_lines(caplog), timeout=1.0)
+    wait_for("the outage told", lambda: _store_lines(caplog), timeout=1.0)
     time.sleep(6)  # the jobs meet it too
     proxy.up()
-    _wait_for("the end told", lambda: any("reachable again" in line[2]
-                                          for line in _store_lines(caplog)))
+    wait_for("the end told", lambda: any("reachable again" in line[2]
+                                         for line in _store_lines(caplog)))
     time.sleep(1)  # anything else that would be said about it
     lines = _store_lines(caplog)
     assert [(name, level) for name, level, _ in lines] == [
@@ -384,12 +356,7 @@ def test_renewing_a_lease_of_a_removed_mount_answers_503_and_leaves_it(
         client = hvac.Client(url=broker.url, token=ROOT_TOKEN, timeout=30)
         lease_id = client.read("noop/creds/a")["lease_id"]
         before = broker.call(broker.state.store.get(lease_id))
-        without = tmp_path / "without"
-        without.mkdir()
-        config = load_config(write_config(without, "", port=broker.config.server.port,
-                                          storage_url=broker.config.storage.url))
-        broker.call(broker.state.engine.reload(dataclasses.replace(
-            config, audit=broker.config.audit)))
+        reload_without_mounts(broker, tmp_path)
         with pytest.raises(hvac.exceptions.VaultDown) as caught:
             client.sys.renew_lease(lease_id, increment=7200)
         error = str(caught.value)

@@ -10,32 +10,19 @@ Before these paths existed every one of hvac's policy calls raised InvalidPath
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import hvac
 import hvac.exceptions
 import pytest
-import requests
-import schemathesis
-from schemathesis.checks import (
-    content_type_conformance,
-    not_a_server_error,
-    response_headers_conformance,
-    response_schema_conformance,
-    status_code_conformance,
-)
 
 from broker.policy import DEFAULT_POLICY
 from broker.server import reload
+from tests.integration import broker_harness
+from tests.integration.api_fixtures import audit_lines, conforms, raw
 from tests.integration.broker_harness import ROOT_TOKEN, BrokerThread, noop_broker, write_config
 
 pytestmark = pytest.mark.integration
-
-SPEC = schemathesis.openapi.from_path(Path(__file__).resolve().parents[2] / "docs" / "openapi.yaml")
-CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
-          response_schema_conformance, response_headers_conformance]
 
 # The template is written with spaces inside the braces, and the capabilities
 # out of order: the policy's text has the canonical spelling and Vault's order.
@@ -98,10 +85,7 @@ READ_ONLY = ("policies are read-only over the API; they are set in the broker's 
              "([policies.NAME]), re-read on SIGHUP")
 
 
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerThread]:
-    with noop_broker(tmp_path_factory.mktemp("policies-api"), CONFIG) as server:
-        yield server
+broker = broker_harness.noop_broker_fixture(CONFIG, "policies-api")
 
 
 @pytest.fixture
@@ -116,22 +100,6 @@ def client(broker: BrokerThread, root: hvac.Client, *policies: str,
     auth = root.auth.token.create(policies=list(policies) or ["default"], meta=meta,
                                   ttl="1h")["auth"]
     return hvac.Client(url=broker.url, token=auth["client_token"])
-
-
-def raw(broker: BrokerThread, method: str, path: str, tok: str = ROOT_TOKEN,
-        **kwargs: Any) -> requests.Response:
-    return requests.request(method, f"{broker.url}/v1/{path}", headers={"X-Vault-Token": tok},
-                            timeout=30, **kwargs)
-
-
-def audit_lines(broker: BrokerThread) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(broker.audit_path).read_text().splitlines()]
-
-
-def conforms(path: str, resp: requests.Response, **path_parameters: str) -> None:
-    """``resp`` matches docs/openapi.yaml's answer for ``GET path``."""
-    SPEC[path]["GET"].Case(path_parameters=path_parameters).validate_response(resp,
-                                                                              checks=CHECKS)
 
 
 def hcl_block(path: str, *caps: str) -> str:
@@ -151,8 +119,8 @@ def test_hvac_lists_the_policies_in_vaults_shapes(broker: BrokerThread,
     acl = root.sys.list_acl_policies()
     assert acl["data"] == {"keys": NAMES}
     assert "keys" not in acl and {k: acl[k] for k in ENVELOPE} == ENVELOPE
-    conforms("/v1/sys/policy", raw(broker, "GET", "sys/policy"))
-    conforms("/v1/sys/policies/acl", raw(broker, "LIST", "sys/policies/acl"))
+    conforms("/v1/sys/policy", "GET", raw(broker, "GET", "sys/policy"))
+    conforms("/v1/sys/policies/acl", "GET", raw(broker, "LIST", "sys/policies/acl"))
 
 
 def test_every_spelling_of_the_listings_works(broker: BrokerThread) -> None:
@@ -171,7 +139,7 @@ def test_every_spelling_of_the_listings_works(broker: BrokerThread) -> None:
     plain = raw(broker, "GET", "sys/policies/acl")
     assert plain.status_code == 405 and plain.headers["Allow"] == "GET,LIST"
     assert "sys/policies/acl is a listing" in plain.json()["errors"][0]
-    assert raw(broker, "GET", "sys/policies/acl", tok="").status_code == 403  # token first
+    assert raw(broker, "GET", "sys/policies/acl", token="").status_code == 403  # token first
 
 
 # -- reading ------------------------------------------------------------------------------
@@ -187,8 +155,8 @@ def test_hvac_reads_a_config_policy_as_vault_hcl(broker: BrokerThread,
     acl = root.sys.read_acl_policy("app")
     assert acl["data"] == {"name": "app", "policy": APP_HCL}
     assert "policy" not in acl and "name" not in acl
-    conforms("/v1/sys/policy/{name}", raw(broker, "GET", "sys/policy/app"), name="app")
-    conforms("/v1/sys/policies/acl/{name}", raw(broker, "GET", "sys/policies/acl/app"),
+    conforms("/v1/sys/policy/{name}", "GET", raw(broker, "GET", "sys/policy/app"), name="app")
+    conforms("/v1/sys/policies/acl/{name}", "GET", raw(broker, "GET", "sys/policies/acl/app"),
              name="app")
 
 
@@ -226,7 +194,7 @@ def test_an_unknown_policy_is_vaults_bare_404(broker: BrokerThread, root: hvac.C
     for path in ("sys/policy/nope", "sys/policies/acl/nope", "sys/policy/Default"):
         resp = raw(broker, "GET", path)
         assert (resp.status_code, resp.json()) == (404, {"errors": []}), path
-    conforms("/v1/sys/policies/acl/{name}", resp, name="Default")
+    conforms("/v1/sys/policies/acl/{name}", "GET", resp, name="Default")
     last = audit_lines(broker)[-1]
     assert (last["type"], last["outcome"], last["policy"]) == ("policy_read", "error", "Default")
 
@@ -261,7 +229,7 @@ def test_a_grant_on_the_path_allows_exactly_what_it_names(broker: BrokerThread,
     assert reader.sys.read_acl_policy("root")["data"]["policy"] == ""
     lister = client(broker, root, "vault-lister")
     assert lister.sys.list_acl_policies()["data"]["keys"] == NAMES
-    assert raw(broker, "LIST", "sys/policy", tok=lister.token).json()["keys"] == NAMES
+    assert raw(broker, "LIST", "sys/policy", token=lister.token).json()["keys"] == NAMES
     with pytest.raises(hvac.exceptions.Forbidden):
         lister.sys.list_policies()  # a GET: read on sys/policy, which it lacks
     with pytest.raises(hvac.exceptions.Forbidden):
@@ -314,7 +282,7 @@ def test_writes_are_405_saying_policies_are_set_in_the_config(broker: BrokerThre
         for path, allow in [("sys/policy", "GET,LIST"), ("sys/policy/app", "GET"),
                             ("sys/policies/acl", "GET,LIST"), ("sys/policies/acl/app", "GET")]:
             for tok in (ROOT_TOKEN, ""):
-                resp = raw(broker, method, path, tok=tok, json={"policy": "x"})
+                resp = raw(broker, method, path, token=tok, json={"policy": "x"})
                 assert resp.status_code == 405, (method, path, resp.text)
                 assert resp.headers["Allow"] == allow
                 assert resp.json() == {"errors": [f"method {method} not allowed here: "

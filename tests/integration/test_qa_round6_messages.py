@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import hvac
@@ -24,7 +23,12 @@ import requests
 
 from broker.client import ClientError
 from broker.config import ConfigError, load_config
-from tests.integration.broker_harness import ROOT_TOKEN, BrokerThread, noop_broker, write_config
+from tests.integration.broker_harness import (
+    ROOT_TOKEN,
+    BrokerThread,
+    noop_broker_fixture,
+    write_config,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -38,10 +42,7 @@ max_ttl = "2h"
 """
 
 
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerThread]:
-    with noop_broker(tmp_path_factory.mktemp("qa6"), CONFIG) as server:
-        yield server
+broker = noop_broker_fixture(CONFIG, "qa6")
 
 
 def _broker_cli(*args: str) -> subprocess.CompletedProcess[str]:

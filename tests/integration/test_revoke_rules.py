@@ -11,7 +11,6 @@ says go, then calls through.
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ from broker.bench import noop
 from broker.bench.harness import broker_config
 from broker.config import load_config
 from broker.lease import LeaseState
+from tests.integration.api_fixtures import audit_lines
 from tests.integration.broker_harness import ROOT_TOKEN, BrokerThread
 from tests.integration.store_fixtures import broker_store_url
 
@@ -97,10 +97,6 @@ def store_states(broker: BrokerThread, ids: list[str]) -> dict[str, str]:
         return out
 
     return broker.call(read())
-
-
-def audit_lines(broker: BrokerThread) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(broker.audit_path).read_text().splitlines()]
 
 
 def test_revoke_prefix_by_rule_keeps_its_semantics(broker: BrokerThread) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
-import secrets
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,20 +24,11 @@ import requests
 
 from broker.templating import generate_password
 from tests.integration.broker_harness import start_broker, write_config
+from tests.integration.ops_fixtures import mysql_admin_account, mysql_statement
 from tests.integration.test_api_mysql_aws import mysql_connect
 from tests.integration.test_workers import _call, _served, _wait
 
 pytestmark = pytest.mark.integration
-
-
-async def _sql(dsn: str, statement: str) -> None:
-    url = urlsplit(dsn)
-    conn = await mysql_connect(dsn, url.username or "root", url.password or "")
-    try:
-        async with conn.cursor() as cur:
-            await cur.execute(statement)
-    finally:
-        conn.close()
 
 
 def _logs_in(dsn: str, user: str, password: str) -> bool:
@@ -56,13 +46,8 @@ def _logs_in(dsn: str, user: str, password: str) -> bool:
 @pytest.fixture
 def admin(mysql_dsn: str) -> Iterator[tuple[str, str]]:
     """A MariaDB admin account of this test's own: (user, its first password)."""
-    user, password = f"v-rot-{secrets.token_hex(3)}", generate_password()
-    asyncio.run(_sql(mysql_dsn, f"CREATE USER '{user}'@'%' IDENTIFIED BY '{password}'"))
-    asyncio.run(_sql(mysql_dsn, f"GRANT ALL PRIVILEGES ON *.* TO '{user}'@'%' WITH GRANT OPTION"))
-    try:
-        yield user, password
-    finally:
-        asyncio.run(_sql(mysql_dsn, f"DROP USER IF EXISTS '{user}'@'%'"))
+    with mysql_admin_account(mysql_dsn, "v-rot-") as account:
+        yield account
 
 
 def _mount(mysql_dsn: str, user: str, secret_line: str) -> str:
@@ -242,7 +227,7 @@ def test_a_password_file_changed_elsewhere_is_followed_without_a_reload(
 
         # The password changes on the server, the sessions end, the file follows.
         second = generate_password()
-        asyncio.run(_sql(mysql_dsn, f"ALTER USER '{user}'@'%' IDENTIFIED BY '{second}'"))
+        asyncio.run(mysql_statement(mysql_dsn, f"ALTER USER '{user}'@'%' IDENTIFIED BY '{second}'"))
         _kill_sessions(mysql_dsn, user)
         pw.write_text(second + "\n")
         server.call(engine.follow_password_files())

@@ -8,12 +8,10 @@ are no secret still may come in the query.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import requests
 
-from tests.integration.broker_harness import ROOT_TOKEN, BrokerThread, noop_broker
+from tests.integration.broker_harness import ROOT_TOKEN, BrokerThread, noop_broker_fixture
 
 pytestmark = pytest.mark.integration
 
@@ -26,10 +24,7 @@ default_ttl = "1h"
 """
 
 
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerThread]:
-    with noop_broker(tmp_path_factory.mktemp("secrets-in-urls"), CONFIG) as server:
-        yield server
+broker = noop_broker_fixture(CONFIG, "secrets-in-urls")
 
 
 def _call(broker: BrokerThread, method: str, path: str) -> requests.Response:

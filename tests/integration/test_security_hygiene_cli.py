@@ -12,14 +12,13 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import hvac
 import hvac.exceptions
 import pytest
 
-from tests.integration.broker_harness import ROOT_TOKEN, BrokerThread, noop_broker
+from tests.integration.broker_harness import ROOT_TOKEN, BrokerThread, noop_broker_fixture
 from tests.integration.token_fixtures import client
 
 pytestmark = pytest.mark.integration
@@ -40,10 +39,7 @@ _WARNING = re.compile(r"\Abroker: warning: [^\n]*visible in the process list[^\n
 _ONE_LINE_ERROR = re.compile(r"\Abroker: error: [^\n]+\n\Z")
 
 
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerThread]:
-    with noop_broker(tmp_path_factory.mktemp("hygiene-cli"), CONFIG) as server:
-        yield server
+broker = noop_broker_fixture(CONFIG, "hygiene-cli")
 
 
 @pytest.fixture

@@ -39,10 +39,12 @@ from tests.conftest import run
 from tests.integration.broker_harness import (
     ROOT_TOKEN,
     BrokerThread,
+    broker_cli,
     config_url,
     pg_roles,
     spawn_broker,
     start_broker,
+    stop_spawned,
     wait_healthy,
     write_config,
 )
@@ -54,23 +56,6 @@ _ONE_LINE_ERROR = re.compile(r"\Abroker: error: [^\n]+\n\Z")
 REPO = Path(__file__).resolve().parents[2]
 #: a second in-process plugin name for the no-op backend: a "plugin change".
 OTHER_NOOP = "bench-noop-other"
-
-
-def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BROKER_", "VAULT_"))}
-    return subprocess.run([sys.executable, "-m", "broker.cli", *args], env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-    return proc.returncode
 
 
 def _wait_for(path: Path, text: str, timeout: float) -> str:
@@ -132,7 +117,7 @@ def test_dev_restart_revokes_the_old_root_with_its_children_and_their_leases(
         assert orphan_lease.status_code == 200, orphan_lease.text
         orphan_user = orphan_lease.json()["data"]["username"]
         assert len(run(pg_roles(postgres_dsn, template))) == 3
-        assert _stop(proc) == 0
+        assert stop_spawned(proc) == 0
 
         proc = spawn_broker(config, *dev, env=env)  # the same root id, chosen again
         wait_healthy(url)
@@ -162,7 +147,7 @@ def test_dev_restart_revokes_the_old_root_with_its_children_and_their_leases(
                 _api(url, root, "PUT", "sys/leases/revoke-prefix/pg/",
                      json={"sync": True, "force": True})
         finally:
-            _stop(proc)
+            stop_spawned(proc)
 
 
 # --------------------------------------------------------------------------- 2. drain
@@ -171,7 +156,7 @@ def test_sigterm_answers_503_while_draining_then_closes(tmp_path: Path) -> None:
     "broker is shutting down" and ``sys/health`` 503 (they got "connection refused")."""
     config = write_config(tmp_path, "")
     url = config_url(config)
-    token = _cli("operator", "init", "--config", str(config)).stdout.strip().splitlines()[-1]
+    token = broker_cli("operator", "init", "--config", str(config)).stdout.strip().splitlines()[-1]
     proc = spawn_broker(config)
     host, port = url.removeprefix("http://").split(":")
     slow: socket.socket | None = None
@@ -208,7 +193,7 @@ def test_sigterm_answers_503_while_draining_then_closes(tmp_path: Path) -> None:
     finally:
         if slow is not None:
             slow.close()
-        _stop(proc)
+        stop_spawned(proc)
 
 
 # --------------------------------------------------------------------------- 3 & 5. reload
@@ -306,7 +291,7 @@ def test_an_empty_password_file_is_a_config_error(tmp_path: Path, content: bytes
         load_config(config)
     assert err.value.key == "mounts.pg.password_file"
     assert str(tmp_path / "admin.pw") in err.value.message and "is empty" in err.value.message
-    done = _cli("server", "--config", str(config))
+    done = broker_cli("server", "--config", str(config))
     assert done.returncode == 2, done.stderr
     assert _ONE_LINE_ERROR.match(done.stderr), done.stderr
     assert (f"{config}: mounts.pg.password_file: {tmp_path / 'admin.pw'} is empty"
@@ -381,7 +366,7 @@ def test_a_bad_tls_pair_on_sighup_names_the_file_and_the_reason(tmp_path: Path) 
         assert proc.poll() is None
         assert _served_serial(port, client) == 1001  # the running certificate stays
     finally:
-        _stop(proc)
+        stop_spawned(proc)
     text = log.read_text(errors="replace")
     for pair in (third, fourth):
         for line in pair[1].decode().splitlines()[1:-1]:

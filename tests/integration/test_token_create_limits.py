@@ -21,7 +21,7 @@ from broker.tokens import TokenIdTaken, hash_token
 from tests.integration.broker_harness import (
     ROOT_TOKEN,
     BrokerThread,
-    noop_broker,
+    noop_broker_fixture,
     write_config,
 )
 from tests.integration.token_fixtures import (
@@ -50,10 +50,7 @@ max_ttl = "2h"
 """
 
 
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerThread]:
-    with noop_broker(tmp_path_factory.mktemp("token-limits"), CONFIG) as server:
-        yield server
+broker = noop_broker_fixture(CONFIG, "token-limits")
 
 
 @pytest.fixture

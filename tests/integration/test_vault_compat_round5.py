@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import tomllib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import pytest
 import requests
 
 from broker.server import INIT_ROOT_ACCESSOR
-from tests.integration.broker_harness import ROOT_TOKEN, BrokerThread, noop_broker
+from tests.integration.broker_harness import ROOT_TOKEN, BrokerThread, noop_broker_fixture
 from tests.integration.token_fixtures import audit_events, client, made_by_root
 
 pytestmark = pytest.mark.integration
@@ -66,10 +65,7 @@ plugin = "bench-noop"
 """ + example_policy("operator")
 
 
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerThread]:
-    with noop_broker(tmp_path_factory.mktemp("vault-compat-round5"), CONFIG) as server:
-        yield server
+broker = noop_broker_fixture(CONFIG, "vault-compat-round5")
 
 
 @pytest.fixture(scope="module")

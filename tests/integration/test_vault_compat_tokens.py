@@ -20,7 +20,7 @@ import requests
 from tests.integration.broker_harness import (
     ROOT_TOKEN,
     BrokerThread,
-    noop_broker,
+    noop_broker_fixture,
     start_broker,
     write_config,
 )
@@ -76,11 +76,7 @@ token_policies = ["issuer"]
 """
 
 
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerThread]:
-    with noop_broker(tmp_path_factory.mktemp("vault-compat-tokens"),
-                     POLICIES + JWT_METHODS) as server:
-        yield server
+broker = noop_broker_fixture(POLICIES + JWT_METHODS, "vault-compat-tokens")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

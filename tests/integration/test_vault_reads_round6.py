@@ -15,22 +15,14 @@ import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import hvac
 import hvac.exceptions
 import pytest
 import requests
-import schemathesis
-from schemathesis.checks import (
-    content_type_conformance,
-    not_a_server_error,
-    response_headers_conformance,
-    response_schema_conformance,
-    status_code_conformance,
-)
 
 from broker.api.db_config import redacted_url
+from tests.integration.api_fixtures import conforms, raw
 from tests.integration.broker_harness import (
     ROOT_TOKEN,
     BrokerThread,
@@ -42,10 +34,6 @@ from tests.integration.db_fixtures import drop_mysql_accounts, mysql_query, mysq
 from tests.integration.token_fixtures import audit_events, client, made_by_root
 
 pytestmark = pytest.mark.integration
-
-SPEC = schemathesis.openapi.from_path(Path(__file__).resolve().parents[2] / "docs" / "openapi.yaml")
-CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
-          response_schema_conformance, response_headers_conformance]
 
 #: The MariaDB admin account the mysql mount logs in as (made and dropped here).
 MY_ADMIN_PREFIX = "h14adm_"
@@ -147,18 +135,6 @@ database = "test"
 @pytest.fixture(scope="module")
 def root(broker: BrokerThread) -> hvac.Client:
     return client(broker, ROOT_TOKEN)
-
-
-def raw(broker: BrokerThread, method: str, path: str, token: str = ROOT_TOKEN,
-        **kwargs: Any) -> requests.Response:
-    return requests.request(method, f"{broker.url}/v1/{path}", timeout=30,
-                            headers={"X-Vault-Token": token}, **kwargs)
-
-
-def conforms(path: str, method: str, resp: requests.Response, **path_parameters: str) -> None:
-    """``resp`` matches docs/openapi.yaml's answer for ``method path``."""
-    SPEC[path][method].Case(path_parameters=path_parameters).validate_response(
-        resp, checks=CHECKS)
 
 
 def healthy(broker: BrokerThread, mount: str, timeout: float = 30) -> bool:
