@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 
 import asyncpg
 
+from broker.audit import event
 from broker.lease import TokenState
 from broker.periodic import Periodic, StoreOutage
 from broker.state import BrokerState
@@ -129,10 +130,29 @@ def start_jobs(state: BrokerState) -> Periodic:
         return await purge_ended(store, before=now - cfg.tombstone_retention,
                                  jwts_before=now - USED_JWT_MARGIN)
 
+    #: used-up tokens still active at the last run (a request may be ending one now)
+    spent_before: set[str] = set()
+
     async def expire_tokens() -> int:
         accessors = await store.expired_tokens(now=engine.clock(), limit=1000)
         await engine.end_tokens(accessors, state=TokenState.EXPIRED)
-        return len(accessors)
+        # Backstop: a token whose last use was taken is revoked by that request as it
+        # ends; one it could not revoke (a crash, an outage) would keep its leases
+        # live. Ended here once seen in two runs, so a request still running is not
+        # raced.
+        spent = set(await store.spent_tokens(limit=1000))
+        overdue = sorted(spent & spent_before)
+        spent_before.clear()
+        spent_before.update(spent - set(overdue))
+        if overdue:
+            log.warning("ending %d used-up token(s) the request that took their last use "
+                        "did not end", len(overdue))
+            for accessor in overdue:  # one each: the line names the token, as the request's
+                tokens, leases = await engine.end_tokens([accessor], state=TokenState.REVOKED)
+                await engine.audit.write(event("token_revoke", target=accessor,
+                                               reason="num_uses", action="spent_backstop",
+                                               tokens=tokens, leases_queued=leases))
+        return len(accessors) + len(overdue)
 
     outage = StoreOutage(reason=lambda: store.error, settled=lambda: store.error is None)
     if isinstance(store, PostgresStore):

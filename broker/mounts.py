@@ -170,7 +170,9 @@ class MountSet:
                          message)
             return
         async with self._mounts_lock:  # not while a reload swaps mounts
-            if self.mounts.get(name) is not runtime:  # a reload replaced it meanwhile
+            # Replaced by a reload meanwhile, or its secret rotated here (rotate-root
+            # sets the running spec's): the file read is no longer the news.
+            if self.mounts.get(name) is not runtime or runtime.spec is not spec:
                 await fresh.close()
                 return
             self.mounts = {**self.mounts, name: fresh}

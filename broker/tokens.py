@@ -194,7 +194,7 @@ class TokenManager:
             raise
         return token, record
 
-    async def resolve(self, token: str | None) -> Token:
+    async def resolve(self, token: str | None, *, consume: bool = True) -> Token:
         """The live token for ``token``, one of its uses taken if it has a use limit;
         PermissionDenied if missing/unknown, DeadToken if dead (SpentToken: used up).
 
@@ -213,7 +213,10 @@ class TokenManager:
         if record.state is not TokenState.ACTIVE:
             raise DeadToken(record)
         if record.num_uses:
-            await self._use(record)
+            if consume:
+                await self._use(record)
+            elif record.num_uses < 0:  # its last use taken: as good as revoked
+                raise SpentToken(record)
         return record
 
     async def _use(self, record: Token) -> None:

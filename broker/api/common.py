@@ -5,7 +5,7 @@ happens and a response line (typed by what happened) before the answer
 leaves. If either cannot be written, the client gets 503: no audit, no action.
 One that fails (an error answer) after its ``request`` line with no line of its
 own since gets a ``response`` line with ``outcome: "error"``, the status and the
-message (error_middleware): every request line has its outcome line.
+message (error_middleware): a failed request's line never stands alone.
 A request refused before it is authenticated (bad token, failed login, a token
 lookup the store did not answer) writes the same two lines, within a
 per-client rate limit (broker/api/audit_limit.py).
@@ -28,7 +28,7 @@ from broker.durations import parse_duration
 from broker.errors import BadRequest, BrokerError, PermissionDenied, RequestTimeout
 from broker.lease import Token, TokenState
 from broker.state import BrokerState
-from broker.store.deadline import request_budget
+from broker.store.deadline import apart, request_budget
 from broker.tokens import DeadToken
 
 __all__ = [
@@ -242,16 +242,18 @@ class Call:
     def _client(self) -> str:
         return client_key(self.request.remote)
 
-    async def authenticate(self) -> Token:
+    async def authenticate(self, *, consume: bool = True) -> Token:
         """Resolve the caller's token; audit and refuse a missing, unknown or dead one.
 
-        The token is resolved (a store read, nothing changes) before the ``request``
-        line: a refusal's lines go through the per-client limit, an accepted
-        request's never do.
+        The token is resolved (a store read; for a use-limited token, the write that
+        takes one of its uses) before the ``request`` line: a refusal's lines go
+        through the per-client limit, an accepted request's never do. ``consume=False``:
+        a path Vault serves without a token (``sys/health``, the UI's mount list),
+        where one sent along is looked at but takes no use.
         """
         raw = self.presented_token()
         try:
-            token = await self.state.tokens.resolve(raw)
+            token = await self.state.tokens.resolve(raw, consume=consume)
         except DeadToken as exc:
             # Never held back by the per-client limit: it names the token that leaked, and
             # a flood of bad tokens from the same address must not hide it in a count.
@@ -271,9 +273,12 @@ class Call:
             # nothing says the caller holds a token.
             self.outcome_due = True
             raise
-        await self.audit("request")  # before self.token is set: as the line always was
-        self.token = token
-        self.spent = token.num_uses < 0
+        try:
+            await self.audit("request")  # before self.token is set: as the line always was
+        finally:
+            # Even when the line failed: a last use taken is revoked as the request ends.
+            self.token = token
+            self.spent = token.num_uses < 0
         return token
 
     async def end_spent_token(self, response: web.StreamResponse | None
@@ -287,15 +292,23 @@ class Call:
         token, so the caller gets a 400 saying so instead.
         """
         assert self.token is not None
-        accessors = await self.state.tokens.descendants(self.token.accessor)
-        tokens, leases = await self.state.engine.end_tokens(accessors,
-                                                            state=TokenState.REVOKED)
-        withheld = _lease_of(response)
+        # With a full command_timeout (the request's budget may be spent by the very
+        # stall that failed it) and shielded (a cancelled request still ends it): a
+        # token left active here would keep its leases live, and nothing else takes
+        # a used-up token's end in hand but the token-expiry job's backstop.
+        tokens, leases = await apart(self._end_token_tree(self.token))
+        # A renewal keeps its answer, as in Vault (sys/leases/renew may renew a lease
+        # another token owns, which this does not revoke).
+        withheld = "" if self.path.startswith(_RENEW_PATHS) else _lease_of(response)
         await self.audit("token_revoke", target=self.token.accessor, reason="num_uses",
                          tokens=tokens, leases_queued=leases, withheld_lease=withheld or None)
         if withheld:
             return error_response(400, SPENT_WITH_LEASE)
         return response
+
+    async def _end_token_tree(self, token: Token) -> tuple[int, int]:
+        accessors = await self.state.tokens.descendants(token.accessor)
+        return await self.state.engine.end_tokens(accessors, state=TokenState.REVOKED)
 
     def allowed(self, path: str, capability: str) -> bool:
         assert self.token is not None
@@ -391,6 +404,9 @@ class Call:
             return False
         raise BadRequest(f"{name} must be a boolean")
 
+
+#: Paths whose answer a token's last use never withholds (Vault's exception).
+_RENEW_PATHS = ("sys/leases/renew", "sys/renew")
 
 #: Vault's answer when a token's last use would have returned a lease it revokes.
 SPENT_WITH_LEASE = ("Secret cannot be returned; token had one use left, so leased "
@@ -516,6 +532,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
                 response = await handler(request)
             except Exception as exc:
                 return await _failed(call, exc)
+            except BaseException:
+                if call.spent:  # cancelled (the client left, a shutdown): ended all the same
+                    _end_spent_later(call)
+                raise
             if call.spent:  # one attribute test for every other request
                 return await call.end_spent_token(response) or response
             return response
@@ -542,10 +562,26 @@ async def _failed(call: Call, exc: Exception) -> web.StreamResponse:
     if answer is not None and call.outcome_due:  # (only on failure: nothing on success)
         await _audit_failure(call, *answer)
     if call.spent:  # refused or failed, the last use is used all the same
-        await call.end_spent_token(None)
+        try:
+            await call.end_spent_token(None)
+        except Exception as end_exc:  # the client gets its request's error, not this one
+            log.warning("request %s: could not end the token whose last use it took "
+                        "(%s); the token-expiry job ends it", call.request_id,
+                        type(end_exc).__name__)
     if answer is None:
         raise exc
     return answer[0]
+
+
+#: revocations of spent tokens whose request was cancelled, kept until done
+_ENDING: set[asyncio.Task[Any]] = set()
+
+
+def _end_spent_later(call: Call) -> None:
+    """End the token whose last use a cancelled request took, in a task of its own."""
+    task = asyncio.ensure_future(call.end_spent_token(None))
+    _ENDING.add(task)
+    task.add_done_callback(_ENDING.discard)
 
 
 async def _audit_failure(call: Call, answer: web.Response, message: str) -> None:

@@ -54,7 +54,7 @@ async def list_mounts(request: web.Request) -> web.Response:
     call: Call = request[CALL]
     if not call.presented_token():
         return vault_response(call, {"secret": {}, "auth": {}})
-    await call.authenticate()
+    await call.authenticate(consume=False)  # an unauthenticated path in Vault: no use taken
     engine = call.state.engine
     secret = {f"{name}/": mount_info(runtime) for name, runtime in sorted(engine.mounts.items())
               if _may_use(call, f"{name}/")}
@@ -109,8 +109,8 @@ async def auth_tune(request: web.Request) -> web.Response:
     method's token TTLs in seconds, under ``data`` and at the top level (as Vault
     answers it).
 
-    ``max_lease_ttl`` is ``[tokens] max_ttl``, which no token outlives (Vault's
-    system max, what a method never tuned shows). ``default_lease_ttl`` is what a
+    ``max_lease_ttl`` is ``[tokens] max_ttl``, which no token but a periodic one
+    outlives (Vault's system max, what a method never tuned shows). ``default_lease_ttl`` is what a
     token gets when nothing sets its TTL: for ``token``, a token created without
     a ttl (``[tokens] max_ttl`` too); for a JWT method, a login whose role sets
     no ``token_ttl``. Read-only: a write is a 405 saying where methods are set.

@@ -368,6 +368,11 @@ class LeaseStore(Protocol):
     async def expired_tokens(self, *, now: float, limit: int) -> list[str]:
         """Accessors of active tokens whose expire_time has passed."""
 
+    async def spent_tokens(self, *, limit: int) -> list[str]:
+        """Accessors of active tokens whose last use was taken (``num_uses`` -1): the
+        request that took it revokes the token as it ends, unless it could not (a
+        crash, a store or audit outage); the token-expiry job ends those."""
+
     async def live_token_accessors(self, *, now: float, limit: int,
                                    after: str = "") -> list[str]:
         """Accessors of active tokens not yet expired at ``now``, sorted, after ``after``

@@ -107,22 +107,30 @@ def current_budget() -> Budget | None:
     return None
 
 
-async def joined(aw: Awaitable[T]) -> T:
-    """``aw`` in a task of its own that still draws on the creating request's budget.
+def joined(aw: Awaitable[T]) -> Awaitable[T]:
+    """``aw``, to run in a task of its own that still draws on the calling request's budget.
 
     For work the request waits for, e.g. ``asyncio.shield(joined(rollback()))``
-    or a branch of ``gather``, made by the request's own task (or a joined
-    one). Outside a request it is ``aw`` unchanged.
+    or a branch of ``gather``. The budget is taken here, in the caller's task,
+    and only if that task may use it (the request's own, or one it joined): a
+    task the request merely created cannot hand it on. Outside a request (or
+    from such a task) it is ``aw`` unchanged.
     """
-    budget = _CURRENT.get()  # the creator's, copied into this task's context
-    task = asyncio.current_task()
-    if budget is None or task is None or task is budget.owner:
-        return await aw
-    budget.joined.add(task)
-    try:
-        return await aw
-    finally:
-        budget.joined.discard(task)
+    budget = current_budget()
+    if budget is None:
+        return aw
+
+    async def run() -> T:
+        task = asyncio.current_task()
+        if task is None or task is budget.owner:  # awaited directly, not in a task
+            return await aw
+        budget.joined.add(task)
+        try:
+            return await aw
+        finally:
+            budget.joined.discard(task)
+
+    return run()
 
 
 async def apart(aw: Awaitable[T]) -> T:
@@ -136,4 +144,6 @@ async def apart(aw: Awaitable[T]) -> T:
     async def run() -> T:
         return await aw
 
-    return await asyncio.ensure_future(run())
+    # Shielded: a request cancelled meanwhile (its client gone) must not cut the
+    # clean-up short.
+    return await asyncio.shield(asyncio.ensure_future(run()))

@@ -854,6 +854,13 @@ class PostgresStore:
         )
         return [str(row[0]) for row in rows]
 
+    async def spent_tokens(self, *, limit: int) -> list[str]:
+        rows = await self.pool.fetch(
+            "SELECT accessor FROM tokens WHERE state = 'active' AND num_uses < 0 LIMIT $1",
+            limit,
+        )
+        return [str(row[0]) for row in rows]
+
     async def live_token_accessors(self, *, now: float, limit: int,
                                    after: str = "") -> list[str]:
         rows = await self.pool.fetch(

@@ -709,6 +709,13 @@ class SQLiteStore(SQLiteConnections):
         ))
         return [row[0] for row in rows]
 
+    async def spent_tokens(self, *, limit: int) -> list[str]:
+        rows = await self._read(_rows(
+            "SELECT accessor FROM tokens WHERE state = 'active' AND num_uses < 0 LIMIT ?",
+            (limit,),
+        ))
+        return [row[0] for row in rows]
+
     async def live_token_accessors(self, *, now: float, limit: int,
                                    after: str = "") -> list[str]:
         rows = await self._read(_rows(
