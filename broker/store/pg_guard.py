@@ -96,6 +96,15 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".rstrip(": ")
 
 
+def _spent() -> StoreUnavailable:
+    """A request's store budget spent by its earlier calls: its 503, with nothing tried.
+
+    Not an outage of its own: the call that used the budget up was one (or was slow),
+    and said so; a budget spent by slow but successful calls must not flip health.
+    """
+    return StoreUnavailable("lease store unavailable (this request's store time is spent: "
+                            "TimeoutError); retry later")
+
 class GuardedPool:
     """``acquire``, ``execute``, ``fetch``, ``fetchrow``, ``fetchval`` of an asyncpg pool.
 
@@ -131,9 +140,20 @@ class GuardedPool:
             log.warning("lease store writing again" if commits else "lease store reachable again")
 
     @contextmanager
-    def _guard(self) -> Iterator[None]:
+    def _guard(self, limit: float | None = None) -> Iterator[None]:
+        """``limit``: the seconds the call had, when in a request. A timeout after less
+        than half the store's timeout is the request's budget running out (its earlier
+        calls were slow, and said so if they failed), not by itself an outage: the
+        next request, with a budget of its own, tells. After more, it is one."""
         try:
             yield
+        except TimeoutError as exc:
+            if limit is not None and self._timeout is not None and limit < self._timeout / 2:
+                raise _spent() from None
+            self._lost(_reason(exc))
+            self._start_probe()
+            raise StoreUnavailable("lease store unavailable (TimeoutError); retry later") \
+                from None
         except _LOST as exc:
             self._lost(_reason(exc))
             if isinstance(exc, TimeoutError):
@@ -226,9 +246,9 @@ class GuardedPool:
                     await self._pool.release(conn)
             return
         try:
-            with self._guard():
-                if left <= 0:
-                    raise TimeoutError  # spent by the request's earlier calls
+            if left <= 0:
+                raise _spent()
+            with self._guard(left):
                 async with asyncio.timeout(left):
                     conn = await self._pool.acquire()
                     try:
@@ -244,9 +264,9 @@ class GuardedPool:
         started = loop.time()
         budget, limit = self._begin(started)
         try:
-            with self._guard():
-                if limit is not None and limit <= 0:
-                    raise TimeoutError  # spent by the request's earlier calls
+            if limit is not None and limit <= 0:
+                raise _spent()
+            with self._guard(limit):
                 conn = await self._get(limit)
                 try:
                     if limit is not None and "timeout" not in kwargs:

@@ -234,8 +234,10 @@ class SQLiteConnections:
         if budget is not None:
             limit = budget.begin(limit, loop.time())
         try:
-            if limit <= 0:  # spent by the request's earlier calls: not even queued
-                raise self._outage(f"no commit within {self.command_timeout:g}s")
+            if limit <= 0:  # spent by the request's earlier calls: not even queued, and
+                # no outage of its own (the call that spent it said so if it was one)
+                raise StoreUnavailable(f"lease store cannot write (no commit within "
+                                       f"{self.command_timeout:g}s); retry later")
             fut: asyncio.Future[T] = loop.create_future()
             self._queue.put_nowait(_Write(op, fut))
             # One timer per write rather than wait_for, which on Python 3.11 adds a

@@ -266,3 +266,32 @@ async def test_a_request_s_sqlite_writes_share_one_command_timeout(tmp_path: Pat
     finally:
         os.close(lock)
         await store.close()
+
+
+async def test_a_budget_cut_short_by_slow_calls_is_no_outage(
+        pg_store: PostgresStore, pg_dsn: str) -> None:
+    """The request's first call succeeds slowly (a lock held 0.75 x command_timeout);
+    its next call runs out of what is left: a 503 for the request, but the store's
+    health stays clear (it said "unavailable" for a stall the next request, with a
+    budget of its own, may not meet)."""
+    lease = await put_active(pg_store, make_lease("pg/creds/ro/000009", issue_time=time.time()))
+    first = await _locked(pg_dsn, "LOCK TABLE leases IN ACCESS EXCLUSIVE MODE")
+
+    async def release_later() -> None:
+        await asyncio.sleep(0.75 * TIMEOUT)
+        await first.execute("ROLLBACK")
+
+    releasing = asyncio.ensure_future(release_later())
+    try:
+        with request_budget():
+            assert (await pg_store.get(lease.id)) is not None  # slow, but it answers
+            await releasing
+            second = await _locked(pg_dsn, "LOCK TABLE leases IN ACCESS EXCLUSIVE MODE")
+            try:
+                with pytest.raises(StoreUnavailable, match="store time is spent"):
+                    await pg_store.get(lease.id)
+            finally:
+                await second.close()
+    finally:
+        await first.close()
+    assert pg_store.error is None
