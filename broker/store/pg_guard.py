@@ -190,14 +190,17 @@ class GuardedPool:
         self._back(commits=True)
 
     async def _probe_once(self, probe: str) -> None:
-        """``probe`` in one transaction (a multi-statement query is one), the wait for a
-        connection included, within the store's timeout: a lock it waits for must fail
-        it as it fails a request, not hold it forever (there is none without one)."""
-        if self._timeout is None:
-            await self._pool.execute(probe)
-            return
-        async with asyncio.timeout(self._timeout):
-            await self._pool.execute(probe)
+        """``probe`` in one transaction (a multi-statement query is one), within the
+        store's timeout: a lock it waits for must fail it as it fails a request, not
+        hold it forever (there is none without one).
+
+        The statement's own timeout (asyncpg cancels it on the server), not a timeout
+        around the pool: cancelling a connection the pool is opening, during a
+        failover, leaves its socket open (an unraisable ResourceWarning in
+        test_store_failover). Opening one is bounded by asyncpg's connect timeout.
+        """
+        async with self._pool.acquire() as conn:
+            await conn.execute(probe, timeout=self._timeout)
 
     async def close(self) -> None:
         probe, self._probe = self._probe, None

@@ -167,6 +167,7 @@ DEPLOY: dict[str, Any] = {
     "token_max_ttl": 7200,
     "token_explicit_max_ttl": 0,
     "token_type": "service",
+    "token_num_uses": 0,
     "single_use": False,
 }
 
