@@ -31,8 +31,7 @@ where nothing could interrupt it, and takes microseconds.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable
 from contextvars import ContextVar
 from typing import Any, TypeVar
 
@@ -81,15 +80,21 @@ class Budget:
 _CURRENT: ContextVar[Budget | None] = ContextVar("broker_store_budget", default=None)
 
 
-@contextmanager
-def request_budget() -> Iterator[Budget]:
-    """Store calls the current task makes inside share one budget (the HTTP middleware)."""
-    budget = Budget(asyncio.current_task())
-    token = _CURRENT.set(budget)
-    try:
-        yield budget
-    finally:
-        _CURRENT.reset(token)
+class request_budget:
+    """Store calls the current task makes inside share one budget (the HTTP middleware).
+
+    A class, not a ``@contextmanager`` generator: it is entered for every request.
+    """
+
+    __slots__ = ("_token",)
+
+    def __enter__(self) -> Budget:
+        budget = Budget(asyncio.current_task())
+        self._token = _CURRENT.set(budget)
+        return budget
+
+    def __exit__(self, *exc: object) -> None:
+        _CURRENT.reset(self._token)
 
 
 def current_budget() -> Budget | None:
