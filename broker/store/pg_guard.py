@@ -105,6 +105,29 @@ def _spent() -> StoreUnavailable:
     return StoreUnavailable("lease store unavailable (this request's store time is spent: "
                             "TimeoutError); retry later")
 
+
+async def _acquire_within(pool: Any, limit: float) -> Any:
+    """``pool.acquire()`` within ``limit`` seconds, never cancelled midway: on a timeout
+    (or the caller's cancellation) the acquire goes on, and its connection, if it gets
+    one, is released."""
+    task = asyncio.ensure_future(pool.acquire())
+    try:
+        return await asyncio.wait_for(asyncio.shield(task), limit)
+    except BaseException:
+        task.add_done_callback(lambda done: _give_back(pool, done))
+        raise
+
+
+#: releases of connections an acquire brought after its caller gave up, until done
+_RELEASING: set[asyncio.Future[Any]] = set()
+
+
+def _give_back(pool: Any, done: asyncio.Future[Any]) -> None:
+    if not done.cancelled() and done.exception() is None:
+        release = asyncio.ensure_future(pool.release(done.result()))
+        _RELEASING.add(release)
+        release.add_done_callback(_RELEASING.discard)
+
 class GuardedPool:
     """``acquire``, ``execute``, ``fetch``, ``fetchrow``, ``fetchval`` of an asyncpg pool.
 
@@ -217,10 +240,17 @@ class GuardedPool:
         broker's CPU per call on this store in the bench) and then applies the
         timeout to the release too.
         """
+        pool = self._pool
         if limit is None:
-            return await self._pool.acquire()
+            return await pool.acquire()
+        if pool.get_idle_size() == 0 and pool.get_size() < pool.get_max_size():
+            # This acquire may open a connection, and cancelling asyncpg's connect
+            # midway leaves its socket open (CI saw the ResourceWarning during store
+            # failovers): it is left to finish, and a connection it brings late goes
+            # back to the pool. (A task only here: a busy pool at its size has none.)
+            return await _acquire_within(pool, limit)
         async with asyncio.timeout(limit):
-            return await self._pool.acquire()
+            return await pool.acquire()
 
     def _begin(self, now: float) -> tuple[Budget | None, float | None]:
         """The request's store budget this call draws on (None: not in a request, or
@@ -252,12 +282,13 @@ class GuardedPool:
             if left <= 0:
                 raise _spent()
             with self._guard(left):
-                async with asyncio.timeout(left):
-                    conn = await self._pool.acquire()
-                    try:
+                started = loop.time()
+                conn = await self._get(left)
+                try:
+                    async with asyncio.timeout(left - (loop.time() - started)):
                         yield conn
-                    finally:
-                        await self._pool.release(conn)  # asyncpg shields the release
+                finally:
+                    await self._pool.release(conn)  # asyncpg shields the release
         finally:
             budget.end(loop.time())
 
