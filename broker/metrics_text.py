@@ -46,14 +46,25 @@ def _family(name: str, kind: str, help_: str, samples: Iterable[_Sample]) -> lis
 
 def render(*, leases: Mapping[str, int], total: Mapping[str, Any], started: float,
            workers: int, audit_healthy: bool, store_healthy: bool,
-           mounts_healthy: Mapping[str, bool]) -> str:
-    """The exposition text. ``total`` is :func:`broker.worker_stats.merge`'s sum."""
+           mounts_healthy: Mapping[str, bool],
+           overdue: Mapping[str, Mapping[str, float]] | None = None) -> str:
+    """The exposition text. ``total`` is :func:`broker.worker_stats.merge`'s sum;
+    ``overdue``: mount -> ``{"leases": N, "oldest_seconds": S}`` (the sys/metrics JSON's
+    ``leases_overdue``)."""
     backends: Mapping[str, Mapping[str, Mapping[str, Any]]] = total["backends"]
     calls = [({"mount": m, "op": op}, s) for m, ops in sorted(backends.items())
              for op, s in sorted(ops.items())]
+    late = sorted((overdue or {}).items())
     lines: list[str] = []
     lines += _family("broker_leases", "gauge", "Leases in the store, by state.",
                      (({"state": state}, n) for state, n in sorted(leases.items())))
+    lines += _family("broker_leases_overdue", "gauge",
+                     "Live leases more than claim_timeout past their expiry, by mount: not "
+                     "revoked in time (a backend down, retries, a sweeper behind).",
+                     (({"mount": m}, f["leases"]) for m, f in late))
+    lines += _family("broker_leases_overdue_oldest_seconds", "gauge",
+                     "How long past its expiry the oldest overdue lease is, by mount "
+                     "(0: none).", (({"mount": m}, f["oldest_seconds"]) for m, f in late))
     lines += _family("broker_sweeper_busy", "gauge",
                      "Revocations the sweepers are carrying out now.",
                      [({}, total["sweeper_busy"])])

@@ -29,6 +29,7 @@ from broker.api.login import auth_methods
 from broker.errors import BadRequest, BrokerError, StoreUnavailable
 from broker.middleware import MountRuntime
 from broker.state import BrokerState
+from broker.store.base import Overdue
 from broker.worker_stats import merge, publish_own
 
 __all__ = ["auth_mount_info", "mount_info", "routes"]
@@ -70,6 +71,35 @@ _BODILESS = frozenset({204, 304})
 #: replaced by _WITHHELD; a mount's, free text from its plugin, always is.
 _PLAIN_REASON = re.compile(r"[A-Za-z][A-Za-z0-9 '-]{0,79}")
 _WITHHELD = "unavailable; a token that may read sys/metrics sees why"
+
+
+def _overdue_grace(state: BrokerState) -> float:
+    """Seconds past its expiry after which a live lease counts as overdue: one
+    ``claim_timeout``. A lease is claimed as it falls due, and its revocation has until
+    the claim runs out to be recorded (config.py keeps that longer than a backend call
+    may take); one still live after that has missed its turn, whatever held it (its
+    mount down, retries, a sweeper behind). Shorter would count a busy sweeper's
+    ordinary lag; longer would wait on an alert that is already true."""
+    return float(state.config.leases.claim_timeout)
+
+
+async def _overdue_leases(state: BrokerState) -> dict[str, dict[str, float]] | None:
+    """Overdue leases per mount (every configured mount, 0 when none, and any other
+    mount that has some): ``{"leases": N, "oldest_seconds": S}``, S how long past its
+    expiry the oldest of them is. None: the store could not count them."""
+    now = state.engine.clock()
+    try:
+        found = await state.store.count_overdue(before=now - _overdue_grace(state))
+    except StoreUnavailable:
+        return None
+    figures = {name: {"leases": 0, "oldest_seconds": 0.0} for name in state.engine.mounts}
+    for mount, o in found.items():
+        figures[mount] = _overdue_figure(o, now)
+    return dict(sorted(figures.items()))
+
+
+def _overdue_figure(o: Overdue, now: float) -> dict[str, float]:
+    return {"leases": o.count, "oldest_seconds": round(max(0.0, now - o.oldest_expire_time), 3)}
 
 
 def _health_codes(query: Mapping[str, str]) -> dict[str, int]:
@@ -128,19 +158,26 @@ async def health(request: web.Request) -> web.Response:
     (shutting down, or its audit log or lease store failing): that state answers
     ``sealedcode`` (503, as a sealed Vault), for load balancers to route around.
     Why a component fails is shown in full only to a token that may read
-    ``sys/metrics``: a backend's error names its host and port.
+    ``sys/metrics``: a backend's error names its host and port. Such a token also
+    sees each mount's ``overdue_leases`` (lease counts are metrics, and a load
+    balancer's check, without a token, costs no store query); they never change
+    the status: a mount's backend being down does not stop the others.
     """
     codes = _health_codes(request.query)
     call: Call = request[CALL]
     state = request.app[STATE]
     detail = await _shows_detail(call)
-    mounts = {
+    mounts: dict[str, dict[str, Any]] = {
         name: {"plugin": m.spec.plugin, "healthy": m.healthy,
                "error": _reason(m.error, detail, plugin_text=True)}
         for name, m in state.engine.mounts.items()
     }
     audit_ok = state.audit.healthy
     store_error = state.store.error
+    if detail:
+        overdue = await _overdue_leases(state) if store_error is None else None
+        for name, entry in mounts.items():
+            entry["overdue_leases"] = None if overdue is None else overdue[name]["leases"]
     # An instance that cannot audit cannot issue anything (fail-closed), nor can
     # one that cannot reach its lease store: tell load balancers to send traffic
     # elsewhere (a replica with its own path to the store may still reach it).
@@ -450,8 +487,9 @@ async def metrics(request: web.Request) -> web.Response:
         leases: dict[str, int] | None = await state.store.count_by_state()
     except StoreUnavailable:
         leases = None  # the rest needs no store, and broker_store_healthy says why
+    overdue = await _overdue_leases(state) if leases is not None else None
     if fmt == "prometheus":
-        return web.Response(body=_render(state, leases).encode(),
+        return web.Response(body=_render(state, leases, overdue).encode(),
                             headers={"Content-Type": metrics_text.CONTENT_TYPE})
     own = publish_own(state)  # this worker's figures fresh, the others' up to 1 s old
     workers = state.stats_board.snapshots() if state.stats_board is not None else {}
@@ -459,6 +497,7 @@ async def metrics(request: web.Request) -> web.Response:
     started = min(w["started"] for w in workers.values()) if workers else state.started
     data: dict[str, Any] = {
         "leases": leases,
+        "leases_overdue": overdue,
         "sweeper_busy": total["sweeper_busy"],
         "sweeper_dropped_claims": total["sweeper_dropped_claims"],
         "backends": _backend_figures(total["backends"]),
@@ -477,14 +516,17 @@ async def metrics(request: web.Request) -> web.Response:
     return vault_response(call, data)
 
 
-def _render(state: BrokerState, leases: dict[str, int] | None) -> str:
-    """The Prometheus text; ``leases`` None: the store could not count them (no samples)."""
+def _render(state: BrokerState, leases: dict[str, int] | None,
+            overdue: Mapping[str, Mapping[str, float]] | None = None) -> str:
+    """The Prometheus text; ``leases`` or ``overdue`` None: the store could not count
+    them (no samples)."""
     own = publish_own(state)
     workers = state.stats_board.snapshots() if state.stats_board is not None else {}
     total = merge(workers.values() if workers else [own])
     started = min(w["started"] for w in workers.values()) if workers else state.started
     return metrics_text.render(
-        leases=leases or {}, total=total, started=started, workers=max(len(workers), 1),
+        leases=leases or {}, overdue=overdue or {}, total=total, started=started,
+        workers=max(len(workers), 1),
         audit_healthy=state.audit.healthy, store_healthy=state.store.error is None,
         mounts_healthy={name: m.healthy for name, m in state.engine.mounts.items()})
 

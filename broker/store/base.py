@@ -44,8 +44,8 @@ from typing import Any, Protocol
 from broker.errors import PermissionDenied
 from broker.lease import Lease, LeaseFilter, LeaseState, Token
 
-__all__ = ["FORCE_TAKEOVER", "LeaseStore", "RevokeQueued", "RuleChunk", "owner_ended",
-           "revoked_while_issued"]
+__all__ = ["FORCE_TAKEOVER", "LeaseStore", "Overdue", "RevokeQueued", "RuleChunk",
+           "owner_ended", "revoked_while_issued"]
 
 #: Seconds a forced revocation of a mount a replica lacks waits for a replica
 #: that has the mount (which tries the backend first) before the replica takes
@@ -92,6 +92,16 @@ class RuleChunk:
     queued: int
     #: the rule is fully expanded (and gone).
     done: bool
+
+
+@dataclass(frozen=True)
+class Overdue:
+    """What ``count_overdue`` found for one mount."""
+
+    #: live leases of the mount whose expiry is before the cut-off.
+    count: int
+    #: the earliest expiry among them (Unix seconds): how long the oldest is overdue.
+    oldest_expire_time: float
 
 
 class LeaseStore(Protocol):
@@ -173,6 +183,16 @@ class LeaseStore(Protocol):
         """Like list_ids but whole rows (for irrevocable listings, CLI tables)."""
 
     async def count_by_state(self) -> dict[str, int]: ...
+
+    async def count_overdue(self, *, before: float) -> dict[str, Overdue]:
+        """Live leases (pending, active, revoking, irrevocable) whose ``expire_time`` is
+        before ``before``, per mount (a mount with none is left out): credentials that
+        should be dead and may not be, whatever kept them (a mount held back while
+        unhealthy, retries, a sweeper behind, an interrupted issue not rolled back).
+
+        Never reads the live leases that are not overdue: active ones from the
+        ``due_at`` index (an active lease is due at its expiry), the other live
+        states from the state index (few, but for a mass revoke's backlog)."""
 
     async def count_matching(
         self, flt: LeaseFilter, *, states: Sequence[LeaseState] = ()

@@ -44,6 +44,7 @@ from broker.lease import Lease, LeaseFilter, LeaseState, Token, TokenState, chec
 from broker.store import redact_url
 from broker.store.base import (
     FORCE_TAKEOVER,
+    Overdue,
     RevokeQueued,
     RuleChunk,
     owner_ended,
@@ -455,6 +456,21 @@ class PostgresStore:
         counts = {str(state): 0 for state in LeaseState}
         counts.update({str(row[0]): int(row[1]) for row in rows})
         return counts
+
+    async def count_overdue(self, *, before: float) -> dict[str, Overdue]:
+        # An active lease is due at its expiry: the due_at index finds the overdue
+        # ones among the few due before the cut-off; the state index the other live
+        # states (few, bar a mass revoke's backlog). No live lease not overdue is read
+        # (once autovacuum has analysed the table; before, the planner may scan it).
+        rows = await self.pool.fetch(
+            "SELECT mount, count(*), min(expire_time) FROM ("
+            " SELECT mount, expire_time FROM leases WHERE due_at IS NOT NULL AND due_at < $1"
+            "  AND state = 'active' AND expire_time < $1"
+            " UNION ALL"
+            " SELECT mount, expire_time FROM leases"
+            "  WHERE state IN ('pending', 'revoking', 'irrevocable') AND expire_time < $1"
+            ") AS o GROUP BY mount", before)
+        return {str(row[0]): Overdue(int(row[1]), float(row[2])) for row in rows}
 
     async def count_matching(
         self, flt: LeaseFilter, *, states: Sequence[LeaseState] = ()

@@ -58,7 +58,8 @@ def test_a_scrape_reads_the_same_figures_as_the_json(broker: BrokerThread) -> No
     families = {f.name: f.type for f in text_string_to_metric_families(resp.text)}
     # (the parser reports a counter's family without its _total suffix)
     assert families == {
-        "broker_leases": "gauge", "broker_sweeper_busy": "gauge",
+        "broker_leases": "gauge", "broker_leases_overdue": "gauge",
+        "broker_leases_overdue_oldest_seconds": "gauge", "broker_sweeper_busy": "gauge",
         "broker_sweeper_dropped_claims": "counter", "broker_backend_calls": "counter",
         "broker_backend_errors": "counter", "broker_backend_call_seconds": "counter",
         "broker_backend_call_max_seconds": "gauge", "broker_mount_healthy": "gauge",
