@@ -675,16 +675,27 @@ def _tokens(r: _Reader) -> TokenConfig:
 
 def _check_login_ttls(source: str, methods: Mapping[str, JWTMethodConfig],
                       raw: Mapping[str, Any], tokens: TokenConfig) -> None:
-    """No JWT login token may outlive ``[tokens] max_ttl``, renewals included.
+    """No JWT login token may outlive ``[tokens] max_ttl``, renewals included,
+    but a periodic role's (``token_period``), whose period must fit under it.
 
     The login takes its TTL and cap from the role; a role whose ``token_max_ttl``
     is 0 (no cap) or longer than the ceiling would hand out tokens renewable
     past it. Refused here, naming the role's key, rather than capped in silence.
+    A periodic role's tokens live on while renewed, as Vault's periodic tokens
+    (and the broker's, from auth/token/create): the ceiling caps their period,
+    not their life, and their ``token_explicit_max_ttl`` is not cut to it.
     """
     limit = format_duration(tokens.max_ttl)
     for name, method in methods.items():
         for role in method.roles.values():
             prefix = f"auth.jwt.{name}.roles.{role.name}"
+            if role.token_period:
+                if role.token_period > tokens.max_ttl:
+                    raise ConfigError(source, f"{prefix}.token_period",
+                                      f"{format_duration(role.token_period)} is longer than "
+                                      f"tokens.max_ttl ({limit}), which caps a periodic "
+                                      f"token's period; set at most {limit}")
+                continue
             if role.token_ttl > tokens.max_ttl:
                 raise ConfigError(source, f"{prefix}.token_ttl",
                                   f"longer than tokens.max_ttl ({limit})")

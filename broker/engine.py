@@ -66,6 +66,7 @@ from broker.revocation import ISSUED_BY, RevokeOutcome, Revoker, lease_ref
 from broker.store.base import FORCE_TAKEOVER, LeaseStore, RevokeQueued
 from broker.store.deadline import joined
 from broker.templating import generate_password, render_username
+from broker.timefmt import rfc3339_seconds
 
 __all__ = ["EndingRecorder", "Issued", "LeaseEngine", "MountNotServed", "RecordIssue",
            "RevokeOutcome", "lease_ref"]
@@ -309,7 +310,10 @@ class LeaseEngine(MountSet, Revoker):
             # then a 1h role) cuts a few seconds: said only when it cuts more than a
             # minute or 10% of the TTL, whichever is larger (docs/api.md).
             if cut > max(60.0, lease_ttl / 10):
-                warnings.append("lease TTL capped at the token's expiry: "
+                # A periodic token's is its explicit_max_ttl, which its renewals never move.
+                where = ("the periodic token's explicit_max_ttl" if token.period
+                         else "the token's expiry")
+                warnings.append(f"lease TTL capped at {where}: "
                                 f"{round(max_expire - now)}s instead of {lease_ttl}s")
         expire = min(now + lease_ttl, max_expire)
         caps = runtime.capabilities
@@ -628,13 +632,9 @@ class LeaseEngine(MountSet, Revoker):
             new_cap, why = lowered  # past it: renew_expiry refuses, saying why
             lease.max_expire_time = new_cap
         elif now + (increment or default_ttl) > lease.max_expire_time and role is not None:
-            new_cap = await self._token_cap(lease, role.max_ttl)
+            new_cap, why = await self._token_cap(lease, role.max_ttl)
             if new_cap is not None:
                 lease.max_expire_time = new_cap
-            if lease.max_expire_time < lease.issue_time + role.max_ttl - 0.5:
-                # The owner token's expiry caps the lease, not the role's max_ttl.
-                why = ("the limit is the expiry of the token that owns the lease, not the "
-                       "role's max_ttl: renew the token first")
         expire = renew_expiry(lease, increment, default_ttl, now, why=why)
         capped = renewal_capped(lease, increment, default_ttl, now, why=why)
         if runtime.capabilities.can_renew and role is not None:
@@ -679,9 +679,10 @@ class LeaseEngine(MountSet, Revoker):
         return cap, (f"{why} (counted from the lease's issue time), less than when the "
                      "lease was issued")
 
-    async def _token_cap(self, lease: Lease, role_max_ttl: int) -> float | None:
+    async def _token_cap(self, lease: Lease, role_max_ttl: int) -> tuple[float | None, str]:
         """A later max expiry for a lease its token's expiry capped at issue, if the
-        token has been renewed since; None when the cap stays.
+        token has been renewed since (None when the cap stays), and what to tell a
+        renewal the token's cap holds back ("" when the role's max_ttl is the cap).
 
         At issue the cap is the sooner of issue time + the role's max_ttl and
         the token's expiry ("a lease never outlives its token"). Renewing the
@@ -689,16 +690,30 @@ class LeaseEngine(MountSet, Revoker):
         role's max_ttl; otherwise a long CI job that keeps its token alive
         would still lose its credentials at the token's first expiry. Read
         only on a renewal that asks past the cap, so other renewals cost
-        nothing more.
+        nothing more. A periodic token's leases are capped only at its
+        explicit_max_ttl (``_issue``), which no renewal of the token moves: the
+        hint says so rather than "renew the token first", which cannot help.
         """
         role_cap = lease.issue_time + role_max_ttl
         if lease.max_expire_time >= role_cap:
-            return None  # capped by the role, not the token
+            return None, ""  # capped by the role, not the token
         token = await self.store.token_by_accessor(lease.owner)
-        if token is None or token.state is not TokenState.ACTIVE:
-            return None  # its leases are being revoked with it
-        cap = role_cap if token.expire_time is None else min(role_cap, token.expire_time)
-        return cap if cap > lease.max_expire_time else None
+        new_cap = None
+        if token is not None and token.state is TokenState.ACTIVE:
+            # (An ended token's leases are being revoked with it: the cap stays.)
+            end = token.max_expire_time if token.period else token.expire_time
+            cap = role_cap if end is None else min(role_cap, end)
+            new_cap = cap if cap > lease.max_expire_time else None
+        if (new_cap or lease.max_expire_time) >= role_cap - 0.5:
+            return new_cap, ""  # the token's renewals let it reach the role's max_ttl
+        if token is not None and token.period and token.max_expire_time is not None:
+            return new_cap, (
+                "the limit is the explicit_max_ttl of the periodic token that owns the "
+                f"lease (it ends at {rfc3339_seconds(token.max_expire_time)}), not the "
+                "role's max_ttl: no renewal of the token moves it, so a longer lease "
+                "needs a new token")
+        return new_cap, ("the limit is the expiry of the token that owns the lease, not the "
+                         "role's max_ttl: renew the token first")
 
     # -- revocation ------------------------------------------------------------
     async def revoke(self, lease: Lease, *, reason: str = "revoke", wait: float = 30.0

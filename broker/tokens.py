@@ -238,20 +238,35 @@ class TokenManager:
         return order
 
     async def renew(self, token: Token, increment: int | None, *,
-                    warnings: list[str] | None = None) -> tuple[Token, int]:
+                    warnings: list[str] | None = None,
+                    max_period: int | None = None) -> tuple[Token, int]:
         """Extend ``token`` by ``increment`` (else the TTL it was created with) from now,
         capped at its max expiry and at its parent's expiry. Returns the token and the
         TTL granted, in seconds. A periodic token is extended by its period, whatever
         the increment, as Vault does (its docs: the increment is not honoured).
 
+        ``max_period``: the system max TTL now (``[tokens] max_ttl``). As Vault's
+        ``CalculateTTL`` on every renewal, a periodic token's period is capped at it,
+        so a reload that lowered it shortens the next renewal; the stored period is
+        kept (lookups show it, as Vault's), and a later raise gives it back.
+
         A capped renewal appends Vault's warning to ``warnings`` ("TTL of ... exceeded
         the effective max_ttl of ...; TTL value is capped accordingly"), naming the
-        limit that applied: the token's own max TTL or its parent token's expiry.
+        limit that applied: the token's own max TTL or its parent token's expiry
+        (a capped period: "period of ... exceeded ...", as Vault words it).
         """
         if not token.renewable or token.expire_time is None:
             raise BadRequest("token is not renewable")
         now = self.clock()
-        ttl = token.period or increment or _base_ttl(token)
+        period = token.period
+        if period and max_period and period > max_period:
+            if warnings is not None:
+                warnings.append(
+                    f'period of "{format_duration(period)}" exceeded the effective max_ttl '
+                    f'of "{format_duration(max_period)}"; period value is capped accordingly '
+                    "(the limit is [tokens] max_ttl, lowered since the token was created)")
+            period = max_period
+        ttl = period or increment or _base_ttl(token)
         wanted = now + ttl
         parent_end = await self._parent_expiry(token)
         if parent_end is not None and parent_end <= now:

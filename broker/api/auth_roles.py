@@ -111,6 +111,8 @@ def role_data(method: JWTMethodConfig, role: JWTRoleConfig) -> dict[str, Any]:
         "token_explicit_max_ttl": role.token_explicit_max_ttl or 0,
         "token_type": "service",
         "token_num_uses": role.token_num_uses,
+        # As Vault: 0 unless periodic; then token_ttl and token_max_ttl are 0 (unused).
+        "token_period": role.token_period,
         # An extension (Vault has no such option): each JWT logs in once.
         "single_use": role.single_use,
     }

@@ -146,6 +146,9 @@ async def login(request: web.Request) -> web.Response:
             accessor=accessor,
             path=f"auth/{name}/login",  # as Vault's token lookups show a login's token
             num_uses=result.role.token_num_uses,
+            # A periodic role's token: TTL = period, renewed by it, capped only at the
+            # role's token_explicit_max_ttl (max_ttl), as in Vault.
+            period=result.period,
         )
     except Exception:
         # No token was made: a single_use JWT is not used up (a store blip must not turn

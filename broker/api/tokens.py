@@ -669,13 +669,20 @@ async def list_accessors(request: web.Request) -> web.Response:
     return vault_response(call, {"keys": keys}, warnings=warnings)
 
 
+def _max_period(call: Call) -> int:
+    """What caps a periodic token's period at a renewal: ``[tokens] max_ttl`` as the
+    running config has it (a reload may have lowered it since the token was made)."""
+    return call.state.config.tokens.max_ttl
+
+
 @routes.post("/v1/auth/token/renew-self")
 @routes.put("/v1/auth/token/renew-self")
 async def renew_self(request: web.Request) -> web.Response:
     call, token = await _authorized(request, "update")
     warnings: list[str] = []
     token, granted = await call.state.tokens.renew(token, call.duration("increment"),
-                                                   warnings=warnings)
+                                                   warnings=warnings,
+                                                   max_period=_max_period(call))
     await call.audit("token_renew", expire_time=rfc3339(token.expire_time))
     # The caller's own token: Vault's renew answer carries it, and it tells the caller nothing new.
     return _auth_response(call, auth_block(call.presented_token(), token, ttl=granted),
@@ -693,7 +700,8 @@ async def renew(request: web.Request) -> web.Response:
     if other is None:
         raise BadRequest("token not found")  # Vault's answer (400)
     warnings: list[str] = []
-    other, granted = await call.state.tokens.renew(other, increment, warnings=warnings)
+    other, granted = await call.state.tokens.renew(other, increment, warnings=warnings,
+                                                   max_period=_max_period(call))
     await call.audit("token_renew", target=other.accessor,
                      expire_time=rfc3339(other.expire_time))
     return _auth_response(call, auth_block(value, other, ttl=granted), warnings)
@@ -716,7 +724,8 @@ async def renew_accessor(request: web.Request) -> web.Response:
     if other is None:
         raise BadRequest("invalid accessor")  # as lookup-accessor
     warnings: list[str] = []
-    other, granted = await call.state.tokens.renew(other, increment, warnings=warnings)
+    other, granted = await call.state.tokens.renew(other, increment, warnings=warnings,
+                                                   max_period=_max_period(call))
     await call.audit("token_renew", target=other.accessor,
                      expire_time=rfc3339(other.expire_time))
     return _auth_response(call, auth_block("", other, ttl=granted), warnings)

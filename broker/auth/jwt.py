@@ -83,6 +83,9 @@ class LoginResult:
     policies: list[str]
     ttl: int
     max_ttl: int | None
+    #: a periodic role's period (``token_period``; the token's TTL at every renewal),
+    #: else 0. With it, ``max_ttl`` is the role's ``token_explicit_max_ttl`` only.
+    period: int = 0
     #: a ``single_use`` role's: the SHA-256 of the JWT's ``jti`` (hex), the key its
     #: use is recorded under; None for other roles.
     jti_hash: str | None = None
@@ -477,6 +480,7 @@ class JWTAuthMethod:
             policies=sorted(set(role.token_policies) | {"default"}),
             ttl=role.token_ttl,
             max_ttl=role.token_cap,
+            period=role.token_period,
             jti_hash=jti_hash,
             use_until=use_until,
         )

@@ -53,7 +53,7 @@ _METHOD_KEYS = frozenset({
 _ROLE_KEYS = frozenset({
     "bound_audiences", "bound_subject", "bound_claims", "bound_claims_type", "user_claim",
     "claim_mappings", "token_policies", "token_ttl", "token_max_ttl", "token_explicit_max_ttl",
-    "token_num_uses", "single_use",
+    "token_num_uses", "token_period", "single_use",
 })
 #: what a role must bind (one at least): Vault's JWT roles need one bound constraint.
 _ROLE_BOUNDS = ("bound_audiences", "bound_subject", "bound_claims")
@@ -86,12 +86,16 @@ class JWTRoleConfig:
     #: claim -> metadata key.
     claim_mappings: Mapping[str, str] = field(default_factory=dict)
     token_policies: tuple[str, ...] = ()
+    #: 0 for a periodic role (its tokens' TTL is token_period).
     token_ttl: int = 3600
-    #: renewals never go past this (from login time); None: no cap.
+    #: renewals never go past this (from login time); None: no cap (a periodic role's).
     token_max_ttl: int | None = 86400
     token_explicit_max_ttl: int | None = None
     #: requests a login's token may make (Vault's token_num_uses); 0: no limit.
     token_num_uses: int = 0
+    #: a login's token is periodic (Vault's token_period, seconds): its TTL is this and
+    #: every renewal sets it back; no cap but token_explicit_max_ttl. 0: not periodic.
+    token_period: int = 0
     #: each JWT (by its ``jti``) logs in once: a replay of a leaked CI token is refused.
     single_use: bool = False
 
@@ -374,14 +378,18 @@ def _role(prefix: str, name: str, table: Any, known: Collection[str] | None) -> 
     num_uses = t.get("token_num_uses", int, 0)
     if num_uses < 0:
         raise t.error("token_num_uses", "must not be negative (0: no limit)")
-    ttl = t.duration("token_ttl", 3600) or 0
-    max_ttl = t.duration("token_max_ttl", max(86400, ttl))
+    period = t.duration("token_period", 0) or 0
     explicit = t.duration("token_explicit_max_ttl", None)
-    if ttl < 1:
-        raise t.error("token_ttl", "must be at least 1s")
-    for key, cap in (("token_max_ttl", max_ttl), ("token_explicit_max_ttl", explicit)):
-        if cap and ttl > cap:
-            raise t.error("token_ttl", f"longer than {key} ({cap}s)")
+    if period:
+        ttl, max_ttl = _periodic(t, period, explicit)
+    else:
+        ttl = t.duration("token_ttl", 3600) or 0
+        max_ttl = t.duration("token_max_ttl", max(86400, ttl))
+        if ttl < 1:
+            raise t.error("token_ttl", "must be at least 1s")
+        for key, cap in (("token_max_ttl", max_ttl), ("token_explicit_max_ttl", explicit)):
+            if cap and ttl > cap:
+                raise t.error("token_ttl", f"longer than {key} ({cap}s)")
     if not (audiences or subject is not None or bound):
         # Vault refuses such a role ("must have at least one bound constraint"): it would
         # take every token the issuer signs, for any repository, project or user.
@@ -402,8 +410,29 @@ def _role(prefix: str, name: str, table: Any, known: Collection[str] | None) -> 
         token_max_ttl=max_ttl or None,
         token_explicit_max_ttl=explicit or None,
         token_num_uses=num_uses,
+        token_period=period,
         single_use=single_use,
     )
+
+
+def _periodic(t: _Table, period: int, explicit: int | None) -> tuple[int, None]:
+    """A periodic role's token_ttl and token_max_ttl: none, both (0 and None).
+
+    As in Vault, a periodic token's TTL is its period and it has no max TTL but its
+    explicit one, so a ``token_ttl`` or ``token_max_ttl`` beside ``token_period``
+    would not be used: refused, rather than left to look like a limit that holds.
+    """
+    for key, instead in (("token_ttl", "its TTL is token_period, at login and at every "
+                                       "renewal"),
+                         ("token_max_ttl", "it has no max TTL; token_explicit_max_ttl is "
+                                           "the hard cap that still ends it")):
+        if key in t.table:
+            raise t.error(key, f"not used with token_period (a periodic token: {instead}); "
+                               f"remove {key}")
+        t.used.add(key)
+    if explicit and period > explicit:
+        raise t.error("token_period", f"longer than token_explicit_max_ttl ({explicit}s)")
+    return 0, None
 
 
 def parse_jwt_methods(

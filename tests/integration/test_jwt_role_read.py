@@ -168,6 +168,7 @@ DEPLOY: dict[str, Any] = {
     "token_explicit_max_ttl": 0,
     "token_type": "service",
     "token_num_uses": 0,
+    "token_period": 0,
     "single_use": False,
 }
 
