@@ -24,6 +24,7 @@ from broker.api import (
     system,
     tokens,
 )
+from broker.api.audit_limit import Held, TokenBuckets, client_key
 from broker.api.common import STATE, error_middleware, error_response
 from broker.api.httpparser import ListAwareRequestParser
 from broker.state import BrokerState
@@ -75,6 +76,55 @@ else:  # pragma: no cover - CI has the C extensions
 # token), and any port scanner would fill the log with tracebacks.
 log = logging.getLogger(__name__)
 
+#: malformed requests of one client logged line by line at once (INFO)...
+LOG_BURST = 10
+#: ...then this many a second; the rest are counted, and said in one line.
+LOG_RATE = 1.0
+#: client addresses tracked at most (a scan from more shares one count).
+LOG_MAX_CLIENTS = 1_000
+
+
+class RefusalLog(TokenBuckets):
+    """The log lines of malformed requests, per client address (as the audit limit
+    counts them, broker/api/audit_limit.py): ``burst`` at once, then ``rate`` a
+    second. Past that they are counted, and ``burst / rate`` seconds after the first
+    one left out (the time the bucket takes to fill up again) one line says how
+    many, of which kinds: a scanner or a client speaking another protocol writes a
+    few lines, not one per request.
+    """
+
+    def __init__(self, *, burst: int = LOG_BURST, rate: float = LOG_RATE) -> None:
+        super().__init__(burst=burst, rate=rate, summary_after=burst / rate,
+                         max_keys=LOG_MAX_CLIENTS)
+
+    def refused(self, remote: str | None, text: str, kind: str) -> None:
+        """Log (or count) that the request of client ``remote`` was refused: ``text``."""
+        key = client_key(remote)
+        if self.admit(key):
+            log.info("refused a request from %s: %s (%s)", remote, text, kind)
+        else:
+            self.hold(key, text)
+
+    def _due(self, key: str) -> None:
+        if (held := self.take(key)) is not None:
+            self._say(key, held)
+
+    def flush(self) -> None:
+        """Say every count still pending (the app stops)."""
+        for key in self.pending():
+            self._due(key)
+
+    def _say(self, key: str, held: Held) -> None:
+        kinds = ", ".join(f"{n} {text}" for text, n in sorted(held.types.items()))
+        log.info("refused %d more malformed request(s) from %s in %.1fs (%s); not logged "
+                 "one by one past %d at once and %g a second", held.count, key,
+                 held.last - held.first, kinds, self.limit["burst"],
+                 self.limit["per_second"])
+
+
+#: the broker's one refusal log (a process serves one app; the loop is the caller's).
+_REFUSALS = RefusalLog()
+
 
 def _protocol_error_reason(exc: BaseException | None) -> str:
     if isinstance(exc, http_exceptions.LineTooLong):
@@ -96,8 +146,8 @@ def _json_handle_error(self: web_protocol.RequestHandler, request: Any, status: 
     else:
         text = (_protocol_error_reason(exc) if status == 400
                 else message or HTTPStatus(status).phrase)
-        log.info("refused a request from %s: %s (%s)", request.remote, text,
-                 type(exc).__name__ if exc is not None else status)
+        _REFUSALS.refused(request.remote, text,
+                          type(exc).__name__ if exc is not None else str(status))
     response = error_response(status, text)
     response.headers[CACHE_CONTROL] = NO_STORE
     response.force_close()
@@ -122,6 +172,10 @@ async def _no_store(request: web.Request, response: web.StreamResponse) -> None:
     response.headers[CACHE_CONTROL] = NO_STORE
 
 
+async def _flush_refusals(app: web.Application) -> None:
+    _REFUSALS.flush()  # counts of malformed requests not said yet: said as the app stops
+
+
 def create_app(state: BrokerState) -> web.Application:
     """The aiohttp application for ``state``; handlers reach it via ``app[STATE]``."""
     app = web.Application(
@@ -132,6 +186,7 @@ def create_app(state: BrokerState) -> web.Application:
     # on_response_prepare reaches every answer of the app: the handlers', the error
     # middleware's and aiohttp's own (a 404, a HEAD).
     app.on_response_prepare.append(_no_store)
+    app.on_cleanup.append(_flush_refusals)
     for table in ROUTE_TABLES:
         app.add_routes(table)
     return app

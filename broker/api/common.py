@@ -8,7 +8,13 @@ own since gets a ``response`` line with ``outcome: "error"``, the status and the
 message (error_middleware): a failed request's line never stands alone.
 A request refused before it is authenticated (bad token, failed login, a token
 lookup the store did not answer) writes the same two lines, within a
-per-client rate limit (broker/api/audit_limit.py).
+per-client rate limit (broker/api/audit_limit.py); so does one refused before
+any handler looks at it or by its handler before any token check (a path or
+method the broker does not have, a response-wrapping header, a NUL in the
+URL): ``request``, then ``response`` with ``outcome: "error"``. The uses of an
+ended token (``reuse_attempt``) are folded per token accessor instead.
+
+Every 503 carries ``Retry-After`` (:func:`error_response`).
 """
 
 from __future__ import annotations
@@ -84,8 +90,19 @@ def vault_response(call: Call, data: Mapping[str, Any] | None = None, *,
     return json_response(body, status)
 
 
+#: Seconds a 503 asks the client to wait (``Retry-After``): what it waits for is tried
+#: again about every second: the audit log (broker/audit.py PROBE_INTERVAL), the lease
+#: store (its probe, broker/store/pg_guard.py), an unhealthy mount (broker/middleware.py
+#: RETRY_SPACING). hvac and load balancers honour it. (sys/health's 503 is Vault's
+#: sealed code, answered without it, as Vault does: not made here.)
+RETRY_AFTER = "1"
+
+
 def error_response(status: int, *messages: str) -> web.Response:
-    return web.json_response({"errors": list(messages)}, status=status)
+    response = web.json_response({"errors": list(messages)}, status=status)
+    if status == 503:
+        response.headers["Retry-After"] = RETRY_AFTER
+    return response
 
 
 def _not_json(name: str) -> NoReturn:
@@ -146,6 +163,8 @@ class Call:
     #: set by its ``request`` line and cleared by any line after it; set too when the
     #: token lookup itself failed (a stalled store), before any line was written.
     outcome_due: bool = False
+    #: whether any audit line of this request was written.
+    wrote: bool = False
 
     @property
     def operation(self) -> str:
@@ -181,6 +200,7 @@ class Call:
             **fields))
         # Written: a request line leaves its outcome due, any later line gives it.
         self.outcome_due = type_ == "request"
+        self.wrote = True
 
     async def audit_error(self, status: int, message: str) -> None:
         """The outcome line of a request that failed after its ``request`` line with
@@ -255,14 +275,7 @@ class Call:
         try:
             token = await self.state.tokens.resolve(raw, consume=consume)
         except DeadToken as exc:
-            # Never held back by the per-client limit: it names the token that leaked, and
-            # a flood of bad tokens from the same address must not hide it in a count.
-            # Only a real (revoked or expired) token's value gets here, so it is no flood.
-            await self.audit("request")
-            self.request_audited = True
-            await self.audit("reuse_attempt", outcome="denied", error=str(exc),
-                             token_accessor=exc.token.accessor,
-                             token_state=exc.token.state.value)
+            await self._audit_reuse(exc)
             raise
         except PermissionDenied as exc:
             await self.audit_unauthenticated("auth_failure", error=str(exc))
@@ -280,6 +293,32 @@ class Call:
             self.token = token
             self.spent = token.num_uses < 0
         return token
+
+    async def _audit_reuse(self, exc: DeadToken) -> None:
+        """The ``request`` and ``reuse_attempt`` lines of an ended token's use.
+
+        Never held back by the per-client limit: they name the token that leaked, and
+        a flood of bad tokens from the same address must not hide them in a count. But
+        its holder could write them without end: past the first REUSE_BURST uses of
+        one accessor both lines are counted, for one ``suppressed`` line per window
+        (broker/api/audit_limit.py, ReuseAuditFold). The answer is the same.
+        """
+        fold = self._limiter().reuse
+        accessor, state = exc.token.accessor, exc.token.state.value
+        self.request_audited = fold.admit(accessor)
+        if not self.request_audited:
+            fold.hold(accessor, "reuse_attempt", remote=self.request.remote, token_state=state)
+            return
+        await self.audit("request")
+        await self.audit("reuse_attempt", outcome="denied", error=str(exc),
+                         token_accessor=accessor, token_state=state)
+
+    @property
+    def unaudited(self) -> bool:
+        """Whether the request has no audit line yet, nor one decided or due: refused
+        before any handler looked at it, or by its handler before any token check."""
+        return (self.request_audited is None and self.token is None and not self.wrote
+                and not self.outcome_due)
 
     async def end_spent_token(self, response: web.StreamResponse | None
                               ) -> web.StreamResponse | None:
@@ -510,20 +549,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     """Turn every failure into ``{"errors": [...]}`` with the right status."""
     from broker.engine import new_request_id
 
-    # A client asking for wrapping expects the secret to travel only inside a
-    # single-use wrapping token; answering in plaintext would hand it to every
-    # relay the client meant to keep it from. Refused before any handler runs,
-    # so nothing is issued, revoked or changed. (One header lookup per request.)
-    if request.headers.get(WRAP_TTL_HEADER):
-        return error_response(400, WRAPPING_UNSUPPORTED)
-    # Checked here, once for every route, before anything reaches a store: the
-    # request's body strings are checked as Call.read_body parses them.
-    if (name := _nul_in_url(request)) is not None:
-        return error_response(400, nul_message(name))
     state = request.app[STATE]
     call = request[CALL] = Call(request=request, state=state, request_id=new_request_id(),
                                 path=request.path.removeprefix("/v1/"))
     try:
+        if (refused := _refused_outright(call)) is not None:
+            await _audit_failure(call, *refused)
+            return refused[0]
         if not state.serving and request.path != "/v1/sys/health":
             return error_response(503, "broker is shutting down")
         # All the store calls the request makes share one command_timeout.
@@ -538,6 +570,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
                 raise
             if call.spent:  # one attribute test for every other request
                 return await call.end_spent_token(response) or response
+            if response.status >= 400 and call.unaudited and call.path != "sys/health":
+                # A handler's refusal before any token check (a 405 on a read-only
+                # path): on record as any unauthenticated failure. (sys/health
+                # answers its Vault status codes by design: not a refusal.)
+                await _audit_failure(call, response, _errors_of(response))
             return response
     except Exception as exc:
         # A failure after the handler's (the spent token's revocation): its outcome
@@ -554,12 +591,38 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         del request[CALL]
 
 
+def _refused_outright(call: Call) -> tuple[web.Response, str] | None:
+    """The 400 (and its message) of a request refused before any handler runs:
+    nothing is issued, revoked or changed; None if it is not. Its lines are
+    written as an unauthenticated failure's, within the per-client limit; the
+    token, if one was sent, is not looked at (a refusal is no use of it).
+    """
+    request = call.request
+    # A client asking for wrapping expects the secret to travel only inside a
+    # single-use wrapping token; answering in plaintext would hand it to every
+    # relay the client meant to keep it from. (One header lookup per request.)
+    if request.headers.get(WRAP_TTL_HEADER):
+        message = WRAPPING_UNSUPPORTED
+    # Checked here, once for every route, before anything reaches a store: the
+    # request's body strings are checked as Call.read_body parses them.
+    elif (name := _nul_in_url(request)) is not None:
+        message = nul_message(name)
+        # The path as sent (percent-encoded): the decoded one holds the NUL.
+        call.path = request.rel_url.raw_path.removeprefix("/v1/")
+    else:
+        return None
+    return error_response(400, message), message
+
+
 async def _failed(call: Call, exc: Exception) -> web.StreamResponse:
     """The answer to a handler that raised ``exc``; its outcome line if the handler
     wrote none after the ``request`` line (an error never leaves a request line
-    alone in the log); the end of a token whose last use the request took."""
+    alone in the log), or both lines if the request was refused before any line
+    (a path or method the broker does not have, a check before the token's); the
+    end of a token whose last use the request took."""
     answer = _error_answer(call.request, call.state, exc)
-    if answer is not None and call.outcome_due:  # (only on failure: nothing on success)
+    # (only on failure: nothing on success)
+    if answer is not None and (call.outcome_due or call.unaudited):
         await _audit_failure(call, *answer)
     if call.spent:  # refused or failed, the last use is used all the same
         try:
@@ -584,7 +647,7 @@ def _end_spent_later(call: Call) -> None:
     task.add_done_callback(_ENDING.discard)
 
 
-async def _audit_failure(call: Call, answer: web.Response, message: str) -> None:
+async def _audit_failure(call: Call, answer: web.StreamResponse, message: str) -> None:
     """:meth:`Call.audit_error`; a failed write does not replace the answer."""
     try:
         await call.audit_error(answer.status, message)
@@ -629,6 +692,19 @@ def _error_answer(request: web.Request, state: BrokerState, exc: Exception
 
 def _answer(status: int, message: str) -> tuple[web.Response, str]:
     return error_response(status, message), message
+
+
+def _errors_of(response: web.StreamResponse) -> str:
+    """The message of an ``{"errors": [...]}`` answer (a handler's own refusal), for its
+    audit line; its status phrase if it has none (a bare 404)."""
+    body = response.body if isinstance(response, web.Response) else None
+    try:
+        errors = json.loads(body)["errors"] if isinstance(body, bytes) else []
+    except (ValueError, TypeError, KeyError):
+        errors = []
+    if errors and isinstance(errors[0], str):
+        return "; ".join(e for e in errors if isinstance(e, str))
+    return response.reason
 
 
 #: The methods that would change what a path shows: a read-only path's 405 says why.
