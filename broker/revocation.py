@@ -128,11 +128,18 @@ class Revoker:
             release()
             await self._release_unserved(lease, now)
             return
-        if runtime is not None and reason != "force" and not (
-                runtime.healthy or await runtime.usable()):
+        if runtime is not None and not (runtime.healthy or await runtime.usable()):
+            release()
+            if reason == "force":
+                # Break-glass on a mount known to be down: the call could only fail,
+                # after up to backend_timeout (a hung backend); the operator forcing it
+                # has accepted that the backend may keep the credential. Ended now.
+                await self._revoke_failed(
+                    lease, reason, f"mount {lease.mount!r} is unavailable: "
+                    f"{runtime.error}; the backend was not called", retryable=False)
+                return
             # Unhealthy: the call could only fail (an attempt used up) or hang for
             # backend_timeout. It waits, due, for the mount to be back.
-            release()
             await self._release_unhealthy(lease, runtime, now)
             return
         try:
