@@ -1,27 +1,40 @@
-"""Set-up shared by the day-2 operations tests (QA rounds 5 and 6, rotate-root): a no-op
-broker, one whose lease store can be cut, a broker's mounts removed by a reload, a MariaDB
-admin account of the test's own, and a wait for a condition.
+"""Set-up shared by the day-2 operations tests (QA rounds 5 and 6, rotate-root, a hung
+backend at start-up, the sweeper and an unhealthy mount): a no-op broker, one whose lease
+store can be cut, a broker's mounts removed by a reload, a PostgreSQL mount and the
+prefix of its roles, a server that never answers, the mounts' health, a MariaDB admin
+account of the test's own, and a wait for a condition.
+
+Fixtures here (``blackhole``, ``quick_probe``, ``proxied_store_broker``) are used by
+binding them to a name in the test module (``blackhole = ops_fixtures.blackhole``):
+pytest finds a fixture by the name it has there.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import secrets
+import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+import requests
 
+from broker import jobs
 from broker.bench.noop import register
 from broker.config import load_config
 from broker.templating import generate_password
 from tests.integration.broker_harness import (
+    ROOT_TOKEN,
     BrokerThread,
     TcpProxy,
+    drop_pg_roles,
     dsn_port,
     start_broker,
     via_proxy,
@@ -32,9 +45,15 @@ from tests.integration.test_api_mysql_aws import mysql_connect
 
 __all__ = [
     "NOOP",
+    "blackhole",
+    "mount_health",
+    "mounts_health",
     "mysql_admin_account",
     "mysql_statement",
+    "pg_mount",
+    "pg_role_prefix",
     "proxied_store_broker",
+    "quick_probe",
     "reload_without_mounts",
     "wait_for",
 ]
@@ -55,6 +74,69 @@ def wait_for(what: str, check: Callable[[], object], timeout: float = 30.0) -> N
     while not check():
         assert time.monotonic() < deadline, f"{what}: not within {timeout}s"
         time.sleep(0.05)
+
+
+def pg_mount(name: str, url: str, template: str, *, default_ttl: str = "1h",
+             max_ttl: str | None = None) -> str:
+    """The config of a postgres mount ``name`` at ``url`` with one role ``app``, whose
+    users are named ``template-<random>`` (see :func:`pg_role_prefix`)."""
+    body = f"""
+[mounts.{name}]
+plugin = "postgres"
+connection_url = "{url}"
+
+[mounts.{name}.roles.app]
+username_template = "{template}-{{{{random 10}}}}"
+creation_statements = [
+  "CREATE ROLE \\"{{{{name}}}}\\" WITH LOGIN PASSWORD '{{{{password}}}}' VALID UNTIL '{{{{expiration}}}}'",
+]
+default_ttl = "{default_ttl}"
+"""
+    return body if max_ttl is None else body + f'max_ttl = "{max_ttl}"\n'
+
+
+@contextmanager
+def pg_role_prefix(dsn: str, start: str) -> Iterator[str]:
+    """A username prefix for a test's roles, ``start`` and this process's id (a run in
+    another checkout has its own); whatever roles of it are left are dropped on exit."""
+    name = f"{start}{os.getpid() % 10000}"
+    try:
+        yield name
+    finally:
+        asyncio.run(drop_pg_roles(dsn, name))
+
+
+@pytest.fixture
+def blackhole() -> Iterator[int]:
+    """A port that completes TCP handshakes and never answers (a hung server): a
+    listening socket nobody accepts on; the kernel queues the connections."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    try:
+        yield int(sock.getsockname()[1])
+    finally:
+        sock.close()
+
+
+@pytest.fixture
+def quick_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mount-health job every second: an outage is seen, and its end, quickly."""
+    monkeypatch.setattr(jobs, "HEALTH_INTERVAL", 1)
+
+
+def mounts_health(server: BrokerThread) -> dict[str, dict[str, Any]]:
+    """``sys/health``'s ``mounts`` (name -> plugin, healthy, error), which must answer 200."""
+    resp = requests.get(f"{server.url}/v1/sys/health", headers={"X-Vault-Token": ROOT_TOKEN},
+                        timeout=10)
+    assert resp.status_code == 200, resp.text
+    mounts: dict[str, dict[str, Any]] = resp.json()["mounts"]
+    return mounts
+
+
+def mount_health(server: BrokerThread, name: str) -> dict[str, Any]:
+    """Mount ``name``'s entry in ``sys/health`` (plugin, healthy, error)."""
+    return mounts_health(server)[name]
 
 
 @pytest.fixture

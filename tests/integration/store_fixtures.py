@@ -1,4 +1,5 @@
-"""Store kinds the lease store suite runs against, and helpers to fill a store.
+"""Store kinds the lease store suite runs against, and helpers to fill a store (or to
+make one as an older broker left it, and read its schema version).
 
 A kind is a factory: given the pytest request and a temporary directory it
 yields a ``StoreMaker`` whose stores all share one backing database, so a test
@@ -9,6 +10,7 @@ against a new store, add its factory to ``STORE_KINDS``.
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import sqlite3
 from collections.abc import AsyncIterator, Callable
@@ -41,6 +43,8 @@ __all__ = [
     "open_replicas",
     "put_active",
     "put_many_active",
+    "store_before",
+    "stored_schema_version",
 ]
 
 #: A fixed "now" for the tests: stores take times as arguments, never read a clock.
@@ -61,20 +65,9 @@ class StoreMaker:
 @asynccontextmanager
 async def sqlite_kind(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[StoreMaker]:
     # A directory that does not exist yet: open() must create it.
-    path = tmp_path / "state" / "broker.db"
-
-    async def schema_version() -> int:
-        def read() -> int:
-            conn = sqlite3.connect(path)
-            try:
-                return int(conn.execute("SELECT max(version) FROM schema_version").fetchone()[0])
-            finally:
-                conn.close()
-
-        return await asyncio.to_thread(read)
-
-    yield StoreMaker(build=lambda: SQLiteStore.from_url(f"sqlite:///{path}"),
-                     schema_version=schema_version,
+    url = f"sqlite:///{tmp_path / 'state' / 'broker.db'}"
+    yield StoreMaker(build=lambda: SQLiteStore.from_url(url),
+                     schema_version=lambda: stored_schema_version(url),
                      latest_version=len(sqlite_store.MIGRATIONS))
 
 
@@ -159,16 +152,72 @@ def broker_store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 async def postgres_kind(request: pytest.FixtureRequest, tmp_path: Path
                         ) -> AsyncIterator[StoreMaker]:
     dsn = await fresh_postgres_database(request)
-
-    async def schema_version() -> int:
-        conn = await asyncpg.connect(dsn)
-        try:
-            return int(await conn.fetchval("SELECT max(version) FROM schema_version"))
-        finally:
-            await conn.close()
-
-    yield StoreMaker(build=lambda: PostgresStore.from_url(dsn), schema_version=schema_version,
+    yield StoreMaker(build=lambda: PostgresStore.from_url(dsn),
+                     schema_version=lambda: stored_schema_version(dsn),
                      latest_version=len(pg_store.MIGRATIONS))
+
+
+async def stored_schema_version(url: str) -> int:
+    """The schema version recorded in the store at ``url`` (SQLite or PostgreSQL), read
+    straight from its database."""
+    query = "SELECT max(version) FROM schema_version"
+    if url.startswith("sqlite"):
+        def read() -> int:
+            conn = sqlite3.connect(url.removeprefix("sqlite:///"))
+            try:
+                return int(conn.execute(query).fetchone()[0])
+            finally:
+                conn.close()
+
+        return await asyncio.to_thread(read)
+    pg = await asyncpg.connect(url)
+    try:
+        return int(await pg.fetchval(query))
+    finally:
+        await pg.close()
+
+
+async def store_before(url: str, marker: str, token: Token) -> None:
+    """Make the store at ``url`` (a new SQLite file, an empty PostgreSQL database) what an older
+    broker left: at the schema version before the first migration with a statement that
+    holds ``marker`` (``"ADD COLUMN period"``), with ``token`` in it. For the tests that
+    open such a store: the upgrade must keep what it holds.
+
+    The version is found by the marker, not counted ("all but the last"): later features
+    add migrations of their own. The token is written with the columns the first schema
+    has (accessor, hash, policies, times, display name), active.
+    """
+    kind = sqlite_store if url.startswith("sqlite") else pg_store
+    before = next(i for i, step in enumerate(kind.MIGRATIONS) if any(marker in s for s in step))
+    row = (token.accessor, token.token_hash, json.dumps(token.policies), token.created,
+           token.expire_time, token.display_name, token.renewable)
+    columns = ("INSERT INTO tokens (accessor, token_hash, policies, created, expire_time,"
+               " display_name, renewable, state)")
+    if kind is sqlite_store:
+        conn = sqlite3.connect(url.removeprefix("sqlite:///"))
+        try:
+            conn.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY,"
+                         " applied_at REAL NOT NULL)")
+            for version, statements in enumerate(kind.MIGRATIONS[:before], 1):
+                for statement in statements:
+                    conn.execute(statement)
+                conn.execute("INSERT INTO schema_version VALUES (?, 0)", (version,))
+            conn.execute(columns + " VALUES (?, ?, ?, ?, ?, ?, ?, 'active')", row)
+            conn.commit()
+        finally:
+            conn.close()
+        return
+    pg = await asyncpg.connect(url)
+    try:
+        await pg.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY,"
+                         " applied_at DOUBLE PRECISION NOT NULL)")
+        for version, statements in enumerate(kind.MIGRATIONS[:before], 1):
+            for statement in statements:
+                await pg.execute(statement)
+            await pg.execute("INSERT INTO schema_version VALUES ($1, 0)", version)
+        await pg.execute(columns + " VALUES ($1, $2, $3, $4, $5, $6, $7, 'active')", *row)
+    finally:
+        await pg.close()
 
 
 StoreKind = Callable[[pytest.FixtureRequest, Path], AbstractAsyncContextManager[StoreMaker]]

@@ -8,15 +8,11 @@ one database. Also: a store from before the migration upgrades and keeps its tok
 from __future__ import annotations
 
 import asyncio
-import sqlite3
-from collections.abc import Sequence
 from pathlib import Path
 
-import asyncpg
 import pytest
 
 from broker.jobs import purge_ended
-from broker.lease import Token
 from broker.store import open_store
 from broker.store import postgres as pg_store
 from broker.store import sqlite as sqlite_store
@@ -27,6 +23,8 @@ from tests.integration.store_fixtures import (
     fresh_postgres_database,
     make_token,
     open_replicas,
+    store_before,
+    stored_schema_version,
 )
 
 pytestmark = pytest.mark.integration
@@ -124,48 +122,6 @@ async def test_two_replicas_let_one_record_through(request: pytest.FixtureReques
                                       now=T0 + 1) == first
 
 
-def _before_used_jwts(migrations: Sequence[Sequence[str]]) -> int:
-    """How many migrations come before the one that makes used_jwts (not "all but the
-    last": later features add migrations of their own)."""
-    return next(i for i, statements in enumerate(migrations)
-                if any("CREATE TABLE used_jwts" in s for s in statements))
-
-
-async def _store_before_single_use(url: str, token: Token) -> None:
-    """A store at the schema version before used_jwts (and tokens.path), holding ``token``."""
-    if url.startswith("sqlite"):
-        conn = sqlite3.connect(url.removeprefix("sqlite:///"))
-        conn.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY,"
-                     " applied_at REAL NOT NULL)")
-        for version, statements in enumerate(sqlite_store.MIGRATIONS[:_before_used_jwts(sqlite_store.MIGRATIONS)], 1):
-            for statement in statements:
-                conn.execute(statement)
-            conn.execute("INSERT INTO schema_version VALUES (?, 0)", (version,))
-        conn.execute("INSERT INTO tokens (accessor, token_hash, policies, created, expire_time,"
-                     " display_name, state, renewable) VALUES (?, ?, '[\"default\"]', ?, ?, ?,"
-                     " 'active', 1)",
-                     (token.accessor, token.token_hash, token.created, token.expire_time,
-                      token.display_name))
-        conn.commit()
-        conn.close()
-        return
-    pg = await asyncpg.connect(url)
-    try:
-        await pg.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY,"
-                         " applied_at DOUBLE PRECISION NOT NULL)")
-        for version, statements in enumerate(pg_store.MIGRATIONS[:_before_used_jwts(pg_store.MIGRATIONS)], 1):
-            for statement in statements:
-                await pg.execute(statement)
-            await pg.execute("INSERT INTO schema_version VALUES ($1, 0)", version)
-        await pg.execute("INSERT INTO tokens (accessor, token_hash, policies, created,"
-                         " expire_time, display_name, state, renewable)"
-                         " VALUES ($1, $2, '[\"default\"]', $3, $4, $5, 'active', true)",
-                         token.accessor, token.token_hash, token.created, token.expire_time,
-                         token.display_name)
-    finally:
-        await pg.close()
-
-
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
 async def test_a_store_from_before_upgrades(kind: str, request: pytest.FixtureRequest,
                                             tmp_path: Path) -> None:
@@ -174,7 +130,8 @@ async def test_a_store_from_before_upgrades(kind: str, request: pytest.FixtureRe
     url = (f"sqlite:///{tmp_path / 'old.db'}" if kind == "sqlite"
            else await fresh_postgres_database(request))
     old = make_token("old-acc", display_name="github-repo:acme/app")
-    await _store_before_single_use(url, old)
+    # Before used_jwts (and tokens.path).
+    await store_before(url, "CREATE TABLE used_jwts", old)
     store = open_store(url)
     await store.open()
     try:
@@ -191,16 +148,4 @@ async def test_a_store_from_before_upgrades(kind: str, request: pytest.FixtureRe
     finally:
         await store.close()
     latest = len(sqlite_store.MIGRATIONS if kind == "sqlite" else pg_store.MIGRATIONS)
-    if kind == "sqlite":
-        conn = sqlite3.connect(url.removeprefix("sqlite:///"))
-        try:
-            version = conn.execute("SELECT max(version) FROM schema_version").fetchone()[0]
-        finally:
-            conn.close()
-    else:
-        pg = await asyncpg.connect(url)
-        try:
-            version = await pg.fetchval("SELECT max(version) FROM schema_version")
-        finally:
-            await pg.close()
-    assert version == latest
+    assert await stored_schema_version(url) == latest

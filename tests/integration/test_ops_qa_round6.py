@@ -20,8 +20,6 @@ import asyncio
 import concurrent.futures
 import functools
 import logging
-import os
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,13 +41,19 @@ from tests.integration.broker_harness import (
     ROOT_TOKEN,
     BrokerThread,
     TcpProxy,
-    drop_pg_roles,
     dsn_port,
     start_broker,
     via_proxy,
     write_config,
 )
-from tests.integration.ops_fixtures import NOOP, reload_without_mounts, wait_for
+from tests.integration.ops_fixtures import (
+    NOOP,
+    mount_health,
+    pg_mount,
+    pg_role_prefix,
+    reload_without_mounts,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -57,34 +61,17 @@ H = {"X-Vault-Token": ROOT_TOKEN}
 
 
 def _pg_mount(url: str, template: str, *, backend_timeout: str = "30s") -> str:
-    """Mount ``pg`` (postgres plugin) at ``url``, role ``app``, and ``[leases]``."""
+    """Mount ``pg`` (postgres plugin) at ``url``, roles ``app`` and ``broken`` (a statement
+    the server refuses), and ``[leases]``."""
     return f"""
 [leases]
 backend_timeout = "{backend_timeout}"
-
-[mounts.pg]
-plugin = "postgres"
-connection_url = "{url}"
-
-[mounts.pg.roles.app]
-username_template = "{template}-{{{{random 10}}}}"
-creation_statements = [
-  "CREATE ROLE \\"{{{{name}}}}\\" WITH LOGIN PASSWORD '{{{{password}}}}' VALID UNTIL '{{{{expiration}}}}'",
-]
-default_ttl = "1h"
-max_ttl = "2h"
-
+""" + pg_mount("pg", url, template, max_ttl="2h") + f"""
 [mounts.pg.roles.broken]
 username_template = "{template}-{{{{random 10}}}}"
 creation_statements = ["CREATE ROLL \\"{{{{name}}}}\\""]
 default_ttl = "1h"
 """
-
-
-def _mount_health(broker: BrokerThread, name: str = "pg") -> dict[str, object]:
-    resp = requests.get(f"{broker.url}/v1/sys/health", headers=H, timeout=10)
-    mount: dict[str, object] = resp.json()["mounts"][name]
-    return mount
 
 
 def _warnings(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
@@ -95,22 +82,11 @@ def _warnings(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
 @pytest.fixture
 def template(postgres_dsn: str) -> Iterator[str]:
     """A username prefix for this test's roles; whatever is left of them is dropped."""
-    name = f"r6{os.getpid() % 10000}"
-    yield name
-    asyncio.run(drop_pg_roles(postgres_dsn, name))
+    with pg_role_prefix(postgres_dsn, "r6") as name:
+        yield name
 
 
-@pytest.fixture
-def blackhole() -> Iterator[int]:
-    """A port that completes TCP handshakes and never answers (a hung server): a
-    listening socket nobody accepts on; the kernel queues the connections."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(128)
-    try:
-        yield int(sock.getsockname()[1])
-    finally:
-        sock.close()
+blackhole = ops_fixtures.blackhole
 
 
 # -- 0. a backend that hangs ---------------------------------------------------------------
@@ -126,7 +102,7 @@ def test_a_hung_backend_answers_503_at_once_and_issuing_resumes(
     broker = start_broker(write_config(tmp_path, _pg_mount(
         via_proxy(postgres_dsn, proxy.port), template, backend_timeout="4s")))
     try:
-        health = _mount_health(broker)
+        health = mount_health(broker, "pg")
         assert health["healthy"] is False
         # Start-up waits at most CONNECT_WAIT (5 s) for a mount; this one's attempt
         # gives up at backend_timeout (4 s) with its own reason.
@@ -134,7 +110,7 @@ def test_a_hung_backend_answers_503_at_once_and_issuing_resumes(
         while "initialize timed out after 4s" not in str(health["error"]):
             assert time.monotonic() < deadline, health
             time.sleep(0.2)
-            health = _mount_health(broker)
+            health = mount_health(broker, "pg")
 
         def issue() -> tuple[float, str]:
             client = hvac.Client(url=broker.url, token=ROOT_TOKEN, timeout=30)
@@ -164,7 +140,8 @@ def test_a_hung_backend_answers_503_at_once_and_issuing_resumes(
             except hvac.exceptions.VaultDown:
                 assert time.monotonic() - back < HEALTH_INTERVAL, "issuing did not resume"
                 time.sleep(0.1)
-        assert _mount_health(broker) == {"plugin": "postgres", "healthy": True, "error": None}
+        assert mount_health(broker, "pg") == {"plugin": "postgres", "healthy": True, "error": None,
+                                              "overdue_leases": 0}
         client.sys.revoke_lease(lease_id)
     finally:
         broker.stop()
@@ -197,21 +174,21 @@ def test_a_failed_issue_marks_the_mount_unhealthy_before_the_next_probe(
         with pytest.raises(hvac.exceptions.InvalidRequest):
             client.read("pg/creds/broken")  # the server answered: no outage
         time.sleep(1.5)  # what a background verify would take, and more
-        assert _mount_health(broker)["healthy"] is True
+        assert mount_health(broker, "pg")["healthy"] is True
 
         proxy.down()
         with pytest.raises(hvac.exceptions.VaultDown):
             client.read("pg/creds/app")
         wait_for("health to show the mount unhealthy",
-                 lambda: _mount_health(broker)["healthy"] is False, timeout=5)
-        assert "cannot reach the server" in str(_mount_health(broker)["error"])
+                 lambda: mount_health(broker, "pg")["healthy"] is False, timeout=5)
+        assert "cannot reach the server" in str(mount_health(broker, "pg")["error"])
         assert len(_warnings(caplog, "mount pg unhealthy")) == 1
         with pytest.raises(hvac.exceptions.VaultDown, match="mount 'pg' is unavailable"):
             client.sys.renew_lease(lease_id)
 
         proxy.up()
         broker.call(broker.state.engine.check_mounts())  # the probe
-        assert _mount_health(broker)["healthy"] is True
+        assert mount_health(broker, "pg")["healthy"] is True
         client.sys.renew_lease(lease_id)
         client.sys.revoke_lease(client.read("pg/creds/app")["lease_id"])
         client.sys.revoke_lease(lease_id)

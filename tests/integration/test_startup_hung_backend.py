@@ -8,52 +8,36 @@ in the background until it gives up or the backend answers.
 
 from __future__ import annotations
 
-import asyncio
-import os
-import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import hvac
 import hvac.exceptions
 import pytest
-import requests
 
-import broker.jobs
 from broker.mounts import CONNECT_WAIT
 from broker.server import reload
+from tests.integration import ops_fixtures
 from tests.integration.broker_harness import (
     ROOT_TOKEN,
     TcpProxy,
-    drop_pg_roles,
     dsn_port,
     start_broker,
     via_proxy,
     write_config,
 )
+from tests.integration.ops_fixtures import (
+    mount_health,
+    mounts_health,
+    pg_mount,
+    pg_role_prefix,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
-H = {"X-Vault-Token": ROOT_TOKEN}
 BACKEND_TIMEOUT = 10
-
-
-def _mount(name: str, url: str, template: str) -> str:
-    return f"""
-[mounts.{name}]
-plugin = "postgres"
-connection_url = "{url}"
-
-[mounts.{name}.roles.app]
-username_template = "{template}-{{{{random 10}}}}"
-creation_statements = [
-  "CREATE ROLE \\"{{{{name}}}}\\" WITH LOGIN PASSWORD '{{{{password}}}}' VALID UNTIL '{{{{expiration}}}}'",
-]
-default_ttl = "1h"
-"""
-
 
 LEASES = f"""
 [leases]
@@ -61,42 +45,15 @@ backend_timeout = "{BACKEND_TIMEOUT}s"
 """
 
 
-def _health(url: str) -> dict[str, Any]:
-    resp = requests.get(f"{url}/v1/sys/health", headers=H, timeout=10)
-    assert resp.status_code == 200, resp.text
-    mounts: dict[str, Any] = resp.json()["mounts"]
-    return mounts
-
-
-def _wait_for(what: str, check: Callable[[], object], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout}s"
-        time.sleep(0.1)
-
-
 @pytest.fixture
 def template(postgres_dsn: str) -> Iterator[str]:
-    name = f"v-st{os.getpid() % 10000}"
-    yield name
-    asyncio.run(drop_pg_roles(postgres_dsn, name))
+    """A username prefix for this test's roles; whatever is left of them is dropped."""
+    with pg_role_prefix(postgres_dsn, "v-st") as name:
+        yield name
 
 
-@pytest.fixture
-def blackhole() -> Iterator[int]:
-    """A port that completes TCP handshakes and never answers (a hung server)."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(128)
-    try:
-        yield int(sock.getsockname()[1])
-    finally:
-        sock.close()
-
-
-@pytest.fixture
-def quick_probe(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(broker.jobs, "HEALTH_INTERVAL", 1)
+blackhole = ops_fixtures.blackhole
+quick_probe = ops_fixtures.quick_probe
 
 
 def test_start_up_does_not_wait_for_a_hung_backend(
@@ -106,14 +63,14 @@ def test_start_up_does_not_wait_for_a_hung_backend(
     CONNECT_WAIT + 2 s (it took 10 s): the healthy mount issues, the hung one answers 503
     at once with the reason, and once its backend answers it issues too."""
     proxy = TcpProxy(blackhole)
-    config = write_config(tmp_path, LEASES + _mount("pg", postgres_dsn, f"{template}p")
-                          + _mount("hung", via_proxy(postgres_dsn, proxy.port), f"{template}h"))
+    config = write_config(tmp_path, LEASES + pg_mount("pg", postgres_dsn, f"{template}p")
+                          + pg_mount("hung", via_proxy(postgres_dsn, proxy.port), f"{template}h"))
     started = time.monotonic()
     server = start_broker(config)
     took = time.monotonic() - started
     try:
         assert took < CONNECT_WAIT + 2.0 < BACKEND_TIMEOUT, took
-        mounts = _health(server.url)
+        mounts = mounts_health(server)
         assert mounts["pg"]["healthy"] is True, mounts
         assert mounts["hung"]["healthy"] is False, mounts
         assert (f"connecting: no answer within {CONNECT_WAIT:g}s at start-up"
@@ -125,14 +82,15 @@ def test_start_up_does_not_wait_for_a_hung_backend(
             client.read("hung/creds/app")
         assert time.monotonic() - asked < 1.5
         # The attempt goes on: it gives up at backend_timeout, with its own reason.
-        _wait_for("the start-up attempt timed out",
-                  lambda: f"timed out after {BACKEND_TIMEOUT}s" in str(_health(server.url)["hung"]["error"]),
-                  BACKEND_TIMEOUT + 3)
+        wait_for("the start-up attempt timed out",
+                 lambda: f"timed out after {BACKEND_TIMEOUT}s"
+                 in str(mount_health(server, "hung")["error"]),
+                 BACKEND_TIMEOUT + 3)
         proxy.down()
         proxy.target_port = dsn_port(postgres_dsn)
         proxy.up()
-        _wait_for("hung healthy", lambda: _health(server.url)["hung"]["healthy"],
-                  BACKEND_TIMEOUT + 5)
+        wait_for("hung healthy", lambda: mount_health(server, "hung")["healthy"],
+                 BACKEND_TIMEOUT + 5)
         assert client.read("hung/creds/app")["lease_id"].startswith("hung/creds/app/")
     finally:
         server.stop()
@@ -144,19 +102,19 @@ def test_a_reload_does_not_wait_for_hung_backends(
     """A reload that adds two mounts on hung backends returns within CONNECT_WAIT + 2 s
     (it took backend_timeout); both are unhealthy with the reason, the running mount
     serves on."""
-    base = LEASES + _mount("pg", postgres_dsn, f"{template}p")
+    base = LEASES + pg_mount("pg", postgres_dsn, f"{template}p")
     config = write_config(tmp_path, base)
     server = start_broker(config)
     try:
         assert server.state is not None
         hung = f"postgresql://admin@127.0.0.1:{blackhole}/app"
-        config.write_text(config.read_text() + _mount("h1", hung, f"{template}a")
-                          + _mount("h2", hung, f"{template}b"))
+        config.write_text(config.read_text() + pg_mount("h1", hung, f"{template}a")
+                          + pg_mount("h2", hung, f"{template}b"))
         started = time.monotonic()
         assert server.call(reload(server.state)) is True
         took = time.monotonic() - started
         assert took < CONNECT_WAIT + 2.0 < BACKEND_TIMEOUT, took
-        mounts = _health(server.url)
+        mounts = mounts_health(server)
         for name in ("h1", "h2"):
             assert mounts[name]["healthy"] is False, mounts
             assert f"connecting: no answer within {CONNECT_WAIT:g}s at reload" in mounts[name]["error"], mounts
@@ -173,13 +131,13 @@ def test_a_reload_does_not_wait_for_a_password_file_being_verified(
     waited for the mounts lock the job held throughout, then connected too)."""
     proxy = TcpProxy(dsn_port(postgres_dsn))
     (tmp_path / "admin.pw").write_text("first\n")
-    body = LEASES + _mount("pg", via_proxy(postgres_dsn, proxy.port), f"{template}p").replace(
+    body = LEASES + pg_mount("pg", via_proxy(postgres_dsn, proxy.port), f"{template}p").replace(
         'plugin = "postgres"', 'plugin = "postgres"\npassword_file = "admin.pw"', 1)
     config = write_config(tmp_path, body)
     server = start_broker(config)
     try:
         assert server.state is not None
-        assert _health(server.url)["pg"]["healthy"] is True
+        assert mount_health(server, "pg")["healthy"] is True
         proxy.down()
         proxy.target_port = blackhole
         proxy.up()

@@ -13,10 +13,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,19 +23,27 @@ import hvac
 import pytest
 import requests
 
-import broker.jobs
+from broker.bench.noop import register
 from broker.lease import LeaseState
+from tests.integration import ops_fixtures
 from tests.integration.broker_harness import (
     ROOT_TOKEN,
     BrokerThread,
     TcpProxy,
-    drop_pg_roles,
     dsn_port,
     pg_roles,
     start_broker,
     via_proxy,
     write_config,
 )
+from tests.integration.ops_fixtures import (
+    NOOP,
+    mount_health,
+    pg_mount,
+    pg_role_prefix,
+    wait_for,
+)
+from tests.integration.store_fixtures import make_lease
 
 pytestmark = pytest.mark.integration
 
@@ -46,48 +53,18 @@ H = {"X-Vault-Token": ROOT_TOKEN}
 BACKEND_TIMEOUT = 5
 
 
-def _role(mount: str, template: str, ttl: str) -> str:
-    return f"""
-[mounts.{mount}.roles.app]
-username_template = "{template}-{{{{random 10}}}}"
-creation_statements = [
-  "CREATE ROLE \\"{{{{name}}}}\\" WITH LOGIN PASSWORD '{{{{password}}}}' VALID UNTIL '{{{{expiration}}}}'",
-]
-default_ttl = "{ttl}"
-max_ttl = "1h"
-"""
-
-
 def _config(pg_url: str, hung_url: str, template: str) -> str:
     """Two postgres mounts, ``pg`` and ``hung``; two revocation workers, one lease a call,
     so revocations sent to a hanging ``hung`` occupy every worker."""
-    return f"""
+    leases = f"""
 [leases]
 backend_timeout = "{BACKEND_TIMEOUT}s"
 revoke_workers = 2
 per_mount_workers = 2
 revoke_batch = 1
-
-[mounts.pg]
-plugin = "postgres"
-connection_url = "{pg_url}"
-
-[mounts.hung]
-plugin = "postgres"
-connection_url = "{hung_url}"
-""" + _role("pg", f"{template}p", "15s") + _role("hung", f"{template}h", "13s")
-
-
-def _wait_for(what: str, check: Callable[[], object], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout}s"
-        time.sleep(0.1)
-
-
-def _healthy(server: BrokerThread, mount: str) -> bool:
-    health = requests.get(f"{server.url}/v1/sys/health", headers=H, timeout=10).json()
-    return bool(health["mounts"][mount]["healthy"])
+"""
+    return (leases + pg_mount("pg", pg_url, f"{template}p", default_ttl="15s", max_ttl="1h")
+            + pg_mount("hung", hung_url, f"{template}h", default_ttl="13s", max_ttl="1h"))
 
 
 def _audit(server: BrokerThread) -> list[dict[str, Any]]:
@@ -97,29 +74,12 @@ def _audit(server: BrokerThread) -> list[dict[str, Any]]:
 @pytest.fixture
 def template(postgres_dsn: str) -> Iterator[str]:
     """A username prefix for this test's roles; whatever is left of them is dropped."""
-    name = f"v-sw{os.getpid() % 10000}"
-    yield name
-    asyncio.run(drop_pg_roles(postgres_dsn, name))
+    with pg_role_prefix(postgres_dsn, "v-sw") as name:
+        yield name
 
 
-@pytest.fixture
-def blackhole() -> Iterator[int]:
-    """A port that completes TCP handshakes and never answers (a hung server)."""
-    import socket
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(128)
-    try:
-        yield int(sock.getsockname()[1])
-    finally:
-        sock.close()
-
-
-@pytest.fixture
-def quick_probe(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The mount-health job every second: the outage is seen, and its end, quickly."""
-    monkeypatch.setattr(broker.jobs, "HEALTH_INTERVAL", 1)
+blackhole = ops_fixtures.blackhole
+quick_probe = ops_fixtures.quick_probe
 
 
 def test_an_unhealthy_mounts_due_leases_wait_and_healthy_ones_expire_on_time(
@@ -145,13 +105,14 @@ def test_an_unhealthy_mounts_due_leases_wait_and_healthy_ones_expire_on_time(
         proxy.down()
         proxy.target_port = blackhole
         proxy.up()
-        _wait_for("hung unhealthy", lambda: not _healthy(server, "hung"), BACKEND_TIMEOUT + 4)
+        wait_for("hung unhealthy", lambda: not mount_health(server, "hung")["healthy"],
+                 BACKEND_TIMEOUT + 4)
         assert time.time() < hung_due - 0.5, "the outage was seen too late for this test"
 
         pg_due = max(_lease(server, i).expire_time for i in pg_ids)
-        _wait_for("pg's leases expired",
-                  lambda: all(_lease(server, i).state is LeaseState.EXPIRED for i in pg_ids),
-                  pg_due - time.time() + 10)
+        wait_for("pg's leases expired",
+                 lambda: all(_lease(server, i).state is LeaseState.EXPIRED for i in pg_ids),
+                 pg_due - time.time() + 10)
         lags = [ev["lag_seconds"] for ev in _audit(server)
                 if ev["type"] == "expire" and ev["lease"]["id"] in pg_ids]
         assert len(lags) == 2 and max(lags) < 2.5, lags
@@ -173,9 +134,9 @@ def test_an_unhealthy_mounts_due_leases_wait_and_healthy_ones_expire_on_time(
         proxy.down()
         proxy.target_port = dsn_port(postgres_dsn)
         proxy.up()
-        _wait_for("hung's leases expired",
-                  lambda: all(_lease(server, i).state is LeaseState.EXPIRED for i in hung_ids),
-                  BACKEND_TIMEOUT + 10)
+        wait_for("hung's leases expired",
+                 lambda: all(_lease(server, i).state is LeaseState.EXPIRED for i in hung_ids),
+                 BACKEND_TIMEOUT + 10)
         assert asyncio.run(pg_roles(postgres_dsn, f"{template}h")) == set()
         assert any("mount 'hung' is healthy again: revoking its due leases" in r.getMessage()
                    for r in caplog.records)
@@ -196,7 +157,8 @@ def test_a_revoke_of_an_unhealthy_mounts_lease_is_queued_without_an_attempt(
         client = hvac.Client(url=server.url, token=ROOT_TOKEN, timeout=30)
         lease_id = client.read("hung/creds/app")["lease_id"]
         proxy.down()  # refused from now on
-        _wait_for("hung unhealthy", lambda: not _healthy(server, "hung"), BACKEND_TIMEOUT + 4)
+        wait_for("hung unhealthy", lambda: not mount_health(server, "hung")["healthy"],
+                 BACKEND_TIMEOUT + 4)
         started = time.monotonic()
         resp = requests.put(f"{server.url}/v1/sys/leases/revoke", headers=H, timeout=60,
                             json={"lease_id": lease_id})
@@ -206,9 +168,9 @@ def test_a_revoke_of_an_unhealthy_mounts_lease_is_queued_without_an_attempt(
         lease = _lease(server, lease_id)
         assert lease.state is LeaseState.REVOKING and lease.revoke_attempts == 0, lease
         proxy.up()
-        _wait_for("revoked once back",
-                  lambda: _lease(server, lease_id).state is LeaseState.REVOKED,
-                  BACKEND_TIMEOUT + 10)
+        wait_for("revoked once back",
+                 lambda: _lease(server, lease_id).state is LeaseState.REVOKED,
+                 BACKEND_TIMEOUT + 10)
         assert asyncio.run(pg_roles(postgres_dsn, f"{template}h")) == set()
     finally:
         server.stop()
@@ -220,16 +182,8 @@ def test_a_forced_sts_lease_whose_call_failed_says_when_its_keys_die(tmp_path: P
     its ``admin`` / ``revoke_force`` line has ``backend_revoked: false`` and
     ``credential_valid_until`` (the token's AWS expiry), as the ``revoke`` line of a
     forced STS lease has; it had only the first."""
-    from broker.bench.noop import register
-
     register()
-    server = start_broker(write_config(tmp_path, """
-[mounts.noop]
-plugin = "bench-noop"
-
-[mounts.noop.roles.a]
-default_ttl = "1h"
-"""))
+    server = start_broker(write_config(tmp_path, NOOP))
     try:
         assert server.state is not None
         store = server.state.store
@@ -238,8 +192,6 @@ default_ttl = "1h"
         expires_at = int(now + 900)
 
         async def put() -> None:
-            from tests.integration.store_fixtures import make_lease
-
             lease = make_lease(lease_id, issue_time=now, ttl=600)
             await store.insert_pending(lease)
             await store.activate(lease.id, revocation={
@@ -250,7 +202,7 @@ default_ttl = "1h"
         resp = requests.put(f"{server.url}/v1/sys/leases/revoke-force/aws/", headers=H,
                             timeout=60)
         assert resp.status_code in (200, 202), resp.text
-        _wait_for("forced", lambda: _lease(server, lease_id).state is LeaseState.REVOKED, 20)
+        wait_for("forced", lambda: _lease(server, lease_id).state is LeaseState.REVOKED, 20)
         [line] = [ev for ev in _audit(server) if ev.get("action") == "revoke_force"]
         assert line["outcome"] == "forced" and line["backend_revoked"] is False, line
         assert "'aws' is not configured" in line["error"], line

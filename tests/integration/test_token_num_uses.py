@@ -15,23 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import asyncpg
 import hvac
 import hvac.exceptions
 import pytest
 import requests
 
-from broker.lease import TokenState
+from broker.lease import Token, TokenState
 from broker.store import open_store
-from broker.store import postgres as pg_store
-from broker.store import sqlite as sqlite_store
 from broker.store.base import LeaseStore
 from broker.store.sqlite import SQLiteStore
 from tests.conftest import run
@@ -42,6 +37,15 @@ from tests.integration.store_fixtures import (
     fresh_postgres_database,
     make_token,
     open_replicas,
+    store_before,
+)
+from tests.integration.token_fixtures import (
+    audit_events,
+    client,
+    pg_readonly_mount,
+    pg_revoking_broker,
+    role_exists,
+    wait_until,
 )
 
 pytestmark = pytest.mark.integration
@@ -53,18 +57,7 @@ WITHHELD = ("Secret cannot be returned; token had one use left, so leased creden
 
 def pg_mount(dsn: str) -> str:
     """A real PostgreSQL mount (roles named v-...) and a policy that may read from it."""
-    return f"""
-[mounts.pg]
-plugin = "postgres"
-connection_url = "{dsn}"
-
-[mounts.pg.roles.readonly]
-creation_statements = [
-  "CREATE ROLE \\"{{{{name}}}}\\" WITH LOGIN PASSWORD '{{{{password}}}}' VALID UNTIL '{{{{expiration}}}}'",
-]
-default_ttl = "1h"
-max_ttl = "2h"
-
+    return pg_readonly_mount(dsn) + """
 [policies.app]
 "pg/creds/readonly" = ["read"]
 "auth/token/create" = ["update"]
@@ -75,20 +68,13 @@ max_ttl = "2h"
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory, postgres_dsn: str
            ) -> Iterator[BrokerThread]:
-    server = start_broker(write_config(tmp_path_factory.mktemp("num-uses"),
-                                       pg_mount(postgres_dsn)))
-    try:
+    with pg_revoking_broker(tmp_path_factory.mktemp("num-uses"), pg_mount(postgres_dsn)) as server:
         yield server
-    finally:
-        # Leave no role behind on the shared server.
-        requests.put(f"{server.url}/v1/sys/leases/revoke-prefix/pg/", json={"sync": True},
-                     headers={"X-Vault-Token": server.root_token}, timeout=120)
-        server.stop()
 
 
 @pytest.fixture
 def root(broker: BrokerThread) -> hvac.Client:
-    return hvac.Client(url=broker.url, token=broker.root_token)
+    return client(broker, broker.root_token)
 
 
 def limited(root: hvac.Client, uses: int, policies: tuple[str, ...] = ("app",)
@@ -99,46 +85,16 @@ def limited(root: hvac.Client, uses: int, policies: tuple[str, ...] = ("app",)
     return auth["client_token"], auth["accessor"]
 
 
-def as_token(broker: BrokerThread, token: str) -> hvac.Client:
-    return hvac.Client(url=broker.url, token=token)
-
-
-def events(broker: BrokerThread, type_: str) -> list[dict[str, Any]]:
-    lines = Path(broker.audit_path).read_text().splitlines()
-    return [e for e in map(json.loads, lines) if e.get("type") == type_]
-
-
 def about(broker: BrokerThread, type_: str, field: str, accessor: str) -> list[dict[str, Any]]:
     """The ``type_`` audit lines whose ``field`` is ``accessor`` (as the log's HMAC)."""
     assert broker.state is not None
     mac = broker.state.audit.hmac(accessor)
-    return [e for e in events(broker, type_) if e.get(field) == mac]
+    return [e for e in audit_events(broker, type_) if e.get(field) == mac]
 
 
 def errors(exc: pytest.ExceptionInfo[hvac.exceptions.VaultError]) -> list[str]:
     listed: list[str] = json.loads(exc.value.text)["errors"]
     return listed
-
-
-async def _role_exists(dsn: str, name: str) -> bool:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return bool(await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", name))
-    finally:
-        await conn.close()
-
-
-def role_exists(dsn: str, name: str) -> bool:
-    return bool(run(_role_exists(dsn, name)))
-
-
-def wait_until(check: Callable[[], bool], timeout: float = 30) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.1)
-    return check()
 
 
 # -- the count, as hvac sees it -----------------------------------------------------------
@@ -149,7 +105,7 @@ def test_a_two_use_token_makes_two_requests_then_is_refused(broker: BrokerThread
     """num_uses=2: two requests work (lookup-self shows 1 left, then -1 on the last one),
     the third is a 403 audited as reuse_attempt; the token is revoked by then."""
     token, accessor = limited(root, 2)
-    me = as_token(broker, token)
+    me = client(broker, token)
     assert me.auth.token.lookup_self()["data"]["num_uses"] == 1
     assert me.auth.token.lookup_self()["data"]["num_uses"] == -1
     with pytest.raises(hvac.exceptions.Forbidden):
@@ -167,7 +123,7 @@ def test_lookups_show_the_uses_left(broker: BrokerThread, root: hvac.Client) -> 
     a token without a limit shows 0, as in Vault."""
     token, accessor = limited(root, 3)
     assert root.auth.token.lookup(token)["data"]["num_uses"] == 3
-    as_token(broker, token).auth.token.lookup_self()
+    client(broker, token).auth.token.lookup_self()
     assert root.auth.token.lookup(token)["data"]["num_uses"] == 2
     assert root.auth.token.lookup_accessor(accessor)["data"]["num_uses"] == 2
     plain = root.auth.token.create(policies=["app"], ttl="10m")["auth"]
@@ -179,7 +135,7 @@ def test_a_refused_request_uses_a_use_too(broker: BrokerThread, root: hvac.Clien
     """As in Vault, the use is taken before the policy check: a 403 for a path the
     token may not read still counts."""
     token, _ = limited(root, 2)
-    me = as_token(broker, token)
+    me = client(broker, token)
     with pytest.raises(hvac.exceptions.Forbidden):
         me.secrets.database.generate_credentials("other", mount_point="pg")
     assert me.auth.token.lookup_self()["data"]["num_uses"] == -1
@@ -189,7 +145,7 @@ def test_a_use_limited_token_cannot_create_tokens(broker: BrokerThread,
                                                   root: hvac.Client) -> None:
     """create and create-orphan from a token with num_uses: 400, as Vault's."""
     token, _ = limited(root, 5)
-    me = as_token(broker, token)
+    me = client(broker, token)
     with pytest.raises(hvac.exceptions.InvalidRequest,
                        match="restricted use token cannot generate child tokens"):
         me.auth.token.create(policies=["app"], ttl="1m")
@@ -206,7 +162,7 @@ def test_leases_end_with_the_last_use(broker: BrokerThread, root: hvac.Client,
     """A 3-use token fetches two credentials (real PostgreSQL roles); its third request
     revokes it and, with it, both credentials (the roles are dropped)."""
     token, accessor = limited(root, 3)
-    me = as_token(broker, token)
+    me = client(broker, token)
     first = me.secrets.database.generate_credentials("readonly", mount_point="pg")
     second = me.secrets.database.generate_credentials("readonly", mount_point="pg")
     users = [first["data"]["username"], second["data"]["username"]]
@@ -229,7 +185,8 @@ def test_a_credential_on_the_last_use_is_withheld(broker: BrokerThread, root: hv
     revoked = about(broker, "token_revoke", "target", accessor)
     assert len(revoked) == 1 and revoked[0]["leases_queued"] == 1
     lease_id = revoked[0]["withheld_lease"]
-    issued = [e for e in events(broker, "issue") if e.get("lease", {}).get("id") == lease_id]
+    issued = [e for e in audit_events(broker, "issue")
+              if e.get("lease", {}).get("id") == lease_id]
     assert len(issued) == 1
     user = issued[0]["lease"]["username"]
     assert wait_until(lambda: not role_exists(postgres_dsn, user))
@@ -269,7 +226,7 @@ def test_replicas_on_one_postgres_store_share_the_count(
         token, _ = limited(root, 3)
         statuses = run(_race([a.url, b.url] * 5, token))
         assert sorted(statuses) == [200] * 3 + [403] * 7
-        reuse = events(a, "reuse_attempt") + events(b, "reuse_attempt")
+        reuse = audit_events(a, "reuse_attempt") + audit_events(b, "reuse_attempt")
         assert len(reuse) == 5 + 7
     finally:
         for server in replicas:
@@ -317,6 +274,16 @@ async def test_concurrent_uses_never_exceed_the_count(store: LeaseStore) -> None
     assert answers.count(None) == 15
 
 
+async def _four_uses_of_twenty(a: LeaseStore, b: LeaseStore) -> None:
+    """A 4-use token written through ``a``, then ten uses of it each through ``a`` and
+    ``b`` at once: four succeed, the last leaving -1."""
+    token = make_token("acc-4")
+    token.num_uses = 4
+    await a.insert_token(token)
+    answers = await asyncio.gather(*(s.use_token("acc-4") for _ in range(10) for s in (a, b)))
+    assert sorted(x for x in answers if x is not None) == [-1, 1, 2, 3]
+
+
 async def test_two_sqlite_stores_on_one_file_share_the_count(tmp_path: Path) -> None:
     """Two SQLite stores on one file (two workers' writers): ten uses each at once of a
     4-use token, four succeed."""
@@ -325,12 +292,7 @@ async def test_two_sqlite_stores_on_one_file_share_the_count(tmp_path: Path) -> 
     await a.open()
     await b.open()
     try:
-        token = make_token("acc-4")
-        token.num_uses = 4
-        await a.insert_token(token)
-        answers = await asyncio.gather(*(s.use_token("acc-4") for _ in range(10)
-                                         for s in (a, b)))
-        assert sorted(x for x in answers if x is not None) == [-1, 1, 2, 3]
+        await _four_uses_of_twenty(a, b)
     finally:
         await a.close()
         await b.close()
@@ -341,47 +303,7 @@ async def test_two_postgres_replicas_share_the_count(request: pytest.FixtureRequ
     four succeed."""
     dsn = await fresh_postgres_database(request)
     async with open_replicas(dsn) as (a, b):
-        token = make_token("acc-4")
-        token.num_uses = 4
-        await a.insert_token(token)
-        answers = await asyncio.gather(*(s.use_token("acc-4") for _ in range(10)
-                                         for s in (a, b)))
-        assert sorted(x for x in answers if x is not None) == [-1, 1, 2, 3]
-
-
-async def _store_before_num_uses(url: str) -> None:
-    """A store at the schema version before tokens.num_uses, holding one token."""
-    if url.startswith("sqlite"):
-        conn = sqlite3.connect(url.removeprefix("sqlite:///"))
-        conn.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY,"
-                     " applied_at REAL NOT NULL)")
-        for version, statements in enumerate(sqlite_store.MIGRATIONS[:_before(sqlite_store.MIGRATIONS)], 1):
-            for statement in statements:
-                conn.execute(statement)
-            conn.execute("INSERT INTO schema_version VALUES (?, 0)", (version,))
-        conn.execute("INSERT INTO tokens (accessor, token_hash, policies, created, state,"
-                     " renewable) VALUES ('old', 'hash-old', '[\"default\"]', 1, 'active', 1)")
-        conn.commit()
-        conn.close()
-        return
-    pg = await asyncpg.connect(url)
-    try:
-        await pg.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY,"
-                         " applied_at DOUBLE PRECISION NOT NULL)")
-        for version, statements in enumerate(pg_store.MIGRATIONS[:_before(pg_store.MIGRATIONS)], 1):
-            for statement in statements:
-                await pg.execute(statement)
-            await pg.execute("INSERT INTO schema_version VALUES ($1, 0)", version)
-        await pg.execute("INSERT INTO tokens (accessor, token_hash, policies, created, state,"
-                         " renewable) VALUES ('old', 'hash-old', '[\"default\"]', 1, 'active',"
-                         " true)")
-    finally:
-        await pg.close()
-
-
-def _before(migrations: list[tuple[str, ...]]) -> int:
-    """How many migrations come before the one adding tokens.num_uses."""
-    return next(i for i, step in enumerate(migrations) if any("num_uses" in s for s in step))
+        await _four_uses_of_twenty(a, b)
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
@@ -391,7 +313,9 @@ async def test_a_store_from_before_reads_its_tokens_as_unlimited(
     use_token takes nothing from them."""
     url = (f"sqlite:///{tmp_path / 'old.db'}" if kind == "sqlite"
            else await fresh_postgres_database(request))
-    await _store_before_num_uses(url)
+    old = Token(accessor="old", token_hash="hash-old", policies=["default"], created=1,
+                expire_time=None)
+    await store_before(url, "num_uses", old)
     store = open_store(url)
     await store.open()
     try:

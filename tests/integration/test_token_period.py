@@ -13,27 +13,28 @@ as not periodic.
 
 from __future__ import annotations
 
-import json
-import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import asyncpg
 import hvac
 import hvac.exceptions
 import pytest
-import requests
 
+from broker.lease import Token
 from broker.store import open_store
-from broker.store import postgres as pg_store
-from broker.store import sqlite as sqlite_store
 from broker.store.base import LeaseStore
-from tests.conftest import run
 from tests.integration import store_fixtures
-from tests.integration.broker_harness import BrokerThread, start_broker, write_config
-from tests.integration.store_fixtures import fresh_postgres_database, make_token
+from tests.integration.broker_harness import BrokerThread
+from tests.integration.store_fixtures import fresh_postgres_database, make_token, store_before
+from tests.integration.token_fixtures import (
+    audit_events,
+    client,
+    pg_readonly_mount,
+    pg_revoking_broker,
+    role_exists,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -45,21 +46,10 @@ TOKEN_JOB_WAIT = 45
 def config(dsn: str) -> str:
     """A real PostgreSQL mount (roles named v-...), a 1h token ceiling, and creators
     with and without sudo on the create paths."""
-    return f"""
+    return """
 [tokens]
 max_ttl = "1h"
-
-[mounts.pg]
-plugin = "postgres"
-connection_url = "{dsn}"
-
-[mounts.pg.roles.readonly]
-creation_statements = [
-  "CREATE ROLE \\"{{{{name}}}}\\" WITH LOGIN PASSWORD '{{{{password}}}}' VALID UNTIL '{{{{expiration}}}}'",
-]
-default_ttl = "1h"
-max_ttl = "2h"
-
+""" + pg_readonly_mount(dsn) + """
 [policies.app]
 "pg/creds/readonly" = ["read"]
 
@@ -75,57 +65,21 @@ max_ttl = "2h"
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory, postgres_dsn: str
            ) -> Iterator[BrokerThread]:
-    server = start_broker(write_config(tmp_path_factory.mktemp("period"), config(postgres_dsn)))
-    try:
+    with pg_revoking_broker(tmp_path_factory.mktemp("period"), config(postgres_dsn)) as server:
         yield server
-    finally:
-        # Leave no role behind on the shared server.
-        requests.put(f"{server.url}/v1/sys/leases/revoke-prefix/pg/", json={"sync": True},
-                     headers={"X-Vault-Token": server.root_token}, timeout=120)
-        server.stop()
 
 
 @pytest.fixture
 def root(broker: BrokerThread) -> hvac.Client:
-    return hvac.Client(url=broker.url, token=broker.root_token)
+    return client(broker, broker.root_token)
 
 
-def as_token(broker: BrokerThread, token: str) -> hvac.Client:
-    return hvac.Client(url=broker.url, token=token)
-
-
-def alive(client: hvac.Client) -> bool:
+def alive(me: hvac.Client) -> bool:
     try:
-        client.auth.token.lookup_self()
+        me.auth.token.lookup_self()
     except hvac.exceptions.Forbidden:
         return False
     return True
-
-
-def wait_until(check: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.2)
-    return check()
-
-
-def events(broker: BrokerThread, type_: str) -> list[dict[str, Any]]:
-    lines = Path(broker.audit_path).read_text().splitlines()
-    return [e for e in map(json.loads, lines) if e.get("type") == type_]
-
-
-async def _role_exists(dsn: str, name: str) -> bool:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return bool(await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", name))
-    finally:
-        await conn.close()
-
-
-def role_exists(dsn: str, name: str) -> bool:
-    return bool(run(_role_exists(dsn, name)))
 
 
 # -- renewals keep it alive, by its period ------------------------------------------------
@@ -138,7 +92,7 @@ def test_a_periodic_token_lives_while_renewed_then_expires(broker: BrokerThread,
     twice over; left alone, it is refused within about one period."""
     auth = root.auth.token.create(policies=["app"], period="2s")["auth"]
     assert auth["lease_duration"] == 2 and auth["renewable"] is True
-    me = as_token(broker, auth["client_token"])
+    me = client(broker, auth["client_token"])
     started = time.monotonic()
     renewals = [
         lambda: me.auth.token.renew_self(increment="1h"),
@@ -169,7 +123,7 @@ def test_lookup_shows_the_period(broker: BrokerThread, root: hvac.Client) -> Non
     assert data["expire_time"] is not None
     assert data["explicit_max_ttl"] == 0
     assert data["max_expire_time"] is None  # no limit on renewals
-    assert as_token(broker, auth["client_token"]).auth.token.lookup_self()["data"][
+    assert client(broker, auth["client_token"]).auth.token.lookup_self()["data"][
         "period"] == 600
     assert root.auth.token.lookup_accessor(auth["accessor"])["data"]["period"] == 600
     plain = root.auth.token.create(policies=["app"], ttl="10m")["auth"]
@@ -198,16 +152,17 @@ def test_only_root_or_sudo_creates_periodic_tokens(broker: BrokerThread,
                                                    root: hvac.Client) -> None:
     """update alone on auth/token/create (or create-orphan): Vault's 400, audited as
     policy_denied; sudo on the path, or a root token, may; period 0 is no period."""
-    creator = as_token(broker, root.auth.token.create(
+    creator = client(broker, root.auth.token.create(
         policies=["creator", "app"], ttl="10m")["auth"]["client_token"])
     with pytest.raises(hvac.exceptions.InvalidRequest, match=NOT_SUDO):
         creator.auth.token.create(policies=["app"], period="1m")
     with pytest.raises(hvac.exceptions.InvalidRequest, match=NOT_SUDO):
         creator.auth.token.create_orphan(policies=["app"], period="1m")
-    assert sum(NOT_SUDO in (e.get("error") or "") for e in events(broker, "policy_denied")) >= 2
+    denied = audit_events(broker, "policy_denied")
+    assert sum(NOT_SUDO in (e.get("error") or "") for e in denied) >= 2
     plain = creator.auth.token.create(policies=["app"], period="0", ttl="1m")["auth"]
     assert plain["lease_duration"] == 60
-    sudo = as_token(broker, root.auth.token.create(
+    sudo = client(broker, root.auth.token.create(
         policies=["sudo-creator", "app"], ttl="10m")["auth"]["client_token"])
     made = sudo.auth.token.create(policies=["app"], period="1m")["auth"]
     assert made["lease_duration"] == 60
@@ -218,7 +173,7 @@ def test_explicit_max_ttl_still_ends_it(broker: BrokerThread, root: hvac.Client)
     """period=2s, explicit_max_ttl=4s: renewed every second, it still ends at 4 s; the
     renewals near the end are capped (Vault's warning), and after it, refused."""
     auth = root.auth.token.create(policies=["app"], period="2s", explicit_max_ttl="4s")["auth"]
-    me = as_token(broker, auth["client_token"])
+    me = client(broker, auth["client_token"])
     assert root.auth.token.lookup(auth["client_token"])["data"]["explicit_max_ttl"] == 4
     started = time.monotonic()
     capped = []
@@ -242,9 +197,9 @@ def test_a_periodic_child_follows_its_renewed_parent(broker: BrokerThread,
     not to the one it had when the child was made: renew the parent, and the child's
     renewals go on."""
     parent = root.auth.token.create(policies=["sudo-creator", "app"], ttl="3s")["auth"]
-    maker = as_token(broker, parent["client_token"])
+    maker = client(broker, parent["client_token"])
     child = maker.auth.token.create(policies=["app"], period="2s")["auth"]
-    me = as_token(broker, child["client_token"])
+    me = client(broker, child["client_token"])
     started = time.monotonic()
     while time.monotonic() - started < 5:
         time.sleep(1)
@@ -265,13 +220,13 @@ def test_its_leases_keep_their_ttl_and_end_with_it(broker: BrokerThread, root: h
     lease, dropping the role. With an explicit_max_ttl, the lease ends by it."""
     bounded = root.auth.token.create(policies=["app"], period="1h",
                                      explicit_max_ttl="10m")["auth"]
-    short = as_token(broker, bounded["client_token"]).secrets.database.generate_credentials(
+    short = client(broker, bounded["client_token"]).secrets.database.generate_credentials(
         "readonly", mount_point="pg")
     assert 590 <= short["lease_duration"] <= 600, short
-    as_token(broker, bounded["client_token"]).auth.token.revoke_self()
+    client(broker, bounded["client_token"]).auth.token.revoke_self()
 
     auth = root.auth.token.create(policies=["app"], period="2s")["auth"]
-    me = as_token(broker, auth["client_token"])
+    me = client(broker, auth["client_token"])
     creds = me.secrets.database.generate_credentials("readonly", mount_point="pg")
     assert creds["lease_duration"] >= 3590, creds
     user = creds["data"]["username"]
@@ -301,44 +256,6 @@ async def test_the_store_keeps_the_period(store: LeaseStore) -> None:
     assert plain is not None and plain.period == 0
 
 
-def _before(migrations: list[tuple[str, ...]]) -> int:
-    """How many migrations come before the one adding tokens.period."""
-    return next(i for i, step in enumerate(migrations)
-                if any("ADD COLUMN period" in s for s in step))
-
-
-async def _store_before_period(url: str) -> None:
-    """A store at the schema version before tokens.period, holding one token."""
-    insert = ("INSERT INTO tokens (accessor, token_hash, policies, created, expire_time,"
-              " state, renewable) VALUES ('old', 'hash-old', '[\"default\"]', 1, 100000,"
-              " 'active', {})")
-    if url.startswith("sqlite"):
-        conn = sqlite3.connect(url.removeprefix("sqlite:///"))
-        conn.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY,"
-                     " applied_at REAL NOT NULL)")
-        steps = sqlite_store.MIGRATIONS[:_before(sqlite_store.MIGRATIONS)]
-        for version, statements in enumerate(steps, 1):
-            for statement in statements:
-                conn.execute(statement)
-            conn.execute("INSERT INTO schema_version VALUES (?, 0)", (version,))
-        conn.execute(insert.format(1))
-        conn.commit()
-        conn.close()
-        return
-    pg = await asyncpg.connect(url)
-    try:
-        await pg.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY,"
-                         " applied_at DOUBLE PRECISION NOT NULL)")
-        for version, statements in enumerate(pg_store.MIGRATIONS[:_before(pg_store.MIGRATIONS)],
-                                             1):
-            for statement in statements:
-                await pg.execute(statement)
-            await pg.execute("INSERT INTO schema_version VALUES ($1, 0)", version)
-        await pg.execute(insert.format("true"))
-    finally:
-        await pg.close()
-
-
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
 async def test_a_store_from_before_reads_its_tokens_as_not_periodic(
         kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
@@ -346,7 +263,9 @@ async def test_a_store_from_before_reads_its_tokens_as_not_periodic(
     new tokens keep theirs."""
     url = (f"sqlite:///{tmp_path / 'old.db'}" if kind == "sqlite"
            else await fresh_postgres_database(request))
-    await _store_before_period(url)
+    old = Token(accessor="old", token_hash="hash-old", policies=["default"], created=1,
+                expire_time=100000)
+    await store_before(url, "ADD COLUMN period", old)
     store = open_store(url)
     await store.open()
     try:

@@ -1,13 +1,14 @@
-"""Helpers the token API tests share: clients, audit events, a broker per store kind, and
-roles slow enough to revoke a token (or a prefix) while one of its issues is in flight.
+"""Helpers the token API tests share: clients, audit events, a broker per store kind, a
+broker with a real PostgreSQL mount (and a check of its roles), and roles slow enough to
+revoke a token (or a prefix) while one of its issues is in flight.
 
 They used to be copied into each test module (test_token_api_fixes,
 test_token_create_limits, test_admin_sudo, test_token_revoke_inflight,
-test_lifecycle_qa_fixes); one copy here means a fix reaches every user. Each
-module still declares its own pytest fixtures (its own ``CONFIG``, its own
-parameters), thin ones that call these, as ``store_url`` calls
-``store_fixtures.broker_store_url``: a fixture imported from another module
-would need a ``noqa`` on every test that takes it.
+test_lifecycle_qa_fixes, test_token_num_uses, test_token_period); one copy here means
+a fix reaches every user. Each module still declares its own pytest fixtures (its own
+``CONFIG``, its own parameters), thin ones that call these, as ``store_url`` calls
+``store_fixtures.broker_store_url``: a fixture imported from another module would need
+a ``noqa`` on every test that takes it.
 """
 
 from __future__ import annotations
@@ -30,7 +31,12 @@ import pytest
 import requests
 
 from broker.lease import LeaseFilter, LeaseState
-from tests.integration.broker_harness import BrokerThread, start_broker, write_config
+from tests.integration.broker_harness import (
+    BrokerThread,
+    pg_roles,
+    start_broker,
+    write_config,
+)
 from tests.integration.store_fixtures import broker_store_url
 
 __all__ = [
@@ -40,6 +46,10 @@ __all__ = [
     "broker_on_store",
     "client",
     "made_by_root",
+    "pg_readonly_mount",
+    "pg_revoking_broker",
+    "role_exists",
+    "wait_until",
 ]
 
 
@@ -71,6 +81,56 @@ def broker_on_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[
         yield server
     finally:
         server.stop()
+
+
+def wait_until(check: Callable[[], object], timeout: float = 30) -> bool:
+    """Poll ``check`` every 0.1 s until it is true or ``timeout`` s have passed; whether it
+    came true, for the caller to assert."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.1)
+    return bool(check())
+
+
+# -- a real PostgreSQL mount ---------------------------------------------------------------
+
+
+def pg_readonly_mount(dsn: str) -> str:
+    """The config of mount ``pg`` on the PostgreSQL server of ``dsn`` with role ``readonly``
+    (real roles, named v-..., 1h up to 2h); a module adds its policies after it."""
+    return f"""
+[mounts.pg]
+plugin = "postgres"
+connection_url = "{dsn}"
+
+[mounts.pg.roles.readonly]
+creation_statements = [
+  "CREATE ROLE \\"{{{{name}}}}\\" WITH LOGIN PASSWORD '{{{{password}}}}' VALID UNTIL '{{{{expiration}}}}'",
+]
+default_ttl = "1h"
+max_ttl = "2h"
+"""
+
+
+@contextmanager
+def pg_revoking_broker(tmp: Path, body: str) -> Iterator[BrokerThread]:
+    """A broker on ``body`` (with a mount ``pg`` of real roles), which on the way out
+    revokes every lease of ``pg``, waiting, before it stops: no role is left behind on
+    the shared server."""
+    server = start_broker(write_config(tmp, body))
+    try:
+        yield server
+    finally:
+        requests.put(f"{server.url}/v1/sys/leases/revoke-prefix/pg/", json={"sync": True},
+                     headers={"X-Vault-Token": server.root_token}, timeout=120)
+        server.stop()
+
+
+def role_exists(dsn: str, name: str) -> bool:
+    """Whether the PostgreSQL server of ``dsn`` has a role named ``name``."""
+    return name in asyncio.run(pg_roles(dsn, name))
 
 
 # -- issues held in flight ---------------------------------------------------------------
