@@ -391,6 +391,7 @@ async def _serve(config: Config, *, dev: bool, dev_root_token_id: str | None,
         log.warning("shutting down: %d request(s) still in flight after %ss; cancelling them",
                     in_flight.count, config.server.shutdown_grace)
     await runner.cleanup()
+    await scheduler.finish(CLOSE_WAIT)
     await stop(state, config.server.shutdown_grace)
     return 0
 

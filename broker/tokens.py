@@ -239,16 +239,18 @@ class TokenManager:
 
     async def renew(self, token: Token, increment: int | None, *,
                     warnings: list[str] | None = None,
-                    max_period: int | None = None) -> tuple[Token, int]:
+                    system_max_ttl: int | None = None) -> tuple[Token, int]:
         """Extend ``token`` by ``increment`` (else the TTL it was created with) from now,
         capped at its max expiry and at its parent's expiry. Returns the token and the
         TTL granted, in seconds. A periodic token is extended by its period, whatever
         the increment, as Vault does (its docs: the increment is not honoured).
 
-        ``max_period``: the system max TTL now (``[tokens] max_ttl``). As Vault's
-        ``CalculateTTL`` on every renewal, a periodic token's period is capped at it,
-        so a reload that lowered it shortens the next renewal; the stored period is
-        kept (lookups show it, as Vault's), and a later raise gives it back.
+        ``system_max_ttl``: the system max TTL now (``[tokens] max_ttl``), applied at
+        every renewal as Vault's ``CalculateTTL`` does, so a reload that lowered it
+        shortens the next renewal: a periodic token's period is capped at it (the
+        stored period is kept: lookups show it, as Vault's, and a later raise gives it
+        back); any other token is capped at its creation plus it (a token already past
+        that is a 400, Vault's "past the max TTL, cannot renew").
 
         A capped renewal appends Vault's warning to ``warnings`` ("TTL of ... exceeded
         the effective max_ttl of ...; TTL value is capped accordingly"), naming the
@@ -259,13 +261,21 @@ class TokenManager:
             raise BadRequest("token is not renewable")
         now = self.clock()
         period = token.period
-        if period and max_period and period > max_period:
+        if period and system_max_ttl and period > system_max_ttl:
             if warnings is not None:
                 warnings.append(
                     f'period of "{format_duration(period)}" exceeded the effective max_ttl '
-                    f'of "{format_duration(max_period)}"; period value is capped accordingly '
-                    "(the limit is [tokens] max_ttl, lowered since the token was created)")
-            period = max_period
+                    f'of "{format_duration(system_max_ttl)}"; period value is capped '
+                    "accordingly (the limit is [tokens] max_ttl, lowered since the token "
+                    "was created)")
+            period = system_max_ttl
+        # An ordinary token's life under the ceiling in force now: no later than its
+        # creation plus it (unchanged ceiling: never before its own max expiry).
+        system_end = (token.created + system_max_ttl
+                      if system_max_ttl and not token.period else None)
+        if system_end is not None and system_end <= now:
+            raise BadRequest(f"past the max TTL, cannot renew (the limit is "
+                             f"{_system_max_reason(system_max_ttl or 0, system_end)})")
         ttl = period or increment or _base_ttl(token)
         wanted = now + ttl
         parent_end = await self._parent_expiry(token)
@@ -273,14 +283,18 @@ class TokenManager:
             raise BadRequest("token cannot be renewed: its parent token has expired, "
                              "and a token ends with its parent")
         expire = wanted
-        limit = min((t for t in (token.max_expire_time, parent_end) if t is not None),
-                    default=None)
+        limit = min((t for t in (token.max_expire_time, parent_end, system_end)
+                     if t is not None), default=None)
         if limit is not None:
-            # When the parent's expiry and the token's own max expiry are the same
-            # moment, the parent is the reason.
-            reason = (f"its parent token's expiry ({_when(parent_end)}): a token never "
-                      "outlives its parent") if parent_end is not None \
-                and parent_end <= limit + 0.5 else _max_ttl_reason(token)
+            # When several limits are the same moment, the parent is the reason, then
+            # the token's own max expiry.
+            if parent_end is not None and parent_end <= limit + 0.5:
+                reason = (f"its parent token's expiry ({_when(parent_end)}): a token never "
+                          "outlives its parent")
+            elif token.max_expire_time is not None and token.max_expire_time <= limit + 0.5:
+                reason = _max_ttl_reason(token)
+            else:
+                reason = _system_max_reason(system_max_ttl or 0, limit)
             if wanted > limit + 0.5:  # half a second of clock slack, as lease renewals
                 expire = limit
                 if warnings is not None:
@@ -319,6 +333,12 @@ def _max_ttl_reason(token: Token) -> str:
     life = format_duration(max(round(token.max_expire_time - token.created), 0))
     return (f"the token's max TTL ({life} from its creation, "
             f"until {_when(token.max_expire_time)})")
+
+
+def _system_max_reason(max_ttl: int, end: float) -> str:
+    """The limit ``[tokens] max_ttl`` sets a token (created ``max_ttl`` before ``end``)."""
+    return (f"[tokens] max_ttl ({format_duration(max_ttl)} from the token's creation, "
+            f"until {_when(end)}), lowered since the token was created")
 
 
 def _granted(now: float, expire: float | None) -> int:

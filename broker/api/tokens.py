@@ -669,9 +669,10 @@ async def list_accessors(request: web.Request) -> web.Response:
     return vault_response(call, {"keys": keys}, warnings=warnings)
 
 
-def _max_period(call: Call) -> int:
-    """What caps a periodic token's period at a renewal: ``[tokens] max_ttl`` as the
-    running config has it (a reload may have lowered it since the token was made)."""
+def _system_max_ttl(call: Call) -> int:
+    """What caps a token's renewal (a periodic token's period, any other's life from
+    its creation): ``[tokens] max_ttl`` as the running config has it (a reload may have
+    lowered it since the token was made)."""
     return call.state.config.tokens.max_ttl
 
 
@@ -682,7 +683,7 @@ async def renew_self(request: web.Request) -> web.Response:
     warnings: list[str] = []
     token, granted = await call.state.tokens.renew(token, call.duration("increment"),
                                                    warnings=warnings,
-                                                   max_period=_max_period(call))
+                                                   system_max_ttl=_system_max_ttl(call))
     await call.audit("token_renew", expire_time=rfc3339(token.expire_time))
     # The caller's own token: Vault's renew answer carries it, and it tells the caller nothing new.
     return _auth_response(call, auth_block(call.presented_token(), token, ttl=granted),
@@ -701,7 +702,7 @@ async def renew(request: web.Request) -> web.Response:
         raise BadRequest("token not found")  # Vault's answer (400)
     warnings: list[str] = []
     other, granted = await call.state.tokens.renew(other, increment, warnings=warnings,
-                                                   max_period=_max_period(call))
+                                                   system_max_ttl=_system_max_ttl(call))
     await call.audit("token_renew", target=other.accessor,
                      expire_time=rfc3339(other.expire_time))
     return _auth_response(call, auth_block(value, other, ttl=granted), warnings)
@@ -725,7 +726,7 @@ async def renew_accessor(request: web.Request) -> web.Response:
         raise BadRequest("invalid accessor")  # as lookup-accessor
     warnings: list[str] = []
     other, granted = await call.state.tokens.renew(other, increment, warnings=warnings,
-                                                   max_period=_max_period(call))
+                                                   system_max_ttl=_system_max_ttl(call))
     await call.audit("token_renew", target=other.accessor,
                      expire_time=rfc3339(other.expire_time))
     return _auth_response(call, auth_block("", other, ttl=granted), warnings)

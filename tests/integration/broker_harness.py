@@ -141,6 +141,7 @@ class BrokerThread:
         scheduler.shutdown()
         self.state.serving = False
         await runner.cleanup()
+        await scheduler.finish(2.0)  # as run_server: no job run left pending at loop close
         await stop(self.state, 5)
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:

@@ -11,6 +11,7 @@ over HTTP (hvac), a real OIDC issuer, real PostgreSQL roles (dropped at the end)
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,3 +192,45 @@ def test_an_ordinary_token_s_lease_still_says_renew_the_token_first(
                for w in warnings(creds)), creds
     renewed = root.sys.renew_lease(creds["lease_id"], increment=3600)
     assert RENEW_FIRST in " ".join(warnings(renewed)), renewed
+
+
+# -- an ordinary token, under the ceiling in force ---------------------------------------
+
+
+def test_a_lowered_token_max_ttl_caps_an_ordinary_token_s_renewal(
+        broker: Running, root: hvac.Client) -> None:
+    """A 1h token (max 1h) made under a 1h ceiling; a reload lowers it to 30m: a renewal
+    asking for 1h gets what is left of 30m from the token's creation, with a warning
+    naming [tokens] max_ttl, as Vault's renewals do; back at 1h, the whole hour again."""
+    auth = root.auth.token.create(policies=["app"], ttl="1h")["auth"]
+    me = as_token(broker, auth["client_token"])
+    broker.reload(max_ttl="30m", period="20m")
+    try:
+        renewed = me.auth.token.renew_self(increment="1h")
+        assert 1790 <= renewed["auth"]["lease_duration"] <= 1800, renewed
+        assert any("[tokens] max_ttl" in w and "exceeded the effective max_ttl" in w
+                   for w in warnings(renewed)), renewed
+        assert 1790 <= me.auth.token.lookup_self()["data"]["ttl"] <= 1800
+    finally:
+        broker.reload(max_ttl="1h", period="1h")
+    again = me.auth.token.renew_self(increment="1h")
+    assert again["auth"]["lease_duration"] >= 3590, again
+
+
+def test_an_ordinary_token_past_the_lowered_ceiling_cannot_renew(
+        broker: Running, root: hvac.Client) -> None:
+    """A token older than the ceiling in force: its renewal is Vault's 400 "past the max
+    TTL, cannot renew", and the token keeps the expiry it had (the store's token
+    manager, as the renew paths call it, with a 1 s ceiling)."""
+    from broker.errors import BadRequest
+
+    auth = root.auth.token.create(policies=["app"], ttl="1h")["auth"]
+    state = broker.server.state
+    assert state is not None
+    token = broker.server.call(state.store.token_by_accessor(auth["accessor"]))
+    assert token is not None
+    time.sleep(1.1)
+    with pytest.raises(BadRequest, match="past the max TTL, cannot renew"):
+        broker.server.call(state.tokens.renew(token, 3600, system_max_ttl=1))
+    after = broker.server.call(state.store.token_by_accessor(auth["accessor"]))
+    assert after is not None and after.expire_time == token.expire_time
