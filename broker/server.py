@@ -479,7 +479,7 @@ async def reload(state: BrokerState, *, tls: ssl.SSLContext | None = None) -> bo
     try:
         await state.audit.reopen()
     except AuditError as exc:
-        log.error("reload: could not reopen the audit log, still writing the old file: %s", exc)
+        log.error("reload: could not reopen the audit log: %s", exc)
     # What a reload opens again: the audit log (a new file after rotation: logrotate's
     # `create` mode) and the TLS key. (password_files: config.py warns as it reads them.)
     check_file_modes([f for f in secret_files(state.config, shared=state.worker in (None, 1))

@@ -80,6 +80,10 @@ _UNSERVED_CHECK = 60.0
 #: While a mount's revocations are held back (unhealthy), how often the sweeper looks
 #: whether it is healthy again: an in-memory check, no store query.
 _HELD_POLL = 0.5
+#: While a held-back mount has not been reported yet (none of its leases was due when
+#: it was last looked at), how often its due leases are counted again: its line comes
+#: as they fall due, not up to _UNSERVED_CHECK later.
+_HELD_NOTE_CHECK = 2.0
 
 
 class Sweeper:
@@ -239,6 +243,8 @@ class Sweeper:
         # replica dying between its commit and its NOTIFY); a periodic look at
         # the store bounds how late such a lease can be.
         timeout = _MAX_SLEEP if timeout is None else min(timeout, _MAX_SLEEP)
+        if self._held - self._held_noted:  # a held mount to report as its leases fall due
+            timeout = max(0.0, min(timeout, self._unserved_next - now))
         if self._force_look is not None:
             timeout = max(0.0, min(timeout, self._force_look - now))
         self._next_wake = now + timeout
@@ -282,6 +288,8 @@ class Sweeper:
                 log.warning("%d due lease(s) of mount %r are left for a replica that has it: "
                             "the mount is not configured here (add it back, or end them with "
                             "sys/leases/revoke-force/%s/)", count, mount, mount)
+        if self._held - self._held_noted:
+            self._unserved_next = now + _HELD_NOTE_CHECK
 
     async def _note_unserved_at_start(self) -> None:
         """Log the live leases of mounts this replica does not have (once, at start)."""

@@ -24,7 +24,7 @@ from broker.api import (
     system,
     tokens,
 )
-from broker.api.audit_limit import Held, TokenBuckets, client_key
+from broker.api.audit_limit import Held, RateBuckets, client_key
 from broker.api.common import STATE, error_middleware, error_response
 from broker.api.httpparser import ListAwareRequestParser
 from broker.state import BrokerState
@@ -84,7 +84,7 @@ LOG_RATE = 1.0
 LOG_MAX_CLIENTS = 1_000
 
 
-class RefusalLog(TokenBuckets):
+class RefusalLog(RateBuckets):
     """The log lines of malformed requests, per client address (as the audit limit
     counts them, broker/api/audit_limit.py): ``burst`` at once, then ``rate`` a
     second. Past that they are counted, and ``burst / rate`` seconds after the first

@@ -23,9 +23,8 @@ REUSE_BURST per REUSE_WINDOW; what that holds back is written as ONE
 ``reuse_attempt`` line with outcome ``suppressed`` at the end of the window, with
 the accessor (as its HMAC, as every line writes it), the count, the time span and
 the client addresses seen. So whoever holds an ended token cannot write unlimited
-lines with it, and the first use of every ended token is always on record in full
-(unless more than MAX_ACCESSORS ended tokens are being tried at once: see
-:class:`ReuseAuditFold`).
+lines with it, and the first use of every ended token is always on record in full,
+even past MAX_ACCESSORS ended tokens tried at once (:class:`ReuseAuditFold`).
 
 The answers do not change (still 403, 400, 404, 405), and nothing done with a
 valid token is ever held back: issue, renew, revoke, policy denials and every other
@@ -53,9 +52,19 @@ from broker.timefmt import rfc3339
 if TYPE_CHECKING:  # broker.state makes the limiter: no import at run time
     from broker.state import BrokerState
 
-__all__ = ["BURST", "RATE", "REUSE_BURST", "REUSE_WINDOW", "SUMMARY_AFTER",
-           "FailureAuditLimiter", "ReuseAuditFold", "TokenBuckets", "client_key",
-           "close_limiter", "limiter_for"]
+__all__ = [
+    "BURST",
+    "RATE",
+    "REUSE_BURST",
+    "REUSE_WINDOW",
+    "SUMMARY_AFTER",
+    "FailureAuditLimiter",
+    "RateBuckets",
+    "ReuseAuditFold",
+    "client_key",
+    "close_limiter",
+    "limiter_for",
+]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +87,9 @@ REUSE_BURST = 20
 REUSE_WINDOW = 60.0
 #: accessors tracked at most (as MAX_CLIENTS); past that, one shared bucket.
 MAX_ACCESSORS = 1_000
+#: accessors the shared bucket of the tokens past MAX_ACCESSORS remembers having let
+#: through (a set of short strings: a few MB at most).
+MAX_SEEN = 50_000
 OTHER_TOKENS = "other tokens"
 #: client addresses a summary lists at most (``remote_addrs_capped`` says if more).
 MAX_REMOTES = 10
@@ -129,7 +141,7 @@ class _Bucket:
     timer: asyncio.TimerHandle | None = None
 
 
-class TokenBuckets:
+class RateBuckets:
     """Token buckets by key (a client address, a token accessor): ``burst`` at once,
     then ``rate`` a second. What a bucket holds back is counted, and handed to
     :meth:`_due` ``summary_after`` seconds after the first one held back.
@@ -227,7 +239,7 @@ class TokenBuckets:
             del self._buckets[key]
 
 
-class _AuditSummaries(TokenBuckets):
+class _AuditSummaries(RateBuckets):
     """Token buckets whose summaries are audit lines (:meth:`_summary`)."""
 
     def __init__(self, audit: AuditLog, **limits: Any) -> None:
@@ -273,10 +285,12 @@ class ReuseAuditFold(_AuditSummaries):
     the rest summed up in one ``reuse_attempt`` / ``suppressed`` line per window.
 
     MAX_ACCESSORS bounds the memory: past that many accessors with a bucket in use
-    (a token tried in the last REUSE_WINDOW), new ones share one bucket, so the first
-    use of a token is then audited in full only while that bucket has room. Getting
-    there takes more than MAX_ACCESSORS ended tokens, each made and ended by an
-    action that was itself audited line by line.
+    (a token tried in the last REUSE_WINDOW), new ones share one bucket. That bucket
+    holds back only uses of tokens it has let through already: the first use of
+    every token is written in full all the same, or whoever held MAX_ACCESSORS ended
+    tokens (each made and ended by an audited action) could hide a leaked token's
+    use among them. The accessors it has let through are remembered up to
+    MAX_SEEN, then forgotten all at once (forgetting only writes a line more).
     """
 
     def __init__(self, audit: AuditLog) -> None:
@@ -284,14 +298,34 @@ class ReuseAuditFold(_AuditSummaries):
         super().__init__(audit, burst=REUSE_BURST, rate=REUSE_BURST / REUSE_WINDOW,
                          summary_after=REUSE_WINDOW, max_keys=MAX_ACCESSORS,
                          overflow_key=OTHER_TOKENS)
+        #: accessors the shared bucket has let through (their first use written).
+        self._seen: set[str] = set()
+
+    def admit(self, key: str) -> bool:
+        own = key in self._buckets
+        if super().admit(key):
+            if not own and key not in self._buckets:  # through the shared bucket
+                self._remember(key)
+            return True
+        if key in self._buckets or key in self._seen:
+            return False  # its own bucket, or a token the shared one let through: held
+        self._remember(key)  # a first use: written, whatever the shared bucket holds
+        return True
+
+    def _remember(self, key: str) -> None:
+        if len(self._seen) >= MAX_SEEN:
+            self._seen.clear()
+        self._seen.add(key)
 
     def _summary(self, key: str, held: Held) -> dict[str, Any]:
         # token_accessor: the writer writes it as its HMAC, as on every reuse_attempt line.
+        # The shared bucket's held uses are of several tokens, in several states: no
+        # one token's state (details) is theirs.
         who: dict[str, Any] = ({"other_tokens": True} if key == OTHER_TOKENS
-                               else {"token_accessor": key})
+                               else {"token_accessor": key, **held.details})
         return event(
             "reuse_attempt", outcome="suppressed", count=held.count,
-            types=dict(sorted(held.types.items())), **who, **held.details,
+            types=dict(sorted(held.types.items())), **who,
             remote_addrs=held.remotes, remote_addrs_capped=held.remotes_capped,
             window=held.window(), limit=self.limit,
         )

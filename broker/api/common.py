@@ -93,8 +93,9 @@ def vault_response(call: Call, data: Mapping[str, Any] | None = None, *,
 #: Seconds a 503 asks the client to wait (``Retry-After``): what it waits for is tried
 #: again about every second: the audit log (broker/audit.py PROBE_INTERVAL), the lease
 #: store (its probe, broker/store/pg_guard.py), an unhealthy mount (broker/middleware.py
-#: RETRY_SPACING). hvac and load balancers honour it. (sys/health's 503 is Vault's
-#: sealed code, answered without it, as Vault does: not made here.)
+#: RETRY_SPACING). For load balancers, proxies and HTTP clients that honour it (hvac
+#: does not retry by itself). (sys/health's 503 is Vault's sealed code, answered
+#: without it, as Vault does: not made here.)
 RETRY_AFTER = "1"
 
 
@@ -570,10 +571,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
                 raise
             if call.spent:  # one attribute test for every other request
                 return await call.end_spent_token(response) or response
-            if response.status >= 400 and call.unaudited and call.path != "sys/health":
-                # A handler's refusal before any token check (a 405 on a read-only
-                # path): on record as any unauthenticated failure. (sys/health
-                # answers its Vault status codes by design: not a refusal.)
+            if (response.status >= 400 and (call.outcome_due or call.unaudited)
+                    and call.path != "sys/health"):
+                # A refusal the handler returned (a 405 on a read-only path): before
+                # any token check, on record as any unauthenticated failure; after
+                # its request line, that line's outcome. (sys/health answers its
+                # Vault status codes by design: not a refusal.)
                 await _audit_failure(call, response, _errors_of(response))
             return response
     except Exception as exc:
@@ -607,8 +610,9 @@ def _refused_outright(call: Call) -> tuple[web.Response, str] | None:
     # request's body strings are checked as Call.read_body parses them.
     elif (name := _nul_in_url(request)) is not None:
         message = nul_message(name)
-        # The path as sent (percent-encoded): the decoded one holds the NUL.
-        call.path = request.rel_url.raw_path.removeprefix("/v1/")
+        # Decoded, as every path is audited, with the NUL spelt as sent: the credential
+        # filter must see a token in it however it was escaped (%62rk. is brk.).
+        call.path = call.path.replace(_NUL, "%00")
     else:
         return None
     return error_response(400, message), message

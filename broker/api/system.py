@@ -177,7 +177,10 @@ async def health(request: web.Request) -> web.Response:
     if detail:
         overdue = await _overdue_leases(state) if store_error is None else None
         for name, entry in mounts.items():
-            entry["overdue_leases"] = None if overdue is None else overdue[name]["leases"]
+            # .get: a reload may have added a mount since ``mounts`` was read (before
+            # the store's answer).
+            entry["overdue_leases"] = (None if overdue is None
+                                       else overdue.get(name, {}).get("leases", 0))
     # An instance that cannot audit cannot issue anything (fail-closed), nor can
     # one that cannot reach its lease store: tell load balancers to send traffic
     # elsewhere (a replica with its own path to the store may still reach it).

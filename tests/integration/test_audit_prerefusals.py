@@ -124,3 +124,34 @@ def test_a_flood_of_refusals_is_summarised(broker: BrokerThread) -> None:
     assert got == 200
     kinds = [e["type"] for e in events(broker) if of("127.0.0.58")(e)]
     assert kinds == ["request", "issue"], kinds
+
+
+@pytest.mark.parametrize("target", ["/v1/auth/token/accessors", "/v1/sys/mounts/noop/tune?list=true"])
+def test_a_405_answered_after_the_token_check_gets_its_outcome_line(
+        broker: BrokerThread, target: str) -> None:
+    """A handler that authenticates (its request line written) and then answers a 405
+    (GET on a LIST-only path): the request line gets its ``response`` outcome line,
+    as every request line does; it stood alone."""
+    source = "127.0.0.61" if "accessors" in target else "127.0.0.62"
+    got, body = send(broker, source, "GET", target, {"X-Vault-Token": ROOT_TOKEN})
+    assert got == 405, (got, body)
+    mine = [e for e in events(broker) if of(source)(e)]
+    assert [e["type"] for e in mine] == ["request", "response"], mine
+    assert mine[1]["outcome"] == "error" and mine[1]["status"] == 405
+    assert mine[0]["request"]["id"] == mine[1]["request"]["id"]
+
+
+def test_a_token_spelt_in_percent_escapes_beside_a_nul_is_not_audited(
+        broker: BrokerThread) -> None:
+    """The path of a ``%00`` refusal is audited decoded (the NUL shown as ``%00``), so the
+    credential filter sees a token in it however its characters were escaped: the
+    percent-encoded path carried ``%62rk.<secret>`` past it, in clear."""
+    secret = "Zq8vN3kLw0TPaYx7RbC2mD5hGf9sJ1uE"  # brk.<it> is a broker token's shape
+    source = "127.0.0.63"
+    got, _ = send(broker, source, "GET", f"/v1/nope/%62rk.{secret}%00")
+    assert got == 400
+    mine = [e for e in events(broker) if of(source)(e)]
+    assert [e["type"] for e in mine] == ["request", "response"], mine
+    assert secret not in Path(broker.audit_path).read_text()
+    assert mine[0]["request"]["path"].startswith("nope/"), mine[0]
+    assert mine[0]["request"]["path"].endswith("%00"), mine[0]

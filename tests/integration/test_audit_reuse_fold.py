@@ -147,13 +147,43 @@ def test_the_fold_is_bounded_and_summarised_at_shutdown(
 
     lines = asyncio.run(run())
     by_count = sorted((e.get("other_tokens", False), e["count"]) for e in lines)
-    # acc-1: 2 + 15, acc-2: 2, acc-3 and acc-4 share the overflow bucket: 1 token, 5 held.
-    assert by_count == [(False, 2), (False, 17), (True, 5)], lines
+    # acc-1: 2 + 15, acc-2: 2, acc-3 and acc-4 share the overflow bucket (1 token): the
+    # first use of each is written all the same (acc-4's found the bucket empty), 4 held.
+    assert by_count == [(False, 2), (False, 17), (True, 4)], lines
     assert all(e["type"] == "reuse_attempt" and e["outcome"] == "suppressed" for e in lines)
     overflow = next(e for e in lines if e.get("other_tokens"))
-    assert "token_accessor" not in overflow
+    assert "token_accessor" not in overflow and "token_state" not in overflow
     busy = next(e for e in lines if e["count"] == 17)
     assert busy["token_accessor"].startswith("hmac-sha256:")
     assert len(busy["remote_addrs"]) == audit_limit.MAX_REMOTES
     assert busy["remote_addrs_capped"] is True
     assert busy["token_state"] == "revoked"  # the last held one's
+
+
+def test_past_the_cap_every_token_s_first_use_is_still_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shared bucket of the tokens past MAX_ACCESSORS holds back only uses of tokens
+    it let through before: whoever fills the table with ended tokens of their own and
+    empties the shared bucket cannot hide a leaked token's first use (it was held, and
+    summed up with no accessor: security review)."""
+    monkeypatch.setattr(audit_limit, "MAX_ACCESSORS", 1, raising=False)
+    monkeypatch.setattr(audit_limit, "REUSE_BURST", 1, raising=False)
+    monkeypatch.setattr(audit_limit, "REUSE_WINDOW", 600.0, raising=False)
+
+    async def run() -> list[tuple[str, bool]]:
+        log = await AuditLog.open(str(tmp_path / "audit.jsonl"), str(tmp_path / "audit.key"),
+                                  create_key=True)
+        fold = audit_limit.FailureAuditLimiter(log).reuse
+        got = [(accessor, fold.admit(accessor))
+               for accessor in ("mine-1", "mine-2", "mine-3", "leaked", "mine-2", "leaked")]
+        await log.close()
+        return got
+
+    assert asyncio.run(run()) == [
+        ("mine-1", True),   # its own bucket (the table is now full)
+        ("mine-2", True),   # the shared bucket's one token
+        ("mine-3", True),   # the shared bucket is empty: a first use all the same
+        ("leaked", True),   # ...so the leaked token's first use is on record
+        ("mine-2", False),  # repeat uses are held
+        ("leaked", False),
+    ]

@@ -217,3 +217,38 @@ def _lease(server: BrokerThread, lease_id: str) -> Any:
     lease = server.call(server.state.store.get(lease_id))
     assert lease is not None, lease_id
     return lease
+
+
+def test_the_held_back_line_comes_as_the_leases_fall_due(
+        tmp_path: Path, postgres_dsn: str, template: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The mount is unhealthy before any of its leases is due: the "N due lease(s) of mount
+    'hung' wait for it to be healthy again" line comes within a few seconds of the first
+    falling due. It came up to a minute later (the next count of unserved mounts), or
+    never in a shorter outage (QA)."""
+    caplog.set_level(logging.INFO)
+    proxy = TcpProxy(dsn_port(postgres_dsn))
+    server = start_broker(write_config(tmp_path, _config(
+        postgres_dsn, via_proxy(postgres_dsn, proxy.port), template)))
+    try:
+        client = hvac.Client(url=server.url, token=ROOT_TOKEN, timeout=30)
+        lease_id = client.read("hung/creds/app")["lease_id"]
+        pg_lease = client.read("pg/creds/app")["lease_id"]
+        proxy.down()  # refused: an issue from it fails, and finds it unhealthy
+        with pytest.raises(hvac.exceptions.VaultDown):
+            client.read("hung/creds/app")
+        wait_for("hung unhealthy", lambda: not mount_health(server, "hung")["healthy"],
+                 BACKEND_TIMEOUT + 4)
+        # A revoke wakes the sweeper now: it sees hung held back, none of its leases due
+        # yet (the old code then looked again only a minute later).
+        client.sys.revoke_lease(pg_lease)
+        due = _lease(server, lease_id).expire_time
+        assert time.time() < due - 1, "the outage was seen too late for this test"
+        wait_for("the held-back line", lambda: any(
+            "of mount 'hung' wait for it to be healthy again" in r.getMessage()
+            for r in caplog.records), due - time.time() + 5)
+        assert time.time() >= due - 0.5  # said once due, not before
+    finally:
+        proxy.up()
+        server.stop()
+        proxy.close()
