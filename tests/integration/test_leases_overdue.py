@@ -13,9 +13,8 @@ broker, a real PostgreSQL backend cut behind a proxy.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,21 +23,20 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-import broker.jobs
 from broker.lease import LeaseFilter, LeaseState
 from broker.store.base import LeaseStore, Overdue
-from tests.integration import store_fixtures
+from tests.integration import ops_fixtures, store_fixtures
 from tests.integration.broker_harness import (
     ROOT_TOKEN,
     BrokerThread,
     TcpProxy,
-    drop_pg_roles,
     dsn_port,
     pg_roles,
     start_broker,
     via_proxy,
     write_config,
 )
+from tests.integration.ops_fixtures import pg_role_prefix, wait_for
 from tests.integration.store_fixtures import T0, broker_store_url, make_lease, put_active
 
 pytestmark = pytest.mark.integration
@@ -146,22 +144,11 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 @pytest.fixture
 def template(postgres_dsn: str) -> Iterator[str]:
     """A username prefix for this test's roles; whatever is left of them is dropped."""
-    name = f"v-od{os.getpid() % 10000}"
-    yield name
-    asyncio.run(drop_pg_roles(postgres_dsn, name))
+    with pg_role_prefix(postgres_dsn, "v-od") as name:
+        yield name
 
 
-@pytest.fixture
-def quick_probe(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The mount-health job every second: the outage is seen, and its end, quickly."""
-    monkeypatch.setattr(broker.jobs, "HEALTH_INTERVAL", 1)
-
-
-def _wait_for(what: str, check: Callable[[], object], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout}s"
-        time.sleep(0.1)
+quick_probe = ops_fixtures.quick_probe
 
 
 def _health(server: BrokerThread, headers: dict[str, str] | None = None) -> requests.Response:
@@ -207,7 +194,7 @@ def test_a_down_mounts_expired_leases_show_as_overdue_until_it_is_back(
             ("broker_leases_overdue_oldest_seconds", "pg"): 0}
 
         proxy.down()  # refused from now on
-        _wait_for("down unhealthy", lambda: not _health(server).json()["mounts"]["down"][
+        wait_for("down unhealthy", lambda: not _health(server).json()["mounts"]["down"][
             "healthy"], BACKEND_TIMEOUT + 4)
         assert time.time() < down_due - 0.5, "the outage was seen too late for this test"
         # Past the grace of both mounts' leases: pg's was revoked on time, down's wait.
@@ -237,7 +224,7 @@ def test_a_down_mounts_expired_leases_show_as_overdue_until_it_is_back(
         assert "overdue_leases" not in anyone.json()["mounts"]["down"], anyone.text
 
         proxy.up()  # back: the held revocations go, and the count with them
-        _wait_for("down's leases expired", lambda: all(
+        wait_for("down's leases expired", lambda: all(
             _lease(server, i).state is LeaseState.EXPIRED for i in down_ids),
             BACKEND_TIMEOUT + 10)
         got = _overdue(server, scraper)

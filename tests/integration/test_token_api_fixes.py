@@ -5,7 +5,6 @@ who may set a token's identity, orphans, renewal TTLs, Vault's answers and route
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import subprocess
 import sys
 import time
@@ -13,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import hvac
 import hvac.exceptions
 import pytest
@@ -21,11 +19,9 @@ import requests
 
 from broker.lease import Token
 from broker.store import open_store
-from broker.store import postgres as pg_store
-from broker.store import sqlite as sqlite_store
 from broker.tokens import TokenManager, hash_token
 from tests.integration.broker_harness import ROOT_TOKEN, BrokerThread, noop_broker
-from tests.integration.store_fixtures import fresh_postgres_database
+from tests.integration.store_fixtures import fresh_postgres_database, store_before
 from tests.integration.token_fixtures import audit_events, broker_on_store, client
 
 pytestmark = pytest.mark.integration
@@ -345,38 +341,6 @@ def test_renew_self_without_increment_does_not_grow(any_store_broker: BrokerThre
     assert data["ttl"] <= 3600 and data["creation_ttl"] == 3600
 
 
-async def _pre_migration_token(url: str, token: Token) -> None:
-    """A store at schema version 2 (before creation_ttl) holding ``token``."""
-    if url.startswith("sqlite"):
-        conn = sqlite3.connect(url.removeprefix("sqlite:///"))
-        conn.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY,"
-                     " applied_at REAL NOT NULL)")
-        for version, statements in enumerate(sqlite_store.MIGRATIONS[:2], 1):
-            for statement in statements:
-                conn.execute(statement)
-            conn.execute("INSERT INTO schema_version VALUES (?, 0)", (version,))
-        conn.execute("INSERT INTO tokens (accessor, token_hash, policies, created, expire_time,"
-                     " state, renewable) VALUES (?, ?, '[\"default\"]', ?, ?, 'active', 1)",
-                     (token.accessor, token.token_hash, token.created, token.expire_time))
-        conn.commit()
-        conn.close()
-        return
-    pg = await asyncpg.connect(url)
-    try:
-        await pg.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY,"
-                         " applied_at DOUBLE PRECISION NOT NULL)")
-        for version, statements in enumerate(pg_store.MIGRATIONS[:2], 1):
-            for statement in statements:
-                await pg.execute(statement)
-            await pg.execute("INSERT INTO schema_version VALUES ($1, 0)", version)
-        await pg.execute("INSERT INTO tokens (accessor, token_hash, policies, created,"
-                         " expire_time, state, renewable)"
-                         " VALUES ($1, $2, '[\"default\"]', $3, $4, 'active', true)",
-                         token.accessor, token.token_hash, token.created, token.expire_time)
-    finally:
-        await pg.close()
-
-
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
 def test_a_token_from_before_the_migration_renews_by_its_lifetime(
         kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
@@ -390,7 +354,7 @@ def test_a_token_from_before_the_migration_renews_by_its_lifetime(
                 created=1000.0, expire_time=1300.0)
 
     async def scenario() -> tuple[int | None, int, float | None]:
-        await _pre_migration_token(url, old)
+        await store_before(url, "ADD COLUMN creation_ttl", old)
         store = open_store(url)
         await store.open()
         try:
