@@ -11,6 +11,7 @@ import hashlib
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from broker.durations import format_duration
@@ -20,6 +21,7 @@ from broker.store.base import LeaseStore
 
 __all__ = [
     "DeadToken",
+    "LoginRole",
     "SpentToken",
     "TokenIdTaken",
     "TokenManager",
@@ -73,6 +75,19 @@ def check_token_id(token_id: str) -> None:
         # It could never be sent back: HTTP strips a header value's outer
         # spaces and refuses control characters.
         raise BadRequest("a chosen token id must not contain spaces or control characters")
+
+
+@dataclass(frozen=True)
+class LoginRole:
+    """A login token's role as the running config has it, for a renewal: what its
+    auth method would give a login now."""
+
+    #: "JWT role 'deploy' of auth/github", for messages.
+    label: str
+    #: its ``token_period`` (0: not periodic).
+    period: int
+    #: its hard limit on a token's life from creation (``token_cap``); None: none.
+    cap: int | None
 
 
 class TokenIdTaken(BadRequest):
@@ -239,7 +254,8 @@ class TokenManager:
 
     async def renew(self, token: Token, increment: int | None, *,
                     warnings: list[str] | None = None,
-                    system_max_ttl: int | None = None) -> tuple[Token, int]:
+                    system_max_ttl: int | None = None,
+                    role: LoginRole | None = None) -> tuple[Token, int]:
         """Extend ``token`` by ``increment`` (else the TTL it was created with) from now,
         capped at its max expiry and at its parent's expiry. Returns the token and the
         TTL granted, in seconds. A periodic token is extended by its period, whatever
@@ -249,52 +265,62 @@ class TokenManager:
         every renewal as Vault's ``CalculateTTL`` does, so a reload that lowered it
         shortens the next renewal: a periodic token's period is capped at it (the
         stored period is kept: lookups show it, as Vault's, and a later raise gives it
-        back); any other token is capped at its creation plus it (a token already past
-        that is a 400, Vault's "past the max TTL, cannot renew").
+        back); any other token is capped at its creation plus it.
 
-        A capped renewal appends Vault's warning to ``warnings`` ("TTL of ... exceeded
+        ``role``: a login token's role as the running config has it (Vault's auth
+        method re-reads its role at every renewal): its ``token_period`` caps the
+        period, its max TTLs cap the token's life from its creation. Only lower: a
+        raised limit does not lengthen a token beyond what it was given.
+
+        A limit already passed is a 400, Vault's "past the max TTL, cannot renew". A
+        capped renewal appends Vault's warning to ``warnings`` ("TTL of ... exceeded
         the effective max_ttl of ...; TTL value is capped accordingly"), naming the
-        limit that applied: the token's own max TTL or its parent token's expiry
-        (a capped period: "period of ... exceeded ...", as Vault words it).
+        limit that applied (a capped period: "period of ... exceeded ...").
         """
         if not token.renewable or token.expire_time is None:
             raise BadRequest("token is not renewable")
         now = self.clock()
         period = token.period
-        if period and system_max_ttl and period > system_max_ttl:
-            if warnings is not None:
-                warnings.append(
-                    f'period of "{format_duration(period)}" exceeded the effective max_ttl '
-                    f'of "{format_duration(system_max_ttl)}"; period value is capped '
-                    "accordingly (the limit is [tokens] max_ttl, lowered since the token "
-                    "was created)")
-            period = system_max_ttl
-        # An ordinary token's life under the ceiling in force now: no later than its
-        # creation plus it (unchanged ceiling: never before its own max expiry).
-        system_end = (token.created + system_max_ttl
-                      if system_max_ttl and not token.period else None)
-        if system_end is not None and system_end <= now:
-            raise BadRequest(f"past the max TTL, cannot renew (the limit is "
-                             f"{_system_max_reason(system_max_ttl or 0, system_end)})")
-        ttl = period or increment or _base_ttl(token)
-        wanted = now + ttl
+        ceilings = [(system_max_ttl, "[tokens] max_ttl, lowered since the token was created")]
+        if role is not None:
+            ceilings.append((role.period, f"the token_period of {role.label} now"))
+        for ceiling, why in ceilings:
+            if period and ceiling and period > ceiling:
+                if warnings is not None:
+                    warnings.append(
+                        f'period of "{format_duration(period)}" exceeded the effective '
+                        f'max_ttl of "{format_duration(ceiling)}"; period value is capped '
+                        f"accordingly (the limit is {why})")
+                period = ceiling
         parent_end = await self._parent_expiry(token)
         if parent_end is not None and parent_end <= now:
             raise BadRequest("token cannot be renewed: its parent token has expired, "
                              "and a token ends with its parent")
+        # (end, what it is), in the order a tie names them.
+        limits: list[tuple[float, str]] = []
+        if parent_end is not None:
+            limits.append((parent_end, f"its parent token's expiry ({_when(parent_end)}): "
+                                       "a token never outlives its parent"))
+        if token.max_expire_time is not None:
+            limits.append((token.max_expire_time, _max_ttl_reason(token)))
+        if system_max_ttl and not token.period:
+            # Unchanged, never before the token's own max expiry.
+            end = token.created + system_max_ttl
+            limits.append((end, _from_creation("[tokens] max_ttl", system_max_ttl, end,
+                                               "lowered since the token was created")))
+        if role is not None and role.cap:
+            end = token.created + role.cap
+            limits.append((end, _from_creation(f"the max TTL of {role.label}", role.cap, end,
+                                               "as the running config has it")))
+        for end, why in limits:
+            if end <= now:
+                raise BadRequest(f"past the max TTL, cannot renew (the limit is {why})")
+        ttl = period or increment or _base_ttl(token)
+        wanted = now + ttl
         expire = wanted
-        limit = min((t for t in (token.max_expire_time, parent_end, system_end)
-                     if t is not None), default=None)
-        if limit is not None:
-            # When several limits are the same moment, the parent is the reason, then
-            # the token's own max expiry.
-            if parent_end is not None and parent_end <= limit + 0.5:
-                reason = (f"its parent token's expiry ({_when(parent_end)}): a token never "
-                          "outlives its parent")
-            elif token.max_expire_time is not None and token.max_expire_time <= limit + 0.5:
-                reason = _max_ttl_reason(token)
-            else:
-                reason = _system_max_reason(system_max_ttl or 0, limit)
+        if limits:
+            limit = min(end for end, _ in limits)
+            reason = next(why for end, why in limits if end <= limit + 0.5)
             if wanted > limit + 0.5:  # half a second of clock slack, as lease renewals
                 expire = limit
                 if warnings is not None:
@@ -335,10 +361,11 @@ def _max_ttl_reason(token: Token) -> str:
             f"until {_when(token.max_expire_time)})")
 
 
-def _system_max_reason(max_ttl: int, end: float) -> str:
-    """The limit ``[tokens] max_ttl`` sets a token (created ``max_ttl`` before ``end``)."""
-    return (f"[tokens] max_ttl ({format_duration(max_ttl)} from the token's creation, "
-            f"until {_when(end)}), lowered since the token was created")
+def _from_creation(what: str, seconds: int, end: float, why: str) -> str:
+    """A limit of ``seconds`` from a token's creation (ending at ``end``), as a message
+    names it."""
+    return (f"{what} ({format_duration(seconds)} from the token's creation, "
+            f"until {_when(end)}), {why}")
 
 
 def _granted(now: float, expire: float | None) -> int:

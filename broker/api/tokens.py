@@ -21,7 +21,7 @@ from broker.errors import BadRequest, BrokerError, PermissionDenied
 from broker.lease import Token, TokenState
 from broker.state import BrokerState
 from broker.store.base import LeaseStore
-from broker.tokens import TokenIdTaken, hash_token, with_default_policy
+from broker.tokens import LoginRole, TokenIdTaken, hash_token, with_default_policy
 
 __all__ = [
     "auth_block",
@@ -669,11 +669,34 @@ async def list_accessors(request: web.Request) -> web.Response:
     return vault_response(call, {"keys": keys}, warnings=warnings)
 
 
-def _system_max_ttl(call: Call) -> int:
-    """What caps a token's renewal (a periodic token's period, any other's life from
-    its creation): ``[tokens] max_ttl`` as the running config has it (a reload may have
-    lowered it since the token was made)."""
-    return call.state.config.tokens.max_ttl
+async def _renew(call: Call, token: Token, increment: int | None,
+                 warnings: list[str]) -> tuple[Token, int]:
+    """``tokens.renew`` under the limits the running config sets now (a reload may have
+    lowered them since the token was made): ``[tokens] max_ttl``, and for a login's
+    token its role's (Vault's auth methods re-read the role at every renewal)."""
+    return await call.state.tokens.renew(
+        token, increment, warnings=warnings,
+        system_max_ttl=call.state.config.tokens.max_ttl, role=_login_role(call, token))
+
+
+def _login_role(call: Call, token: Token) -> LoginRole | None:
+    """The role of a JWT login's token (``path`` auth/NAME/login, its ``role`` metadata)
+    as the running config has it; None for other tokens. A role or auth method gone
+    since the login is a 400, as in Vault: removing a role stops its tokens' renewals."""
+    method_name = _login_method(token.path)
+    if method_name is None:
+        return None
+    from broker.api.login import auth_methods  # (see _login_explicit_max_ttl)
+
+    role_name = token.metadata.get("role", "")
+    method = auth_methods(call.state).get(method_name)
+    role = method.config.roles.get(role_name) if method is not None else None
+    if role is None:
+        raise BadRequest(f"token cannot be renewed: role {role_name!r} of auth method "
+                         f"{method_name!r} no longer exists (a login's token renews under "
+                         "its role as configured now)")
+    return LoginRole(label=f"JWT role {role_name!r} of auth/{method_name}",
+                     period=role.token_period, cap=role.token_cap)
 
 
 @routes.post("/v1/auth/token/renew-self")
@@ -681,9 +704,7 @@ def _system_max_ttl(call: Call) -> int:
 async def renew_self(request: web.Request) -> web.Response:
     call, token = await _authorized(request, "update")
     warnings: list[str] = []
-    token, granted = await call.state.tokens.renew(token, call.duration("increment"),
-                                                   warnings=warnings,
-                                                   system_max_ttl=_system_max_ttl(call))
+    token, granted = await _renew(call, token, call.duration("increment"), warnings)
     await call.audit("token_renew", expire_time=rfc3339(token.expire_time))
     # The caller's own token: Vault's renew answer carries it, and it tells the caller nothing new.
     return _auth_response(call, auth_block(call.presented_token(), token, ttl=granted),
@@ -701,8 +722,7 @@ async def renew(request: web.Request) -> web.Response:
     if other is None:
         raise BadRequest("token not found")  # Vault's answer (400)
     warnings: list[str] = []
-    other, granted = await call.state.tokens.renew(other, increment, warnings=warnings,
-                                                   system_max_ttl=_system_max_ttl(call))
+    other, granted = await _renew(call, other, increment, warnings)
     await call.audit("token_renew", target=other.accessor,
                      expire_time=rfc3339(other.expire_time))
     return _auth_response(call, auth_block(value, other, ttl=granted), warnings)
@@ -725,8 +745,7 @@ async def renew_accessor(request: web.Request) -> web.Response:
     if other is None:
         raise BadRequest("invalid accessor")  # as lookup-accessor
     warnings: list[str] = []
-    other, granted = await call.state.tokens.renew(other, increment, warnings=warnings,
-                                                   system_max_ttl=_system_max_ttl(call))
+    other, granted = await _renew(call, other, increment, warnings)
     await call.audit("token_renew", target=other.accessor,
                      expire_time=rfc3339(other.expire_time))
     return _auth_response(call, auth_block("", other, ttl=granted), warnings)

@@ -38,7 +38,8 @@ LOWERED = 'period of "1h" exceeded the effective max_ttl of "30m"; period value 
 RENEW_FIRST = "renew the token first"
 
 
-def config(issuer: OIDCIssuer, dsn: str, *, max_ttl: str, period: str) -> str:
+def config(issuer: OIDCIssuer, dsn: str, *, max_ttl: str, period: str,
+           role: str = "periodic", extra: str = "") -> str:
     """A 1h-role PostgreSQL mount, a JWT login whose ``periodic`` role has ``period``,
     and [tokens] max_ttl = ``max_ttl``."""
     return f"""
@@ -55,7 +56,7 @@ max_ttl = "2h"
 
 [policies.app]
 "pg/creds/readonly" = ["read"]
-""" + oidc_method(issuer) + jwt_role("periodic", ttl=None) + f'token_period = "{period}"\n'
+""" + oidc_method(issuer) + jwt_role(role, ttl=None) + (f'token_period = "{period}"\n' if period else "") + extra
 
 
 @dataclass
@@ -65,9 +66,11 @@ class Running:
     issuer: OIDCIssuer
     dsn: str
 
-    def reload(self, *, max_ttl: str, period: str) -> None:
+    def reload(self, *, max_ttl: str, period: str, role: str = "periodic",
+               extra: str = "") -> None:
         """Rewrite the config file (same port, store, audit) and reload, as SIGHUP does."""
-        write_config(self.tmp, config(self.issuer, self.dsn, max_ttl=max_ttl, period=period),
+        write_config(self.tmp, config(self.issuer, self.dsn, max_ttl=max_ttl, period=period,
+                                      role=role, extra=extra),
                      port=self.server.config.server.port)
         assert self.server.state is not None
         assert self.server.call(reload(self.server.state)) is True
@@ -125,8 +128,9 @@ def test_a_lowered_token_max_ttl_caps_the_next_renewals(broker: Running,
 
 
 def test_a_periodic_login_token_is_re_capped_too(broker: Running, root: hvac.Client) -> None:
-    """A JWT login's periodic token (token_period=1h) is renewed by 30m once a reload
-    lowered [tokens] max_ttl to 30m (and the role's period with it)."""
+    """A JWT login's periodic token (token_period=1h), once a reload lowered [tokens]
+    max_ttl to 30m and the role's period to 20m: renewed by 20m, the role's period now
+    (Vault's auth method re-reads the role at a renewal), with both warnings."""
     login = hvac.Client(url=broker.server.url).auth.jwt.jwt_login(
         role="periodic", path="github",
         jwt=broker.issuer.mint(broker.issuer.github_claims(run_id="recap")))["auth"]
@@ -135,8 +139,11 @@ def test_a_periodic_login_token_is_re_capped_too(broker: Running, root: hvac.Cli
     broker.reload(max_ttl="30m", period="20m")
     try:
         renewed = me.auth.token.renew_self()
-        assert renewed["auth"]["lease_duration"] == 1800
+        assert renewed["auth"]["lease_duration"] == 1200
         assert any(LOWERED in w for w in warnings(renewed)), renewed
+        assert any('exceeded the effective max_ttl of "20m"' in w
+                   and "token_period of JWT role 'periodic' of auth/github" in w
+                   for w in warnings(renewed)), renewed
         # A new login gets the role's new period.
         fresh = hvac.Client(url=broker.server.url).auth.jwt.jwt_login(
             role="periodic", path="github",
@@ -234,3 +241,41 @@ def test_an_ordinary_token_past_the_lowered_ceiling_cannot_renew(
         broker.server.call(state.tokens.renew(token, 3600, system_max_ttl=1))
     after = broker.server.call(state.store.token_by_accessor(auth["accessor"]))
     assert after is not None and after.expire_time == token.expire_time
+
+
+def test_a_login_token_whose_role_is_gone_cannot_renew(broker: Running) -> None:
+    """A reload removed the role a token logged in with: its renewal is a 400 naming the
+    role (Vault's auth method finds no role at the renewal); the role back, it renews."""
+    login = hvac.Client(url=broker.server.url).auth.jwt.jwt_login(
+        role="periodic", path="github",
+        jwt=broker.issuer.mint(broker.issuer.github_claims(run_id="gone")))["auth"]
+    me = as_token(broker, login["client_token"])
+    broker.reload(max_ttl="1h", period="1h", role="renamed")
+    try:
+        with pytest.raises(hvac.exceptions.InvalidRequest,
+                           match="role 'periodic' of auth method 'github' no longer exists"):
+            me.auth.token.renew_self()
+    finally:
+        broker.reload(max_ttl="1h", period="1h")
+    assert me.auth.token.renew_self()["auth"]["lease_duration"] == 3600
+
+
+def test_a_login_token_renews_under_its_role_s_lowered_max_ttl(broker: Running) -> None:
+    """A (non-periodic) role's token_max_ttl lowered from 1h to 40m by a reload: the next
+    renewal of a token that logged in before goes no further than 40m from its login,
+    with a warning naming the role's max TTL (it kept the 1h cap it was given)."""
+    plain = 'token_ttl = "1h"\ntoken_max_ttl = "1h"\n'
+    broker.reload(max_ttl="1h", period="", extra=plain)
+    try:
+        login = hvac.Client(url=broker.server.url).auth.jwt.jwt_login(
+            role="periodic", path="github",
+            jwt=broker.issuer.mint(broker.issuer.github_claims(run_id="capped")))["auth"]
+        me = as_token(broker, login["client_token"])
+        broker.reload(max_ttl="1h", period="",
+                      extra='token_ttl = "30m"\ntoken_max_ttl = "40m"\n')
+        renewed = me.auth.token.renew_self(increment="1h")
+        assert 2390 <= renewed["auth"]["lease_duration"] <= 2400, renewed
+        assert any("the max TTL of JWT role 'periodic' of auth/github" in w
+                   for w in warnings(renewed)), renewed
+    finally:
+        broker.reload(max_ttl="1h", period="1h")
