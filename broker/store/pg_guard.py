@@ -106,27 +106,11 @@ def _spent() -> StoreUnavailable:
                             "TimeoutError); retry later")
 
 
-async def _acquire_within(pool: Any, limit: float) -> Any:
-    """``pool.acquire()`` within ``limit`` seconds, never cancelled midway: on a timeout
-    (or the caller's cancellation) the acquire goes on, and its connection, if it gets
-    one, is released."""
-    task = asyncio.ensure_future(pool.acquire())
-    try:
-        return await asyncio.wait_for(asyncio.shield(task), limit)
-    except BaseException:
-        task.add_done_callback(lambda done: _give_back(pool, done))
-        raise
+def _closed() -> StoreUnavailable:
+    """A call whose connection was still being opened when the store closed."""
+    return StoreUnavailable("lease store unavailable (closed while this call waited for a "
+                            "connection); retry later")
 
-
-#: releases of connections an acquire brought after its caller gave up, until done
-_RELEASING: set[asyncio.Future[Any]] = set()
-
-
-def _give_back(pool: Any, done: asyncio.Future[Any]) -> None:
-    if not done.cancelled() and done.exception() is None:
-        release = asyncio.ensure_future(pool.release(done.result()))
-        _RELEASING.add(release)
-        release.add_done_callback(_RELEASING.discard)
 
 class GuardedPool:
     """``acquire``, ``execute``, ``fetch``, ``fetchrow``, ``fetchval`` of an asyncpg pool.
@@ -143,6 +127,12 @@ class GuardedPool:
         #: seconds a call may take, waiting for a connection included (None: no limit).
         self._timeout = timeout
         self._probe: asyncio.Task[None] | None = None
+        #: acquires under way that may open a connection (:meth:`_acquire_within`), and the
+        #: releases of connections they brought after their callers gave up: close()
+        #: ends both before the pool, so that none is left running on the loop.
+        self._connecting: set[asyncio.Task[Any]] = set()
+        self._releasing: set[asyncio.Task[Any]] = set()
+        self._closing = False
         self.error: str | None = None
         #: where outages are told (the periodic jobs' StoreOutage); None: this pool says them.
         self.outage: OutageLog | None = None
@@ -187,7 +177,7 @@ class GuardedPool:
             self._back(commits=False)
 
     def _start_probe(self) -> None:
-        if self._probe is None:
+        if self._probe is None and not self._closing:
             self._probe = asyncio.create_task(self._probe_writes(), name="lease store probe")
 
     async def _probe_writes(self) -> None:
@@ -217,20 +207,64 @@ class GuardedPool:
         store's timeout: a lock it waits for must fail it as it fails a request, not
         hold it forever (there is none without one).
 
-        The statement's own timeout (asyncpg cancels it on the server), not a timeout
-        around the pool: cancelling a connection the pool is opening, during a
-        failover, leaves its socket open (an unraisable ResourceWarning in
-        test_store_failover). Opening one is bounded by asyncpg's connect timeout.
+        The statement's own timeout (asyncpg cancels it on the server); opening a
+        connection is bounded by asyncpg's connect timeout, and cut short by
+        :meth:`close`, which cancels and awaits this task.
         """
         async with self._pool.acquire() as conn:
             await conn.execute(probe, timeout=self._timeout)
 
     async def close(self) -> None:
+        """Stop the probe, end the connects still under way, then close the pool.
+
+        asyncpg's ``Pool.close()`` waits for the connections in use, not for one
+        being opened: a connect left running outlived the store, and when the loop
+        then ended (a broker stopping) its socket was never closed, an unraisable
+        ResourceWarning at some later garbage collection (test_store_failover, CI).
+        A connect cancelled and awaited closes its socket (asyncpg does that on
+        cancellation); awaiting it to the end could take its whole connect timeout.
+        """
+        self._closing = True
         probe, self._probe = self._probe, None
         if probe is not None:
             probe.cancel()
             await asyncio.gather(probe, return_exceptions=True)
+        while self._connecting or self._releasing:
+            for task in self._connecting:
+                task.cancel()
+            # Releases are not cancelled: asyncpg shields them, and each is short.
+            await asyncio.gather(*self._connecting, *self._releasing, return_exceptions=True)
         await self._pool.close()
+
+    async def _acquire_within(self, limit: float) -> Any:
+        """``pool.acquire()`` within ``limit`` seconds, in a task of its own that the
+        caller's timeout or cancellation does not cut short: a connection it brings
+        after its caller gave up goes back to the pool instead of being thrown away
+        half-made, for the next call to use. :meth:`close` cancels and awaits those
+        still under way."""
+        if self._closing:
+            raise _closed()
+        task = asyncio.ensure_future(self._pool.acquire())
+        self._connecting.add(task)
+        task.add_done_callback(self._connecting.discard)
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), limit)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and (current is None or not current.cancelling()):
+                raise _closed() from None  # close() ended the connect, not our caller
+            task.add_done_callback(self._give_back)
+            raise
+        except BaseException:
+            task.add_done_callback(self._give_back)
+            raise
+
+    def _give_back(self, done: asyncio.Task[Any]) -> None:
+        """Release the connection an acquire brought after its caller gave up."""
+        if not done.cancelled() and done.exception() is None:
+            release = asyncio.ensure_future(self._pool.release(done.result()))
+            self._releasing.add(release)
+            release.add_done_callback(self._releasing.discard)
 
     async def _get(self, limit: float | None) -> Any:
         """A pooled connection; the wait for one bounded by ``limit`` seconds.
@@ -244,11 +278,10 @@ class GuardedPool:
         if limit is None:
             return await pool.acquire()
         if pool.get_idle_size() == 0 and pool.get_size() < pool.get_max_size():
-            # This acquire may open a connection, and cancelling asyncpg's connect
-            # midway leaves its socket open (CI saw the ResourceWarning during store
-            # failovers): it is left to finish, and a connection it brings late goes
-            # back to the pool. (A task only here: a busy pool at its size has none.)
-            return await _acquire_within(pool, limit)
+            # This acquire may open a connection: it is left to finish (a connection
+            # it brings late goes back to the pool), in a task close() can end. (A
+            # task only here: a busy pool at its size opens none.)
+            return await self._acquire_within(limit)
         async with asyncio.timeout(limit):
             return await pool.acquire()
 

@@ -118,6 +118,13 @@ class BrokerThread:
     def _main(self) -> None:
         asyncio.set_event_loop(self.loop)
         self.loop.run_until_complete(self._serve())
+        # As asyncio.run (what `broker server` runs under) does: what the broker left
+        # running is cancelled and unwinds, not destroyed pending at the loop's close.
+        left = asyncio.all_tasks(self.loop)
+        for task in left:
+            task.cancel()
+        self.loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+        self.loop.run_until_complete(self.loop.shutdown_asyncgens())
         self.loop.close()
 
     async def _serve(self) -> None:

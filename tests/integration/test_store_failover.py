@@ -47,16 +47,7 @@ from tests.integration.broker_harness import (
     write_config,
 )
 
-pytestmark = [
-    pytest.mark.integration,
-    # A socket (or its transport) asyncpg opened while the store failed over is
-    # sometimes collected unclosed during these tests (CI, four runs on 2026-12-04,
-    # three tests of this module; never locally). Its source is not located: the
-    # pool's connects and the write probe were ruled out by two fixes (dda30be,
-    # 50f407f). Unraisable warnings are let through here, and only in this module;
-    # every assertion stands.
-    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
-]
+pytestmark = pytest.mark.integration
 
 
 @dataclass
