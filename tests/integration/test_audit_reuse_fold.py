@@ -120,19 +120,30 @@ def test_a_flood_with_one_ended_token_is_folded(broker: BrokerThread) -> None:
     assert verify_file(broker.audit_path, None).ok
 
 
+def _small_limits(monkeypatch: pytest.MonkeyPatch, *, max_accessors: int) -> None:
+    """One use per accessor at once, then none for 10 minutes; ``max_accessors`` tracked."""
+    monkeypatch.setattr(audit_limit, "MAX_ACCESSORS", max_accessors, raising=False)
+    monkeypatch.setattr(audit_limit, "REUSE_BURST", 1, raising=False)
+    monkeypatch.setattr(audit_limit, "REUSE_WINDOW", 600.0, raising=False)
+
+
+async def _fold_on(tmp_path: Path) -> tuple[AuditLog, audit_limit.ReuseAuditFold]:
+    """An audit log in ``tmp_path`` and the reuse fold of its limiter (the module's
+    limits as they are now)."""
+    log = await AuditLog.open(str(tmp_path / "audit.jsonl"), str(tmp_path / "audit.key"),
+                              create_key=True)
+    return log, audit_limit.FailureAuditLimiter(log).reuse
+
+
 def test_the_fold_is_bounded_and_summarised_at_shutdown(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Past MAX_ACCESSORS busy accessors, new ones share one bucket ("other tokens"),
     whose summary names no accessor; a summary lists at most MAX_REMOTES client
     addresses; closing the limiter (shutdown) writes what is still pending."""
-    monkeypatch.setattr(audit_limit, "MAX_ACCESSORS", 2, raising=False)
-    monkeypatch.setattr(audit_limit, "REUSE_BURST", 1, raising=False)
-    monkeypatch.setattr(audit_limit, "REUSE_WINDOW", 600.0, raising=False)
+    _small_limits(monkeypatch, max_accessors=2)
 
     async def run() -> list[dict[str, Any]]:
-        log = await AuditLog.open(str(tmp_path / "audit.jsonl"), str(tmp_path / "audit.key"),
-                                  create_key=True)
-        fold = audit_limit.FailureAuditLimiter(log).reuse
+        log, fold = await _fold_on(tmp_path)
         for accessor in ("acc-1", "acc-2", "acc-3", "acc-4"):
             for n in range(3):
                 if not fold.admit(accessor):
@@ -166,14 +177,10 @@ def test_past_the_cap_every_token_s_first_use_is_still_written(
     it let through before: whoever fills the table with ended tokens of their own and
     empties the shared bucket cannot hide a leaked token's first use (it was held, and
     summed up with no accessor: security review)."""
-    monkeypatch.setattr(audit_limit, "MAX_ACCESSORS", 1, raising=False)
-    monkeypatch.setattr(audit_limit, "REUSE_BURST", 1, raising=False)
-    monkeypatch.setattr(audit_limit, "REUSE_WINDOW", 600.0, raising=False)
+    _small_limits(monkeypatch, max_accessors=1)
 
     async def run() -> list[tuple[str, bool]]:
-        log = await AuditLog.open(str(tmp_path / "audit.jsonl"), str(tmp_path / "audit.key"),
-                                  create_key=True)
-        fold = audit_limit.FailureAuditLimiter(log).reuse
+        log, fold = await _fold_on(tmp_path)
         got = [(accessor, fold.admit(accessor))
                for accessor in ("mine-1", "mine-2", "mine-3", "leaked", "mine-2", "leaked")]
         await log.close()

@@ -13,22 +13,21 @@ import asyncio
 import fcntl
 import os
 import time
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
 import asyncpg
 import pytest
 
-from broker.bench.noop import register as register_noop_plugin
 from broker.errors import StoreUnavailable
 from broker.lease import LeaseFilter
 from broker.store.deadline import current_budget, joined, request_budget
 from broker.store.postgres import PostgresStore
 from broker.store.sqlite import SQLiteStore
+from tests.integration import stall_fixtures
 from tests.integration.broker_harness import ROOT_TOKEN, BrokerThread, start_broker, write_config
+from tests.integration.stall_fixtures import TIMEOUT, locked
 from tests.integration.store_fixtures import (
-    fresh_postgres_database,
     make_lease,
     make_token,
     put_active,
@@ -36,52 +35,9 @@ from tests.integration.store_fixtures import (
 
 pytestmark = pytest.mark.integration
 
-#: command_timeout of the stores here (seconds).
-TIMEOUT = 2.0
-
-MOUNT = """
-[mounts.noop]
-plugin = "bench-noop"
-
-[mounts.noop.roles.r]
-default_ttl = "1h"
-max_ttl = "2h"
-"""
-
-
-@pytest.fixture
-async def pg_dsn(request: pytest.FixtureRequest) -> str:
-    return await fresh_postgres_database(request)
-
-
-@pytest.fixture
-async def pg_store(pg_dsn: str) -> AsyncIterator[PostgresStore]:
-    store = PostgresStore.from_url(f"{pg_dsn}?command_timeout={TIMEOUT}")
-    await store.open()
-    try:
-        yield store
-    finally:
-        await store.close()
-
-
-@pytest.fixture
-def pg_broker(tmp_path: Path, pg_dsn: str) -> Iterator[BrokerThread]:
-    register_noop_plugin()
-    broker = start_broker(write_config(tmp_path, MOUNT,
-                                       storage_url=f"{pg_dsn}?command_timeout={TIMEOUT}"))
-    try:
-        yield broker
-    finally:
-        broker.stop()
-
-
-async def _locked(dsn: str, *statements: str) -> asyncpg.Connection:
-    """A session that ran ``statements`` in a transaction it keeps open (its locks held)."""
-    conn = await asyncpg.connect(dsn)
-    await conn.execute("BEGIN")
-    for statement in statements:
-        await conn.execute(statement)
-    return conn
+pg_dsn = stall_fixtures.pg_dsn
+pg_store = stall_fixtures.pg_store
+pg_broker = stall_fixtures.pg_broker
 
 
 async def test_an_issue_answers_503_within_one_command_timeout(
@@ -95,8 +51,8 @@ async def test_an_issue_answers_503_within_one_command_timeout(
             assert warm.status == 200, await warm.text()
         # The intent (an INSERT) waits for the table lock; the activation (FOR SHARE
         # on the token's row) for the row lock, which nothing on the way before it takes.
-        table = await _locked(pg_dsn, "LOCK TABLE leases IN SHARE MODE")
-        row = await _locked(pg_dsn, "SELECT 1 FROM tokens WHERE accessor = 'test-root'"
+        table = await locked(pg_dsn, "LOCK TABLE leases IN SHARE MODE")
+        row = await locked(pg_dsn, "SELECT 1 FROM tokens WHERE accessor = 'test-root'"
                                     " FOR NO KEY UPDATE")
         try:
             started = time.monotonic()
@@ -155,8 +111,8 @@ async def test_a_staged_issue_answers_503_within_one_command_timeout(
         async with aiohttp.ClientSession() as http:
             async with http.get(url, headers=headers) as warm:
                 assert warm.status == 200, await warm.text()
-            table = await _locked(pg_dsn, "LOCK TABLE leases IN SHARE MODE")
-            row = await _locked(pg_dsn, "SELECT 1 FROM tokens WHERE accessor = 'test-root'"
+            table = await locked(pg_dsn, "LOCK TABLE leases IN SHARE MODE")
+            row = await locked(pg_dsn, "SELECT 1 FROM tokens WHERE accessor = 'test-root'"
                                         " FOR NO KEY UPDATE")
             try:
                 started = time.monotonic()
@@ -179,7 +135,7 @@ async def test_a_request_s_postgres_calls_share_one_command_timeout(
     """After a call waited out the timeout, the request's next calls (a statement, a
     block on a pooled connection) fail at once instead of waiting it out again."""
     lease = await put_active(pg_store, make_lease("pg/creds/ro/000001", issue_time=time.time()))
-    locker = await _locked(pg_dsn, "LOCK TABLE leases IN ACCESS EXCLUSIVE MODE")
+    locker = await locked(pg_dsn, "LOCK TABLE leases IN ACCESS EXCLUSIVE MODE")
     try:
         with request_budget():
             started = time.monotonic()
@@ -203,7 +159,7 @@ async def test_tasks_a_request_starts_keep_their_own_timeout(
     on its spent budget; one the request joins to its own work does."""
     lease = await put_active(pg_store, make_lease("pg/creds/ro/000002", issue_time=time.time()))
     with request_budget() as budget:
-        locker = await _locked(pg_dsn, "LOCK TABLE leases IN ACCESS EXCLUSIVE MODE")
+        locker = await locked(pg_dsn, "LOCK TABLE leases IN ACCESS EXCLUSIVE MODE")
         try:
             with pytest.raises(StoreUnavailable):
                 await pg_store.get(lease.id)
@@ -275,7 +231,7 @@ async def test_a_budget_cut_short_by_slow_calls_is_no_outage(
     health stays clear (it said "unavailable" for a stall the next request, with a
     budget of its own, may not meet)."""
     lease = await put_active(pg_store, make_lease("pg/creds/ro/000009", issue_time=time.time()))
-    first = await _locked(pg_dsn, "LOCK TABLE leases IN ACCESS EXCLUSIVE MODE")
+    first = await locked(pg_dsn, "LOCK TABLE leases IN ACCESS EXCLUSIVE MODE")
 
     async def release_later() -> None:
         await asyncio.sleep(0.75 * TIMEOUT)
@@ -286,7 +242,7 @@ async def test_a_budget_cut_short_by_slow_calls_is_no_outage(
         with request_budget():
             assert (await pg_store.get(lease.id)) is not None  # slow, but it answers
             await releasing
-            second = await _locked(pg_dsn, "LOCK TABLE leases IN ACCESS EXCLUSIVE MODE")
+            second = await locked(pg_dsn, "LOCK TABLE leases IN ACCESS EXCLUSIVE MODE")
             try:
                 with pytest.raises(StoreUnavailable, match="store time is spent"):
                     await pg_store.get(lease.id)
